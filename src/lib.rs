@@ -1,0 +1,6 @@
+//! podroute: a Calico-compatible pod-network routing agent.
+//!
+//! The modules follow the data flow in DESIGN.md: datastore → ClusterState → plan →
+//! dataplane, with the BGP speaker (crate `podroute-bgp`) feeding learned routes into the plan.
+
+pub use podroute_bgp as bgp;

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The README's test command: installs the real parts the tests need (BIRD 2, GoBGP, iproute2,
+# tcpdump) from Debian when they are missing, then runs formatting, lints and every test.
+# Interop and netns tests do not skip silently: with CI=true a missing daemon or missing root
+# is a test failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/sbin:/sbin"
+
+need=()
+command -v bird >/dev/null 2>&1 || need+=(bird2)
+command -v gobgpd >/dev/null 2>&1 || need+=(gobgpd)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "tests/run.sh: installing ${need[*]} from Debian" >&2
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "tests/run.sh: need root to apt-get install ${need[*]} (run as root or install them)" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y --no-install-recommends "${need[@]}" >/dev/null 2>&1 || {
+    apt-get update -qq >/dev/null && apt-get install -y --no-install-recommends "${need[@]}" >/dev/null
+  }
+fi
+# Debian's bird2 package may start a system daemon; the tests start their own on other ports.
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+cargo test --workspace --locked --doc
