@@ -3,4 +3,6 @@
 //! The core is sans-IO: [`wire`] turns bytes into typed messages and back, [`fsm`] turns
 //! session events into actions. Only [`session`] and [`speaker`] touch tokio.
 
+pub mod attrset;
+pub mod rib;
 pub mod wire;

@@ -1,0 +1,1007 @@
+//! Routing information bases (RFC 4271 §3.2): per-peer Adj-RIB-In, one Loc-RIB with the
+//! decision process of §9.1.2, and per-peer Adj-RIB-Out with the export rules of §9.1.3,
+//! RFC 4456 (route reflection) and §5.1 (attribute handling towards iBGP and eBGP peers).
+//!
+//! Sans-IO like the codec: the speaker task owns one `Rib` and feeds it decoded UPDATEs and
+//! session events; every call returns the best-path changes and the announcements and
+//! withdrawals to send, grouped per peer by shared attribute set.
+
+use crate::attrset::{AttrInterner, AttrSet, RouteAttrs};
+use crate::wire::{Family, NextHop, PathAttrs, Update};
+use ipnet::IpNet;
+use std::collections::{HashMap, hash_map::Entry};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+/// A peer's index in the RIB. [`LOCAL`] is the speaker itself (locally originated routes).
+pub type PeerId = u32;
+pub const LOCAL: PeerId = 0;
+
+/// LOCAL_PREF assumed when a route has none (eBGP-learned or omitted), as BIRD and GoBGP do.
+pub const DEFAULT_LOCAL_PREF: u32 = 100;
+
+/// What the RIB needs to know about a peer to import and export routes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RibPeer {
+    pub addr: IpAddr,
+    pub remote_as: u32,
+    /// Our address on the session: the next hop we announce when we set next-hop-self.
+    pub local_addr: IpAddr,
+    /// IPv6 next hop to announce for IPv6 routes when we are the next hop; when absent, the
+    /// session address (or its IPv4-mapped form on an IPv4 session).
+    pub local_v6_next_hop: Option<Ipv6Addr>,
+    /// The peer is our route-reflector client (RFC 4456).
+    pub rr_client: bool,
+    /// Set ourselves as next hop towards this iBGP peer (always done towards eBGP peers).
+    pub next_hop_self: bool,
+}
+
+/// The Loc-RIB's best route for a prefix, as the agent consumes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BestRoute {
+    pub peer: PeerId,
+    pub peer_addr: Option<IpAddr>,
+    pub next_hop: IpAddr,
+    pub attrs: AttrSet,
+}
+
+/// A change of the best learned route of a prefix: `None` = no learned route any more (or a
+/// locally originated route won).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BestChange {
+    pub prefix: IpNet,
+    pub best: Option<BestRoute>,
+}
+
+/// What to send to one peer: announcements grouped by shared attributes, and withdrawals.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Export {
+    pub announce: Vec<(AttrSet, Vec<IpNet>)>,
+    pub withdraw: Vec<IpNet>,
+}
+
+impl Export {
+    pub fn is_empty(&self) -> bool {
+        self.announce.is_empty() && self.withdraw.is_empty()
+    }
+
+    pub fn prefix_count(&self) -> usize {
+        self.announce.iter().map(|(_, p)| p.len()).sum::<usize>() + self.withdraw.len()
+    }
+}
+
+/// The result of one RIB operation.
+#[derive(Debug, Default)]
+pub struct RibOutput {
+    pub changes: Vec<BestChange>,
+    pub exports: Vec<(PeerId, Export)>,
+}
+
+/// Per-UPDATE import statistics for the peer's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImportStats {
+    pub announced: usize,
+    pub withdrawn: usize,
+    /// Announcements refused by loop detection (AS_PATH, ORIGINATOR_ID, CLUSTER_LIST).
+    pub rejected: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Candidate {
+    peer: PeerId,
+    attrs: AttrSet,
+}
+
+#[derive(Debug)]
+struct PeerRib {
+    cfg: RibPeer,
+    up: bool,
+    ibgp: bool,
+    /// The peer's BGP identifier, learned from its OPEN.
+    router_id: Ipv4Addr,
+    families: Vec<Family>,
+    /// Adj-RIB-In: every prefix the peer announced, and whether it was accepted.
+    adj_in: HashMap<IpNet, bool>,
+    accepted: usize,
+    /// Adj-RIB-Out: what we announced to the peer.
+    adj_out: HashMap<IpNet, AttrSet>,
+}
+
+/// The RIBs of one speaker.
+#[derive(Debug)]
+pub struct Rib {
+    local_as: u32,
+    router_id: Ipv4Addr,
+    cluster_id: Ipv4Addr,
+    interner: AttrInterner,
+    /// Loc-RIB: all candidate paths per prefix, best first.
+    loc: HashMap<IpNet, Vec<Candidate>>,
+    peers: HashMap<PeerId, PeerRib>,
+}
+
+impl Rib {
+    /// `cluster_id` defaults to the router ID (RFC 4456 §7) when `None`.
+    pub fn new(local_as: u32, router_id: Ipv4Addr, cluster_id: Option<Ipv4Addr>) -> Rib {
+        Rib {
+            local_as,
+            router_id,
+            cluster_id: cluster_id.unwrap_or(router_id),
+            interner: AttrInterner::default(),
+            loc: HashMap::new(),
+            peers: HashMap::new(),
+        }
+    }
+
+    pub fn local_as(&self) -> u32 {
+        self.local_as
+    }
+
+    /// Register a peer (session down). Replaces the configuration of a known peer.
+    pub fn add_peer(&mut self, id: PeerId, cfg: RibPeer) {
+        let ibgp = cfg.remote_as == self.local_as;
+        match self.peers.get_mut(&id) {
+            Some(p) => {
+                p.cfg = cfg;
+                p.ibgp = ibgp;
+            }
+            None => {
+                self.peers.insert(
+                    id,
+                    PeerRib {
+                        cfg,
+                        up: false,
+                        ibgp,
+                        router_id: Ipv4Addr::UNSPECIFIED,
+                        families: Vec::new(),
+                        adj_in: HashMap::new(),
+                        accepted: 0,
+                        adj_out: HashMap::new(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Forget a peer and everything it announced.
+    pub fn remove_peer(&mut self, id: PeerId) -> RibOutput {
+        let out = self.peer_down(id);
+        self.peers.remove(&id);
+        out
+    }
+
+    /// The session reached Established: returns the full table to send (the caller appends
+    /// End-of-RIB per family).
+    pub fn peer_up(&mut self, id: PeerId, router_id: Ipv4Addr, families: Vec<Family>) -> Export {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return Export::default();
+        };
+        p.up = true;
+        p.router_id = router_id;
+        p.families = families;
+        p.adj_out.clear();
+        let prefixes: Vec<IpNet> = self.loc.keys().copied().collect();
+        self.export_to(id, &prefixes)
+    }
+
+    /// The session went down: its routes leave the Loc-RIB.
+    pub fn peer_down(&mut self, id: PeerId) -> RibOutput {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return RibOutput::default();
+        };
+        p.up = false;
+        p.adj_out.clear();
+        p.accepted = 0;
+        let prefixes: Vec<IpNet> = p
+            .adj_in
+            .drain()
+            .filter(|(_, acc)| *acc)
+            .map(|(k, _)| k)
+            .collect();
+        let mut changed = Vec::new();
+        for prefix in prefixes {
+            if self.remove_candidate(prefix, id) {
+                changed.push(prefix);
+            }
+        }
+        self.finish(changed)
+    }
+
+    /// Apply an UPDATE received from `id` (already validated). RFC 7606 treat-as-withdraw
+    /// turns its announcements into withdrawals.
+    pub fn apply_update(&mut self, id: PeerId, update: &Update) -> (RibOutput, ImportStats) {
+        let mut stats = ImportStats::default();
+        let Some(peer) = self.peers.get(&id) else {
+            return (RibOutput::default(), stats);
+        };
+        if !peer.up {
+            return (RibOutput::default(), stats);
+        }
+        let ibgp = peer.ibgp;
+        let mut changed = Vec::new();
+        let twd = update.treat_as_withdraw();
+        let mut withdraw = |rib: &mut Rib, prefix: IpNet, changed: &mut Vec<IpNet>| {
+            stats.withdrawn += 1;
+            rib.withdraw_from(id, prefix, changed);
+        };
+        for p in &update.withdrawn {
+            withdraw(self, *p, &mut changed);
+        }
+        if let Some(u) = &update.mp_unreach {
+            for p in &u.withdrawn {
+                withdraw(self, *p, &mut changed);
+            }
+        }
+        if twd {
+            for p in &update.nlri {
+                withdraw(self, *p, &mut changed);
+            }
+            if let Some(r) = &update.mp_reach {
+                for p in &r.nlri {
+                    withdraw(self, *p, &mut changed);
+                }
+            }
+            return (self.finish(changed), stats);
+        }
+
+        let looped = self.is_looped(&update.attrs, ibgp);
+        let mut path = update.attrs.clone();
+        if !ibgp {
+            // LOCAL_PREF is ours to assign for eBGP routes (RFC 4271 §5.1.5).
+            path.local_pref = None;
+        }
+        if !update.nlri.is_empty() {
+            if let Some(nh) = path.next_hop {
+                let attrs = self.interner.intern(RouteAttrs {
+                    path: path.clone(),
+                    next_hop: NextHop::new(IpAddr::V4(nh)),
+                });
+                for p in &update.nlri {
+                    stats.announced += 1;
+                    if looped {
+                        stats.rejected += 1;
+                        self.reject_from(id, *p, &mut changed);
+                    } else {
+                        self.announce_from(id, *p, attrs.clone(), &mut changed);
+                    }
+                }
+            }
+        }
+        if let Some(r) = &update.mp_reach {
+            let mut mp_path = path;
+            mp_path.next_hop = None;
+            let attrs = self.interner.intern(RouteAttrs {
+                path: mp_path,
+                next_hop: r.next_hop,
+            });
+            for p in &r.nlri {
+                stats.announced += 1;
+                if looped {
+                    stats.rejected += 1;
+                    self.reject_from(id, *p, &mut changed);
+                } else {
+                    self.announce_from(id, *p, attrs.clone(), &mut changed);
+                }
+            }
+        }
+        (self.finish(changed), stats)
+    }
+
+    /// Originate a route locally. `next_hop: None` means "ourselves" on every session.
+    pub fn originate(
+        &mut self,
+        prefix: IpNet,
+        next_hop: Option<IpAddr>,
+        path: PathAttrs,
+    ) -> RibOutput {
+        let nh = next_hop.unwrap_or(match prefix {
+            IpNet::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpNet::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        });
+        let mut path = path;
+        path.next_hop = match nh {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        };
+        if path.origin.is_none() {
+            path.origin = Some(crate::wire::Origin::Igp);
+        }
+        if path.as_path.is_none() {
+            path.as_path = Some(Default::default());
+        }
+        let attrs = self.interner.intern(RouteAttrs {
+            path,
+            next_hop: NextHop::new(nh),
+        });
+        let mut changed = Vec::new();
+        self.upsert_candidate(prefix, LOCAL, attrs, &mut changed);
+        self.finish(changed)
+    }
+
+    /// Withdraw a locally originated route.
+    pub fn withdraw_local(&mut self, prefix: IpNet) -> RibOutput {
+        let mut changed = Vec::new();
+        if self.remove_candidate(prefix, LOCAL) {
+            changed.push(prefix);
+        }
+        self.finish(changed)
+    }
+
+    /// Re-send everything announced to `id` for `family` (ROUTE-REFRESH, RFC 2918).
+    pub fn refresh(&self, id: PeerId, family: Family) -> Export {
+        let Some(p) = self.peers.get(&id) else {
+            return Export::default();
+        };
+        let mut groups: HashMap<*const RouteAttrs, (AttrSet, Vec<IpNet>)> = HashMap::new();
+        for (prefix, attrs) in &p.adj_out {
+            if Family::of(prefix) == family {
+                groups
+                    .entry(Arc::as_ptr(attrs))
+                    .or_insert_with(|| (attrs.clone(), Vec::new()))
+                    .1
+                    .push(*prefix);
+            }
+        }
+        Export {
+            announce: groups.into_values().collect(),
+            withdraw: Vec::new(),
+        }
+    }
+
+    /// The current best learned route of a prefix.
+    pub fn best(&self, prefix: &IpNet) -> Option<BestRoute> {
+        self.loc
+            .get(prefix)
+            .and_then(|c| c.first())
+            .and_then(|c| self.best_route(c))
+    }
+
+    /// Every prefix's best route, locally originated ones included (peer = LOCAL).
+    pub fn loc_rib(&self) -> impl Iterator<Item = (&IpNet, BestRoute)> + '_ {
+        self.loc.iter().filter_map(|(p, c)| {
+            let b = c.first()?;
+            Some((
+                p,
+                BestRoute {
+                    peer: b.peer,
+                    peer_addr: self.peers.get(&b.peer).map(|p| p.cfg.addr),
+                    next_hop: b.attrs.next_hop.addr,
+                    attrs: b.attrs.clone(),
+                },
+            ))
+        })
+    }
+
+    pub fn loc_rib_len(&self) -> usize {
+        self.loc.len()
+    }
+
+    /// (received, accepted, advertised) prefix counts of a peer.
+    pub fn peer_counts(&self, id: PeerId) -> (usize, usize, usize) {
+        self.peers
+            .get(&id)
+            .map_or((0, 0, 0), |p| (p.adj_in.len(), p.accepted, p.adj_out.len()))
+    }
+
+    pub fn interned_attr_sets(&self) -> usize {
+        self.interner.len()
+    }
+
+    // ---- import ----
+
+    fn is_looped(&self, path: &PathAttrs, ibgp: bool) -> bool {
+        if !ibgp
+            && path
+                .as_path
+                .as_ref()
+                .is_some_and(|p| p.contains(self.local_as))
+        {
+            return true;
+        }
+        // RFC 4456 §8: our own ORIGINATOR_ID or CLUSTER_ID means the route looped.
+        path.originator_id == Some(self.router_id) || path.cluster_list.contains(&self.cluster_id)
+    }
+
+    fn announce_from(
+        &mut self,
+        id: PeerId,
+        prefix: IpNet,
+        attrs: AttrSet,
+        changed: &mut Vec<IpNet>,
+    ) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        match p.adj_in.insert(prefix, true) {
+            Some(true) => {}
+            _ => p.accepted += 1,
+        }
+        self.upsert_candidate(prefix, id, attrs, changed);
+    }
+
+    fn reject_from(&mut self, id: PeerId, prefix: IpNet, changed: &mut Vec<IpNet>) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if p.adj_in.insert(prefix, false) == Some(true) {
+            p.accepted -= 1;
+            if self.remove_candidate(prefix, id) {
+                changed.push(prefix);
+            }
+        }
+    }
+
+    fn withdraw_from(&mut self, id: PeerId, prefix: IpNet, changed: &mut Vec<IpNet>) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if p.adj_in.remove(&prefix) == Some(true) {
+            p.accepted -= 1;
+            if self.remove_candidate(prefix, id) {
+                changed.push(prefix);
+            }
+        }
+    }
+
+    fn upsert_candidate(
+        &mut self,
+        prefix: IpNet,
+        peer: PeerId,
+        attrs: AttrSet,
+        changed: &mut Vec<IpNet>,
+    ) {
+        let cands = self.loc.entry(prefix).or_default();
+        let old_best = cands.first().map(|c| (c.peer, Arc::as_ptr(&c.attrs)));
+        match cands.iter_mut().find(|c| c.peer == peer) {
+            Some(c) => c.attrs = attrs,
+            None => cands.push(Candidate { peer, attrs }),
+        }
+        let cands = std::mem::take(cands);
+        let cands = self.select_best(cands);
+        let new_best = cands.first().map(|c| (c.peer, Arc::as_ptr(&c.attrs)));
+        self.loc.insert(prefix, cands);
+        if old_best != new_best {
+            changed.push(prefix);
+        }
+    }
+
+    /// Remove `peer`'s path for `prefix`; true when the best path changed.
+    fn remove_candidate(&mut self, prefix: IpNet, peer: PeerId) -> bool {
+        let Entry::Occupied(mut e) = self.loc.entry(prefix) else {
+            return false;
+        };
+        let cands = e.get_mut();
+        let Some(i) = cands.iter().position(|c| c.peer == peer) else {
+            return false;
+        };
+        cands.swap_remove(i);
+        if cands.is_empty() {
+            e.remove();
+            return true;
+        }
+        if i == 0 {
+            let cands = std::mem::take(e.get_mut());
+            let cands = self.select_best(cands);
+            self.loc.insert(prefix, cands);
+            return true;
+        }
+        false
+    }
+
+    /// Move the best candidate to the front. A linear scan, not a sort: the MED rule compares
+    /// only routes from the same neighbour AS, so the preference is not a total order.
+    fn select_best(&self, mut cands: Vec<Candidate>) -> Vec<Candidate> {
+        let mut best = 0;
+        for i in 1..cands.len() {
+            if self.prefer(&cands[i], &cands[best]) {
+                best = i;
+            }
+        }
+        cands.swap(0, best);
+        cands
+    }
+
+    /// RFC 4271 §9.1.2.2 (with RFC 4456 §9): is `a` better than `b`?
+    fn prefer(&self, a: &Candidate, b: &Candidate) -> bool {
+        use std::cmp::Ordering::*;
+        // Locally originated routes win outright (as a router's own static routes do).
+        if (a.peer == LOCAL) != (b.peer == LOCAL) {
+            return a.peer == LOCAL;
+        }
+        let (pa, pb) = (&a.attrs.path, &b.attrs.path);
+        let lp = |p: &PathAttrs| p.local_pref.unwrap_or(DEFAULT_LOCAL_PREF);
+        match lp(pa).cmp(&lp(pb)) {
+            Greater => return true,
+            Less => return false,
+            Equal => {}
+        }
+        let len = |p: &PathAttrs| p.as_path.as_ref().map_or(0, |x| x.path_len());
+        match len(pa).cmp(&len(pb)) {
+            Less => return true,
+            Greater => return false,
+            Equal => {}
+        }
+        match pa.origin.cmp(&pb.origin) {
+            Less => return true,
+            Greater => return false,
+            Equal => {}
+        }
+        let neighbour = |p: &PathAttrs| p.as_path.as_ref().and_then(|x| x.first_as());
+        if neighbour(pa) == neighbour(pb) {
+            match pa.med.unwrap_or(0).cmp(&pb.med.unwrap_or(0)) {
+                Less => return true,
+                Greater => return false,
+                Equal => {}
+            }
+        }
+        let ebgp = |c: &Candidate| self.peers.get(&c.peer).is_some_and(|p| !p.ibgp);
+        match (ebgp(a), ebgp(b)) {
+            (true, false) => return true,
+            (false, true) => return false,
+            _ => {}
+        }
+        let rid = |c: &Candidate| {
+            c.attrs.path.originator_id.unwrap_or_else(|| {
+                self.peers
+                    .get(&c.peer)
+                    .map_or(Ipv4Addr::UNSPECIFIED, |p| p.router_id)
+            })
+        };
+        match u32::from(rid(a)).cmp(&u32::from(rid(b))) {
+            Less => return true,
+            Greater => return false,
+            Equal => {}
+        }
+        match pa.cluster_list.len().cmp(&pb.cluster_list.len()) {
+            Less => return true,
+            Greater => return false,
+            Equal => {}
+        }
+        let addr = |c: &Candidate| self.peers.get(&c.peer).map(|p| p.cfg.addr);
+        addr(a) < addr(b)
+    }
+
+    // ---- export ----
+
+    fn best_route(&self, c: &Candidate) -> Option<BestRoute> {
+        if c.peer == LOCAL {
+            return None;
+        }
+        Some(BestRoute {
+            peer: c.peer,
+            peer_addr: self.peers.get(&c.peer).map(|p| p.cfg.addr),
+            next_hop: c.attrs.next_hop.addr,
+            attrs: c.attrs.clone(),
+        })
+    }
+
+    fn finish(&mut self, mut changed: Vec<IpNet>) -> RibOutput {
+        if changed.is_empty() {
+            return RibOutput::default();
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        let changes = changed
+            .iter()
+            .map(|p| BestChange {
+                prefix: *p,
+                best: self
+                    .loc
+                    .get(p)
+                    .and_then(|c| c.first())
+                    .and_then(|c| self.best_route(c)),
+            })
+            .collect();
+        let mut ids: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.up)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        let mut exports = Vec::new();
+        for id in ids {
+            let e = self.export_to(id, &changed);
+            if !e.is_empty() {
+                exports.push((id, e));
+            }
+        }
+        RibOutput { changes, exports }
+    }
+
+    /// Bring `id`'s Adj-RIB-Out in line with the Loc-RIB for `prefixes`.
+    fn export_to(&mut self, id: PeerId, prefixes: &[IpNet]) -> Export {
+        let mut groups: HashMap<*const RouteAttrs, (AttrSet, Vec<IpNet>)> = HashMap::new();
+        let mut withdraw = Vec::new();
+        // Export attributes depend on the source attributes and the source peer only.
+        let mut cache: HashMap<(*const RouteAttrs, PeerId), Option<AttrSet>> = HashMap::new();
+        for prefix in prefixes {
+            let Some(target) = self.peers.get(&id) else {
+                break;
+            };
+            if !target.families.contains(&Family::of(prefix)) {
+                continue;
+            }
+            let best = self.loc.get(prefix).and_then(|c| c.first()).cloned();
+            let desired = match best {
+                None => None,
+                Some(b) => match cache.get(&(Arc::as_ptr(&b.attrs), b.peer)) {
+                    Some(d) if b.peer != id => d.clone(),
+                    _ => {
+                        let d = self
+                            .export_attrs(&b, id, prefix)
+                            .map(|a| self.interner.intern(a));
+                        if b.peer != id {
+                            cache.insert((Arc::as_ptr(&b.attrs), b.peer), d.clone());
+                        }
+                        d
+                    }
+                },
+            };
+            let Some(target) = self.peers.get_mut(&id) else {
+                break;
+            };
+            match desired {
+                Some(a) => {
+                    let same = target
+                        .adj_out
+                        .get(prefix)
+                        .is_some_and(|o| Arc::ptr_eq(o, &a));
+                    if !same {
+                        target.adj_out.insert(*prefix, a.clone());
+                        groups
+                            .entry(Arc::as_ptr(&a))
+                            .or_insert_with(|| (a, Vec::new()))
+                            .1
+                            .push(*prefix);
+                    }
+                }
+                None => {
+                    if target.adj_out.remove(prefix).is_some() {
+                        withdraw.push(*prefix);
+                    }
+                }
+            }
+        }
+        let mut announce: Vec<(AttrSet, Vec<IpNet>)> = groups.into_values().collect();
+        announce.sort_by(|a, b| a.1.first().cmp(&b.1.first()));
+        Export { announce, withdraw }
+    }
+
+    /// The attributes `best` is announced with to peer `id`, or `None` when the export rules
+    /// forbid announcing it there.
+    fn export_attrs(&self, best: &Candidate, id: PeerId, prefix: &IpNet) -> Option<RouteAttrs> {
+        let target = self.peers.get(&id)?;
+        if best.peer == id {
+            return None;
+        }
+        let source = self.peers.get(&best.peer);
+        let mut path = best.attrs.path.clone();
+        let mut next_hop = best.attrs.next_hop;
+        let from_local = best.peer == LOCAL;
+        let self_nh = |t: &PeerRib| -> NextHop {
+            match prefix {
+                IpNet::V4(_) => match t.cfg.local_addr {
+                    IpAddr::V4(a) => NextHop::new(IpAddr::V4(a)),
+                    IpAddr::V6(_) => NextHop::new(IpAddr::V4(self.router_id)),
+                },
+                IpNet::V6(_) => NextHop::new(IpAddr::V6(t.cfg.local_v6_next_hop.unwrap_or(
+                    match t.cfg.local_addr {
+                        IpAddr::V6(a) => a,
+                        IpAddr::V4(a) => a.to_ipv6_mapped(),
+                    },
+                ))),
+            }
+        };
+        if target.ibgp {
+            if let Some(src) = source.filter(|s| s.ibgp) {
+                // RFC 4456 §6: reflect client routes to everyone, non-client routes to clients.
+                if !(src.cfg.rr_client || target.cfg.rr_client) {
+                    return None;
+                }
+                if path.originator_id.is_none() {
+                    path.originator_id = Some(src.router_id);
+                }
+                path.cluster_list.insert(0, self.cluster_id);
+            }
+            if path.local_pref.is_none() {
+                path.local_pref = Some(DEFAULT_LOCAL_PREF);
+            }
+            if target.cfg.next_hop_self || next_hop.addr.is_unspecified() {
+                next_hop = self_nh(target);
+            }
+        } else {
+            // RFC 4271 §5.1.2, §5.1.3, §5.1.4, §5.1.5: prepend our AS, we are the next hop,
+            // no LOCAL_PREF, and a MED learned from another AS is not passed on.
+            let mut as_path = path.as_path.take().unwrap_or_default();
+            as_path.prepend(self.local_as);
+            path.as_path = Some(as_path);
+            path.local_pref = None;
+            path.originator_id = None;
+            path.cluster_list.clear();
+            if !from_local {
+                path.med = None;
+            }
+            next_hop = self_nh(target);
+        }
+        path.next_hop = match (prefix, next_hop.addr) {
+            (IpNet::V4(_), IpAddr::V4(a)) => Some(a),
+            _ => None,
+        };
+        Some(RouteAttrs { path, next_hop })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{AsPath, MpReach, Origin};
+
+    const AS: u32 = 64512;
+
+    fn peer(addr: [u8; 4], remote_as: u32) -> RibPeer {
+        RibPeer {
+            addr: IpAddr::from(addr),
+            remote_as,
+            local_addr: IpAddr::from([10, 0, 0, 1]),
+            local_v6_next_hop: None,
+            rr_client: false,
+            next_hop_self: false,
+        }
+    }
+
+    fn v4() -> Vec<Family> {
+        vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST]
+    }
+
+    fn rib_with(peers: &[(PeerId, RibPeer)]) -> Rib {
+        let mut rib = Rib::new(AS, Ipv4Addr::new(10, 0, 0, 1), None);
+        for (id, p) in peers {
+            rib.add_peer(*id, p.clone());
+            let rid = match p.addr {
+                IpAddr::V4(a) => a,
+                IpAddr::V6(_) => Ipv4Addr::new(9, 9, 9, 9),
+            };
+            rib.peer_up(*id, rid, v4());
+        }
+        rib
+    }
+
+    fn announce(prefixes: &[&str], nh: [u8; 4], path: &[u32]) -> Update {
+        Update {
+            attrs: PathAttrs {
+                origin: Some(Origin::Igp),
+                as_path: Some(AsPath::from_sequence(path.to_vec())),
+                next_hop: Some(Ipv4Addr::from(nh)),
+                ..Default::default()
+            },
+            nlri: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn learned_route_becomes_best_and_is_withdrawn() {
+        let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS))]);
+        let (out, stats) =
+            rib.apply_update(1, &announce(&["172.16.196.128/26"], [10, 0, 0, 2], &[]));
+        assert_eq!(stats.announced, 1);
+        assert_eq!(out.changes.len(), 1);
+        let best = out.changes[0].best.as_ref().unwrap();
+        assert_eq!(best.next_hop, IpAddr::from([10, 0, 0, 2]));
+        assert_eq!(rib.peer_counts(1), (1, 1, 0));
+        let w = Update {
+            withdrawn: vec![net("172.16.196.128/26")],
+            ..Default::default()
+        };
+        let (out, _) = rib.apply_update(1, &w);
+        assert_eq!(
+            out.changes,
+            vec![BestChange {
+                prefix: net("172.16.196.128/26"),
+                best: None
+            }]
+        );
+        assert_eq!(rib.loc_rib_len(), 0);
+    }
+
+    #[test]
+    fn ibgp_routes_are_not_reflected_to_other_ibgp_peers() {
+        let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS)), (2, peer([10, 0, 0, 3], AS))]);
+        let (out, _) = rib.apply_update(1, &announce(&["172.16.0.0/26"], [10, 0, 0, 2], &[]));
+        assert!(out.exports.is_empty(), "{:?}", out.exports);
+    }
+
+    #[test]
+    fn route_reflector_reflects_client_routes_with_originator_and_cluster() {
+        let mut client = peer([10, 0, 0, 2], AS);
+        client.rr_client = true;
+        let mut rib = rib_with(&[(1, client), (2, peer([10, 0, 0, 3], AS))]);
+        let (out, _) = rib.apply_update(1, &announce(&["172.16.0.0/26"], [10, 0, 0, 2], &[]));
+        assert_eq!(out.exports.len(), 1);
+        let (to, e) = &out.exports[0];
+        assert_eq!(*to, 2);
+        let attrs = &e.announce[0].0;
+        assert_eq!(attrs.path.originator_id, Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert_eq!(attrs.path.cluster_list, vec![Ipv4Addr::new(10, 0, 0, 1)]);
+        // iBGP keeps the next hop.
+        assert_eq!(attrs.path.next_hop, Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert_eq!(attrs.path.local_pref, Some(100));
+        // Non-client route goes to the client only.
+        let (out, _) = rib.apply_update(2, &announce(&["172.16.1.0/26"], [10, 0, 0, 3], &[]));
+        assert_eq!(
+            out.exports.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            vec![1]
+        );
+    }
+
+    #[test]
+    fn ebgp_export_prepends_as_sets_next_hop_self_and_drops_local_pref_and_med() {
+        let mut rib = rib_with(&[
+            (1, peer([10, 0, 0, 2], AS)),
+            (2, peer([192, 0, 2, 1], 65001)),
+        ]);
+        let mut u = announce(&["172.16.0.0/26"], [10, 0, 0, 2], &[]);
+        u.attrs.local_pref = Some(200);
+        u.attrs.med = Some(5);
+        let (out, _) = rib.apply_update(1, &u);
+        let (to, e) = &out.exports[0];
+        assert_eq!(*to, 2);
+        let a = &e.announce[0].0;
+        assert_eq!(a.path.as_path, Some(AsPath::from_sequence(vec![AS])));
+        assert_eq!(a.path.next_hop, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(a.path.local_pref, None);
+        assert_eq!(a.path.med, None);
+    }
+
+    #[test]
+    fn ebgp_route_with_own_as_is_rejected_as_a_loop() {
+        let mut rib = rib_with(&[(1, peer([192, 0, 2, 1], 65001))]);
+        let (out, stats) = rib.apply_update(
+            1,
+            &announce(&["172.16.0.0/26"], [192, 0, 2, 1], &[65001, AS]),
+        );
+        assert_eq!(stats.rejected, 1);
+        assert!(out.changes.is_empty());
+        assert_eq!(rib.peer_counts(1), (1, 0, 0));
+    }
+
+    #[test]
+    fn treat_as_withdraw_removes_the_previous_route() {
+        let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS))]);
+        rib.apply_update(1, &announce(&["172.16.0.0/26"], [10, 0, 0, 2], &[]));
+        let mut bad = announce(&["172.16.0.0/26"], [10, 0, 0, 2], &[]);
+        bad.errors.push(crate::wire::AttrError {
+            attr: 1,
+            action: crate::wire::ErrorAction::TreatAsWithdraw,
+            reason: "test",
+        });
+        let (out, _) = rib.apply_update(1, &bad);
+        assert_eq!(out.changes[0].best, None);
+    }
+
+    #[test]
+    fn decision_process_order() {
+        let mut rib = rib_with(&[
+            (1, peer([10, 0, 0, 2], AS)),
+            (2, peer([10, 0, 0, 3], AS)),
+            (3, peer([192, 0, 2, 1], 65001)),
+        ]);
+        let p = net("172.16.0.0/26");
+        // Equal everything: lowest router ID wins (10.0.0.2).
+        rib.apply_update(2, &announce(&["172.16.0.0/26"], [10, 0, 0, 3], &[]));
+        rib.apply_update(1, &announce(&["172.16.0.0/26"], [10, 0, 0, 2], &[]));
+        assert_eq!(rib.best(&p).unwrap().peer, 1);
+        // Higher LOCAL_PREF beats everything after it.
+        let mut u = announce(&["172.16.0.0/26"], [10, 0, 0, 3], &[65010, 65011]);
+        u.attrs.local_pref = Some(150);
+        rib.apply_update(2, &u);
+        assert_eq!(rib.best(&p).unwrap().peer, 2);
+        // Back to equal LOCAL_PREF: the shorter AS_PATH (peer 1, empty) wins.
+        rib.apply_update(2, &announce(&["172.16.0.0/26"], [10, 0, 0, 3], &[65010]));
+        assert_eq!(rib.best(&p).unwrap().peer, 1);
+        // eBGP path of the same length beats iBGP.
+        rib.apply_update(1, &announce(&["172.16.0.0/26"], [10, 0, 0, 2], &[65010]));
+        rib.apply_update(3, &announce(&["172.16.0.0/26"], [192, 0, 2, 1], &[65001]));
+        assert_eq!(rib.best(&p).unwrap().peer, 3);
+        // Lower ORIGIN beats eBGP.
+        let mut u = announce(&["172.16.0.0/26"], [10, 0, 0, 3], &[65010]);
+        u.attrs.origin = Some(Origin::Igp);
+        let mut e = announce(&["172.16.0.0/26"], [192, 0, 2, 1], &[65001]);
+        e.attrs.origin = Some(Origin::Incomplete);
+        rib.apply_update(3, &e);
+        rib.apply_update(2, &u);
+        assert_ne!(rib.best(&p).unwrap().peer, 3);
+        // Withdrawing the best falls back to the next.
+        let before = rib.best(&p).unwrap().peer;
+        let (out, _) = rib.apply_update(
+            before,
+            &Update {
+                withdrawn: vec![p],
+                ..Default::default()
+            },
+        );
+        assert_eq!(out.changes.len(), 1);
+        assert_ne!(rib.best(&p).unwrap().peer, before);
+    }
+
+    #[test]
+    fn med_compared_only_within_the_same_neighbour_as() {
+        let mut rib = rib_with(&[
+            (1, peer([192, 0, 2, 1], 65001)),
+            (2, peer([192, 0, 2, 2], 65001)),
+        ]);
+        let p = net("172.16.0.0/26");
+        let mut a = announce(&["172.16.0.0/26"], [192, 0, 2, 1], &[65001]);
+        a.attrs.med = Some(50);
+        let mut b = announce(&["172.16.0.0/26"], [192, 0, 2, 2], &[65001]);
+        b.attrs.med = Some(10);
+        rib.apply_update(1, &a);
+        rib.apply_update(2, &b);
+        assert_eq!(rib.best(&p).unwrap().peer, 2);
+    }
+
+    #[test]
+    fn local_routes_export_with_self_next_hop_and_are_not_best_changes() {
+        let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS))]);
+        let out = rib.originate(net("172.16.241.64/26"), None, PathAttrs::default());
+        assert!(out.changes.iter().all(|c| c.best.is_none()));
+        let (_, e) = &out.exports[0];
+        assert_eq!(
+            e.announce[0].0.path.next_hop,
+            Some(Ipv4Addr::new(10, 0, 0, 1))
+        );
+        assert_eq!(rib.peer_counts(1).2, 1);
+        let out = rib.originate(net("fd00:10::/122"), None, PathAttrs::default());
+        let (_, e) = &out.exports[0];
+        assert_eq!(
+            e.announce[0].0.next_hop.addr,
+            IpAddr::V6(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped())
+        );
+        let out = rib.withdraw_local(net("172.16.241.64/26"));
+        assert_eq!(out.exports[0].1.withdraw, vec![net("172.16.241.64/26")]);
+    }
+
+    #[test]
+    fn peer_down_removes_its_routes_and_shares_attribute_sets() {
+        let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS))]);
+        let prefixes: Vec<String> = (0..200)
+            .map(|i| format!("10.{}.{}.0/26", i / 4, (i % 4) * 64))
+            .collect();
+        let refs: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+        rib.apply_update(1, &announce(&refs, [10, 0, 0, 2], &[]));
+        assert_eq!(rib.loc_rib_len(), 200);
+        assert_eq!(rib.interned_attr_sets(), 1);
+        let out = rib.peer_down(1);
+        assert_eq!(out.changes.len(), 200);
+        assert!(out.changes.iter().all(|c| c.best.is_none()));
+        assert_eq!(rib.loc_rib_len(), 0);
+    }
+
+    #[test]
+    fn ipv6_routes_from_mp_reach() {
+        let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS))]);
+        let nh: Ipv6Addr = "fd00::2".parse().unwrap();
+        let u = Update {
+            attrs: PathAttrs {
+                origin: Some(Origin::Igp),
+                as_path: Some(AsPath::default()),
+                ..Default::default()
+            },
+            mp_reach: Some(MpReach {
+                family: Family::IPV6_UNICAST,
+                next_hop: NextHop::new(IpAddr::V6(nh)),
+                nlri: vec![net("fd00:10::/122")],
+            }),
+            ..Default::default()
+        };
+        let (out, _) = rib.apply_update(1, &u);
+        assert_eq!(
+            out.changes[0].best.as_ref().unwrap().next_hop,
+            IpAddr::V6(nh)
+        );
+    }
+}
