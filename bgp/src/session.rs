@@ -1,0 +1,481 @@
+//! One tokio task per peer: it owns the TCP connection(s), runs the sans-IO [`Fsm`], frames
+//! and decodes messages, and carries out the FSM's actions (connect, send, timers).
+//!
+//! Collision detection (RFC 4271 §6.8) happens here: a second, inbound connection gets an FSM
+//! of its own; when both have seen the peer's OPEN, [`collision_loser`] picks the one to close
+//! with Cease / Connection Collision Resolution. An inbound connection while Established is a
+//! restarted peer (RFC 4724 §4.2): once its OPEN arrives the old session is closed.
+
+use crate::fsm::{Action, ConnectionSide, Event, Fsm, FsmConfig, Negotiated, State, Timer, collision_loser};
+use crate::rib::PeerId;
+use crate::validate::{PeerContext, validate_update};
+use crate::wire::{self, CodecContext, Family, Message, Notification, Update};
+use bytes::{Bytes, BytesMut};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream, tcp::OwnedReadHalf};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// Commands from the speaker core to a session task.
+#[derive(Debug)]
+pub(crate) enum SessionCmd {
+    /// An inbound TCP connection from this peer's address.
+    Inbound(TcpStream),
+    /// Encoded UPDATE messages for the session's n-th time in Established (counted from 1);
+    /// bytes meant for an earlier session are dropped.
+    Send(u64, Bytes),
+    /// Administrative stop: Cease, then the task ends.
+    Stop(Notification),
+}
+
+/// Events from a session task to the speaker core.
+#[derive(Debug)]
+pub(crate) enum SessionEvent {
+    StateChanged(State),
+    Established { negotiated: Box<Negotiated>, local_addr: IpAddr },
+    Update(Update),
+    EndOfRib(Family),
+    RouteRefresh(Family),
+    Down(String),
+    NotificationSent(Notification),
+    NotificationReceived(Notification),
+}
+
+/// What the session task needs to know.
+#[derive(Clone, Debug)]
+pub(crate) struct SessionParams {
+    pub id: PeerId,
+    pub remote: SocketAddr,
+    pub local_addr: Option<IpAddr>,
+    pub fsm: FsmConfig,
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
+
+struct Conn {
+    reader: OwnedReadHalf,
+    writer: mpsc::UnboundedSender<Bytes>,
+    rbuf: BytesMut,
+    local_addr: IpAddr,
+}
+
+/// One FSM with its connection and timers.
+struct Slot {
+    fsm: Fsm,
+    side: ConnectionSide,
+    conn: Option<Conn>,
+    timers: [Option<Instant>; 4],
+    codec: CodecContext,
+    peer_ctx: Option<PeerContext>,
+}
+
+fn timer_index(t: Timer) -> usize {
+    match t {
+        Timer::ConnectRetry => 0,
+        Timer::Hold => 1,
+        Timer::Keepalive => 2,
+        Timer::IdleHold => 3,
+    }
+}
+
+const TIMERS: [Timer; 4] = [Timer::ConnectRetry, Timer::Hold, Timer::Keepalive, Timer::IdleHold];
+
+impl Slot {
+    fn new(cfg: FsmConfig, side: ConnectionSide) -> Slot {
+        Slot { fsm: Fsm::new(cfg), side, conn: None, timers: [None; 4], codec: CodecContext::default(), peer_ctx: None }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.timers.iter().flatten().min().copied()
+    }
+
+    fn attach(&mut self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let local_addr = stream.local_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let (reader, mut write_half) = stream.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        tokio::spawn(async move {
+            while let Some(b) = rx.recv().await {
+                if write_half.write_all(&b).await.is_err() {
+                    return;
+                }
+            }
+            let _ = write_half.shutdown().await;
+        });
+        self.conn = Some(Conn { reader, writer: tx, rbuf: BytesMut::with_capacity(65536), local_addr });
+    }
+}
+
+/// Read into the slot's buffer; pends forever when there is no connection.
+async fn read_some(slot: &mut Option<Slot>) -> std::io::Result<usize> {
+    match slot.as_mut().and_then(|s| s.conn.as_mut()) {
+        Some(c) => {
+            if c.rbuf.capacity() - c.rbuf.len() < 8192 {
+                c.rbuf.reserve(65536);
+            }
+            c.reader.read_buf(&mut c.rbuf).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn connect_to(remote: SocketAddr, local: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let socket = match remote {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(l) = local {
+        socket.bind(SocketAddr::new(l, 0))?;
+    }
+    tokio::time::timeout(Duration::from_secs(10), socket.connect(remote))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+struct Driver {
+    p: SessionParams,
+    events: mpsc::Sender<(PeerId, SessionEvent)>,
+    main: Option<Slot>,
+    extra: Option<Slot>,
+    connecting: Option<ConnectFuture>,
+    stopping: bool,
+    /// How many times the main slot reached Established.
+    established: u64,
+}
+
+/// The session task. Ends after a Stop command or when the core goes away.
+pub(crate) async fn run(
+    p: SessionParams,
+    mut cmds: mpsc::UnboundedReceiver<SessionCmd>,
+    events: mpsc::Sender<(PeerId, SessionEvent)>,
+) {
+    let span = tracing::info_span!("bgp_peer", peer = %p.remote);
+    let _enter = span.enter();
+    let mut d = Driver {
+        main: Some(Slot::new(p.fsm.clone(), ConnectionSide::Outbound)),
+        p,
+        events,
+        extra: None,
+        connecting: None,
+        stopping: false,
+        established: 0,
+    };
+    d.handle(true, Event::ManualStart).await;
+    loop {
+        let deadline = [d.main.as_ref(), d.extra.as_ref()].into_iter().flatten().filter_map(Slot::next_deadline).min();
+        tokio::select! {
+            cmd = cmds.recv() => match cmd {
+                Some(SessionCmd::Inbound(stream)) => d.inbound(stream).await,
+                Some(SessionCmd::Send(generation, bytes)) => {
+                    if generation != d.established { continue; }
+                    if let Some(c) = d.main.as_ref().filter(|s| s.fsm.state() == State::Established).and_then(|s| s.conn.as_ref()) {
+                        let _ = c.writer.send(bytes);
+                    }
+                }
+                Some(SessionCmd::Stop(n)) => {
+                    d.stop(n).await;
+                    return;
+                }
+                None => {
+                    d.stop(Notification::cease(wire::cease::ADMIN_SHUTDOWN)).await;
+                    return;
+                }
+            },
+            res = async { match d.connecting.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
+                d.connecting = None;
+                match res {
+                    Ok(stream) => {
+                        if let Some(s) = d.main.as_mut() {
+                            if s.conn.is_none() {
+                                s.attach(stream);
+                                d.handle(true, Event::TcpConnected).await;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "connect failed");
+                        d.handle(true, Event::TcpFailed).await;
+                    }
+                }
+            },
+            r = read_some(&mut d.main) => d.on_read(true, r).await,
+            r = read_some(&mut d.extra) => d.on_read(false, r).await,
+            _ = async { match deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                d.fire_timers().await;
+            }
+        }
+        if d.stopping {
+            return;
+        }
+    }
+}
+
+impl Driver {
+    fn slot(&mut self, main: bool) -> Option<&mut Slot> {
+        if main { self.main.as_mut() } else { self.extra.as_mut() }
+    }
+
+    async fn emit(&self, ev: SessionEvent) {
+        let _ = self.events.send((self.p.id, ev)).await;
+    }
+
+    async fn stop(&mut self, n: Notification) {
+        for main in [true, false] {
+            if let Some(s) = self.slot(main) {
+                if s.conn.is_some() && matches!(s.fsm.state(), State::OpenSent | State::OpenConfirm | State::Established) {
+                    if let Some(c) = s.conn.as_ref() {
+                        let mut out = BytesMut::new();
+                        wire::encode_message(&Message::Notification(n.clone()), s.codec, &mut out);
+                        let _ = c.writer.send(out.freeze());
+                    }
+                    self.emit(SessionEvent::NotificationSent(n.clone())).await;
+                }
+            }
+        }
+        // Dropping the connections lets the writer tasks flush the NOTIFICATION and close.
+        self.main = None;
+        self.extra = None;
+        self.emit(SessionEvent::StateChanged(State::Idle)).await;
+        self.stopping = true;
+    }
+
+    async fn inbound(&mut self, stream: TcpStream) {
+        let state = self.main.as_ref().map(|s| s.fsm.state());
+        match state {
+            Some(State::Idle) | None => {
+                // Not accepting (administratively down or in idle hold): refuse.
+                debug!("inbound connection refused in Idle");
+            }
+            Some(State::Connect) | Some(State::Active) => {
+                self.connecting = None;
+                if let Some(s) = self.main.as_mut() {
+                    s.conn = None;
+                    s.side = ConnectionSide::Inbound;
+                    s.attach(stream);
+                }
+                self.handle(true, Event::TcpAccepted).await;
+            }
+            Some(_) => {
+                if self.extra.is_some() {
+                    debug!("third connection refused");
+                    return;
+                }
+                let mut cfg = self.p.fsm.clone();
+                cfg.passive = true;
+                let mut slot = Slot::new(cfg, ConnectionSide::Inbound);
+                slot.attach(stream);
+                self.extra = Some(slot);
+                self.handle(false, Event::ManualStart).await;
+                self.handle(false, Event::TcpAccepted).await;
+            }
+        }
+    }
+
+    async fn on_read(&mut self, main: bool, r: std::io::Result<usize>) {
+        match r {
+            Ok(0) | Err(_) => {
+                if let Some(s) = self.slot(main) {
+                    s.conn = None;
+                }
+                self.handle(main, Event::TcpFailed).await;
+            }
+            Ok(_) => loop {
+                let Some(s) = self.slot(main) else { return };
+                let Some(c) = s.conn.as_mut() else { return };
+                match wire::decode_message(&mut c.rbuf, s.codec) {
+                    Ok(None) => return,
+                    Ok(Some(msg)) => {
+                        if let Message::Notification(n) = &msg {
+                            self.emit(SessionEvent::NotificationReceived(n.clone())).await;
+                        }
+                        self.handle(main, Event::Message(msg)).await;
+                    }
+                    Err(e) => {
+                        warn!(error = %e.notification, "malformed message from peer");
+                        self.handle(main, Event::DecodeError(e.notification)).await;
+                        return;
+                    }
+                }
+            },
+        }
+    }
+
+    async fn fire_timers(&mut self) {
+        let now = Instant::now();
+        for main in [true, false] {
+            for t in TIMERS {
+                let due = self.slot(main).is_some_and(|s| s.timers[timer_index(t)].is_some_and(|d| d <= now));
+                if due {
+                    if let Some(s) = self.slot(main) {
+                        s.timers[timer_index(t)] = None;
+                    }
+                    let ev = match t {
+                        Timer::ConnectRetry => Event::ConnectRetryTimerExpires,
+                        Timer::Hold => Event::HoldTimerExpires,
+                        Timer::Keepalive => Event::KeepaliveTimerExpires,
+                        Timer::IdleHold => Event::IdleHoldTimerExpires,
+                    };
+                    self.handle(main, ev).await;
+                }
+            }
+        }
+    }
+
+    /// Feed one event to a slot's FSM and carry out the actions.
+    async fn handle(&mut self, main: bool, ev: Event) {
+        let Some(s) = self.slot(main) else { return };
+        let actions = s.fsm.handle(ev);
+        for a in actions {
+            self.act(main, a).await;
+        }
+        self.resolve_collision().await;
+    }
+
+    async fn act(&mut self, main: bool, a: Action) {
+        let remote = self.p.remote;
+        let local = self.p.local_addr;
+        match a {
+            Action::Connect => {
+                if main && self.connecting.is_none() {
+                    self.connecting = Some(Box::pin(connect_to(remote, local)));
+                }
+            }
+            Action::CloseConnection => {
+                if main {
+                    self.connecting = None;
+                }
+                if let Some(s) = self.slot(main) {
+                    s.conn = None;
+                }
+            }
+            Action::Send(msg) => {
+                let Some(s) = self.slot(main) else { return };
+                let Some(c) = s.conn.as_ref() else { return };
+                let mut out = BytesMut::new();
+                wire::encode_message(&msg, s.codec, &mut out);
+                let _ = c.writer.send(out.freeze());
+                if let Message::Notification(n) = msg {
+                    self.emit(SessionEvent::NotificationSent(n)).await;
+                }
+            }
+            Action::StartTimer(t, d) => {
+                if let Some(s) = self.slot(main) {
+                    s.timers[timer_index(t)] = Some(Instant::now() + d);
+                }
+            }
+            Action::StopTimer(t) => {
+                if let Some(s) = self.slot(main) {
+                    s.timers[timer_index(t)] = None;
+                }
+            }
+            Action::Established(neg) => {
+                let Some(s) = self.slot(main) else { return };
+                s.codec = neg.codec;
+                let local_addr = s.conn.as_ref().map(|c| c.local_addr).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+                s.peer_ctx = Some(PeerContext {
+                    ebgp: neg.ebgp,
+                    peer_as: neg.peer_as,
+                    local_as: self.p.fsm.local_as,
+                    local_id: self.p.fsm.local_id,
+                    local_addr: Some(local_addr),
+                });
+                if !main {
+                    // The restarted peer's new session replaces the old one.
+                    self.promote_extra("peer opened a new session").await;
+                }
+                self.established += 1;
+                info!(peer_as = neg.peer_as, hold = neg.hold_time, "session established");
+                self.emit(SessionEvent::Established { negotiated: neg, local_addr }).await;
+            }
+            Action::Deliver(mut u) => {
+                if let Some(f) = u.end_of_rib_family() {
+                    self.emit(SessionEvent::EndOfRib(f)).await;
+                    return;
+                }
+                if let Some(ctx) = self.slot(main).and_then(|s| s.peer_ctx.as_ref()) {
+                    validate_update(&mut u, ctx);
+                }
+                for e in &u.errors {
+                    warn!(error = %e, "malformed UPDATE attribute (RFC 7606)");
+                }
+                self.emit(SessionEvent::Update(u)).await;
+            }
+            Action::RouteRefreshRequested(f) => self.emit(SessionEvent::RouteRefresh(f)).await,
+            Action::Down(reason) => {
+                let text = reason.to_string();
+                if main {
+                    info!(reason = %text, "session down");
+                    self.emit(SessionEvent::Down(text)).await;
+                } else {
+                    debug!(reason = %text, "second connection closed");
+                    self.extra = None;
+                }
+            }
+            Action::StateChanged(_, to) => {
+                if main {
+                    self.emit(SessionEvent::StateChanged(to)).await;
+                }
+            }
+        }
+    }
+
+    /// Close the old main session and make the extra connection the main one.
+    async fn promote_extra(&mut self, why: &str) {
+        if let Some(old) = self.main.as_mut() {
+            if old.fsm.state() == State::Established {
+                self.emit(SessionEvent::Down(why.to_string())).await;
+            }
+            if let Some(c) = old.conn.as_ref() {
+                let mut out = BytesMut::new();
+                let n = Notification::cease(wire::cease::CONNECTION_COLLISION);
+                wire::encode_message(&Message::Notification(n), old.codec, &mut out);
+                let _ = c.writer.send(out.freeze());
+            }
+        }
+        self.connecting = None;
+        self.main = self.extra.take();
+    }
+
+    /// RFC 4271 §6.8 between the two connections, once both know the peer's BGP ID.
+    async fn resolve_collision(&mut self) {
+        let (Some(m), Some(x)) = (self.main.as_ref(), self.extra.as_ref()) else { return };
+        let (ms, xs) = (m.fsm.state(), x.fsm.state());
+        if xs != State::OpenConfirm && xs != State::Established {
+            return;
+        }
+        match ms {
+            State::Established => {
+                // Handled when the extra connection reaches Established (a restarted peer);
+                // until then keep the old session.
+            }
+            State::OpenSent | State::OpenConfirm => {
+                // The peer's BGP ID is known from the OPEN on the extra connection, which
+                // §6.8 allows using for a connection still in OpenSent.
+                let Some(remote_id) = x.fsm.negotiated().map(|n| n.peer_id).or_else(|| m.fsm.negotiated().map(|n| n.peer_id)) else { return };
+                let loser = collision_loser(self.p.fsm.local_id, remote_id);
+                let n = Notification::cease(wire::cease::CONNECTION_COLLISION);
+                let victim = if m.side == loser { self.main.take() } else { self.extra.take() };
+                if let Some(c) = victim.as_ref().and_then(|s| s.conn.as_ref()) {
+                    let mut out = BytesMut::new();
+                    wire::encode_message(&Message::Notification(n.clone()), CodecContext::default(), &mut out);
+                    let _ = c.writer.send(out.freeze());
+                    self.emit(SessionEvent::NotificationSent(n)).await;
+                }
+                if self.main.is_none() {
+                    self.connecting = None;
+                    self.main = self.extra.take();
+                }
+            }
+            _ => {
+                // No OPEN sent on the main connection yet: the inbound one takes over.
+                self.connecting = None;
+                self.main = self.extra.take();
+            }
+        }
+    }
+}
