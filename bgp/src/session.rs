@@ -6,9 +6,10 @@
 //! with Cease / Connection Collision Resolution. An inbound connection while Established is a
 //! restarted peer (RFC 4724 §4.2): once its OPEN arrives the old session is closed.
 
-use crate::fsm::{Action, ConnectionSide, Event, Fsm, FsmConfig, Negotiated, State, Timer, collision_loser};
+use crate::fsm::{
+    Action, ConnectionSide, Event, Fsm, FsmConfig, Negotiated, State, Timer, collision_loser,
+};
 use crate::rib::PeerId;
-use crate::validate::{PeerContext, validate_update};
 use crate::wire::{self, CodecContext, Family, Message, Notification, Update};
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
@@ -37,7 +38,10 @@ pub(crate) enum SessionCmd {
 #[derive(Debug)]
 pub(crate) enum SessionEvent {
     StateChanged(State),
-    Established { negotiated: Box<Negotiated>, local_addr: IpAddr },
+    Established {
+        negotiated: Box<Negotiated>,
+        local_addr: IpAddr,
+    },
     Update(Update),
     EndOfRib(Family),
     RouteRefresh(Family),
@@ -55,7 +59,7 @@ pub(crate) struct SessionParams {
     pub fsm: FsmConfig,
 }
 
-type ConnectFuture = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
+type ConnectFuture = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send + Sync>>;
 
 struct Conn {
     reader: OwnedReadHalf,
@@ -71,7 +75,8 @@ struct Slot {
     conn: Option<Conn>,
     timers: [Option<Instant>; 4],
     codec: CodecContext,
-    peer_ctx: Option<PeerContext>,
+    /// Set when Established: what peer-dependent UPDATE checks need.
+    negotiated: Option<Negotiated>,
 }
 
 fn timer_index(t: Timer) -> usize {
@@ -83,11 +88,23 @@ fn timer_index(t: Timer) -> usize {
     }
 }
 
-const TIMERS: [Timer; 4] = [Timer::ConnectRetry, Timer::Hold, Timer::Keepalive, Timer::IdleHold];
+const TIMERS: [Timer; 4] = [
+    Timer::ConnectRetry,
+    Timer::Hold,
+    Timer::Keepalive,
+    Timer::IdleHold,
+];
 
 impl Slot {
     fn new(cfg: FsmConfig, side: ConnectionSide) -> Slot {
-        Slot { fsm: Fsm::new(cfg), side, conn: None, timers: [None; 4], codec: CodecContext::default(), peer_ctx: None }
+        Slot {
+            fsm: Fsm::new(cfg),
+            side,
+            conn: None,
+            timers: [None; 4],
+            codec: CodecContext::default(),
+            negotiated: None,
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -96,7 +113,10 @@ impl Slot {
 
     fn attach(&mut self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
-        let local_addr = stream.local_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let local_addr = stream
+            .local_addr()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let (reader, mut write_half) = stream.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
         tokio::spawn(async move {
@@ -107,7 +127,12 @@ impl Slot {
             }
             let _ = write_half.shutdown().await;
         });
-        self.conn = Some(Conn { reader, writer: tx, rbuf: BytesMut::with_capacity(65536), local_addr });
+        self.conn = Some(Conn {
+            reader,
+            writer: tx,
+            rbuf: BytesMut::with_capacity(65536),
+            local_addr,
+        });
     }
 }
 
@@ -167,7 +192,11 @@ pub(crate) async fn run(
     };
     d.handle(true, Event::ManualStart).await;
     loop {
-        let deadline = [d.main.as_ref(), d.extra.as_ref()].into_iter().flatten().filter_map(Slot::next_deadline).min();
+        let deadline = [d.main.as_ref(), d.extra.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(Slot::next_deadline)
+            .min();
         tokio::select! {
             cmd = cmds.recv() => match cmd {
                 Some(SessionCmd::Inbound(stream)) => d.inbound(stream).await,
@@ -217,7 +246,11 @@ pub(crate) async fn run(
 
 impl Driver {
     fn slot(&mut self, main: bool) -> Option<&mut Slot> {
-        if main { self.main.as_mut() } else { self.extra.as_mut() }
+        if main {
+            self.main.as_mut()
+        } else {
+            self.extra.as_mut()
+        }
     }
 
     async fn emit(&self, ev: SessionEvent) {
@@ -227,7 +260,12 @@ impl Driver {
     async fn stop(&mut self, n: Notification) {
         for main in [true, false] {
             if let Some(s) = self.slot(main) {
-                if s.conn.is_some() && matches!(s.fsm.state(), State::OpenSent | State::OpenConfirm | State::Established) {
+                if s.conn.is_some()
+                    && matches!(
+                        s.fsm.state(),
+                        State::OpenSent | State::OpenConfirm | State::Established
+                    )
+                {
                     if let Some(c) = s.conn.as_ref() {
                         let mut out = BytesMut::new();
                         wire::encode_message(&Message::Notification(n.clone()), s.codec, &mut out);
@@ -291,7 +329,8 @@ impl Driver {
                     Ok(None) => return,
                     Ok(Some(msg)) => {
                         if let Message::Notification(n) = &msg {
-                            self.emit(SessionEvent::NotificationReceived(n.clone())).await;
+                            self.emit(SessionEvent::NotificationReceived(n.clone()))
+                                .await;
                         }
                         self.handle(main, Event::Message(msg)).await;
                     }
@@ -309,7 +348,9 @@ impl Driver {
         let now = Instant::now();
         for main in [true, false] {
             for t in TIMERS {
-                let due = self.slot(main).is_some_and(|s| s.timers[timer_index(t)].is_some_and(|d| d <= now));
+                let due = self
+                    .slot(main)
+                    .is_some_and(|s| s.timers[timer_index(t)].is_some_and(|d| d <= now));
                 if due {
                     if let Some(s) = self.slot(main) {
                         s.timers[timer_index(t)] = None;
@@ -376,29 +417,32 @@ impl Driver {
             Action::Established(neg) => {
                 let Some(s) = self.slot(main) else { return };
                 s.codec = neg.codec;
-                let local_addr = s.conn.as_ref().map(|c| c.local_addr).unwrap_or(IpAddr::from([0, 0, 0, 0]));
-                s.peer_ctx = Some(PeerContext {
-                    ebgp: neg.ebgp,
-                    peer_as: neg.peer_as,
-                    local_as: self.p.fsm.local_as,
-                    local_id: self.p.fsm.local_id,
-                    local_addr: Some(local_addr),
-                });
+                let local_addr = s
+                    .conn
+                    .as_ref()
+                    .map(|c| c.local_addr)
+                    .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+                s.negotiated = Some(neg.clone());
                 if !main {
                     // The restarted peer's new session replaces the old one.
                     self.promote_extra("peer opened a new session").await;
                 }
                 self.established += 1;
-                info!(peer_as = neg.peer_as, hold = neg.hold_time, "session established");
-                self.emit(SessionEvent::Established { negotiated: neg, local_addr }).await;
+                info!(
+                    peer_as = neg.peer_as,
+                    hold = neg.hold_time,
+                    "session established"
+                );
+                self.emit(SessionEvent::Established {
+                    negotiated: Box::new(neg),
+                    local_addr,
+                })
+                .await;
             }
-            Action::Deliver(mut u) => {
+            Action::Deliver(u) => {
                 if let Some(f) = u.end_of_rib_family() {
                     self.emit(SessionEvent::EndOfRib(f)).await;
                     return;
-                }
-                if let Some(ctx) = self.slot(main).and_then(|s| s.peer_ctx.as_ref()) {
-                    validate_update(&mut u, ctx);
                 }
                 for e in &u.errors {
                     warn!(error = %e, "malformed UPDATE attribute (RFC 7606)");
@@ -426,10 +470,14 @@ impl Driver {
 
     /// Close the old main session and make the extra connection the main one.
     async fn promote_extra(&mut self, why: &str) {
+        if self
+            .main
+            .as_ref()
+            .is_some_and(|m| m.fsm.state() == State::Established)
+        {
+            self.emit(SessionEvent::Down(why.to_string())).await;
+        }
         if let Some(old) = self.main.as_mut() {
-            if old.fsm.state() == State::Established {
-                self.emit(SessionEvent::Down(why.to_string())).await;
-            }
             if let Some(c) = old.conn.as_ref() {
                 let mut out = BytesMut::new();
                 let n = Notification::cease(wire::cease::CONNECTION_COLLISION);
@@ -443,7 +491,9 @@ impl Driver {
 
     /// RFC 4271 §6.8 between the two connections, once both know the peer's BGP ID.
     async fn resolve_collision(&mut self) {
-        let (Some(m), Some(x)) = (self.main.as_ref(), self.extra.as_ref()) else { return };
+        let (Some(m), Some(x)) = (self.main.as_ref(), self.extra.as_ref()) else {
+            return;
+        };
         let (ms, xs) = (m.fsm.state(), x.fsm.state());
         if xs != State::OpenConfirm && xs != State::Established {
             return;
@@ -456,15 +506,32 @@ impl Driver {
             State::OpenSent | State::OpenConfirm => {
                 // The peer's BGP ID is known from the OPEN on the extra connection, which
                 // §6.8 allows using for a connection still in OpenSent.
-                let Some(remote_id) = x.fsm.negotiated().map(|n| n.peer_id).or_else(|| m.fsm.negotiated().map(|n| n.peer_id)) else { return };
+                let Some(remote_id) = x
+                    .fsm
+                    .negotiated()
+                    .map(|n| n.peer_id)
+                    .or_else(|| m.fsm.negotiated().map(|n| n.peer_id))
+                else {
+                    return;
+                };
                 let loser = collision_loser(self.p.fsm.local_id, remote_id);
-                let n = Notification::cease(wire::cease::CONNECTION_COLLISION);
-                let victim = if m.side == loser { self.main.take() } else { self.extra.take() };
-                if let Some(c) = victim.as_ref().and_then(|s| s.conn.as_ref()) {
-                    let mut out = BytesMut::new();
-                    wire::encode_message(&Message::Notification(n.clone()), CodecContext::default(), &mut out);
-                    let _ = c.writer.send(out.freeze());
-                    self.emit(SessionEvent::NotificationSent(n)).await;
+                let victim = if m.side == loser {
+                    self.main.take()
+                } else {
+                    self.extra.take()
+                };
+                if let Some(mut v) = victim {
+                    // The FSM sends Cease / Connection Collision Resolution (event 23).
+                    for a in v.fsm.handle(Event::CollisionLost) {
+                        if let (Action::Send(msg), Some(c)) = (&a, v.conn.as_ref()) {
+                            let mut out = BytesMut::new();
+                            wire::encode_message(msg, v.codec, &mut out);
+                            let _ = c.writer.send(out.freeze());
+                            if let Message::Notification(n) = msg {
+                                self.emit(SessionEvent::NotificationSent(n.clone())).await;
+                            }
+                        }
+                    }
                 }
                 if self.main.is_none() {
                     self.connecting = None;

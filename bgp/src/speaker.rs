@@ -7,7 +7,10 @@
 use crate::fsm::{FsmConfig, State};
 use crate::rib::{BestChange, BestRoute, Export, LOCAL, PeerId, Rib, RibOutput, RibPeer};
 use crate::session::{self, SessionCmd, SessionEvent, SessionParams};
-use crate::wire::{CodecContext, Family, GracefulRestartCap, GrFamily, Notification, PathAttrs, UpdateEncoder, cease};
+use crate::wire::{
+    CodecContext, Family, GrFamily, GracefulRestartCap, Notification, PathAttrs, UpdateEncoder,
+    cease,
+};
 use bytes::BytesMut;
 use ipnet::IpNet;
 use std::collections::HashMap;
@@ -115,7 +118,10 @@ pub struct PeerStatus {
 #[derive(Debug, thiserror::Error)]
 pub enum SpeakerError {
     #[error("cannot listen for BGP on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("peer {0} is already configured")]
     PeerExists(IpAddr),
     #[error("peer {0} is not configured")]
@@ -221,12 +227,22 @@ impl Speaker {
     }
 
     /// Originate `prefix` (next hop: ourselves unless given).
-    pub async fn announce(&self, prefix: IpNet, next_hop: Option<IpAddr>) -> Result<(), SpeakerError> {
-        self.send(Command::Announce(prefix, next_hop, PathAttrs::default())).await
+    pub async fn announce(
+        &self,
+        prefix: IpNet,
+        next_hop: Option<IpAddr>,
+    ) -> Result<(), SpeakerError> {
+        self.send(Command::Announce(prefix, next_hop, PathAttrs::default()))
+            .await
     }
 
     /// Originate `prefix` with the given attributes (origin, communities, MED...).
-    pub async fn announce_with(&self, prefix: IpNet, next_hop: Option<IpAddr>, attrs: PathAttrs) -> Result<(), SpeakerError> {
+    pub async fn announce_with(
+        &self,
+        prefix: IpNet,
+        next_hop: Option<IpAddr>,
+        attrs: PathAttrs,
+    ) -> Result<(), SpeakerError> {
         self.send(Command::Announce(prefix, next_hop, attrs)).await
     }
 
@@ -304,7 +320,9 @@ impl Core {
     }
 
     async fn run(mut self, mut cmds: mpsc::Receiver<Command>) {
-        let Some(mut events) = self.ev_rx.take() else { return };
+        let Some(mut events) = self.ev_rx.take() else {
+            return;
+        };
         loop {
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
@@ -326,7 +344,9 @@ impl Core {
 
     async fn shutdown(&mut self) {
         for (_, p) in self.peers.drain() {
-            let _ = p.session.send(SessionCmd::Stop(Notification::cease(cease::ADMIN_SHUTDOWN)));
+            let _ = p
+                .session
+                .send(SessionCmd::Stop(Notification::cease(cease::ADMIN_SHUTDOWN)));
         }
         // Give the session tasks a moment to flush their NOTIFICATIONs.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -343,7 +363,14 @@ impl Core {
             restart_state: false,
             notification: false,
             restart_time: t,
-            families: p.families.iter().map(|&family| GrFamily { family, forwarding_state: false }).collect(),
+            families: p
+                .families
+                .iter()
+                .map(|&family| GrFamily {
+                    family,
+                    forwarding_state: false,
+                })
+                .collect(),
         });
         f
     }
@@ -358,7 +385,9 @@ impl Core {
                     None => Err(SpeakerError::NoSuchPeer(addr)),
                     Some(id) => {
                         if let Some(p) = self.peers.remove(&id) {
-                            let _ = p.session.send(SessionCmd::Stop(Notification::cease(cease::PEER_DECONFIGURED)));
+                            let _ = p.session.send(SessionCmd::Stop(Notification::cease(
+                                cease::PEER_DECONFIGURED,
+                            )));
                         }
                         let out = self.rib.remove_peer(id);
                         self.publish(out).await;
@@ -392,11 +421,16 @@ impl Core {
                 let _ = reply.send(v);
             }
             Command::LocRib(reply) => {
-                let mut v: Vec<(IpNet, BestRoute)> = self.rib.loc_rib().map(|(p, b)| (*p, b)).collect();
+                let mut v: Vec<(IpNet, BestRoute)> =
+                    self.rib.loc_rib().map(|(p, b)| (*p, b)).collect();
                 v.sort_by(|a, b| a.0.cmp(&b.0));
                 let _ = reply.send(v);
             }
-            Command::Inbound(stream, remote) => match self.by_addr.get(&remote.ip()).and_then(|id| self.peers.get(id)) {
+            Command::Inbound(stream, remote) => match self
+                .by_addr
+                .get(&remote.ip())
+                .and_then(|id| self.peers.get(id))
+            {
                 Some(p) => {
                     let _ = p.session.send(SessionCmd::Inbound(stream));
                 }
@@ -412,14 +446,17 @@ impl Core {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.rib.add_peer(id, RibPeer {
-            addr: cfg.addr,
-            remote_as: cfg.remote_as,
-            local_addr: cfg.local_addr.unwrap_or(IpAddr::V4(self.cfg.router_id)),
-            local_v6_next_hop: cfg.local_v6_next_hop,
-            rr_client: cfg.rr_client,
-            next_hop_self: cfg.next_hop_self,
-        });
+        self.rib.add_peer(
+            id,
+            RibPeer {
+                addr: cfg.addr,
+                remote_as: cfg.remote_as,
+                local_addr: cfg.local_addr.unwrap_or(IpAddr::V4(self.cfg.router_id)),
+                local_v6_next_hop: cfg.local_v6_next_hop,
+                rr_client: cfg.rr_client,
+                next_hop_self: cfg.next_hop_self,
+            },
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         let params = SessionParams {
             id,
@@ -447,12 +484,23 @@ impl Core {
             end_of_rib: Vec::new(),
         };
         self.by_addr.insert(cfg.addr, id);
-        self.peers.insert(id, PeerEntry { cfg, status, session: tx, codec: CodecContext::default(), families: Vec::new() });
+        self.peers.insert(
+            id,
+            PeerEntry {
+                cfg,
+                status,
+                session: tx,
+                codec: CodecContext::default(),
+                families: Vec::new(),
+            },
+        );
         Ok(())
     }
 
     async fn event(&mut self, id: PeerId, ev: SessionEvent) {
-        let Some(p) = self.peers.get_mut(&id) else { return };
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
         match ev {
             SessionEvent::StateChanged(s) => {
                 if p.status.state != s {
@@ -474,7 +522,10 @@ impl Core {
                 let out = self.rib.peer_down(id);
                 self.publish(out).await;
             }
-            SessionEvent::Established { negotiated, local_addr } => {
+            SessionEvent::Established {
+                negotiated,
+                local_addr,
+            } => {
                 p.status.state = State::Established;
                 p.status.since = SystemTime::now();
                 p.status.established_count += 1;
@@ -529,7 +580,9 @@ impl Core {
 
     /// Encode an export for one peer; `eor` = also send End-of-RIB for these families.
     fn send_export(&mut self, id: PeerId, export: &Export, eor: Option<&[Family]>) {
-        let Some(p) = self.peers.get_mut(&id) else { return };
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
         let enc = UpdateEncoder::new(p.codec);
         let mut buf = BytesMut::new();
         let mut messages = 0;
@@ -545,7 +598,11 @@ impl Core {
         messages += enc.withdraw(&withdraw_v6, &mut buf);
         for (attrs, prefixes) in &export.announce {
             for fam_is_v4 in [true, false] {
-                let part: Vec<IpNet> = prefixes.iter().filter(|p| matches!(p, IpNet::V4(_)) == fam_is_v4).copied().collect();
+                let part: Vec<IpNet> = prefixes
+                    .iter()
+                    .filter(|p| matches!(p, IpNet::V4(_)) == fam_is_v4)
+                    .copied()
+                    .collect();
                 if !part.is_empty() {
                     messages += enc.announce(&attrs.path, Some(attrs.next_hop), &part, &mut buf);
                 }
@@ -559,7 +616,9 @@ impl Core {
         }
         p.status.updates_sent += messages as u64;
         if !buf.is_empty() {
-            let _ = p.session.send(SessionCmd::Send(p.status.established_count, buf.freeze()));
+            let _ = p
+                .session
+                .send(SessionCmd::Send(p.status.established_count, buf.freeze()));
         }
     }
 }

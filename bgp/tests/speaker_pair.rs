@@ -1,0 +1,174 @@
+//! Two podroute speakers peering on loopback: sessions, announcements, withdrawals,
+//! collision resolution and peer removal, with no daemon other than podroute itself.
+
+use podroute_bgp::fsm::State;
+use podroute_bgp::{PeerConfig, Speaker, SpeakerConfig};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// Distinct loopback addresses per test and per process, so nextest can run tests in parallel.
+fn loopback_pair() -> (Ipv4Addr, Ipv4Addr) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    let b = (pid % 250) as u8 + 1;
+    let c = ((pid / 250) % 250) as u8;
+    let d = (n * 2 % 250) as u8 + 1;
+    (Ipv4Addr::new(127, b, c, d), Ipv4Addr::new(127, b, c, d + 1))
+}
+
+async fn speaker(
+    addr: Ipv4Addr,
+    asn: u32,
+) -> (
+    Speaker,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<podroute_bgp::rib::BestChange>>,
+) {
+    let mut cfg = SpeakerConfig::new(asn, addr);
+    cfg.listen = Some(SocketAddr::new(IpAddr::V4(addr), 0));
+    cfg.connect_retry = Duration::from_secs(1);
+    Speaker::start(cfg).await.expect("speaker starts")
+}
+
+fn peer(addr: Ipv4Addr, port: u16, asn: u32, local: Ipv4Addr) -> PeerConfig {
+    let mut p = PeerConfig::new(IpAddr::V4(addr), asn);
+    p.port = port;
+    p.local_addr = Some(IpAddr::V4(local));
+    p.kind = "mesh".into();
+    p
+}
+
+async fn wait_for<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn established(s: &Speaker) -> bool {
+    s.peers()
+        .await
+        .unwrap()
+        .iter()
+        .all(|p| p.state == State::Established)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_speakers_exchange_and_withdraw_blocks() {
+    let (a_ip, b_ip) = loopback_pair();
+    let (a, _a_best) = speaker(a_ip, 64512).await;
+    let (b, mut b_best) = speaker(b_ip, 64512).await;
+    let a_port = a.listen_addr().unwrap().port();
+    let b_port = b.listen_addr().unwrap().port();
+    // Both sides active: the collision is resolved and one session remains.
+    a.add_peer(peer(b_ip, b_port, 64512, a_ip)).await.unwrap();
+    b.add_peer(peer(a_ip, a_port, 64512, b_ip)).await.unwrap();
+    wait_for("both sessions Established", || async {
+        established(&a).await && established(&b).await
+    })
+    .await;
+
+    let block: ipnet::IpNet = "172.16.241.64/26".parse().unwrap();
+    let block6: ipnet::IpNet = "fd00:10:0:1::/122".parse().unwrap();
+    a.announce(block, None).await.unwrap();
+    a.announce(block6, None).await.unwrap();
+    wait_for("B learns both blocks", || async {
+        b.loc_rib().await.unwrap().len() == 2
+    })
+    .await;
+    let rib = b.loc_rib().await.unwrap();
+    let v4 = rib.iter().find(|(p, _)| *p == block).unwrap();
+    assert_eq!(v4.1.next_hop, IpAddr::V4(a_ip));
+    let v6 = rib.iter().find(|(p, _)| *p == block6).unwrap();
+    assert_eq!(v6.1.next_hop, IpAddr::V6(a_ip.to_ipv6_mapped()));
+
+    // The best-path stream tells the agent the same.
+    let mut learned = Vec::new();
+    while learned.len() < 2 {
+        let batch = tokio::time::timeout(Duration::from_secs(5), b_best.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        learned.extend(
+            batch
+                .into_iter()
+                .filter(|c| c.best.is_some())
+                .map(|c| c.prefix),
+        );
+    }
+    learned.sort();
+    assert_eq!(learned, vec![block, block6]);
+
+    let st = b.peers().await.unwrap();
+    assert_eq!(st[0].prefixes_received, 2);
+    assert_eq!(st[0].prefixes_accepted, 2);
+    assert!(
+        st[0].end_of_rib.len() == 2,
+        "EoR for both families: {:?}",
+        st[0].end_of_rib
+    );
+    let sa = a.peers().await.unwrap();
+    assert_eq!(sa[0].prefixes_advertised, 2);
+
+    a.withdraw(block).await.unwrap();
+    wait_for("B drops the withdrawn block", || async {
+        b.loc_rib().await.unwrap().len() == 1
+    })
+    .await;
+
+    // Removing the peer on A sends Cease / Peer De-configured; B reports it and drops routes.
+    a.remove_peer(IpAddr::V4(b_ip)).await.unwrap();
+    wait_for("B reports the Cease", || async {
+        let p = b.peers().await.unwrap();
+        p[0].state != State::Established
+            && p[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("Peer De-configured"))
+    })
+    .await;
+    assert!(b.loc_rib().await.unwrap().is_empty());
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_remote_as_is_reported_on_both_sides() {
+    let (a_ip, b_ip) = loopback_pair();
+    let (a, _) = speaker(a_ip, 64512).await;
+    let (b, _) = speaker(b_ip, 64513).await;
+    let b_port = b.listen_addr().unwrap().port();
+    // A expects 65000 but B is 64513; B expects A correctly and is passive.
+    a.add_peer(peer(b_ip, b_port, 65000, a_ip)).await.unwrap();
+    let mut pb = peer(a_ip, 179, 64512, b_ip);
+    pb.passive = true;
+    b.add_peer(pb).await.unwrap();
+    wait_for("A reports Bad Peer AS", || async {
+        a.peers().await.unwrap()[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("Bad Peer AS"))
+    })
+    .await;
+    wait_for("B reports the NOTIFICATION it received", || async {
+        b.peers().await.unwrap()[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("received NOTIFICATION OPEN Message Error / Bad Peer AS"))
+    })
+    .await;
+    let a_err = a.peers().await.unwrap()[0].last_error.clone().unwrap();
+    assert!(
+        a_err.contains("64513"),
+        "A's error names the AS the peer sent: {a_err}"
+    );
+}
