@@ -399,6 +399,19 @@ pub enum Event {
     CollisionLost,
 }
 
+impl Event {
+    /// The timer whose expiry this event reports, if it is one.
+    pub fn expired_timer(&self) -> Option<Timer> {
+        match self {
+            Event::ConnectRetryTimerExpires => Some(Timer::ConnectRetry),
+            Event::HoldTimerExpires => Some(Timer::Hold),
+            Event::KeepaliveTimerExpires => Some(Timer::Keepalive),
+            Event::IdleHoldTimerExpires => Some(Timer::IdleHold),
+            _ => None,
+        }
+    }
+}
+
 /// What the driver must do, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 // See `Event`: UPDATEs are moved once, boxing would only add an allocation.
@@ -672,6 +685,13 @@ impl Fsm {
 
     /// [`Fsm::handle`], appending to `out` instead of allocating.
     pub fn handle_into(&mut self, ev: Event, out: &mut Vec<Action>) {
+        if let Some(t) = ev.expired_timer() {
+            // A timer that fires is no longer running; a tick for a timer that is not running
+            // raced with its stop and is ignored.
+            if !std::mem::replace(&mut self.running[t.index()], false) {
+                return;
+            }
+        }
         match self.state {
             State::Idle => self.idle(ev, out),
             State::Connect => self.connect(ev, out),
@@ -690,16 +710,11 @@ impl Fsm {
                 self.stop(Timer::IdleHold, out);
                 self.start_session(out);
             }
-            Event::AutomaticStart => {
-                if !self.stopped && !self.timer_running(Timer::IdleHold) {
-                    self.start_session(out);
-                }
+            Event::AutomaticStart if !self.stopped && !self.timer_running(Timer::IdleHold) => {
+                self.start_session(out);
             }
-            Event::IdleHoldTimerExpires => {
-                if self.expired(Timer::IdleHold) && !self.stopped {
-                    self.start_session(out);
-                }
-            }
+            // Never running after ManualStop, so this is the end of an error's hold-down.
+            Event::IdleHoldTimerExpires => self.start_session(out),
             Event::ManualStop => {
                 self.stopped = true;
                 self.stop(Timer::IdleHold, out);
@@ -717,11 +732,9 @@ impl Fsm {
                 self.go_idle(None, true, DownReason::ManualStop, out);
             }
             Event::ConnectRetryTimerExpires => {
-                if self.expired(Timer::ConnectRetry) {
-                    out.push(Action::CloseConnection);
-                    out.push(Action::Connect);
-                    self.start(Timer::ConnectRetry, self.config.connect_retry, out);
-                }
+                out.push(Action::CloseConnection);
+                out.push(Action::Connect);
+                self.start(Timer::ConnectRetry, self.config.connect_retry, out);
             }
             Event::TcpConnected => self.open_connection(ConnectionSide::Outbound, out),
             Event::TcpAccepted => self.open_connection(ConnectionSide::Inbound, out),
@@ -739,12 +752,11 @@ impl Fsm {
                 self.stopped = true;
                 self.go_idle(None, false, DownReason::ManualStop, out);
             }
-            Event::ConnectRetryTimerExpires => {
-                if self.expired(Timer::ConnectRetry) && !self.config.passive {
-                    out.push(Action::Connect);
-                    self.start(Timer::ConnectRetry, self.config.connect_retry, out);
-                    self.goto(State::Connect, out);
-                }
+            // Never running for a passive peer.
+            Event::ConnectRetryTimerExpires if !self.config.passive => {
+                out.push(Action::Connect);
+                self.start(Timer::ConnectRetry, self.config.connect_retry, out);
+                self.goto(State::Connect, out);
             }
             Event::TcpAccepted => self.open_connection(ConnectionSide::Inbound, out),
             Event::TcpConnected if !self.config.passive => {
@@ -840,23 +852,14 @@ impl Fsm {
                 self.go_idle(Some(n), true, DownReason::ManualStop, out);
             }
             Event::HoldTimerExpires => {
-                if self.expired(Timer::Hold) {
-                    let hold_time = match &self.negotiated {
-                        Some(n) => n.hold_time,
-                        None => OPEN_SENT_HOLD_SECS,
-                    };
-                    let reason = DownReason::HoldTimerExpired { hold_time };
-                    self.go_idle(Some(hold_expired()), true, reason, out);
-                }
+                let hold_time = match &self.negotiated {
+                    Some(n) => n.hold_time,
+                    None => OPEN_SENT_HOLD_SECS,
+                };
+                let reason = DownReason::HoldTimerExpired { hold_time };
+                self.go_idle(Some(hold_expired()), true, reason, out);
             }
-            Event::KeepaliveTimerExpires => {
-                if self.expired(Timer::Keepalive) {
-                    if let Some(ka) = self.negotiated.as_ref().map(|n| n.keepalive) {
-                        out.push(Action::Send(Message::Keepalive));
-                        self.start(Timer::Keepalive, ka, out);
-                    }
-                }
-            }
+            Event::KeepaliveTimerExpires => self.send_keepalive(out),
             Event::TcpFailed => self.go_idle(None, true, DownReason::TcpFailed, out),
             Event::Message(Message::Notification(n)) => {
                 self.go_idle(None, true, DownReason::NotificationReceived(n), out);
@@ -954,11 +957,20 @@ impl Fsm {
     }
 
     fn restart_hold(&mut self, out: &mut Vec<Action>) {
-        if let Some(h) = self.negotiated.as_ref().map(|n| n.hold_time) {
-            if h > 0 {
-                self.start(Timer::Hold, secs(h), out);
-            }
+        if let Some(h) = self.negotiated.as_ref().map(|n| n.hold_time)
+            && h > 0
+        {
+            self.start(Timer::Hold, secs(h), out);
         }
+    }
+
+    /// The keepalive timer fired (it only runs with a non-zero negotiated hold time).
+    fn send_keepalive(&mut self, out: &mut Vec<Action>) {
+        let Some(ka) = self.negotiated.as_ref().map(|n| n.keepalive) else {
+            return;
+        };
+        out.push(Action::Send(Message::Keepalive));
+        self.start(Timer::Keepalive, ka, out);
     }
 
     fn start(&mut self, t: Timer, d: Duration, out: &mut Vec<Action>) {
@@ -971,12 +983,6 @@ impl Fsm {
             self.running[t.index()] = false;
             out.push(Action::StopTimer(t));
         }
-    }
-
-    /// Consumes a timer expiry: true if the timer was running (and now is not), false for a
-    /// stale tick.
-    fn expired(&mut self, t: Timer) -> bool {
-        std::mem::replace(&mut self.running[t.index()], false)
     }
 
     fn idle_hold_base(&self) -> Duration {
