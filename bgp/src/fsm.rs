@@ -7,23 +7,22 @@
 //! with plain event sequences.
 //!
 //! ```text
-//!              ManualStart / AutomaticStart / IdleHoldTimerExpires
-//!   +------+  -------------------------------------------------->  +---------+
-//!   | Idle |                  (passive: straight to Active)         | Connect |
-//!   +------+  <---- ManualStop, errors (Down + idle hold-down) ---- +---------+
-//!      ^                                                   TcpFailed |  ^ ConnectRetry
-//!      |                                                             v  |  expires
-//!      |                       TcpAccepted (or TcpConnected)     +--------+
-//!      |                    +----------------------------------- | Active |
-//!      |                    v                                    +--------+
-//!      |              +----------+  OPEN ok, send KEEPALIVE  +-------------+  KEEPALIVE
-//!      +------------- | OpenSent | ------------------------> | OpenConfirm | ----------+
-//!      |   errors     +----------+                           +-------------+           |
-//!      |                                                                               v
-//!      +------------------------------------------------------------------- +-------------+
-//!         NOTIFICATION sent/received, hold timer expiry, TCP failure        | Established |
-//!                                                                           +-------------+
+//! Idle        --ManualStart | AutomaticStart | IdleHold expiry-->  Connect (passive: Active)
+//! Connect     --TcpConnected | TcpAccepted: send OPEN-->           OpenSent
+//! Connect     --TcpFailed-->                                       Active (ConnectRetry runs)
+//! Active      --ConnectRetry expiry: connect-->                    Connect
+//! Active      --TcpAccepted: send OPEN-->                          OpenSent
+//! OpenSent    --acceptable OPEN: send KEEPALIVE-->                 OpenConfirm
+//! OpenSent    --TcpFailed-->                                       Active
+//! OpenConfirm --KEEPALIVE-->                                       Established
+//! OpenSent | OpenConfirm | Established
+//!             --NOTIFICATION sent or received, hold timer expiry,
+//!               TcpFailed (not in OpenSent), ManualStop, CollisionLost-->  Idle + Down(reason)
+//! Connect | Active --ManualStop-->                                 Idle + Down(ManualStop)
 //! ```
+//!
+//! `Down` is emitted exactly when the FSM enters Idle. Every `Down` that is an error
+//! ([`DownReason::is_error`]) also starts the idle hold-down.
 //!
 //! Departures from the letter of RFC 4271 §8.2.2, all deliberate:
 //!
@@ -637,6 +636,7 @@ impl Fsm {
     /// An FSM for a connection the peer opened while another FSM for the same peer already
     /// has a connection (the collision case): passive, started, and handed the connection.
     /// Returns the FSM in OpenSent and the actions that got it there (OPEN sent, hold timer).
+    /// Once it closes its connection without reaching Established, discard it.
     pub fn accept(mut config: FsmConfig) -> (Fsm, Vec<Action>) {
         config.passive = true;
         let mut fsm = Fsm::new(config);
