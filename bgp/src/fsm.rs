@@ -7,23 +7,22 @@
 //! with plain event sequences.
 //!
 //! ```text
-//!              ManualStart / AutomaticStart / IdleHoldTimerExpires
-//!   +------+  -------------------------------------------------->  +---------+
-//!   | Idle |                  (passive: straight to Active)         | Connect |
-//!   +------+  <---- ManualStop, errors (Down + idle hold-down) ---- +---------+
-//!      ^                                                   TcpFailed |  ^ ConnectRetry
-//!      |                                                             v  |  expires
-//!      |                       TcpAccepted (or TcpConnected)     +--------+
-//!      |                    +----------------------------------- | Active |
-//!      |                    v                                    +--------+
-//!      |              +----------+  OPEN ok, send KEEPALIVE  +-------------+  KEEPALIVE
-//!      +------------- | OpenSent | ------------------------> | OpenConfirm | ----------+
-//!      |   errors     +----------+                           +-------------+           |
-//!      |                                                                               v
-//!      +------------------------------------------------------------------- +-------------+
-//!         NOTIFICATION sent/received, hold timer expiry, TCP failure        | Established |
-//!                                                                           +-------------+
+//! Idle        --ManualStart | AutomaticStart | IdleHold expiry-->  Connect (passive: Active)
+//! Connect     --TcpConnected | TcpAccepted: send OPEN-->           OpenSent
+//! Connect     --TcpFailed-->                                       Active (ConnectRetry runs)
+//! Active      --ConnectRetry expiry: connect-->                    Connect
+//! Active      --TcpAccepted: send OPEN-->                          OpenSent
+//! OpenSent    --acceptable OPEN: send KEEPALIVE-->                 OpenConfirm
+//! OpenSent    --TcpFailed-->                                       Active
+//! OpenConfirm --KEEPALIVE-->                                       Established
+//! OpenSent | OpenConfirm | Established
+//!             --NOTIFICATION sent or received, hold timer expiry,
+//!               TcpFailed (not in OpenSent), ManualStop, CollisionLost-->  Idle + Down(reason)
+//! Connect | Active --ManualStop-->                                 Idle + Down(ManualStop)
 //! ```
+//!
+//! `Down` is emitted exactly when the FSM enters Idle. Every `Down` that is an error
+//! ([`DownReason::is_error`]) also starts the idle hold-down.
 //!
 //! Departures from the letter of RFC 4271 §8.2.2, all deliberate:
 //!
@@ -399,6 +398,19 @@ pub enum Event {
     CollisionLost,
 }
 
+impl Event {
+    /// The timer whose expiry this event reports, if it is one.
+    pub fn expired_timer(&self) -> Option<Timer> {
+        match self {
+            Event::ConnectRetryTimerExpires => Some(Timer::ConnectRetry),
+            Event::HoldTimerExpires => Some(Timer::Hold),
+            Event::KeepaliveTimerExpires => Some(Timer::Keepalive),
+            Event::IdleHoldTimerExpires => Some(Timer::IdleHold),
+            _ => None,
+        }
+    }
+}
+
 /// What the driver must do, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 // See `Event`: UPDATEs are moved once, boxing would only add an allocation.
@@ -624,6 +636,7 @@ impl Fsm {
     /// An FSM for a connection the peer opened while another FSM for the same peer already
     /// has a connection (the collision case): passive, started, and handed the connection.
     /// Returns the FSM in OpenSent and the actions that got it there (OPEN sent, hold timer).
+    /// Once it closes its connection without reaching Established, discard it.
     pub fn accept(mut config: FsmConfig) -> (Fsm, Vec<Action>) {
         config.passive = true;
         let mut fsm = Fsm::new(config);
@@ -672,6 +685,13 @@ impl Fsm {
 
     /// [`Fsm::handle`], appending to `out` instead of allocating.
     pub fn handle_into(&mut self, ev: Event, out: &mut Vec<Action>) {
+        if let Some(t) = ev.expired_timer() {
+            // A timer that fires is no longer running; a tick for a timer that is not running
+            // raced with its stop and is ignored.
+            if !std::mem::replace(&mut self.running[t.index()], false) {
+                return;
+            }
+        }
         match self.state {
             State::Idle => self.idle(ev, out),
             State::Connect => self.connect(ev, out),
@@ -690,16 +710,11 @@ impl Fsm {
                 self.stop(Timer::IdleHold, out);
                 self.start_session(out);
             }
-            Event::AutomaticStart => {
-                if !self.stopped && !self.timer_running(Timer::IdleHold) {
-                    self.start_session(out);
-                }
+            Event::AutomaticStart if !self.stopped && !self.timer_running(Timer::IdleHold) => {
+                self.start_session(out);
             }
-            Event::IdleHoldTimerExpires => {
-                if self.expired(Timer::IdleHold) && !self.stopped {
-                    self.start_session(out);
-                }
-            }
+            // Never running after ManualStop, so this is the end of an error's hold-down.
+            Event::IdleHoldTimerExpires => self.start_session(out),
             Event::ManualStop => {
                 self.stopped = true;
                 self.stop(Timer::IdleHold, out);
@@ -717,11 +732,9 @@ impl Fsm {
                 self.go_idle(None, true, DownReason::ManualStop, out);
             }
             Event::ConnectRetryTimerExpires => {
-                if self.expired(Timer::ConnectRetry) {
-                    out.push(Action::CloseConnection);
-                    out.push(Action::Connect);
-                    self.start(Timer::ConnectRetry, self.config.connect_retry, out);
-                }
+                out.push(Action::CloseConnection);
+                out.push(Action::Connect);
+                self.start(Timer::ConnectRetry, self.config.connect_retry, out);
             }
             Event::TcpConnected => self.open_connection(ConnectionSide::Outbound, out),
             Event::TcpAccepted => self.open_connection(ConnectionSide::Inbound, out),
@@ -739,12 +752,11 @@ impl Fsm {
                 self.stopped = true;
                 self.go_idle(None, false, DownReason::ManualStop, out);
             }
-            Event::ConnectRetryTimerExpires => {
-                if self.expired(Timer::ConnectRetry) && !self.config.passive {
-                    out.push(Action::Connect);
-                    self.start(Timer::ConnectRetry, self.config.connect_retry, out);
-                    self.goto(State::Connect, out);
-                }
+            // Never running for a passive peer.
+            Event::ConnectRetryTimerExpires if !self.config.passive => {
+                out.push(Action::Connect);
+                self.start(Timer::ConnectRetry, self.config.connect_retry, out);
+                self.goto(State::Connect, out);
             }
             Event::TcpAccepted => self.open_connection(ConnectionSide::Inbound, out),
             Event::TcpConnected if !self.config.passive => {
@@ -840,23 +852,14 @@ impl Fsm {
                 self.go_idle(Some(n), true, DownReason::ManualStop, out);
             }
             Event::HoldTimerExpires => {
-                if self.expired(Timer::Hold) {
-                    let hold_time = match &self.negotiated {
-                        Some(n) => n.hold_time,
-                        None => OPEN_SENT_HOLD_SECS,
-                    };
-                    let reason = DownReason::HoldTimerExpired { hold_time };
-                    self.go_idle(Some(hold_expired()), true, reason, out);
-                }
+                let hold_time = match &self.negotiated {
+                    Some(n) => n.hold_time,
+                    None => OPEN_SENT_HOLD_SECS,
+                };
+                let reason = DownReason::HoldTimerExpired { hold_time };
+                self.go_idle(Some(hold_expired()), true, reason, out);
             }
-            Event::KeepaliveTimerExpires => {
-                if self.expired(Timer::Keepalive) {
-                    if let Some(ka) = self.negotiated.as_ref().map(|n| n.keepalive) {
-                        out.push(Action::Send(Message::Keepalive));
-                        self.start(Timer::Keepalive, ka, out);
-                    }
-                }
-            }
+            Event::KeepaliveTimerExpires => self.send_keepalive(out),
             Event::TcpFailed => self.go_idle(None, true, DownReason::TcpFailed, out),
             Event::Message(Message::Notification(n)) => {
                 self.go_idle(None, true, DownReason::NotificationReceived(n), out);
@@ -954,11 +957,20 @@ impl Fsm {
     }
 
     fn restart_hold(&mut self, out: &mut Vec<Action>) {
-        if let Some(h) = self.negotiated.as_ref().map(|n| n.hold_time) {
-            if h > 0 {
-                self.start(Timer::Hold, secs(h), out);
-            }
+        if let Some(h) = self.negotiated.as_ref().map(|n| n.hold_time)
+            && h > 0
+        {
+            self.start(Timer::Hold, secs(h), out);
         }
+    }
+
+    /// The keepalive timer fired (it only runs with a non-zero negotiated hold time).
+    fn send_keepalive(&mut self, out: &mut Vec<Action>) {
+        let Some(ka) = self.negotiated.as_ref().map(|n| n.keepalive) else {
+            return;
+        };
+        out.push(Action::Send(Message::Keepalive));
+        self.start(Timer::Keepalive, ka, out);
     }
 
     fn start(&mut self, t: Timer, d: Duration, out: &mut Vec<Action>) {
@@ -971,12 +983,6 @@ impl Fsm {
             self.running[t.index()] = false;
             out.push(Action::StopTimer(t));
         }
-    }
-
-    /// Consumes a timer expiry: true if the timer was running (and now is not), false for a
-    /// stale tick.
-    fn expired(&mut self, t: Timer) -> bool {
-        std::mem::replace(&mut self.running[t.index()], false)
     }
 
     fn idle_hold_base(&self) -> Duration {
@@ -1038,4 +1044,1334 @@ fn secs(s: u16) -> Duration {
 
 fn fsm_error(subcode: u8) -> Notification {
     Notification::new(code::FSM, subcode, Vec::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{
+        AS_TRANS, GrFamily, MpReach, NextHop, RouteRefresh, decode_message, encode_message,
+    };
+    use bytes::BytesMut;
+
+    const LOCAL_ID: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    const PEER_ID: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+    const V4: Family = Family::IPV4_UNICAST;
+    const V6: Family = Family::IPV6_UNICAST;
+
+    /// eBGP: we are AS 65001, the peer AS 65002.
+    fn ebgp() -> FsmConfig {
+        FsmConfig::new(65001, 65002, LOCAL_ID)
+    }
+
+    fn ibgp() -> FsmConfig {
+        FsmConfig::new(65001, 65001, LOCAL_ID)
+    }
+
+    fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    /// An OPEN as BIRD would send it: IPv4 and IPv6 unicast, route refresh, 4-octet AS.
+    fn peer_open(asn: u32, hold: u16, id: Ipv4Addr) -> Open {
+        Open::new(
+            asn,
+            hold,
+            id,
+            vec![
+                Capability::Multiprotocol(V4),
+                Capability::Multiprotocol(V6),
+                Capability::RouteRefresh,
+            ],
+        )
+    }
+
+    /// An OPEN from an old speaker: no capabilities at all.
+    fn bare_open(my_as: u16, hold: u16, id: Ipv4Addr) -> Open {
+        Open {
+            version: 4,
+            my_as,
+            hold_time: hold,
+            bgp_id: id,
+            capabilities: Vec::new(),
+        }
+    }
+
+    fn open_ev(o: Open) -> Event {
+        Event::Message(Message::Open(o))
+    }
+
+    fn keepalive() -> Event {
+        Event::Message(Message::Keepalive)
+    }
+
+    fn notif_ev(code: u8, subcode: u8) -> Event {
+        Event::Message(Message::Notification(Notification::new(
+            code,
+            subcode,
+            Vec::new(),
+        )))
+    }
+
+    fn send_notif(code: u8, subcode: u8, data: &[u8]) -> Action {
+        Action::Send(Message::Notification(Notification::new(
+            code,
+            subcode,
+            data.to_vec(),
+        )))
+    }
+
+    fn run(fsm: &mut Fsm, events: impl IntoIterator<Item = Event>) -> Vec<Action> {
+        let mut out = Vec::new();
+        for ev in events {
+            fsm.handle_into(ev, &mut out);
+        }
+        out
+    }
+
+    fn open_sent(cfg: FsmConfig) -> Fsm {
+        let mut fsm = Fsm::new(cfg);
+        let _ = run(&mut fsm, [Event::ManualStart, Event::TcpConnected]);
+        assert_eq!(fsm.state(), State::OpenSent);
+        fsm
+    }
+
+    fn open_confirm(cfg: FsmConfig, hold: u16) -> Fsm {
+        let peer_as = cfg.remote_as;
+        let mut fsm = open_sent(cfg);
+        let _ = fsm.handle(open_ev(peer_open(peer_as, hold, PEER_ID)));
+        assert_eq!(fsm.state(), State::OpenConfirm);
+        fsm
+    }
+
+    fn established(cfg: FsmConfig, hold: u16) -> Fsm {
+        let mut fsm = open_confirm(cfg, hold);
+        let _ = fsm.handle(keepalive());
+        assert_eq!(fsm.state(), State::Established);
+        fsm
+    }
+
+    fn down_reason(actions: &[Action]) -> Option<&DownReason> {
+        actions.iter().find_map(|a| match a {
+            Action::Down(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    fn idle_hold(actions: &[Action]) -> Option<Duration> {
+        actions.iter().find_map(|a| match a {
+            Action::StartTimer(Timer::IdleHold, d) => Some(*d),
+            _ => None,
+        })
+    }
+
+    fn encode(msg: &Message) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        encode_message(msg, CodecContext::default(), &mut b);
+        b.to_vec()
+    }
+
+    // ---- happy paths ----
+
+    #[test]
+    fn active_open_reaches_established_with_exact_actions() {
+        let cfg = ebgp();
+        let mut fsm = Fsm::new(cfg.clone());
+        assert_eq!(fsm.state(), State::Idle);
+
+        assert_eq!(
+            fsm.handle(Event::ManualStart),
+            vec![
+                Action::Connect,
+                Action::StartTimer(Timer::ConnectRetry, s(5)),
+                Action::StateChanged(State::Idle, State::Connect),
+            ]
+        );
+        assert_eq!(
+            fsm.handle(Event::TcpConnected),
+            vec![
+                Action::StopTimer(Timer::ConnectRetry),
+                Action::Send(Message::Open(cfg.open())),
+                Action::StartTimer(Timer::Hold, s(240)),
+                Action::StateChanged(State::Connect, State::OpenSent),
+            ]
+        );
+        assert_eq!(fsm.side(), Some(ConnectionSide::Outbound));
+        assert_eq!(fsm.negotiated(), None);
+
+        let theirs = peer_open(65002, 90, PEER_ID);
+        assert_eq!(
+            fsm.handle(open_ev(theirs.clone())),
+            vec![
+                Action::Send(Message::Keepalive),
+                Action::StartTimer(Timer::Hold, s(90)),
+                Action::StartTimer(Timer::Keepalive, s(30)),
+                Action::StateChanged(State::OpenSent, State::OpenConfirm),
+            ]
+        );
+        let expected = Negotiated {
+            peer_open: theirs,
+            peer_as: 65002,
+            peer_id: PEER_ID,
+            hold_time: 90,
+            keepalive: s(30),
+            codec: CodecContext {
+                four_octet_as: true,
+            },
+            families: vec![V4, V6],
+            route_refresh: true,
+            peer_graceful_restart: None,
+            ebgp: true,
+        };
+        assert_eq!(fsm.negotiated(), Some(&expected));
+
+        assert_eq!(
+            fsm.handle(keepalive()),
+            vec![
+                Action::StartTimer(Timer::Hold, s(90)),
+                Action::StateChanged(State::OpenConfirm, State::Established),
+                Action::Established(expected.clone()),
+            ]
+        );
+        assert_eq!(fsm.state(), State::Established);
+        assert_eq!(fsm.negotiated(), Some(&expected));
+        assert!(fsm.timer_running(Timer::Hold) && fsm.timer_running(Timer::Keepalive));
+        assert!(!fsm.timer_running(Timer::ConnectRetry) && !fsm.timer_running(Timer::IdleHold));
+    }
+
+    #[test]
+    fn sent_open_has_our_capabilities_on_the_wire() {
+        // RFC 4271 §4.2 + RFC 5492, one capability per optional parameter:
+        // MP ipv4-unicast, MP ipv6-unicast, route refresh, 4-octet AS 65001.
+        let bytes = encode(&Message::Open(ebgp().open()));
+        let mut want = vec![0xff; 16];
+        want.extend_from_slice(&[0x00, 57, 1]); // length 57, type OPEN
+        want.extend_from_slice(&[4, 0xfd, 0xe9, 0x00, 0xf0, 10, 0, 0, 1, 28]);
+        want.extend_from_slice(&[2, 6, 1, 4, 0, 1, 0, 1]);
+        want.extend_from_slice(&[2, 6, 1, 4, 0, 2, 0, 1]);
+        want.extend_from_slice(&[2, 2, 2, 0]);
+        want.extend_from_slice(&[2, 6, 65, 4, 0, 0, 0xfd, 0xe9]);
+        assert_eq!(bytes, want);
+    }
+
+    #[test]
+    fn passive_peer_waits_in_active_for_an_inbound_connection() {
+        let cfg = FsmConfig {
+            passive: true,
+            ..ebgp()
+        };
+        let mut fsm = Fsm::new(cfg.clone());
+        assert_eq!(
+            fsm.handle(Event::ManualStart),
+            vec![Action::StateChanged(State::Idle, State::Active)]
+        );
+        // No ConnectRetry timer runs, so a tick changes nothing; we never connect.
+        assert_eq!(fsm.handle(Event::ConnectRetryTimerExpires), vec![]);
+        assert_eq!(
+            fsm.handle(Event::TcpConnected),
+            vec![Action::CloseConnection]
+        );
+        assert_eq!(fsm.state(), State::Active);
+        assert_eq!(
+            fsm.handle(Event::TcpAccepted),
+            vec![
+                Action::Send(Message::Open(cfg.open())),
+                Action::StartTimer(Timer::Hold, s(240)),
+                Action::StateChanged(State::Active, State::OpenSent),
+            ]
+        );
+        assert_eq!(fsm.side(), Some(ConnectionSide::Inbound));
+        let _ = fsm.handle(open_ev(peer_open(65002, 240, PEER_ID)));
+        let out = fsm.handle(keepalive());
+        assert_eq!(fsm.state(), State::Established);
+        assert!(matches!(out.last(), Some(Action::Established(n)) if n.hold_time == 240));
+        assert!(!out.contains(&Action::Connect));
+    }
+
+    #[test]
+    fn passive_peer_goes_back_to_active_without_connecting_after_tcp_failure_in_open_sent() {
+        let mut fsm = Fsm::new(FsmConfig {
+            passive: true,
+            ..ebgp()
+        });
+        let _ = run(&mut fsm, [Event::ManualStart, Event::TcpAccepted]);
+        assert_eq!(
+            fsm.handle(Event::TcpFailed),
+            vec![
+                Action::CloseConnection,
+                Action::StopTimer(Timer::Hold),
+                Action::StateChanged(State::OpenSent, State::Active),
+            ]
+        );
+    }
+
+    #[test]
+    fn inbound_connection_in_connect_wins_over_the_pending_attempt() {
+        let mut fsm = Fsm::new(ebgp());
+        let _ = fsm.handle(Event::ManualStart);
+        let out = fsm.handle(Event::TcpAccepted);
+        assert_eq!(out[0], Action::StopTimer(Timer::ConnectRetry));
+        assert_eq!(fsm.state(), State::OpenSent);
+        assert_eq!(fsm.side(), Some(ConnectionSide::Inbound));
+    }
+
+    // ---- OPEN checks ----
+
+    #[test]
+    fn bad_peer_as_sends_open_error_2_2_with_the_as_field_and_closes() {
+        let mut fsm = open_sent(ebgp());
+        let out = fsm.handle(open_ev(peer_open(65003, 90, PEER_ID)));
+        let err = OpenError::BadPeerAs {
+            peer_as: 65003,
+            my_as_field: 65003,
+            expected: 65002,
+        };
+        assert_eq!(
+            out,
+            vec![
+                send_notif(2, 2, &[0xfd, 0xeb]),
+                Action::CloseConnection,
+                Action::StopTimer(Timer::Hold),
+                Action::StartTimer(Timer::IdleHold, s(1)),
+                Action::StateChanged(State::OpenSent, State::Idle),
+                Action::Down(DownReason::OpenRejected(err.clone())),
+            ]
+        );
+        assert_eq!(fsm.state(), State::Idle);
+        assert_eq!(fsm.negotiated(), None);
+        // On the wire: header (length 23, type 3), code 2, subcode 2, data = AS field 65003.
+        let Action::Send(n) = &out[0] else {
+            unreachable!()
+        };
+        let mut want = vec![0xff; 16];
+        want.extend_from_slice(&[0, 23, 3, 2, 2, 0xfd, 0xeb]);
+        assert_eq!(encode(n), want);
+        assert_eq!(
+            DownReason::OpenRejected(err).to_string(),
+            "sent NOTIFICATION OPEN Message Error / Bad Peer AS (2/2), data 0xfdeb: peer \
+             announced AS 65003 but AS 65002 is configured for it: fix the peer's AS number \
+             on one side"
+        );
+    }
+
+    #[test]
+    fn received_bad_peer_as_is_reported_clearly() {
+        let mut fsm = open_sent(ebgp());
+        let out = fsm.handle(notif_ev(2, 2));
+        let reason = down_reason(&out).unwrap();
+        assert_eq!(
+            reason.to_string(),
+            "received NOTIFICATION OPEN Message Error / Bad Peer AS (2/2)"
+        );
+        assert_eq!(
+            reason.notification_received(),
+            Some(&Notification::new(2, 2, Vec::new()))
+        );
+        assert_eq!(reason.notification_sent(), None);
+        assert!(!out.iter().any(|a| matches!(a, Action::Send(_))));
+    }
+
+    #[test]
+    fn hold_time_1_or_2_is_rejected_with_2_6_and_0_or_3_accepted() {
+        for hold in [1, 2] {
+            let mut fsm = open_sent(ebgp());
+            let out = fsm.handle(open_ev(peer_open(65002, hold, PEER_ID)));
+            assert_eq!(out[0], send_notif(2, 6, &[]), "hold {hold}");
+            assert_eq!(
+                down_reason(&out),
+                Some(&DownReason::OpenRejected(OpenError::UnacceptableHoldTime(
+                    hold
+                )))
+            );
+            assert_eq!(fsm.state(), State::Idle);
+        }
+        for hold in [0, 3] {
+            let mut fsm = open_sent(ebgp());
+            let _ = fsm.handle(open_ev(peer_open(65002, hold, PEER_ID)));
+            assert_eq!(fsm.state(), State::OpenConfirm, "hold {hold}");
+            assert_eq!(fsm.negotiated().unwrap().hold_time, hold);
+        }
+    }
+
+    #[test]
+    fn bgp_identifier_zero_or_ours_on_ibgp_is_rejected_with_2_3() {
+        let mut fsm = open_sent(ebgp());
+        let out = fsm.handle(open_ev(peer_open(65002, 90, Ipv4Addr::UNSPECIFIED)));
+        assert_eq!(out[0], send_notif(2, 3, &[]));
+        assert_eq!(fsm.state(), State::Idle);
+
+        let mut fsm = open_sent(ibgp());
+        let out = fsm.handle(open_ev(peer_open(65001, 90, LOCAL_ID)));
+        assert_eq!(out[0], send_notif(2, 3, &[]));
+        assert_eq!(
+            down_reason(&out).unwrap().to_string(),
+            "sent NOTIFICATION OPEN Message Error / Bad BGP Identifier (2/3): peer's BGP \
+             identifier 10.0.0.1 is ours on an iBGP session: give each router a unique router ID"
+        );
+
+        // RFC 6286 §2.2: the same identifier is fine between different ASes.
+        let mut fsm = open_sent(ebgp());
+        let _ = fsm.handle(open_ev(peer_open(65002, 90, LOCAL_ID)));
+        assert_eq!(fsm.state(), State::OpenConfirm);
+    }
+
+    #[test]
+    fn ibgp_session_is_flagged_not_ebgp() {
+        let fsm = established(ibgp(), 90);
+        assert!(!fsm.negotiated().unwrap().ebgp);
+    }
+
+    // ---- hold time negotiation ----
+
+    #[test]
+    fn hold_time_is_the_smaller_offer_and_keepalive_a_third() {
+        for (ours, theirs, hold, ka) in [
+            (240, 90, 90, s(30)),
+            (60, 240, 60, s(20)),
+            (240, 240, 240, s(80)),
+            (240, 100, 100, Duration::from_secs(100) / 3),
+            (3, 240, 3, s(1)),
+        ] {
+            let mut fsm = open_sent(FsmConfig {
+                hold_time: ours,
+                ..ebgp()
+            });
+            let out = fsm.handle(open_ev(peer_open(65002, theirs, PEER_ID)));
+            let n = fsm.negotiated().unwrap();
+            assert_eq!((n.hold_time, n.keepalive), (hold, ka), "{ours}/{theirs}");
+            assert!(out.contains(&Action::StartTimer(Timer::Hold, s(u64::from(hold)))));
+            assert!(out.contains(&Action::StartTimer(Timer::Keepalive, ka)));
+        }
+    }
+
+    #[test]
+    fn hold_time_zero_from_either_side_means_no_hold_and_no_keepalive_timers() {
+        for (ours, theirs) in [(240, 0), (0, 90), (0, 0)] {
+            let mut fsm = open_sent(FsmConfig {
+                hold_time: ours,
+                ..ebgp()
+            });
+            assert_eq!(
+                fsm.handle(open_ev(peer_open(65002, theirs, PEER_ID))),
+                vec![
+                    Action::Send(Message::Keepalive),
+                    Action::StopTimer(Timer::Hold),
+                    Action::StateChanged(State::OpenSent, State::OpenConfirm),
+                ],
+                "{ours}/{theirs}"
+            );
+            let n = fsm.negotiated().unwrap().clone();
+            assert_eq!((n.hold_time, n.keepalive), (0, Duration::ZERO));
+            assert_eq!(
+                fsm.handle(keepalive()),
+                vec![
+                    Action::StateChanged(State::OpenConfirm, State::Established),
+                    Action::Established(n),
+                ]
+            );
+            // Nothing is running, so nothing fires, and traffic restarts nothing.
+            for ev in [
+                Event::KeepaliveTimerExpires,
+                Event::HoldTimerExpires,
+                keepalive(),
+            ] {
+                assert_eq!(fsm.handle(ev), vec![]);
+            }
+            assert_eq!(fsm.state(), State::Established);
+        }
+    }
+
+    #[test]
+    fn configured_hold_time_1_or_2_is_offered_as_3() {
+        let cfg = FsmConfig {
+            hold_time: 2,
+            ..ebgp()
+        };
+        assert_eq!(cfg.check(), Err(ConfigError::HoldTime(2)));
+        assert_eq!(cfg.open().hold_time, 3);
+    }
+
+    // ---- timers ----
+
+    #[test]
+    fn hold_timer_expiry_in_open_sent_sends_4_0_and_closes() {
+        let mut fsm = open_sent(ebgp());
+        let out = fsm.handle(Event::HoldTimerExpires);
+        assert_eq!(
+            out,
+            vec![
+                send_notif(4, 0, &[]),
+                Action::CloseConnection,
+                Action::StartTimer(Timer::IdleHold, s(1)),
+                Action::StateChanged(State::OpenSent, State::Idle),
+                Action::Down(DownReason::HoldTimerExpired { hold_time: 240 }),
+            ]
+        );
+        assert_eq!(
+            down_reason(&out).unwrap().to_string(),
+            "hold timer expired: nothing received from the peer for 240 s (sent NOTIFICATION \
+             Hold Timer Expired (4/0))"
+        );
+    }
+
+    #[test]
+    fn hold_timer_expiry_in_open_confirm_and_established_sends_4_0_and_closes() {
+        for mut fsm in [open_confirm(ebgp(), 90), established(ebgp(), 90)] {
+            let from = fsm.state();
+            assert_eq!(
+                fsm.handle(Event::HoldTimerExpires),
+                vec![
+                    send_notif(4, 0, &[]),
+                    Action::CloseConnection,
+                    Action::StopTimer(Timer::Keepalive),
+                    Action::StartTimer(Timer::IdleHold, s(1)),
+                    Action::StateChanged(from, State::Idle),
+                    Action::Down(DownReason::HoldTimerExpired { hold_time: 90 }),
+                ]
+            );
+            assert_eq!(fsm.negotiated(), None);
+        }
+    }
+
+    #[test]
+    fn keepalive_timer_sends_keepalive_and_rearms() {
+        for mut fsm in [open_confirm(ebgp(), 90), established(ebgp(), 90)] {
+            assert_eq!(
+                fsm.handle(Event::KeepaliveTimerExpires),
+                vec![
+                    Action::Send(Message::Keepalive),
+                    Action::StartTimer(Timer::Keepalive, s(30)),
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn keepalive_and_update_restart_the_hold_timer_in_established() {
+        let mut fsm = established(ebgp(), 90);
+        assert_eq!(
+            fsm.handle(keepalive()),
+            vec![Action::StartTimer(Timer::Hold, s(90))]
+        );
+        let u = Update {
+            nlri: vec!["10.65.0.0/26".parse().unwrap()],
+            ..Update::default()
+        };
+        assert_eq!(
+            fsm.handle(Event::Message(Message::Update(u.clone()))),
+            vec![Action::StartTimer(Timer::Hold, s(90)), Action::Deliver(u)]
+        );
+    }
+
+    #[test]
+    fn stale_timer_ticks_are_ignored() {
+        let mut fsm = Fsm::new(ebgp());
+        for ev in [
+            Event::ConnectRetryTimerExpires,
+            Event::HoldTimerExpires,
+            Event::KeepaliveTimerExpires,
+            Event::IdleHoldTimerExpires,
+        ] {
+            assert_eq!(fsm.handle(ev), vec![]);
+        }
+        let _ = fsm.handle(Event::ManualStart);
+        assert_eq!(fsm.handle(Event::HoldTimerExpires), vec![]);
+        assert_eq!(fsm.handle(Event::KeepaliveTimerExpires), vec![]);
+        let _ = fsm.handle(Event::TcpConnected);
+        assert_eq!(fsm.handle(Event::ConnectRetryTimerExpires), vec![]);
+        assert_eq!(fsm.handle(Event::KeepaliveTimerExpires), vec![]);
+        assert_eq!(fsm.state(), State::OpenSent);
+    }
+
+    #[test]
+    fn connect_retry_expiry_in_connect_retries_the_connection() {
+        let mut fsm = Fsm::new(ebgp());
+        let _ = fsm.handle(Event::ManualStart);
+        assert_eq!(
+            fsm.handle(Event::ConnectRetryTimerExpires),
+            vec![
+                Action::CloseConnection,
+                Action::Connect,
+                Action::StartTimer(Timer::ConnectRetry, s(5)),
+            ]
+        );
+        assert_eq!(fsm.state(), State::Connect);
+    }
+
+    // ---- unexpected messages (RFC 6608) ----
+
+    #[test]
+    fn unexpected_messages_get_the_fsm_error_subcode_of_the_state() {
+        let rr = || {
+            Event::Message(Message::RouteRefresh(RouteRefresh {
+                family: V4,
+                subtype: 0,
+            }))
+        };
+        let update = || Event::Message(Message::Update(Update::default()));
+        let cases: Vec<(Fsm, Event, u8)> = vec![
+            (open_sent(ebgp()), keepalive(), 1),
+            (open_sent(ebgp()), update(), 1),
+            (open_sent(ebgp()), rr(), 1),
+            (open_confirm(ebgp(), 90), update(), 2),
+            (open_confirm(ebgp(), 90), rr(), 2),
+            (
+                open_confirm(ebgp(), 90),
+                open_ev(peer_open(65002, 90, PEER_ID)),
+                2,
+            ),
+            (
+                established(ebgp(), 90),
+                open_ev(peer_open(65002, 90, PEER_ID)),
+                3,
+            ),
+        ];
+        for (mut fsm, ev, sub) in cases {
+            let from = fsm.state();
+            let out = fsm.handle(ev);
+            assert_eq!(out[0], send_notif(5, sub, &[]), "{from}");
+            assert_eq!(out[1], Action::CloseConnection);
+            assert!(out.contains(&Action::StateChanged(from, State::Idle)));
+            assert_eq!(
+                down_reason(&out),
+                Some(&DownReason::NotificationSent(Notification::new(
+                    5,
+                    sub,
+                    Vec::new()
+                )))
+            );
+            assert!(idle_hold(&out).is_some());
+        }
+    }
+
+    #[test]
+    fn update_in_open_confirm_is_an_fsm_error_and_not_delivered() {
+        let mut fsm = open_confirm(ebgp(), 90);
+        let out = fsm.handle(Event::Message(Message::Update(Update::default())));
+        assert_eq!(
+            out,
+            vec![
+                send_notif(5, 2, &[]),
+                Action::CloseConnection,
+                Action::StopTimer(Timer::Hold),
+                Action::StopTimer(Timer::Keepalive),
+                Action::StartTimer(Timer::IdleHold, s(1)),
+                Action::StateChanged(State::OpenConfirm, State::Idle),
+                Action::Down(DownReason::NotificationSent(Notification::new(
+                    5,
+                    2,
+                    Vec::new()
+                ))),
+            ]
+        );
+        assert_eq!(
+            down_reason(&out).unwrap().to_string(),
+            "sent NOTIFICATION Finite State Machine Error / Receive Unexpected Message in \
+             OpenConfirm State (5/2)"
+        );
+    }
+
+    // ---- NOTIFICATION received, decode errors ----
+
+    #[test]
+    fn notification_received_closes_without_reply_in_every_connected_state() {
+        for mut fsm in [
+            open_sent(ebgp()),
+            open_confirm(ebgp(), 90),
+            established(ebgp(), 90),
+        ] {
+            let from = fsm.state();
+            let out = fsm.handle(notif_ev(6, 2));
+            assert_eq!(out[0], Action::CloseConnection, "{from}");
+            assert!(!out.iter().any(|a| matches!(a, Action::Send(_))));
+            assert_eq!(
+                out[out.len() - 2..],
+                [
+                    Action::StateChanged(from, State::Idle),
+                    Action::Down(DownReason::NotificationReceived(Notification::new(
+                        6,
+                        2,
+                        Vec::new()
+                    ))),
+                ]
+            );
+            assert_eq!(idle_hold(&out), Some(s(1)));
+            assert_eq!(fsm.state(), State::Idle);
+        }
+    }
+
+    #[test]
+    fn messages_without_a_connection_are_ignored() {
+        let mut idle = Fsm::new(ebgp());
+        let mut connect = Fsm::new(ebgp());
+        let _ = connect.handle(Event::ManualStart);
+        let mut active = Fsm::new(FsmConfig {
+            passive: true,
+            ..ebgp()
+        });
+        let _ = active.handle(Event::ManualStart);
+        for fsm in [&mut idle, &mut connect, &mut active] {
+            let before = fsm.state();
+            for ev in [
+                notif_ev(6, 2),
+                keepalive(),
+                open_ev(peer_open(65002, 90, PEER_ID)),
+                Event::DecodeError(Notification::new(1, 1, Vec::new())),
+                Event::CollisionLost,
+            ] {
+                assert_eq!(fsm.handle(ev), vec![], "{before}");
+            }
+            assert_eq!(fsm.state(), before);
+        }
+    }
+
+    #[test]
+    fn decode_error_is_sent_and_the_session_closed() {
+        let mut fsm = established(ebgp(), 90);
+        let n = Notification::new(3, 1, Vec::new());
+        assert_eq!(
+            fsm.handle(Event::DecodeError(n.clone())),
+            vec![
+                Action::Send(Message::Notification(n.clone())),
+                Action::CloseConnection,
+                Action::StopTimer(Timer::Hold),
+                Action::StopTimer(Timer::Keepalive),
+                Action::StartTimer(Timer::IdleHold, s(1)),
+                Action::StateChanged(State::Established, State::Idle),
+                Action::Down(DownReason::NotificationSent(n)),
+            ]
+        );
+    }
+
+    // ---- TCP failures ----
+
+    #[test]
+    fn tcp_failure_in_connect_waits_in_active_and_retries_on_the_timer() {
+        let mut fsm = Fsm::new(ebgp());
+        let _ = fsm.handle(Event::ManualStart);
+        assert_eq!(
+            fsm.handle(Event::TcpFailed),
+            vec![
+                Action::CloseConnection,
+                Action::StartTimer(Timer::ConnectRetry, s(5)),
+                Action::StateChanged(State::Connect, State::Active),
+            ]
+        );
+        // A late failure report in Active changes nothing.
+        assert_eq!(fsm.handle(Event::TcpFailed), vec![]);
+        assert_eq!(
+            fsm.handle(Event::ConnectRetryTimerExpires),
+            vec![
+                Action::Connect,
+                Action::StartTimer(Timer::ConnectRetry, s(5)),
+                Action::StateChanged(State::Active, State::Connect),
+            ]
+        );
+        // The peer may also connect to us while we wait.
+        let _ = fsm.handle(Event::TcpFailed);
+        let _ = fsm.handle(Event::TcpAccepted);
+        assert_eq!(fsm.state(), State::OpenSent);
+    }
+
+    #[test]
+    fn tcp_failure_in_open_sent_goes_to_active_as_rfc_4271_says() {
+        let mut fsm = open_sent(ebgp());
+        assert_eq!(
+            fsm.handle(Event::TcpFailed),
+            vec![
+                Action::CloseConnection,
+                Action::StopTimer(Timer::Hold),
+                Action::StartTimer(Timer::ConnectRetry, s(5)),
+                Action::StateChanged(State::OpenSent, State::Active),
+            ]
+        );
+        assert_eq!(fsm.side(), None);
+    }
+
+    #[test]
+    fn tcp_failure_in_established_goes_down_and_restarts_after_the_idle_hold() {
+        let mut fsm = established(ebgp(), 90);
+        assert_eq!(
+            fsm.handle(Event::TcpFailed),
+            vec![
+                Action::CloseConnection,
+                Action::StopTimer(Timer::Hold),
+                Action::StopTimer(Timer::Keepalive),
+                Action::StartTimer(Timer::IdleHold, s(1)),
+                Action::StateChanged(State::Established, State::Idle),
+                Action::Down(DownReason::TcpFailed),
+            ]
+        );
+        // AutomaticStart does not cut the hold-down short...
+        assert_eq!(fsm.handle(Event::AutomaticStart), vec![]);
+        // ...its expiry restarts the session.
+        assert_eq!(
+            fsm.handle(Event::IdleHoldTimerExpires),
+            vec![
+                Action::Connect,
+                Action::StartTimer(Timer::ConnectRetry, s(5)),
+                Action::StateChanged(State::Idle, State::Connect),
+            ]
+        );
+    }
+
+    #[test]
+    fn tcp_failure_in_open_confirm_goes_down() {
+        let mut fsm = open_confirm(ebgp(), 90);
+        let out = fsm.handle(Event::TcpFailed);
+        assert_eq!(down_reason(&out), Some(&DownReason::TcpFailed));
+        assert_eq!(fsm.state(), State::Idle);
+    }
+
+    // ---- idle hold-down backoff ----
+
+    /// Drives one failed attempt from Idle (after the hold-down) and returns the hold-down the
+    /// failure started.
+    fn fail_once(fsm: &mut Fsm) -> Option<Duration> {
+        let ev = if fsm.timer_running(Timer::IdleHold) {
+            Event::IdleHoldTimerExpires
+        } else {
+            Event::ManualStart
+        };
+        let _ = fsm.handle(ev);
+        let _ = fsm.handle(Event::TcpConnected);
+        let out = fsm.handle(open_ev(peer_open(65009, 90, PEER_ID)));
+        idle_hold(&out)
+    }
+
+    #[test]
+    fn idle_hold_doubles_up_to_the_max_and_resets_after_established() {
+        let mut fsm = Fsm::new(ebgp());
+        let holds: Vec<u64> = (0..9)
+            .map(|_| fail_once(&mut fsm).unwrap().as_secs())
+            .collect();
+        assert_eq!(holds, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+
+        // A session that reaches Established resets the backoff.
+        let _ = fsm.handle(Event::IdleHoldTimerExpires);
+        let _ = fsm.handle(Event::TcpConnected);
+        let _ = fsm.handle(open_ev(peer_open(65002, 90, PEER_ID)));
+        let _ = fsm.handle(keepalive());
+        assert_eq!(fsm.state(), State::Established);
+        let out = fsm.handle(Event::TcpFailed);
+        assert_eq!(idle_hold(&out), Some(s(1)));
+        assert_eq!(fail_once(&mut fsm), Some(s(2)));
+    }
+
+    #[test]
+    fn idle_hold_respects_configured_base_and_max() {
+        let mut fsm = Fsm::new(FsmConfig {
+            idle_hold_base: Duration::from_millis(300),
+            idle_hold_max: s(1),
+            ..ebgp()
+        });
+        let holds: Vec<Duration> = (0..4).map(|_| fail_once(&mut fsm).unwrap()).collect();
+        assert_eq!(
+            holds,
+            [
+                Duration::from_millis(300),
+                Duration::from_millis(600),
+                s(1),
+                s(1)
+            ]
+        );
+    }
+
+    #[test]
+    fn manual_start_during_idle_hold_starts_at_once_and_resets_backoff() {
+        let mut fsm = Fsm::new(ebgp());
+        let _ = fail_once(&mut fsm);
+        let _ = fail_once(&mut fsm);
+        assert_eq!(fsm.next_idle_hold(), s(4));
+        assert_eq!(
+            fsm.handle(Event::ManualStart),
+            vec![
+                Action::StopTimer(Timer::IdleHold),
+                Action::Connect,
+                Action::StartTimer(Timer::ConnectRetry, s(5)),
+                Action::StateChanged(State::Idle, State::Connect),
+            ]
+        );
+        assert_eq!(fsm.next_idle_hold(), s(1));
+    }
+
+    // ---- ManualStop ----
+
+    #[test]
+    fn manual_stop_from_idle_connect_and_active() {
+        let mut fsm = Fsm::new(ebgp());
+        assert_eq!(fsm.handle(Event::ManualStop), vec![]);
+
+        let mut fsm = Fsm::new(ebgp());
+        let _ = fail_once(&mut fsm);
+        assert_eq!(
+            fsm.handle(Event::ManualStop),
+            vec![Action::StopTimer(Timer::IdleHold)]
+        );
+
+        let mut fsm = Fsm::new(ebgp());
+        let _ = fsm.handle(Event::ManualStart);
+        assert_eq!(
+            fsm.handle(Event::ManualStop),
+            vec![
+                Action::CloseConnection,
+                Action::StopTimer(Timer::ConnectRetry),
+                Action::StateChanged(State::Connect, State::Idle),
+                Action::Down(DownReason::ManualStop),
+            ]
+        );
+
+        let mut fsm = Fsm::new(ebgp());
+        let _ = run(&mut fsm, [Event::ManualStart, Event::TcpFailed]);
+        assert_eq!(
+            fsm.handle(Event::ManualStop),
+            vec![
+                Action::StopTimer(Timer::ConnectRetry),
+                Action::StateChanged(State::Active, State::Idle),
+                Action::Down(DownReason::ManualStop),
+            ]
+        );
+    }
+
+    #[test]
+    fn manual_stop_with_a_connection_sends_cease_admin_shutdown_and_no_hold_down() {
+        let cases: Vec<(Fsm, Vec<Action>)> = vec![
+            (open_sent(ebgp()), vec![Action::StopTimer(Timer::Hold)]),
+            (
+                open_confirm(ebgp(), 90),
+                vec![
+                    Action::StopTimer(Timer::Hold),
+                    Action::StopTimer(Timer::Keepalive),
+                ],
+            ),
+            (
+                established(ebgp(), 90),
+                vec![
+                    Action::StopTimer(Timer::Hold),
+                    Action::StopTimer(Timer::Keepalive),
+                ],
+            ),
+        ];
+        for (mut fsm, stops) in cases {
+            let from = fsm.state();
+            let mut want = vec![send_notif(6, 2, &[]), Action::CloseConnection];
+            want.extend(stops);
+            want.push(Action::StateChanged(from, State::Idle));
+            want.push(Action::Down(DownReason::ManualStop));
+            assert_eq!(fsm.handle(Event::ManualStop), want, "{from}");
+        }
+    }
+
+    #[test]
+    fn after_manual_stop_the_fsm_stays_idle_until_manual_start() {
+        let mut fsm = established(ebgp(), 90);
+        let _ = fsm.handle(Event::ManualStop);
+        for ev in [
+            Event::AutomaticStart,
+            Event::IdleHoldTimerExpires,
+            Event::ConnectRetryTimerExpires,
+            Event::HoldTimerExpires,
+            Event::KeepaliveTimerExpires,
+            keepalive(),
+            Event::TcpFailed,
+        ] {
+            assert_eq!(fsm.handle(ev), vec![]);
+        }
+        // Connections are refused.
+        assert_eq!(
+            fsm.handle(Event::TcpAccepted),
+            vec![Action::CloseConnection]
+        );
+        assert_eq!(fsm.state(), State::Idle);
+        let _ = fsm.handle(Event::ManualStart);
+        assert_eq!(fsm.state(), State::Connect);
+    }
+
+    // ---- collisions ----
+
+    #[test]
+    fn collision_loser_closes_the_connection_of_the_lower_identifier() {
+        let low = Ipv4Addr::new(10, 0, 0, 1);
+        let high = Ipv4Addr::new(10, 0, 0, 2);
+        assert_eq!(collision_loser(low, high), ConnectionSide::Outbound);
+        assert_eq!(collision_loser(high, low), ConnectionSide::Inbound);
+        // Compared as host-order u32, not octet by octet in the wrong order.
+        assert_eq!(
+            collision_loser(Ipv4Addr::new(1, 0, 0, 255), Ipv4Addr::new(2, 0, 0, 0)),
+            ConnectionSide::Outbound
+        );
+        assert_eq!(
+            collision_loser(
+                Ipv4Addr::new(192, 168, 0, 1),
+                Ipv4Addr::new(10, 255, 255, 255)
+            ),
+            ConnectionSide::Inbound
+        );
+        assert_eq!(collision_loser(low, low), ConnectionSide::Inbound);
+        // RFC 6286 §2.3: equal identifiers, the larger AS's connection survives.
+        assert_eq!(
+            collision_loser_with_as(low, 65001, low, 65002),
+            ConnectionSide::Outbound
+        );
+        assert_eq!(
+            collision_loser_with_as(low, 65002, low, 65001),
+            ConnectionSide::Inbound
+        );
+        assert_eq!(
+            collision_loser_with_as(low, 65002, high, 65001),
+            ConnectionSide::Outbound
+        );
+    }
+
+    #[test]
+    fn collision_check_by_state() {
+        for st in [State::Idle, State::Connect, State::Active, State::OpenSent] {
+            assert_eq!(collision_check(st), CollisionCheck::NotApplicable);
+        }
+        assert_eq!(collision_check(State::OpenConfirm), CollisionCheck::ByBgpId);
+        assert_eq!(
+            collision_check(State::Established),
+            CollisionCheck::NewConnectionLoses
+        );
+    }
+
+    #[test]
+    fn collision_between_two_fsms_resolved_the_way_a_driver_would() {
+        for (peer_id, loser_side) in [
+            (Ipv4Addr::new(10, 0, 0, 9), ConnectionSide::Outbound),
+            (Ipv4Addr::new(10, 0, 0, 0), ConnectionSide::Inbound),
+        ] {
+            // Outbound connection reaches OpenConfirm.
+            let mut out_fsm = open_sent(ebgp());
+            let _ = out_fsm.handle(open_ev(peer_open(65002, 90, peer_id)));
+            // The peer's own connection arrives and gets its own FSM.
+            let (mut in_fsm, acts) = Fsm::accept(ebgp());
+            assert_eq!(in_fsm.state(), State::OpenSent);
+            assert_eq!(in_fsm.side(), Some(ConnectionSide::Inbound));
+            assert!(acts.contains(&Action::Send(Message::Open(ebgp().open()))));
+            let _ = in_fsm.handle(open_ev(peer_open(65002, 90, peer_id)));
+            assert_eq!(in_fsm.state(), State::OpenConfirm);
+
+            assert_eq!(collision_check(out_fsm.state()), CollisionCheck::ByBgpId);
+            let remote = in_fsm.negotiated().unwrap().peer_id;
+            let side = collision_loser(LOCAL_ID, remote);
+            assert_eq!(side, loser_side);
+            let (loser, winner) = if out_fsm.side() == Some(side) {
+                (&mut out_fsm, &mut in_fsm)
+            } else {
+                (&mut in_fsm, &mut out_fsm)
+            };
+            let out = loser.handle(Event::CollisionLost);
+            assert_eq!(
+                out,
+                vec![
+                    send_notif(6, 7, &[]),
+                    Action::CloseConnection,
+                    Action::StopTimer(Timer::Hold),
+                    Action::StopTimer(Timer::Keepalive),
+                    Action::StateChanged(State::OpenConfirm, State::Idle),
+                    Action::Down(DownReason::CollisionLost),
+                ]
+            );
+            assert!(!DownReason::CollisionLost.is_error());
+            let _ = winner.handle(keepalive());
+            assert_eq!(winner.state(), State::Established);
+            assert_eq!(
+                winner.side(),
+                Some(loser_side).map(|s| match s {
+                    ConnectionSide::Outbound => ConnectionSide::Inbound,
+                    ConnectionSide::Inbound => ConnectionSide::Outbound,
+                })
+            );
+        }
+    }
+
+    // ---- 4-octet AS (RFC 6793) ----
+
+    #[test]
+    fn four_octet_as_both_sides() {
+        let cfg = FsmConfig::new(4_200_000_001, 4_200_000_002, LOCAL_ID);
+        let ours = cfg.open();
+        assert_eq!(ours.my_as, AS_TRANS);
+        assert_eq!(ours.four_octet_as(), Some(4_200_000_001));
+
+        let mut fsm = open_sent(cfg);
+        let theirs = peer_open(4_200_000_002, 90, PEER_ID);
+        assert_eq!(theirs.my_as, AS_TRANS);
+        let _ = fsm.handle(open_ev(theirs));
+        let n = fsm.negotiated().unwrap();
+        assert_eq!(n.peer_as, 4_200_000_002);
+        assert!(n.codec.four_octet_as);
+    }
+
+    #[test]
+    fn two_octet_only_peer_gets_two_octet_codec_and_ipv4_unicast_only() {
+        let mut fsm = open_sent(ebgp());
+        let _ = fsm.handle(open_ev(bare_open(65002, 90, PEER_ID)));
+        let n = fsm.negotiated().unwrap();
+        assert_eq!(n.peer_as, 65002);
+        assert!(!n.codec.four_octet_as);
+        assert_eq!(n.families, vec![V4]);
+        assert!(!n.route_refresh);
+    }
+
+    #[test]
+    fn four_octet_remote_as_cannot_match_a_two_octet_only_peer() {
+        let mut fsm = open_sent(FsmConfig::new(65001, 4_200_000_002, LOCAL_ID));
+        let out = fsm.handle(open_ev(bare_open(AS_TRANS, 90, PEER_ID)));
+        assert_eq!(out[0], send_notif(2, 2, &AS_TRANS.to_be_bytes()));
+    }
+
+    #[test]
+    fn four_octet_peer_with_wrong_as_gets_bad_peer_as_with_as_trans_in_the_data() {
+        let mut fsm = open_sent(ebgp());
+        let out = fsm.handle(open_ev(peer_open(4_200_000_002, 90, PEER_ID)));
+        assert_eq!(out[0], send_notif(2, 2, &[0x5b, 0xa0]));
+        assert!(
+            down_reason(&out)
+                .unwrap()
+                .to_string()
+                .contains("peer announced AS 4200000002 but AS 65002 is configured")
+        );
+    }
+
+    #[test]
+    fn capability_as_wins_over_an_inconsistent_two_octet_field() {
+        // RFC 6793 prescribes no error here; BIRD and GoBGP accept it, so do we.
+        let mut theirs = peer_open(65002, 90, PEER_ID);
+        theirs.my_as = 65009;
+        let mut fsm = open_sent(ebgp());
+        let _ = fsm.handle(open_ev(theirs));
+        assert_eq!(fsm.negotiated().unwrap().peer_as, 65002);
+    }
+
+    // ---- capabilities ----
+
+    #[test]
+    fn families_are_the_intersection_in_our_order() {
+        let mut fsm = open_sent(FsmConfig {
+            families: vec![V6, V4, V6],
+            ..ebgp()
+        });
+        let _ = fsm.handle(open_ev(peer_open(65002, 90, PEER_ID)));
+        assert_eq!(fsm.negotiated().unwrap().families, vec![V6, V4]);
+
+        let mut fsm = open_sent(ebgp());
+        let theirs = Open::new(65002, 90, PEER_ID, vec![Capability::Multiprotocol(V6)]);
+        let _ = fsm.handle(open_ev(theirs));
+        assert_eq!(fsm.negotiated().unwrap().families, vec![V6]);
+    }
+
+    #[test]
+    fn no_configured_families_announces_no_multiprotocol_and_means_ipv4() {
+        let cfg = FsmConfig {
+            families: Vec::new(),
+            ..ebgp()
+        };
+        assert!(
+            !cfg.open()
+                .capabilities
+                .iter()
+                .any(|c| matches!(c, Capability::Multiprotocol(_)))
+        );
+        let mut fsm = open_sent(cfg);
+        let _ = fsm.handle(open_ev(peer_open(65002, 90, PEER_ID)));
+        assert_eq!(fsm.negotiated().unwrap().families, vec![V4]);
+    }
+
+    #[test]
+    fn graceful_restart_is_announced_and_the_peers_is_reported() {
+        let gr = GracefulRestartCap {
+            restart_state: false,
+            notification: false,
+            restart_time: 120,
+            families: vec![GrFamily {
+                family: V4,
+                forwarding_state: true,
+            }],
+        };
+        let cfg = FsmConfig {
+            graceful_restart: Some(gr.clone()),
+            ..ebgp()
+        };
+        assert!(
+            cfg.open()
+                .capabilities
+                .contains(&Capability::GracefulRestart(gr.clone()))
+        );
+        let mut fsm = open_sent(cfg);
+        let mut theirs = peer_open(65002, 90, PEER_ID);
+        theirs
+            .capabilities
+            .push(Capability::GracefulRestart(gr.clone()));
+        let _ = fsm.handle(open_ev(theirs));
+        assert_eq!(fsm.negotiated().unwrap().peer_graceful_restart, Some(gr));
+    }
+
+    #[test]
+    fn route_refresh_requests_for_negotiated_families_only() {
+        let rr = |family, subtype| {
+            Event::Message(Message::RouteRefresh(RouteRefresh { family, subtype }))
+        };
+        let mut fsm = established(ebgp(), 90);
+        assert_eq!(
+            fsm.handle(rr(V6, 0)),
+            vec![
+                Action::StartTimer(Timer::Hold, s(90)),
+                Action::RouteRefreshRequested(V6),
+            ]
+        );
+        // Not negotiated, or RFC 7313 BoRR: ignored (but the peer is alive).
+        let l2vpn = Family { afi: 25, safi: 65 };
+        assert_eq!(
+            fsm.handle(rr(l2vpn, 0)),
+            vec![Action::StartTimer(Timer::Hold, s(90))]
+        );
+        assert_eq!(
+            fsm.handle(rr(V4, 1)),
+            vec![Action::StartTimer(Timer::Hold, s(90))]
+        );
+        // We did not announce route refresh: ignored.
+        let mut fsm = established(
+            FsmConfig {
+                route_refresh: false,
+                ..ebgp()
+            },
+            90,
+        );
+        assert!(fsm.negotiated().is_some_and(|n| !n.route_refresh));
+        assert_eq!(
+            fsm.handle(rr(V4, 0)),
+            vec![Action::StartTimer(Timer::Hold, s(90))]
+        );
+    }
+
+    #[test]
+    fn end_of_rib_is_delivered_unchanged() {
+        let mut fsm = established(ebgp(), 90);
+        for family in [V4, V6] {
+            let eor = Update::end_of_rib(family);
+            let out = fsm.handle(Event::Message(Message::Update(eor.clone())));
+            let Some(Action::Deliver(got)) = out.last() else {
+                panic!("no Deliver in {out:?}");
+            };
+            assert_eq!(got, &eor);
+            assert_eq!(got.end_of_rib_family(), Some(family));
+        }
+        // An UPDATE with routes is not End-of-RIB.
+        let u = Update {
+            mp_reach: Some(MpReach {
+                family: V6,
+                next_hop: NextHop::new("fd00::1".parse().unwrap()),
+                nlri: vec!["fd00:10::/122".parse().unwrap()],
+            }),
+            ..Update::default()
+        };
+        let out = fsm.handle(Event::Message(Message::Update(u)));
+        assert!(matches!(out.last(), Some(Action::Deliver(u)) if u.end_of_rib_family().is_none()));
+    }
+
+    #[test]
+    fn end_of_rib_from_the_wire_is_recognised_after_delivery() {
+        // An IPv6 End-of-RIB as GoBGP sends it: UPDATE with only an empty MP_UNREACH_NLRI.
+        let mut wire = BytesMut::new();
+        wire.extend_from_slice(&[0xff; 16]);
+        wire.extend_from_slice(&[0, 29, 2, 0, 0, 0, 6, 0x80, 15, 3, 0, 2, 1]);
+        let msg = decode_message(&mut wire, CodecContext::default())
+            .unwrap()
+            .unwrap();
+        let mut fsm = established(ebgp(), 90);
+        let out = fsm.handle(Event::Message(msg));
+        assert!(
+            matches!(out.last(), Some(Action::Deliver(u)) if u.end_of_rib_family() == Some(V6))
+        );
+    }
+
+    // ---- config, constructors ----
+
+    #[test]
+    fn config_check_names_what_is_wrong() {
+        assert_eq!(ebgp().check(), Ok(()));
+        let cases = [
+            (
+                FsmConfig {
+                    local_as: 0,
+                    ..ebgp()
+                },
+                "local AS 0 is reserved (RFC 7607): configure this node's AS number",
+            ),
+            (
+                FsmConfig {
+                    remote_as: 0,
+                    ..ebgp()
+                },
+                "remote AS 0 is reserved (RFC 7607): configure the peer's AS number",
+            ),
+            (
+                FsmConfig::new(65001, 65002, Ipv4Addr::UNSPECIFIED),
+                "local BGP identifier 0.0.0.0 is not allowed: configure a non-zero router ID",
+            ),
+            (
+                FsmConfig {
+                    hold_time: 1,
+                    ..ebgp()
+                },
+                "hold time 1 s is not allowed: use 0 (no keepalives) or 3 s or more \
+                 (RFC 4271 §4.2)",
+            ),
+            (
+                FsmConfig {
+                    idle_hold_base: s(10),
+                    idle_hold_max: s(5),
+                    ..ebgp()
+                },
+                "idle hold base 10s is longer than idle hold max 5s: lower the base",
+            ),
+        ];
+        for (cfg, msg) in cases {
+            assert_eq!(cfg.check().unwrap_err().to_string(), msg);
+        }
+    }
+
+    #[test]
+    fn defaults_match_calico_bird() {
+        let cfg = FsmConfig::default();
+        assert_eq!(cfg.hold_time, 240);
+        assert_eq!(cfg.connect_retry, s(5));
+        assert_eq!((cfg.idle_hold_base, cfg.idle_hold_max), (s(1), s(60)));
+        assert_eq!(cfg.families, vec![V4, V6]);
+        assert!(cfg.route_refresh && !cfg.passive);
+    }
+
+    #[test]
+    fn down_reasons_display_clearly() {
+        assert_eq!(
+            DownReason::ManualStop.to_string(),
+            "stopped by the operator"
+        );
+        assert_eq!(
+            DownReason::TcpFailed.to_string(),
+            "TCP connection failed or closed by the peer"
+        );
+        assert_eq!(
+            DownReason::CollisionLost.to_string(),
+            "closed to resolve a connection collision (sent NOTIFICATION Cease / Connection \
+             Collision Resolution (6/7))"
+        );
+        assert_eq!(
+            DownReason::OpenRejected(OpenError::UnacceptableHoldTime(2)).to_string(),
+            "sent NOTIFICATION OPEN Message Error / Unacceptable Hold Time (2/6): peer proposed \
+             hold time 2 s; only 0 or 3 s and more are allowed"
+        );
+        assert_eq!(
+            DownReason::OpenRejected(OpenError::BadBgpId(Ipv4Addr::UNSPECIFIED)).to_string(),
+            "sent NOTIFICATION OPEN Message Error / Bad BGP Identifier (2/3): peer's BGP \
+             identifier is 0.0.0.0"
+        );
+        assert_eq!(
+            DownReason::HoldTimerExpired { hold_time: 9 }.notification_sent(),
+            Some(Notification::new(4, 0, Vec::new()))
+        );
+        assert!(DownReason::TcpFailed.is_error() && !DownReason::ManualStop.is_error());
+    }
 }
