@@ -326,6 +326,22 @@ impl Bird {
         self.protocol_info(peer).ok().and_then(|s| field(&s, "Last error:"))
     }
 
+    /// Negotiated hold time (from "Hold timer: 22.074/30"), while Established.
+    pub fn negotiated_hold(&self, peer: &str) -> Option<u32> {
+        let info = self.protocol_info(peer).ok()?;
+        field(&info, "Hold timer:")?.rsplit('/').next()?.trim().parse().ok()
+    }
+
+    /// Whether the neighbour advertised a capability, by BIRD's name in "Neighbor
+    /// capabilities" (e.g. "Graceful restart", "4-octet AS numbers", "Route refresh").
+    pub fn neighbor_has_capability(&self, peer: &str, cap: &str) -> bool {
+        let Ok(info) = self.protocol_info(peer) else { return false };
+        let Some(i) = info.find("Neighbor capabilities") else { return false };
+        let rest = &info[i..];
+        let end = rest.find("Session:").unwrap_or(rest.len());
+        rest[..end].lines().any(|l| l.trim() == cap || l.trim().starts_with(&format!("{cap}:")))
+    }
+
     pub fn wait_established(&self, peer: &str, timeout: Duration) -> Result<()> {
         self.wait_state(peer, "Established", timeout)
     }

@@ -306,10 +306,19 @@ impl Gobgp {
         )
     }
 
-    /// Lines of gobgpd's log about `addr` that report errors or NOTIFICATIONs, oldest first
-    /// (e.g. `received notification ... Code=2 ... Subcode=2`, `sent notification`,
-    /// `Peer Down ... Reason="notification-received code 6(cease) ..."`,
-    /// `the received Update message was treated as withdraw`).
+    /// Lines of gobgpd's log about `addr` that report errors, NOTIFICATIONs or a fall back
+    /// to Idle, oldest first. What GoBGP 3.10 writes:
+    /// - it sent one: `level=warning msg="sent notification" Data="as number mismatch
+    ///   expected 65009, received 65001"`;
+    /// - it received one while Established: `msg="received notification" Code=6 Data="[]"
+    ///   Subcode=2` then `msg="Peer Down" Reason="notification-received code 6(cease)
+    ///   subcode 2(administrative shutdown)"`;
+    /// - it received one in OpenConfirm (the usual case for an OPEN error from the peer):
+    ///   no code is logged, only `msg="state changed" new=BGP_FSM_IDLE
+    ///   old=BGP_FSM_OPENCONFIRM reason=invalid-msg` — use [`Gobgp::notifications`];
+    /// - TCP closed under it: `msg="Peer Down" Reason=read-failed`;
+    /// - a bad UPDATE: `msg="the received Update message was treated as withdraw"
+    ///   Error="invalid nexthop address"`.
     pub fn error_lines(&self, addr: Ipv4Addr) -> Vec<String> {
         let key = format!("Key={addr}");
         let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
@@ -321,10 +330,27 @@ impl Gobgp {
                     || ll.contains("level=error")
                     || ll.contains("level=warn")
                     || ll.contains("peer down")
-                    || ll.contains("bad ")
+                    || (ll.contains("new=bgp_fsm_idle")
+                        && !ll.contains("reason=idle-hold-timer-expired"))
             })
             .map(str::to_string)
             .collect()
+    }
+
+    /// NOTIFICATIONs (sent, received) on the session with `addr`, from the neighbor's
+    /// message counters (they survive the session going down, not a gobgpd restart).
+    pub fn notifications(&self, addr: Ipv4Addr) -> (u64, u64) {
+        let v = self.neighbor_json(addr).unwrap_or_default();
+        let m = &v["state"]["messages"];
+        (
+            m["sent"]["notification"].as_u64().unwrap_or(0),
+            m["received"]["notification"].as_u64().unwrap_or(0),
+        )
+    }
+
+    /// Negotiated hold time with `addr` (while Established).
+    pub fn negotiated_hold(&self, addr: Ipv4Addr) -> Option<u64> {
+        self.neighbor_json(addr).ok()?["timers"]["state"]["negotiated_hold_time"].as_u64()
     }
 
     /// The most recent of [`Gobgp::error_lines`].
