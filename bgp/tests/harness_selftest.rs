@@ -239,3 +239,122 @@ fn graceful_stop_sends_cease() {
     eprintln!("GoBGP after BIRD SIGTERM:\n{}", p.gobgp.error_lines(p.b_ep.addr).join("\n"));
     let _ = g;
 }
+
+#[test]
+fn graceful_restart_keeps_routes_and_hold_time_negotiates() {
+    if !support::require_daemons() {
+        return;
+    }
+    // GR on both sides, hold 9 in BIRD vs 30 in GoBGP: the smaller one wins.
+    let mut p = pair(65001, 65002, false, |b, g| {
+        b.hold = 9;
+        g.graceful_restart = true;
+        g.gr_time = 60;
+    });
+    established(&p);
+    assert_eq!(p.bird.negotiated_hold("gobgp"), Some(9));
+    assert_eq!(p.gobgp.negotiated_hold(p.b_ep.addr), Some(9));
+    assert!(p.bird.neighbor_has_capability("gobgp", "Graceful restart"));
+    let g4 = net("10.100.5.0/26");
+    p.gobgp.add_route(g4, None, &[]).unwrap();
+    p.bird.wait_route(g4, "gobgp", T).unwrap();
+
+    // Crash GoBGP: BIRD (GR helper) keeps its routes as stale while it restarts.
+    p.gobgp.kill();
+    support::wait_for(T, "BIRD to notice", || p.bird.protocol_state("gobgp") != "Established", || p.bird.diag()).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(p.bird.route(g4).unwrap().len(), 1, "stale route kept during GR");
+    p.gobgp.restart().unwrap();
+    established(&p);
+    p.bird.wait_route(g4, "gobgp", T).unwrap();
+}
+
+#[test]
+fn bird_route_reflector_with_two_gobgp_clients() {
+    if !support::require_daemons() {
+        return;
+    }
+    const AS: u32 = 64512;
+    let rr = Endpoint::alloc();
+    let c1 = Endpoint::alloc();
+    let c2 = Endpoint::alloc();
+    let mut p1 = PeerCfg::new("c1", &c1, AS);
+    p1.rr_client = true;
+    p1.passive = true;
+    let mut p2 = PeerCfg::new("c2", &c2, AS);
+    p2.rr_client = true;
+    p2.passive = true;
+    let bird = Bird::start(BirdConfig::new(rr, AS).peer(p1).peer(p2)).unwrap();
+    let mut g1 = Gobgp::start(GobgpConfig::new(c1, AS).neighbor(NeighborCfg::new(&rr, AS))).unwrap();
+    let g2 = Gobgp::start(GobgpConfig::new(c2, AS).neighbor(NeighborCfg::new(&rr, AS))).unwrap();
+    bird.wait_established("c1", T).unwrap();
+    bird.wait_established("c2", T).unwrap();
+
+    let r4 = net("10.100.6.0/26");
+    let r6 = net("fd00:100:6::/122");
+    g1.add_route(r4, None, &[]).unwrap();
+    g1.add_route(r6, None, &[]).unwrap();
+    let rr_from = rr.addr.to_string();
+    // Reflected unchanged: client 1's next hop, empty AS path.
+    let got = g2.wait_route(r4, &rr_from, T).unwrap();
+    assert_eq!(got.next_hop, Some(c1.nh_v4.into()));
+    assert!(got.as_path.is_empty());
+    let got6 = g2.wait_route(r6, &rr_from, T).unwrap();
+    assert_eq!(got6.next_hop, Some(c1.nh_v6.into()));
+    g1.del_route(r4).unwrap();
+    g2.wait_no_route(r4, &rr_from, T).unwrap();
+}
+
+#[test]
+fn gobgp_route_reflector_with_bird_client() {
+    if !support::require_daemons() {
+        return;
+    }
+    const AS: u32 = 64512;
+    let rr = Endpoint::alloc();
+    let c1 = Endpoint::alloc();
+    let c2 = Endpoint::alloc();
+    let mut n1 = NeighborCfg::new(&c1, AS);
+    n1.rr_client = true;
+    let mut n2 = NeighborCfg::new(&c2, AS);
+    n2.rr_client = true;
+    let gob = Gobgp::start(GobgpConfig::new(rr, AS).neighbor(n1).neighbor(n2)).unwrap();
+    let mut b1 = Bird::start(BirdConfig::new(c1, AS).peer(PeerCfg::new("reflector", &rr, AS))).unwrap();
+    let b2 = Bird::start(BirdConfig::new(c2, AS).peer(PeerCfg::new("reflector", &rr, AS))).unwrap();
+    gob.wait_established(c1.addr, T).unwrap();
+    gob.wait_established(c2.addr, T).unwrap();
+    let r4 = net("10.100.7.0/26");
+    b1.add_static(r4).unwrap();
+    let got = b2.wait_route(r4, "reflector", T).unwrap();
+    assert_eq!(got.next_hop, Some(c1.nh_v4.into()));
+    b1.remove_static(r4).unwrap();
+    b2.wait_no_route(r4, "reflector", T).unwrap();
+}
+
+#[test]
+fn ipv4_only_and_ipv6_only_sessions() {
+    if !support::require_daemons() {
+        return;
+    }
+    // IPv4-only session: an IPv6 route is not exchanged, IPv4 is.
+    let mut p = pair(65001, 65002, false, |b, g| {
+        b.ipv6 = false;
+        g.ipv6 = false;
+    });
+    established(&p);
+    p.gobgp.add_route(net("10.100.8.0/26"), None, &[]).unwrap();
+    p.gobgp.add_route(net("fd00:100:8::/122"), None, &[]).unwrap();
+    p.bird.wait_route(net("10.100.8.0/26"), "gobgp", T).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(p.bird.route(net("fd00:100:8::/122")).unwrap().is_empty());
+    drop(p);
+
+    let mut p = pair(65001, 65002, true, |b, g| {
+        b.ipv4 = false;
+        g.ipv4 = false;
+    });
+    established(&p);
+    p.bird.add_static(net("fd00:100:9::/122")).unwrap();
+    let from_b = p.b_ep.addr.to_string();
+    p.gobgp.wait_route(net("fd00:100:9::/122"), &from_b, T).unwrap();
+}

@@ -27,7 +27,9 @@ use super::{Endpoint, HarnessError, IpNet, Result, Route, WorkDir, err, tail_fil
 /// One BGP neighbour of BIRD (`protocol bgp NAME`).
 #[derive(Clone, Debug)]
 pub struct PeerCfg {
-    /// BIRD protocol name: letters, digits, underscore; must start with a letter.
+    /// BIRD protocol name: letters, digits, underscore; must start with a letter and must
+    /// not be a BIRD keyword (`rr`, `bgp`, `static`, `ipv4`, `peer`, ... are rejected by
+    /// `bird -p` with "syntax error, unexpected RR").
     pub name: String,
     pub addr: Ipv4Addr,
     pub port: u16,
