@@ -25,7 +25,12 @@ struct Pair {
 
 /// BIRD (AS bird_as, protocol "gobgp") <-> GoBGP (AS gobgp_as). `bird_passive` picks which
 /// side waits for the other to connect.
-fn pair(bird_as: u32, gobgp_as: u32, bird_passive: bool, tweak: impl FnOnce(&mut PeerCfg, &mut NeighborCfg)) -> Pair {
+fn pair(
+    bird_as: u32,
+    gobgp_as: u32,
+    bird_passive: bool,
+    tweak: impl FnOnce(&mut PeerCfg, &mut NeighborCfg),
+) -> Pair {
     let b_ep = Endpoint::alloc();
     let g_ep = Endpoint::alloc();
     let mut bp = PeerCfg::new("gobgp", &g_ep, gobgp_as);
@@ -35,7 +40,12 @@ fn pair(bird_as: u32, gobgp_as: u32, bird_passive: bool, tweak: impl FnOnce(&mut
     tweak(&mut bp, &mut gn);
     let bird = Bird::start(BirdConfig::new(b_ep, bird_as).peer(bp)).unwrap();
     let gobgp = Gobgp::start(GobgpConfig::new(g_ep, gobgp_as).neighbor(gn)).unwrap();
-    Pair { bird, gobgp, b_ep, g_ep }
+    Pair {
+        bird,
+        gobgp,
+        b_ep,
+        g_ep,
+    }
 }
 
 fn established(p: &Pair) {
@@ -51,7 +61,9 @@ fn exchange_routes(p: &mut Pair, ebgp: bool) {
     let g6 = net("fd00:100:2::40/122");
     p.bird.add_static(b4).unwrap();
     p.bird.add_static(b6).unwrap();
-    p.gobgp.add_route(g4, None, &["community", "65000:100"]).unwrap();
+    p.gobgp
+        .add_route(g4, None, &["community", "65000:100"])
+        .unwrap();
     p.gobgp.add_route(g6, None, &[]).unwrap();
 
     let from_b = p.b_ep.addr.to_string();
@@ -85,7 +97,15 @@ fn exchange_routes(p: &mut Pair, ebgp: bool) {
     p.bird.wait_no_route(g4, "gobgp", T).unwrap();
     // The others stay.
     assert_eq!(p.gobgp.route(b4).unwrap().len(), 1);
-    assert_eq!(p.bird.route(g6).unwrap().iter().filter(|r| r.from_protocol == "gobgp").count(), 1);
+    assert_eq!(
+        p.bird
+            .route(g6)
+            .unwrap()
+            .iter()
+            .filter(|r| r.from_protocol == "gobgp")
+            .count(),
+        1
+    );
 }
 
 #[test]
@@ -135,10 +155,20 @@ fn kill_and_restart_gobgp() {
 
     p.gobgp.kill();
     assert!(!p.gobgp.is_running());
-    support::wait_for(T, "BIRD to notice GoBGP died", || p.bird.protocol_state("gobgp") != "Established", || p.bird.diag()).unwrap();
+    support::wait_for(
+        T,
+        "BIRD to notice GoBGP died",
+        || p.bird.protocol_state("gobgp") != "Established",
+        || p.bird.diag(),
+    )
+    .unwrap();
     p.bird.wait_no_route(g4, "gobgp", T).unwrap();
     p.bird.wait_no_route(g6, "gobgp", T).unwrap();
-    eprintln!("BIRD after peer crash: state={:?} last_error={:?}", p.bird.protocol_state("gobgp"), p.bird.last_error("gobgp"));
+    eprintln!(
+        "BIRD after peer crash: state={:?} last_error={:?}",
+        p.bird.protocol_state("gobgp"),
+        p.bird.last_error("gobgp")
+    );
 
     p.gobgp.restart().unwrap();
     established(&p);
@@ -163,9 +193,18 @@ fn kill_and_restart_bird() {
     p.gobgp.wait_route(b6, &from_b, T).unwrap();
 
     p.bird.kill();
-    support::wait_for(T, "GoBGP to notice BIRD died", || p.gobgp.neighbor_state(p.b_ep.addr) != "Established", || p.gobgp.diag()).unwrap();
+    support::wait_for(
+        T,
+        "GoBGP to notice BIRD died",
+        || p.gobgp.neighbor_state(p.b_ep.addr) != "Established",
+        || p.gobgp.diag(),
+    )
+    .unwrap();
     p.gobgp.wait_no_route(b4, &from_b, T).unwrap();
-    eprintln!("GoBGP after peer crash: {:?}", p.gobgp.last_error(p.b_ep.addr));
+    eprintln!(
+        "GoBGP after peer crash: {:?}",
+        p.gobgp.last_error(p.b_ep.addr)
+    );
 
     p.bird.restart().unwrap();
     established(&p);
@@ -180,16 +219,34 @@ fn wrong_as_configured_in_bird() {
     }
     // BIRD expects AS 65009 but GoBGP is 65002: BIRD sends NOTIFICATION 2/2 (Bad peer AS).
     let p = pair(65001, 65002, false, |b, _| b.remote_as = 65009);
-    let e = support::wait_until(T, "BIRD last error", || p.bird.last_error("gobgp"), || p.bird.diag()).unwrap();
+    let e = support::wait_until(
+        T,
+        "BIRD last error",
+        || p.bird.last_error("gobgp"),
+        || p.bird.diag(),
+    )
+    .unwrap();
     eprintln!("BIRD (sender) last error: {e:?}");
     eprintln!("BIRD (sender) log: {}", p.bird.log_tail(8));
     // GoBGP is in OpenConfirm when BIRD's NOTIFICATION arrives: it logs no code, only a
     // fall back to Idle with reason=invalid-msg; the counter shows it was a NOTIFICATION.
-    support::wait_for(T, "GoBGP to count the NOTIFICATION", || p.gobgp.notifications(p.b_ep.addr).1 > 0, || p.gobgp.diag()).unwrap();
+    support::wait_for(
+        T,
+        "GoBGP to count the NOTIFICATION",
+        || p.gobgp.notifications(p.b_ep.addr).1 > 0,
+        || p.gobgp.diag(),
+    )
+    .unwrap();
     let g = p.gobgp.last_error(p.b_ep.addr).unwrap_or_default();
-    eprintln!("GoBGP (receiver) error lines:\n{}", p.gobgp.error_lines(p.b_ep.addr).join("\n"));
+    eprintln!(
+        "GoBGP (receiver) error lines:\n{}",
+        p.gobgp.error_lines(p.b_ep.addr).join("\n")
+    );
     assert!(e.contains("Bad peer AS"), "{e}");
-    assert!(g.contains("reason=invalid-msg") || g.contains("Code=2"), "{g}");
+    assert!(
+        g.contains("reason=invalid-msg") || g.contains("Code=2"),
+        "{g}"
+    );
     assert_ne!(p.bird.protocol_state("gobgp"), "Established");
 }
 
@@ -200,19 +257,36 @@ fn wrong_as_configured_in_gobgp() {
     }
     // GoBGP expects AS 65009 but BIRD is 65001: GoBGP sends NOTIFICATION 2/2.
     let p = pair(65001, 65002, true, |_, g| g.remote_as = 65009);
-    let e = support::wait_until(T, "BIRD last error", || p.bird.last_error("gobgp"), || p.bird.diag()).unwrap();
+    let e = support::wait_until(
+        T,
+        "BIRD last error",
+        || p.bird.last_error("gobgp"),
+        || p.bird.diag(),
+    )
+    .unwrap();
     eprintln!("BIRD (receiver) last error: {e:?}");
     eprintln!("BIRD (receiver) log: {}", p.bird.log_tail(8));
     let g = support::wait_until(
         T,
         "GoBGP to log the NOTIFICATION it sent",
-        || p.gobgp.error_lines(p.b_ep.addr).into_iter().find(|l| l.contains("sent notification")),
+        || {
+            p.gobgp
+                .error_lines(p.b_ep.addr)
+                .into_iter()
+                .find(|l| l.contains("sent notification"))
+        },
         || p.gobgp.diag(),
     )
     .unwrap();
-    eprintln!("GoBGP (sender) error lines:\n{}", p.gobgp.error_lines(p.b_ep.addr).join("\n"));
+    eprintln!(
+        "GoBGP (sender) error lines:\n{}",
+        p.gobgp.error_lines(p.b_ep.addr).join("\n")
+    );
     assert!(e.contains("Bad peer AS"), "{e}");
-    assert!(g.contains("as number mismatch expected 65009, received 65001"), "{g}");
+    assert!(
+        g.contains("as number mismatch expected 65009, received 65001"),
+        "{g}"
+    );
     assert!(p.gobgp.notifications(p.b_ep.addr).0 > 0);
 }
 
@@ -224,7 +298,13 @@ fn graceful_stop_sends_cease() {
     let mut p = pair(65001, 65002, false, |_, _| {});
     established(&p);
     p.gobgp.stop();
-    let e = support::wait_until(T, "BIRD last error", || p.bird.last_error("gobgp"), || p.bird.diag()).unwrap();
+    let e = support::wait_until(
+        T,
+        "BIRD last error",
+        || p.bird.last_error("gobgp"),
+        || p.bird.diag(),
+    )
+    .unwrap();
     eprintln!("BIRD after GoBGP SIGTERM: {e:?}");
     p.gobgp.restart().unwrap();
     established(&p);
@@ -232,11 +312,19 @@ fn graceful_stop_sends_cease() {
     let g = support::wait_until(
         T,
         "GoBGP to log the Cease",
-        || p.gobgp.error_lines(p.b_ep.addr).into_iter().find(|l| l.contains("notification")),
+        || {
+            p.gobgp
+                .error_lines(p.b_ep.addr)
+                .into_iter()
+                .find(|l| l.contains("notification"))
+        },
         || p.gobgp.diag(),
     )
     .unwrap();
-    eprintln!("GoBGP after BIRD SIGTERM:\n{}", p.gobgp.error_lines(p.b_ep.addr).join("\n"));
+    eprintln!(
+        "GoBGP after BIRD SIGTERM:\n{}",
+        p.gobgp.error_lines(p.b_ep.addr).join("\n")
+    );
     let _ = g;
 }
 
@@ -261,9 +349,19 @@ fn graceful_restart_keeps_routes_and_hold_time_negotiates() {
 
     // Crash GoBGP: BIRD (GR helper) keeps its routes as stale while it restarts.
     p.gobgp.kill();
-    support::wait_for(T, "BIRD to notice", || p.bird.protocol_state("gobgp") != "Established", || p.bird.diag()).unwrap();
+    support::wait_for(
+        T,
+        "BIRD to notice",
+        || p.bird.protocol_state("gobgp") != "Established",
+        || p.bird.diag(),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(p.bird.route(g4).unwrap().len(), 1, "stale route kept during GR");
+    assert_eq!(
+        p.bird.route(g4).unwrap().len(),
+        1,
+        "stale route kept during GR"
+    );
     p.gobgp.restart().unwrap();
     established(&p);
     p.bird.wait_route(g4, "gobgp", T).unwrap();
@@ -285,7 +383,8 @@ fn bird_route_reflector_with_two_gobgp_clients() {
     p2.rr_client = true;
     p2.passive = true;
     let bird = Bird::start(BirdConfig::new(rr, AS).peer(p1).peer(p2)).unwrap();
-    let mut g1 = Gobgp::start(GobgpConfig::new(c1, AS).neighbor(NeighborCfg::new(&rr, AS))).unwrap();
+    let mut g1 =
+        Gobgp::start(GobgpConfig::new(c1, AS).neighbor(NeighborCfg::new(&rr, AS))).unwrap();
     let g2 = Gobgp::start(GobgpConfig::new(c2, AS).neighbor(NeighborCfg::new(&rr, AS))).unwrap();
     bird.wait_established("c1", T).unwrap();
     bird.wait_established("c2", T).unwrap();
@@ -319,7 +418,8 @@ fn gobgp_route_reflector_with_bird_client() {
     let mut n2 = NeighborCfg::new(&c2, AS);
     n2.rr_client = true;
     let gob = Gobgp::start(GobgpConfig::new(rr, AS).neighbor(n1).neighbor(n2)).unwrap();
-    let mut b1 = Bird::start(BirdConfig::new(c1, AS).peer(PeerCfg::new("reflector", &rr, AS))).unwrap();
+    let mut b1 =
+        Bird::start(BirdConfig::new(c1, AS).peer(PeerCfg::new("reflector", &rr, AS))).unwrap();
     let b2 = Bird::start(BirdConfig::new(c2, AS).peer(PeerCfg::new("reflector", &rr, AS))).unwrap();
     gob.wait_established(c1.addr, T).unwrap();
     gob.wait_established(c2.addr, T).unwrap();
@@ -343,7 +443,9 @@ fn ipv4_only_and_ipv6_only_sessions() {
     });
     established(&p);
     p.gobgp.add_route(net("10.100.8.0/26"), None, &[]).unwrap();
-    p.gobgp.add_route(net("fd00:100:8::/122"), None, &[]).unwrap();
+    p.gobgp
+        .add_route(net("fd00:100:8::/122"), None, &[])
+        .unwrap();
     p.bird.wait_route(net("10.100.8.0/26"), "gobgp", T).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     assert!(p.bird.route(net("fd00:100:8::/122")).unwrap().is_empty());
@@ -356,5 +458,7 @@ fn ipv4_only_and_ipv6_only_sessions() {
     established(&p);
     p.bird.add_static(net("fd00:100:9::/122")).unwrap();
     let from_b = p.b_ep.addr.to_string();
-    p.gobgp.wait_route(net("fd00:100:9::/122"), &from_b, T).unwrap();
+    p.gobgp
+        .wait_route(net("fd00:100:9::/122"), &from_b, T)
+        .unwrap();
 }

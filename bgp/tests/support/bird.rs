@@ -122,8 +122,14 @@ impl BirdConfig {
         s += "}\n";
         for p in &self.peers {
             s += &format!("protocol bgp {} {{\n", p.name);
-            s += &format!("  local {} port {} as {};\n", ep.addr, ep.port, self.local_as);
-            s += &format!("  neighbor {} port {} as {};\n", p.addr, p.port, p.remote_as);
+            s += &format!(
+                "  local {} port {} as {};\n",
+                ep.addr, ep.port, self.local_as
+            );
+            s += &format!(
+                "  neighbor {} port {} as {};\n",
+                p.addr, p.port, p.remote_as
+            );
             s += "  strict bind on;\n  multihop;\n";
             s += &format!("  passive {};\n", if p.passive { "on" } else { "off" });
             s += &format!("  hold time {};\n", p.hold);
@@ -132,14 +138,21 @@ impl BirdConfig {
             }
             s += "  connect delay time 1;\n  connect retry time 2;\n  error wait time 1, 5;\n";
             if p.graceful_restart {
-                s += &format!("  graceful restart on;\n  graceful restart time {};\n", p.gr_time);
+                s += &format!(
+                    "  graceful restart on;\n  graceful restart time {};\n",
+                    p.gr_time
+                );
             } else {
                 s += "  graceful restart off;\n";
             }
             if p.rr_client {
                 s += &format!("  rr client;\n  rr cluster id {};\n", self.router_id);
             }
-            let nhs = if p.next_hop_self { " next hop self;" } else { "" };
+            let nhs = if p.next_hop_self {
+                " next hop self;"
+            } else {
+                ""
+            };
             if p.ipv4 {
                 s += &format!(
                     "  ipv4 {{ import all; export all; next hop address {};{nhs} igp table igp4; }};\n",
@@ -170,7 +183,11 @@ impl Bird {
     /// Write the config, check it (`bird -p`), start `bird -f`, wait for the control socket.
     pub fn start(cfg: BirdConfig) -> Result<Bird> {
         let dir = WorkDir::new("podroute-bird-");
-        let mut b = Bird { cfg, dir, daemon: None };
+        let mut b = Bird {
+            cfg,
+            dir,
+            daemon: None,
+        };
         b.write_config()?;
         b.spawn()?;
         Ok(b)
@@ -227,11 +244,20 @@ impl Bird {
             "-P".into(),
             self.dir.file("bird.pid").display().to_string(),
         ];
-        self.daemon = Some(Daemon::spawn("bird", &tool("bird"), &args, &self.out_path())?);
+        self.daemon = Some(Daemon::spawn(
+            "bird",
+            &tool("bird"),
+            &args,
+            &self.out_path(),
+        )?);
         super::wait_for(
             Duration::from_secs(10),
             "BIRD control socket",
-            || self.birdc(&["show", "status"]).map(|s| s.contains("Daemon is up")).unwrap_or(false),
+            || {
+                self.birdc(&["show", "status"])
+                    .map(|s| s.contains("Daemon is up"))
+                    .unwrap_or(false)
+            },
             || self.diag(),
         )
     }
@@ -276,7 +302,11 @@ impl Bird {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        Ok(stdout.lines().filter(|l| !l.starts_with("BIRD ") || !l.ends_with(" ready.")).collect::<Vec<_>>().join("\n"))
+        Ok(stdout
+            .lines()
+            .filter(|l| !l.starts_with("BIRD ") || !l.ends_with(" ready."))
+            .collect::<Vec<_>>()
+            .join("\n"))
     }
 
     /// Rewrite the config from `self.cfg` and `birdc configure`.
@@ -325,23 +355,36 @@ impl Bird {
     /// The "Last error" of a peer, e.g. "BGP Error: Bad peer AS" (sent by BIRD) or
     /// "Received: Bad peer AS" (NOTIFICATION received); None if there is none.
     pub fn last_error(&self, peer: &str) -> Option<String> {
-        self.protocol_info(peer).ok().and_then(|s| field(&s, "Last error:"))
+        self.protocol_info(peer)
+            .ok()
+            .and_then(|s| field(&s, "Last error:"))
     }
 
     /// Negotiated hold time (from "Hold timer: 22.074/30"), while Established.
     pub fn negotiated_hold(&self, peer: &str) -> Option<u32> {
         let info = self.protocol_info(peer).ok()?;
-        field(&info, "Hold timer:")?.rsplit('/').next()?.trim().parse().ok()
+        field(&info, "Hold timer:")?
+            .rsplit('/')
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Whether the neighbour advertised a capability, by BIRD's name in "Neighbor
     /// capabilities" (e.g. "Graceful restart", "4-octet AS numbers", "Route refresh").
     pub fn neighbor_has_capability(&self, peer: &str, cap: &str) -> bool {
-        let Ok(info) = self.protocol_info(peer) else { return false };
-        let Some(i) = info.find("Neighbor capabilities") else { return false };
+        let Ok(info) = self.protocol_info(peer) else {
+            return false;
+        };
+        let Some(i) = info.find("Neighbor capabilities") else {
+            return false;
+        };
         let rest = &info[i..];
         let end = rest.find("Session:").unwrap_or(rest.len());
-        rest[..end].lines().any(|l| l.trim() == cap || l.trim().starts_with(&format!("{cap}:")))
+        rest[..end]
+            .lines()
+            .any(|l| l.trim() == cap || l.trim().starts_with(&format!("{cap}:")))
     }
 
     pub fn wait_established(&self, peer: &str, timeout: Duration) -> Result<()> {
@@ -384,7 +427,12 @@ impl Bird {
         super::wait_until(
             timeout,
             &format!("BIRD to have {prefix} from {from}"),
-            || self.route(prefix).ok()?.into_iter().find(|r| r.from_protocol == from),
+            || {
+                self.route(prefix)
+                    .ok()?
+                    .into_iter()
+                    .find(|r| r.from_protocol == from)
+            },
             || self.diag(),
         )
     }
@@ -394,7 +442,10 @@ impl Bird {
         super::wait_for(
             timeout,
             &format!("BIRD to lose {prefix} from {from}"),
-            || self.route(prefix).is_ok_and(|rs| rs.iter().all(|r| r.from_protocol != from)),
+            || {
+                self.route(prefix)
+                    .is_ok_and(|rs| rs.iter().all(|r| r.from_protocol != from))
+            },
             || self.diag(),
         )
     }
@@ -432,7 +483,10 @@ impl Drop for Bird {
 }
 
 fn numbered(text: &str) -> String {
-    text.lines().enumerate().map(|(i, l)| format!("{:3} {l}\n", i + 1)).collect()
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| format!("{:3} {l}\n", i + 1))
+        .collect()
 }
 
 /// Value after `key` on the first line containing it (trimmed).
@@ -492,7 +546,11 @@ pub fn parse_show_route_all(out: &str) -> Vec<Route> {
         };
         let Some(prefix) = cur_prefix else { continue };
         let Some(open) = rest.find('[') else { continue };
-        let proto = rest[open + 1..].split_whitespace().next().unwrap_or("").to_string();
+        let proto = rest[open + 1..]
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string();
         let best = rest[open..].contains("] *") || rest.contains(" * (");
         routes.push(Route {
             prefix,

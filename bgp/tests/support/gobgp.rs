@@ -74,7 +74,12 @@ pub struct GobgpConfig {
 
 impl GobgpConfig {
     pub fn new(endpoint: Endpoint, local_as: u32) -> GobgpConfig {
-        GobgpConfig { endpoint, router_id: endpoint.router_id(), local_as, neighbors: Vec::new() }
+        GobgpConfig {
+            endpoint,
+            router_id: endpoint.router_id(),
+            local_as,
+            neighbors: Vec::new(),
+        }
     }
 
     pub fn neighbor(mut self, n: NeighborCfg) -> GobgpConfig {
@@ -86,13 +91,25 @@ impl GobgpConfig {
         let ep = &self.endpoint;
         let mut s = String::new();
         s += "[global.config]\n";
-        s += &format!("  as = {}\n  router-id = \"{}\"\n", self.local_as, self.router_id);
-        s += &format!("  port = {}\n  local-address-list = [\"{}\"]\n\n", ep.port, ep.addr);
+        s += &format!(
+            "  as = {}\n  router-id = \"{}\"\n",
+            self.local_as, self.router_id
+        );
+        s += &format!(
+            "  port = {}\n  local-address-list = [\"{}\"]\n\n",
+            ep.port, ep.addr
+        );
         for n in &self.neighbors {
             s += "[[neighbors]]\n  [neighbors.config]\n";
-            s += &format!("    neighbor-address = \"{}\"\n    peer-as = {}\n", n.addr, n.remote_as);
+            s += &format!(
+                "    neighbor-address = \"{}\"\n    peer-as = {}\n",
+                n.addr, n.remote_as
+            );
             s += "  [neighbors.transport.config]\n";
-            s += &format!("    remote-port = {}\n    local-address = \"{}\"\n", n.port, ep.addr);
+            s += &format!(
+                "    remote-port = {}\n    local-address = \"{}\"\n",
+                n.port, ep.addr
+            );
             s += &format!("    passive-mode = {}\n", n.passive);
             s += "  [neighbors.timers.config]\n";
             s += &format!(
@@ -160,7 +177,12 @@ impl Gobgp {
     /// Write the config, check it (`gobgpd -d`), start gobgpd, wait for the API.
     pub fn start(cfg: GobgpConfig) -> Result<Gobgp> {
         let dir = WorkDir::new("podroute-gobgp-");
-        let mut g = Gobgp { cfg, dir, daemon: None, added: Vec::new() };
+        let mut g = Gobgp {
+            cfg,
+            dir,
+            daemon: None,
+            added: Vec::new(),
+        };
         g.write_config()?;
         g.spawn()?;
         Ok(g)
@@ -196,8 +218,13 @@ impl Gobgp {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        if !out.status.success() || all.contains("\"level\":\"fatal\"") || all.contains("\"level\":\"error\"") {
-            return err(format!("gobgpd rejected its config: {all}\n--- gobgpd.toml ---\n{text}"));
+        if !out.status.success()
+            || all.contains("\"level\":\"fatal\"")
+            || all.contains("\"level\":\"error\"")
+        {
+            return err(format!(
+                "gobgpd rejected its config: {all}\n--- gobgpd.toml ---\n{text}"
+            ));
         }
         Ok(())
     }
@@ -213,7 +240,12 @@ impl Gobgp {
             "--pprof-disable".into(),
             format!("--api-hosts=unix://{}", self.socket_path().display()),
         ];
-        self.daemon = Some(Daemon::spawn("gobgpd", &tool("gobgpd"), &args, &self.log_path())?);
+        self.daemon = Some(Daemon::spawn(
+            "gobgpd",
+            &tool("gobgpd"),
+            &args,
+            &self.log_path(),
+        )?);
         super::wait_for(
             Duration::from_secs(10),
             "gobgpd API",
@@ -391,7 +423,12 @@ impl Gobgp {
         super::wait_until(
             timeout,
             &format!("GoBGP to have {prefix} from {from}"),
-            || self.route(prefix).ok()?.into_iter().find(|r| r.from_protocol == from),
+            || {
+                self.route(prefix)
+                    .ok()?
+                    .into_iter()
+                    .find(|r| r.from_protocol == from)
+            },
             || self.diag(),
         )
     }
@@ -400,7 +437,10 @@ impl Gobgp {
         super::wait_for(
             timeout,
             &format!("GoBGP to lose {prefix} from {from}"),
-            || self.route(prefix).is_ok_and(|rs| rs.iter().all(|r| r.from_protocol != from)),
+            || {
+                self.route(prefix)
+                    .is_ok_and(|rs| rs.iter().all(|r| r.from_protocol != from))
+            },
             || self.diag(),
         )
     }
@@ -408,13 +448,22 @@ impl Gobgp {
     /// `gobgp global rib add -a F PREFIX nexthop NH EXTRA...`. `next_hop` None = this
     /// daemon's `nh_v4`/`nh_v6`. `extra` are CLI words, e.g. `&["community", "65000:100",
     /// "med", "10", "local-pref", "200", "aspath", "65010,65011"]`.
-    pub fn add_route(&mut self, prefix: IpNet, next_hop: Option<IpAddr>, extra: &[&str]) -> Result<()> {
+    pub fn add_route(
+        &mut self,
+        prefix: IpNet,
+        next_hop: Option<IpAddr>,
+        extra: &[&str],
+    ) -> Result<()> {
         let ep = self.cfg.endpoint;
         let next_hop = next_hop.unwrap_or(match prefix {
             IpNet::V4(_) => IpAddr::V4(ep.nh_v4),
             IpNet::V6(_) => IpAddr::V6(ep.nh_v6),
         });
-        let a = Added { prefix, next_hop, extra: extra.iter().map(|s| s.to_string()).collect() };
+        let a = Added {
+            prefix,
+            next_hop,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         self.rib_add(&a)?;
         self.added.retain(|x| x.prefix != prefix);
         self.added.push(a);
@@ -425,7 +474,16 @@ impl Gobgp {
         let fam = family(a.prefix);
         let p = a.prefix.to_string();
         let nh = a.next_hop.to_string();
-        let mut args = vec!["global", "rib", "add", "-a", fam, p.as_str(), "nexthop", nh.as_str()];
+        let mut args = vec![
+            "global",
+            "rib",
+            "add",
+            "-a",
+            fam,
+            p.as_str(),
+            "nexthop",
+            nh.as_str(),
+        ];
         args.extend(a.extra.iter().map(String::as_str));
         self.cli(&args).map(|_| ())
     }
@@ -433,7 +491,8 @@ impl Gobgp {
     pub fn del_route(&mut self, prefix: IpNet) -> Result<()> {
         self.added.retain(|x| x.prefix != prefix);
         let p = prefix.to_string();
-        self.cli(&["global", "rib", "del", "-a", family(prefix), &p]).map(|_| ())
+        self.cli(&["global", "rib", "del", "-a", family(prefix), &p])
+            .map(|_| ())
     }
 
     pub fn log_tail(&self, n: usize) -> String {
@@ -454,7 +513,8 @@ impl Gobgp {
     fn diag_neighbor(&self, addr: Ipv4Addr) -> String {
         format!(
             "--- GoBGP neighbor {addr} ---\n{}\n--- errors about {addr} ---\n{}\n{}",
-            self.cli(&["neighbor", &addr.to_string()]).unwrap_or_else(|e| e.0),
+            self.cli(&["neighbor", &addr.to_string()])
+                .unwrap_or_else(|e| e.0),
             self.error_lines(addr).join("\n"),
             self.diag()
         )
@@ -483,10 +543,14 @@ pub fn parse_rib_json(v: &Value) -> Vec<Route> {
     let mut out = Vec::new();
     let Some(map) = v.as_object() else { return out };
     for (key, paths) in map {
-        let Some(paths) = paths.as_array() else { continue };
+        let Some(paths) = paths.as_array() else {
+            continue;
+        };
         for p in paths {
             let prefix_s = p["nlri"]["prefix"].as_str().unwrap_or(key);
-            let Some(prefix) = super::prefix_of(prefix_s) else { continue };
+            let Some(prefix) = super::prefix_of(prefix_s) else {
+                continue;
+            };
             let mut r = Route {
                 prefix,
                 next_hop: None,
@@ -509,7 +573,8 @@ pub fn parse_rib_json(v: &Value) -> Vec<Route> {
                         }
                     }
                     Some(3) | Some(14) => {
-                        if let Some(nh) = a["nexthop"].as_str().and_then(|s| s.parse::<IpAddr>().ok())
+                        if let Some(nh) =
+                            a["nexthop"].as_str().and_then(|s| s.parse::<IpAddr>().ok())
                             && !nh.is_unspecified()
                         {
                             r.next_hop = Some(nh);

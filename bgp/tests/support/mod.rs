@@ -90,7 +90,12 @@ impl Endpoint {
         let [_, a, b, c] = addr.octets();
         let nh_v4 = Ipv4Addr::new(198, 18 + (a & 1), b, c);
         let nh_v6 = Ipv6Addr::from((0x2001_0db8u128 << 96) | u128::from(u32::from(addr)));
-        Endpoint { addr, port, nh_v4, nh_v6 }
+        Endpoint {
+            addr,
+            port,
+            nh_v4,
+            nh_v6,
+        }
     }
 
     /// Router ID derived from the address (unique within a test).
@@ -134,15 +139,25 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
-    for d in ["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin"] {
+    for d in [
+        "/usr/sbin",
+        "/sbin",
+        "/usr/local/sbin",
+        "/usr/bin",
+        "/usr/local/bin",
+    ] {
         dirs.push(PathBuf::from(d));
     }
-    dirs.into_iter().map(|d| d.join(name)).find(|p| is_executable(p))
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 /// Path of a tool that must exist (after [`require_tool`] returned true).
@@ -163,7 +178,10 @@ pub fn require_tool(name: &str) -> bool {
         bar = "!".repeat(78)
     );
     eprintln!("{msg}");
-    if std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false) {
+    if std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
+    {
         panic!("{msg}(CI=true: missing tools are a failure)");
     }
     false
@@ -190,7 +208,10 @@ pub fn wait_until<T>(
             return Ok(v);
         }
         if start.elapsed() >= timeout {
-            return err(format!("timed out after {timeout:?} waiting for {what}\n{}", diag()));
+            return err(format!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                diag()
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -221,13 +242,19 @@ pub(crate) struct WorkDir {
 
 impl WorkDir {
     pub fn new(prefix: &str) -> WorkDir {
-        let dir = tempfile::Builder::new().prefix(prefix).tempdir().expect("create temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .expect("create temp dir");
         if std::env::var_os("PODROUTE_KEEP_TMP").is_some() {
             let path = dir.keep();
             eprintln!("harness: keeping {}", path.display());
             return WorkDir { path, _guard: None };
         }
-        WorkDir { path: dir.path().to_path_buf(), _guard: Some(dir) }
+        WorkDir {
+            path: dir.path().to_path_buf(),
+            _guard: Some(dir),
+        }
     }
 
     pub fn file(&self, name: &str) -> PathBuf {

@@ -52,7 +52,12 @@ impl Daemon {
             .parse()
             .map_err(|_| HarnessError(format!("{name}: watchdog printed {line:?}, not a pid")))?;
         let stdin = child.stdin.take();
-        Ok(Daemon { watchdog: child, stdin, pid, name: name.to_string() })
+        Ok(Daemon {
+            watchdog: child,
+            stdin,
+            pid,
+            name: name.to_string(),
+        })
     }
 
     /// True while the daemon process exists and is not a zombie.
@@ -60,7 +65,10 @@ impl Daemon {
         match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
             Ok(stat) => {
                 // "pid (comm) S ..." — state follows the last ')'.
-                let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start()).unwrap_or("");
+                let state = stat
+                    .rsplit_once(')')
+                    .map(|(_, r)| r.trim_start())
+                    .unwrap_or("");
                 !(state.starts_with('Z') || state.starts_with('X'))
             }
             Err(_) => false,
@@ -88,7 +96,9 @@ impl Daemon {
         loop {
             match self.watchdog.try_wait() {
                 Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
                 _ => {
                     let _ = self.watchdog.kill();
                     let _ = self.watchdog.wait();
