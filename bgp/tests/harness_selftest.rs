@@ -462,3 +462,88 @@ fn ipv4_only_and_ipv6_only_sessions() {
         .wait_route(net("fd00:100:9::/122"), &from_b, T)
         .unwrap();
 }
+
+/// What each daemon reports when its peer (podroute) sends it a NOTIFICATION 2/2 (Bad peer
+/// AS) in OpenSent (before our OPEN) and in OpenConfirm (after our OPEN).
+#[test]
+fn daemons_report_received_open_error_notification() {
+    use support::raw::{self, RawPeer};
+    if !support::require_daemons() {
+        return;
+    }
+    for after_open in [false, true] {
+        let me = Endpoint::alloc();
+        let peer = RawPeer::listen(me).unwrap();
+        let b_ep = Endpoint::alloc();
+        let bird =
+            Bird::start(BirdConfig::new(b_ep, 65001).peer(PeerCfg::new("podroute", &me, 65010)))
+                .unwrap();
+        let mut s = peer.accept(T).unwrap();
+        let (t, _) = raw::read_msg(&mut s).unwrap();
+        assert_eq!(t, raw::OPEN);
+        if after_open {
+            raw::write_msg(&mut s, raw::OPEN, &raw::open_body(65010, 90, me.addr)).unwrap();
+        }
+        raw::write_msg(
+            &mut s,
+            raw::NOTIFICATION,
+            &raw::notification_body(2, 2, &[0xfd, 0xf2]),
+        )
+        .unwrap();
+        let e = support::wait_until(
+            T,
+            "BIRD last error",
+            || bird.last_error("podroute"),
+            || bird.diag(),
+        )
+        .unwrap();
+        eprintln!("BIRD got NOTIFICATION 2/2 (after our OPEN: {after_open}): last_error={e:?}");
+        eprintln!(
+            "  log: {}",
+            bird.log_tail(12)
+                .lines()
+                .filter(|l| l.contains("<RMT>") || l.contains("Error") || l.contains("Received"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        assert_eq!(e, "Received: Bad peer AS");
+        drop(s);
+
+        let me = Endpoint::alloc();
+        let peer = RawPeer::listen(me).unwrap();
+        let g_ep = Endpoint::alloc();
+        let gobgp =
+            Gobgp::start(GobgpConfig::new(g_ep, 65002).neighbor(NeighborCfg::new(&me, 65010)))
+                .unwrap();
+        let mut s = peer.accept(T).unwrap();
+        let (t, _) = raw::read_msg(&mut s).unwrap();
+        assert_eq!(t, raw::OPEN);
+        if after_open {
+            raw::write_msg(&mut s, raw::OPEN, &raw::open_body(65010, 90, me.addr)).unwrap();
+        }
+        raw::write_msg(
+            &mut s,
+            raw::NOTIFICATION,
+            &raw::notification_body(2, 2, &[0xfd, 0xf2]),
+        )
+        .unwrap();
+        support::wait_for(
+            T,
+            "GoBGP to count it",
+            || gobgp.notifications(me.addr).1 > 0,
+            || gobgp.diag(),
+        )
+        .unwrap();
+        support::wait_for(
+            T,
+            "GoBGP to log it",
+            || gobgp.last_error(me.addr).is_some(),
+            || gobgp.diag(),
+        )
+        .unwrap();
+        eprintln!(
+            "GoBGP got NOTIFICATION 2/2 (after our OPEN: {after_open}):\n  {}",
+            gobgp.error_lines(me.addr).join("\n  ")
+        );
+    }
+}

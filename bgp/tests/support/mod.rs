@@ -18,6 +18,7 @@
 pub mod bird;
 pub mod gobgp;
 mod proc;
+pub mod raw;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
