@@ -547,3 +547,49 @@ fn daemons_report_received_open_error_notification() {
         );
     }
 }
+
+#[test]
+fn bird_lists_every_path_and_marks_the_best() {
+    if !support::require_daemons() {
+        return;
+    }
+    let b_ep = Endpoint::alloc();
+    let g1 = Endpoint::alloc();
+    let g2 = Endpoint::alloc();
+    let bird = Bird::start(
+        BirdConfig::new(b_ep, 65001)
+            .peer(PeerCfg::new("g1", &g1, 65011))
+            .peer(PeerCfg::new("g2", &g2, 65012)),
+    )
+    .unwrap();
+    let mut gob1 =
+        Gobgp::start(GobgpConfig::new(g1, 65011).neighbor(NeighborCfg::new(&b_ep, 65001))).unwrap();
+    let mut gob2 =
+        Gobgp::start(GobgpConfig::new(g2, 65012).neighbor(NeighborCfg::new(&b_ep, 65001))).unwrap();
+    let r = net("10.100.10.0/26");
+    // g2's path has a longer AS path, so g1's wins.
+    gob1.add_route(r, None, &["community", "65011:1,65011:2"])
+        .unwrap();
+    gob2.add_route(r, None, &["aspath", "65099"]).unwrap();
+    bird.wait_route(r, "g1", T).unwrap();
+    bird.wait_route(r, "g2", T).unwrap();
+    eprintln!(
+        "{}",
+        bird.birdc(&["show", "route", "all", "for", "10.100.10.0/26"])
+            .unwrap()
+    );
+    let paths = bird.route(r).unwrap();
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    let p1 = paths.iter().find(|p| p.from_protocol == "g1").unwrap();
+    let p2 = paths.iter().find(|p| p.from_protocol == "g2").unwrap();
+    assert!(p1.best && !p2.best, "{paths:?}");
+    assert_eq!(p1.communities, vec![(65011, 1), (65011, 2)]);
+    assert_eq!(p2.as_path, vec![65012, 65099]);
+    // GoBGP side: both g1 and g2 get BIRD's best (g1's) path, g1 then has it from BIRD too?
+    // No: BIRD does not send g1's path back to g1's AS (loop); g2 gets it with AS 65001 65011.
+    let got = gob2.wait_route(r, &b_ep.addr.to_string(), T).unwrap();
+    assert_eq!(got.as_path, vec![65001, 65011]);
+    let all = gob2.route(r).unwrap();
+    assert_eq!(all.iter().filter(|p| p.best).count(), 1, "{all:?}");
+    let _ = gob1.del_route(r);
+}

@@ -13,6 +13,19 @@
 //! benchmarking range) and [`Endpoint::nh_v6`] in 2001:db8::/32 (documentation range).
 //!
 //! Set `PODROUTE_KEEP_TMP=1` to keep the temp dirs (their paths are printed).
+//!
+//! What the daemons report (BIRD 2.0.12, GoBGP 3.10.0; checked by tests/harness_selftest.rs):
+//!
+//! | event | BIRD `last_error()` | GoBGP `error_lines()` |
+//! |---|---|---|
+//! | it sends OPEN error 2/2 (bad peer AS) | `BGP Error: Bad peer AS` (log: `Error: Bad peer AS: 65002`) | `msg="sent notification" Data="as number mismatch expected 65009, received 65001"` |
+//! | it receives 2/2 | `Received: Bad peer AS` (log: `Received: Bad peer AS: 65010`, data decoded) | no code logged: `msg="state changed" new=BGP_FSM_IDLE old=BGP_FSM_OPENSENT` (or `OPENCONFIRM`) `reason=invalid-msg`; `notifications()` counts it |
+//! | it receives Cease while Established | `Received: Peer de-configured` (GoBGP SIGTERM sends 6/3) | `msg="received notification" Code=6 Subcode=2` + `msg="Peer Down" Reason="notification-received code 6(cease) subcode 2(administrative shutdown)"` (BIRD SIGTERM sends 6/2) |
+//! | peer crashed (TCP closed) | `Socket: Connection closed` | `msg="Peer Down" Reason=read-failed` |
+//!
+//! Timing: BIRD as the active side connects ~1 s after start (`connect delay time 1`);
+//! GoBGP as the active side takes 5-10 s to (re)connect (its connect loop has a floor and
+//! jitter), and 5 s of idle hold after a reset. Prefer BIRD/podroute active when speed matters.
 #![allow(dead_code)]
 
 pub mod bird;
