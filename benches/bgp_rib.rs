@@ -53,7 +53,9 @@ fn updates(prefixes: &[IpNet]) -> Vec<Update> {
             attrs: PathAttrs {
                 origin: Some(Origin::Igp),
                 as_path: Some(AsPath::default()),
-                next_hop: Some(Ipv4Addr::from(u32::from(Ipv4Addr::new(192, 168, 0, 0)) + i as u32)),
+                next_hop: Some(Ipv4Addr::from(
+                    u32::from(Ipv4Addr::new(192, 168, 0, 0)) + i as u32,
+                )),
                 local_pref: Some(100),
                 ..Default::default()
             },

@@ -450,7 +450,10 @@ impl Rib {
         changed: &mut Vec<IpNet>,
     ) {
         // Most prefixes have one path: allocate for exactly one.
-        let cands = self.loc.entry(prefix).or_insert_with(|| Vec::with_capacity(1));
+        let cands = self
+            .loc
+            .entry(prefix)
+            .or_insert_with(|| Vec::with_capacity(1));
         let old_best = cands.first().map(|c| (c.peer, Arc::as_ptr(&c.attrs)));
         match cands.iter_mut().find(|c| c.peer == peer) {
             Some(c) => c.attrs = attrs,

@@ -66,7 +66,12 @@ pub struct PeerConfig {
     pub rr_client: bool,
     pub next_hop_self: bool,
     pub families: Vec<Family>,
-    /// Next hop for IPv6 routes we originate on this session.
+    /// IPv4 next hop we announce when we are the next hop (eBGP, next-hop-self, our own
+    /// routes); defaults to the session's local address.
+    pub local_v4_next_hop: Option<Ipv4Addr>,
+    /// IPv6 next hop we announce for IPv6 routes when we are the next hop; defaults to the
+    /// session's local address (IPv4-mapped on an IPv4 session, which BIRD and GoBGP refuse:
+    /// set it whenever IPv6 routes are exchanged).
     pub local_v6_next_hop: Option<Ipv6Addr>,
     /// A label for status output (mesh, global, node...).
     pub kind: String,
@@ -84,6 +89,7 @@ impl PeerConfig {
             rr_client: false,
             next_hop_self: false,
             families: vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST],
+            local_v4_next_hop: None,
             local_v6_next_hop: None,
             kind: String::new(),
         }
@@ -451,7 +457,11 @@ impl Core {
             RibPeer {
                 addr: cfg.addr,
                 remote_as: cfg.remote_as,
-                local_addr: cfg.local_addr.unwrap_or(IpAddr::V4(self.cfg.router_id)),
+                local_addr: cfg
+                    .local_v4_next_hop
+                    .map(IpAddr::V4)
+                    .or(cfg.local_addr)
+                    .unwrap_or(IpAddr::V4(self.cfg.router_id)),
                 local_v6_next_hop: cfg.local_v6_next_hop,
                 rr_client: cfg.rr_client,
                 next_hop_self: cfg.next_hop_self,
@@ -535,7 +545,12 @@ impl Core {
                 let mut rp = RibPeer {
                     addr: p.cfg.addr,
                     remote_as: p.cfg.remote_as,
-                    local_addr: p.cfg.local_addr.unwrap_or(local_addr),
+                    local_addr: p
+                        .cfg
+                        .local_v4_next_hop
+                        .map(IpAddr::V4)
+                        .or(p.cfg.local_addr)
+                        .unwrap_or(local_addr),
                     local_v6_next_hop: p.cfg.local_v6_next_hop,
                     rr_client: p.cfg.rr_client,
                     next_hop_self: p.cfg.next_hop_self,

@@ -1,0 +1,384 @@
+//! podroute's speaker against real BGP daemons: BIRD 2 and GoBGP, each started with its own
+//! config and control socket in a temp dir on a unique loopback address and non-179 port
+//! (see `support`). For each daemon: Established with podroute active and passive, iBGP and
+//! eBGP; podroute's IPv4 /26 and IPv6 /122 appear in the daemon's table and the daemon's in
+//! podroute's Loc-RIB; withdrawals both ways; the daemon killed and restarted brings the
+//! session and routes back; a wrong peer AS gives an OPEN error both sides report.
+
+mod support;
+
+use podroute_bgp::fsm::State;
+use podroute_bgp::rib::BestRoute;
+use podroute_bgp::{PeerConfig, PeerStatus, Speaker, SpeakerConfig};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+use support::bird::{Bird, BirdConfig, PeerCfg};
+use support::gobgp::{Gobgp, GobgpConfig, NeighborCfg};
+use support::{Endpoint, IpNet, require_daemons, wait_until};
+
+const T: Duration = Duration::from_secs(40);
+const POD_AS: u32 = 64512;
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+/// A podroute speaker on its own runtime, driven from the (blocking) test thread.
+struct Pod {
+    rt: tokio::runtime::Runtime,
+    speaker: Speaker,
+    ep: Endpoint,
+}
+
+impl Pod {
+    fn start(ep: Endpoint, asn: u32) -> Pod {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut cfg = SpeakerConfig::new(asn, ep.router_id());
+        cfg.listen = Some(SocketAddr::new(IpAddr::V4(ep.addr), ep.port));
+        cfg.connect_retry = Duration::from_secs(1);
+        cfg.hold_time = 30;
+        let (speaker, _best) = rt
+            .block_on(Speaker::start(cfg))
+            .expect("podroute speaker starts");
+        // The best-path stream is unbounded; this test reads the Loc-RIB instead.
+        std::mem::forget(_best);
+        Pod { rt, speaker, ep }
+    }
+
+    fn peer_cfg(&self, daemon: &Endpoint, remote_as: u32, passive: bool) -> PeerConfig {
+        let mut p = PeerConfig::new(IpAddr::V4(daemon.addr), remote_as);
+        p.port = daemon.port;
+        p.local_addr = Some(IpAddr::V4(self.ep.addr));
+        p.passive = passive;
+        p.local_v4_next_hop = Some(self.ep.nh_v4);
+        p.local_v6_next_hop = Some(self.ep.nh_v6);
+        p
+    }
+
+    fn add_peer(&self, p: PeerConfig) {
+        self.rt.block_on(self.speaker.add_peer(p)).unwrap();
+    }
+
+    fn announce(&self, p: IpNet) {
+        self.rt.block_on(self.speaker.announce(p, None)).unwrap();
+    }
+
+    fn withdraw(&self, p: IpNet) {
+        self.rt.block_on(self.speaker.withdraw(p)).unwrap();
+    }
+
+    fn peer(&self, addr: std::net::Ipv4Addr) -> PeerStatus {
+        let peers = self.rt.block_on(self.speaker.peers()).unwrap();
+        peers
+            .into_iter()
+            .find(|p| p.addr == IpAddr::V4(addr))
+            .expect("peer configured")
+    }
+
+    fn route(&self, prefix: IpNet) -> Option<BestRoute> {
+        let rib = self.rt.block_on(self.speaker.loc_rib()).unwrap();
+        rib.into_iter()
+            .find(|(p, b)| *p == prefix && b.peer != podroute_bgp::rib::LOCAL)
+            .map(|(_, b)| b)
+    }
+
+    fn wait_established(&self, addr: std::net::Ipv4Addr) {
+        wait_until(
+            T,
+            "podroute session Established",
+            || (self.peer(addr).state == State::Established).then_some(()),
+            || format!("{:?}", self.peer(addr)),
+        )
+        .unwrap();
+    }
+
+    fn wait_route(&self, prefix: IpNet) -> BestRoute {
+        wait_until(
+            T,
+            &format!("{prefix} in podroute's Loc-RIB"),
+            || self.route(prefix),
+            || format!("{:?}", self.rt.block_on(self.speaker.loc_rib())),
+        )
+        .unwrap()
+    }
+
+    fn wait_no_route(&self, prefix: IpNet) {
+        wait_until(
+            T,
+            &format!("{prefix} gone from podroute's Loc-RIB"),
+            || self.route(prefix).is_none().then_some(()),
+            || format!("{:?}", self.route(prefix)),
+        )
+        .unwrap();
+    }
+}
+
+/// The daemon under test, behind one interface.
+trait Daemon {
+    fn ep(&self) -> Endpoint;
+    fn asn(&self) -> u32;
+    fn wait_established(&self, pod: &Endpoint);
+    fn announce(&mut self, p: IpNet);
+    fn withdraw(&mut self, p: IpNet);
+    /// (next hop, AS path) of the route learned from podroute.
+    fn wait_route(&self, p: IpNet, pod: &Endpoint) -> (Option<IpAddr>, Vec<u32>);
+    fn wait_no_route(&self, p: IpNet, pod: &Endpoint);
+    fn kill_and_restart(&mut self);
+    fn last_error_mentions_bad_as(&self, pod: &Endpoint) -> bool;
+}
+
+impl Daemon for Bird {
+    fn ep(&self) -> Endpoint {
+        self.endpoint()
+    }
+    fn asn(&self) -> u32 {
+        self.cfg.local_as
+    }
+    fn wait_established(&self, _pod: &Endpoint) {
+        Bird::wait_established(self, "pod", T).unwrap();
+    }
+    fn announce(&mut self, p: IpNet) {
+        self.add_static(p).unwrap();
+    }
+    fn withdraw(&mut self, p: IpNet) {
+        self.remove_static(p).unwrap();
+    }
+    fn wait_route(&self, p: IpNet, _pod: &Endpoint) -> (Option<IpAddr>, Vec<u32>) {
+        let r = Bird::wait_route(self, p, "pod", T).unwrap();
+        (r.next_hop, r.as_path)
+    }
+    fn wait_no_route(&self, p: IpNet, _pod: &Endpoint) {
+        Bird::wait_no_route(self, p, "pod", T).unwrap();
+    }
+    fn kill_and_restart(&mut self) {
+        self.kill();
+        self.restart().unwrap();
+    }
+    fn last_error_mentions_bad_as(&self, _pod: &Endpoint) -> bool {
+        self.last_error("pod")
+            .is_some_and(|e| e.contains("Bad peer AS"))
+    }
+}
+
+impl Daemon for Gobgp {
+    fn ep(&self) -> Endpoint {
+        self.endpoint()
+    }
+    fn asn(&self) -> u32 {
+        self.cfg.local_as
+    }
+    fn wait_established(&self, pod: &Endpoint) {
+        Gobgp::wait_established(self, pod.addr, T).unwrap();
+    }
+    fn announce(&mut self, p: IpNet) {
+        self.add_route(p, None, &[]).unwrap();
+    }
+    fn withdraw(&mut self, p: IpNet) {
+        self.del_route(p).unwrap();
+    }
+    fn wait_route(&self, p: IpNet, pod: &Endpoint) -> (Option<IpAddr>, Vec<u32>) {
+        let r = Gobgp::wait_route(self, p, &pod.addr.to_string(), T).unwrap();
+        (r.next_hop, r.as_path)
+    }
+    fn wait_no_route(&self, p: IpNet, pod: &Endpoint) {
+        Gobgp::wait_no_route(self, p, &pod.addr.to_string(), T).unwrap();
+    }
+    fn kill_and_restart(&mut self) {
+        self.kill();
+        self.restart().unwrap();
+    }
+    fn last_error_mentions_bad_as(&self, pod: &Endpoint) -> bool {
+        // GoBGP logs no code for a NOTIFICATION it receives in OpenSent; it counts it.
+        self.notifications(pod.addr).1 > 0
+    }
+}
+
+fn bird(pod: &Endpoint, bird_as: u32, pod_as: u32, bird_passive: bool) -> Bird {
+    let mut p = PeerCfg::new("pod", pod, pod_as);
+    p.passive = bird_passive;
+    Bird::start(BirdConfig::new(Endpoint::alloc(), bird_as).peer(p)).unwrap()
+}
+
+fn gobgp(pod: &Endpoint, gobgp_as: u32, pod_as: u32, gobgp_passive: bool) -> Gobgp {
+    let mut n = NeighborCfg::new(pod, pod_as);
+    n.passive = gobgp_passive;
+    Gobgp::start(GobgpConfig::new(Endpoint::alloc(), gobgp_as).neighbor(n)).unwrap()
+}
+
+/// Routes both ways for both families, then withdrawals both ways.
+fn exchange(pod: &Pod, d: &mut dyn Daemon, ebgp: bool) {
+    let d_ep = d.ep();
+    pod.wait_established(d_ep.addr);
+    d.wait_established(&pod.ep);
+
+    let p4 = net("172.16.241.64/26");
+    let p6 = net("fd00:16:241::40/122");
+    pod.announce(p4);
+    pod.announce(p6);
+    let (nh, path) = d.wait_route(p4, &pod.ep);
+    assert_eq!(
+        nh,
+        Some(IpAddr::V4(pod.ep.nh_v4)),
+        "IPv4 next hop the daemon sees"
+    );
+    let (nh6, path6) = d.wait_route(p6, &pod.ep);
+    assert_eq!(
+        nh6,
+        Some(IpAddr::V6(pod.ep.nh_v6)),
+        "IPv6 next hop the daemon sees"
+    );
+    let expected_path = if ebgp { vec![POD_AS] } else { vec![] };
+    assert_eq!(path, expected_path);
+    assert_eq!(path6, expected_path);
+
+    let d4 = net("172.16.196.128/26");
+    let d6 = net("fd00:16:196::80/122");
+    d.announce(d4);
+    d.announce(d6);
+    let r = pod.wait_route(d4);
+    assert_eq!(r.next_hop, IpAddr::V4(d_ep.nh_v4));
+    let r6 = pod.wait_route(d6);
+    assert_eq!(r6.next_hop, IpAddr::V6(d_ep.nh_v6));
+    let first_as = r.attrs.path.as_path.as_ref().and_then(|p| p.first_as());
+    assert_eq!(first_as, if ebgp { Some(d.asn()) } else { None });
+    let st = pod.peer(d_ep.addr);
+    assert!(
+        st.prefixes_received >= 2 && st.prefixes_accepted >= 2,
+        "{st:?}"
+    );
+    assert_eq!(st.prefixes_advertised, 2, "{st:?}");
+
+    pod.withdraw(p4);
+    d.wait_no_route(p4, &pod.ep);
+    d.withdraw(d6);
+    pod.wait_no_route(d6);
+    // What was not withdrawn stays.
+    assert!(pod.route(d4).is_some());
+    d.wait_route(p6, &pod.ep);
+}
+
+/// Kill the daemon and restart it: the session and the routes come back both ways.
+fn restart(pod: &Pod, d: &mut dyn Daemon) {
+    let d_ep = d.ep();
+    let before = pod.peer(d_ep.addr).established_count;
+    d.kill_and_restart();
+    wait_until(
+        T,
+        "podroute re-establishes after the daemon restart",
+        || {
+            let p = pod.peer(d_ep.addr);
+            (p.established_count > before && p.state == State::Established).then_some(())
+        },
+        || format!("{:?}", pod.peer(d_ep.addr)),
+    )
+    .unwrap();
+    d.wait_established(&pod.ep);
+    // podroute re-sends its table on the new session.
+    d.wait_route(net("fd00:16:241::40/122"), &pod.ep);
+    // The daemon's routes come back (the harness re-adds GoBGP's API routes; BIRD's statics
+    // are in its config).
+    d.announce(net("172.16.5.0/26"));
+    pod.wait_route(net("172.16.5.0/26"));
+}
+
+fn wrong_as(pod: &Pod, d: &dyn Daemon) {
+    let d_ep = d.ep();
+    wait_until(
+        T,
+        "podroute reports Bad Peer AS",
+        || {
+            let e = pod.peer(d_ep.addr).last_error?;
+            e.contains("Bad Peer AS").then_some(e)
+        },
+        || format!("{:?}", pod.peer(d_ep.addr)),
+    )
+    .map(|e| {
+        assert!(
+            e.contains(&d.asn().to_string()),
+            "the error names the AS the peer sent: {e}"
+        )
+    })
+    .unwrap();
+    wait_until(
+        T,
+        "the daemon reports the OPEN error",
+        || d.last_error_mentions_bad_as(&pod.ep).then_some(()),
+        || "daemon did not report it".to_string(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn bird_ibgp_podroute_active() {
+    if !require_daemons() {
+        return;
+    }
+    let pod = Pod::start(Endpoint::alloc(), POD_AS);
+    let mut b = bird(&pod.ep, POD_AS, POD_AS, true);
+    pod.add_peer(pod.peer_cfg(&b.endpoint(), POD_AS, false));
+    exchange(&pod, &mut b, false);
+    restart(&pod, &mut b);
+}
+
+#[test]
+fn bird_ebgp_podroute_passive() {
+    if !require_daemons() {
+        return;
+    }
+    let pod = Pod::start(Endpoint::alloc(), POD_AS);
+    let mut b = bird(&pod.ep, 65001, POD_AS, false);
+    pod.add_peer(pod.peer_cfg(&b.endpoint(), 65001, true));
+    exchange(&pod, &mut b, true);
+    restart(&pod, &mut b);
+}
+
+#[test]
+fn bird_wrong_peer_as() {
+    if !require_daemons() {
+        return;
+    }
+    let pod = Pod::start(Endpoint::alloc(), POD_AS);
+    let b = bird(&pod.ep, 65001, POD_AS, true);
+    // podroute expects 65099; BIRD is 65001.
+    pod.add_peer(pod.peer_cfg(&b.endpoint(), 65099, false));
+    wrong_as(&pod, &b);
+}
+
+#[test]
+fn gobgp_ibgp_podroute_passive() {
+    if !require_daemons() {
+        return;
+    }
+    let pod = Pod::start(Endpoint::alloc(), POD_AS);
+    let mut g = gobgp(&pod.ep, POD_AS, POD_AS, false);
+    pod.add_peer(pod.peer_cfg(&g.endpoint(), POD_AS, true));
+    exchange(&pod, &mut g, false);
+    restart(&pod, &mut g);
+}
+
+#[test]
+fn gobgp_ebgp_podroute_active() {
+    if !require_daemons() {
+        return;
+    }
+    let pod = Pod::start(Endpoint::alloc(), POD_AS);
+    let mut g = gobgp(&pod.ep, 65002, POD_AS, true);
+    pod.add_peer(pod.peer_cfg(&g.endpoint(), 65002, false));
+    exchange(&pod, &mut g, true);
+    restart(&pod, &mut g);
+}
+
+#[test]
+fn gobgp_wrong_peer_as() {
+    if !require_daemons() {
+        return;
+    }
+    let pod = Pod::start(Endpoint::alloc(), POD_AS);
+    let g = gobgp(&pod.ep, 65002, POD_AS, true);
+    pod.add_peer(pod.peer_cfg(&g.endpoint(), 65098, false));
+    wrong_as(&pod, &g);
+}
