@@ -249,20 +249,20 @@ impl Rib {
             // LOCAL_PREF is ours to assign for eBGP routes (RFC 4271 §5.1.5).
             path.local_pref = None;
         }
-        if !update.nlri.is_empty() {
-            if let Some(nh) = path.next_hop {
-                let attrs = self.interner.intern(RouteAttrs {
-                    path: path.clone(),
-                    next_hop: NextHop::new(IpAddr::V4(nh)),
-                });
-                for p in &update.nlri {
-                    stats.announced += 1;
-                    if looped {
-                        stats.rejected += 1;
-                        self.reject_from(id, *p, &mut changed);
-                    } else {
-                        self.announce_from(id, *p, attrs.clone(), &mut changed);
-                    }
+        if !update.nlri.is_empty()
+            && let Some(nh) = path.next_hop
+        {
+            let attrs = self.interner.intern(RouteAttrs {
+                path: path.clone(),
+                next_hop: NextHop::new(IpAddr::V4(nh)),
+            });
+            for p in &update.nlri {
+                stats.announced += 1;
+                if looped {
+                    stats.rejected += 1;
+                    self.reject_from(id, *p, &mut changed);
+                } else {
+                    self.announce_from(id, *p, attrs.clone(), &mut changed);
                 }
             }
         }

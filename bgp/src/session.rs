@@ -35,6 +35,9 @@ pub(crate) enum SessionCmd {
 }
 
 /// Events from a session task to the speaker core.
+// UPDATEs are moved once from the decoder to their consumer; boxing them would only add an
+// allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum SessionEvent {
     StateChanged(State),
@@ -219,12 +222,11 @@ pub(crate) async fn run(
                 d.connecting = None;
                 match res {
                     Ok(stream) => {
-                        if let Some(s) = d.main.as_mut() {
-                            if s.conn.is_none() {
+                        if let Some(s) = d.main.as_mut()
+                            && s.conn.is_none() {
                                 s.attach(stream);
                                 d.handle(true, Event::TcpConnected).await;
                             }
-                        }
                     }
                     Err(e) => {
                         debug!(error = %e, "connect failed");
@@ -259,20 +261,19 @@ impl Driver {
 
     async fn stop(&mut self, n: Notification) {
         for main in [true, false] {
-            if let Some(s) = self.slot(main) {
-                if s.conn.is_some()
-                    && matches!(
-                        s.fsm.state(),
-                        State::OpenSent | State::OpenConfirm | State::Established
-                    )
-                {
-                    if let Some(c) = s.conn.as_ref() {
-                        let mut out = BytesMut::new();
-                        wire::encode_message(&Message::Notification(n.clone()), s.codec, &mut out);
-                        let _ = c.writer.send(out.freeze());
-                    }
-                    self.emit(SessionEvent::NotificationSent(n.clone())).await;
+            if let Some(s) = self.slot(main)
+                && s.conn.is_some()
+                && matches!(
+                    s.fsm.state(),
+                    State::OpenSent | State::OpenConfirm | State::Established
+                )
+            {
+                if let Some(c) = s.conn.as_ref() {
+                    let mut out = BytesMut::new();
+                    wire::encode_message(&Message::Notification(n.clone()), s.codec, &mut out);
+                    let _ = c.writer.send(out.freeze());
                 }
+                self.emit(SessionEvent::NotificationSent(n.clone())).await;
             }
         }
         // Dropping the connections lets the writer tasks flush the NOTIFICATION and close.
@@ -477,13 +478,13 @@ impl Driver {
         {
             self.emit(SessionEvent::Down(why.to_string())).await;
         }
-        if let Some(old) = self.main.as_mut() {
-            if let Some(c) = old.conn.as_ref() {
-                let mut out = BytesMut::new();
-                let n = Notification::cease(wire::cease::CONNECTION_COLLISION);
-                wire::encode_message(&Message::Notification(n), old.codec, &mut out);
-                let _ = c.writer.send(out.freeze());
-            }
+        if let Some(old) = self.main.as_mut()
+            && let Some(c) = old.conn.as_ref()
+        {
+            let mut out = BytesMut::new();
+            let n = Notification::cease(wire::cease::CONNECTION_COLLISION);
+            wire::encode_message(&Message::Notification(n), old.codec, &mut out);
+            let _ = c.writer.send(out.freeze());
         }
         self.connecting = None;
         self.main = self.extra.take();

@@ -423,13 +423,13 @@ impl Core {
                         s
                     })
                     .collect();
-                v.sort_by(|a, b| a.addr.cmp(&b.addr));
+                v.sort_by_key(|a| a.addr);
                 let _ = reply.send(v);
             }
             Command::LocRib(reply) => {
                 let mut v: Vec<(IpNet, BestRoute)> =
                     self.rib.loc_rib().map(|(p, b)| (*p, b)).collect();
-                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v.sort_by_key(|a| a.0);
                 let _ = reply.send(v);
             }
             Command::Inbound(stream, remote) => match self

@@ -30,6 +30,9 @@ pub struct CodecContext {
 }
 
 /// A BGP message (RFC 4271 §4.1 type codes 1..=4, RFC 2918 type 5).
+// UPDATEs are moved once from the decoder to their consumer; boxing them would only add an
+// allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     Open(Open),
