@@ -5,4 +5,5 @@
 
 pub use podroute_bgp as bgp;
 
+pub mod dataplane;
 pub mod plan;
