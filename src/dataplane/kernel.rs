@@ -176,19 +176,20 @@ impl KernelRoute {
     }
 
     fn header(&self) -> RouteHeader {
-        let mut header = RouteHeader::default();
-        header.address_family = if self.key.dst.addr().is_ipv6() {
-            AddressFamily::Inet6
-        } else {
-            AddressFamily::Inet
-        };
-        header.destination_prefix_length = self.key.dst.prefix_len();
-        header.tos = self.key.tos;
-        header.table = RouteHeader::RT_TABLE_MAIN;
-        header.protocol = RouteProtocol::from(self.protocol);
-        header.scope = RouteScope::from(self.scope);
-        header.kind = RouteType::from(self.kind);
-        header
+        RouteHeader {
+            address_family: if self.key.dst.addr().is_ipv6() {
+                AddressFamily::Inet6
+            } else {
+                AddressFamily::Inet
+            },
+            destination_prefix_length: self.key.dst.prefix_len(),
+            tos: self.key.tos,
+            table: RouteHeader::RT_TABLE_MAIN,
+            protocol: RouteProtocol::from(self.protocol),
+            scope: RouteScope::from(self.scope),
+            kind: RouteType::from(self.kind),
+            ..RouteHeader::default()
+        }
     }
 
     fn base_attributes(&self) -> Vec<RouteAttribute> {
@@ -363,7 +364,15 @@ mod tests {
     #[test]
     fn equal_sets_need_no_change() {
         let a = via("10.0.0.0/26", "192.168.1.2", Some(3), true);
-        assert!(diff(&wanted(&[a.clone()]), &map(&[a]), None, &BTreeSet::new()).is_empty());
+        assert!(
+            diff(
+                &wanted(std::slice::from_ref(&a)),
+                &map(&[a]),
+                None,
+                &BTreeSet::new()
+            )
+            .is_empty()
+        );
     }
 
     #[test]
