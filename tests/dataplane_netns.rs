@@ -675,3 +675,103 @@ fn tunl0_device_is_configured_or_the_missing_ipip_is_named() {
     let addr = node.ip(&["-o", "addr", "show", "dev", "tunl0"]);
     assert!(addr.contains("172.16.241.64/32"), "{addr}");
 }
+
+#[test]
+fn ipv6_never_pool_is_programmed_and_adopted() {
+    if !can_run("ipv6_never_pool_is_programmed_and_adopted") {
+        return;
+    }
+    let node = Netns::new("v6");
+    let peer = Netns::new("v6p");
+    veth(&node, "ens33", "", &peer, "ens33", "");
+    node.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:92::128/64",
+        "dev",
+        "ens33",
+        "nodad",
+    ]);
+    peer.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:92::129/64",
+        "dev",
+        "ens33",
+        "nodad",
+    ]);
+    let iface = workload_interface_name("ns", "p6");
+    let _pod = pod_v6(&node, &iface);
+    let input = PlanInput {
+        local: LocalNode {
+            name: "master01".into(),
+            ipv4: None,
+            ipv6: Some("fd00:92::128/64".parse().unwrap()),
+            nic: "ens33".into(),
+        },
+        pools: vec![PoolSpec {
+            name: "default-ipv6-ippool".into(),
+            cidr: "fd00:10::/48".parse().unwrap(),
+            ipip: EncapMode::Never,
+            vxlan: EncapMode::Never,
+            disabled: false,
+        }],
+        blocks: vec![BlockSpec {
+            cidr: "fd00:10:0:1::/122".parse().unwrap(),
+            affinity: Some("master01".into()),
+            allocations: vec![Allocation {
+                ip: "fd00:10:0:1::5".parse().unwrap(),
+                namespace: Some("ns".into()),
+                pod: Some("p6".into()),
+                node: Some("master01".into()),
+            }],
+        }],
+        learned: vec![LearnedRoute {
+            prefix: "fd00:10:0:2::/122".parse().unwrap(),
+            next_hop: "fd00:92::129".parse().unwrap(),
+        }],
+        nodes: vec![],
+        local_interfaces: [iface.clone()].into(),
+    };
+    let p = plan(&input);
+    assert_eq!(p.routes.len(), 3, "{:#?}", p.lines());
+    let mut dp = open(&node);
+    dp.set_desired(&p.routes);
+    let report = dp.reconcile();
+    assert_eq!(
+        (report.added, report.failed),
+        (3, 0),
+        "{:?}",
+        dp.status().failures
+    );
+    let shown: Vec<String> = node
+        .routes(PROTO)
+        .into_iter()
+        .map(|l| l.replace(" pref medium", "").replace(" dev lo", ""))
+        .collect();
+    assert_eq!(
+        shown,
+        vec![
+            "blackhole fd00:10:0:1::/122".to_string(),
+            format!("fd00:10:0:1::5 dev {iface}"),
+            "fd00:10:0:2::/122 via fd00:92::129 dev ens33".to_string(),
+        ]
+    );
+    drop(dp);
+    let mut dp = open(&node);
+    dp.set_desired(&p.routes);
+    assert_eq!(
+        dp.reconcile().changes(),
+        0,
+        "IPv6 routes adopted without changes"
+    );
+}
+
+/// A pod namespace behind `iface` (no addresses needed for the host route).
+fn pod_v6(node: &Netns, iface: &str) -> Netns {
+    let pod = Netns::new("pod6");
+    veth(node, iface, "", &pod, "eth0", "");
+    pod
+}

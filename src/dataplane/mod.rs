@@ -171,6 +171,16 @@ impl ApplyReport {
     }
 }
 
+/// Delay before the next attempt of a route that failed `attempts` times: `retry_min`
+/// doubling per attempt, capped at `retry_max`.
+fn backoff(config: &DataplaneConfig, attempts: u32) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(16);
+    config
+        .retry_min
+        .saturating_mul(1 << doublings)
+        .min(config.retry_max)
+}
+
 /// Interface names and indexes of the namespace.
 #[derive(Debug, Default)]
 struct Links {
@@ -357,13 +367,7 @@ impl Dataplane {
         match self.failures.get_mut(&dst) {
             Some(f) => {
                 f.attempts += 1;
-                let shift = f.attempts.min(16);
-                let delay = self
-                    .config
-                    .retry_min
-                    .saturating_mul(1 << shift)
-                    .min(self.config.retry_max);
-                f.next_retry = now + delay;
+                f.next_retry = now + backoff(&self.config, f.attempts);
                 let changed = f.error != error || f.route != route;
                 f.error = error;
                 f.route = route;
@@ -671,5 +675,40 @@ impl Dataplane {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_of_other_daemons_are_refused() {
+        for taken in [2u8, 3, 4, 12, 17, 80, 186, 188] {
+            let config = DataplaneConfig {
+                protocol: taken,
+                ..DataplaneConfig::default()
+            };
+            match Dataplane::open(config) {
+                Err(DataplaneError::ProtocolTaken(p)) => assert_eq!(p, taken),
+                Err(e) => panic!("protocol {taken}: unexpected error {e}"),
+                Ok(_) => panic!("protocol {taken} accepted"),
+            }
+        }
+        assert!(!protocol_taken(DEFAULT_ROUTE_PROTOCOL));
+    }
+
+    #[test]
+    fn failures_back_off_up_to_the_maximum() {
+        let config = DataplaneConfig {
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(1),
+            ..DataplaneConfig::default()
+        };
+        let delays: Vec<u64> = (1..=6)
+            .map(|a| backoff(&config, a).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(backoff(&config, u32::MAX), config.retry_max);
     }
 }
