@@ -300,35 +300,54 @@ pub fn diff(
 ) -> Vec<Change> {
     let mut upserts = Vec::new();
     let mut deletes = Vec::new();
-    let mut visit = |dst: IpNet| {
-        if held.contains(&dst) {
-            return;
-        }
-        let want = wanted.get(&dst);
-        let mut exact = None;
-        for (key, have) in installed.range(RouteKey::range(dst)) {
-            match want {
-                Some(w) if *key == w.key => exact = Some(have),
-                _ => deletes.push(Change::Delete(have.clone())),
+    let mut visit =
+        |dst: IpNet,
+         want: Option<&KernelRoute>,
+         haves: &mut dyn Iterator<Item = (&RouteKey, &KernelRoute)>| {
+            if held.contains(&dst) {
+                haves.for_each(drop);
+                return;
             }
-        }
-        if let Some(w) = want {
-            match exact {
-                Some(have) if w.satisfied_by(have) => {}
-                Some(_) => upserts.push(Change::Replace(w.clone())),
-                None => upserts.push(Change::Add(w.clone())),
+            let mut exact = None;
+            for (key, have) in haves {
+                match want {
+                    Some(w) if *key == w.key => exact = Some(have),
+                    _ => deletes.push(Change::Delete(have.clone())),
+                }
             }
-        }
-    };
+            if let Some(w) = want {
+                match exact {
+                    Some(have) if w.satisfied_by(have) => {}
+                    Some(_) => upserts.push(Change::Replace(w.clone())),
+                    None => upserts.push(Change::Add(w.clone())),
+                }
+            }
+        };
     match only {
-        Some(set) => set.iter().for_each(|d| visit(*d)),
+        Some(set) => {
+            for dst in set {
+                visit(
+                    *dst,
+                    wanted.get(dst),
+                    &mut installed.range(RouteKey::range(*dst)),
+                );
+            }
+        }
         None => {
-            let dsts: BTreeSet<IpNet> = wanted
-                .keys()
-                .copied()
-                .chain(installed.keys().map(|k| k.dst))
-                .collect();
-            dsts.into_iter().for_each(&mut visit);
+            // One pass over both sorted maps (RouteKey sorts by destination first).
+            let mut w = wanted.iter().peekable();
+            let mut i = installed.iter().peekable();
+            loop {
+                let dst = match (w.peek(), i.peek()) {
+                    (Some((a, _)), Some((b, _))) => **a.min(&&b.dst),
+                    (Some((a, _)), None) => **a,
+                    (None, Some((b, _))) => b.dst,
+                    (None, None) => break,
+                };
+                let want = w.next_if(|(d, _)| **d == dst).map(|(_, r)| r);
+                let mut haves = std::iter::from_fn(|| i.next_if(|(k, _)| k.dst == dst));
+                visit(dst, want, &mut haves);
+            }
         }
     }
     upserts.extend(deletes);
