@@ -1,0 +1,468 @@
+//! Routes as the kernel holds them, their netlink messages, and the in-memory diff.
+//!
+//! A kernel route is identified by (table, destination, TOS, priority): that is the key the
+//! kernel matches `NLM_F_REPLACE` and deletes on. The protocol is not part of the key, which is
+//! why adds use `NLM_F_EXCL` (never replace a foreign route), replaces are only issued for
+//! routes that carry our protocol, and deletes name our protocol (the kernel then never
+//! deletes a foreign route).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+
+use super::socket::Request;
+
+/// The main routing table.
+pub const RT_TABLE_MAIN: u32 = 254;
+/// Priority the kernel gives IPv6 routes added without one (`IP6_RT_PRIO_USER`).
+pub const IPV6_DEFAULT_PRIORITY: u32 = 1024;
+
+const RT_SCOPE_UNIVERSE: u8 = 0;
+const RT_SCOPE_LINK: u8 = 253;
+const RTN_UNICAST: u8 = 1;
+const RTN_BLACKHOLE: u8 = 6;
+
+/// What identifies a route in a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteKey {
+    pub dst: IpNet,
+    pub priority: u32,
+    pub tos: u8,
+}
+
+impl RouteKey {
+    /// Every key with destination `dst`, for range queries.
+    fn range(dst: IpNet) -> std::ops::RangeInclusive<RouteKey> {
+        RouteKey {
+            dst,
+            priority: 0,
+            tos: 0,
+        }..=RouteKey {
+            dst,
+            priority: u32::MAX,
+            tos: u8::MAX,
+        }
+    }
+}
+
+/// A route of the main table, or one we want there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelRoute {
+    pub key: RouteKey,
+    pub protocol: u8,
+    /// `RTN_*` type (unicast, blackhole, ...).
+    pub kind: u8,
+    pub scope: u8,
+    pub gateway: Option<IpAddr>,
+    /// Output interface; in a wanted route `None` means "whatever the kernel resolves".
+    pub oif: Option<u32>,
+    pub onlink: bool,
+    /// An ECMP route (never one of ours).
+    pub multipath: bool,
+}
+
+impl KernelRoute {
+    /// A unicast or blackhole route with our protocol, as the plan wants it.
+    pub fn wanted(
+        dst: IpNet,
+        protocol: u8,
+        blackhole: bool,
+        link_scope: bool,
+        gateway: Option<IpAddr>,
+        oif: Option<u32>,
+        onlink: bool,
+    ) -> Self {
+        let priority = if dst.addr().is_ipv6() {
+            IPV6_DEFAULT_PRIORITY
+        } else {
+            0
+        };
+        Self {
+            key: RouteKey {
+                dst,
+                priority,
+                tos: 0,
+            },
+            protocol,
+            kind: if blackhole {
+                RTN_BLACKHOLE
+            } else {
+                RTN_UNICAST
+            },
+            scope: if link_scope {
+                RT_SCOPE_LINK
+            } else {
+                RT_SCOPE_UNIVERSE
+            },
+            gateway,
+            oif,
+            onlink,
+            multipath: false,
+        }
+    }
+
+    /// Does the kernel route `have` (same key) do what this wanted route asks?
+    pub fn satisfied_by(&self, have: &KernelRoute) -> bool {
+        let v4 = self.key.dst.addr().is_ipv4();
+        have.key == self.key
+            && have.protocol == self.protocol
+            && have.kind == self.kind
+            && have.gateway == self.gateway
+            && (self.oif.is_none() || have.oif == self.oif)
+            // IPv6 does not report scope (always universe).
+            && (!v4 || have.scope == self.scope)
+            && have.onlink == self.onlink
+            && !have.multipath
+    }
+
+    /// Parses a route message of the main table; `None` for other tables, families and
+    /// cache entries.
+    pub fn from_message(msg: &RouteMessage) -> Option<Self> {
+        let h = &msg.header;
+        if !matches!(h.address_family, AddressFamily::Inet | AddressFamily::Inet6) {
+            return None;
+        }
+        if h.flags.contains(RouteFlags::Cloned) {
+            return None;
+        }
+        let mut table = u32::from(h.table);
+        let mut dst: Option<IpAddr> = None;
+        let mut route = KernelRoute {
+            key: RouteKey {
+                dst: IpNet::default(),
+                priority: 0,
+                tos: h.tos,
+            },
+            protocol: h.protocol.into(),
+            kind: h.kind.into(),
+            scope: h.scope.into(),
+            gateway: None,
+            oif: None,
+            onlink: h.flags.contains(RouteFlags::Onlink),
+            multipath: false,
+        };
+        for attr in &msg.attributes {
+            match attr {
+                RouteAttribute::Table(t) => table = *t,
+                RouteAttribute::Destination(a) => dst = address(a),
+                RouteAttribute::Gateway(a) => route.gateway = address(a),
+                RouteAttribute::Oif(i) => route.oif = Some(*i),
+                RouteAttribute::Priority(p) => route.key.priority = *p,
+                RouteAttribute::MultiPath(_) => route.multipath = true,
+                _ => {}
+            }
+        }
+        if table != RT_TABLE_MAIN {
+            return None;
+        }
+        let v6 = h.address_family == AddressFamily::Inet6;
+        let dst = dst.unwrap_or(if v6 {
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+        });
+        if dst.is_ipv6() != v6 {
+            return None;
+        }
+        route.key.dst = IpNet::new(dst, h.destination_prefix_length).ok()?;
+        Some(route)
+    }
+
+    fn header(&self) -> RouteHeader {
+        RouteHeader {
+            address_family: if self.key.dst.addr().is_ipv6() {
+                AddressFamily::Inet6
+            } else {
+                AddressFamily::Inet
+            },
+            destination_prefix_length: self.key.dst.prefix_len(),
+            tos: self.key.tos,
+            table: RouteHeader::RT_TABLE_MAIN,
+            protocol: RouteProtocol::from(self.protocol),
+            scope: RouteScope::from(self.scope),
+            kind: RouteType::from(self.kind),
+            ..RouteHeader::default()
+        }
+    }
+
+    fn base_attributes(&self) -> Vec<RouteAttribute> {
+        let mut attrs = Vec::with_capacity(4);
+        if self.key.dst.prefix_len() > 0 {
+            attrs.push(RouteAttribute::Destination(RouteAddress::from(
+                self.key.dst.addr(),
+            )));
+        }
+        if self.key.priority != 0 {
+            attrs.push(RouteAttribute::Priority(self.key.priority));
+        }
+        attrs
+    }
+
+    /// `RTM_NEWROUTE` for this route.
+    pub fn new_message(&self) -> RouteMessage {
+        let mut msg = RouteMessage::default();
+        msg.header = self.header();
+        if self.onlink {
+            msg.header.flags |= RouteFlags::Onlink;
+        }
+        msg.attributes = self.base_attributes();
+        if let Some(gw) = self.gateway {
+            msg.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
+        }
+        if let Some(oif) = self.oif {
+            msg.attributes.push(RouteAttribute::Oif(oif));
+        }
+        msg
+    }
+
+    /// `RTM_DELROUTE` for this route: key, type and protocol, so that only this route matches.
+    pub fn del_message(&self) -> RouteMessage {
+        let mut msg = RouteMessage::default();
+        msg.header = self.header();
+        // Scope "nowhere" on delete means "any scope".
+        msg.header.scope = RouteScope::NoWhere;
+        msg.attributes = self.base_attributes();
+        msg
+    }
+}
+
+fn address(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+/// The route dump request: main table, our protocol (the kernel filters with strict
+/// checking on; [`KernelRoute::from_message`] and the caller filter again).
+pub fn dump_request(protocol: u8) -> RouteNetlinkMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.protocol = RouteProtocol::from(protocol);
+    RouteNetlinkMessage::GetRoute(msg)
+}
+
+/// One change to the kernel table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Create a route where none with its key exists (`NLM_F_CREATE | NLM_F_EXCL`).
+    Add(KernelRoute),
+    /// Overwrite our route with the same key (`NLM_F_CREATE | NLM_F_REPLACE`).
+    Replace(KernelRoute),
+    /// Remove one of our routes.
+    Delete(KernelRoute),
+}
+
+impl Change {
+    pub fn route(&self) -> &KernelRoute {
+        match self {
+            Self::Add(r) | Self::Replace(r) | Self::Delete(r) => r,
+        }
+    }
+
+    pub fn request(&self) -> Request {
+        match self {
+            Self::Add(r) => Request {
+                message: RouteNetlinkMessage::NewRoute(r.new_message()),
+                flags: NLM_F_CREATE | NLM_F_EXCL,
+            },
+            Self::Replace(r) => Request {
+                message: RouteNetlinkMessage::NewRoute(r.new_message()),
+                flags: NLM_F_CREATE | NLM_F_REPLACE,
+            },
+            Self::Delete(r) => Request {
+                message: RouteNetlinkMessage::DelRoute(r.del_message()),
+                flags: 0,
+            },
+        }
+    }
+}
+
+/// The changes that turn `installed` (our routes in the kernel) into `wanted`.
+///
+/// `only`: restrict to these destinations (drift repair); `held`: destinations to leave alone
+/// (their wanted route cannot be expressed yet, e.g. a missing device). Adds and replaces
+/// come before deletes, so that traffic moving to a new route never meets a gap.
+pub fn diff(
+    wanted: &BTreeMap<IpNet, KernelRoute>,
+    installed: &BTreeMap<RouteKey, KernelRoute>,
+    only: Option<&BTreeSet<IpNet>>,
+    held: &BTreeSet<IpNet>,
+) -> Vec<Change> {
+    let mut upserts = Vec::new();
+    let mut deletes = Vec::new();
+    let mut visit =
+        |dst: IpNet,
+         want: Option<&KernelRoute>,
+         haves: &mut dyn Iterator<Item = (&RouteKey, &KernelRoute)>| {
+            if held.contains(&dst) {
+                haves.for_each(drop);
+                return;
+            }
+            let mut exact = None;
+            for (key, have) in haves {
+                match want {
+                    Some(w) if *key == w.key => exact = Some(have),
+                    _ => deletes.push(Change::Delete(have.clone())),
+                }
+            }
+            if let Some(w) = want {
+                match exact {
+                    Some(have) if w.satisfied_by(have) => {}
+                    Some(_) => upserts.push(Change::Replace(w.clone())),
+                    None => upserts.push(Change::Add(w.clone())),
+                }
+            }
+        };
+    match only {
+        Some(set) => {
+            for dst in set {
+                visit(
+                    *dst,
+                    wanted.get(dst),
+                    &mut installed.range(RouteKey::range(*dst)),
+                );
+            }
+        }
+        None => {
+            // One pass over both sorted maps (RouteKey sorts by destination first).
+            let mut w = wanted.iter().peekable();
+            let mut i = installed.iter().peekable();
+            loop {
+                let dst = match (w.peek(), i.peek()) {
+                    (Some((a, _)), Some((b, _))) => **a.min(&&b.dst),
+                    (Some((a, _)), None) => **a,
+                    (None, Some((b, _))) => b.dst,
+                    (None, None) => break,
+                };
+                let want = w.next_if(|(d, _)| **d == dst).map(|(_, r)| r);
+                let mut haves = std::iter::from_fn(|| i.next_if(|(k, _)| k.dst == dst));
+                visit(dst, want, &mut haves);
+            }
+        }
+    }
+    upserts.extend(deletes);
+    upserts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u8 = 157;
+
+    fn via(dst: &str, gw: &str, oif: Option<u32>, onlink: bool) -> KernelRoute {
+        KernelRoute::wanted(
+            dst.parse().unwrap(),
+            P,
+            false,
+            false,
+            Some(gw.parse().unwrap()),
+            oif,
+            onlink,
+        )
+    }
+
+    fn map(routes: &[KernelRoute]) -> BTreeMap<RouteKey, KernelRoute> {
+        routes.iter().map(|r| (r.key, r.clone())).collect()
+    }
+
+    fn wanted(routes: &[KernelRoute]) -> BTreeMap<IpNet, KernelRoute> {
+        routes.iter().map(|r| (r.key.dst, r.clone())).collect()
+    }
+
+    #[test]
+    fn equal_sets_need_no_change() {
+        let a = via("10.0.0.0/26", "192.168.1.2", Some(3), true);
+        assert!(
+            diff(
+                &wanted(std::slice::from_ref(&a)),
+                &map(&[a]),
+                None,
+                &BTreeSet::new()
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn kernel_resolved_device_satisfies_a_route_without_one() {
+        let want = via("10.0.0.0/26", "192.168.1.2", None, false);
+        let mut have = want.clone();
+        have.oif = Some(2);
+        assert!(diff(&wanted(&[want]), &map(&[have]), None, &BTreeSet::new()).is_empty());
+    }
+
+    #[test]
+    fn add_replace_delete() {
+        let keep = via("10.0.0.0/26", "192.168.1.2", Some(3), true);
+        let moved = via("10.0.1.0/26", "192.168.1.3", Some(3), true);
+        let mut moved_old = moved.clone();
+        moved_old.oif = Some(2);
+        moved_old.onlink = false;
+        let new = via("10.0.2.0/26", "192.168.1.4", Some(3), true);
+        let gone = via("10.0.3.0/26", "192.168.1.5", Some(3), true);
+        let mut other_metric = keep.clone();
+        other_metric.key.priority = 5;
+        let changes = diff(
+            &wanted(&[keep.clone(), moved.clone(), new.clone()]),
+            &map(&[keep, moved_old, gone.clone(), other_metric.clone()]),
+            None,
+            &BTreeSet::new(),
+        );
+        assert_eq!(
+            changes,
+            vec![
+                Change::Replace(moved),
+                Change::Add(new),
+                Change::Delete(other_metric),
+                Change::Delete(gone)
+            ]
+        );
+    }
+
+    #[test]
+    fn only_and_held_restrict_the_diff() {
+        let a = via("10.0.0.0/26", "192.168.1.2", Some(3), true);
+        let b = via("10.0.1.0/26", "192.168.1.3", Some(3), true);
+        let only: BTreeSet<IpNet> = [a.key.dst].into();
+        let changes = diff(
+            &wanted(&[a.clone(), b.clone()]),
+            &BTreeMap::new(),
+            Some(&only),
+            &BTreeSet::new(),
+        );
+        assert_eq!(changes, vec![Change::Add(a.clone())]);
+        let held: BTreeSet<IpNet> = [b.key.dst].into();
+        let changes = diff(&BTreeMap::new(), &map(&[a.clone(), b]), None, &held);
+        assert_eq!(changes, vec![Change::Delete(a)]);
+    }
+
+    #[test]
+    fn message_round_trip() {
+        let r = via("10.0.0.0/26", "192.168.1.2", Some(3), true);
+        let parsed = KernelRoute::from_message(&r.new_message()).unwrap();
+        assert_eq!(parsed, r);
+        let bh = KernelRoute::wanted(
+            "fd00::/122".parse().unwrap(),
+            P,
+            true,
+            false,
+            None,
+            None,
+            false,
+        );
+        let parsed = KernelRoute::from_message(&bh.new_message()).unwrap();
+        assert_eq!(parsed, bh);
+        assert_eq!(parsed.key.priority, IPV6_DEFAULT_PRIORITY);
+    }
+}

@@ -1,0 +1,507 @@
+//! A NETLINK_ROUTE request socket that sends many messages per `sendto` and checks every ACK.
+//!
+//! rtnetlink's high-level API (and netlink-proto under it) writes one message per send and
+//! hands each answer to its own future. Programming 100,000 routes that way costs a task
+//! wake-up per route, so this socket talks to the kernel directly: requests are serialized
+//! back to back into one buffer (up to `batch` messages), sent with a single `sendto`, and the
+//! kernel — which processes a netlink datagram synchronously inside `sendmsg` — has queued one
+//! ACK per message by the time the call returns. Every ACK is matched by sequence number, and
+//! a NACK carries the errno and the kernel's extended-ACK message for that one request.
+//!
+//! The receive buffer is sized (`SO_RCVBUFFORCE` when root) so that a whole batch of ACKs fits;
+//! should the kernel still drop ACKs (`ENOBUFS`), the unanswered requests are reported as
+//! [`NetlinkError::AckLost`] and the caller re-reads the table.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
+
+/// `NLM_F_CAPPED` in an error message: the original request was cut to its header.
+const NLM_F_CAPPED: u16 = 0x100;
+/// `NLM_F_ACK_TLVS` in an error message: extended-ACK attributes follow.
+const NLM_F_ACK_TLVS: u16 = 0x200;
+/// `NLMSGERR_ATTR_MSG`: the extended ACK's human-readable message.
+const NLMSGERR_ATTR_MSG: u16 = 1;
+const NETLINK_HEADER_LEN: usize = 16;
+
+/// Receive buffer asked for, so that a batch's ACKs (about 1 KiB of socket memory each) fit.
+const RCVBUF_BYTES: usize = 16 << 20;
+const SNDBUF_BYTES: usize = 4 << 20;
+/// Upper bound on one request datagram.
+const MAX_SEND_BYTES: usize = 256 << 10;
+/// A kernel that does not answer within this time is treated as a failed request.
+const RECV_TIMEOUT_SECS: libc::time_t = 10;
+
+/// A failed netlink exchange.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetlinkError {
+    /// The kernel refused the request.
+    #[error("{}{}", io::Error::from_raw_os_error(*errno), message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default())]
+    Kernel {
+        /// Positive errno (`libc::ENETUNREACH`, ...).
+        errno: i32,
+        /// Extended-ACK message, when the kernel gave one.
+        message: Option<String>,
+    },
+    /// A socket call failed.
+    #[error("netlink socket: {0}")]
+    Io(String),
+    /// The kernel's answer could not be decoded.
+    #[error("malformed netlink answer: {0}")]
+    Decode(String),
+    /// The ACK for this request was dropped by the kernel (receive buffer overrun).
+    #[error("netlink ACK lost (receive buffer overrun); the table will be re-read")]
+    AckLost,
+}
+
+impl NetlinkError {
+    /// The errno of a kernel refusal.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Kernel { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+
+    fn io(context: &str, e: io::Error) -> Self {
+        Self::Io(format!("{context}: {e}"))
+    }
+}
+
+/// One request of a batch: the message and its `NLM_F_*` flags (`NLM_F_REQUEST | NLM_F_ACK`
+/// are added).
+pub struct Request {
+    pub message: RouteNetlinkMessage,
+    pub flags: u16,
+}
+
+/// A NETLINK_ROUTE socket for dumps and batched requests. Blocking, with a receive timeout:
+/// the kernel answers rtnetlink requests synchronously, so calls never wait on the network.
+pub struct RequestSocket {
+    socket: Socket,
+    seq: u32,
+    send_buf: Vec<u8>,
+    recv_buf: Vec<u8>,
+    batch: usize,
+    /// `sendto` calls made (for measurements).
+    pub sends: u64,
+}
+
+fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: `value` lives across the call and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Grows a socket buffer, beyond `rmem_max`/`wmem_max` when we have CAP_NET_ADMIN.
+pub(crate) fn grow_buffer(fd: i32, force: i32, plain: i32, bytes: usize) {
+    let bytes = i32::try_from(bytes).unwrap_or(i32::MAX);
+    if setsockopt_int(fd, libc::SOL_SOCKET, force, bytes).is_err() {
+        // Not privileged: take what rmem_max allows.
+        let _ = setsockopt_int(fd, libc::SOL_SOCKET, plain, bytes);
+    }
+}
+
+impl RequestSocket {
+    /// Opens a socket in the calling thread's network namespace. `batch` is the maximum number
+    /// of messages per `sendto`.
+    pub fn open(batch: usize) -> Result<Self, NetlinkError> {
+        let mut socket =
+            Socket::new(NETLINK_ROUTE).map_err(|e| NetlinkError::io("socket(NETLINK_ROUTE)", e))?;
+        socket
+            .bind_auto()
+            .map_err(|e| NetlinkError::io("bind", e))?;
+        socket
+            .connect(&netlink_sys::SocketAddr::new(0, 0))
+            .map_err(|e| NetlinkError::io("connect", e))?;
+        // Extended ACK messages and capped ACKs (no echo of the request in each ACK).
+        socket
+            .set_ext_ack(true)
+            .map_err(|e| NetlinkError::io("NETLINK_EXT_ACK", e))?;
+        socket
+            .set_cap_ack(true)
+            .map_err(|e| NetlinkError::io("NETLINK_CAP_ACK", e))?;
+        // Strict checking lets the kernel filter route dumps by protocol and table.
+        socket
+            .set_netlink_get_strict_chk(true)
+            .map_err(|e| NetlinkError::io("NETLINK_GET_STRICT_CHK", e))?;
+        let fd = socket.as_raw_fd();
+        grow_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, RCVBUF_BYTES);
+        grow_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, SNDBUF_BYTES);
+        let timeout = libc::timeval {
+            tv_sec: RECV_TIMEOUT_SECS,
+            tv_usec: 0,
+        };
+        // SAFETY: `timeout` lives across the call and its size is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(NetlinkError::io("SO_RCVTIMEO", io::Error::last_os_error()));
+        }
+        // Each queued ACK costs about 1 KiB of receive buffer (skb overhead): never send more
+        // messages at once than the buffer can answer.
+        let rcvbuf = socket.get_rx_buf_sz().unwrap_or(212_992);
+        let fits = (rcvbuf / 1280).max(1);
+        Ok(Self {
+            socket,
+            seq: 0,
+            send_buf: Vec::with_capacity(MAX_SEND_BYTES),
+            recv_buf: vec![0; 1 << 16],
+            batch: batch.clamp(1, fits),
+            sends: 0,
+        })
+    }
+
+    /// Messages per `sendto` actually used (bounded by the receive buffer).
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        if self.seq == 0 {
+            self.seq = 1;
+        }
+        self.seq
+    }
+
+    fn append(&mut self, message: RouteNetlinkMessage, flags: u16, seq: u32) {
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = seq;
+        let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
+        msg.finalize();
+        let start = self.send_buf.len();
+        let len = msg.buffer_len();
+        let aligned = (len + 3) & !3;
+        self.send_buf.resize(start + aligned, 0);
+        msg.serialize(&mut self.send_buf[start..start + len]);
+    }
+
+    /// Receives one datagram into `recv_buf`. Kernel dump parts are at most 32 KiB, well
+    /// below the 64 KiB buffer; `MSG_TRUNC` reports a larger one instead of cutting it silently.
+    fn recv(&mut self) -> Result<usize, NetlinkError> {
+        loop {
+            let mut buf = &mut self.recv_buf[..];
+            match self.socket.recv(&mut buf, libc::MSG_TRUNC) {
+                Ok(n) if n > self.recv_buf.len() => {
+                    return Err(NetlinkError::Decode(format!(
+                        "netlink datagram of {n} bytes exceeds the {} byte buffer",
+                        self.recv_buf.len()
+                    )));
+                }
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(recv_error(e)),
+            }
+        }
+    }
+
+    /// Sends `requests` in batches and returns one result per request, in order.
+    pub fn execute(&mut self, requests: Vec<Request>) -> Vec<Result<(), NetlinkError>> {
+        let mut results: Vec<Result<(), NetlinkError>> = Vec::with_capacity(requests.len());
+        let mut requests = requests.into_iter().peekable();
+        while requests.peek().is_some() {
+            self.send_buf.clear();
+            let first_seq = self.seq.wrapping_add(1);
+            let base = results.len();
+            let mut count = 0usize;
+            while count < self.batch && self.send_buf.len() < MAX_SEND_BYTES - 1024 {
+                let Some(req) = requests.next() else { break };
+                let seq = self.next_seq();
+                self.append(req.message, req.flags | NLM_F_REQUEST | NLM_F_ACK, seq);
+                // Placeholder until the ACK arrives.
+                results.push(Err(NetlinkError::AckLost));
+                count += 1;
+            }
+            let batch_results = &mut results[base..];
+            if let Err(e) = send_all(&self.socket, &self.send_buf) {
+                batch_results
+                    .iter_mut()
+                    .for_each(|r| *r = Err(NetlinkError::io("sendto", clone_io(&e))));
+                self.sends += 1;
+                continue;
+            }
+            self.sends += 1;
+            let mut answered = vec![false; count];
+            let mut pending = count;
+            while pending > 0 {
+                let n = match self.recv() {
+                    Ok(n) => n,
+                    Err(e) => {
+                        for (i, done) in answered.iter().enumerate() {
+                            if !done {
+                                results[base + i] = Err(e.clone());
+                            }
+                        }
+                        break;
+                    }
+                };
+                for ack in acks(&self.recv_buf[..n]) {
+                    let Ok(ack) = ack else { continue };
+                    let idx = ack.seq.wrapping_sub(first_seq) as usize;
+                    if idx < count && !answered[idx] {
+                        answered[idx] = true;
+                        pending -= 1;
+                        results[base + idx] = ack.result;
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    /// Runs a dump request and returns every message of the answer.
+    pub fn dump(
+        &mut self,
+        message: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        self.send_buf.clear();
+        let seq = self.next_seq();
+        self.append(message, NLM_F_REQUEST | NLM_F_DUMP, seq);
+        send_all(&self.socket, &self.send_buf).map_err(|e| NetlinkError::io("sendto", e))?;
+        self.sends += 1;
+        let mut out = Vec::new();
+        loop {
+            let n = self.recv()?;
+            let mut offset = 0;
+            while offset + NETLINK_HEADER_LEN <= n {
+                let data = &self.recv_buf[offset..n];
+                let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+                if len < NETLINK_HEADER_LEN || len > data.len() {
+                    return Err(NetlinkError::Decode(format!(
+                        "message length {len} in {n} bytes"
+                    )));
+                }
+                let msg = &data[..len];
+                offset += (len + 3) & !3;
+                let msg_seq = u32::from_ne_bytes([msg[8], msg[9], msg[10], msg[11]]);
+                if msg_seq != seq {
+                    continue;
+                }
+                let kind = u16::from_ne_bytes([msg[4], msg[5]]);
+                if kind == NLMSG_DONE {
+                    return Ok(out);
+                }
+                if kind == NLMSG_ERROR {
+                    let flags = u16::from_ne_bytes([msg[6], msg[7]]);
+                    match parse_error(msg, flags) {
+                        Ok(()) => return Ok(out),
+                        Err(e) => return Err(e),
+                    }
+                }
+                match NetlinkMessage::<RouteNetlinkMessage>::deserialize(msg) {
+                    Ok(NetlinkMessage {
+                        payload: NetlinkPayload::InnerMessage(m),
+                        ..
+                    }) => out.push(m),
+                    Ok(_) => {}
+                    // One attribute this crate version cannot parse must not hide the rest.
+                    Err(e) => tracing::debug!(error = %e, "skipping undecodable dump message"),
+                }
+            }
+        }
+    }
+}
+
+fn recv_error(e: io::Error) -> NetlinkError {
+    match e.raw_os_error() {
+        Some(libc::ENOBUFS) => NetlinkError::AckLost,
+        _ => NetlinkError::io("recv", e),
+    }
+}
+
+fn clone_io(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+fn send_all(socket: &Socket, buf: &[u8]) -> io::Result<()> {
+    loop {
+        match socket.send(buf, 0) {
+            Ok(n) if n == buf.len() => return Ok(()),
+            Ok(n) => {
+                return Err(io::Error::other(format!(
+                    "short netlink send: {n} of {}",
+                    buf.len()
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One answer to a request.
+pub(crate) struct Ack {
+    pub seq: u32,
+    pub result: Result<(), NetlinkError>,
+}
+
+/// The ACKs/NACKs in a datagram; other messages are skipped.
+pub(crate) fn acks(datagram: &[u8]) -> impl Iterator<Item = Result<Ack, NetlinkError>> + '_ {
+    let mut offset = 0usize;
+    std::iter::from_fn(move || {
+        loop {
+            let data = datagram.get(offset..)?;
+            if data.len() < NETLINK_HEADER_LEN {
+                return None;
+            }
+            let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+            if len < NETLINK_HEADER_LEN || len > data.len() {
+                offset = datagram.len();
+                return Some(Err(NetlinkError::Decode(format!("message length {len}"))));
+            }
+            offset += (len + 3) & !3;
+            let msg = &data[..len];
+            let kind = u16::from_ne_bytes([msg[4], msg[5]]);
+            if kind != NLMSG_ERROR {
+                continue;
+            }
+            let flags = u16::from_ne_bytes([msg[6], msg[7]]);
+            let seq = u32::from_ne_bytes([msg[8], msg[9], msg[10], msg[11]]);
+            return Some(Ok(Ack {
+                seq,
+                result: parse_error(msg, flags),
+            }));
+        }
+    })
+}
+
+/// Decodes an `NLMSG_ERROR` message: `Ok` for an ACK, the errno and extended-ACK message for
+/// a NACK.
+fn parse_error(msg: &[u8], flags: u16) -> Result<(), NetlinkError> {
+    let body = &msg[NETLINK_HEADER_LEN..];
+    let Some(code) = body.get(..4) else {
+        return Err(NetlinkError::Decode("truncated NLMSG_ERROR".into()));
+    };
+    let code = i32::from_ne_bytes([code[0], code[1], code[2], code[3]]);
+    if code == 0 {
+        return Ok(());
+    }
+    let mut message = None;
+    if flags & NLM_F_ACK_TLVS != 0 {
+        let orig = &body[4..];
+        let skip = if flags & NLM_F_CAPPED != 0 {
+            NETLINK_HEADER_LEN
+        } else {
+            orig.get(..4)
+                .map(|b| (u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize + 3) & !3)
+                .unwrap_or(orig.len())
+        };
+        let mut tlvs = orig.get(skip..).unwrap_or_default();
+        while tlvs.len() >= 4 {
+            let len = u16::from_ne_bytes([tlvs[0], tlvs[1]]) as usize;
+            let kind = u16::from_ne_bytes([tlvs[2], tlvs[3]]);
+            if len < 4 || len > tlvs.len() {
+                break;
+            }
+            if kind == NLMSGERR_ATTR_MSG {
+                let text = &tlvs[4..len];
+                let text = text.split(|b| *b == 0).next().unwrap_or_default();
+                message = Some(String::from_utf8_lossy(text).into_owned());
+            }
+            tlvs = tlvs.get((len + 3) & !3..).unwrap_or_default();
+        }
+    }
+    Err(NetlinkError::Kernel {
+        errno: code.saturating_abs(),
+        message,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_msg(seq: u32, code: i32, ext: Option<&str>) -> Vec<u8> {
+        let mut body = code.to_ne_bytes().to_vec();
+        // Capped original header.
+        body.extend_from_slice(&[0u8; 16]);
+        let mut flags = NLM_F_CAPPED;
+        if let Some(text) = ext {
+            flags |= NLM_F_ACK_TLVS;
+            let mut t = text.as_bytes().to_vec();
+            t.push(0);
+            let len = 4 + t.len();
+            body.extend_from_slice(&(len as u16).to_ne_bytes());
+            body.extend_from_slice(&NLMSGERR_ATTR_MSG.to_ne_bytes());
+            body.extend_from_slice(&t);
+            while !body.len().is_multiple_of(4) {
+                body.push(0);
+            }
+        }
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+        msg.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        msg.extend_from_slice(&flags.to_ne_bytes());
+        msg.extend_from_slice(&seq.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(&body);
+        msg
+    }
+
+    #[test]
+    fn acks_and_nacks_with_extended_message() {
+        let mut datagram = error_msg(7, 0, None);
+        datagram.extend(error_msg(
+            8,
+            -libc::ENETUNREACH,
+            Some("Nexthop has invalid gateway"),
+        ));
+        let acks: Vec<Ack> = acks(&datagram).map(Result::unwrap).collect();
+        assert_eq!(acks.len(), 2);
+        assert_eq!((acks[0].seq, acks[0].result.clone()), (7, Ok(())));
+        let err = acks[1].result.clone().unwrap_err();
+        assert_eq!(err.errno(), Some(libc::ENETUNREACH));
+        assert_eq!(
+            err,
+            NetlinkError::Kernel {
+                errno: libc::ENETUNREACH,
+                message: Some("Nexthop has invalid gateway".into())
+            }
+        );
+        assert!(
+            err.to_string().contains("Nexthop has invalid gateway"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn truncated_datagrams_do_not_panic() {
+        let datagram = error_msg(1, -1, Some("x"));
+        for cut in 0..datagram.len() {
+            let _ = acks(&datagram[..cut]).count();
+        }
+        let mut bogus = datagram.clone();
+        bogus[0] = 3; // length below the header size
+        assert!(acks(&bogus).next().unwrap().is_err());
+    }
+}

@@ -1,0 +1,579 @@
+//! The route plan: a pure function from cluster state to the routes a node must have.
+//!
+//! Every Calico routing rule lives here and nowhere else (DESIGN.md, "plan is a pure
+//! function"): which remote blocks go through `tunl0` (IPIP), which go directly out of the
+//! host NIC, which are left to the kernel to resolve, which of the node's own blocks are
+//! blackholed, which pod IPs get a `/32 dev caliXXXXXXXXXXX scope link`, and where borrowed IPs
+//! go. The dataplane only makes the kernel's table equal to [`RoutePlan::routes`].
+//!
+//! The inputs are the plan's own small types ([`PlanInput`] and friends) so that this module
+//! does not depend on how the cluster model is stored; the agent fills them from the model and
+//! from the BGP speaker's best paths.
+//!
+//! # Decisions that go beyond the issue text
+//! - **Remote blocks come from BGP.** As with Calico's BIRD, a remote block is routed only
+//!   when a route for it was learned (prefix → next-hop node address). The blocks in the input
+//!   decide ownership (blackholes), workloads and borrowed IPs.
+//! - **One route per prefix.** When several sources give the same prefix, the precedence is
+//!   workload `/32` > borrowed-IP `/32` (from IPAM) > own-block blackhole > learned route.
+//! - **Disabled pools still route.** `disabled` stops new allocations, not traffic to blocks
+//!   that already exist, so a disabled pool's encapsulation rules keep applying.
+//! - **Removed pools.** A learned prefix inside no pool is an external route: plain
+//!   `via PEER`. Own blocks are blackholed whether or not a pool still contains them (seed
+//!   001's `192.168.241.64/26 *` row is such a block).
+//! - **VXLAN pools.** podroute has no VXLAN device yet. For `vxlanMode: CrossSubnet` a peer in
+//!   the local subnet gets the direct route (what Calico programs too); every route that
+//!   would need `vxlan.calico` is left out with a [`PlanWarning::VxlanUnsupported`] instead of
+//!   being sent through `tunl0`. A pool with both `ipipMode` and `vxlanMode` set (Calico's
+//!   validation rejects it) gets no remote routes and a [`PlanWarning::BothEncapsulations`].
+//! - **IPv6 pools** never use IPIP (Calico rejects `ipipMode` on them): with `ipipMode` set
+//!   the route is `via PEER` as for `Never`, with a [`PlanWarning::IpipOnIpv6Pool`].
+
+mod ifname;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+pub use ifname::{WORKLOAD_IFACE_PREFIX, workload_interface_name};
+
+/// Name of the IPIP tunnel device, as Calico names it.
+pub const TUNNEL_DEVICE: &str = "tunl0";
+
+/// An IPPool's `ipipMode` / `vxlanMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum EncapMode {
+    /// No encapsulation (also the empty string).
+    #[default]
+    Never,
+    /// Always encapsulate towards remote blocks.
+    Always,
+    /// Encapsulate only when the peer is outside the local node's subnet.
+    CrossSubnet,
+}
+
+impl EncapMode {
+    /// Parses Calico's spelling: `Never`, `Always`, `CrossSubnet`; empty means `Never`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "" | "Never" => Some(Self::Never),
+            "Always" => Some(Self::Always),
+            "CrossSubnet" => Some(Self::CrossSubnet),
+            _ => None,
+        }
+    }
+}
+
+/// The node the plan is computed for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalNode {
+    /// Kubernetes node name (the `host:<name>` of block affinities).
+    pub name: String,
+    /// IPv4 address with its prefix (`projectcalico.org/IPv4Address`, e.g. `10.0.0.5/24`):
+    /// the prefix decides CrossSubnet.
+    pub ipv4: Option<Ipv4Net>,
+    /// IPv6 address with its prefix (`projectcalico.org/IPv6Address`).
+    pub ipv6: Option<Ipv6Net>,
+    /// Host NIC that direct routes leave through (`ens33` in seed 001).
+    pub nic: String,
+}
+
+/// An IPPool, reduced to what routing needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// Object name, for warnings.
+    pub name: String,
+    pub cidr: IpNet,
+    pub ipip: EncapMode,
+    pub vxlan: EncapMode,
+    /// Disabled pools still route their existing blocks (see the module doc).
+    pub disabled: bool,
+}
+
+/// One allocated address of an IPAM block (`attributes[i].secondary` of the allocation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    pub ip: IpAddr,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    /// Node the address is used on; `None` means the block's host.
+    pub node: Option<String>,
+}
+
+/// An IPAMBlock, reduced to what routing needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockSpec {
+    pub cidr: IpNet,
+    /// The node of `affinity: host:<node>`, without the `host:` prefix; `None` when the block
+    /// has no host affinity.
+    pub affinity: Option<String>,
+    pub allocations: Vec<Allocation>,
+}
+
+/// A best path learned over BGP: `prefix` via the node (or external peer) at `next_hop`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LearnedRoute {
+    pub prefix: IpNet,
+    pub next_hop: IpAddr,
+}
+
+/// Addresses of another node, used to route IPs it borrowed from someone else's block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerNode {
+    pub name: String,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+}
+
+/// Everything the plan depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanInput {
+    pub local: LocalNode,
+    pub pools: Vec<PoolSpec>,
+    pub blocks: Vec<BlockSpec>,
+    pub learned: Vec<LearnedRoute>,
+    /// The other nodes' addresses (for borrowed IPs).
+    pub nodes: Vec<PeerNode>,
+    /// Names of the `cali*` interfaces that exist on this node.
+    pub local_interfaces: BTreeSet<String>,
+}
+
+/// Why a route exists, and which rule produced its shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteKind {
+    /// Remote block, CrossSubnet (or vxlan CrossSubnet) peer in the local subnet:
+    /// `BLOCK via PEER dev NIC`.
+    BlockDirect,
+    /// Remote block through IPIP: `BLOCK via PEER dev tunl0 onlink`.
+    BlockIpip,
+    /// Remote block, pool `Never`: `BLOCK via PEER` (the kernel picks the device).
+    BlockNoEncap,
+    /// One of this node's blocks: `blackhole BLOCK`.
+    Blackhole,
+    /// A local pod: `IP/32 dev caliXXXXXXXXXXX scope link`.
+    Workload,
+    /// An IP used on another node than its block's host, direct via NIC.
+    BorrowedDirect,
+    /// An IP used on another node than its block's host, through IPIP.
+    BorrowedIpip,
+    /// An IP used on another node than its block's host, pool `Never`.
+    BorrowedNoEncap,
+    /// A learned prefix outside every pool (external peers): `PREFIX via PEER`.
+    External,
+}
+
+/// Route scope, as far as the plan needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteScope {
+    /// `scope global` (kernel: universe).
+    Universe,
+    /// `scope link`: the destination is directly on the device.
+    Link,
+}
+
+/// One route the node must have in its main table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DesiredRoute {
+    pub prefix: IpNet,
+    pub kind: RouteKind,
+    /// Next hop, for `via` routes.
+    pub gateway: Option<IpAddr>,
+    /// Output device; `None` lets the kernel resolve it from the gateway.
+    pub device: Option<String>,
+    /// `onlink`: the gateway is reachable on the device without a covering route.
+    pub onlink: bool,
+    pub scope: RouteScope,
+}
+
+impl DesiredRoute {
+    /// True for `blackhole` routes.
+    pub fn is_blackhole(&self) -> bool {
+        self.kind == RouteKind::Blackhole
+    }
+
+    fn blackhole(prefix: IpNet) -> Self {
+        Self {
+            prefix,
+            kind: RouteKind::Blackhole,
+            gateway: None,
+            device: None,
+            onlink: false,
+            scope: RouteScope::Universe,
+        }
+    }
+
+    fn workload(prefix: IpNet, device: String) -> Self {
+        Self {
+            prefix,
+            kind: RouteKind::Workload,
+            gateway: None,
+            device: Some(device),
+            onlink: false,
+            scope: RouteScope::Link,
+        }
+    }
+}
+
+/// `ip route` syntax: `172.16.196.128/26 via 192.168.92.129 dev tunl0 onlink`,
+/// `blackhole 172.16.241.64/26`, `172.16.241.69 dev cali67beaa0e9f4 scope link`.
+impl fmt::Display for DesiredRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_blackhole() {
+            write!(f, "blackhole ")?;
+        }
+        if self.prefix.prefix_len() == self.prefix.max_prefix_len() {
+            write!(f, "{}", self.prefix.addr())?;
+        } else {
+            write!(f, "{}", self.prefix)?;
+        }
+        if let Some(gw) = self.gateway {
+            write!(f, " via {gw}")?;
+        }
+        if let Some(dev) = &self.device {
+            write!(f, " dev {dev}")?;
+        }
+        if self.scope == RouteScope::Link {
+            write!(f, " scope link")?;
+        }
+        if self.onlink {
+            write!(f, " onlink")?;
+        }
+        Ok(())
+    }
+}
+
+/// Something in the input the plan could not route as asked; the rest of the plan stands.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PlanWarning {
+    /// A route would need the VXLAN device, which podroute does not program yet.
+    VxlanUnsupported {
+        pool: String,
+        prefix: IpNet,
+        peer: IpAddr,
+    },
+    /// A pool has both `ipipMode` and `vxlanMode` enabled; its remote routes are left out.
+    BothEncapsulations { pool: String },
+    /// `ipipMode` on an IPv6 pool is ignored: routed as `Never`.
+    IpipOnIpv6Pool { pool: String },
+    /// A learned route's next hop is of the other address family than its prefix.
+    NextHopFamilyMismatch { prefix: IpNet, next_hop: IpAddr },
+    /// An IP borrowed by `node` cannot be routed: the node's address is unknown.
+    BorrowedNodeUnknown { ip: IpAddr, node: String },
+    /// A learned route points at this node itself; ignored.
+    NextHopIsSelf { prefix: IpNet },
+    /// An allocation's IP lies outside its block; ignored.
+    AllocationOutsideBlock { block: IpNet, ip: IpAddr },
+}
+
+impl fmt::Display for PlanWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::VxlanUnsupported { pool, prefix, peer } => write!(
+                f,
+                "IPPool {pool:?}: route {prefix} via {peer} needs VXLAN, which podroute does not \
+                 program yet; route left out (use ipipMode or vxlanMode: CrossSubnet within one \
+                 subnet)"
+            ),
+            Self::BothEncapsulations { pool } => write!(
+                f,
+                "IPPool {pool:?}: ipipMode and vxlanMode are both enabled; set one of them to \
+                 Never (remote routes of this pool are left out)"
+            ),
+            Self::IpipOnIpv6Pool { pool } => write!(
+                f,
+                "IPPool {pool:?}: ipipMode applies to IPv4 pools only; routing as Never"
+            ),
+            Self::NextHopFamilyMismatch { prefix, next_hop } => write!(
+                f,
+                "learned route {prefix} via {next_hop}: next hop family differs from the prefix; \
+                 ignored"
+            ),
+            Self::BorrowedNodeUnknown { ip, node } => write!(
+                f,
+                "IP {ip} is used on node {node:?} whose address is unknown; no /32 route for it \
+                 (check the node's projectcalico.org/IPv4Address annotation)"
+            ),
+            Self::NextHopIsSelf { prefix } => {
+                write!(
+                    f,
+                    "learned route {prefix} points at this node itself; ignored"
+                )
+            }
+            Self::AllocationOutsideBlock { block, ip } => {
+                write!(
+                    f,
+                    "IPAMBlock {block}: allocation {ip} is outside the block; ignored"
+                )
+            }
+        }
+    }
+}
+
+/// The plan's result: the desired routes sorted by prefix (one per prefix) and the warnings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutePlan {
+    pub routes: Vec<DesiredRoute>,
+    pub warnings: Vec<PlanWarning>,
+}
+
+impl RoutePlan {
+    /// The routes as `ip route` lines, in order.
+    pub fn lines(&self) -> Vec<String> {
+        self.routes.iter().map(ToString::to_string).collect()
+    }
+}
+
+/// How a remote destination is reached.
+enum Path {
+    Direct,
+    Ipip,
+    NoEncap,
+}
+
+/// Precedence of the sources of a route, lowest first (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Source {
+    Learned,
+    OwnBlock,
+    Borrowed,
+    Workload,
+}
+
+struct Builder<'a> {
+    input: &'a PlanInput,
+    routes: BTreeMap<IpNet, (Source, DesiredRoute)>,
+    warnings: BTreeSet<PlanWarning>,
+}
+
+impl Builder<'_> {
+    fn insert(&mut self, source: Source, route: DesiredRoute) {
+        match self.routes.get(&route.prefix) {
+            Some((existing, _)) if *existing >= source => {}
+            _ => {
+                self.routes.insert(route.prefix, (source, route));
+            }
+        }
+    }
+
+    /// The most specific pool that contains all of `prefix`.
+    fn pool_of(&self, prefix: &IpNet) -> Option<&PoolSpec> {
+        self.input
+            .pools
+            .iter()
+            .filter(|p| p.cidr.contains(prefix))
+            .max_by_key(|p| p.cidr.prefix_len())
+    }
+
+    fn in_local_subnet(&self, peer: IpAddr) -> bool {
+        match peer {
+            IpAddr::V4(a) => self.input.local.ipv4.is_some_and(|n| n.contains(&a)),
+            IpAddr::V6(a) => self.input.local.ipv6.is_some_and(|n| n.contains(&a)),
+        }
+    }
+
+    fn is_self(&self, peer: IpAddr) -> bool {
+        match peer {
+            IpAddr::V4(a) => self.input.local.ipv4.is_some_and(|n| n.addr() == a),
+            IpAddr::V6(a) => self.input.local.ipv6.is_some_and(|n| n.addr() == a),
+        }
+    }
+
+    /// The encapsulation rule for `prefix` towards `peer`; `None` when the route is left out.
+    fn path(&mut self, pool: &PoolSpec, prefix: IpNet, peer: IpAddr) -> Option<Path> {
+        let ipip = if prefix.addr().is_ipv6() && pool.ipip != EncapMode::Never {
+            self.warnings.insert(PlanWarning::IpipOnIpv6Pool {
+                pool: pool.name.clone(),
+            });
+            EncapMode::Never
+        } else {
+            pool.ipip
+        };
+        match (ipip, pool.vxlan) {
+            (EncapMode::Never, EncapMode::Never) => Some(Path::NoEncap),
+            (EncapMode::Always, EncapMode::Never) => Some(Path::Ipip),
+            (EncapMode::CrossSubnet, EncapMode::Never) => Some(if self.in_local_subnet(peer) {
+                Path::Direct
+            } else {
+                Path::Ipip
+            }),
+            (EncapMode::Never, EncapMode::CrossSubnet) if self.in_local_subnet(peer) => {
+                Some(Path::Direct)
+            }
+            (EncapMode::Never, _) => {
+                self.warnings.insert(PlanWarning::VxlanUnsupported {
+                    pool: pool.name.clone(),
+                    prefix,
+                    peer,
+                });
+                None
+            }
+            _ => {
+                self.warnings.insert(PlanWarning::BothEncapsulations {
+                    pool: pool.name.clone(),
+                });
+                None
+            }
+        }
+    }
+
+    /// The route to a remote `prefix` at `peer`, by the encapsulation rules of its pool.
+    fn remote_route(
+        &mut self,
+        prefix: IpNet,
+        peer: IpAddr,
+        borrowed: bool,
+    ) -> Option<DesiredRoute> {
+        if prefix.addr().is_ipv4() != peer.is_ipv4() {
+            self.warnings.insert(PlanWarning::NextHopFamilyMismatch {
+                prefix,
+                next_hop: peer,
+            });
+            return None;
+        }
+        if self.is_self(peer) {
+            self.warnings.insert(PlanWarning::NextHopIsSelf { prefix });
+            return None;
+        }
+        let via = |kind, device: Option<&str>, onlink| DesiredRoute {
+            prefix,
+            kind,
+            gateway: Some(peer),
+            device: device.map(str::to_owned),
+            onlink,
+            scope: RouteScope::Universe,
+        };
+        let Some(pool) = self.pool_of(&prefix).cloned() else {
+            return Some(via(RouteKind::External, None, false));
+        };
+        let nic = self.input.local.nic.clone();
+        Some(match (self.path(&pool, prefix, peer)?, borrowed) {
+            (Path::Direct, false) => via(RouteKind::BlockDirect, Some(&nic), false),
+            (Path::Direct, true) => via(RouteKind::BorrowedDirect, Some(&nic), false),
+            (Path::Ipip, false) => via(RouteKind::BlockIpip, Some(TUNNEL_DEVICE), true),
+            (Path::Ipip, true) => via(RouteKind::BorrowedIpip, Some(TUNNEL_DEVICE), true),
+            (Path::NoEncap, false) => via(RouteKind::BlockNoEncap, None, false),
+            (Path::NoEncap, true) => via(RouteKind::BorrowedNoEncap, None, false),
+        })
+    }
+
+    fn node_address(&self, node: &str, family_v4: bool) -> Option<IpAddr> {
+        let peer = self.input.nodes.iter().find(|n| n.name == node)?;
+        if family_v4 {
+            peer.ipv4.map(IpAddr::V4)
+        } else {
+            peer.ipv6.map(IpAddr::V6)
+        }
+    }
+
+    fn blocks(&mut self) {
+        let local = self.input.local.name.as_str();
+        for block in &self.input.blocks {
+            let host = block.affinity.as_deref();
+            if host == Some(local) {
+                self.insert(
+                    Source::OwnBlock,
+                    DesiredRoute::blackhole(block.cidr.trunc()),
+                );
+            }
+            for alloc in &block.allocations {
+                if !block.cidr.contains(&alloc.ip) {
+                    self.warnings.insert(PlanWarning::AllocationOutsideBlock {
+                        block: block.cidr,
+                        ip: alloc.ip,
+                    });
+                    continue;
+                }
+                let Some(node) = alloc.node.as_deref().or(host) else {
+                    continue;
+                };
+                let host_prefix = IpNet::from(alloc.ip);
+                if node == local {
+                    let (Some(ns), Some(pod)) = (&alloc.namespace, &alloc.pod) else {
+                        continue;
+                    };
+                    let iface = workload_interface_name(ns, pod);
+                    if self.input.local_interfaces.contains(&iface) {
+                        self.insert(Source::Workload, DesiredRoute::workload(host_prefix, iface));
+                    }
+                } else if Some(node) != host {
+                    // Borrowed: used on `node`, but the block routes to its host.
+                    match self.node_address(node, alloc.ip.is_ipv4()) {
+                        Some(peer) => {
+                            if let Some(route) = self.remote_route(host_prefix, peer, true) {
+                                self.insert(Source::Borrowed, route);
+                            }
+                        }
+                        None => {
+                            self.warnings.insert(PlanWarning::BorrowedNodeUnknown {
+                                ip: alloc.ip,
+                                node: node.to_owned(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn learned(&mut self) {
+        for learned in &self.input.learned {
+            let prefix = learned.prefix.trunc();
+            if let Some(route) = self.remote_route(prefix, learned.next_hop, false) {
+                self.insert(Source::Learned, route);
+            }
+        }
+    }
+}
+
+/// Computes the routes this node must have. Pure: same input, same output.
+pub fn plan(input: &PlanInput) -> RoutePlan {
+    let mut builder = Builder {
+        input,
+        routes: BTreeMap::new(),
+        warnings: BTreeSet::new(),
+    };
+    builder.blocks();
+    builder.learned();
+    RoutePlan {
+        routes: builder
+            .routes
+            .into_values()
+            .map(|(_, route)| route)
+            .collect(),
+        warnings: builder.warnings.into_iter().collect(),
+    }
+}
+
+/// The address for `tunl0`: the node annotation `projectcalico.org/IPv4IPIPTunnelAddr` when
+/// given, else the first address of the lowest of the node's own IPv4 blocks (preferring
+/// blocks of pools with IPIP enabled), as Calico allocates it from the node's block.
+pub fn tunnel_address(input: &PlanInput, annotation: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
+    if annotation.is_some() {
+        return annotation;
+    }
+    let own: Vec<Ipv4Net> = input
+        .blocks
+        .iter()
+        .filter(|b| b.affinity.as_deref() == Some(input.local.name.as_str()))
+        .filter_map(|b| match b.cidr {
+            IpNet::V4(n) => Some(n.trunc()),
+            IpNet::V6(_) => None,
+        })
+        .collect();
+    let ipip_pool = |n: &Ipv4Net| {
+        input
+            .pools
+            .iter()
+            .any(|p| p.ipip != EncapMode::Never && p.cidr.contains(&IpNet::V4(*n)))
+    };
+    own.iter()
+        .filter(|n| ipip_pool(n))
+        .min()
+        .or_else(|| own.iter().min())
+        .map(|n| n.network())
+}
+
+#[cfg(test)]
+mod tests;

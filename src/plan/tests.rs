@@ -1,0 +1,787 @@
+//! Plan tests. The seed tables are copied verbatim from
+//! `shared/seeds/001_7a55b52529396fb1.txt` (Calico IPIP, `route -n` on master01 and node01,
+//! before and after `ipipMode: CrossSubnet`).
+
+use super::*;
+
+const MASTER01: &str = "master01";
+const NODE01: &str = "node01";
+const MASTER01_ADDR: &str = "192.168.92.128/24";
+const NODE01_ADDR: &str = "192.168.92.129/24";
+const MASTER01_BLOCK: &str = "172.16.241.64/26";
+const NODE01_BLOCK: &str = "172.16.196.128/26";
+
+const SEED_MASTER01_ALWAYS: &str = "\
+0.0.0.0         192.168.92.2    0.0.0.0         UG    100    0        0 ens33
+172.16.196.128  192.168.92.129  255.255.255.192 UG    0      0        0 tunl0
+172.16.241.64   0.0.0.0         255.255.255.192 U     0      0        0 *
+172.16.241.69   0.0.0.0         255.255.255.255 UH    0      0        0 cali68d0bd52ca7
+172.16.241.70   0.0.0.0         255.255.255.255 UH    0      0        0 cali55ce5618d78
+172.16.241.71   0.0.0.0         255.255.255.255 UH    0      0        0 cali6156df79841
+172.16.241.72   0.0.0.0         255.255.255.255 UH    0      0        0 cali81d206a1716
+172.17.0.0      0.0.0.0         255.255.0.0     U     0      0        0 docker0
+192.168.92.0    0.0.0.0         255.255.255.0   U     100    0        0 ens33
+192.168.241.64  0.0.0.0         255.255.255.192 U     0      0        0 *
+";
+
+const SEED_NODE01_ALWAYS: &str = "\
+0.0.0.0         192.168.92.2    0.0.0.0         UG    100    0        0 ens33
+172.16.196.128  0.0.0.0         255.255.255.192 U     0      0        0 *
+172.16.196.129  0.0.0.0         255.255.255.255 UH    0      0        0 cali6321cd990f9
+172.16.196.131  0.0.0.0         255.255.255.255 UH    0      0        0 cali63b1569e518
+172.16.241.64   192.168.92.128  255.255.255.192 UG    0      0        0 tunl0
+172.17.0.0      0.0.0.0         255.255.0.0     U     0      0        0 docker0
+192.168.92.0    0.0.0.0         255.255.255.0   U     100    0        0 ens33
+";
+
+const SEED_MASTER01_CROSS_SUBNET: &str = "\
+0.0.0.0         192.168.92.2    0.0.0.0         UG    100    0        0 ens33
+172.16.196.128  192.168.92.129  255.255.255.192 UG    0      0        0 ens33
+172.16.241.64   0.0.0.0         255.255.255.192 U     0      0        0 *
+172.16.241.65   0.0.0.0         255.255.255.255 UH    0      0        0 cali99ba0e1a1c8
+172.16.241.66   0.0.0.0         255.255.255.255 UH    0      0        0 cali3941b92be17
+172.16.241.67   0.0.0.0         255.255.255.255 UH    0      0        0 cali0fd794bcf81
+172.16.241.68   0.0.0.0         255.255.255.255 UH    0      0        0 cali291c708c629
+172.16.241.69   0.0.0.0         255.255.255.255 UH    0      0        0 cali67beaa0e9f4
+172.17.0.0      0.0.0.0         255.255.0.0     U     0      0        0 docker0
+192.168.92.0    0.0.0.0         255.255.255.0   U     100    0        0 ens33
+";
+
+/// The seed does not show node01 after the change; this is the same rule applied to node01's
+/// "before" table (the tunl0 row now leaves through ens33).
+const EXPECTED_NODE01_CROSS_SUBNET: &str = "\
+172.16.196.128  0.0.0.0         255.255.255.192 U     0      0        0 *
+172.16.196.129  0.0.0.0         255.255.255.255 UH    0      0        0 cali6321cd990f9
+172.16.196.131  0.0.0.0         255.255.255.255 UH    0      0        0 cali63b1569e518
+172.16.241.64   192.168.92.128  255.255.255.192 UG    0      0        0 ens33
+";
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// A `route -n` row: destination, gateway, genmask, flags, iface. Workload interface names
+/// are checked separately (the seed's pod names are unknown), so rows compare `cali*`.
+type RouteNRow = (String, String, String, String, String);
+
+/// Rows of a seed table that podroute owns: the foreign rows (default route and connected
+/// subnet with metric 100 from DHCP/kernel, docker0) are dropped.
+fn seed_rows(table: &str) -> Vec<RouteNRow> {
+    table
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(f.len(), 8, "bad seed row {line:?}");
+            if f[4] != "0" || f[7] == "docker0" {
+                return None;
+            }
+            let iface = if f[7].starts_with("cali") {
+                "cali*"
+            } else {
+                f[7]
+            };
+            Some((
+                f[0].into(),
+                f[1].into(),
+                f[2].into(),
+                f[3].into(),
+                iface.into(),
+            ))
+        })
+        .collect()
+}
+
+/// Renders a plan as `route -n` would show it after the kernel installed it.
+fn route_n(plan: &RoutePlan) -> Vec<RouteNRow> {
+    plan.routes
+        .iter()
+        .map(|r| {
+            let IpNet::V4(p) = r.prefix else {
+                panic!("route -n shows IPv4 only: {r}")
+            };
+            let gateway = r.gateway.map_or("0.0.0.0".to_string(), |g| g.to_string());
+            let mut flags = "U".to_string();
+            if r.gateway.is_some() {
+                flags.push('G');
+            }
+            if p.prefix_len() == 32 {
+                flags.push('H');
+            }
+            let iface = match &r.device {
+                Some(d) if d.starts_with("cali") => "cali*".to_string(),
+                Some(d) => d.clone(),
+                None if r.is_blackhole() => "*".to_string(),
+                None => panic!("{r}: the kernel would pick the device; not a seed row"),
+            };
+            (
+                p.network().to_string(),
+                gateway,
+                p.netmask().to_string(),
+                flags,
+                iface,
+            )
+        })
+        .collect()
+}
+
+fn pool(name: &str, cidr: &str, ipip: EncapMode) -> PoolSpec {
+    PoolSpec {
+        name: name.into(),
+        cidr: net(cidr),
+        ipip,
+        vxlan: EncapMode::Never,
+        disabled: false,
+    }
+}
+
+fn pod_alloc(addr: &str, namespace: &str, pod: &str, node: &str) -> Allocation {
+    Allocation {
+        ip: ip(addr),
+        namespace: Some(namespace.into()),
+        pod: Some(pod.into()),
+        node: Some(node.into()),
+    }
+}
+
+fn block(cidr: &str, host: &str, allocations: Vec<Allocation>) -> BlockSpec {
+    BlockSpec {
+        cidr: net(cidr),
+        affinity: Some(host.into()),
+        allocations,
+    }
+}
+
+fn local(name: &str, addr: &str) -> LocalNode {
+    LocalNode {
+        name: name.into(),
+        ipv4: Some(addr.parse().unwrap()),
+        ipv6: None,
+        nic: "ens33".into(),
+    }
+}
+
+fn learned(prefix: &str, next_hop: &str) -> LearnedRoute {
+    LearnedRoute {
+        prefix: net(prefix),
+        next_hop: ip(next_hop),
+    }
+}
+
+fn nodes() -> Vec<PeerNode> {
+    vec![
+        PeerNode {
+            name: MASTER01.into(),
+            ipv4: Some("192.168.92.128".parse().unwrap()),
+            ipv6: None,
+        },
+        PeerNode {
+            name: NODE01.into(),
+            ipv4: Some("192.168.92.129".parse().unwrap()),
+            ipv6: None,
+        },
+    ]
+}
+
+/// Marks every pod of `blocks` that runs on `node` as having its cali interface.
+fn interfaces_of(blocks: &[BlockSpec], node: &str) -> BTreeSet<String> {
+    blocks
+        .iter()
+        .flat_map(|b| &b.allocations)
+        .filter(|a| a.node.as_deref() == Some(node))
+        .filter_map(|a| {
+            Some(workload_interface_name(
+                a.namespace.as_deref()?,
+                a.pod.as_deref()?,
+            ))
+        })
+        .collect()
+}
+
+/// Seed 001, before the change: pods .69-.72 on master01 (names unknown: synthetic), .129 and
+/// .131 on node01, and master01's stale block 192.168.241.64/26 left from the default pool
+/// 192.168.0.0/16 that the installer replaced by 172.16.0.0/16 (hence its blackhole).
+fn seed_before() -> Vec<BlockSpec> {
+    vec![
+        block(
+            MASTER01_BLOCK,
+            MASTER01,
+            (69..=72)
+                .map(|i| {
+                    pod_alloc(
+                        &format!("172.16.241.{i}"),
+                        "seed",
+                        &format!("pod-{i}"),
+                        MASTER01,
+                    )
+                })
+                .collect(),
+        ),
+        block(
+            NODE01_BLOCK,
+            NODE01,
+            vec![
+                pod_alloc("172.16.196.129", "seed", "pod-129", NODE01),
+                pod_alloc("172.16.196.131", "seed", "pod-131", NODE01),
+            ],
+        ),
+        block("192.168.241.64/26", MASTER01, vec![]),
+    ]
+}
+
+/// Seed 001, after the change: pods .65-.69 on master01, .69 being busybox-b8ffb94c4-c84gp;
+/// the stale block is gone.
+fn seed_after() -> Vec<BlockSpec> {
+    let mut master: Vec<Allocation> = (65..=68)
+        .map(|i| {
+            pod_alloc(
+                &format!("172.16.241.{i}"),
+                "seed",
+                &format!("pod-{i}"),
+                MASTER01,
+            )
+        })
+        .collect();
+    master.push(pod_alloc(
+        "172.16.241.69",
+        "kube-system",
+        "busybox-b8ffb94c4-c84gp",
+        MASTER01,
+    ));
+    vec![
+        block(MASTER01_BLOCK, MASTER01, master),
+        block(
+            NODE01_BLOCK,
+            NODE01,
+            vec![
+                pod_alloc("172.16.196.129", "seed", "pod-129", NODE01),
+                pod_alloc("172.16.196.131", "seed", "pod-131", NODE01),
+            ],
+        ),
+    ]
+}
+
+fn seed_input(node: &str, ipip: EncapMode, blocks: Vec<BlockSpec>) -> PlanInput {
+    let (addr, learned_routes) = if node == MASTER01 {
+        (MASTER01_ADDR, vec![learned(NODE01_BLOCK, "192.168.92.129")])
+    } else {
+        (NODE01_ADDR, vec![learned(MASTER01_BLOCK, "192.168.92.128")])
+    };
+    PlanInput {
+        local: local(node, addr),
+        pools: vec![pool("default-ipv4-ippool", "172.16.0.0/16", ipip)],
+        local_interfaces: interfaces_of(&blocks, node),
+        blocks,
+        learned: learned_routes,
+        nodes: nodes(),
+    }
+}
+
+/// Every workload route leaves through the interface named after the pod at that IP.
+fn assert_workload_names(input: &PlanInput, plan: &RoutePlan) {
+    for route in plan.routes.iter().filter(|r| r.kind == RouteKind::Workload) {
+        let alloc = input
+            .blocks
+            .iter()
+            .flat_map(|b| &b.allocations)
+            .find(|a| IpNet::from(a.ip) == route.prefix)
+            .unwrap_or_else(|| panic!("workload route {route} has no allocation"));
+        let want = workload_interface_name(
+            alloc.namespace.as_deref().unwrap(),
+            alloc.pod.as_deref().unwrap(),
+        );
+        assert_eq!(route.device.as_deref(), Some(want.as_str()), "{route}");
+    }
+}
+
+#[test]
+fn seed_001_tables() {
+    let cases = [
+        (
+            "master01 Always",
+            MASTER01,
+            EncapMode::Always,
+            seed_before(),
+            SEED_MASTER01_ALWAYS,
+        ),
+        (
+            "node01 Always",
+            NODE01,
+            EncapMode::Always,
+            seed_before(),
+            SEED_NODE01_ALWAYS,
+        ),
+        (
+            "master01 CrossSubnet",
+            MASTER01,
+            EncapMode::CrossSubnet,
+            seed_after(),
+            SEED_MASTER01_CROSS_SUBNET,
+        ),
+        (
+            "node01 CrossSubnet",
+            NODE01,
+            EncapMode::CrossSubnet,
+            seed_after(),
+            EXPECTED_NODE01_CROSS_SUBNET,
+        ),
+    ];
+    for (name, node, mode, blocks, table) in cases {
+        let input = seed_input(node, mode, blocks);
+        let plan = plan(&input);
+        assert_eq!(
+            route_n(&plan),
+            seed_rows(table),
+            "{name}: {:#?}",
+            plan.lines()
+        );
+        assert_workload_names(&input, &plan);
+        assert!(plan.warnings.is_empty(), "{name}: {:?}", plan.warnings);
+    }
+}
+
+#[test]
+fn seed_001_exact_lines() {
+    let plan = plan(&seed_input(MASTER01, EncapMode::Always, seed_before()));
+    let lines = plan.lines();
+    assert_eq!(
+        lines[0],
+        "172.16.196.128/26 via 192.168.92.129 dev tunl0 onlink"
+    );
+    assert_eq!(lines[1], "blackhole 172.16.241.64/26");
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("blackhole 192.168.241.64/26")
+    );
+    assert_eq!(plan.routes[0].kind, RouteKind::BlockIpip);
+
+    let plan = super::plan(&seed_input(MASTER01, EncapMode::CrossSubnet, seed_after()));
+    let lines = plan.lines();
+    assert_eq!(lines[0], "172.16.196.128/26 via 192.168.92.129 dev ens33");
+    assert_eq!(plan.routes[0].kind, RouteKind::BlockDirect);
+    // The one pod whose name the seed reveals (kubectl get po -owide: busybox ... 172.16.241.69
+    // master01) has exactly the seed's interface name.
+    assert!(
+        lines.contains(&"172.16.241.69 dev cali67beaa0e9f4 scope link".to_string()),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn cross_subnet_peer_in_another_subnet_uses_tunl0() {
+    let mut input = seed_input(MASTER01, EncapMode::CrossSubnet, seed_after());
+    input.learned.push(learned("172.16.10.0/26", "10.20.0.7"));
+    let plan = plan(&input);
+    let lines = plan.lines();
+    assert!(
+        lines.contains(&"172.16.10.0/26 via 10.20.0.7 dev tunl0 onlink".into()),
+        "{lines:#?}"
+    );
+    assert!(lines.contains(&"172.16.196.128/26 via 192.168.92.129 dev ens33".into()));
+    // A /25 local prefix would put .129 outside master01's subnet: tunnel again.
+    input.local.ipv4 = Some("192.168.92.128/32".parse().unwrap());
+    let lines = super::plan(&input).lines();
+    assert!(lines.contains(&"172.16.196.128/26 via 192.168.92.129 dev tunl0 onlink".into()));
+}
+
+#[test]
+fn never_lets_the_kernel_resolve() {
+    let plan = plan(&seed_input(MASTER01, EncapMode::Never, seed_after()));
+    assert_eq!(
+        plan.routes[0].to_string(),
+        "172.16.196.128/26 via 192.168.92.129"
+    );
+    assert_eq!(plan.routes[0].kind, RouteKind::BlockNoEncap);
+    assert_eq!(plan.routes[0].device, None);
+    assert!(!plan.routes[0].onlink);
+}
+
+#[test]
+fn workload_without_interface_or_pod_gets_no_route() {
+    let mut input = seed_input(MASTER01, EncapMode::Always, seed_after());
+    let busybox = workload_interface_name("kube-system", "busybox-b8ffb94c4-c84gp");
+    input.local_interfaces.remove(&busybox);
+    // The IPIP tunnel address allocation has no pod.
+    input.blocks[0].allocations.push(Allocation {
+        ip: ip("172.16.241.64"),
+        namespace: None,
+        pod: None,
+        node: Some(MASTER01.into()),
+    });
+    let plan = plan(&input);
+    assert!(
+        !plan
+            .routes
+            .iter()
+            .any(|r| r.prefix == net("172.16.241.69/32"))
+    );
+    assert!(
+        !plan
+            .routes
+            .iter()
+            .any(|r| r.prefix == net("172.16.241.64/32"))
+    );
+    assert_eq!(
+        plan.routes
+            .iter()
+            .filter(|r| r.kind == RouteKind::Workload)
+            .count(),
+        4
+    );
+}
+
+#[test]
+fn borrowed_ips() {
+    let mut input = seed_input(MASTER01, EncapMode::CrossSubnet, seed_after());
+    input.nodes.push(PeerNode {
+        name: "node02".into(),
+        ipv4: Some("10.20.0.7".parse().unwrap()),
+        ipv6: None,
+    });
+    // node01 borrowed .80 of master01's block; node02 borrowed .90 of it.
+    input.blocks[0]
+        .allocations
+        .push(pod_alloc("172.16.241.80", "ns", "on-node01", NODE01));
+    input.blocks[0]
+        .allocations
+        .push(pod_alloc("172.16.241.90", "ns", "on-node02", "node02"));
+    // master01 borrowed .140 of node01's block and runs that pod.
+    input.blocks[1]
+        .allocations
+        .push(pod_alloc("172.16.196.140", "ns", "on-master01", MASTER01));
+    input
+        .local_interfaces
+        .insert(workload_interface_name("ns", "on-master01"));
+    // node02 borrowed .150 of node01's block.
+    input.blocks[1]
+        .allocations
+        .push(pod_alloc("172.16.196.150", "ns", "b", "node02"));
+    // A node nobody knows borrowed .160.
+    input.blocks[1]
+        .allocations
+        .push(pod_alloc("172.16.196.160", "ns", "c", "ghost"));
+    let plan = plan(&input);
+    let lines = plan.lines();
+    let want = [
+        "172.16.241.80 via 192.168.92.129 dev ens33",
+        "172.16.241.90 via 10.20.0.7 dev tunl0 onlink",
+        "172.16.196.140 dev cali4ec7cf51f22 scope link",
+        "172.16.196.150 via 10.20.0.7 dev tunl0 onlink",
+    ];
+    assert_eq!(
+        workload_interface_name("ns", "on-master01"),
+        "cali4ec7cf51f22"
+    );
+    for w in want {
+        assert!(lines.contains(&w.to_string()), "missing {w}: {lines:#?}");
+    }
+    let kinds: BTreeMap<IpNet, RouteKind> =
+        plan.routes.iter().map(|r| (r.prefix, r.kind)).collect();
+    assert_eq!(kinds[&net("172.16.241.80/32")], RouteKind::BorrowedDirect);
+    assert_eq!(kinds[&net("172.16.241.90/32")], RouteKind::BorrowedIpip);
+    assert_eq!(kinds[&net("172.16.196.140/32")], RouteKind::Workload);
+    assert!(!kinds.contains_key(&net("172.16.196.160/32")));
+    assert_eq!(
+        plan.warnings,
+        vec![PlanWarning::BorrowedNodeUnknown {
+            ip: ip("172.16.196.160"),
+            node: "ghost".into()
+        }]
+    );
+    // Never: the borrowed /32 is a plain via route.
+    input.pools[0].ipip = EncapMode::Never;
+    let plan = super::plan(&input);
+    let r = plan
+        .routes
+        .iter()
+        .find(|r| r.prefix == net("172.16.241.90/32"))
+        .unwrap();
+    assert_eq!(
+        (r.kind, r.to_string().as_str()),
+        (RouteKind::BorrowedNoEncap, "172.16.241.90 via 10.20.0.7")
+    );
+}
+
+#[test]
+fn block_changing_owner() {
+    // node01's block moves to master01 while node01's BGP route is still learned.
+    let mut input = seed_input(MASTER01, EncapMode::Always, seed_after());
+    input.blocks[1].affinity = Some(MASTER01.into());
+    let plan = plan(&input);
+    let lines = plan.lines();
+    assert!(
+        lines.contains(&"blackhole 172.16.196.128/26".into()),
+        "{lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("172.16.196.128/26 via")),
+        "{lines:#?}"
+    );
+    // Its pods still run on node01: each is now a borrowed /32 towards node01.
+    assert!(lines.contains(&"172.16.196.129 via 192.168.92.129 dev tunl0 onlink".into()));
+    assert!(lines.contains(&"172.16.196.131 via 192.168.92.129 dev tunl0 onlink".into()));
+
+    // On node01 the block's blackhole disappears and master01's advertisement is used.
+    let mut input = seed_input(NODE01, EncapMode::Always, seed_after());
+    input.blocks[1].affinity = Some(MASTER01.into());
+    input.blocks[1].allocations.clear();
+    input.learned.push(learned(NODE01_BLOCK, "192.168.92.128"));
+    let lines = super::plan(&input).lines();
+    assert_eq!(
+        lines,
+        vec![
+            "172.16.196.128/26 via 192.168.92.128 dev tunl0 onlink",
+            "172.16.241.64/26 via 192.168.92.128 dev tunl0 onlink",
+        ]
+    );
+}
+
+#[test]
+fn own_block_wins_over_learned_route_for_it() {
+    let mut input = seed_input(MASTER01, EncapMode::Always, seed_after());
+    input
+        .learned
+        .push(learned(MASTER01_BLOCK, "192.168.92.129"));
+    let plan = plan(&input);
+    let r = plan
+        .routes
+        .iter()
+        .find(|r| r.prefix == net(MASTER01_BLOCK))
+        .unwrap();
+    assert!(r.is_blackhole(), "{r}");
+}
+
+#[test]
+fn pools_removed_and_prefixes_outside_every_pool() {
+    let mut input = seed_input(MASTER01, EncapMode::Always, seed_after());
+    input.learned.push(learned("10.99.0.0/16", "192.168.92.1"));
+    let plan = plan(&input);
+    let ext = plan
+        .routes
+        .iter()
+        .find(|r| r.prefix == net("10.99.0.0/16"))
+        .unwrap();
+    assert_eq!(
+        (ext.kind, ext.to_string().as_str()),
+        (RouteKind::External, "10.99.0.0/16 via 192.168.92.1")
+    );
+
+    input.pools.clear();
+    let lines = super::plan(&input).lines();
+    assert_eq!(lines[0], "10.99.0.0/16 via 192.168.92.1");
+    assert_eq!(
+        lines[1], "172.16.196.128/26 via 192.168.92.129",
+        "no pool: plain via PEER"
+    );
+    assert_eq!(
+        lines[2], "blackhole 172.16.241.64/26",
+        "own blocks stay blackholed"
+    );
+}
+
+#[test]
+fn disabled_pool_still_routes_its_blocks() {
+    let mut input = seed_input(MASTER01, EncapMode::Always, seed_after());
+    input.pools[0].disabled = true;
+    assert_eq!(
+        plan(&input).lines()[0],
+        "172.16.196.128/26 via 192.168.92.129 dev tunl0 onlink"
+    );
+}
+
+#[test]
+fn most_specific_pool_decides() {
+    let mut input = seed_input(MASTER01, EncapMode::Always, seed_after());
+    input
+        .pools
+        .push(pool("never-pool", "172.16.196.0/24", EncapMode::Never));
+    assert_eq!(
+        plan(&input).lines()[0],
+        "172.16.196.128/26 via 192.168.92.129"
+    );
+}
+
+#[test]
+fn ipv6_pool_never() {
+    let input = PlanInput {
+        local: LocalNode {
+            name: MASTER01.into(),
+            ipv4: None,
+            ipv6: Some("fd00:92::128/64".parse().unwrap()),
+            nic: "ens33".into(),
+        },
+        pools: vec![pool(
+            "default-ipv6-ippool",
+            "fd00:10::/48",
+            EncapMode::Never,
+        )],
+        blocks: vec![
+            block(
+                "fd00:10:0:1::/122",
+                MASTER01,
+                vec![pod_alloc("fd00:10:0:1::5", "ns", "p6", MASTER01)],
+            ),
+            block("fd00:10:0:2::/122", NODE01, vec![]),
+        ],
+        learned: vec![learned("fd00:10:0:2::/122", "fd00:92::129")],
+        nodes: vec![],
+        local_interfaces: [workload_interface_name("ns", "p6")].into(),
+    };
+    let lines = plan(&input).lines();
+    assert_eq!(
+        lines,
+        vec![
+            "blackhole fd00:10:0:1::/122".to_string(),
+            format!(
+                "fd00:10:0:1::5 dev {} scope link",
+                workload_interface_name("ns", "p6")
+            ),
+            "fd00:10:0:2::/122 via fd00:92::129".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn ipip_on_ipv6_pool_is_routed_as_never_with_a_warning() {
+    let mut input = PlanInput {
+        local: LocalNode {
+            name: "n".into(),
+            ipv4: None,
+            ipv6: Some("fd00::1/64".parse().unwrap()),
+            nic: "eth0".into(),
+        },
+        pools: vec![pool("v6", "fd00:10::/48", EncapMode::Always)],
+        blocks: vec![],
+        learned: vec![learned("fd00:10::/122", "fd00::2")],
+        nodes: vec![],
+        local_interfaces: BTreeSet::new(),
+    };
+    let plan1 = plan(&input);
+    assert_eq!(plan1.lines(), vec!["fd00:10::/122 via fd00::2"]);
+    assert_eq!(
+        plan1.warnings,
+        vec![PlanWarning::IpipOnIpv6Pool { pool: "v6".into() }]
+    );
+    // A v4 next hop for a v6 prefix is refused.
+    input.learned = vec![learned("fd00:10::/122", "192.168.92.1")];
+    let plan2 = plan(&input);
+    assert!(plan2.routes.is_empty());
+    assert!(matches!(
+        plan2.warnings[0],
+        PlanWarning::NextHopFamilyMismatch { .. }
+    ));
+}
+
+#[test]
+fn vxlan_pools_never_get_ipip_routes() {
+    let mut input = seed_input(MASTER01, EncapMode::Never, seed_after());
+    input.learned.push(learned("172.16.10.0/26", "10.20.0.7"));
+    input.pools[0].vxlan = EncapMode::CrossSubnet;
+    let plan1 = plan(&input);
+    let lines = plan1.lines();
+    assert!(
+        lines.contains(&"172.16.196.128/26 via 192.168.92.129 dev ens33".into()),
+        "{lines:#?}"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("tunl0") || l.contains("10.20.0.7")),
+        "{lines:#?}"
+    );
+    assert!(matches!(
+        plan1.warnings[..],
+        [PlanWarning::VxlanUnsupported { .. }]
+    ));
+
+    input.pools[0].vxlan = EncapMode::Always;
+    let plan2 = plan(&input);
+    assert!(
+        !plan2.routes.iter().any(|r| r.gateway.is_some()),
+        "{:#?}",
+        plan2.lines()
+    );
+    assert_eq!(plan2.warnings.len(), 2);
+    // Blackhole and workloads are unaffected.
+    assert!(plan2.routes.iter().any(|r| r.is_blackhole()));
+
+    input.pools[0].ipip = EncapMode::Always;
+    let plan3 = plan(&input);
+    assert!(!plan3.routes.iter().any(|r| r.gateway.is_some()));
+    assert_eq!(
+        plan3.warnings,
+        vec![PlanWarning::BothEncapsulations {
+            pool: "default-ipv4-ippool".into()
+        }]
+    );
+}
+
+#[test]
+fn learned_route_to_self_is_ignored() {
+    let mut input = seed_input(MASTER01, EncapMode::Always, seed_after());
+    input
+        .learned
+        .push(learned("172.16.50.0/26", "192.168.92.128"));
+    let plan = plan(&input);
+    assert!(
+        !plan
+            .routes
+            .iter()
+            .any(|r| r.prefix == net("172.16.50.0/26"))
+    );
+    assert_eq!(
+        plan.warnings,
+        vec![PlanWarning::NextHopIsSelf {
+            prefix: net("172.16.50.0/26")
+        }]
+    );
+}
+
+#[test]
+fn output_is_sorted_unique_and_independent_of_input_order() {
+    let input = seed_input(MASTER01, EncapMode::Always, seed_before());
+    let mut reversed = input.clone();
+    reversed.blocks.reverse();
+    for b in &mut reversed.blocks {
+        b.allocations.reverse();
+    }
+    reversed.learned.push(reversed.learned[0].clone());
+    let a = plan(&input);
+    assert_eq!(a, plan(&reversed));
+    let prefixes: Vec<IpNet> = a.routes.iter().map(|r| r.prefix).collect();
+    let mut sorted = prefixes.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(prefixes, sorted);
+}
+
+#[test]
+fn tunnel_address_rule() {
+    let input = seed_input(MASTER01, EncapMode::Always, seed_before());
+    // Lowest own block in an IPIP pool: 172.16.241.64/26 (the stale 192.168.241.64/26 is in
+    // no pool).
+    assert_eq!(
+        tunnel_address(&input, None),
+        Some("172.16.241.64".parse().unwrap())
+    );
+    let annotated = "172.16.241.70".parse().unwrap();
+    assert_eq!(tunnel_address(&input, Some(annotated)), Some(annotated));
+    let mut none = input.clone();
+    none.blocks
+        .retain(|b| b.affinity.as_deref() != Some(MASTER01));
+    assert_eq!(tunnel_address(&none, None), None);
+}
+
+#[test]
+fn encap_mode_parses_calico_spelling() {
+    assert_eq!(EncapMode::parse(""), Some(EncapMode::Never));
+    assert_eq!(
+        EncapMode::parse("CrossSubnet"),
+        Some(EncapMode::CrossSubnet)
+    );
+    assert_eq!(EncapMode::parse("Always"), Some(EncapMode::Always));
+    assert_eq!(EncapMode::parse("always"), None);
+}

@@ -1,0 +1,777 @@
+//! Dataplane tests in network namespaces (root): nodes are namespaces joined by veth, pods are
+//! namespaces behind `cali*` veths. The kernel here has no `ipip` module, so a TUN device named
+//! `tunl0` stands in for the IPIP device wherever onlink tunnel routes are installed.
+//!
+//! Every address used (192.168.92.x, 172.16.x, 10.x) lives only inside namespaces these tests
+//! create; packets are sent only between such namespaces.
+
+mod netns;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use netns::{Netns, can_run, pod, tun_tunl0, veth};
+use podroute::dataplane::tunnel::{KernelIpip, TunnelDevice, TunnelError, TunnelSpec};
+use podroute::dataplane::{Dataplane, DataplaneConfig, DataplaneStatus, RouteError};
+use podroute::plan::{
+    Allocation, BlockSpec, DesiredRoute, EncapMode, LearnedRoute, LocalNode, PeerNode, PlanInput,
+    PoolSpec, RouteKind, RouteScope, plan, workload_interface_name,
+};
+use tokio::sync::watch;
+
+const PROTO: u8 = podroute::dataplane::DEFAULT_ROUTE_PROTOCOL;
+
+fn config() -> DataplaneConfig {
+    DataplaneConfig {
+        retry_min: Duration::from_millis(50),
+        ..DataplaneConfig::default()
+    }
+}
+
+fn open(ns: &Netns) -> Dataplane {
+    ns.run(|| Dataplane::open(config()).expect("open dataplane"))
+}
+
+fn alloc(ip: &str, pod: &str, node: &str) -> Allocation {
+    Allocation {
+        ip: ip.parse().unwrap(),
+        namespace: Some("seed".into()),
+        pod: Some(pod.into()),
+        node: Some(node.into()),
+    }
+}
+
+/// Seed 001's cluster as seen from `node`: master01 owns 172.16.241.64/26 with pods .65-.67,
+/// node01 owns 172.16.196.128/26 with pods .129 and .131.
+fn seed_input(node: &str, mode: EncapMode) -> PlanInput {
+    let (addr, learned) = if node == "master01" {
+        (
+            "192.168.92.128/24",
+            LearnedRoute {
+                prefix: "172.16.196.128/26".parse().unwrap(),
+                next_hop: "192.168.92.129".parse().unwrap(),
+            },
+        )
+    } else {
+        (
+            "192.168.92.129/24",
+            LearnedRoute {
+                prefix: "172.16.241.64/26".parse().unwrap(),
+                next_hop: "192.168.92.128".parse().unwrap(),
+            },
+        )
+    };
+    let blocks = vec![
+        BlockSpec {
+            cidr: "172.16.241.64/26".parse().unwrap(),
+            affinity: Some("master01".into()),
+            allocations: (65..=67)
+                .map(|i| alloc(&format!("172.16.241.{i}"), &format!("p{i}"), "master01"))
+                .collect(),
+        },
+        BlockSpec {
+            cidr: "172.16.196.128/26".parse().unwrap(),
+            affinity: Some("node01".into()),
+            allocations: vec![
+                alloc("172.16.196.129", "p129", "node01"),
+                alloc("172.16.196.131", "p131", "node01"),
+            ],
+        },
+    ];
+    let local_interfaces = blocks
+        .iter()
+        .flat_map(|b| &b.allocations)
+        .filter(|a| a.node.as_deref() == Some(node))
+        .map(|a| workload_interface_name("seed", a.pod.as_deref().unwrap()))
+        .collect();
+    PlanInput {
+        local: LocalNode {
+            name: node.into(),
+            ipv4: Some(addr.parse().unwrap()),
+            ipv6: None,
+            nic: "ens33".into(),
+        },
+        pools: vec![PoolSpec {
+            name: "default-ipv4-ippool".into(),
+            cidr: "172.16.0.0/16".parse().unwrap(),
+            ipip: mode,
+            vxlan: EncapMode::Never,
+            disabled: false,
+        }],
+        blocks,
+        learned: vec![learned],
+        nodes: vec![
+            PeerNode {
+                name: "master01".into(),
+                ipv4: Some("192.168.92.128".parse().unwrap()),
+                ipv6: None,
+            },
+            PeerNode {
+                name: "node01".into(),
+                ipv4: Some("192.168.92.129".parse().unwrap()),
+                ipv6: None,
+            },
+        ],
+        local_interfaces,
+    }
+}
+
+/// Two nodes on one subnet, each with its pods (namespaces behind cali veths).
+struct Cluster {
+    master: Netns,
+    node: Netns,
+    pods: Vec<(String, Netns)>,
+}
+
+fn cluster() -> Cluster {
+    let master = Netns::new("m");
+    let node = Netns::new("n");
+    veth(
+        &master,
+        "ens33",
+        "192.168.92.128/24",
+        &node,
+        "ens33",
+        "192.168.92.129/24",
+    );
+    let mut pods = Vec::new();
+    for (ns, name, addr) in [
+        (&master, "p65", "172.16.241.65"),
+        (&master, "p66", "172.16.241.66"),
+        (&master, "p67", "172.16.241.67"),
+        (&node, "p129", "172.16.196.129"),
+        (&node, "p131", "172.16.196.131"),
+    ] {
+        let iface = workload_interface_name("seed", name);
+        let p = pod(ns, &iface, addr);
+        // The pod reaches its node through 169.254.1.1, answered by proxy ARP on the cali side;
+        // a permanent neighbour saves the nodes a default route.
+        let link = ns.ip(&["-o", "link", "show", "dev", &iface]);
+        let mac = link
+            .split("link/ether ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap()
+            .to_string();
+        p.ip(&[
+            "neigh",
+            "replace",
+            "169.254.1.1",
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        pods.push((addr.to_string(), p));
+    }
+    for n in [&master, &node] {
+        n.sysctl("net.ipv4.ip_forward=1");
+        n.sysctl("net.ipv4.conf.all.rp_filter=0");
+    }
+    Cluster { master, node, pods }
+}
+
+fn expected(plan_routes: &[DesiredRoute]) -> Vec<String> {
+    let mut lines: Vec<String> = plan_routes.iter().map(ToString::to_string).collect();
+    lines.sort();
+    lines
+}
+
+/// Our routes without the `linkdown` flag a carrier-less TUN adds.
+fn our_routes(ns: &Netns) -> Vec<String> {
+    ns.routes(PROTO)
+        .into_iter()
+        .map(|l| l.replace(" linkdown", ""))
+        .collect()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sends a UDP datagram from the pod at `from` to the pod at `to` and back.
+fn udp_round_trip(c: &Cluster, from: &str, to: &str) -> Result<(), String> {
+    let find = |a: &str| {
+        c.pods
+            .iter()
+            .find(|(addr, _)| addr == a)
+            .map(|(_, ns)| ns)
+            .unwrap()
+    };
+    let to_addr: IpAddr = to.parse().unwrap();
+    let from_addr: IpAddr = from.parse().unwrap();
+    let server = find(to).run(move || UdpSocket::bind(SocketAddr::new(to_addr, 7777)).unwrap());
+    let client = find(from).run(move || UdpSocket::bind(SocketAddr::new(from_addr, 0)).unwrap());
+    for s in [&server, &client] {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    }
+    let mut buf = [0u8; 16];
+    for _ in 0..3 {
+        client
+            .send_to(b"ping", SocketAddr::new(to_addr, 7777))
+            .map_err(|e| e.to_string())?;
+        let Ok((n, peer)) = server.recv_from(&mut buf) else {
+            continue;
+        };
+        assert_eq!(&buf[..n], b"ping");
+        server.send_to(b"pong", peer).map_err(|e| e.to_string())?;
+        if let Ok((n, _)) = client.recv_from(&mut buf) {
+            assert_eq!(&buf[..n], b"pong");
+            return Ok(());
+        }
+    }
+    Err(format!("no UDP round trip {from} -> {to}"))
+}
+
+#[test]
+fn seed_table_is_programmed_and_pods_talk_across_nodes() {
+    if !can_run("seed_table_is_programmed_and_pods_talk_across_nodes") {
+        return;
+    }
+    let c = cluster();
+    let foreign_before = c.master.all_routes();
+
+    // Always: tunnel routes (TUN stand-in for tunl0).
+    tun_tunl0(&c.master);
+    let always = plan(&seed_input("master01", EncapMode::Always));
+    let mut dp = open(&c.master);
+    dp.set_desired(&always.routes);
+    let report = dp.reconcile();
+    assert_eq!(report.failed, 0, "{:?}", dp.status().failures);
+    assert_eq!(report.added, always.routes.len());
+    assert_eq!(our_routes(&c.master), expected(&always.routes));
+    assert!(
+        our_routes(&c.master)
+            .contains(&"172.16.196.128/26 via 192.168.92.129 dev tunl0 onlink".to_string())
+    );
+
+    // CrossSubnet on both nodes: direct routes via ens33, and pods reach each other.
+    let cross_m = plan(&seed_input("master01", EncapMode::CrossSubnet));
+    dp.set_desired(&cross_m.routes);
+    let report = dp.reconcile();
+    assert_eq!(
+        (report.replaced, report.added, report.deleted, report.failed),
+        (1, 0, 0, 0),
+        "only the block route changes"
+    );
+    assert_eq!(our_routes(&c.master), expected(&cross_m.routes));
+    let cross_n = plan(&seed_input("node01", EncapMode::CrossSubnet));
+    let mut dp_n = open(&c.node);
+    dp_n.set_desired(&cross_n.routes);
+    assert_eq!(dp_n.reconcile().failed, 0);
+    assert_eq!(our_routes(&c.node), expected(&cross_n.routes));
+    assert!(
+        our_routes(&c.node).contains(&"172.16.241.64/26 via 192.168.92.128 dev ens33".to_string())
+    );
+
+    udp_round_trip(&c, "172.16.241.65", "172.16.196.129").unwrap();
+    udp_round_trip(&c, "172.16.196.131", "172.16.241.67").unwrap();
+
+    // Foreign routes (kernel connected routes) are untouched.
+    let foreign_after: Vec<String> = c
+        .master
+        .all_routes()
+        .into_iter()
+        .filter(|l| !l.contains(&format!("proto {PROTO}")))
+        .collect();
+    let tunl0_connected = |l: &String| !l.contains("tunl0");
+    assert_eq!(
+        foreign_after
+            .into_iter()
+            .filter(tunl0_connected)
+            .collect::<Vec<_>>(),
+        foreign_before
+            .into_iter()
+            .filter(tunl0_connected)
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn restart_adopts_routes_and_changes_nothing() {
+    if !can_run("restart_adopts_routes_and_changes_nothing") {
+        return;
+    }
+    let c = cluster();
+    tun_tunl0(&c.master);
+    let p = plan(&seed_input("master01", EncapMode::Always));
+    let mut dp = open(&c.master);
+    dp.set_desired(&p.routes);
+    assert_eq!(dp.reconcile().failed, 0);
+    drop(dp);
+    // The routes survive the agent going away (no flush on exit either).
+    assert_eq!(our_routes(&c.master), expected(&p.routes));
+
+    let mut dp = open(&c.master);
+    assert_eq!(
+        dp.status().installed_routes,
+        p.routes.len(),
+        "adopted on open"
+    );
+    // Before the first plan nothing is touched, even on reconcile.
+    assert_eq!(dp.reconcile().changes(), 0);
+    dp.set_desired(&p.routes);
+    let report = dp.reconcile();
+    assert_eq!(report.changes(), 0, "{report:?}");
+    assert_eq!(
+        dp.status().counters.netlink_requests,
+        0,
+        "zero netlink route requests"
+    );
+    assert_eq!(our_routes(&c.master), expected(&p.routes));
+}
+
+#[test]
+fn removing_a_block_removes_exactly_its_routes() {
+    if !can_run("removing_a_block_removes_exactly_its_routes") {
+        return;
+    }
+    let c = cluster();
+    let mut input = seed_input("master01", EncapMode::CrossSubnet);
+    input.learned.push(LearnedRoute {
+        prefix: "172.16.50.0/26".parse().unwrap(),
+        next_hop: "192.168.92.129".parse().unwrap(),
+    });
+    let full = plan(&input);
+    let mut dp = open(&c.master);
+    dp.set_desired(&full.routes);
+    assert_eq!(dp.reconcile().failed, 0);
+    let before = our_routes(&c.master);
+    // The block 172.16.50.0/26 is withdrawn.
+    input.learned.pop();
+    let smaller = plan(&input);
+    dp.set_desired(&smaller.routes);
+    let report = dp.reconcile();
+    assert_eq!((report.added, report.replaced, report.deleted), (0, 0, 1));
+    let after = our_routes(&c.master);
+    let gone: Vec<&String> = before.iter().filter(|l| !after.contains(l)).collect();
+    assert_eq!(gone, vec!["172.16.50.0/26 via 192.168.92.129 dev ens33"]);
+    assert_eq!(after, expected(&smaller.routes));
+}
+
+#[test]
+fn per_route_errors_are_reported_and_retried_without_blocking_others() {
+    if !can_run("per_route_errors_are_reported_and_retried_without_blocking_others") {
+        return;
+    }
+    let c = cluster();
+    // No tunl0 (this kernel has no ipip): the tunnel route waits for the device.
+    let mut input = seed_input("master01", EncapMode::Always);
+    // An external route whose gateway is not reachable yet.
+    input.learned.push(LearnedRoute {
+        prefix: "10.99.0.0/16".parse().unwrap(),
+        next_hop: "10.98.0.1".parse().unwrap(),
+    });
+    // A foreign route already holds a prefix the plan wants.
+    input.learned.push(LearnedRoute {
+        prefix: "10.60.0.0/26".parse().unwrap(),
+        next_hop: "192.168.92.129".parse().unwrap(),
+    });
+    c.master.ip(&[
+        "route",
+        "add",
+        "10.60.0.0/26",
+        "via",
+        "192.168.92.129",
+        "proto",
+        "static",
+    ]);
+    let p = plan(&input);
+    let mut dp = open(&c.master);
+    dp.set_desired(&p.routes);
+    let report = dp.reconcile();
+    assert_eq!(report.failed, 3, "{:?}", dp.status().failures);
+    assert_eq!(report.added, p.routes.len() - 3);
+    let status = dp.status();
+    let err = |dst: &str| {
+        status
+            .failures
+            .iter()
+            .find(|f| f.route.prefix == dst.parse::<IpNet>().unwrap())
+            .map(|f| f.error.clone())
+    };
+    assert_eq!(
+        err("172.16.196.128/26"),
+        Some(RouteError::MissingDevice("tunl0".into()))
+    );
+    match err("10.99.0.0/16") {
+        Some(RouteError::Kernel(e)) => assert_eq!(e.errno(), Some(libc::ENETUNREACH), "{e}"),
+        other => panic!("expected ENETUNREACH, got {other:?}"),
+    }
+    assert_eq!(err("10.60.0.0/26"), Some(RouteError::Occupied));
+    assert!(
+        c.master
+            .all_routes()
+            .contains(&"10.60.0.0/26 via 192.168.92.129 dev ens33 proto static".to_string()),
+        "foreign route untouched"
+    );
+    // Every other route is in.
+    let ours = our_routes(&c.master);
+    assert!(
+        ours.contains(&"blackhole 172.16.241.64/26".to_string()),
+        "{ours:#?}"
+    );
+
+    // The causes go away; the running dataplane notices (link event) or retries (backoff).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (plan_tx, plan_rx) = watch::channel(Some(Arc::new(p.routes.clone())));
+    let (status_tx, mut status_rx) = watch::channel(DataplaneStatus::default());
+    let task = rt.spawn(dp.run(plan_rx, status_tx));
+    tun_tunl0(&c.master);
+    c.master
+        .ip(&["addr", "add", "10.98.0.2/24", "dev", "ens33"]);
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if status_rx.borrow_and_update().failures.len() == 1 {
+                    break;
+                }
+                status_rx.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("tunnel and unreachable-gateway routes installed after their causes were fixed");
+    });
+    let ours = our_routes(&c.master);
+    assert!(
+        ours.contains(&"172.16.196.128/26 via 192.168.92.129 dev tunl0 onlink".to_string()),
+        "{ours:#?}"
+    );
+    assert!(
+        ours.contains(&"10.99.0.0/16 via 10.98.0.1 dev ens33".to_string()),
+        "{ours:#?}"
+    );
+    let status = status_rx.borrow().clone();
+    assert_eq!(
+        status.failures[0].error,
+        RouteError::Occupied,
+        "the foreign route still wins"
+    );
+    assert!(
+        status.failures[0].attempts >= 2,
+        "retried: {:?}",
+        status.failures[0]
+    );
+    drop(plan_tx);
+    rt.block_on(task).unwrap().unwrap();
+}
+
+#[test]
+fn drift_is_repaired_and_foreign_routes_are_left_alone() {
+    if !can_run("drift_is_repaired_and_foreign_routes_are_left_alone") {
+        return;
+    }
+    let c = cluster();
+    tun_tunl0(&c.master);
+    let p = plan(&seed_input("master01", EncapMode::Always));
+    let dp = open(&c.master);
+    let (plan_tx, plan_rx) = watch::channel(Some(Arc::new(p.routes.clone())));
+    let (status_tx, status_rx) = watch::channel(DataplaneStatus::default());
+    // The dataplane runs on its own thread while this thread plays the disruptive admin.
+    let driver = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(dp.run(plan_rx, status_tx))
+    });
+    let want = expected(&p.routes);
+    wait_until("initial programming", Duration::from_secs(10), || {
+        our_routes(&c.master) == want
+    });
+
+    // A hand-deleted route of ours comes back.
+    c.master.ip(&["route", "del", "172.16.196.128/26"]);
+    wait_until("deleted route restored", Duration::from_secs(10), || {
+        our_routes(&c.master) == want
+    });
+    // A hand-changed route of ours (now with another protocol) is put back.
+    c.master.ip(&[
+        "route",
+        "replace",
+        "172.16.196.128/26",
+        "via",
+        "192.168.92.1",
+        "dev",
+        "ens33",
+    ]);
+    wait_until("replaced route restored", Duration::from_secs(10), || {
+        our_routes(&c.master) == want
+    });
+    c.master.ip(&["route", "del", "172.16.241.65/32"]);
+    wait_until("workload route restored", Duration::from_secs(10), || {
+        our_routes(&c.master) == want
+    });
+    // A foreign route is left alone, and a stray route with our protocol is removed.
+    c.master.ip(&[
+        "route",
+        "add",
+        "10.77.0.0/16",
+        "via",
+        "192.168.92.1",
+        "proto",
+        "static",
+    ]);
+    c.master.ip(&[
+        "route",
+        "add",
+        "10.78.0.0/16",
+        "via",
+        "192.168.92.1",
+        "proto",
+        &PROTO.to_string(),
+    ]);
+    wait_until("stray route removed", Duration::from_secs(10), || {
+        our_routes(&c.master) == want
+    });
+    assert!(
+        c.master
+            .all_routes()
+            .contains(&"10.77.0.0/16 via 192.168.92.1 dev ens33 proto static".to_string())
+    );
+    let status = status_rx.borrow().clone();
+    assert!(status.counters.drift_repairs >= 4, "{:?}", status.counters);
+
+    drop(plan_tx);
+    driver.join().unwrap().unwrap();
+}
+
+#[test]
+fn ten_thousand_routes_in_batches() {
+    if !can_run("ten_thousand_routes_in_batches") {
+        return;
+    }
+    let node = Netns::new("big");
+    let peer = Netns::new("bigp");
+    veth(
+        &node,
+        "ens33",
+        "192.168.92.128/24",
+        &peer,
+        "ens33",
+        "192.168.92.129/24",
+    );
+    let routes: Vec<DesiredRoute> = (0..10_000u32)
+        .map(|i| {
+            let base = u32::from(std::net::Ipv4Addr::new(172, 16, 0, 0)) + (i << 6);
+            DesiredRoute {
+                prefix: IpNet::new(IpAddr::V4(base.into()), 26).unwrap(),
+                kind: RouteKind::BlockDirect,
+                gateway: Some("192.168.92.129".parse().unwrap()),
+                device: Some("ens33".into()),
+                onlink: false,
+                scope: RouteScope::Universe,
+            }
+        })
+        .collect();
+    let mut dp = open(&node);
+    dp.set_desired(&routes);
+    let report = dp.reconcile();
+    assert_eq!((report.added, report.failed), (10_000, 0));
+    let counters = dp.status().counters;
+    assert!(
+        counters.netlink_sends <= 20,
+        "batched: {} sends for 10k routes",
+        counters.netlink_sends
+    );
+    assert_eq!(node.routes(PROTO).len(), 10_000);
+    // Change 1%: the first 100 move to another gateway; the last 100 go.
+    let mut changed = routes.clone();
+    for r in changed.iter_mut().take(100) {
+        r.gateway = Some("192.168.92.130".parse().unwrap());
+    }
+    changed.truncate(9_900);
+    dp.set_desired(&changed);
+    let report = dp.reconcile();
+    assert_eq!(
+        (report.added, report.replaced, report.deleted, report.failed),
+        (0, 100, 100, 0)
+    );
+    let lines: BTreeSet<String> = node.routes(PROTO).into_iter().collect();
+    assert_eq!(lines.len(), 9_900);
+    assert!(lines.contains("172.16.0.0/26 via 192.168.92.130 dev ens33"));
+}
+
+#[test]
+fn tunl0_device_is_configured_or_the_missing_ipip_is_named() {
+    if !can_run("tunl0_device_is_configured_or_the_missing_ipip_is_named") {
+        return;
+    }
+    let node = Netns::new("tun");
+    let peer = Netns::new("tunp");
+    veth(
+        &node,
+        "ens33",
+        "192.168.92.128/24",
+        &peer,
+        "ens33",
+        "192.168.92.129/24",
+    );
+    node.ip(&["link", "set", "ens33", "mtu", "1450"]);
+    let spec = TunnelSpec {
+        name: "tunl0".into(),
+        nic: "ens33".into(),
+        address: Some("172.16.241.64".parse().unwrap()),
+    };
+    let run = |spec: TunnelSpec| {
+        node.run(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async { KernelIpip::connect()?.ensure(&spec).await })
+        })
+    };
+    let ipip_available = node.try_ip(&["link", "add", "probe0", "type", "ipip"]).0;
+    if ipip_available {
+        node.ip(&["link", "del", "probe0"]);
+    }
+    match run(spec.clone()) {
+        Ok(state) => {
+            assert!(
+                ipip_available,
+                "created an ipip device although `ip link add type ipip` fails"
+            );
+            assert_eq!(state.mtu, 1430);
+        }
+        Err(e @ TunnelError::IpipUnsupported { .. }) => {
+            assert!(!ipip_available, "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("no ipip support") && msg.contains("tunl0"),
+                "{msg}"
+            );
+            eprintln!(
+                "NOTE: this kernel has no ipip module; the kernel IPIP device could not be tested. \
+                 Testing configuration of a TUN stand-in named tunl0 instead."
+            );
+        }
+        Err(e) => panic!("unexpected tunnel error: {e}"),
+    }
+    // A pre-existing device named tunl0 (the TUN stand-in here, the userspace tunnel later) is
+    // configured: MTU = NIC MTU - 20, tunnel address, up.
+    if !ipip_available {
+        node.ip(&["tuntap", "add", "dev", "tunl0", "mode", "tun"]);
+    }
+    let state = run(spec).expect("configure tunl0");
+    assert_eq!(state.mtu, 1430);
+    let link = node.ip(&["-o", "link", "show", "dev", "tunl0"]);
+    assert!(link.contains("mtu 1430") && link.contains(",UP"), "{link}");
+    let addr = node.ip(&["-o", "addr", "show", "dev", "tunl0"]);
+    assert!(addr.contains("172.16.241.64/32"), "{addr}");
+}
+
+#[test]
+fn ipv6_never_pool_is_programmed_and_adopted() {
+    if !can_run("ipv6_never_pool_is_programmed_and_adopted") {
+        return;
+    }
+    let node = Netns::new("v6");
+    let peer = Netns::new("v6p");
+    veth(&node, "ens33", "", &peer, "ens33", "");
+    node.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:92::128/64",
+        "dev",
+        "ens33",
+        "nodad",
+    ]);
+    peer.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:92::129/64",
+        "dev",
+        "ens33",
+        "nodad",
+    ]);
+    let iface = workload_interface_name("ns", "p6");
+    let _pod = pod_v6(&node, &iface);
+    let input = PlanInput {
+        local: LocalNode {
+            name: "master01".into(),
+            ipv4: None,
+            ipv6: Some("fd00:92::128/64".parse().unwrap()),
+            nic: "ens33".into(),
+        },
+        pools: vec![PoolSpec {
+            name: "default-ipv6-ippool".into(),
+            cidr: "fd00:10::/48".parse().unwrap(),
+            ipip: EncapMode::Never,
+            vxlan: EncapMode::Never,
+            disabled: false,
+        }],
+        blocks: vec![BlockSpec {
+            cidr: "fd00:10:0:1::/122".parse().unwrap(),
+            affinity: Some("master01".into()),
+            allocations: vec![Allocation {
+                ip: "fd00:10:0:1::5".parse().unwrap(),
+                namespace: Some("ns".into()),
+                pod: Some("p6".into()),
+                node: Some("master01".into()),
+            }],
+        }],
+        learned: vec![LearnedRoute {
+            prefix: "fd00:10:0:2::/122".parse().unwrap(),
+            next_hop: "fd00:92::129".parse().unwrap(),
+        }],
+        nodes: vec![],
+        local_interfaces: [iface.clone()].into(),
+    };
+    let p = plan(&input);
+    assert_eq!(p.routes.len(), 3, "{:#?}", p.lines());
+    let mut dp = open(&node);
+    dp.set_desired(&p.routes);
+    let report = dp.reconcile();
+    assert_eq!(
+        (report.added, report.failed),
+        (3, 0),
+        "{:?}",
+        dp.status().failures
+    );
+    let shown: Vec<String> = node
+        .routes(PROTO)
+        .into_iter()
+        .map(|l| l.replace(" pref medium", "").replace(" dev lo", ""))
+        .collect();
+    assert_eq!(
+        shown,
+        vec![
+            "blackhole fd00:10:0:1::/122".to_string(),
+            format!("fd00:10:0:1::5 dev {iface}"),
+            "fd00:10:0:2::/122 via fd00:92::129 dev ens33".to_string(),
+        ]
+    );
+    drop(dp);
+    let mut dp = open(&node);
+    dp.set_desired(&p.routes);
+    assert_eq!(
+        dp.reconcile().changes(),
+        0,
+        "IPv6 routes adopted without changes"
+    );
+}
+
+/// A pod namespace behind `iface` (no addresses needed for the host route).
+fn pod_v6(node: &Netns, iface: &str) -> Netns {
+    let pod = Netns::new("pod6");
+    veth(node, iface, "", &pod, "eth0", "");
+    pod
+}
