@@ -4,3 +4,5 @@
 //! dataplane, with the BGP speaker (crate `podroute-bgp`) feeding learned routes into the plan.
 
 pub use podroute_bgp as bgp;
+
+pub mod model;
