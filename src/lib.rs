@@ -5,4 +5,6 @@
 
 pub use podroute_bgp as bgp;
 
+pub mod datastore;
 pub mod model;
+pub mod state;
