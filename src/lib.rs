@@ -8,3 +8,4 @@ pub use podroute_bgp as bgp;
 pub mod datastore;
 pub mod model;
 pub mod state;
+pub mod crds;
