@@ -8,8 +8,8 @@
 use serde_json::{Value, json};
 
 use crate::model::crd::{
-    BGPConfiguration, BGPPeer, BlockAffinity, CalicoResource, CrdNames, GROUP, IPAMBlock,
-    IPPool, VERSION,
+    BGPConfiguration, BGPPeer, BlockAffinity, CalicoResource, CrdNames, GROUP, IPAMBlock, IPPool,
+    VERSION,
 };
 
 /// The CRDs could not be rendered as YAML.

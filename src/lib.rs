@@ -5,7 +5,7 @@
 
 pub use podroute_bgp as bgp;
 
+pub mod crds;
 pub mod datastore;
 pub mod model;
 pub mod state;
-pub mod crds;

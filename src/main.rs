@@ -6,7 +6,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "podroute", version, about = "Calico-compatible pod-network routing agent")]
+#[command(
+    name = "podroute",
+    version,
+    about = "Calico-compatible pod-network routing agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,9 +37,7 @@ fn main() -> anyhow::Result<()> {
         Command::Crds { out_dir: None } => {
             print!("{}", podroute::crds::render_all()?);
         }
-        Command::Crds {
-            out_dir: Some(dir),
-        } => {
+        Command::Crds { out_dir: Some(dir) } => {
             for crd in podroute::crds::all() {
                 let path = dir.join(&crd.file_name);
                 std::fs::write(&path, crd.to_yaml()?)
