@@ -76,7 +76,10 @@ async fn wait_for(
     match tokio::time::timeout(WAIT, rx.wait_for(pred)).await {
         Ok(Ok(state)) => state,
         Ok(Err(e)) => panic!("{what}: {e}"),
-        Err(_) => panic!("{what}: not reached within {WAIT:?}; last state: {:#?}", rx.latest()),
+        Err(_) => panic!(
+            "{what}: not reached within {WAIT:?}; last state: {:#?}",
+            rx.latest()
+        ),
     }
 }
 
@@ -104,8 +107,14 @@ async fn initial_sync_then_add_modify_delete_reach_the_state() {
         Some("192.168.92.128/24".parse().unwrap())
     );
     assert_eq!(state.nodes.len(), 2);
-    assert_eq!(state.pools["default-ipv4-ippool"].ipip_mode, EncapMode::CrossSubnet);
-    assert_eq!(block_names(&state), ["172-16-196-128-26", "172-16-241-64-26"]);
+    assert_eq!(
+        state.pools["default-ipv4-ippool"].ipip_mode,
+        EncapMode::CrossSubnet
+    );
+    assert_eq!(
+        block_names(&state),
+        ["172-16-196-128-26", "172-16-241-64-26"]
+    );
     assert_eq!(state.bgp.as_number, 64512);
     for kind in [
         server.list_count::<Node>(),
@@ -141,7 +150,10 @@ async fn initial_sync_then_add_modify_delete_reach_the_state() {
             ..BGPConfigurationSpec::default()
         },
     ));
-    wait_for(&mut ds.state, "bgp configuration", |s| s.bgp.as_number == 65010).await;
+    wait_for(&mut ds.state, "bgp configuration", |s| {
+        s.bgp.as_number == 65010
+    })
+    .await;
 
     // Bookmarks change nothing.
     let before = ds.state.latest().unwrap();
@@ -154,7 +166,11 @@ async fn initial_sync_then_add_modify_delete_reach_the_state() {
     })
     .await;
     assert_eq!(block_names(&s), ["172-16-10-0-26", "172-16-241-64-26"]);
-    assert_eq!(s.revision, before.revision + 1, "exactly one new snapshot for the delete");
+    assert_eq!(
+        s.revision,
+        before.revision + 1,
+        "exactly one new snapshot for the delete"
+    );
 
     // A bad object is skipped and counted, the rest untouched.
     server.apply(&pool("broken", "10.0.0.1/8", "Never"));
@@ -223,8 +239,14 @@ async fn api_server_down_keeps_the_last_state_and_restart_resyncs() {
     // Long enough for several failed reconnects (the backoff starts at 0.8 s).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let during = ds.state.latest().expect("still synced");
-    assert!(Arc::ptr_eq(&during, &synced), "no new snapshot while the API server is down");
-    assert_eq!(block_names(&during), ["172-16-196-128-26", "172-16-241-64-26"]);
+    assert!(
+        Arc::ptr_eq(&during, &synced),
+        "no new snapshot while the API server is down"
+    );
+    assert_eq!(
+        block_names(&during),
+        ["172-16-196-128-26", "172-16-241-64-26"]
+    );
     assert!(ds.state.is_synced());
 
     // Changes made while the agent could not see them.

@@ -176,11 +176,7 @@ impl FakeApiServer {
     fn remove<K: Resource<DynamicType = ()>>(&self, name: &str, tell: bool) -> bool {
         let path = path_of::<K>();
         let mut data = lock(&self.shared.data);
-        let Some(mut object) = data
-            .collections
-            .get_mut(&path)
-            .and_then(|c| c.remove(name))
-        else {
+        let Some(mut object) = data.collections.get_mut(&path).and_then(|c| c.remove(name)) else {
             return false;
         };
         data.rv += 1;
@@ -452,7 +448,12 @@ async fn watch(
             .unwrap_or_default()
             .trim_end_matches("List")
             .to_string();
-        (exists, replay, expired.then_some(data.oldest_watchable), kind)
+        (
+            exists,
+            replay,
+            expired.then_some(data.oldest_watchable),
+            kind,
+        )
     };
     if !exists {
         return respond(stream, "404 Not Found", &not_found(path)).await;
@@ -468,7 +469,11 @@ async fn watch(
     }
     let mut sent = since;
     for change in replay {
-        write_chunk(stream, &json!({ "type": change.kind, "object": change.object })).await?;
+        write_chunk(
+            stream,
+            &json!({ "type": change.kind, "object": change.object }),
+        )
+        .await?;
         sent = change.rv;
     }
     let deadline = tokio::time::sleep(Duration::from_secs(timeout_secs));
