@@ -383,15 +383,14 @@ async fn list(stream: &mut TcpStream, shared: &Shared, path: &str) -> std::io::R
         let mut data = lock(&shared.data);
         *data.lists.entry(path.to_string()).or_default() += 1;
         let rv = data.rv;
-        match data.collections.get(path) {
-            None => None,
-            Some(objects) => Some(json!({
+        data.collections.get(path).map(|objects| {
+            json!({
                 "apiVersion": "v1",
                 "kind": list_kind(objects),
                 "metadata": { "resourceVersion": rv.to_string() },
                 "items": objects.values().cloned().collect::<Vec<_>>(),
-            })),
-        }
+            })
+        })
     };
     match body {
         Some(body) => respond(stream, "200 OK", &body).await,
