@@ -5,5 +5,9 @@
 
 pub use podroute_bgp as bgp;
 
+pub mod crds;
 pub mod dataplane;
+pub mod datastore;
+pub mod model;
 pub mod plan;
+pub mod state;

@@ -1,0 +1,160 @@
+//! The Kubernetes datastore: one kube-rs `watcher` + `reflector` per kind, one task that
+//! rebuilds the cluster state from the reflector stores.
+//!
+//! Robustness comes from kube-rs: the watcher relists after `410 Gone` or a lost
+//! connection (with the default exponential backoff), and the reflector swaps a relisted
+//! set in atomically on `InitDone`, so no object is lost or invented by a relist. While the
+//! API server is unreachable the stores keep their contents, so the published state stays
+//! what it was: an API outage never withdraws routes.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::{DatastoreHandle, Inputs, RejectCounters, StateBuilder};
+use crate::model::Kind;
+use crate::model::crd::{BGPConfiguration, BGPPeer, BlockAffinity, IPAMBlock, IPPool};
+use crate::state::state_channel;
+
+/// Shared between the per-kind watch tasks and the builder task.
+#[derive(Debug, Default)]
+struct Progress {
+    synced: [AtomicBool; Kind::ALL.len()],
+    changed: Notify,
+}
+
+impl Progress {
+    fn all_synced(&self) -> bool {
+        self.synced.iter().all(|s| s.load(Ordering::Acquire))
+    }
+}
+
+/// Starts watching `client`'s API server. The returned handle's `state` becomes `Some`
+/// once every kind has been listed once (initial sync done).
+pub fn spawn(client: Client, local_node: impl Into<String>) -> DatastoreHandle {
+    let counters = Arc::new(RejectCounters::default());
+    let progress = Arc::new(Progress::default());
+    let (publisher, state) = state_channel();
+    let mut tasks = Vec::new();
+
+    let nodes = watch_kind::<Node>(Api::all(client.clone()), Kind::Node, &progress, &mut tasks);
+    let pools = watch_kind::<IPPool>(
+        Api::all(client.clone()),
+        Kind::IPPool,
+        &progress,
+        &mut tasks,
+    );
+    let blocks = watch_kind::<IPAMBlock>(
+        Api::all(client.clone()),
+        Kind::IPAMBlock,
+        &progress,
+        &mut tasks,
+    );
+    let affinities = watch_kind::<BlockAffinity>(
+        Api::all(client.clone()),
+        Kind::BlockAffinity,
+        &progress,
+        &mut tasks,
+    );
+    let peers = watch_kind::<BGPPeer>(
+        Api::all(client.clone()),
+        Kind::BGPPeer,
+        &progress,
+        &mut tasks,
+    );
+    let configs = watch_kind::<BGPConfiguration>(
+        Api::all(client),
+        Kind::BGPConfiguration,
+        &progress,
+        &mut tasks,
+    );
+
+    let mut builder = StateBuilder::new(local_node, counters.clone());
+    let progress_b = progress.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            progress_b.changed.notified().await;
+            if !progress_b.all_synced() {
+                continue;
+            }
+            let inputs = Inputs {
+                nodes: nodes.state(),
+                pools: pools.state(),
+                blocks: blocks.state(),
+                affinities: affinities.state(),
+                peers: peers.state(),
+                bgp_configurations: configs.state(),
+                unreadable: Vec::new(),
+                source_errors: Vec::new(),
+            };
+            let state = builder.build(&inputs);
+            let unchanged = publisher
+                .latest()
+                .is_some_and(|current| Arc::ptr_eq(&current, &state));
+            if !unchanged {
+                publisher.publish(state);
+            }
+        }
+    }));
+    DatastoreHandle::new(state, counters, tasks)
+}
+
+/// Spawns the watch task of one kind and returns the reader of its store.
+fn watch_kind<K>(
+    api: Api<K>,
+    kind: Kind,
+    progress: &Arc<Progress>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store::<K>();
+    let progress = progress.clone();
+    tasks.push(tokio::spawn(async move {
+        let stream = watcher(api)
+            .default_backoff()
+            .modify(|obj| obj.managed_fields_mut().clear());
+        let stream = reflector::reflector(writer, stream);
+        futures::pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(Event::Init) => debug!(%kind, "listing"),
+                Ok(Event::InitApply(_)) => {}
+                Ok(Event::InitDone) => {
+                    if !progress.synced[kind.index()].swap(true, Ordering::AcqRel) {
+                        info!(%kind, "initial list done");
+                    } else {
+                        info!(%kind, "relisted");
+                    }
+                    progress.changed.notify_one();
+                }
+                Ok(Event::Apply(_) | Event::Delete(_)) => progress.changed.notify_one(),
+                Err(error) => warn!(
+                    %kind,
+                    %error,
+                    "watch failed; keeping the last state and retrying with backoff"
+                ),
+            }
+        }
+    }));
+    reader
+}
+
+fn watcher<K>(api: Api<K>) -> impl futures::Stream<Item = watcher::Result<Event<K>>> + Send
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    watcher::watcher(api, watcher::Config::default())
+}

@@ -1,0 +1,220 @@
+//! BGP peers and the cluster-wide BGP configuration.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::cidr::parse_masked_cidr;
+use super::crd::{BGPConfiguration, BGPPeer, SecretKeyRef, ServiceCidr};
+use super::error::{Kind, Reason, Rejection};
+
+/// Default cluster AS number when no `BGPConfiguration` sets one.
+pub const DEFAULT_AS_NUMBER: u32 = 64512;
+/// Default BGP port.
+pub const DEFAULT_LISTEN_PORT: u16 = 179;
+/// Name of the cluster-wide `BGPConfiguration`.
+pub const DEFAULT_BGP_CONFIGURATION: &str = "default";
+
+/// A validated `BGPPeer`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub name: String,
+    /// `peerIP`; `None` when the peer is chosen by `peer_selector`.
+    pub peer_ip: Option<IpAddr>,
+    /// Port given in `peerIP` (`ip:port`), if any.
+    pub port: Option<u16>,
+    pub as_number: Option<u32>,
+    /// Only this node peers (`node`); `None` with no `node_selector` = every node.
+    pub node: Option<String>,
+    /// Calico selector text, not evaluated here.
+    pub node_selector: Option<String>,
+    /// Calico selector text, not evaluated here.
+    pub peer_selector: Option<String>,
+    pub password: Option<SecretKeyRef>,
+    /// Graceful-restart time; `None` = BIRD's default of 120 s.
+    pub max_restart_time: Option<Duration>,
+    pub keep_original_next_hop: bool,
+}
+
+fn non_empty(value: &Option<String>) -> Option<String> {
+    value.as_ref().filter(|s| !s.trim().is_empty()).cloned()
+}
+
+fn as_number(value: i64) -> Result<u32, Reason> {
+    match u32::try_from(value) {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(Reason::AsNumberOutOfRange { value }),
+    }
+}
+
+/// Parses `ip`, `ipv4:port` or `[ipv6]:port`.
+pub fn parse_peer_ip(value: &str) -> Result<(IpAddr, Option<u16>), Reason> {
+    let text = value.trim();
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok((ip, None));
+    }
+    if let Ok(sock) = text.parse::<SocketAddr>() {
+        return Ok((sock.ip(), Some(sock.port())));
+    }
+    Err(Reason::BadPeerIp {
+        value: value.to_string(),
+    })
+}
+
+/// Parses a Go duration (`120s`, `2m30s`, `1.5h`, `500ms`).
+pub fn parse_go_duration(text: &str) -> Option<Duration> {
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    if rest == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_len == 0 {
+            return None;
+        }
+        let number: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += number * scale;
+    }
+    Duration::try_from_secs_f64(total).ok()
+}
+
+impl Peer {
+    /// Validates one `BGPPeer`.
+    pub fn from_resource(obj: &BGPPeer) -> Result<Peer, Rejection> {
+        let name = obj.name();
+        let reject = |reason| Rejection::new(Kind::BGPPeer, name, reason);
+        if name.is_empty() {
+            return Err(reject(Reason::NoName));
+        }
+        let spec = &obj.spec;
+        let peer_selector = non_empty(&spec.peer_selector);
+        let node = non_empty(&spec.node);
+        let node_selector = non_empty(&spec.node_selector);
+        let (peer_ip, port) = match non_empty(&spec.peer_ip) {
+            Some(text) => {
+                if peer_selector.is_some() {
+                    return Err(reject(Reason::PeerIpAndSelector));
+                }
+                let (ip, port) = parse_peer_ip(&text).map_err(reject)?;
+                (Some(ip), port)
+            }
+            None if peer_selector.is_none() => return Err(reject(Reason::NoPeerTarget)),
+            None => (None, None),
+        };
+        if node.is_some() && node_selector.is_some() {
+            return Err(reject(Reason::NodeAndNodeSelector));
+        }
+        let as_number = spec.as_number.map(as_number).transpose().map_err(reject)?;
+        let max_restart_time = match non_empty(&spec.max_restart_time) {
+            None => None,
+            Some(text) => Some(parse_go_duration(&text).ok_or_else(|| {
+                reject(Reason::BadDuration {
+                    field: "maxRestartTime",
+                    value: text.clone(),
+                })
+            })?),
+        };
+        Ok(Peer {
+            name: name.to_string(),
+            peer_ip,
+            port,
+            as_number,
+            node,
+            node_selector,
+            peer_selector,
+            password: spec
+                .password
+                .as_ref()
+                .and_then(|p| p.secret_key_ref.clone()),
+            max_restart_time,
+            keep_original_next_hop: spec.keep_original_next_hop.unwrap_or(false),
+        })
+    }
+}
+
+/// A validated `BGPConfiguration`, defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BgpConfig {
+    pub as_number: u32,
+    pub node_to_node_mesh: bool,
+    pub listen_port: u16,
+    pub log_severity_screen: Option<String>,
+    pub service_cluster_ips: Vec<IpNet>,
+    pub service_external_ips: Vec<IpNet>,
+    pub service_load_balancer_ips: Vec<IpNet>,
+}
+
+impl Default for BgpConfig {
+    fn default() -> Self {
+        Self {
+            as_number: DEFAULT_AS_NUMBER,
+            node_to_node_mesh: true,
+            listen_port: DEFAULT_LISTEN_PORT,
+            log_severity_screen: None,
+            service_cluster_ips: Vec::new(),
+            service_external_ips: Vec::new(),
+            service_load_balancer_ips: Vec::new(),
+        }
+    }
+}
+
+impl BgpConfig {
+    /// Validates one `BGPConfiguration`.
+    pub fn from_resource(obj: &BGPConfiguration) -> Result<BgpConfig, Rejection> {
+        let name = obj.name();
+        let reject = |reason| Rejection::new(Kind::BGPConfiguration, name, reason);
+        if name.is_empty() {
+            return Err(reject(Reason::NoName));
+        }
+        let spec = &obj.spec;
+        let as_number = spec
+            .as_number
+            .map(as_number)
+            .transpose()
+            .map_err(reject)?
+            .unwrap_or(DEFAULT_AS_NUMBER);
+        let listen_port = match spec.listen_port {
+            None => DEFAULT_LISTEN_PORT,
+            Some(value) => match u16::try_from(value) {
+                Ok(port) if port > 0 => port,
+                _ => return Err(reject(Reason::ListenPortOutOfRange { value })),
+            },
+        };
+        let cidrs = |list: &Option<Vec<ServiceCidr>>| -> Result<Vec<IpNet>, Rejection> {
+            list.iter()
+                .flatten()
+                .map(|c| parse_masked_cidr(&c.cidr).map_err(reject))
+                .collect()
+        };
+        Ok(BgpConfig {
+            as_number,
+            node_to_node_mesh: spec.node_to_node_mesh_enabled.unwrap_or(true),
+            listen_port,
+            log_severity_screen: non_empty(&spec.log_severity_screen),
+            service_cluster_ips: cidrs(&spec.service_cluster_ips)?,
+            service_external_ips: cidrs(&spec.service_external_ips)?,
+            service_load_balancer_ips: cidrs(&spec.service_load_balancer_ips)?,
+        })
+    }
+}

@@ -1,0 +1,159 @@
+//! Nodes: their addresses and BGP identity, as Calico writes them into Kubernetes `Node`
+//! annotations.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use k8s_openapi::api::core::v1::Node;
+
+use super::error::{Kind, Reason, Rejection};
+
+pub const ANNOTATION_IPV4_ADDRESS: &str = "projectcalico.org/IPv4Address";
+pub const ANNOTATION_IPV6_ADDRESS: &str = "projectcalico.org/IPv6Address";
+pub const ANNOTATION_AS_NUMBER: &str = "projectcalico.org/ASNumber";
+pub const ANNOTATION_RR_CLUSTER_ID: &str = "projectcalico.org/RouteReflectorClusterID";
+pub const ANNOTATION_IPIP_TUNNEL_ADDR: &str = "projectcalico.org/IPv4IPIPTunnelAddr";
+
+/// Where a node's IPv4 address came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddressSource {
+    /// `projectcalico.org/IPv4Address`, with the node's real prefix length.
+    Annotation,
+    /// The Node's `InternalIP`; no subnet is known, so the prefix is /32.
+    InternalIp,
+}
+
+/// What podroute needs to know about one Kubernetes node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeInfo {
+    pub name: String,
+    /// The node's address with its subnet prefix (`10.0.0.5/24`): the prefix decides which
+    /// peers are in the same subnet (CrossSubnet).
+    pub ipv4: Option<Ipv4Net>,
+    pub ipv4_source: Option<AddressSource>,
+    pub ipv6: Option<Ipv6Net>,
+    /// Per-node AS number overriding the cluster's.
+    pub as_number: Option<u32>,
+    /// Set on route reflectors.
+    pub route_reflector_cluster_id: Option<Ipv4Addr>,
+    pub ipip_tunnel_addr: Option<Ipv4Addr>,
+    pub labels: BTreeMap<String, String>,
+}
+
+fn parse_ipv4_with_prefix(text: &str) -> Option<Ipv4Net> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<Ipv4Net>() {
+        return Some(net);
+    }
+    text.parse::<Ipv4Addr>().ok().map(Ipv4Net::from)
+}
+
+fn parse_ipv6_with_prefix(text: &str) -> Option<Ipv6Net> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<Ipv6Net>() {
+        return Some(net);
+    }
+    text.parse::<std::net::Ipv6Addr>().ok().map(Ipv6Net::from)
+}
+
+impl NodeInfo {
+    /// Reads a Kubernetes `Node`.
+    pub fn from_node(node: &Node) -> Result<NodeInfo, Rejection> {
+        let name = node.metadata.name.as_deref().unwrap_or("");
+        let reject = |reason| Rejection::new(Kind::Node, name, reason);
+        if name.is_empty() {
+            return Err(reject(Reason::NoName));
+        }
+        let empty = BTreeMap::new();
+        let annotations = node.metadata.annotations.as_ref().unwrap_or(&empty);
+        let get = |key: &str| annotations.get(key).filter(|v| !v.trim().is_empty());
+        let bad = |annotation: &'static str, value: &str, expected: &'static str| {
+            reject(Reason::BadAnnotation {
+                annotation,
+                value: value.to_string(),
+                expected,
+            })
+        };
+
+        let mut ipv4 = None;
+        let mut ipv4_source = None;
+        if let Some(v) = get(ANNOTATION_IPV4_ADDRESS) {
+            let net = parse_ipv4_with_prefix(v).ok_or_else(|| {
+                bad(
+                    ANNOTATION_IPV4_ADDRESS,
+                    v,
+                    "an IPv4 address with prefix (e.g. 10.0.0.5/24)",
+                )
+            })?;
+            ipv4 = Some(net);
+            ipv4_source = Some(AddressSource::Annotation);
+        } else if let Some(ip) = internal_ipv4(node) {
+            ipv4 = Some(Ipv4Net::from(ip));
+            ipv4_source = Some(AddressSource::InternalIp);
+        }
+        let ipv6 = match get(ANNOTATION_IPV6_ADDRESS) {
+            None => None,
+            Some(v) => Some(parse_ipv6_with_prefix(v).ok_or_else(|| {
+                bad(
+                    ANNOTATION_IPV6_ADDRESS,
+                    v,
+                    "an IPv6 address with prefix (e.g. fd00::5/64)",
+                )
+            })?),
+        };
+        let as_number =
+            match get(ANNOTATION_AS_NUMBER) {
+                None => None,
+                Some(v) => Some(v.trim().parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(
+                    || bad(ANNOTATION_AS_NUMBER, v, "an AS number in 1..=4294967295"),
+                )?),
+            };
+        let rr = match get(ANNOTATION_RR_CLUSTER_ID) {
+            None => None,
+            Some(v) => Some(v.trim().parse::<Ipv4Addr>().map_err(|_| {
+                bad(
+                    ANNOTATION_RR_CLUSTER_ID,
+                    v,
+                    "a cluster ID in IPv4 form (e.g. 224.0.0.1)",
+                )
+            })?),
+        };
+        let tunnel = match get(ANNOTATION_IPIP_TUNNEL_ADDR) {
+            None => None,
+            Some(v) => Some(
+                v.trim()
+                    .parse::<Ipv4Addr>()
+                    .map_err(|_| bad(ANNOTATION_IPIP_TUNNEL_ADDR, v, "an IPv4 address"))?,
+            ),
+        };
+        Ok(NodeInfo {
+            name: name.to_string(),
+            ipv4,
+            ipv4_source,
+            ipv6,
+            as_number,
+            route_reflector_cluster_id: rr,
+            ipip_tunnel_addr: tunnel,
+            labels: node.metadata.labels.clone().unwrap_or_default(),
+        })
+    }
+
+    /// The node's IPv4 address without prefix.
+    pub fn ipv4_addr(&self) -> Option<Ipv4Addr> {
+        self.ipv4.map(|n| n.addr())
+    }
+}
+
+fn internal_ipv4(node: &Node) -> Option<Ipv4Addr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| match a.address.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => Some(ip),
+            _ => None,
+        })
+}

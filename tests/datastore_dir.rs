@@ -1,0 +1,216 @@
+//! The YAML-directory datastore: files added, changed, removed, broken.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use podroute::model::{EncapMode, Kind};
+use podroute::state::{ClusterState, StateRx};
+
+const WAIT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(50);
+
+/// Writes atomically (hidden temp file + rename), as editors and `kubectl` users would.
+fn write(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+async fn wait_for(
+    rx: &mut StateRx,
+    what: &str,
+    pred: impl FnMut(&ClusterState) -> bool,
+) -> Arc<ClusterState> {
+    match tokio::time::timeout(WAIT, rx.wait_for(pred)).await {
+        Ok(Ok(state)) => state,
+        Ok(Err(e)) => panic!("{what}: {e}"),
+        Err(_) => panic!("{what}: not reached; last state: {:#?}", rx.latest()),
+    }
+}
+
+/// `kubectl get ippools,ipamblocks -o yaml` output: a `kind: List`.
+const LIST: &str = r#"apiVersion: v1
+items:
+- apiVersion: crd.projectcalico.org/v1
+  kind: IPPool
+  metadata:
+    name: default-ipv4-ippool
+    resourceVersion: "732"
+  spec:
+    blockSize: 26
+    cidr: 172.16.0.0/16
+    ipipMode: Always
+    natOutgoing: true
+- apiVersion: crd.projectcalico.org/v1
+  kind: IPAMBlock
+  metadata:
+    name: 172-16-241-64-26
+  spec:
+    Deleted: false
+    affinity: host:master01
+    allocations: [null, 0]
+    attributes:
+    - handle_id: k8s-pod-network.1
+      secondary: {namespace: kube-system, pod: busybox-b8ffb94c4-c84gp, node: master01}
+    cidr: 172.16.241.64/31
+    strictAffinity: false
+    unallocated: [0]
+kind: List
+metadata:
+  resourceVersion: ""
+"#;
+
+const NODES: &str = r#"apiVersion: v1
+kind: Node
+metadata:
+  name: master01
+  annotations:
+    projectcalico.org/IPv4Address: 192.168.92.128/24
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node01
+  annotations:
+    projectcalico.org/IPv4Address: 192.168.92.129/24
+---
+"#;
+
+#[tokio::test]
+async fn files_added_changed_removed_and_broken() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write(dir, "cluster.yaml", LIST);
+    write(dir, "nodes.yml", NODES);
+    std::fs::write(dir.join("README.txt"), "not read").unwrap();
+
+    let mut ds = podroute::datastore::dir::spawn(dir, "master01", POLL);
+    let s = tokio::time::timeout(WAIT, ds.state.synced())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+    assert_eq!(s.pools["default-ipv4-ippool"].ipip_mode, EncapMode::Always);
+    assert!(s.pools["default-ipv4-ippool"].nat_outgoing);
+    let local = s.local_blocks().next().unwrap();
+    assert_eq!(local.allocations[0].ip.to_string(), "172.16.241.65");
+    assert_eq!(
+        local.allocations[0].interface_name().as_deref(),
+        Some("cali67beaa0e9f4")
+    );
+    assert_eq!(s.nodes.keys().collect::<Vec<_>>(), ["master01", "node01"]);
+
+    // Added: a new file with a block of node01.
+    write(
+        dir,
+        "node01-block.yaml",
+        "apiVersion: crd.projectcalico.org/v1\nkind: IPAMBlock\nmetadata: {name: 172-16-196-128-26}\nspec: {affinity: \"host:node01\"}\n",
+    );
+    let s = wait_for(&mut ds.state, "added file", |s| s.blocks.len() == 2).await;
+    assert_eq!(s.blocks_of("node01").count(), 1);
+
+    // Changed: the seed's edit to CrossSubnet.
+    write(
+        dir,
+        "cluster.yaml",
+        &LIST.replace("ipipMode: Always", "ipipMode: CrossSubnet"),
+    );
+    wait_for(&mut ds.state, "changed file", |s| {
+        s.pools["default-ipv4-ippool"].ipip_mode == EncapMode::CrossSubnet
+    })
+    .await;
+
+    // Broken: invalid YAML is reported; its objects and every other file's stay.
+    write(
+        dir,
+        "node01-block.yaml",
+        "kind: IPAMBlock\nspec: [unclosed\n",
+    );
+    let s = wait_for(&mut ds.state, "broken file reported", |s| {
+        !s.source_errors.is_empty()
+    })
+    .await;
+    assert!(
+        s.source_errors[0].contains("node01-block.yaml: not valid YAML"),
+        "{:?}",
+        s.source_errors
+    );
+    assert_eq!(
+        s.blocks.len(),
+        2,
+        "the broken file's last objects stay in force"
+    );
+    assert_eq!(s.nodes.len(), 2);
+    assert_eq!(ds.counters.unreadable(), 1);
+
+    // One bad document among good ones: that one is skipped and counted, the others used.
+    write(
+        dir,
+        "extra.yaml",
+        "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata: {name: bad}\nspec: {cidr: 10.0.0.0/8, blockSize: 40}\n---\napiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata: {name: v6}\nspec: {cidr: \"fd00:10::/64\"}\n",
+    );
+    let s = wait_for(&mut ds.state, "second file", |s| s.pools.contains_key("v6")).await;
+    assert_eq!(
+        s.rejected.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        [r#"IPPool "bad": blockSize 40 is outside 20..=32"#]
+    );
+    assert_eq!(ds.counters.get(Kind::IPPool), 1);
+
+    // Fixed, then removed: the objects go away with the file.
+    write(
+        dir,
+        "node01-block.yaml",
+        "apiVersion: crd.projectcalico.org/v1\nkind: IPAMBlock\nmetadata: {name: 172-16-196-128-26}\nspec: {affinity: \"host:node01\"}\n",
+    );
+    wait_for(&mut ds.state, "fixed file", |s| s.source_errors.is_empty()).await;
+    std::fs::remove_file(dir.join("node01-block.yaml")).unwrap();
+    let s = wait_for(&mut ds.state, "removed file", |s| s.blocks.len() == 1).await;
+    assert_eq!(s.blocks_of("node01").count(), 0);
+    ds.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_document_of_the_wrong_shape_keeps_its_last_valid_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write(
+        dir,
+        "pool.yaml",
+        "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.0.0.0/16}\n",
+    );
+    let mut ds = podroute::datastore::dir::spawn(dir, "n1", POLL);
+    tokio::time::timeout(WAIT, ds.state.synced())
+        .await
+        .unwrap()
+        .unwrap();
+    // blockSize must be a number: the document cannot be read at all.
+    write(
+        dir,
+        "pool.yaml",
+        "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.0.0.0/16, blockSize: big}\n",
+    );
+    let s = wait_for(&mut ds.state, "rejection", |s| !s.rejected.is_empty()).await;
+    let message = s.rejected[0].to_string();
+    assert!(
+        message.starts_with(r#"IPPool "p": cannot be read: "#) && message.contains("pool.yaml"),
+        "{message}"
+    );
+    assert_eq!(s.pools["p"].cidr, "10.0.0.0/16".parse().unwrap());
+}
+
+#[tokio::test]
+async fn a_missing_directory_is_not_synced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope");
+    let ds = podroute::datastore::dir::spawn(&missing, "n1", POLL);
+    tokio::time::sleep(POLL * 5).await;
+    assert!(!ds.state.is_synced());
+    std::fs::create_dir(&missing).unwrap();
+    let mut rx = ds.state.clone();
+    let s = tokio::time::timeout(WAIT, rx.synced())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(s.pools.is_empty());
+}

@@ -1,0 +1,513 @@
+//! A small in-process Kubernetes API server for tests: it speaks enough of the list/watch
+//! protocol for the real `kube::Client` and kube-rs watchers.
+//!
+//! - `GET <collection>` lists with the current `resourceVersion` (ignores `limit`, never
+//!   returns `continue`);
+//! - `GET <collection>?watch=true&resourceVersion=N` streams chunked JSON watch events
+//!   (`ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK`), replaying the history after `N` first; a
+//!   version older than the compacted history gets an `ERROR` event with code 410 (Gone),
+//!   as a real API server sends it;
+//! - collections are any path; objects are stored per path as JSON.
+//!
+//! The test controls it: [`FakeApiServer::apply`] / [`FakeApiServer::delete`] change objects
+//! and notify watchers, the `*_unseen` variants change them without telling watchers (missed
+//! events), [`FakeApiServer::expire_watches`] compacts the history and sends 410 to every
+//! watch, [`FakeApiServer::drop_connections`] cuts every connection, and
+//! [`FakeApiServer::stop`] / [`FakeApiServer::restart`] take the server off and back on the
+//! same port with its data kept. Traffic stays on 127.0.0.1.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kube::Resource;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+/// One change, as kept in the history and sent to watchers.
+#[derive(Debug, Clone)]
+struct Change {
+    rv: u64,
+    path: String,
+    kind: &'static str,
+    object: Value,
+}
+
+/// What live watchers are told.
+#[derive(Debug, Clone)]
+enum Signal {
+    Change(Arc<Change>),
+    Bookmark,
+    Expire,
+}
+
+#[derive(Debug, Default)]
+struct Data {
+    rv: u64,
+    collections: HashMap<String, BTreeMap<String, Value>>,
+    history: Vec<Arc<Change>>,
+    /// Watches from a version below this get 410 Gone.
+    oldest_watchable: u64,
+    lists: HashMap<String, usize>,
+    watches: HashMap<String, usize>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    data: Mutex<Data>,
+    signals: broadcast::Sender<Signal>,
+    connections: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The fake API server. Dropping it stops it.
+#[derive(Debug)]
+pub struct FakeApiServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The collection path of a resource type, e.g. `/apis/crd.projectcalico.org/v1/ippools`.
+pub fn path_of<K: Resource<DynamicType = ()>>() -> String {
+    K::url_path(&(), None)
+}
+
+impl FakeApiServer {
+    /// Starts on a random port of 127.0.0.1.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (signals, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared {
+            data: Mutex::new(Data {
+                rv: 1,
+                ..Data::default()
+            }),
+            signals,
+            connections: Mutex::new(Vec::new()),
+        });
+        let acceptor = Some(tokio::spawn(accept(listener, shared.clone())));
+        Self {
+            addr,
+            shared,
+            acceptor,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A real `kube::Client` for this server.
+    pub fn client(&self) -> kube::Client {
+        let config = kube::Config::new(self.url().parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// Registers an (empty) collection so that it lists as empty instead of 404.
+    pub fn serve<K: Resource<DynamicType = ()>>(&self) {
+        lock(&self.shared.data)
+            .collections
+            .entry(path_of::<K>())
+            .or_default();
+    }
+
+    /// Creates or replaces `obj` and tells watchers (`ADDED`/`MODIFIED`). Returns the new
+    /// resourceVersion.
+    pub fn apply<K: Resource<DynamicType = ()> + Serialize>(&self, obj: &K) -> u64 {
+        self.change::<K>(obj, true)
+    }
+
+    /// Like [`apply`](Self::apply) but watchers are not told (a missed event).
+    pub fn apply_unseen<K: Resource<DynamicType = ()> + Serialize>(&self, obj: &K) -> u64 {
+        self.change::<K>(obj, false)
+    }
+
+    /// Deletes an object by name and tells watchers.
+    pub fn delete<K: Resource<DynamicType = ()>>(&self, name: &str) -> bool {
+        self.remove::<K>(name, true)
+    }
+
+    /// Deletes an object without telling watchers (a missed event).
+    pub fn delete_unseen<K: Resource<DynamicType = ()>>(&self, name: &str) -> bool {
+        self.remove::<K>(name, false)
+    }
+
+    fn change<K: Resource<DynamicType = ()> + Serialize>(&self, obj: &K, tell: bool) -> u64 {
+        let mut object = serde_json::to_value(obj).unwrap();
+        object["apiVersion"] = json!(K::api_version(&()));
+        object["kind"] = json!(K::kind(&()));
+        let name = object["metadata"]["name"].as_str().unwrap().to_string();
+        let path = path_of::<K>();
+        let mut data = lock(&self.shared.data);
+        data.rv += 1;
+        let rv = data.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let collection = data.collections.entry(path.clone()).or_default();
+        let kind = if collection.contains_key(&name) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        collection.insert(name, object.clone());
+        let change = Arc::new(Change {
+            rv,
+            path,
+            kind,
+            object,
+        });
+        data.history.push(change.clone());
+        drop(data);
+        if tell {
+            let _ = self.shared.signals.send(Signal::Change(change));
+        }
+        rv
+    }
+
+    fn remove<K: Resource<DynamicType = ()>>(&self, name: &str, tell: bool) -> bool {
+        let path = path_of::<K>();
+        let mut data = lock(&self.shared.data);
+        let Some(mut object) = data.collections.get_mut(&path).and_then(|c| c.remove(name)) else {
+            return false;
+        };
+        data.rv += 1;
+        let rv = data.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let change = Arc::new(Change {
+            rv,
+            path,
+            kind: "DELETED",
+            object,
+        });
+        data.history.push(change.clone());
+        drop(data);
+        if tell {
+            let _ = self.shared.signals.send(Signal::Change(change));
+        }
+        true
+    }
+
+    /// Forgets the history (as etcd compaction does) and sends `ERROR` 410 to every watch:
+    /// watchers must relist.
+    pub fn expire_watches(&self) {
+        let mut data = lock(&self.shared.data);
+        data.oldest_watchable = data.rv + 1;
+        data.history.clear();
+        drop(data);
+        let _ = self.shared.signals.send(Signal::Expire);
+    }
+
+    /// Forgets the history without telling anyone: the next watch that resumes from an
+    /// older version gets 410.
+    pub fn compact(&self) {
+        let mut data = lock(&self.shared.data);
+        data.oldest_watchable = data.rv + 1;
+        data.history.clear();
+    }
+
+    /// Sends a `BOOKMARK` with the current resourceVersion to every watch.
+    pub fn bookmark(&self) {
+        let _ = self.shared.signals.send(Signal::Bookmark);
+    }
+
+    /// Cuts every open connection (the listener keeps accepting).
+    pub fn drop_connections(&self) {
+        for conn in lock(&self.shared.connections).drain(..) {
+            conn.abort();
+        }
+    }
+
+    /// Stops listening and cuts every connection; the data stays for [`restart`].
+    pub async fn stop(&mut self) {
+        if let Some(acceptor) = self.acceptor.take() {
+            acceptor.abort();
+            let _ = acceptor.await;
+        }
+        self.drop_connections();
+    }
+
+    /// Listens again on the same port.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let mut last_error = None;
+        for _ in 0..50 {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => {
+                    self.acceptor = Some(tokio::spawn(accept(listener, self.shared.clone())));
+                    return;
+                }
+                Err(e) => {
+                    last_error = Some(e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        panic!("cannot listen on {} again: {last_error:?}", self.addr);
+    }
+
+    /// How many list requests a collection has served.
+    pub fn list_count<K: Resource<DynamicType = ()>>(&self) -> usize {
+        lock(&self.shared.data)
+            .lists
+            .get(&path_of::<K>())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// How many watch requests a collection has served.
+    pub fn watch_count<K: Resource<DynamicType = ()>>(&self) -> usize {
+        lock(&self.shared.data)
+            .watches
+            .get(&path_of::<K>())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        lock(&self.shared.data).rv
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        if let Some(acceptor) = self.acceptor.take() {
+            acceptor.abort();
+        }
+        self.drop_connections();
+    }
+}
+
+async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let task = tokio::spawn(serve_connection(stream, shared.clone()));
+        let mut conns = lock(&shared.connections);
+        conns.retain(|c| !c.is_finished());
+        conns.push(task);
+    }
+}
+
+/// Reads one request head; `None` when the peer closed the connection.
+async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
+    let mut buf = Vec::new();
+    while let Some(head) = read_request(&mut stream, &mut buf).await {
+        let target = head
+            .lines()
+            .next()
+            .and_then(|line| line.split_whitespace().nth(1))
+            .unwrap_or("/")
+            .to_string();
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let params: HashMap<&str, &str> = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        let watching = matches!(params.get("watch"), Some(&"true") | Some(&"1"));
+        let result = if watching {
+            let since = params
+                .get("resourceVersion")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            let timeout = params
+                .get("timeoutSeconds")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(290);
+            watch(&mut stream, &shared, path, since, timeout).await
+        } else {
+            list(&mut stream, &shared, path).await
+        };
+        if result.is_err() {
+            return;
+        }
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {
+    let body = serde_json::to_vec(body).unwrap_or_default();
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&body).await?;
+    stream.flush().await
+}
+
+fn not_found(path: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("the server could not find the requested resource ({path})"),
+        "reason": "NotFound", "code": 404,
+    })
+}
+
+/// `IPPool` for `/apis/crd.projectcalico.org/v1/ippools`, from any stored object.
+fn list_kind(objects: &BTreeMap<String, Value>) -> String {
+    let kind = objects
+        .values()
+        .next()
+        .and_then(|o| o["kind"].as_str())
+        .unwrap_or("");
+    format!("{kind}List")
+}
+
+async fn list(stream: &mut TcpStream, shared: &Shared, path: &str) -> std::io::Result<()> {
+    let body = {
+        let mut data = lock(&shared.data);
+        *data.lists.entry(path.to_string()).or_default() += 1;
+        let rv = data.rv;
+        data.collections.get(path).map(|objects| {
+            json!({
+                "apiVersion": "v1",
+                "kind": list_kind(objects),
+                "metadata": { "resourceVersion": rv.to_string() },
+                "items": objects.values().cloned().collect::<Vec<_>>(),
+            })
+        })
+    };
+    match body {
+        Some(body) => respond(stream, "200 OK", &body).await,
+        None => respond(stream, "404 Not Found", &not_found(path)).await,
+    }
+}
+
+async fn write_chunk(stream: &mut TcpStream, event: &Value) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(event).unwrap_or_default();
+    line.push(b'\n');
+    stream
+        .write_all(format!("{:x}\r\n", line.len()).as_bytes())
+        .await?;
+    stream.write_all(&line).await?;
+    stream.write_all(b"\r\n").await?;
+    stream.flush().await
+}
+
+fn gone(since: u64, oldest: u64) -> Value {
+    json!({
+        "type": "ERROR",
+        "object": {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("too old resource version: {since} ({oldest})"),
+            "reason": "Expired", "code": 410,
+        },
+    })
+}
+
+async fn watch(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    path: &str,
+    since: u64,
+    timeout_secs: u64,
+) -> std::io::Result<()> {
+    // Subscribe before reading the history so no change falls in between.
+    let mut signals = shared.signals.subscribe();
+    let (exists, replay, expired, kind) = {
+        let mut data = lock(&shared.data);
+        *data.watches.entry(path.to_string()).or_default() += 1;
+        let exists = data.collections.contains_key(path);
+        let expired = since < data.oldest_watchable.saturating_sub(1);
+        let replay: Vec<Arc<Change>> = data
+            .history
+            .iter()
+            .filter(|c| c.path == path && c.rv > since)
+            .cloned()
+            .collect();
+        let kind = data
+            .collections
+            .get(path)
+            .map(list_kind)
+            .unwrap_or_default()
+            .trim_end_matches("List")
+            .to_string();
+        (
+            exists,
+            replay,
+            expired.then_some(data.oldest_watchable),
+            kind,
+        )
+    };
+    if !exists {
+        return respond(stream, "404 Not Found", &not_found(path)).await;
+    }
+    stream
+        .write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .await?;
+    if let Some(oldest) = expired {
+        write_chunk(stream, &gone(since, oldest)).await?;
+        return stream.write_all(b"0\r\n\r\n").await;
+    }
+    let mut sent = since;
+    for change in replay {
+        write_chunk(
+            stream,
+            &json!({ "type": change.kind, "object": change.object }),
+        )
+        .await?;
+        sent = change.rv;
+    }
+    let deadline = tokio::time::sleep(Duration::from_secs(timeout_secs));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            signal = signals.recv() => match signal {
+                Ok(Signal::Change(change)) if change.path == path && change.rv > sent => {
+                    write_chunk(stream, &json!({ "type": change.kind, "object": change.object })).await?;
+                    sent = change.rv;
+                }
+                Ok(Signal::Change(_)) => {}
+                Ok(Signal::Bookmark) => {
+                    let rv = lock(&shared.data).rv;
+                    let bookmark = json!({
+                        "type": "BOOKMARK",
+                        "object": {
+                            "kind": kind.clone(),
+                            "apiVersion": "v1",
+                            "metadata": { "resourceVersion": rv.to_string() },
+                        },
+                    });
+                    write_chunk(stream, &bookmark).await?;
+                }
+                Ok(Signal::Expire) => {
+                    let oldest = lock(&shared.data).oldest_watchable;
+                    write_chunk(stream, &gone(sent, oldest)).await?;
+                    break;
+                }
+                // Lagged or closed: end the watch; the client resumes or relists.
+                Err(_) => break,
+            }
+        }
+    }
+    stream.write_all(b"0\r\n\r\n").await?;
+    stream.flush().await
+}
