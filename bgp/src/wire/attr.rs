@@ -550,10 +550,8 @@ pub(crate) fn decode_attrs<'a>(
                 if let (Some(a4), Some(agg)) = (as4_aggregator, attrs.aggregator.as_mut()) {
                     *agg = a4;
                 }
-                if let (Some(p4), Some(p)) = (as4_path, attrs.as_path.take()) {
-                    attrs.as_path = Some(p.merge_as4(p4));
-                } else if let Some(p) = attrs.as_path.take() {
-                    attrs.as_path = Some(p);
+                if let (Some(p4), Some(p)) = (as4_path, attrs.as_path.as_mut()) {
+                    *p = std::mem::take(p).merge_as4(p4);
                 }
             }
         }
