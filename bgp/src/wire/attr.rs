@@ -211,14 +211,13 @@ impl AsPath {
         let mut keep = len - len4;
         let mut segments = Vec::new();
         for seg in self.segments {
-            if keep == 0 {
-                break;
-            }
             match seg {
+                // Confederation segments count 0 and never appear in AS4_PATH: the leading
+                // ones are kept from AS_PATH, or the merge would lose them.
+                AsSegment::ConfedSequence(_) | AsSegment::ConfedSet(_) => segments.push(seg),
+                _ if keep == 0 => break,
                 AsSegment::Sequence(mut v) => {
-                    if v.len() > keep {
-                        v.truncate(keep);
-                    }
+                    v.truncate(keep);
                     keep -= v.len();
                     segments.push(AsSegment::Sequence(v));
                 }
@@ -226,7 +225,6 @@ impl AsPath {
                     keep -= 1;
                     segments.push(AsSegment::Set(v));
                 }
-                other => segments.push(other),
             }
         }
         segments.extend(as4.segments);
@@ -517,15 +515,16 @@ pub(crate) fn decode_attrs<'a>(
                 // RFC 6793 §6: malformed AS4_PATH is discarded; from a 4-octet peer it must
                 // not appear at all and is ignored.
                 if !ctx.four_octet_as {
+                    // RFC 6793 §6: confederation segments in AS4_PATH are discarded, the
+                    // rest of the attribute is used.
                     match AsPath::decode(value, 4) {
-                        Some(p)
-                            if p.segments.iter().all(|s| {
+                        Some(mut p) => {
+                            p.segments.retain(|s| {
                                 matches!(s, AsSegment::Set(_) | AsSegment::Sequence(_))
-                            }) =>
-                        {
-                            as4_path = Some(p)
+                            });
+                            as4_path = Some(p);
                         }
-                        _ => errors.push(bad("malformed AS4_PATH")),
+                        None => errors.push(bad("malformed AS4_PATH")),
                     }
                 }
             }
@@ -661,7 +660,16 @@ impl PathAttrs {
         }
         if !ctx.four_octet_as {
             if as_path.needs_as4() {
-                as_path.encode(true, &mut scratch);
+                // RFC 6793 §4.2.2: confederation segments are never put in AS4_PATH.
+                let as4 = AsPath {
+                    segments: as_path
+                        .segments
+                        .iter()
+                        .filter(|s| matches!(s, AsSegment::Set(_) | AsSegment::Sequence(_)))
+                        .cloned()
+                        .collect(),
+                };
+                as4.encode(true, &mut scratch);
                 put_attr(out, o | t, ac::AS4_PATH, &scratch);
                 scratch.clear();
             }
