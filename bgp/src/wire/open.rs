@@ -361,8 +361,9 @@ impl Capability {
                 out.put_u32(*a);
             }
             Capability::GracefulRestart(g) => {
+                // At most 63 families fit the one-octet length (2 + 4 * 63 = 254).
                 out.put_u8(cap_code::GRACEFUL_RESTART);
-                out.put_u8((2 + 4 * g.families.len()).min(255) as u8);
+                out.put_u8((2 + 4 * g.families.len().min(63)) as u8);
                 let mut ft = g.restart_time & 0x0fff;
                 if g.restart_state {
                     ft |= 0x8000;
@@ -379,7 +380,7 @@ impl Capability {
             }
             Capability::AddPath(v) => {
                 out.put_u8(cap_code::ADD_PATH);
-                out.put_u8((4 * v.len()).min(252) as u8);
+                out.put_u8((4 * v.len().min(63)) as u8);
                 for (f, sr) in v.iter().take(63) {
                     out.put_u16(f.afi);
                     out.put_u8(f.safi);
