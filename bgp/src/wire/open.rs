@@ -189,8 +189,9 @@ impl Open {
         let mut opt_len = body[9] as usize;
         let mut rest = &body[10..];
         let malformed = || DecodeError::new(code::OPEN_MESSAGE, 0, Bytes::new());
-        // RFC 9072: Non-Ext OP Len 255 followed by Non-Ext OP Type 255 = extended lengths.
-        let extended = opt_len == 255 && rest.first() == Some(&255);
+        // RFC 9072 §2: when the one-octet length is non-zero, a first parameter type of 255
+        // (Non-Ext OP Type) selects the extended encoding, whatever the one-octet length says.
+        let extended = opt_len != 0 && rest.first() == Some(&255);
         if extended {
             if rest.len() < 3 {
                 return Err(malformed());
@@ -226,13 +227,40 @@ impl Open {
             decode_capabilities(value, &mut capabilities).map_err(|_| malformed())?;
             rest = &rest[hdr + plen..];
         }
-        Ok(Open {
+        let open = Open {
             version,
             my_as,
             hold_time,
             bgp_id,
             capabilities,
-        })
+        };
+        // Checks that need no session context, in RFC 4271 §6.2 order. Whether the AS is the
+        // configured peer AS, and the collision with our own identifier, are the FSM's.
+        if open.asn() == 0 {
+            // RFC 7607 §2: AS 0 in an OPEN.
+            return Err(DecodeError::new(
+                code::OPEN_MESSAGE,
+                open_err::BAD_PEER_AS,
+                Bytes::new(),
+            ));
+        }
+        if hold_time == 1 || hold_time == 2 {
+            // RFC 4271 §6.2: hold times of one or two seconds MUST be rejected.
+            return Err(DecodeError::new(
+                code::OPEN_MESSAGE,
+                open_err::UNACCEPTABLE_HOLD_TIME,
+                Bytes::new(),
+            ));
+        }
+        if bgp_id.is_unspecified() {
+            // RFC 6286 §2.2: a BGP Identifier of zero is a Bad BGP Identifier.
+            return Err(DecodeError::new(
+                code::OPEN_MESSAGE,
+                open_err::BAD_BGP_IDENTIFIER,
+                Bytes::new(),
+            ));
+        }
+        Ok(open)
     }
 
     pub(crate) fn encode_body(&self, out: &mut BytesMut) {
