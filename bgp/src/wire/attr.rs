@@ -459,6 +459,8 @@ pub(crate) fn decode_attrs<'a>(
                 _ => errors.push(bad("ORIGIN length is not 1")),
             },
             ac::AS_PATH => match AsPath::decode(value, as_len) {
+                // RFC 7607 §2: AS 0 makes AS_PATH malformed (RFC 7606 §7.2 action).
+                Some(p) if p.contains(0) => errors.push(bad("AS_PATH contains AS 0")),
                 Some(p) => attrs.as_path = Some(p),
                 None => errors.push(bad("malformed AS_PATH")),
             },
@@ -482,6 +484,7 @@ pub(crate) fn decode_attrs<'a>(
                 }
             }
             ac::AGGREGATOR => match decode_aggregator(value, as_len) {
+                Some(a) if a.asn == 0 => errors.push(bad("AGGREGATOR AS is 0")),
                 Some(a) => attrs.aggregator = Some(a),
                 None => errors.push(bad("AGGREGATOR has the wrong length")),
             },
@@ -518,6 +521,7 @@ pub(crate) fn decode_attrs<'a>(
                     // RFC 6793 §6: confederation segments in AS4_PATH are discarded, the
                     // rest of the attribute is used.
                     match AsPath::decode(value, 4) {
+                        Some(p) if p.contains(0) => errors.push(bad("AS4_PATH contains AS 0")),
                         Some(mut p) => {
                             p.segments.retain(|s| {
                                 matches!(s, AsSegment::Set(_) | AsSegment::Sequence(_))
@@ -531,6 +535,7 @@ pub(crate) fn decode_attrs<'a>(
             ac::AS4_AGGREGATOR => {
                 if !ctx.four_octet_as {
                     match decode_aggregator(value, 4) {
+                        Some(a) if a.asn == 0 => errors.push(bad("AS4_AGGREGATOR AS is 0")),
                         Some(a) => as4_aggregator = Some(a),
                         None => errors.push(bad("AS4_AGGREGATOR length is not 8")),
                     }
