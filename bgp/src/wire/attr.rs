@@ -614,9 +614,21 @@ impl PathAttrs {
         let t = flag::TRANSITIVE;
         let o = flag::OPTIONAL;
         let mut scratch = BytesMut::new();
+        // RFC 4271 §5: attributes SHOULD be in ascending type order, passed-on unknown ones
+        // included; `unknown` keeps arrival order, so write them through a sorted view.
+        let mut unknown: Vec<&RawAttr> = self.unknown.iter().collect();
+        unknown.sort_by_key(|r| r.code);
+        let mut unknown = unknown.into_iter().peekable();
+        let mut unknown_below = |code: u8, out: &mut BytesMut| {
+            while let Some(raw) = unknown.next_if(|r| r.code < code) {
+                put_attr(out, raw.flags | flag::PARTIAL, raw.code, &raw.value);
+            }
+        };
+        unknown_below(ac::ORIGIN, out);
         if let Some(origin) = self.origin {
             put_attr(out, t, ac::ORIGIN, &[origin as u8]);
         }
+        unknown_below(ac::AS_PATH, out);
         let empty = AsPath::default();
         let as_path = self.as_path.as_ref().unwrap_or(&empty);
         if self.as_path.is_some() {
@@ -624,18 +636,23 @@ impl PathAttrs {
             put_attr(out, t, ac::AS_PATH, &scratch);
             scratch.clear();
         }
+        unknown_below(ac::NEXT_HOP, out);
         if let Some(nh) = self.next_hop {
             put_attr(out, t, ac::NEXT_HOP, &nh.octets());
         }
+        unknown_below(ac::MED, out);
         if let Some(med) = self.med {
             put_attr(out, o, ac::MED, &med.to_be_bytes());
         }
+        unknown_below(ac::LOCAL_PREF, out);
         if let Some(lp) = self.local_pref {
             put_attr(out, t, ac::LOCAL_PREF, &lp.to_be_bytes());
         }
+        unknown_below(ac::ATOMIC_AGGREGATE, out);
         if self.atomic_aggregate {
             put_attr(out, t, ac::ATOMIC_AGGREGATE, &[]);
         }
+        unknown_below(ac::AGGREGATOR, out);
         if let Some(agg) = self.aggregator {
             if ctx.four_octet_as {
                 scratch.put_u32(agg.asn);
@@ -646,6 +663,7 @@ impl PathAttrs {
             put_attr(out, o | t, ac::AGGREGATOR, &scratch);
             scratch.clear();
         }
+        unknown_below(ac::COMMUNITIES, out);
         if !self.communities.is_empty() {
             for c in &self.communities {
                 scratch.put_u32(*c);
@@ -653,9 +671,11 @@ impl PathAttrs {
             put_attr(out, o | t, ac::COMMUNITIES, &scratch);
             scratch.clear();
         }
+        unknown_below(ac::ORIGINATOR_ID, out);
         if let Some(id) = self.originator_id {
             put_attr(out, o, ac::ORIGINATOR_ID, &id.octets());
         }
+        unknown_below(ac::CLUSTER_LIST, out);
         if !self.cluster_list.is_empty() {
             for c in &self.cluster_list {
                 scratch.put_slice(&c.octets());
@@ -664,6 +684,7 @@ impl PathAttrs {
             scratch.clear();
         }
         if !ctx.four_octet_as {
+            unknown_below(ac::AS4_PATH, out);
             if as_path.needs_as4() {
                 // RFC 6793 §4.2.2: confederation segments are never put in AS4_PATH.
                 let as4 = AsPath {
@@ -678,6 +699,7 @@ impl PathAttrs {
                 put_attr(out, o | t, ac::AS4_PATH, &scratch);
                 scratch.clear();
             }
+            unknown_below(ac::AS4_AGGREGATOR, out);
             if let Some(agg) = self.aggregator.filter(|a| a.asn > u16::MAX as u32) {
                 scratch.put_u32(agg.asn);
                 scratch.put_slice(&agg.addr.octets());
@@ -685,7 +707,7 @@ impl PathAttrs {
                 scratch.clear();
             }
         }
-        for raw in &self.unknown {
+        for raw in unknown {
             put_attr(out, raw.flags | flag::PARTIAL, raw.code, &raw.value);
         }
     }
