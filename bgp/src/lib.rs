@@ -3,4 +3,5 @@
 //! The core is sans-IO: [`wire`] turns bytes into typed messages and back, [`fsm`] turns
 //! session events into actions. Only [`session`] and [`speaker`] touch tokio.
 
+pub mod validate;
 pub mod wire;
