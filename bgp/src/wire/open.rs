@@ -276,36 +276,21 @@ impl Open {
             out.put_u8(0);
             return;
         }
-        // One optional parameter per capability, as BIRD and GoBGP send them; lengths of each
-        // capability are < 256 for everything podroute sends.
-        let mut params = BytesMut::new();
-        let mut rest = &caps[..];
-        while rest.len() >= 2 {
-            let n = 2 + rest[1] as usize;
-            params.put_u8(PARAM_CAPABILITIES);
-            params.put_u8(n as u8);
-            params.put_slice(&rest[..n]);
-            rest = &rest[n..];
-        }
-        if params.len() <= 255 {
-            out.put_u8(params.len() as u8);
-            out.put_slice(&params);
+        // All capabilities in one Capabilities optional parameter, as BIRD and GoBGP send
+        // them (RFC 5492 §4 allows one or several); over 255 octets, the RFC 9072 extended
+        // encoding: Non-Ext OP Len 255, Non-Ext OP Type 255, 2-octet lengths.
+        if caps.len() + 2 <= 255 {
+            out.put_u8((caps.len() + 2) as u8);
+            out.put_u8(PARAM_CAPABILITIES);
+            out.put_u8(caps.len() as u8);
         } else {
-            // RFC 9072 extended optional parameters.
             out.put_u8(255);
             out.put_u8(255);
-            let mut ext = BytesMut::new();
-            let mut rest = &caps[..];
-            while rest.len() >= 2 {
-                let n = 2 + rest[1] as usize;
-                ext.put_u8(PARAM_CAPABILITIES);
-                ext.put_u16(n as u16);
-                ext.put_slice(&rest[..n]);
-                rest = &rest[n..];
-            }
-            out.put_u16(ext.len() as u16);
-            out.put_slice(&ext);
+            out.put_u16((caps.len() + 3) as u16);
+            out.put_u8(PARAM_CAPABILITIES);
+            out.put_u16(caps.len() as u16);
         }
+        out.put_slice(&caps);
     }
 }
 
