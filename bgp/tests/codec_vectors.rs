@@ -21,14 +21,14 @@ fn ip4(s: &str) -> Ipv4Addr {
 #[test]
 fn open_with_every_capability() {
     let body = hex(
-        "04 | 5ba0 | 00b4 | c0000201 | 3e
-         02 06 | 01 04 0001 00 01
-         02 06 | 01 04 0002 00 01
-         02 02 | 02 00
-         02 06 | 41 04 fa56ea01
-         02 0c | 40 0a c078 | 0001 01 80 | 0002 01 00
-         02 0a | 45 08 0001 01 03 | 0002 01 01
-         02 06 | 49 04 02766d00",
+        "04 | 5ba0 | 00b4 | c0000201 | 32 | 02 30
+         01 04 0001 00 01
+         01 04 0002 00 01
+         02 00
+         41 04 fa56ea01
+         40 0a c078 | 0001 01 80 | 0002 01 00
+         45 08 0001 01 03 | 0002 01 01
+         49 04 02766d00",
     );
     let open = Open {
         version: 4,
@@ -117,11 +117,11 @@ fn open_without_capabilities_is_ipv4_only() {
 }
 
 #[test]
-fn open_several_capabilities_in_one_parameter_decodes() {
-    // BIRD puts all capabilities in one optional parameter (RFC 5492 allows either).
+fn open_one_parameter_per_capability_decodes() {
+    // Older speakers send one optional parameter per capability (RFC 5492 allows either).
     let bytes = framed(
         1,
-        &hex("04 | fde9 | 005a | 0a000001 | 0e | 02 0c | 01 04 0001 00 01 | 41 04 0000fde9"),
+        &hex("04 | fde9 | 005a | 0a000001 | 10 | 02 06 01 04 0001 00 01 | 02 06 41 04 0000fde9"),
     );
     let Message::Open(open) = decode(&bytes, FOUR).unwrap() else {
         panic!()
@@ -137,7 +137,7 @@ fn open_several_capabilities_in_one_parameter_decodes() {
 
 #[test]
 fn open_extended_optional_parameters_rfc9072() {
-    // Non-Ext OP Len 255, Non-Ext OP Type 255, Extended Opt. Parm. Length 2 octets, and each
+    // Non-Ext OP Len 255, Non-Ext OP Type 255, Extended Opt. Parm. Length 2 octets, and the
     // parameter's length in 2 octets.
     let mut caps = Vec::new();
     for i in 0..60u8 {
@@ -154,8 +154,8 @@ fn open_extended_optional_parameters_rfc9072() {
         capabilities: caps,
     };
     let bytes = encode(&Message::Open(open.clone()), FOUR);
-    assert_eq!(&bytes[28..32], &hex("ff ff 01e0")[..], "60 * (3 + 2 + 3) = 480");
-    assert_eq!(&bytes[32..35], &hex("02 0005")[..]);
+    assert_eq!(&bytes[28..32], &hex("ff ff 012f")[..], "3 + 60 * (2 + 3) = 303");
+    assert_eq!(&bytes[32..35], &hex("02 012c")[..]);
     both_ways(&bytes, &Message::Open(open), FOUR);
 }
 
