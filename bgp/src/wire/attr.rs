@@ -547,16 +547,17 @@ pub(crate) fn decode_attrs<'a>(
 
     // RFC 6793 §4.2.3: reconcile the 4-octet view when the peer speaks 2-octet ASes.
     if !ctx.four_octet_as {
+        // Only when AGGREGATOR (not AS_TRANS) and AS4_AGGREGATOR are both present are the
+        // AS4 attributes ignored: an OLD speaker aggregated after they were attached. Without
+        // AS4_AGGREGATOR, AS4_PATH is merged as in every other case.
         let agg_is_trans = attrs.aggregator.map(|a| a.asn == AS_TRANS as u32);
-        match agg_is_trans {
-            Some(false) => {}
-            _ => {
-                if let (Some(a4), Some(agg)) = (as4_aggregator, attrs.aggregator.as_mut()) {
-                    *agg = a4;
-                }
-                if let (Some(p4), Some(p)) = (as4_path, attrs.as_path.as_mut()) {
-                    *p = std::mem::take(p).merge_as4(p4);
-                }
+        let ignore_as4 = agg_is_trans == Some(false) && as4_aggregator.is_some();
+        if !ignore_as4 {
+            if let (Some(a4), Some(agg)) = (as4_aggregator, attrs.aggregator.as_mut()) {
+                *agg = a4;
+            }
+            if let (Some(p4), Some(p)) = (as4_path, attrs.as_path.as_mut()) {
+                *p = std::mem::take(p).merge_as4(p4);
             }
         }
     }
