@@ -385,6 +385,19 @@ fn as4_merge_on_receipt() {
     );
     assert_eq!(u.attrs.aggregator.unwrap().asn, 65001);
 
+    // AGGREGATOR that is not AS_TRANS but no AS4_AGGREGATOR: AS4_PATH is still merged.
+    let bytes = update_msg(
+        "40 01 01 00 | 40 02 04 | 02 01 5ba0 | 40 03 04 c0000202
+         c0 07 06 fde9 c0000203
+         c0 11 06 | 02 01 fa56ea01",
+        "1a 0a000000",
+    );
+    let Message::Update(u) = decode(&bytes, TWO).unwrap() else {
+        panic!()
+    };
+    assert_eq!(u.attrs.as_path.unwrap(), AsPath::from_sequence(vec![AS4]));
+    assert_eq!(u.attrs.aggregator.unwrap().asn, 65001);
+
     // Confederation segments in AS4_PATH are dropped, the rest is used (RFC 6793 §6), and a
     // leading AS_CONFED_SEQUENCE of AS_PATH survives the merge.
     let bytes = update_msg(
