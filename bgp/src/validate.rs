@@ -109,11 +109,8 @@ pub fn validate_update(update: &mut Update, ctx: &PeerContext) {
         }
     }
 
-    let announces = !update.nlri.is_empty()
-        || update
-            .mp_reach
-            .as_ref()
-            .is_some_and(|r| !r.nlri.is_empty());
+    let announces =
+        !update.nlri.is_empty() || update.mp_reach.as_ref().is_some_and(|r| !r.nlri.is_empty());
     if announces {
         let withdraw = ErrorAction::TreatAsWithdraw;
         if let Some(path) = &update.attrs.as_path {
@@ -125,7 +122,11 @@ pub fn validate_update(update: &mut Update, ctx: &PeerContext) {
                 );
             }
             if ctx.ebgp && path.contains(ctx.local_as) {
-                finding(code::AS_PATH, withdraw, "AS_PATH contains our own AS (loop)");
+                finding(
+                    code::AS_PATH,
+                    withdraw,
+                    "AS_PATH contains our own AS (loop)",
+                );
             }
         }
         if !ctx.ebgp {
@@ -145,17 +146,16 @@ pub fn validate_update(update: &mut Update, ctx: &PeerContext) {
                 );
             }
         }
-        if !update.nlri.is_empty() {
-            if let Some(nh) = update.attrs.next_hop {
-                if let Some(reason) = bad_v4_next_hop(nh, ctx) {
-                    finding(code::NEXT_HOP, withdraw, reason);
-                }
-            }
+        if !update.nlri.is_empty()
+            && let Some(nh) = update.attrs.next_hop
+            && let Some(reason) = bad_v4_next_hop(nh, ctx)
+        {
+            finding(code::NEXT_HOP, withdraw, reason);
         }
-        if let Some(reach) = update.mp_reach.as_ref().filter(|r| !r.nlri.is_empty()) {
-            if let Some(reason) = bad_mp_next_hop(&reach.next_hop, ctx) {
-                finding(code::MP_REACH_NLRI, withdraw, reason);
-            }
+        if let Some(reach) = update.mp_reach.as_ref().filter(|r| !r.nlri.is_empty())
+            && let Some(reason) = bad_mp_next_hop(&reach.next_hop, ctx)
+        {
+            finding(code::MP_REACH_NLRI, withdraw, reason);
         }
     }
     update.errors.extend(found);
@@ -353,7 +353,10 @@ mod tests {
         let cases = [
             ("0.0.0.0", "NEXT_HOP is 0.0.0.0"),
             ("224.0.0.5", "NEXT_HOP is a multicast address"),
-            ("255.255.255.255", "NEXT_HOP is the limited broadcast address"),
+            (
+                "255.255.255.255",
+                "NEXT_HOP is the limited broadcast address",
+            ),
             ("240.0.0.1", "NEXT_HOP is a class E (reserved) address"),
             ("192.0.2.1", "NEXT_HOP is our own address"),
         ];

@@ -34,12 +34,12 @@ fn bad_marker_is_connection_not_synchronized() {
 #[test]
 fn bad_lengths_carry_the_length_field() {
     let cases: [(u16, u8, usize); 8] = [
-        (18, 4, 0),     // below the header
+        (18, 4, 0),      // below the header
         (4097, 2, 4078), // above 4096
-        (20, 4, 1),     // KEEPALIVE must be exactly 19
-        (28, 1, 9),     // OPEN minimum is 29
-        (22, 2, 3),     // UPDATE minimum is 23
-        (20, 3, 1),     // NOTIFICATION minimum is 21
+        (20, 4, 1),      // KEEPALIVE must be exactly 19
+        (28, 1, 9),      // OPEN minimum is 29
+        (22, 2, 3),      // UPDATE minimum is 23
+        (20, 3, 1),      // NOTIFICATION minimum is 21
         (0, 1, 0),
         (0xffff, 3, 0),
     ];
@@ -124,7 +124,10 @@ fn open_errors() {
         (2, 2, vec![])
     );
     assert_eq!(
-        notification(&open(4, 23456, 90, "0a000001", "02 06 41 04 00000000"), FOUR),
+        notification(
+            &open(4, 23456, 90, "0a000001", "02 06 41 04 00000000"),
+            FOUR
+        ),
         (2, 2, vec![])
     );
     // Optional Parameters Length disagreeing with the message: unspecific OPEN error.
@@ -289,8 +292,14 @@ fn unrecognized_well_known_attribute_carries_the_attribute() {
 #[test]
 fn bad_prefixes_reset_the_session() {
     // Prefix length 33 in NLRI, and a prefix running past the end, are Invalid Network Field.
-    assert_eq!(notification(&update_msg(BASE, "21 0a000000 00"), FOUR), (3, 10, vec![]));
-    assert_eq!(notification(&update_msg(BASE, "1a 0a00"), FOUR), (3, 10, vec![]));
+    assert_eq!(
+        notification(&update_msg(BASE, "21 0a000000 00"), FOUR),
+        (3, 10, vec![])
+    );
+    assert_eq!(
+        notification(&update_msg(BASE, "1a 0a00"), FOUR),
+        (3, 10, vec![])
+    );
     let m = framed(2, &hex("0002 | 21 0a | 0000"));
     assert_eq!(notification(&m, FOUR), (3, 10, vec![]));
     // In MP_REACH_NLRI (length 129 for IPv6): Optional Attribute Error (RFC 4760 §7).

@@ -80,7 +80,13 @@ fn every_captured_message_decodes_and_open_keepalive_notification_reencode_ident
         let mut out = BytesMut::new();
         encode_message(&msg, ctx_for(c), &mut out);
         if !matches!(msg, Message::Update(_)) {
-            assert_eq!(out[..], c.bytes[..], "{} > {}: re-encoded {msg:?}", c.from, c.to);
+            assert_eq!(
+                out[..],
+                c.bytes[..],
+                "{} > {}: re-encoded {msg:?}",
+                c.from,
+                c.to
+            );
         }
         let mut again = out.clone();
         let back = decode_message(&mut again, ctx_for(c)).unwrap().unwrap();
@@ -91,7 +97,11 @@ fn every_captured_message_decodes_and_open_keepalive_notification_reencode_ident
         }
         assert_eq!(back, expected, "{} > {}: round trip", c.from, c.to);
     }
-    assert_eq!(kinds[1..5], [13, 28, 5, 18], "OPEN, UPDATE, NOTIFICATION, KEEPALIVE");
+    assert_eq!(
+        kinds[1..5],
+        [13, 28, 5, 18],
+        "OPEN, UPDATE, NOTIFICATION, KEEPALIVE"
+    );
 }
 
 #[test]
@@ -110,15 +120,20 @@ fn bird_open_capabilities() {
     );
     assert!(open.route_refresh());
     let gr = open.graceful_restart().unwrap();
-    assert_eq!((gr.restart_state, gr.restart_time, gr.families.len()), (false, 120, 2));
-    assert!(open
-        .capabilities
-        .contains(&Capability::AddPath(vec![(Family::IPV4_UNICAST, 1)])));
+    assert_eq!(
+        (gr.restart_state, gr.restart_time, gr.families.len()),
+        (false, 120, 2)
+    );
+    assert!(
+        open.capabilities
+            .contains(&Capability::AddPath(vec![(Family::IPV4_UNICAST, 1)]))
+    );
     // Enhanced route refresh (70) and long-lived GR (71) are kept as unknown.
-    assert!(open
-        .capabilities
-        .iter()
-        .any(|c| matches!(c, Capability::Unknown { code: 70, .. })));
+    assert!(
+        open.capabilities
+            .iter()
+            .any(|c| matches!(c, Capability::Unknown { code: 70, .. }))
+    );
 }
 
 #[test]
@@ -127,7 +142,11 @@ fn bird_updates() {
     // /26s with communities, MED and a large community (unknown optional transitive, code 32).
     assert_eq!(
         u[0].nlri,
-        vec![net("10.1.0.64/26"), net("10.1.0.0/26"), net("10.1.0.128/26")]
+        vec![
+            net("10.1.0.64/26"),
+            net("10.1.0.0/26"),
+            net("10.1.0.128/26")
+        ]
     );
     let a = &u[0].attrs;
     assert_eq!(a.origin, Some(Origin::Igp));
@@ -144,7 +163,11 @@ fn bird_updates() {
     assert_eq!(r.next_hop, NextHop::new("2001:db8::2".parse().unwrap()));
     assert_eq!(
         r.nlri,
-        vec![net("2001:db8:1::40/122"), net("2001:db8:2::/48"), net("2001:db8:1::/122")]
+        vec![
+            net("2001:db8:1::40/122"),
+            net("2001:db8:2::/48"),
+            net("2001:db8:1::/122")
+        ]
     );
     assert_eq!(u[4].end_of_rib_family(), Some(Family::IPV6_UNICAST));
     // Withdrawals: MP_UNREACH for IPv6, Withdrawn Routes for IPv4.
@@ -166,7 +189,10 @@ fn gobgp_updates() {
     assert_eq!(u[0].attrs.as_path, Some(AsPath::from_sequence(vec![65002])));
     // GoBGP puts an IPv4-mapped next hop in MP_REACH for IPv6 over an IPv4 session.
     let r = u[3].mp_reach.as_ref().unwrap();
-    assert_eq!(r.next_hop.addr, "::ffff:127.0.0.3".parse::<std::net::IpAddr>().unwrap());
+    assert_eq!(
+        r.next_hop.addr,
+        "::ffff:127.0.0.3".parse::<std::net::IpAddr>().unwrap()
+    );
     assert_eq!(r.nlri, vec![net("2001:db8:3::/122")]);
     assert_eq!(u[2].end_of_rib_family(), Some(Family::IPV4_UNICAST));
     assert_eq!(u[4].end_of_rib_family(), Some(Family::IPV6_UNICAST));
@@ -192,7 +218,9 @@ fn wrong_as_notifications_from_each_daemon() {
     let all = captured();
     let gobgp = all
         .iter()
-        .find(|c| c.from.starts_with("127.0.0.3:") && c.to.starts_with("127.0.0.6:") && c.bytes[18] == 3)
+        .find(|c| {
+            c.from.starts_with("127.0.0.3:") && c.to.starts_with("127.0.0.6:") && c.bytes[18] == 3
+        })
         .unwrap();
     let Message::Notification(n) = decode_one(gobgp) else {
         panic!()
@@ -209,7 +237,10 @@ fn wrong_as_notifications_from_each_daemon() {
         panic!()
     };
     // BIRD puts the AS it saw in the data, 4 octets.
-    assert_eq!((n.code, n.subcode, &n.data[..]), (2, 2, &[0, 0, 0xfd, 0xea][..]));
+    assert_eq!(
+        (n.code, n.subcode, &n.data[..]),
+        (2, 2, &[0, 0, 0xfd, 0xea][..])
+    );
     assert_eq!(
         n.to_string(),
         "OPEN Message Error / Bad Peer AS (2/2), data 0x0000fdea"

@@ -29,21 +29,26 @@ fn capability() -> impl Strategy<Value = Capability> {
             0u16..4096,
             prop::collection::vec((family(), any::<bool>()), 0..5)
         )
-            .prop_map(|(r, n, t, f)| Capability::GracefulRestart(GracefulRestartCap {
-                restart_state: r,
-                notification: n,
-                restart_time: t,
-                families: f
-                    .into_iter()
-                    .map(|(family, forwarding_state)| GrFamily {
-                        family,
-                        forwarding_state
-                    })
-                    .collect(),
-            })),
+            .prop_map(
+                |(r, n, t, f)| Capability::GracefulRestart(GracefulRestartCap {
+                    restart_state: r,
+                    notification: n,
+                    restart_time: t,
+                    families: f
+                        .into_iter()
+                        .map(|(family, forwarding_state)| GrFamily {
+                            family,
+                            forwarding_state
+                        })
+                        .collect(),
+                })
+            ),
         prop::collection::vec((family(), 1u8..=3), 0..4).prop_map(Capability::AddPath),
         // Codes podroute does not interpret.
-        (prop_oneof![3u8..64, 66u8..69, 70u8..=255], prop::collection::vec(any::<u8>(), 0..20))
+        (
+            prop_oneof![3u8..64, 66u8..69, 70u8..=255],
+            prop::collection::vec(any::<u8>(), 0..20)
+        )
             .prop_map(|(code, v)| Capability::Unknown {
                 code,
                 value: Bytes::from(v)
@@ -63,11 +68,13 @@ prop_compose! {
 }
 
 fn v4_prefix() -> impl Strategy<Value = IpNet> {
-    (any::<u32>(), 0u8..=32).prop_map(|(a, l)| IpNet::V4(Ipv4Net::new(Ipv4Addr::from(a), l).unwrap().trunc()))
+    (any::<u32>(), 0u8..=32)
+        .prop_map(|(a, l)| IpNet::V4(Ipv4Net::new(Ipv4Addr::from(a), l).unwrap().trunc()))
 }
 
 fn v6_prefix() -> impl Strategy<Value = IpNet> {
-    (any::<u128>(), 0u8..=128).prop_map(|(a, l)| IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), l).unwrap().trunc()))
+    (any::<u128>(), 0u8..=128)
+        .prop_map(|(a, l)| IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), l).unwrap().trunc()))
 }
 
 fn asn() -> impl Strategy<Value = u32> {
@@ -189,7 +196,11 @@ fn valid_message() -> impl Strategy<Value = Vec<u8>> {
         update().prop_map(|u| encode(&Message::Update(u), FOUR)),
         update().prop_map(|u| encode(&Message::Update(u), TWO)),
         Just(encode(&Message::Keepalive, FOUR)),
-        (any::<u8>(), any::<u8>(), prop::collection::vec(any::<u8>(), 0..40))
+        (
+            any::<u8>(),
+            any::<u8>(),
+            prop::collection::vec(any::<u8>(), 0..40)
+        )
             .prop_map(|(c, s, d)| encode(&Message::Notification(Notification::new(c, s, d)), FOUR)),
     ]
 }

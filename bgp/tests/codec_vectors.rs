@@ -20,16 +20,14 @@ fn ip4(s: &str) -> Ipv4Addr {
 
 #[test]
 fn open_with_every_capability() {
-    let body = hex(
-        "04 | 5ba0 | 00b4 | c0000201 | 32 | 02 30
+    let body = hex("04 | 5ba0 | 00b4 | c0000201 | 32 | 02 30
          01 04 0001 00 01
          01 04 0002 00 01
          02 00
          41 04 fa56ea01
          40 0a c078 | 0001 01 80 | 0002 01 00
          45 08 0001 01 03 | 0002 01 01
-         49 04 02766d00",
-    );
+         49 04 02766d00");
     let open = Open {
         version: 4,
         my_as: AS_TRANS,
@@ -84,7 +82,9 @@ fn open_gr_flags_each_bit() {
         ("4000", false, true, 0),
         ("0078", false, false, 120),
     ] {
-        let body = hex(&format!("04 | fde9 | 005a | 7f000002 | 06 | 02 04 | 40 02 {ft}"));
+        let body = hex(&format!(
+            "04 | fde9 | 005a | 7f000002 | 06 | 02 04 | 40 02 {ft}"
+        ));
         let open = Open {
             version: 4,
             my_as: 65001,
@@ -154,7 +154,11 @@ fn open_extended_optional_parameters_rfc9072() {
         capabilities: caps,
     };
     let bytes = encode(&Message::Open(open.clone()), FOUR);
-    assert_eq!(&bytes[28..32], &hex("ff ff 012f")[..], "3 + 60 * (2 + 3) = 303");
+    assert_eq!(
+        &bytes[28..32],
+        &hex("ff ff 012f")[..],
+        "3 + 60 * (2 + 3) = 303"
+    );
     assert_eq!(&bytes[32..35], &hex("02 012c")[..]);
     both_ways(&bytes, &Message::Open(open), FOUR);
 }
@@ -225,8 +229,7 @@ fn upd(u: Update) -> Message {
 #[test]
 fn update_every_attribute_four_octet() {
     let mut body = hex("0004 | 18 0a0001"); // withdrawn 10.0.1.0/24
-    let attrs = hex(
-        "40 01 01 00
+    let attrs = hex("40 01 01 00
          40 02 10 | 02 02 0000fde9 fa56ea01 | 01 01 0000fdea
          40 03 04 c0000202
          80 04 04 00000064
@@ -235,8 +238,7 @@ fn update_every_attribute_four_octet() {
          c0 07 08 fa56ea01 c0000203
          c0 08 08 fde90064 ffffff01
          80 09 04 c0000204
-         80 0a 08 c0000205 c0000206",
-    );
+         80 0a 08 c0000205 c0000206");
     body.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
     body.extend_from_slice(&attrs);
     body.extend_from_slice(&hex("1a 0a000040")); // 10.0.0.64/26
@@ -363,10 +365,7 @@ fn as4_merge_on_receipt() {
     let Message::Update(u) = decode(&bytes, TWO).unwrap() else {
         panic!()
     };
-    assert_eq!(
-        u.attrs.as_path.unwrap(),
-        AsPath::from_sequence(vec![23456])
-    );
+    assert_eq!(u.attrs.as_path.unwrap(), AsPath::from_sequence(vec![23456]));
 
     // AGGREGATOR that is not AS_TRANS: both AS4_AGGREGATOR and AS4_PATH are ignored.
     let bytes = update_msg(
@@ -379,10 +378,7 @@ fn as4_merge_on_receipt() {
     let Message::Update(u) = decode(&bytes, TWO).unwrap() else {
         panic!()
     };
-    assert_eq!(
-        u.attrs.as_path.unwrap(),
-        AsPath::from_sequence(vec![23456])
-    );
+    assert_eq!(u.attrs.as_path.unwrap(), AsPath::from_sequence(vec![23456]));
     assert_eq!(u.attrs.aggregator.unwrap().asn, 65001);
 
     // AGGREGATOR that is not AS_TRANS but no AS4_AGGREGATOR: AS4_PATH is still merged.
@@ -596,7 +592,10 @@ fn end_of_rib_both_families() {
     }
     // A withdrawal is not an End-of-RIB.
     let Message::Update(u) = decode(
-        &update_msg("90 0f 0014 | 0002 01 | 7a 20010db8000100000000000000000040", ""),
+        &update_msg(
+            "90 0f 0014 | 0002 01 | 7a 20010db8000100000000000000000040",
+            "",
+        ),
         FOUR,
     )
     .unwrap() else {
@@ -617,10 +616,7 @@ fn mp_reach_ipv4_via_mp_and_host_bits_cleared() {
         panic!()
     };
     let r = u.mp_reach.unwrap();
-    assert_eq!(
-        r.next_hop,
-        NextHop::new(IpAddr::V4(ip4("192.0.2.2")))
-    );
+    assert_eq!(r.next_hop, NextHop::new(IpAddr::V4(ip4("192.0.2.2"))));
     assert_eq!(r.nlri, vec![net("10.0.0.64/26")]);
     assert!(u.errors.is_empty());
 }

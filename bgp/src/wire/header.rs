@@ -107,11 +107,7 @@ pub fn decode_message(
             // RFC 7313 §5: a ROUTE-REFRESH whose body is not 4 octets is answered with
             // ROUTE-REFRESH Message Error / Invalid Message Length carrying the whole message
             // (podroute negotiates no ORF, RFC 5291, so no longer form is valid).
-            return Err(DecodeError::new(
-                code::ROUTE_REFRESH,
-                1,
-                frame.freeze(),
-            ));
+            return Err(DecodeError::new(code::ROUTE_REFRESH, 1, frame.freeze()));
         }
         _ => {
             let mut b = body;

@@ -30,6 +30,9 @@ pub struct CodecContext {
 }
 
 /// A BGP message (RFC 4271 §4.1 type codes 1..=4, RFC 2918 type 5).
+// Messages live only between the socket and the session; boxing Update would change the
+// public API for no measurable gain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     Open(Open),

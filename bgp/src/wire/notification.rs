@@ -180,10 +180,9 @@ impl fmt::Display for Notification {
             if self.code == code::CEASE
                 && (self.subcode == cease::ADMIN_SHUTDOWN || self.subcode == cease::ADMIN_RESET)
                 && self.data[0] as usize + 1 == self.data.len()
+                && let Ok(text) = std::str::from_utf8(&self.data[1..])
             {
-                if let Ok(text) = std::str::from_utf8(&self.data[1..]) {
-                    return write!(f, ": \"{text}\"");
-                }
+                return write!(f, ": \"{text}\"");
             }
             f.write_str(", data 0x")?;
             for b in self.data.iter().take(32) {

@@ -314,7 +314,7 @@ fn decode_capabilities(mut buf: &[u8], out: &mut Vec<Capability>) -> Result<(), 
             cap_code::FOUR_OCTET_AS if len == 4 => Capability::FourOctetAs(u32::from_be_bytes([
                 value[0], value[1], value[2], value[3],
             ])),
-            cap_code::GRACEFUL_RESTART if len >= 2 && (len - 2) % 4 == 0 => {
+            cap_code::GRACEFUL_RESTART if len >= 2 && (len - 2).is_multiple_of(4) => {
                 let flags_time = u16::from_be_bytes([value[0], value[1]]);
                 let families = value[2..]
                     .chunks_exact(4)
@@ -333,7 +333,7 @@ fn decode_capabilities(mut buf: &[u8], out: &mut Vec<Capability>) -> Result<(), 
                     families,
                 })
             }
-            cap_code::ADD_PATH if len % 4 == 0 => Capability::AddPath(
+            cap_code::ADD_PATH if len.is_multiple_of(4) => Capability::AddPath(
                 value
                     .chunks_exact(4)
                     .map(|c| {
