@@ -1241,16 +1241,17 @@ mod tests {
 
     #[test]
     fn sent_open_has_our_capabilities_on_the_wire() {
-        // RFC 4271 §4.2 + RFC 5492, one capability per optional parameter:
-        // MP ipv4-unicast, MP ipv6-unicast, route refresh, 4-octet AS 65001.
+        // RFC 4271 §4.2 + RFC 5492, all capabilities in one optional parameter as BIRD and
+        // GoBGP send them: MP ipv4-unicast, MP ipv6-unicast, route refresh, 4-octet AS 65001.
         let bytes = encode(&Message::Open(ebgp().open()));
         let mut want = vec![0xff; 16];
-        want.extend_from_slice(&[0x00, 57, 1]); // length 57, type OPEN
-        want.extend_from_slice(&[4, 0xfd, 0xe9, 0x00, 0xf0, 10, 0, 0, 1, 28]);
-        want.extend_from_slice(&[2, 6, 1, 4, 0, 1, 0, 1]);
-        want.extend_from_slice(&[2, 6, 1, 4, 0, 2, 0, 1]);
-        want.extend_from_slice(&[2, 2, 2, 0]);
-        want.extend_from_slice(&[2, 6, 65, 4, 0, 0, 0xfd, 0xe9]);
+        want.extend_from_slice(&[0x00, 51, 1]); // length 51, type OPEN
+        want.extend_from_slice(&[4, 0xfd, 0xe9, 0x00, 0xf0, 10, 0, 0, 1, 22]);
+        want.extend_from_slice(&[2, 20]);
+        want.extend_from_slice(&[1, 4, 0, 1, 0, 1]);
+        want.extend_from_slice(&[1, 4, 0, 2, 0, 1]);
+        want.extend_from_slice(&[2, 0]);
+        want.extend_from_slice(&[65, 4, 0, 0, 0xfd, 0xe9]);
         assert_eq!(bytes, want);
     }
 

@@ -9,6 +9,7 @@ pub mod fsm;
 pub mod rib;
 pub(crate) mod session;
 pub mod speaker;
+pub mod validate;
 pub mod wire;
 
 pub use speaker::{PeerConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerError};

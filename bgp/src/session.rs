@@ -10,6 +10,7 @@ use crate::fsm::{
     Action, ConnectionSide, Event, Fsm, FsmConfig, Negotiated, State, Timer, collision_loser,
 };
 use crate::rib::PeerId;
+use crate::validate::{PeerContext, validate_update};
 use crate::wire::{self, CodecContext, Family, Message, Notification, Update};
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
@@ -78,8 +79,8 @@ struct Slot {
     conn: Option<Conn>,
     timers: [Option<Instant>; 4],
     codec: CodecContext,
-    /// Set when Established: what peer-dependent UPDATE checks need.
-    negotiated: Option<Negotiated>,
+    /// Set when Established: what peer-dependent UPDATE checks (RFC 7606) need.
+    peer_ctx: Option<PeerContext>,
 }
 
 fn timer_index(t: Timer) -> usize {
@@ -106,7 +107,7 @@ impl Slot {
             conn: None,
             timers: [None; 4],
             codec: CodecContext::default(),
-            negotiated: None,
+            peer_ctx: None,
         }
     }
 
@@ -284,10 +285,19 @@ impl Driver {
     }
 
     async fn inbound(&mut self, stream: TcpStream) {
+        if self
+            .main
+            .as_ref()
+            .is_some_and(|s| s.fsm.state() == State::Idle)
+        {
+            // In idle hold-down after an error: the peer is trying again, so start now rather
+            // than refuse it. Refusing lets two speakers in alternating hold-downs keep turning
+            // each other away.
+            self.handle(true, Event::ManualStart).await;
+        }
         let state = self.main.as_ref().map(|s| s.fsm.state());
         match state {
             Some(State::Idle) | None => {
-                // Not accepting (administratively down or in idle hold): refuse.
                 debug!("inbound connection refused in Idle");
             }
             Some(State::Connect) | Some(State::Active) => {
@@ -416,6 +426,7 @@ impl Driver {
                 }
             }
             Action::Established(neg) => {
+                let (local_as, local_id) = (self.p.fsm.local_as, self.p.fsm.local_id);
                 let Some(s) = self.slot(main) else { return };
                 s.codec = neg.codec;
                 let local_addr = s
@@ -423,7 +434,9 @@ impl Driver {
                     .as_ref()
                     .map(|c| c.local_addr)
                     .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-                s.negotiated = Some(neg.clone());
+                let mut ctx = PeerContext::new(neg.ebgp, neg.peer_as, local_as, local_id);
+                ctx.local_addrs = vec![local_addr];
+                s.peer_ctx = Some(ctx);
                 if !main {
                     // The restarted peer's new session replaces the old one.
                     self.promote_extra("peer opened a new session").await;
@@ -440,13 +453,22 @@ impl Driver {
                 })
                 .await;
             }
-            Action::Deliver(u) => {
+            Action::Deliver(mut u) => {
                 if let Some(f) = u.end_of_rib_family() {
                     self.emit(SessionEvent::EndOfRib(f)).await;
                     return;
                 }
-                for e in &u.errors {
+                // Malformed attributes found by the decoder are worth a warning; what the
+                // peer-dependent checks find (loops, our own next hop) is routine.
+                let decoded = u.errors.len();
+                if let Some(ctx) = self.slot(main).and_then(|s| s.peer_ctx.as_ref()) {
+                    validate_update(&mut u, ctx);
+                }
+                for e in &u.errors[..decoded] {
                     warn!(error = %e, "malformed UPDATE attribute (RFC 7606)");
+                }
+                for e in &u.errors[decoded..] {
+                    debug!(error = %e, "UPDATE refused by peer checks");
                 }
                 self.emit(SessionEvent::Update(u)).await;
             }
@@ -501,8 +523,17 @@ impl Driver {
         }
         match ms {
             State::Established => {
-                // Handled when the extra connection reaches Established (a restarted peer);
-                // until then keep the old session.
+                // RFC 4271 §6.8: a collision with an Established session closes the new
+                // connection, unless the peer says it restarted (RFC 4724 Restart State bit):
+                // then the new session replaces the old one once it is Established.
+                let restarted = x
+                    .fsm
+                    .negotiated()
+                    .and_then(|n| n.peer_graceful_restart.as_ref())
+                    .is_some_and(|g| g.restart_state);
+                if !restarted && let Some(mut v) = self.extra.take() {
+                    self.close_lost(&mut v).await;
+                }
             }
             State::OpenSent | State::OpenConfirm => {
                 // The peer's BGP ID is known from the OPEN on the extra connection, which
@@ -522,17 +553,7 @@ impl Driver {
                     self.extra.take()
                 };
                 if let Some(mut v) = victim {
-                    // The FSM sends Cease / Connection Collision Resolution (event 23).
-                    for a in v.fsm.handle(Event::CollisionLost) {
-                        if let (Action::Send(msg), Some(c)) = (&a, v.conn.as_ref()) {
-                            let mut out = BytesMut::new();
-                            wire::encode_message(msg, v.codec, &mut out);
-                            let _ = c.writer.send(out.freeze());
-                            if let Message::Notification(n) = msg {
-                                self.emit(SessionEvent::NotificationSent(n.clone())).await;
-                            }
-                        }
-                    }
+                    self.close_lost(&mut v).await;
                 }
                 if self.main.is_none() {
                     self.connecting = None;
@@ -543,6 +564,21 @@ impl Driver {
                 // No OPEN sent on the main connection yet: the inbound one takes over.
                 self.connecting = None;
                 self.main = self.extra.take();
+            }
+        }
+    }
+
+    /// Close a connection that lost collision resolution: its FSM sends Cease / Connection
+    /// Collision Resolution (event 23).
+    async fn close_lost(&mut self, v: &mut Slot) {
+        for a in v.fsm.handle(Event::CollisionLost) {
+            if let (Action::Send(msg), Some(c)) = (&a, v.conn.as_ref()) {
+                let mut out = BytesMut::new();
+                wire::encode_message(msg, v.codec, &mut out);
+                let _ = c.writer.send(out.freeze());
+                if let Message::Notification(n) = msg {
+                    self.emit(SessionEvent::NotificationSent(n.clone())).await;
+                }
             }
         }
     }

@@ -211,14 +211,13 @@ impl AsPath {
         let mut keep = len - len4;
         let mut segments = Vec::new();
         for seg in self.segments {
-            if keep == 0 {
-                break;
-            }
             match seg {
+                // Confederation segments count 0 and never appear in AS4_PATH: the leading
+                // ones are kept from AS_PATH, or the merge would lose them.
+                AsSegment::ConfedSequence(_) | AsSegment::ConfedSet(_) => segments.push(seg),
+                _ if keep == 0 => break,
                 AsSegment::Sequence(mut v) => {
-                    if v.len() > keep {
-                        v.truncate(keep);
-                    }
+                    v.truncate(keep);
                     keep -= v.len();
                     segments.push(AsSegment::Sequence(v));
                 }
@@ -226,7 +225,6 @@ impl AsPath {
                     keep -= 1;
                     segments.push(AsSegment::Set(v));
                 }
-                other => segments.push(other),
             }
         }
         segments.extend(as4.segments);
@@ -461,6 +459,8 @@ pub(crate) fn decode_attrs<'a>(
                 _ => errors.push(bad("ORIGIN length is not 1")),
             },
             ac::AS_PATH => match AsPath::decode(value, as_len) {
+                // RFC 7607 §2: AS 0 makes AS_PATH malformed (RFC 7606 §7.2 action).
+                Some(p) if p.contains(0) => errors.push(bad("AS_PATH contains AS 0")),
                 Some(p) => attrs.as_path = Some(p),
                 None => errors.push(bad("malformed AS_PATH")),
             },
@@ -484,6 +484,7 @@ pub(crate) fn decode_attrs<'a>(
                 }
             }
             ac::AGGREGATOR => match decode_aggregator(value, as_len) {
+                Some(a) if a.asn == 0 => errors.push(bad("AGGREGATOR AS is 0")),
                 Some(a) => attrs.aggregator = Some(a),
                 None => errors.push(bad("AGGREGATOR has the wrong length")),
             },
@@ -517,21 +518,24 @@ pub(crate) fn decode_attrs<'a>(
                 // RFC 6793 §6: malformed AS4_PATH is discarded; from a 4-octet peer it must
                 // not appear at all and is ignored.
                 if !ctx.four_octet_as {
+                    // RFC 6793 §6: confederation segments in AS4_PATH are discarded, the
+                    // rest of the attribute is used.
                     match AsPath::decode(value, 4) {
-                        Some(p)
-                            if p.segments.iter().all(|s| {
+                        Some(p) if p.contains(0) => errors.push(bad("AS4_PATH contains AS 0")),
+                        Some(mut p) => {
+                            p.segments.retain(|s| {
                                 matches!(s, AsSegment::Set(_) | AsSegment::Sequence(_))
-                            }) =>
-                        {
-                            as4_path = Some(p)
+                            });
+                            as4_path = Some(p);
                         }
-                        _ => errors.push(bad("malformed AS4_PATH")),
+                        None => errors.push(bad("malformed AS4_PATH")),
                     }
                 }
             }
             ac::AS4_AGGREGATOR => {
                 if !ctx.four_octet_as {
                     match decode_aggregator(value, 4) {
+                        Some(a) if a.asn == 0 => errors.push(bad("AS4_AGGREGATOR AS is 0")),
                         Some(a) => as4_aggregator = Some(a),
                         None => errors.push(bad("AS4_AGGREGATOR length is not 8")),
                     }
@@ -543,18 +547,17 @@ pub(crate) fn decode_attrs<'a>(
 
     // RFC 6793 §4.2.3: reconcile the 4-octet view when the peer speaks 2-octet ASes.
     if !ctx.four_octet_as {
+        // Only when AGGREGATOR (not AS_TRANS) and AS4_AGGREGATOR are both present are the
+        // AS4 attributes ignored: an OLD speaker aggregated after they were attached. Without
+        // AS4_AGGREGATOR, AS4_PATH is merged as in every other case.
         let agg_is_trans = attrs.aggregator.map(|a| a.asn == AS_TRANS as u32);
-        match agg_is_trans {
-            Some(false) => {}
-            _ => {
-                if let (Some(a4), Some(agg)) = (as4_aggregator, attrs.aggregator.as_mut()) {
-                    *agg = a4;
-                }
-                if let (Some(p4), Some(p)) = (as4_path, attrs.as_path.take()) {
-                    attrs.as_path = Some(p.merge_as4(p4));
-                } else if let Some(p) = attrs.as_path.take() {
-                    attrs.as_path = Some(p);
-                }
+        let ignore_as4 = agg_is_trans == Some(false) && as4_aggregator.is_some();
+        if !ignore_as4 {
+            if let (Some(a4), Some(agg)) = (as4_aggregator, attrs.aggregator.as_mut()) {
+                *agg = a4;
+            }
+            if let (Some(p4), Some(p)) = (as4_path, attrs.as_path.as_mut()) {
+                *p = std::mem::take(p).merge_as4(p4);
             }
         }
     }
@@ -612,9 +615,21 @@ impl PathAttrs {
         let t = flag::TRANSITIVE;
         let o = flag::OPTIONAL;
         let mut scratch = BytesMut::new();
+        // RFC 4271 §5: attributes SHOULD be in ascending type order, passed-on unknown ones
+        // included; `unknown` keeps arrival order, so write them through a sorted view.
+        let mut unknown: Vec<&RawAttr> = self.unknown.iter().collect();
+        unknown.sort_by_key(|r| r.code);
+        let mut unknown = unknown.into_iter().peekable();
+        let mut unknown_below = |code: u8, out: &mut BytesMut| {
+            while let Some(raw) = unknown.next_if(|r| r.code < code) {
+                put_attr(out, raw.flags | flag::PARTIAL, raw.code, &raw.value);
+            }
+        };
+        unknown_below(ac::ORIGIN, out);
         if let Some(origin) = self.origin {
             put_attr(out, t, ac::ORIGIN, &[origin as u8]);
         }
+        unknown_below(ac::AS_PATH, out);
         let empty = AsPath::default();
         let as_path = self.as_path.as_ref().unwrap_or(&empty);
         if self.as_path.is_some() {
@@ -622,18 +637,23 @@ impl PathAttrs {
             put_attr(out, t, ac::AS_PATH, &scratch);
             scratch.clear();
         }
+        unknown_below(ac::NEXT_HOP, out);
         if let Some(nh) = self.next_hop {
             put_attr(out, t, ac::NEXT_HOP, &nh.octets());
         }
+        unknown_below(ac::MED, out);
         if let Some(med) = self.med {
             put_attr(out, o, ac::MED, &med.to_be_bytes());
         }
+        unknown_below(ac::LOCAL_PREF, out);
         if let Some(lp) = self.local_pref {
             put_attr(out, t, ac::LOCAL_PREF, &lp.to_be_bytes());
         }
+        unknown_below(ac::ATOMIC_AGGREGATE, out);
         if self.atomic_aggregate {
             put_attr(out, t, ac::ATOMIC_AGGREGATE, &[]);
         }
+        unknown_below(ac::AGGREGATOR, out);
         if let Some(agg) = self.aggregator {
             if ctx.four_octet_as {
                 scratch.put_u32(agg.asn);
@@ -644,6 +664,7 @@ impl PathAttrs {
             put_attr(out, o | t, ac::AGGREGATOR, &scratch);
             scratch.clear();
         }
+        unknown_below(ac::COMMUNITIES, out);
         if !self.communities.is_empty() {
             for c in &self.communities {
                 scratch.put_u32(*c);
@@ -651,9 +672,11 @@ impl PathAttrs {
             put_attr(out, o | t, ac::COMMUNITIES, &scratch);
             scratch.clear();
         }
+        unknown_below(ac::ORIGINATOR_ID, out);
         if let Some(id) = self.originator_id {
             put_attr(out, o, ac::ORIGINATOR_ID, &id.octets());
         }
+        unknown_below(ac::CLUSTER_LIST, out);
         if !self.cluster_list.is_empty() {
             for c in &self.cluster_list {
                 scratch.put_slice(&c.octets());
@@ -662,11 +685,22 @@ impl PathAttrs {
             scratch.clear();
         }
         if !ctx.four_octet_as {
+            unknown_below(ac::AS4_PATH, out);
             if as_path.needs_as4() {
-                as_path.encode(true, &mut scratch);
+                // RFC 6793 §4.2.2: confederation segments are never put in AS4_PATH.
+                let as4 = AsPath {
+                    segments: as_path
+                        .segments
+                        .iter()
+                        .filter(|s| matches!(s, AsSegment::Set(_) | AsSegment::Sequence(_)))
+                        .cloned()
+                        .collect(),
+                };
+                as4.encode(true, &mut scratch);
                 put_attr(out, o | t, ac::AS4_PATH, &scratch);
                 scratch.clear();
             }
+            unknown_below(ac::AS4_AGGREGATOR, out);
             if let Some(agg) = self.aggregator.filter(|a| a.asn > u16::MAX as u32) {
                 scratch.put_u32(agg.asn);
                 scratch.put_slice(&agg.addr.octets());
@@ -674,7 +708,7 @@ impl PathAttrs {
                 scratch.clear();
             }
         }
-        for raw in &self.unknown {
+        for raw in unknown {
             put_attr(out, raw.flags | flag::PARTIAL, raw.code, &raw.value);
         }
     }

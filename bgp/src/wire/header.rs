@@ -80,7 +80,7 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
             ));
         }
     };
-    if !(min..=MAX_MESSAGE_LEN).contains(&len) || (t == 4 && len != 19) || (t == 5 && len != 23) {
+    if !(min..=MAX_MESSAGE_LEN).contains(&len) || (t == 4 && len != 19) {
         return Err(bad_len());
     }
     Ok(if buf.len() >= len { Some(len) } else { None })
@@ -103,6 +103,12 @@ pub fn decode_message(
         2 => Message::Update(Update::decode_body(body, ctx)?),
         3 => Message::Notification(Notification::decode_body(body)?),
         4 => Message::Keepalive,
+        _ if len != 23 => {
+            // RFC 7313 §5: a ROUTE-REFRESH whose body is not 4 octets is answered with
+            // ROUTE-REFRESH Message Error / Invalid Message Length carrying the whole message
+            // (podroute negotiates no ORF, RFC 5291, so no longer form is valid).
+            return Err(DecodeError::new(code::ROUTE_REFRESH, 1, frame.freeze()));
+        }
         _ => {
             let mut b = body;
             let afi = b.get_u16();

@@ -78,6 +78,9 @@ pub fn decode_prefixes(
     out: &mut Vec<IpNet>,
 ) -> Result<(), PrefixError> {
     let max = family.max_len().ok_or(PrefixError::UnsupportedFamily)?;
+    // Room for the field as typically packed (/24-/26 IPv4: 4-5 octets, /64-/122 IPv6: 9-17),
+    // so a full UPDATE does not regrow the vector a dozen times.
+    out.reserve(buf.len() / if max == 32 { 5 } else { 9 });
     while let Some((&len, rest)) = buf.split_first() {
         if len > max {
             return Err(PrefixError::BadLength(len));

@@ -189,8 +189,9 @@ impl Open {
         let mut opt_len = body[9] as usize;
         let mut rest = &body[10..];
         let malformed = || DecodeError::new(code::OPEN_MESSAGE, 0, Bytes::new());
-        // RFC 9072: Non-Ext OP Len 255 followed by Non-Ext OP Type 255 = extended lengths.
-        let extended = opt_len == 255 && rest.first() == Some(&255);
+        // RFC 9072 §2: when the one-octet length is non-zero, a first parameter type of 255
+        // (Non-Ext OP Type) selects the extended encoding, whatever the one-octet length says.
+        let extended = opt_len != 0 && rest.first() == Some(&255);
         if extended {
             if rest.len() < 3 {
                 return Err(malformed());
@@ -226,13 +227,40 @@ impl Open {
             decode_capabilities(value, &mut capabilities).map_err(|_| malformed())?;
             rest = &rest[hdr + plen..];
         }
-        Ok(Open {
+        let open = Open {
             version,
             my_as,
             hold_time,
             bgp_id,
             capabilities,
-        })
+        };
+        // Checks that need no session context, in RFC 4271 §6.2 order. Whether the AS is the
+        // configured peer AS, and the collision with our own identifier, are the FSM's.
+        if open.asn() == 0 {
+            // RFC 7607 §2: AS 0 in an OPEN.
+            return Err(DecodeError::new(
+                code::OPEN_MESSAGE,
+                open_err::BAD_PEER_AS,
+                Bytes::new(),
+            ));
+        }
+        if hold_time == 1 || hold_time == 2 {
+            // RFC 4271 §6.2: hold times of one or two seconds MUST be rejected.
+            return Err(DecodeError::new(
+                code::OPEN_MESSAGE,
+                open_err::UNACCEPTABLE_HOLD_TIME,
+                Bytes::new(),
+            ));
+        }
+        if bgp_id.is_unspecified() {
+            // RFC 6286 §2.2: a BGP Identifier of zero is a Bad BGP Identifier.
+            return Err(DecodeError::new(
+                code::OPEN_MESSAGE,
+                open_err::BAD_BGP_IDENTIFIER,
+                Bytes::new(),
+            ));
+        }
+        Ok(open)
     }
 
     pub(crate) fn encode_body(&self, out: &mut BytesMut) {
@@ -248,36 +276,21 @@ impl Open {
             out.put_u8(0);
             return;
         }
-        // One optional parameter per capability, as BIRD and GoBGP send them; lengths of each
-        // capability are < 256 for everything podroute sends.
-        let mut params = BytesMut::new();
-        let mut rest = &caps[..];
-        while rest.len() >= 2 {
-            let n = 2 + rest[1] as usize;
-            params.put_u8(PARAM_CAPABILITIES);
-            params.put_u8(n as u8);
-            params.put_slice(&rest[..n]);
-            rest = &rest[n..];
-        }
-        if params.len() <= 255 {
-            out.put_u8(params.len() as u8);
-            out.put_slice(&params);
+        // All capabilities in one Capabilities optional parameter, as BIRD and GoBGP send
+        // them (RFC 5492 §4 allows one or several); over 255 octets, the RFC 9072 extended
+        // encoding: Non-Ext OP Len 255, Non-Ext OP Type 255, 2-octet lengths.
+        if caps.len() + 2 <= 255 {
+            out.put_u8((caps.len() + 2) as u8);
+            out.put_u8(PARAM_CAPABILITIES);
+            out.put_u8(caps.len() as u8);
         } else {
-            // RFC 9072 extended optional parameters.
             out.put_u8(255);
             out.put_u8(255);
-            let mut ext = BytesMut::new();
-            let mut rest = &caps[..];
-            while rest.len() >= 2 {
-                let n = 2 + rest[1] as usize;
-                ext.put_u8(PARAM_CAPABILITIES);
-                ext.put_u16(n as u16);
-                ext.put_slice(&rest[..n]);
-                rest = &rest[n..];
-            }
-            out.put_u16(ext.len() as u16);
-            out.put_slice(&ext);
+            out.put_u16((caps.len() + 3) as u16);
+            out.put_u8(PARAM_CAPABILITIES);
+            out.put_u16(caps.len() as u16);
         }
+        out.put_slice(&caps);
     }
 }
 
@@ -361,8 +374,9 @@ impl Capability {
                 out.put_u32(*a);
             }
             Capability::GracefulRestart(g) => {
+                // At most 63 families fit the one-octet length (2 + 4 * 63 = 254).
                 out.put_u8(cap_code::GRACEFUL_RESTART);
-                out.put_u8((2 + 4 * g.families.len()).min(255) as u8);
+                out.put_u8((2 + 4 * g.families.len().min(63)) as u8);
                 let mut ft = g.restart_time & 0x0fff;
                 if g.restart_state {
                     ft |= 0x8000;
@@ -379,7 +393,7 @@ impl Capability {
             }
             Capability::AddPath(v) => {
                 out.put_u8(cap_code::ADD_PATH);
-                out.put_u8((4 * v.len()).min(252) as u8);
+                out.put_u8((4 * v.len().min(63)) as u8);
                 for (f, sr) in v.iter().take(63) {
                     out.put_u16(f.afi);
                     out.put_u8(f.safi);

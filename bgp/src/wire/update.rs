@@ -387,7 +387,7 @@ impl UpdateEncoder {
                 out.put_u16(0);
                 out.put_u16(encoded.len() as u16);
                 out.put_slice(&encoded);
-                let room = MAX_MESSAGE_LEN - (out.len() - start);
+                let room = MAX_MESSAGE_LEN.saturating_sub(out.len() - start);
                 rest = pack(rest, room, out);
                 finish_header(out, start);
                 messages += 1;
@@ -411,7 +411,7 @@ impl UpdateEncoder {
                 let lpos = out.len();
                 out.put_u16(0);
                 out.put_slice(&head);
-                let room = MAX_MESSAGE_LEN - (out.len() - start) - encoded.len();
+                let room = MAX_MESSAGE_LEN.saturating_sub(out.len() - start + encoded.len());
                 let before = out.len();
                 rest = pack(rest, room, out);
                 let mp_len = head.len() + (out.len() - before);
