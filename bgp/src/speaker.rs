@@ -138,6 +138,7 @@ pub enum SpeakerError {
 
 enum Command {
     AddPeer(PeerConfig, oneshot::Sender<Result<(), SpeakerError>>),
+    SetPeer(PeerConfig, oneshot::Sender<Result<(), SpeakerError>>),
     RemovePeer(IpAddr, oneshot::Sender<Result<(), SpeakerError>>),
     Announce(IpNet, Option<IpAddr>, PathAttrs),
     Withdraw(IpNet),
@@ -207,23 +208,12 @@ impl Speaker {
         r.await.map_err(|_| SpeakerError::Stopped)?
     }
 
-    /// Replace a peer's configuration; the session restarts only when it changed.
+    /// Add a peer or replace its configuration. An unchanged configuration leaves the session
+    /// alone; a changed one restarts it (Cease / Other Configuration Change).
     pub async fn set_peer(&self, cfg: PeerConfig) -> Result<(), SpeakerError> {
-        let current = self.peer_config_changed(&cfg).await?;
-        if current {
-            let _ = self.remove_peer(cfg.addr).await;
-            self.add_peer(cfg).await
-        } else {
-            Ok(())
-        }
-    }
-
-    async fn peer_config_changed(&self, cfg: &PeerConfig) -> Result<bool, SpeakerError> {
-        let peers = self.peers().await?;
-        Ok(match peers.iter().find(|p| p.addr == cfg.addr) {
-            None => true,
-            Some(p) => p.port != cfg.port || p.remote_as != cfg.remote_as || p.kind != cfg.kind,
-        })
+        let (t, r) = oneshot::channel();
+        self.send(Command::SetPeer(cfg, t)).await?;
+        r.await.map_err(|_| SpeakerError::Stopped)?
     }
 
     pub async fn remove_peer(&self, addr: IpAddr) -> Result<(), SpeakerError> {
@@ -386,19 +376,25 @@ impl Core {
             Command::AddPeer(cfg, reply) => {
                 let _ = reply.send(self.add_peer(cfg));
             }
+            Command::SetPeer(cfg, reply) => {
+                let unchanged = self
+                    .by_addr
+                    .get(&cfg.addr)
+                    .and_then(|id| self.peers.get(id))
+                    .is_some_and(|p| p.cfg == cfg);
+                let r = if unchanged {
+                    Ok(())
+                } else {
+                    self.remove(cfg.addr, cease::OTHER_CONFIG_CHANGE).await;
+                    self.add_peer(cfg)
+                };
+                let _ = reply.send(r);
+            }
             Command::RemovePeer(addr, reply) => {
-                let r = match self.by_addr.remove(&addr) {
-                    None => Err(SpeakerError::NoSuchPeer(addr)),
-                    Some(id) => {
-                        if let Some(p) = self.peers.remove(&id) {
-                            let _ = p.session.send(SessionCmd::Stop(Notification::cease(
-                                cease::PEER_DECONFIGURED,
-                            )));
-                        }
-                        let out = self.rib.remove_peer(id);
-                        self.publish(out).await;
-                        Ok(())
-                    }
+                let r = if self.remove(addr, cease::PEER_DECONFIGURED).await {
+                    Ok(())
+                } else {
+                    Err(SpeakerError::NoSuchPeer(addr))
                 };
                 let _ = reply.send(r);
             }
@@ -444,6 +440,21 @@ impl Core {
             },
             Command::Shutdown(_) => {}
         }
+    }
+
+    /// Stop a peer's session with Cease / `subcode` and forget its routes.
+    async fn remove(&mut self, addr: IpAddr, subcode: u8) -> bool {
+        let Some(id) = self.by_addr.remove(&addr) else {
+            return false;
+        };
+        if let Some(p) = self.peers.remove(&id) {
+            let _ = p
+                .session
+                .send(SessionCmd::Stop(Notification::cease(subcode)));
+        }
+        let out = self.rib.remove_peer(id);
+        self.publish(out).await;
+        true
     }
 
     fn add_peer(&mut self, cfg: PeerConfig) -> Result<(), SpeakerError> {

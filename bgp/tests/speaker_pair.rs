@@ -172,3 +172,67 @@ async fn wrong_remote_as_is_reported_on_both_sides() {
         "A's error names the AS the peer sent: {a_err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_change_at_runtime_without_touching_others() {
+    let (a_ip, b_ip) = loopback_pair();
+    let (c_ip, _) = loopback_pair();
+    let (a, _) = speaker(a_ip, 64512).await;
+    let (b, _) = speaker(b_ip, 64512).await;
+    let (c, _) = speaker(c_ip, 64512).await;
+    let b_port = b.listen_addr().unwrap().port();
+    let c_port = c.listen_addr().unwrap().port();
+    let mut pb = peer(b_ip, b_port, 64512, a_ip);
+    a.add_peer(pb.clone()).await.unwrap();
+    a.add_peer(peer(c_ip, c_port, 64512, a_ip)).await.unwrap();
+    let mut from_a = peer(a_ip, 179, 64512, b_ip);
+    from_a.passive = true;
+    b.add_peer(from_a.clone()).await.unwrap();
+    from_a.local_addr = Some(IpAddr::V4(c_ip));
+    c.add_peer(from_a).await.unwrap();
+    wait_for("A's two sessions Established", || async {
+        let p = a.peers().await.unwrap();
+        p.len() == 2 && p.iter().all(|p| p.state == State::Established)
+    })
+    .await;
+    let count = |peers: &[podroute_bgp::PeerStatus], ip: Ipv4Addr| {
+        peers
+            .iter()
+            .find(|p| p.addr == IpAddr::V4(ip))
+            .unwrap()
+            .established_count
+    };
+
+    // The same configuration again: nothing happens.
+    a.set_peer(pb.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let p = a.peers().await.unwrap();
+    assert_eq!((count(&p, b_ip), count(&p, c_ip)), (1, 1));
+    assert!(p.iter().all(|p| p.state == State::Established));
+
+    // A changed hold time restarts that session only, with Cease / Other Configuration Change.
+    pb.hold_time = Some(90);
+    a.set_peer(pb).await.unwrap();
+    wait_for("B sees the Cease", || async {
+        b.peers().await.unwrap()[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("Other Configuration Change"))
+    })
+    .await;
+    wait_for("the A-B session is back", || async {
+        b.peers().await.unwrap()[0].state == State::Established
+            && a.peers()
+                .await
+                .unwrap()
+                .iter()
+                .all(|p| p.state == State::Established)
+    })
+    .await;
+    let p = a.peers().await.unwrap();
+    assert_eq!(count(&p, c_ip), 1, "the A-C session was not touched");
+    assert_eq!(c.peers().await.unwrap()[0].established_count, 1);
+    for s in [a, b, c] {
+        s.shutdown().await.unwrap();
+    }
+}
