@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use netns::{Netns, can_run, pod, tun_tunl0, veth};
+use netns::{Netns, can_ping, can_run, pod, tun_tunl0, veth};
 use podroute::dataplane::tunnel::{KernelIpip, TunnelDevice, TunnelError, TunnelSpec};
 use podroute::dataplane::{Dataplane, DataplaneConfig, DataplaneStatus, RouteError};
 use podroute::plan::{
@@ -176,6 +176,27 @@ fn cluster() -> Cluster {
     Cluster { master, node, pods }
 }
 
+impl Cluster {
+    /// The namespace of the pod with address `addr`.
+    fn pod(&self, addr: &str) -> &Netns {
+        self.pods
+            .iter()
+            .find(|(a, _)| a == addr)
+            .map(|(_, ns)| ns)
+            .unwrap_or_else(|| panic!("no pod {addr}"))
+    }
+}
+
+/// `ping -c 3 -W 2` from inside `from` (a pod namespace) to `to` succeeds with every reply.
+fn assert_pings(from: &Netns, to: &str) {
+    let (ok, out) = from.ping(to);
+    assert!(
+        ok && out.contains("3 packets transmitted, 3 received"),
+        "ping {to} from namespace {} failed:\n{out}",
+        from.name
+    );
+}
+
 fn expected(plan_routes: &[DesiredRoute]) -> Vec<String> {
     let mut lines: Vec<String> = plan_routes.iter().map(ToString::to_string).collect();
     lines.sort();
@@ -203,13 +224,7 @@ fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 
 /// Sends a UDP datagram from the pod at `from` to the pod at `to` and back.
 fn udp_round_trip(c: &Cluster, from: &str, to: &str) -> Result<(), String> {
-    let find = |a: &str| {
-        c.pods
-            .iter()
-            .find(|(addr, _)| addr == a)
-            .map(|(_, ns)| ns)
-            .unwrap()
-    };
+    let find = |a: &str| c.pod(a);
     let to_addr: IpAddr = to.parse().unwrap();
     let from_addr: IpAddr = from.parse().unwrap();
     let server = find(to).run(move || UdpSocket::bind(SocketAddr::new(to_addr, 7777)).unwrap());
@@ -276,6 +291,12 @@ fn seed_table_is_programmed_and_pods_talk_across_nodes() {
         our_routes(&c.node).contains(&"172.16.241.64/26 via 192.168.92.128 dev ens33".to_string())
     );
 
+    // Real ping (ICMP echo) from inside the source pod's namespace, both directions; the UDP
+    // round trip also runs where ping is missing (outside CI) and covers a second protocol.
+    if can_ping("seed_table_is_programmed_and_pods_talk_across_nodes") {
+        assert_pings(c.pod("172.16.241.65"), "172.16.196.129");
+        assert_pings(c.pod("172.16.196.131"), "172.16.241.67");
+    }
     udp_round_trip(&c, "172.16.241.65", "172.16.196.129").unwrap();
     udp_round_trip(&c, "172.16.196.131", "172.16.241.67").unwrap();
 
