@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use netns::{Netns, can_run, pod, tun_tunl0, veth};
+use netns::{Netns, can_ping, can_run, pod, tun_tunl0, veth};
 use podroute::dataplane::tunnel::{KernelIpip, TunnelDevice, TunnelError, TunnelSpec};
 use podroute::dataplane::{Dataplane, DataplaneConfig, DataplaneStatus, RouteError};
 use podroute::plan::{
@@ -145,35 +145,61 @@ fn cluster() -> Cluster {
         (&node, "p129", "172.16.196.129"),
         (&node, "p131", "172.16.196.131"),
     ] {
-        let iface = workload_interface_name("seed", name);
-        let p = pod(ns, &iface, addr);
-        // The pod reaches its node through 169.254.1.1, answered by proxy ARP on the cali side;
-        // a permanent neighbour saves the nodes a default route.
-        let link = ns.ip(&["-o", "link", "show", "dev", &iface]);
-        let mac = link
-            .split("link/ether ")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap()
-            .to_string();
-        p.ip(&[
-            "neigh",
-            "replace",
-            "169.254.1.1",
-            "lladdr",
-            &mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ]);
-        pods.push((addr.to_string(), p));
+        pods.push((addr.to_string(), seed_pod(ns, name, addr)));
     }
     for n in [&master, &node] {
         n.sysctl("net.ipv4.ip_forward=1");
         n.sysctl("net.ipv4.conf.all.rp_filter=0");
     }
     Cluster { master, node, pods }
+}
+
+impl Cluster {
+    /// The namespace of the pod with address `addr`.
+    fn pod(&self, addr: &str) -> &Netns {
+        self.pods
+            .iter()
+            .find(|(a, _)| a == addr)
+            .map(|(_, ns)| ns)
+            .unwrap_or_else(|| panic!("no pod {addr}"))
+    }
+}
+
+/// `ping -c 3 -W 2` from inside the namespace `from` to `to` succeeds with every reply.
+fn assert_pings(from: &Netns, to: &str) {
+    let (ok, out) = from.ping(to);
+    assert!(
+        ok && out.contains("3 packets transmitted, 3 received"),
+        "ping {to} from namespace {} failed:\n{out}",
+        from.name
+    );
+}
+
+/// The pod `seed/NAME` with address `addr` on `node`, behind its cali veth.
+fn seed_pod(node: &Netns, name: &str, addr: &str) -> Netns {
+    let iface = workload_interface_name("seed", name);
+    let p = pod(node, &iface, addr);
+    // The pod reaches its node through 169.254.1.1, answered by proxy ARP on the cali side;
+    // a permanent neighbour saves the nodes a default route.
+    let link = node.ip(&["-o", "link", "show", "dev", &iface]);
+    let mac = link
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    p.ip(&[
+        "neigh",
+        "replace",
+        "169.254.1.1",
+        "lladdr",
+        &mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    p
 }
 
 fn expected(plan_routes: &[DesiredRoute]) -> Vec<String> {
@@ -203,13 +229,7 @@ fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 
 /// Sends a UDP datagram from the pod at `from` to the pod at `to` and back.
 fn udp_round_trip(c: &Cluster, from: &str, to: &str) -> Result<(), String> {
-    let find = |a: &str| {
-        c.pods
-            .iter()
-            .find(|(addr, _)| addr == a)
-            .map(|(_, ns)| ns)
-            .unwrap()
-    };
+    let find = |a: &str| c.pod(a);
     let to_addr: IpAddr = to.parse().unwrap();
     let from_addr: IpAddr = from.parse().unwrap();
     let server = find(to).run(move || UdpSocket::bind(SocketAddr::new(to_addr, 7777)).unwrap());
@@ -276,6 +296,12 @@ fn seed_table_is_programmed_and_pods_talk_across_nodes() {
         our_routes(&c.node).contains(&"172.16.241.64/26 via 192.168.92.128 dev ens33".to_string())
     );
 
+    // Real ping (ICMP echo) from inside the source pod's namespace, both directions; the UDP
+    // round trip also runs where ping is missing (outside CI) and covers a second protocol.
+    if can_ping("seed_table_is_programmed_and_pods_talk_across_nodes") {
+        assert_pings(c.pod("172.16.241.65"), "172.16.196.129");
+        assert_pings(c.pod("172.16.196.131"), "172.16.241.67");
+    }
     udp_round_trip(&c, "172.16.241.65", "172.16.196.129").unwrap();
     udp_round_trip(&c, "172.16.196.131", "172.16.241.67").unwrap();
 
@@ -297,6 +323,269 @@ fn seed_table_is_programmed_and_pods_talk_across_nodes() {
             .filter(tunl0_connected)
             .collect::<Vec<_>>()
     );
+}
+
+/// One node of [`three_nodes`]: name, address with prefix, its block and its one pod.
+struct NodeSpec {
+    name: &'static str,
+    addr: &'static str,
+    block: &'static str,
+    pod: &'static str,
+    pod_addr: &'static str,
+}
+
+/// node-a and node-b share 192.168.92.0/24; node-c is alone on 192.168.93.0/24, one router hop
+/// away.
+const THREE: [NodeSpec; 3] = [
+    NodeSpec {
+        name: "node-a",
+        addr: "192.168.92.10/24",
+        block: "172.16.10.0/26",
+        pod: "a1",
+        pod_addr: "172.16.10.1",
+    },
+    NodeSpec {
+        name: "node-b",
+        addr: "192.168.92.11/24",
+        block: "172.16.20.64/26",
+        pod: "b1",
+        pod_addr: "172.16.20.65",
+    },
+    NodeSpec {
+        name: "node-c",
+        addr: "192.168.93.12/24",
+        block: "172.16.30.128/26",
+        pod: "c1",
+        pod_addr: "172.16.30.129",
+    },
+];
+
+fn node_ip(spec: &NodeSpec) -> std::net::Ipv4Addr {
+    spec.addr.split('/').next().unwrap().parse().unwrap()
+}
+
+/// The plan input of node `me` of [`THREE`]: every node's block with its one pod, the other
+/// nodes' blocks learned over BGP with their node addresses as next hops.
+fn three_node_input(me: usize, mode: EncapMode) -> PlanInput {
+    let local = &THREE[me];
+    PlanInput {
+        local: LocalNode {
+            name: local.name.into(),
+            ipv4: Some(local.addr.parse().unwrap()),
+            ipv6: None,
+            nic: "ens33".into(),
+        },
+        pools: vec![PoolSpec {
+            name: "default-ipv4-ippool".into(),
+            cidr: "172.16.0.0/16".parse().unwrap(),
+            ipip: mode,
+            vxlan: EncapMode::Never,
+            disabled: false,
+        }],
+        blocks: THREE
+            .iter()
+            .map(|n| BlockSpec {
+                cidr: n.block.parse().unwrap(),
+                affinity: Some(n.name.into()),
+                allocations: vec![alloc(n.pod_addr, n.pod, n.name)],
+            })
+            .collect(),
+        learned: THREE
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != me)
+            .map(|(_, n)| LearnedRoute {
+                prefix: n.block.parse().unwrap(),
+                next_hop: IpAddr::V4(node_ip(n)),
+            })
+            .collect(),
+        nodes: THREE
+            .iter()
+            .map(|n| PeerNode {
+                name: n.name.into(),
+                ipv4: Some(node_ip(n)),
+                ipv6: None,
+            })
+            .collect(),
+        local_interfaces: [workload_interface_name("seed", local.pod)].into(),
+    }
+}
+
+/// Three nodes as namespaces: node-a and node-b on one L2 segment (a bridge in a switch
+/// namespace), node-c behind a router namespace that forwards between 192.168.92.0/24 and
+/// 192.168.93.0/24; each node has a static route to the other subnet via the router, a TUN
+/// stand-in for tunl0, and one pod.
+struct ThreeNodes {
+    nodes: Vec<Netns>,
+    pods: Vec<Netns>,
+    _switch: Netns,
+    _router: Netns,
+}
+
+fn three_nodes() -> ThreeNodes {
+    let switch = Netns::new("sw");
+    let router = Netns::new("rt");
+    switch.ip(&["link", "add", "br0", "type", "bridge"]);
+    switch.ip(&["link", "set", "br0", "up"]);
+    let nodes: Vec<Netns> = ["a", "b", "c"].iter().map(|t| Netns::new(t)).collect();
+    for (i, port) in [(0, "port-a"), (1, "port-b")] {
+        veth(&nodes[i], "ens33", THREE[i].addr, &switch, port, "");
+        switch.ip(&["link", "set", port, "master", "br0"]);
+        nodes[i].ip(&["route", "add", "192.168.93.0/24", "via", "192.168.92.1"]);
+    }
+    veth(&router, "lan", "192.168.92.1/24", &switch, "port-r", "");
+    switch.ip(&["link", "set", "port-r", "master", "br0"]);
+    veth(
+        &router,
+        "wan",
+        "192.168.93.1/24",
+        &nodes[2],
+        "ens33",
+        THREE[2].addr,
+    );
+    nodes[2].ip(&["route", "add", "192.168.92.0/24", "via", "192.168.93.1"]);
+    router.sysctl("net.ipv4.ip_forward=1");
+    let mut pods = Vec::new();
+    for (node, spec) in nodes.iter().zip(&THREE) {
+        node.sysctl("net.ipv4.ip_forward=1");
+        node.sysctl("net.ipv4.conf.all.rp_filter=0");
+        tun_tunl0(node);
+        pods.push(seed_pod(node, spec.pod, spec.pod_addr));
+    }
+    ThreeNodes {
+        nodes,
+        pods,
+        _switch: switch,
+        _router: router,
+    }
+}
+
+fn sorted(lines: &[String]) -> Vec<String> {
+    let mut lines = lines.to_vec();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn three_nodes_same_subnet_direct_and_across_a_router_via_tunl0() {
+    const TEST: &str = "three_nodes_same_subnet_direct_and_across_a_router_via_tunl0";
+    if !can_run(TEST) {
+        return;
+    }
+    let t = three_nodes();
+    let cali = |i: usize| workload_interface_name("seed", THREE[i].pod);
+    // What `ip route show proto <ours>` must print on each node, written out by hand.
+    let cross_subnet = [
+        vec![
+            "blackhole 172.16.10.0/26".to_string(),
+            format!("172.16.10.1 dev {} scope link", cali(0)),
+            "172.16.20.64/26 via 192.168.92.11 dev ens33".to_string(),
+            "172.16.30.128/26 via 192.168.93.12 dev tunl0 onlink".to_string(),
+        ],
+        vec![
+            "172.16.10.0/26 via 192.168.92.10 dev ens33".to_string(),
+            "blackhole 172.16.20.64/26".to_string(),
+            format!("172.16.20.65 dev {} scope link", cali(1)),
+            "172.16.30.128/26 via 192.168.93.12 dev tunl0 onlink".to_string(),
+        ],
+        vec![
+            "172.16.10.0/26 via 192.168.92.10 dev tunl0 onlink".to_string(),
+            "172.16.20.64/26 via 192.168.92.11 dev tunl0 onlink".to_string(),
+            "blackhole 172.16.30.128/26".to_string(),
+            format!("172.16.30.129 dev {} scope link", cali(2)),
+        ],
+    ];
+
+    let mut dataplanes = Vec::new();
+    for (i, node) in t.nodes.iter().enumerate() {
+        let p = plan(&three_node_input(i, EncapMode::CrossSubnet));
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        let mut dp = open(node);
+        dp.set_desired(&p.routes);
+        let report = dp.reconcile();
+        assert_eq!(
+            (report.added, report.failed),
+            (4, 0),
+            "{}: {:?}",
+            THREE[i].name,
+            dp.status().failures
+        );
+        assert_eq!(
+            our_routes(node),
+            sorted(&cross_subnet[i]),
+            "CrossSubnet table of {}",
+            THREE[i].name
+        );
+        dataplanes.push(dp);
+    }
+    // The static underlay routes towards the router are not ours and stay.
+    assert!(
+        t.nodes[0]
+            .all_routes()
+            .contains(&"192.168.93.0/24 via 192.168.92.1 dev ens33".to_string())
+    );
+
+    // Same subnet: pod to pod over the direct routes, both ways.
+    if can_ping(TEST) {
+        assert_pings(&t.pods[0], THREE[1].pod_addr);
+        assert_pings(&t.pods[1], THREE[0].pod_addr);
+        // The underlay across the router works (what IPIP packets between A and C would use).
+        assert_pings(&t.nodes[0], "192.168.93.12");
+    }
+
+    // Across the router the routes point into tunl0. The TUN stand-in has no reader, so no pod
+    // traffic between A and C can flow until a userspace IPIP implementation (a later issue)
+    // serves tunl0; check instead where the kernel would send it: into tunl0, to C's (resp.
+    // A's) node address as the outer destination.
+    eprintln!(
+        "NOTE: pod traffic node-a <-> node-c (across the router) is not tested: it needs IPIP, \
+         and this kernel has no ipip module (tunl0 is a TUN stand-in without a reader). \
+         Checked instead: the onlink tunl0 routes and the kernel's route lookup."
+    );
+    let lookup = |ns: &Netns, dst: &str| ns.ip(&["route", "get", dst]);
+    let a_to_c = lookup(&t.nodes[0], THREE[2].pod_addr);
+    assert!(a_to_c.contains("via 192.168.93.12 dev tunl0"), "{a_to_c}");
+    let c_to_a = lookup(&t.nodes[2], THREE[0].pod_addr);
+    assert!(c_to_a.contains("via 192.168.92.10 dev tunl0"), "{c_to_a}");
+    let a_to_b = lookup(&t.nodes[0], THREE[1].pod_addr);
+    assert!(a_to_b.contains("via 192.168.92.11 dev ens33"), "{a_to_b}");
+
+    // ipipMode Always: every remote block goes via tunl0, also between A and B; on C nothing
+    // changes (its peers were already across the router).
+    let always = [
+        vec![
+            "blackhole 172.16.10.0/26".to_string(),
+            format!("172.16.10.1 dev {} scope link", cali(0)),
+            "172.16.20.64/26 via 192.168.92.11 dev tunl0 onlink".to_string(),
+            "172.16.30.128/26 via 192.168.93.12 dev tunl0 onlink".to_string(),
+        ],
+        vec![
+            "172.16.10.0/26 via 192.168.92.10 dev tunl0 onlink".to_string(),
+            "blackhole 172.16.20.64/26".to_string(),
+            format!("172.16.20.65 dev {} scope link", cali(1)),
+            "172.16.30.128/26 via 192.168.93.12 dev tunl0 onlink".to_string(),
+        ],
+        cross_subnet[2].clone(),
+    ];
+    for (i, dp) in dataplanes.iter_mut().enumerate() {
+        dp.set_desired(&plan(&three_node_input(i, EncapMode::Always)).routes);
+        let report = dp.reconcile();
+        let replaced = if i == 2 { 0 } else { 1 };
+        assert_eq!(
+            (report.added, report.replaced, report.deleted, report.failed),
+            (0, replaced, 0, 0),
+            "Always on {}",
+            THREE[i].name
+        );
+        assert_eq!(
+            our_routes(&t.nodes[i]),
+            sorted(&always[i]),
+            "Always table of {}",
+            THREE[i].name
+        );
+    }
+    let a_to_b = lookup(&t.nodes[0], THREE[1].pod_addr);
+    assert!(a_to_b.contains("via 192.168.92.11 dev tunl0"), "{a_to_b}");
 }
 
 #[test]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: installs the real parts the tests need (BIRD 2, GoBGP, iproute2,
-# tcpdump) from Debian when they are missing, then runs formatting, lints and every test.
+# tcpdump, ping) from Debian when they are missing, then runs formatting, lints and every test.
 # Interop and netns tests do not skip silently: with CI=true a missing daemon or missing root
 # is a test failure.
 set -euo pipefail
@@ -12,6 +12,7 @@ command -v bird >/dev/null 2>&1 || need+=(bird2)
 command -v gobgpd >/dev/null 2>&1 || need+=(gobgpd)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
+command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 if [ ${#need[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${need[*]} from Debian" >&2
   if [ "$(id -u)" -ne 0 ]; then

@@ -29,17 +29,44 @@ pub fn can_run(test: &str) -> bool {
     } else {
         "not running as root"
     };
+    cannot_run(
+        test,
+        why,
+        "These tests need root (network namespaces, veth, routes).",
+    );
+    false
+}
+
+/// Returns false (after a loud message) when `ping` (iputils-ping, which tests/run.sh installs)
+/// is missing; panics instead when `CI=true`, as [`can_run`] does for root.
+pub fn can_ping(test: &str) -> bool {
+    if Command::new("ping")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return true;
+    }
+    cannot_run(
+        test,
+        "`ping` is missing",
+        "Install iputils-ping (tests/run.sh does) to ping pod to pod.",
+    );
+    false
+}
+
+/// The loud "skipped" banner; a panic when `CI=true`, so that CI never passes without it.
+fn cannot_run(test: &str, why: &str, need: &str) {
     let msg = format!(
         "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-         !!! SKIPPED netns dataplane test `{test}`: {why}.\n\
-         !!! These tests need root (network namespaces, veth, routes).\n\
+         !!! SKIPPED netns dataplane test `{test}` (or part of it): {why}.\n\
+         !!! {need}\n\
          !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
     );
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{msg}CI=true: a netns test that cannot run is a failure");
     }
     eprintln!("{msg}");
-    false
 }
 
 /// Runs a command, panicking with its output on failure; returns stdout.
@@ -106,6 +133,11 @@ impl Netns {
         let mut all = vec!["netns", "exec", self.name.as_str(), program];
         all.extend_from_slice(args);
         try_sh("ip", &all)
+    }
+
+    /// `ping -c 3 -W 2 -n TO` from inside this namespace: success and ping's output.
+    pub fn ping(&self, to: &str) -> (bool, String) {
+        self.exec("ping", &["-c", "3", "-W", "2", "-n", to])
     }
 
     pub fn sysctl(&self, key_value: &str) {
