@@ -53,7 +53,8 @@ pub struct BestChange {
     pub best: Option<BestRoute>,
 }
 
-/// What to send to one peer: announcements grouped by shared attributes, and withdrawals.
+/// What to send to one peer: announcements grouped by shared attributes (each group holds
+/// prefixes of one family), and withdrawals.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Export {
     pub announce: Vec<(AttrSet, Vec<IpNet>)>,
@@ -614,7 +615,9 @@ impl Rib {
 
     /// Bring `id`'s Adj-RIB-Out in line with the Loc-RIB for `prefixes`.
     fn export_to(&mut self, id: PeerId, prefixes: &[IpNet]) -> Export {
-        let mut groups: HashMap<*const RouteAttrs, (AttrSet, Vec<IpNet>)> = HashMap::new();
+        // Keyed by attribute set and family: an UPDATE carries one family's NLRI.
+        let mut groups: HashMap<(*const RouteAttrs, Family), (AttrSet, Vec<IpNet>)> =
+            HashMap::new();
         let mut withdraw = Vec::new();
         // Export attributes depend on the source attributes and the source peer only.
         let mut cache: HashMap<(*const RouteAttrs, PeerId), Option<AttrSet>> = HashMap::new();
@@ -653,7 +656,7 @@ impl Rib {
                     if !same {
                         target.adj_out.insert(*prefix, a.clone());
                         groups
-                            .entry(Arc::as_ptr(&a))
+                            .entry((Arc::as_ptr(&a), Family::of(prefix)))
                             .or_insert_with(|| (a, Vec::new()))
                             .1
                             .push(*prefix);

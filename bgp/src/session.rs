@@ -111,6 +111,15 @@ impl Slot {
         }
     }
 
+    /// Encode `msg` with the slot's codec and queue it on its connection, if it has one.
+    fn send(&self, msg: &Message) {
+        if let Some(c) = self.conn.as_ref() {
+            let mut out = BytesMut::new();
+            wire::encode_message(msg, self.codec, &mut out);
+            let _ = c.writer.send(out.freeze());
+        }
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         self.timers.iter().flatten().min().copied()
     }
@@ -269,11 +278,7 @@ impl Driver {
                     State::OpenSent | State::OpenConfirm | State::Established
                 )
             {
-                if let Some(c) = s.conn.as_ref() {
-                    let mut out = BytesMut::new();
-                    wire::encode_message(&Message::Notification(n.clone()), s.codec, &mut out);
-                    let _ = c.writer.send(out.freeze());
-                }
+                s.send(&Message::Notification(n.clone()));
                 self.emit(SessionEvent::NotificationSent(n.clone())).await;
             }
         }
@@ -407,10 +412,10 @@ impl Driver {
             }
             Action::Send(msg) => {
                 let Some(s) = self.slot(main) else { return };
-                let Some(c) = s.conn.as_ref() else { return };
-                let mut out = BytesMut::new();
-                wire::encode_message(&msg, s.codec, &mut out);
-                let _ = c.writer.send(out.freeze());
+                if s.conn.is_none() {
+                    return;
+                }
+                s.send(&msg);
                 if let Message::Notification(n) = msg {
                     self.emit(SessionEvent::NotificationSent(n)).await;
                 }
@@ -500,13 +505,10 @@ impl Driver {
         {
             self.emit(SessionEvent::Down(why.to_string())).await;
         }
-        if let Some(old) = self.main.as_mut()
-            && let Some(c) = old.conn.as_ref()
-        {
-            let mut out = BytesMut::new();
-            let n = Notification::cease(wire::cease::CONNECTION_COLLISION);
-            wire::encode_message(&Message::Notification(n), old.codec, &mut out);
-            let _ = c.writer.send(out.freeze());
+        if let Some(old) = self.main.as_ref() {
+            old.send(&Message::Notification(Notification::cease(
+                wire::cease::CONNECTION_COLLISION,
+            )));
         }
         self.connecting = None;
         self.main = self.extra.take();
@@ -572,10 +574,8 @@ impl Driver {
     /// Collision Resolution (event 23).
     async fn close_lost(&mut self, v: &mut Slot) {
         for a in v.fsm.handle(Event::CollisionLost) {
-            if let (Action::Send(msg), Some(c)) = (&a, v.conn.as_ref()) {
-                let mut out = BytesMut::new();
-                wire::encode_message(msg, v.codec, &mut out);
-                let _ = c.writer.send(out.freeze());
+            if let (Action::Send(msg), true) = (&a, v.conn.is_some()) {
+                v.send(msg);
                 if let Message::Notification(n) = msg {
                     self.emit(SessionEvent::NotificationSent(n.clone())).await;
                 }

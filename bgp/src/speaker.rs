@@ -623,16 +623,7 @@ impl Core {
         messages += enc.withdraw(&withdraw_v4, &mut buf);
         messages += enc.withdraw(&withdraw_v6, &mut buf);
         for (attrs, prefixes) in &export.announce {
-            for fam_is_v4 in [true, false] {
-                let part: Vec<IpNet> = prefixes
-                    .iter()
-                    .filter(|p| matches!(p, IpNet::V4(_)) == fam_is_v4)
-                    .copied()
-                    .collect();
-                if !part.is_empty() {
-                    messages += enc.announce(&attrs.path, Some(attrs.next_hop), &part, &mut buf);
-                }
-            }
+            messages += enc.announce(&attrs.path, Some(attrs.next_hop), prefixes, &mut buf);
         }
         if let Some(fams) = eor {
             for f in fams {

@@ -21,7 +21,7 @@
 //! ```
 
 use super::attr::{self, AttrError, AttrFatal, ErrorAction, PathAttrs, attr_code, flag};
-use super::header::{HEADER_LEN, MAX_MESSAGE_LEN, MessageType, finish_header, put_header};
+use super::header::{MAX_MESSAGE_LEN, MessageType, finish_header, put_header};
 use super::nlri::{PrefixError, decode_prefixes, encode_prefix, prefix_wire_len};
 use super::notification::{code, update_err};
 use super::{CodecContext, DecodeError, Family};
@@ -487,6 +487,3 @@ fn pack<'a>(prefixes: &'a [IpNet], mut room: usize, out: &mut BytesMut) -> &'a [
     }
     &[]
 }
-
-#[allow(dead_code)]
-const _: () = assert!(HEADER_LEN == 19);
