@@ -5,9 +5,11 @@
 
 pub use podroute_bgp as bgp;
 
+pub mod agent;
 pub mod crds;
 pub mod dataplane;
 pub mod datastore;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod state;

@@ -153,6 +153,9 @@ pub struct DataplaneStatus {
     pub installed_routes: usize,
     pub failures: Vec<RouteFailure>,
     pub counters: DataplaneCounters,
+    /// The last plan [`Dataplane::run`] applied (compare with `Arc::ptr_eq` to learn when a
+    /// plan reached the kernel).
+    pub applied_plan: Option<Arc<Vec<DesiredRoute>>>,
 }
 
 /// The result of one reconcile.
@@ -224,7 +227,12 @@ pub struct Dataplane {
     failures: BTreeMap<IpNet, RouteFailure>,
     counters: DataplaneCounters,
     last_resync: Instant,
+    observer: Option<ReconcileObserver>,
+    /// The plan [`run`](Self::run) applied last.
+    applied_plan: Option<Arc<Vec<DesiredRoute>>>,
 }
+
+type ReconcileObserver = Box<dyn Fn(Duration, ApplyReport) + Send>;
 
 impl Dataplane {
     /// Opens the sockets in the calling thread's network namespace, then reads links and our
@@ -246,6 +254,8 @@ impl Dataplane {
             failures: BTreeMap::new(),
             counters: DataplaneCounters::default(),
             last_resync: Instant::now(),
+            observer: None,
+            applied_plan: None,
         };
         dp.read_kernel()?;
         dp.counters.resyncs = 0;
@@ -423,7 +433,15 @@ impl Dataplane {
                 "routes reconciled"
             );
         }
+        if let Some(observer) = &self.observer {
+            observer(started.elapsed(), report);
+        }
         report
+    }
+
+    /// Calls `observer` after every reconcile with its duration and result (metrics).
+    pub fn on_reconcile(&mut self, observer: impl Fn(Duration, ApplyReport) + Send + 'static) {
+        self.observer = Some(Box::new(observer));
     }
 
     fn apply(&mut self, changes: Vec<Change>) -> ApplyReport {
@@ -598,6 +616,7 @@ impl Dataplane {
             installed_routes: self.installed.len(),
             failures: self.failures.values().cloned().collect(),
             counters: self.counters,
+            applied_plan: self.applied_plan.clone(),
         }
     }
 
@@ -627,6 +646,7 @@ impl Dataplane {
                 if let Some(plan) = plan {
                     self.set_desired(plan.iter());
                     self.reconcile();
+                    self.applied_plan = Some(plan);
                 }
                 status.send_replace(self.status());
             }

@@ -1,0 +1,107 @@
+//! `podroute agent` flags. Every flag is also an environment variable; where calico/node has
+//! one for the same setting, the variable has Calico's name (`NODENAME`, `IP`,
+//! `IP_AUTODETECTION_METHOD`, `AS`, `DATASTORE_TYPE`), so a calico-node DaemonSet's `env`
+//! carries over. podroute's own settings are `PODROUTE_*`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::Args;
+
+/// Default address of the HTTP server (metrics, health, status API): Felix's metrics port.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9091";
+
+/// `podroute agent`.
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// This node's name, as in its Kubernetes `Node` (default: the host name).
+    #[arg(long, env = "NODENAME")]
+    pub nodename: Option<String>,
+
+    /// The node's IPv4 address: `autodetect` (default), `none`, or an address with its prefix
+    /// (`10.0.0.5/24`; without a prefix the address is taken as /32, so no peer is in the same
+    /// subnet).
+    #[arg(long, env = "IP", default_value = "autodetect")]
+    pub ip: String,
+
+    /// How `--ip autodetect` finds the address: `first-found`, `interface=REGEX`,
+    /// `skip-interface=REGEX`, `can-reach=ADDR`, `cidr=CIDR[,CIDR...]`,
+    /// `kubernetes-internal-ip`.
+    #[arg(long, env = "IP_AUTODETECTION_METHOD", default_value = "first-found")]
+    pub ip_autodetection_method: String,
+
+    /// The node's AS number; overrides the `projectcalico.org/ASNumber` annotation and the
+    /// cluster's `asNumber`. Written to the annotation when set.
+    #[arg(long = "as", env = "AS", value_name = "ASN")]
+    pub as_number: Option<u32>,
+
+    /// Where the cluster objects come from: `kubernetes` (in-cluster or KUBECONFIG) or
+    /// `dir:PATH` (a directory of YAML files, re-read every second).
+    #[arg(long, env = "DATASTORE_TYPE", default_value = "kubernetes")]
+    pub datastore_type: String,
+
+    /// Host NIC for direct routes and the tunnel MTU (default: the interface that holds the
+    /// node address).
+    #[arg(long, env = "PODROUTE_NIC")]
+    pub nic: Option<String>,
+
+    /// HTTP server: `/metrics`, `/livez`, `/readyz` and the status API that `podroute status`
+    /// reads.
+    #[arg(long, env = "PODROUTE_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+
+    /// Address the BGP listener binds to; the port is BGPConfiguration `listenPort` (179).
+    #[arg(long, env = "PODROUTE_BGP_BIND", default_value = "0.0.0.0")]
+    pub bgp_bind: IpAddr,
+
+    /// BGP hold time offered to peers, seconds (keepalive = hold / 3). 0 or 3..=65535.
+    #[arg(long, env = "PODROUTE_HOLD_TIME", default_value_t = 240)]
+    pub hold_time: u16,
+
+    /// Seconds between connection attempts to a peer.
+    #[arg(long, env = "PODROUTE_CONNECT_RETRY", default_value = "5s", value_parser = parse_duration)]
+    pub connect_retry: Duration,
+
+    /// Route protocol number marking podroute's routes (`ip route show proto 157`).
+    #[arg(long, env = "PODROUTE_ROUTE_PROTOCOL", default_value_t = crate::dataplane::DEFAULT_ROUTE_PROTOCOL)]
+    pub route_protocol: u8,
+
+    /// How long `/readyz` waits for mesh peers to reach Established before giving up on them.
+    #[arg(long, env = "PODROUTE_READY_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub ready_grace: Duration,
+
+    /// How often the YAML-directory datastore is re-read.
+    #[arg(long, env = "PODROUTE_DIR_POLL", default_value = "1s", value_parser = parse_duration)]
+    pub dir_poll: Duration,
+
+    /// Do not write the node's IPv4Address / ASNumber annotations (kubernetes datastore).
+    #[arg(long, env = "PODROUTE_NO_ANNOTATE")]
+    pub no_annotate: bool,
+
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info,podroute_bgp=debug`).
+    #[arg(long, env = "PODROUTE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h` or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if let Ok(secs) = t.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    crate::model::bgp::parse_go_duration(t)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 500ms, 5s, 2m or 1h"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+    }
+}

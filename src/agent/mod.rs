@@ -1,0 +1,6 @@
+//! `podroute agent`: the datastore, the BGP speaker and the dataplane wired into one process.
+
+pub mod config;
+pub mod status;
+
+pub use config::AgentArgs;

@@ -1,0 +1,194 @@
+//! What the running agent reports about itself: the JSON documents of the status API
+//! (`GET /status`, `GET /routes`) that `podroute status` and `podroute routes` print.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub node: String,
+    pub version: String,
+    /// The node's IPv4 address with prefix (`192.168.92.128/24`).
+    pub ipv4: Option<String>,
+    /// Host NIC used for direct routes.
+    pub nic: Option<String>,
+    pub as_number: u32,
+    pub router_id: String,
+    /// Unix seconds when the agent started.
+    pub started: u64,
+    pub health: Health,
+    pub datastore: DatastoreStatus,
+    pub dataplane: DataplaneSummary,
+    pub peers: Vec<PeerRow>,
+}
+
+/// Liveness and readiness, with the reasons readiness is not (yet) given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub live: bool,
+    pub ready: bool,
+    /// Why `ready` is false (empty when ready), e.g. "datastore not synced".
+    pub not_ready: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatastoreStatus {
+    /// `kubernetes` or `dir:PATH`.
+    pub source: String,
+    pub synced: bool,
+    pub revision: u64,
+    /// Objects skipped or held at their last valid version: "IPPool/name: reason".
+    pub rejected: Vec<String>,
+    /// Problems of the source itself (unreadable files, API errors).
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataplaneSummary {
+    /// A plan was applied at least once.
+    pub programmed: bool,
+    pub desired_routes: usize,
+    pub installed_routes: usize,
+    pub failed_routes: usize,
+}
+
+/// One BGP peer, as in `calicoctl node status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRow {
+    pub address: String,
+    pub port: u16,
+    /// `node-to-node mesh`, `global` or `node specific` (Calico's wording).
+    pub peer_type: String,
+    /// The peer node's name (mesh) or the BGPPeer's name.
+    pub name: String,
+    pub remote_as: u32,
+    /// BGP FSM state: `Idle`, `Connect`, `Active`, `OpenSent`, `OpenConfirm`, `Established`.
+    pub state: String,
+    /// Unix seconds of the last state change.
+    pub since: u64,
+    /// `Established`, or the last error ("Hold Timer Expired", "Connection refused", ...).
+    pub info: String,
+    pub passive: bool,
+    pub prefixes_received: usize,
+    pub prefixes_accepted: usize,
+    pub prefixes_advertised: usize,
+}
+
+/// `GET /routes`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutesReport {
+    pub node: String,
+    pub routes: Vec<RouteRow>,
+}
+
+/// One planned route and whether it is in the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteRow {
+    /// `172.16.196.128/26`.
+    pub prefix: String,
+    /// Gateway address, `None` for blackhole and device routes.
+    pub gateway: Option<String>,
+    /// Output device; `None` for blackhole routes (route -n prints `*`) and `via` routes the
+    /// kernel resolves.
+    pub device: Option<String>,
+    pub onlink: bool,
+    /// `block-direct`, `block-ipip`, `block-noencap`, `blackhole`, `workload`,
+    /// `borrowed-direct`, `borrowed-ipip`, `borrowed-noencap`, `external`.
+    pub kind: String,
+    /// The node (or BGP peer address) the route leads to.
+    pub peer: Option<String>,
+    /// In the kernel as planned.
+    pub installed: bool,
+    /// Why it is not, when the kernel refused it.
+    pub error: Option<String>,
+}
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Where the agent publishes what the HTTP server (status API, health) reads. Cheap to read:
+/// readers get the last published `Arc`.
+#[derive(Debug)]
+pub struct StatusBoard {
+    status: RwLock<Arc<AgentStatus>>,
+    routes: RwLock<Arc<RoutesReport>>,
+    /// Last sign of life of each event loop, by name.
+    heartbeats: Mutex<BTreeMap<&'static str, Instant>>,
+}
+
+impl Default for StatusBoard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StatusBoard {
+    pub fn new() -> Self {
+        Self {
+            status: RwLock::new(Arc::new(AgentStatus::default())),
+            routes: RwLock::new(Arc::new(RoutesReport::default())),
+            heartbeats: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn publish_status(&self, status: AgentStatus) {
+        *self.status.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(status);
+    }
+
+    pub fn publish_routes(&self, routes: RoutesReport) {
+        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
+    }
+
+    pub fn status(&self) -> Arc<AgentStatus> {
+        self.status
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn routes(&self) -> Arc<RoutesReport> {
+        self.routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records that the event loop `name` is alive.
+    pub fn beat(&self, name: &'static str) {
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, Instant::now());
+    }
+
+    /// `Ok` when every loop that ever beat did so within `max_age`; else the stalled loops.
+    pub fn live(&self, max_age: Duration) -> Result<(), Vec<String>> {
+        let beats = self.heartbeats.lock().unwrap_or_else(|e| e.into_inner());
+        if beats.is_empty() {
+            return Err(vec!["no event loop has started".into()]);
+        }
+        let stalled: Vec<String> = beats
+            .iter()
+            .filter(|(_, at)| at.elapsed() > max_age)
+            .map(|(name, at)| format!("{name} loop silent for {:.0?}", at.elapsed()))
+            .collect();
+        if stalled.is_empty() {
+            Ok(())
+        } else {
+            Err(stalled)
+        }
+    }
+
+    /// `Ok` when the agent is ready; else why not (from the published status).
+    pub fn ready(&self) -> Result<(), Vec<String>> {
+        let status = self.status();
+        if status.health.ready {
+            Ok(())
+        } else if status.health.not_ready.is_empty() {
+            Err(vec!["starting".into()])
+        } else {
+            Err(status.health.not_ready.clone())
+        }
+    }
+}

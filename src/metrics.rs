@@ -1,0 +1,293 @@
+//! Prometheus metrics (`GET /metrics`). Every metric is `podroute_*`; peers are labels
+//! (`peer` = address, `peer_type` = mesh/global/node), prefixes never are.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// BGP FSM state as a number, as in `podroute_bgp_peer_state`.
+pub const PEER_STATE_CODES: [(&str, i64); 6] = [
+    ("Idle", 1),
+    ("Connect", 2),
+    ("Active", 3),
+    ("OpenSent", 4),
+    ("OpenConfirm", 5),
+    ("Established", 6),
+];
+
+/// Numeric code of an FSM state name (0 when unknown).
+pub fn peer_state_code(state: &str) -> i64 {
+    PEER_STATE_CODES
+        .iter()
+        .find(|(name, _)| *name == state)
+        .map_or(0, |(_, code)| *code)
+}
+
+/// All of the agent's metrics, registered in their own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub build_info: IntGaugeVec,
+    pub peer_state: IntGaugeVec,
+    pub peer_up: IntGaugeVec,
+    pub prefixes_received: IntGaugeVec,
+    pub prefixes_accepted: IntGaugeVec,
+    pub prefixes_advertised: IntGaugeVec,
+    pub updates_received: IntCounterVec,
+    pub updates_sent: IntCounterVec,
+    pub notifications_received: IntCounterVec,
+    pub notifications_sent: IntCounterVec,
+    pub session_establishments: IntCounterVec,
+    pub routes_programmed: IntGaugeVec,
+    pub routes_desired: IntGauge,
+    pub routes_failed: IntGauge,
+    pub netlink_errors: IntCounter,
+    pub drift_repairs: IntCounter,
+    pub reconcile_seconds: Histogram,
+    pub convergence_seconds: HistogramVec,
+    pub invalid_objects: IntCounterVec,
+    pub datastore_synced: IntGauge,
+    pub datastore_revision: IntGauge,
+    pub ready: IntGauge,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace("podroute")
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("metric definition is valid");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric names are unique");
+                m
+            }};
+        }
+        let peer = &["peer", "peer_type"];
+        let buckets_fast = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        let buckets_conv = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        Metrics {
+            build_info: reg!(IntGaugeVec::new(
+                opts("build_info", "Always 1; the version label names the build."),
+                &["version"]
+            )),
+            peer_state: reg!(IntGaugeVec::new(
+                opts(
+                    "bgp_peer_state",
+                    "BGP FSM state per peer: 1 Idle, 2 Connect, 3 Active, 4 OpenSent, \
+                     5 OpenConfirm, 6 Established."
+                ),
+                peer
+            )),
+            peer_up: reg!(IntGaugeVec::new(
+                opts("bgp_peer_up", "1 when the session is Established, else 0."),
+                peer
+            )),
+            prefixes_received: reg!(IntGaugeVec::new(
+                opts(
+                    "bgp_prefixes_received",
+                    "Prefixes in the peer's Adj-RIB-In."
+                ),
+                peer
+            )),
+            prefixes_accepted: reg!(IntGaugeVec::new(
+                opts(
+                    "bgp_prefixes_accepted",
+                    "Prefixes from the peer that passed validation and loop checks."
+                ),
+                peer
+            )),
+            prefixes_advertised: reg!(IntGaugeVec::new(
+                opts(
+                    "bgp_prefixes_advertised",
+                    "Prefixes in the peer's Adj-RIB-Out."
+                ),
+                peer
+            )),
+            updates_received: reg!(IntCounterVec::new(
+                opts("bgp_updates_received_total", "UPDATE messages received."),
+                peer
+            )),
+            updates_sent: reg!(IntCounterVec::new(
+                opts("bgp_updates_sent_total", "UPDATE messages sent."),
+                peer
+            )),
+            notifications_received: reg!(IntCounterVec::new(
+                opts(
+                    "bgp_notifications_received_total",
+                    "NOTIFICATION messages received."
+                ),
+                peer
+            )),
+            notifications_sent: reg!(IntCounterVec::new(
+                opts(
+                    "bgp_notifications_sent_total",
+                    "NOTIFICATION messages sent."
+                ),
+                peer
+            )),
+            session_establishments: reg!(IntCounterVec::new(
+                opts(
+                    "bgp_session_establishments_total",
+                    "Times the session reached Established."
+                ),
+                peer
+            )),
+            routes_programmed: reg!(IntGaugeVec::new(
+                opts(
+                    "routes_programmed",
+                    "Routes in the kernel as planned, by kind (block-direct, block-ipip, \
+                     block-noencap, blackhole, workload, borrowed-direct, borrowed-ipip, \
+                     borrowed-noencap, external)."
+                ),
+                &["kind"]
+            )),
+            routes_desired: reg!(IntGauge::with_opts(opts(
+                "routes_desired",
+                "Routes in the current plan."
+            ))),
+            routes_failed: reg!(IntGauge::with_opts(opts(
+                "routes_failed",
+                "Planned routes the kernel refused; retried with backoff."
+            ))),
+            netlink_errors: reg!(IntCounter::with_opts(opts(
+                "netlink_errors_total",
+                "Route requests the kernel refused or that could not be sent."
+            ))),
+            drift_repairs: reg!(IntCounter::with_opts(opts(
+                "drift_repairs_total",
+                "Route changes made because the kernel table drifted from the plan."
+            ))),
+            reconcile_seconds: reg!(Histogram::with_opts(
+                HistogramOpts::from(opts(
+                    "reconcile_duration_seconds",
+                    "Time to diff and apply one plan to the kernel."
+                ))
+                .buckets(buckets_fast)
+            )),
+            convergence_seconds: reg!(HistogramVec::new(
+                HistogramOpts::from(opts(
+                    "convergence_seconds",
+                    "From a datastore or BGP event to the resulting routes in the kernel."
+                ))
+                .buckets(buckets_conv),
+                &["trigger"]
+            )),
+            invalid_objects: reg!(IntCounterVec::new(
+                opts(
+                    "invalid_objects_total",
+                    "Objects skipped (or held at their last valid version) because they \
+                     failed validation, by kind."
+                ),
+                &["kind"]
+            )),
+            datastore_synced: reg!(IntGauge::with_opts(opts(
+                "datastore_synced",
+                "1 once the initial datastore sync is done."
+            ))),
+            datastore_revision: reg!(IntGauge::with_opts(opts(
+                "datastore_revision",
+                "Revision of the cluster state in force."
+            ))),
+            ready: reg!(IntGauge::with_opts(opts(
+                "ready",
+                "1 when /readyz answers 200."
+            ))),
+            registry,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        let families = self.registry.gather();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Removes every series of a peer that went away.
+    pub fn remove_peer(&self, peer: &str, peer_type: &str) {
+        let labels = [peer, peer_type];
+        for vec in [
+            &self.peer_state,
+            &self.peer_up,
+            &self.prefixes_received,
+            &self.prefixes_accepted,
+            &self.prefixes_advertised,
+        ] {
+            let _ = vec.remove_label_values(&labels);
+        }
+        for vec in [
+            &self.updates_received,
+            &self.updates_sent,
+            &self.notifications_received,
+            &self.notifications_sent,
+            &self.session_establishments,
+        ] {
+            let _ = vec.remove_label_values(&labels);
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Advances a counter to a cumulative value read from elsewhere (a peer's message count).
+/// A smaller value means the source restarted from zero: the new value is added.
+pub fn advance(counter: &IntCounter, last: &mut u64, now: u64) {
+    let delta = if now >= *last { now - *last } else { now };
+    if delta > 0 {
+        counter.inc_by(delta);
+    }
+    *last = now;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_every_family_once_used() {
+        let m = Metrics::new();
+        m.build_info.with_label_values(&["0.1.0"]).set(1);
+        m.peer_state
+            .with_label_values(&["10.0.0.2", "mesh"])
+            .set(peer_state_code("Established"));
+        m.routes_programmed
+            .with_label_values(&["block-ipip"])
+            .set(3);
+        m.convergence_seconds
+            .with_label_values(&["bgp"])
+            .observe(0.01);
+        let text = m.encode();
+        assert!(text.contains("podroute_bgp_peer_state{peer=\"10.0.0.2\",peer_type=\"mesh\"} 6"));
+        assert!(text.contains("podroute_routes_programmed{kind=\"block-ipip\"} 3"));
+        assert!(text.contains("podroute_convergence_seconds_count{trigger=\"bgp\"} 1"));
+        m.remove_peer("10.0.0.2", "mesh");
+        assert!(!m.encode().contains("10.0.0.2"));
+    }
+
+    #[test]
+    fn advance_handles_restarts() {
+        let c = IntCounter::new("c", "c").unwrap();
+        let mut last = 0;
+        advance(&c, &mut last, 5);
+        advance(&c, &mut last, 7);
+        advance(&c, &mut last, 2);
+        assert_eq!(c.get(), 9);
+    }
+}
