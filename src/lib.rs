@@ -9,6 +9,7 @@ pub mod agent;
 pub mod crds;
 pub mod dataplane;
 pub mod datastore;
+pub mod lab;
 pub mod metrics;
 pub mod model;
 pub mod plan;

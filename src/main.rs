@@ -26,6 +26,25 @@ enum Command {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
+    /// Build seed 001's cluster (plus a node behind a router) in network namespaces, run one
+    /// agent per node, check routes and pod-to-pod pings, then remove it all (root only).
+    Lab {
+        /// Leave the lab running afterwards (remove it with `podroute lab --cleanup`).
+        #[arg(long)]
+        keep: bool,
+        /// Prefix of the lab's network namespaces.
+        #[arg(long, default_value = podroute::lab::DEFAULT_PREFIX)]
+        prefix: String,
+        /// Remove a lab left running (or behind): stop its processes, delete its namespaces.
+        #[arg(long, conflicts_with = "keep")]
+        cleanup: bool,
+        /// The podroute binary the agents run (default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// How long to wait for the agents to converge.
+        #[arg(long, default_value = "60s", value_parser = podroute::agent::config::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +55,34 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Crds { out_dir: None } => {
             print!("{}", podroute::crds::render_all()?);
+        }
+        Command::Lab {
+            cleanup: true,
+            prefix,
+            ..
+        } => {
+            for line in podroute::lab::cleanup_prefix(&prefix)? {
+                println!("{line}");
+            }
+            println!("lab {prefix:?} removed");
+        }
+        Command::Lab {
+            keep,
+            prefix,
+            binary,
+            timeout,
+            cleanup: false,
+        } => {
+            podroute::lab::install_signal_cleanup().context("installing the Ctrl-C handler")?;
+            let opts = podroute::lab::LabOptions {
+                prefix,
+                keep,
+                binary,
+                timeout,
+            };
+            if !podroute::lab::run(&opts, &mut std::io::stdout())? {
+                std::process::exit(1);
+            }
         }
         Command::Crds { out_dir: Some(dir) } => {
             for crd in podroute::crds::all() {
