@@ -157,11 +157,12 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<bool, LabError> {
         let namespaces = lab.namespaces().len();
         let problems = lab.cleanup();
         if problems.is_empty() {
+            let workdir = if fail > 0 { "kept" } else { "deleted" };
             say(
                 out,
                 &format!(
-                    "removed the lab: agents stopped, {namespaces} namespaces and the work dir \
-                     deleted"
+                    "removed the lab: agents stopped, {namespaces} namespaces deleted, work dir \
+                     {workdir}"
                 ),
             );
         } else {
