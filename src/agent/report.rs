@@ -203,3 +203,149 @@ pub(crate) fn update_route_metrics(metrics: &Metrics, routes: &RoutesReport, dp:
             .inc_by(dp.counters.drift_repairs - repairs);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::NodeInfo;
+    use crate::plan::RouteScope;
+    use podroute_bgp::fsm::State;
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
+    fn status(addr: &str, state: State, error: Option<&str>) -> PeerStatus {
+        PeerStatus {
+            addr: addr.parse().unwrap(),
+            port: 179,
+            remote_as: 64512,
+            kind: "mesh".into(),
+            state,
+            since: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000),
+            established_count: 1,
+            prefixes_received: 1,
+            prefixes_accepted: 1,
+            prefixes_advertised: 2,
+            updates_received: 3,
+            updates_sent: 4,
+            notifications_received: 0,
+            notifications_sent: 0,
+            last_error: error.map(str::to_string),
+            end_of_rib: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn peer_rows_use_calico_wording() {
+        let info: PeerInfo = [
+            (
+                "192.168.92.129".parse().unwrap(),
+                ("node01".to_string(), PeerType::Mesh, true),
+            ),
+            (
+                "192.168.92.250".parse().unwrap(),
+                ("tor".to_string(), PeerType::Global, false),
+            ),
+        ]
+        .into();
+        let statuses = vec![
+            status("192.168.92.129", State::Established, None),
+            status("192.168.92.250", State::Active, Some("Connection refused")),
+        ];
+        let rows = peer_rows(&statuses, &info);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (
+                rows[0].peer_type.as_str(),
+                rows[0].state.as_str(),
+                rows[0].info.as_str()
+            ),
+            ("node-to-node mesh", "Established", "Established")
+        );
+        assert_eq!(
+            (
+                rows[1].peer_type.as_str(),
+                rows[1].state.as_str(),
+                rows[1].info.as_str()
+            ),
+            ("global", "Active", "Connection refused")
+        );
+        assert_eq!(rows[0].since, 1000);
+
+        let metrics = Metrics::new();
+        let mut counts = HashMap::new();
+        update_peer_metrics(&metrics, &statuses, &info, &mut counts);
+        update_peer_metrics(&metrics, &statuses, &info, &mut counts);
+        let text = metrics.encode();
+        assert!(
+            text.contains("podroute_bgp_peer_up{peer=\"192.168.92.129\",peer_type=\"mesh\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("podroute_bgp_peer_up{peer=\"192.168.92.250\",peer_type=\"global\"} 0")
+        );
+        assert!(
+            text.contains(
+                "podroute_bgp_updates_sent_total{peer=\"192.168.92.129\",peer_type=\"mesh\"} 4"
+            ),
+            "counted once: {text}"
+        );
+    }
+
+    #[test]
+    fn routes_name_the_peer_node_and_count_by_kind() {
+        let mut state = ClusterState::default();
+        state.nodes.insert(
+            "node01".into(),
+            NodeInfo {
+                name: "node01".into(),
+                ipv4: Some("192.168.92.129/24".parse().unwrap()),
+                ipv4_source: None,
+                ipv6: None,
+                as_number: None,
+                route_reflector_cluster_id: None,
+                ipip_tunnel_addr: None,
+                labels: Default::default(),
+            },
+        );
+        let plan = vec![
+            DesiredRoute {
+                prefix: "172.16.196.128/26".parse().unwrap(),
+                kind: RouteKind::BlockDirect,
+                gateway: Some("192.168.92.129".parse().unwrap()),
+                device: Some("ens33".into()),
+                onlink: false,
+                scope: RouteScope::Universe,
+            },
+            DesiredRoute {
+                prefix: "10.9.0.0/24".parse().unwrap(),
+                kind: RouteKind::External,
+                gateway: Some("192.168.92.1".parse().unwrap()),
+                device: None,
+                onlink: false,
+                scope: RouteScope::Universe,
+            },
+        ];
+        let dp = DataplaneStatus {
+            programmed: true,
+            desired_routes: 2,
+            installed_routes: 2,
+            applied_plan: Some(Arc::new(plan.clone())),
+            ..DataplaneStatus::default()
+        };
+        let report = routes("master01", Some(&plan), &dp, &state);
+        let peers: Vec<Option<&str>> = report.routes.iter().map(|r| r.peer.as_deref()).collect();
+        assert_eq!(peers, vec![Some("node01"), Some("192.168.92.1")]);
+        assert!(
+            report
+                .routes
+                .iter()
+                .all(|r| r.installed && r.error.is_none())
+        );
+        let metrics = Metrics::new();
+        update_route_metrics(&metrics, &report, &dp);
+        let text = metrics.encode();
+        assert!(text.contains("podroute_routes_programmed{kind=\"block-direct\"} 1"));
+        assert!(text.contains("podroute_routes_programmed{kind=\"block-ipip\"} 0"));
+        assert!(text.contains("podroute_routes_desired 2"));
+    }
+}
