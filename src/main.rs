@@ -18,6 +18,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the routing agent on this node (normally as a DaemonSet).
+    Agent(Box<podroute::agent::AgentArgs>),
     /// Print the version.
     Version,
     /// Print the CustomResourceDefinitions podroute reads (crd.projectcalico.org/v1).
@@ -50,6 +52,15 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Agent(args) => {
+            init_logging(&args.log);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            runtime.block_on(podroute::agent::run(*args))?;
+        }
         Command::Version => {
             println!("podroute {}", env!("CARGO_PKG_VERSION"));
         }
@@ -93,4 +104,15 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Logs to stderr, filtered by `filter` (`RUST_LOG` syntax).
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }

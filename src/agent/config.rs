@@ -62,6 +62,12 @@ pub struct AgentArgs {
     #[arg(long, env = "PODROUTE_CONNECT_RETRY", default_value = "5s", value_parser = parse_duration)]
     pub connect_retry: Duration,
 
+    /// How `tunl0` is made for IPIP pools: `kernel` (the `ipip` module), `userspace` (a TUN
+    /// device plus a raw IP-protocol-4 socket, for kernels without `ipip`), or `auto` (kernel
+    /// when it can create an ipip device, else userspace).
+    #[arg(long, env = "PODROUTE_IPIP_DATAPLANE", default_value = "auto")]
+    pub ipip_dataplane: String,
+
     /// Route protocol number marking podroute's routes (`ip route show proto 157`).
     #[arg(long, env = "PODROUTE_ROUTE_PROTOCOL", default_value_t = crate::dataplane::DEFAULT_ROUTE_PROTOCOL)]
     pub route_protocol: u8,

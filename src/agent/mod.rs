@@ -1,6 +1,778 @@
 //! `podroute agent`: the datastore, the BGP speaker and the dataplane wired into one process.
+//!
+//! One event loop ([`Agent::run`]) owns the agent's view: the latest [`ClusterState`], the
+//! sessions configured in the speaker, the prefixes announced, the BGP best paths learned.
+//! After every change it recomputes (pure functions in [`peers`] and [`intent`], then
+//! [`crate::plan::plan`]) and hands the differences on: `set_peer`/`remove_peer` and
+//! `announce`/`withdraw` to the speaker, a new route plan to the dataplane task. Nothing is
+//! withdrawn or deleted before the datastore's initial sync: the loop starts only after it.
+//!
+//! Metrics, `/readyz` and the status API read what the loop publishes into a
+//! [`status::StatusBoard`] once a second and after every change.
 
 pub mod config;
+pub mod intent;
+pub mod peers;
+pub mod report;
+pub mod selector;
 pub mod status;
 
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use ipnet::{IpNet, Ipv4Net};
+use podroute_bgp::rib::BestChange;
+use podroute_bgp::{PeerStatus, Speaker, SpeakerConfig};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
 pub use config::AgentArgs;
+
+use crate::dataplane::tunnel::{KernelIpip, TunnelDevice, TunnelError, TunnelSpec};
+use crate::dataplane::{Dataplane, DataplaneConfig, DataplaneStatus};
+use crate::datastore::{self, DatastoreHandle, DatastoreSpec};
+use crate::metrics::{Metrics, advance};
+use crate::plan::{self, DesiredRoute, LocalNode, TUNNEL_DEVICE, WORKLOAD_IFACE_PREFIX};
+use crate::state::{ClusterState, StateRx};
+use peers::{DesiredPeer, LocalIdentity, PeerType};
+use status::StatusBoard;
+
+/// How long `/livez` tolerates silence from the event loop.
+pub const LIVENESS_MAX_AGE: Duration = Duration::from_secs(30);
+
+/// What the agent needs from its environment before the loop starts.
+pub struct Startup {
+    pub node: String,
+    pub address: Ipv4Net,
+    pub nic: String,
+    pub datastore: DatastoreHandle,
+    pub datastore_source: String,
+    pub metrics: Metrics,
+    pub board: Arc<StatusBoard>,
+}
+
+/// The node name: `--nodename`/`NODENAME`, else the host name.
+pub fn node_name(args: &AgentArgs) -> anyhow::Result<String> {
+    if let Some(name) = args.nodename.as_deref().filter(|n| !n.trim().is_empty()) {
+        return Ok(name.trim().to_string());
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        bail!("no --nodename/NODENAME given and the host name cannot be read");
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let host = String::from_utf8_lossy(&buf[..end]).to_string();
+    // Kubernetes node names are the lowercase short or full host name.
+    Ok(host.to_lowercase())
+}
+
+/// Starts the datastore the flags name.
+pub async fn start_datastore(args: &AgentArgs, node: &str) -> anyhow::Result<DatastoreHandle> {
+    let spec: DatastoreSpec = args.datastore_type.parse()?;
+    Ok(match spec {
+        DatastoreSpec::Kubernetes => {
+            let client = kube::Client::try_default().await.context(
+                "cannot reach the Kubernetes API (in-cluster service account or KUBECONFIG); \
+                 use --datastore-type dir:PATH to run without one",
+            )?;
+            datastore::kube::spawn(client, node)
+        }
+        DatastoreSpec::Dir(path) => datastore::dir::spawn(path, node, args.dir_poll),
+    })
+}
+
+/// Waits for the datastore's first complete snapshot, beating the heartbeat meanwhile.
+pub async fn wait_synced(
+    state: &mut StateRx,
+    board: &StatusBoard,
+    source: &str,
+) -> anyhow::Result<Arc<ClusterState>> {
+    let mut waiting = tokio::time::interval(Duration::from_secs(1));
+    let started = Instant::now();
+    loop {
+        tokio::select! {
+            synced = state.synced() => return synced.context("datastore stopped before its initial sync"),
+            _ = waiting.tick() => {
+                board.beat("agent");
+                let mut s = (*board.status()).clone();
+                s.health.not_ready = vec![format!("datastore {source} not synced yet")];
+                board.publish_status(s);
+                if started.elapsed() > Duration::from_secs(10) && started.elapsed().as_secs().is_multiple_of(30) {
+                    warn!(source, waited_s = started.elapsed().as_secs(), "still waiting for the datastore's initial sync");
+                }
+            }
+        }
+    }
+}
+
+/// Per-peer message counts as last read, to turn them into Prometheus counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PeerCounts {
+    pub(crate) updates_rx: u64,
+    pub(crate) updates_tx: u64,
+    pub(crate) notif_rx: u64,
+    pub(crate) notif_tx: u64,
+    pub(crate) established: u64,
+}
+
+/// A configured session and when it was configured (readiness grace).
+#[derive(Debug, Clone)]
+struct ConfiguredPeer {
+    desired: DesiredPeer,
+    since: Instant,
+}
+
+/// A plan sent to the dataplane and the event that caused it (convergence histogram).
+struct PendingPlan {
+    plan: Arc<Vec<DesiredRoute>>,
+    event_at: Instant,
+    trigger: &'static str,
+}
+
+/// The event loop's state.
+pub struct Agent {
+    args: AgentArgs,
+    node: String,
+    address: Ipv4Net,
+    nic: String,
+    local_as: u32,
+    router_id: Ipv4Addr,
+    listen_port: u16,
+    speaker: Speaker,
+    best_rx: mpsc::UnboundedReceiver<Vec<BestChange>>,
+    datastore: DatastoreHandle,
+    datastore_source: String,
+    state: Arc<ClusterState>,
+    reject_seen: HashMap<&'static str, u64>,
+    peers: BTreeMap<IpAddr, ConfiguredPeer>,
+    peer_warnings: Vec<String>,
+    announced: BTreeSet<IpNet>,
+    /// Best learned path per prefix: next hop and the peer it came from.
+    learned: BTreeMap<IpNet, (IpAddr, Option<IpAddr>)>,
+    interfaces: BTreeSet<String>,
+    plan_tx: watch::Sender<Option<Arc<Vec<DesiredRoute>>>>,
+    plan: Option<Arc<Vec<DesiredRoute>>>,
+    plan_warnings: Vec<String>,
+    pending: VecDeque<PendingPlan>,
+    dp_status: watch::Receiver<DataplaneStatus>,
+    peer_status: Vec<PeerStatus>,
+    peer_counts: HashMap<IpAddr, PeerCounts>,
+    tunnel: TunnelTracker,
+    metrics: Metrics,
+    board: Arc<StatusBoard>,
+    started: SystemTime,
+}
+
+/// Keeps `tunl0` in place while some pool uses IPIP.
+#[derive(Default)]
+struct TunnelTracker {
+    ready: Option<TunnelSpec>,
+    last_attempt: Option<Instant>,
+    last_error: Option<String>,
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Agent {
+    /// Starts the speaker and the dataplane (in the calling thread's network namespace) and
+    /// returns the loop, ready to [`run`](Self::run), with the dataplane task's handle.
+    pub async fn start(
+        args: AgentArgs,
+        startup: Startup,
+    ) -> anyhow::Result<(Self, JoinHandle<anyhow::Result<()>>)> {
+        let Startup {
+            node,
+            address,
+            nic,
+            datastore,
+            datastore_source,
+            metrics,
+            board,
+        } = startup;
+        let state = datastore
+            .state
+            .latest()
+            .context("the agent starts only after the datastore's initial sync")?;
+        let local_as = peers::local_as(&state, args.as_number);
+        let router_id = address.addr();
+        let listen_port = state.bgp.listen_port;
+        let mut cfg = SpeakerConfig::new(local_as, router_id);
+        cfg.listen = Some(SocketAddr::new(args.bgp_bind, listen_port));
+        cfg.hold_time = args.hold_time;
+        cfg.connect_retry = args.connect_retry;
+        cfg.cluster_id = state.local().and_then(|n| n.route_reflector_cluster_id);
+        let (speaker, best_rx) = Speaker::start(cfg)
+            .await
+            .context("starting the BGP speaker")?;
+        info!(node, %address, nic, local_as, %router_id, listen_port, "BGP speaker started");
+
+        let mut dp = Dataplane::open(DataplaneConfig {
+            protocol: args.route_protocol,
+            ..DataplaneConfig::default()
+        })
+        .context("opening the dataplane")?;
+        let reconcile = metrics.reconcile_seconds.clone();
+        dp.on_reconcile(move |elapsed, _| reconcile.observe(elapsed.as_secs_f64()));
+        let (plan_tx, plan_rx) = watch::channel(None);
+        let (status_tx, dp_status) = watch::channel(DataplaneStatus::default());
+        let dataplane_task = tokio::spawn(async move {
+            dp.run(plan_rx, status_tx)
+                .await
+                .context("dataplane stopped")
+        });
+
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        metrics.datastore_synced.set(1);
+        let agent = Agent {
+            args,
+            node,
+            address,
+            nic,
+            local_as,
+            router_id,
+            listen_port,
+            speaker,
+            best_rx,
+            datastore,
+            datastore_source,
+            state,
+            reject_seen: HashMap::new(),
+            peers: BTreeMap::new(),
+            peer_warnings: Vec::new(),
+            announced: BTreeSet::new(),
+            learned: BTreeMap::new(),
+            interfaces: intent::interfaces_with_prefix(WORKLOAD_IFACE_PREFIX),
+            plan_tx,
+            plan: None,
+            plan_warnings: Vec::new(),
+            pending: VecDeque::new(),
+            dp_status,
+            peer_status: Vec::new(),
+            peer_counts: HashMap::new(),
+            tunnel: TunnelTracker::default(),
+            metrics,
+            board,
+            started: SystemTime::now(),
+        };
+        Ok((agent, dataplane_task))
+    }
+
+    fn identity(&self) -> LocalIdentity {
+        let local = self.state.local();
+        LocalIdentity {
+            name: self.node.clone(),
+            ipv4: self.address.addr(),
+            ipv6: local.and_then(|n| n.ipv6).map(|n| n.addr()),
+            as_number: self.local_as,
+            route_reflector_cluster_id: local.and_then(|n| n.route_reflector_cluster_id),
+            labels: local.map(|n| n.labels.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn local_node(&self) -> LocalNode {
+        LocalNode {
+            name: self.node.clone(),
+            ipv4: Some(self.address),
+            ipv6: self.state.local().and_then(|n| n.ipv6),
+            nic: self.nic.clone(),
+        }
+    }
+
+    /// Runs until the speaker, the datastore or the dataplane stops, or `shutdown` fires.
+    pub async fn run(
+        mut self,
+        mut dataplane: JoinHandle<anyhow::Result<()>>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        let now = Instant::now();
+        self.apply_state(now).await?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut state_rx = self.datastore.state.clone();
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => {
+                    info!("shutting down; routes stay in the kernel for the next start to adopt");
+                    let _ = self.speaker.shutdown().await;
+                    return Ok(());
+                }
+                changed = state_rx.changed() => {
+                    let at = Instant::now();
+                    self.state = changed.context("datastore stopped")?;
+                    self.apply_state(at).await?;
+                }
+                batch = self.best_rx.recv() => {
+                    let at = Instant::now();
+                    let Some(batch) = batch else { bail!("BGP speaker stopped") };
+                    self.absorb(batch);
+                    // Take everything already queued: one plan for a burst of UPDATEs.
+                    while let Ok(more) = self.best_rx.try_recv() {
+                        self.absorb(more);
+                    }
+                    self.replan(at, "bgp");
+                }
+                changed = self.dp_status.changed() => {
+                    if changed.is_err() {
+                        // The dataplane task ended; its result says why.
+                        return match (&mut dataplane).await {
+                            Ok(Ok(())) => Err(anyhow::anyhow!("dataplane stopped")),
+                            Ok(Err(e)) => Err(e),
+                            Err(e) => Err(anyhow::anyhow!("dataplane task failed: {e}")),
+                        };
+                    }
+                    self.on_dataplane();
+                }
+                _ = tick.tick() => {
+                    self.on_tick().await?;
+                }
+            }
+        }
+    }
+
+    fn absorb(&mut self, batch: Vec<BestChange>) {
+        for change in batch {
+            match change.best {
+                Some(best) => {
+                    self.learned
+                        .insert(change.prefix, (best.next_hop, best.peer_addr));
+                }
+                None => {
+                    self.learned.remove(&change.prefix);
+                }
+            }
+        }
+    }
+
+    /// A new cluster state: sessions, announcements, plan.
+    async fn apply_state(&mut self, at: Instant) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        self.metrics.datastore_revision.set(state.revision as i64);
+        if let Some(flag_as) = self
+            .args
+            .as_number
+            .or(state.local().and_then(|n| n.as_number))
+            && flag_as != self.local_as
+        {
+            warn!(
+                running = self.local_as,
+                configured = flag_as,
+                "the node's AS number changed; restart the agent to apply it"
+            );
+        }
+        if state.bgp.listen_port != self.listen_port {
+            warn!(
+                running = self.listen_port,
+                configured = state.bgp.listen_port,
+                "BGP listenPort changed; restart the agent to apply it"
+            );
+        }
+
+        // Sessions.
+        let set = peers::desired_peers(&state, &self.identity());
+        for w in &set.warnings {
+            if !self.peer_warnings.contains(w) {
+                warn!("{w}");
+            }
+        }
+        self.peer_warnings = set.warnings;
+        let gone: Vec<IpAddr> = self
+            .peers
+            .keys()
+            .filter(|a| !set.peers.contains_key(a))
+            .copied()
+            .collect();
+        for addr in gone {
+            if let Some(old) = self.peers.remove(&addr) {
+                info!(peer = %addr, name = old.desired.name, "removing BGP peer");
+                self.speaker
+                    .remove_peer(addr)
+                    .await
+                    .context("BGP speaker")?;
+                self.metrics
+                    .remove_peer(&addr.to_string(), old.desired.peer_type.label());
+                self.peer_counts.remove(&addr);
+            }
+        }
+        for (addr, desired) in set.peers {
+            let unchanged = self.peers.get(&addr).is_some_and(|p| p.desired == desired);
+            if unchanged {
+                continue;
+            }
+            info!(peer = %addr, name = desired.name, peer_type = desired.peer_type.label(), remote_as = desired.config.remote_as, passive = desired.config.passive, "configuring BGP peer");
+            self.speaker
+                .set_peer(desired.config.clone())
+                .await
+                .context("BGP speaker")?;
+            if let Some(old) = self.peers.get(&addr)
+                && old.desired.peer_type != desired.peer_type
+            {
+                self.metrics
+                    .remove_peer(&addr.to_string(), old.desired.peer_type.label());
+            }
+            let since = self.peers.get(&addr).map_or(at, |p| p.since);
+            self.peers.insert(addr, ConfiguredPeer { desired, since });
+        }
+
+        // Announcements.
+        let wanted = intent::advertisements(&state);
+        for prefix in self.announced.difference(&wanted) {
+            debug!(%prefix, "withdrawing");
+            self.speaker
+                .withdraw(*prefix)
+                .await
+                .context("BGP speaker")?;
+        }
+        for prefix in wanted.difference(&self.announced) {
+            debug!(%prefix, "announcing");
+            self.speaker
+                .announce(*prefix, None)
+                .await
+                .context("BGP speaker")?;
+        }
+        if wanted != self.announced {
+            info!(prefixes = wanted.len(), "announcing this node's blocks");
+        }
+        self.announced = wanted;
+
+        self.count_rejections();
+        self.replan(at, "datastore");
+        self.ensure_tunnel().await;
+        self.publish();
+        Ok(())
+    }
+
+    fn count_rejections(&mut self) {
+        for (kind, count) in self.datastore.counters.snapshot() {
+            let label = kind.as_str();
+            let last = self.reject_seen.entry(label).or_insert(0);
+            advance(
+                &self.metrics.invalid_objects.with_label_values(&[label]),
+                last,
+                count,
+            );
+        }
+    }
+
+    /// Recomputes the plan and sends it to the dataplane when it differs.
+    fn replan(&mut self, at: Instant, trigger: &'static str) {
+        let learned: BTreeMap<IpNet, IpAddr> =
+            self.learned.iter().map(|(p, (nh, _))| (*p, *nh)).collect();
+        let input = intent::plan_input(&self.state, &self.local_node(), &learned, &self.interfaces);
+        let result = plan::plan(&input);
+        let warnings: Vec<String> = result.warnings.iter().map(ToString::to_string).collect();
+        for w in &warnings {
+            if !self.plan_warnings.contains(w) {
+                warn!("plan: {w}");
+            }
+        }
+        self.plan_warnings = warnings;
+        if self.plan.as_deref() == Some(&result.routes) {
+            return;
+        }
+        let plan = Arc::new(result.routes);
+        debug!(routes = plan.len(), trigger, "new route plan");
+        self.plan = Some(plan.clone());
+        self.pending.push_back(PendingPlan {
+            plan: plan.clone(),
+            event_at: at,
+            trigger,
+        });
+        // Bound the queue when the dataplane is far behind (it only applies the newest).
+        while self.pending.len() > 64 {
+            self.pending.pop_front();
+        }
+        self.plan_tx.send_replace(Some(plan));
+    }
+
+    /// The dataplane published a status: observe convergence, refresh route metrics.
+    fn on_dataplane(&mut self) {
+        let status = self.dp_status.borrow_and_update().clone();
+        if let Some(applied) = &status.applied_plan
+            && let Some(pos) = self
+                .pending
+                .iter()
+                .position(|p| Arc::ptr_eq(&p.plan, applied))
+        {
+            let now = Instant::now();
+            for p in self.pending.drain(..=pos) {
+                self.metrics
+                    .convergence_seconds
+                    .with_label_values(&[p.trigger])
+                    .observe(now.duration_since(p.event_at).as_secs_f64());
+            }
+        }
+        self.publish();
+    }
+
+    async fn on_tick(&mut self) -> anyhow::Result<()> {
+        self.board.beat("agent");
+        let interfaces = intent::interfaces_with_prefix(WORKLOAD_IFACE_PREFIX);
+        if interfaces != self.interfaces {
+            self.interfaces = interfaces;
+            self.replan(Instant::now(), "interfaces");
+        }
+        self.peer_status = self.speaker.peers().await.context("BGP speaker")?;
+        self.ensure_tunnel().await;
+        self.publish();
+        Ok(())
+    }
+
+    /// Creates `tunl0` when a pool needs IPIP (retried every 30 s while it fails).
+    async fn ensure_tunnel(&mut self) {
+        let needs = self
+            .state
+            .pools
+            .values()
+            .any(|p| p.ipip_mode.is_on() && p.cidr.addr().is_ipv4());
+        if !needs {
+            return;
+        }
+        let learned: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
+        let input = intent::plan_input(&self.state, &self.local_node(), &learned, &BTreeSet::new());
+        let spec = TunnelSpec {
+            name: TUNNEL_DEVICE.to_string(),
+            nic: self.nic.clone(),
+            address: plan::tunnel_address(
+                &input,
+                self.state.local().and_then(|n| n.ipip_tunnel_addr),
+            ),
+        };
+        if self.tunnel.ready.as_ref() == Some(&spec) {
+            return;
+        }
+        if self
+            .tunnel
+            .last_attempt
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(30))
+            && self.tunnel.last_error.is_some()
+        {
+            return;
+        }
+        self.tunnel.last_attempt = Some(Instant::now());
+        let result = match KernelIpip::connect() {
+            Ok(dev) => dev.ensure(&spec).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(_) => {
+                self.tunnel.ready = Some(spec);
+                self.tunnel.last_error = None;
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if self.tunnel.last_error.as_deref() != Some(&text) {
+                    match e {
+                        TunnelError::IpipUnsupported { .. } => warn!("{text}"),
+                        _ => {
+                            warn!(error = %text, "cannot set up the IPIP tunnel device; retrying in 30 s")
+                        }
+                    }
+                }
+                self.tunnel.last_error = Some(text);
+            }
+        }
+    }
+
+    /// Refreshes metrics and the status board.
+    fn publish(&mut self) {
+        let dp = self.dp_status.borrow().clone();
+        report::update_peer_metrics(
+            &self.metrics,
+            &self.peer_status,
+            &self.peers_by_addr(),
+            &mut self.peer_counts,
+        );
+        let routes = report::routes(&self.node, self.plan.as_deref(), &dp, &self.state);
+        report::update_route_metrics(&self.metrics, &routes, &dp);
+        let ready = self.readiness(&dp);
+        self.metrics.ready.set(i64::from(ready.is_empty()));
+        let mut status = status::AgentStatus {
+            node: self.node.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ipv4: Some(self.address.to_string()),
+            nic: Some(self.nic.clone()),
+            as_number: self.local_as,
+            router_id: self.router_id.to_string(),
+            started: unix_secs(self.started),
+            health: status::Health {
+                live: true,
+                ready: ready.is_empty(),
+                not_ready: ready,
+            },
+            datastore: status::DatastoreStatus {
+                source: self.datastore_source.clone(),
+                synced: true,
+                revision: self.state.revision,
+                rejected: self
+                    .state
+                    .rejected
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                errors: self.state.source_errors.clone(),
+            },
+            dataplane: status::DataplaneSummary {
+                programmed: dp.programmed,
+                desired_routes: dp.desired_routes,
+                installed_routes: dp.installed_routes,
+                failed_routes: dp.failures.len(),
+            },
+            peers: report::peer_rows(&self.peer_status, &self.peers_by_addr()),
+        };
+        status
+            .datastore
+            .errors
+            .extend(self.peer_warnings.iter().cloned());
+        if let Some(e) = &self.tunnel.last_error {
+            status.datastore.errors.push(e.clone());
+        }
+        self.board.publish_status(status);
+        self.board.publish_routes(routes);
+    }
+
+    fn peers_by_addr(&self) -> BTreeMap<IpAddr, (String, PeerType, bool)> {
+        self.peers
+            .iter()
+            .map(|(a, p)| {
+                (
+                    *a,
+                    (
+                        p.desired.name.clone(),
+                        p.desired.peer_type,
+                        p.desired.config.passive,
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    /// Reasons the agent is not ready (empty = ready).
+    fn readiness(&self, dp: &DataplaneStatus) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if !dp.programmed || dp.applied_plan.is_none() {
+            reasons.push("first route reconcile not applied yet".to_string());
+        }
+        for (addr, peer) in &self.peers {
+            if peer.desired.peer_type != PeerType::Mesh
+                || peer.since.elapsed() >= self.args.ready_grace
+            {
+                continue;
+            }
+            let state = self
+                .peer_status
+                .iter()
+                .find(|s| s.addr == *addr)
+                .map(|s| s.state.to_string());
+            if state.as_deref() != Some("Established") {
+                reasons.push(format!(
+                    "mesh peer {addr} ({}) is {} (waiting up to {:?})",
+                    peer.desired.name,
+                    state.as_deref().unwrap_or("unknown"),
+                    self.args.ready_grace
+                ));
+            }
+        }
+        reasons
+    }
+}
+
+/// The node's address (with prefix) and the interface holding it.
+fn resolve_address(
+    args: &AgentArgs,
+    state: &ClusterState,
+) -> anyhow::Result<(Ipv4Net, Option<String>)> {
+    let _ = state;
+    match args.ip.trim() {
+        "none" => bail!("--ip none: podroute needs the node's IPv4 address for BGP; set IP"),
+        "autodetect" => bail!("IPv4 autodetection is not wired yet; pass --ip ADDR/PREFIX"),
+        text => {
+            let net = text
+                .parse::<Ipv4Net>()
+                .or_else(|_| text.parse::<Ipv4Addr>().map(Ipv4Net::from))
+                .with_context(|| format!("--ip {text:?} is not an IPv4 address (10.0.0.5/24)"))?;
+            Ok((net, None))
+        }
+    }
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}
+
+/// `podroute agent`: runs until SIGTERM/SIGINT or a fatal error.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let node = node_name(&args)?;
+    let metrics = Metrics::new();
+    let board = Arc::new(StatusBoard::new());
+    board.beat("agent");
+    info!(
+        node,
+        version = env!("CARGO_PKG_VERSION"),
+        datastore = args.datastore_type,
+        "podroute agent starting"
+    );
+
+    let mut datastore = start_datastore(&args, &node).await?;
+    let source = args.datastore_type.clone();
+    let state = tokio::select! {
+        s = wait_synced(&mut datastore.state, &board, &source) => s?,
+        _ = termination() => return Ok(()),
+    };
+    info!(
+        revision = state.revision,
+        nodes = state.nodes.len(),
+        pools = state.pools.len(),
+        blocks = state.blocks.len(),
+        "datastore synced"
+    );
+    if state.local().is_none() {
+        warn!(
+            node,
+            "no Node object named {node:?} in the datastore; is NODENAME right?"
+        );
+    }
+    let (address, holder) = resolve_address(&args, &state)?;
+    let nic = match (&args.nic, holder) {
+        (Some(nic), _) => nic.clone(),
+        (None, Some(holder)) => holder,
+        (None, None) => {
+            bail!("cannot tell which interface holds {address}; set --nic/PODROUTE_NIC")
+        }
+    };
+    let startup = Startup {
+        node,
+        address,
+        nic,
+        datastore,
+        datastore_source: source,
+        metrics,
+        board,
+    };
+    let (agent, dataplane) = Agent::start(args, startup).await?;
+    agent.run(dataplane, termination()).await
+}

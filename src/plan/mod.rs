@@ -164,6 +164,36 @@ pub enum RouteKind {
     External,
 }
 
+impl RouteKind {
+    /// The name used in metrics (`kind` label) and `podroute routes`.
+    pub fn label(self) -> &'static str {
+        match self {
+            RouteKind::BlockDirect => "block-direct",
+            RouteKind::BlockIpip => "block-ipip",
+            RouteKind::BlockNoEncap => "block-noencap",
+            RouteKind::Blackhole => "blackhole",
+            RouteKind::Workload => "workload",
+            RouteKind::BorrowedDirect => "borrowed-direct",
+            RouteKind::BorrowedIpip => "borrowed-ipip",
+            RouteKind::BorrowedNoEncap => "borrowed-noencap",
+            RouteKind::External => "external",
+        }
+    }
+
+    /// Every kind, in label order of the metrics reference.
+    pub const ALL: [RouteKind; 9] = [
+        RouteKind::BlockDirect,
+        RouteKind::BlockIpip,
+        RouteKind::BlockNoEncap,
+        RouteKind::Blackhole,
+        RouteKind::Workload,
+        RouteKind::BorrowedDirect,
+        RouteKind::BorrowedIpip,
+        RouteKind::BorrowedNoEncap,
+        RouteKind::External,
+    ];
+}
+
 /// Route scope, as far as the plan needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RouteScope {

@@ -1,0 +1,298 @@
+//! From the cluster state (and the BGP best paths) to what this node announces and the plan's
+//! input. Pure functions; the agent loop calls them after every change.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::model::{self, Block, Pool};
+use crate::plan::{
+    self, Allocation, BlockSpec, LearnedRoute, LocalNode, PeerNode, PlanInput, PoolSpec,
+};
+use crate::state::ClusterState;
+
+fn encap(mode: model::EncapMode) -> plan::EncapMode {
+    match mode {
+        model::EncapMode::Never => plan::EncapMode::Never,
+        model::EncapMode::Always => plan::EncapMode::Always,
+        model::EncapMode::CrossSubnet => plan::EncapMode::CrossSubnet,
+    }
+}
+
+fn exportable_pool<'a>(state: &'a ClusterState, net: &IpNet) -> Option<&'a Pool> {
+    state
+        .pool_containing(net)
+        .filter(|pool| !pool.disable_bgp_export)
+}
+
+/// Whether `node` holds `block`: affinity `host:<node>`, not being deleted, and its
+/// BlockAffinity (when there is one) confirmed.
+fn holds(state: &ClusterState, block: &Block, node: &str) -> bool {
+    if block.host() != Some(node) || block.deleted {
+        return false;
+    }
+    let claim = state
+        .affinities
+        .values()
+        .find(|c| c.cidr == block.cidr && c.node == node);
+    match claim {
+        None => true,
+        Some(c) => !c.deleted && (c.state.is_empty() || c.state == "confirmed"),
+    }
+}
+
+/// The prefixes this node originates over BGP: its blocks (affinity `host:<node>`, affinity
+/// confirmed or absent) inside a pool without `disableBGPExport`, and each address of
+/// someone else's block that is used on this node (a borrowed IP, as a /32 or /128). As with
+/// Calico, nothing outside every pool is announced.
+pub fn advertisements(state: &ClusterState) -> BTreeSet<IpNet> {
+    let node = state.local_node.as_str();
+    let mut out = BTreeSet::new();
+    for block in state.blocks.values() {
+        if holds(state, block, node) {
+            if exportable_pool(state, &block.cidr).is_some() {
+                out.insert(block.cidr);
+            }
+            continue;
+        }
+        if block.deleted {
+            continue;
+        }
+        for a in block.borrowed() {
+            if a.node.as_deref() == Some(node) {
+                let host = IpNet::from(a.ip);
+                if exportable_pool(state, &host).is_some() {
+                    out.insert(host);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Builds the plan's input. `local` carries this node's address as detected (with prefix)
+/// and NIC; `learned` the BGP best paths; `interfaces` the `cali*` devices present.
+pub fn plan_input(
+    state: &ClusterState,
+    local: &LocalNode,
+    learned: &BTreeMap<IpNet, IpAddr>,
+    interfaces: &BTreeSet<String>,
+) -> PlanInput {
+    let pools = state
+        .pools
+        .values()
+        .map(|p| PoolSpec {
+            name: p.name.clone(),
+            cidr: p.cidr,
+            ipip: encap(p.ipip_mode),
+            vxlan: encap(p.vxlan_mode),
+            disabled: p.disabled,
+        })
+        .collect();
+    let blocks = state
+        .blocks
+        .values()
+        .filter(|b| !b.deleted)
+        .map(|b| BlockSpec {
+            cidr: b.cidr,
+            // A block this node holds only under an unconfirmed affinity is not ours yet;
+            // for other nodes the IPAMBlock's affinity is what counts.
+            affinity: match b.host() {
+                Some(h) if h == local.name && !holds(state, b, h) => None,
+                other => other.map(str::to_string),
+            },
+            allocations: b
+                .allocations
+                .iter()
+                .map(|a| Allocation {
+                    ip: a.ip,
+                    namespace: a.namespace.clone(),
+                    pod: a.pod.clone(),
+                    node: a.node.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    let nodes = state
+        .nodes
+        .values()
+        .filter(|n| n.name != local.name)
+        .map(|n| PeerNode {
+            name: n.name.clone(),
+            ipv4: n.ipv4_addr(),
+            ipv6: n.ipv6.map(|v| v.addr()),
+        })
+        .collect();
+    PlanInput {
+        local: local.clone(),
+        pools,
+        blocks,
+        learned: learned
+            .iter()
+            .map(|(prefix, next_hop)| LearnedRoute {
+                prefix: *prefix,
+                next_hop: *next_hop,
+            })
+            .collect(),
+        nodes,
+        local_interfaces: interfaces.clone(),
+    }
+}
+
+/// Names of the network interfaces of the calling thread's namespace that start with
+/// `prefix` (`cali`).
+pub fn interfaces_with_prefix(prefix: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    // SAFETY: if_nameindex returns a heap array terminated by an entry with index 0 and a
+    // null name, which we walk and then free exactly once with if_freenameindex.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return names;
+        }
+        let mut entry = list;
+        while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*entry).if_name).to_string_lossy();
+            if name.starts_with(prefix) {
+                names.insert(name.into_owned());
+            }
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Affinity, BlockClaim};
+
+    fn pool(cidr: &str, export: bool) -> Pool {
+        Pool {
+            name: format!("pool-{cidr}"),
+            cidr: cidr.parse().unwrap(),
+            block_size: 26,
+            ipip_mode: model::EncapMode::CrossSubnet,
+            vxlan_mode: model::EncapMode::Never,
+            nat_outgoing: true,
+            disabled: false,
+            disable_bgp_export: !export,
+            node_selector: None,
+            created: None,
+        }
+    }
+
+    fn block(cidr: &str, host: &str, borrowed: &[(&str, &str)]) -> Block {
+        Block {
+            name: cidr.replace(['.', '/'], "-"),
+            cidr: cidr.parse().unwrap(),
+            affinity: Some(Affinity::Host(host.into())),
+            allocations: borrowed
+                .iter()
+                .enumerate()
+                .map(|(i, (ip, node))| model::Allocation {
+                    ordinal: i as u32,
+                    ip: ip.parse().unwrap(),
+                    handle_id: None,
+                    namespace: Some("default".into()),
+                    pod: Some(format!("pod{i}")),
+                    node: Some(node.to_string()),
+                    attr_type: None,
+                })
+                .collect(),
+            deleted: false,
+        }
+    }
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState {
+            local_node: "master01".into(),
+            ..ClusterState::default()
+        };
+        for p in [pool("172.16.0.0/16", true), pool("10.99.0.0/16", false)] {
+            s.pools.insert(p.name.clone(), p);
+        }
+        for b in [
+            block(
+                "172.16.241.64/26",
+                "master01",
+                &[("172.16.241.65", "master01")],
+            ),
+            block(
+                "172.16.196.128/26",
+                "node01",
+                &[("172.16.196.130", "master01")],
+            ),
+            block("10.99.0.0/26", "master01", &[]),
+            block("192.0.2.0/26", "master01", &[]),
+            block("172.16.5.0/26", "master01", &[]),
+        ] {
+            s.blocks.insert(b.name.clone(), b);
+        }
+        s.affinities.insert(
+            "pending".into(),
+            BlockClaim {
+                name: "pending".into(),
+                cidr: "172.16.5.0/26".parse().unwrap(),
+                node: "master01".into(),
+                state: "pending".into(),
+                deleted: false,
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn announces_own_confirmed_blocks_and_borrowed_ips_in_exported_pools() {
+        let got: Vec<String> = advertisements(&state())
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(got, vec!["172.16.196.130/32", "172.16.241.64/26"]);
+    }
+
+    #[test]
+    fn plan_input_carries_the_model() {
+        let s = state();
+        let local = LocalNode {
+            name: "master01".into(),
+            ipv4: Some("192.168.92.128/24".parse().unwrap()),
+            ipv6: None,
+            nic: "ens33".into(),
+        };
+        let learned = BTreeMap::from([(
+            "172.16.196.128/26".parse().unwrap(),
+            "192.168.92.129".parse().unwrap(),
+        )]);
+        let input = plan_input(&s, &local, &learned, &BTreeSet::new());
+        assert_eq!(input.pools.len(), 2);
+        assert_eq!(input.pools[1].ipip, plan::EncapMode::CrossSubnet);
+        let pending = input
+            .blocks
+            .iter()
+            .find(|b| b.cidr == "172.16.5.0/26".parse::<IpNet>().unwrap())
+            .unwrap();
+        assert_eq!(
+            pending.affinity, None,
+            "unconfirmed affinity is not ours yet"
+        );
+        assert_eq!(input.learned.len(), 1);
+        let lines = plan::plan(&input).lines();
+        assert!(
+            lines.contains(&"172.16.196.128/26 via 192.168.92.129 dev ens33".to_string()),
+            "{lines:#?}"
+        );
+        assert!(
+            lines.contains(&"blackhole 172.16.241.64/26".to_string()),
+            "{lines:#?}"
+        );
+    }
+
+    #[test]
+    fn lists_loopback_interfaces() {
+        assert!(interfaces_with_prefix("lo").contains("lo"));
+        assert!(interfaces_with_prefix("cali-does-not-exist").is_empty());
+    }
+}

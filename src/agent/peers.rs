@@ -1,0 +1,490 @@
+//! Which BGP sessions this node should have: the node-to-node mesh and the `BGPPeer`s that
+//! apply to it, computed from one [`ClusterState`] (a pure function).
+//!
+//! The rules follow Calico's BIRD configuration (confd templates):
+//! - **Mesh** (`nodeToNodeMeshEnabled`, default true): one iBGP-or-eBGP session to every other
+//!   node with an IPv4 address, using its `ASNumber` annotation or the cluster's AS. Route
+//!   reflector nodes (`RouteReflectorClusterID` set) are left out of the mesh, and a route
+//!   reflector does not mesh. The mesh is made one-directional exactly as Calico does: this
+//!   node is passive towards a peer whose address is larger *as a string* than its own
+//!   (`"10.0.0.5" > "10.0.0.10"`), so a mixed Calico/podroute cluster agrees on who connects.
+//! - **BGPPeer**: applies to this node when `node` names it, when `nodeSelector` matches its
+//!   labels, or when neither is set (global). `peerIP` (`ip` or `ip:port`) gives one peer;
+//!   `peerSelector` instead peers with every node it selects, at their addresses and AS
+//!   numbers. Remote AS: `asNumber`, else the selected node's AS, else the cluster's.
+//!   An explicit BGPPeer for an address the mesh also covers replaces the mesh session.
+//! - A route reflector (this node has a cluster ID) treats every peer node without the same
+//!   cluster ID as a route-reflector client.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use podroute_bgp::PeerConfig;
+use podroute_bgp::wire::Family;
+
+use super::selector::Selector;
+use crate::model::{NodeInfo, Peer};
+use crate::state::ClusterState;
+
+/// Where a session comes from; `calicoctl node status` wording in [`PeerType::display`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PeerType {
+    Mesh,
+    Global,
+    Node,
+}
+
+impl PeerType {
+    /// Metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            PeerType::Mesh => "mesh",
+            PeerType::Global => "global",
+            PeerType::Node => "node",
+        }
+    }
+
+    /// As `calicoctl node status` prints it.
+    pub fn display(self) -> &'static str {
+        match self {
+            PeerType::Mesh => "node-to-node mesh",
+            PeerType::Global => "global",
+            PeerType::Node => "node specific",
+        }
+    }
+
+    pub fn from_label(label: &str) -> Option<PeerType> {
+        match label {
+            "mesh" => Some(PeerType::Mesh),
+            "global" => Some(PeerType::Global),
+            "node" => Some(PeerType::Node),
+            _ => None,
+        }
+    }
+}
+
+/// This node's BGP identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalIdentity {
+    pub name: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Option<Ipv6Addr>,
+    pub as_number: u32,
+    pub route_reflector_cluster_id: Option<Ipv4Addr>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One session this node should have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredPeer {
+    pub config: PeerConfig,
+    pub peer_type: PeerType,
+    /// The peer node's name (mesh, peerSelector) or the BGPPeer's name.
+    pub name: String,
+    /// Graceful-restart time the BGPPeer asks for (`maxRestartTime`).
+    pub max_restart_time: Option<Duration>,
+}
+
+/// The sessions, plus what could not be honoured (logged and shown in status).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerSet {
+    pub peers: BTreeMap<IpAddr, DesiredPeer>,
+    pub warnings: Vec<String>,
+}
+
+/// The AS number of this node: `--as`, else its annotation, else the cluster's.
+pub fn local_as(state: &ClusterState, flag: Option<u32>) -> u32 {
+    flag.or_else(|| state.local().and_then(|n| n.as_number))
+        .unwrap_or(state.bgp.as_number)
+}
+
+fn node_as(state: &ClusterState, node: &NodeInfo) -> u32 {
+    node.as_number.unwrap_or(state.bgp.as_number)
+}
+
+fn base_config(local: &LocalIdentity, addr: IpAddr, remote_as: u32, kind: PeerType) -> PeerConfig {
+    let mut cfg = PeerConfig::new(addr, remote_as);
+    cfg.kind = kind.label().to_string();
+    match addr {
+        IpAddr::V4(_) => {
+            cfg.local_addr = Some(IpAddr::V4(local.ipv4));
+            cfg.families = vec![Family::IPV4_UNICAST];
+            cfg.local_v4_next_hop = Some(local.ipv4);
+            if let Some(v6) = local.ipv6 {
+                cfg.families.push(Family::IPV6_UNICAST);
+                cfg.local_v6_next_hop = Some(v6);
+            }
+        }
+        IpAddr::V6(_) => {
+            cfg.local_addr = local.ipv6.map(IpAddr::V6);
+            cfg.families = vec![Family::IPV6_UNICAST];
+            cfg.local_v6_next_hop = local.ipv6;
+        }
+    }
+    cfg
+}
+
+fn is_rr_client(local: &LocalIdentity, peer: Option<&NodeInfo>) -> bool {
+    match (local.route_reflector_cluster_id, peer) {
+        (Some(cid), Some(node)) => node.route_reflector_cluster_id != Some(cid),
+        _ => false,
+    }
+}
+
+/// Whether `peer` (a BGPPeer) applies to this node, or why it cannot be evaluated.
+fn applies_to(peer: &Peer, local: &LocalIdentity) -> Result<bool, String> {
+    if let Some(node) = &peer.node {
+        return Ok(node == &local.name);
+    }
+    match &peer.node_selector {
+        None => Ok(true),
+        Some(text) => Selector::parse(text)
+            .map(|s| s.matches(&local.labels))
+            .map_err(|e| format!("BGPPeer {}: nodeSelector: {e}", peer.name)),
+    }
+}
+
+/// The sessions this node should have.
+pub fn desired_peers(state: &ClusterState, local: &LocalIdentity) -> PeerSet {
+    let mut set = PeerSet::default();
+    let local_ip_text = local.ipv4.to_string();
+
+    if state.bgp.node_to_node_mesh && local.route_reflector_cluster_id.is_none() {
+        for node in state.nodes.values() {
+            if node.name == local.name || node.route_reflector_cluster_id.is_some() {
+                continue;
+            }
+            let Some(ip) = node.ipv4_addr() else {
+                continue;
+            };
+            if ip == local.ipv4 {
+                set.warnings.push(format!(
+                    "node {} has this node's address {ip}; not peering with it",
+                    node.name
+                ));
+                continue;
+            }
+            let mut cfg = base_config(local, IpAddr::V4(ip), node_as(state, node), PeerType::Mesh);
+            cfg.passive = ip.to_string() > local_ip_text;
+            set.peers.insert(
+                cfg.addr,
+                DesiredPeer {
+                    config: cfg,
+                    peer_type: PeerType::Mesh,
+                    name: node.name.clone(),
+                    max_restart_time: None,
+                },
+            );
+        }
+    }
+
+    for peer in state.peers.values() {
+        match applies_to(peer, local) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(warning) => {
+                set.warnings.push(warning);
+                continue;
+            }
+        }
+        let peer_type = if peer.node.is_some() {
+            PeerType::Node
+        } else {
+            PeerType::Global
+        };
+        let mut targets: Vec<(IpAddr, String, Option<&NodeInfo>)> = Vec::new();
+        if let Some(ip) = peer.peer_ip {
+            let node = state
+                .nodes
+                .values()
+                .find(|n| n.ipv4_addr().map(IpAddr::V4) == Some(ip));
+            targets.push((ip, peer.name.clone(), node));
+        } else if let Some(text) = &peer.peer_selector {
+            match Selector::parse(text) {
+                Ok(sel) => {
+                    for node in state.nodes.values().filter(|n| sel.matches(&n.labels)) {
+                        if let Some(ip) = node.ipv4_addr() {
+                            targets.push((IpAddr::V4(ip), node.name.clone(), Some(node)));
+                        }
+                    }
+                }
+                Err(e) => {
+                    set.warnings
+                        .push(format!("BGPPeer {}: peerSelector: {e}", peer.name));
+                    continue;
+                }
+            }
+        }
+        for (ip, name, node) in targets {
+            if ip == IpAddr::V4(local.ipv4) || node.is_some_and(|n| n.name == local.name) {
+                continue;
+            }
+            if ip.is_ipv6() && local.ipv6.is_none() {
+                set.warnings.push(format!(
+                    "BGPPeer {}: peer {ip} is IPv6 but this node has no IPv6 address",
+                    peer.name
+                ));
+                continue;
+            }
+            let remote_as = peer
+                .as_number
+                .or_else(|| node.map(|n| node_as(state, n)))
+                .unwrap_or(state.bgp.as_number);
+            let mut cfg = base_config(local, ip, remote_as, peer_type);
+            cfg.port = peer.port.unwrap_or(state.bgp.listen_port);
+            cfg.rr_client = is_rr_client(local, node);
+            if peer.password.is_some() {
+                set.warnings.push(format!(
+                    "BGPPeer {}: TCP-MD5 passwords are not supported yet; peering with {ip} \
+                     without one (the session fails if the peer requires it)",
+                    peer.name
+                ));
+            }
+            // An explicit peer wins over the mesh; between two BGPPeers the first by name.
+            let replace = set
+                .peers
+                .get(&ip)
+                .is_none_or(|existing| existing.peer_type == PeerType::Mesh);
+            if replace {
+                set.peers.insert(
+                    ip,
+                    DesiredPeer {
+                        config: cfg,
+                        peer_type,
+                        name: if node.is_some() && peer.peer_ip.is_none() {
+                            name
+                        } else {
+                            peer.name.clone()
+                        },
+                        max_restart_time: peer.max_restart_time,
+                    },
+                );
+            }
+        }
+    }
+    // Mesh ports follow listenPort too (every node listens on it).
+    for p in set.peers.values_mut() {
+        if p.peer_type == PeerType::Mesh {
+            p.config.port = state.bgp.listen_port;
+        }
+    }
+    set
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::BgpConfig;
+
+    fn node(name: &str, ip: &str) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            ipv4: Some(ip.parse().unwrap()),
+            ipv4_source: None,
+            ipv6: None,
+            as_number: None,
+            route_reflector_cluster_id: None,
+            ipip_tunnel_addr: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn state(nodes: Vec<NodeInfo>) -> ClusterState {
+        ClusterState {
+            local_node: "master01".into(),
+            nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            ..ClusterState::default()
+        }
+    }
+
+    fn local(state: &ClusterState) -> LocalIdentity {
+        let n = state.local().unwrap();
+        LocalIdentity {
+            name: n.name.clone(),
+            ipv4: n.ipv4_addr().unwrap(),
+            ipv6: None,
+            as_number: local_as(state, None),
+            route_reflector_cluster_id: n.route_reflector_cluster_id,
+            labels: n.labels.clone(),
+        }
+    }
+
+    fn bgp_peer(name: &str) -> Peer {
+        Peer {
+            name: name.into(),
+            peer_ip: None,
+            port: None,
+            as_number: None,
+            node: None,
+            node_selector: None,
+            peer_selector: None,
+            password: None,
+            max_restart_time: None,
+            keep_original_next_hop: false,
+        }
+    }
+
+    #[test]
+    fn mesh_with_calico_string_order_for_passive() {
+        let s = state(vec![
+            node("master01", "10.0.0.10/24"),
+            node("node01", "10.0.0.5/24"),
+            node("node02", "10.0.0.100/24"),
+            node("node03", "10.0.1.2/24"),
+        ]);
+        let set = desired_peers(&s, &local(&s));
+        let passive: Vec<(String, bool)> = set
+            .peers
+            .values()
+            .map(|p| (p.name.clone(), p.config.passive))
+            .collect();
+        // "10.0.0.5" > "10.0.0.10" as strings: we wait for node01. "10.0.0.100" > "10.0.0.10".
+        assert_eq!(
+            passive,
+            vec![
+                ("node01".to_string(), true),
+                ("node02".to_string(), true),
+                ("node03".to_string(), true),
+            ]
+        );
+        let s2 = ClusterState {
+            local_node: "node03".into(),
+            ..s.clone()
+        };
+        let set2 = desired_peers(&s2, &local(&s2));
+        assert!(
+            set2.peers.values().all(|p| !p.config.passive),
+            "node03 has the largest string"
+        );
+        for p in set.peers.values() {
+            assert_eq!(p.peer_type, PeerType::Mesh);
+            assert_eq!(p.config.remote_as, 64512);
+            assert_eq!(p.config.local_addr, Some("10.0.0.10".parse().unwrap()));
+            assert_eq!(p.config.port, 179);
+        }
+    }
+
+    #[test]
+    fn mesh_off_route_reflectors_and_as_numbers() {
+        let mut rr = node("rr1", "10.0.0.3/24");
+        rr.route_reflector_cluster_id = Some("224.0.0.1".parse().unwrap());
+        let mut other = node("node01", "10.0.0.5/24");
+        other.as_number = Some(65010);
+        let mut s = state(vec![node("master01", "10.0.0.10/24"), rr, other]);
+        let set = desired_peers(&s, &local(&s));
+        assert_eq!(set.peers.len(), 1, "route reflector left out of the mesh");
+        assert_eq!(set.peers.values().next().unwrap().config.remote_as, 65010);
+
+        s.bgp = BgpConfig {
+            node_to_node_mesh: false,
+            ..BgpConfig::default()
+        };
+        assert!(desired_peers(&s, &local(&s)).peers.is_empty());
+    }
+
+    #[test]
+    fn bgp_peers_global_node_selector_and_port() {
+        let mut master = node("master01", "10.0.0.10/24");
+        master.labels.insert("rack".into(), "r1".into());
+        let mut s = state(vec![master, node("node01", "10.0.0.5/24")]);
+        s.bgp.node_to_node_mesh = false;
+        let mut tor = bgp_peer("tor");
+        tor.peer_ip = Some("10.0.0.1".parse().unwrap());
+        tor.port = Some(1179);
+        tor.as_number = Some(65001);
+        let mut other = bgp_peer("other-node");
+        other.peer_ip = Some("10.0.0.2".parse().unwrap());
+        other.node = Some("node01".into());
+        let mut mine = bgp_peer("mine");
+        mine.peer_ip = Some("10.0.0.3".parse().unwrap());
+        mine.node = Some("master01".into());
+        let mut rack = bgp_peer("rack-r1");
+        rack.peer_ip = Some("10.0.0.4".parse().unwrap());
+        rack.node_selector = Some("rack == 'r1'".into());
+        let mut rack2 = bgp_peer("rack-r2");
+        rack2.peer_ip = Some("10.0.0.6".parse().unwrap());
+        rack2.node_selector = Some("rack == 'r2'".into());
+        let mut broken = bgp_peer("broken");
+        broken.peer_ip = Some("10.0.0.7".parse().unwrap());
+        broken.node_selector = Some("rack ==".into());
+        for p in [tor, other, mine, rack, rack2, broken] {
+            s.peers.insert(p.name.clone(), p);
+        }
+        let set = desired_peers(&s, &local(&s));
+        let got: Vec<(String, PeerType, u16, u32)> = set
+            .peers
+            .values()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.peer_type,
+                    p.config.port,
+                    p.config.remote_as,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("tor".to_string(), PeerType::Global, 1179, 65001),
+                ("mine".to_string(), PeerType::Node, 179, 64512),
+                ("rack-r1".to_string(), PeerType::Global, 179, 64512),
+            ]
+        );
+        assert_eq!(set.warnings.len(), 1);
+        assert!(set.warnings[0].contains("broken"), "{:?}", set.warnings);
+    }
+
+    #[test]
+    fn peer_selector_and_route_reflector_clients() {
+        let cid: Ipv4Addr = "224.0.0.1".parse().unwrap();
+        let mut master = node("master01", "10.0.0.10/24");
+        master.route_reflector_cluster_id = Some(cid);
+        master
+            .labels
+            .insert("route-reflector".into(), "true".into());
+        let mut rr2 = node("rr2", "10.0.0.11/24");
+        rr2.route_reflector_cluster_id = Some(cid);
+        rr2.labels.insert("route-reflector".into(), "true".into());
+        let mut client = node("node01", "10.0.0.5/24");
+        client.as_number = Some(64600);
+        let mut s = state(vec![master, rr2, client]);
+        let mut to_all = bgp_peer("peer-with-everyone");
+        to_all.peer_selector = Some("all()".into());
+        to_all.node_selector = Some("route-reflector == 'true'".into());
+        s.peers.insert(to_all.name.clone(), to_all);
+        let set = desired_peers(&s, &local(&s));
+        let got: Vec<(String, bool, u32)> = set
+            .peers
+            .values()
+            .map(|p| (p.name.clone(), p.config.rr_client, p.config.remote_as))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("node01".to_string(), true, 64600),
+                ("rr2".to_string(), false, 64512),
+            ]
+        );
+    }
+
+    #[test]
+    fn explicit_peer_replaces_the_mesh_session() {
+        let mut s = state(vec![
+            node("master01", "10.0.0.10/24"),
+            node("node01", "10.0.0.5/24"),
+        ]);
+        let mut p = bgp_peer("explicit");
+        p.peer_ip = Some("10.0.0.5".parse().unwrap());
+        p.as_number = Some(65099);
+        s.peers.insert(p.name.clone(), p);
+        let set = desired_peers(&s, &local(&s));
+        assert_eq!(set.peers.len(), 1);
+        let only = set.peers.values().next().unwrap();
+        assert_eq!(
+            (only.peer_type, only.config.remote_as),
+            (PeerType::Global, 65099)
+        );
+    }
+}
