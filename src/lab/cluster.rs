@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, Weak};
@@ -448,7 +449,10 @@ impl Lab {
         let log = File::create(&log_path).map_err(|e| io_error(&log_path, e))?;
         let log2 = log.try_clone().map_err(|e| io_error(&log_path, e))?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns])
+        // Its own process group: a Ctrl-C at the terminal reaches the lab, which stops its
+        // processes in order, and `--keep` leaves them running after the lab exits.
+        cmd.process_group(0)
+            .args(["netns", "exec", ns])
             .arg(program)
             .args(args)
             .stdin(Stdio::null())
