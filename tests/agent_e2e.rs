@@ -259,12 +259,15 @@ fn kernel_tables_are_the_plans_and_tunnel_routes_are_reported_honestly() {
             "plan of {node}"
         );
 
+        // tunl0 is the kernel's where it can make ipip devices; elsewhere it is missing (or,
+        // once there is one, the userspace tunnel's).
         let tunnel = lab.has_tunnel_device(node);
-        assert_eq!(
-            tunnel,
-            lab.ipip_available(),
-            "{node}: tunl0 exists exactly when this kernel can make ipip devices"
-        );
+        if lab.ipip_available() {
+            assert!(
+                tunnel,
+                "{node}: this kernel can make ipip devices, but no tunl0"
+            );
+        }
         let in_kernel: Vec<String> = table
             .iter()
             .filter(|l| tunnel || !l.contains("dev tunl0"))
@@ -334,7 +337,7 @@ fn pods_on_one_subnet_ping_each_other() {
         .ping_from_node(MASTER01, lab.spec.node(NODE02).unwrap().ip())
         .unwrap();
     assert!(ok, "master01 -> node02 through the router:\n{out}");
-    if lab.ipip_available() {
+    if lab.has_tunnel_device(MASTER01) && lab.has_tunnel_device(NODE02) {
         for (from, to) in [(MASTER01, NODE02), (NODE02, NODE01)] {
             let (ok, out) = lab.ping(&pod_name(&lab, from), pod_ip(&lab, to)).unwrap();
             assert!(ok, "pod on {from} -> pod on {to} through tunl0:\n{out}");
@@ -342,7 +345,7 @@ fn pods_on_one_subnet_ping_each_other() {
     } else {
         eprintln!(
             "NOTE: pod traffic to and from node02 (across the router) is not tested: it needs \
-             IPIP and this kernel has no ipip module (userspace tunl0: issue 6)."
+             tunl0, and this kernel has no ipip module (userspace tunl0: issue 6)."
         );
     }
 }

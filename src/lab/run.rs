@@ -286,12 +286,13 @@ fn exercise(
 fn show_node(lab: &Lab, out: &mut dyn Write, name: &str) {
     let ns = lab.node_ns(name);
     let binary = lab.cfg.binary.to_string_lossy().into_owned();
+    let agent = format!("http://127.0.0.1:{}", lab.cfg.metrics_port);
     for sub in ["status", "routes"] {
         say(
             out,
             &format!("=== {name}: podroute {sub}   (ip netns exec {ns} podroute {sub})"),
         );
-        match netns::exec(&ns, &binary, &[sub]) {
+        match netns::exec(&ns, &binary, &[sub, "--agent", &agent]) {
             Ok((true, text)) => say(out, text.trim_end()),
             Ok((false, text)) => say(out, &format!("(podroute {sub} failed: {})", text.trim())),
             Err(e) => say(out, &format!("(podroute {sub} failed: {e})")),
@@ -471,7 +472,9 @@ fn check_pings(lab: &Lab, out: &mut dyn Write, checks: &mut Checks) -> Result<()
                         "ping pod {} ({}, {}) -> pod {} ({}, {})",
                         p.name, p.ip, from.name, q.name, q.ip, to.name
                     );
-                    if !ClusterSpec::same_subnet(from, to) && !lab.ipip_available() {
+                    let tunnels =
+                        lab.has_tunnel_device(&from.name) && lab.has_tunnel_device(&to.name);
+                    if !ClusterSpec::same_subnet(from, to) && !tunnels {
                         checks.add(
                             out,
                             Outcome::NotAvailable,
