@@ -1,7 +1,8 @@
 //! `manifests/` deploys the agent the code actually is: every env var is one of the agent's
 //! flags and parses, the probes and ports match the HTTP server's address, the RBAC rules
 //! cover everything the datastore watches, and the example IPPool passes the model's
-//! validation.
+//! validation. The Dockerfile runs what the DaemonSet expects, the Grafana dashboard queries
+//! only exported metrics, and README.md's flag table and metric list match the code.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -490,4 +491,117 @@ fn dockerfile_runs_the_binary_the_daemonset_expects() {
             .any(|r| r.contains("--locked") && r.contains("x86_64-unknown-linux-musl")),
         "the image is a static musl build from Cargo.lock"
     );
+}
+
+/// The README's flag table, rendered from the agent's clap definition.
+fn flag_table() -> String {
+    let mut table =
+        String::from("| Flag | Environment variable | Default | Meaning |\n|---|---|---|---|\n");
+    for arg in agent_command().get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        let env = arg
+            .get_env()
+            .map(|e| format!("`{}`", e.to_string_lossy()))
+            .unwrap_or_default();
+        let defaults: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let default = if defaults.is_empty() {
+            "—".to_string()
+        } else {
+            format!("`{}`", defaults.join(","))
+        };
+        let flag = format!("`--{long}`");
+        let help = arg
+            .get_help()
+            .map(|h| h.to_string().replace('\n', " "))
+            .unwrap_or_default();
+        table.push_str(&format!("| {flag} | {env} | {default} | {help} |\n"));
+    }
+    table
+}
+
+#[test]
+fn readme_flag_table_is_the_agents_flags() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let table = flag_table();
+    assert!(
+        readme.contains(&table),
+        "README.md's `podroute agent` flag table is out of date; it should read:\n\n{table}"
+    );
+}
+
+#[test]
+fn readme_documents_every_metric() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let names = declared_metrics();
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| !readme.contains(&format!("`{n}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "README.md does not document {missing:?}"
+    );
+}
+
+/// Every metric name in src/metrics.rs, where each is declared as `opts("name", "help")`.
+fn declared_metrics() -> Vec<String> {
+    let source =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/metrics.rs"))
+            .unwrap();
+    let declared = regex::Regex::new(r#"opts\(\s*"([a-z0-9_]+)""#).unwrap();
+    let names: Vec<String> = declared
+        .captures_iter(&source)
+        .map(|c| format!("podroute_{}", &c[1]))
+        .collect();
+    assert!(names.len() >= 20, "found only {names:?} in src/metrics.rs");
+    names
+}
+
+#[test]
+fn dashboard_queries_only_metrics_the_agent_exports() {
+    let text = read("dashboard.json");
+    let dashboard: Value = serde_json::from_str(&text).expect("dashboard.json is JSON");
+    let panels = dashboard["panels"]
+        .as_array()
+        .expect("the dashboard has panels");
+    let declared = declared_metrics();
+    let used = regex::Regex::new(r"podroute_[a-z0-9_]+").unwrap();
+    let mut queried = BTreeSet::new();
+    for panel in panels {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .expect("every target has a PromQL expr");
+            for name in used.find_iter(expr).map(|m| m.as_str()) {
+                // Histograms are queried through their _bucket / _sum / _count series.
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .filter(|base| declared.iter().any(|d| d == base))
+                    .unwrap_or(name);
+                assert!(
+                    declared.iter().any(|d| d == base),
+                    "panel {:?} queries {name}, which the agent does not export",
+                    panel["title"]
+                );
+                queried.insert(base.to_string());
+            }
+        }
+    }
+    for needed in [
+        "podroute_bgp_peer_up",
+        "podroute_routes_programmed",
+        "podroute_convergence_seconds",
+    ] {
+        assert!(
+            queried.contains(needed),
+            "the dashboard does not show {needed}"
+        );
+    }
 }
