@@ -135,7 +135,13 @@ fn parse_agent(agent: &str) -> Result<Target, AgentError> {
     if host.is_empty() {
         return Err(bad("no host"));
     }
-    let port = authority.port_u16().unwrap_or(80);
+    let port = match &authority.as_str()[host.len()..] {
+        "" => 80,
+        rest => rest
+            .strip_prefix(':')
+            .and_then(|p| p.parse::<u16>().ok())
+            .ok_or_else(|| bad("the port is not a number"))?,
+    };
     Ok(Target {
         connect: format!("{host}:{port}"),
         host_header: authority.as_str().to_string(),
@@ -516,4 +522,347 @@ fn layout(header: &str, iface_header: &str, rows: &[Row]) -> String {
         out.push_str(&line(&r.fixed, &r.iface, &r.kind, &r.peer, mark));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::status::Health;
+
+    fn at(unix: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(unix)
+    }
+
+    /// 2023-11-14 22:13:20 UTC.
+    const NOW: u64 = 1_700_000_000;
+    /// 2023-11-14 09:31:12 UTC.
+    const MORNING: u64 = 1_699_954_272;
+
+    fn mesh_peer() -> PeerRow {
+        PeerRow {
+            address: "192.168.92.129".into(),
+            port: 179,
+            peer_type: "node-to-node mesh".into(),
+            name: "node01".into(),
+            remote_as: 64512,
+            state: "Established".into(),
+            since: MORNING,
+            info: "Established".into(),
+            ..PeerRow::default()
+        }
+    }
+
+    fn master01() -> AgentStatus {
+        AgentStatus {
+            node: "master01".into(),
+            ipv4: Some("192.168.92.128/24".into()),
+            as_number: 64512,
+            health: Health {
+                live: true,
+                ready: true,
+                not_ready: vec![],
+            },
+            peers: vec![mesh_peer()],
+            ..AgentStatus::default()
+        }
+    }
+
+    #[test]
+    fn status_ready_with_one_mesh_peer() {
+        let text = render_status_in(&master01(), at(NOW), &TimeZone::UTC);
+        assert_eq!(
+            text,
+            "\
+podroute process is running (node master01, 192.168.92.128/24, AS 64512, ready)
+
+IPv4 BGP status
++----------------+-------------------+-------+----------+-------------+
+|  PEER ADDRESS  |     PEER TYPE     | STATE |  SINCE   |    INFO     |
++----------------+-------------------+-------+----------+-------------+
+| 192.168.92.129 | node-to-node mesh | up    | 09:31:12 | Established |
++----------------+-------------------+-------+----------+-------------+
+"
+        );
+    }
+
+    #[test]
+    fn status_not_ready_with_ipv6_peers_ports_and_old_dates() {
+        let mut status = master01();
+        status.health = Health {
+            live: false,
+            ready: false,
+            not_ready: vec!["datastore not synced".into()],
+        };
+        status.peers.push(PeerRow {
+            address: "10.0.0.1".into(),
+            port: 1790,
+            peer_type: "global".into(),
+            state: "Active".into(),
+            since: 1_600_000_000,
+            info: "Connection refused".into(),
+            ..PeerRow::default()
+        });
+        status.peers.push(PeerRow {
+            address: "fd00::1".into(),
+            port: 179,
+            peer_type: "node specific".into(),
+            state: "Idle".into(),
+            since: 0,
+            info: "Hold Timer\nExpired".into(),
+            ..PeerRow::default()
+        });
+        status.peers.push(PeerRow {
+            address: "fd00::2".into(),
+            port: 1179,
+            peer_type: "global".into(),
+            state: "Stopped".into(),
+            since: u64::MAX,
+            info: String::new(),
+            ..PeerRow::default()
+        });
+        let text = render_status_in(&status, at(NOW), &TimeZone::UTC);
+        assert_eq!(
+            text,
+            "\
+podroute process is running (node master01, 192.168.92.128/24, AS 64512, not ready, not live)
+Not ready:
+  - datastore not synced
+
+IPv4 BGP status
++----------------+-------------------+-------+------------+--------------------+
+|  PEER ADDRESS  |     PEER TYPE     | STATE |   SINCE    |        INFO        |
++----------------+-------------------+-------+------------+--------------------+
+| 192.168.92.129 | node-to-node mesh | up    | 09:31:12   | Established        |
+| 10.0.0.1:1790  | global            | start | 2020-09-13 | Connection refused |
++----------------+-------------------+-------+------------+--------------------+
+
+IPv6 BGP status
++----------------+---------------+-------+-------+--------------------+
+|  PEER ADDRESS  |   PEER TYPE   | STATE | SINCE |        INFO        |
++----------------+---------------+-------+-------+--------------------+
+| fd00::1        | node specific | start | -     | Hold Timer Expired |
+| [fd00::2]:1179 | global        | down  | -     |                    |
++----------------+---------------+-------+-------+--------------------+
+"
+        );
+    }
+
+    #[test]
+    fn status_without_peers_or_address() {
+        let status = AgentStatus {
+            node: "n1".into(),
+            as_number: 65001,
+            ..AgentStatus::default()
+        };
+        assert_eq!(
+            render_status_in(&status, at(NOW), &TimeZone::UTC),
+            "\
+podroute process is running (node n1, AS 65001, not ready, not live)
+Not ready:
+  - starting
+
+IPv4 BGP status
+No IPv4 peers found.
+"
+        );
+    }
+
+    #[test]
+    fn since_is_a_date_when_the_local_day_differs() {
+        // 09:31:12 UTC is 18:31:12 on the 14th in UTC+9, where "now" is already the 15th.
+        let tokyo = TimeZone::fixed(jiff::tz::offset(9));
+        let text = render_status_in(&master01(), at(NOW), &tokyo);
+        assert!(text.contains("| up    | 2023-11-14 |"), "{text}");
+        let utc_minus_1 = TimeZone::fixed(jiff::tz::offset(-1));
+        let text = render_status_in(&master01(), at(NOW), &utc_minus_1);
+        assert!(text.contains("| up    | 08:31:12 |"), "{text}");
+    }
+
+    #[test]
+    fn state_words() {
+        assert_eq!(peer_state_word("Established"), "up");
+        for s in ["Idle", "Connect", "Active", "OpenSent", "OpenConfirm"] {
+            assert_eq!(peer_state_word(s), "start", "{s}");
+        }
+        assert_eq!(peer_state_word(""), "down");
+        assert_eq!(peer_state_word("established"), "down");
+    }
+
+    fn route(prefix: &str, gateway: Option<&str>, device: Option<&str>, kind: &str) -> RouteRow {
+        RouteRow {
+            prefix: prefix.into(),
+            gateway: gateway.map(Into::into),
+            device: device.map(Into::into),
+            onlink: false,
+            kind: kind.into(),
+            peer: None,
+            installed: true,
+            error: None,
+        }
+    }
+
+    /// shared/seeds/001: master01's `route -n` after `ipipMode: CrossSubnet`, the rows
+    /// podroute owns.
+    #[test]
+    fn routes_seed001_master01_cross_subnet() {
+        let mut direct = route(
+            "172.16.196.128/26",
+            Some("192.168.92.129"),
+            Some("ens33"),
+            "block-direct",
+        );
+        direct.peer = Some("node01".into());
+        let report = RoutesReport {
+            node: "master01".into(),
+            routes: vec![
+                direct,
+                route("172.16.241.64/26", None, None, "blackhole"),
+                route(
+                    "172.16.241.65/32",
+                    None,
+                    Some("cali99ba0e1a1c8"),
+                    "workload",
+                ),
+            ],
+        };
+        let text = render_routes(&report);
+        assert_eq!(
+            text,
+            "\
+Kernel IP routing table
+Destination     Gateway         Genmask         Flags Metric Ref    Use Iface           KIND         PEER
+172.16.196.128  192.168.92.129  255.255.255.192 UG    0      0        0 ens33           block-direct node01
+172.16.241.64   0.0.0.0         255.255.255.192 U     0      0        0 *               blackhole    -
+172.16.241.65   0.0.0.0         255.255.255.255 UH    0      0        0 cali99ba0e1a1c8 workload     -
+"
+        );
+        // Up to the interface, each row is the seed's line verbatim.
+        let seed = [
+            "Destination     Gateway         Genmask         Flags Metric Ref    Use Iface",
+            "172.16.196.128  192.168.92.129  255.255.255.192 UG    0      0        0 ens33",
+            "172.16.241.64   0.0.0.0         255.255.255.192 U     0      0        0 *",
+            "172.16.241.65   0.0.0.0         255.255.255.255 UH    0      0        0 cali99ba0e1a1c8",
+        ];
+        for (line, want) in text.lines().skip(1).zip(seed) {
+            assert_eq!(line[..want.len()], *want);
+            assert!(line[want.len()..].starts_with(' '), "{line}");
+        }
+    }
+
+    #[test]
+    fn routes_ipv6_unresolved_device_and_not_installed() {
+        let mut external = route("10.9.0.0/26", Some("10.0.0.1"), None, "external");
+        external.peer = Some("10.0.0.1".into());
+        let mut failed = route(
+            "172.16.241.65/32",
+            None,
+            Some("cali99ba0e1a1c8"),
+            "workload",
+        );
+        failed.installed = false;
+        failed.error = Some("No such device (os error 19)".into());
+        let mut failed6 = route(
+            "fd00:10::/122",
+            Some("fd00::2"),
+            Some("eth0"),
+            "block-direct",
+        );
+        failed6.peer = Some("node02".into());
+        failed6.installed = false;
+        let report = RoutesReport {
+            node: "master01".into(),
+            routes: vec![
+                external,
+                failed,
+                failed6,
+                route("fd00:10::1/128", None, Some("calia"), "workload"),
+                route("fd00:10::40/122", None, None, "blackhole"),
+            ],
+        };
+        assert_eq!(
+            render_routes(&report),
+            "\
+Kernel IP routing table
+Destination     Gateway         Genmask         Flags Metric Ref    Use Iface           KIND     PEER
+10.9.0.0        10.0.0.1        255.255.255.192 UG    0      0        0 -               external 10.0.0.1
+172.16.241.65   0.0.0.0         255.255.255.255 UH    0      0        0 cali99ba0e1a1c8 workload -        !
+
+Kernel IPv6 routing table
+Destination                    Next Hop                   Flag Met Ref Use If    KIND         PEER
+fd00:10::/122                  fd00::2                    UG   0   0     0 eth0  block-direct node02 !
+fd00:10::1/128                 ::                         UH   0   0     0 calia workload     -
+fd00:10::40/122                ::                         U    0   0     0 *     blackhole    -
+
+! not installed:
+  172.16.241.65/32: No such device (os error 19)
+  fd00:10::/122: no error reported
+"
+        );
+    }
+
+    #[test]
+    fn routes_empty_and_garbage() {
+        assert_eq!(
+            render_routes(&RoutesReport::default()),
+            "\
+Kernel IP routing table
+Destination     Gateway         Genmask         Flags Metric Ref    Use Iface KIND PEER
+(no IPv4 routes)
+"
+        );
+        let mut odd = route(
+            "not a prefix",
+            Some("gw\nx"),
+            Some("a-very-long-device-name-é"),
+            "",
+        );
+        odd.installed = false;
+        odd.error = Some("line one\nline two".into());
+        let text = render_routes(&RoutesReport {
+            node: String::new(),
+            routes: vec![odd],
+        });
+        assert_eq!(text.lines().count(), 6, "{text}");
+        assert!(
+            text.contains("not a prefix    gw x            ?               UG "),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("  not a prefix: line one line two\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn agent_urls() {
+        let t = parse_agent("http://127.0.0.1:9091").unwrap();
+        assert_eq!(
+            t,
+            Target {
+                connect: "127.0.0.1:9091".into(),
+                host_header: "127.0.0.1:9091".into(),
+                base_path: String::new(),
+            }
+        );
+        let t = parse_agent("localhost").unwrap();
+        assert_eq!(
+            (t.connect.as_str(), t.base_path.as_str()),
+            ("localhost:80", "")
+        );
+        let t = parse_agent("http://[::1]:9091/agent/").unwrap();
+        assert_eq!(
+            (
+                t.connect.as_str(),
+                t.host_header.as_str(),
+                t.base_path.as_str()
+            ),
+            ("[::1]:9091", "[::1]:9091", "/agent")
+        );
+        for bad in ["https://h", "http://", "http://user@h", "h:notaport", ""] {
+            assert!(
+                matches!(parse_agent(bad), Err(AgentError::BadUrl { .. })),
+                "{bad}"
+            );
+        }
+    }
 }

@@ -5,9 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use podroute::agent::status::{
-    AgentStatus, Health, PeerRow, RouteRow, RoutesReport, StatusBoard,
-};
+use podroute::agent::status::{AgentStatus, Health, PeerRow, RouteRow, RoutesReport, StatusBoard};
 use podroute::cli::{self, AgentError, Output};
 use podroute::metrics::Metrics;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,7 +27,14 @@ async fn request(addr: SocketAddr, method: &str, path: &str) -> Answer {
     let raw = String::from_utf8(raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
     let mut lines = head.lines();
-    let code = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let code = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let content_type = lines
         .filter_map(|l| l.split_once(':'))
         .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
@@ -50,7 +55,12 @@ async fn start(board: Arc<StatusBoard>, metrics: Metrics, live_max_age: Duration
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(podroute::http::serve(listener, board, metrics, live_max_age));
+    tokio::spawn(podroute::http::serve(
+        listener,
+        board,
+        metrics,
+        live_max_age,
+    ));
     addr
 }
 
@@ -110,7 +120,12 @@ fn routes_report() -> RoutesReport {
 async fn metrics_endpoint_serves_prometheus_text() {
     let metrics = Metrics::new();
     metrics.routes_desired.set(7);
-    let addr = start(Arc::new(StatusBoard::new()), metrics, Duration::from_secs(60)).await;
+    let addr = start(
+        Arc::new(StatusBoard::new()),
+        metrics,
+        Duration::from_secs(60),
+    )
+    .await;
     let a = get(addr, "/metrics").await;
     assert_eq!(a.code, 200);
     assert_eq!(a.content_type.as_deref(), Some("text/plain; version=0.0.4"));
@@ -119,7 +134,12 @@ async fn metrics_endpoint_serves_prometheus_text() {
 
 #[tokio::test]
 async fn unknown_path_is_404_and_wrong_method_405() {
-    let addr = start(Arc::new(StatusBoard::new()), Metrics::new(), Duration::from_secs(60)).await;
+    let addr = start(
+        Arc::new(StatusBoard::new()),
+        Metrics::new(),
+        Duration::from_secs(60),
+    )
+    .await;
     for path in ["/", "/nope", "/status/extra", "/metricsx"] {
         assert_eq!(get(addr, path).await.code, 404, "{path}");
     }
@@ -155,7 +175,11 @@ async fn readiness_follows_the_published_status() {
     );
     let a = get(addr, "/readyz?verbose").await;
     assert_eq!(a.code, 503);
-    assert!(a.body.contains("[-]not ready: datastore not synced\n"), "{}", a.body);
+    assert!(
+        a.body.contains("[-]not ready: datastore not synced\n"),
+        "{}",
+        a.body
+    );
     assert!(a.body.ends_with("readyz check failed\n"), "{}", a.body);
 
     board.publish_status(ready_status());
@@ -163,7 +187,11 @@ async fn readiness_follows_the_published_status() {
     assert_eq!((a.code, a.body.as_str()), (200, "ok\n"));
     let a = get(addr, "/readyz?verbose=1").await;
     assert_eq!(a.code, 200);
-    assert!(a.body.contains("[+]bgp peers established (1/1)\n"), "{}", a.body);
+    assert!(
+        a.body.contains("[+]bgp peers established (1/1)\n"),
+        "{}",
+        a.body
+    );
     assert!(a.body.ends_with("readyz check passed\n"), "{}", a.body);
 }
 
@@ -174,7 +202,10 @@ async fn liveness_fails_on_a_stale_heartbeat() {
     let addr = start(board.clone(), Metrics::new(), max_age).await;
 
     let a = get(addr, "/livez").await;
-    assert_eq!((a.code, a.body.as_str()), (503, "no event loop has started\n"));
+    assert_eq!(
+        (a.code, a.body.as_str()),
+        (503, "no event loop has started\n")
+    );
 
     // Fresh beats: live. Retried in case a loaded machine takes longer than max_age.
     let mut live = None;
@@ -236,7 +267,10 @@ fn client_commands_against_the_server() {
         ),
         "{text}"
     );
-    assert!(text.contains("| 192.168.92.129 | node-to-node mesh | up    |"), "{text}");
+    assert!(
+        text.contains("| 192.168.92.129 | node-to-node mesh | up    |"),
+        "{text}"
+    );
 
     let json = cli::status_command(&url, Output::Json).unwrap();
     let parsed: AgentStatus = serde_json::from_str(&json).unwrap();
@@ -251,7 +285,10 @@ fn client_commands_against_the_server() {
     );
     // No scheme, trailing slash: still the same agent.
     let json = cli::routes_command(&format!("{addr}/"), Output::Json).unwrap();
-    assert_eq!(serde_json::from_str::<RoutesReport>(&json).unwrap(), routes_report());
+    assert_eq!(
+        serde_json::from_str::<RoutesReport>(&json).unwrap(),
+        routes_report()
+    );
 
     // A path prefix is kept: /x/status does not exist.
     match cli::status_command(&format!("{url}/x"), Output::Table) {
@@ -279,7 +316,12 @@ fn unreachable_agent_is_a_clear_error() {
         "{msg}"
     );
 
-    for bad in ["https://127.0.0.1:9091", "http://", "ftp://x", "http://u@h:1"] {
+    for bad in [
+        "https://127.0.0.1:9091",
+        "http://",
+        "ftp://x",
+        "http://u@h:1",
+    ] {
         let err = cli::routes_command(bad, Output::Table).unwrap_err();
         assert!(matches!(err, AgentError::BadUrl { .. }), "{bad}: {err:?}");
     }
@@ -319,8 +361,9 @@ fn malformed_answers_are_clear_errors() {
         let err = cli::status_command(&url, output).unwrap_err();
         assert!(matches!(err, AgentError::Malformed { .. }), "{i}: {err:?}");
         assert!(
-            err.to_string()
-                .starts_with(&format!("the podroute agent at {url} sent a /status document")),
+            err.to_string().starts_with(&format!(
+                "the podroute agent at {url} sent a /status document"
+            )),
             "{err}"
         );
     }
