@@ -149,32 +149,41 @@ fn parse_agent(agent: &str) -> Result<Target, AgentError> {
     })
 }
 
-/// `GET agent + path`: the body of a 200 answer.
+/// `GET agent + path`: the body of a 200 answer. Blocks on its own runtime, so it must not
+/// be called from async code (use [`fetch_async`] there).
 pub fn fetch(agent: &str, path: &str) -> Result<String, AgentError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| AgentError::Unreachable {
+            url: agent.to_string(),
+            reason: format!("starting the I/O runtime: {e}"),
+        })?;
+    runtime.block_on(fetch_async(agent, path))
+}
+
+/// [`fetch`] for async callers; gives up after [`REQUEST_TIMEOUT`].
+pub async fn fetch_async(agent: &str, path: &str) -> Result<String, AgentError> {
     let target = parse_agent(agent)?;
     let unreachable = |reason: String| AgentError::Unreachable {
         url: agent.to_string(),
         reason,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| unreachable(format!("starting the I/O runtime: {e}")))?;
-    let (status, body) = runtime.block_on(async {
-        match tokio::time::timeout(REQUEST_TIMEOUT, get(&target, path)).await {
-            Ok(result) => result.map_err(unreachable),
-            Err(_) => Err(unreachable(format!(
+    let (status, body) = match tokio::time::timeout(REQUEST_TIMEOUT, get(&target, path)).await {
+        Ok(result) => result.map_err(unreachable)?,
+        Err(_) => {
+            return Err(unreachable(format!(
                 "no answer within {}s",
                 REQUEST_TIMEOUT.as_secs()
-            ))),
+            )));
         }
-    })?;
+    };
     if status != StatusCode::OK {
         return Err(AgentError::Http {
             url: agent.to_string(),
             path: path.to_string(),
             status,
-            body: body.trim().to_string(),
+            body: clean(body.trim()),
         });
     }
     Ok(body)

@@ -112,8 +112,9 @@ async fn livez(State(s): State<AppState>) -> Response {
     }
 }
 
-/// `?verbose` (any value) lists the checks Kubernetes-style (`[+]name ok` / `[-]...`); the
-/// status code is the same as without it.
+/// `?verbose` (any value) lists the checks Kubernetes-style (`[+]...` / `[-]...`): the
+/// datastore, dataplane and BGP peer lines are informational, the `not ready:` lines (the
+/// agent's own reasons) decide; the status code is the same as without it.
 async fn readyz(State(s): State<AppState>, Query(q): Query<HashMap<String, String>>) -> Response {
     let ready = s.board.ready();
     let code = if ready.is_ok() {

@@ -368,3 +368,26 @@ fn malformed_answers_are_clear_errors() {
         );
     }
 }
+
+#[tokio::test]
+async fn fetch_async_from_async_code() {
+    let board = Arc::new(StatusBoard::new());
+    board.publish_routes(routes_report());
+    let addr = start(board, Metrics::new(), Duration::from_secs(60)).await;
+    let body = cli::fetch_async(&format!("http://{addr}"), "/routes")
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<RoutesReport>(&body).unwrap(),
+        routes_report()
+    );
+    let err = cli::fetch_async(&format!("http://{addr}"), "/nope")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "the podroute agent at http://{addr} answered GET /nope with 404 Not Found: not found"
+        )
+    );
+}
