@@ -708,6 +708,15 @@ fn resolve_address(
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Resolves when SIGTERM or SIGINT arrives.
 async fn termination() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -736,6 +745,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         datastore = args.datastore_type,
         "podroute agent starting"
     );
+    let listener = crate::http::bind(args.metrics_addr).await?;
+    info!(addr = %args.metrics_addr, "serving /metrics, /livez, /readyz, /status, /routes");
+    let _server = AbortOnDrop(tokio::spawn(crate::http::serve(
+        listener,
+        board.clone(),
+        metrics.clone(),
+        LIVENESS_MAX_AGE,
+    )));
 
     let mut datastore = start_datastore(&args, &node).await?;
     let source = args.datastore_type.clone();
