@@ -1,5 +1,7 @@
 //! `podroute agent`: the datastore, the BGP speaker and the dataplane wired into one process.
 
+pub mod annotate;
+pub mod autodetect;
 pub mod config;
 pub mod status;
 
