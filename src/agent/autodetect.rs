@@ -14,6 +14,7 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::str::FromStr;
+use std::sync::LazyLock;
 
 use ipnet::Ipv4Net;
 use regex::Regex;
@@ -287,11 +288,15 @@ fn any_match(regexes: &[Regex], name: &str) -> bool {
     regexes.iter().any(|r| r.is_match(name))
 }
 
-fn default_exclusions() -> Vec<Regex> {
-    DEFAULT_INTERFACES_TO_EXCLUDE
-        .iter()
-        .map(|r| Regex::new(r).expect("default exclusion regexes are valid"))
-        .collect()
+/// [`DEFAULT_INTERFACES_TO_EXCLUDE`], compiled once.
+fn default_exclusions() -> &'static [Regex] {
+    static COMPILED: LazyLock<Vec<Regex>> = LazyLock::new(|| {
+        DEFAULT_INTERFACES_TO_EXCLUDE
+            .iter()
+            .map(|r| Regex::new(r).expect("default exclusion regexes are valid"))
+            .collect()
+    });
+    &COMPILED
 }
 
 /// Returns the first (interface, address) where the interface is up and passes `pick` and
@@ -382,14 +387,14 @@ pub fn select_with(
     match method {
         Method::FirstFound => {
             let excl = default_exclusions();
-            enumerate(method, ifaces, |i| !any_match(&excl, &i.name), |_| true)
+            enumerate(method, ifaces, |i| !any_match(excl, &i.name), |_| true)
         }
         Method::SkipInterface(skip) => {
             let excl = default_exclusions();
             enumerate(
                 method,
                 ifaces,
-                |i| !any_match(&excl, &i.name) && !any_match(skip, &i.name),
+                |i| !any_match(excl, &i.name) && !any_match(skip, &i.name),
                 |_| true,
             )
         }
@@ -644,8 +649,8 @@ mod tests {
             iface("cali1a2b3c4d5e6", 9, true, &["172.16.241.64/32"]),
             iface("ens37", 7, false, &["10.99.0.5/24"]),
             iface("docker0", 5, true, &["172.17.0.1/16"]),
-            iface("ens34", 4, true, &["10.10.0.5/24"]),
-            iface("ens33", 3, true, &["169.254.3.3/16", "192.168.92.128/24"]),
+            iface("ens33", 4, true, &["169.254.3.3/16", "192.168.92.128/24"]),
+            iface("ens34", 3, true, &["10.10.0.5/24"]),
             iface("tunl0", 2, true, &["172.16.241.64/32"]),
             iface("lo", 1, true, &["127.0.0.1/8"]),
         ]
@@ -744,10 +749,10 @@ mod tests {
     #[test]
     fn first_found_follows_slice_order() {
         let mut ifaces = host();
-        ifaces.swap(3, 4); // ens33 before ens34
+        ifaces.swap(3, 4); // ens34 before ens33
         assert_eq!(
             pick("first-found", &ifaces).unwrap(),
-            found("192.168.92.128/24", "ens33")
+            found("10.10.0.5/24", "ens34")
         );
         let ifaces: Vec<_> = host().into_iter().filter(|i| i.name != "ens33").collect();
         assert_eq!(
@@ -838,7 +843,7 @@ mod tests {
         // Unanchored, like calico/node; the first matching interface in order wins.
         assert_eq!(
             pick("interface=ens3", &h).unwrap(),
-            found("10.10.0.5/24", "ens34")
+            found("192.168.92.128/24", "ens33")
         );
         assert_eq!(
             pick("interface=^ens33$", &h).unwrap(),
