@@ -531,7 +531,7 @@ pub fn list_interfaces() -> io::Result<Vec<HostInterface>> {
             iface
         })
         .collect();
-    ifaces.sort_by(|a, b| b.index.cmp(&a.index));
+    ifaces.sort_by_key(|i| std::cmp::Reverse(i.index));
     Ok(ifaces)
 }
 
