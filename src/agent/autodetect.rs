@@ -58,9 +58,11 @@ pub enum Method {
     /// `skip-interface=REGEX[,REGEX...]`: `first-found`, also skipping interfaces whose name
     /// matches any of the expressions.
     SkipInterface(Vec<Regex>),
-    /// `can-reach=ADDR`: the source address the kernel would use towards `ADDR`.
+    /// `can-reach=ADDR`: the source address the kernel would use towards `ADDR` (an IPv4
+    /// address; host names are not resolved).
     CanReach(IpAddr),
-    /// `cidr=CIDR[,CIDR...]`: the first usable address inside any of the networks.
+    /// `cidr=CIDR[,CIDR...]`: the first usable address inside any of the networks, on any
+    /// interface (the default exclusions do not apply).
     Cidr(Vec<Ipv4Net>),
     /// `kubernetes-internal-ip`: the Node's `InternalIP`.
     KubernetesInternalIp,
@@ -326,10 +328,14 @@ fn enumerate(
         let addrs: Vec<String> = iface.addrs.iter().map(ToString::to_string).collect();
         candidates.push(format!("{} [{}]", iface.name, addrs.join(" ")));
     }
-    let candidates = if candidates.is_empty() {
-        "none".to_string()
-    } else {
-        candidates.join(", ")
+    // A host with hundreds of workload interfaces must not make a page-long message.
+    const SHOWN: usize = 8;
+    let more = candidates.len().saturating_sub(SHOWN);
+    candidates.truncate(SHOWN);
+    let candidates = match (candidates.is_empty(), more) {
+        (true, _) => "none".to_string(),
+        (false, 0) => candidates.join(", "),
+        (false, n) => format!("{} and {n} more", candidates.join(", ")),
     };
     Err(DetectError::NoAddress {
         method: method.to_string(),
@@ -825,6 +831,12 @@ mod tests {
         assert!(msg.contains("eth1 (down)"), "{msg}");
         assert!(msg.contains("eth0 [169.254.1.1/16]"), "{msg}");
         assert!(!msg.contains("docker0"), "{msg}");
+        let many: Vec<_> = (0..20)
+            .map(|i| iface(&format!("eth{i}"), 100 - i, false, &[]))
+            .collect();
+        let msg = pick("cidr=10.0.0.0/8", &many).unwrap_err().to_string();
+        assert!(msg.contains("eth7 (down) and 12 more"), "{msg}");
+        assert!(!msg.contains("eth8"), "{msg}");
         assert!(
             pick("first-found", &[])
                 .unwrap_err()
