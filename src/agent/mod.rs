@@ -10,6 +10,8 @@
 //! Metrics, `/readyz` and the status API read what the loop publishes into a
 //! [`status::StatusBoard`] once a second and after every change.
 
+pub mod annotate;
+pub mod autodetect;
 pub mod config;
 pub mod intent;
 pub mod peers;
