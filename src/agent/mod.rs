@@ -38,6 +38,7 @@ use crate::dataplane::tunnel::{KernelIpip, TunnelDevice, TunnelError, TunnelSpec
 use crate::dataplane::{Dataplane, DataplaneConfig, DataplaneStatus};
 use crate::datastore::{self, DatastoreHandle, DatastoreSpec};
 use crate::metrics::{Metrics, advance};
+use crate::model::{AddressSource, NodeInfo};
 use crate::plan::{self, DesiredRoute, LocalNode, TUNNEL_DEVICE, WORKLOAD_IFACE_PREFIX};
 use crate::state::{ClusterState, StateRx};
 use peers::{DesiredPeer, LocalIdentity, PeerType};
@@ -74,8 +75,12 @@ pub fn node_name(args: &AgentArgs) -> anyhow::Result<String> {
     Ok(host.to_lowercase())
 }
 
-/// Starts the datastore the flags name.
-pub async fn start_datastore(args: &AgentArgs, node: &str) -> anyhow::Result<DatastoreHandle> {
+/// Starts the datastore the flags name; with `kubernetes` also returns the client (for the
+/// node annotations).
+pub async fn start_datastore(
+    args: &AgentArgs,
+    node: &str,
+) -> anyhow::Result<(DatastoreHandle, Option<kube::Client>)> {
     let spec: DatastoreSpec = args.datastore_type.parse()?;
     Ok(match spec {
         DatastoreSpec::Kubernetes => {
@@ -83,9 +88,9 @@ pub async fn start_datastore(args: &AgentArgs, node: &str) -> anyhow::Result<Dat
                 "cannot reach the Kubernetes API (in-cluster service account or KUBECONFIG); \
                  use --datastore-type dir:PATH to run without one",
             )?;
-            datastore::kube::spawn(client, node)
+            (datastore::kube::spawn(client.clone(), node), Some(client))
         }
-        DatastoreSpec::Dir(path) => datastore::dir::spawn(path, node, args.dir_poll),
+        DatastoreSpec::Dir(path) => (datastore::dir::spawn(path, node, args.dir_poll), None),
     })
 }
 
@@ -691,23 +696,39 @@ impl Agent {
     }
 }
 
-/// The node's address (with prefix) and the interface holding it.
+/// The node's address (with prefix) and the interface holding it: `--ip` / autodetection as
+/// calico/node does it; with `IP=none`, the address the Node object already carries.
 fn resolve_address(
     args: &AgentArgs,
     state: &ClusterState,
 ) -> anyhow::Result<(Ipv4Net, Option<String>)> {
-    let _ = state;
-    match args.ip.trim() {
-        "none" => bail!("--ip none: podroute needs the node's IPv4 address for BGP; set IP"),
-        "autodetect" => bail!("IPv4 autodetection is not wired yet; pass --ip ADDR/PREFIX"),
-        text => {
-            let net = text
-                .parse::<Ipv4Net>()
-                .or_else(|_| text.parse::<Ipv4Addr>().map(Ipv4Net::from))
-                .with_context(|| format!("--ip {text:?} is not an IPv4 address (10.0.0.5/24)"))?;
-            Ok((net, None))
+    let local = state.local();
+    let internal_ip = local
+        .filter(|n| n.ipv4_source == Some(AddressSource::InternalIp))
+        .and_then(NodeInfo::ipv4_addr);
+    let detected = autodetect::resolve(&args.ip, &args.ip_autodetection_method, internal_ip)?;
+    let (address, interface) = match detected {
+        Some(d) => (d.address, d.interface),
+        None => {
+            let Some(net) = local.and_then(|n| n.ipv4) else {
+                bail!(
+                    "IP=none and the Node {:?} has no IPv4 address; podroute needs one for BGP",
+                    state.local_node
+                );
+            };
+            let ifaces = autodetect::list_interfaces().unwrap_or_default();
+            let holder = autodetect::interface_of(net.addr(), &ifaces).map(|i| i.name.clone());
+            (net, holder)
         }
+    };
+    if let Some(annotated) = local.and_then(|n| n.ipv4)
+        && local.and_then(|n| n.ipv4_source) == Some(AddressSource::Annotation)
+        && annotated != address
+    {
+        warn!(%annotated, %address, "the Node's projectcalico.org/IPv4Address differs from the address found here");
     }
+    info!(%address, interface = interface.as_deref().unwrap_or("?"), method = args.ip_autodetection_method, "node IPv4 address");
+    Ok((address, interface))
 }
 
 /// Aborts a task when dropped.
@@ -756,7 +777,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         LIVENESS_MAX_AGE,
     )));
 
-    let mut datastore = start_datastore(&args, &node).await?;
+    let (mut datastore, client) = start_datastore(&args, &node).await?;
     let source = args.datastore_type.clone();
     let state = tokio::select! {
         s = wait_synced(&mut datastore.state, &board, &source) => s?,
@@ -783,6 +804,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             bail!("cannot tell which interface holds {address}; set --nic/PODROUTE_NIC")
         }
     };
+    if let Some(client) = client
+        && !args.no_annotate
+    {
+        let wanted = annotate::wanted_annotations(Some(address), args.as_number);
+        match annotate::ensure_annotations(client, &node, &wanted).await {
+            Ok(true) => info!(node, ?wanted, "node annotations written"),
+            Ok(false) => debug!(node, "node annotations already right"),
+            // Peers may still find this node by its InternalIP; keep running.
+            Err(e) => warn!(error = %e, "cannot write the node's annotations"),
+        }
+    }
     let startup = Startup {
         node,
         address,
