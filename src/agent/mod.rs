@@ -174,6 +174,9 @@ pub struct Agent {
     metrics: Metrics,
     board: Arc<StatusBoard>,
     started: SystemTime,
+    /// Until this deadline (or every peer's End-of-RIB) plans are computed but not applied,
+    /// so a restart does not delete routes the peers are about to announce again.
+    deferral: Option<Instant>,
 }
 
 /// Keeps `tunl0` in place while some pool uses IPIP.
@@ -272,6 +275,7 @@ impl Agent {
             metrics,
             board,
             started: SystemTime::now(),
+            deferral: None,
         };
         Ok((agent, dataplane_task))
     }
@@ -305,7 +309,9 @@ impl Agent {
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
         let now = Instant::now();
+        self.deferral = Some(now + self.args.selection_deferral);
         self.apply_state(now).await?;
+        let mut deferral_check = tokio::time::interval(Duration::from_millis(100));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut state_rx = self.datastore.state.clone();
@@ -344,6 +350,9 @@ impl Agent {
                 }
                 _ = tick.tick() => {
                     self.on_tick().await?;
+                }
+                _ = deferral_check.tick(), if self.deferral.is_some() => {
+                    self.check_deferral().await?;
                 }
             }
         }
@@ -501,7 +510,53 @@ impl Agent {
         while self.pending.len() > 64 {
             self.pending.pop_front();
         }
-        self.plan_tx.send_replace(Some(plan));
+        if self.deferral.is_none() {
+            self.plan_tx.send_replace(Some(plan));
+        }
+    }
+
+    /// Ends the start-up deferral once every configured peer sent End-of-RIB for IPv4, or at
+    /// the deadline, and applies the plan.
+    async fn check_deferral(&mut self) -> anyhow::Result<()> {
+        let Some(deadline) = self.deferral else {
+            return Ok(());
+        };
+        self.peer_status = self.speaker.peers().await.context("BGP speaker")?;
+        let waiting: Vec<IpAddr> = self
+            .peers
+            .keys()
+            .filter(|addr| {
+                !self.peer_status.iter().any(|s| {
+                    s.addr == **addr
+                        && s.state.to_string() == "Established"
+                        && s.end_of_rib
+                            .contains(&podroute_bgp::wire::Family::IPV4_UNICAST)
+                })
+            })
+            .copied()
+            .collect();
+        let expired = Instant::now() >= deadline;
+        if !waiting.is_empty() && !expired {
+            return Ok(());
+        }
+        if waiting.is_empty() {
+            info!(
+                peers = self.peers.len(),
+                "End-of-RIB from every peer; applying the route plan"
+            );
+        } else {
+            info!(
+                waiting = ?waiting,
+                deferral = ?self.args.selection_deferral,
+                "selection deferral over without End-of-RIB from every peer; applying the route plan"
+            );
+        }
+        self.deferral = None;
+        if let Some(plan) = &self.plan {
+            self.plan_tx.send_replace(Some(plan.clone()));
+        }
+        self.publish();
+        Ok(())
     }
 
     /// The dataplane published a status: observe convergence, refresh route metrics.
@@ -669,6 +724,11 @@ impl Agent {
     /// Reasons the agent is not ready (empty = ready).
     fn readiness(&self, dp: &DataplaneStatus) -> Vec<String> {
         let mut reasons = Vec::new();
+        if self.deferral.is_some() {
+            reasons.push(
+                "waiting for End-of-RIB from BGP peers before the first route update".to_string(),
+            );
+        }
         if !dp.programmed || dp.applied_plan.is_none() {
             reasons.push("first route reconcile not applied yet".to_string());
         }
