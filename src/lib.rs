@@ -6,9 +6,11 @@
 pub use podroute_bgp as bgp;
 
 pub mod agent;
+pub mod cli;
 pub mod crds;
 pub mod dataplane;
 pub mod datastore;
+pub mod http;
 pub mod lab;
 pub mod metrics;
 pub mod model;

@@ -47,6 +47,22 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = podroute::agent::config::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Show the running agent's BGP peers and health, like `calicoctl node status`.
+    Status {
+        /// URL of the agent's HTTP server (its --metrics-addr).
+        #[arg(long, env = "PODROUTE_AGENT", default_value = podroute::cli::DEFAULT_AGENT)]
+        agent: String,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: podroute::cli::Output,
+    },
+    /// Show the routes the running agent programs, like `route -n`.
+    Routes {
+        /// URL of the agent's HTTP server (its --metrics-addr).
+        #[arg(long, env = "PODROUTE_AGENT", default_value = podroute::cli::DEFAULT_AGENT)]
+        agent: String,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: podroute::cli::Output,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,6 +118,21 @@ fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("writing {}", path.display()))?;
             }
         }
+        // Client errors are for the user, not a backtrace: print them and exit 1.
+        Command::Status { agent, output } => match podroute::cli::status_command(&agent, output) {
+            Ok(text) => print!("{text}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        },
+        Command::Routes { agent, output } => match podroute::cli::routes_command(&agent, output) {
+            Ok(text) => print!("{text}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        },
     }
     Ok(())
 }

@@ -76,6 +76,12 @@ pub struct AgentArgs {
     #[arg(long, env = "PODROUTE_READY_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub ready_grace: Duration,
 
+    /// After a start, how long the first route plan waits for every BGP peer's End-of-RIB
+    /// before it is applied anyway; until then the kernel routes of the previous run stay as
+    /// they are.
+    #[arg(long, env = "PODROUTE_SELECTION_DEFERRAL", default_value = "5s", value_parser = parse_duration)]
+    pub selection_deferral: Duration,
+
     /// How often the YAML-directory datastore is re-read.
     #[arg(long, env = "PODROUTE_DIR_POLL", default_value = "1s", value_parser = parse_duration)]
     pub dir_poll: Duration,

@@ -10,6 +10,8 @@
 //! Metrics, `/readyz` and the status API read what the loop publishes into a
 //! [`status::StatusBoard`] once a second and after every change.
 
+pub mod annotate;
+pub mod autodetect;
 pub mod config;
 pub mod intent;
 pub mod peers;
@@ -36,6 +38,7 @@ use crate::dataplane::tunnel::{KernelIpip, TunnelDevice, TunnelError, TunnelSpec
 use crate::dataplane::{Dataplane, DataplaneConfig, DataplaneStatus};
 use crate::datastore::{self, DatastoreHandle, DatastoreSpec};
 use crate::metrics::{Metrics, advance};
+use crate::model::{AddressSource, NodeInfo};
 use crate::plan::{self, DesiredRoute, LocalNode, TUNNEL_DEVICE, WORKLOAD_IFACE_PREFIX};
 use crate::state::{ClusterState, StateRx};
 use peers::{DesiredPeer, LocalIdentity, PeerType};
@@ -72,8 +75,12 @@ pub fn node_name(args: &AgentArgs) -> anyhow::Result<String> {
     Ok(host.to_lowercase())
 }
 
-/// Starts the datastore the flags name.
-pub async fn start_datastore(args: &AgentArgs, node: &str) -> anyhow::Result<DatastoreHandle> {
+/// Starts the datastore the flags name; with `kubernetes` also returns the client (for the
+/// node annotations).
+pub async fn start_datastore(
+    args: &AgentArgs,
+    node: &str,
+) -> anyhow::Result<(DatastoreHandle, Option<kube::Client>)> {
     let spec: DatastoreSpec = args.datastore_type.parse()?;
     Ok(match spec {
         DatastoreSpec::Kubernetes => {
@@ -81,9 +88,9 @@ pub async fn start_datastore(args: &AgentArgs, node: &str) -> anyhow::Result<Dat
                 "cannot reach the Kubernetes API (in-cluster service account or KUBECONFIG); \
                  use --datastore-type dir:PATH to run without one",
             )?;
-            datastore::kube::spawn(client, node)
+            (datastore::kube::spawn(client.clone(), node), Some(client))
         }
-        DatastoreSpec::Dir(path) => datastore::dir::spawn(path, node, args.dir_poll),
+        DatastoreSpec::Dir(path) => (datastore::dir::spawn(path, node, args.dir_poll), None),
     })
 }
 
@@ -167,6 +174,9 @@ pub struct Agent {
     metrics: Metrics,
     board: Arc<StatusBoard>,
     started: SystemTime,
+    /// Until this deadline (or every peer's End-of-RIB) plans are computed but not applied,
+    /// so a restart does not delete routes the peers are about to announce again.
+    deferral: Option<Instant>,
 }
 
 /// Keeps `tunl0` in place while some pool uses IPIP.
@@ -265,6 +275,7 @@ impl Agent {
             metrics,
             board,
             started: SystemTime::now(),
+            deferral: None,
         };
         Ok((agent, dataplane_task))
     }
@@ -298,7 +309,9 @@ impl Agent {
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
         let now = Instant::now();
+        self.deferral = Some(now + self.args.selection_deferral);
         self.apply_state(now).await?;
+        let mut deferral_check = tokio::time::interval(Duration::from_millis(100));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut state_rx = self.datastore.state.clone();
@@ -337,6 +350,9 @@ impl Agent {
                 }
                 _ = tick.tick() => {
                     self.on_tick().await?;
+                }
+                _ = deferral_check.tick(), if self.deferral.is_some() => {
+                    self.check_deferral().await?;
                 }
             }
         }
@@ -494,7 +510,53 @@ impl Agent {
         while self.pending.len() > 64 {
             self.pending.pop_front();
         }
-        self.plan_tx.send_replace(Some(plan));
+        if self.deferral.is_none() {
+            self.plan_tx.send_replace(Some(plan));
+        }
+    }
+
+    /// Ends the start-up deferral once every configured peer sent End-of-RIB for IPv4, or at
+    /// the deadline, and applies the plan.
+    async fn check_deferral(&mut self) -> anyhow::Result<()> {
+        let Some(deadline) = self.deferral else {
+            return Ok(());
+        };
+        self.peer_status = self.speaker.peers().await.context("BGP speaker")?;
+        let waiting: Vec<IpAddr> = self
+            .peers
+            .keys()
+            .filter(|addr| {
+                !self.peer_status.iter().any(|s| {
+                    s.addr == **addr
+                        && s.state.to_string() == "Established"
+                        && s.end_of_rib
+                            .contains(&podroute_bgp::wire::Family::IPV4_UNICAST)
+                })
+            })
+            .copied()
+            .collect();
+        let expired = Instant::now() >= deadline;
+        if !waiting.is_empty() && !expired {
+            return Ok(());
+        }
+        if waiting.is_empty() {
+            info!(
+                peers = self.peers.len(),
+                "End-of-RIB from every peer; applying the route plan"
+            );
+        } else {
+            info!(
+                waiting = ?waiting,
+                deferral = ?self.args.selection_deferral,
+                "selection deferral over without End-of-RIB from every peer; applying the route plan"
+            );
+        }
+        self.deferral = None;
+        if let Some(plan) = &self.plan {
+            self.plan_tx.send_replace(Some(plan.clone()));
+        }
+        self.publish();
+        Ok(())
     }
 
     /// The dataplane published a status: observe convergence, refresh route metrics.
@@ -662,6 +724,11 @@ impl Agent {
     /// Reasons the agent is not ready (empty = ready).
     fn readiness(&self, dp: &DataplaneStatus) -> Vec<String> {
         let mut reasons = Vec::new();
+        if self.deferral.is_some() {
+            reasons.push(
+                "waiting for End-of-RIB from BGP peers before the first route update".to_string(),
+            );
+        }
         if !dp.programmed || dp.applied_plan.is_none() {
             reasons.push("first route reconcile not applied yet".to_string());
         }
@@ -689,22 +756,47 @@ impl Agent {
     }
 }
 
-/// The node's address (with prefix) and the interface holding it.
+/// The node's address (with prefix) and the interface holding it: `--ip` / autodetection as
+/// calico/node does it; with `IP=none`, the address the Node object already carries.
 fn resolve_address(
     args: &AgentArgs,
     state: &ClusterState,
 ) -> anyhow::Result<(Ipv4Net, Option<String>)> {
-    let _ = state;
-    match args.ip.trim() {
-        "none" => bail!("--ip none: podroute needs the node's IPv4 address for BGP; set IP"),
-        "autodetect" => bail!("IPv4 autodetection is not wired yet; pass --ip ADDR/PREFIX"),
-        text => {
-            let net = text
-                .parse::<Ipv4Net>()
-                .or_else(|_| text.parse::<Ipv4Addr>().map(Ipv4Net::from))
-                .with_context(|| format!("--ip {text:?} is not an IPv4 address (10.0.0.5/24)"))?;
-            Ok((net, None))
+    let local = state.local();
+    let internal_ip = local
+        .filter(|n| n.ipv4_source == Some(AddressSource::InternalIp))
+        .and_then(NodeInfo::ipv4_addr);
+    let detected = autodetect::resolve(&args.ip, &args.ip_autodetection_method, internal_ip)?;
+    let (address, interface) = match detected {
+        Some(d) => (d.address, d.interface),
+        None => {
+            let Some(net) = local.and_then(|n| n.ipv4) else {
+                bail!(
+                    "IP=none and the Node {:?} has no IPv4 address; podroute needs one for BGP",
+                    state.local_node
+                );
+            };
+            let ifaces = autodetect::list_interfaces().unwrap_or_default();
+            let holder = autodetect::interface_of(net.addr(), &ifaces).map(|i| i.name.clone());
+            (net, holder)
         }
+    };
+    if let Some(annotated) = local.and_then(|n| n.ipv4)
+        && local.and_then(|n| n.ipv4_source) == Some(AddressSource::Annotation)
+        && annotated != address
+    {
+        warn!(%annotated, %address, "the Node's projectcalico.org/IPv4Address differs from the address found here");
+    }
+    info!(%address, interface = interface.as_deref().unwrap_or("?"), method = args.ip_autodetection_method, "node IPv4 address");
+    Ok((address, interface))
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -736,8 +828,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         datastore = args.datastore_type,
         "podroute agent starting"
     );
+    let listener = crate::http::bind(args.metrics_addr).await?;
+    info!(addr = %args.metrics_addr, "serving /metrics, /livez, /readyz, /status, /routes");
+    let _server = AbortOnDrop(tokio::spawn(crate::http::serve(
+        listener,
+        board.clone(),
+        metrics.clone(),
+        LIVENESS_MAX_AGE,
+    )));
 
-    let mut datastore = start_datastore(&args, &node).await?;
+    let (mut datastore, client) = start_datastore(&args, &node).await?;
     let source = args.datastore_type.clone();
     let state = tokio::select! {
         s = wait_synced(&mut datastore.state, &board, &source) => s?,
@@ -764,6 +864,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             bail!("cannot tell which interface holds {address}; set --nic/PODROUTE_NIC")
         }
     };
+    if let Some(client) = client
+        && !args.no_annotate
+    {
+        let wanted = annotate::wanted_annotations(Some(address), args.as_number);
+        match annotate::ensure_annotations(client, &node, &wanted).await {
+            Ok(true) => info!(node, ?wanted, "node annotations written"),
+            Ok(false) => debug!(node, "node annotations already right"),
+            // Peers may still find this node by its InternalIP; keep running.
+            Err(e) => warn!(error = %e, "cannot write the node's annotations"),
+        }
+    }
     let startup = Startup {
         node,
         address,

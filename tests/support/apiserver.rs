@@ -7,6 +7,9 @@
 //!   (`ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK`), replaying the history after `N` first; a
 //!   version older than the compacted history gets an `ERROR` event with code 410 (Gone),
 //!   as a real API server sends it;
+//! - `GET <collection>/<name>` returns one object;
+//! - `PATCH <collection>/<name>` with `application/merge-patch+json` merges (RFC 7386) into
+//!   the stored object, bumps its resourceVersion and tells watchers (`MODIFIED`);
 //! - collections are any path; objects are stored per path as JSON.
 //!
 //! The test controls it: [`FakeApiServer::apply`] / [`FakeApiServer::delete`] change objects
@@ -55,6 +58,8 @@ struct Data {
     oldest_watchable: u64,
     lists: HashMap<String, usize>,
     watches: HashMap<String, usize>,
+    /// Bodies of the `PATCH` requests received, per collection path.
+    patches: HashMap<String, Vec<Value>>,
 }
 
 #[derive(Debug)]
@@ -272,6 +277,15 @@ impl FakeApiServer {
             .unwrap_or(0)
     }
 
+    /// The bodies of the `PATCH` requests a collection has received (also refused ones).
+    pub fn patches<K: Resource<DynamicType = ()>>(&self) -> Vec<Value> {
+        lock(&self.shared.data)
+            .patches
+            .get(&path_of::<K>())
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// The current resourceVersion.
     pub fn resource_version(&self) -> u64 {
         lock(&self.shared.data).rv
@@ -315,22 +329,48 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Strin
     }
 }
 
+/// Reads a request body of `length` bytes; `None` when the peer closed the connection.
+async fn read_body(stream: &mut TcpStream, buf: &mut Vec<u8>, length: usize) -> Option<Vec<u8>> {
+    while buf.len() < length {
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some(buf.drain(..length).collect())
+}
+
+/// A request header's value (case-insensitive name).
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
 async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
     let mut buf = Vec::new();
     while let Some(head) = read_request(&mut stream, &mut buf).await {
-        let target = head
-            .lines()
-            .next()
-            .and_then(|line| line.split_whitespace().nth(1))
-            .unwrap_or("/")
-            .to_string();
+        let mut request_line = head.lines().next().unwrap_or("").split_whitespace();
+        let method = request_line.next().unwrap_or("GET").to_string();
+        let target = request_line.next().unwrap_or("/").to_string();
+        let length = header(&head, "content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        let Some(body) = read_body(&mut stream, &mut buf, length).await else {
+            return;
+        };
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         let params: HashMap<&str, &str> = query
             .split('&')
             .filter_map(|kv| kv.split_once('='))
             .collect();
         let watching = matches!(params.get("watch"), Some(&"true") | Some(&"1"));
-        let result = if watching {
+        let result = if method == "PATCH" {
+            let content_type = header(&head, "content-type").unwrap_or("");
+            patch(&mut stream, &shared, path, content_type, &body).await
+        } else if watching {
             let since = params
                 .get("resourceVersion")
                 .and_then(|v| v.parse::<u64>().ok())
@@ -340,6 +380,8 @@ async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(290);
             watch(&mut stream, &shared, path, since, timeout).await
+        } else if let Some(object) = get_object(&shared, path) {
+            respond(&mut stream, "200 OK", &object).await
         } else {
             list(&mut stream, &shared, path).await
         };
@@ -510,4 +552,106 @@ async fn watch(
     }
     stream.write_all(b"0\r\n\r\n").await?;
     stream.flush().await
+}
+
+/// The collection path and name of an object path: `/api/v1/nodes/n1` → (`/api/v1/nodes`, `n1`).
+fn split_object_path(path: &str) -> Option<(&str, &str)> {
+    path.rsplit_once('/').filter(|(_, name)| !name.is_empty())
+}
+
+/// The stored object at `<collection>/<name>`, if the collection and the object exist.
+fn get_object(shared: &Shared, path: &str) -> Option<Value> {
+    let (collection, name) = split_object_path(path)?;
+    lock(&shared.data)
+        .collections
+        .get(collection)?
+        .get(name)
+        .cloned()
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(entries) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let Some(fields) = target.as_object_mut() else {
+        return;
+    };
+    for (key, value) in entries {
+        if value.is_null() {
+            fields.remove(key);
+        } else {
+            merge_patch(fields.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+fn status(code: u16, reason: &str, message: String) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code,
+    })
+}
+
+/// `PATCH <collection>/<name>` with a JSON merge patch.
+async fn patch(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let Some((collection, name)) = split_object_path(path) else {
+        return respond(stream, "404 Not Found", &not_found(path)).await;
+    };
+    let patch_body: Option<Value> = serde_json::from_slice(body).ok();
+    lock(&shared.data)
+        .patches
+        .entry(collection.to_string())
+        .or_default()
+        .push(patch_body.clone().unwrap_or(Value::Null));
+    if content_type.split(';').next().map(str::trim) != Some("application/merge-patch+json") {
+        let msg = format!("the fake API server supports only merge patches, not {content_type:?}");
+        let body = status(415, "UnsupportedMediaType", msg);
+        return respond(stream, "415 Unsupported Media Type", &body).await;
+    }
+    let Some(patch_body) = patch_body else {
+        let body = status(400, "BadRequest", "the patch body is not JSON".into());
+        return respond(stream, "400 Bad Request", &body).await;
+    };
+    let change = {
+        let mut data = lock(&shared.data);
+        let rv = data.rv + 1;
+        let object = data
+            .collections
+            .get_mut(collection)
+            .and_then(|c| c.get_mut(name))
+            .map(|object| {
+                merge_patch(object, &patch_body);
+                object["metadata"]["name"] = json!(name);
+                object["metadata"]["resourceVersion"] = json!(rv.to_string());
+                object.clone()
+            });
+        object.map(|object| {
+            let change = Arc::new(Change {
+                rv,
+                path: collection.to_string(),
+                kind: "MODIFIED",
+                object,
+            });
+            data.rv = rv;
+            data.history.push(change.clone());
+            change
+        })
+    };
+    let Some(change) = change else {
+        let body = status(404, "NotFound", format!("{collection}/{name} not found"));
+        return respond(stream, "404 Not Found", &body).await;
+    };
+    let _ = shared.signals.send(Signal::Change(change.clone()));
+    respond(stream, "200 OK", &change.object).await
 }
