@@ -30,6 +30,7 @@ enum Command {
     },
     /// Build seed 001's cluster (plus a node behind a router) in network namespaces, run one
     /// agent per node, check routes and pod-to-pod pings, then remove it all (root only).
+    /// Exit status 1 when a check failed, 2 when the lab could not run.
     Lab {
         /// Leave the lab running afterwards (remove it with `podroute lab --cleanup`).
         #[arg(long)]
@@ -87,12 +88,18 @@ fn main() -> anyhow::Result<()> {
             cleanup: true,
             prefix,
             ..
-        } => {
-            for line in podroute::lab::cleanup_prefix(&prefix)? {
-                println!("{line}");
+        } => match podroute::lab::cleanup_prefix(&prefix) {
+            Ok(done) => {
+                for line in done {
+                    println!("{line}");
+                }
+                println!("lab {prefix:?} removed");
             }
-            println!("lab {prefix:?} removed");
-        }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        },
         Command::Lab {
             keep,
             prefix,
@@ -107,8 +114,14 @@ fn main() -> anyhow::Result<()> {
                 binary,
                 timeout,
             };
-            if !podroute::lab::run(&opts, &mut std::io::stdout())? {
-                std::process::exit(1);
+            // Exit status: 0 all checks passed, 1 a check failed, 2 the lab could not run.
+            match podroute::lab::run(&opts, &mut std::io::stdout()) {
+                Ok(true) => {}
+                Ok(false) => std::process::exit(1),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(2);
+                }
             }
         }
         Command::Crds { out_dir: Some(dir) } => {

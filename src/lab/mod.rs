@@ -102,9 +102,14 @@ pub enum LabError {
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
+/// Whether Ctrl-C (SIGINT) or SIGTERM arrived and the lab is being removed.
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 /// `Err(Interrupted)` once Ctrl-C was pressed: stops building while the handler cleans up.
 fn check_interrupted() -> Result<(), LabError> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if interrupted() {
         Err(LabError::Interrupted)
     } else {
         Ok(())

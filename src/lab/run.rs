@@ -51,6 +51,10 @@ struct Checks(Vec<Check>);
 
 impl Checks {
     fn add(&mut self, out: &mut dyn Write, outcome: Outcome, name: String, detail: String) {
+        if super::interrupted() {
+            // The Ctrl-C handler is removing the lab; what fails now says nothing.
+            return;
+        }
         let tag = match outcome {
             Outcome::Pass => "PASS",
             Outcome::Fail => "FAIL",
@@ -90,6 +94,9 @@ fn indent(text: &str, by: &str) -> String {
 /// passed. Output goes to `out`. Everything is removed before returning unless
 /// `opts.keep`; on Ctrl-C see [`super::install_signal_cleanup`].
 pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<bool, LabError> {
+    if !super::is_root() {
+        return Err(LabError::NotRoot);
+    }
     let binary = match &opts.binary {
         Some(path) => path.clone(),
         None => std::env::current_exe().map_err(|source| LabError::Io {
@@ -123,6 +130,12 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<bool, LabError> {
 
     let mut checks = Checks::default();
     let result = exercise(&mut lab, opts.timeout, out, &mut checks);
+    if super::interrupted() {
+        // The Ctrl-C handler removes the lab and exits the process; leave it the lab.
+        loop {
+            std::thread::park();
+        }
+    }
     if let Err(e) = &result {
         checks.add(out, Outcome::Fail, "lab run".into(), e.to_string());
     }
@@ -259,6 +272,7 @@ fn exercise(
             ),
             String::new(),
         ),
+        Err(LabError::Interrupted) => return Err(LabError::Interrupted),
         Err(e) => {
             checks.add(out, Outcome::Fail, "agents converged".into(), e.to_string());
             for name in &names {
