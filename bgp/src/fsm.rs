@@ -659,6 +659,14 @@ impl Fsm {
         &self.config
     }
 
+    /// Replace the graceful restart capability announced in the OPENs this FSM sends from now
+    /// on (RFC 4724: the Restart State and Forwarding State bits change once a restarted
+    /// speaker has recovered). An OPEN already sent is not affected, and neither is the
+    /// negotiated session: the capability only describes the next restart.
+    pub fn set_graceful_restart(&mut self, cap: Option<GracefulRestartCap>) {
+        self.config.graceful_restart = cap;
+    }
+
     /// Which end opened the current connection; `None` without a connection.
     pub fn side(&self) -> Option<ConnectionSide> {
         self.side

@@ -9,7 +9,7 @@
 use crate::attrset::{AttrInterner, AttrSet, RouteAttrs};
 use crate::wire::{Family, NextHop, PathAttrs, Update};
 use ipnet::IpNet;
-use std::collections::{HashMap, hash_map::Entry};
+use std::collections::{HashMap, HashSet, hash_map::Entry};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -43,6 +43,10 @@ pub struct BestRoute {
     pub peer_addr: Option<IpAddr>,
     pub next_hop: IpAddr,
     pub attrs: AttrSet,
+    /// Retained from a peer whose session went down gracefully (RFC 4724 §4.2) and not yet
+    /// re-announced by it. A stale route is still a best-path candidate like any other: it is
+    /// kept so that forwarding goes on while the peer restarts.
+    pub stale: bool,
 }
 
 /// A change of the best learned route of a prefix: `None` = no learned route any more (or a
@@ -106,6 +110,9 @@ struct PeerRib {
     accepted: usize,
     /// Adj-RIB-Out: what we announced to the peer.
     adj_out: HashMap<IpNet, AttrSet>,
+    /// Accepted prefixes retained across a graceful restart of the peer and not re-announced
+    /// since (RFC 4724 §4.2); a subset of the accepted entries of `adj_in`.
+    stale: HashSet<IpNet>,
 }
 
 /// The RIBs of one speaker.
@@ -157,6 +164,7 @@ impl Rib {
                         adj_in: HashMap::new(),
                         accepted: 0,
                         adj_out: HashMap::new(),
+                        stale: HashSet::new(),
                     },
                 );
             }
@@ -192,6 +200,7 @@ impl Rib {
         p.up = false;
         p.adj_out.clear();
         p.accepted = 0;
+        p.stale.clear();
         let prefixes: Vec<IpNet> = p
             .adj_in
             .drain()
@@ -205,6 +214,82 @@ impl Rib {
             }
         }
         self.finish(changed)
+    }
+
+    /// The session went down gracefully (RFC 4724 §4.2, receiving speaker): the peer's
+    /// accepted routes of the `retain` families stay in the Loc-RIB, marked stale (those
+    /// already stale stay so); everything else it announced is removed. Marking changes no
+    /// best path, so only the removals produce changes and exports.
+    pub fn peer_down_graceful(&mut self, id: PeerId, retain: &[Family]) -> RibOutput {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return RibOutput::default();
+        };
+        p.up = false;
+        p.adj_out.clear();
+        let mut removed = Vec::new();
+        p.adj_in.retain(|prefix, accepted| {
+            let keep = *accepted && retain.contains(&Family::of(prefix));
+            if !keep && *accepted {
+                removed.push(*prefix);
+            }
+            keep
+        });
+        p.accepted = p.adj_in.len();
+        p.stale = p.adj_in.keys().copied().collect();
+        let mut changed = Vec::new();
+        for prefix in removed {
+            if self.remove_candidate(prefix, id) {
+                changed.push(prefix);
+            }
+        }
+        self.finish(changed)
+    }
+
+    /// Remove the peer's routes of `families` that are still stale (End-of-RIB received,
+    /// forwarding state not preserved, or a restart or stale timer expired).
+    pub fn sweep_stale(&mut self, id: PeerId, families: &[Family]) -> RibOutput {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return RibOutput::default();
+        };
+        let mut swept = Vec::new();
+        p.stale.retain(|prefix| {
+            let sweep = families.contains(&Family::of(prefix));
+            if sweep {
+                swept.push(*prefix);
+            }
+            !sweep
+        });
+        for prefix in &swept {
+            if p.adj_in.remove(prefix) == Some(true) {
+                p.accepted -= 1;
+            }
+        }
+        let mut changed = Vec::new();
+        for prefix in swept {
+            if self.remove_candidate(prefix, id) {
+                changed.push(prefix);
+            }
+        }
+        self.finish(changed)
+    }
+
+    /// How many of the peer's routes are stale.
+    pub fn stale_count(&self, id: PeerId) -> usize {
+        self.peers.get(&id).map_or(0, |p| p.stale.len())
+    }
+
+    /// Forget what was announced to `id` and compute its full table again (the caller sends
+    /// it, then End-of-RIB): used when a deferred initial advertisement is finally sent.
+    pub fn resync(&mut self, id: PeerId) -> Export {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return Export::default();
+        };
+        if !p.up {
+            return Export::default();
+        }
+        p.adj_out.clear();
+        let prefixes: Vec<IpNet> = self.loc.keys().copied().collect();
+        self.export_to(id, &prefixes)
     }
 
     /// Apply an UPDATE received from `id` (already validated). RFC 7606 treat-as-withdraw
@@ -353,7 +438,7 @@ impl Rib {
         self.loc
             .get(prefix)
             .and_then(|c| c.first())
-            .and_then(|c| self.best_route(c))
+            .and_then(|c| self.best_route(prefix, c))
     }
 
     /// Every prefix's best route, locally originated ones included (peer = LOCAL).
@@ -367,6 +452,7 @@ impl Rib {
                     peer_addr: self.peers.get(&b.peer).map(|p| p.cfg.addr),
                     next_hop: b.attrs.next_hop.addr,
                     attrs: b.attrs.clone(),
+                    stale: self.is_stale(b.peer, p),
                 },
             ))
         })
@@ -416,6 +502,7 @@ impl Rib {
             Some(true) => {}
             _ => p.accepted += 1,
         }
+        p.stale.remove(&prefix);
         self.upsert_candidate(prefix, id, attrs, changed);
     }
 
@@ -425,6 +512,7 @@ impl Rib {
         };
         if p.adj_in.insert(prefix, false) == Some(true) {
             p.accepted -= 1;
+            p.stale.remove(&prefix);
             if self.remove_candidate(prefix, id) {
                 changed.push(prefix);
             }
@@ -437,6 +525,7 @@ impl Rib {
         };
         if p.adj_in.remove(&prefix) == Some(true) {
             p.accepted -= 1;
+            p.stale.remove(&prefix);
             if self.remove_candidate(prefix, id) {
                 changed.push(prefix);
             }
@@ -567,7 +656,7 @@ impl Rib {
 
     // ---- export ----
 
-    fn best_route(&self, c: &Candidate) -> Option<BestRoute> {
+    fn best_route(&self, prefix: &IpNet, c: &Candidate) -> Option<BestRoute> {
         if c.peer == LOCAL {
             return None;
         }
@@ -576,7 +665,14 @@ impl Rib {
             peer_addr: self.peers.get(&c.peer).map(|p| p.cfg.addr),
             next_hop: c.attrs.next_hop.addr,
             attrs: c.attrs.clone(),
+            stale: self.is_stale(c.peer, prefix),
         })
+    }
+
+    fn is_stale(&self, peer: PeerId, prefix: &IpNet) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| !p.stale.is_empty() && p.stale.contains(prefix))
     }
 
     fn finish(&mut self, mut changed: Vec<IpNet>) -> RibOutput {
@@ -593,7 +689,7 @@ impl Rib {
                     .loc
                     .get(p)
                     .and_then(|c| c.first())
-                    .and_then(|c| self.best_route(c)),
+                    .and_then(|c| self.best_route(p, c)),
             })
             .collect();
         let mut ids: Vec<PeerId> = self
