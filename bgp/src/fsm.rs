@@ -2218,6 +2218,36 @@ mod tests {
     }
 
     #[test]
+    fn graceful_restart_capability_changes_apply_to_the_next_open() {
+        let mut gr = GracefulRestartCap {
+            restart_state: true,
+            notification: false,
+            restart_time: 120,
+            families: vec![GrFamily {
+                family: V4,
+                forwarding_state: true,
+            }],
+        };
+        let mut fsm = Fsm::new(FsmConfig {
+            graceful_restart: Some(gr.clone()),
+            ..ebgp()
+        });
+        let sent_open = |actions: Vec<Action>| {
+            actions.into_iter().find_map(|a| match a {
+                Action::Send(Message::Open(o)) => o.graceful_restart().cloned(),
+                _ => None,
+            })
+        };
+        let _ = fsm.handle(Event::ManualStart);
+        assert_eq!(sent_open(fsm.handle(Event::TcpConnected)), Some(gr.clone()));
+        let _ = fsm.handle(Event::TcpFailed);
+        gr.restart_state = false;
+        fsm.set_graceful_restart(Some(gr.clone()));
+        let _ = fsm.handle(Event::ConnectRetryTimerExpires);
+        assert_eq!(sent_open(fsm.handle(Event::TcpConnected)), Some(gr));
+    }
+
+    #[test]
     fn route_refresh_requests_for_negotiated_families_only() {
         let rr = |family, subtype| {
             Event::Message(Message::RouteRefresh(RouteRefresh { family, subtype }))

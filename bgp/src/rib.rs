@@ -1084,6 +1084,104 @@ mod tests {
         assert_eq!(rib.loc_rib_len(), 0);
     }
 
+    fn v6_update(prefixes: &[&str]) -> Update {
+        Update {
+            attrs: PathAttrs {
+                origin: Some(Origin::Igp),
+                as_path: Some(AsPath::default()),
+                ..Default::default()
+            },
+            mp_reach: Some(MpReach {
+                family: Family::IPV6_UNICAST,
+                next_hop: NextHop::new(IpAddr::V6("fd00::2".parse().unwrap())),
+                nlri: prefixes.iter().map(|p| net(p)).collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn graceful_peer_down_keeps_routes_stale_without_changes() {
+        let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS)), (2, peer([10, 0, 0, 3], AS))]);
+        rib.apply_update(
+            1,
+            &announce(&["10.1.0.0/26", "10.1.0.64/26"], [10, 0, 0, 2], &[]),
+        );
+        rib.apply_update(1, &v6_update(&["fd00:1::/122"]));
+        // Retain IPv4 only: the IPv6 route goes, the IPv4 ones stay, stale, with no change.
+        let out = rib.peer_down_graceful(1, &[Family::IPV4_UNICAST]);
+        assert_eq!(
+            out.changes,
+            vec![BestChange {
+                prefix: net("fd00:1::/122"),
+                best: None
+            }]
+        );
+        assert_eq!(rib.stale_count(1), 2);
+        assert_eq!(rib.peer_counts(1), (2, 2, 0));
+        let best = rib.best(&net("10.1.0.0/26")).unwrap();
+        assert!(best.stale);
+        assert!(rib.loc_rib().all(|(_, b)| b.stale));
+        // Updates from a peer that is down are ignored.
+        let (out, _) = rib.apply_update(1, &announce(&["10.1.1.0/26"], [10, 0, 0, 2], &[]));
+        assert!(out.changes.is_empty());
+        // Back up: a re-announcement clears the mark (same attributes: no change), and a
+        // sweep removes only what is still stale.
+        rib.peer_up(1, Ipv4Addr::new(10, 0, 0, 2), v4());
+        let (out, _) = rib.apply_update(1, &announce(&["10.1.0.0/26"], [10, 0, 0, 2], &[]));
+        assert!(out.changes.is_empty(), "{:?}", out.changes);
+        assert!(!rib.best(&net("10.1.0.0/26")).unwrap().stale);
+        assert_eq!(rib.stale_count(1), 1);
+        let out = rib.sweep_stale(1, &[Family::IPV4_UNICAST]);
+        assert_eq!(
+            out.changes,
+            vec![BestChange {
+                prefix: net("10.1.0.64/26"),
+                best: None
+            }]
+        );
+        assert_eq!(rib.stale_count(1), 0);
+        assert_eq!(rib.peer_counts(1), (1, 1, 0));
+    }
+
+    #[test]
+    fn stale_route_stays_best_until_swept_then_the_alternative_wins() {
+        let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS)), (2, peer([10, 0, 0, 3], AS))]);
+        let p = net("10.2.0.0/26");
+        // Peer 1 wins on router ID; peer 2 has the same prefix.
+        rib.apply_update(1, &announce(&["10.2.0.0/26"], [10, 0, 0, 2], &[]));
+        rib.apply_update(2, &announce(&["10.2.0.0/26"], [10, 0, 0, 3], &[]));
+        assert_eq!(rib.best(&p).unwrap().peer, 1);
+        let out = rib.peer_down_graceful(1, &[Family::IPV4_UNICAST]);
+        assert!(out.changes.is_empty());
+        assert_eq!(
+            rib.best(&p).unwrap().peer,
+            1,
+            "the stale route is still best"
+        );
+        // A withdrawal of a stale route by the peer after it is back removes it.
+        rib.peer_up(1, Ipv4Addr::new(10, 0, 0, 2), v4());
+        let out = rib.sweep_stale(1, &[Family::IPV4_UNICAST]);
+        assert_eq!(out.changes.len(), 1);
+        assert_eq!(out.changes[0].best.as_ref().unwrap().peer, 2);
+        // A full peer_down clears stale state too.
+        rib.apply_update(1, &announce(&["10.2.0.0/26"], [10, 0, 0, 2], &[]));
+        rib.peer_down_graceful(1, &[Family::IPV4_UNICAST]);
+        let out = rib.peer_down(1);
+        assert_eq!(out.changes[0].best.as_ref().unwrap().peer, 2);
+        assert_eq!(rib.stale_count(1), 0);
+    }
+
+    #[test]
+    fn resync_resends_the_full_table() {
+        let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS))]);
+        rib.originate(net("10.3.0.0/26"), None, PathAttrs::default());
+        assert_eq!(rib.peer_counts(1).2, 1);
+        let e = rib.resync(1);
+        assert_eq!(e.prefix_count(), 1);
+        assert_eq!(e.announce[0].1, vec![net("10.3.0.0/26")]);
+    }
+
     #[test]
     fn ipv6_routes_from_mp_reach() {
         let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS))]);
