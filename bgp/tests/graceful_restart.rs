@@ -13,6 +13,10 @@
 //!   bounds the wait for End-of-RIB;
 //! - a restarting B2 defers its best-change output and its advertisements until it has A's
 //!   End-of-RIB (or its deferral timer ran out), then `converged()` turns true.
+//!
+//! With a hand-driven peer X: a restarted X whose new OPEN (R = 1) arrives while its old
+//! session still looks alive replaces that session and is helped; a hold timer expiry (a
+//! NOTIFICATION) removes X's routes at once.
 
 mod support;
 
@@ -515,4 +519,190 @@ async fn restarting_speaker_defers_output_until_its_timer() {
     assert!(a_log.withdrawals().is_empty());
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+/// A hand-driven BGP peer (podroute's codec, but every message chosen by the test): it can
+/// restart while its old connection stays open, or go silent.
+struct Scripted {
+    stream: tokio::net::TcpStream,
+    buf: bytes::BytesMut,
+}
+
+const CTX: podroute_bgp::wire::CodecContext = podroute_bgp::wire::CodecContext {
+    four_octet_as: true,
+};
+
+impl Scripted {
+    /// Connect from `from` to the speaker at `to` and bring the session up with an OPEN
+    /// carrying `gr` (IPv4 unicast only).
+    async fn establish(
+        from: &Endpoint,
+        to: &Endpoint,
+        hold: u16,
+        gr: podroute_bgp::wire::GracefulRestartCap,
+    ) -> Scripted {
+        use podroute_bgp::wire::{Capability, Family, Message, Open};
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(IpAddr::V4(from.addr), 0))
+            .unwrap();
+        let stream = sock
+            .connect(SocketAddr::new(IpAddr::V4(to.addr), to.port))
+            .await
+            .unwrap();
+        let mut s = Scripted {
+            stream,
+            buf: bytes::BytesMut::new(),
+        };
+        let caps = vec![
+            Capability::Multiprotocol(Family::IPV4_UNICAST),
+            Capability::GracefulRestart(gr),
+        ];
+        s.send(Message::Open(Open::new(
+            64512,
+            hold,
+            from.router_id(),
+            caps,
+        )))
+        .await;
+        assert!(matches!(s.recv().await, Message::Open(_)));
+        s.send(Message::Keepalive).await;
+        assert!(matches!(s.recv().await, Message::Keepalive));
+        s
+    }
+
+    async fn send(&mut self, m: podroute_bgp::wire::Message) {
+        use tokio::io::AsyncWriteExt;
+        let mut out = bytes::BytesMut::new();
+        podroute_bgp::wire::encode_message(&m, CTX, &mut out);
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> podroute_bgp::wire::Message {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(m) = podroute_bgp::wire::decode_message(&mut self.buf, CTX).unwrap() {
+                return m;
+            }
+            let n =
+                tokio::time::timeout(Duration::from_secs(10), self.stream.read_buf(&mut self.buf))
+                    .await
+                    .expect("the speaker answers")
+                    .unwrap();
+            assert!(n > 0, "connection closed");
+        }
+    }
+
+    async fn announce(&mut self, prefixes: &[&str], nh: std::net::Ipv4Addr) {
+        use podroute_bgp::wire::{AsPath, Message, Origin, PathAttrs, Update};
+        let u = Update {
+            attrs: PathAttrs {
+                origin: Some(Origin::Igp),
+                as_path: Some(AsPath::default()),
+                next_hop: Some(nh),
+                local_pref: Some(100),
+                ..Default::default()
+            },
+            nlri: prefixes.iter().map(|p| net(p)).collect(),
+            ..Default::default()
+        };
+        self.send(Message::Update(u)).await;
+    }
+
+    async fn end_of_rib(&mut self) {
+        use podroute_bgp::wire::{Family, Message, Update};
+        self.send(Message::Update(Update::end_of_rib(Family::IPV4_UNICAST)))
+            .await;
+    }
+}
+
+fn gr_cap(restart_state: bool, forwarding: bool) -> podroute_bgp::wire::GracefulRestartCap {
+    podroute_bgp::wire::GracefulRestartCap {
+        restart_state,
+        notification: false,
+        restart_time: 90,
+        families: vec![podroute_bgp::wire::GrFamily {
+            family: podroute_bgp::wire::Family::IPV4_UNICAST,
+            forwarding_state: forwarding,
+        }],
+    }
+}
+
+/// A with a passive peer X that the test drives by hand.
+async fn with_scripted_peer() -> (Endpoint, Speaker, Log, Endpoint) {
+    let (a_ep, x_ep) = (Endpoint::alloc(), Endpoint::alloc());
+    let (a, a_best) = start(&a_ep, |_| {}).await;
+    let log = Log::record(a_best);
+    let mut px = peer(&a_ep, &x_ep);
+    px.passive = true;
+    a.add_peer(px).await.unwrap();
+    (a_ep, a, log, x_ep)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_restarting_before_its_old_session_dies_is_helped() {
+    let (a_ep, a, log, x_ep) = with_scripted_peer().await;
+    let mut old = Scripted::establish(&x_ep, &a_ep, 30, gr_cap(false, false)).await;
+    old.announce(&[P1, P2], x_ep.nh_v4).await;
+    old.end_of_rib().await;
+    wait_for("A learns X's routes", || async {
+        learned(&a).await.len() == 2
+    })
+    .await;
+    // X restarts; A has not noticed (the old connection is still open and the hold timer is
+    // far): the new OPEN with R = 1 replaces the old session (RFC 4724 §4.2).
+    let mut new = Scripted::establish(&x_ep, &a_ep, 30, gr_cap(true, true)).await;
+    wait_for("A keeps X's routes stale", || async {
+        let st = status(&a, &x_ep).await;
+        st.state == State::Established
+            && st.established_count == 2
+            && st
+                .graceful_restart
+                .is_some_and(|g| g.phase == GrPhase::Recovering && g.stale_prefixes == 2)
+    })
+    .await;
+    assert_eq!(learned(&a).await, vec![(net(P1), true), (net(P2), true)]);
+    new.announce(&[P1], x_ep.nh_v4).await;
+    new.end_of_rib().await;
+    wait_for("A sweeps P2", || async {
+        learned(&a).await == vec![(net(P1), false)]
+    })
+    .await;
+    log.expect_withdrawals(vec![net(P2)]).await;
+    drop(old);
+    a.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_timer_expiry_ends_graceful_restart() {
+    let (a_ep, a, log, x_ep) = with_scripted_peer().await;
+    // Hold time 3 s, then silence: A sends Hold Timer Expired. That is a NOTIFICATION, so
+    // without RFC 8538 (not implemented) the routes go at once.
+    let mut x = Scripted::establish(&x_ep, &a_ep, 3, gr_cap(false, true)).await;
+    x.announce(&[P1, P2], x_ep.nh_v4).await;
+    wait_for("A learns X's routes", || async {
+        learned(&a).await.len() == 2
+    })
+    .await;
+    let quiet = Instant::now();
+    wait_for("A drops X's routes", || async {
+        learned(&a).await.is_empty()
+    })
+    .await;
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(2500),
+        "{:?}",
+        quiet.elapsed()
+    );
+    log.expect_withdrawals(vec![net(P1), net(P2)]).await;
+    let st = status(&a, &x_ep).await;
+    assert!(
+        st.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("hold timer expired")),
+        "{st:?}"
+    );
+    let gr = st.graceful_restart.unwrap();
+    assert_eq!((gr.phase, gr.stale_prefixes), (GrPhase::Normal, 0));
+    drop(x);
+    a.shutdown().await.unwrap();
 }
