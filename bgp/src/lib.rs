@@ -2,7 +2,7 @@
 //!
 //! The core is sans-IO: [`wire`] turns bytes into typed messages and back, [`fsm`] turns
 //! session events into actions, [`gr`] does graceful restart the same way, [`rib`] runs the
-//! decision process and export rules. Only [`session`] and [`speaker`] touch tokio.
+//! decision process and export rules. Only `session` and [`speaker`] touch tokio.
 
 pub mod attrset;
 pub mod fsm;

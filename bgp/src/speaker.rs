@@ -85,7 +85,8 @@ pub struct SpeakerConfig {
     pub graceful_restart_time: Option<u16>,
     /// This process restarted and the kernel kept its routes (RFC 4724 §4.1, restarting
     /// speaker): set R and F in the first OPENs and defer best-path output and
-    /// advertisements (see the module docs). Default false.
+    /// advertisements (see the module docs). R and F need `graceful_restart_time`; the
+    /// deferral happens either way. Default false.
     pub restarting: bool,
     /// Longest selection deferral when `restarting` (RFC 4724's Selection_Deferral_Timer).
     /// Default 5 s.
