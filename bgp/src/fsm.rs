@@ -659,6 +659,14 @@ impl Fsm {
         &self.config
     }
 
+    /// Replace the graceful restart capability announced in the OPENs this FSM sends from now
+    /// on (RFC 4724: the Restart State and Forwarding State bits change once a restarted
+    /// speaker has recovered). An OPEN already sent is not affected, and neither is the
+    /// negotiated session: the capability only describes the next restart.
+    pub fn set_graceful_restart(&mut self, cap: Option<GracefulRestartCap>) {
+        self.config.graceful_restart = cap;
+    }
+
     /// Which end opened the current connection; `None` without a connection.
     pub fn side(&self) -> Option<ConnectionSide> {
         self.side
@@ -2207,6 +2215,36 @@ mod tests {
             .push(Capability::GracefulRestart(gr.clone()));
         let _ = fsm.handle(open_ev(theirs));
         assert_eq!(fsm.negotiated().unwrap().peer_graceful_restart, Some(gr));
+    }
+
+    #[test]
+    fn graceful_restart_capability_changes_apply_to_the_next_open() {
+        let mut gr = GracefulRestartCap {
+            restart_state: true,
+            notification: false,
+            restart_time: 120,
+            families: vec![GrFamily {
+                family: V4,
+                forwarding_state: true,
+            }],
+        };
+        let mut fsm = Fsm::new(FsmConfig {
+            graceful_restart: Some(gr.clone()),
+            ..ebgp()
+        });
+        let sent_open = |actions: Vec<Action>| {
+            actions.into_iter().find_map(|a| match a {
+                Action::Send(Message::Open(o)) => o.graceful_restart().cloned(),
+                _ => None,
+            })
+        };
+        let _ = fsm.handle(Event::ManualStart);
+        assert_eq!(sent_open(fsm.handle(Event::TcpConnected)), Some(gr.clone()));
+        let _ = fsm.handle(Event::TcpFailed);
+        gr.restart_state = false;
+        fsm.set_graceful_restart(Some(gr.clone()));
+        let _ = fsm.handle(Event::ConnectRetryTimerExpires);
+        assert_eq!(sent_open(fsm.handle(Event::TcpConnected)), Some(gr));
     }
 
     #[test]

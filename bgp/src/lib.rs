@@ -1,15 +1,16 @@
 //! podroute-bgp: a BGP-4 speaker (RFC 4271) for podroute.
 //!
 //! The core is sans-IO: [`wire`] turns bytes into typed messages and back, [`fsm`] turns
-//! session events into actions, [`rib`] runs the decision process and export rules. Only
-//! [`session`] and [`speaker`] touch tokio.
+//! session events into actions, [`gr`] does graceful restart the same way, [`rib`] runs the
+//! decision process and export rules. Only `session` and [`speaker`] touch tokio.
 
 pub mod attrset;
 pub mod fsm;
+pub mod gr;
 pub mod rib;
 pub(crate) mod session;
 pub mod speaker;
 pub mod validate;
 pub mod wire;
 
-pub use speaker::{PeerConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerError};
+pub use speaker::{GrStatus, PeerConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerError};

@@ -9,7 +9,7 @@
 use crate::attrset::{AttrInterner, AttrSet, RouteAttrs};
 use crate::wire::{Family, NextHop, PathAttrs, Update};
 use ipnet::IpNet;
-use std::collections::{HashMap, hash_map::Entry};
+use std::collections::{HashMap, HashSet, hash_map::Entry};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -43,6 +43,10 @@ pub struct BestRoute {
     pub peer_addr: Option<IpAddr>,
     pub next_hop: IpAddr,
     pub attrs: AttrSet,
+    /// Retained from a peer whose session went down gracefully (RFC 4724 §4.2) and not yet
+    /// re-announced by it. A stale route is still a best-path candidate like any other: it is
+    /// kept so that forwarding goes on while the peer restarts.
+    pub stale: bool,
 }
 
 /// A change of the best learned route of a prefix: `None` = no learned route any more (or a
@@ -106,6 +110,9 @@ struct PeerRib {
     accepted: usize,
     /// Adj-RIB-Out: what we announced to the peer.
     adj_out: HashMap<IpNet, AttrSet>,
+    /// Accepted prefixes retained across a graceful restart of the peer and not re-announced
+    /// since (RFC 4724 §4.2); a subset of the accepted entries of `adj_in`.
+    stale: HashSet<IpNet>,
 }
 
 /// The RIBs of one speaker.
@@ -157,6 +164,7 @@ impl Rib {
                         adj_in: HashMap::new(),
                         accepted: 0,
                         adj_out: HashMap::new(),
+                        stale: HashSet::new(),
                     },
                 );
             }
@@ -192,6 +200,7 @@ impl Rib {
         p.up = false;
         p.adj_out.clear();
         p.accepted = 0;
+        p.stale.clear();
         let prefixes: Vec<IpNet> = p
             .adj_in
             .drain()
@@ -205,6 +214,82 @@ impl Rib {
             }
         }
         self.finish(changed)
+    }
+
+    /// The session went down gracefully (RFC 4724 §4.2, receiving speaker): the peer's
+    /// accepted routes of the `retain` families stay in the Loc-RIB, marked stale (those
+    /// already stale stay so); everything else it announced is removed. Marking changes no
+    /// best path, so only the removals produce changes and exports.
+    pub fn peer_down_graceful(&mut self, id: PeerId, retain: &[Family]) -> RibOutput {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return RibOutput::default();
+        };
+        p.up = false;
+        p.adj_out.clear();
+        let mut removed = Vec::new();
+        p.adj_in.retain(|prefix, accepted| {
+            let keep = *accepted && retain.contains(&Family::of(prefix));
+            if !keep && *accepted {
+                removed.push(*prefix);
+            }
+            keep
+        });
+        p.accepted = p.adj_in.len();
+        p.stale = p.adj_in.keys().copied().collect();
+        let mut changed = Vec::new();
+        for prefix in removed {
+            if self.remove_candidate(prefix, id) {
+                changed.push(prefix);
+            }
+        }
+        self.finish(changed)
+    }
+
+    /// Remove the peer's routes of `families` that are still stale (End-of-RIB received,
+    /// forwarding state not preserved, or a restart or stale timer expired).
+    pub fn sweep_stale(&mut self, id: PeerId, families: &[Family]) -> RibOutput {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return RibOutput::default();
+        };
+        let mut swept = Vec::new();
+        p.stale.retain(|prefix| {
+            let sweep = families.contains(&Family::of(prefix));
+            if sweep {
+                swept.push(*prefix);
+            }
+            !sweep
+        });
+        for prefix in &swept {
+            if p.adj_in.remove(prefix) == Some(true) {
+                p.accepted -= 1;
+            }
+        }
+        let mut changed = Vec::new();
+        for prefix in swept {
+            if self.remove_candidate(prefix, id) {
+                changed.push(prefix);
+            }
+        }
+        self.finish(changed)
+    }
+
+    /// How many of the peer's routes are stale.
+    pub fn stale_count(&self, id: PeerId) -> usize {
+        self.peers.get(&id).map_or(0, |p| p.stale.len())
+    }
+
+    /// Forget what was announced to `id` and compute its full table again (the caller sends
+    /// it, then End-of-RIB): used when a deferred initial advertisement is finally sent.
+    pub fn resync(&mut self, id: PeerId) -> Export {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return Export::default();
+        };
+        if !p.up {
+            return Export::default();
+        }
+        p.adj_out.clear();
+        let prefixes: Vec<IpNet> = self.loc.keys().copied().collect();
+        self.export_to(id, &prefixes)
     }
 
     /// Apply an UPDATE received from `id` (already validated). RFC 7606 treat-as-withdraw
@@ -353,7 +438,7 @@ impl Rib {
         self.loc
             .get(prefix)
             .and_then(|c| c.first())
-            .and_then(|c| self.best_route(c))
+            .and_then(|c| self.best_route(prefix, c))
     }
 
     /// Every prefix's best route, locally originated ones included (peer = LOCAL).
@@ -367,6 +452,7 @@ impl Rib {
                     peer_addr: self.peers.get(&b.peer).map(|p| p.cfg.addr),
                     next_hop: b.attrs.next_hop.addr,
                     attrs: b.attrs.clone(),
+                    stale: self.is_stale(b.peer, p),
                 },
             ))
         })
@@ -416,6 +502,7 @@ impl Rib {
             Some(true) => {}
             _ => p.accepted += 1,
         }
+        p.stale.remove(&prefix);
         self.upsert_candidate(prefix, id, attrs, changed);
     }
 
@@ -425,6 +512,7 @@ impl Rib {
         };
         if p.adj_in.insert(prefix, false) == Some(true) {
             p.accepted -= 1;
+            p.stale.remove(&prefix);
             if self.remove_candidate(prefix, id) {
                 changed.push(prefix);
             }
@@ -437,6 +525,7 @@ impl Rib {
         };
         if p.adj_in.remove(&prefix) == Some(true) {
             p.accepted -= 1;
+            p.stale.remove(&prefix);
             if self.remove_candidate(prefix, id) {
                 changed.push(prefix);
             }
@@ -567,7 +656,7 @@ impl Rib {
 
     // ---- export ----
 
-    fn best_route(&self, c: &Candidate) -> Option<BestRoute> {
+    fn best_route(&self, prefix: &IpNet, c: &Candidate) -> Option<BestRoute> {
         if c.peer == LOCAL {
             return None;
         }
@@ -576,7 +665,14 @@ impl Rib {
             peer_addr: self.peers.get(&c.peer).map(|p| p.cfg.addr),
             next_hop: c.attrs.next_hop.addr,
             attrs: c.attrs.clone(),
+            stale: self.is_stale(c.peer, prefix),
         })
+    }
+
+    fn is_stale(&self, peer: PeerId, prefix: &IpNet) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| !p.stale.is_empty() && p.stale.contains(prefix))
     }
 
     fn finish(&mut self, mut changed: Vec<IpNet>) -> RibOutput {
@@ -593,7 +689,7 @@ impl Rib {
                     .loc
                     .get(p)
                     .and_then(|c| c.first())
-                    .and_then(|c| self.best_route(c)),
+                    .and_then(|c| self.best_route(p, c)),
             })
             .collect();
         let mut ids: Vec<PeerId> = self
@@ -986,6 +1082,104 @@ mod tests {
         assert_eq!(out.changes.len(), 200);
         assert!(out.changes.iter().all(|c| c.best.is_none()));
         assert_eq!(rib.loc_rib_len(), 0);
+    }
+
+    fn v6_update(prefixes: &[&str]) -> Update {
+        Update {
+            attrs: PathAttrs {
+                origin: Some(Origin::Igp),
+                as_path: Some(AsPath::default()),
+                ..Default::default()
+            },
+            mp_reach: Some(MpReach {
+                family: Family::IPV6_UNICAST,
+                next_hop: NextHop::new(IpAddr::V6("fd00::2".parse().unwrap())),
+                nlri: prefixes.iter().map(|p| net(p)).collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn graceful_peer_down_keeps_routes_stale_without_changes() {
+        let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS)), (2, peer([10, 0, 0, 3], AS))]);
+        rib.apply_update(
+            1,
+            &announce(&["10.1.0.0/26", "10.1.0.64/26"], [10, 0, 0, 2], &[]),
+        );
+        rib.apply_update(1, &v6_update(&["fd00:1::/122"]));
+        // Retain IPv4 only: the IPv6 route goes, the IPv4 ones stay, stale, with no change.
+        let out = rib.peer_down_graceful(1, &[Family::IPV4_UNICAST]);
+        assert_eq!(
+            out.changes,
+            vec![BestChange {
+                prefix: net("fd00:1::/122"),
+                best: None
+            }]
+        );
+        assert_eq!(rib.stale_count(1), 2);
+        assert_eq!(rib.peer_counts(1), (2, 2, 0));
+        let best = rib.best(&net("10.1.0.0/26")).unwrap();
+        assert!(best.stale);
+        assert!(rib.loc_rib().all(|(_, b)| b.stale));
+        // Updates from a peer that is down are ignored.
+        let (out, _) = rib.apply_update(1, &announce(&["10.1.1.0/26"], [10, 0, 0, 2], &[]));
+        assert!(out.changes.is_empty());
+        // Back up: a re-announcement clears the mark (same attributes: no change), and a
+        // sweep removes only what is still stale.
+        rib.peer_up(1, Ipv4Addr::new(10, 0, 0, 2), v4());
+        let (out, _) = rib.apply_update(1, &announce(&["10.1.0.0/26"], [10, 0, 0, 2], &[]));
+        assert!(out.changes.is_empty(), "{:?}", out.changes);
+        assert!(!rib.best(&net("10.1.0.0/26")).unwrap().stale);
+        assert_eq!(rib.stale_count(1), 1);
+        let out = rib.sweep_stale(1, &[Family::IPV4_UNICAST]);
+        assert_eq!(
+            out.changes,
+            vec![BestChange {
+                prefix: net("10.1.0.64/26"),
+                best: None
+            }]
+        );
+        assert_eq!(rib.stale_count(1), 0);
+        assert_eq!(rib.peer_counts(1), (1, 1, 0));
+    }
+
+    #[test]
+    fn stale_route_stays_best_until_swept_then_the_alternative_wins() {
+        let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS)), (2, peer([10, 0, 0, 3], AS))]);
+        let p = net("10.2.0.0/26");
+        // Peer 1 wins on router ID; peer 2 has the same prefix.
+        rib.apply_update(1, &announce(&["10.2.0.0/26"], [10, 0, 0, 2], &[]));
+        rib.apply_update(2, &announce(&["10.2.0.0/26"], [10, 0, 0, 3], &[]));
+        assert_eq!(rib.best(&p).unwrap().peer, 1);
+        let out = rib.peer_down_graceful(1, &[Family::IPV4_UNICAST]);
+        assert!(out.changes.is_empty());
+        assert_eq!(
+            rib.best(&p).unwrap().peer,
+            1,
+            "the stale route is still best"
+        );
+        // A withdrawal of a stale route by the peer after it is back removes it.
+        rib.peer_up(1, Ipv4Addr::new(10, 0, 0, 2), v4());
+        let out = rib.sweep_stale(1, &[Family::IPV4_UNICAST]);
+        assert_eq!(out.changes.len(), 1);
+        assert_eq!(out.changes[0].best.as_ref().unwrap().peer, 2);
+        // A full peer_down clears stale state too.
+        rib.apply_update(1, &announce(&["10.2.0.0/26"], [10, 0, 0, 2], &[]));
+        rib.peer_down_graceful(1, &[Family::IPV4_UNICAST]);
+        let out = rib.peer_down(1);
+        assert_eq!(out.changes[0].best.as_ref().unwrap().peer, 2);
+        assert_eq!(rib.stale_count(1), 0);
+    }
+
+    #[test]
+    fn resync_resends_the_full_table() {
+        let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS))]);
+        rib.originate(net("10.3.0.0/26"), None, PathAttrs::default());
+        assert_eq!(rib.peer_counts(1).2, 1);
+        let e = rib.resync(1);
+        assert_eq!(e.prefix_count(), 1);
+        assert_eq!(e.announce[0].1, vec![net("10.3.0.0/26")]);
     }
 
     #[test]

@@ -7,11 +7,12 @@
 //! restarted peer (RFC 4724 §4.2): once its OPEN arrives the old session is closed.
 
 use crate::fsm::{
-    Action, ConnectionSide, Event, Fsm, FsmConfig, Negotiated, State, Timer, collision_loser,
+    Action, ConnectionSide, DownReason, Event, Fsm, FsmConfig, Negotiated, State, Timer,
+    collision_loser,
 };
 use crate::rib::PeerId;
 use crate::validate::{PeerContext, validate_update};
-use crate::wire::{self, CodecContext, Family, Message, Notification, Update};
+use crate::wire::{self, CodecContext, Family, GracefulRestartCap, Message, Notification, Update};
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -33,6 +34,11 @@ pub(crate) enum SessionCmd {
     Send(u64, Bytes),
     /// Administrative stop: Cease, then the task ends.
     Stop(Notification),
+    /// Close every connection without a NOTIFICATION, as a crash would, and end: the peer
+    /// sees the TCP session end, which is what lets it keep our routes (RFC 4724 §4.2).
+    Abort,
+    /// The graceful restart capability to announce in OPENs from now on.
+    SetGracefulRestart(Option<GracefulRestartCap>),
 }
 
 /// Events from a session task to the speaker core.
@@ -49,7 +55,13 @@ pub(crate) enum SessionEvent {
     Update(Update),
     EndOfRib(Family),
     RouteRefresh(Family),
-    Down(String),
+    /// The Established session, or the attempt to get there, ended. `graceful`: without a
+    /// NOTIFICATION sent or received (TCP closed or failed, or replaced by a new session the
+    /// peer opened after a restart), so the peer's routes may be kept (RFC 4724 §4.2).
+    Down {
+        reason: String,
+        graceful: bool,
+    },
     NotificationSent(Notification),
     NotificationReceived(Notification),
 }
@@ -222,6 +234,20 @@ pub(crate) async fn run(
                 Some(SessionCmd::Stop(n)) => {
                     d.stop(n).await;
                     return;
+                }
+                Some(SessionCmd::Abort) => {
+                    info!("session closed without NOTIFICATION");
+                    d.main = None;
+                    d.extra = None;
+                    d.connecting = None;
+                    d.emit(SessionEvent::StateChanged(State::Idle)).await;
+                    return;
+                }
+                Some(SessionCmd::SetGracefulRestart(cap)) => {
+                    d.p.fsm.graceful_restart = cap.clone();
+                    for s in [d.main.as_mut(), d.extra.as_mut()].into_iter().flatten() {
+                        s.fsm.set_graceful_restart(cap.clone());
+                    }
                 }
                 None => {
                     d.stop(Notification::cease(wire::cease::ADMIN_SHUTDOWN)).await;
@@ -482,7 +508,12 @@ impl Driver {
                 let text = reason.to_string();
                 if main {
                     info!(reason = %text, "session down");
-                    self.emit(SessionEvent::Down(text)).await;
+                    let graceful = matches!(reason, DownReason::TcpFailed);
+                    self.emit(SessionEvent::Down {
+                        reason: text,
+                        graceful,
+                    })
+                    .await;
                 } else {
                     debug!(reason = %text, "second connection closed");
                     self.extra = None;
@@ -503,7 +534,13 @@ impl Driver {
             .as_ref()
             .is_some_and(|m| m.fsm.state() == State::Established)
         {
-            self.emit(SessionEvent::Down(why.to_string())).await;
+            // RFC 4724 §4.2: a new session from a restarted peer ends the old one as a TCP
+            // failure would, without a NOTIFICATION to it.
+            self.emit(SessionEvent::Down {
+                reason: why.to_string(),
+                graceful: true,
+            })
+            .await;
         }
         if let Some(old) = self.main.as_ref() {
             old.send(&Message::Notification(Notification::cease(

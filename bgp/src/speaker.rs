@@ -3,8 +3,53 @@
 //! Everything routing-related lives in the core task (no locks around routing state); the
 //! agent talks to it through [`Speaker`], a cheap handle over a bounded command channel, and
 //! consumes best-path changes from the receiver returned by [`Speaker::start`].
+//!
+//! # Graceful restart (RFC 4724)
+//!
+//! **As helper** (receiving speaker), per peer, with a [`GrHelper`]: when an Established
+//! session with a peer that advertised the graceful restart capability ends *without a
+//! NOTIFICATION* (TCP closed or reset, or the peer opened a new session with the Restart
+//! State bit while the old one was still up), and we advertise the capability too
+//! ([`SpeakerConfig::graceful_restart_time`]), the peer's routes of the families listed in its
+//! capability stay in the Loc-RIB marked stale ([`BestRoute::stale`]). They remain best-path
+//! candidates, so the best-change stream reports nothing and the agent keeps its kernel
+//! routes. The restart timer runs for the peer's advertised restart time, capped by
+//! [`PeerConfig::max_restart_time`]; if it expires first, every stale route goes. When the peer
+//! is back, a family whose Forwarding State bit is clear in the new OPEN (or missing, or no
+//! capability at all) is swept at once; the others wait for the peer's End-of-RIB, then what
+//! was not re-announced is removed (bounded by [`PeerConfig::stale_routes_time`]). A session
+//! that ends again meanwhile keeps everything stale and starts over. Any NOTIFICATION, sent or
+//! received (Hold Timer Expired, Cease, errors), removes the routes at once: RFC 8538's N bit
+//! is not implemented. A peer removed or reconfigured through the API loses its routes at once.
+//! Sweeps are reported on the best-change stream like any withdrawal.
+//!
+//! **As restarting speaker**, with [`SpeakerConfig::restarting`] (the process restarted and
+//! the kernel kept its routes): the OPENs carry the Restart State bit (R) while the selection
+//! deferral lasts, and the Forwarding State bit (F) for every family. During the deferral
+//! (RFC 4724 §4.1) the speaker learns routes but sends the agent no best-path change and the
+//! peers no UPDATE; it ends when every configured peer is Established and each graceful
+//! restart peer that is not restarting itself has sent End-of-RIB for all its families, or when
+//! [`SpeakerConfig::selection_deferral`] runs out. Then the agent gets one batch with the best
+//! route of every prefix learned meanwhile, each Established peer gets our full table and
+//! End-of-RIB, and [`Speaker::converged`] turns true. Without `restarting` there is no
+//! deferral and `converged` is true from the start.
+//!
+//! The R bit thus means "this process has just restarted and is still deferring": it is set
+//! in every OPEN sent before the deferral ends, normally only the first session with each
+//! peer, and never after. The F bit is set when this process has kept forwarding state for the
+//! peer: always with `restarting`, otherwise from the second session with a peer on (a session
+//! that merely flapped; the first session after a cold start says F = 0, so a helper drops
+//! whatever it kept from our previous life).
+//!
+//! To restart without the peers dropping our routes, stop with
+//! [`Speaker::shutdown_for_restart`] (no NOTIFICATION) rather than [`Speaker::shutdown`]
+//! (Cease, which ends graceful restart on the peers).
 
 use crate::fsm::{FsmConfig, State};
+use crate::gr::{
+    DEFAULT_MAX_RESTART_TIME, DEFAULT_SELECTION_DEFERRAL, DeferralPeer, GrAction, GrEvent,
+    GrHelper, GrHelperConfig, GrPhase, GrTimer, deferral_complete,
+};
 use crate::rib::{BestChange, BestRoute, Export, LOCAL, PeerId, Rib, RibOutput, RibPeer};
 use crate::session::{self, SessionCmd, SessionEvent, SessionParams};
 use crate::wire::{
@@ -13,11 +58,13 @@ use crate::wire::{
 };
 use bytes::BytesMut;
 use ipnet::IpNet;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 /// Speaker-wide settings.
@@ -32,8 +79,18 @@ pub struct SpeakerConfig {
     /// Hold time offered to peers (Calico's BIRD: 240 s, keepalive 80 s).
     pub hold_time: u16,
     pub connect_retry: Duration,
-    /// Graceful restart time to advertise (RFC 4724); `None` = no GR capability.
+    /// Graceful restart time to advertise (RFC 4724), seconds (at most 4095); `None` = no
+    /// graceful restart capability, which also means we keep no peer's routes across its
+    /// restart. Calico: 120 s.
     pub graceful_restart_time: Option<u16>,
+    /// This process restarted and the kernel kept its routes (RFC 4724 §4.1, restarting
+    /// speaker): set R and F in the first OPENs and defer best-path output and
+    /// advertisements (see the module docs). R and F need `graceful_restart_time`; the
+    /// deferral happens either way. Default false.
+    pub restarting: bool,
+    /// Longest selection deferral when `restarting` (RFC 4724's Selection_Deferral_Timer).
+    /// Default 5 s.
+    pub selection_deferral: Duration,
 }
 
 impl SpeakerConfig {
@@ -46,6 +103,8 @@ impl SpeakerConfig {
             hold_time: 240,
             connect_retry: Duration::from_secs(5),
             graceful_restart_time: Some(120),
+            restarting: false,
+            selection_deferral: DEFAULT_SELECTION_DEFERRAL,
         }
     }
 }
@@ -75,6 +134,12 @@ pub struct PeerConfig {
     pub local_v6_next_hop: Option<Ipv6Addr>,
     /// A label for status output (mesh, global, node...).
     pub kind: String,
+    /// Cap on the restart time the peer advertises: how long at most we keep its routes
+    /// while it restarts (Calico's BGPPeer `maxRestartTime`). `None`: 120 s.
+    pub max_restart_time: Option<Duration>,
+    /// How long stale routes may wait for the peer's End-of-RIB once it is back. `None`: the
+    /// same as `max_restart_time`.
+    pub stale_routes_time: Option<Duration>,
 }
 
 impl PeerConfig {
@@ -92,6 +157,17 @@ impl PeerConfig {
             local_v4_next_hop: None,
             local_v6_next_hop: None,
             kind: String::new(),
+            max_restart_time: None,
+            stale_routes_time: None,
+        }
+    }
+
+    fn gr_helper_config(&self, enabled: bool) -> GrHelperConfig {
+        let max_restart_time = self.max_restart_time.unwrap_or(DEFAULT_MAX_RESTART_TIME);
+        GrHelperConfig {
+            enabled,
+            max_restart_time,
+            stale_time: self.stale_routes_time.unwrap_or(max_restart_time),
         }
     }
 }
@@ -118,6 +194,28 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
     /// Families the peer has sent End-of-RIB for since the session came up.
     pub end_of_rib: Vec<Family>,
+    /// Graceful restart with this peer: `Some` when we advertise the capability and the peer
+    /// did in its last OPEN, or while its routes are stale.
+    pub graceful_restart: Option<GrStatus>,
+}
+
+/// Graceful restart (RFC 4724) with one peer, we being the helper.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrStatus {
+    pub phase: GrPhase,
+    /// The peer's capability from its last OPEN: restart time, Restart State (R) and
+    /// Notification (N) bits, and the families with their Forwarding State (F) bits.
+    pub peer_capability: Option<GracefulRestartCap>,
+    /// How long we wait for the peer to come back: its restart time, capped by
+    /// [`PeerConfig::max_restart_time`].
+    pub restart_time: Option<Duration>,
+    /// The peer's routes kept stale (not re-announced since its restart).
+    pub stale_prefixes: usize,
+    pub stale_families: Vec<Family>,
+    /// When the stale routes go if the peer is not back (restart timer), while it is down.
+    pub restart_deadline: Option<SystemTime>,
+    /// When the stale routes go if the peer's End-of-RIB has not come (stale timer).
+    pub stale_deadline: Option<SystemTime>,
 }
 
 /// Errors from the speaker API.
@@ -145,7 +243,8 @@ enum Command {
     Peers(oneshot::Sender<Vec<PeerStatus>>),
     LocRib(oneshot::Sender<Vec<(IpNet, BestRoute)>>),
     Inbound(tokio::net::TcpStream, SocketAddr),
-    Shutdown(oneshot::Sender<()>),
+    /// `true`: close sessions without NOTIFICATION (for a restart).
+    Shutdown(bool, oneshot::Sender<()>),
 }
 
 /// Handle to a running speaker.
@@ -153,6 +252,7 @@ enum Command {
 pub struct Speaker {
     tx: mpsc::Sender<Command>,
     listen: Option<SocketAddr>,
+    converged: watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for Command {
@@ -171,12 +271,13 @@ impl Speaker {
         // Unbounded so that an agent busy calling the API can never deadlock the core.
         let (best_tx, best_rx) = mpsc::unbounded_channel();
         let mut listen = None;
+        let mut listener_task = None;
         if let Some(addr) = cfg.listen {
             let listener = bind(addr).map_err(|source| SpeakerError::Listen { addr, source })?;
             listen = listener.local_addr().ok();
             info!(addr = ?listen, "BGP listening");
             let tx = tx.clone();
-            tokio::spawn(async move {
+            listener_task = Some(tokio::spawn(async move {
                 loop {
                     match listener.accept().await {
                         Ok((stream, remote)) => {
@@ -190,11 +291,36 @@ impl Speaker {
                         }
                     }
                 }
-            });
+            }));
         }
-        let core = Core::new(cfg, best_tx);
+        let (converged_tx, converged) = watch::channel(!cfg.restarting);
+        if cfg.restarting {
+            info!(
+                deferral = ?cfg.selection_deferral,
+                "restarting: best-path selection and advertisements deferred (RFC 4724)"
+            );
+        }
+        let mut core = Core::new(cfg, best_tx, converged_tx);
+        core.listener = listener_task;
         tokio::spawn(core.run(rx));
-        Ok((Speaker { tx, listen }, best_rx))
+        Ok((
+            Speaker {
+                tx,
+                listen,
+                converged,
+            },
+            best_rx,
+        ))
+    }
+
+    /// Whether the initial best-path selection is done: `false` while a restarting speaker
+    /// defers it ([`SpeakerConfig::restarting`]), then `true` for good (always `true` without
+    /// `restarting`). Every best-change batch of the deferred selection is queued in the
+    /// best-change receiver before this turns `true`, so an agent that sees `true` and drains
+    /// the receiver (`try_recv` until empty) has the complete post-restart view and may then
+    /// remove the kernel routes that are not in it. Wait with `converged().wait_for(|c| *c)`.
+    pub fn converged(&self) -> watch::Receiver<bool> {
+        self.converged.clone()
     }
 
     /// The address the listener is bound to (useful with port 0).
@@ -259,10 +385,21 @@ impl Speaker {
         r.await.map_err(|_| SpeakerError::Stopped)
     }
 
-    /// Stop every session with Cease / Administrative Shutdown and end the speaker.
+    /// Stop every session with Cease / Administrative Shutdown and end the speaker. The
+    /// peers drop our routes at once.
     pub async fn shutdown(&self) -> Result<(), SpeakerError> {
         let (t, r) = oneshot::channel();
-        self.send(Command::Shutdown(t)).await?;
+        self.send(Command::Shutdown(false, t)).await?;
+        r.await.map_err(|_| SpeakerError::Stopped)
+    }
+
+    /// End the speaker for a restart: close every session without a NOTIFICATION, as a
+    /// crash would, so that peers doing graceful restart keep our routes until we are back
+    /// (start the next speaker with [`SpeakerConfig::restarting`]). The listener is closed
+    /// when this returns, so the next speaker can bind the same address.
+    pub async fn shutdown_for_restart(&self) -> Result<(), SpeakerError> {
+        let (t, r) = oneshot::channel();
+        self.send(Command::Shutdown(true, t)).await?;
         r.await.map_err(|_| SpeakerError::Stopped)
     }
 
@@ -287,6 +424,13 @@ struct PeerEntry {
     session: mpsc::UnboundedSender<SessionCmd>,
     codec: CodecContext,
     families: Vec<Family>,
+    /// A session is Established (set by the Established event, cleared by Down).
+    up: bool,
+    gr: GrHelper,
+    /// Deadlines of the helper's timers, by [`GrTimer::index`].
+    gr_timers: [Option<Instant>; 2],
+    /// The graceful restart capability last given to the session task.
+    gr_cap: Option<GracefulRestartCap>,
 }
 
 struct Core {
@@ -298,13 +442,59 @@ struct Core {
     best_tx: mpsc::UnboundedSender<Vec<BestChange>>,
     ev_tx: mpsc::Sender<(PeerId, SessionEvent)>,
     ev_rx: Option<mpsc::Receiver<(PeerId, SessionEvent)>>,
+    listener: Option<JoinHandle<()>>,
+    /// Selection deferral of a restarting speaker is in progress.
+    deferring: bool,
+    deferral_deadline: Option<Instant>,
+    /// Prefixes whose best path changed during the deferral.
+    deferred: BTreeSet<IpNet>,
+    converged_tx: watch::Sender<bool>,
+}
+
+/// The graceful restart capability we announce to a peer (see the module docs for R and F).
+fn gr_capability(
+    cfg: &SpeakerConfig,
+    deferring: bool,
+    families: &[Family],
+    established_before: bool,
+) -> Option<GracefulRestartCap> {
+    cfg.graceful_restart_time.map(|t| GracefulRestartCap {
+        restart_state: cfg.restarting && deferring,
+        notification: false,
+        restart_time: t.min(0x0fff),
+        families: families
+            .iter()
+            .map(|&family| GrFamily {
+                family,
+                forwarding_state: cfg.restarting || established_before,
+            })
+            .collect(),
+    })
+}
+
+/// A deadline as wall-clock time, for status output.
+fn wall_clock(deadline: Option<Instant>) -> Option<SystemTime> {
+    deadline.map(|d| SystemTime::now() + d.saturating_duration_since(Instant::now()))
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Core {
-    fn new(cfg: SpeakerConfig, best_tx: mpsc::UnboundedSender<Vec<BestChange>>) -> Core {
+    fn new(
+        cfg: SpeakerConfig,
+        best_tx: mpsc::UnboundedSender<Vec<BestChange>>,
+        converged_tx: watch::Sender<bool>,
+    ) -> Core {
         let (ev_tx, ev_rx) = mpsc::channel(4096);
+        let deferring = cfg.restarting;
         Core {
             rib: Rib::new(cfg.local_as, cfg.router_id, cfg.cluster_id),
+            deferral_deadline: deferring.then(|| Instant::now() + cfg.selection_deferral),
             cfg,
             peers: HashMap::new(),
             by_addr: HashMap::new(),
@@ -312,6 +502,10 @@ impl Core {
             best_tx,
             ev_tx,
             ev_rx: Some(ev_rx),
+            listener: None,
+            deferring,
+            deferred: BTreeSet::new(),
+            converged_tx,
         }
     }
 
@@ -320,32 +514,77 @@ impl Core {
             return;
         };
         loop {
+            let deadline = self.next_deadline();
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
-                    Some(Command::Shutdown(done)) => {
-                        self.shutdown().await;
+                    Some(Command::Shutdown(for_restart, done)) => {
+                        self.shutdown(for_restart).await;
                         let _ = done.send(());
                         return;
                     }
                     Some(c) => self.command(c).await,
                     None => {
-                        self.shutdown().await;
+                        self.shutdown(false).await;
                         return;
                     }
                 },
                 Some((id, ev)) = events.recv() => self.event(id, ev).await,
+                _ = sleep_until(deadline) => self.fire_timers().await,
             }
         }
     }
 
-    async fn shutdown(&mut self) {
-        for (_, p) in self.peers.drain() {
-            let _ = p
-                .session
-                .send(SessionCmd::Stop(Notification::cease(cease::ADMIN_SHUTDOWN)));
+    async fn shutdown(&mut self, for_restart: bool) {
+        if let Some(l) = self.listener.take() {
+            l.abort();
+            let _ = l.await;
         }
-        // Give the session tasks a moment to flush their NOTIFICATIONs.
+        for (_, p) in self.peers.drain() {
+            let cmd = if for_restart {
+                SessionCmd::Abort
+            } else {
+                SessionCmd::Stop(Notification::cease(cease::ADMIN_SHUTDOWN))
+            };
+            let _ = p.session.send(cmd);
+        }
+        // Give the session tasks a moment to flush their NOTIFICATIONs (or close).
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.peers
+            .values()
+            .flat_map(|p| p.gr_timers.iter().flatten())
+            .chain(self.deferral_deadline.iter())
+            .min()
+            .copied()
+    }
+
+    async fn fire_timers(&mut self) {
+        let now = Instant::now();
+        if self.deferral_deadline.is_some_and(|d| d <= now) {
+            self.end_deferral("selection deferral timer expired").await;
+        }
+        let mut due = Vec::new();
+        for (id, p) in &mut self.peers {
+            for t in GrTimer::ALL {
+                if p.gr_timers[t.index()].is_some_and(|d| d <= now) {
+                    p.gr_timers[t.index()] = None;
+                    due.push((*id, t));
+                }
+            }
+        }
+        for (id, t) in due {
+            let ev = match t {
+                GrTimer::Restart => GrEvent::RestartTimerExpires,
+                GrTimer::Stale => GrEvent::StaleTimerExpires,
+            };
+            if let Some(p) = self.peers.get(&id) {
+                info!(peer = %p.cfg.addr, timer = ?t, stale = self.rib.stale_count(id),
+                    "graceful restart timer expired: removing the peer's stale routes");
+            }
+            self.gr_event(id, ev).await;
+        }
     }
 
     fn fsm_config(&self, p: &PeerConfig) -> FsmConfig {
@@ -355,19 +594,7 @@ impl Core {
         f.passive = p.passive;
         f.families = p.families.clone();
         f.route_refresh = true;
-        f.graceful_restart = self.cfg.graceful_restart_time.map(|t| GracefulRestartCap {
-            restart_state: false,
-            notification: false,
-            restart_time: t,
-            families: p
-                .families
-                .iter()
-                .map(|&family| GrFamily {
-                    family,
-                    forwarding_state: false,
-                })
-                .collect(),
-        });
+        f.graceful_restart = gr_capability(&self.cfg, self.deferring, &p.families, false);
         f
     }
 
@@ -397,6 +624,7 @@ impl Core {
                     Err(SpeakerError::NoSuchPeer(addr))
                 };
                 let _ = reply.send(r);
+                self.check_deferral().await;
             }
             Command::Announce(prefix, nh, attrs) => {
                 let out = self.rib.originate(prefix, nh, attrs);
@@ -410,14 +638,7 @@ impl Core {
                 let mut v: Vec<PeerStatus> = self
                     .peers
                     .iter()
-                    .map(|(id, p)| {
-                        let mut s = p.status.clone();
-                        let (r, a, adv) = self.rib.peer_counts(*id);
-                        s.prefixes_received = r;
-                        s.prefixes_accepted = a;
-                        s.prefixes_advertised = adv;
-                        s
-                    })
+                    .map(|(id, p)| self.peer_status(*id, p))
                     .collect();
                 v.sort_by_key(|a| a.addr);
                 let _ = reply.send(v);
@@ -438,11 +659,32 @@ impl Core {
                 }
                 None => debug!(%remote, "connection from an unconfigured address refused"),
             },
-            Command::Shutdown(_) => {}
+            Command::Shutdown(..) => {}
         }
     }
 
-    /// Stop a peer's session with Cease / `subcode` and forget its routes.
+    fn peer_status(&self, id: PeerId, p: &PeerEntry) -> PeerStatus {
+        let mut s = p.status.clone();
+        let (r, a, adv) = self.rib.peer_counts(id);
+        s.prefixes_received = r;
+        s.prefixes_accepted = a;
+        s.prefixes_advertised = adv;
+        let stale = self.rib.stale_count(id);
+        s.graceful_restart = (self.cfg.graceful_restart_time.is_some()
+            && (p.gr.peer_cap().is_some() || stale > 0))
+            .then(|| GrStatus {
+                phase: p.gr.phase(),
+                peer_capability: p.gr.peer_cap().cloned(),
+                restart_time: p.gr.restart_time(),
+                stale_prefixes: stale,
+                stale_families: p.gr.stale_families().to_vec(),
+                restart_deadline: wall_clock(p.gr_timers[GrTimer::Restart.index()]),
+                stale_deadline: wall_clock(p.gr_timers[GrTimer::Stale.index()]),
+            });
+        s
+    }
+
+    /// Stop a peer's session with Cease / `subcode` and forget its routes (stale ones too).
     async fn remove(&mut self, addr: IpAddr, subcode: u8) -> bool {
         let Some(id) = self.by_addr.remove(&addr) else {
             return false;
@@ -479,11 +721,13 @@ impl Core {
             },
         );
         let (tx, rx) = mpsc::unbounded_channel();
+        let fsm = self.fsm_config(&cfg);
+        let gr_cap = fsm.graceful_restart.clone();
         let params = SessionParams {
             id,
             remote: SocketAddr::new(cfg.addr, cfg.port),
             local_addr: cfg.local_addr,
-            fsm: self.fsm_config(&cfg),
+            fsm,
         };
         tokio::spawn(session::run(params, rx, self.ev_tx.clone()));
         let status = PeerStatus {
@@ -503,7 +747,9 @@ impl Core {
             notifications_sent: 0,
             last_error: None,
             end_of_rib: Vec::new(),
+            graceful_restart: None,
         };
+        let gr = GrHelper::new(cfg.gr_helper_config(self.cfg.graceful_restart_time.is_some()));
         self.by_addr.insert(cfg.addr, id);
         self.peers.insert(
             id,
@@ -513,6 +759,10 @@ impl Core {
                 session: tx,
                 codec: CodecContext::default(),
                 families: Vec::new(),
+                up: false,
+                gr,
+                gr_timers: [None; 2],
+                gr_cap,
             },
         );
         Ok(())
@@ -537,11 +787,23 @@ impl Core {
                 p.status.notifications_received += 1;
                 p.status.last_error = Some(format!("received NOTIFICATION {n}"));
             }
-            SessionEvent::Down(reason) => {
+            SessionEvent::Down { reason, graceful } => {
                 p.status.last_error = Some(reason);
                 p.status.end_of_rib.clear();
-                let out = self.rib.peer_down(id);
-                self.publish(out).await;
+                if std::mem::replace(&mut p.up, false) {
+                    self.gr_event(id, GrEvent::SessionDown { graceful }).await;
+                    if let Some(p) = self.peers.get(&id)
+                        && p.gr.phase() == GrPhase::Restarting
+                    {
+                        info!(
+                            peer = %p.cfg.addr,
+                            stale = self.rib.stale_count(id),
+                            restart_time = ?p.gr.restart_time(),
+                            "peer session lost without NOTIFICATION: keeping its routes as stale \
+                             (graceful restart)"
+                        );
+                    }
+                }
             }
             SessionEvent::Established {
                 negotiated,
@@ -551,6 +813,7 @@ impl Core {
                 p.status.since = SystemTime::now();
                 p.status.established_count += 1;
                 p.status.end_of_rib.clear();
+                p.up = true;
                 p.codec = negotiated.codec;
                 p.families = negotiated.families.clone();
                 let mut rp = RibPeer {
@@ -572,7 +835,22 @@ impl Core {
                 self.rib.add_peer(id, rp);
                 let families = negotiated.families.clone();
                 let export = self.rib.peer_up(id, negotiated.peer_id, families.clone());
-                self.send_export(id, &export, Some(&families));
+                if self.deferring {
+                    debug!("restarting: initial advertisement deferred");
+                } else {
+                    self.send_export(id, &export, Some(&families));
+                }
+                self.gr_event(
+                    id,
+                    GrEvent::SessionUp {
+                        peer_cap: negotiated.peer_graceful_restart.clone(),
+                        families,
+                    },
+                )
+                .await;
+                // From the second session on, our forwarding state for this peer survived.
+                self.update_gr_capability(id);
+                self.check_deferral().await;
             }
             SessionEvent::Update(u) => {
                 p.status.updates_received += 1;
@@ -583,9 +861,13 @@ impl Core {
                 if !p.status.end_of_rib.contains(&f) {
                     p.status.end_of_rib.push(f);
                 }
+                self.gr_event(id, GrEvent::EndOfRib(f)).await;
+                self.check_deferral().await;
             }
             SessionEvent::RouteRefresh(f) => {
-                if p.families.contains(&f) {
+                if self.deferring {
+                    // Everything is sent when the deferral ends.
+                } else if p.families.contains(&f) {
                     let export = self.rib.refresh(id, f);
                     self.send_export(id, &export, Some(&[f]));
                 }
@@ -593,8 +875,129 @@ impl Core {
         }
     }
 
-    /// Send best-path changes to the agent and exports to the peers.
+    /// Feed one event to a peer's graceful restart helper and carry out its actions.
+    async fn gr_event(&mut self, id: PeerId, ev: GrEvent) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        for a in p.gr.handle(ev) {
+            match a {
+                GrAction::PeerDown { retain } => {
+                    let out = if retain.is_empty() {
+                        self.rib.peer_down(id)
+                    } else {
+                        self.rib.peer_down_graceful(id, &retain)
+                    };
+                    self.publish(out).await;
+                }
+                GrAction::Sweep(families) => {
+                    let before = self.rib.stale_count(id);
+                    let out = self.rib.sweep_stale(id, &families);
+                    let swept = before - self.rib.stale_count(id);
+                    if swept > 0
+                        && let Some(p) = self.peers.get(&id)
+                    {
+                        info!(peer = %p.cfg.addr, ?families, swept, "stale routes removed");
+                    }
+                    self.publish(out).await;
+                }
+                GrAction::StartTimer(t, d) => {
+                    if let Some(p) = self.peers.get_mut(&id) {
+                        p.gr_timers[t.index()] = Some(Instant::now() + d);
+                    }
+                }
+                GrAction::StopTimer(t) => {
+                    if let Some(p) = self.peers.get_mut(&id) {
+                        p.gr_timers[t.index()] = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Give the session task the capability for its next OPENs if it changed.
+    fn update_gr_capability(&mut self, id: PeerId) {
+        let deferring = self.deferring;
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let cap = gr_capability(
+            &self.cfg,
+            deferring,
+            &p.cfg.families,
+            p.status.established_count > 0,
+        );
+        if cap != p.gr_cap {
+            p.gr_cap = cap.clone();
+            let _ = p.session.send(SessionCmd::SetGracefulRestart(cap));
+        }
+    }
+
+    /// End the selection deferral if every peer is done (RFC 4724 §4.1).
+    async fn check_deferral(&mut self) {
+        if !self.deferring {
+            return;
+        }
+        let done = deferral_complete(self.peers.values().map(|p| DeferralPeer {
+            established: p.up,
+            peer_cap: p.gr.peer_cap(),
+            families: &p.families,
+            end_of_rib: &p.status.end_of_rib,
+        }));
+        if done {
+            self.end_deferral("End-of-RIB received from every peer")
+                .await;
+        }
+    }
+
+    /// The deferred selection is done: tell the agent, advertise to the peers, stop setting R.
+    async fn end_deferral(&mut self, why: &str) {
+        if !self.deferring {
+            return;
+        }
+        self.deferring = false;
+        self.deferral_deadline = None;
+        let changes: Vec<BestChange> = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .filter_map(|prefix| {
+                self.rib.best(&prefix).map(|b| BestChange {
+                    prefix,
+                    best: Some(b),
+                })
+            })
+            .collect();
+        info!(
+            reason = why,
+            learned = changes.len(),
+            "selection deferral over: advertising to peers"
+        );
+        if !changes.is_empty() {
+            let _ = self.best_tx.send(changes);
+        }
+        let mut ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let Some(p) = self.peers.get(&id) else {
+                continue;
+            };
+            if p.up {
+                let families = p.families.clone();
+                let export = self.rib.resync(id);
+                self.send_export(id, &export, Some(&families));
+            }
+            self.update_gr_capability(id);
+        }
+        self.converged_tx.send_replace(true);
+    }
+
+    /// Send best-path changes to the agent and exports to the peers (both held back while a
+    /// restarting speaker defers its selection).
     async fn publish(&mut self, out: RibOutput) {
+        if self.deferring {
+            // The RIB's Adj-RIB-Out bookkeeping is redone by `Rib::resync` at the end.
+            self.deferred.extend(out.changes.iter().map(|c| c.prefix));
+            return;
+        }
         for (id, export) in &out.exports {
             self.send_export(*id, export, None);
         }

@@ -231,6 +231,7 @@ mod tests {
             notifications_sent: 0,
             last_error: error.map(str::to_string),
             end_of_rib: Vec::new(),
+            graceful_restart: None,
         }
     }
 

@@ -81,6 +81,8 @@ pub struct BirdConfig {
     /// Announced as `route P blackhole;` from static protocols `s4`/`s6`.
     pub static_v4: Vec<IpNet>,
     pub static_v6: Vec<IpNet>,
+    /// Extra lines pasted verbatim at the top level (e.g. `graceful restart wait 10;`).
+    pub global_extra: String,
 }
 
 impl BirdConfig {
@@ -92,6 +94,7 @@ impl BirdConfig {
             peers: Vec::new(),
             static_v4: Vec::new(),
             static_v6: Vec::new(),
+            global_extra: String::new(),
         }
     }
 
@@ -107,6 +110,7 @@ impl BirdConfig {
         s += &format!("log \"{}\" all;\n", log.display());
         s += &format!("router id {};\n", self.router_id);
         s += "debug protocols { states, events };\n";
+        s += &self.global_extra;
         s += "protocol device { scan time 10; }\n";
         s += "ipv4 table igp4;\nipv6 table igp6;\n";
         s += "protocol static igp4s { ipv4 { table igp4; }; route 0.0.0.0/0 via \"lo\"; }\n";
@@ -177,6 +181,8 @@ pub struct Bird {
     pub cfg: BirdConfig,
     dir: WorkDir,
     daemon: Option<Daemon>,
+    /// Start with `-R` (graceful restart recovery: BIRD restarted and kept forwarding state).
+    recovery: bool,
 }
 
 impl Bird {
@@ -187,6 +193,7 @@ impl Bird {
             cfg,
             dir,
             daemon: None,
+            recovery: false,
         };
         b.write_config()?;
         b.spawn()?;
@@ -235,7 +242,7 @@ impl Bird {
 
     fn spawn(&mut self) -> Result<()> {
         let _ = std::fs::remove_file(self.socket_path());
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "-f".into(),
             "-c".into(),
             self.conf_path().display().to_string(),
@@ -244,6 +251,9 @@ impl Bird {
             "-P".into(),
             self.dir.file("bird.pid").display().to_string(),
         ];
+        if self.recovery {
+            args.push("-R".into());
+        }
         self.daemon = Some(Daemon::spawn(
             "bird",
             &tool("bird"),
@@ -285,6 +295,58 @@ impl Bird {
         self.kill();
         self.write_config()?;
         self.spawn()
+    }
+
+    /// `birdc graceful restart`: BIRD exits without a NOTIFICATION to its peers (they see
+    /// the TCP session close and, as graceful restart helpers, keep its routes). Waits until
+    /// the process is gone.
+    pub fn graceful_restart_exit(&mut self) -> Result<()> {
+        let out = self.birdc(&["graceful", "restart"])?;
+        if !out.contains("Graceful restart requested") {
+            return err(format!("birdc graceful restart: {out}"));
+        }
+        super::wait_for(
+            Duration::from_secs(10),
+            "BIRD to exit after graceful restart",
+            || !self.is_running(),
+            || self.diag(),
+        )?;
+        self.kill();
+        Ok(())
+    }
+
+    /// Start again (after [`Bird::graceful_restart_exit`] or [`Bird::kill`]) with the current
+    /// `cfg`, in graceful restart recovery (`bird -R`): BIRD sets the Restart State bit and
+    /// the Forwarding State bits, and defers its route selection (bounded by the global
+    /// `graceful restart wait`).
+    pub fn start_recovering(&mut self) -> Result<()> {
+        self.kill();
+        self.write_config()?;
+        self.recovery = true;
+        let r = self.spawn();
+        self.recovery = false;
+        r
+    }
+
+    /// The "Neighbor capabilities" section of `show protocols all NAME` (what the peer
+    /// announced in its OPEN: e.g. "Restart recovery", "AF preserved: ipv4 ipv6").
+    pub fn neighbor_capabilities(&self, peer: &str) -> String {
+        let Ok(info) = self.protocol_info(peer) else {
+            return String::new();
+        };
+        let Some(i) = info.find("Neighbor capabilities") else {
+            return String::new();
+        };
+        let rest = &info[i..];
+        let end = rest.find("Session:").unwrap_or(rest.len());
+        rest[..end].to_string()
+    }
+
+    /// BIRD is a graceful restart helper for `peer` right now ("Neighbor graceful restart
+    /// active": it keeps the peer's routes as stale).
+    pub fn helping(&self, peer: &str) -> bool {
+        self.protocol_info(peer)
+            .is_ok_and(|s| s.contains("Neighbor graceful restart active"))
     }
 
     /// Run `birdc -s SOCK args...`; returns stdout without the "BIRD x.y ready." banner.
