@@ -34,6 +34,7 @@ pub struct Metrics {
     pub prefixes_received: IntGaugeVec,
     pub prefixes_accepted: IntGaugeVec,
     pub prefixes_advertised: IntGaugeVec,
+    pub stale_prefixes: IntGaugeVec,
     pub updates_received: IntCounterVec,
     pub updates_sent: IntCounterVec,
     pub notifications_received: IntCounterVec,
@@ -110,6 +111,13 @@ impl Metrics {
                 opts(
                     "bgp_prefixes_advertised",
                     "Prefixes in the peer's Adj-RIB-Out."
+                ),
+                peer
+            )),
+            stale_prefixes: reg!(IntGaugeVec::new(
+                opts(
+                    "bgp_stale_prefixes",
+                    "Routes of a restarting peer kept under graceful restart (RFC 4724)."
                 ),
                 peer
             )),
@@ -225,6 +233,7 @@ impl Metrics {
             &self.prefixes_received,
             &self.prefixes_accepted,
             &self.prefixes_advertised,
+            &self.stale_prefixes,
         ] {
             let _ = vec.remove_label_values(&labels);
         }

@@ -76,9 +76,9 @@ pub struct AgentArgs {
     #[arg(long, env = "PODROUTE_READY_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub ready_grace: Duration,
 
-    /// After a start, how long the first route plan waits for every BGP peer's End-of-RIB
-    /// before it is applied anyway; until then the kernel routes of the previous run stay as
-    /// they are.
+    /// After a restart (routes of ours already in the kernel), how long BGP best-path
+    /// selection and the first route update wait for every peer's End-of-RIB (RFC 4724
+    /// selection deferral); until then the kernel routes of the previous run stay as they are.
     #[arg(long, env = "PODROUTE_SELECTION_DEFERRAL", default_value = "5s", value_parser = parse_duration)]
     pub selection_deferral: Duration,
 

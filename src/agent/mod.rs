@@ -177,6 +177,8 @@ pub struct Agent {
     /// Until this deadline (or every peer's End-of-RIB) plans are computed but not applied,
     /// so a restart does not delete routes the peers are about to announce again.
     deferral: Option<Instant>,
+    /// Started with routes of a previous run in the kernel.
+    restarting: bool,
 }
 
 /// Keeps `tunl0` in place while some pool uses IPIP.
@@ -212,6 +214,17 @@ impl Agent {
             .state
             .latest()
             .context("the agent starts only after the datastore's initial sync")?;
+        let mut dp = Dataplane::open(DataplaneConfig {
+            protocol: args.route_protocol,
+            ..DataplaneConfig::default()
+        })
+        .context("opening the dataplane")?;
+        let reconcile = metrics.reconcile_seconds.clone();
+        dp.on_reconcile(move |elapsed, _| reconcile.observe(elapsed.as_secs_f64()));
+        // Routes of ours already in the kernel: this is a restart. The speaker then tells its
+        // peers that forwarding state was kept (GR R and F bits) and defers its best-path
+        // run until their End-of-RIB, and the first plan waits for it.
+        let restarting = dp.status().installed_routes > 0;
         let local_as = peers::local_as(&state, args.as_number);
         let router_id = address.addr();
         let listen_port = state.bgp.listen_port;
@@ -220,18 +233,20 @@ impl Agent {
         cfg.hold_time = args.hold_time;
         cfg.connect_retry = args.connect_retry;
         cfg.cluster_id = state.local().and_then(|n| n.route_reflector_cluster_id);
+        cfg.restarting = restarting;
+        cfg.selection_deferral = args.selection_deferral;
+        if restarting {
+            info!(
+                adopted = dp.status().installed_routes,
+                deferral = ?args.selection_deferral,
+                "kernel routes from a previous run adopted; restarting gracefully"
+            );
+        }
         let (speaker, best_rx) = Speaker::start(cfg)
             .await
             .context("starting the BGP speaker")?;
         info!(node, %address, nic, local_as, %router_id, listen_port, "BGP speaker started");
 
-        let mut dp = Dataplane::open(DataplaneConfig {
-            protocol: args.route_protocol,
-            ..DataplaneConfig::default()
-        })
-        .context("opening the dataplane")?;
-        let reconcile = metrics.reconcile_seconds.clone();
-        dp.on_reconcile(move |elapsed, _| reconcile.observe(elapsed.as_secs_f64()));
         let (plan_tx, plan_rx) = watch::channel(None);
         let (status_tx, dp_status) = watch::channel(DataplaneStatus::default());
         let dataplane_task = tokio::spawn(async move {
@@ -276,6 +291,7 @@ impl Agent {
             board,
             started: SystemTime::now(),
             deferral: None,
+            restarting,
         };
         Ok((agent, dataplane_task))
     }
@@ -309,7 +325,10 @@ impl Agent {
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
         let now = Instant::now();
-        self.deferral = Some(now + self.args.selection_deferral);
+        if self.restarting {
+            // The speaker ends its deferral itself; this deadline is only a safety net.
+            self.deferral = Some(now + self.args.selection_deferral + Duration::from_secs(2));
+        }
         self.apply_state(now).await?;
         let mut deferral_check = tokio::time::interval(Duration::from_millis(100));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -318,8 +337,9 @@ impl Agent {
         loop {
             tokio::select! {
                 _ = &mut shutdown => {
-                    info!("shutting down; routes stay in the kernel for the next start to adopt");
-                    let _ = self.speaker.shutdown().await;
+                    info!("shutting down; routes stay in the kernel for the next start to adopt, \
+                           and sessions close without NOTIFICATION so GR peers keep ours");
+                    let _ = self.speaker.shutdown_for_restart().await;
                     return Ok(());
                 }
                 changed = state_rx.changed() => {
@@ -515,46 +535,43 @@ impl Agent {
         }
     }
 
-    /// Ends the start-up deferral once every configured peer sent End-of-RIB for IPv4, or at
-    /// the deadline, and applies the plan.
+    /// Ends the start-up deferral when the speaker's deferral is over (End-of-RIB from every
+    /// peer, or its timer) and applies the plan built from the complete view.
     async fn check_deferral(&mut self) -> anyhow::Result<()> {
         let Some(deadline) = self.deferral else {
             return Ok(());
         };
-        self.peer_status = self.speaker.peers().await.context("BGP speaker")?;
-        let waiting: Vec<IpAddr> = self
-            .peers
-            .keys()
-            .filter(|addr| {
-                !self.peer_status.iter().any(|s| {
-                    s.addr == **addr
-                        && s.state.to_string() == "Established"
-                        && s.end_of_rib
-                            .contains(&podroute_bgp::wire::Family::IPV4_UNICAST)
-                })
-            })
-            .copied()
-            .collect();
-        let expired = Instant::now() >= deadline;
-        if !waiting.is_empty() && !expired {
+        let converged = *self.speaker.converged().borrow();
+        if !converged && Instant::now() < deadline {
             return Ok(());
         }
+        // The speaker queued its deferred best paths before it said so: take them all.
+        while let Ok(batch) = self.best_rx.try_recv() {
+            self.absorb(batch);
+        }
+        self.deferral = None;
+        self.peer_status = self.speaker.peers().await.context("BGP speaker")?;
+        let waiting: Vec<String> = self
+            .peer_status
+            .iter()
+            .filter(|s| s.state.to_string() != "Established")
+            .map(|s| s.addr.to_string())
+            .collect();
         if waiting.is_empty() {
             info!(
                 peers = self.peers.len(),
-                "End-of-RIB from every peer; applying the route plan"
+                learned = self.learned.len(),
+                "graceful restart: peers resynchronised; applying the route plan"
             );
         } else {
-            info!(
-                waiting = ?waiting,
-                deferral = ?self.args.selection_deferral,
-                "selection deferral over without End-of-RIB from every peer; applying the route plan"
+            warn!(
+                ?waiting,
+                learned = self.learned.len(),
+                "graceful restart: selection deferral over before every peer came back; applying the route plan"
             );
         }
-        self.deferral = None;
-        if let Some(plan) = &self.plan {
-            self.plan_tx.send_replace(Some(plan.clone()));
-        }
+        self.plan = None;
+        self.replan(Instant::now(), "startup");
         self.publish();
         Ok(())
     }

@@ -18,7 +18,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::time::Duration;
 
 use podroute_bgp::PeerConfig;
 use podroute_bgp::wire::Family;
@@ -82,8 +81,6 @@ pub struct DesiredPeer {
     pub peer_type: PeerType,
     /// The peer node's name (mesh, peerSelector) or the BGPPeer's name.
     pub name: String,
-    /// Graceful-restart time the BGPPeer asks for (`maxRestartTime`).
-    pub max_restart_time: Option<Duration>,
 }
 
 /// The sessions, plus what could not be honoured (logged and shown in status).
@@ -167,13 +164,13 @@ pub fn desired_peers(state: &ClusterState, local: &LocalIdentity) -> PeerSet {
             }
             let mut cfg = base_config(local, IpAddr::V4(ip), node_as(state, node), PeerType::Mesh);
             cfg.passive = ip.to_string() > local_ip_text;
+            cfg.max_restart_time = state.bgp.node_mesh_max_restart_time;
             set.peers.insert(
                 cfg.addr,
                 DesiredPeer {
                     config: cfg,
                     peer_type: PeerType::Mesh,
                     name: node.name.clone(),
-                    max_restart_time: None,
                 },
             );
         }
@@ -234,6 +231,7 @@ pub fn desired_peers(state: &ClusterState, local: &LocalIdentity) -> PeerSet {
             let mut cfg = base_config(local, ip, remote_as, peer_type);
             cfg.port = peer.port.unwrap_or(state.bgp.listen_port);
             cfg.rr_client = is_rr_client(local, node);
+            cfg.max_restart_time = peer.max_restart_time;
             if peer.password.is_some() {
                 set.warnings.push(format!(
                     "BGPPeer {}: TCP-MD5 passwords are not supported yet; peering with {ip} \
@@ -257,7 +255,6 @@ pub fn desired_peers(state: &ClusterState, local: &LocalIdentity) -> PeerSet {
                         } else {
                             peer.name.clone()
                         },
-                        max_restart_time: peer.max_restart_time,
                     },
                 );
             }

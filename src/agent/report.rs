@@ -29,7 +29,11 @@ pub(crate) fn peer_rows(statuses: &[PeerStatus], info: &PeerInfo) -> Vec<PeerRow
         .map(|(addr, (name, peer_type, passive))| {
             let status = statuses.iter().find(|s| s.addr == *addr);
             let state = status.map_or_else(|| "Idle".to_string(), |s| s.state.to_string());
+            let stale = status
+                .and_then(|s| s.graceful_restart.as_ref())
+                .map_or(0, |g| g.stale_prefixes);
             let info = match status {
+                Some(_) if stale > 0 => format!("graceful restart: {stale} stale routes kept"),
                 Some(_) if state == "Established" => "Established".to_string(),
                 Some(s) => s.last_error.clone().unwrap_or_else(|| {
                     if *passive {
@@ -53,6 +57,7 @@ pub(crate) fn peer_rows(statuses: &[PeerStatus], info: &PeerInfo) -> Vec<PeerRow
                 prefixes_received: status.map_or(0, |s| s.prefixes_received),
                 prefixes_accepted: status.map_or(0, |s| s.prefixes_accepted),
                 prefixes_advertised: status.map_or(0, |s| s.prefixes_advertised),
+                stale_prefixes: stale,
             }
         })
         .collect();
@@ -96,6 +101,11 @@ pub(crate) fn update_peer_metrics(
             .prefixes_advertised
             .with_label_values(&labels)
             .set(s.prefixes_advertised as i64);
+        metrics.stale_prefixes.with_label_values(&labels).set(
+            s.graceful_restart
+                .as_ref()
+                .map_or(0, |g| g.stale_prefixes as i64),
+        );
         let c = counts.entry(s.addr).or_default();
         advance(
             &metrics.updates_received.with_label_values(&labels),

@@ -72,6 +72,9 @@ pub struct PeerRow {
     pub prefixes_received: usize,
     pub prefixes_accepted: usize,
     pub prefixes_advertised: usize,
+    /// Routes of a restarting peer kept (stale) under graceful restart.
+    #[serde(default)]
+    pub stale_prefixes: usize,
 }
 
 /// `GET /routes`.

@@ -160,6 +160,8 @@ pub struct BgpConfig {
     pub node_to_node_mesh: bool,
     pub listen_port: u16,
     pub log_severity_screen: Option<String>,
+    /// `nodeMeshMaxRestartTime`: graceful-restart time of mesh sessions; `None` = 120 s.
+    pub node_mesh_max_restart_time: Option<Duration>,
     pub service_cluster_ips: Vec<IpNet>,
     pub service_external_ips: Vec<IpNet>,
     pub service_load_balancer_ips: Vec<IpNet>,
@@ -172,6 +174,7 @@ impl Default for BgpConfig {
             node_to_node_mesh: true,
             listen_port: DEFAULT_LISTEN_PORT,
             log_severity_screen: None,
+            node_mesh_max_restart_time: None,
             service_cluster_ips: Vec::new(),
             service_external_ips: Vec::new(),
             service_load_balancer_ips: Vec::new(),
@@ -207,7 +210,17 @@ impl BgpConfig {
                 .map(|c| parse_masked_cidr(&c.cidr).map_err(reject))
                 .collect()
         };
+        let node_mesh_max_restart_time = match non_empty(&spec.node_mesh_max_restart_time) {
+            None => None,
+            Some(text) => Some(parse_go_duration(&text).ok_or_else(|| {
+                reject(Reason::BadDuration {
+                    field: "nodeMeshMaxRestartTime",
+                    value: text.clone(),
+                })
+            })?),
+        };
         Ok(BgpConfig {
+            node_mesh_max_restart_time,
             as_number,
             node_to_node_mesh: spec.node_to_node_mesh_enabled.unwrap_or(true),
             listen_port,

@@ -280,6 +280,9 @@ pub struct BGPConfigurationSpec {
     pub listen_port: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_severity_screen: Option<String>,
+    /// Graceful-restart time of node-to-node mesh sessions (Go duration, default 120s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_mesh_max_restart_time: Option<String>,
     #[serde(
         default,
         rename = "serviceClusterIPs",
