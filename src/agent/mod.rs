@@ -179,6 +179,8 @@ pub struct Agent {
     deferral: Option<Instant>,
     /// Started with routes of a previous run in the kernel.
     restarting: bool,
+    /// The host NIC was seen without carrier (sessions over it were reset).
+    nic_down: bool,
 }
 
 /// Keeps `tunl0` in place while some pool uses IPIP.
@@ -292,6 +294,7 @@ impl Agent {
             started: SystemTime::now(),
             deferral: None,
             restarting,
+            nic_down: false,
         };
         Ok((agent, dataplane_task))
     }
@@ -603,9 +606,46 @@ impl Agent {
             self.interfaces = interfaces;
             self.replan(Instant::now(), "interfaces");
         }
+        self.check_link().await?;
         self.peer_status = self.speaker.peers().await.context("BGP speaker")?;
         self.ensure_tunnel().await;
         self.publish();
+        Ok(())
+    }
+
+    /// When the host NIC loses its carrier (or is set down), the peers on its subnet are
+    /// unreachable: their sessions are reset at once instead of waiting for the hold timer,
+    /// so their routes go now (no graceful restart: the peer did not restart, we lost it).
+    async fn check_link(&mut self) -> anyhow::Result<()> {
+        let up = link_is_up(&self.nic);
+        if up == Some(false) && !self.nic_down {
+            self.nic_down = true;
+            let lost: Vec<IpAddr> = self
+                .peers
+                .keys()
+                .filter(|a| match a {
+                    IpAddr::V4(v4) => self.address.contains(v4),
+                    IpAddr::V6(_) => false,
+                })
+                .copied()
+                .collect();
+            warn!(nic = self.nic, peers = ?lost, "host NIC is down; resetting the sessions to peers on its subnet");
+            for addr in lost {
+                self.speaker
+                    .remove_peer(addr)
+                    .await
+                    .context("BGP speaker")?;
+                if let Some(p) = self.peers.get(&addr) {
+                    self.speaker
+                        .set_peer(p.desired.config.clone())
+                        .await
+                        .context("BGP speaker")?;
+                }
+            }
+        } else if up == Some(true) && self.nic_down {
+            self.nic_down = false;
+            info!(nic = self.nic, "host NIC is up again");
+        }
         Ok(())
     }
 
@@ -806,6 +846,33 @@ fn resolve_address(
     }
     info!(%address, interface = interface.as_deref().unwrap_or("?"), method = args.ip_autodetection_method, "node IPv4 address");
     Ok((address, interface))
+}
+
+/// Whether `name` is up with carrier (`IFF_UP` and `IFF_RUNNING`); `None` if unknown.
+fn link_is_up(name: &str) -> Option<bool> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    if cname.as_bytes_with_nul().len() > libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: a zeroed ifreq is valid; the name fits (checked above) and is NUL-terminated;
+    // the socket is closed before returning.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(cname.as_bytes_with_nul()) {
+            *dst = *src as libc::c_char;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        libc::close(fd);
+        if rc < 0 {
+            return None;
+        }
+        let flags = i32::from(req.ifr_ifru.ifru_flags);
+        Some(flags & libc::IFF_UP != 0 && flags & libc::IFF_RUNNING != 0)
+    }
 }
 
 /// Aborts a task when dropped.
