@@ -78,6 +78,31 @@ struct Node {
     direct_pod: (Netns, Ipv4Addr),
 }
 
+/// A pod behind `iface` on `node`, with a permanent neighbour entry for its gateway
+/// 169.254.1.1 (the node has no default route, so proxy ARP would not answer).
+fn pod_with_neighbour(node: &Netns, iface: &str, addr: &str) -> Netns {
+    let p = pod(node, iface, addr);
+    let link = node.ip(&["-o", "link", "show", "dev", iface]);
+    let mac = link
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("mac of the cali veth")
+        .to_string();
+    p.ip(&[
+        "neigh",
+        "replace",
+        "169.254.1.1",
+        "lladdr",
+        &mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    p
+}
+
 fn setup() -> Vec<Node> {
     let a = Netns::new(NODES[0].tag);
     let b = Netns::new(NODES[1].tag);
@@ -107,8 +132,8 @@ fn setup() -> Vec<Node> {
         })
         .expect("userspace tunl0");
         let (tdev, ddev) = (format!("calit{i}"), format!("calid{i}"));
-        let tp = pod(&ns, &tdev, n.tunnel_pod);
-        let dp = pod(&ns, &ddev, n.direct_pod);
+        let tp = pod_with_neighbour(&ns, &tdev, n.tunnel_pod);
+        let dp = pod_with_neighbour(&ns, &ddev, n.direct_pod);
         ns.ip(&["route", "add", n.tunnel_pod, "dev", &tdev, "scope", "link"]);
         ns.ip(&["route", "add", n.direct_pod, "dev", &ddev, "scope", "link"]);
         nodes.push(Node {

@@ -29,6 +29,19 @@
 //!   `benches/ipip_throughput.rs`), or two tokio tasks on `AsyncFd`
 //!   ([`ForwarderDriver::Tokio`]). Neither ever blocks a tokio worker.
 //!
+//! # Wiring (agent)
+//! 1. At start, in the node's namespace on the runtime: `--ipip-dataplane` parsed as
+//!    [`IpipDataplane`]; `mode.resolve().await?` turns `auto` into `kernel` or `userspace`.
+//! 2. Userspace: `UserspaceIpip::connect()?.ensure(&spec).await?` wherever the kernel mode
+//!    calls `KernelIpip::ensure` (same [`TunnelSpec`]); then once
+//!    `spawn(ForwarderConfig::new(node_ipv4), table_rx, counters)` with a
+//!    `watch::channel(Arc::new(TunnelTable::default()))` and an `Arc<IpipCounters>`.
+//! 3. For every new plan: `table_tx.send_replace(Arc::new(TunnelTable::from_plan(&plan.routes,
+//!    other_node_ipv4s, pool_cidrs)))`, best before the routes reach the kernel, so that
+//!    packets of a new route find their node.
+//! 4. Metrics: `counters.snapshot()`; `IpipForwarder::exited().await` reports a failure
+//!    (e.g. `tunl0` deleted): ensure the device again and spawn again.
+//!
 //! # Limits
 //! - While the agent is down, `tunl0` has no reader: tunnelled traffic stops (routes stay).
 //! - Packets larger than the path MTU of the underlay are dropped (`too_big`), not answered
