@@ -53,6 +53,7 @@
 //!   node.
 
 mod forward;
+pub mod offload;
 pub mod packet;
 mod sys;
 mod table;
@@ -164,7 +165,7 @@ impl UserspaceIpip {
     pub async fn remove(&self, name: &str) -> Result<bool, TunnelError> {
         match self.netlink.link_details(name).await? {
             Some(l) if l.kind.as_deref() == Some("tun") => {
-                let tun = sys::Tun::attach(name)
+                let tun = sys::Tun::attach(name, false)
                     .map_err(|e| TunnelError::io(format!("attaching to TUN device {name}"), e))?;
                 tun.set_persist(false)
                     .map_err(|e| TunnelError::io(format!("making {name} not persistent"), e))?;
@@ -203,7 +204,7 @@ impl TunnelDevice for UserspaceIpip {
                 });
             }
             None => {
-                let tun = sys::Tun::attach(&spec.name).map_err(|e| {
+                let tun = sys::Tun::attach(&spec.name, false).map_err(|e| {
                     TunnelError::io(format!("creating TUN device {}", spec.name), e)
                 })?;
                 tun.set_persist(true)
@@ -257,10 +258,14 @@ pub struct ForwarderConfig {
     pub batch: usize,
     /// Receive and send buffer of the raw sockets, bytes.
     pub socket_buffer: usize,
+    /// Exchange up to 64 KiB TCP packets with the kernel (virtio-net header, TSO and
+    /// checksum offload on `tunl0`; see [`offload`]); falls back to packet by packet when
+    /// the kernel refuses.
+    pub offload: bool,
 }
 
 impl ForwarderConfig {
-    /// Defaults for `local`: `tunl0`, threads, batch 32, 4 MiB buffers.
+    /// Defaults for `local`: `tunl0`, threads, batch 32, 4 MiB buffers, offloads on.
     pub fn new(local: Ipv4Addr) -> Self {
         Self {
             device: crate::plan::TUNNEL_DEVICE.to_string(),
@@ -268,6 +273,7 @@ impl ForwarderConfig {
             driver: ForwarderDriver::Threads,
             batch: 32,
             socket_buffer: 4 << 20,
+            offload: true,
         }
     }
 }
@@ -356,10 +362,22 @@ pub fn spawn(
     counters: Arc<IpipCounters>,
 ) -> Result<IpipForwarder, TunnelError> {
     let name = config.device.as_str();
-    let tun = Arc::new(
-        sys::Tun::attach(name)
-            .map_err(|e| TunnelError::io(format!("attaching to TUN device {name}"), e))?,
-    );
+    let attach = |vnet| {
+        sys::Tun::attach(name, vnet)
+            .map_err(|e| TunnelError::io(format!("attaching to TUN device {name}"), e))
+    };
+    let (tun, vnet) = if config.offload {
+        match attach(true) {
+            Ok(t) => (t, true),
+            Err(e) => {
+                tracing::warn!(error = %e, "TUN offloads unavailable; forwarding packet by packet");
+                (attach(false)?, false)
+            }
+        }
+    } else {
+        (attach(false)?, false)
+    };
+    let tun = Arc::new(tun);
     let rx = sys::RawSocket::ipip_receiver(config.local, config.socket_buffer).map_err(|e| {
         TunnelError::io(
             format!("opening the IP protocol 4 socket on {}", config.local),
@@ -379,8 +397,17 @@ pub fn spawn(
         table.clone(),
         counters.clone(),
         config.batch,
+        vnet,
     );
-    let decap = forward::Decap::new(rx, tun, table, counters, config.batch);
+    let decap = forward::Decap::new(
+        rx,
+        tun,
+        config.device.clone(),
+        table,
+        counters,
+        config.batch,
+        vnet,
+    );
     let stop = Arc::new(
         forward::StopSignal::new().map_err(|e| TunnelError::io("creating an eventfd", e))?,
     );

@@ -11,8 +11,9 @@
 //! output full, and the driver waits: [`run_thread`] with `poll(2)` on a dedicated thread,
 //! [`run_task`] with tokio's `AsyncFd`.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::Ipv4Addr;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,14 +23,15 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
+use super::offload;
 use super::packet::{self, DropReason, OUTER_HEADER_LEN};
 use super::sys::{RawSocket, Ready, Tun, Waker, wait};
 use super::table::TunnelTable;
 
 /// Packets handled per batch at most (bounded by the 64 of [`RawSocket`]'s batch calls).
 pub const MAX_BATCH: usize = 64;
-/// Buffer per packet: the largest IPv4 packet plus the outer header.
-const SLOT: usize = packet::MAX_PACKET + OUTER_HEADER_LEN;
+/// Buffer per packet: the largest IPv4 packet plus the outer and virtio-net headers.
+const SLOT: usize = packet::MAX_PACKET + OUTER_HEADER_LEN + offload::VNET_HDR_LEN;
 
 /// Counters of the userspace tunnel since start; shared with the metrics exporter.
 ///
@@ -42,6 +44,8 @@ pub struct IpipCounters {
     encap_bytes: AtomicU64,
     decap_packets: AtomicU64,
     decap_bytes: AtomicU64,
+    segmented: AtomicU64,
+    coalesced: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
 }
 
@@ -52,6 +56,11 @@ pub struct IpipCountersSnapshot {
     pub encap_bytes: u64,
     pub decap_packets: u64,
     pub decap_bytes: u64,
+    /// Large TCP packets read from `tunl0` (TSO) and cut into segments here.
+    pub segmented: u64,
+    /// Writes to `tunl0` that carried several coalesced segments (or one packet larger than
+    /// the MTU) as one GSO packet.
+    pub coalesced: u64,
     /// Indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::ALL.len()],
 }
@@ -88,6 +97,8 @@ impl IpipCounters {
             encap_bytes: self.encap_bytes.load(Ordering::Relaxed),
             decap_packets: self.decap_packets.load(Ordering::Relaxed),
             decap_bytes: self.decap_bytes.load(Ordering::Relaxed),
+            segmented: self.segmented.load(Ordering::Relaxed),
+            coalesced: self.coalesced.load(Ordering::Relaxed),
             drops,
         }
     }
@@ -101,6 +112,14 @@ impl IpipCounters {
         if t.packets > 0 {
             p.fetch_add(t.packets, Ordering::Relaxed);
             b.fetch_add(t.bytes, Ordering::Relaxed);
+        }
+        if t.gso > 0 {
+            let g = if encap {
+                &self.segmented
+            } else {
+                &self.coalesced
+            };
+            g.fetch_add(t.gso, Ordering::Relaxed);
         }
         for (a, d) in self.drops.iter().zip(&t.drops) {
             if *d > 0 {
@@ -116,6 +135,8 @@ impl IpipCounters {
 struct Tally {
     packets: u64,
     bytes: u64,
+    /// GSO packets segmented (encapsulating) or written (decapsulating).
+    gso: u64,
     drops: [u64; DropReason::ALL.len()],
 }
 
@@ -205,6 +226,28 @@ impl<P: Pump + ?Sized> Pump for Box<P> {
     }
 }
 
+/// Where one part of an outgoing packet lives.
+#[derive(Debug, Clone)]
+enum Part {
+    /// `slots[slot][range]`.
+    Slot(usize, Range<usize>),
+    /// `headers[index][..len]`: outer + inner headers of a segment.
+    Header(usize, usize),
+}
+
+/// One encapsulated packet waiting to be sent: its parts, the node, the inner length.
+#[derive(Debug, Clone)]
+struct Outgoing {
+    parts: [Option<Part>; 2],
+    node: Ipv4Addr,
+    inner_len: usize,
+}
+
+type SegmentHeaders = [u8; OUTER_HEADER_LEN + offload::MAX_HEADERS];
+
+/// Stop reading once this many packets wait to be sent (TSO packets yield up to ~45 each).
+const MAX_QUEUED: usize = 512;
+
 /// TUN → wire.
 pub struct Encap {
     tun: Arc<Tun>,
@@ -213,9 +256,14 @@ pub struct Encap {
     table: TableView,
     counters: Arc<IpipCounters>,
     batch: usize,
+    /// Packets carry a virtio-net header (offloads on).
+    vnet: bool,
+    /// Read buffers: room for the outer header, then (virtio-net header and) the packet.
     slots: Vec<Vec<u8>>,
-    /// (slot, outer packet length, node) of the packets to send, in order.
-    queued: Vec<(usize, usize, Ipv4Addr)>,
+    /// Headers of segments cut from TSO packets; `headers_used` of them hold this batch's.
+    headers: Vec<SegmentHeaders>,
+    headers_used: usize,
+    queued: Vec<Outgoing>,
     /// First entry of `queued` not yet sent.
     next: usize,
     tally: Tally,
@@ -230,6 +278,7 @@ impl Encap {
         table: watch::Receiver<Arc<TunnelTable>>,
         counters: Arc<IpipCounters>,
         batch: usize,
+        vnet: bool,
     ) -> Self {
         let batch = batch.clamp(1, MAX_BATCH);
         Self {
@@ -239,11 +288,117 @@ impl Encap {
             table: TableView::new(table),
             counters,
             batch,
+            vnet,
             slots: (0..batch).map(|_| vec![0u8; SLOT]).collect(),
-            queued: Vec::with_capacity(batch),
+            headers: Vec::new(),
+            headers_used: 0,
+            queued: Vec::with_capacity(MAX_QUEUED + 64),
             next: 0,
             tally: Tally::default(),
             log: DropLog::new(),
+        }
+    }
+
+    /// Offset of the packet in a slot.
+    fn packet_offset(&self) -> usize {
+        if self.vnet {
+            OUTER_HEADER_LEN + offload::VNET_HDR_LEN
+        } else {
+            OUTER_HEADER_LEN
+        }
+    }
+
+    /// Queues the packet of `slot` (`len` bytes at the packet offset) for `node`.
+    fn queue(&mut self, slot: usize, len: usize, node: Ipv4Addr) -> Result<(), DropReason> {
+        let off = self.packet_offset();
+        let vnet = if self.vnet {
+            offload::VnetHdr::parse(&self.slots[slot][OUTER_HEADER_LEN..off])
+        } else {
+            None
+        };
+        match vnet {
+            Some(h) if h.gso_type & !offload::GSO_ECN == offload::GSO_TCPV4 => {
+                self.tally.gso += 1;
+                self.queue_segments(slot, off, len, usize::from(h.gso_size), node)
+            }
+            Some(h) if h.gso_type != offload::GSO_NONE => Err(DropReason::TooBig),
+            other => {
+                let packet = &mut self.slots[slot][off..off + len];
+                if let Some(h) = other
+                    && h.flags & offload::F_NEEDS_CSUM != 0
+                {
+                    offload::complete_checksum(
+                        packet,
+                        usize::from(h.csum_start),
+                        usize::from(h.csum_offset),
+                    )?;
+                }
+                let start = off - OUTER_HEADER_LEN;
+                packet::write_outer_header(
+                    &mut self.slots[slot][start..off + len],
+                    self.local,
+                    node,
+                )?;
+                self.queued.push(Outgoing {
+                    parts: [Some(Part::Slot(slot, start..off + len)), None],
+                    node,
+                    inner_len: len,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Cuts a TSO packet into segments of `mss` and queues them (headers in `headers`,
+    /// payloads left in the slot).
+    fn queue_segments(
+        &mut self,
+        slot: usize,
+        off: usize,
+        len: usize,
+        mss: usize,
+        node: Ipv4Addr,
+    ) -> Result<(), DropReason> {
+        let packet = &self.slots[slot][off..off + len];
+        let (local, headers, queued) = (self.local, &mut self.headers, &mut self.queued);
+        let used = &mut self.headers_used;
+        let mut error = None;
+        offload::tcp_segments(packet, mss, |h, payload| {
+            if error.is_some() {
+                return;
+            }
+            let k = *used;
+            if headers.len() <= k {
+                headers.push([0; OUTER_HEADER_LEN + offload::MAX_HEADERS]);
+            }
+            let store = &mut headers[k];
+            let (outer, rest) = store.split_at_mut(OUTER_HEADER_LEN);
+            rest[..h.len()].copy_from_slice(h);
+            let outer: &mut [u8; OUTER_HEADER_LEN] = outer.try_into().expect("20 bytes");
+            let total = OUTER_HEADER_LEN + h.len() + payload.len();
+            if let Err(e) = packet::outer_header(outer, h, total, local, node) {
+                error = Some(e);
+                return;
+            }
+            *used += 1;
+            let payload = off + payload.start..off + payload.end;
+            queued.push(Outgoing {
+                parts: [
+                    Some(Part::Header(k, OUTER_HEADER_LEN + h.len())),
+                    (!payload.is_empty()).then_some(Part::Slot(slot, payload.clone())),
+                ],
+                node,
+                inner_len: h.len() + payload.len(),
+            });
+        })?;
+        error.map_or(Ok(()), Err)
+    }
+
+    fn part(&self, part: &Option<Part>) -> &[u8] {
+        match part {
+            Some(Part::Slot(slot, range)) => &self.slots[*slot][range.clone()],
+            Some(Part::Header(index, len)) => &self.headers[*index][..*len],
+            None => &[],
         }
     }
 }
@@ -253,11 +408,16 @@ impl Pump for Encap {
         self.table.refresh();
         self.queued.clear();
         self.next = 0;
-        let table = &*self.table.current;
+        self.headers_used = 0;
+        let table = self.table.current.clone();
+        let off = self.packet_offset();
+        let head = off - OUTER_HEADER_LEN;
         let mut read = 0;
         for slot in 0..self.batch {
-            let buf = &mut self.slots[slot];
-            let n = match self.tun.read(&mut buf[OUTER_HEADER_LEN..]) {
+            if self.queued.len() >= MAX_QUEUED {
+                break;
+            }
+            let n = match self.tun.read(&mut self.slots[slot][OUTER_HEADER_LEN..]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -267,30 +427,20 @@ impl Pump for Encap {
                 }
             };
             read += 1;
-            let packet = &mut buf[..OUTER_HEADER_LEN + n];
-            let result = packet::inner_destination(&packet[OUTER_HEADER_LEN..])
-                .and_then(|dst| {
-                    table
-                        .lookup(dst)
-                        .ok_or(DropReason::NoRoute)
-                        .map(|gw| (dst, gw))
-                })
-                .and_then(|(dst, gw)| {
-                    packet::write_outer_header(packet, self.local, gw).map(|()| (dst, gw))
+            let Some(len) = n.checked_sub(head) else {
+                self.tally.drop(DropReason::NotIpv4);
+                continue;
+            };
+            let dst = packet::inner_destination(&self.slots[slot][off..off + len]);
+            let result = dst
+                .and_then(|d| table.lookup(d).ok_or(DropReason::NoRoute))
+                .and_then(|node| self.queue(slot, len, node));
+            if let Err(reason) = result {
+                self.tally.drop(reason);
+                self.log.note(reason, || match (reason, dst) {
+                    (DropReason::NoRoute, Ok(d)) => format!("no remote block for {d}"),
+                    _ => format!("{len}-byte packet from tunl0"),
                 });
-            match result {
-                Ok((_, gw)) => self.queued.push((slot, packet.len(), gw)),
-                Err(reason) => {
-                    self.tally.drop(reason);
-                    self.log.note(reason, || match reason {
-                        DropReason::NoRoute => format!(
-                            "no remote block for {}",
-                            packet::inner_destination(&packet[OUTER_HEADER_LEN..])
-                                .map_or_else(|_| "?".into(), |d| d.to_string())
-                        ),
-                        _ => format!("{n}-byte packet from tunl0"),
-                    });
-                }
             }
         }
         if read == 0 {
@@ -305,19 +455,19 @@ impl Pump for Encap {
     fn send(&mut self) -> io::Result<bool> {
         while self.next < self.queued.len() {
             let pending = &self.queued[self.next..];
-            let mut packets: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
-            let mut dsts = [Ipv4Addr::UNSPECIFIED; MAX_BATCH];
-            for (i, (slot, len, gw)) in pending.iter().enumerate() {
-                packets[i] = &self.slots[*slot][..*len];
-                dsts[i] = *gw;
+            let n = pending.len().min(MAX_BATCH);
+            let mut packets: [[&[u8]; 2]; MAX_BATCH] = [[&[], &[]]; MAX_BATCH];
+            let mut nodes = [Ipv4Addr::UNSPECIFIED; MAX_BATCH];
+            for (i, out) in pending[..n].iter().enumerate() {
+                packets[i] = [self.part(&out.parts[0]), self.part(&out.parts[1])];
+                nodes[i] = out.node;
             }
-            let n = pending.len();
-            match self.tx.send_batch(&packets[..n], &dsts[..n]) {
+            match self.tx.send_batch(&packets[..n], &nodes[..n]) {
                 Ok(0) => return Ok(false),
                 Ok(sent) => {
-                    for (_, len, _) in &pending[..sent] {
+                    for out in &pending[..sent] {
                         self.tally.packets += 1;
-                        self.tally.bytes += (*len - OUTER_HEADER_LEN) as u64;
+                        self.tally.bytes += out.inner_len as u64;
                     }
                     self.next += sent;
                 }
@@ -332,9 +482,9 @@ impl Pump for Encap {
                     } else {
                         DropReason::SendError
                     };
-                    let gw = pending[0].2;
+                    let node = pending[0].node;
                     self.tally.drop(reason);
-                    self.log.note(reason, || format!("to node {gw}: {e}"));
+                    self.log.note(reason, || format!("to node {node}: {e}"));
                     self.next += 1;
                 }
             }
@@ -352,36 +502,168 @@ impl Pump for Encap {
     }
 }
 
+/// How often the decapsulating side re-reads `tunl0`'s MTU.
+const MTU_REFRESH: Duration = Duration::from_secs(1);
+
 /// Wire → TUN.
 pub struct Decap {
     rx: RawSocket,
-    tun: Arc<Tun>,
+    out: TunOut,
+    device: String,
     table: TableView,
     counters: Arc<IpipCounters>,
+    /// Packets carry a virtio-net header: TCP segments are coalesced.
+    vnet: bool,
+    mtu: usize,
+    mtu_read: Instant,
     bufs: Vec<Vec<u8>>,
     lens: Vec<usize>,
-    tally: Tally,
-    log: DropLog,
+    /// Inner packets of this batch: buffer index and range.
+    inner: Vec<(usize, Range<usize>)>,
+}
+
+/// A run of coalesced packets: the first one whole, the others' payloads.
+struct Run {
+    coalescer: offload::Coalescer,
+    first: Option<(usize, Range<usize>)>,
+    payloads: Vec<(usize, Range<usize>)>,
 }
 
 impl Decap {
     pub(crate) fn new(
         rx: RawSocket,
         tun: Arc<Tun>,
+        device: String,
         table: watch::Receiver<Arc<TunnelTable>>,
         counters: Arc<IpipCounters>,
         batch: usize,
+        vnet: bool,
     ) -> Self {
         let batch = batch.clamp(1, MAX_BATCH);
-        Self {
+        let mut d = Self {
             rx,
-            tun,
+            out: TunOut {
+                tun,
+                tally: Tally::default(),
+                log: DropLog::new(),
+            },
+            device,
             table: TableView::new(table),
             counters,
+            vnet,
+            mtu: 1480,
+            mtu_read: Instant::now(),
             bufs: (0..batch).map(|_| vec![0u8; packet::MAX_PACKET]).collect(),
             lens: vec![0; batch],
-            tally: Tally::default(),
-            log: DropLog::new(),
+            inner: Vec::with_capacity(batch),
+        };
+        d.refresh_mtu();
+        d
+    }
+
+    fn refresh_mtu(&mut self) {
+        match self.rx.device_mtu(&self.device) {
+            Ok(m) if m >= 68 => self.mtu = m as usize,
+            Ok(_) => {}
+            Err(e) => tracing::debug!(device = %self.device, error = %e, "cannot read the MTU"),
+        }
+        self.mtu_read = Instant::now();
+    }
+
+    /// A packet larger than the MTU (merged by the underlay's GRO): TCP is handed to the
+    /// kernel as a GSO packet (header on) or cut into segments here (header off); anything
+    /// else is written as it is, for the kernel to fragment or refuse.
+    fn write_oversized(&mut self, buf: usize, range: Range<usize>) {
+        let len = range.len() as u64;
+        let out = &mut self.out;
+        let packet = &mut self.bufs[buf][range];
+        if self.vnet {
+            if let Some(h) = offload::oversized_tcp_gso(packet, self.mtu) {
+                let h = h.encode();
+                out.tally.gso += 1;
+                out.write(&[IoSlice::new(&h), IoSlice::new(packet)], 1, len);
+                return;
+            }
+        } else if let Some((ihl, thl)) = offload::tcp_headers(packet)
+            && let Some(mss) = self.mtu.checked_sub(ihl + thl).filter(|m| *m > 0)
+        {
+            let mut first = true;
+            let _ = offload::tcp_segments(packet, mss, |h, r| {
+                let (packets, bytes) = if first { (1, len) } else { (0, 0) };
+                first = false;
+                out.write(&[IoSlice::new(h), IoSlice::new(&packet[r])], packets, bytes);
+            });
+            return;
+        }
+        out.write_single(self.vnet, packet);
+    }
+
+    /// Writes the current run: merged with a GSO header, or its only packet as it is.
+    fn flush_run(&mut self, run: &mut Run) {
+        let Some((buf, range)) = run.first.take() else {
+            return;
+        };
+        let (head, tail) = self.bufs.split_at_mut(buf);
+        let (first, tail) = tail.split_first_mut().expect("index in range");
+        let first_packet = &mut first[range.clone()];
+        let Some(h) = run.coalescer.finish(first_packet) else {
+            self.out.write_single(self.vnet, first_packet);
+            return;
+        };
+        let h = h.encode();
+        let headers = usize::from(offload::VnetHdr::parse(&h).map_or(0, |v| v.hdr_len));
+        let mut parts = Vec::with_capacity(run.payloads.len() + 2);
+        parts.push(IoSlice::new(&h));
+        parts.push(IoSlice::new(first_packet));
+        let mut bytes = range.len() as u64;
+        for (b, r) in run.payloads.drain(..) {
+            // Payloads come from later buffers than the first packet's.
+            let src = if b < buf {
+                &head[b]
+            } else {
+                &tail[b - buf - 1]
+            };
+            bytes += (headers + r.len()) as u64;
+            parts.push(IoSlice::new(&src[r]));
+        }
+        let packets = parts.len() as u64 - 1;
+        self.out.tally.gso += 1;
+        self.out.write(&parts, packets, bytes);
+    }
+}
+
+/// The TUN side of [`Decap`] with its counts.
+struct TunOut {
+    tun: Arc<Tun>,
+    tally: Tally,
+    log: DropLog,
+}
+
+impl TunOut {
+    /// Writes `parts` (one packet) to the TUN device, counting `packets` inner packets of
+    /// `bytes` bytes.
+    fn write(&mut self, parts: &[IoSlice<'_>], packets: u64, bytes: u64) {
+        match self.tun.write_parts(parts) {
+            Ok(_) => {
+                self.tally.packets += packets;
+                self.tally.bytes += bytes;
+            }
+            Err(e) => {
+                self.tally.drops[DropReason::TunWriteError.index()] += packets;
+                self.log
+                    .note(DropReason::TunWriteError, || format!("write to tunl0: {e}"));
+            }
+        }
+    }
+
+    /// Writes one inner packet as it is (after an empty virtio-net header when `vnet`).
+    fn write_single(&mut self, vnet: bool, packet: &[u8]) {
+        let len = packet.len() as u64;
+        if vnet {
+            let none = [0u8; offload::VNET_HDR_LEN];
+            self.write(&[IoSlice::new(&none), IoSlice::new(packet)], 1, len);
+        } else {
+            self.write(&[IoSlice::new(packet)], 1, len);
         }
     }
 }
@@ -389,37 +671,72 @@ impl Decap {
 impl Pump for Decap {
     fn receive(&mut self) -> io::Result<bool> {
         self.table.refresh();
+        if self.mtu_read.elapsed() >= MTU_REFRESH {
+            self.refresh_mtu();
+        }
         let got = match self.rx.recv_batch(&mut self.bufs, &mut self.lens) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
             Err(e) => return Err(e),
         };
-        let table = &*self.table.current;
+        let table = self.table.current.clone();
+        self.inner.clear();
         for i in 0..got {
             let packet = &mut self.bufs[i][..self.lens[i]];
-            match packet::decapsulate(packet, table) {
-                Ok(inner) => match self.tun.write(&packet[inner.clone()]) {
-                    Ok(_) => {
-                        self.tally.packets += 1;
-                        self.tally.bytes += inner.len() as u64;
-                    }
-                    Err(e) => {
-                        self.tally.drop(DropReason::TunWriteError);
-                        self.log
-                            .note(DropReason::TunWriteError, || format!("write to tunl0: {e}"));
-                    }
-                },
+            match packet::decapsulate(packet, &table) {
+                Ok(range) => self.inner.push((i, range)),
                 Err(reason) => {
-                    self.tally.drop(reason);
-                    self.log.note(reason, || {
+                    self.out.tally.drop(reason);
+                    self.out.log.note(reason, || {
                         packet::outer_source(packet)
                             .map_or_else(|| "malformed".into(), |s| format!("from {s}"))
                     });
                 }
             }
         }
-        self.counters.add(&mut self.tally, false);
+        let mut run = Run {
+            coalescer: offload::Coalescer::default(),
+            first: None,
+            payloads: Vec::new(),
+        };
+        let inner = std::mem::take(&mut self.inner);
+        for (buf, range) in &inner {
+            let (buf, range) = (*buf, range.clone());
+            if range.len() > self.mtu {
+                self.flush_run(&mut run);
+                self.write_oversized(buf, range);
+                continue;
+            }
+            if !self.vnet {
+                self.out.write_single(false, &self.bufs[buf][range]);
+                continue;
+            }
+            let packet = &self.bufs[buf][range.clone()];
+            let packet_len = packet.len();
+            let seg = offload::Coalescer::candidate(packet);
+            if let (Some(seg), Some((fb, fr))) = (seg, &run.first)
+                && run
+                    .coalescer
+                    .accepts(&self.bufs[*fb][fr.clone()], &seg, packet)
+            {
+                let (ihl, thl) = offload::tcp_headers(packet).expect("a candidate is TCP");
+                run.coalescer.push(seg);
+                run.payloads.push((buf, range.start + ihl + thl..range.end));
+                continue;
+            }
+            self.flush_run(&mut run);
+            match seg {
+                Some(seg) => {
+                    run.coalescer.start(seg, packet_len);
+                    run.first = Some((buf, range));
+                }
+                None => self.out.write_single(true, &self.bufs[buf][range]),
+            }
+        }
+        self.flush_run(&mut run);
+        self.inner = inner;
+        self.counters.add(&mut self.out.tally, false);
         Ok(true)
     }
 
@@ -432,7 +749,7 @@ impl Pump for Decap {
     }
 
     fn output_fd(&self) -> RawFd {
-        self.tun.as_raw_fd()
+        self.out.tun.as_raw_fd()
     }
 }
 

@@ -130,20 +130,34 @@ pub fn inner_destination(packet: &[u8]) -> Result<Ipv4Addr, DropReason> {
 /// `buf[20..]` must hold at least 20 bytes (checked by [`inner_destination`]).
 pub fn write_outer_header(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr) -> Result<(), DropReason> {
     let total = buf.len();
-    if total > MAX_PACKET {
-        return Err(DropReason::TooBig);
-    }
     if total < 2 * OUTER_HEADER_LEN {
         return Err(DropReason::NotIpv4);
     }
-    let inner_tos = buf[OUTER_HEADER_LEN + 1];
-    let inner_df = buf[OUTER_HEADER_LEN + 6] & DF;
-    let h = &mut buf[..OUTER_HEADER_LEN];
+    let (outer, inner) = buf.split_at_mut(OUTER_HEADER_LEN);
+    let outer: &mut [u8; OUTER_HEADER_LEN] = outer.try_into().expect("20 bytes");
+    outer_header(outer, inner, total, src, dst)
+}
+
+/// Writes the outer header for an encapsulated packet of `total` bytes (outer header
+/// included) whose inner header starts with `inner` (at least 20 bytes).
+pub fn outer_header(
+    h: &mut [u8; OUTER_HEADER_LEN],
+    inner: &[u8],
+    total: usize,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+) -> Result<(), DropReason> {
+    if total > MAX_PACKET {
+        return Err(DropReason::TooBig);
+    }
+    if inner.len() < 20 {
+        return Err(DropReason::NotIpv4);
+    }
     h[0] = 0x45;
-    h[1] = inner_tos;
+    h[1] = inner[1];
     h[2..4].copy_from_slice(&(total as u16).to_be_bytes());
     h[4..6].copy_from_slice(&[0, 0]);
-    h[6] = inner_df;
+    h[6] = inner[6] & DF;
     h[7] = 0;
     h[8] = OUTER_TTL;
     h[9] = IPPROTO_IPIP;

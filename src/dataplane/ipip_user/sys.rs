@@ -42,8 +42,10 @@ impl Tun {
     /// Opens `/dev/net/tun` and attaches to the TUN device `name`, creating it (not
     /// persistent) when missing, in the calling thread's network namespace. Fails with
     /// `EINVAL` when `name` is a device of another kind, and `EBUSY` when another process
-    /// holds its queue.
-    pub fn attach(name: &str) -> io::Result<Self> {
+    /// holds its queue. `vnet`: every packet carries a virtio-net header and the device
+    /// offers TSO and checksum offload (`TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN`);
+    /// without it the offloads are switched off.
+    pub fn attach(name: &str, vnet: bool) -> io::Result<Self> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -65,9 +67,26 @@ impl Tun {
         for (dst, src) in req.name.iter_mut().zip(name.bytes()) {
             *dst = src as libc::c_char;
         }
-        req.flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+        if vnet {
+            flags |= libc::IFF_VNET_HDR;
+        }
+        req.flags = flags as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req` is laid out as.
         cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) })?;
+        let offloads = if vnet {
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO_ECN
+        } else {
+            0
+        };
+        // SAFETY: TUNSETOFFLOAD takes an integer argument.
+        cvt(unsafe {
+            libc::ioctl(
+                fd.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                libc::c_ulong::from(offloads),
+            )
+        })?;
         Ok(Self { fd })
     }
 
@@ -90,10 +109,16 @@ impl Tun {
         cvt_size(unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
     }
 
-    /// Writes one packet.
-    pub fn write(&self, packet: &[u8]) -> io::Result<usize> {
-        // SAFETY: `packet` is valid for reads of `packet.len()` bytes.
-        cvt_size(unsafe { libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) })
+    /// Writes one packet gathered from `parts`.
+    pub fn write_parts(&self, parts: &[std::io::IoSlice<'_>]) -> io::Result<usize> {
+        // SAFETY: `IoSlice` is ABI-compatible with `iovec`; the slices are live.
+        cvt_size(unsafe {
+            libc::writev(
+                self.fd.as_raw_fd(),
+                parts.as_ptr().cast(),
+                parts.len().min(1024) as libc::c_int,
+            )
+        })
     }
 }
 
@@ -218,34 +243,41 @@ impl RawSocket {
         Ok(got)
     }
 
-    /// Sends the packets `packets[i]` (each starting with its IPv4 header) to `dsts[i]`
-    /// without blocking. Returns how many were sent from the front; an error means the
-    /// first packet was not sent (`WouldBlock`: the send buffer is full).
-    pub fn send_batch(&self, packets: &[&[u8]], dsts: &[Ipv4Addr]) -> io::Result<usize> {
+    /// Sends the packets `packets[i]` (each the concatenation of its two parts, starting
+    /// with its IPv4 header) to `dsts[i]` without blocking. Returns how many were sent from
+    /// the front; an error means the first packet was not sent (`WouldBlock`: the send
+    /// buffer is full).
+    pub fn send_batch(&self, packets: &[[&[u8]; 2]], dsts: &[Ipv4Addr]) -> io::Result<usize> {
         const MAX: usize = 64;
         let n = packets.len().min(dsts.len()).min(MAX);
         if n == 0 {
             return Ok(0);
         }
         // SAFETY: all-zero iovec, sockaddr_in and mmsghdr are valid.
-        let mut iov: [libc::iovec; MAX] = unsafe { zeroed() };
+        let mut iov: [[libc::iovec; 2]; MAX] = unsafe { zeroed() };
         // SAFETY: as above.
         let mut addrs: [libc::sockaddr_in; MAX] = unsafe { zeroed() };
         // SAFETY: as above.
         let mut msgs: [libc::mmsghdr; MAX] = unsafe { zeroed() };
         for i in 0..n {
-            iov[i] = libc::iovec {
-                iov_base: packets[i].as_ptr() as *mut libc::c_void,
-                iov_len: packets[i].len(),
-            };
+            let mut parts = 0;
+            for part in packets[i] {
+                if !part.is_empty() {
+                    iov[i][parts] = libc::iovec {
+                        iov_base: part.as_ptr() as *mut libc::c_void,
+                        iov_len: part.len(),
+                    };
+                    parts += 1;
+                }
+            }
             addrs[i] = sockaddr(dsts[i]);
-            msgs[i].msg_hdr.msg_iov = &mut iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_iov = iov[i].as_mut_ptr();
+            msgs[i].msg_hdr.msg_iovlen = parts;
             msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
             msgs[i].msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
         }
-        // SAFETY: every header points at a live address and one iovec over a live packet;
-        // the kernel only reads the packets.
+        // SAFETY: every header points at a live address and its iovecs over live packet
+        // parts; the kernel only reads them.
         let sent = cvt(unsafe {
             libc::sendmmsg(
                 self.fd.as_raw_fd(),
@@ -255,6 +287,29 @@ impl RawSocket {
             )
         })?;
         Ok(sent as usize)
+    }
+
+    /// The MTU of the device `name`, asked through this socket (so in its namespace).
+    pub fn device_mtu(&self, name: &str) -> io::Result<u32> {
+        #[repr(C)]
+        struct IfReqMtu {
+            name: [libc::c_char; libc::IFNAMSIZ],
+            mtu: libc::c_int,
+            _pad: [u8; 20],
+        }
+        const SIOCGIFMTU: libc::c_ulong = 0x8921;
+        // SAFETY: an all-zero ifreq is valid.
+        let mut req: IfReqMtu = unsafe { zeroed() };
+        for (dst, src) in req
+            .name
+            .iter_mut()
+            .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+        {
+            *dst = src as libc::c_char;
+        }
+        // SAFETY: SIOCGIFMTU reads the name and writes `ifr_mtu` of a `struct ifreq`.
+        cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), SIOCGIFMTU, &mut req) })?;
+        Ok(req.mtu.max(0) as u32)
     }
 }
 
