@@ -1,7 +1,8 @@
 //! Userspace IPIP tunnel vs the direct routed path, in fresh network namespaces (root).
 //!
 //! `cargo bench --bench ipip_throughput` (env `PODROUTE_BENCH_SECS`, default 2 s per run;
-//! `PODROUTE_BENCH_RUNS`, default 3; `PODROUTE_BENCH_ECHOES`, default 5000).
+//! `PODROUTE_BENCH_RUNS`, default 3; `PODROUTE_BENCH_ECHOES`, default 5000;
+//! `PODROUTE_BENCH_ONLY=text`: only the tunnel cases whose name contains it).
 //!
 //! Two nodes share one veth link (192.168.92.128/.129). Each node has two pods: one whose
 //! block is routed directly (`BLOCK via NODE dev ens33`) and one whose block goes through the
@@ -11,8 +12,9 @@
 //!   median of the runs in Gbit/s;
 //! - UDP echo round trip, pod to pod, 32-byte datagrams one at a time: median and p99.
 //!
-//! The tunnel is measured with both forwarder drivers (threads, tokio). Addresses are used
-//! only inside the namespaces created here.
+//! The tunnel is measured with both forwarder drivers (threads, tokio; each node with its own
+//! runtime), with and without TUN offloads. Addresses are used only inside the namespaces
+//! created here.
 
 #[path = "../tests/netns/mod.rs"]
 mod netns;
@@ -170,11 +172,13 @@ fn setup() -> Vec<Node> {
     nodes
 }
 
-/// Starts the forwarder of node `me` (its table: the peer's tunnelled block).
+/// Starts the forwarder of node `me` (its table: the peer's tunnelled block); tokio tasks
+/// run on `rt`, the node's own runtime (as the node's agent would).
 fn start_forwarder(
     nodes: &[Node],
     me: usize,
     driver: ForwarderDriver,
+    offload: bool,
     rt: &tokio::runtime::Runtime,
 ) -> IpipForwarder {
     let peer = 1 - me;
@@ -186,6 +190,7 @@ fn start_forwarder(
     let (_tx, rx) = watch::channel(Arc::new(table));
     let config = ForwarderConfig {
         driver,
+        offload,
         ..ForwarderConfig::new(nodes[me].addr)
     };
     let handle = rt.handle().clone();
@@ -340,11 +345,16 @@ fn main() {
     let secs = Duration::from_secs(env_or("PODROUTE_BENCH_SECS", 2));
     let runs = env_or("PODROUTE_BENCH_RUNS", 3).max(1) as usize;
     let echoes = env_or("PODROUTE_BENCH_ECHOES", 5000) as usize;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    // One runtime per node, two workers each (an agent on a two-core node).
+    let runtimes: Vec<tokio::runtime::Runtime> = (0..2)
+        .map(|_| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+        })
+        .collect();
     let nodes = setup();
     println!(
         "ipip_throughput: {runs} runs x {secs:?} TCP (median), {echoes} UDP echoes; {} CPUs",
@@ -360,12 +370,32 @@ fn main() {
         echoes,
         6000,
     )];
-    for (name, driver, port) in [
-        ("userspace tunl0, threads", ForwarderDriver::Threads, 6100),
-        ("userspace tunl0, tokio", ForwarderDriver::Tokio, 6200),
+    for (name, driver, offload, port) in [
+        (
+            "tunl0 threads+offload",
+            ForwarderDriver::Threads,
+            true,
+            6100,
+        ),
+        ("tunl0 tokio+offload", ForwarderDriver::Tokio, true, 6200),
+        (
+            "tunl0 threads, no offload",
+            ForwarderDriver::Threads,
+            false,
+            6300,
+        ),
+        (
+            "tunl0 tokio, no offload",
+            ForwarderDriver::Tokio,
+            false,
+            6400,
+        ),
     ] {
+        if std::env::var("PODROUTE_BENCH_ONLY").is_ok_and(|only| !name.contains(&only)) {
+            continue;
+        }
         let f: Vec<IpipForwarder> = (0..2)
-            .map(|me| start_forwarder(&nodes, me, driver, &rt))
+            .map(|me| start_forwarder(&nodes, me, driver, offload, &runtimes[me]))
             .collect();
         results.push(measure(name, &nodes, true, secs, runs, echoes, port));
         for f in f {

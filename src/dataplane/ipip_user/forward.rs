@@ -28,7 +28,7 @@ use super::packet::{self, DropReason, OUTER_HEADER_LEN};
 use super::sys::{RawSocket, Ready, Tun, Waker, wait};
 use super::table::TunnelTable;
 
-/// Packets handled per batch at most (bounded by the 64 of [`RawSocket`]'s batch calls).
+/// Packets handled per batch at most (one `recvmmsg`/`sendmmsg` call takes up to 64).
 pub const MAX_BATCH: usize = 64;
 /// Buffer per packet: the largest IPv4 packet plus the outer and virtio-net headers.
 const SLOT: usize = packet::MAX_PACKET + OUTER_HEADER_LEN + offload::VNET_HDR_LEN;
