@@ -485,6 +485,11 @@ struct Routed {
 }
 
 fn routed(driver: ForwarderDriver) -> Routed {
+    routed_with(driver, [true, true])
+}
+
+/// [`routed`] with offloads on or off per node.
+fn routed_with(driver: ForwarderDriver, offload: [bool; 2]) -> Routed {
     let router = Netns::new("rt");
     let nodes: Vec<Netns> = ["ua", "ub"].iter().map(|t| Netns::new(t)).collect();
     veth(
@@ -515,7 +520,16 @@ fn routed(driver: ForwarderDriver) -> Routed {
         pods.push(seed_pod(node, spec.pod, spec.pod_addr));
     }
     let tunnels = (0..2)
-        .map(|i| start_node(&nodes[i], &ROUTED, i, EncapMode::CrossSubnet, driver, true))
+        .map(|i| {
+            start_node(
+                &nodes[i],
+                &ROUTED,
+                i,
+                EncapMode::CrossSubnet,
+                driver,
+                offload[i],
+            )
+        })
         .collect();
     Routed {
         tunnels,
@@ -652,6 +666,40 @@ fn pods_talk_across_a_router_through_the_userspace_tunnel() {
         ROUTED[1].pod_addr,
     )
     .unwrap();
+}
+
+#[test]
+fn packets_larger_than_the_receivers_mtu_are_segmented_again() {
+    const TEST: &str = "packets_larger_than_the_receivers_mtu_are_segmented_again";
+    if !can_run(TEST) {
+        return;
+    }
+    // B's tunl0 MTU is lowered below A's: every full-sized segment from A arrives larger than
+    // B's MTU, as packets merged by an underlay NIC's GRO do. With offloads B hands them to
+    // the kernel as GSO packets; without, it cuts them itself. The data must arrive intact.
+    for offload_b in [true, false] {
+        let r = routed_with(ForwarderDriver::Threads, [true, offload_b]);
+        r.nodes[1].ip(&["link", "set", "tunl0", "mtu", "1200"]);
+        // The forwarder re-reads the MTU every second.
+        std::thread::sleep(Duration::from_millis(1100));
+        tcp_transfer(&r.pods[0], &r.pods[1], ROUTED[1].pod_addr, 4 << 20);
+        udp_round_trip(
+            &r.pods[0],
+            ROUTED[0].pod_addr,
+            &r.pods[1],
+            ROUTED[1].pod_addr,
+        )
+        .unwrap();
+        let b = r.tunnels[1].counters.snapshot();
+        assert_eq!(b.dropped_total(), 0, "offload {offload_b}: {b:?}");
+        assert!(b.decap_bytes >= 4 << 20, "{b:?}");
+        if offload_b {
+            assert!(b.coalesced > 0, "{b:?}");
+        } else {
+            assert_eq!(b.coalesced, 0, "{b:?}");
+            assert!(b.segmented > 0, "{b:?}");
+        }
+    }
 }
 
 /// An IPv4/UDP packet with a correct header checksum (UDP checksum 0: none).

@@ -56,7 +56,8 @@ pub struct IpipCountersSnapshot {
     pub encap_bytes: u64,
     pub decap_packets: u64,
     pub decap_bytes: u64,
-    /// Large TCP packets read from `tunl0` (TSO) and cut into segments here.
+    /// Large TCP packets cut into segments here: read from `tunl0` (TSO), or received
+    /// bigger than `tunl0`'s MTU with offloads off.
     pub segmented: u64,
     /// Writes to `tunl0` that carried several coalesced segments (or one packet larger than
     /// the MTU) as one GSO packet.
@@ -113,13 +114,11 @@ impl IpipCounters {
             p.fetch_add(t.packets, Ordering::Relaxed);
             b.fetch_add(t.bytes, Ordering::Relaxed);
         }
-        if t.gso > 0 {
-            let g = if encap {
-                &self.segmented
-            } else {
-                &self.coalesced
-            };
-            g.fetch_add(t.gso, Ordering::Relaxed);
+        if t.segmented > 0 {
+            self.segmented.fetch_add(t.segmented, Ordering::Relaxed);
+        }
+        if t.coalesced > 0 {
+            self.coalesced.fetch_add(t.coalesced, Ordering::Relaxed);
         }
         for (a, d) in self.drops.iter().zip(&t.drops) {
             if *d > 0 {
@@ -135,8 +134,8 @@ impl IpipCounters {
 struct Tally {
     packets: u64,
     bytes: u64,
-    /// GSO packets segmented (encapsulating) or written (decapsulating).
-    gso: u64,
+    segmented: u64,
+    coalesced: u64,
     drops: [u64; DropReason::ALL.len()],
 }
 
@@ -318,7 +317,7 @@ impl Encap {
         };
         match vnet {
             Some(h) if h.gso_type & !offload::GSO_ECN == offload::GSO_TCPV4 => {
-                self.tally.gso += 1;
+                self.tally.segmented += 1;
                 self.queue_segments(slot, off, len, usize::from(h.gso_size), node)
             }
             Some(h) if h.gso_type != offload::GSO_NONE => Err(DropReason::TooBig),
@@ -580,7 +579,7 @@ impl Decap {
         if self.vnet {
             if let Some(h) = offload::oversized_tcp_gso(packet, self.mtu) {
                 let h = h.encode();
-                out.tally.gso += 1;
+                out.tally.coalesced += 1;
                 out.write(&[IoSlice::new(&h), IoSlice::new(packet)], 1, len);
                 return;
             }
@@ -588,6 +587,7 @@ impl Decap {
             && let Some(mss) = self.mtu.checked_sub(ihl + thl).filter(|m| *m > 0)
         {
             let mut first = true;
+            out.tally.segmented += 1;
             let _ = offload::tcp_segments(packet, mss, |h, r| {
                 let (packets, bytes) = if first { (1, len) } else { (0, 0) };
                 first = false;
@@ -627,7 +627,7 @@ impl Decap {
             parts.push(IoSlice::new(&src[r]));
         }
         let packets = parts.len() as u64 - 1;
-        self.out.tally.gso += 1;
+        self.out.tally.coalesced += 1;
         self.out.write(&parts, packets, bytes);
     }
 }

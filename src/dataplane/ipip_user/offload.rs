@@ -653,4 +653,38 @@ mod tests {
         udp[9] = 17;
         assert_eq!(oversized_tcp_gso(&mut udp, 1480), None);
     }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut seed = 0x9e37_79b9u32;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        let good = tcp(1, TCP_ACK, &data(3000));
+        for round in 0..3000 {
+            let len = (next() % 200) as usize + if round % 3 == 0 { 2900 } else { 0 };
+            let mut p: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // Often keep a plausible IPv4/TCP start so that deeper code runs.
+            if round % 2 == 0 {
+                let keep = p.len().min(good.len()).min((next() % 60) as usize);
+                p[..keep].copy_from_slice(&good[..keep]);
+            }
+            let mss = (next() % 3000) as usize;
+            let _ = tcp_segments(&p, mss, |h, r| {
+                assert!(h.len() <= MAX_HEADERS && r.end <= p.len());
+            });
+            let _ = complete_checksum(&mut p, (next() % 80) as usize, (next() % 40) as usize);
+            if let Some(seg) = Coalescer::candidate(&p) {
+                let mut c = Coalescer::default();
+                c.start(seg, p.len());
+                let _ = c.accepts(&good, &seg, &p);
+                let _ = c.finish(&mut p);
+            }
+            let _ = oversized_tcp_gso(&mut p, (next() % 2000) as usize);
+            let _ = VnetHdr::parse(&p);
+        }
+    }
 }
