@@ -399,7 +399,7 @@ fn main() {
             .collect();
         results.push(measure(name, &nodes, true, secs, runs, echoes, port));
         for f in f {
-            f.shutdown();
+            f.shutdown_blocking();
         }
     }
 

@@ -986,9 +986,32 @@ fn tunl0_is_a_persistent_tun_device_configured_like_the_kernel_one() {
     assert!(!again.created);
     assert_eq!((again.index, again.mtu), (state.index, 1480));
 
-    // The forwarder attaches; deleting the device ends it with a failure.
-    let (_tx, rx) = watch::channel(Arc::new(TunnelTable::default()));
+    // A tokio forwarder attaches; after `shutdown` the queue is free again at once.
     let local: Ipv4Addr = "192.168.92.128".parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        let (_tx, rx) = watch::channel(Arc::new(TunnelTable::default()));
+        let h = rt.handle().clone();
+        let fwd = node
+            .run(move || {
+                let _guard = h.enter();
+                let config = ForwarderConfig {
+                    driver: ForwarderDriver::Tokio,
+                    ..ForwarderConfig::new(local)
+                };
+                spawn(config, rx, Arc::new(IpipCounters::new()))
+            })
+            .unwrap();
+        assert_eq!(fwd.exit(), None);
+        rt.block_on(fwd.shutdown());
+    }
+
+    // A thread forwarder attaches; deleting the device ends it with a failure.
+    let (_tx, rx) = watch::channel(Arc::new(TunnelTable::default()));
     let fwd = node
         .run(move || {
             spawn(
@@ -1004,7 +1027,7 @@ fn tunl0_is_a_persistent_tun_device_configured_like_the_kernel_one() {
     wait_until("forwarder failure", Duration::from_secs(3), || {
         matches!(fwd.exit(), Some(ForwarderExit::Failed(_)))
     });
-    fwd.shutdown();
+    fwd.shutdown_blocking();
 
     // A node address that is not on the node is refused.
     let (_tx, rx) = watch::channel(Arc::new(TunnelTable::default()));

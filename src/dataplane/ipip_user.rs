@@ -46,7 +46,8 @@
 //!    other_node_ipv4s, pool_cidrs)))`, best before the routes reach the kernel, so that
 //!    packets of a new route find their node.
 //! 4. Metrics: `counters.snapshot()`; `IpipForwarder::exited().await` reports a failure
-//!    (e.g. `tunl0` deleted): ensure the device again and spawn again.
+//!    (e.g. `tunl0` deleted; the other direction stops too): ensure the device again and
+//!    spawn again. At exit, `forwarder.shutdown().await` (or just drop it).
 //!
 //! # Limits
 //! - While the agent is down, `tunl0` has no reader: tunnelled traffic stops (routes stay).
@@ -298,14 +299,15 @@ pub enum ForwarderExit {
     Failed(TunnelError),
 }
 
-/// The running forwarder. Dropping it stops it.
+/// The running forwarder. Dropping it stops it (without waiting).
 #[derive(Debug)]
 pub struct IpipForwarder {
     stop: Arc<forward::StopSignal>,
     threads: Vec<std::thread::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The runtime of the tasks ([`ForwarderDriver::Tokio`]).
+    runtime: Option<tokio::runtime::Handle>,
     exit: watch::Receiver<Option<ForwarderExit>>,
-    exit_tx: Arc<watch::Sender<Option<ForwarderExit>>>,
 }
 
 /// Records the first way the forwarder ended.
@@ -321,20 +323,44 @@ fn record_exit(tx: &watch::Sender<Option<ForwarderExit>>, outcome: ForwarderExit
 }
 
 impl IpipForwarder {
-    /// Asks both directions to stop (threads wake at once; tasks are aborted).
+    /// Asks both directions to stop; returns at once.
     pub fn stop(&self) {
         self.stop.stop();
-        for t in &self.tasks {
-            t.abort();
+    }
+
+    /// Stops and waits until both directions have ended and closed the TUN queue and the
+    /// sockets (so that [`spawn`] can attach again).
+    pub async fn shutdown(mut self) {
+        self.stop();
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
         }
-        if !self.tasks.is_empty() {
-            record_exit(&self.exit_tx, ForwarderExit::Stopped);
+        let threads: Vec<_> = self.threads.drain(..).collect();
+        if !threads.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || {
+                for t in threads {
+                    let _ = t.join();
+                }
+            })
+            .await;
         }
     }
 
-    /// Stops and waits for the threads to end (a few microseconds: they are woken).
-    pub fn shutdown(mut self) {
+    /// [`shutdown`](Self::shutdown) for callers outside any tokio runtime (with
+    /// [`ForwarderDriver::Tokio`] it blocks on the forwarder's runtime; it panics when
+    /// called from within a runtime).
+    pub fn shutdown_blocking(mut self) {
         self.stop();
+        let tasks: Vec<_> = self.tasks.drain(..).collect();
+        if let Some(rt) = &self.runtime
+            && !tasks.is_empty()
+        {
+            rt.block_on(async {
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -443,8 +469,8 @@ pub fn spawn(
         stop: stop.clone(),
         threads: Vec::new(),
         tasks: Vec::new(),
+        runtime: None,
         exit,
-        exit_tx,
     };
     match config.driver {
         ForwarderDriver::Threads => {
@@ -462,13 +488,19 @@ pub fn spawn(
             }
         }
         ForwarderDriver::Tokio => {
-            let r = report.clone();
-            forwarder.tasks.push(tokio::spawn(async move {
-                r("out", forward::run_task(encap, true).await);
+            let runtime = tokio::runtime::Handle::try_current().map_err(|e| TunnelError::Io {
+                what: "starting the forwarding tasks".into(),
+                error: e.to_string(),
+            })?;
+            let (r, s) = (report.clone(), stop.clone());
+            forwarder.tasks.push(runtime.spawn(async move {
+                r("out", forward::run_task(encap, true, &s).await);
             }));
-            forwarder.tasks.push(tokio::spawn(async move {
-                report("in", forward::run_task(decap, false).await);
+            let s = stop.clone();
+            forwarder.tasks.push(runtime.spawn(async move {
+                report("in", forward::run_task(decap, false, &s).await);
             }));
+            forwarder.runtime = Some(runtime);
         }
     }
     tracing::info!(device = %config.device, local = %config.local, driver = ?config.driver,

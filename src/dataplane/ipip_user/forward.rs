@@ -757,7 +757,10 @@ impl Pump for Decap {
 #[derive(Debug)]
 pub struct StopSignal {
     stopped: AtomicBool,
+    /// Wakes threads blocked in `poll`.
     waker: Waker,
+    /// Wakes tasks.
+    notify: watch::Sender<bool>,
 }
 
 impl StopSignal {
@@ -765,12 +768,20 @@ impl StopSignal {
         Ok(Self {
             stopped: AtomicBool::new(false),
             waker: Waker::new()?,
+            notify: watch::channel(false).0,
         })
     }
 
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
         self.waker.wake();
+        self.notify.send_replace(true);
+    }
+
+    /// Resolves once [`stop`](Self::stop) was called.
+    pub async fn stopped(&self) {
+        let mut rx = self.notify.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
     }
 
     pub fn is_stopped(&self) -> bool {
@@ -804,10 +815,18 @@ impl AsRawFd for Registered {
     }
 }
 
-/// Runs `pump` as a tokio task until an I/O error (stopped by aborting the task).
-/// `wait_output`: register the output descriptor for writability (the TUN descriptor is
-/// registered only once, for reading, by the encapsulating direction).
-pub async fn run_task(pump: impl Pump, wait_output: bool) -> io::Result<()> {
+/// Runs `pump` as a tokio task until `stop` or an I/O error; the pump (and its
+/// descriptors) is dropped before it returns. `wait_output`: register the output descriptor
+/// for writability (the TUN descriptor is registered only once, for reading, by the
+/// encapsulating direction).
+pub async fn run_task(pump: impl Pump, wait_output: bool, stop: &StopSignal) -> io::Result<()> {
+    tokio::select! {
+        r = pump_task(pump, wait_output) => r,
+        () = stop.stopped() => Ok(()),
+    }
+}
+
+async fn pump_task(pump: impl Pump, wait_output: bool) -> io::Result<()> {
     // Declared before the registrations, so dropped after them.
     let mut pump = pump;
     // SAFETY: the descriptors belong to `pump`, which outlives both registrations (locals
