@@ -174,7 +174,8 @@ impl UserspaceIpip {
     }
 
     /// Removes the TUN device `name` (when it exists and is a TUN device), e.g. when
-    /// switching to kernel mode.
+    /// switching to kernel mode. Shut the forwarder down first (its queue holds the device;
+    /// attaching fails with `EBUSY` meanwhile).
     pub async fn remove(&self, name: &str) -> Result<bool, TunnelError> {
         match self.netlink.link_details(name).await? {
             Some(l) if l.kind.as_deref() == Some("tun") => {
@@ -505,6 +506,6 @@ pub fn spawn(
         }
     }
     tracing::info!(device = %config.device, local = %config.local, driver = ?config.driver,
-        "userspace IPIP forwarder started");
+        offload = vnet, "userspace IPIP forwarder started");
     Ok(forwarder)
 }
