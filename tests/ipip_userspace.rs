@@ -931,6 +931,18 @@ fn always_mode_encapsulates_on_the_shared_subnet_with_both_drivers() {
         )
         .is_err()
     );
+    // The stopped forwarders let go of tunl0: it can be removed (e.g. for kernel mode), and
+    // the routes through it go with it.
+    for node in &nodes {
+        let removed = node.run(|| {
+            current_thread_rt().block_on(async { UserspaceIpip::connect()?.remove("tunl0").await })
+        });
+        assert_eq!(removed, Ok(true));
+        wait_until("tunl0 removed", Duration::from_secs(2), || {
+            !node.try_ip(&["link", "show", "tunl0"]).0
+        });
+        assert!(!node.all_routes().iter().any(|r| r.contains("tunl0")));
+    }
 }
 
 #[test]
