@@ -152,14 +152,19 @@ pub fn tcp_checksum_ok(p: &[u8], ihl: usize) -> bool {
     fold(sum(tcp, pseudo_sum(p, tcp.len()))) == 0xffff
 }
 
-/// Completes a partial checksum (`NEEDS_CSUM`): the field at `start + offset` holds the
-/// pseudo-header sum; sums `packet[start..]` and stores the complement there.
+/// Completes a partial checksum (`NEEDS_CSUM`, TCP or UDP): the field at `start + offset`
+/// holds the pseudo-header sum; sums `packet[start..]` and stores the complement there.
 pub fn complete_checksum(packet: &mut [u8], start: usize, offset: usize) -> Result<(), DropReason> {
     let at = start + offset;
     if !start.is_multiple_of(2) || at + 2 > packet.len() {
         return Err(DropReason::NotIpv4);
     }
-    let c = !fold(sum(&packet[start..], 0));
+    // A result of 0 is sent as 0xffff (equal in ones' complement): for UDP, 0 would mean
+    // "no checksum".
+    let c = match !fold(sum(&packet[start..], 0)) {
+        0 => 0xffff,
+        c => c,
+    };
     packet[at..at + 2].copy_from_slice(&c.to_be_bytes());
     Ok(())
 }
@@ -493,6 +498,11 @@ mod tests {
         complete_checksum(&mut p, 20, 16).unwrap();
         assert!(tcp_checksum_ok(&p, 20));
         assert!(complete_checksum(&mut p, 20, 5000).is_err());
+        // A sum that folds to 0xffff is stored as 0xffff, never 0.
+        let mut zero = vec![0u8; 8];
+        zero[0..2].copy_from_slice(&0xffffu16.to_be_bytes());
+        complete_checksum(&mut zero, 0, 6).unwrap();
+        assert_eq!(&zero[6..8], &[0xff, 0xff]);
     }
 
     /// Runs the coalescer over `packets` the way the forwarder does: returns the written
