@@ -26,15 +26,15 @@
 //!     offers TSO and checksum offload, so the kernel hands over TCP packets of up to
 //!     64 KiB, cut into MTU-sized segments here; received segments of one TCP flow are
 //!     coalesced into one GSO write; packets merged by the underlay NIC's GRO (bigger than
-//!     the MTU) are handed on as GSO packets. About 1.8x the TCP throughput of packet by
+//!     the MTU) are handed on as GSO packets. 1.8–1.9x the TCP throughput of packet by
 //!     packet in `benches/ipip_throughput.rs`.
 //!   - Drops are counted by reason in [`IpipCounters`] and logged at most every 10 s per
 //!     reason; nothing is sent back for a dropped packet (no ICMP).
 //! - Driver: two dedicated threads blocking in `poll(2)` ([`ForwarderDriver::Threads`], the
-//!   default: packet work stays off the tokio runtime, and it moved more TCP in
-//!   `benches/ipip_throughput.rs`, e.g. 2.8 vs 2.2 Gbit/s with offloads on a quiet run), or
-//!   two tokio tasks on `AsyncFd` ([`ForwarderDriver::Tokio`]: lower round trips there,
-//!   about 60 vs 90 µs median pod to pod). Neither ever blocks a tokio worker.
+//!   default: packet work stays off the tokio runtime, and it moved more TCP in every run of
+//!   `benches/ipip_throughput.rs`, e.g. 1.8 vs 1.6 Gbit/s with offloads), or two tokio
+//!   tasks on `AsyncFd` ([`ForwarderDriver::Tokio`]). Round trips were alike (60–100 µs
+//!   median pod to pod, noisy on the shared bench machine). Neither blocks a tokio worker.
 //!
 //! # Wiring (agent)
 //! 1. At start, in the node's namespace on the runtime: `--ipip-dataplane` parsed as
@@ -60,7 +60,7 @@
 //! - Inner sources are checked against the pools only, not against the block of the sending
 //!   node.
 //! - Every underlay packet costs a raw-socket send and receive (the kernel cannot segment
-//!   IPIP for a raw socket): on the two-core bench machine the tunnel moves about 13% of the
+//!   IPIP for a raw socket): on the two-core bench machine the tunnel moves 10–14% of the
 //!   direct path's TCP throughput, and each forwarding hop adds a thread wake-up of latency.
 //! - A TCP packet larger than the MTU from a known node (GRO on its way) is trusted to have
 //!   been checksum-verified by that GRO: it is handed on with a partial checksum.
