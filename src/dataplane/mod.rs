@@ -25,6 +25,7 @@
 //! The netlink calls are blocking but never wait on the network: the kernel answers rtnetlink
 //! requests synchronously inside `sendmsg`/`recvmsg`.
 
+pub mod ipip_user;
 pub mod kernel;
 pub mod monitor;
 pub mod socket;

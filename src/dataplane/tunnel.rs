@@ -3,8 +3,9 @@
 //! Calico routes IPIP traffic with `BLOCK via PEER dev tunl0 onlink`; the device must exist,
 //! be up, have MTU = NIC MTU − 20 (the outer IPv4 header) and carry the node's tunnel address.
 //! [`TunnelDevice`] is the small interface behind which the device is made: [`KernelIpip`]
-//! uses the kernel's `ipip` link type; a userspace implementation (a TUN device named `tunl0`
-//! plus a raw IP-protocol-4 socket) can implement the same trait later.
+//! uses the kernel's `ipip` link type; [`super::ipip_user::UserspaceIpip`] makes a TUN device
+//! named `tunl0` whose packets a userspace forwarder carries over raw IP-protocol-4 sockets,
+//! for kernels without `ipip` ([`super::ipip_user::IpipDataplane`] chooses).
 //!
 //! Without the `ipip` module the kernel answers `EOPNOTSUPP` to creating an `ipip` link; that
 //! becomes one [`TunnelError::IpipUnsupported`] naming the cause. The dataplane does not need
@@ -16,7 +17,7 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 
 use futures::TryStreamExt;
-use netlink_packet_route::link::LinkAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkInfo};
 use rtnetlink::{Handle, LinkIpIp, LinkUnspec};
 
 /// Bytes the outer IPv4 header adds.
@@ -56,6 +57,37 @@ pub enum TunnelError {
     NicNotFound(String),
     #[error("{what} failed: {error}")]
     Netlink { what: String, error: String },
+    /// A system call of the userspace tunnel failed (TUN device, raw sockets, threads).
+    #[error("{what} failed: {error}")]
+    Io { what: String, error: String },
+    /// A device of the tunnel's name exists but is of another kind.
+    #[error(
+        "device {name:?} exists but is a {kind} device, not {wanted}; remove it or choose the \
+         matching IPIP dataplane"
+    )]
+    WrongKind {
+        name: String,
+        kind: String,
+        wanted: String,
+    },
+}
+
+impl TunnelError {
+    pub(crate) fn io(what: impl Into<String>, e: std::io::Error) -> Self {
+        TunnelError::Io {
+            what: what.into(),
+            error: e.to_string(),
+        }
+    }
+}
+
+/// What [`KernelIpip::link_details`] reports about a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkDetails {
+    pub index: u32,
+    pub mtu: u32,
+    /// `IFLA_INFO_KIND` (`"ipip"`, `"tun"`, `"veth"`, ...); `None` for kinds without one.
+    pub kind: Option<String>,
 }
 
 /// Makes sure the tunnel device exists as specified.
@@ -100,6 +132,11 @@ impl KernelIpip {
 
     /// Index and MTU of the link `name`; `None` if it does not exist.
     pub async fn link(&self, name: &str) -> Result<Option<(u32, u32)>, TunnelError> {
+        Ok(self.link_details(name).await?.map(|l| (l.index, l.mtu)))
+    }
+
+    /// Index, MTU and kind of the link `name`; `None` if it does not exist.
+    pub async fn link_details(&self, name: &str) -> Result<Option<LinkDetails>, TunnelError> {
         let mut links = self
             .handle
             .link()
@@ -108,23 +145,90 @@ impl KernelIpip {
             .execute();
         match links.try_next().await {
             Ok(Some(msg)) => {
-                let mtu = msg
-                    .attributes
-                    .iter()
-                    .find_map(|a| {
-                        if let LinkAttribute::Mtu(m) = a {
-                            Some(*m)
-                        } else {
-                            None
+                let mut mtu = 1500;
+                let mut kind = None;
+                for a in &msg.attributes {
+                    match a {
+                        LinkAttribute::Mtu(m) => mtu = *m,
+                        LinkAttribute::LinkInfo(infos) => {
+                            for i in infos {
+                                if let LinkInfo::Kind(k) = i {
+                                    kind = Some(k.to_string());
+                                }
+                            }
                         }
-                    })
-                    .unwrap_or(1500);
-                Ok(Some((msg.header.index, mtu)))
+                        _ => {}
+                    }
+                }
+                Ok(Some(LinkDetails {
+                    index: msg.header.index,
+                    mtu,
+                    kind,
+                }))
             }
             Ok(None) => Ok(None),
             Err(e) if errno_of(&e) == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(netlink(format!("looking up link {name}"), e)),
         }
+    }
+
+    /// Can this kernel make `ipip` devices? True when `tunl0` already is one, else tries to
+    /// create (and deletes again) a throwaway `ipip` link: `EOPNOTSUPP` means no. Creating
+    /// it loads the `ipip` module where it exists, which adds the kernel's own `tunl0`.
+    pub async fn probe_ipip(&self) -> Result<bool, TunnelError> {
+        if let Some(l) = self.link_details("tunl0").await?
+            && l.kind.as_deref() == Some("ipip")
+        {
+            return Ok(true);
+        }
+        let name = format!("prprobe{}", std::process::id() % 100_000);
+        match self
+            .handle
+            .link()
+            .add(LinkIpIp::new(&name).build())
+            .execute()
+            .await
+        {
+            Ok(()) => {
+                if let Some(l) = self.link_details(&name).await? {
+                    self.handle
+                        .link()
+                        .del(l.index)
+                        .execute()
+                        .await
+                        .map_err(|e| netlink(format!("deleting probe link {name}"), e))?;
+                }
+                Ok(true)
+            }
+            Err(e) if errno_of(&e) == Some(libc::EOPNOTSUPP) => Ok(false),
+            Err(e) => Err(netlink(format!("creating probe ipip link {name}"), e)),
+        }
+    }
+
+    /// Sets MTU and up on the link `index`, and adds `address/32` (replace) when given.
+    pub(crate) async fn configure(
+        &self,
+        name: &str,
+        index: u32,
+        mtu: u32,
+        address: Option<Ipv4Addr>,
+    ) -> Result<(), TunnelError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+            .execute()
+            .await
+            .map_err(|e| netlink(format!("setting {name} mtu {mtu} up"), e))?;
+        if let Some(addr) = address {
+            self.handle
+                .address()
+                .add(index, addr.into(), 32)
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| netlink(format!("adding {addr}/32 to {name}"), e))?;
+        }
+        Ok(())
     }
 }
 
@@ -158,21 +262,7 @@ impl TunnelDevice for KernelIpip {
                     })?
             }
         };
-        self.handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
-            .execute()
-            .await
-            .map_err(|e| netlink(format!("setting {} mtu {mtu} up", spec.name), e))?;
-        if let Some(addr) = spec.address {
-            self.handle
-                .address()
-                .add(index, addr.into(), 32)
-                .replace()
-                .execute()
-                .await
-                .map_err(|e| netlink(format!("adding {addr}/32 to {}", spec.name), e))?;
-        }
+        self.configure(&spec.name, index, mtu, spec.address).await?;
         tracing::info!(device = %spec.name, index, mtu, created, address = ?spec.address, "tunnel device ready");
         Ok(TunnelState {
             index,
