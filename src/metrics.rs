@@ -51,6 +51,9 @@ pub struct Metrics {
     pub datastore_synced: IntGauge,
     pub datastore_revision: IntGauge,
     pub ready: IntGauge,
+    pub ipip_packets: IntCounterVec,
+    pub ipip_bytes: IntCounterVec,
+    pub ipip_drops: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -210,6 +213,29 @@ impl Metrics {
                 "ready",
                 "1 when /readyz answers 200."
             ))),
+            ipip_packets: reg!(IntCounterVec::new(
+                opts(
+                    "ipip_packets_total",
+                    "Packets through the userspace tunl0: encap (pod to remote node) and \
+                     decap (remote node to pod)."
+                ),
+                &["direction"]
+            )),
+            ipip_bytes: reg!(IntCounterVec::new(
+                opts(
+                    "ipip_bytes_total",
+                    "Inner bytes through the userspace tunl0, by direction."
+                ),
+                &["direction"]
+            )),
+            ipip_drops: reg!(IntCounterVec::new(
+                opts(
+                    "ipip_drops_total",
+                    "Packets the userspace tunl0 dropped, by reason (unknown_source, \
+                     no_route, bad_inner_header, outside_pool, ...)."
+                ),
+                &["reason"]
+            )),
             registry,
         }
     }

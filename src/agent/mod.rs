@@ -34,6 +34,10 @@ use tracing::{debug, info, warn};
 
 pub use config::AgentArgs;
 
+use crate::dataplane::ipip_user::{
+    self, DropReason, ForwarderConfig, IpipCounters, IpipDataplane, IpipForwarder, TunnelTable,
+    UserspaceIpip,
+};
 use crate::dataplane::tunnel::{KernelIpip, TunnelDevice, TunnelError, TunnelSpec};
 use crate::dataplane::{Dataplane, DataplaneConfig, DataplaneStatus};
 use crate::datastore::{self, DatastoreHandle, DatastoreSpec};
@@ -184,11 +188,44 @@ pub struct Agent {
 }
 
 /// Keeps `tunl0` in place while some pool uses IPIP.
-#[derive(Default)]
 struct TunnelTracker {
+    /// `--ipip-dataplane` once resolved (auto probes the kernel the first time).
+    mode: Option<IpipDataplane>,
     ready: Option<TunnelSpec>,
     last_attempt: Option<Instant>,
     last_error: Option<String>,
+    forwarder: Option<IpipForwarder>,
+    table_tx: watch::Sender<Arc<TunnelTable>>,
+    table_rx: watch::Receiver<Arc<TunnelTable>>,
+    counters: Arc<IpipCounters>,
+    /// Counter values already exported to Prometheus.
+    exported: ExportedIpip,
+}
+
+#[derive(Default)]
+struct ExportedIpip {
+    encap_packets: u64,
+    decap_packets: u64,
+    encap_bytes: u64,
+    decap_bytes: u64,
+    drops: [u64; DropReason::ALL.len()],
+}
+
+impl Default for TunnelTracker {
+    fn default() -> Self {
+        let (table_tx, table_rx) = watch::channel(Arc::new(TunnelTable::default()));
+        Self {
+            mode: None,
+            ready: None,
+            last_attempt: None,
+            last_error: None,
+            forwarder: None,
+            table_tx,
+            table_rx,
+            counters: Arc::new(IpipCounters::new()),
+            exported: ExportedIpip::default(),
+        }
+    }
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
@@ -488,6 +525,11 @@ impl Agent {
 
         self.count_rejections();
         self.replan(at, "datastore");
+        if self.deferral.is_none()
+            && let Some(plan) = self.plan.clone()
+        {
+            self.update_tunnel_table(&plan);
+        }
         self.ensure_tunnel().await;
         self.publish();
         Ok(())
@@ -534,6 +576,7 @@ impl Agent {
             self.pending.pop_front();
         }
         if self.deferral.is_none() {
+            self.update_tunnel_table(&plan);
             self.plan_tx.send_replace(Some(plan));
         }
     }
@@ -609,6 +652,7 @@ impl Agent {
         self.check_link().await?;
         self.peer_status = self.speaker.peers().await.context("BGP speaker")?;
         self.ensure_tunnel().await;
+        self.export_tunnel_counters();
         self.publish();
         Ok(())
     }
@@ -649,7 +693,9 @@ impl Agent {
         Ok(())
     }
 
-    /// Creates `tunl0` when a pool needs IPIP (retried every 30 s while it fails).
+    /// Creates `tunl0` when a pool needs IPIP (retried every 30 s while it fails): the
+    /// kernel's ipip device, or a TUN device plus the userspace forwarder
+    /// (`--ipip-dataplane`).
     async fn ensure_tunnel(&mut self) {
         let needs = self
             .state
@@ -659,8 +705,12 @@ impl Agent {
         if !needs {
             return;
         }
-        let learned: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
-        let input = intent::plan_input(&self.state, &self.local_node(), &learned, &BTreeSet::new());
+        let input = intent::plan_input(
+            &self.state,
+            &self.local_node(),
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+        );
         let spec = TunnelSpec {
             name: TUNNEL_DEVICE.to_string(),
             nic: self.nic.clone(),
@@ -669,6 +719,20 @@ impl Agent {
                 self.state.local().and_then(|n| n.ipip_tunnel_addr),
             ),
         };
+        let forwarder_failed = self
+            .tunnel
+            .forwarder
+            .as_ref()
+            .and_then(|f| f.exit())
+            .map(|exit| format!("{exit:?}"));
+        if let Some(exit) = forwarder_failed {
+            warn!(
+                exit,
+                "userspace IPIP forwarder stopped; setting tunl0 up again"
+            );
+            self.tunnel.forwarder = None;
+            self.tunnel.ready = None;
+        }
         if self.tunnel.ready.as_ref() == Some(&spec) {
             return;
         }
@@ -681,12 +745,8 @@ impl Agent {
             return;
         }
         self.tunnel.last_attempt = Some(Instant::now());
-        let result = match KernelIpip::connect() {
-            Ok(dev) => dev.ensure(&spec).await,
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(_) => {
+        match self.setup_tunnel(&spec).await {
+            Ok(()) => {
                 self.tunnel.ready = Some(spec);
                 self.tunnel.last_error = None;
             }
@@ -702,6 +762,91 @@ impl Agent {
                 }
                 self.tunnel.last_error = Some(text);
             }
+        }
+    }
+
+    async fn setup_tunnel(&mut self, spec: &TunnelSpec) -> Result<(), TunnelError> {
+        let mode = match self.tunnel.mode {
+            Some(mode) => mode,
+            None => {
+                let wanted: IpipDataplane =
+                    self.args
+                        .ipip_dataplane
+                        .parse()
+                        .map_err(|e: String| TunnelError::Netlink {
+                            what: "--ipip-dataplane".into(),
+                            error: e,
+                        })?;
+                let mode = wanted.resolve().await?;
+                self.tunnel.mode = Some(mode);
+                mode
+            }
+        };
+        match mode {
+            IpipDataplane::Userspace => {
+                UserspaceIpip::connect()?.ensure(spec).await?;
+                if self.tunnel.forwarder.is_none() {
+                    let forwarder = ipip_user::spawn(
+                        ForwarderConfig::new(self.address.addr()),
+                        self.tunnel.table_rx.clone(),
+                        self.tunnel.counters.clone(),
+                    )?;
+                    info!(device = spec.name, local = %self.address.addr(), "userspace IPIP forwarder running");
+                    self.tunnel.forwarder = Some(forwarder);
+                }
+            }
+            _ => {
+                KernelIpip::connect()?.ensure(spec).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the remote-block table of `plan` to the userspace forwarder.
+    fn update_tunnel_table(&self, plan: &[DesiredRoute]) {
+        let nodes = self
+            .state
+            .nodes
+            .values()
+            .filter(|n| n.name != self.node)
+            .filter_map(NodeInfo::ipv4_addr);
+        let pools = self.state.pools.values().map(|p| p.cidr);
+        let table = TunnelTable::from_plan(plan, nodes, pools);
+        if *self.tunnel.table_tx.borrow() != Arc::new(table.clone()) {
+            self.tunnel.table_tx.send_replace(Arc::new(table));
+        }
+    }
+
+    fn export_tunnel_counters(&mut self) {
+        let now = self.tunnel.counters.snapshot();
+        let last = &mut self.tunnel.exported;
+        let m = &self.metrics;
+        advance(
+            &m.ipip_packets.with_label_values(&["encap"]),
+            &mut last.encap_packets,
+            now.encap_packets,
+        );
+        advance(
+            &m.ipip_packets.with_label_values(&["decap"]),
+            &mut last.decap_packets,
+            now.decap_packets,
+        );
+        advance(
+            &m.ipip_bytes.with_label_values(&["encap"]),
+            &mut last.encap_bytes,
+            now.encap_bytes,
+        );
+        advance(
+            &m.ipip_bytes.with_label_values(&["decap"]),
+            &mut last.decap_bytes,
+            now.decap_bytes,
+        );
+        for reason in DropReason::ALL {
+            advance(
+                &m.ipip_drops.with_label_values(&[reason.label()]),
+                &mut last.drops[reason.index()],
+                now.dropped(reason),
+            );
         }
     }
 

@@ -245,8 +245,8 @@ fn exercise(
     } else {
         say(
             out,
-            "ipip: not available on this kernel (`ip link add type ipip` fails); pod traffic across \
-             the router cannot flow until a userspace tunl0 exists (issue 6)",
+            "ipip: this kernel has no ipip module (`ip link add type ipip` fails); the agents make \
+             tunl0 in userspace (TUN device + raw IP-protocol-4 socket, --ipip-dataplane auto)",
         );
     }
     lab.start_agents()?;
@@ -493,7 +493,7 @@ fn check_pings(lab: &Lab, out: &mut dyn Write, checks: &mut Checks) -> Result<()
                             out,
                             Outcome::NotAvailable,
                             name,
-                            "across the router: not available on this kernel (no ipip; issue 6)"
+                            "across the router: no tunl0 on one of the nodes (see the agent logs)"
                                 .into(),
                         );
                         continue;
