@@ -444,6 +444,18 @@ impl Lab {
         program: &Path,
         args: &[String],
     ) -> Result<u32, LabError> {
+        self.spawn_with_env(label, ns, program, args, &[])
+    }
+
+    /// [`Self::spawn`] with extra environment variables (`ip netns exec` passes them on).
+    pub fn spawn_with_env(
+        &self,
+        label: &str,
+        ns: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Result<u32, LabError> {
         super::check_interrupted()?;
         let log_path = self.log_path(label);
         let log = File::create(&log_path).map_err(|e| io_error(&log_path, e))?;
@@ -455,6 +467,7 @@ impl Lab {
             .args(["netns", "exec", ns])
             .arg(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
@@ -518,6 +531,153 @@ impl Lab {
         self.spawn(node, &self.node_ns(node), &binary, &args)?;
         self.agents.insert(node.to_string());
         Ok(())
+    }
+
+    /// Starts the agent of `node` with this command line (after the binary) and these extra
+    /// environment variables, e.g. the kubernetes datastore with a `KUBECONFIG`. It counts as
+    /// the node's agent for [`Self::wait_converged`].
+    pub fn start_agent_with(
+        &mut self,
+        node: &str,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Result<(), LabError> {
+        let binary = self.cfg.binary.clone();
+        self.spawn_with_env(node, &self.node_ns(node), &binary, args, env)?;
+        self.agents.insert(node.to_string());
+        Ok(())
+    }
+
+    /// The process id of the running process `label` (an agent: its node's name).
+    pub fn pid(&self, label: &str) -> Option<u32> {
+        self.lock()
+            .processes
+            .iter()
+            .find(|p| p.label == label)
+            .map(|p| p.child.id())
+    }
+
+    /// Sends `signal` (`libc::SIGTERM`, `libc::SIGKILL`, ...) to the agent of `node` and waits
+    /// up to `timeout` for it to exit (then SIGKILL and an error). The agent's log is kept as
+    /// `logs/NODE.runN.log` (N = 1, 2, ...), so that the next [`Self::start_agent`] writes a
+    /// fresh `logs/NODE.log`. Returns how long the agent took to exit.
+    pub fn stop_agent(
+        &mut self,
+        node: &str,
+        signal: i32,
+        timeout: Duration,
+    ) -> Result<Duration, LabError> {
+        let mut process = {
+            let mut res = self.lock();
+            let pos = res
+                .processes
+                .iter()
+                .position(|p| p.label == node)
+                .ok_or_else(|| LabError::Spec(format!("no process {node:?} was started")))?;
+            res.processes.remove(pos)
+        };
+        self.agents.remove(node);
+        let started = Instant::now();
+        let wait_error = |e: std::io::Error| LabError::Spec(format!("waiting for {node}: {e}"));
+        if process.child.try_wait().map_err(wait_error)?.is_none()
+            && let Ok(pid) = libc::pid_t::try_from(process.child.id())
+        {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our own unreaped
+            // child, so it cannot have been reused.
+            unsafe { libc::kill(pid, signal) };
+        }
+        let result = loop {
+            if process.child.try_wait().map_err(wait_error)?.is_some() {
+                break Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                let _ = process.child.kill();
+                let _ = process.child.wait();
+                break Err(LabError::Timeout {
+                    what: format!("the agent of {node} to exit after signal {signal}"),
+                    after: timeout,
+                    last: self.log_tail(node, 20),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let log = self.log_path(node);
+        let kept = (1..)
+            .map(|n| self.workdir.join("logs").join(format!("{node}.run{n}.log")))
+            .find(|p| !p.exists())
+            .unwrap_or_else(|| self.workdir.join("logs").join(format!("{node}.old.log")));
+        std::fs::rename(&log, &kept).map_err(|e| io_error(&log, e))?;
+        result
+    }
+
+    /// Polls `GET /readyz` of `node`'s agent every 20 ms until it answers 200; the time it
+    /// took. Fails early when the agent exits.
+    pub fn wait_ready(&self, node: &str, timeout: Duration) -> Result<Duration, LabError> {
+        let started = Instant::now();
+        loop {
+            super::check_interrupted()?;
+            self.check_running(node)?;
+            let last = match self.agent_get(node, "/readyz") {
+                Ok((200, _)) => return Ok(started.elapsed()),
+                Ok((code, body)) => format!("HTTP {code}: {}", body.trim()),
+                Err(e) => e.to_string(),
+            };
+            if started.elapsed() > timeout {
+                return Err(LabError::Timeout {
+                    what: format!("{node}'s agent to be ready"),
+                    after: timeout,
+                    last,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The bridge port (in its switch's namespace) that `node`'s `ens33` is plugged into.
+    pub fn switch_port(&self, node: &str) -> Result<(String, String), LabError> {
+        let index = self
+            .spec
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .ok_or_else(|| LabError::Spec(format!("no node {node:?}")))?;
+        let subnet = self.spec.nodes[index].addr.trunc();
+        let i = self
+            .spec
+            .subnets()
+            .iter()
+            .position(|s| *s == subnet)
+            .ok_or_else(|| LabError::Spec(format!("no switch for {subnet}")))?;
+        Ok((self.switch_ns(i), format!("port{index}")))
+    }
+
+    /// Unplugs (`up = false`) or plugs back `node`'s cable: sets its bridge port down or up.
+    /// The node's own `ens33` stays administratively up (it loses carrier).
+    pub fn set_node_link(&self, node: &str, up: bool) -> Result<(), LabError> {
+        let (sw, port) = self.switch_port(node)?;
+        ip(
+            &sw,
+            &["link", "set", &port, if up { "up" } else { "down" }],
+        )
+        .map(drop)
+    }
+
+    /// Starts following the kernel route tables (podroute's protocol) of `nodes`, dumped
+    /// every `interval` and between dumps through route notifications; see [`RouteWatch`].
+    pub fn watch_kernel_routes(
+        &self,
+        nodes: &[&str],
+        interval: Duration,
+    ) -> Result<super::RouteWatch, LabError> {
+        let pairs: Vec<(String, String)> = nodes
+            .iter()
+            .map(|n| (n.to_string(), self.node_ns(n)))
+            .collect();
+        super::RouteWatch::start(
+            &pairs,
+            crate::dataplane::DEFAULT_ROUTE_PROTOCOL,
+            interval,
+        )
     }
 
     /// `Err` with the exit status and the log's tail when the process `label` has exited.

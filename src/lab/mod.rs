@@ -28,6 +28,7 @@ mod cluster;
 mod netns;
 mod run;
 mod spec;
+mod watch;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,9 +38,10 @@ pub use cluster::{
     Lab, LabConfig, PEER_TYPE_GLOBAL, PEER_TYPE_MESH, WaitError, is_root, route_row_line,
     same_route, wait_until,
 };
-pub use netns::{exec, http_get, ip, namespaces_with_prefix};
+pub use netns::{exec, http_get, in_namespace, ip, namespaces_with_prefix, spawn_in_namespace};
 pub use run::{LabOptions, run};
 pub use spec::{BgpPeerSpec, ClusterSpec, NIC, NodeSpec, PodSpec, dashed};
+pub use watch::{RouteRecord, RouteWatch};
 
 /// Default namespace prefix of `podroute lab`.
 pub const DEFAULT_PREFIX: &str = "podroute-lab";

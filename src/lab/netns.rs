@@ -166,6 +166,38 @@ pub fn in_namespace<R: Send + 'static>(
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
+/// Starts a thread that enters the namespace `ns` and runs `f` there (for long-running work
+/// such as a prober or a sampler); the handle's result is `Err` when the namespace could not
+/// be entered. Sockets `f` creates belong to `ns`.
+pub fn spawn_in_namespace<R: Send + 'static>(
+    ns: &str,
+    name: &str,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Result<std::thread::JoinHandle<Result<R, LabError>>, LabError> {
+    let path = Path::new(NETNS_DIR).join(ns);
+    let ns_name = ns.to_string();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || -> Result<R, LabError> {
+            let file = File::open(&path).map_err(|source| LabError::Namespace {
+                ns: ns_name.clone(),
+                source,
+            })?;
+            // SAFETY: as in `in_namespace`: only this thread's network namespace changes.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(LabError::Namespace {
+                    ns: ns_name,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            Ok(f())
+        })
+        .map_err(|source| LabError::Spawn {
+            command: format!("thread {name} in namespace {ns}"),
+            source,
+        })
+}
+
 /// `GET path` from `addr` inside namespace `ns` (HTTP/1.0, so no chunked body): the status
 /// code and the body.
 pub fn http_get(

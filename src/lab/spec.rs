@@ -2,7 +2,7 @@
 //! extra BGP peers; the YAML-directory datastore written from it; and the route plan each
 //! node is expected to end up with.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -78,6 +78,9 @@ pub struct ClusterSpec {
     pub as_number: u32,
     pub nodes: Vec<NodeSpec>,
     pub peers: Vec<BgpPeerSpec>,
+    /// More datastore files, written as given: `(file name, YAML)`, e.g. a node-specific
+    /// BGPPeer. Not part of [`Self::expected_plan`].
+    pub extra_files: BTreeMap<String, String>,
 }
 
 fn net(text: &str) -> Ipv4Net {
@@ -126,6 +129,7 @@ impl ClusterSpec {
                 ),
             ],
             peers: Vec::new(),
+            extra_files: BTreeMap::new(),
         }
     }
 
@@ -285,6 +289,11 @@ impl ClusterSpec {
                 ),
             ));
         }
+        files.extend(
+            self.extra_files
+                .iter()
+                .map(|(name, text)| (name.clone(), text.clone())),
+        );
         files
     }
 

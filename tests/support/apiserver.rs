@@ -108,6 +108,44 @@ impl FakeApiServer {
         }
     }
 
+    /// Starts on a listener the caller made, e.g. bound inside a network namespace by a
+    /// thread that entered it (a socket stays in the namespace it was made in). Must be called
+    /// inside a tokio runtime.
+    pub fn start_with(listener: std::net::TcpListener) -> Self {
+        listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (signals, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared {
+            data: Mutex::new(Data {
+                rv: 1,
+                ..Data::default()
+            }),
+            signals,
+            connections: Mutex::new(Vec::new()),
+        });
+        let acceptor = Some(tokio::spawn(accept(listener, shared.clone())));
+        Self {
+            addr,
+            shared,
+            acceptor,
+        }
+    }
+
+    /// Like [`restart`](Self::restart), on a listener the caller made (see
+    /// [`start_with`](Self::start_with)); it should be bound to [`addr`](Self::addr).
+    pub async fn restart_with(&mut self, listener: std::net::TcpListener) {
+        self.stop().await;
+        listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        self.acceptor = Some(tokio::spawn(accept(listener, self.shared.clone())));
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
