@@ -201,11 +201,20 @@ struct Driver {
 /// The session task. Ends after a Stop command or when the core goes away.
 pub(crate) async fn run(
     p: SessionParams,
+    cmds: mpsc::UnboundedReceiver<SessionCmd>,
+    events: mpsc::Sender<(PeerId, SessionEvent)>,
+) {
+    // `instrument`, not `span.enter()`: a guard held across `.await` leaks the span into
+    // whatever else runs on the worker thread meanwhile (other peers, the datastore, ...).
+    let span = tracing::info_span!("bgp_peer", peer = %p.remote);
+    tracing::Instrument::instrument(drive(p, cmds, events), span).await
+}
+
+async fn drive(
+    p: SessionParams,
     mut cmds: mpsc::UnboundedReceiver<SessionCmd>,
     events: mpsc::Sender<(PeerId, SessionEvent)>,
 ) {
-    let span = tracing::info_span!("bgp_peer", peer = %p.remote);
-    let _enter = span.enter();
     let mut d = Driver {
         main: Some(Slot::new(p.fsm.clone(), ConnectionSide::Outbound)),
         p,
