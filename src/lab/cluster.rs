@@ -655,11 +655,7 @@ impl Lab {
     /// The node's own `ens33` stays administratively up (it loses carrier).
     pub fn set_node_link(&self, node: &str, up: bool) -> Result<(), LabError> {
         let (sw, port) = self.switch_port(node)?;
-        ip(
-            &sw,
-            &["link", "set", &port, if up { "up" } else { "down" }],
-        )
-        .map(drop)
+        ip(&sw, &["link", "set", &port, if up { "up" } else { "down" }]).map(drop)
     }
 
     /// Starts following the kernel route tables (podroute's protocol) of `nodes`, dumped
@@ -673,11 +669,7 @@ impl Lab {
             .iter()
             .map(|n| (n.to_string(), self.node_ns(n)))
             .collect();
-        super::RouteWatch::start(
-            &pairs,
-            crate::dataplane::DEFAULT_ROUTE_PROTOCOL,
-            interval,
-        )
+        super::RouteWatch::start(&pairs, crate::dataplane::DEFAULT_ROUTE_PROTOCOL, interval)
     }
 
     /// `Err` with the exit status and the log's tail when the process `label` has exited.

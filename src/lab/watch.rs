@@ -41,7 +41,10 @@ pub struct RouteRecord {
 impl RouteRecord {
     /// The table as last sampled.
     pub fn last(&self) -> BTreeSet<String> {
-        self.tables.last().map(|(_, t)| t.clone()).unwrap_or_default()
+        self.tables
+            .last()
+            .map(|(_, t)| t.clone())
+            .unwrap_or_default()
     }
 
     /// Every moment one of `must` was missing: a dump without it, or a removal notification
@@ -58,7 +61,10 @@ impl RouteRecord {
         }
         for (at, route) in &self.removed {
             if must.contains(route) {
-                out.push(format!("{}: at {at:.3?} \"{route}\" was deleted", self.node));
+                out.push(format!(
+                    "{}: at {at:.3?} \"{route}\" was deleted",
+                    self.node
+                ));
             }
         }
         out
