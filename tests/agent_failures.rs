@@ -16,6 +16,9 @@
 //!    treat-as-withdraw: the session stays, the prefix goes) and then garbage (bad marker,
 //!    bad length): node01 answers with the right NOTIFICATION and closes that session only;
 //!    the mesh stays up and every other route stays in every kernel.
+//! 6. Two agents restart together: the one that comes back first must keep the other's
+//!    routes until that one has re-announced them. Ignored: the agent does not (yet); see the
+//!    test's doc.
 //!
 //! Root only: without root the tests print a loud SKIP, and with `CI=true` they fail instead.
 //! Each test builds its own lab under a unique namespace prefix and removes it when it ends,
@@ -321,7 +324,14 @@ struct ProbeResult {
 /// with every reply matched by sequence number.
 struct Prober {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Result<ProbeResult, LabError>>,
+    thread: Option<JoinHandle<Result<ProbeResult, LabError>>>,
+}
+
+impl Drop for Prober {
+    /// A test that fails midway leaves no prober behind.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 fn checksum(data: &[u8]) -> u16 {
@@ -343,13 +353,18 @@ impl Prober {
         let thread =
             podroute::lab::spawn_in_namespace(ns, "prober", move || probe(to, interval, &flag))
                 .expect("start the prober");
-        Prober { stop, thread }
+        Prober {
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// Stops sending, waits a second for the last replies, returns the result.
-    fn stop(self) -> ProbeResult {
+    fn stop(mut self) -> ProbeResult {
         self.stop.store(true, Ordering::SeqCst);
         self.thread
+            .take()
+            .expect("running")
             .join()
             .expect("prober thread")
             .expect("prober entered the pod's namespace")
@@ -927,8 +942,11 @@ fn api_server_outage_keeps_routes_and_applies_changes_after_reconnect() {
             )
         })
         .collect();
+    // The agents go on, alive: an API outage is no reason for the kubelet to restart them.
     for node in [MASTER01, NODE01] {
         lab.check_running(node).unwrap();
+        let (code, body) = lab.agent_get(node, "/livez").unwrap();
+        assert_eq!(code, 200, "{node} /livez during the outage: {body}");
     }
     // Changed meanwhile: node01's second block released, a new block for master01; and the
     // history compacted, so the watches that resume get 410 Gone and must relist.
