@@ -4,7 +4,9 @@
 //! 1. Agents killed (SIGKILL) and restarted, then a rolling SIGTERM restart of every node,
 //!    under a 10 ms ping between two pods: not one reply may be lost, and no route of
 //!    podroute's may leave any kernel table (sampled every 20 ms, plus the kernel's route
-//!    notifications in between).
+//!    notifications in between). Pod traffic across the router through tunl0 is measured
+//!    too; `agent_restart_loses_no_ping_across_the_router` asserts it and is ignored: a
+//!    userspace tunl0 drops everything during the restarting agent's selection deferral.
 //! 2. A node's cable pulled (its bridge port down) with a 3 s hold time: its peers drop its
 //!    routes within hold time + 1 s; plugged back, everything returns.
 //! 3. The Kubernetes API server (the in-repo fake, in its own namespace on the nodes' subnet)
@@ -16,11 +18,9 @@
 //!    treat-as-withdraw: the session stays, the prefix goes) and then garbage (bad marker,
 //!    bad length): node01 answers with the right NOTIFICATION and closes that session only;
 //!    the mesh stays up and every other route stays in every kernel.
-//! 1b. The same across the router through tunl0 (ignored: the userspace tunl0 drops
-//!    everything during the restarting agent's selection deferral; see the test's doc).
 //! 6. Two agents restart together: the one that comes back first must keep the other's
-//!    routes until that one has re-announced them. Ignored: the agent does not (yet); see the
-//!    test's doc.
+//!    routes until that one has re-announced them. Ignored: the agent does not (yet); see
+//!    `a_restarting_agent_keeps_the_routes_of_a_peer_restarting_with_it`.
 //!
 //! Root only: without root the tests print a loud SKIP, and with `CI=true` they fail instead.
 //! Each test builds its own lab under a unique namespace prefix and removes it when it ends,
