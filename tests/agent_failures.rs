@@ -696,15 +696,13 @@ fn agent_restarts_lose_no_ping_and_no_route() {
 }
 
 /// Pod traffic across the router (master01 -> node02, through tunl0) while master01's agent
-/// restarts (SIGTERM). With the kernel's ipip device this loses nothing. With the userspace
-/// tunl0 (`--ipip-dataplane auto` on a kernel without ipip) it does today: the forwarder runs
-/// inside the agent and gets its table only with the first plan after the graceful-restart
-/// selection deferral, so every packet into tunl0 is dropped from the old process's exit until
-/// the deferral ends (about 1 s here, up to `--selection-deferral` + 2 s), although the kernel
-/// routes stayed.
+/// restarts (SIGTERM). With the kernel's ipip device this must lose nothing. With the
+/// userspace tunl0 the forwarder lives in the agent process: from the old process's exit
+/// until the new one has opened the TUN device again (a few ms; the new forwarder starts
+/// with the previous run's tunnel routes, before the selection deferral ends) packets into
+/// tunl0 are dropped. The test allows at most 3 lost replies (30 ms) in that case and prints
+/// the measured loss; before the table was seeded from the adopted routes it lost ~100.
 #[test]
-#[ignore = "agent bug: with the userspace tunl0, cross-subnet traffic stops for the whole \
-            selection deferral after an agent restart; run with --run-ignored all"]
 fn agent_restart_loses_no_ping_across_the_router() {
     const TEST: &str = "agent_restart_loses_no_ping_across_the_router";
     if !can_run(TEST) {
@@ -744,9 +742,10 @@ fn agent_restart_loses_no_ping_across_the_router() {
         probes.lost.len(),
         loss_windows(&probes.lost)
     );
+    let allowed = if lab.ipip_available() { 0 } else { 3 };
     assert!(
-        probes.lost.is_empty(),
-        "lost {} replies across the router: {:?}\n{}",
+        probes.lost.len() <= allowed,
+        "lost {} replies across the router (allowed {allowed}): {:?}\n{}",
         probes.lost.len(),
         loss_windows(&probes.lost),
         logs(&lab)
@@ -1827,14 +1826,11 @@ fn one_subnet() -> ClusterSpec {
 /// deferral runs its full 5 s; node02 must keep node01's routes until node01 has re-announced
 /// them.
 ///
-/// Today it does not: node02's speaker ends its deferral as soon as node01's session is up,
-/// because RFC 4724 §4.1 excludes peers with the Restart State bit from the End-of-RIB wait,
-/// and the agent then applies a plan without node01's block, deleting the kernel route it had
-/// adopted: pod traffic from node02 to node01 stops until node01's deferral ends (about 4 s
-/// here; with production timers up to `--selection-deferral`).
+/// node02's speaker ends its own deferral as soon as node01's session is up (RFC 4724 §4.1
+/// excludes peers with the Restart State bit from the End-of-RIB wait), so the agent holds
+/// the kernel update until every configured peer's End-of-RIB (or `--selection-deferral`
+/// + 2 s). Before that gate, node02 deleted the adopted route and lost ~400 of ~550 pings.
 #[test]
-#[ignore = "agent bug: a restarting agent deletes the adopted routes of a peer that is restarting \
-            too (R bit) before that peer re-announced them; run with --run-ignored all"]
 fn a_restarting_agent_keeps_the_routes_of_a_peer_restarting_with_it() {
     const TEST: &str = "a_restarting_agent_keeps_the_routes_of_a_peer_restarting_with_it";
     if !can_run(TEST) {

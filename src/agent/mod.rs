@@ -264,6 +264,9 @@ impl Agent {
         // peers that forwarding state was kept (GR R and F bits) and defers its best-path
         // run until their End-of-RIB, and the first plan waits for it.
         let restarting = dp.status().installed_routes > 0;
+        // The previous run's tunnel routes keep the userspace forwarder going until the first
+        // plan of this run is applied.
+        let adopted_tunnel_routes = dp.routes_via(TUNNEL_DEVICE);
         let local_as = peers::local_as(&state, args.as_number);
         let router_id = address.addr();
         let listen_port = state.bgp.listen_port;
@@ -333,6 +336,38 @@ impl Agent {
             restarting,
             nic_down: false,
         };
+        if !adopted_tunnel_routes.is_empty() {
+            let remotes = adopted_tunnel_routes
+                .iter()
+                .filter_map(|(dst, gw)| match (dst, gw) {
+                    (IpNet::V4(dst), IpAddr::V4(gw)) => Some((*dst, *gw)),
+                    _ => None,
+                });
+            let nodes = agent
+                .state
+                .nodes
+                .values()
+                .filter(|n| n.name != agent.node)
+                .filter_map(NodeInfo::ipv4_addr)
+                .chain(adopted_tunnel_routes.iter().filter_map(|(_, gw)| match gw {
+                    IpAddr::V4(g) => Some(*g),
+                    IpAddr::V6(_) => None,
+                }))
+                .collect::<Vec<_>>();
+            let pools = agent
+                .state
+                .pools
+                .values()
+                .filter_map(|p| match p.cidr {
+                    IpNet::V4(v4) => Some(v4),
+                    IpNet::V6(_) => None,
+                })
+                .collect::<Vec<_>>();
+            agent
+                .tunnel
+                .table_tx
+                .send_replace(Arc::new(TunnelTable::new(remotes, nodes, pools)));
+        }
         Ok((agent, dataplane_task))
     }
 
@@ -588,7 +623,32 @@ impl Agent {
             return Ok(());
         };
         let converged = *self.speaker.converged().borrow();
-        if !converged && Instant::now() < deadline {
+        let expired = Instant::now() >= deadline;
+        if !converged && !expired {
+            return Ok(());
+        }
+        // The speaker's own deferral skips peers that restart too (RFC 4724 §4.1) and may end
+        // before the agent configured every peer; the kernel waits for every configured
+        // peer's End-of-RIB, or the deadline.
+        self.peer_status = self.speaker.peers().await.context("BGP speaker")?;
+        let synced = |addr: &IpAddr| {
+            let family = match addr {
+                IpAddr::V4(_) => podroute_bgp::wire::Family::IPV4_UNICAST,
+                IpAddr::V6(_) => podroute_bgp::wire::Family::IPV6_UNICAST,
+            };
+            self.peer_status.iter().any(|s| {
+                s.addr == *addr
+                    && s.state.to_string() == "Established"
+                    && s.end_of_rib.contains(&family)
+            })
+        };
+        let waiting: Vec<String> = self
+            .peers
+            .keys()
+            .filter(|a| !synced(a))
+            .map(ToString::to_string)
+            .collect();
+        if !waiting.is_empty() && !expired {
             return Ok(());
         }
         // The speaker queued its deferred best paths before it said so: take them all.
@@ -596,13 +656,6 @@ impl Agent {
             self.absorb(batch);
         }
         self.deferral = None;
-        self.peer_status = self.speaker.peers().await.context("BGP speaker")?;
-        let waiting: Vec<String> = self
-            .peer_status
-            .iter()
-            .filter(|s| s.state.to_string() != "Established")
-            .map(|s| s.addr.to_string())
-            .collect();
         if waiting.is_empty() {
             info!(
                 peers = self.peers.len(),
@@ -613,7 +666,7 @@ impl Agent {
             warn!(
                 ?waiting,
                 learned = self.learned.len(),
-                "graceful restart: selection deferral over before every peer came back; applying the route plan"
+                "graceful restart: deferral over without End-of-RIB from every peer; applying the route plan"
             );
         }
         self.plan = None;

@@ -609,6 +609,19 @@ impl Dataplane {
         self.failures.values().map(|f| f.next_retry).min()
     }
 
+    /// Our installed routes whose device is `device`, as (destination, gateway): after a
+    /// restart, what the previous run routed through `tunl0`.
+    pub fn routes_via(&self, device: &str) -> Vec<(IpNet, std::net::IpAddr)> {
+        let Some(index) = self.links.by_name.get(device).copied() else {
+            return Vec::new();
+        };
+        self.installed
+            .values()
+            .filter(|r| r.oif == Some(index))
+            .filter_map(|r| r.gateway.map(|g| (r.key.dst, g)))
+            .collect()
+    }
+
     /// A snapshot for status readers.
     pub fn status(&self) -> DataplaneStatus {
         DataplaneStatus {
