@@ -108,7 +108,7 @@ fn bird_conf() -> String {
          protocol device {{ scan time 60; }}\n\
          protocol kernel {{ ipv4 {{ import none; export all; }}; scan time 60; }}\n\
          protocol bgp injector {{\n  local {RECV} as {ASN};\n  neighbor {INJ} as {ASN};\n  \
-         passive on;\n  hold time 240;\n  ipv4 {{ import all; export none; gateway direct; }};\n}}\n"
+         direct;\n  passive on;\n  hold time 240;\n  ipv4 {{ import all; export none; gateway direct; }};\n}}\n"
     )
 }
 

@@ -4,7 +4,7 @@
 //! `PODROUTE_BENCH_ROUTES_PER_PEER=20`, `PODROUTE_BENCH_ROUNDS=3`,
 //! `PODROUTE_BENCH_CONNECT_CONCURRENCY=8`, `PODROUTE_BENCH_ONLY=podroute|bird`).
 //!
-//! Per run: one fresh namespace (lo up, and a dummy `d0` holding 10.201.0.254/16 only so
+//! Per run: one fresh namespace (lo up, and a veth `d0` to an empty namespace holding 10.201.0.254/16 only so
 //! that the routes' next hop 10.201.0.1 is on a connected subnet). The reflector listens on
 //! 127.0.0.1:179: either `podroute_bgp::Speaker` in this process (its own 2-worker tokio
 //! runtime; every peer passive + `rr_client`) or `bird -f` as a separate process (a template
@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use netns::{Netns, sh};
+use netns::{Netns, sh, veth};
 use podroute_bgp::wire::Family;
 use podroute_bgp::{PeerConfig, Speaker, SpeakerConfig};
 use support::*;
@@ -76,14 +76,15 @@ fn bird_conf(peers: usize) -> String {
     let mut c = format!(
         "router id 10.201.0.254;\nlog stderr {{ error, fatal }};\n\
          protocol device {{ scan time 60; }}\n\
-         template bgp client {{\n  local {RR} as {ASN};\n  rr client;\n  \
+         protocol direct {{ ipv4; interface \"d0\"; }}\n\
+         template bgp rrc {{\n  local {RR} as {ASN};\n  rr client;\n  \
          rr cluster id 10.201.0.254;\n  passive on;\n  hold time 240;\n  \
-         ipv4 {{ import all; export all; gateway direct; }};\n}}\n\
-         protocol bgp listener from client {{ neighbor {LISTENER} as {ASN}; }}\n"
+         ipv4 {{ import all; export all; gateway recursive; }};\n}}\n\
+         protocol bgp listener from rrc {{ neighbor {LISTENER} as {ASN}; }}\n"
     );
     for i in 0..peers {
         c.push_str(&format!(
-            "protocol bgp c{i} from client {{ neighbor {} as {ASN}; }}\n",
+            "protocol bgp c{i} from rrc {{ neighbor {} as {ASN}; }}\n",
             client_addr(i)
         ));
     }
@@ -296,9 +297,9 @@ fn start_bird(ns: &Netns, dir: &Path, peers: usize) -> Child {
 
 fn run_once(kind: Kind, peers: usize, per_peer: usize, conc: usize) -> (Outcome, Option<(u64, f64)>) {
     let ns = Netns::new("rr");
-    ns.ip(&["link", "add", "d0", "type", "dummy"]);
-    ns.ip(&["link", "set", "d0", "up"]);
-    ns.ip(&["addr", "add", "10.201.0.254/16", "dev", "d0"]);
+    // No dummy module here: a veth to an otherwise empty namespace carries the subnet.
+    let aux = Netns::new("rrnh");
+    veth(&ns, "d0", "10.201.0.254/16", &aux, "d0", "");
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     match kind {
         Kind::Podroute => {
