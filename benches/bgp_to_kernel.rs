@@ -209,6 +209,31 @@ fn connect(inj: &Netns, child: &mut Child, log: &Path) -> TcpStream {
     }
 }
 
+/// `PODROUTE_BENCH_PERF=cpu|faults` (and optional `PODROUTE_BENCH_PERF_DIR`, default /tmp):
+/// attach `perf record --call-graph dwarf` to the receiver for the whole run, sampling CPU
+/// (`cpu`, 499 Hz) or page faults (`faults`: which code first touches the memory that makes
+/// up the peak RSS). Files: `perf-{cpu|faults}-{kind}-{N}.data`.
+fn perf_attach(kind: Kind, n: usize, pid: u32) -> Option<Child> {
+    let mode = std::env::var("PODROUTE_BENCH_PERF").ok()?;
+    let dir = std::env::var("PODROUTE_BENCH_PERF_DIR").unwrap_or_else(|_| "/tmp".into());
+    let out = format!("{dir}/perf-{mode}-{}-{n}.data", kind.name());
+    let mut args: Vec<String> = vec!["record".into(), "-q".into(), "-o".into(), out];
+    match mode.as_str() {
+        "faults" => args.extend(["-e", "page-faults", "-c", "4"].map(String::from)),
+        _ => args.extend(["-F", "499"].map(String::from)),
+    }
+    args.extend(["--call-graph", "dwarf,16384", "-p"].map(String::from));
+    args.push(pid.to_string());
+    let child = Command::new("perf")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_millis(300));
+    Some(child)
+}
+
 fn run_once(kind: Kind, n: usize) -> RunResult {
     let inj = Netns::new("inj");
     let recv = Netns::new("recv");
@@ -232,6 +257,7 @@ fn run_once(kind: Kind, n: usize) -> RunResult {
 
     let mut child = start_receiver(kind, &recv, dir.path());
     let pid = child.id();
+    let mut perf = perf_attach(kind, n, pid);
     let mut s = connect(&inj, &mut child, &log);
     // Drain whatever the receiver sends (KEEPALIVEs, its own routes).
     let mut rd = s.try_clone().unwrap_or_else(|e| panic!("{e}"));
@@ -257,6 +283,11 @@ fn run_once(kind: Kind, n: usize) -> RunResult {
     let t_re = phase(&reannounce, n, "re-announce");
     let (hwm, _) = rss_kib(pid);
     let cpu = cpu_secs(pid);
+    if let Some(p) = perf.as_mut() {
+        // SAFETY: signalling our own child (perf writes its file on SIGINT).
+        unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
+        let _ = p.wait();
+    }
     let comm = process_name(pid);
     assert!(
         comm.starts_with("bird") || comm.starts_with("podroute"),
