@@ -185,10 +185,8 @@ fn connect(inj: &Netns, child: &mut Child, log: &Path) -> TcpStream {
             );
         }
         let r = inj.run(|| -> std::io::Result<TcpStream> {
-            let mut s = TcpStream::connect_timeout(
-                &SocketAddr::from((RECV, 179)),
-                Duration::from_secs(1),
-            )?;
+            let mut s =
+                TcpStream::connect_timeout(&SocketAddr::from((RECV, 179)), Duration::from_secs(1))?;
             s.set_nodelay(true)?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
             handshake(&mut s, INJ)?;

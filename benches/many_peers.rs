@@ -189,7 +189,9 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
                     drop(permit);
                     established.fetch_add(1, Ordering::SeqCst);
                     let _ = go.wait_for(|g| *g).await;
-                    s.write_all(&upd).await.unwrap_or_else(|e| panic!("write: {e}"));
+                    s.write_all(&upd)
+                        .await
+                        .unwrap_or_else(|e| panic!("write: {e}"));
                     let mut buf = vec![0u8; 64 << 10];
                     while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
                 });
@@ -201,14 +203,12 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
             let t_est = t_start.elapsed();
             let t0 = Instant::now();
             let _ = go_tx.send(true);
-            let t1 = tokio::time::timeout(
-                Duration::from_secs(300),
-                done_rx.wait_for(|d| d.is_some()),
-            )
-            .await
-            .unwrap_or_else(|_| panic!("listener did not get {target} routes"))
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(Instant::now);
+            let t1 =
+                tokio::time::timeout(Duration::from_secs(300), done_rx.wait_for(|d| d.is_some()))
+                    .await
+                    .unwrap_or_else(|_| panic!("listener did not get {target} routes"))
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .unwrap_or_else(Instant::now);
             Outcome {
                 establish: t_est.as_secs_f64(),
                 reflect: t1.duration_since(t0).as_secs_f64(),
@@ -220,7 +220,13 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
 }
 
 /// podroute's speaker on its own runtime inside `ns`; returns a stop handle.
-fn start_speaker(ns: &str, peers: usize) -> (tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>) {
+fn start_speaker(
+    ns: &str,
+    peers: usize,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
     let ns = ns.to_string();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -245,7 +251,9 @@ fn start_speaker(ns: &str, peers: usize) -> (tokio::sync::oneshot::Sender<()>, s
                 p.passive = true;
                 p.rr_client = true;
                 p.families = vec![Family::IPV4_UNICAST];
-                sp.add_peer(p).await.unwrap_or_else(|e| panic!("add_peer: {e}"));
+                sp.add_peer(p)
+                    .await
+                    .unwrap_or_else(|e| panic!("add_peer: {e}"));
             }
             let _ = ready_tx.send(());
             let _ = stop_rx.await;
@@ -295,7 +303,12 @@ fn start_bird(ns: &Netns, dir: &Path, peers: usize) -> Child {
     }
 }
 
-fn run_once(kind: Kind, peers: usize, per_peer: usize, conc: usize) -> (Outcome, Option<(u64, f64)>) {
+fn run_once(
+    kind: Kind,
+    peers: usize,
+    per_peer: usize,
+    conc: usize,
+) -> (Outcome, Option<(u64, f64)>) {
     let ns = Netns::new("rr");
     // No dummy module here: a veth to an otherwise empty namespace carries the subnet.
     let aux = Netns::new("rrnh");
@@ -355,7 +368,10 @@ fn main() {
             let (o, extra) = run_once(k, peers, per_peer, conc);
             let extra = extra
                 .map(|(hwm, cpu)| {
-                    format!("  bird peak RSS {:.1} MiB, CPU {cpu:.2} s", hwm as f64 / 1024.0)
+                    format!(
+                        "  bird peak RSS {:.1} MiB, CPU {cpu:.2} s",
+                        hwm as f64 / 1024.0
+                    )
                 })
                 .unwrap_or_default();
             println!(
@@ -370,12 +386,20 @@ fn main() {
         }
     }
     let med = |k: Kind, f: fn(&Outcome) -> f64| {
-        let v: Vec<f64> = res.iter().filter(|(kk, _)| *kk == k).map(|(_, o)| f(o)).collect();
+        let v: Vec<f64> = res
+            .iter()
+            .filter(|(kk, _)| *kk == k)
+            .map(|(_, o)| f(o))
+            .collect();
         median(&v)
     };
     println!("  medians over {rounds} rounds:");
-    println!("    {:<16} {:>10} {:>10} {:>16}", "metric", "podroute", "bird", "podroute/bird");
-    let metrics: [(&str, fn(&Outcome) -> f64, f64); 3] = [
+    println!(
+        "    {:<16} {:>10} {:>10} {:>16}",
+        "metric", "podroute", "bird", "podroute/bird"
+    );
+    type Metric = (&'static str, fn(&Outcome) -> f64, f64);
+    let metrics: [Metric; 3] = [
         ("establish (ms)", |o| o.establish * 1e3, 0.0),
         ("reflect (ms)", |o| o.reflect * 1e3, 0.5),
         ("total (ms)", |o| (o.establish + o.reflect) * 1e3, 0.5),

@@ -433,13 +433,13 @@ fn watch_loop(fd: i32, st: &WatchState, ns: &str) {
             if len < 16 || off + len > n {
                 break;
             }
-            if ty == RTM_NEWROUTE || ty == RTM_DELROUTE {
-                if let Some(dst) = parse_route(&buf[off + 16..off + len]) {
-                    if ty == RTM_NEWROUTE {
-                        set.insert(dst);
-                    } else {
-                        set.remove(&dst);
-                    }
+            if (ty == RTM_NEWROUTE || ty == RTM_DELROUTE)
+                && let Some(dst) = parse_route(&buf[off + 16..off + len])
+            {
+                if ty == RTM_NEWROUTE {
+                    set.insert(dst);
+                } else {
+                    set.remove(&dst);
                 }
             }
             off += (len + 3) & !3;
