@@ -185,6 +185,8 @@ pub struct Agent {
     restarting: bool,
     /// The host NIC was seen without carrier (sessions over it were reset).
     nic_down: bool,
+    /// The plan or the dataplane changed since the route report was built.
+    routes_dirty: bool,
 }
 
 /// Keeps `tunl0` in place while some pool uses IPIP.
@@ -335,6 +337,7 @@ impl Agent {
             deferral: None,
             restarting,
             nic_down: false,
+            routes_dirty: true,
         };
         if !adopted_tunnel_routes.is_empty() {
             let remotes = adopted_tunnel_routes
@@ -600,6 +603,7 @@ impl Agent {
         }
         let plan = Arc::new(result.routes);
         debug!(routes = plan.len(), trigger, "new route plan");
+        self.routes_dirty = true;
         self.plan = Some(plan.clone());
         self.pending.push_back(PendingPlan {
             plan: plan.clone(),
@@ -692,7 +696,9 @@ impl Agent {
                     .observe(now.duration_since(p.event_at).as_secs_f64());
             }
         }
-        self.publish();
+        // The route report is rebuilt at the next tick (at most once a second): rebuilding
+        // it per dataplane batch cost a full copy of the table each time.
+        self.routes_dirty = true;
     }
 
     async fn on_tick(&mut self) -> anyhow::Result<()> {
@@ -912,8 +918,12 @@ impl Agent {
             &self.peers_by_addr(),
             &mut self.peer_counts,
         );
-        let routes = report::routes(&self.node, self.plan.as_deref(), &dp, &self.state);
-        report::update_route_metrics(&self.metrics, &routes, &dp);
+        if self.routes_dirty {
+            self.routes_dirty = false;
+            let routes = report::routes(&self.node, self.plan.as_deref(), &dp, &self.state);
+            report::update_route_metrics(&self.metrics, &routes, &dp);
+            self.board.publish_routes(routes);
+        }
         let ready = self.readiness(&dp);
         self.metrics.ready.set(i64::from(ready.is_empty()));
         let mut status = status::AgentStatus {
@@ -957,7 +967,6 @@ impl Agent {
             status.datastore.errors.push(e.clone());
         }
         self.board.publish_status(status);
-        self.board.publish_routes(routes);
     }
 
     fn peers_by_addr(&self) -> BTreeMap<IpAddr, (String, PeerType, bool)> {
