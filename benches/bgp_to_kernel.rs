@@ -41,21 +41,6 @@ use support::*;
 const INJ: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
 const RECV: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
-    Podroute,
-    Bird,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Podroute => "podroute",
-            Kind::Bird => "bird",
-        }
-    }
-}
-
 #[derive(Clone, Debug, Default)]
 struct RunResult {
     announce: f64,

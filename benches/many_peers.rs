@@ -45,21 +45,6 @@ const RR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 const LISTENER: Ipv4Addr = Ipv4Addr::new(127, 2, 0, 1);
 const NH: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
-    Podroute,
-    Bird,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Podroute => "podroute",
-            Kind::Bird => "bird",
-        }
-    }
-}
-
 fn client_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250) as u8 + 1)
 }

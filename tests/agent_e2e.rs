@@ -15,9 +15,11 @@
 //! checked (a userspace tunl0 is issue 6). Where `ip link add type ipip` works, the tunnel
 //! routes must be in the kernel instead.
 
+mod agent_guard;
+
+use agent_guard::{in_path, tool_works};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -42,35 +44,8 @@ const BLOCK_NODE02: &str = "172.16.10.0/26";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// The loud "skipped" banner; a panic when `CI=true`, so that CI never passes without it.
 fn cannot_run(test: &str, why: &str, need: &str) {
-    let msg = format!(
-        "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-         !!! SKIPPED agent end-to-end test `{test}`: {why}.\n\
-         !!! {need}\n\
-         !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
-    );
-    if ci() {
-        panic!("{msg}CI=true: an end-to-end test that cannot run is a failure");
-    }
-    eprintln!("{msg}");
-}
-
-fn tool_works(program: &str, arg: &str) -> bool {
-    Command::new(program)
-        .arg(arg)
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// An executable named `program` is on `PATH`.
-fn in_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+    agent_guard::cannot_run("end-to-end", test, why, need);
 }
 
 /// Root, `ip` and `ping` are there (else SKIP, or panic with `CI=true`).

@@ -31,11 +31,13 @@
 
 mod support;
 
+mod agent_guard;
+
+use agent_guard::{in_path, tool_works};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -63,34 +65,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 // Running or skipping
 // ---------------------------------------------------------------------------------------
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// The loud "skipped" banner; a panic when `CI=true`, so that CI never passes without it.
 fn cannot_run(test: &str, why: &str, need: &str) {
-    let msg = format!(
-        "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-         !!! SKIPPED agent failure test `{test}`: {why}.\n\
-         !!! {need}\n\
-         !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
-    );
-    if ci() {
-        panic!("{msg}CI=true: an end-to-end test that cannot run is a failure");
-    }
-    eprintln!("{msg}");
-}
-
-fn tool_works(program: &str, arg: &str) -> bool {
-    Command::new(program)
-        .arg(arg)
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn in_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+    agent_guard::cannot_run("failure", test, why, need);
 }
 
 /// Root and `ip` are there (else SKIP, or panic with `CI=true`).

@@ -19,6 +19,22 @@ use podroute_bgp::wire::{
     encode_message,
 };
 
+/// The receiver under test.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    Podroute,
+    Bird,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Podroute => "podroute",
+            Kind::Bird => "bird",
+        }
+    }
+}
+
 pub const ASN: u32 = 64512;
 pub const CTX: CodecContext = CodecContext {
     four_octet_as: true,

@@ -194,6 +194,8 @@ struct TunnelTracker {
     /// `--ipip-dataplane` once resolved (auto probes the kernel the first time).
     mode: Option<IpipDataplane>,
     ready: Option<TunnelSpec>,
+    /// Cluster-state revision `ready` was checked against.
+    ready_revision: u64,
     last_attempt: Option<Instant>,
     last_error: Option<String>,
     forwarder: Option<IpipForwarder>,
@@ -219,6 +221,7 @@ impl Default for TunnelTracker {
         Self {
             mode: None,
             ready: None,
+            ready_revision: 0,
             last_attempt: None,
             last_error: None,
             forwarder: None,
@@ -228,11 +231,6 @@ impl Default for TunnelTracker {
             exported: ExportedIpip::default(),
         }
     }
-}
-
-fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 impl Agent {
@@ -346,30 +344,8 @@ impl Agent {
                     (IpNet::V4(dst), IpAddr::V4(gw)) => Some((*dst, *gw)),
                     _ => None,
                 });
-            let nodes = agent
-                .state
-                .nodes
-                .values()
-                .filter(|n| n.name != agent.node)
-                .filter_map(NodeInfo::ipv4_addr)
-                .chain(adopted_tunnel_routes.iter().filter_map(|(_, gw)| match gw {
-                    IpAddr::V4(g) => Some(*g),
-                    IpAddr::V6(_) => None,
-                }))
-                .collect::<Vec<_>>();
-            let pools = agent
-                .state
-                .pools
-                .values()
-                .filter_map(|p| match p.cidr {
-                    IpNet::V4(v4) => Some(v4),
-                    IpNet::V6(_) => None,
-                })
-                .collect::<Vec<_>>();
-            agent
-                .tunnel
-                .table_tx
-                .send_replace(Arc::new(TunnelTable::new(remotes, nodes, pools)));
+            let table = TunnelTable::new(remotes, agent.other_node_addrs(), agent.v4_pools());
+            agent.tunnel.table_tx.send_replace(Arc::new(table));
         }
         Ok((agent, dataplane_task))
     }
@@ -764,20 +740,6 @@ impl Agent {
         if !needs {
             return;
         }
-        let input = intent::plan_input(
-            &self.state,
-            &self.local_node(),
-            &BTreeMap::new(),
-            &BTreeSet::new(),
-        );
-        let spec = TunnelSpec {
-            name: TUNNEL_DEVICE.to_string(),
-            nic: self.nic.clone(),
-            address: plan::tunnel_address(
-                &input,
-                self.state.local().and_then(|n| n.ipip_tunnel_addr),
-            ),
-        };
         let forwarder_failed = self
             .tunnel
             .forwarder
@@ -792,7 +754,27 @@ impl Agent {
             self.tunnel.forwarder = None;
             self.tunnel.ready = None;
         }
+        // The spec depends only on the cluster state: nothing to check at a tick when the
+        // device was set up for this revision.
+        if self.tunnel.ready.is_some() && self.tunnel.ready_revision == self.state.revision {
+            return;
+        }
+        let input = intent::plan_input(
+            &self.state,
+            &self.local_node(),
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+        );
+        let spec = TunnelSpec {
+            name: TUNNEL_DEVICE.to_string(),
+            nic: self.nic.clone(),
+            address: plan::tunnel_address(
+                &input,
+                self.state.local().and_then(|n| n.ipip_tunnel_addr),
+            ),
+        };
         if self.tunnel.ready.as_ref() == Some(&spec) {
+            self.tunnel.ready_revision = self.state.revision;
             return;
         }
         if self
@@ -807,6 +789,7 @@ impl Agent {
         match self.setup_tunnel(&spec).await {
             Ok(()) => {
                 self.tunnel.ready = Some(spec);
+                self.tunnel.ready_revision = self.state.revision;
                 self.tunnel.last_error = None;
             }
             Err(e) => {
@@ -852,6 +835,13 @@ impl Agent {
                     )?;
                     info!(device = spec.name, local = %self.address.addr(), "userspace IPIP forwarder running");
                     self.tunnel.forwarder = Some(forwarder);
+                    // During the start-up deferral the table seeded from the adopted routes
+                    // stays; otherwise the current plan's.
+                    if self.deferral.is_none()
+                        && let Some(plan) = self.plan.clone()
+                    {
+                        self.update_tunnel_table(&plan);
+                    }
                 }
             }
             _ => {
@@ -861,19 +851,37 @@ impl Agent {
         Ok(())
     }
 
-    /// Hands the remote-block table of `plan` to the userspace forwarder.
+    /// Hands the remote-block table of `plan` to the userspace forwarder (when one runs).
     fn update_tunnel_table(&self, plan: &[DesiredRoute]) {
-        let nodes = self
-            .state
+        if self.tunnel.forwarder.is_none() {
+            return;
+        }
+        let pools = self.state.pools.values().map(|p| p.cidr);
+        let table = TunnelTable::from_plan(plan, self.other_node_addrs(), pools);
+        if **self.tunnel.table_tx.borrow() != table {
+            self.tunnel.table_tx.send_replace(Arc::new(table));
+        }
+    }
+
+    /// IPv4 addresses of the other nodes (sources the tunnel accepts).
+    fn other_node_addrs(&self) -> Vec<Ipv4Addr> {
+        self.state
             .nodes
             .values()
             .filter(|n| n.name != self.node)
-            .filter_map(NodeInfo::ipv4_addr);
-        let pools = self.state.pools.values().map(|p| p.cidr);
-        let table = TunnelTable::from_plan(plan, nodes, pools);
-        if *self.tunnel.table_tx.borrow() != Arc::new(table.clone()) {
-            self.tunnel.table_tx.send_replace(Arc::new(table));
-        }
+            .filter_map(NodeInfo::ipv4_addr)
+            .collect()
+    }
+
+    fn v4_pools(&self) -> Vec<Ipv4Net> {
+        self.state
+            .pools
+            .values()
+            .filter_map(|p| match p.cidr {
+                IpNet::V4(v4) => Some(v4),
+                IpNet::V6(_) => None,
+            })
+            .collect()
     }
 
     fn export_tunnel_counters(&mut self) {
@@ -933,7 +941,7 @@ impl Agent {
             nic: Some(self.nic.clone()),
             as_number: self.local_as,
             router_id: self.router_id.to_string(),
-            started: unix_secs(self.started),
+            started: report::unix_secs(self.started),
             health: status::Health {
                 live: true,
                 ready: ready.is_empty(),

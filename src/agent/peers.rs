@@ -164,6 +164,8 @@ pub fn desired_peers(state: &ClusterState, local: &LocalIdentity) -> PeerSet {
             }
             let mut cfg = base_config(local, IpAddr::V4(ip), node_as(state, node), PeerType::Mesh);
             cfg.passive = ip.to_string() > local_ip_text;
+            // Every node listens on the cluster's listenPort.
+            cfg.port = state.bgp.listen_port;
             cfg.max_restart_time = state.bgp.node_mesh_max_restart_time;
             set.peers.insert(
                 cfg.addr,
@@ -258,12 +260,6 @@ pub fn desired_peers(state: &ClusterState, local: &LocalIdentity) -> PeerSet {
                     },
                 );
             }
-        }
-    }
-    // Mesh ports follow listenPort too (every node listens on it).
-    for p in set.peers.values_mut() {
-        if p.peer_type == PeerType::Mesh {
-            p.config.port = state.bgp.listen_port;
         }
     }
     set

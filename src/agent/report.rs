@@ -17,7 +17,8 @@ use crate::state::ClusterState;
 /// Name, type and passivity of each configured peer, by address.
 pub(crate) type PeerInfo = BTreeMap<IpAddr, (String, PeerType, bool)>;
 
-fn unix_secs(t: std::time::SystemTime) -> u64 {
+/// Seconds since the Unix epoch (0 before it).
+pub(crate) fn unix_secs(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
