@@ -1,17 +1,28 @@
 //! Routing information bases (RFC 4271 §3.2): per-peer Adj-RIB-In, one Loc-RIB with the
-//! decision process of §9.1.2, and per-peer Adj-RIB-Out with the export rules of §9.1.3,
-//! RFC 4456 (route reflection) and §5.1 (attribute handling towards iBGP and eBGP peers).
+//! decision process of §9.1.2, and Adj-RIB-Out with the export rules of §9.1.3, RFC 4456
+//! (route reflection) and §5.1 (attribute handling towards iBGP and eBGP peers).
+//!
+//! The Adj-RIB-Out is kept per *update group* ([`update_group`]): Established peers with the
+//! same export policy share it, the export rules run once per group, and the speaker encodes
+//! one UPDATE stream per group. A route reflector with a thousand clients thus does the work
+//! of one client per change, not a thousand.
 //!
 //! Sans-IO like the codec: the speaker task owns one `Rib` and feeds it decoded UPDATEs and
-//! session events; every call returns the best-path changes and the announcements and
-//! withdrawals to send, grouped per peer by shared attribute set.
+//! session events; every call returns the best-path changes and, per update group, the
+//! announcements and withdrawals to send, grouped by shared attribute set. Several UPDATEs can
+//! be imported with [`Rib::import_update`] and their exports computed once by
+//! [`Rib::finish`].
+
+mod update_group;
 
 use crate::attrset::{AttrInterner, AttrSet, RouteAttrs};
 use crate::wire::{Family, NextHop, PathAttrs, Update};
 use ipnet::IpNet;
-use std::collections::{HashMap, HashSet, hash_map::Entry};
+use std::collections::{BTreeMap, HashMap, HashSet, hash_map::Entry};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
+use update_group::{ExportPolicy, GroupExportBuilder, UpdateGroup};
+pub use update_group::{GroupExport, GroupId, Segment};
 
 /// A peer's index in the RIB. [`LOCAL`] is the speaker itself (locally originated routes).
 pub type PeerId = u32;
@@ -57,8 +68,9 @@ pub struct BestChange {
     pub best: Option<BestRoute>,
 }
 
-/// What to send to one peer: announcements grouped by shared attributes (each group holds
-/// prefixes of one family), and withdrawals.
+/// What to send to one peer (a full table, a ROUTE-REFRESH answer, or one member's view of a
+/// [`GroupExport`]): announcements grouped by shared attributes (each group holds prefixes of
+/// one family), and withdrawals.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Export {
     pub announce: Vec<(AttrSet, Vec<IpNet>)>,
@@ -79,7 +91,49 @@ impl Export {
 #[derive(Debug, Default)]
 pub struct RibOutput {
     pub changes: Vec<BestChange>,
-    pub exports: Vec<(PeerId, Export)>,
+    /// What to send, per update group (groups with nothing to send are left out).
+    pub exports: Vec<GroupExport>,
+}
+
+impl RibOutput {
+    /// What `peer` is sent, whichever group it is in (empty exports left out of the result).
+    pub fn export_for(&self, peer: PeerId) -> Option<Export> {
+        self.exports
+            .iter()
+            .find(|g| g.members.contains(&peer))
+            .map(|g| g.for_member(peer))
+            .filter(|e| !e.is_empty())
+    }
+
+    /// The peers that are sent anything, sorted.
+    pub fn peers_sent_to(&self) -> Vec<PeerId> {
+        let mut v: Vec<PeerId> = self
+            .exports
+            .iter()
+            .flat_map(|g| g.members.iter().copied())
+            .filter(|p| self.export_for(*p).is_some())
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// Best-path changes collected by [`Rib::import_update`] and not yet exported: hand them to
+/// [`Rib::finish`].
+#[derive(Debug, Default)]
+pub struct Pending {
+    changed: Vec<IpNet>,
+}
+
+impl Pending {
+    /// How many best-path changes are waiting (a prefix may count more than once).
+    pub fn len(&self) -> usize {
+        self.changed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty()
+    }
 }
 
 /// Per-UPDATE import statistics for the peer's counters.
@@ -108,8 +162,8 @@ struct PeerRib {
     /// Adj-RIB-In: every prefix the peer announced, and whether it was accepted.
     adj_in: HashMap<IpNet, bool>,
     accepted: usize,
-    /// Adj-RIB-Out: what we announced to the peer.
-    adj_out: HashMap<IpNet, AttrSet>,
+    /// The update group holding our Adj-RIB-Out towards the peer, while it is up.
+    group: Option<GroupId>,
     /// Accepted prefixes retained across a graceful restart of the peer and not re-announced
     /// since (RFC 4724 §4.2); a subset of the accepted entries of `adj_in`.
     stale: HashSet<IpNet>,
@@ -125,6 +179,9 @@ pub struct Rib {
     /// Loc-RIB: all candidate paths per prefix, best first.
     loc: HashMap<IpNet, Vec<Candidate>>,
     peers: HashMap<PeerId, PeerRib>,
+    /// Update groups with at least one member, in creation order.
+    groups: BTreeMap<GroupId, UpdateGroup>,
+    next_group: GroupId,
 }
 
 impl Rib {
@@ -137,6 +194,8 @@ impl Rib {
             interner: AttrInterner::default(),
             loc: HashMap::new(),
             peers: HashMap::new(),
+            groups: BTreeMap::new(),
+            next_group: 0,
         }
     }
 
@@ -144,7 +203,8 @@ impl Rib {
         self.local_as
     }
 
-    /// Register a peer (session down). Replaces the configuration of a known peer.
+    /// Register a peer (session down). Replaces the configuration of a known peer; for a peer
+    /// that is up, a change of export policy takes effect at the next [`Rib::resync`].
     pub fn add_peer(&mut self, id: PeerId, cfg: RibPeer) {
         let ibgp = cfg.remote_as == self.local_as;
         match self.peers.get_mut(&id) {
@@ -163,7 +223,7 @@ impl Rib {
                         families: Vec::new(),
                         adj_in: HashMap::new(),
                         accepted: 0,
-                        adj_out: HashMap::new(),
+                        group: None,
                         stale: HashSet::new(),
                     },
                 );
@@ -181,24 +241,23 @@ impl Rib {
     /// The session reached Established: returns the full table to send (the caller appends
     /// End-of-RIB per family).
     pub fn peer_up(&mut self, id: PeerId, router_id: Ipv4Addr, families: Vec<Family>) -> Export {
+        self.leave_group(id);
         let Some(p) = self.peers.get_mut(&id) else {
             return Export::default();
         };
         p.up = true;
         p.router_id = router_id;
         p.families = families;
-        p.adj_out.clear();
-        let prefixes: Vec<IpNet> = self.loc.keys().copied().collect();
-        self.export_to(id, &prefixes)
+        self.join_group(id)
     }
 
     /// The session went down: its routes leave the Loc-RIB.
     pub fn peer_down(&mut self, id: PeerId) -> RibOutput {
+        self.leave_group(id);
         let Some(p) = self.peers.get_mut(&id) else {
             return RibOutput::default();
         };
         p.up = false;
-        p.adj_out.clear();
         p.accepted = 0;
         p.stale.clear();
         let prefixes: Vec<IpNet> = p
@@ -213,7 +272,7 @@ impl Rib {
                 changed.push(prefix);
             }
         }
-        self.finish(changed)
+        self.finish_changed(changed)
     }
 
     /// The session went down gracefully (RFC 4724 §4.2, receiving speaker): the peer's
@@ -221,11 +280,11 @@ impl Rib {
     /// already stale stay so); everything else it announced is removed. Marking changes no
     /// best path, so only the removals produce changes and exports.
     pub fn peer_down_graceful(&mut self, id: PeerId, retain: &[Family]) -> RibOutput {
+        self.leave_group(id);
         let Some(p) = self.peers.get_mut(&id) else {
             return RibOutput::default();
         };
         p.up = false;
-        p.adj_out.clear();
         let mut removed = Vec::new();
         p.adj_in.retain(|prefix, accepted| {
             let keep = *accepted && retain.contains(&Family::of(prefix));
@@ -242,7 +301,7 @@ impl Rib {
                 changed.push(prefix);
             }
         }
-        self.finish(changed)
+        self.finish_changed(changed)
     }
 
     /// Remove the peer's routes of `families` that are still stale (End-of-RIB received,
@@ -270,7 +329,7 @@ impl Rib {
                 changed.push(prefix);
             }
         }
-        self.finish(changed)
+        self.finish_changed(changed)
     }
 
     /// How many of the peer's routes are stale.
@@ -279,54 +338,65 @@ impl Rib {
     }
 
     /// Forget what was announced to `id` and compute its full table again (the caller sends
-    /// it, then End-of-RIB): used when a deferred initial advertisement is finally sent.
+    /// it, then End-of-RIB): used when a deferred initial advertisement is finally sent. Also
+    /// moves the peer to the update group of its current configuration.
     pub fn resync(&mut self, id: PeerId) -> Export {
-        let Some(p) = self.peers.get_mut(&id) else {
-            return Export::default();
-        };
-        if !p.up {
+        if !self.peers.get(&id).is_some_and(|p| p.up) {
             return Export::default();
         }
-        p.adj_out.clear();
-        let prefixes: Vec<IpNet> = self.loc.keys().copied().collect();
-        self.export_to(id, &prefixes)
+        self.leave_group(id);
+        self.join_group(id)
     }
 
     /// Apply an UPDATE received from `id` (already validated). RFC 7606 treat-as-withdraw
     /// turns its announcements into withdrawals.
     pub fn apply_update(&mut self, id: PeerId, update: &Update) -> (RibOutput, ImportStats) {
+        let mut pending = Pending::default();
+        let stats = self.import_update(id, update, &mut pending);
+        (self.finish(pending), stats)
+    }
+
+    /// Import an UPDATE received from `id` (already validated) into the Loc-RIB without
+    /// exporting yet: the best-path changes are added to `pending`, for one [`Rib::finish`]
+    /// after several UPDATEs. RFC 7606 treat-as-withdraw turns announcements into withdrawals.
+    pub fn import_update(
+        &mut self,
+        id: PeerId,
+        update: &Update,
+        pending: &mut Pending,
+    ) -> ImportStats {
         let mut stats = ImportStats::default();
         let Some(peer) = self.peers.get(&id) else {
-            return (RibOutput::default(), stats);
+            return stats;
         };
         if !peer.up {
-            return (RibOutput::default(), stats);
+            return stats;
         }
         let ibgp = peer.ibgp;
-        let mut changed = Vec::new();
+        let changed = &mut pending.changed;
         let twd = update.treat_as_withdraw();
         let mut withdraw = |rib: &mut Rib, prefix: IpNet, changed: &mut Vec<IpNet>| {
             stats.withdrawn += 1;
             rib.withdraw_from(id, prefix, changed);
         };
         for p in &update.withdrawn {
-            withdraw(self, *p, &mut changed);
+            withdraw(self, *p, changed);
         }
         if let Some(u) = &update.mp_unreach {
             for p in &u.withdrawn {
-                withdraw(self, *p, &mut changed);
+                withdraw(self, *p, changed);
             }
         }
         if twd {
             for p in &update.nlri {
-                withdraw(self, *p, &mut changed);
+                withdraw(self, *p, changed);
             }
             if let Some(r) = &update.mp_reach {
                 for p in &r.nlri {
-                    withdraw(self, *p, &mut changed);
+                    withdraw(self, *p, changed);
                 }
             }
-            return (self.finish(changed), stats);
+            return stats;
         }
 
         let looped = self.is_looped(&update.attrs, ibgp);
@@ -346,9 +416,9 @@ impl Rib {
                 stats.announced += 1;
                 if looped {
                     stats.rejected += 1;
-                    self.reject_from(id, *p, &mut changed);
+                    self.reject_from(id, *p, changed);
                 } else {
-                    self.announce_from(id, *p, attrs.clone(), &mut changed);
+                    self.announce_from(id, *p, attrs.clone(), changed);
                 }
             }
         }
@@ -363,13 +433,13 @@ impl Rib {
                 stats.announced += 1;
                 if looped {
                     stats.rejected += 1;
-                    self.reject_from(id, *p, &mut changed);
+                    self.reject_from(id, *p, changed);
                 } else {
-                    self.announce_from(id, *p, attrs.clone(), &mut changed);
+                    self.announce_from(id, *p, attrs.clone(), changed);
                 }
             }
         }
-        (self.finish(changed), stats)
+        stats
     }
 
     /// Originate a route locally. `next_hop: None` means "ourselves" on every session.
@@ -400,7 +470,7 @@ impl Rib {
         });
         let mut changed = Vec::new();
         self.upsert_candidate(prefix, LOCAL, attrs, &mut changed);
-        self.finish(changed)
+        self.finish_changed(changed)
     }
 
     /// Withdraw a locally originated route.
@@ -409,28 +479,16 @@ impl Rib {
         if self.remove_candidate(prefix, LOCAL) {
             changed.push(prefix);
         }
-        self.finish(changed)
+        self.finish_changed(changed)
     }
 
     /// Re-send everything announced to `id` for `family` (ROUTE-REFRESH, RFC 2918).
     pub fn refresh(&self, id: PeerId, family: Family) -> Export {
-        let Some(p) = self.peers.get(&id) else {
-            return Export::default();
-        };
-        let mut groups: HashMap<*const RouteAttrs, (AttrSet, Vec<IpNet>)> = HashMap::new();
-        for (prefix, attrs) in &p.adj_out {
-            if Family::of(prefix) == family {
-                groups
-                    .entry(Arc::as_ptr(attrs))
-                    .or_insert_with(|| (attrs.clone(), Vec::new()))
-                    .1
-                    .push(*prefix);
-            }
-        }
-        Export {
-            announce: groups.into_values().collect(),
-            withdraw: Vec::new(),
-        }
+        self.peers
+            .get(&id)
+            .and_then(|p| p.group)
+            .and_then(|g| self.groups.get(&g))
+            .map_or_else(Export::default, |g| g.dump(id, Some(family)))
     }
 
     /// The current best learned route of a prefix.
@@ -464,13 +522,83 @@ impl Rib {
 
     /// (received, accepted, advertised) prefix counts of a peer.
     pub fn peer_counts(&self, id: PeerId) -> (usize, usize, usize) {
-        self.peers
-            .get(&id)
-            .map_or((0, 0, 0), |p| (p.adj_in.len(), p.accepted, p.adj_out.len()))
+        self.peers.get(&id).map_or((0, 0, 0), |p| {
+            let advertised = p
+                .group
+                .and_then(|g| self.groups.get(&g))
+                .map_or(0, |g| g.advertised_to(id));
+            (p.adj_in.len(), p.accepted, advertised)
+        })
     }
 
     pub fn interned_attr_sets(&self) -> usize {
         self.interner.len()
+    }
+
+    /// The update group `id` is in while it is up.
+    pub fn group_of(&self, id: PeerId) -> Option<GroupId> {
+        self.peers.get(&id).and_then(|p| p.group)
+    }
+
+    /// How many update groups there are (each with at least one member).
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
+    // ---- update groups ----
+
+    fn policy_of(p: &PeerRib) -> ExportPolicy {
+        ExportPolicy {
+            remote_as: p.cfg.remote_as,
+            ibgp: p.ibgp,
+            rr_client: p.cfg.rr_client,
+            next_hop_self: p.cfg.next_hop_self,
+            local_addr: p.cfg.local_addr,
+            local_v6_next_hop: p.cfg.local_v6_next_hop,
+            families: p.families.clone(),
+        }
+    }
+
+    /// Put an up peer into the group of its policy (created, with its Adj-RIB-Out computed
+    /// from the whole Loc-RIB, if there is none) and return its full table.
+    fn join_group(&mut self, id: PeerId) -> Export {
+        let Some(p) = self.peers.get(&id) else {
+            return Export::default();
+        };
+        let policy = Self::policy_of(p);
+        let gid = match self.groups.iter().find(|(_, g)| g.policy == policy) {
+            Some((gid, _)) => *gid,
+            None => {
+                let gid = self.next_group;
+                self.next_group += 1;
+                self.groups.insert(gid, UpdateGroup::new(policy));
+                let prefixes: Vec<IpNet> = self.loc.keys().copied().collect();
+                // No members yet: nothing to send, only the Adj-RIB-Out to fill.
+                self.export_group(gid, &prefixes);
+                gid
+            }
+        };
+        let Some(g) = self.groups.get_mut(&gid) else {
+            return Export::default();
+        };
+        g.members.insert(id);
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.group = Some(gid);
+        }
+        g.dump(id, None)
+    }
+
+    /// Take a peer out of its group; the last member out drops the group.
+    fn leave_group(&mut self, id: PeerId) {
+        let Some(gid) = self.peers.get_mut(&id).and_then(|p| p.group.take()) else {
+            return;
+        };
+        if let Some(g) = self.groups.get_mut(&gid) {
+            g.members.remove(&id);
+            if g.members.is_empty() {
+                self.groups.remove(&gid);
+            }
+        }
     }
 
     // ---- import ----
@@ -675,7 +803,12 @@ impl Rib {
             .is_some_and(|p| !p.stale.is_empty() && p.stale.contains(prefix))
     }
 
-    fn finish(&mut self, mut changed: Vec<IpNet>) -> RibOutput {
+    /// Export the best-path changes of imported UPDATEs (see [`Rib::import_update`]).
+    pub fn finish(&mut self, pending: Pending) -> RibOutput {
+        self.finish_changed(pending.changed)
+    }
+
+    fn finish_changed(&mut self, mut changed: Vec<IpNet>) -> RibOutput {
         if changed.is_empty() {
             return RibOutput::default();
         }
@@ -692,103 +825,69 @@ impl Rib {
                     .and_then(|c| self.best_route(p, c)),
             })
             .collect();
-        let mut ids: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.up)
-            .map(|(id, _)| *id)
+        let gids: Vec<GroupId> = self.groups.keys().copied().collect();
+        let exports = gids
+            .into_iter()
+            .map(|gid| self.export_group(gid, &changed))
+            .filter(|e| !e.is_empty())
             .collect();
-        ids.sort_unstable();
-        let mut exports = Vec::new();
-        for id in ids {
-            let e = self.export_to(id, &changed);
-            if !e.is_empty() {
-                exports.push((id, e));
-            }
-        }
         RibOutput { changes, exports }
     }
 
-    /// Bring `id`'s Adj-RIB-Out in line with the Loc-RIB for `prefixes`.
-    fn export_to(&mut self, id: PeerId, prefixes: &[IpNet]) -> Export {
-        // Keyed by attribute set and family: an UPDATE carries one family's NLRI.
-        let mut groups: HashMap<(*const RouteAttrs, Family), (AttrSet, Vec<IpNet>)> =
-            HashMap::new();
-        let mut withdraw = Vec::new();
+    /// Bring a group's Adj-RIB-Out in line with the Loc-RIB for `prefixes`.
+    fn export_group(&mut self, gid: GroupId, prefixes: &[IpNet]) -> GroupExport {
+        let Some(mut g) = self.groups.remove(&gid) else {
+            return GroupExport::default();
+        };
+        let mut msgs = GroupExportBuilder::default();
         // Export attributes depend on the source attributes and the source peer only.
         let mut cache: HashMap<(*const RouteAttrs, PeerId), Option<AttrSet>> = HashMap::new();
         for prefix in prefixes {
-            let Some(target) = self.peers.get(&id) else {
-                break;
-            };
-            if !target.families.contains(&Family::of(prefix)) {
+            if !g.policy.families.contains(&Family::of(prefix)) {
                 continue;
             }
             let best = self.loc.get(prefix).and_then(|c| c.first()).cloned();
-            let desired = match best {
-                None => None,
-                Some(b) => match cache.get(&(Arc::as_ptr(&b.attrs), b.peer)) {
-                    Some(d) if b.peer != id => d.clone(),
-                    _ => {
+            let desired = best.and_then(|b| {
+                let d = match cache.get(&(Arc::as_ptr(&b.attrs), b.peer)) {
+                    Some(d) => d.clone(),
+                    None => {
                         let d = self
-                            .export_attrs(&b, id, prefix)
+                            .export_attrs(&b, &g.policy, prefix)
                             .map(|a| self.interner.intern(a));
-                        if b.peer != id {
-                            cache.insert((Arc::as_ptr(&b.attrs), b.peer), d.clone());
-                        }
+                        cache.insert((Arc::as_ptr(&b.attrs), b.peer), d.clone());
                         d
                     }
-                },
-            };
-            let Some(target) = self.peers.get_mut(&id) else {
-                break;
-            };
-            match desired {
-                Some(a) => {
-                    let same = target
-                        .adj_out
-                        .get(prefix)
-                        .is_some_and(|o| Arc::ptr_eq(o, &a));
-                    if !same {
-                        target.adj_out.insert(*prefix, a.clone());
-                        groups
-                            .entry((Arc::as_ptr(&a), Family::of(prefix)))
-                            .or_insert_with(|| (a, Vec::new()))
-                            .1
-                            .push(*prefix);
-                    }
-                }
-                None => {
-                    if target.adj_out.remove(prefix).is_some() {
-                        withdraw.push(*prefix);
-                    }
-                }
-            }
+                };
+                d.map(|a| (a, b.peer))
+            });
+            g.set(*prefix, desired, &mut msgs);
         }
-        let mut announce: Vec<(AttrSet, Vec<IpNet>)> = groups.into_values().collect();
-        announce.sort_by(|a, b| a.1.first().cmp(&b.1.first()));
-        Export { announce, withdraw }
+        let e = msgs.build(gid, &g.members);
+        self.groups.insert(gid, g);
+        e
     }
 
-    /// The attributes `best` is announced with to peer `id`, or `None` when the export rules
-    /// forbid announcing it there.
-    fn export_attrs(&self, best: &Candidate, id: PeerId, prefix: &IpNet) -> Option<RouteAttrs> {
-        let target = self.peers.get(&id)?;
-        if best.peer == id {
-            return None;
-        }
+    /// The attributes `best` is announced with to peers of policy `target`, or `None` when
+    /// the export rules forbid announcing it there. (Not sending a route back to the peer it
+    /// came from is the update group's job.)
+    fn export_attrs(
+        &self,
+        best: &Candidate,
+        target: &ExportPolicy,
+        prefix: &IpNet,
+    ) -> Option<RouteAttrs> {
         let source = self.peers.get(&best.peer);
         let mut path = best.attrs.path.clone();
         let mut next_hop = best.attrs.next_hop;
         let from_local = best.peer == LOCAL;
-        let self_nh = |t: &PeerRib| -> NextHop {
+        let self_nh = |t: &ExportPolicy| -> NextHop {
             match prefix {
-                IpNet::V4(_) => match t.cfg.local_addr {
+                IpNet::V4(_) => match t.local_addr {
                     IpAddr::V4(a) => NextHop::new(IpAddr::V4(a)),
                     IpAddr::V6(_) => NextHop::new(IpAddr::V4(self.router_id)),
                 },
-                IpNet::V6(_) => NextHop::new(IpAddr::V6(t.cfg.local_v6_next_hop.unwrap_or(
-                    match t.cfg.local_addr {
+                IpNet::V6(_) => NextHop::new(IpAddr::V6(t.local_v6_next_hop.unwrap_or(
+                    match t.local_addr {
                         IpAddr::V6(a) => a,
                         IpAddr::V4(a) => a.to_ipv6_mapped(),
                     },
@@ -798,7 +897,7 @@ impl Rib {
         if target.ibgp {
             if let Some(src) = source.filter(|s| s.ibgp) {
                 // RFC 4456 §6: reflect client routes to everyone, non-client routes to clients.
-                if !(src.cfg.rr_client || target.cfg.rr_client) {
+                if !(src.cfg.rr_client || target.rr_client) {
                     return None;
                 }
                 if path.originator_id.is_none() {
@@ -809,7 +908,7 @@ impl Rib {
             if path.local_pref.is_none() {
                 path.local_pref = Some(DEFAULT_LOCAL_PREF);
             }
-            if target.cfg.next_hop_self || next_hop.addr.is_unspecified() {
+            if target.next_hop_self || next_hop.addr.is_unspecified() {
                 next_hop = self_nh(target);
             }
         } else {
@@ -924,9 +1023,8 @@ mod tests {
         client.rr_client = true;
         let mut rib = rib_with(&[(1, client), (2, peer([10, 0, 0, 3], AS))]);
         let (out, _) = rib.apply_update(1, &announce(&["172.16.0.0/26"], [10, 0, 0, 2], &[]));
-        assert_eq!(out.exports.len(), 1);
-        let (to, e) = &out.exports[0];
-        assert_eq!(*to, 2);
+        assert_eq!(out.peers_sent_to(), vec![2]);
+        let e = out.export_for(2).unwrap();
         let attrs = &e.announce[0].0;
         assert_eq!(attrs.path.originator_id, Some(Ipv4Addr::new(10, 0, 0, 2)));
         assert_eq!(attrs.path.cluster_list, vec![Ipv4Addr::new(10, 0, 0, 1)]);
@@ -935,10 +1033,7 @@ mod tests {
         assert_eq!(attrs.path.local_pref, Some(100));
         // Non-client route goes to the client only.
         let (out, _) = rib.apply_update(2, &announce(&["172.16.1.0/26"], [10, 0, 0, 3], &[]));
-        assert_eq!(
-            out.exports.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-            vec![1]
-        );
+        assert_eq!(out.peers_sent_to(), vec![1]);
     }
 
     #[test]
@@ -951,8 +1046,8 @@ mod tests {
         u.attrs.local_pref = Some(200);
         u.attrs.med = Some(5);
         let (out, _) = rib.apply_update(1, &u);
-        let (to, e) = &out.exports[0];
-        assert_eq!(*to, 2);
+        assert_eq!(out.peers_sent_to(), vec![2]);
+        let e = out.export_for(2).unwrap();
         let a = &e.announce[0].0;
         assert_eq!(a.path.as_path, Some(AsPath::from_sequence(vec![AS])));
         assert_eq!(a.path.next_hop, Some(Ipv4Addr::new(10, 0, 0, 1)));
@@ -1052,20 +1147,23 @@ mod tests {
         let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS))]);
         let out = rib.originate(net("172.16.241.64/26"), None, PathAttrs::default());
         assert!(out.changes.iter().all(|c| c.best.is_none()));
-        let (_, e) = &out.exports[0];
+        let e = out.export_for(1).unwrap();
         assert_eq!(
             e.announce[0].0.path.next_hop,
             Some(Ipv4Addr::new(10, 0, 0, 1))
         );
         assert_eq!(rib.peer_counts(1).2, 1);
         let out = rib.originate(net("fd00:10::/122"), None, PathAttrs::default());
-        let (_, e) = &out.exports[0];
+        let e = out.export_for(1).unwrap();
         assert_eq!(
             e.announce[0].0.next_hop.addr,
             IpAddr::V6(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped())
         );
         let out = rib.withdraw_local(net("172.16.241.64/26"));
-        assert_eq!(out.exports[0].1.withdraw, vec![net("172.16.241.64/26")]);
+        assert_eq!(
+            out.export_for(1).unwrap().withdraw,
+            vec![net("172.16.241.64/26")]
+        );
     }
 
     #[test]

@@ -50,16 +50,19 @@ use crate::gr::{
     DEFAULT_MAX_RESTART_TIME, DEFAULT_SELECTION_DEFERRAL, DeferralPeer, GrAction, GrEvent,
     GrHelper, GrHelperConfig, GrPhase, GrTimer, deferral_complete,
 };
-use crate::rib::{BestChange, BestRoute, Export, LOCAL, PeerId, Rib, RibOutput, RibPeer};
+use crate::rib::{
+    BestChange, BestRoute, Export, GroupExport, LOCAL, PeerId, Pending, Rib, RibOutput, RibPeer,
+};
 use crate::session::{self, SessionCmd, SessionEvent, SessionParams};
 use crate::wire::{
     CodecContext, Family, GrFamily, GracefulRestartCap, Notification, PathAttrs, UpdateEncoder,
     cease,
 };
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use ipnet::IpNet;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::Range;
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -528,7 +531,7 @@ impl Core {
                         return;
                     }
                 },
-                Some((id, ev)) = events.recv() => self.event(id, ev).await,
+                Some(first) = events.recv() => self.events(first, &mut events).await,
                 _ = sleep_until(deadline) => self.fire_timers().await,
             }
         }
@@ -768,6 +771,52 @@ impl Core {
         Ok(())
     }
 
+    /// Handle `first` and whatever else the sessions have queued, up to a bound. Consecutive
+    /// UPDATEs are imported one by one and exported together, once, so a burst from many peers
+    /// costs one export per update group instead of one per UPDATE. Any other event exports
+    /// what is pending first, so everything happens in arrival order as before.
+    async fn events(
+        &mut self,
+        first: (PeerId, SessionEvent),
+        events: &mut mpsc::Receiver<(PeerId, SessionEvent)>,
+    ) {
+        let mut pending = Pending::default();
+        let mut next = Some(first);
+        let mut handled = 0;
+        while let Some((id, ev)) = next.take() {
+            handled += 1;
+            match ev {
+                SessionEvent::Update(u) => {
+                    if let Some(p) = self.peers.get_mut(&id) {
+                        p.status.updates_received += 1;
+                        let _stats = self.rib.import_update(id, &u, &mut pending);
+                    }
+                    if pending.len() >= MAX_BATCH_CHANGES {
+                        self.flush(std::mem::take(&mut pending)).await;
+                    }
+                }
+                ev => {
+                    if !pending.is_empty() {
+                        self.flush(std::mem::take(&mut pending)).await;
+                    }
+                    self.event(id, ev).await;
+                }
+            }
+            if handled < MAX_BATCH_EVENTS {
+                next = events.try_recv().ok();
+            }
+        }
+        if !pending.is_empty() {
+            self.flush(pending).await;
+        }
+    }
+
+    /// Export imported UPDATEs' changes and send them.
+    async fn flush(&mut self, pending: Pending) {
+        let out = self.rib.finish(pending);
+        self.publish(out).await;
+    }
+
     async fn event(&mut self, id: PeerId, ev: SessionEvent) {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
@@ -853,6 +902,7 @@ impl Core {
                 self.check_deferral().await;
             }
             SessionEvent::Update(u) => {
+                // Normally batched by `events`.
                 p.status.updates_received += 1;
                 let (out, _stats) = self.rib.apply_update(id, &u);
                 self.publish(out).await;
@@ -998,8 +1048,8 @@ impl Core {
             self.deferred.extend(out.changes.iter().map(|c| c.prefix));
             return;
         }
-        for (id, export) in &out.exports {
-            self.send_export(*id, export, None);
+        for export in &out.exports {
+            self.send_group_export(export);
         }
         let learned: Vec<BestChange> = out.changes;
         if !learned.is_empty() {
@@ -1014,20 +1064,7 @@ impl Core {
         };
         let enc = UpdateEncoder::new(p.codec);
         let mut buf = BytesMut::new();
-        let mut messages = 0;
-        let mut withdraw_v4 = Vec::new();
-        let mut withdraw_v6 = Vec::new();
-        for w in &export.withdraw {
-            match w {
-                IpNet::V4(_) => withdraw_v4.push(*w),
-                IpNet::V6(_) => withdraw_v6.push(*w),
-            }
-        }
-        messages += enc.withdraw(&withdraw_v4, &mut buf);
-        messages += enc.withdraw(&withdraw_v6, &mut buf);
-        for (attrs, prefixes) in &export.announce {
-            messages += enc.announce(&attrs.path, Some(attrs.next_hop), prefixes, &mut buf);
-        }
+        let mut messages = encode(&enc, &export.withdraw, &export.announce, &mut buf);
         if let Some(fams) = eor {
             for f in fams {
                 enc.end_of_rib(*f, &mut buf);
@@ -1036,9 +1073,118 @@ impl Core {
         }
         p.status.updates_sent += messages as u64;
         if !buf.is_empty() {
-            let _ = p
-                .session
-                .send(SessionCmd::Send(p.status.established_count, buf.freeze()));
+            let _ = p.session.send(SessionCmd::Send(
+                p.status.established_count,
+                vec![buf.freeze()],
+            ));
+        }
+    }
+
+    /// Send an update group's messages to its members: encoded once (per codec in use among
+    /// the members), each member getting slices of the same buffer.
+    fn send_group_export(&mut self, export: &GroupExport) {
+        let mut encoded: Vec<EncodedGroup> = Vec::new();
+        for &m in &export.members {
+            let Some(p) = self.peers.get_mut(&m) else {
+                continue;
+            };
+            if !p.up {
+                continue;
+            }
+            let i = match encoded.iter().position(|e| e.codec == p.codec) {
+                Some(i) => i,
+                None => {
+                    encoded.push(EncodedGroup::new(export, p.codec));
+                    encoded.len() - 1
+                }
+            };
+            let (mut pieces, mut messages) = encoded[i].for_member(m);
+            if let Ok(w) = export.member_withdraw.binary_search_by_key(&m, |w| w.0) {
+                let mut buf = BytesMut::new();
+                messages += encode(
+                    &UpdateEncoder::new(p.codec),
+                    &export.member_withdraw[w].1,
+                    &[],
+                    &mut buf,
+                );
+                pieces.push(buf.freeze());
+            }
+            p.status.updates_sent += messages as u64;
+            if !pieces.is_empty() {
+                let _ = p
+                    .session
+                    .send(SessionCmd::Send(p.status.established_count, pieces));
+            }
+        }
+    }
+}
+
+/// Most events handled in one go before commands and timers get a turn.
+const MAX_BATCH_EVENTS: usize = 1024;
+/// Most best-path changes imported before they are exported.
+const MAX_BATCH_CHANGES: usize = 32 * 1024;
+
+/// Encode withdrawals, then announcements, as UPDATE messages; returns how many.
+fn encode(
+    enc: &UpdateEncoder,
+    withdraw: &[IpNet],
+    announce: &[(crate::attrset::AttrSet, Vec<IpNet>)],
+    buf: &mut BytesMut,
+) -> usize {
+    let mut messages = 0;
+    let (v4, v6): (Vec<IpNet>, Vec<IpNet>) =
+        withdraw.iter().partition(|w| matches!(w, IpNet::V4(_)));
+    messages += enc.withdraw(&v4, buf);
+    messages += enc.withdraw(&v6, buf);
+    for (attrs, prefixes) in announce {
+        messages += enc.announce(&attrs.path, Some(attrs.next_hop), prefixes, buf);
+    }
+    messages
+}
+
+/// A group export encoded for one codec: one buffer, segment by segment.
+struct EncodedGroup {
+    codec: CodecContext,
+    bytes: Bytes,
+    /// Per segment: the member it excludes, its byte range, its message count.
+    segments: Vec<(PeerId, Range<usize>, usize)>,
+    messages: usize,
+}
+
+impl EncodedGroup {
+    fn new(export: &GroupExport, codec: CodecContext) -> EncodedGroup {
+        let enc = UpdateEncoder::new(codec);
+        let mut buf = BytesMut::new();
+        let mut segments = Vec::with_capacity(export.segments.len());
+        let mut messages = 0;
+        for s in &export.segments {
+            let start = buf.len();
+            let n = encode(&enc, &s.withdraw, &s.announce, &mut buf);
+            messages += n;
+            segments.push((s.exclude, start..buf.len(), n));
+        }
+        EncodedGroup {
+            codec,
+            bytes: buf.freeze(),
+            segments,
+            messages,
+        }
+    }
+
+    /// The pieces of the buffer `member` gets (everything but the segment excluding it), and
+    /// how many messages they hold.
+    fn for_member(&self, member: PeerId) -> (Vec<Bytes>, usize) {
+        match self.segments.binary_search_by_key(&member, |s| s.0) {
+            Ok(i) => {
+                let (_, r, n) = &self.segments[i];
+                let pieces = [self.bytes.slice(..r.start), self.bytes.slice(r.end..)]
+                    .into_iter()
+                    .filter(|b| !b.is_empty())
+                    .collect();
+                (pieces, self.messages - n)
+            }
+            Err(_) if self.bytes.is_empty() => (Vec::new(), 0),
+            Err(_) => (vec![self.bytes.clone()], self.messages),
         }
     }
 }
