@@ -1270,6 +1270,223 @@ mod tests {
         assert_eq!(rib.stale_count(1), 0);
     }
 
+    fn client(last: u8) -> RibPeer {
+        let mut p = peer([10, 0, 0, last], AS);
+        p.rr_client = true;
+        p
+    }
+
+    /// Every prefix `e` announces, sorted.
+    fn announced(e: &Export) -> Vec<IpNet> {
+        let mut v: Vec<IpNet> = e.announce.iter().flat_map(|(_, p)| p.clone()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn rr_clients_share_one_group_and_never_get_their_own_routes() {
+        let ids: Vec<PeerId> = (1..=4).collect();
+        let peers: Vec<(PeerId, RibPeer)> = ids.iter().map(|&i| (i, client(i as u8 + 1))).collect();
+        let mut rib = rib_with(&peers);
+        assert_eq!(rib.group_count(), 1);
+        // All four UPDATEs imported, then exported once.
+        let mut pending = Pending::default();
+        for &i in &ids {
+            let prefix = format!("10.{i}.0.0/26");
+            rib.import_update(
+                i,
+                &announce(&[prefix.as_str()], [10, 0, 0, i as u8 + 1], &[]),
+                &mut pending,
+            );
+        }
+        let out = rib.finish(pending);
+        assert_eq!(out.exports.len(), 1, "one group, one export");
+        assert_eq!(out.exports[0].segments.len(), 4, "one segment per source");
+        for &i in &ids {
+            let e = out.export_for(i).unwrap();
+            let others: Vec<IpNet> = ids
+                .iter()
+                .filter(|&&j| j != i)
+                .map(|j| net(&format!("10.{j}.0.0/26")))
+                .collect();
+            assert_eq!(announced(&e), others, "peer {i}");
+            assert!(e.withdraw.is_empty());
+            for (attrs, prefixes) in &e.announce {
+                let j = prefixes[0]
+                    .addr()
+                    .to_string()
+                    .split('.')
+                    .nth(1)
+                    .unwrap()
+                    .parse::<u8>();
+                let src = Ipv4Addr::new(10, 0, 0, j.unwrap() + 1);
+                assert_eq!(attrs.path.originator_id, Some(src));
+                assert_eq!(attrs.path.cluster_list, vec![Ipv4Addr::new(10, 0, 0, 1)]);
+                assert_eq!(attrs.path.next_hop, Some(src), "iBGP keeps the next hop");
+            }
+            assert_eq!(rib.peer_counts(i), (1, 1, 3));
+        }
+        // ROUTE-REFRESH answers with the member's view too.
+        assert_eq!(
+            announced(&rib.refresh(2, Family::IPV4_UNICAST)),
+            vec![net("10.1.0.0/26"), net("10.3.0.0/26"), net("10.4.0.0/26")]
+        );
+        assert!(rib.refresh(2, Family::IPV6_UNICAST).is_empty());
+    }
+
+    #[test]
+    fn best_path_moving_to_a_member_withdraws_what_it_had_received() {
+        let peers: Vec<(PeerId, RibPeer)> = (1..=3).map(|i| (i, client(i as u8 + 1))).collect();
+        let mut rib = rib_with(&peers);
+        let p = net("10.9.0.0/26");
+        rib.apply_update(1, &announce(&["10.9.0.0/26"], [10, 0, 0, 2], &[]));
+        assert_eq!(rib.peer_counts(2).2, 1);
+        // Peer 2's path wins (higher LOCAL_PREF): 2 loses what it had from 1, 1 and 3 get 2's.
+        let mut u = announce(&["10.9.0.0/26"], [10, 0, 0, 3], &[]);
+        u.attrs.local_pref = Some(200);
+        let (out, _) = rib.apply_update(2, &u);
+        let to2 = out.export_for(2).unwrap();
+        assert_eq!(to2.withdraw, vec![p]);
+        assert!(to2.announce.is_empty());
+        for i in [1, 3] {
+            let e = out.export_for(i).unwrap();
+            assert_eq!(announced(&e), vec![p]);
+            assert_eq!(
+                e.announce[0].0.path.originator_id,
+                Some(Ipv4Addr::new(10, 0, 0, 3))
+            );
+        }
+        assert_eq!(
+            (0..3).map(|i| rib.peer_counts(i + 1).2).collect::<Vec<_>>(),
+            vec![1, 0, 1]
+        );
+        // Peer 2 withdraws: back to 1's path; 1 loses 2's, 2 and 3 get 1's.
+        let (out, _) = rib.apply_update(
+            2,
+            &Update {
+                withdrawn: vec![p],
+                ..Default::default()
+            },
+        );
+        assert_eq!(out.export_for(1).unwrap().withdraw, vec![p]);
+        assert!(out.export_for(1).unwrap().announce.is_empty());
+        for i in [2, 3] {
+            let e = out.export_for(i).unwrap();
+            assert_eq!(announced(&e), vec![p], "peer {i}");
+            assert!(e.withdraw.is_empty());
+        }
+        // Peer 1 withdraws too: 2 and 3 lose it, 1 (which had nothing) is sent nothing.
+        let (out, _) = rib.apply_update(
+            1,
+            &Update {
+                withdrawn: vec![p],
+                ..Default::default()
+            },
+        );
+        assert_eq!(out.peers_sent_to(), vec![2, 3]);
+        assert_eq!(out.export_for(3).unwrap().withdraw, vec![p]);
+        assert_eq!(
+            (1..=3).map(|i| rib.peer_counts(i).2).collect::<Vec<_>>(),
+            vec![0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn late_joiner_gets_the_table_without_its_own_stale_routes() {
+        let peers: Vec<(PeerId, RibPeer)> = (1..=2).map(|i| (i, client(i as u8 + 1))).collect();
+        let mut rib = rib_with(&peers);
+        rib.apply_update(1, &announce(&["10.1.0.0/26"], [10, 0, 0, 2], &[]));
+        rib.apply_update(2, &announce(&["10.2.0.0/26"], [10, 0, 0, 3], &[]));
+        rib.originate(net("10.0.0.0/26"), None, PathAttrs::default());
+        // A third client joins the existing group: the whole table.
+        rib.add_peer(3, client(4));
+        let e = rib.peer_up(3, Ipv4Addr::new(10, 0, 0, 4), v4());
+        assert_eq!(rib.group_count(), 1);
+        assert_eq!(rib.group_of(3), rib.group_of(1));
+        assert_eq!(
+            announced(&e),
+            vec![net("10.0.0.0/26"), net("10.1.0.0/26"), net("10.2.0.0/26")]
+        );
+        assert_eq!(rib.peer_counts(3).2, 3);
+        // Peer 1 restarts gracefully: its route stays (stale, best); when it is back, its
+        // table leaves its own route out.
+        rib.peer_down_graceful(1, &[Family::IPV4_UNICAST]);
+        assert_eq!(rib.group_of(1), None);
+        let e = rib.peer_up(1, Ipv4Addr::new(10, 0, 0, 2), v4());
+        assert_eq!(announced(&e), vec![net("10.0.0.0/26"), net("10.2.0.0/26")]);
+        assert_eq!(rib.peer_counts(1).2, 2);
+        // The last member leaving drops the group; the next one recomputes it.
+        for i in 1..=3 {
+            rib.peer_down(i);
+        }
+        assert_eq!(rib.group_count(), 0);
+        let e = rib.peer_up(3, Ipv4Addr::new(10, 0, 0, 4), v4());
+        assert_eq!(announced(&e), vec![net("10.0.0.0/26")]);
+    }
+
+    #[test]
+    fn removed_peer_routes_are_withdrawn_from_the_others() {
+        let peers: Vec<(PeerId, RibPeer)> = (1..=3).map(|i| (i, client(i as u8 + 1))).collect();
+        let mut rib = rib_with(&peers);
+        for i in 1..=3u32 {
+            let prefix = format!("10.{i}.0.0/26");
+            rib.apply_update(
+                i,
+                &announce(&[prefix.as_str()], [10, 0, 0, i as u8 + 1], &[]),
+            );
+        }
+        assert_eq!(rib.peer_counts(2).2, 2);
+        let out = rib.remove_peer(1);
+        assert_eq!(out.peers_sent_to(), vec![2, 3]);
+        for i in [2, 3] {
+            assert_eq!(
+                out.export_for(i).unwrap().withdraw,
+                vec![net("10.1.0.0/26")]
+            );
+            assert_eq!(rib.peer_counts(i).2, 1);
+        }
+        assert_eq!(rib.peer_counts(1), (0, 0, 0));
+    }
+
+    #[test]
+    fn peers_with_different_policies_get_different_groups() {
+        let mut nhs = peer([10, 0, 0, 5], AS);
+        nhs.next_hop_self = true;
+        let peers = vec![
+            (1, client(2)),
+            (2, client(3)),
+            (3, peer([10, 0, 0, 4], AS)),
+            (4, nhs),
+            (5, peer([192, 0, 2, 1], 65001)),
+            (6, peer([192, 0, 2, 2], 65002)),
+        ];
+        let mut rib = rib_with(&peers);
+        // Clients together; the non-client, the next-hop-self peer and each eBGP AS apart.
+        assert_eq!(rib.group_count(), 5);
+        assert_eq!(rib.group_of(1), rib.group_of(2));
+        let (out, _) = rib.apply_update(3, &announce(&["10.3.0.0/26"], [10, 0, 0, 4], &[]));
+        // A non-client's route goes to the clients and the eBGP peers, not to iBGP
+        // non-clients.
+        assert_eq!(out.peers_sent_to(), vec![1, 2, 5, 6]);
+        let (out, _) = rib.apply_update(1, &announce(&["10.1.0.0/26"], [10, 0, 0, 2], &[]));
+        assert_eq!(out.peers_sent_to(), vec![2, 3, 4, 5, 6]);
+        let e = out.export_for(4).unwrap();
+        assert_eq!(
+            e.announce[0].0.path.next_hop,
+            Some(Ipv4Addr::new(10, 0, 0, 1))
+        );
+        let e = out.export_for(3).unwrap();
+        assert_eq!(
+            e.announce[0].0.path.next_hop,
+            Some(Ipv4Addr::new(10, 0, 0, 2))
+        );
+        let e = out.export_for(6).unwrap();
+        assert_eq!(
+            e.announce[0].0.path.as_path,
+            Some(AsPath::from_sequence(vec![AS]))
+        );
+    }
+
     #[test]
     fn resync_resends_the_full_table() {
         let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS))]);

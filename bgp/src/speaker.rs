@@ -1188,3 +1188,111 @@ impl EncodedGroup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attrset::RouteAttrs;
+    use crate::rib::Segment;
+    use crate::wire::{AsPath, Message, NextHop, Origin, decode_message};
+    use std::sync::Arc;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn attrs(nh: [u8; 4]) -> crate::attrset::AttrSet {
+        Arc::new(RouteAttrs {
+            path: PathAttrs {
+                origin: Some(Origin::Igp),
+                as_path: Some(AsPath::default()),
+                next_hop: Some(Ipv4Addr::from(nh)),
+                local_pref: Some(100),
+                ..Default::default()
+            },
+            next_hop: NextHop::new(IpAddr::from(nh)),
+        })
+    }
+
+    /// (announced, withdrawn) prefixes in `pieces`, sorted, and the message count.
+    fn decode(pieces: &[Bytes]) -> (Vec<IpNet>, Vec<IpNet>, usize) {
+        let mut buf = BytesMut::new();
+        for p in pieces {
+            buf.extend_from_slice(p);
+        }
+        let (mut ann, mut wd, mut n) = (Vec::new(), Vec::new(), 0);
+        while let Some(m) = decode_message(&mut buf, CodecContext::default()).unwrap() {
+            let Message::Update(u) = m else {
+                panic!("not an UPDATE: {m:?}")
+            };
+            ann.extend(u.nlri);
+            wd.extend(u.withdrawn);
+            n += 1;
+        }
+        assert!(buf.is_empty());
+        ann.sort_unstable();
+        wd.sort_unstable();
+        (ann, wd, n)
+    }
+
+    #[test]
+    fn members_get_every_segment_but_their_own_from_one_buffer() {
+        let export = GroupExport {
+            group: 0,
+            members: vec![1, 2, 3, 4],
+            segments: vec![
+                Segment {
+                    exclude: LOCAL,
+                    withdraw: vec![net("10.0.0.0/26")],
+                    announce: vec![],
+                },
+                Segment {
+                    exclude: 1,
+                    withdraw: vec![],
+                    announce: vec![(attrs([10, 0, 0, 1]), vec![net("10.1.0.0/26")])],
+                },
+                Segment {
+                    exclude: 2,
+                    withdraw: vec![net("10.2.1.0/26")],
+                    announce: vec![(
+                        attrs([10, 0, 0, 2]),
+                        vec![net("10.2.0.0/26"), net("10.2.0.64/26")],
+                    )],
+                },
+                Segment {
+                    exclude: 4,
+                    withdraw: vec![],
+                    announce: vec![(attrs([10, 0, 0, 4]), vec![net("10.4.0.0/26")])],
+                },
+            ],
+            member_withdraw: vec![(4, vec![net("10.9.0.0/26")])],
+        };
+        let enc = EncodedGroup::new(&export, CodecContext::default());
+        for m in 1..=4 {
+            let (pieces, messages) = enc.for_member(m);
+            assert!(
+                pieces.len() <= 2,
+                "at most the parts before and after its segment"
+            );
+            let (ann, wd, n) = decode(&pieces);
+            assert_eq!(n, messages, "member {m}");
+            let mut want = export.for_member(m);
+            // The member's own withdrawals are encoded apart (see send_group_export).
+            if m == 4 {
+                want.withdraw.retain(|p| *p != net("10.9.0.0/26"));
+            }
+            let mut want_ann: Vec<IpNet> =
+                want.announce.iter().flat_map(|(_, p)| p.clone()).collect();
+            want_ann.sort_unstable();
+            want.withdraw.sort_unstable();
+            assert_eq!((ann, wd), (want_ann, want.withdraw), "member {m}");
+        }
+        // Member 3 is excluded from nothing: the whole buffer, shared.
+        let (pieces, _) = enc.for_member(3);
+        assert_eq!(pieces, vec![enc.bytes.clone()]);
+        let (ann, _, _) = decode(&pieces);
+        assert_eq!(ann.len(), 4);
+        let (ann, _, _) = decode(&enc.for_member(2).0);
+        assert!(!ann.contains(&net("10.2.0.0/26")));
+    }
+}
