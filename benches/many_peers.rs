@@ -18,7 +18,9 @@
 //! UPDATE (20 /26 routes, next hop 10.201.0.1); t1 = the listening client has received all
 //! P×20 distinct prefixes. Every client drains what the reflector sends it (each gets the
 //! other clients' routes: P×(P-1)×20 route announcements in all). Target: reflect ratio
-//! podroute ÷ BIRD <= 0.5. The machine may be shared: wall times are noisy.
+//! podroute ÷ BIRD <= 0.5. Also shown, without a target: **all clients**, from t0 until every
+//! injector has been sent at least (P-1)×20 route announcements (counted, not checked for
+//! distinctness). The machine may be shared: wall times are noisy.
 
 #[path = "../tests/netns/mod.rs"]
 mod netns;
@@ -127,6 +129,52 @@ async fn session_retry(src: Ipv4Addr, deadline: Instant) -> TcpStream {
 struct Outcome {
     establish: f64,
     reflect: f64,
+    /// Until every injector has received the other injectors' routes.
+    all: f64,
+}
+
+/// Counts the route announcements (NLRI of UPDATEs) in a BGP byte stream.
+#[derive(Default)]
+struct AnnouncementCounter {
+    buf: Vec<u8>,
+    count: usize,
+}
+
+impl AnnouncementCounter {
+    fn feed(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+        let mut off = 0;
+        while let Some(hdr) = self.buf.get(off..off + 19) {
+            let len = u16::from_be_bytes([hdr[16], hdr[17]]) as usize;
+            let Some(body) = self.buf.get(off + 19..off + len.max(19)) else {
+                break;
+            };
+            if hdr[18] == 2 {
+                self.count += count_nlri(body);
+            }
+            off += len.max(19);
+        }
+        self.buf.drain(..off);
+    }
+}
+
+fn count_nlri(body: &[u8]) -> usize {
+    let Some(w) = body.get(0..2) else { return 0 };
+    let a = 2 + u16::from_be_bytes([w[0], w[1]]) as usize;
+    let Some(alen) = body.get(a..a + 2) else {
+        return 0;
+    };
+    let mut nlri = body
+        .get(a + 2 + u16::from_be_bytes([alen[0], alen[1]]) as usize..)
+        .unwrap_or_default();
+    let mut n = 0;
+    while let Some(&len) = nlri.first() {
+        nlri = nlri
+            .get(1 + (len as usize).div_ceil(8)..)
+            .unwrap_or_default();
+        n += 1;
+    }
+    n
 }
 
 /// Runs the clients against a reflector already listening on 127.0.0.1:179 in `ns`.
@@ -155,6 +203,7 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
                     }
                 }
             });
+            let (complete_tx, mut complete_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
             let sem = Arc::new(Semaphore::new(concurrency.max(1)));
             let established = Arc::new(AtomicUsize::new(0));
             let (go_tx, go_rx) = watch::channel(false);
@@ -168,6 +217,8 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
                 let sem = sem.clone();
                 let established = established.clone();
                 let mut go = go_rx.clone();
+                let complete_tx = complete_tx.clone();
+                let expect = (peers - 1) * per_peer;
                 tokio::spawn(async move {
                     let permit = sem.acquire().await;
                     let mut s = session_retry(client_addr(i), deadline).await;
@@ -178,7 +229,23 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
                         .await
                         .unwrap_or_else(|e| panic!("write: {e}"));
                     let mut buf = vec![0u8; 64 << 10];
-                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                    let mut counter = AnnouncementCounter::default();
+                    let mut complete = expect == 0;
+                    if complete {
+                        let _ = complete_tx.send(Instant::now());
+                    }
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if !complete {
+                            counter.feed(&buf[..n]);
+                            if counter.count >= expect {
+                                complete = true;
+                                let _ = complete_tx.send(Instant::now());
+                            }
+                        }
+                    }
                 });
             }
             while established.load(Ordering::SeqCst) < peers {
@@ -194,9 +261,18 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
                     .unwrap_or_else(|_| panic!("listener did not get {target} routes"))
                     .unwrap_or_else(|e| panic!("{e}"))
                     .unwrap_or_else(Instant::now);
+            let mut t_all = t0;
+            for _ in 0..peers {
+                let t = tokio::time::timeout(Duration::from_secs(300), complete_rx.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("not every client got the others' routes"))
+                    .unwrap_or_else(|| panic!("completion channel closed"));
+                t_all = t_all.max(t);
+            }
             Outcome {
                 establish: t_est.as_secs_f64(),
                 reflect: t1.duration_since(t0).as_secs_f64(),
+                all: t_all.duration_since(t0).as_secs_f64(),
             }
         })
     })
@@ -360,11 +436,13 @@ fn main() {
                 })
                 .unwrap_or_default();
             println!(
-                "  round {r} {:<8}: establish {:>7.1} ms  reflect {:>7.1} ms  total {:>7.1} ms{extra}",
+                "  round {r} {:<8}: establish {:>7.1} ms  reflect {:>7.1} ms  total {:>7.1} ms  \
+                 all clients {:>7.1} ms{extra}",
                 k.name(),
                 o.establish * 1e3,
                 o.reflect * 1e3,
-                (o.establish + o.reflect) * 1e3
+                (o.establish + o.reflect) * 1e3,
+                o.all * 1e3
             );
             res.push((k, o));
             std::thread::sleep(Duration::from_millis(500));
@@ -384,10 +462,11 @@ fn main() {
         "metric", "podroute", "bird", "podroute/bird"
     );
     type Metric = (&'static str, fn(&Outcome) -> f64, f64);
-    let metrics: [Metric; 3] = [
+    let metrics: [Metric; 4] = [
         ("establish (ms)", |o| o.establish * 1e3, 0.0),
         ("reflect (ms)", |o| o.reflect * 1e3, 0.5),
         ("total (ms)", |o| (o.establish + o.reflect) * 1e3, 0.5),
+        ("all clients (ms)", |o| o.all * 1e3, 0.0),
     ];
     for (name, f, target) in metrics {
         let p = med(Kind::Podroute, f);
