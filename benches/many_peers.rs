@@ -20,7 +20,7 @@
 //! other clients' routes: P×(P-1)×20 route announcements in all). Target: reflect ratio
 //! podroute ÷ BIRD <= 0.5. Also shown, without a target: **all clients**, from t0 until every
 //! injector has been sent at least (P-1)×20 route announcements (counted, not checked for
-//! distinctness). The machine may be shared: wall times are noisy.
+//! distinctness) and the listener has all P×20 prefixes. The machine may be shared: wall times are noisy.
 
 #[path = "../tests/netns/mod.rs"]
 mod netns;
@@ -261,7 +261,7 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
                     .unwrap_or_else(|_| panic!("listener did not get {target} routes"))
                     .unwrap_or_else(|e| panic!("{e}"))
                     .unwrap_or_else(Instant::now);
-            let mut t_all = t0;
+            let mut t_all = t1;
             for _ in 0..peers {
                 let t = tokio::time::timeout(Duration::from_secs(300), complete_rx.recv())
                     .await
