@@ -20,7 +20,12 @@
 //! other clients' routes: P×(P-1)×20 route announcements in all). Target: reflect ratio
 //! podroute ÷ BIRD <= 0.5. Also shown, without a target: **all clients**, from t0 until every
 //! injector has been sent at least (P-1)×20 route announcements (counted, not checked for
-//! distinctness) and the listener has all P×20 prefixes. The machine may be shared: wall times are noisy.
+//! distinctness) and the listener has all P×20 prefixes.
+//!
+//! `PODROUTE_BENCH_PERF=1` (optional `PODROUTE_BENCH_PERF_DIR`, default /tmp): `perf record -g`
+//! of the reflector (this process for podroute, injectors included; the `bird` process) during
+//! the reflect phase only, into `perf-many_peers-{kind}.data`; t0 waits a second for perf to
+//! attach. The machine may be shared: wall times are noisy.
 
 #[path = "../tests/netns/mod.rs"]
 mod netns;
@@ -133,28 +138,57 @@ struct Outcome {
     all: f64,
 }
 
-/// Counts the route announcements (NLRI of UPDATEs) in a BGP byte stream.
+/// Counts the route announcements (NLRI of UPDATEs) in a BGP byte stream, parsing in place
+/// (only a message cut by a read boundary is copied).
 #[derive(Default)]
 struct AnnouncementCounter {
-    buf: Vec<u8>,
+    partial: Vec<u8>,
     count: usize,
 }
 
 impl AnnouncementCounter {
-    fn feed(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
+    fn feed(&mut self, mut data: &[u8]) {
+        // Complete a message cut by the previous read: its header first, then its body.
+        if !self.partial.is_empty() {
+            let mut fill = |upto: usize, partial: &mut Vec<u8>| {
+                let take = upto.saturating_sub(partial.len()).min(data.len());
+                partial.extend_from_slice(&data[..take]);
+                data = &data[take..];
+                partial.len() >= upto
+            };
+            if !fill(19, &mut self.partial) {
+                return;
+            }
+            let need = (u16::from_be_bytes([self.partial[16], self.partial[17]]) as usize).max(19);
+            if !fill(need, &mut self.partial) {
+                return;
+            }
+            self.count += Self::scan(&self.partial);
+            self.partial.clear();
+        }
+        let used = Self::scan_complete(data, &mut self.count);
+        self.partial.extend_from_slice(&data[used..]);
+    }
+
+    /// Count in every complete message of `data`; returns the bytes consumed.
+    fn scan_complete(data: &[u8], count: &mut usize) -> usize {
         let mut off = 0;
-        while let Some(hdr) = self.buf.get(off..off + 19) {
-            let len = u16::from_be_bytes([hdr[16], hdr[17]]) as usize;
-            let Some(body) = self.buf.get(off + 19..off + len.max(19)) else {
+        while let Some(hdr) = data.get(off..off + 19) {
+            let len = (u16::from_be_bytes([hdr[16], hdr[17]]) as usize).max(19);
+            let Some(msg) = data.get(off..off + len) else {
                 break;
             };
-            if hdr[18] == 2 {
-                self.count += count_nlri(body);
-            }
-            off += len.max(19);
+            *count += Self::scan(msg);
+            off += len;
         }
-        self.buf.drain(..off);
+        off
+    }
+
+    fn scan(msg: &[u8]) -> usize {
+        match msg.get(18) {
+            Some(2) => count_nlri(&msg[19..]),
+            _ => 0,
+        }
     }
 }
 
@@ -178,7 +212,46 @@ fn count_nlri(body: &[u8]) -> usize {
 }
 
 /// Runs the clients against a reflector already listening on 127.0.0.1:179 in `ns`.
-fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) -> Outcome {
+/// `perf record` of `pid` from now until the returned child gets SIGINT, when asked for.
+fn perf_attach(kind: Kind, pid: u32) -> Option<Child> {
+    std::env::var("PODROUTE_BENCH_PERF").ok()?;
+    let dir = std::env::var("PODROUTE_BENCH_PERF_DIR").unwrap_or_else(|_| "/tmp".into());
+    let out = format!("{dir}/perf-many_peers-{}.data", kind.name());
+    let child = Command::new("perf")
+        .args([
+            "record",
+            "-q",
+            "-F",
+            "999",
+            "-g",
+            "-o",
+            &out,
+            "-p",
+            &pid.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_secs(1));
+    Some(child)
+}
+
+fn perf_stop(perf: Option<Child>) {
+    if let Some(mut p) = perf {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
+        let _ = p.wait();
+    }
+}
+
+fn drive_clients(
+    ns: &str,
+    peers: usize,
+    per_peer: usize,
+    concurrency: usize,
+    reflector: (Kind, u32),
+) -> Outcome {
     let ns = ns.to_string();
     std::thread::spawn(move || {
         enter(&ns);
@@ -253,6 +326,7 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             let t_est = t_start.elapsed();
+            let perf = perf_attach(reflector.0, reflector.1);
             let t0 = Instant::now();
             let _ = go_tx.send(true);
             let t1 =
@@ -269,6 +343,7 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
                     .unwrap_or_else(|| panic!("completion channel closed"));
                 t_all = t_all.max(t);
             }
+            perf_stop(perf);
             Outcome {
                 establish: t_est.as_secs_f64(),
                 reflect: t1.duration_since(t0).as_secs_f64(),
@@ -378,7 +453,7 @@ fn run_once(
     match kind {
         Kind::Podroute => {
             let (stop, h) = start_speaker(&ns.name, peers);
-            let o = drive_clients(&ns.name, peers, per_peer, conc);
+            let o = drive_clients(&ns.name, peers, per_peer, conc, (kind, std::process::id()));
             let _ = stop.send(());
             let _ = h.join();
             (o, None)
@@ -386,7 +461,7 @@ fn run_once(
         Kind::Bird => {
             let mut child = start_bird(&ns, dir.path(), peers);
             let pid = child.id();
-            let o = drive_clients(&ns.name, peers, per_peer, conc);
+            let o = drive_clients(&ns.name, peers, per_peer, conc, (kind, pid));
             let (hwm, _) = rss_kib(pid);
             let cpu = cpu_secs(pid);
             stop(&mut child, Duration::from_secs(5));
