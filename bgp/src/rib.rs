@@ -13,12 +13,14 @@
 //! be imported with [`Rib::import_update`] and their exports computed once by
 //! [`Rib::finish`].
 
+mod prefix_map;
 mod update_group;
 
 use crate::attrset::{AttrInterner, AttrSet, RouteAttrs};
 use crate::wire::{Family, NextHop, PathAttrs, Update};
 use ipnet::IpNet;
-use std::collections::{BTreeMap, HashMap, HashSet, hash_map::Entry};
+use prefix_map::{Paths, PrefixMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use update_group::{ExportPolicy, GroupExportBuilder, UpdateGroup};
@@ -145,9 +147,13 @@ pub struct ImportStats {
     pub rejected: usize,
 }
 
+/// One path of a prefix in the Loc-RIB. 16 bytes: most prefixes have one, kept inline.
 #[derive(Clone, Debug)]
 struct Candidate {
     peer: PeerId,
+    /// Retained across a graceful restart of the peer and not re-announced since (RFC 4724
+    /// §4.2).
+    stale: bool,
     attrs: AttrSet,
 }
 
@@ -159,14 +165,16 @@ struct PeerRib {
     /// The peer's BGP identifier, learned from its OPEN.
     router_id: Ipv4Addr,
     families: Vec<Family>,
-    /// Adj-RIB-In: every prefix the peer announced, and whether it was accepted.
-    adj_in: HashMap<IpNet, bool>,
+    // Adj-RIB-In: the accepted routes are the peer's paths in the Loc-RIB (a peer has at
+    // most one path per prefix), so only what loop detection refused is kept apart.
+    /// Prefixes the peer announced and loop detection refused.
+    rejected: HashSet<IpNet>,
+    /// The peer's paths in the Loc-RIB.
     accepted: usize,
+    /// How many of them are stale.
+    stale: usize,
     /// The update group holding our Adj-RIB-Out towards the peer, while it is up.
     group: Option<GroupId>,
-    /// Accepted prefixes retained across a graceful restart of the peer and not re-announced
-    /// since (RFC 4724 §4.2); a subset of the accepted entries of `adj_in`.
-    stale: HashSet<IpNet>,
 }
 
 /// The RIBs of one speaker.
@@ -177,7 +185,7 @@ pub struct Rib {
     cluster_id: Ipv4Addr,
     interner: AttrInterner,
     /// Loc-RIB: all candidate paths per prefix, best first.
-    loc: HashMap<IpNet, Vec<Candidate>>,
+    loc: PrefixMap<Paths>,
     peers: HashMap<PeerId, PeerRib>,
     /// Update groups with at least one member, in creation order.
     groups: BTreeMap<GroupId, UpdateGroup>,
@@ -192,7 +200,7 @@ impl Rib {
             router_id,
             cluster_id: cluster_id.unwrap_or(router_id),
             interner: AttrInterner::default(),
-            loc: HashMap::new(),
+            loc: PrefixMap::default(),
             peers: HashMap::new(),
             groups: BTreeMap::new(),
             next_group: 0,
@@ -221,10 +229,10 @@ impl Rib {
                         ibgp,
                         router_id: Ipv4Addr::UNSPECIFIED,
                         families: Vec::new(),
-                        adj_in: HashMap::new(),
+                        rejected: HashSet::new(),
                         accepted: 0,
+                        stale: 0,
                         group: None,
-                        stale: HashSet::new(),
                     },
                 );
             }
@@ -253,26 +261,7 @@ impl Rib {
 
     /// The session went down: its routes leave the Loc-RIB.
     pub fn peer_down(&mut self, id: PeerId) -> RibOutput {
-        self.leave_group(id);
-        let Some(p) = self.peers.get_mut(&id) else {
-            return RibOutput::default();
-        };
-        p.up = false;
-        p.accepted = 0;
-        p.stale.clear();
-        let prefixes: Vec<IpNet> = p
-            .adj_in
-            .drain()
-            .filter(|(_, acc)| *acc)
-            .map(|(k, _)| k)
-            .collect();
-        let mut changed = Vec::new();
-        for prefix in prefixes {
-            if self.remove_candidate(prefix, id) {
-                changed.push(prefix);
-            }
-        }
-        self.finish_changed(changed)
+        self.remove_paths(id, |_| true)
     }
 
     /// The session went down gracefully (RFC 4724 §4.2, receiving speaker): the peer's
@@ -280,61 +269,72 @@ impl Rib {
     /// already stale stay so); everything else it announced is removed. Marking changes no
     /// best path, so only the removals produce changes and exports.
     pub fn peer_down_graceful(&mut self, id: PeerId, retain: &[Family]) -> RibOutput {
-        self.leave_group(id);
-        let Some(p) = self.peers.get_mut(&id) else {
-            return RibOutput::default();
-        };
-        p.up = false;
-        let mut removed = Vec::new();
-        p.adj_in.retain(|prefix, accepted| {
-            let keep = *accepted && retain.contains(&Family::of(prefix));
-            if !keep && *accepted {
-                removed.push(*prefix);
-            }
-            keep
-        });
-        p.accepted = p.adj_in.len();
-        p.stale = p.adj_in.keys().copied().collect();
-        let mut changed = Vec::new();
-        for prefix in removed {
-            if self.remove_candidate(prefix, id) {
-                changed.push(prefix);
+        let out = self.remove_paths(id, |c| !retain.contains(&Family::of(&c.0)));
+        let mut marked = 0;
+        for (prefix, _) in self.paths_of(id) {
+            if let Some(c) = self
+                .loc
+                .get_mut(&prefix)
+                .and_then(|paths| paths.as_mut_slice().iter_mut().find(|c| c.peer == id))
+            {
+                c.stale = true;
+                marked += 1;
             }
         }
-        self.finish_changed(changed)
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.stale = marked;
+        }
+        out
     }
 
     /// Remove the peer's routes of `families` that are still stale (End-of-RIB received,
     /// forwarding state not preserved, or a restart or stale timer expired).
     pub fn sweep_stale(&mut self, id: PeerId, families: &[Family]) -> RibOutput {
+        if self.stale_count(id) == 0 {
+            return RibOutput::default();
+        }
+        let sweep =
+            |(prefix, stale): (IpNet, bool)| stale && families.contains(&Family::of(&prefix));
+        let mut changed = Vec::new();
+        for (prefix, _) in self.paths_of(id).filter(|c| sweep(*c)) {
+            self.drop_path(id, prefix, &mut changed);
+        }
+        self.finish_changed(changed)
+    }
+
+    /// The peer's paths in the Loc-RIB: (prefix, stale). A scan of the whole Loc-RIB, done
+    /// only when a session ends or stale routes are swept (BIRD prunes a table the same way).
+    fn paths_of(&self, id: PeerId) -> std::vec::IntoIter<(IpNet, bool)> {
+        let v: Vec<(IpNet, bool)> = self
+            .loc
+            .iter()
+            .filter_map(|(prefix, paths)| {
+                let c = paths.as_slice().iter().find(|c| c.peer == id)?;
+                Some((prefix, c.stale))
+            })
+            .collect();
+        v.into_iter()
+    }
+
+    /// The session is down: leave the update group, forget refused prefixes, and remove the
+    /// paths for which `remove` holds.
+    fn remove_paths(&mut self, id: PeerId, remove: impl Fn(&(IpNet, bool)) -> bool) -> RibOutput {
+        self.leave_group(id);
         let Some(p) = self.peers.get_mut(&id) else {
             return RibOutput::default();
         };
-        let mut swept = Vec::new();
-        p.stale.retain(|prefix| {
-            let sweep = families.contains(&Family::of(prefix));
-            if sweep {
-                swept.push(*prefix);
-            }
-            !sweep
-        });
-        for prefix in &swept {
-            if p.adj_in.remove(prefix) == Some(true) {
-                p.accepted -= 1;
-            }
-        }
+        p.up = false;
+        p.rejected = HashSet::new();
         let mut changed = Vec::new();
-        for prefix in swept {
-            if self.remove_candidate(prefix, id) {
-                changed.push(prefix);
-            }
+        for (prefix, _) in self.paths_of(id).filter(|c| remove(c)) {
+            self.drop_path(id, prefix, &mut changed);
         }
         self.finish_changed(changed)
     }
 
     /// How many of the peer's routes are stale.
     pub fn stale_count(&self, id: PeerId) -> usize {
-        self.peers.get(&id).map_or(0, |p| p.stale.len())
+        self.peers.get(&id).map_or(0, |p| p.stale)
     }
 
     /// Forget what was announced to `id` and compute its full table again (the caller sends
@@ -476,7 +476,7 @@ impl Rib {
     /// Withdraw a locally originated route.
     pub fn withdraw_local(&mut self, prefix: IpNet) -> RibOutput {
         let mut changed = Vec::new();
-        if self.remove_candidate(prefix, LOCAL) {
+        if self.remove_candidate(prefix, LOCAL).1 {
             changed.push(prefix);
         }
         self.finish_changed(changed)
@@ -495,24 +495,23 @@ impl Rib {
     pub fn best(&self, prefix: &IpNet) -> Option<BestRoute> {
         self.loc
             .get(prefix)
-            .and_then(|c| c.first())
-            .and_then(|c| self.best_route(prefix, c))
+            .and_then(|paths| self.best_route(paths.best()))
     }
 
     /// Every prefix's best route, locally originated ones included (peer = LOCAL).
-    pub fn loc_rib(&self) -> impl Iterator<Item = (&IpNet, BestRoute)> + '_ {
-        self.loc.iter().filter_map(|(p, c)| {
-            let b = c.first()?;
-            Some((
+    pub fn loc_rib(&self) -> impl Iterator<Item = (IpNet, BestRoute)> + '_ {
+        self.loc.iter().map(|(p, paths)| {
+            let b = paths.best();
+            (
                 p,
                 BestRoute {
                     peer: b.peer,
                     peer_addr: self.peers.get(&b.peer).map(|p| p.cfg.addr),
                     next_hop: b.attrs.next_hop.addr,
                     attrs: b.attrs.clone(),
-                    stale: self.is_stale(b.peer, p),
+                    stale: b.stale,
                 },
-            ))
+            )
         })
     }
 
@@ -527,7 +526,7 @@ impl Rib {
                 .group
                 .and_then(|g| self.groups.get(&g))
                 .map_or(0, |g| g.advertised_to(id));
-            (p.adj_in.len(), p.accepted, advertised)
+            (p.accepted + p.rejected.len(), p.accepted, advertised)
         })
     }
 
@@ -572,7 +571,7 @@ impl Rib {
                 let gid = self.next_group;
                 self.next_group += 1;
                 self.groups.insert(gid, UpdateGroup::new(policy));
-                let prefixes: Vec<IpNet> = self.loc.keys().copied().collect();
+                let prefixes: Vec<IpNet> = self.loc.keys().collect();
                 // No members yet: nothing to send, only the Adj-RIB-Out to fill.
                 self.export_group(gid, &prefixes);
                 gid
@@ -626,165 +625,108 @@ impl Rib {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        match p.adj_in.insert(prefix, true) {
-            Some(true) => {}
-            _ => p.accepted += 1,
+        p.rejected.remove(&prefix);
+        let old = self.upsert_candidate(prefix, id, attrs, changed);
+        if let Some(p) = self.peers.get_mut(&id) {
+            match old {
+                None => p.accepted += 1,
+                Some(c) if c.stale => p.stale -= 1,
+                Some(_) => {}
+            }
         }
-        p.stale.remove(&prefix);
-        self.upsert_candidate(prefix, id, attrs, changed);
     }
 
     fn reject_from(&mut self, id: PeerId, prefix: IpNet, changed: &mut Vec<IpNet>) {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        if p.adj_in.insert(prefix, false) == Some(true) {
-            p.accepted -= 1;
-            p.stale.remove(&prefix);
-            if self.remove_candidate(prefix, id) {
-                changed.push(prefix);
-            }
-        }
+        p.rejected.insert(prefix);
+        self.drop_path(id, prefix, changed);
     }
 
     fn withdraw_from(&mut self, id: PeerId, prefix: IpNet, changed: &mut Vec<IpNet>) {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        if p.adj_in.remove(&prefix) == Some(true) {
+        if !p.rejected.remove(&prefix) {
+            self.drop_path(id, prefix, changed);
+        }
+    }
+
+    /// Remove a peer's path, keeping its counts; `changed` gets the prefix if the best path
+    /// changed.
+    fn drop_path(&mut self, id: PeerId, prefix: IpNet, changed: &mut Vec<IpNet>) {
+        let (removed, best_changed) = self.remove_candidate(prefix, id);
+        if best_changed {
+            changed.push(prefix);
+        }
+        if let (Some(c), Some(p)) = (removed, self.peers.get_mut(&id)) {
             p.accepted -= 1;
-            p.stale.remove(&prefix);
-            if self.remove_candidate(prefix, id) {
-                changed.push(prefix);
+            if c.stale {
+                p.stale -= 1;
             }
         }
     }
 
+    /// Add or replace `peer`'s path (not stale); returns the path replaced.
     fn upsert_candidate(
         &mut self,
         prefix: IpNet,
         peer: PeerId,
         attrs: AttrSet,
         changed: &mut Vec<IpNet>,
-    ) {
-        // Most prefixes have one path: allocate for exactly one.
-        let cands = self
-            .loc
-            .entry(prefix)
-            .or_insert_with(|| Vec::with_capacity(1));
-        let old_best = cands.first().map(|c| (c.peer, Arc::as_ptr(&c.attrs)));
-        match cands.iter_mut().find(|c| c.peer == peer) {
-            Some(c) => c.attrs = attrs,
-            None => cands.push(Candidate { peer, attrs }),
-        }
-        let cands = std::mem::take(cands);
-        let cands = self.select_best(cands);
-        let new_best = cands.first().map(|c| (c.peer, Arc::as_ptr(&c.attrs)));
-        self.loc.insert(prefix, cands);
-        if old_best != new_best {
+    ) -> Option<Candidate> {
+        let new = Candidate {
+            peer,
+            stale: false,
+            attrs,
+        };
+        let Some(paths) = self.loc.get_mut(&prefix) else {
+            self.loc.insert(prefix, Paths::One(new));
+            changed.push(prefix);
+            return None;
+        };
+        let old_best = (paths.best().peer, Arc::as_ptr(&paths.best().attrs));
+        let old = match paths.position(peer) {
+            Some(i) => Some(std::mem::replace(&mut paths.as_mut_slice()[i], new)),
+            None => {
+                paths.push(new);
+                None
+            }
+        };
+        let best = best_index(&self.peers, paths.as_slice());
+        paths.make_best(best);
+        if (paths.best().peer, Arc::as_ptr(&paths.best().attrs)) != old_best {
             changed.push(prefix);
         }
+        old
     }
 
-    /// Remove `peer`'s path for `prefix`; true when the best path changed.
-    fn remove_candidate(&mut self, prefix: IpNet, peer: PeerId) -> bool {
-        let Entry::Occupied(mut e) = self.loc.entry(prefix) else {
-            return false;
+    /// Remove `peer`'s path for `prefix`: the path removed, and whether the best path
+    /// changed.
+    fn remove_candidate(&mut self, prefix: IpNet, peer: PeerId) -> (Option<Candidate>, bool) {
+        let Some(paths) = self.loc.get_mut(&prefix) else {
+            return (None, false);
         };
-        let cands = e.get_mut();
-        let Some(i) = cands.iter().position(|c| c.peer == peer) else {
-            return false;
+        let Some(i) = paths.position(peer) else {
+            return (None, false);
         };
-        cands.swap_remove(i);
-        if cands.is_empty() {
-            e.remove();
-            return true;
+        let (removed, any_left) = paths.swap_remove(i);
+        if !any_left {
+            self.loc.remove(&prefix);
+            return (Some(removed), true);
         }
         if i == 0 {
-            let cands = std::mem::take(e.get_mut());
-            let cands = self.select_best(cands);
-            self.loc.insert(prefix, cands);
-            return true;
+            let best = best_index(&self.peers, paths.as_slice());
+            paths.make_best(best);
+            return (Some(removed), true);
         }
-        false
-    }
-
-    /// Move the best candidate to the front. A linear scan, not a sort: the MED rule compares
-    /// only routes from the same neighbour AS, so the preference is not a total order.
-    fn select_best(&self, mut cands: Vec<Candidate>) -> Vec<Candidate> {
-        let mut best = 0;
-        for i in 1..cands.len() {
-            if self.prefer(&cands[i], &cands[best]) {
-                best = i;
-            }
-        }
-        cands.swap(0, best);
-        cands
-    }
-
-    /// RFC 4271 §9.1.2.2 (with RFC 4456 §9): is `a` better than `b`?
-    fn prefer(&self, a: &Candidate, b: &Candidate) -> bool {
-        use std::cmp::Ordering::*;
-        // Locally originated routes win outright (as a router's own static routes do).
-        if (a.peer == LOCAL) != (b.peer == LOCAL) {
-            return a.peer == LOCAL;
-        }
-        let (pa, pb) = (&a.attrs.path, &b.attrs.path);
-        let lp = |p: &PathAttrs| p.local_pref.unwrap_or(DEFAULT_LOCAL_PREF);
-        match lp(pa).cmp(&lp(pb)) {
-            Greater => return true,
-            Less => return false,
-            Equal => {}
-        }
-        let len = |p: &PathAttrs| p.as_path.as_ref().map_or(0, |x| x.path_len());
-        match len(pa).cmp(&len(pb)) {
-            Less => return true,
-            Greater => return false,
-            Equal => {}
-        }
-        match pa.origin.cmp(&pb.origin) {
-            Less => return true,
-            Greater => return false,
-            Equal => {}
-        }
-        let neighbour = |p: &PathAttrs| p.as_path.as_ref().and_then(|x| x.first_as());
-        if neighbour(pa) == neighbour(pb) {
-            match pa.med.unwrap_or(0).cmp(&pb.med.unwrap_or(0)) {
-                Less => return true,
-                Greater => return false,
-                Equal => {}
-            }
-        }
-        let ebgp = |c: &Candidate| self.peers.get(&c.peer).is_some_and(|p| !p.ibgp);
-        match (ebgp(a), ebgp(b)) {
-            (true, false) => return true,
-            (false, true) => return false,
-            _ => {}
-        }
-        let rid = |c: &Candidate| {
-            c.attrs.path.originator_id.unwrap_or_else(|| {
-                self.peers
-                    .get(&c.peer)
-                    .map_or(Ipv4Addr::UNSPECIFIED, |p| p.router_id)
-            })
-        };
-        match u32::from(rid(a)).cmp(&u32::from(rid(b))) {
-            Less => return true,
-            Greater => return false,
-            Equal => {}
-        }
-        match pa.cluster_list.len().cmp(&pb.cluster_list.len()) {
-            Less => return true,
-            Greater => return false,
-            Equal => {}
-        }
-        let addr = |c: &Candidate| self.peers.get(&c.peer).map(|p| p.cfg.addr);
-        addr(a) < addr(b)
+        (Some(removed), false)
     }
 
     // ---- export ----
 
-    fn best_route(&self, prefix: &IpNet, c: &Candidate) -> Option<BestRoute> {
+    fn best_route(&self, c: &Candidate) -> Option<BestRoute> {
         if c.peer == LOCAL {
             return None;
         }
@@ -793,14 +735,8 @@ impl Rib {
             peer_addr: self.peers.get(&c.peer).map(|p| p.cfg.addr),
             next_hop: c.attrs.next_hop.addr,
             attrs: c.attrs.clone(),
-            stale: self.is_stale(c.peer, prefix),
+            stale: c.stale,
         })
-    }
-
-    fn is_stale(&self, peer: PeerId, prefix: &IpNet) -> bool {
-        self.peers
-            .get(&peer)
-            .is_some_and(|p| !p.stale.is_empty() && p.stale.contains(prefix))
     }
 
     /// Export the best-path changes of imported UPDATEs (see [`Rib::import_update`]).
@@ -821,8 +757,7 @@ impl Rib {
                 best: self
                     .loc
                     .get(p)
-                    .and_then(|c| c.first())
-                    .and_then(|c| self.best_route(p, c)),
+                    .and_then(|paths| self.best_route(paths.best())),
             })
             .collect();
         let gids: Vec<GroupId> = self.groups.keys().copied().collect();
@@ -846,7 +781,7 @@ impl Rib {
             if !g.policy.families.contains(&Family::of(prefix)) {
                 continue;
             }
-            let best = self.loc.get(prefix).and_then(|c| c.first()).cloned();
+            let best = self.loc.get(prefix).map(|paths| paths.best().clone());
             let desired = best.and_then(|b| {
                 let d = match cache.get(&(Arc::as_ptr(&b.attrs), b.peer)) {
                     Some(d) => d.clone(),
@@ -931,6 +866,79 @@ impl Rib {
         };
         Some(RouteAttrs { path, next_hop })
     }
+}
+
+/// The index of the best of `cands` (RFC 4271 §9.1.2). A linear scan, not a sort: the MED
+/// rule compares only routes from the same neighbour AS, so the preference is not a total
+/// order.
+fn best_index(peers: &HashMap<PeerId, PeerRib>, cands: &[Candidate]) -> usize {
+    let mut best = 0;
+    for i in 1..cands.len() {
+        if prefer(peers, &cands[i], &cands[best]) {
+            best = i;
+        }
+    }
+    best
+}
+
+/// RFC 4271 §9.1.2.2 (with RFC 4456 §9): is `a` better than `b`?
+fn prefer(peers: &HashMap<PeerId, PeerRib>, a: &Candidate, b: &Candidate) -> bool {
+    use std::cmp::Ordering::*;
+    // Locally originated routes win outright (as a router's own static routes do).
+    if (a.peer == LOCAL) != (b.peer == LOCAL) {
+        return a.peer == LOCAL;
+    }
+    let (pa, pb) = (&a.attrs.path, &b.attrs.path);
+    let lp = |p: &PathAttrs| p.local_pref.unwrap_or(DEFAULT_LOCAL_PREF);
+    match lp(pa).cmp(&lp(pb)) {
+        Greater => return true,
+        Less => return false,
+        Equal => {}
+    }
+    let len = |p: &PathAttrs| p.as_path.as_ref().map_or(0, |x| x.path_len());
+    match len(pa).cmp(&len(pb)) {
+        Less => return true,
+        Greater => return false,
+        Equal => {}
+    }
+    match pa.origin.cmp(&pb.origin) {
+        Less => return true,
+        Greater => return false,
+        Equal => {}
+    }
+    let neighbour = |p: &PathAttrs| p.as_path.as_ref().and_then(|x| x.first_as());
+    if neighbour(pa) == neighbour(pb) {
+        match pa.med.unwrap_or(0).cmp(&pb.med.unwrap_or(0)) {
+            Less => return true,
+            Greater => return false,
+            Equal => {}
+        }
+    }
+    let ebgp = |c: &Candidate| peers.get(&c.peer).is_some_and(|p| !p.ibgp);
+    match (ebgp(a), ebgp(b)) {
+        (true, false) => return true,
+        (false, true) => return false,
+        _ => {}
+    }
+    let rid = |c: &Candidate| {
+        c.attrs.path.originator_id.unwrap_or_else(|| {
+            peers
+                .get(&c.peer)
+                .map_or(Ipv4Addr::UNSPECIFIED, |p| p.router_id)
+        })
+    };
+    match u32::from(rid(a)).cmp(&u32::from(rid(b))) {
+        Less => return true,
+        Greater => return false,
+        Equal => {}
+    }
+    match pa.cluster_list.len().cmp(&pb.cluster_list.len()) {
+        Less => return true,
+        Greater => return false,
+        Equal => {}
+    }
+    let addr = |c: &Candidate| peers.get(&c.peer).map(|p| p.cfg.addr);
+    addr(a) < addr(b)
 }
 
 #[cfg(test)]
@@ -1485,6 +1493,224 @@ mod tests {
             e.announce[0].0.path.as_path,
             Some(AsPath::from_sequence(vec![AS]))
         );
+    }
+
+    #[test]
+    fn refused_then_accepted_then_withdrawn_keeps_the_counts() {
+        let mut rib = rib_with(&[(1, client(2)), (2, client(3))]);
+        let mut looped = announce(&["10.1.0.0/26", "10.1.0.64/26"], [10, 0, 0, 2], &[]);
+        looped.attrs.cluster_list = vec![Ipv4Addr::new(10, 0, 0, 1)];
+        let (_, stats) = rib.apply_update(1, &looped);
+        assert_eq!(stats.rejected, 2);
+        assert_eq!(rib.peer_counts(1), (2, 0, 0));
+        rib.apply_update(1, &announce(&["10.1.0.0/26"], [10, 0, 0, 2], &[]));
+        assert_eq!(rib.peer_counts(1), (2, 1, 0));
+        assert_eq!(rib.peer_counts(2), (0, 0, 1));
+        // Refusing an accepted route removes it.
+        let mut looped = announce(&["10.1.0.0/26"], [10, 0, 0, 2], &[]);
+        looped.attrs.originator_id = Some(Ipv4Addr::new(10, 0, 0, 1));
+        let (out, _) = rib.apply_update(1, &looped);
+        assert_eq!(out.changes[0].best, None);
+        assert_eq!(rib.peer_counts(1), (2, 0, 0));
+        let (out, _) = rib.apply_update(
+            1,
+            &Update {
+                withdrawn: vec![net("10.1.0.0/26"), net("10.1.0.64/26")],
+                ..Default::default()
+            },
+        );
+        assert!(out.changes.is_empty());
+        assert_eq!(rib.peer_counts(1), (0, 0, 0));
+    }
+
+    mod model {
+        //! Random sequences of RIB operations against what a route-reflector client must
+        //! end up with: every route whose best path is not its own, reflected with the
+        //! originator of that path, whichever update group and batch the messages came in.
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeMap;
+
+        const PEERS: u32 = 4;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Announce {
+                peer: u32,
+                prefix: u8,
+                high_pref: bool,
+            },
+            Refused {
+                peer: u32,
+                prefix: u8,
+            },
+            Withdraw {
+                peer: u32,
+                prefix: u8,
+            },
+            Originate(u8),
+            WithdrawLocal(u8),
+            Down(u32),
+            GracefulDown(u32),
+            Up(u32),
+            Sweep(u32),
+            /// Export what the imports so far changed.
+            Flush,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let peer = 1..=PEERS;
+            let prefix = 0u8..6;
+            prop_oneof![
+                6 => (peer.clone(), prefix.clone(), any::<bool>())
+                    .prop_map(|(peer, prefix, high_pref)| Op::Announce { peer, prefix, high_pref }),
+                1 => (peer.clone(), prefix.clone()).prop_map(|(peer, prefix)| Op::Refused { peer, prefix }),
+                3 => (peer.clone(), prefix.clone()).prop_map(|(peer, prefix)| Op::Withdraw { peer, prefix }),
+                1 => prefix.clone().prop_map(Op::Originate),
+                1 => prefix.prop_map(Op::WithdrawLocal),
+                1 => peer.clone().prop_map(Op::Down),
+                1 => peer.clone().prop_map(Op::GracefulDown),
+                2 => peer.clone().prop_map(Op::Up),
+                1 => peer.prop_map(Op::Sweep),
+                2 => Just(Op::Flush),
+            ]
+        }
+
+        fn pfx(i: u8) -> IpNet {
+            net(&format!("10.7.{i}.0/26"))
+        }
+
+        fn rid(peer: u32) -> Ipv4Addr {
+            Ipv4Addr::new(10, 0, 0, peer as u8 + 1)
+        }
+
+        /// What each up client was sent: prefix -> ORIGINATOR_ID.
+        type Sent = BTreeMap<PeerId, BTreeMap<IpNet, Option<Ipv4Addr>>>;
+
+        fn apply(sent: &mut Sent, out: &RibOutput) {
+            for (m, table) in sent.iter_mut() {
+                if let Some(e) = out.export_for(*m) {
+                    for w in &e.withdraw {
+                        assert!(
+                            table.remove(w).is_some(),
+                            "peer {m}: withdrawal of {w} it never had"
+                        );
+                    }
+                    for (a, ps) in &e.announce {
+                        for p in ps {
+                            table.insert(*p, a.path.originator_id);
+                        }
+                    }
+                }
+            }
+        }
+
+        fn dump(e: &Export) -> BTreeMap<IpNet, Option<Ipv4Addr>> {
+            assert!(e.withdraw.is_empty());
+            e.announce
+                .iter()
+                .flat_map(|(a, ps)| ps.iter().map(|p| (*p, a.path.originator_id)))
+                .collect()
+        }
+
+        fn check(rib: &Rib, sent: &Sent) {
+            for (&m, table) in sent {
+                let want: BTreeMap<IpNet, Option<Ipv4Addr>> = rib
+                    .loc
+                    .iter()
+                    .filter(|(_, paths)| paths.best().peer != m)
+                    .map(|(p, paths)| {
+                        let b = paths.best();
+                        (p, (b.peer != LOCAL).then(|| rid(b.peer)))
+                    })
+                    .collect();
+                assert_eq!(table, &want, "what peer {m} was sent");
+                assert_eq!(rib.peer_counts(m).2, table.len(), "peer {m} advertised");
+                assert_eq!(dump(&rib.refresh(m, Family::IPV4_UNICAST)), want);
+            }
+            for id in 1..=PEERS {
+                let paths: Vec<&Candidate> = rib
+                    .loc
+                    .iter()
+                    .flat_map(|(_, p)| p.as_slice().iter())
+                    .filter(|c| c.peer == id)
+                    .collect();
+                let p = &rib.peers[&id];
+                assert_eq!(p.accepted, paths.len(), "peer {id} accepted");
+                assert_eq!(
+                    p.stale,
+                    paths.iter().filter(|c| c.stale).count(),
+                    "peer {id} stale"
+                );
+                if p.up {
+                    assert!(sent.contains_key(&id));
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+            #[test]
+            fn clients_are_sent_every_best_route_but_their_own(ops in proptest::collection::vec(op(), 1..60)) {
+                let mut rib = Rib::new(AS, Ipv4Addr::new(10, 0, 0, 1), None);
+                let mut sent: Sent = BTreeMap::new();
+                for id in 1..=PEERS {
+                    rib.add_peer(id, client(id as u8 + 1));
+                }
+                let mut pending = Pending::default();
+                for op in ops {
+                    // Anything but an import exports what is pending first, as the speaker does.
+                    if !matches!(op, Op::Announce { .. } | Op::Refused { .. } | Op::Withdraw { .. }) {
+                        let out = rib.finish(std::mem::take(&mut pending));
+                        apply(&mut sent, &out);
+                    }
+                    match op {
+                        Op::Announce { peer, prefix, high_pref } => {
+                            let mut u = announce(&[&pfx(prefix).to_string()], [10, 0, 0, peer as u8 + 1], &[]);
+                            u.attrs.local_pref = Some(if high_pref { 200 } else { 100 });
+                            rib.import_update(peer, &u, &mut pending);
+                        }
+                        Op::Refused { peer, prefix } => {
+                            let mut u = announce(&[&pfx(prefix).to_string()], [10, 0, 0, peer as u8 + 1], &[]);
+                            u.attrs.originator_id = Some(Ipv4Addr::new(10, 0, 0, 1));
+                            rib.import_update(peer, &u, &mut pending);
+                        }
+                        Op::Withdraw { peer, prefix } => {
+                            let u = Update { withdrawn: vec![pfx(prefix)], ..Default::default() };
+                            rib.import_update(peer, &u, &mut pending);
+                        }
+                        Op::Originate(i) => apply(&mut sent, &rib.originate(pfx(i), None, PathAttrs::default())),
+                        Op::WithdrawLocal(i) => apply(&mut sent, &rib.withdraw_local(pfx(i))),
+                        Op::Down(id) => {
+                            sent.remove(&id);
+                            let out = rib.peer_down(id);
+                            apply(&mut sent, &out);
+                        }
+                        Op::GracefulDown(id) => {
+                            sent.remove(&id);
+                            let out = rib.peer_down_graceful(id, &[Family::IPV4_UNICAST]);
+                            apply(&mut sent, &out);
+                        }
+                        Op::Up(id) => {
+                            if let std::collections::btree_map::Entry::Vacant(v) = sent.entry(id) {
+                                v.insert(dump(&rib.peer_up(id, rid(id), v4())));
+                            }
+                        }
+                        Op::Sweep(id) => {
+                            let out = rib.sweep_stale(id, &[Family::IPV4_UNICAST]);
+                            apply(&mut sent, &out);
+                        }
+                        Op::Flush => {}
+                    }
+                    if pending.is_empty() {
+                        check(&rib, &sent);
+                    }
+                }
+                let out = rib.finish(pending);
+                apply(&mut sent, &out);
+                check(&rib, &sent);
+            }
+        }
     }
 
     #[test]

@@ -647,8 +647,7 @@ impl Core {
                 let _ = reply.send(v);
             }
             Command::LocRib(reply) => {
-                let mut v: Vec<(IpNet, BestRoute)> =
-                    self.rib.loc_rib().map(|(p, b)| (*p, b)).collect();
+                let mut v: Vec<(IpNet, BestRoute)> = self.rib.loc_rib().collect();
                 v.sort_by_key(|a| a.0);
                 let _ = reply.send(v);
             }

@@ -15,6 +15,7 @@
 //! With these two, what each member actually received always equals that definition, so
 //! per-member counts are `group size - routes sourced by the member`.
 
+use super::prefix_map::PrefixMap;
 use super::{Export, PeerId};
 use crate::attrset::{AttrSet, RouteAttrs};
 use crate::wire::Family;
@@ -55,7 +56,7 @@ pub(crate) struct UpdateGroup {
     /// Established peers in the group.
     pub members: BTreeSet<PeerId>,
     /// The shared Adj-RIB-Out.
-    pub out: HashMap<IpNet, OutRoute>,
+    pub out: PrefixMap<OutRoute>,
     /// How many entries of `out` each source has.
     by_source: HashMap<PeerId, usize>,
 }
@@ -147,7 +148,7 @@ impl UpdateGroup {
         UpdateGroup {
             policy,
             members: BTreeSet::new(),
-            out: HashMap::new(),
+            out: PrefixMap::default(),
             by_source: HashMap::new(),
         }
     }
@@ -217,8 +218,8 @@ impl UpdateGroup {
     pub fn dump(&self, member: PeerId, family: Option<Family>) -> Export {
         let mut groups: HashMap<(*const RouteAttrs, Family), (AttrSet, Vec<IpNet>)> =
             HashMap::new();
-        for (prefix, o) in &self.out {
-            let f = Family::of(prefix);
+        for (prefix, o) in self.out.iter() {
+            let f = Family::of(&prefix);
             if o.source == member || family.is_some_and(|want| want != f) {
                 continue;
             }
@@ -226,7 +227,7 @@ impl UpdateGroup {
                 .entry((Arc::as_ptr(&o.attrs), f))
                 .or_insert_with(|| (o.attrs.clone(), Vec::new()))
                 .1
-                .push(*prefix);
+                .push(prefix);
         }
         let mut announce: Vec<(AttrSet, Vec<IpNet>)> = groups
             .into_values()
