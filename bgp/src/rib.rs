@@ -625,7 +625,9 @@ impl Rib {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        p.rejected.remove(&prefix);
+        if !p.rejected.is_empty() {
+            p.rejected.remove(&prefix);
+        }
         let old = self.upsert_candidate(prefix, id, attrs, changed);
         if let Some(p) = self.peers.get_mut(&id) {
             match old {
@@ -648,7 +650,7 @@ impl Rib {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        if !p.rejected.remove(&prefix) {
+        if p.rejected.is_empty() || !p.rejected.remove(&prefix) {
             self.drop_path(id, prefix, changed);
         }
     }

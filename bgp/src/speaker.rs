@@ -44,6 +44,15 @@
 //! To restart without the peers dropping our routes, stop with
 //! [`Speaker::shutdown_for_restart`] (no NOTIFICATION) rather than [`Speaker::shutdown`]
 //! (Cease, which ends graceful restart on the peers).
+//!
+//! # Many peers
+//!
+//! The core task imports every UPDATE the sessions have queued (up to a bound) and then
+//! exports once: best-path changes to the agent in one message, and per update group (peers
+//! with the same export policy, see [`crate::rib`]) one encoded buffer that every member's
+//! session writes, minus the routes it sent us. A session task writes whatever is queued for
+//! it with one `writev`. A route reflector with a thousand clients thus encodes each burst
+//! once and makes a few system calls per client, not one per UPDATE per client.
 
 use crate::fsm::{FsmConfig, State};
 use crate::gr::{
@@ -1120,8 +1129,9 @@ impl Core {
 
 /// Most events handled in one go before commands and timers get a turn.
 const MAX_BATCH_EVENTS: usize = 1024;
-/// Most best-path changes imported before they are exported.
-const MAX_BATCH_CHANGES: usize = 32 * 1024;
+/// Most best-path changes imported before they are exported (bounds the latency of a batch
+/// and the size of one best-change message to the agent).
+const MAX_BATCH_CHANGES: usize = 4096;
 
 /// Encode withdrawals, then announcements, as UPDATE messages; returns how many.
 fn encode(
