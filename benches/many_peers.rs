@@ -222,7 +222,7 @@ fn perf_attach(kind: Kind, pid: u32) -> Option<Child> {
             "record",
             "-q",
             "-F",
-            "999",
+            "4999",
             "-g",
             "-o",
             &out,
