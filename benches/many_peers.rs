@@ -18,7 +18,14 @@
 //! UPDATE (20 /26 routes, next hop 10.201.0.1); t1 = the listening client has received all
 //! P×20 distinct prefixes. Every client drains what the reflector sends it (each gets the
 //! other clients' routes: P×(P-1)×20 route announcements in all). Target: reflect ratio
-//! podroute ÷ BIRD <= 0.5. The machine may be shared: wall times are noisy.
+//! podroute ÷ BIRD <= 0.5. Also shown, without a target: **all clients**, from t0 until every
+//! injector has been sent at least (P-1)×20 route announcements (counted, not checked for
+//! distinctness) and the listener has all P×20 prefixes.
+//!
+//! `PODROUTE_BENCH_PERF=1` (optional `PODROUTE_BENCH_PERF_DIR`, default /tmp): `perf record -g`
+//! of the reflector (this process for podroute, injectors included; the `bird` process) during
+//! the reflect phase only, into `perf-many_peers-{kind}.data`; t0 waits a second for perf to
+//! attach. The machine may be shared: wall times are noisy.
 
 #[path = "../tests/netns/mod.rs"]
 mod netns;
@@ -127,10 +134,124 @@ async fn session_retry(src: Ipv4Addr, deadline: Instant) -> TcpStream {
 struct Outcome {
     establish: f64,
     reflect: f64,
+    /// Until every injector has received the other injectors' routes.
+    all: f64,
+}
+
+/// Counts the route announcements (NLRI of UPDATEs) in a BGP byte stream, parsing in place
+/// (only a message cut by a read boundary is copied).
+#[derive(Default)]
+struct AnnouncementCounter {
+    partial: Vec<u8>,
+    count: usize,
+}
+
+impl AnnouncementCounter {
+    fn feed(&mut self, mut data: &[u8]) {
+        // Complete a message cut by the previous read: its header first, then its body.
+        if !self.partial.is_empty() {
+            let mut fill = |upto: usize, partial: &mut Vec<u8>| {
+                let take = upto.saturating_sub(partial.len()).min(data.len());
+                partial.extend_from_slice(&data[..take]);
+                data = &data[take..];
+                partial.len() >= upto
+            };
+            if !fill(19, &mut self.partial) {
+                return;
+            }
+            let need = (u16::from_be_bytes([self.partial[16], self.partial[17]]) as usize).max(19);
+            if !fill(need, &mut self.partial) {
+                return;
+            }
+            self.count += Self::scan(&self.partial);
+            self.partial.clear();
+        }
+        let used = Self::scan_complete(data, &mut self.count);
+        self.partial.extend_from_slice(&data[used..]);
+    }
+
+    /// Count in every complete message of `data`; returns the bytes consumed.
+    fn scan_complete(data: &[u8], count: &mut usize) -> usize {
+        let mut off = 0;
+        while let Some(hdr) = data.get(off..off + 19) {
+            let len = (u16::from_be_bytes([hdr[16], hdr[17]]) as usize).max(19);
+            let Some(msg) = data.get(off..off + len) else {
+                break;
+            };
+            *count += Self::scan(msg);
+            off += len;
+        }
+        off
+    }
+
+    fn scan(msg: &[u8]) -> usize {
+        match msg.get(18) {
+            Some(2) => count_nlri(&msg[19..]),
+            _ => 0,
+        }
+    }
+}
+
+fn count_nlri(body: &[u8]) -> usize {
+    let Some(w) = body.get(0..2) else { return 0 };
+    let a = 2 + u16::from_be_bytes([w[0], w[1]]) as usize;
+    let Some(alen) = body.get(a..a + 2) else {
+        return 0;
+    };
+    let mut nlri = body
+        .get(a + 2 + u16::from_be_bytes([alen[0], alen[1]]) as usize..)
+        .unwrap_or_default();
+    let mut n = 0;
+    while let Some(&len) = nlri.first() {
+        nlri = nlri
+            .get(1 + (len as usize).div_ceil(8)..)
+            .unwrap_or_default();
+        n += 1;
+    }
+    n
 }
 
 /// Runs the clients against a reflector already listening on 127.0.0.1:179 in `ns`.
-fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) -> Outcome {
+/// `perf record` of `pid` from now until the returned child gets SIGINT, when asked for.
+fn perf_attach(kind: Kind, pid: u32) -> Option<Child> {
+    std::env::var("PODROUTE_BENCH_PERF").ok()?;
+    let dir = std::env::var("PODROUTE_BENCH_PERF_DIR").unwrap_or_else(|_| "/tmp".into());
+    let out = format!("{dir}/perf-many_peers-{}.data", kind.name());
+    let child = Command::new("perf")
+        .args([
+            "record",
+            "-q",
+            "-F",
+            "4999",
+            "-g",
+            "-o",
+            &out,
+            "-p",
+            &pid.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_secs(1));
+    Some(child)
+}
+
+fn perf_stop(perf: Option<Child>) {
+    if let Some(mut p) = perf {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
+        let _ = p.wait();
+    }
+}
+
+fn drive_clients(
+    ns: &str,
+    peers: usize,
+    per_peer: usize,
+    concurrency: usize,
+    reflector: (Kind, u32),
+) -> Outcome {
     let ns = ns.to_string();
     std::thread::spawn(move || {
         enter(&ns);
@@ -155,6 +276,7 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
                     }
                 }
             });
+            let (complete_tx, mut complete_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
             let sem = Arc::new(Semaphore::new(concurrency.max(1)));
             let established = Arc::new(AtomicUsize::new(0));
             let (go_tx, go_rx) = watch::channel(false);
@@ -168,6 +290,8 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
                 let sem = sem.clone();
                 let established = established.clone();
                 let mut go = go_rx.clone();
+                let complete_tx = complete_tx.clone();
+                let expect = (peers - 1) * per_peer;
                 tokio::spawn(async move {
                     let permit = sem.acquire().await;
                     let mut s = session_retry(client_addr(i), deadline).await;
@@ -178,7 +302,23 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
                         .await
                         .unwrap_or_else(|e| panic!("write: {e}"));
                     let mut buf = vec![0u8; 64 << 10];
-                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                    let mut counter = AnnouncementCounter::default();
+                    let mut complete = expect == 0;
+                    if complete {
+                        let _ = complete_tx.send(Instant::now());
+                    }
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if !complete {
+                            counter.feed(&buf[..n]);
+                            if counter.count >= expect {
+                                complete = true;
+                                let _ = complete_tx.send(Instant::now());
+                            }
+                        }
+                    }
                 });
             }
             while established.load(Ordering::SeqCst) < peers {
@@ -186,6 +326,7 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             let t_est = t_start.elapsed();
+            let perf = perf_attach(reflector.0, reflector.1);
             let t0 = Instant::now();
             let _ = go_tx.send(true);
             let t1 =
@@ -194,9 +335,19 @@ fn drive_clients(ns: &str, peers: usize, per_peer: usize, concurrency: usize) ->
                     .unwrap_or_else(|_| panic!("listener did not get {target} routes"))
                     .unwrap_or_else(|e| panic!("{e}"))
                     .unwrap_or_else(Instant::now);
+            let mut t_all = t1;
+            for _ in 0..peers {
+                let t = tokio::time::timeout(Duration::from_secs(300), complete_rx.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("not every client got the others' routes"))
+                    .unwrap_or_else(|| panic!("completion channel closed"));
+                t_all = t_all.max(t);
+            }
+            perf_stop(perf);
             Outcome {
                 establish: t_est.as_secs_f64(),
                 reflect: t1.duration_since(t0).as_secs_f64(),
+                all: t_all.duration_since(t0).as_secs_f64(),
             }
         })
     })
@@ -302,7 +453,7 @@ fn run_once(
     match kind {
         Kind::Podroute => {
             let (stop, h) = start_speaker(&ns.name, peers);
-            let o = drive_clients(&ns.name, peers, per_peer, conc);
+            let o = drive_clients(&ns.name, peers, per_peer, conc, (kind, std::process::id()));
             let _ = stop.send(());
             let _ = h.join();
             (o, None)
@@ -310,7 +461,7 @@ fn run_once(
         Kind::Bird => {
             let mut child = start_bird(&ns, dir.path(), peers);
             let pid = child.id();
-            let o = drive_clients(&ns.name, peers, per_peer, conc);
+            let o = drive_clients(&ns.name, peers, per_peer, conc, (kind, pid));
             let (hwm, _) = rss_kib(pid);
             let cpu = cpu_secs(pid);
             stop(&mut child, Duration::from_secs(5));
@@ -360,11 +511,13 @@ fn main() {
                 })
                 .unwrap_or_default();
             println!(
-                "  round {r} {:<8}: establish {:>7.1} ms  reflect {:>7.1} ms  total {:>7.1} ms{extra}",
+                "  round {r} {:<8}: establish {:>7.1} ms  reflect {:>7.1} ms  total {:>7.1} ms  \
+                 all clients {:>7.1} ms{extra}",
                 k.name(),
                 o.establish * 1e3,
                 o.reflect * 1e3,
-                (o.establish + o.reflect) * 1e3
+                (o.establish + o.reflect) * 1e3,
+                o.all * 1e3
             );
             res.push((k, o));
             std::thread::sleep(Duration::from_millis(500));
@@ -384,10 +537,11 @@ fn main() {
         "metric", "podroute", "bird", "podroute/bird"
     );
     type Metric = (&'static str, fn(&Outcome) -> f64, f64);
-    let metrics: [Metric; 3] = [
+    let metrics: [Metric; 4] = [
         ("establish (ms)", |o| o.establish * 1e3, 0.0),
         ("reflect (ms)", |o| o.reflect * 1e3, 0.5),
         ("total (ms)", |o| (o.establish + o.reflect) * 1e3, 0.5),
+        ("all clients (ms)", |o| o.all * 1e3, 0.0),
     ];
     for (name, f, target) in metrics {
         let p = med(Kind::Podroute, f);

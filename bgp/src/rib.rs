@@ -1,17 +1,30 @@
 //! Routing information bases (RFC 4271 §3.2): per-peer Adj-RIB-In, one Loc-RIB with the
-//! decision process of §9.1.2, and per-peer Adj-RIB-Out with the export rules of §9.1.3,
-//! RFC 4456 (route reflection) and §5.1 (attribute handling towards iBGP and eBGP peers).
+//! decision process of §9.1.2, and Adj-RIB-Out with the export rules of §9.1.3, RFC 4456
+//! (route reflection) and §5.1 (attribute handling towards iBGP and eBGP peers).
+//!
+//! The Adj-RIB-Out is kept per *update group* ([`update_group`]): Established peers with the
+//! same export policy share it, the export rules run once per group, and the speaker encodes
+//! one UPDATE stream per group. A route reflector with a thousand clients thus does the work
+//! of one client per change, not a thousand.
 //!
 //! Sans-IO like the codec: the speaker task owns one `Rib` and feeds it decoded UPDATEs and
-//! session events; every call returns the best-path changes and the announcements and
-//! withdrawals to send, grouped per peer by shared attribute set.
+//! session events; every call returns the best-path changes and, per update group, the
+//! announcements and withdrawals to send, grouped by shared attribute set. Several UPDATEs can
+//! be imported with [`Rib::import_update`] and their exports computed once by
+//! [`Rib::finish`].
+
+mod prefix_map;
+mod update_group;
 
 use crate::attrset::{AttrInterner, AttrSet, RouteAttrs};
 use crate::wire::{Family, NextHop, PathAttrs, Update};
 use ipnet::IpNet;
-use std::collections::{HashMap, HashSet, hash_map::Entry};
+use prefix_map::{Paths, PrefixMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
+use update_group::{ExportPolicy, GroupExportBuilder, UpdateGroup};
+pub use update_group::{GroupExport, GroupId, Segment};
 
 /// A peer's index in the RIB. [`LOCAL`] is the speaker itself (locally originated routes).
 pub type PeerId = u32;
@@ -57,8 +70,9 @@ pub struct BestChange {
     pub best: Option<BestRoute>,
 }
 
-/// What to send to one peer: announcements grouped by shared attributes (each group holds
-/// prefixes of one family), and withdrawals.
+/// What to send to one peer (a full table, a ROUTE-REFRESH answer, or one member's view of a
+/// [`GroupExport`]): announcements grouped by shared attributes (each group holds prefixes of
+/// one family), and withdrawals.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Export {
     pub announce: Vec<(AttrSet, Vec<IpNet>)>,
@@ -79,7 +93,49 @@ impl Export {
 #[derive(Debug, Default)]
 pub struct RibOutput {
     pub changes: Vec<BestChange>,
-    pub exports: Vec<(PeerId, Export)>,
+    /// What to send, per update group (groups with nothing to send are left out).
+    pub exports: Vec<GroupExport>,
+}
+
+impl RibOutput {
+    /// What `peer` is sent, whichever group it is in (empty exports left out of the result).
+    pub fn export_for(&self, peer: PeerId) -> Option<Export> {
+        self.exports
+            .iter()
+            .find(|g| g.members.contains(&peer))
+            .map(|g| g.for_member(peer))
+            .filter(|e| !e.is_empty())
+    }
+
+    /// The peers that are sent anything, sorted.
+    pub fn peers_sent_to(&self) -> Vec<PeerId> {
+        let mut v: Vec<PeerId> = self
+            .exports
+            .iter()
+            .flat_map(|g| g.members.iter().copied())
+            .filter(|p| self.export_for(*p).is_some())
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// Best-path changes collected by [`Rib::import_update`] and not yet exported: hand them to
+/// [`Rib::finish`].
+#[derive(Debug, Default)]
+pub struct Pending {
+    changed: Vec<IpNet>,
+}
+
+impl Pending {
+    /// How many best-path changes are waiting (a prefix may count more than once).
+    pub fn len(&self) -> usize {
+        self.changed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty()
+    }
 }
 
 /// Per-UPDATE import statistics for the peer's counters.
@@ -91,9 +147,13 @@ pub struct ImportStats {
     pub rejected: usize,
 }
 
+/// One path of a prefix in the Loc-RIB. 16 bytes: most prefixes have one, kept inline.
 #[derive(Clone, Debug)]
 struct Candidate {
     peer: PeerId,
+    /// Retained across a graceful restart of the peer and not re-announced since (RFC 4724
+    /// §4.2).
+    stale: bool,
     attrs: AttrSet,
 }
 
@@ -105,14 +165,16 @@ struct PeerRib {
     /// The peer's BGP identifier, learned from its OPEN.
     router_id: Ipv4Addr,
     families: Vec<Family>,
-    /// Adj-RIB-In: every prefix the peer announced, and whether it was accepted.
-    adj_in: HashMap<IpNet, bool>,
+    // Adj-RIB-In: the accepted routes are the peer's paths in the Loc-RIB (a peer has at
+    // most one path per prefix), so only what loop detection refused is kept apart.
+    /// Prefixes the peer announced and loop detection refused.
+    rejected: HashSet<IpNet>,
+    /// The peer's paths in the Loc-RIB.
     accepted: usize,
-    /// Adj-RIB-Out: what we announced to the peer.
-    adj_out: HashMap<IpNet, AttrSet>,
-    /// Accepted prefixes retained across a graceful restart of the peer and not re-announced
-    /// since (RFC 4724 §4.2); a subset of the accepted entries of `adj_in`.
-    stale: HashSet<IpNet>,
+    /// How many of them are stale.
+    stale: usize,
+    /// The update group holding our Adj-RIB-Out towards the peer, while it is up.
+    group: Option<GroupId>,
 }
 
 /// The RIBs of one speaker.
@@ -123,8 +185,11 @@ pub struct Rib {
     cluster_id: Ipv4Addr,
     interner: AttrInterner,
     /// Loc-RIB: all candidate paths per prefix, best first.
-    loc: HashMap<IpNet, Vec<Candidate>>,
+    loc: PrefixMap<Paths>,
     peers: HashMap<PeerId, PeerRib>,
+    /// Update groups with at least one member, in creation order.
+    groups: BTreeMap<GroupId, UpdateGroup>,
+    next_group: GroupId,
 }
 
 impl Rib {
@@ -135,8 +200,10 @@ impl Rib {
             router_id,
             cluster_id: cluster_id.unwrap_or(router_id),
             interner: AttrInterner::default(),
-            loc: HashMap::new(),
+            loc: PrefixMap::default(),
             peers: HashMap::new(),
+            groups: BTreeMap::new(),
+            next_group: 0,
         }
     }
 
@@ -144,7 +211,8 @@ impl Rib {
         self.local_as
     }
 
-    /// Register a peer (session down). Replaces the configuration of a known peer.
+    /// Register a peer (session down). Replaces the configuration of a known peer; for a peer
+    /// that is up, a change of export policy takes effect at the next [`Rib::resync`].
     pub fn add_peer(&mut self, id: PeerId, cfg: RibPeer) {
         let ibgp = cfg.remote_as == self.local_as;
         match self.peers.get_mut(&id) {
@@ -161,10 +229,10 @@ impl Rib {
                         ibgp,
                         router_id: Ipv4Addr::UNSPECIFIED,
                         families: Vec::new(),
-                        adj_in: HashMap::new(),
+                        rejected: HashSet::new(),
                         accepted: 0,
-                        adj_out: HashMap::new(),
-                        stale: HashSet::new(),
+                        stale: 0,
+                        group: None,
                     },
                 );
             }
@@ -181,39 +249,19 @@ impl Rib {
     /// The session reached Established: returns the full table to send (the caller appends
     /// End-of-RIB per family).
     pub fn peer_up(&mut self, id: PeerId, router_id: Ipv4Addr, families: Vec<Family>) -> Export {
+        self.leave_group(id);
         let Some(p) = self.peers.get_mut(&id) else {
             return Export::default();
         };
         p.up = true;
         p.router_id = router_id;
         p.families = families;
-        p.adj_out.clear();
-        let prefixes: Vec<IpNet> = self.loc.keys().copied().collect();
-        self.export_to(id, &prefixes)
+        self.join_group(id)
     }
 
     /// The session went down: its routes leave the Loc-RIB.
     pub fn peer_down(&mut self, id: PeerId) -> RibOutput {
-        let Some(p) = self.peers.get_mut(&id) else {
-            return RibOutput::default();
-        };
-        p.up = false;
-        p.adj_out.clear();
-        p.accepted = 0;
-        p.stale.clear();
-        let prefixes: Vec<IpNet> = p
-            .adj_in
-            .drain()
-            .filter(|(_, acc)| *acc)
-            .map(|(k, _)| k)
-            .collect();
-        let mut changed = Vec::new();
-        for prefix in prefixes {
-            if self.remove_candidate(prefix, id) {
-                changed.push(prefix);
-            }
-        }
-        self.finish(changed)
+        self.remove_paths(id, |_| true)
     }
 
     /// The session went down gracefully (RFC 4724 §4.2, receiving speaker): the peer's
@@ -221,112 +269,134 @@ impl Rib {
     /// already stale stay so); everything else it announced is removed. Marking changes no
     /// best path, so only the removals produce changes and exports.
     pub fn peer_down_graceful(&mut self, id: PeerId, retain: &[Family]) -> RibOutput {
-        let Some(p) = self.peers.get_mut(&id) else {
-            return RibOutput::default();
-        };
-        p.up = false;
-        p.adj_out.clear();
-        let mut removed = Vec::new();
-        p.adj_in.retain(|prefix, accepted| {
-            let keep = *accepted && retain.contains(&Family::of(prefix));
-            if !keep && *accepted {
-                removed.push(*prefix);
-            }
-            keep
-        });
-        p.accepted = p.adj_in.len();
-        p.stale = p.adj_in.keys().copied().collect();
-        let mut changed = Vec::new();
-        for prefix in removed {
-            if self.remove_candidate(prefix, id) {
-                changed.push(prefix);
+        let out = self.remove_paths(id, |c| !retain.contains(&Family::of(&c.0)));
+        let mut marked = 0;
+        for (prefix, _) in self.paths_of(id) {
+            if let Some(c) = self
+                .loc
+                .get_mut(&prefix)
+                .and_then(|paths| paths.as_mut_slice().iter_mut().find(|c| c.peer == id))
+            {
+                c.stale = true;
+                marked += 1;
             }
         }
-        self.finish(changed)
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.stale = marked;
+        }
+        out
     }
 
     /// Remove the peer's routes of `families` that are still stale (End-of-RIB received,
     /// forwarding state not preserved, or a restart or stale timer expired).
     pub fn sweep_stale(&mut self, id: PeerId, families: &[Family]) -> RibOutput {
+        if self.stale_count(id) == 0 {
+            return RibOutput::default();
+        }
+        let sweep =
+            |(prefix, stale): (IpNet, bool)| stale && families.contains(&Family::of(&prefix));
+        let mut changed = Vec::new();
+        for (prefix, _) in self.paths_of(id).filter(|c| sweep(*c)) {
+            self.drop_path(id, prefix, &mut changed);
+        }
+        self.finish_changed(changed)
+    }
+
+    /// The peer's paths in the Loc-RIB: (prefix, stale). A scan of the whole Loc-RIB, done
+    /// only when a session ends or stale routes are swept (BIRD prunes a table the same way).
+    fn paths_of(&self, id: PeerId) -> std::vec::IntoIter<(IpNet, bool)> {
+        let v: Vec<(IpNet, bool)> = self
+            .loc
+            .iter()
+            .filter_map(|(prefix, paths)| {
+                let c = paths.as_slice().iter().find(|c| c.peer == id)?;
+                Some((prefix, c.stale))
+            })
+            .collect();
+        v.into_iter()
+    }
+
+    /// The session is down: leave the update group, forget refused prefixes, and remove the
+    /// paths for which `remove` holds.
+    fn remove_paths(&mut self, id: PeerId, remove: impl Fn(&(IpNet, bool)) -> bool) -> RibOutput {
+        self.leave_group(id);
         let Some(p) = self.peers.get_mut(&id) else {
             return RibOutput::default();
         };
-        let mut swept = Vec::new();
-        p.stale.retain(|prefix| {
-            let sweep = families.contains(&Family::of(prefix));
-            if sweep {
-                swept.push(*prefix);
-            }
-            !sweep
-        });
-        for prefix in &swept {
-            if p.adj_in.remove(prefix) == Some(true) {
-                p.accepted -= 1;
-            }
-        }
+        p.up = false;
+        p.rejected = HashSet::new();
         let mut changed = Vec::new();
-        for prefix in swept {
-            if self.remove_candidate(prefix, id) {
-                changed.push(prefix);
-            }
+        for (prefix, _) in self.paths_of(id).filter(|c| remove(c)) {
+            self.drop_path(id, prefix, &mut changed);
         }
-        self.finish(changed)
+        self.finish_changed(changed)
     }
 
     /// How many of the peer's routes are stale.
     pub fn stale_count(&self, id: PeerId) -> usize {
-        self.peers.get(&id).map_or(0, |p| p.stale.len())
+        self.peers.get(&id).map_or(0, |p| p.stale)
     }
 
     /// Forget what was announced to `id` and compute its full table again (the caller sends
-    /// it, then End-of-RIB): used when a deferred initial advertisement is finally sent.
+    /// it, then End-of-RIB): used when a deferred initial advertisement is finally sent. Also
+    /// moves the peer to the update group of its current configuration.
     pub fn resync(&mut self, id: PeerId) -> Export {
-        let Some(p) = self.peers.get_mut(&id) else {
-            return Export::default();
-        };
-        if !p.up {
+        if !self.peers.get(&id).is_some_and(|p| p.up) {
             return Export::default();
         }
-        p.adj_out.clear();
-        let prefixes: Vec<IpNet> = self.loc.keys().copied().collect();
-        self.export_to(id, &prefixes)
+        self.leave_group(id);
+        self.join_group(id)
     }
 
     /// Apply an UPDATE received from `id` (already validated). RFC 7606 treat-as-withdraw
     /// turns its announcements into withdrawals.
     pub fn apply_update(&mut self, id: PeerId, update: &Update) -> (RibOutput, ImportStats) {
+        let mut pending = Pending::default();
+        let stats = self.import_update(id, update, &mut pending);
+        (self.finish(pending), stats)
+    }
+
+    /// Import an UPDATE received from `id` (already validated) into the Loc-RIB without
+    /// exporting yet: the best-path changes are added to `pending`, for one [`Rib::finish`]
+    /// after several UPDATEs. RFC 7606 treat-as-withdraw turns announcements into withdrawals.
+    pub fn import_update(
+        &mut self,
+        id: PeerId,
+        update: &Update,
+        pending: &mut Pending,
+    ) -> ImportStats {
         let mut stats = ImportStats::default();
         let Some(peer) = self.peers.get(&id) else {
-            return (RibOutput::default(), stats);
+            return stats;
         };
         if !peer.up {
-            return (RibOutput::default(), stats);
+            return stats;
         }
         let ibgp = peer.ibgp;
-        let mut changed = Vec::new();
+        let changed = &mut pending.changed;
         let twd = update.treat_as_withdraw();
         let mut withdraw = |rib: &mut Rib, prefix: IpNet, changed: &mut Vec<IpNet>| {
             stats.withdrawn += 1;
             rib.withdraw_from(id, prefix, changed);
         };
         for p in &update.withdrawn {
-            withdraw(self, *p, &mut changed);
+            withdraw(self, *p, changed);
         }
         if let Some(u) = &update.mp_unreach {
             for p in &u.withdrawn {
-                withdraw(self, *p, &mut changed);
+                withdraw(self, *p, changed);
             }
         }
         if twd {
             for p in &update.nlri {
-                withdraw(self, *p, &mut changed);
+                withdraw(self, *p, changed);
             }
             if let Some(r) = &update.mp_reach {
                 for p in &r.nlri {
-                    withdraw(self, *p, &mut changed);
+                    withdraw(self, *p, changed);
                 }
             }
-            return (self.finish(changed), stats);
+            return stats;
         }
 
         let looped = self.is_looped(&update.attrs, ibgp);
@@ -346,9 +416,9 @@ impl Rib {
                 stats.announced += 1;
                 if looped {
                     stats.rejected += 1;
-                    self.reject_from(id, *p, &mut changed);
+                    self.reject_from(id, *p, changed);
                 } else {
-                    self.announce_from(id, *p, attrs.clone(), &mut changed);
+                    self.announce_from(id, *p, attrs.clone(), changed);
                 }
             }
         }
@@ -363,13 +433,13 @@ impl Rib {
                 stats.announced += 1;
                 if looped {
                     stats.rejected += 1;
-                    self.reject_from(id, *p, &mut changed);
+                    self.reject_from(id, *p, changed);
                 } else {
-                    self.announce_from(id, *p, attrs.clone(), &mut changed);
+                    self.announce_from(id, *p, attrs.clone(), changed);
                 }
             }
         }
-        (self.finish(changed), stats)
+        stats
     }
 
     /// Originate a route locally. `next_hop: None` means "ourselves" on every session.
@@ -400,61 +470,48 @@ impl Rib {
         });
         let mut changed = Vec::new();
         self.upsert_candidate(prefix, LOCAL, attrs, &mut changed);
-        self.finish(changed)
+        self.finish_changed(changed)
     }
 
     /// Withdraw a locally originated route.
     pub fn withdraw_local(&mut self, prefix: IpNet) -> RibOutput {
         let mut changed = Vec::new();
-        if self.remove_candidate(prefix, LOCAL) {
+        if self.remove_candidate(prefix, LOCAL).1 {
             changed.push(prefix);
         }
-        self.finish(changed)
+        self.finish_changed(changed)
     }
 
     /// Re-send everything announced to `id` for `family` (ROUTE-REFRESH, RFC 2918).
     pub fn refresh(&self, id: PeerId, family: Family) -> Export {
-        let Some(p) = self.peers.get(&id) else {
-            return Export::default();
-        };
-        let mut groups: HashMap<*const RouteAttrs, (AttrSet, Vec<IpNet>)> = HashMap::new();
-        for (prefix, attrs) in &p.adj_out {
-            if Family::of(prefix) == family {
-                groups
-                    .entry(Arc::as_ptr(attrs))
-                    .or_insert_with(|| (attrs.clone(), Vec::new()))
-                    .1
-                    .push(*prefix);
-            }
-        }
-        Export {
-            announce: groups.into_values().collect(),
-            withdraw: Vec::new(),
-        }
+        self.peers
+            .get(&id)
+            .and_then(|p| p.group)
+            .and_then(|g| self.groups.get(&g))
+            .map_or_else(Export::default, |g| g.dump(id, Some(family)))
     }
 
     /// The current best learned route of a prefix.
     pub fn best(&self, prefix: &IpNet) -> Option<BestRoute> {
         self.loc
             .get(prefix)
-            .and_then(|c| c.first())
-            .and_then(|c| self.best_route(prefix, c))
+            .and_then(|paths| self.best_route(paths.best()))
     }
 
     /// Every prefix's best route, locally originated ones included (peer = LOCAL).
-    pub fn loc_rib(&self) -> impl Iterator<Item = (&IpNet, BestRoute)> + '_ {
-        self.loc.iter().filter_map(|(p, c)| {
-            let b = c.first()?;
-            Some((
+    pub fn loc_rib(&self) -> impl Iterator<Item = (IpNet, BestRoute)> + '_ {
+        self.loc.iter().map(|(p, paths)| {
+            let b = paths.best();
+            (
                 p,
                 BestRoute {
                     peer: b.peer,
                     peer_addr: self.peers.get(&b.peer).map(|p| p.cfg.addr),
                     next_hop: b.attrs.next_hop.addr,
                     attrs: b.attrs.clone(),
-                    stale: self.is_stale(b.peer, p),
+                    stale: b.stale,
                 },
-            ))
+            )
         })
     }
 
@@ -464,13 +521,83 @@ impl Rib {
 
     /// (received, accepted, advertised) prefix counts of a peer.
     pub fn peer_counts(&self, id: PeerId) -> (usize, usize, usize) {
-        self.peers
-            .get(&id)
-            .map_or((0, 0, 0), |p| (p.adj_in.len(), p.accepted, p.adj_out.len()))
+        self.peers.get(&id).map_or((0, 0, 0), |p| {
+            let advertised = p
+                .group
+                .and_then(|g| self.groups.get(&g))
+                .map_or(0, |g| g.advertised_to(id));
+            (p.accepted + p.rejected.len(), p.accepted, advertised)
+        })
     }
 
     pub fn interned_attr_sets(&self) -> usize {
         self.interner.len()
+    }
+
+    /// The update group `id` is in while it is up.
+    pub fn group_of(&self, id: PeerId) -> Option<GroupId> {
+        self.peers.get(&id).and_then(|p| p.group)
+    }
+
+    /// How many update groups there are (each with at least one member).
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
+    // ---- update groups ----
+
+    fn policy_of(p: &PeerRib) -> ExportPolicy {
+        ExportPolicy {
+            remote_as: p.cfg.remote_as,
+            ibgp: p.ibgp,
+            rr_client: p.cfg.rr_client,
+            next_hop_self: p.cfg.next_hop_self,
+            local_addr: p.cfg.local_addr,
+            local_v6_next_hop: p.cfg.local_v6_next_hop,
+            families: p.families.clone(),
+        }
+    }
+
+    /// Put an up peer into the group of its policy (created, with its Adj-RIB-Out computed
+    /// from the whole Loc-RIB, if there is none) and return its full table.
+    fn join_group(&mut self, id: PeerId) -> Export {
+        let Some(p) = self.peers.get(&id) else {
+            return Export::default();
+        };
+        let policy = Self::policy_of(p);
+        let gid = match self.groups.iter().find(|(_, g)| g.policy == policy) {
+            Some((gid, _)) => *gid,
+            None => {
+                let gid = self.next_group;
+                self.next_group += 1;
+                self.groups.insert(gid, UpdateGroup::new(policy));
+                let prefixes: Vec<IpNet> = self.loc.keys().collect();
+                // No members yet: nothing to send, only the Adj-RIB-Out to fill.
+                self.export_group(gid, &prefixes);
+                gid
+            }
+        };
+        let Some(g) = self.groups.get_mut(&gid) else {
+            return Export::default();
+        };
+        g.members.insert(id);
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.group = Some(gid);
+        }
+        g.dump(id, None)
+    }
+
+    /// Take a peer out of its group; the last member out drops the group.
+    fn leave_group(&mut self, id: PeerId) {
+        let Some(gid) = self.peers.get_mut(&id).and_then(|p| p.group.take()) else {
+            return;
+        };
+        if let Some(g) = self.groups.get_mut(&gid) {
+            g.members.remove(&id);
+            if g.members.is_empty() {
+                self.groups.remove(&gid);
+            }
+        }
     }
 
     // ---- import ----
@@ -498,165 +625,110 @@ impl Rib {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        match p.adj_in.insert(prefix, true) {
-            Some(true) => {}
-            _ => p.accepted += 1,
+        if !p.rejected.is_empty() {
+            p.rejected.remove(&prefix);
         }
-        p.stale.remove(&prefix);
-        self.upsert_candidate(prefix, id, attrs, changed);
+        let old = self.upsert_candidate(prefix, id, attrs, changed);
+        if let Some(p) = self.peers.get_mut(&id) {
+            match old {
+                None => p.accepted += 1,
+                Some(c) if c.stale => p.stale -= 1,
+                Some(_) => {}
+            }
+        }
     }
 
     fn reject_from(&mut self, id: PeerId, prefix: IpNet, changed: &mut Vec<IpNet>) {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        if p.adj_in.insert(prefix, false) == Some(true) {
-            p.accepted -= 1;
-            p.stale.remove(&prefix);
-            if self.remove_candidate(prefix, id) {
-                changed.push(prefix);
-            }
-        }
+        p.rejected.insert(prefix);
+        self.drop_path(id, prefix, changed);
     }
 
     fn withdraw_from(&mut self, id: PeerId, prefix: IpNet, changed: &mut Vec<IpNet>) {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        if p.adj_in.remove(&prefix) == Some(true) {
+        if p.rejected.is_empty() || !p.rejected.remove(&prefix) {
+            self.drop_path(id, prefix, changed);
+        }
+    }
+
+    /// Remove a peer's path, keeping its counts; `changed` gets the prefix if the best path
+    /// changed.
+    fn drop_path(&mut self, id: PeerId, prefix: IpNet, changed: &mut Vec<IpNet>) {
+        let (removed, best_changed) = self.remove_candidate(prefix, id);
+        if best_changed {
+            changed.push(prefix);
+        }
+        if let (Some(c), Some(p)) = (removed, self.peers.get_mut(&id)) {
             p.accepted -= 1;
-            p.stale.remove(&prefix);
-            if self.remove_candidate(prefix, id) {
-                changed.push(prefix);
+            if c.stale {
+                p.stale -= 1;
             }
         }
     }
 
+    /// Add or replace `peer`'s path (not stale); returns the path replaced.
     fn upsert_candidate(
         &mut self,
         prefix: IpNet,
         peer: PeerId,
         attrs: AttrSet,
         changed: &mut Vec<IpNet>,
-    ) {
-        // Most prefixes have one path: allocate for exactly one.
-        let cands = self
-            .loc
-            .entry(prefix)
-            .or_insert_with(|| Vec::with_capacity(1));
-        let old_best = cands.first().map(|c| (c.peer, Arc::as_ptr(&c.attrs)));
-        match cands.iter_mut().find(|c| c.peer == peer) {
-            Some(c) => c.attrs = attrs,
-            None => cands.push(Candidate { peer, attrs }),
-        }
-        let cands = std::mem::take(cands);
-        let cands = self.select_best(cands);
-        let new_best = cands.first().map(|c| (c.peer, Arc::as_ptr(&c.attrs)));
-        self.loc.insert(prefix, cands);
-        if old_best != new_best {
+    ) -> Option<Candidate> {
+        let new = Candidate {
+            peer,
+            stale: false,
+            attrs,
+        };
+        let Some(paths) = self.loc.get_mut(&prefix) else {
+            self.loc.insert(prefix, Paths::One(new));
+            changed.push(prefix);
+            return None;
+        };
+        let old_best = (paths.best().peer, Arc::as_ptr(&paths.best().attrs));
+        let old = match paths.position(peer) {
+            Some(i) => Some(std::mem::replace(&mut paths.as_mut_slice()[i], new)),
+            None => {
+                paths.push(new);
+                None
+            }
+        };
+        let best = best_index(&self.peers, paths.as_slice());
+        paths.make_best(best);
+        if (paths.best().peer, Arc::as_ptr(&paths.best().attrs)) != old_best {
             changed.push(prefix);
         }
+        old
     }
 
-    /// Remove `peer`'s path for `prefix`; true when the best path changed.
-    fn remove_candidate(&mut self, prefix: IpNet, peer: PeerId) -> bool {
-        let Entry::Occupied(mut e) = self.loc.entry(prefix) else {
-            return false;
+    /// Remove `peer`'s path for `prefix`: the path removed, and whether the best path
+    /// changed.
+    fn remove_candidate(&mut self, prefix: IpNet, peer: PeerId) -> (Option<Candidate>, bool) {
+        let Some(paths) = self.loc.get_mut(&prefix) else {
+            return (None, false);
         };
-        let cands = e.get_mut();
-        let Some(i) = cands.iter().position(|c| c.peer == peer) else {
-            return false;
+        let Some(i) = paths.position(peer) else {
+            return (None, false);
         };
-        cands.swap_remove(i);
-        if cands.is_empty() {
-            e.remove();
-            return true;
+        let (removed, any_left) = paths.swap_remove(i);
+        if !any_left {
+            self.loc.remove(&prefix);
+            return (Some(removed), true);
         }
         if i == 0 {
-            let cands = std::mem::take(e.get_mut());
-            let cands = self.select_best(cands);
-            self.loc.insert(prefix, cands);
-            return true;
+            let best = best_index(&self.peers, paths.as_slice());
+            paths.make_best(best);
+            return (Some(removed), true);
         }
-        false
-    }
-
-    /// Move the best candidate to the front. A linear scan, not a sort: the MED rule compares
-    /// only routes from the same neighbour AS, so the preference is not a total order.
-    fn select_best(&self, mut cands: Vec<Candidate>) -> Vec<Candidate> {
-        let mut best = 0;
-        for i in 1..cands.len() {
-            if self.prefer(&cands[i], &cands[best]) {
-                best = i;
-            }
-        }
-        cands.swap(0, best);
-        cands
-    }
-
-    /// RFC 4271 §9.1.2.2 (with RFC 4456 §9): is `a` better than `b`?
-    fn prefer(&self, a: &Candidate, b: &Candidate) -> bool {
-        use std::cmp::Ordering::*;
-        // Locally originated routes win outright (as a router's own static routes do).
-        if (a.peer == LOCAL) != (b.peer == LOCAL) {
-            return a.peer == LOCAL;
-        }
-        let (pa, pb) = (&a.attrs.path, &b.attrs.path);
-        let lp = |p: &PathAttrs| p.local_pref.unwrap_or(DEFAULT_LOCAL_PREF);
-        match lp(pa).cmp(&lp(pb)) {
-            Greater => return true,
-            Less => return false,
-            Equal => {}
-        }
-        let len = |p: &PathAttrs| p.as_path.as_ref().map_or(0, |x| x.path_len());
-        match len(pa).cmp(&len(pb)) {
-            Less => return true,
-            Greater => return false,
-            Equal => {}
-        }
-        match pa.origin.cmp(&pb.origin) {
-            Less => return true,
-            Greater => return false,
-            Equal => {}
-        }
-        let neighbour = |p: &PathAttrs| p.as_path.as_ref().and_then(|x| x.first_as());
-        if neighbour(pa) == neighbour(pb) {
-            match pa.med.unwrap_or(0).cmp(&pb.med.unwrap_or(0)) {
-                Less => return true,
-                Greater => return false,
-                Equal => {}
-            }
-        }
-        let ebgp = |c: &Candidate| self.peers.get(&c.peer).is_some_and(|p| !p.ibgp);
-        match (ebgp(a), ebgp(b)) {
-            (true, false) => return true,
-            (false, true) => return false,
-            _ => {}
-        }
-        let rid = |c: &Candidate| {
-            c.attrs.path.originator_id.unwrap_or_else(|| {
-                self.peers
-                    .get(&c.peer)
-                    .map_or(Ipv4Addr::UNSPECIFIED, |p| p.router_id)
-            })
-        };
-        match u32::from(rid(a)).cmp(&u32::from(rid(b))) {
-            Less => return true,
-            Greater => return false,
-            Equal => {}
-        }
-        match pa.cluster_list.len().cmp(&pb.cluster_list.len()) {
-            Less => return true,
-            Greater => return false,
-            Equal => {}
-        }
-        let addr = |c: &Candidate| self.peers.get(&c.peer).map(|p| p.cfg.addr);
-        addr(a) < addr(b)
+        (Some(removed), false)
     }
 
     // ---- export ----
 
-    fn best_route(&self, prefix: &IpNet, c: &Candidate) -> Option<BestRoute> {
+    fn best_route(&self, c: &Candidate) -> Option<BestRoute> {
         if c.peer == LOCAL {
             return None;
         }
@@ -665,17 +737,16 @@ impl Rib {
             peer_addr: self.peers.get(&c.peer).map(|p| p.cfg.addr),
             next_hop: c.attrs.next_hop.addr,
             attrs: c.attrs.clone(),
-            stale: self.is_stale(c.peer, prefix),
+            stale: c.stale,
         })
     }
 
-    fn is_stale(&self, peer: PeerId, prefix: &IpNet) -> bool {
-        self.peers
-            .get(&peer)
-            .is_some_and(|p| !p.stale.is_empty() && p.stale.contains(prefix))
+    /// Export the best-path changes of imported UPDATEs (see [`Rib::import_update`]).
+    pub fn finish(&mut self, pending: Pending) -> RibOutput {
+        self.finish_changed(pending.changed)
     }
 
-    fn finish(&mut self, mut changed: Vec<IpNet>) -> RibOutput {
+    fn finish_changed(&mut self, mut changed: Vec<IpNet>) -> RibOutput {
         if changed.is_empty() {
             return RibOutput::default();
         }
@@ -688,107 +759,72 @@ impl Rib {
                 best: self
                     .loc
                     .get(p)
-                    .and_then(|c| c.first())
-                    .and_then(|c| self.best_route(p, c)),
+                    .and_then(|paths| self.best_route(paths.best())),
             })
             .collect();
-        let mut ids: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.up)
-            .map(|(id, _)| *id)
+        let gids: Vec<GroupId> = self.groups.keys().copied().collect();
+        let exports = gids
+            .into_iter()
+            .map(|gid| self.export_group(gid, &changed))
+            .filter(|e| !e.is_empty())
             .collect();
-        ids.sort_unstable();
-        let mut exports = Vec::new();
-        for id in ids {
-            let e = self.export_to(id, &changed);
-            if !e.is_empty() {
-                exports.push((id, e));
-            }
-        }
         RibOutput { changes, exports }
     }
 
-    /// Bring `id`'s Adj-RIB-Out in line with the Loc-RIB for `prefixes`.
-    fn export_to(&mut self, id: PeerId, prefixes: &[IpNet]) -> Export {
-        // Keyed by attribute set and family: an UPDATE carries one family's NLRI.
-        let mut groups: HashMap<(*const RouteAttrs, Family), (AttrSet, Vec<IpNet>)> =
-            HashMap::new();
-        let mut withdraw = Vec::new();
+    /// Bring a group's Adj-RIB-Out in line with the Loc-RIB for `prefixes`.
+    fn export_group(&mut self, gid: GroupId, prefixes: &[IpNet]) -> GroupExport {
+        let Some(mut g) = self.groups.remove(&gid) else {
+            return GroupExport::default();
+        };
+        let mut msgs = GroupExportBuilder::default();
         // Export attributes depend on the source attributes and the source peer only.
         let mut cache: HashMap<(*const RouteAttrs, PeerId), Option<AttrSet>> = HashMap::new();
         for prefix in prefixes {
-            let Some(target) = self.peers.get(&id) else {
-                break;
-            };
-            if !target.families.contains(&Family::of(prefix)) {
+            if !g.policy.families.contains(&Family::of(prefix)) {
                 continue;
             }
-            let best = self.loc.get(prefix).and_then(|c| c.first()).cloned();
-            let desired = match best {
-                None => None,
-                Some(b) => match cache.get(&(Arc::as_ptr(&b.attrs), b.peer)) {
-                    Some(d) if b.peer != id => d.clone(),
-                    _ => {
+            let best = self.loc.get(prefix).map(|paths| paths.best().clone());
+            let desired = best.and_then(|b| {
+                let d = match cache.get(&(Arc::as_ptr(&b.attrs), b.peer)) {
+                    Some(d) => d.clone(),
+                    None => {
                         let d = self
-                            .export_attrs(&b, id, prefix)
+                            .export_attrs(&b, &g.policy, prefix)
                             .map(|a| self.interner.intern(a));
-                        if b.peer != id {
-                            cache.insert((Arc::as_ptr(&b.attrs), b.peer), d.clone());
-                        }
+                        cache.insert((Arc::as_ptr(&b.attrs), b.peer), d.clone());
                         d
                     }
-                },
-            };
-            let Some(target) = self.peers.get_mut(&id) else {
-                break;
-            };
-            match desired {
-                Some(a) => {
-                    let same = target
-                        .adj_out
-                        .get(prefix)
-                        .is_some_and(|o| Arc::ptr_eq(o, &a));
-                    if !same {
-                        target.adj_out.insert(*prefix, a.clone());
-                        groups
-                            .entry((Arc::as_ptr(&a), Family::of(prefix)))
-                            .or_insert_with(|| (a, Vec::new()))
-                            .1
-                            .push(*prefix);
-                    }
-                }
-                None => {
-                    if target.adj_out.remove(prefix).is_some() {
-                        withdraw.push(*prefix);
-                    }
-                }
-            }
+                };
+                d.map(|a| (a, b.peer))
+            });
+            g.set(*prefix, desired, &mut msgs);
         }
-        let mut announce: Vec<(AttrSet, Vec<IpNet>)> = groups.into_values().collect();
-        announce.sort_by(|a, b| a.1.first().cmp(&b.1.first()));
-        Export { announce, withdraw }
+        let e = msgs.build(gid, &g.members);
+        self.groups.insert(gid, g);
+        e
     }
 
-    /// The attributes `best` is announced with to peer `id`, or `None` when the export rules
-    /// forbid announcing it there.
-    fn export_attrs(&self, best: &Candidate, id: PeerId, prefix: &IpNet) -> Option<RouteAttrs> {
-        let target = self.peers.get(&id)?;
-        if best.peer == id {
-            return None;
-        }
+    /// The attributes `best` is announced with to peers of policy `target`, or `None` when
+    /// the export rules forbid announcing it there. (Not sending a route back to the peer it
+    /// came from is the update group's job.)
+    fn export_attrs(
+        &self,
+        best: &Candidate,
+        target: &ExportPolicy,
+        prefix: &IpNet,
+    ) -> Option<RouteAttrs> {
         let source = self.peers.get(&best.peer);
         let mut path = best.attrs.path.clone();
         let mut next_hop = best.attrs.next_hop;
         let from_local = best.peer == LOCAL;
-        let self_nh = |t: &PeerRib| -> NextHop {
+        let self_nh = |t: &ExportPolicy| -> NextHop {
             match prefix {
-                IpNet::V4(_) => match t.cfg.local_addr {
+                IpNet::V4(_) => match t.local_addr {
                     IpAddr::V4(a) => NextHop::new(IpAddr::V4(a)),
                     IpAddr::V6(_) => NextHop::new(IpAddr::V4(self.router_id)),
                 },
-                IpNet::V6(_) => NextHop::new(IpAddr::V6(t.cfg.local_v6_next_hop.unwrap_or(
-                    match t.cfg.local_addr {
+                IpNet::V6(_) => NextHop::new(IpAddr::V6(t.local_v6_next_hop.unwrap_or(
+                    match t.local_addr {
                         IpAddr::V6(a) => a,
                         IpAddr::V4(a) => a.to_ipv6_mapped(),
                     },
@@ -798,7 +834,7 @@ impl Rib {
         if target.ibgp {
             if let Some(src) = source.filter(|s| s.ibgp) {
                 // RFC 4456 §6: reflect client routes to everyone, non-client routes to clients.
-                if !(src.cfg.rr_client || target.cfg.rr_client) {
+                if !(src.cfg.rr_client || target.rr_client) {
                     return None;
                 }
                 if path.originator_id.is_none() {
@@ -809,7 +845,7 @@ impl Rib {
             if path.local_pref.is_none() {
                 path.local_pref = Some(DEFAULT_LOCAL_PREF);
             }
-            if target.cfg.next_hop_self || next_hop.addr.is_unspecified() {
+            if target.next_hop_self || next_hop.addr.is_unspecified() {
                 next_hop = self_nh(target);
             }
         } else {
@@ -832,6 +868,79 @@ impl Rib {
         };
         Some(RouteAttrs { path, next_hop })
     }
+}
+
+/// The index of the best of `cands` (RFC 4271 §9.1.2). A linear scan, not a sort: the MED
+/// rule compares only routes from the same neighbour AS, so the preference is not a total
+/// order.
+fn best_index(peers: &HashMap<PeerId, PeerRib>, cands: &[Candidate]) -> usize {
+    let mut best = 0;
+    for i in 1..cands.len() {
+        if prefer(peers, &cands[i], &cands[best]) {
+            best = i;
+        }
+    }
+    best
+}
+
+/// RFC 4271 §9.1.2.2 (with RFC 4456 §9): is `a` better than `b`?
+fn prefer(peers: &HashMap<PeerId, PeerRib>, a: &Candidate, b: &Candidate) -> bool {
+    use std::cmp::Ordering::*;
+    // Locally originated routes win outright (as a router's own static routes do).
+    if (a.peer == LOCAL) != (b.peer == LOCAL) {
+        return a.peer == LOCAL;
+    }
+    let (pa, pb) = (&a.attrs.path, &b.attrs.path);
+    let lp = |p: &PathAttrs| p.local_pref.unwrap_or(DEFAULT_LOCAL_PREF);
+    match lp(pa).cmp(&lp(pb)) {
+        Greater => return true,
+        Less => return false,
+        Equal => {}
+    }
+    let len = |p: &PathAttrs| p.as_path.as_ref().map_or(0, |x| x.path_len());
+    match len(pa).cmp(&len(pb)) {
+        Less => return true,
+        Greater => return false,
+        Equal => {}
+    }
+    match pa.origin.cmp(&pb.origin) {
+        Less => return true,
+        Greater => return false,
+        Equal => {}
+    }
+    let neighbour = |p: &PathAttrs| p.as_path.as_ref().and_then(|x| x.first_as());
+    if neighbour(pa) == neighbour(pb) {
+        match pa.med.unwrap_or(0).cmp(&pb.med.unwrap_or(0)) {
+            Less => return true,
+            Greater => return false,
+            Equal => {}
+        }
+    }
+    let ebgp = |c: &Candidate| peers.get(&c.peer).is_some_and(|p| !p.ibgp);
+    match (ebgp(a), ebgp(b)) {
+        (true, false) => return true,
+        (false, true) => return false,
+        _ => {}
+    }
+    let rid = |c: &Candidate| {
+        c.attrs.path.originator_id.unwrap_or_else(|| {
+            peers
+                .get(&c.peer)
+                .map_or(Ipv4Addr::UNSPECIFIED, |p| p.router_id)
+        })
+    };
+    match u32::from(rid(a)).cmp(&u32::from(rid(b))) {
+        Less => return true,
+        Greater => return false,
+        Equal => {}
+    }
+    match pa.cluster_list.len().cmp(&pb.cluster_list.len()) {
+        Less => return true,
+        Greater => return false,
+        Equal => {}
+    }
+    let addr = |c: &Candidate| peers.get(&c.peer).map(|p| p.cfg.addr);
+    addr(a) < addr(b)
 }
 
 #[cfg(test)]
@@ -924,9 +1033,8 @@ mod tests {
         client.rr_client = true;
         let mut rib = rib_with(&[(1, client), (2, peer([10, 0, 0, 3], AS))]);
         let (out, _) = rib.apply_update(1, &announce(&["172.16.0.0/26"], [10, 0, 0, 2], &[]));
-        assert_eq!(out.exports.len(), 1);
-        let (to, e) = &out.exports[0];
-        assert_eq!(*to, 2);
+        assert_eq!(out.peers_sent_to(), vec![2]);
+        let e = out.export_for(2).unwrap();
         let attrs = &e.announce[0].0;
         assert_eq!(attrs.path.originator_id, Some(Ipv4Addr::new(10, 0, 0, 2)));
         assert_eq!(attrs.path.cluster_list, vec![Ipv4Addr::new(10, 0, 0, 1)]);
@@ -935,10 +1043,7 @@ mod tests {
         assert_eq!(attrs.path.local_pref, Some(100));
         // Non-client route goes to the client only.
         let (out, _) = rib.apply_update(2, &announce(&["172.16.1.0/26"], [10, 0, 0, 3], &[]));
-        assert_eq!(
-            out.exports.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-            vec![1]
-        );
+        assert_eq!(out.peers_sent_to(), vec![1]);
     }
 
     #[test]
@@ -951,8 +1056,8 @@ mod tests {
         u.attrs.local_pref = Some(200);
         u.attrs.med = Some(5);
         let (out, _) = rib.apply_update(1, &u);
-        let (to, e) = &out.exports[0];
-        assert_eq!(*to, 2);
+        assert_eq!(out.peers_sent_to(), vec![2]);
+        let e = out.export_for(2).unwrap();
         let a = &e.announce[0].0;
         assert_eq!(a.path.as_path, Some(AsPath::from_sequence(vec![AS])));
         assert_eq!(a.path.next_hop, Some(Ipv4Addr::new(10, 0, 0, 1)));
@@ -1052,20 +1157,23 @@ mod tests {
         let mut rib = rib_with(&[(1, peer([10, 0, 0, 2], AS))]);
         let out = rib.originate(net("172.16.241.64/26"), None, PathAttrs::default());
         assert!(out.changes.iter().all(|c| c.best.is_none()));
-        let (_, e) = &out.exports[0];
+        let e = out.export_for(1).unwrap();
         assert_eq!(
             e.announce[0].0.path.next_hop,
             Some(Ipv4Addr::new(10, 0, 0, 1))
         );
         assert_eq!(rib.peer_counts(1).2, 1);
         let out = rib.originate(net("fd00:10::/122"), None, PathAttrs::default());
-        let (_, e) = &out.exports[0];
+        let e = out.export_for(1).unwrap();
         assert_eq!(
             e.announce[0].0.next_hop.addr,
             IpAddr::V6(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped())
         );
         let out = rib.withdraw_local(net("172.16.241.64/26"));
-        assert_eq!(out.exports[0].1.withdraw, vec![net("172.16.241.64/26")]);
+        assert_eq!(
+            out.export_for(1).unwrap().withdraw,
+            vec![net("172.16.241.64/26")]
+        );
     }
 
     #[test]
@@ -1170,6 +1278,441 @@ mod tests {
         let out = rib.peer_down(1);
         assert_eq!(out.changes[0].best.as_ref().unwrap().peer, 2);
         assert_eq!(rib.stale_count(1), 0);
+    }
+
+    fn client(last: u8) -> RibPeer {
+        let mut p = peer([10, 0, 0, last], AS);
+        p.rr_client = true;
+        p
+    }
+
+    /// Every prefix `e` announces, sorted.
+    fn announced(e: &Export) -> Vec<IpNet> {
+        let mut v: Vec<IpNet> = e.announce.iter().flat_map(|(_, p)| p.clone()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn rr_clients_share_one_group_and_never_get_their_own_routes() {
+        let ids: Vec<PeerId> = (1..=4).collect();
+        let peers: Vec<(PeerId, RibPeer)> = ids.iter().map(|&i| (i, client(i as u8 + 1))).collect();
+        let mut rib = rib_with(&peers);
+        assert_eq!(rib.group_count(), 1);
+        // All four UPDATEs imported, then exported once.
+        let mut pending = Pending::default();
+        for &i in &ids {
+            let prefix = format!("10.{i}.0.0/26");
+            rib.import_update(
+                i,
+                &announce(&[prefix.as_str()], [10, 0, 0, i as u8 + 1], &[]),
+                &mut pending,
+            );
+        }
+        let out = rib.finish(pending);
+        assert_eq!(out.exports.len(), 1, "one group, one export");
+        assert_eq!(out.exports[0].segments.len(), 4, "one segment per source");
+        for &i in &ids {
+            let e = out.export_for(i).unwrap();
+            let others: Vec<IpNet> = ids
+                .iter()
+                .filter(|&&j| j != i)
+                .map(|j| net(&format!("10.{j}.0.0/26")))
+                .collect();
+            assert_eq!(announced(&e), others, "peer {i}");
+            assert!(e.withdraw.is_empty());
+            for (attrs, prefixes) in &e.announce {
+                let j = prefixes[0]
+                    .addr()
+                    .to_string()
+                    .split('.')
+                    .nth(1)
+                    .unwrap()
+                    .parse::<u8>();
+                let src = Ipv4Addr::new(10, 0, 0, j.unwrap() + 1);
+                assert_eq!(attrs.path.originator_id, Some(src));
+                assert_eq!(attrs.path.cluster_list, vec![Ipv4Addr::new(10, 0, 0, 1)]);
+                assert_eq!(attrs.path.next_hop, Some(src), "iBGP keeps the next hop");
+            }
+            assert_eq!(rib.peer_counts(i), (1, 1, 3));
+        }
+        // ROUTE-REFRESH answers with the member's view too.
+        assert_eq!(
+            announced(&rib.refresh(2, Family::IPV4_UNICAST)),
+            vec![net("10.1.0.0/26"), net("10.3.0.0/26"), net("10.4.0.0/26")]
+        );
+        assert!(rib.refresh(2, Family::IPV6_UNICAST).is_empty());
+    }
+
+    #[test]
+    fn best_path_moving_to_a_member_withdraws_what_it_had_received() {
+        let peers: Vec<(PeerId, RibPeer)> = (1..=3).map(|i| (i, client(i as u8 + 1))).collect();
+        let mut rib = rib_with(&peers);
+        let p = net("10.9.0.0/26");
+        rib.apply_update(1, &announce(&["10.9.0.0/26"], [10, 0, 0, 2], &[]));
+        assert_eq!(rib.peer_counts(2).2, 1);
+        // Peer 2's path wins (higher LOCAL_PREF): 2 loses what it had from 1, 1 and 3 get 2's.
+        let mut u = announce(&["10.9.0.0/26"], [10, 0, 0, 3], &[]);
+        u.attrs.local_pref = Some(200);
+        let (out, _) = rib.apply_update(2, &u);
+        let to2 = out.export_for(2).unwrap();
+        assert_eq!(to2.withdraw, vec![p]);
+        assert!(to2.announce.is_empty());
+        for i in [1, 3] {
+            let e = out.export_for(i).unwrap();
+            assert_eq!(announced(&e), vec![p]);
+            assert_eq!(
+                e.announce[0].0.path.originator_id,
+                Some(Ipv4Addr::new(10, 0, 0, 3))
+            );
+        }
+        assert_eq!(
+            (0..3).map(|i| rib.peer_counts(i + 1).2).collect::<Vec<_>>(),
+            vec![1, 0, 1]
+        );
+        // Peer 2 withdraws: back to 1's path; 1 loses 2's, 2 and 3 get 1's.
+        let (out, _) = rib.apply_update(
+            2,
+            &Update {
+                withdrawn: vec![p],
+                ..Default::default()
+            },
+        );
+        assert_eq!(out.export_for(1).unwrap().withdraw, vec![p]);
+        assert!(out.export_for(1).unwrap().announce.is_empty());
+        for i in [2, 3] {
+            let e = out.export_for(i).unwrap();
+            assert_eq!(announced(&e), vec![p], "peer {i}");
+            assert!(e.withdraw.is_empty());
+        }
+        // Peer 1 withdraws too: 2 and 3 lose it, 1 (which had nothing) is sent nothing.
+        let (out, _) = rib.apply_update(
+            1,
+            &Update {
+                withdrawn: vec![p],
+                ..Default::default()
+            },
+        );
+        assert_eq!(out.peers_sent_to(), vec![2, 3]);
+        assert_eq!(out.export_for(3).unwrap().withdraw, vec![p]);
+        assert_eq!(
+            (1..=3).map(|i| rib.peer_counts(i).2).collect::<Vec<_>>(),
+            vec![0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn late_joiner_gets_the_table_without_its_own_stale_routes() {
+        let peers: Vec<(PeerId, RibPeer)> = (1..=2).map(|i| (i, client(i as u8 + 1))).collect();
+        let mut rib = rib_with(&peers);
+        rib.apply_update(1, &announce(&["10.1.0.0/26"], [10, 0, 0, 2], &[]));
+        rib.apply_update(2, &announce(&["10.2.0.0/26"], [10, 0, 0, 3], &[]));
+        rib.originate(net("10.0.0.0/26"), None, PathAttrs::default());
+        // A third client joins the existing group: the whole table.
+        rib.add_peer(3, client(4));
+        let e = rib.peer_up(3, Ipv4Addr::new(10, 0, 0, 4), v4());
+        assert_eq!(rib.group_count(), 1);
+        assert_eq!(rib.group_of(3), rib.group_of(1));
+        assert_eq!(
+            announced(&e),
+            vec![net("10.0.0.0/26"), net("10.1.0.0/26"), net("10.2.0.0/26")]
+        );
+        assert_eq!(rib.peer_counts(3).2, 3);
+        // Peer 1 restarts gracefully: its route stays (stale, best); when it is back, its
+        // table leaves its own route out.
+        rib.peer_down_graceful(1, &[Family::IPV4_UNICAST]);
+        assert_eq!(rib.group_of(1), None);
+        let e = rib.peer_up(1, Ipv4Addr::new(10, 0, 0, 2), v4());
+        assert_eq!(announced(&e), vec![net("10.0.0.0/26"), net("10.2.0.0/26")]);
+        assert_eq!(rib.peer_counts(1).2, 2);
+        // The last member leaving drops the group; the next one recomputes it.
+        for i in 1..=3 {
+            rib.peer_down(i);
+        }
+        assert_eq!(rib.group_count(), 0);
+        let e = rib.peer_up(3, Ipv4Addr::new(10, 0, 0, 4), v4());
+        assert_eq!(announced(&e), vec![net("10.0.0.0/26")]);
+    }
+
+    #[test]
+    fn removed_peer_routes_are_withdrawn_from_the_others() {
+        let peers: Vec<(PeerId, RibPeer)> = (1..=3).map(|i| (i, client(i as u8 + 1))).collect();
+        let mut rib = rib_with(&peers);
+        for i in 1..=3u32 {
+            let prefix = format!("10.{i}.0.0/26");
+            rib.apply_update(
+                i,
+                &announce(&[prefix.as_str()], [10, 0, 0, i as u8 + 1], &[]),
+            );
+        }
+        assert_eq!(rib.peer_counts(2).2, 2);
+        let out = rib.remove_peer(1);
+        assert_eq!(out.peers_sent_to(), vec![2, 3]);
+        for i in [2, 3] {
+            assert_eq!(
+                out.export_for(i).unwrap().withdraw,
+                vec![net("10.1.0.0/26")]
+            );
+            assert_eq!(rib.peer_counts(i).2, 1);
+        }
+        assert_eq!(rib.peer_counts(1), (0, 0, 0));
+    }
+
+    #[test]
+    fn peers_with_different_policies_get_different_groups() {
+        let mut nhs = peer([10, 0, 0, 5], AS);
+        nhs.next_hop_self = true;
+        let peers = vec![
+            (1, client(2)),
+            (2, client(3)),
+            (3, peer([10, 0, 0, 4], AS)),
+            (4, nhs),
+            (5, peer([192, 0, 2, 1], 65001)),
+            (6, peer([192, 0, 2, 2], 65002)),
+        ];
+        let mut rib = rib_with(&peers);
+        // Clients together; the non-client, the next-hop-self peer and each eBGP AS apart.
+        assert_eq!(rib.group_count(), 5);
+        assert_eq!(rib.group_of(1), rib.group_of(2));
+        let (out, _) = rib.apply_update(3, &announce(&["10.3.0.0/26"], [10, 0, 0, 4], &[]));
+        // A non-client's route goes to the clients and the eBGP peers, not to iBGP
+        // non-clients.
+        assert_eq!(out.peers_sent_to(), vec![1, 2, 5, 6]);
+        let (out, _) = rib.apply_update(1, &announce(&["10.1.0.0/26"], [10, 0, 0, 2], &[]));
+        assert_eq!(out.peers_sent_to(), vec![2, 3, 4, 5, 6]);
+        let e = out.export_for(4).unwrap();
+        assert_eq!(
+            e.announce[0].0.path.next_hop,
+            Some(Ipv4Addr::new(10, 0, 0, 1))
+        );
+        let e = out.export_for(3).unwrap();
+        assert_eq!(
+            e.announce[0].0.path.next_hop,
+            Some(Ipv4Addr::new(10, 0, 0, 2))
+        );
+        let e = out.export_for(6).unwrap();
+        assert_eq!(
+            e.announce[0].0.path.as_path,
+            Some(AsPath::from_sequence(vec![AS]))
+        );
+    }
+
+    #[test]
+    fn refused_then_accepted_then_withdrawn_keeps_the_counts() {
+        let mut rib = rib_with(&[(1, client(2)), (2, client(3))]);
+        let mut looped = announce(&["10.1.0.0/26", "10.1.0.64/26"], [10, 0, 0, 2], &[]);
+        looped.attrs.cluster_list = vec![Ipv4Addr::new(10, 0, 0, 1)];
+        let (_, stats) = rib.apply_update(1, &looped);
+        assert_eq!(stats.rejected, 2);
+        assert_eq!(rib.peer_counts(1), (2, 0, 0));
+        rib.apply_update(1, &announce(&["10.1.0.0/26"], [10, 0, 0, 2], &[]));
+        assert_eq!(rib.peer_counts(1), (2, 1, 0));
+        assert_eq!(rib.peer_counts(2), (0, 0, 1));
+        // Refusing an accepted route removes it.
+        let mut looped = announce(&["10.1.0.0/26"], [10, 0, 0, 2], &[]);
+        looped.attrs.originator_id = Some(Ipv4Addr::new(10, 0, 0, 1));
+        let (out, _) = rib.apply_update(1, &looped);
+        assert_eq!(out.changes[0].best, None);
+        assert_eq!(rib.peer_counts(1), (2, 0, 0));
+        let (out, _) = rib.apply_update(
+            1,
+            &Update {
+                withdrawn: vec![net("10.1.0.0/26"), net("10.1.0.64/26")],
+                ..Default::default()
+            },
+        );
+        assert!(out.changes.is_empty());
+        assert_eq!(rib.peer_counts(1), (0, 0, 0));
+    }
+
+    mod model {
+        //! Random sequences of RIB operations against what a route-reflector client must
+        //! end up with: every route whose best path is not its own, reflected with the
+        //! originator of that path, whichever update group and batch the messages came in.
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeMap;
+
+        const PEERS: u32 = 4;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Announce {
+                peer: u32,
+                prefix: u8,
+                high_pref: bool,
+            },
+            Refused {
+                peer: u32,
+                prefix: u8,
+            },
+            Withdraw {
+                peer: u32,
+                prefix: u8,
+            },
+            Originate(u8),
+            WithdrawLocal(u8),
+            Down(u32),
+            GracefulDown(u32),
+            Up(u32),
+            Sweep(u32),
+            /// Export what the imports so far changed.
+            Flush,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let peer = 1..=PEERS;
+            let prefix = 0u8..6;
+            prop_oneof![
+                6 => (peer.clone(), prefix.clone(), any::<bool>())
+                    .prop_map(|(peer, prefix, high_pref)| Op::Announce { peer, prefix, high_pref }),
+                1 => (peer.clone(), prefix.clone()).prop_map(|(peer, prefix)| Op::Refused { peer, prefix }),
+                3 => (peer.clone(), prefix.clone()).prop_map(|(peer, prefix)| Op::Withdraw { peer, prefix }),
+                1 => prefix.clone().prop_map(Op::Originate),
+                1 => prefix.prop_map(Op::WithdrawLocal),
+                1 => peer.clone().prop_map(Op::Down),
+                1 => peer.clone().prop_map(Op::GracefulDown),
+                2 => peer.clone().prop_map(Op::Up),
+                1 => peer.prop_map(Op::Sweep),
+                2 => Just(Op::Flush),
+            ]
+        }
+
+        fn pfx(i: u8) -> IpNet {
+            net(&format!("10.7.{i}.0/26"))
+        }
+
+        fn rid(peer: u32) -> Ipv4Addr {
+            Ipv4Addr::new(10, 0, 0, peer as u8 + 1)
+        }
+
+        /// What each up client was sent: prefix -> ORIGINATOR_ID.
+        type Sent = BTreeMap<PeerId, BTreeMap<IpNet, Option<Ipv4Addr>>>;
+
+        fn apply(sent: &mut Sent, out: &RibOutput) {
+            for (m, table) in sent.iter_mut() {
+                if let Some(e) = out.export_for(*m) {
+                    for w in &e.withdraw {
+                        assert!(
+                            table.remove(w).is_some(),
+                            "peer {m}: withdrawal of {w} it never had"
+                        );
+                    }
+                    for (a, ps) in &e.announce {
+                        for p in ps {
+                            table.insert(*p, a.path.originator_id);
+                        }
+                    }
+                }
+            }
+        }
+
+        fn dump(e: &Export) -> BTreeMap<IpNet, Option<Ipv4Addr>> {
+            assert!(e.withdraw.is_empty());
+            e.announce
+                .iter()
+                .flat_map(|(a, ps)| ps.iter().map(|p| (*p, a.path.originator_id)))
+                .collect()
+        }
+
+        fn check(rib: &Rib, sent: &Sent) {
+            for (&m, table) in sent {
+                let want: BTreeMap<IpNet, Option<Ipv4Addr>> = rib
+                    .loc
+                    .iter()
+                    .filter(|(_, paths)| paths.best().peer != m)
+                    .map(|(p, paths)| {
+                        let b = paths.best();
+                        (p, (b.peer != LOCAL).then(|| rid(b.peer)))
+                    })
+                    .collect();
+                assert_eq!(table, &want, "what peer {m} was sent");
+                assert_eq!(rib.peer_counts(m).2, table.len(), "peer {m} advertised");
+                assert_eq!(dump(&rib.refresh(m, Family::IPV4_UNICAST)), want);
+            }
+            for id in 1..=PEERS {
+                let paths: Vec<&Candidate> = rib
+                    .loc
+                    .iter()
+                    .flat_map(|(_, p)| p.as_slice().iter())
+                    .filter(|c| c.peer == id)
+                    .collect();
+                let p = &rib.peers[&id];
+                assert_eq!(p.accepted, paths.len(), "peer {id} accepted");
+                assert_eq!(
+                    p.stale,
+                    paths.iter().filter(|c| c.stale).count(),
+                    "peer {id} stale"
+                );
+                if p.up {
+                    assert!(sent.contains_key(&id));
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+            #[test]
+            fn clients_are_sent_every_best_route_but_their_own(ops in proptest::collection::vec(op(), 1..60)) {
+                let mut rib = Rib::new(AS, Ipv4Addr::new(10, 0, 0, 1), None);
+                let mut sent: Sent = BTreeMap::new();
+                for id in 1..=PEERS {
+                    rib.add_peer(id, client(id as u8 + 1));
+                }
+                let mut pending = Pending::default();
+                for op in ops {
+                    // Anything but an import exports what is pending first, as the speaker does.
+                    if !matches!(op, Op::Announce { .. } | Op::Refused { .. } | Op::Withdraw { .. }) {
+                        let out = rib.finish(std::mem::take(&mut pending));
+                        apply(&mut sent, &out);
+                    }
+                    match op {
+                        Op::Announce { peer, prefix, high_pref } => {
+                            let mut u = announce(&[&pfx(prefix).to_string()], [10, 0, 0, peer as u8 + 1], &[]);
+                            u.attrs.local_pref = Some(if high_pref { 200 } else { 100 });
+                            rib.import_update(peer, &u, &mut pending);
+                        }
+                        Op::Refused { peer, prefix } => {
+                            let mut u = announce(&[&pfx(prefix).to_string()], [10, 0, 0, peer as u8 + 1], &[]);
+                            u.attrs.originator_id = Some(Ipv4Addr::new(10, 0, 0, 1));
+                            rib.import_update(peer, &u, &mut pending);
+                        }
+                        Op::Withdraw { peer, prefix } => {
+                            let u = Update { withdrawn: vec![pfx(prefix)], ..Default::default() };
+                            rib.import_update(peer, &u, &mut pending);
+                        }
+                        Op::Originate(i) => apply(&mut sent, &rib.originate(pfx(i), None, PathAttrs::default())),
+                        Op::WithdrawLocal(i) => apply(&mut sent, &rib.withdraw_local(pfx(i))),
+                        Op::Down(id) => {
+                            sent.remove(&id);
+                            let out = rib.peer_down(id);
+                            apply(&mut sent, &out);
+                        }
+                        Op::GracefulDown(id) => {
+                            sent.remove(&id);
+                            let out = rib.peer_down_graceful(id, &[Family::IPV4_UNICAST]);
+                            apply(&mut sent, &out);
+                        }
+                        Op::Up(id) => {
+                            if let std::collections::btree_map::Entry::Vacant(v) = sent.entry(id) {
+                                v.insert(dump(&rib.peer_up(id, rid(id), v4())));
+                            }
+                        }
+                        Op::Sweep(id) => {
+                            let out = rib.sweep_stale(id, &[Family::IPV4_UNICAST]);
+                            apply(&mut sent, &out);
+                        }
+                        Op::Flush => {}
+                    }
+                    if pending.is_empty() {
+                        check(&rib, &sent);
+                    }
+                }
+                let out = rib.finish(pending);
+                apply(&mut sent, &out);
+                check(&rib, &sent);
+            }
+        }
     }
 
     #[test]

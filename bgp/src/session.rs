@@ -13,13 +13,16 @@ use crate::fsm::{
 use crate::rib::PeerId;
 use crate::validate::{PeerContext, validate_update};
 use crate::wire::{self, CodecContext, Family, GracefulRestartCap, Message, Notification, Update};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use std::collections::VecDeque;
 use std::future::Future;
+use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream, tcp::OwnedReadHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -29,9 +32,10 @@ use tracing::{debug, info, warn};
 pub(crate) enum SessionCmd {
     /// An inbound TCP connection from this peer's address.
     Inbound(TcpStream),
-    /// Encoded UPDATE messages for the session's n-th time in Established (counted from 1);
-    /// bytes meant for an earlier session are dropped.
-    Send(u64, Bytes),
+    /// Encoded UPDATE messages for the session's n-th time in Established (counted from 1),
+    /// in pieces (slices of buffers shared with other sessions); bytes meant for an earlier
+    /// session are dropped.
+    Send(u64, Vec<Bytes>),
     /// Administrative stop: Cease, then the task ends.
     Stop(Notification),
     /// Close every connection without a NOTIFICATION, as a crash would, and end: the peer
@@ -142,16 +146,9 @@ impl Slot {
             .local_addr()
             .map(|a| a.ip())
             .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let (reader, mut write_half) = stream.into_split();
-        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
-        tokio::spawn(async move {
-            while let Some(b) = rx.recv().await {
-                if write_half.write_all(&b).await.is_err() {
-                    return;
-                }
-            }
-            let _ = write_half.shutdown().await;
-        });
+        let (reader, write_half) = stream.into_split();
+        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+        tokio::spawn(write_queued(write_half, rx));
         self.conn = Some(Conn {
             reader,
             writer: tx,
@@ -159,6 +156,50 @@ impl Slot {
             local_addr,
         });
     }
+}
+
+/// Most buffers handed to one `writev`.
+const MAX_WRITE_PIECES: usize = 64;
+
+/// The writer task of a connection: writes what is queued, as many buffers as are waiting in
+/// one `writev` (a route reflector queues one piece per UPDATE burst and peer), until the
+/// connection is dropped; then shuts the write side down.
+async fn write_queued(mut w: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    let mut queue: VecDeque<Bytes> = VecDeque::new();
+    while let Some(b) = rx.recv().await {
+        queue.push_back(b);
+        while let Ok(b) = rx.try_recv() {
+            queue.push_back(b);
+        }
+        while !queue.is_empty() {
+            let slices: Vec<IoSlice<'_>> = queue
+                .iter()
+                .take(MAX_WRITE_PIECES)
+                .map(|b| IoSlice::new(b))
+                .collect();
+            let mut n = match w.write_vectored(&slices).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            while n > 0 {
+                let Some(front) = queue.front_mut() else {
+                    break;
+                };
+                if front.len() <= n {
+                    n -= front.len();
+                    queue.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
+            // More may have arrived while writing: take it into the next writev.
+            while let Ok(b) = rx.try_recv() {
+                queue.push_back(b);
+            }
+        }
+    }
+    let _ = w.shutdown().await;
 }
 
 /// Read into the slot's buffer; pends forever when there is no connection.
@@ -234,10 +275,12 @@ async fn drive(
         tokio::select! {
             cmd = cmds.recv() => match cmd {
                 Some(SessionCmd::Inbound(stream)) => d.inbound(stream).await,
-                Some(SessionCmd::Send(generation, bytes)) => {
+                Some(SessionCmd::Send(generation, pieces)) => {
                     if generation != d.established { continue; }
                     if let Some(c) = d.main.as_ref().filter(|s| s.fsm.state() == State::Established).and_then(|s| s.conn.as_ref()) {
-                        let _ = c.writer.send(bytes);
+                        for b in pieces {
+                            let _ = c.writer.send(b);
+                        }
                     }
                 }
                 Some(SessionCmd::Stop(n)) => {

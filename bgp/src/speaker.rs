@@ -44,22 +44,34 @@
 //! To restart without the peers dropping our routes, stop with
 //! [`Speaker::shutdown_for_restart`] (no NOTIFICATION) rather than [`Speaker::shutdown`]
 //! (Cease, which ends graceful restart on the peers).
+//!
+//! # Many peers
+//!
+//! The core task imports every UPDATE the sessions have queued (up to a bound) and then
+//! exports once: best-path changes to the agent in one message, and per update group (peers
+//! with the same export policy, see [`crate::rib`]) one encoded buffer that every member's
+//! session writes, minus the routes it sent us. A session task writes whatever is queued for
+//! it with one `writev`. A route reflector with a thousand clients thus encodes each burst
+//! once and makes a few system calls per client, not one per UPDATE per client.
 
 use crate::fsm::{FsmConfig, State};
 use crate::gr::{
     DEFAULT_MAX_RESTART_TIME, DEFAULT_SELECTION_DEFERRAL, DeferralPeer, GrAction, GrEvent,
     GrHelper, GrHelperConfig, GrPhase, GrTimer, deferral_complete,
 };
-use crate::rib::{BestChange, BestRoute, Export, LOCAL, PeerId, Rib, RibOutput, RibPeer};
+use crate::rib::{
+    BestChange, BestRoute, Export, GroupExport, LOCAL, PeerId, Pending, Rib, RibOutput, RibPeer,
+};
 use crate::session::{self, SessionCmd, SessionEvent, SessionParams};
 use crate::wire::{
     CodecContext, Family, GrFamily, GracefulRestartCap, Notification, PathAttrs, UpdateEncoder,
     cease,
 };
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use ipnet::IpNet;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::Range;
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -528,7 +540,7 @@ impl Core {
                         return;
                     }
                 },
-                Some((id, ev)) = events.recv() => self.event(id, ev).await,
+                Some(first) = events.recv() => self.events(first, &mut events).await,
                 _ = sleep_until(deadline) => self.fire_timers().await,
             }
         }
@@ -644,8 +656,7 @@ impl Core {
                 let _ = reply.send(v);
             }
             Command::LocRib(reply) => {
-                let mut v: Vec<(IpNet, BestRoute)> =
-                    self.rib.loc_rib().map(|(p, b)| (*p, b)).collect();
+                let mut v: Vec<(IpNet, BestRoute)> = self.rib.loc_rib().collect();
                 v.sort_by_key(|a| a.0);
                 let _ = reply.send(v);
             }
@@ -768,6 +779,52 @@ impl Core {
         Ok(())
     }
 
+    /// Handle `first` and whatever else the sessions have queued, up to a bound. Consecutive
+    /// UPDATEs are imported one by one and exported together, once, so a burst from many peers
+    /// costs one export per update group instead of one per UPDATE. Any other event exports
+    /// what is pending first, so everything happens in arrival order as before.
+    async fn events(
+        &mut self,
+        first: (PeerId, SessionEvent),
+        events: &mut mpsc::Receiver<(PeerId, SessionEvent)>,
+    ) {
+        let mut pending = Pending::default();
+        let mut next = Some(first);
+        let mut handled = 0;
+        while let Some((id, ev)) = next.take() {
+            handled += 1;
+            match ev {
+                SessionEvent::Update(u) => {
+                    if let Some(p) = self.peers.get_mut(&id) {
+                        p.status.updates_received += 1;
+                        let _stats = self.rib.import_update(id, &u, &mut pending);
+                    }
+                    if pending.len() >= MAX_BATCH_CHANGES {
+                        self.flush(std::mem::take(&mut pending)).await;
+                    }
+                }
+                ev => {
+                    if !pending.is_empty() {
+                        self.flush(std::mem::take(&mut pending)).await;
+                    }
+                    self.event(id, ev).await;
+                }
+            }
+            if handled < MAX_BATCH_EVENTS {
+                next = events.try_recv().ok();
+            }
+        }
+        if !pending.is_empty() {
+            self.flush(pending).await;
+        }
+    }
+
+    /// Export imported UPDATEs' changes and send them.
+    async fn flush(&mut self, pending: Pending) {
+        let out = self.rib.finish(pending);
+        self.publish(out).await;
+    }
+
     async fn event(&mut self, id: PeerId, ev: SessionEvent) {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
@@ -853,6 +910,7 @@ impl Core {
                 self.check_deferral().await;
             }
             SessionEvent::Update(u) => {
+                // Normally batched by `events`.
                 p.status.updates_received += 1;
                 let (out, _stats) = self.rib.apply_update(id, &u);
                 self.publish(out).await;
@@ -998,8 +1056,8 @@ impl Core {
             self.deferred.extend(out.changes.iter().map(|c| c.prefix));
             return;
         }
-        for (id, export) in &out.exports {
-            self.send_export(*id, export, None);
+        for export in &out.exports {
+            self.send_group_export(export);
         }
         let learned: Vec<BestChange> = out.changes;
         if !learned.is_empty() {
@@ -1014,20 +1072,7 @@ impl Core {
         };
         let enc = UpdateEncoder::new(p.codec);
         let mut buf = BytesMut::new();
-        let mut messages = 0;
-        let mut withdraw_v4 = Vec::new();
-        let mut withdraw_v6 = Vec::new();
-        for w in &export.withdraw {
-            match w {
-                IpNet::V4(_) => withdraw_v4.push(*w),
-                IpNet::V6(_) => withdraw_v6.push(*w),
-            }
-        }
-        messages += enc.withdraw(&withdraw_v4, &mut buf);
-        messages += enc.withdraw(&withdraw_v6, &mut buf);
-        for (attrs, prefixes) in &export.announce {
-            messages += enc.announce(&attrs.path, Some(attrs.next_hop), prefixes, &mut buf);
-        }
+        let mut messages = encode(&enc, &export.withdraw, &export.announce, &mut buf);
         if let Some(fams) = eor {
             for f in fams {
                 enc.end_of_rib(*f, &mut buf);
@@ -1036,9 +1081,227 @@ impl Core {
         }
         p.status.updates_sent += messages as u64;
         if !buf.is_empty() {
-            let _ = p
-                .session
-                .send(SessionCmd::Send(p.status.established_count, buf.freeze()));
+            let _ = p.session.send(SessionCmd::Send(
+                p.status.established_count,
+                vec![buf.freeze()],
+            ));
         }
+    }
+
+    /// Send an update group's messages to its members: encoded once (per codec in use among
+    /// the members), each member getting slices of the same buffer.
+    fn send_group_export(&mut self, export: &GroupExport) {
+        let mut encoded: Vec<EncodedGroup> = Vec::new();
+        for &m in &export.members {
+            let Some(p) = self.peers.get_mut(&m) else {
+                continue;
+            };
+            if !p.up {
+                continue;
+            }
+            let i = match encoded.iter().position(|e| e.codec == p.codec) {
+                Some(i) => i,
+                None => {
+                    encoded.push(EncodedGroup::new(export, p.codec));
+                    encoded.len() - 1
+                }
+            };
+            let (mut pieces, mut messages) = encoded[i].for_member(m);
+            if let Ok(w) = export.member_withdraw.binary_search_by_key(&m, |w| w.0) {
+                let mut buf = BytesMut::new();
+                messages += encode(
+                    &UpdateEncoder::new(p.codec),
+                    &export.member_withdraw[w].1,
+                    &[],
+                    &mut buf,
+                );
+                pieces.push(buf.freeze());
+            }
+            p.status.updates_sent += messages as u64;
+            if !pieces.is_empty() {
+                let _ = p
+                    .session
+                    .send(SessionCmd::Send(p.status.established_count, pieces));
+            }
+        }
+    }
+}
+
+/// Most events handled in one go before commands and timers get a turn.
+const MAX_BATCH_EVENTS: usize = 1024;
+/// Most best-path changes imported before they are exported (bounds the latency of a batch
+/// and the size of one best-change message to the agent).
+const MAX_BATCH_CHANGES: usize = 4096;
+
+/// Encode withdrawals, then announcements, as UPDATE messages; returns how many.
+fn encode(
+    enc: &UpdateEncoder,
+    withdraw: &[IpNet],
+    announce: &[(crate::attrset::AttrSet, Vec<IpNet>)],
+    buf: &mut BytesMut,
+) -> usize {
+    let mut messages = 0;
+    let (v4, v6): (Vec<IpNet>, Vec<IpNet>) =
+        withdraw.iter().partition(|w| matches!(w, IpNet::V4(_)));
+    messages += enc.withdraw(&v4, buf);
+    messages += enc.withdraw(&v6, buf);
+    for (attrs, prefixes) in announce {
+        messages += enc.announce(&attrs.path, Some(attrs.next_hop), prefixes, buf);
+    }
+    messages
+}
+
+/// A group export encoded for one codec: one buffer, segment by segment.
+struct EncodedGroup {
+    codec: CodecContext,
+    bytes: Bytes,
+    /// Per segment: the member it excludes, its byte range, its message count.
+    segments: Vec<(PeerId, Range<usize>, usize)>,
+    messages: usize,
+}
+
+impl EncodedGroup {
+    fn new(export: &GroupExport, codec: CodecContext) -> EncodedGroup {
+        let enc = UpdateEncoder::new(codec);
+        let mut buf = BytesMut::new();
+        let mut segments = Vec::with_capacity(export.segments.len());
+        let mut messages = 0;
+        for s in &export.segments {
+            let start = buf.len();
+            let n = encode(&enc, &s.withdraw, &s.announce, &mut buf);
+            messages += n;
+            segments.push((s.exclude, start..buf.len(), n));
+        }
+        EncodedGroup {
+            codec,
+            bytes: buf.freeze(),
+            segments,
+            messages,
+        }
+    }
+
+    /// The pieces of the buffer `member` gets (everything but the segment excluding it), and
+    /// how many messages they hold.
+    fn for_member(&self, member: PeerId) -> (Vec<Bytes>, usize) {
+        match self.segments.binary_search_by_key(&member, |s| s.0) {
+            Ok(i) => {
+                let (_, r, n) = &self.segments[i];
+                let pieces = [self.bytes.slice(..r.start), self.bytes.slice(r.end..)]
+                    .into_iter()
+                    .filter(|b| !b.is_empty())
+                    .collect();
+                (pieces, self.messages - n)
+            }
+            Err(_) if self.bytes.is_empty() => (Vec::new(), 0),
+            Err(_) => (vec![self.bytes.clone()], self.messages),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attrset::RouteAttrs;
+    use crate::rib::Segment;
+    use crate::wire::{AsPath, Message, NextHop, Origin, decode_message};
+    use std::sync::Arc;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn attrs(nh: [u8; 4]) -> crate::attrset::AttrSet {
+        Arc::new(RouteAttrs {
+            path: PathAttrs {
+                origin: Some(Origin::Igp),
+                as_path: Some(AsPath::default()),
+                next_hop: Some(Ipv4Addr::from(nh)),
+                local_pref: Some(100),
+                ..Default::default()
+            },
+            next_hop: NextHop::new(IpAddr::from(nh)),
+        })
+    }
+
+    /// (announced, withdrawn) prefixes in `pieces`, sorted, and the message count.
+    fn decode(pieces: &[Bytes]) -> (Vec<IpNet>, Vec<IpNet>, usize) {
+        let mut buf = BytesMut::new();
+        for p in pieces {
+            buf.extend_from_slice(p);
+        }
+        let (mut ann, mut wd, mut n) = (Vec::new(), Vec::new(), 0);
+        while let Some(m) = decode_message(&mut buf, CodecContext::default()).unwrap() {
+            let Message::Update(u) = m else {
+                panic!("not an UPDATE: {m:?}")
+            };
+            ann.extend(u.nlri);
+            wd.extend(u.withdrawn);
+            n += 1;
+        }
+        assert!(buf.is_empty());
+        ann.sort_unstable();
+        wd.sort_unstable();
+        (ann, wd, n)
+    }
+
+    #[test]
+    fn members_get_every_segment_but_their_own_from_one_buffer() {
+        let export = GroupExport {
+            group: 0,
+            members: vec![1, 2, 3, 4],
+            segments: vec![
+                Segment {
+                    exclude: LOCAL,
+                    withdraw: vec![net("10.0.0.0/26")],
+                    announce: vec![],
+                },
+                Segment {
+                    exclude: 1,
+                    withdraw: vec![],
+                    announce: vec![(attrs([10, 0, 0, 1]), vec![net("10.1.0.0/26")])],
+                },
+                Segment {
+                    exclude: 2,
+                    withdraw: vec![net("10.2.1.0/26")],
+                    announce: vec![(
+                        attrs([10, 0, 0, 2]),
+                        vec![net("10.2.0.0/26"), net("10.2.0.64/26")],
+                    )],
+                },
+                Segment {
+                    exclude: 4,
+                    withdraw: vec![],
+                    announce: vec![(attrs([10, 0, 0, 4]), vec![net("10.4.0.0/26")])],
+                },
+            ],
+            member_withdraw: vec![(4, vec![net("10.9.0.0/26")])],
+        };
+        let enc = EncodedGroup::new(&export, CodecContext::default());
+        for m in 1..=4 {
+            let (pieces, messages) = enc.for_member(m);
+            assert!(
+                pieces.len() <= 2,
+                "at most the parts before and after its segment"
+            );
+            let (ann, wd, n) = decode(&pieces);
+            assert_eq!(n, messages, "member {m}");
+            let mut want = export.for_member(m);
+            // The member's own withdrawals are encoded apart (see send_group_export).
+            if m == 4 {
+                want.withdraw.retain(|p| *p != net("10.9.0.0/26"));
+            }
+            let mut want_ann: Vec<IpNet> =
+                want.announce.iter().flat_map(|(_, p)| p.clone()).collect();
+            want_ann.sort_unstable();
+            want.withdraw.sort_unstable();
+            assert_eq!((ann, wd), (want_ann, want.withdraw), "member {m}");
+        }
+        // Member 3 is excluded from nothing: the whole buffer, shared.
+        let (pieces, _) = enc.for_member(3);
+        assert_eq!(pieces, vec![enc.bytes.clone()]);
+        let (ann, _, _) = decode(&pieces);
+        assert_eq!(ann.len(), 4);
+        let (ann, _, _) = decode(&enc.for_member(2).0);
+        assert!(!ann.contains(&net("10.2.0.0/26")));
     }
 }

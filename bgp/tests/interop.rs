@@ -4,6 +4,8 @@
 //! eBGP; podroute's IPv4 /26 and IPv6 /122 appear in the daemon's table and the daemon's in
 //! podroute's Loc-RIB; withdrawals both ways; the daemon killed and restarted brings the
 //! session and routes back; a wrong peer AS gives an OPEN error both sides report.
+//! podroute as the route reflector of two BIRDs and a GoBGP: each client gets the others'
+//! routes with ORIGINATOR_ID and CLUSTER_LIST, none gets its own back.
 
 mod support;
 
@@ -378,4 +380,119 @@ fn gobgp_wrong_peer_as() {
     let g = gobgp(&pod.ep, 65002, POD_AS, true);
     pod.add_peer(pod.peer_cfg(&g.endpoint(), 65098, false));
     wrong_as(&pod, &g);
+}
+
+/// The value of a BGP attribute in `birdc show route for P all` (e.g. `BGP.originator_id`).
+fn bird_attr(b: &Bird, prefix: IpNet, attr: &str) -> Option<String> {
+    let out = b
+        .birdc(&["show", "route", "for", &prefix.to_string(), "all"])
+        .ok()?;
+    out.lines().find_map(|l| {
+        let l = l.trim();
+        l.strip_prefix(attr)
+            .and_then(|r| r.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+    })
+}
+
+#[test]
+fn route_reflector_with_bird_and_gobgp_clients() {
+    if !require_daemons() {
+        return;
+    }
+    let pod = Pod::start(Endpoint::alloc(), POD_AS);
+    let p_a = net("172.16.10.0/26");
+    let p_b = net("172.16.11.0/26");
+    let p_c = net("172.16.12.0/26");
+    let mut birds = Vec::new();
+    for (name, prefix) in [("a", p_a), ("b", p_b)] {
+        let mut p = PeerCfg::new("pod", &pod.ep, POD_AS);
+        p.passive = true;
+        p.ipv6 = false;
+        let mut cfg = BirdConfig::new(Endpoint::alloc(), POD_AS).peer(p);
+        cfg.static_v4.push(prefix);
+        let b = Bird::start(cfg).unwrap_or_else(|e| panic!("bird {name}: {e:?}"));
+        birds.push(b);
+    }
+    let mut n = NeighborCfg::new(&pod.ep, POD_AS);
+    n.passive = true;
+    n.ipv6 = false;
+    let mut g = Gobgp::start(GobgpConfig::new(Endpoint::alloc(), POD_AS).neighbor(n)).unwrap();
+    let clients: Vec<Endpoint> = birds
+        .iter()
+        .map(|b| b.endpoint())
+        .chain([g.endpoint()])
+        .collect();
+    for c in &clients {
+        let mut p = pod.peer_cfg(c, POD_AS, false);
+        p.rr_client = true;
+        p.families = vec![podroute_bgp::wire::Family::IPV4_UNICAST];
+        pod.add_peer(p);
+    }
+    for c in &clients {
+        pod.wait_established(c.addr);
+    }
+    g.add_route(p_c, None, &[]).unwrap();
+    let (a, b) = (&birds[0], &birds[1]);
+    let (ea, eb, ec) = (clients[0], clients[1], clients[2]);
+
+    // BIRD b has a's route and the GoBGP's, reflected: next hop kept, ORIGINATOR_ID the
+    // originator, CLUSTER_LIST our cluster ID (our router ID).
+    let r = b.wait_route(p_a, "pod", T).unwrap();
+    assert_eq!(r.next_hop, Some(IpAddr::V4(ea.nh_v4)));
+    assert_eq!(
+        bird_attr(b, p_a, "BGP.originator_id").as_deref(),
+        Some(ea.router_id().to_string().as_str())
+    );
+    assert_eq!(
+        bird_attr(b, p_a, "BGP.cluster_list").as_deref(),
+        Some(pod.ep.router_id().to_string().as_str())
+    );
+    b.wait_route(p_c, "pod", T).unwrap();
+    a.wait_route(p_b, "pod", T).unwrap();
+    a.wait_route(p_c, "pod", T).unwrap();
+    let r = g.wait_route(p_a, &pod.ep.addr.to_string(), T).unwrap();
+    assert_eq!(r.next_hop, Some(IpAddr::V4(ea.nh_v4)));
+    g.wait_route(p_b, &pod.ep.addr.to_string(), T).unwrap();
+    // Each client is sent the two others' routes, not its own.
+    for c in [ea, eb, ec] {
+        wait_until(
+            T,
+            &format!("podroute advertises 2 routes to {}", c.addr),
+            || (pod.peer(c.addr).prefixes_advertised == 2).then_some(()),
+            || format!("{:?}", pod.peer(c.addr)),
+        )
+        .unwrap();
+    }
+    // And BIRD agrees: a route carrying its own ORIGINATOR_ID would be counted as a received
+    // (and ignored) withdrawal. Our route, sent after everything else, marks the point by
+    // which a's own route would have arrived.
+    let marker = net("172.16.99.0/26");
+    pod.announce(marker);
+    a.wait_route(marker, "pod", T).unwrap();
+    let stats = a.birdc(&["show", "protocols", "all", "pod"]).unwrap();
+    let withdraws_received = stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Import withdraws:"))
+        .and_then(|r| r.split_whitespace().next())
+        .map(str::to_string);
+    assert_eq!(
+        withdraws_received.as_deref(),
+        Some("0"),
+        "BIRD a was sent its own route back:\n{stats}"
+    );
+
+    // A client withdrawing: the others lose it.
+    birds[0].remove_static(p_a).unwrap();
+    birds[1].wait_no_route(p_a, "pod", T).unwrap();
+    g.wait_no_route(p_a, &pod.ep.addr.to_string(), T).unwrap();
+    for (c, n) in [(eb, 2), (ec, 2), (ea, 3)] {
+        wait_until(
+            T,
+            &format!("podroute advertises {n} routes to {}", c.addr),
+            || (pod.peer(c.addr).prefixes_advertised == n).then_some(()),
+            || format!("{:?}", pod.peer(c.addr)),
+        )
+        .unwrap();
+    }
 }
