@@ -896,6 +896,79 @@ fn ten_thousand_routes_in_batches() {
     assert!(lines.contains("172.16.0.0/26 via 192.168.92.130 dev ens33"));
 }
 
+/// Only a datagram's last request is acknowledged; failures anywhere in it (including the
+/// acknowledged last one) must still land on the right request, across datagrams.
+#[test]
+fn batched_requests_report_each_failure_at_its_position() {
+    if !can_run("batched_requests_report_each_failure_at_its_position") {
+        return;
+    }
+    use podroute::dataplane::kernel::{Change, KernelRoute};
+    use podroute::dataplane::socket::RequestSocket;
+    let node = Netns::new("nack");
+    let peer = Netns::new("nackp");
+    veth(
+        &node,
+        "ens33",
+        "192.168.92.128/24",
+        &peer,
+        "ens33",
+        "192.168.92.129/24",
+    );
+    let route = |i: u32, gw: &str| {
+        let base = u32::from(std::net::Ipv4Addr::new(172, 16, 0, 0)) + (i << 6);
+        KernelRoute::wanted(
+            IpNet::new(IpAddr::V4(base.into()), 26).unwrap(),
+            PROTO,
+            false,
+            false,
+            Some(gw.parse().unwrap()),
+            None,
+            false,
+        )
+    };
+    // 4 requests per datagram: 10 requests make datagrams of 4, 4 and 2. Failing: 1
+    // (unreachable gateway), 3 (last of the first datagram), 6 (deleting a route that is
+    // not there), 9 (the very last).
+    let failing = [1usize, 3, 6, 9];
+    let changes: Vec<Change> = (0..10u32)
+        .map(|i| {
+            let ok_gw = "192.168.92.129";
+            match i {
+                1 | 3 | 9 => Change::Add(route(i, "10.98.0.1")),
+                6 => Change::Delete(route(i, ok_gw)),
+                _ => Change::Add(route(i, ok_gw)),
+            }
+        })
+        .collect();
+    let (results, sends) = node.run(move || {
+        let mut sock = RequestSocket::open(4).expect("socket");
+        let results = sock.execute(changes.iter().map(Change::request));
+        (results, sock.sends)
+    });
+    assert_eq!(sends, 3, "three datagrams");
+    assert_eq!(results.len(), 10);
+    for (i, r) in results.iter().enumerate() {
+        if failing.contains(&i) {
+            let errno = r.as_ref().err().and_then(|e| e.errno());
+            let want = if i == 6 {
+                libc::ESRCH
+            } else {
+                libc::ENETUNREACH
+            };
+            assert_eq!(errno, Some(want), "request {i}: {r:?}");
+        } else {
+            assert_eq!(r, &Ok(()), "request {i}");
+        }
+    }
+    assert_eq!(
+        node.routes(PROTO).len(),
+        6,
+        "the six good adds are in: {:?}",
+        node.routes(PROTO)
+    );
+}
+
 #[test]
 fn tunl0_device_is_configured_or_the_missing_ipip_is_named() {
     if !can_run("tunl0_device_is_configured_or_the_missing_ipip_is_named") {

@@ -450,9 +450,8 @@ impl Dataplane {
         if changes.is_empty() {
             return report;
         }
-        let requests = changes.iter().map(Change::request).collect();
         let sends_before = self.sock.sends;
-        let results = self.sock.execute(requests);
+        let results = self.sock.execute(changes.iter().map(Change::request));
         self.counters.netlink_sends += self.sock.sends - sends_before;
         self.counters.netlink_requests += changes.len() as u64;
         let mut lost_acks = false;
