@@ -969,6 +969,75 @@ fn batched_requests_report_each_failure_at_its_position() {
     );
 }
 
+/// The monitor's filter drops the echoes of the request socket's own changes, and only those.
+#[test]
+fn monitor_skips_its_own_echoes_but_sees_everyone_else() {
+    if !can_run("monitor_skips_its_own_echoes_but_sees_everyone_else") {
+        return;
+    }
+    use podroute::dataplane::kernel::{Change, KernelRoute};
+    use podroute::dataplane::monitor::{Event, MonitorSocket};
+    use podroute::dataplane::socket::RequestSocket;
+    let node = Netns::new("echo");
+    let peer = Netns::new("echop");
+    veth(
+        &node,
+        "ens33",
+        "192.168.92.128/24",
+        &peer,
+        "ens33",
+        "192.168.92.129/24",
+    );
+    let (mut monitor, mut sock) = node.run(|| {
+        let monitor = MonitorSocket::open().expect("monitor");
+        let sock = RequestSocket::open(16).expect("socket");
+        monitor
+            .ignore_sender(sock.port().expect("port"))
+            .expect("filter");
+        (monitor, sock)
+    });
+    let ours = KernelRoute::wanted(
+        "172.16.0.0/26".parse().unwrap(),
+        PROTO,
+        false,
+        false,
+        Some("192.168.92.129".parse().unwrap()),
+        None,
+        false,
+    );
+    let results = sock.execute([Change::Add(ours.clone()).request()]);
+    assert_eq!(results, vec![Ok(())]);
+    // Someone else adds a route with our protocol, and deletes ours.
+    node.ip(&[
+        "route",
+        "add",
+        "172.16.0.64/26",
+        "via",
+        "192.168.92.129",
+        "proto",
+        &PROTO.to_string(),
+    ]);
+    node.ip(&["route", "del", "172.16.0.0/26"]);
+    let mut events = Vec::new();
+    monitor.drain(&mut events).expect("drain");
+    let routes: Vec<(String, bool)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RouteAdded { route, .. } => Some((route.key.dst.to_string(), true)),
+            Event::RouteRemoved(route) => Some((route.key.dst.to_string(), false)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        routes,
+        vec![
+            ("172.16.0.64/26".to_string(), true),
+            ("172.16.0.0/26".to_string(), false)
+        ],
+        "our own add is not echoed; the other changes are: {events:?}"
+    );
+}
+
 #[test]
 fn tunl0_device_is_configured_or_the_missing_ipip_is_named() {
     if !can_run("tunl0_device_is_configured_or_the_missing_ipip_is_named") {

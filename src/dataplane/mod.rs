@@ -244,6 +244,10 @@ impl Dataplane {
         }
         let monitor = MonitorSocket::open().map_err(DataplaneError::Open)?;
         let sock = RequestSocket::open(config.batch_size).map_err(DataplaneError::Open)?;
+        // Our own changes are known from the answers: the monitor need not read them back.
+        monitor
+            .ignore_sender(sock.port().map_err(DataplaneError::Open)?)
+            .map_err(DataplaneError::Open)?;
         let mut dp = Self {
             config,
             sock,

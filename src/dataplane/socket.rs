@@ -184,6 +184,15 @@ impl RequestSocket {
         })
     }
 
+    /// The socket's netlink port id: the `nlmsg_pid` of the notifications its requests cause.
+    pub fn port(&self) -> Result<u32, NetlinkError> {
+        let mut addr = netlink_sys::SocketAddr::new(0, 0);
+        self.socket
+            .get_address(&mut addr)
+            .map_err(|e| NetlinkError::io("getsockname", e))?;
+        Ok(addr.port_number())
+    }
+
     /// Messages per `sendto` actually used (bounded by the receive buffer).
     pub fn batch(&self) -> usize {
         self.batch
