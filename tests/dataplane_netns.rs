@@ -9,18 +9,19 @@ mod netns;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use netns::{Netns, can_ping, can_run, pod, tun_tunl0, veth};
 use podroute::dataplane::tunnel::{KernelIpip, TunnelDevice, TunnelError, TunnelSpec};
-use podroute::dataplane::{Dataplane, DataplaneConfig, DataplaneStatus, RouteError};
+use podroute::dataplane::{
+    Dataplane, DataplaneConfig, DataplaneStatus, PlanMessage, PlanUpdate, RouteChange, RouteError,
+};
 use podroute::plan::{
     Allocation, BlockSpec, DesiredRoute, EncapMode, LearnedRoute, LocalNode, PeerNode, PlanInput,
     PoolSpec, RouteKind, RouteScope, plan, workload_interface_name,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 const PROTO: u8 = podroute::dataplane::DEFAULT_ROUTE_PROTOCOL;
 
@@ -700,6 +701,21 @@ fn per_route_errors_are_reported_and_retried_without_blocking_others() {
         other => panic!("expected ENETUNREACH, got {other:?}"),
     }
     assert_eq!(err("10.60.0.0/26"), Some(RouteError::Occupied));
+    let count = |kind: RouteKind| p.routes.iter().filter(|r| r.kind == kind).count();
+    let programmed = status.programmed_by_kind;
+    assert_eq!(
+        programmed[RouteKind::BlockIpip.index()],
+        count(RouteKind::BlockIpip) - 1,
+        "the tunnel route waits for tunl0"
+    );
+    assert_eq!(
+        programmed[RouteKind::External.index()],
+        count(RouteKind::External) - 2
+    );
+    assert_eq!(
+        programmed[RouteKind::Workload.index()],
+        count(RouteKind::Workload)
+    );
     assert!(
         c.master
             .all_routes()
@@ -718,7 +734,13 @@ fn per_route_errors_are_reported_and_retried_without_blocking_others() {
         .enable_all()
         .build()
         .unwrap();
-    let (plan_tx, plan_rx) = watch::channel(Some(Arc::new(p.routes.clone())));
+    let (plan_tx, plan_rx) = mpsc::unbounded_channel();
+    plan_tx
+        .send(PlanMessage {
+            seq: 1,
+            update: PlanUpdate::Full(p.routes.clone()),
+        })
+        .unwrap();
     let (status_tx, mut status_rx) = watch::channel(DataplaneStatus::default());
     let task = rt.spawn(dp.run(plan_rx, status_tx));
     tun_tunl0(&c.master);
@@ -769,7 +791,13 @@ fn drift_is_repaired_and_foreign_routes_are_left_alone() {
     tun_tunl0(&c.master);
     let p = plan(&seed_input("master01", EncapMode::Always));
     let dp = open(&c.master);
-    let (plan_tx, plan_rx) = watch::channel(Some(Arc::new(p.routes.clone())));
+    let (plan_tx, plan_rx) = mpsc::unbounded_channel();
+    plan_tx
+        .send(PlanMessage {
+            seq: 1,
+            update: PlanUpdate::Full(p.routes.clone()),
+        })
+        .unwrap();
     let (status_tx, status_rx) = watch::channel(DataplaneStatus::default());
     // The dataplane runs on its own thread while this thread plays the disruptive admin.
     let driver = std::thread::spawn(move || {
@@ -894,6 +922,109 @@ fn ten_thousand_routes_in_batches() {
     let lines: BTreeSet<String> = node.routes(PROTO).into_iter().collect();
     assert_eq!(lines.len(), 9_900);
     assert!(lines.contains("172.16.0.0/26 via 192.168.92.130 dev ens33"));
+}
+
+/// BGP best-path changes arrive as deltas: the running dataplane changes exactly the
+/// prefixes named, one request each, and leaves the rest of the table alone.
+#[test]
+fn deltas_change_only_their_prefixes() {
+    if !can_run("deltas_change_only_their_prefixes") {
+        return;
+    }
+    let node = Netns::new("delta");
+    let peer = Netns::new("deltap");
+    veth(
+        &node,
+        "ens33",
+        "192.168.92.128/24",
+        &peer,
+        "ens33",
+        "192.168.92.129/24",
+    );
+    let route = |i: u32, gw: &str| {
+        let base = u32::from(std::net::Ipv4Addr::new(172, 16, 0, 0)) + (i << 6);
+        DesiredRoute {
+            prefix: IpNet::new(IpAddr::V4(base.into()), 26).unwrap(),
+            kind: RouteKind::BlockDirect,
+            gateway: Some(gw.parse().unwrap()),
+            device: Some("ens33".into()),
+            onlink: false,
+            scope: RouteScope::Universe,
+        }
+    };
+    let full: Vec<DesiredRoute> = (0..1000).map(|i| route(i, "192.168.92.129")).collect();
+    let dp = open(&node);
+    let (plan_tx, plan_rx) = mpsc::unbounded_channel();
+    let (status_tx, mut status_rx) = watch::channel(DataplaneStatus::default());
+    let driver = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(dp.run(plan_rx, status_tx))
+    });
+    let wait_applied = |rx: &mut watch::Receiver<DataplaneStatus>, seq: u64| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                rx.wait_for(|s| s.applied >= Some(seq)),
+            )
+            .await
+            .expect("update applied")
+            .expect("dataplane running")
+            .clone()
+        })
+    };
+    plan_tx
+        .send(PlanMessage {
+            seq: 1,
+            update: PlanUpdate::Full(full.clone()),
+        })
+        .unwrap();
+    let after_full = wait_applied(&mut status_rx, 1);
+    assert_eq!(node.routes(PROTO).len(), 1000);
+    // One moved, one new, one withdrawn, one unchanged (no request), one removal of a prefix
+    // that was never there.
+    plan_tx
+        .send(PlanMessage {
+            seq: 2,
+            update: PlanUpdate::Delta(vec![
+                RouteChange::Upsert(route(5, "192.168.92.130")),
+                RouteChange::Upsert(route(2000, "192.168.92.129")),
+                RouteChange::Remove(route(7, "192.168.92.129").prefix),
+                RouteChange::Upsert(route(9, "192.168.92.129")),
+                RouteChange::Remove(route(3000, "192.168.92.129").prefix),
+            ]),
+        })
+        .unwrap();
+    let status = wait_applied(&mut status_rx, 2);
+    let c = status.counters;
+    let before = after_full.counters;
+    assert_eq!(
+        (
+            c.routes_replaced - before.routes_replaced,
+            c.routes_added - before.routes_added,
+            c.routes_deleted - before.routes_deleted,
+            c.netlink_requests - before.netlink_requests
+        ),
+        (1, 1, 1, 3),
+        "{c:?}"
+    );
+    assert_eq!(
+        (status.desired_routes, status.installed_routes),
+        (1000, 1000)
+    );
+    let mut want: Vec<DesiredRoute> = full;
+    want[5] = route(5, "192.168.92.130");
+    want.remove(7);
+    want.push(route(2000, "192.168.92.129"));
+    assert_eq!(our_routes(&node), expected(&want));
+    drop(plan_tx);
+    driver.join().unwrap().unwrap();
 }
 
 /// Only a datagram's last request is acknowledged; failures anywhere in it (including the

@@ -314,12 +314,23 @@ impl RequestSocket {
         &mut self,
         message: RouteNetlinkMessage,
     ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        let mut out = Vec::new();
+        self.dump_each(message, |m| out.push(m))?;
+        Ok(out)
+    }
+
+    /// Runs a dump request and hands each message of the answer to `each` as it is read (a
+    /// table of 100,000 routes is never held as messages).
+    pub fn dump_each(
+        &mut self,
+        message: RouteNetlinkMessage,
+        mut each: impl FnMut(RouteNetlinkMessage),
+    ) -> Result<(), NetlinkError> {
         self.send_buf.clear();
         let seq = self.next_seq();
         self.append(message, NLM_F_REQUEST | NLM_F_DUMP, seq);
         send_all(&self.socket, &self.send_buf).map_err(|e| NetlinkError::io("sendto", e))?;
         self.sends += 1;
-        let mut out = Vec::new();
         loop {
             let n = self.recv()?;
             let mut offset = 0;
@@ -339,20 +350,17 @@ impl RequestSocket {
                 }
                 let kind = u16::from_ne_bytes([msg[4], msg[5]]);
                 if kind == NLMSG_DONE {
-                    return Ok(out);
+                    return Ok(());
                 }
                 if kind == NLMSG_ERROR {
                     let flags = u16::from_ne_bytes([msg[6], msg[7]]);
-                    match parse_error(msg, flags) {
-                        Ok(()) => return Ok(out),
-                        Err(e) => return Err(e),
-                    }
+                    return parse_error(msg, flags);
                 }
                 match NetlinkMessage::<RouteNetlinkMessage>::deserialize(msg) {
                     Ok(NetlinkMessage {
                         payload: NetlinkPayload::InnerMessage(m),
                         ..
-                    }) => out.push(m),
+                    }) => each(m),
                     Ok(_) => {}
                     // One attribute this crate version cannot parse must not hide the rest.
                     Err(e) => tracing::debug!(error = %e, "skipping undecodable dump message"),
