@@ -56,6 +56,7 @@ use crate::plan::{
     self, DesiredRoute, LocalNode, PlanWarning, Planner, RouteKind, TUNNEL_DEVICE,
     WORKLOAD_IFACE_PREFIX,
 };
+use crate::prefix_map::PrefixMap;
 use crate::state::{ClusterState, StateRx};
 use peers::{DesiredPeer, LocalIdentity, PeerType};
 use status::StatusBoard;
@@ -181,7 +182,7 @@ pub struct Agent {
     peer_warnings: Vec<String>,
     announced: BTreeSet<IpNet>,
     /// Next hop of the best learned path per prefix (host bits cleared).
-    learned: BTreeMap<IpNet, IpAddr>,
+    learned: PrefixMap<IpAddr>,
     interfaces: BTreeSet<String>,
     plan_tx: mpsc::UnboundedSender<PlanMessage>,
     plan_seq: u64,
@@ -342,7 +343,7 @@ impl Agent {
             peers: BTreeMap::new(),
             peer_warnings: Vec::new(),
             announced: BTreeSet::new(),
-            learned: BTreeMap::new(),
+            learned: PrefixMap::new(),
             interfaces: intent::interfaces_with_prefix(WORKLOAD_IFACE_PREFIX),
             plan_tx,
             plan_seq: 0,
@@ -666,7 +667,7 @@ impl Agent {
         }
         let mut warnings = planner.warnings().clone();
         let routes: Vec<DesiredRoute> = planner
-            .routes(self.learned.iter().map(|(p, nh)| (*p, *nh)), &mut warnings)
+            .routes(self.learned.iter().map(|(p, nh)| (p, *nh)), &mut warnings)
             .collect();
         for w in &warnings {
             if !self.plan_warnings.contains(w) {
@@ -768,7 +769,7 @@ impl Agent {
         let routes = self.planner.as_ref().map(|planner| {
             let mut warnings = BTreeSet::new();
             planner
-                .routes(self.learned.iter().map(|(p, nh)| (*p, *nh)), &mut warnings)
+                .routes(self.learned.iter().map(|(p, nh)| (p, *nh)), &mut warnings)
                 .collect::<Vec<_>>()
         });
         report::routes(&self.node, routes.as_deref(), &dp, &self.state)
@@ -956,7 +957,7 @@ impl Agent {
             return;
         };
         let mut warnings = BTreeSet::new();
-        let routes = planner.routes(self.learned.iter().map(|(p, nh)| (*p, *nh)), &mut warnings);
+        let routes = planner.routes(self.learned.iter().map(|(p, nh)| (p, *nh)), &mut warnings);
         let pools = self.state.pools.values().map(|p| p.cidr);
         let table = TunnelTable::from_plan(routes, self.other_node_addrs(), pools);
         if **self.tunnel.table_tx.borrow() != table {

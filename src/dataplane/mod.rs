@@ -39,6 +39,7 @@ pub mod tunnel;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -50,6 +51,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
 use crate::plan::{DesiredRoute, RouteKind, RouteScope};
+use crate::prefix_map::PrefixMap;
 use kernel::{Change, KernelRoute, RouteKey};
 use monitor::{Event, LinkInfo, MonitorSocket};
 use socket::{NetlinkError, RequestSocket};
@@ -249,68 +251,151 @@ pub enum RouteChange {
     Remove(IpNet),
 }
 
-/// A desired route without its prefix (the key it is stored under).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Want {
-    kind: RouteKind,
-    scope: RouteScope,
-    onlink: bool,
-    gateway: Option<IpAddr>,
-    device: Option<Arc<str>>,
+/// A device name held by desired routes; see [`Devices`].
+type DeviceId = NonZeroU32;
+
+/// The device names of the desired routes, each held once however many routes use it
+/// (100,000 routes through `tunl0` hold one name), with a count of its users.
+#[derive(Debug, Default)]
+struct Devices {
+    /// Name and number of routes using it, by id − 1; `None` = free.
+    entries: Vec<Option<(Arc<str>, u32)>>,
+    by_name: HashMap<Arc<str>, DeviceId>,
+    free: Vec<DeviceId>,
 }
 
-impl Want {
-    fn of(route: DesiredRoute) -> (IpNet, Self) {
-        (
-            route.prefix.trunc(),
-            Self {
-                kind: route.kind,
-                scope: route.scope,
-                onlink: route.onlink,
-                gateway: route.gateway,
-                device: route.device,
-            },
-        )
+impl Devices {
+    /// The id of `name`, counting one more user.
+    fn intern(&mut self, name: Arc<str>) -> DeviceId {
+        if let Some(id) = self.by_name.get(&name).copied() {
+            if let Some(Some((_, users))) = self.entries.get_mut(Self::index(id)) {
+                *users += 1;
+            }
+            return id;
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.entries[Self::index(id)] = Some((name.clone(), 1));
+                id
+            }
+            None => {
+                self.entries.push(Some((name.clone(), 1)));
+                // Fewer than 2^32 devices exist; saturate rather than wrap.
+                let n = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
+                DeviceId::new(n).unwrap_or(DeviceId::MIN)
+            }
+        };
+        self.by_name.insert(name, id);
+        id
     }
 
-    fn route(&self, prefix: IpNet) -> DesiredRoute {
+    /// One user of `id` fewer; the name goes with its last user.
+    fn release(&mut self, id: DeviceId) {
+        let index = Self::index(id);
+        let Some(Some((name, users))) = self.entries.get_mut(index) else {
+            return;
+        };
+        *users -= 1;
+        if *users == 0 {
+            self.by_name.remove(name);
+            self.entries[index] = None;
+            self.free.push(id);
+        }
+    }
+
+    fn name(&self, id: DeviceId) -> Option<&Arc<str>> {
+        self.entries
+            .get(Self::index(id))
+            .and_then(|e| e.as_ref().map(|(name, _)| name))
+    }
+
+    fn index(id: DeviceId) -> usize {
+        id.get() as usize - 1
+    }
+}
+
+/// A destination the plan wants a route for: the desired route without its prefix (the key
+/// it is stored under), in 24 bytes, and whether the kernel has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    gateway: Option<IpAddr>,
+    device: Option<DeviceId>,
+    kind: RouteKind,
+    /// [`Slot::LINK_SCOPE`], [`Slot::ONLINK`], [`Slot::SYNCED`].
+    flags: u8,
+}
+
+impl Slot {
+    const LINK_SCOPE: u8 = 1;
+    const ONLINK: u8 = 2;
+    /// The kernel holds our route for this destination as wanted: same key, and
+    /// [`KernelRoute::satisfied_by`] (last installed by us, or seen in a dump or notification).
+    const SYNCED: u8 = 4;
+
+    /// The slot of `route` (not synced), interning its device.
+    fn new(route: DesiredRoute, devices: &mut Devices) -> (IpNet, Self) {
+        let mut flags = 0;
+        if route.scope == RouteScope::Link {
+            flags |= Self::LINK_SCOPE;
+        }
+        if route.onlink {
+            flags |= Self::ONLINK;
+        }
+        let slot = Self {
+            gateway: route.gateway,
+            device: route.device.map(|d| devices.intern(d)),
+            kind: route.kind,
+            flags,
+        };
+        (route.prefix.trunc(), slot)
+    }
+
+    fn synced(&self) -> bool {
+        self.flags & Self::SYNCED != 0
+    }
+
+    /// The same route wanted (synced or not).
+    fn same_want(&self, other: &Slot) -> bool {
+        self.gateway == other.gateway
+            && self.device == other.device
+            && self.kind == other.kind
+            && self.flags & !Self::SYNCED == other.flags & !Self::SYNCED
+    }
+
+    fn route(&self, prefix: IpNet, devices: &Devices) -> DesiredRoute {
         DesiredRoute {
             prefix,
             kind: self.kind,
             gateway: self.gateway,
-            device: self.device.clone(),
-            onlink: self.onlink,
-            scope: self.scope,
+            device: self.device.and_then(|d| devices.name(d).cloned()),
+            onlink: self.flags & Self::ONLINK != 0,
+            scope: if self.flags & Self::LINK_SCOPE != 0 {
+                RouteScope::Link
+            } else {
+                RouteScope::Universe
+            },
         }
     }
 
-    /// The kernel route for this want; `oif` from the device name.
+    /// The kernel route for this slot; `oif` from the device name.
     fn kernel_route(&self, dst: IpNet, protocol: u8, oif: Option<u32>) -> KernelRoute {
         KernelRoute::wanted(
             dst,
             protocol,
             self.kind == RouteKind::Blackhole,
-            self.scope == RouteScope::Link,
+            self.flags & Self::LINK_SCOPE != 0,
             self.gateway,
             oif,
-            self.onlink,
+            self.flags & Self::ONLINK != 0,
         )
     }
-}
-
-/// A destination the plan wants a route for.
-#[derive(Debug, Clone)]
-struct Slot {
-    want: Want,
-    /// The kernel holds our route for this destination as `want` asks: same key, and
-    /// [`KernelRoute::satisfied_by`] (last installed by us, or seen in a dump or notification).
-    synced: bool,
 }
 
 /// Which destinations a reconcile looks at.
 enum Scope<'a> {
     All,
-    Only(&'a BTreeSet<IpNet>),
+    /// Sorted, each once.
+    Only(&'a [IpNet]),
 }
 
 /// Destinations reconciled per round of requests: bounds the memory of one round.
@@ -329,7 +414,8 @@ pub struct Dataplane {
     sock: RequestSocket,
     monitor: Option<MonitorSocket>,
     links: Links,
-    slots: BTreeMap<IpNet, Slot>,
+    slots: PrefixMap<Slot>,
+    devices: Devices,
     /// Our routes in the kernel (protocol = ours, main table) that no synced slot accounts
     /// for, kept current by the monitor.
     strays: BTreeMap<RouteKey, KernelRoute>,
@@ -392,7 +478,8 @@ impl Dataplane {
             sock,
             monitor: Some(monitor),
             links: Links::default(),
-            slots: BTreeMap::new(),
+            slots: PrefixMap::new(),
+            devices: Devices::default(),
             strays: BTreeMap::new(),
             synced: 0,
             desired_by_kind: [0; RouteKind::ALL.len()],
@@ -435,7 +522,7 @@ impl Dataplane {
             .map_err(DataplaneError::Dump)?;
         self.links = links;
         for slot in self.slots.values_mut() {
-            slot.synced = false;
+            slot.flags &= !Slot::SYNCED;
         }
         self.synced = 0;
         self.strays.clear();
@@ -459,16 +546,16 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Lowers a slot's want to the kernel route; `Err(device)` when its device is missing.
-    fn lower(&self, dst: IpNet, want: &Want) -> Result<KernelRoute, Arc<str>> {
-        let oif = match &want.device {
+    /// Lowers a slot to the kernel route; `Err(device)` when its device is missing.
+    fn lower(&self, dst: IpNet, slot: &Slot) -> Result<KernelRoute, Arc<str>> {
+        let oif = match slot.device.and_then(|d| self.devices.name(d)) {
             Some(dev) => match self.links.by_name.get(&**dev) {
                 Some(i) => Some(*i),
                 None => return Err(dev.clone()),
             },
             None => None,
         };
-        Ok(want.kernel_route(dst, self.config.protocol, oif))
+        Ok(slot.kernel_route(dst, self.config.protocol, oif))
     }
 
     /// Records that the kernel holds `route` (ours): it syncs its slot when it is what the
@@ -478,7 +565,7 @@ impl Dataplane {
         let wanted = self
             .slots
             .get(&dst)
-            .and_then(|slot| self.lower(dst, &slot.want).ok());
+            .and_then(|slot| self.lower(dst, slot).ok());
         match wanted {
             Some(w) if w.key == route.key && w.satisfied_by(&route) => {
                 self.strays.remove(&route.key);
@@ -496,12 +583,13 @@ impl Dataplane {
 
     fn set_synced(&mut self, dst: IpNet, synced: bool) {
         if let Some(slot) = self.slots.get_mut(&dst)
-            && slot.synced != synced
+            && slot.synced() != synced
         {
-            slot.synced = synced;
             if synced {
+                slot.flags |= Slot::SYNCED;
                 self.synced += 1;
             } else {
+                slot.flags &= !Slot::SYNCED;
                 self.synced -= 1;
             }
         }
@@ -510,31 +598,32 @@ impl Dataplane {
     /// Removes the slot of `dst`; a synced route becomes a stray (to be deleted).
     fn remove_slot(&mut self, dst: IpNet) -> Option<Slot> {
         let slot = self.slots.remove(&dst)?;
-        self.desired_by_kind[slot.want.kind.index()] -= 1;
-        if slot.synced {
+        self.desired_by_kind[slot.kind.index()] -= 1;
+        if let Some(device) = slot.device {
+            self.devices.release(device);
+        }
+        if slot.synced() {
             self.synced -= 1;
             // Deletes name key, type and protocol; the device does not matter.
-            let route = slot.want.kernel_route(dst, self.config.protocol, None);
+            let route = slot.kernel_route(dst, self.config.protocol, None);
             self.strays.insert(route.key, route);
         }
         Some(slot)
     }
 
-    /// Sets the route wanted for `dst`; returns whether anything changed.
-    fn upsert_slot(&mut self, dst: IpNet, want: Want) -> bool {
-        if self.slots.get(&dst).is_some_and(|s| s.want == want) {
-            return false;
+    /// Sets the route wanted for its prefix; returns the prefix when anything changed.
+    fn upsert_slot(&mut self, route: DesiredRoute) -> Option<IpNet> {
+        let (dst, slot) = Slot::new(route, &mut self.devices);
+        if self.slots.get(&dst).is_some_and(|s| s.same_want(&slot)) {
+            if let Some(device) = slot.device {
+                self.devices.release(device);
+            }
+            return None;
         }
         self.remove_slot(dst);
-        self.desired_by_kind[want.kind.index()] += 1;
-        self.slots.insert(
-            dst,
-            Slot {
-                want,
-                synced: false,
-            },
-        );
-        true
+        self.desired_by_kind[slot.kind.index()] += 1;
+        self.slots.insert(dst, slot);
+        Some(dst)
     }
 
     /// Sets the routes the kernel must have (all of them). The next
@@ -545,44 +634,38 @@ impl Dataplane {
     }
 
     fn replace_desired(&mut self, routes: impl IntoIterator<Item = DesiredRoute>) {
-        let new: BTreeMap<IpNet, Want> = routes.into_iter().map(Want::of).collect();
-        let gone: Vec<IpNet> = self
-            .slots
-            .keys()
-            .filter(|d| !new.contains_key(d))
-            .copied()
-            .collect();
+        let new: PrefixMap<DesiredRoute> =
+            routes.into_iter().map(|r| (r.prefix.trunc(), r)).collect();
+        let gone: Vec<IpNet> = self.slots.keys().filter(|d| !new.contains_key(d)).collect();
         for dst in gone {
             self.remove_slot(dst);
         }
-        for (dst, want) in new {
-            self.upsert_slot(dst, want);
+        for route in new.into_values() {
+            self.upsert_slot(route);
         }
         let slots = &self.slots;
         self.failures.retain(|dst, _| slots.contains_key(dst));
         self.programmed = true;
     }
 
-    /// Applies single-prefix changes; returns the destinations to reconcile.
-    pub fn apply_delta(&mut self, changes: Vec<RouteChange>) -> BTreeSet<IpNet> {
-        let mut dirty = BTreeSet::new();
+    /// Applies single-prefix changes; returns the destinations to reconcile, sorted, each
+    /// once.
+    pub fn apply_delta(&mut self, changes: Vec<RouteChange>) -> Vec<IpNet> {
+        let mut dirty = Vec::with_capacity(changes.len());
         for change in changes {
             match change {
-                RouteChange::Upsert(route) => {
-                    let (dst, want) = Want::of(route);
-                    if self.upsert_slot(dst, want) {
-                        dirty.insert(dst);
-                    }
-                }
+                RouteChange::Upsert(route) => dirty.extend(self.upsert_slot(route)),
                 RouteChange::Remove(prefix) => {
                     let dst = prefix.trunc();
                     if self.remove_slot(dst).is_some() {
                         self.failures.remove(&dst);
-                        dirty.insert(dst);
+                        dirty.push(dst);
                     }
                 }
             }
         }
+        dirty.sort_unstable();
+        dirty.dedup();
         dirty
     }
 
@@ -624,19 +707,20 @@ impl Dataplane {
     /// Makes the kernel match the desired routes for the destinations `dsts` only (after a
     /// [`apply_delta`](Self::apply_delta), a drift, a retry). Does nothing before the first
     /// [`set_desired`](Self::set_desired).
-    pub fn reconcile_some(&mut self, dsts: &BTreeSet<IpNet>) -> ApplyReport {
-        self.reconcile_scope(Scope::Only(dsts))
+    pub fn reconcile_some(&mut self, dsts: &[IpNet]) -> ApplyReport {
+        if dsts.is_sorted_by(|a, b| a < b) {
+            return self.reconcile_scope(Scope::Only(dsts));
+        }
+        let mut dsts = dsts.to_vec();
+        dsts.sort_unstable();
+        dsts.dedup();
+        self.reconcile_scope(Scope::Only(&dsts))
     }
 
     /// The next destinations of a full reconcile after `after`: those of slots and strays.
     fn next_destinations(&self, after: Option<IpNet>, out: &mut Vec<IpNet>) {
         use std::ops::Bound::{Excluded, Unbounded};
-        let lower = after.map_or(Unbounded, Excluded);
-        let mut slots = self
-            .slots
-            .range((lower, Unbounded))
-            .map(|(d, _)| *d)
-            .peekable();
+        let mut slots = self.slots.iter_after(after).map(|(d, _)| d).peekable();
         let stray_lower = after.map_or(Unbounded, |d| {
             Excluded(RouteKey {
                 dst: d,
@@ -685,11 +769,8 @@ impl Dataplane {
                 }
             }
             Scope::Only(dsts) => {
-                let mut dsts = dsts.iter().copied().peekable();
-                while dsts.peek().is_some() {
-                    chunk.clear();
-                    chunk.extend(dsts.by_ref().take(RECONCILE_CHUNK));
-                    self.reconcile_chunk(&chunk, &mut report, &mut missing);
+                for part in dsts.chunks(RECONCILE_CHUNK) {
+                    self.reconcile_chunk(part, &mut report, &mut missing);
                 }
             }
         }
@@ -726,7 +807,7 @@ impl Dataplane {
             deletes.extend(strays.map(|(_, r)| Change::Delete(r.clone())));
             return;
         };
-        let wanted = match self.lower(dst, &slot.want) {
+        let wanted = match self.lower(dst, slot) {
             Ok(w) => w,
             Err(device) => {
                 // Held back: nothing for this destination changes until the device exists.
@@ -742,7 +823,7 @@ impl Dataplane {
                 deletes.push(Change::Delete(have.clone()));
             }
         }
-        if slot.synced && exact.is_none() {
+        if slot.synced() && exact.is_none() {
             return;
         }
         match exact {
@@ -777,7 +858,8 @@ impl Dataplane {
                     self.succeeded(dst);
                 }
                 Step::Missing(device) => {
-                    let Some(route) = self.slots.get(&dst).map(|s| s.want.route(dst)) else {
+                    let Some(route) = self.slots.get(&dst).map(|s| s.route(dst, &self.devices))
+                    else {
                         continue;
                     };
                     // A missing device is only news the first time; retries stay quiet.
@@ -847,7 +929,7 @@ impl Dataplane {
                         Some(libc::EEXIST) => RouteError::Occupied,
                         _ => RouteError::Kernel(e),
                     };
-                    if let Some(route) = self.slots.get(&dst).map(|s| s.want.route(dst))
+                    if let Some(route) = self.slots.get(&dst).map(|s| s.route(dst, &self.devices))
                         && self.record_failure(route.clone(), error.clone())
                     {
                         tracing::warn!(route = %route, error = %error, "route not programmed; will retry");
@@ -881,12 +963,12 @@ impl Dataplane {
     /// Whether the kernel holds our route `key` as far as we know.
     fn holds(&self, key: &RouteKey) -> bool {
         self.strays.contains_key(key)
-            || (*key == want_key(key.dst) && self.slots.get(&key.dst).is_some_and(|s| s.synced))
+            || (*key == want_key(key.dst) && self.slots.get(&key.dst).is_some_and(Slot::synced))
     }
 
     /// Applies monitor events to the mirror; returns the destinations to repair and whether
     /// a full re-read is needed.
-    fn absorb(&mut self, events: Vec<Event>) -> (BTreeSet<IpNet>, bool) {
+    fn absorb(&mut self, events: Vec<Event>) -> (Vec<IpNet>, bool) {
         let mut dirty = BTreeSet::new();
         let mut resync = false;
         let ours = self.config.protocol;
@@ -936,7 +1018,7 @@ impl Dataplane {
         dirty.retain(|d| {
             self.slots.contains_key(d) || self.strays.range(RouteKey::range(*d)).next().is_some()
         });
-        (dirty, resync)
+        (dirty.into_iter().collect(), resync)
     }
 
     /// The kernel no longer holds our route `key`.
@@ -949,7 +1031,7 @@ impl Dataplane {
     /// Reconciles the failed routes whose retry time has come.
     pub fn retry_due(&mut self) -> ApplyReport {
         let now = Instant::now();
-        let due: BTreeSet<IpNet> = self
+        let due: Vec<IpNet> = self
             .failures
             .iter()
             .filter(|(_, f)| f.next_retry <= now)
@@ -977,11 +1059,12 @@ impl Dataplane {
             .values()
             .filter(|r| r.oif == Some(index))
             .filter_map(|r| r.gateway.map(|g| (r.key.dst, g)));
+        let id = self.devices.by_name.get(device).copied();
         let synced = self
             .slots
             .iter()
-            .filter(|(_, s)| s.synced && s.want.device.as_deref() == Some(device))
-            .filter_map(|(d, s)| s.want.gateway.map(|g| (*d, g)));
+            .filter(|(_, s)| s.synced() && id.is_some() && s.device == id)
+            .filter_map(|(d, s)| s.gateway.map(|g| (d, g)));
         strays.chain(synced).collect()
     }
 
@@ -1008,7 +1091,7 @@ impl Dataplane {
 
     /// Applies one update from the agent; returns the destinations to reconcile, or `None`
     /// for all of them.
-    fn take_update(&mut self, update: PlanUpdate) -> Option<BTreeSet<IpNet>> {
+    fn take_update(&mut self, update: PlanUpdate) -> Option<Vec<IpNet>> {
         match update {
             PlanUpdate::Full(routes) => {
                 self.replace_desired(routes);
@@ -1049,7 +1132,7 @@ impl Dataplane {
                         return Ok(());
                     };
                     let mut full = false;
-                    let mut dirty = BTreeSet::new();
+                    let mut dirty = Vec::new();
                     let mut next = Some(first);
                     while let Some(PlanMessage { seq, update }) = next {
                         match self.take_update(update) {
@@ -1123,6 +1206,58 @@ mod tests {
             }
         }
         assert!(!protocol_taken(DEFAULT_ROUTE_PROTOCOL));
+    }
+
+    #[test]
+    fn device_names_are_shared_and_freed_with_their_last_route() {
+        let mut devices = Devices::default();
+        let tunl0 = devices.intern("tunl0".into());
+        assert_eq!(devices.intern("tunl0".into()), tunl0, "one id per name");
+        let cali = devices.intern("cali0123456789a".into());
+        assert_ne!(cali, tunl0);
+        devices.release(tunl0);
+        assert_eq!(
+            devices.name(tunl0).map(|n| &**n),
+            Some("tunl0"),
+            "one user left"
+        );
+        devices.release(tunl0);
+        assert_eq!(devices.name(tunl0), None);
+        // The freed id is reused for the next new name; the other name is untouched.
+        let eth0 = devices.intern("eth0".into());
+        assert_eq!(eth0, tunl0);
+        assert_eq!(devices.name(eth0).map(|n| &**n), Some("eth0"));
+        assert_eq!(devices.name(cali).map(|n| &**n), Some("cali0123456789a"));
+        assert_eq!(devices.by_name.len(), 2);
+    }
+
+    #[test]
+    fn slots_round_trip_desired_routes() {
+        let mut devices = Devices::default();
+        let route = DesiredRoute {
+            prefix: "172.16.196.128/26".parse().unwrap(),
+            kind: RouteKind::BlockIpip,
+            gateway: Some("192.168.92.129".parse().unwrap()),
+            device: Some("tunl0".into()),
+            onlink: true,
+            scope: RouteScope::Universe,
+        };
+        let workload = DesiredRoute {
+            prefix: "172.16.241.65/32".parse().unwrap(),
+            kind: RouteKind::Workload,
+            gateway: None,
+            device: Some("cali0123456789a".into()),
+            onlink: false,
+            scope: RouteScope::Link,
+        };
+        for r in [route, workload] {
+            let (dst, mut slot) = Slot::new(r.clone(), &mut devices);
+            assert_eq!(slot.route(dst, &devices), r);
+            let same = slot;
+            slot.flags |= Slot::SYNCED;
+            assert!(slot.same_want(&same), "synced or not, the same route");
+        }
+        assert!(std::mem::size_of::<Slot>() <= 24);
     }
 
     #[test]
