@@ -19,6 +19,7 @@
 
 pub mod annotate;
 pub mod autodetect;
+pub mod best_paths;
 pub mod config;
 pub mod intent;
 pub mod peers;
@@ -56,8 +57,8 @@ use crate::plan::{
     self, DesiredRoute, LocalNode, PlanWarning, Planner, RouteKind, TUNNEL_DEVICE,
     WORKLOAD_IFACE_PREFIX,
 };
-use crate::prefix_map::PrefixMap;
 use crate::state::{ClusterState, StateRx};
+use best_paths::BestPaths;
 use peers::{DesiredPeer, LocalIdentity, PeerType};
 use status::StatusBoard;
 
@@ -182,7 +183,7 @@ pub struct Agent {
     peer_warnings: Vec<String>,
     announced: BTreeSet<IpNet>,
     /// Next hop of the best learned path per prefix (host bits cleared).
-    learned: PrefixMap<IpAddr>,
+    learned: BestPaths,
     interfaces: BTreeSet<String>,
     plan_tx: mpsc::UnboundedSender<PlanMessage>,
     plan_seq: u64,
@@ -343,7 +344,7 @@ impl Agent {
             peers: BTreeMap::new(),
             peer_warnings: Vec::new(),
             announced: BTreeSet::new(),
-            learned: PrefixMap::new(),
+            learned: BestPaths::new(),
             interfaces: intent::interfaces_with_prefix(WORKLOAD_IFACE_PREFIX),
             plan_tx,
             plan_seq: 0,
@@ -470,7 +471,7 @@ impl Agent {
                 match change.best {
                     Some(best) => self.learned.insert(prefix, best.next_hop),
                     None => self.learned.remove(&prefix),
-                };
+                }
                 prefix
             })
             .collect()
@@ -498,7 +499,7 @@ impl Agent {
         let changes: Vec<RouteChange> = changed
             .into_iter()
             .map(|prefix| {
-                let next_hop = self.learned.get(&prefix).copied();
+                let next_hop = self.learned.get(&prefix);
                 let route = planner.route_for(prefix, next_hop, &mut warnings);
                 tunnel_affected |= in_tunnel_table(&prefix)
                     || route.as_ref().is_some_and(|r| {
@@ -666,9 +667,8 @@ impl Agent {
             return;
         }
         let mut warnings = planner.warnings().clone();
-        let routes: Vec<DesiredRoute> = planner
-            .routes(self.learned.iter().map(|(p, nh)| (p, *nh)), &mut warnings)
-            .collect();
+        let routes: Vec<DesiredRoute> =
+            planner.routes(self.learned.iter(), &mut warnings).collect();
         for w in &warnings {
             if !self.plan_warnings.contains(w) {
                 warn!("plan: {w}");
@@ -769,7 +769,7 @@ impl Agent {
         let routes = self.planner.as_ref().map(|planner| {
             let mut warnings = BTreeSet::new();
             planner
-                .routes(self.learned.iter().map(|(p, nh)| (p, *nh)), &mut warnings)
+                .routes(self.learned.iter(), &mut warnings)
                 .collect::<Vec<_>>()
         });
         report::routes(&self.node, routes.as_deref(), &dp, &self.state)
@@ -957,7 +957,7 @@ impl Agent {
             return;
         };
         let mut warnings = BTreeSet::new();
-        let routes = planner.routes(self.learned.iter().map(|(p, nh)| (p, *nh)), &mut warnings);
+        let routes = planner.routes(self.learned.iter(), &mut warnings);
         let pools = self.state.pools.values().map(|p| p.cidr);
         let table = TunnelTable::from_plan(routes, self.other_node_addrs(), pools);
         if **self.tunnel.table_tx.borrow() != table {
