@@ -743,15 +743,13 @@ impl Agent {
         Ok(())
     }
 
-    /// The dataplane published a status: observe convergence.
+    /// The dataplane published a status: observe convergence, and republish ours (its
+    /// dataplane summary and readiness go with the routes `GET /routes` reports now).
     fn on_dataplane(&mut self) {
         let applied = self.dp_status.borrow_and_update().applied;
-        let Some(applied) = applied else {
-            return;
-        };
         let now = Instant::now();
         while let Some(p) = self.pending.front() {
-            if p.seq > applied {
+            if applied.is_none_or(|a| p.seq > a) {
                 break;
             }
             self.metrics
@@ -760,6 +758,7 @@ impl Agent {
                 .observe(now.duration_since(p.event_at).as_secs_f64());
             self.pending.pop_front();
         }
+        self.publish();
     }
 
     /// `GET /routes`: the plan as it stands, with each route's kernel state. Built only when

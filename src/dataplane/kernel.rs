@@ -1,4 +1,4 @@
-//! Routes as the kernel holds them, their netlink messages, and the in-memory diff.
+//! Routes as the kernel holds them, their netlink messages, and the changes made to them.
 //!
 //! A kernel route is identified by (table, destination, TOS, priority): that is the key the
 //! kernel matches `NLM_F_REPLACE` and deletes on. The protocol is not part of the key, which is
