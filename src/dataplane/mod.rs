@@ -37,7 +37,7 @@ pub mod monitor;
 pub mod socket;
 pub mod tunnel;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -400,6 +400,19 @@ enum Scope<'a> {
 
 /// Destinations reconciled per round of requests: bounds the memory of one round.
 const RECONCILE_CHUNK: usize = 4096;
+
+/// Destinations of applied updates still to reconcile ([`Dataplane::stream`]).
+#[derive(Debug, Default)]
+struct Pending {
+    dsts: VecDeque<IpNet>,
+    /// A full update came: everything is to be reconciled.
+    full: bool,
+    /// Destinations taken from `dsts` so far.
+    taken: u64,
+    /// Each update's number with the value of `taken` at which all its destinations are
+    /// reconciled.
+    ends: VecDeque<(u64, u64)>,
+}
 
 /// The dataplane state: the request socket, the monitor, the desired routes and what the
 /// kernel holds of ours.
@@ -1089,6 +1102,65 @@ impl Dataplane {
         }
     }
 
+    /// Applies `first` and every update queued behind it, and the ones that come while these
+    /// are reconciled, until none is left to reconcile.
+    ///
+    /// Updates are taken into the desired routes as soon as they are read (a few bytes per
+    /// route there, and the agent's messages freed), and their destinations are reconciled
+    /// [`RECONCILE_CHUNK`] at a time with the queue read again between chunks: while a table
+    /// streams in faster than the kernel takes it, the backlog waits as destinations to
+    /// reconcile rather than as queued messages. The status goes out after each chunk.
+    fn stream(
+        &mut self,
+        first: PlanMessage,
+        plans: &mut mpsc::UnboundedReceiver<PlanMessage>,
+        status: &watch::Sender<DataplaneStatus>,
+    ) {
+        let mut pending = Pending::default();
+        let mut next = Some(first);
+        loop {
+            while let Some(PlanMessage { seq, update }) = next {
+                match self.take_update(update) {
+                    None => pending.full = true,
+                    Some(dsts) => pending.dsts.extend(dsts),
+                }
+                pending
+                    .ends
+                    .push_back((seq, pending.taken + pending.dsts.len() as u64));
+                next = plans.try_recv().ok();
+            }
+            if pending.full {
+                // Covers every destination queued so far.
+                self.reconcile();
+                pending.taken += pending.dsts.len() as u64;
+                pending.dsts.clear();
+                pending.full = false;
+            } else if !pending.dsts.is_empty() {
+                let take = pending.dsts.len().min(RECONCILE_CHUNK);
+                let mut chunk: Vec<IpNet> = pending.dsts.drain(..take).collect();
+                pending.taken += take as u64;
+                chunk.sort_unstable();
+                chunk.dedup();
+                self.reconcile_some(&chunk);
+            }
+            while let Some((seq, end)) = pending.ends.front().copied()
+                && end <= pending.taken
+            {
+                self.applied = Some(seq);
+                pending.ends.pop_front();
+            }
+            status.send_replace(self.status());
+            if pending.dsts.is_empty() {
+                match plans.try_recv() {
+                    Ok(message) => next = Some(message),
+                    Err(_) => return,
+                }
+            } else {
+                next = plans.try_recv().ok();
+            }
+        }
+    }
+
     /// Applies one update from the agent; returns the destinations to reconcile, or `None`
     /// for all of them.
     fn take_update(&mut self, update: PlanUpdate) -> Option<Vec<IpNet>> {
@@ -1131,24 +1203,7 @@ impl Dataplane {
                     let Some(first) = message else {
                         return Ok(());
                     };
-                    let mut full = false;
-                    let mut dirty = Vec::new();
-                    let mut next = Some(first);
-                    while let Some(PlanMessage { seq, update }) = next {
-                        match self.take_update(update) {
-                            None => full = true,
-                            Some(d) if !full => dirty.extend(d),
-                            Some(_) => {}
-                        }
-                        self.applied = Some(seq);
-                        next = plans.try_recv().ok();
-                    }
-                    if full {
-                        self.reconcile();
-                    } else if !dirty.is_empty() {
-                        self.reconcile_some(&dirty);
-                    }
-                    status.send_replace(self.status());
+                    self.stream(first, &mut plans, &status);
                 }
                 ready = monitor.readable_mut() => {
                     let mut guard = ready.map_err(|e| DataplaneError::Monitor(e.to_string()))?;
