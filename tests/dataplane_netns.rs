@@ -1027,6 +1027,84 @@ fn deltas_change_only_their_prefixes() {
     driver.join().unwrap().unwrap();
 }
 
+/// A failed route that gets into the kernel another way (here: added by hand exactly as
+/// planned, with our protocol) is taken as programmed from the notification: its failure is
+/// cleared without waiting for a retry.
+#[test]
+fn a_failed_route_seen_in_the_kernel_is_no_longer_failed() {
+    if !can_run("a_failed_route_seen_in_the_kernel_is_no_longer_failed") {
+        return;
+    }
+    let node = Netns::new("seen");
+    let peer = Netns::new("seenp");
+    veth(
+        &node,
+        "ens33",
+        "192.168.92.128/24",
+        &peer,
+        "ens33",
+        "192.168.92.129/24",
+    );
+    let route = DesiredRoute {
+        prefix: "10.99.0.0/16".parse().unwrap(),
+        kind: RouteKind::External,
+        gateway: Some("10.98.0.1".parse().unwrap()),
+        device: None,
+        onlink: false,
+        scope: RouteScope::Universe,
+    };
+    // No retry within the test: only the notification can clear the failure.
+    let mut dp = node.run(|| {
+        Dataplane::open(DataplaneConfig {
+            retry_min: Duration::from_secs(600),
+            retry_max: Duration::from_secs(600),
+            ..DataplaneConfig::default()
+        })
+        .expect("open dataplane")
+    });
+    dp.set_desired([&route]);
+    assert_eq!(dp.reconcile().failed, 1, "gateway unreachable");
+    let (plan_tx, plan_rx) = mpsc::unbounded_channel::<PlanMessage>();
+    let (status_tx, mut status_rx) = watch::channel(DataplaneStatus::default());
+    let driver = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(dp.run(plan_rx, status_tx))
+    });
+    node.ip(&["addr", "add", "10.98.0.2/24", "dev", "ens33"]);
+    node.ip(&[
+        "route",
+        "add",
+        "10.99.0.0/16",
+        "via",
+        "10.98.0.1",
+        "proto",
+        &PROTO.to_string(),
+    ]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            status_rx.wait_for(|s| s.failures.is_empty() && s.installed_routes == 1),
+        )
+        .await
+        .expect("failure cleared by the notification")
+        .expect("dataplane running")
+        .clone()
+    });
+    assert_eq!(
+        status.counters.netlink_requests, 1,
+        "no second request: {status:?}"
+    );
+    drop(plan_tx);
+    driver.join().unwrap().unwrap();
+}
+
 /// Only a datagram's last request is acknowledged; failures anywhere in it (including the
 /// acknowledged last one) must still land on the right request, across datagrams.
 #[test]

@@ -467,6 +467,9 @@ fn want_key(dst: IpNet) -> RouteKey {
 
 /// What a destination needs besides kernel requests.
 enum Step {
+    /// The slot is synced but still has a failure on record (its route got in another way,
+    /// e.g. an answer was lost and the table re-read): the failure goes.
+    InSync,
     /// The slot's route was found in `strays`, as wanted: no request needed.
     Promote(RouteKey),
     /// The slot's device does not exist.
@@ -583,6 +586,7 @@ impl Dataplane {
             Some(w) if w.key == route.key && w.satisfied_by(&route) => {
                 self.strays.remove(&route.key);
                 self.set_synced(dst, true);
+                self.succeeded(dst);
             }
             Some(w) if w.key == route.key => {
                 self.set_synced(dst, false);
@@ -837,6 +841,9 @@ impl Dataplane {
             }
         }
         if slot.synced() && exact.is_none() {
+            if self.failures.contains_key(&dst) {
+                other.push((dst, Step::InSync));
+            }
             return;
         }
         match exact {
@@ -865,6 +872,7 @@ impl Dataplane {
         changes.append(&mut deletes);
         for (dst, step) in other {
             match step {
+                Step::InSync => self.succeeded(dst),
                 Step::Promote(key) => {
                     self.strays.remove(&key);
                     self.set_synced(dst, true);
@@ -1211,6 +1219,9 @@ impl Dataplane {
                     guard.clear_ready();
                     drained.map_err(|e| DataplaneError::Monitor(e.to_string()))?;
                     let (dirty, resync) = self.absorb(std::mem::take(&mut events));
+                    // What the kernel did may have changed the mirror or cleared failures
+                    // even when nothing needs repair.
+                    let seen = resync || !dirty.is_empty();
                     let report = if resync {
                         tracing::info!("re-reading the routing table");
                         self.read_kernel()?;
@@ -1225,7 +1236,7 @@ impl Dataplane {
                         self.counters.drift_repairs += repaired as u64;
                         tracing::warn!(repaired, "routing table drifted from the plan; repaired");
                     }
-                    if report.changes() > 0 {
+                    if seen {
                         status.send_replace(self.status());
                     }
                 }
