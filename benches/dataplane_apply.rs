@@ -15,7 +15,6 @@ mod netns;
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -23,9 +22,11 @@ use netns::{Netns, can_run, sh, veth};
 use podroute::dataplane::kernel::{Change, KernelRoute};
 use podroute::dataplane::monitor::{Event, MonitorSocket};
 use podroute::dataplane::socket::RequestSocket;
-use podroute::dataplane::{DEFAULT_ROUTE_PROTOCOL, Dataplane, DataplaneConfig, DataplaneStatus};
+use podroute::dataplane::{
+    DEFAULT_ROUTE_PROTOCOL, Dataplane, DataplaneConfig, DataplaneStatus, PlanMessage, PlanUpdate,
+};
 use podroute::plan::{DesiredRoute, RouteKind, RouteScope};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 const PROTO: u8 = DEFAULT_ROUTE_PROTOCOL;
 
@@ -171,7 +172,11 @@ fn main() {
     );
 
     // Drift repair latency.
-    let (plan_tx, plan_rx) = watch::channel(Some(Arc::new(routes_changed)));
+    let (plan_tx, plan_rx) = mpsc::unbounded_channel();
+    let _ = plan_tx.send(PlanMessage {
+        seq: 1,
+        update: PlanUpdate::Full(routes_changed),
+    });
     let (status_tx, status_rx) = watch::channel(DataplaneStatus::default());
     let driver = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -172,7 +172,13 @@ async fn status(State(s): State<AppState>) -> Response {
 }
 
 async fn routes(State(s): State<AppState>) -> Response {
-    json(&*s.board.routes())
+    match s.board.routes().await {
+        Some(report) => json(&*report),
+        None => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent did not answer with its routes; try again\n".into(),
+        ),
+    }
 }
 
 async fn not_found() -> Response {

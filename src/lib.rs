@@ -15,4 +15,5 @@ pub mod lab;
 pub mod metrics;
 pub mod model;
 pub mod plan;
+pub mod prefix_map;
 pub mod state;

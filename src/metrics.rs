@@ -181,7 +181,7 @@ impl Metrics {
             reconcile_seconds: reg!(Histogram::with_opts(
                 HistogramOpts::from(opts(
                     "reconcile_duration_seconds",
-                    "Time to diff and apply one plan to the kernel."
+                    "Time to compare and apply one plan update (full or delta) to the kernel."
                 ))
                 .buckets(buckets_fast)
             )),

@@ -9,18 +9,19 @@ mod netns;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use netns::{Netns, can_ping, can_run, pod, tun_tunl0, veth};
 use podroute::dataplane::tunnel::{KernelIpip, TunnelDevice, TunnelError, TunnelSpec};
-use podroute::dataplane::{Dataplane, DataplaneConfig, DataplaneStatus, RouteError};
+use podroute::dataplane::{
+    Dataplane, DataplaneConfig, DataplaneStatus, PlanMessage, PlanUpdate, RouteChange, RouteError,
+};
 use podroute::plan::{
     Allocation, BlockSpec, DesiredRoute, EncapMode, LearnedRoute, LocalNode, PeerNode, PlanInput,
     PoolSpec, RouteKind, RouteScope, plan, workload_interface_name,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 const PROTO: u8 = podroute::dataplane::DEFAULT_ROUTE_PROTOCOL;
 
@@ -700,6 +701,21 @@ fn per_route_errors_are_reported_and_retried_without_blocking_others() {
         other => panic!("expected ENETUNREACH, got {other:?}"),
     }
     assert_eq!(err("10.60.0.0/26"), Some(RouteError::Occupied));
+    let count = |kind: RouteKind| p.routes.iter().filter(|r| r.kind == kind).count();
+    let programmed = status.programmed_by_kind;
+    assert_eq!(
+        programmed[RouteKind::BlockIpip.index()],
+        count(RouteKind::BlockIpip) - 1,
+        "the tunnel route waits for tunl0"
+    );
+    assert_eq!(
+        programmed[RouteKind::External.index()],
+        count(RouteKind::External) - 2
+    );
+    assert_eq!(
+        programmed[RouteKind::Workload.index()],
+        count(RouteKind::Workload)
+    );
     assert!(
         c.master
             .all_routes()
@@ -718,7 +734,13 @@ fn per_route_errors_are_reported_and_retried_without_blocking_others() {
         .enable_all()
         .build()
         .unwrap();
-    let (plan_tx, plan_rx) = watch::channel(Some(Arc::new(p.routes.clone())));
+    let (plan_tx, plan_rx) = mpsc::unbounded_channel();
+    plan_tx
+        .send(PlanMessage {
+            seq: 1,
+            update: PlanUpdate::Full(p.routes.clone()),
+        })
+        .unwrap();
     let (status_tx, mut status_rx) = watch::channel(DataplaneStatus::default());
     let task = rt.spawn(dp.run(plan_rx, status_tx));
     tun_tunl0(&c.master);
@@ -769,7 +791,13 @@ fn drift_is_repaired_and_foreign_routes_are_left_alone() {
     tun_tunl0(&c.master);
     let p = plan(&seed_input("master01", EncapMode::Always));
     let dp = open(&c.master);
-    let (plan_tx, plan_rx) = watch::channel(Some(Arc::new(p.routes.clone())));
+    let (plan_tx, plan_rx) = mpsc::unbounded_channel();
+    plan_tx
+        .send(PlanMessage {
+            seq: 1,
+            update: PlanUpdate::Full(p.routes.clone()),
+        })
+        .unwrap();
     let (status_tx, status_rx) = watch::channel(DataplaneStatus::default());
     // The dataplane runs on its own thread while this thread plays the disruptive admin.
     let driver = std::thread::spawn(move || {
@@ -894,6 +922,329 @@ fn ten_thousand_routes_in_batches() {
     let lines: BTreeSet<String> = node.routes(PROTO).into_iter().collect();
     assert_eq!(lines.len(), 9_900);
     assert!(lines.contains("172.16.0.0/26 via 192.168.92.130 dev ens33"));
+}
+
+/// BGP best-path changes arrive as deltas: the running dataplane changes exactly the
+/// prefixes named, one request each, and leaves the rest of the table alone.
+#[test]
+fn deltas_change_only_their_prefixes() {
+    if !can_run("deltas_change_only_their_prefixes") {
+        return;
+    }
+    let node = Netns::new("delta");
+    let peer = Netns::new("deltap");
+    veth(
+        &node,
+        "ens33",
+        "192.168.92.128/24",
+        &peer,
+        "ens33",
+        "192.168.92.129/24",
+    );
+    let route = |i: u32, gw: &str| {
+        let base = u32::from(std::net::Ipv4Addr::new(172, 16, 0, 0)) + (i << 6);
+        DesiredRoute {
+            prefix: IpNet::new(IpAddr::V4(base.into()), 26).unwrap(),
+            kind: RouteKind::BlockDirect,
+            gateway: Some(gw.parse().unwrap()),
+            device: Some("ens33".into()),
+            onlink: false,
+            scope: RouteScope::Universe,
+        }
+    };
+    let full: Vec<DesiredRoute> = (0..1000).map(|i| route(i, "192.168.92.129")).collect();
+    let dp = open(&node);
+    let (plan_tx, plan_rx) = mpsc::unbounded_channel();
+    let (status_tx, mut status_rx) = watch::channel(DataplaneStatus::default());
+    let driver = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(dp.run(plan_rx, status_tx))
+    });
+    let wait_applied = |rx: &mut watch::Receiver<DataplaneStatus>, seq: u64| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                rx.wait_for(|s| s.applied >= Some(seq)),
+            )
+            .await
+            .expect("update applied")
+            .expect("dataplane running")
+            .clone()
+        })
+    };
+    plan_tx
+        .send(PlanMessage {
+            seq: 1,
+            update: PlanUpdate::Full(full.clone()),
+        })
+        .unwrap();
+    let after_full = wait_applied(&mut status_rx, 1);
+    assert_eq!(node.routes(PROTO).len(), 1000);
+    // One moved, one new, one withdrawn, one unchanged (no request), one removal of a prefix
+    // that was never there.
+    plan_tx
+        .send(PlanMessage {
+            seq: 2,
+            update: PlanUpdate::Delta(vec![
+                RouteChange::Upsert(route(5, "192.168.92.130")),
+                RouteChange::Upsert(route(2000, "192.168.92.129")),
+                RouteChange::Remove(route(7, "192.168.92.129").prefix),
+                RouteChange::Upsert(route(9, "192.168.92.129")),
+                RouteChange::Remove(route(3000, "192.168.92.129").prefix),
+            ]),
+        })
+        .unwrap();
+    let status = wait_applied(&mut status_rx, 2);
+    let c = status.counters;
+    let before = after_full.counters;
+    assert_eq!(
+        (
+            c.routes_replaced - before.routes_replaced,
+            c.routes_added - before.routes_added,
+            c.routes_deleted - before.routes_deleted,
+            c.netlink_requests - before.netlink_requests
+        ),
+        (1, 1, 1, 3),
+        "{c:?}"
+    );
+    assert_eq!(
+        (status.desired_routes, status.installed_routes),
+        (1000, 1000)
+    );
+    let mut want: Vec<DesiredRoute> = full;
+    want[5] = route(5, "192.168.92.130");
+    want.remove(7);
+    want.push(route(2000, "192.168.92.129"));
+    assert_eq!(our_routes(&node), expected(&want));
+    drop(plan_tx);
+    driver.join().unwrap().unwrap();
+}
+
+/// A failed route that gets into the kernel another way (here: added by hand exactly as
+/// planned, with our protocol) is taken as programmed from the notification: its failure is
+/// cleared without waiting for a retry.
+#[test]
+fn a_failed_route_seen_in_the_kernel_is_no_longer_failed() {
+    if !can_run("a_failed_route_seen_in_the_kernel_is_no_longer_failed") {
+        return;
+    }
+    let node = Netns::new("seen");
+    let peer = Netns::new("seenp");
+    veth(
+        &node,
+        "ens33",
+        "192.168.92.128/24",
+        &peer,
+        "ens33",
+        "192.168.92.129/24",
+    );
+    let route = DesiredRoute {
+        prefix: "10.99.0.0/16".parse().unwrap(),
+        kind: RouteKind::External,
+        gateway: Some("10.98.0.1".parse().unwrap()),
+        device: None,
+        onlink: false,
+        scope: RouteScope::Universe,
+    };
+    // No retry within the test: only the notification can clear the failure.
+    let mut dp = node.run(|| {
+        Dataplane::open(DataplaneConfig {
+            retry_min: Duration::from_secs(600),
+            retry_max: Duration::from_secs(600),
+            ..DataplaneConfig::default()
+        })
+        .expect("open dataplane")
+    });
+    dp.set_desired([&route]);
+    assert_eq!(dp.reconcile().failed, 1, "gateway unreachable");
+    let (plan_tx, plan_rx) = mpsc::unbounded_channel::<PlanMessage>();
+    let (status_tx, mut status_rx) = watch::channel(DataplaneStatus::default());
+    let driver = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(dp.run(plan_rx, status_tx))
+    });
+    node.ip(&["addr", "add", "10.98.0.2/24", "dev", "ens33"]);
+    node.ip(&[
+        "route",
+        "add",
+        "10.99.0.0/16",
+        "via",
+        "10.98.0.1",
+        "proto",
+        &PROTO.to_string(),
+    ]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            status_rx.wait_for(|s| s.failures.is_empty() && s.installed_routes == 1),
+        )
+        .await
+        .expect("failure cleared by the notification")
+        .expect("dataplane running")
+        .clone()
+    });
+    assert_eq!(
+        status.counters.netlink_requests, 1,
+        "no second request: {status:?}"
+    );
+    drop(plan_tx);
+    driver.join().unwrap().unwrap();
+}
+
+/// Only a datagram's last request is acknowledged; failures anywhere in it (including the
+/// acknowledged last one) must still land on the right request, across datagrams.
+#[test]
+fn batched_requests_report_each_failure_at_its_position() {
+    if !can_run("batched_requests_report_each_failure_at_its_position") {
+        return;
+    }
+    use podroute::dataplane::kernel::{Change, KernelRoute};
+    use podroute::dataplane::socket::RequestSocket;
+    let node = Netns::new("nack");
+    let peer = Netns::new("nackp");
+    veth(
+        &node,
+        "ens33",
+        "192.168.92.128/24",
+        &peer,
+        "ens33",
+        "192.168.92.129/24",
+    );
+    let route = |i: u32, gw: &str| {
+        let base = u32::from(std::net::Ipv4Addr::new(172, 16, 0, 0)) + (i << 6);
+        KernelRoute::wanted(
+            IpNet::new(IpAddr::V4(base.into()), 26).unwrap(),
+            PROTO,
+            false,
+            false,
+            Some(gw.parse().unwrap()),
+            None,
+            false,
+        )
+    };
+    // 4 requests per datagram: 10 requests make datagrams of 4, 4 and 2. Failing: 1
+    // (unreachable gateway), 3 (last of the first datagram), 6 (deleting a route that is
+    // not there), 9 (the very last).
+    let failing = [1usize, 3, 6, 9];
+    let changes: Vec<Change> = (0..10u32)
+        .map(|i| {
+            let ok_gw = "192.168.92.129";
+            match i {
+                1 | 3 | 9 => Change::Add(route(i, "10.98.0.1")),
+                6 => Change::Delete(route(i, ok_gw)),
+                _ => Change::Add(route(i, ok_gw)),
+            }
+        })
+        .collect();
+    let (results, sends) = node.run(move || {
+        let mut sock = RequestSocket::open(4).expect("socket");
+        let results = sock.execute(changes.iter().map(Change::request));
+        (results, sock.sends)
+    });
+    assert_eq!(sends, 3, "three datagrams");
+    assert_eq!(results.len(), 10);
+    for (i, r) in results.iter().enumerate() {
+        if failing.contains(&i) {
+            let errno = r.as_ref().err().and_then(|e| e.errno());
+            let want = if i == 6 {
+                libc::ESRCH
+            } else {
+                libc::ENETUNREACH
+            };
+            assert_eq!(errno, Some(want), "request {i}: {r:?}");
+        } else {
+            assert_eq!(r, &Ok(()), "request {i}");
+        }
+    }
+    assert_eq!(
+        node.routes(PROTO).len(),
+        6,
+        "the six good adds are in: {:?}",
+        node.routes(PROTO)
+    );
+}
+
+/// The monitor's filter drops the echoes of the request socket's own changes, and only those.
+#[test]
+fn monitor_skips_its_own_echoes_but_sees_everyone_else() {
+    if !can_run("monitor_skips_its_own_echoes_but_sees_everyone_else") {
+        return;
+    }
+    use podroute::dataplane::kernel::{Change, KernelRoute};
+    use podroute::dataplane::monitor::{Event, MonitorSocket};
+    use podroute::dataplane::socket::RequestSocket;
+    let node = Netns::new("echo");
+    let peer = Netns::new("echop");
+    veth(
+        &node,
+        "ens33",
+        "192.168.92.128/24",
+        &peer,
+        "ens33",
+        "192.168.92.129/24",
+    );
+    let (mut monitor, mut sock) = node.run(|| {
+        let monitor = MonitorSocket::open().expect("monitor");
+        let sock = RequestSocket::open(16).expect("socket");
+        monitor
+            .ignore_sender(sock.port().expect("port"))
+            .expect("filter");
+        (monitor, sock)
+    });
+    let ours = KernelRoute::wanted(
+        "172.16.0.0/26".parse().unwrap(),
+        PROTO,
+        false,
+        false,
+        Some("192.168.92.129".parse().unwrap()),
+        None,
+        false,
+    );
+    let results = sock.execute([Change::Add(ours.clone()).request()]);
+    assert_eq!(results, vec![Ok(())]);
+    // Someone else adds a route with our protocol, and deletes ours.
+    node.ip(&[
+        "route",
+        "add",
+        "172.16.0.64/26",
+        "via",
+        "192.168.92.129",
+        "proto",
+        &PROTO.to_string(),
+    ]);
+    node.ip(&["route", "del", "172.16.0.0/26"]);
+    let mut events = Vec::new();
+    monitor.drain(&mut events).expect("drain");
+    let routes: Vec<(String, bool)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RouteAdded { route, .. } => Some((route.key.dst.to_string(), true)),
+            Event::RouteRemoved(route) => Some((route.key.dst.to_string(), false)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        routes,
+        vec![
+            ("172.16.0.64/26".to_string(), true),
+            ("172.16.0.0/26".to_string(), false)
+        ],
+        "our own add is not echoed; the other changes are: {events:?}"
+    );
 }
 
 #[test]

@@ -3,15 +3,23 @@
 //! One event loop ([`Agent::run`]) owns the agent's view: the latest [`ClusterState`], the
 //! sessions configured in the speaker, the prefixes announced, the BGP best paths learned.
 //! After every change it recomputes (pure functions in [`peers`] and [`intent`], then
-//! [`crate::plan::plan`]) and hands the differences on: `set_peer`/`remove_peer` and
-//! `announce`/`withdraw` to the speaker, a new route plan to the dataplane task. Nothing is
+//! [`crate::plan::Planner`]) and hands the differences on: `set_peer`/`remove_peer` and
+//! `announce`/`withdraw` to the speaker, route updates to the dataplane task. Nothing is
 //! withdrawn or deleted before the datastore's initial sync: the loop starts only after it.
+//!
+//! Routes stream: a datastore or interface change re-plans everything and sends the full
+//! plan, but a batch of BGP best-path changes only re-plans its prefixes
+//! ([`crate::plan::Planner::route_for`]) and sends those routes as a delta, at once, so the
+//! kernel takes the first routes of a table while the rest is still arriving. The agent keeps
+//! no copy of the plan: the best paths and the [`crate::plan::Planner`] give it again when
+//! `GET /routes` asks (the report is built only then).
 //!
 //! Metrics, `/readyz` and the status API read what the loop publishes into a
 //! [`status::StatusBoard`] once a second and after every change.
 
 pub mod annotate;
 pub mod autodetect;
+pub mod best_paths;
 pub mod config;
 pub mod intent;
 pub mod peers;
@@ -39,12 +47,18 @@ use crate::dataplane::ipip_user::{
     UserspaceIpip,
 };
 use crate::dataplane::tunnel::{KernelIpip, TunnelDevice, TunnelError, TunnelSpec};
-use crate::dataplane::{Dataplane, DataplaneConfig, DataplaneStatus};
+use crate::dataplane::{
+    Dataplane, DataplaneConfig, DataplaneStatus, PlanMessage, PlanUpdate, RouteChange,
+};
 use crate::datastore::{self, DatastoreHandle, DatastoreSpec};
 use crate::metrics::{Metrics, advance};
 use crate::model::{AddressSource, NodeInfo};
-use crate::plan::{self, DesiredRoute, LocalNode, TUNNEL_DEVICE, WORKLOAD_IFACE_PREFIX};
+use crate::plan::{
+    self, DesiredRoute, LocalNode, PlanWarning, Planner, RouteKind, TUNNEL_DEVICE,
+    WORKLOAD_IFACE_PREFIX,
+};
 use crate::state::{ClusterState, StateRx};
+use best_paths::BestPaths;
 use peers::{DesiredPeer, LocalIdentity, PeerType};
 use status::StatusBoard;
 
@@ -139,12 +153,16 @@ struct ConfiguredPeer {
     since: Instant,
 }
 
-/// A plan sent to the dataplane and the event that caused it (convergence histogram).
+/// An update sent to the dataplane and the event that caused it (convergence histogram).
 struct PendingPlan {
-    plan: Arc<Vec<DesiredRoute>>,
+    seq: u64,
     event_at: Instant,
     trigger: &'static str,
 }
+
+/// Updates awaiting the dataplane kept for the convergence histogram (older ones are
+/// dropped unobserved when the dataplane is far behind).
+const MAX_PENDING: usize = 1024;
 
 /// The event loop's state.
 pub struct Agent {
@@ -164,12 +182,17 @@ pub struct Agent {
     peers: BTreeMap<IpAddr, ConfiguredPeer>,
     peer_warnings: Vec<String>,
     announced: BTreeSet<IpNet>,
-    /// Best learned path per prefix: next hop and the peer it came from.
-    learned: BTreeMap<IpNet, (IpAddr, Option<IpAddr>)>,
+    /// Next hop of the best learned path per prefix (host bits cleared).
+    learned: BestPaths,
     interfaces: BTreeSet<String>,
-    plan_tx: watch::Sender<Option<Arc<Vec<DesiredRoute>>>>,
-    plan: Option<Arc<Vec<DesiredRoute>>>,
-    plan_warnings: Vec<String>,
+    plan_tx: mpsc::UnboundedSender<PlanMessage>,
+    plan_seq: u64,
+    /// The plan of the current cluster state and interfaces, without the learned routes.
+    planner: Option<Planner>,
+    /// A full plan of `planner` went to the dataplane (after the start-up deferral): best-path
+    /// changes can now go as deltas.
+    streaming: bool,
+    plan_warnings: BTreeSet<PlanWarning>,
     pending: VecDeque<PendingPlan>,
     dp_status: watch::Receiver<DataplaneStatus>,
     peer_status: Vec<PeerStatus>,
@@ -185,8 +208,8 @@ pub struct Agent {
     restarting: bool,
     /// The host NIC was seen without carrier (sessions over it were reset).
     nic_down: bool,
-    /// The plan or the dataplane changed since the route report was built.
-    routes_dirty: bool,
+    /// `GET /routes` asks the loop for the report.
+    route_requests: mpsc::Receiver<status::RoutesRequest>,
 }
 
 /// Keeps `tunl0` in place while some pool uses IPIP.
@@ -289,7 +312,7 @@ impl Agent {
             .context("starting the BGP speaker")?;
         info!(node, %address, nic, local_as, %router_id, listen_port, "BGP speaker started");
 
-        let (plan_tx, plan_rx) = watch::channel(None);
+        let (plan_tx, plan_rx) = mpsc::unbounded_channel();
         let (status_tx, dp_status) = watch::channel(DataplaneStatus::default());
         let dataplane_task = tokio::spawn(async move {
             dp.run(plan_rx, status_tx)
@@ -302,6 +325,8 @@ impl Agent {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         metrics.datastore_synced.set(1);
+        let (routes_tx, route_requests) = mpsc::channel(16);
+        board.serve_routes(routes_tx);
         let agent = Agent {
             args,
             node,
@@ -319,11 +344,13 @@ impl Agent {
             peers: BTreeMap::new(),
             peer_warnings: Vec::new(),
             announced: BTreeSet::new(),
-            learned: BTreeMap::new(),
+            learned: BestPaths::new(),
             interfaces: intent::interfaces_with_prefix(WORKLOAD_IFACE_PREFIX),
             plan_tx,
-            plan: None,
-            plan_warnings: Vec::new(),
+            plan_seq: 0,
+            planner: None,
+            streaming: false,
+            plan_warnings: BTreeSet::new(),
             pending: VecDeque::new(),
             dp_status,
             peer_status: Vec::new(),
@@ -335,7 +362,7 @@ impl Agent {
             deferral: None,
             restarting,
             nic_down: false,
-            routes_dirty: true,
+            route_requests,
         };
         if !adopted_tunnel_routes.is_empty() {
             let remotes = adopted_tunnel_routes
@@ -404,12 +431,15 @@ impl Agent {
                 batch = self.best_rx.recv() => {
                     let at = Instant::now();
                     let Some(batch) = batch else { bail!("BGP speaker stopped") };
-                    self.absorb(batch);
-                    // Take everything already queued: one plan for a burst of UPDATEs.
+                    let mut changed = self.absorb(batch);
+                    // Take everything already queued: one update for a burst of UPDATEs.
                     while let Ok(more) = self.best_rx.try_recv() {
-                        self.absorb(more);
+                        changed.extend(self.absorb(more));
                     }
-                    self.replan(at, "bgp");
+                    self.send_delta(at, changed);
+                }
+                Some(request) = self.route_requests.recv() => {
+                    let _ = request.send(self.route_report());
                 }
                 changed = self.dp_status.changed() => {
                     if changed.is_err() {
@@ -432,18 +462,80 @@ impl Agent {
         }
     }
 
-    fn absorb(&mut self, batch: Vec<BestChange>) {
-        for change in batch {
-            match change.best {
-                Some(best) => {
-                    self.learned
-                        .insert(change.prefix, (best.next_hop, best.peer_addr));
+    /// Takes best-path changes into `learned`; returns the prefixes they touched.
+    fn absorb(&mut self, batch: Vec<BestChange>) -> Vec<IpNet> {
+        batch
+            .into_iter()
+            .map(|change| {
+                let prefix = change.prefix.trunc();
+                match change.best {
+                    Some(best) => self.learned.insert(prefix, best.next_hop),
+                    None => self.learned.remove(&prefix),
                 }
-                None => {
-                    self.learned.remove(&change.prefix);
+                prefix
+            })
+            .collect()
+    }
+
+    /// Sends the routes of the prefixes whose best path changed (once a full plan was sent;
+    /// before, the full plan at the end of the deferral carries them).
+    fn send_delta(&mut self, at: Instant, changed: Vec<IpNet>) {
+        if !self.streaming || changed.is_empty() {
+            return;
+        }
+        let Some(planner) = &self.planner else {
+            return;
+        };
+        let mut warnings = BTreeSet::new();
+        let mut tunnel_affected = false;
+        let tunnel_table = self.tunnel.table_rx.borrow().clone();
+        let in_tunnel_table = |prefix: &IpNet| match prefix {
+            IpNet::V4(p) => tunnel_table
+                .remotes()
+                .binary_search_by(|(r, _)| r.cmp(p))
+                .is_ok(),
+            IpNet::V6(_) => false,
+        };
+        let changes: Vec<RouteChange> = changed
+            .into_iter()
+            .map(|prefix| {
+                let next_hop = self.learned.get(&prefix);
+                let route = planner.route_for(prefix, next_hop, &mut warnings);
+                tunnel_affected |= in_tunnel_table(&prefix)
+                    || route.as_ref().is_some_and(|r| {
+                        matches!(r.kind, RouteKind::BlockIpip | RouteKind::BorrowedIpip)
+                    });
+                match route {
+                    Some(route) => RouteChange::Upsert(route),
+                    None => RouteChange::Remove(prefix),
                 }
+            })
+            .collect();
+        for w in warnings {
+            if !self.plan_warnings.contains(&w) {
+                warn!("plan: {w}");
+                self.plan_warnings.insert(w);
             }
         }
+        if tunnel_affected {
+            self.update_tunnel_table();
+        }
+        self.send_plan(PlanUpdate::Delta(changes), at, "bgp");
+    }
+
+    fn send_plan(&mut self, update: PlanUpdate, at: Instant, trigger: &'static str) {
+        self.plan_seq += 1;
+        let seq = self.plan_seq;
+        self.pending.push_back(PendingPlan {
+            seq,
+            event_at: at,
+            trigger,
+        });
+        while self.pending.len() > MAX_PENDING {
+            self.pending.pop_front();
+        }
+        // A closed channel means the dataplane task ended; the loop learns why from its handle.
+        let _ = self.plan_tx.send(PlanMessage { seq, update });
     }
 
     /// A new cluster state: sessions, announcements, plan.
@@ -539,10 +631,8 @@ impl Agent {
 
         self.count_rejections();
         self.replan(at, "datastore");
-        if self.deferral.is_none()
-            && let Some(plan) = self.plan.clone()
-        {
-            self.update_tunnel_table(&plan);
+        if self.deferral.is_none() {
+            self.update_tunnel_table();
         }
         self.ensure_tunnel().await;
         self.publish();
@@ -561,38 +651,36 @@ impl Agent {
         }
     }
 
-    /// Recomputes the plan and sends it to the dataplane when it differs.
+    /// Recomputes the plan without the learned routes; when that part changed (or no full
+    /// plan was sent yet), sends the full plan to the dataplane. Learned routes need no
+    /// re-plan here: their routes depend only on the part compared, and deltas keep them
+    /// current.
     fn replan(&mut self, at: Instant, trigger: &'static str) {
-        let learned: BTreeMap<IpNet, IpAddr> =
-            self.learned.iter().map(|(p, (nh, _))| (*p, *nh)).collect();
-        let input = intent::plan_input(&self.state, &self.local_node(), &learned, &self.interfaces);
-        let result = plan::plan(&input);
-        let warnings: Vec<String> = result.warnings.iter().map(ToString::to_string).collect();
+        let input = intent::plan_input(
+            &self.state,
+            &self.local_node(),
+            &BTreeMap::new(),
+            &self.interfaces,
+        );
+        let planner = Planner::new(&input);
+        if self.streaming && self.planner.as_ref() == Some(&planner) {
+            return;
+        }
+        let mut warnings = planner.warnings().clone();
+        let routes: Vec<DesiredRoute> =
+            planner.routes(self.learned.iter(), &mut warnings).collect();
         for w in &warnings {
             if !self.plan_warnings.contains(w) {
                 warn!("plan: {w}");
             }
         }
         self.plan_warnings = warnings;
-        if self.plan.as_deref() == Some(&result.routes) {
-            return;
-        }
-        let plan = Arc::new(result.routes);
-        debug!(routes = plan.len(), trigger, "new route plan");
-        self.routes_dirty = true;
-        self.plan = Some(plan.clone());
-        self.pending.push_back(PendingPlan {
-            plan: plan.clone(),
-            event_at: at,
-            trigger,
-        });
-        // Bound the queue when the dataplane is far behind (it only applies the newest).
-        while self.pending.len() > 64 {
-            self.pending.pop_front();
-        }
+        debug!(routes = routes.len(), trigger, "new route plan");
+        self.planner = Some(planner);
         if self.deferral.is_none() {
-            self.update_tunnel_table(&plan);
-            self.plan_tx.send_replace(Some(plan));
+            self.update_tunnel_table();
+            self.streaming = true;
+            self.send_plan(PlanUpdate::Full(routes), at, trigger);
         }
     }
 
@@ -649,32 +737,41 @@ impl Agent {
                 "graceful restart: deferral over without End-of-RIB from every peer; applying the route plan"
             );
         }
-        self.plan = None;
+        self.streaming = false;
         self.replan(Instant::now(), "startup");
         self.publish();
         Ok(())
     }
 
-    /// The dataplane published a status: observe convergence, refresh route metrics.
+    /// The dataplane published a status: observe convergence, and republish ours (its
+    /// dataplane summary and readiness go with the routes `GET /routes` reports now).
     fn on_dataplane(&mut self) {
-        let status = self.dp_status.borrow_and_update().clone();
-        if let Some(applied) = &status.applied_plan
-            && let Some(pos) = self
-                .pending
-                .iter()
-                .position(|p| Arc::ptr_eq(&p.plan, applied))
-        {
-            let now = Instant::now();
-            for p in self.pending.drain(..=pos) {
-                self.metrics
-                    .convergence_seconds
-                    .with_label_values(&[p.trigger])
-                    .observe(now.duration_since(p.event_at).as_secs_f64());
+        let applied = self.dp_status.borrow_and_update().applied;
+        let now = Instant::now();
+        while let Some(p) = self.pending.front() {
+            if applied.is_none_or(|a| p.seq > a) {
+                break;
             }
+            self.metrics
+                .convergence_seconds
+                .with_label_values(&[p.trigger])
+                .observe(now.duration_since(p.event_at).as_secs_f64());
+            self.pending.pop_front();
         }
-        // The route report is rebuilt at the next tick (at most once a second): rebuilding
-        // it per dataplane batch cost a full copy of the table each time.
-        self.routes_dirty = true;
+        self.publish();
+    }
+
+    /// `GET /routes`: the plan as it stands, with each route's kernel state. Built only when
+    /// asked: the plan is not kept between requests.
+    fn route_report(&self) -> status::RoutesReport {
+        let dp = self.dp_status.borrow().clone();
+        let routes = self.planner.as_ref().map(|planner| {
+            let mut warnings = BTreeSet::new();
+            planner
+                .routes(self.learned.iter(), &mut warnings)
+                .collect::<Vec<_>>()
+        });
+        report::routes(&self.node, routes.as_deref(), &dp, &self.state)
     }
 
     async fn on_tick(&mut self) -> anyhow::Result<()> {
@@ -837,10 +934,8 @@ impl Agent {
                     self.tunnel.forwarder = Some(forwarder);
                     // During the start-up deferral the table seeded from the adopted routes
                     // stays; otherwise the current plan's.
-                    if self.deferral.is_none()
-                        && let Some(plan) = self.plan.clone()
-                    {
-                        self.update_tunnel_table(&plan);
+                    if self.deferral.is_none() {
+                        self.update_tunnel_table();
                     }
                 }
             }
@@ -851,13 +946,19 @@ impl Agent {
         Ok(())
     }
 
-    /// Hands the remote-block table of `plan` to the userspace forwarder (when one runs).
-    fn update_tunnel_table(&self, plan: &[DesiredRoute]) {
+    /// Hands the remote-block table of the current plan to the userspace forwarder (when one
+    /// runs).
+    fn update_tunnel_table(&self) {
         if self.tunnel.forwarder.is_none() {
             return;
         }
+        let Some(planner) = &self.planner else {
+            return;
+        };
+        let mut warnings = BTreeSet::new();
+        let routes = planner.routes(self.learned.iter(), &mut warnings);
         let pools = self.state.pools.values().map(|p| p.cidr);
-        let table = TunnelTable::from_plan(plan, self.other_node_addrs(), pools);
+        let table = TunnelTable::from_plan(routes, self.other_node_addrs(), pools);
         if **self.tunnel.table_tx.borrow() != table {
             self.tunnel.table_tx.send_replace(Arc::new(table));
         }
@@ -926,12 +1027,7 @@ impl Agent {
             &self.peers_by_addr(),
             &mut self.peer_counts,
         );
-        if self.routes_dirty {
-            self.routes_dirty = false;
-            let routes = report::routes(&self.node, self.plan.as_deref(), &dp, &self.state);
-            report::update_route_metrics(&self.metrics, &routes, &dp);
-            self.board.publish_routes(routes);
-        }
+        report::update_route_metrics(&self.metrics, &dp);
         let ready = self.readiness(&dp);
         self.metrics.ready.set(i64::from(ready.is_empty()));
         let mut status = status::AgentStatus {
@@ -1001,7 +1097,7 @@ impl Agent {
                 "waiting for End-of-RIB from BGP peers before the first route update".to_string(),
             );
         }
-        if !dp.programmed || dp.applied_plan.is_none() {
+        if !dp.programmed || dp.applied.is_none() {
             reasons.push("first route reconcile not applied yet".to_string());
         }
         for (addr, peer) in &self.peers {

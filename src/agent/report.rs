@@ -151,7 +151,7 @@ fn peer_of(state: &ClusterState, gateway: IpAddr) -> String {
 /// `podroute routes`: the plan, with each route's kernel state.
 pub(crate) fn routes(
     node: &str,
-    plan: Option<&Vec<DesiredRoute>>,
+    plan: Option<&[DesiredRoute]>,
     dp: &DataplaneStatus,
     state: &ClusterState,
 ) -> RoutesReport {
@@ -169,7 +169,7 @@ pub(crate) fn routes(
                     RouteRow {
                         prefix: r.prefix.to_string(),
                         gateway: r.gateway.map(|g| g.to_string()),
-                        device: r.device.clone(),
+                        device: r.device.as_deref().map(str::to_string),
                         onlink: r.onlink,
                         kind: r.kind.label().to_string(),
                         peer: r.gateway.map(|g| peer_of(state, g)),
@@ -187,13 +187,9 @@ pub(crate) fn routes(
 }
 
 /// `podroute_routes_programmed{kind}` and the dataplane totals.
-pub(crate) fn update_route_metrics(metrics: &Metrics, routes: &RoutesReport, dp: &DataplaneStatus) {
+pub(crate) fn update_route_metrics(metrics: &Metrics, dp: &DataplaneStatus) {
     for kind in RouteKind::ALL {
-        let n = routes
-            .routes
-            .iter()
-            .filter(|r| r.installed && r.kind == kind.label())
-            .count();
+        let n = dp.programmed_by_kind[kind.index()];
         metrics
             .routes_programmed
             .with_label_values(&[kind.label()])
@@ -221,7 +217,6 @@ mod tests {
     use crate::model::NodeInfo;
     use crate::plan::RouteScope;
     use podroute_bgp::fsm::State;
-    use std::sync::Arc;
     use std::time::SystemTime;
 
     fn status(addr: &str, state: State, error: Option<&str>) -> PeerStatus {
@@ -337,11 +332,15 @@ mod tests {
                 scope: RouteScope::Universe,
             },
         ];
+        let mut programmed_by_kind = [0; RouteKind::ALL.len()];
+        programmed_by_kind[RouteKind::BlockDirect.index()] = 1;
+        programmed_by_kind[RouteKind::External.index()] = 1;
         let dp = DataplaneStatus {
             programmed: true,
             desired_routes: 2,
             installed_routes: 2,
-            applied_plan: Some(Arc::new(plan.clone())),
+            programmed_by_kind,
+            applied: Some(1),
             ..DataplaneStatus::default()
         };
         let report = routes("master01", Some(&plan), &dp, &state);
@@ -354,7 +353,7 @@ mod tests {
                 .all(|r| r.installed && r.error.is_none())
         );
         let metrics = Metrics::new();
-        update_route_metrics(&metrics, &report, &dp);
+        update_route_metrics(&metrics, &dp);
         let text = metrics.encode();
         assert!(text.contains("podroute_routes_programmed{kind=\"block-direct\"} 1"));
         assert!(text.contains("podroute_routes_programmed{kind=\"block-ipip\"} 0"));

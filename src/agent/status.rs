@@ -110,12 +110,30 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use tokio::sync::{mpsc, oneshot};
+
+/// A request for the route report, answered by the agent's loop.
+pub type RoutesRequest = oneshot::Sender<RoutesReport>;
+
+/// Where `GET /routes` gets its report.
+#[derive(Debug)]
+enum RoutesSource {
+    /// A report published as it is (tests, before the agent runs).
+    Published(Arc<RoutesReport>),
+    /// The agent builds it on request: keeping a report of 100,000 routes current costs a
+    /// copy of the table per change, for a page that is seldom read.
+    Agent(mpsc::Sender<RoutesRequest>),
+}
+
+/// How long `GET /routes` waits for the agent's loop.
+const ROUTES_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Where the agent publishes what the HTTP server (status API, health) reads. Cheap to read:
 /// readers get the last published `Arc`.
 #[derive(Debug)]
 pub struct StatusBoard {
     status: RwLock<Arc<AgentStatus>>,
-    routes: RwLock<Arc<RoutesReport>>,
+    routes: RwLock<RoutesSource>,
     /// Last sign of life of each event loop, by name.
     heartbeats: Mutex<BTreeMap<&'static str, Instant>>,
 }
@@ -130,7 +148,7 @@ impl StatusBoard {
     pub fn new() -> Self {
         Self {
             status: RwLock::new(Arc::new(AgentStatus::default())),
-            routes: RwLock::new(Arc::new(RoutesReport::default())),
+            routes: RwLock::new(RoutesSource::Published(Arc::default())),
             heartbeats: Mutex::new(BTreeMap::new()),
         }
     }
@@ -139,8 +157,15 @@ impl StatusBoard {
         *self.status.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(status);
     }
 
+    /// Publishes a fixed route report (replaces [`serve_routes`](Self::serve_routes)).
     pub fn publish_routes(&self, routes: RoutesReport) {
-        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
+        *self.routes.write().unwrap_or_else(|e| e.into_inner()) =
+            RoutesSource::Published(Arc::new(routes));
+    }
+
+    /// From now on [`routes`](Self::routes) asks for the report over `requests`.
+    pub fn serve_routes(&self, requests: mpsc::Sender<RoutesRequest>) {
+        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = RoutesSource::Agent(requests);
     }
 
     pub fn status(&self) -> Arc<AgentStatus> {
@@ -150,11 +175,23 @@ impl StatusBoard {
             .clone()
     }
 
-    pub fn routes(&self) -> Arc<RoutesReport> {
-        self.routes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// The route report: the published one, or one the agent builds now. `None` when the
+    /// agent does not answer (stopped, or busy for longer than 10 s).
+    pub async fn routes(&self) -> Option<Arc<RoutesReport>> {
+        let requests = match &*self.routes.read().unwrap_or_else(|e| e.into_inner()) {
+            RoutesSource::Published(report) => return Some(report.clone()),
+            RoutesSource::Agent(requests) => requests.clone(),
+        };
+        let (tx, rx) = oneshot::channel();
+        let asked = async {
+            requests.send(tx).await.ok()?;
+            rx.await.ok()
+        };
+        tokio::time::timeout(ROUTES_TIMEOUT, asked)
+            .await
+            .ok()
+            .flatten()
+            .map(Arc::new)
     }
 
     /// Records that the event loop `name` is alive.

@@ -1,4 +1,4 @@
-//! Routes as the kernel holds them, their netlink messages, and the in-memory diff.
+//! Routes as the kernel holds them, their netlink messages, and the changes made to them.
 //!
 //! A kernel route is identified by (table, destination, TOS, priority): that is the key the
 //! kernel matches `NLM_F_REPLACE` and deletes on. The protocol is not part of the key, which is
@@ -6,7 +6,6 @@
 //! routes that carry our protocol, and deletes name our protocol (the kernel then never
 //! deletes a foreign route).
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -39,7 +38,7 @@ pub struct RouteKey {
 
 impl RouteKey {
     /// Every key with destination `dst`, for range queries.
-    fn range(dst: IpNet) -> std::ops::RangeInclusive<RouteKey> {
+    pub(crate) fn range(dst: IpNet) -> std::ops::RangeInclusive<RouteKey> {
         RouteKey {
             dst,
             priority: 0,
@@ -287,73 +286,6 @@ impl Change {
     }
 }
 
-/// The changes that turn `installed` (our routes in the kernel) into `wanted`.
-///
-/// `only`: restrict to these destinations (drift repair); `held`: destinations to leave alone
-/// (their wanted route cannot be expressed yet, e.g. a missing device). Adds and replaces
-/// come before deletes, so that traffic moving to a new route never meets a gap.
-pub fn diff(
-    wanted: &BTreeMap<IpNet, KernelRoute>,
-    installed: &BTreeMap<RouteKey, KernelRoute>,
-    only: Option<&BTreeSet<IpNet>>,
-    held: &BTreeSet<IpNet>,
-) -> Vec<Change> {
-    let mut upserts = Vec::new();
-    let mut deletes = Vec::new();
-    let mut visit =
-        |dst: IpNet,
-         want: Option<&KernelRoute>,
-         haves: &mut dyn Iterator<Item = (&RouteKey, &KernelRoute)>| {
-            if held.contains(&dst) {
-                haves.for_each(drop);
-                return;
-            }
-            let mut exact = None;
-            for (key, have) in haves {
-                match want {
-                    Some(w) if *key == w.key => exact = Some(have),
-                    _ => deletes.push(Change::Delete(have.clone())),
-                }
-            }
-            if let Some(w) = want {
-                match exact {
-                    Some(have) if w.satisfied_by(have) => {}
-                    Some(_) => upserts.push(Change::Replace(w.clone())),
-                    None => upserts.push(Change::Add(w.clone())),
-                }
-            }
-        };
-    match only {
-        Some(set) => {
-            for dst in set {
-                visit(
-                    *dst,
-                    wanted.get(dst),
-                    &mut installed.range(RouteKey::range(*dst)),
-                );
-            }
-        }
-        None => {
-            // One pass over both sorted maps (RouteKey sorts by destination first).
-            let mut w = wanted.iter().peekable();
-            let mut i = installed.iter().peekable();
-            loop {
-                let dst = match (w.peek(), i.peek()) {
-                    (Some((a, _)), Some((b, _))) => **a.min(&&b.dst),
-                    (Some((a, _)), None) => **a,
-                    (None, Some((b, _))) => b.dst,
-                    (None, None) => break,
-                };
-                let want = w.next_if(|(d, _)| **d == dst).map(|(_, r)| r);
-                let mut haves = std::iter::from_fn(|| i.next_if(|(k, _)| k.dst == dst));
-                visit(dst, want, &mut haves);
-            }
-        }
-    }
-    upserts.extend(deletes);
-    upserts
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,79 +304,48 @@ mod tests {
         )
     }
 
-    fn map(routes: &[KernelRoute]) -> BTreeMap<RouteKey, KernelRoute> {
-        routes.iter().map(|r| (r.key, r.clone())).collect()
-    }
-
-    fn wanted(routes: &[KernelRoute]) -> BTreeMap<IpNet, KernelRoute> {
-        routes.iter().map(|r| (r.key.dst, r.clone())).collect()
-    }
-
-    #[test]
-    fn equal_sets_need_no_change() {
-        let a = via("10.0.0.0/26", "192.168.1.2", Some(3), true);
-        assert!(
-            diff(
-                &wanted(std::slice::from_ref(&a)),
-                &map(&[a]),
-                None,
-                &BTreeSet::new()
-            )
-            .is_empty()
-        );
-    }
-
     #[test]
     fn kernel_resolved_device_satisfies_a_route_without_one() {
         let want = via("10.0.0.0/26", "192.168.1.2", None, false);
         let mut have = want.clone();
         have.oif = Some(2);
-        assert!(diff(&wanted(&[want]), &map(&[have]), None, &BTreeSet::new()).is_empty());
+        assert!(want.satisfied_by(&have));
+        let pinned = via("10.0.0.0/26", "192.168.1.2", Some(3), false);
+        assert!(!pinned.satisfied_by(&have), "another device");
     }
 
     #[test]
-    fn add_replace_delete() {
-        let keep = via("10.0.0.0/26", "192.168.1.2", Some(3), true);
-        let moved = via("10.0.1.0/26", "192.168.1.3", Some(3), true);
-        let mut moved_old = moved.clone();
-        moved_old.oif = Some(2);
-        moved_old.onlink = false;
-        let new = via("10.0.2.0/26", "192.168.1.4", Some(3), true);
-        let gone = via("10.0.3.0/26", "192.168.1.5", Some(3), true);
-        let mut other_metric = keep.clone();
+    fn shape_differences_are_not_satisfied() {
+        let want = via("10.0.1.0/26", "192.168.1.3", Some(3), true);
+        let mut other_gw = want.clone();
+        other_gw.gateway = Some("192.168.1.4".parse().unwrap());
+        let mut not_onlink = want.clone();
+        not_onlink.onlink = false;
+        let mut foreign = want.clone();
+        foreign.protocol = 3;
+        let mut other_metric = want.clone();
         other_metric.key.priority = 5;
-        let changes = diff(
-            &wanted(&[keep.clone(), moved.clone(), new.clone()]),
-            &map(&[keep, moved_old, gone.clone(), other_metric.clone()]),
-            None,
-            &BTreeSet::new(),
-        );
-        assert_eq!(
-            changes,
-            vec![
-                Change::Replace(moved),
-                Change::Add(new),
-                Change::Delete(other_metric),
-                Change::Delete(gone)
-            ]
-        );
+        let mut ecmp = want.clone();
+        ecmp.multipath = true;
+        assert!(want.satisfied_by(&want.clone()));
+        for have in [other_gw, not_onlink, foreign, other_metric, ecmp] {
+            assert!(!want.satisfied_by(&have), "{have:?}");
+        }
     }
 
     #[test]
-    fn only_and_held_restrict_the_diff() {
-        let a = via("10.0.0.0/26", "192.168.1.2", Some(3), true);
-        let b = via("10.0.1.0/26", "192.168.1.3", Some(3), true);
-        let only: BTreeSet<IpNet> = [a.key.dst].into();
-        let changes = diff(
-            &wanted(&[a.clone(), b.clone()]),
-            &BTreeMap::new(),
-            Some(&only),
-            &BTreeSet::new(),
-        );
-        assert_eq!(changes, vec![Change::Add(a.clone())]);
-        let held: BTreeSet<IpNet> = [b.key.dst].into();
-        let changes = diff(&BTreeMap::new(), &map(&[a.clone(), b]), None, &held);
-        assert_eq!(changes, vec![Change::Delete(a)]);
+    fn key_range_holds_every_key_of_a_destination_only() {
+        let dst: IpNet = "10.0.0.0/26".parse().unwrap();
+        let range = RouteKey::range(dst);
+        for (priority, tos) in [(0, 0), (5, 0), (u32::MAX, u8::MAX)] {
+            assert!(range.contains(&RouteKey { dst, priority, tos }));
+        }
+        let next: IpNet = "10.0.0.64/26".parse().unwrap();
+        assert!(!range.contains(&RouteKey {
+            dst: next,
+            priority: 0,
+            tos: 0
+        }));
     }
 
     #[test]

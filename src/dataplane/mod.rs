@@ -10,14 +10,20 @@
 //! - [`Dataplane::open`] opens the route monitor first, then dumps links and our routes once
 //!   into memory. Nothing is flushed: routes a previous run left are adopted, and the first
 //!   reconcile changes only what differs.
-//! - [`Dataplane::reconcile`] diffs the desired routes against that mirror and sends the adds,
-//!   replaces and deletes in batches of many messages per `sendto`, checking every ACK
+//! - The desired routes are kept once, by prefix, each marked with whether the kernel has it
+//!   as wanted; our other kernel routes (adopted, left over, added by hand) are kept apart
+//!   until they are adopted into the plan or deleted.
+//! - [`Dataplane::reconcile`] compares the desired routes with that mirror and sends the adds,
+//!   replaces and deletes in batches of many messages per `sendto`, checking every answer
 //!   ([`socket`]). Adds never overwrite a foreign route (`NLM_F_EXCL`); deletes name our
 //!   protocol, so the kernel cannot delete anyone else's route.
+//! - A BGP best-path change reaches the dataplane as a delta ([`PlanUpdate::Delta`]): only
+//!   the prefixes in it are compared and changed, without a pass over the whole table; a full
+//!   plan ([`PlanUpdate::Full`]) comes after datastore and interface changes.
 //! - A route that fails (gateway unreachable, device missing, key taken by a foreign route)
 //!   is recorded in [`DataplaneStatus::failures`], logged, counted and retried with backoff;
 //!   it never holds up the other routes.
-//! - [`Dataplane::run`] is the long-running task: new plans, monitor events (a hand-deleted or
+//! - [`Dataplane::run`] is the long-running task: plan updates, monitor events (a hand-deleted or
 //!   hand-changed route of ours is put back at once; foreign routes are ignored), retries, and
 //!   a full re-read after lost notifications or link removals (the kernel drops IPv4 routes of
 //!   a vanished device without notifying).
@@ -31,7 +37,9 @@ pub mod monitor;
 pub mod socket;
 pub mod tunnel;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -40,9 +48,10 @@ use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::LinkMessage;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-use crate::plan::{DesiredRoute, RouteScope};
+use crate::plan::{DesiredRoute, RouteKind, RouteScope};
+use crate::prefix_map::PrefixMap;
 use kernel::{Change, KernelRoute, RouteKey};
 use monitor::{Event, LinkInfo, MonitorSocket};
 use socket::{NetlinkError, RequestSocket};
@@ -147,16 +156,19 @@ pub struct DataplaneCounters {
 /// What the agent, metrics and health endpoints read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DataplaneStatus {
-    /// `true` once a plan was received and reconciled.
+    /// `true` once a full plan was received and reconciled.
     pub programmed: bool,
     pub desired_routes: usize,
     /// Routes with our protocol in the main table, as last seen.
     pub installed_routes: usize,
+    /// Desired routes without a failure, per [`RouteKind::index`] (all 0 before the first
+    /// plan).
+    pub programmed_by_kind: [usize; RouteKind::ALL.len()],
     pub failures: Vec<RouteFailure>,
     pub counters: DataplaneCounters,
-    /// The last plan [`Dataplane::run`] applied (compare with `Arc::ptr_eq` to learn when a
-    /// plan reached the kernel).
-    pub applied_plan: Option<Arc<Vec<DesiredRoute>>>,
+    /// The number of the last [`PlanMessage`] [`Dataplane::run`] applied (to learn when an
+    /// update reached the kernel).
+    pub applied: Option<u64>,
 }
 
 /// The result of one reconcile.
@@ -211,17 +223,222 @@ impl Links {
     }
 }
 
-/// The dataplane state: the request socket, the monitor, the mirror of our kernel routes and
-/// the desired routes.
+/// What the agent sends the dataplane task ([`Dataplane::run`]), numbered: the status
+/// reports the number of the last update applied ([`DataplaneStatus::applied`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanMessage {
+    pub seq: u64,
+    pub update: PlanUpdate,
+}
+
+/// A change of the desired routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanUpdate {
+    /// Every desired route; replaces the previous set. Until the first one the dataplane
+    /// deletes nothing (the agent has no complete picture yet).
+    Full(Vec<DesiredRoute>),
+    /// The routes of single prefixes changed (BGP best-path changes): only these prefixes
+    /// are reconciled.
+    Delta(Vec<RouteChange>),
+}
+
+/// One prefix of a [`PlanUpdate::Delta`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteChange {
+    /// This route is wanted for its prefix (new or changed).
+    Upsert(DesiredRoute),
+    /// No route is wanted for this prefix any more.
+    Remove(IpNet),
+}
+
+/// A device name held by desired routes; see [`Devices`].
+type DeviceId = NonZeroU32;
+
+/// The device names of the desired routes, each held once however many routes use it
+/// (100,000 routes through `tunl0` hold one name), with a count of its users.
+#[derive(Debug, Default)]
+struct Devices {
+    /// Name and number of routes using it, by id − 1; `None` = free.
+    entries: Vec<Option<(Arc<str>, u32)>>,
+    by_name: HashMap<Arc<str>, DeviceId>,
+    free: Vec<DeviceId>,
+}
+
+impl Devices {
+    /// The id of `name`, counting one more user.
+    fn intern(&mut self, name: Arc<str>) -> DeviceId {
+        if let Some(id) = self.by_name.get(&name).copied() {
+            if let Some(Some((_, users))) = self.entries.get_mut(Self::index(id)) {
+                *users += 1;
+            }
+            return id;
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.entries[Self::index(id)] = Some((name.clone(), 1));
+                id
+            }
+            None => {
+                self.entries.push(Some((name.clone(), 1)));
+                // Fewer than 2^32 devices exist; saturate rather than wrap.
+                let n = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
+                DeviceId::new(n).unwrap_or(DeviceId::MIN)
+            }
+        };
+        self.by_name.insert(name, id);
+        id
+    }
+
+    /// One user of `id` fewer; the name goes with its last user.
+    fn release(&mut self, id: DeviceId) {
+        let index = Self::index(id);
+        let Some(Some((name, users))) = self.entries.get_mut(index) else {
+            return;
+        };
+        *users -= 1;
+        if *users == 0 {
+            self.by_name.remove(name);
+            self.entries[index] = None;
+            self.free.push(id);
+        }
+    }
+
+    fn name(&self, id: DeviceId) -> Option<&Arc<str>> {
+        self.entries
+            .get(Self::index(id))
+            .and_then(|e| e.as_ref().map(|(name, _)| name))
+    }
+
+    fn index(id: DeviceId) -> usize {
+        id.get() as usize - 1
+    }
+}
+
+/// A destination the plan wants a route for: the desired route without its prefix (the key
+/// it is stored under), in 24 bytes, and whether the kernel has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    gateway: Option<IpAddr>,
+    device: Option<DeviceId>,
+    kind: RouteKind,
+    /// [`Slot::LINK_SCOPE`], [`Slot::ONLINK`], [`Slot::SYNCED`].
+    flags: u8,
+}
+
+impl Slot {
+    const LINK_SCOPE: u8 = 1;
+    const ONLINK: u8 = 2;
+    /// The kernel holds our route for this destination as wanted: same key, and
+    /// [`KernelRoute::satisfied_by`] (last installed by us, or seen in a dump or notification).
+    const SYNCED: u8 = 4;
+
+    /// The slot of `route` (not synced), interning its device.
+    fn new(route: DesiredRoute, devices: &mut Devices) -> (IpNet, Self) {
+        let mut flags = 0;
+        if route.scope == RouteScope::Link {
+            flags |= Self::LINK_SCOPE;
+        }
+        if route.onlink {
+            flags |= Self::ONLINK;
+        }
+        let slot = Self {
+            gateway: route.gateway,
+            device: route.device.map(|d| devices.intern(d)),
+            kind: route.kind,
+            flags,
+        };
+        (route.prefix.trunc(), slot)
+    }
+
+    fn synced(&self) -> bool {
+        self.flags & Self::SYNCED != 0
+    }
+
+    /// The same route wanted (synced or not).
+    fn same_want(&self, other: &Slot) -> bool {
+        self.gateway == other.gateway
+            && self.device == other.device
+            && self.kind == other.kind
+            && self.flags & !Self::SYNCED == other.flags & !Self::SYNCED
+    }
+
+    fn route(&self, prefix: IpNet, devices: &Devices) -> DesiredRoute {
+        DesiredRoute {
+            prefix,
+            kind: self.kind,
+            gateway: self.gateway,
+            device: self.device.and_then(|d| devices.name(d).cloned()),
+            onlink: self.flags & Self::ONLINK != 0,
+            scope: if self.flags & Self::LINK_SCOPE != 0 {
+                RouteScope::Link
+            } else {
+                RouteScope::Universe
+            },
+        }
+    }
+
+    /// The kernel route for this slot; `oif` from the device name.
+    fn kernel_route(&self, dst: IpNet, protocol: u8, oif: Option<u32>) -> KernelRoute {
+        KernelRoute::wanted(
+            dst,
+            protocol,
+            self.kind == RouteKind::Blackhole,
+            self.flags & Self::LINK_SCOPE != 0,
+            self.gateway,
+            oif,
+            self.flags & Self::ONLINK != 0,
+        )
+    }
+}
+
+/// Which destinations a reconcile looks at.
+enum Scope<'a> {
+    All,
+    /// Sorted, each once.
+    Only(&'a [IpNet]),
+}
+
+/// Destinations reconciled per round of requests: bounds the memory of one round.
+const RECONCILE_CHUNK: usize = 4096;
+
+/// Destinations of applied updates still to reconcile ([`Dataplane::stream`]).
+#[derive(Debug, Default)]
+struct Pending {
+    dsts: VecDeque<IpNet>,
+    /// A full update came: everything is to be reconciled.
+    full: bool,
+    /// Destinations taken from `dsts` so far.
+    taken: u64,
+    /// Each update's number with the value of `taken` at which all its destinations are
+    /// reconciled.
+    ends: VecDeque<(u64, u64)>,
+}
+
+/// The dataplane state: the request socket, the monitor, the desired routes and what the
+/// kernel holds of ours.
+///
+/// One map holds the desired routes; each entry also says whether the kernel has it
+/// (`synced`). Our kernel routes that are not a synced desired route — adopted from a previous
+/// run, left over after a change, added by hand with our protocol — are kept in `strays`
+/// until they are promoted (they turn out to be what the plan wants) or deleted. In the
+/// steady state `strays` is empty and every route is held once.
 pub struct Dataplane {
     config: DataplaneConfig,
     sock: RequestSocket,
     monitor: Option<MonitorSocket>,
     links: Links,
-    /// Our routes in the kernel (protocol = ours, main table), kept current by the monitor.
-    installed: BTreeMap<RouteKey, KernelRoute>,
-    /// `None` until the first plan: nothing is deleted before the agent has a full picture.
-    desired: Option<BTreeMap<IpNet, DesiredRoute>>,
+    slots: PrefixMap<Slot>,
+    devices: Devices,
+    /// Our routes in the kernel (protocol = ours, main table) that no synced slot accounts
+    /// for, kept current by the monitor.
+    strays: BTreeMap<RouteKey, KernelRoute>,
+    /// Slots with `synced` set.
+    synced: usize,
+    /// Desired routes per [`RouteKind::index`].
+    desired_by_kind: [usize; RouteKind::ALL.len()],
+    /// `false` until the first full plan: nothing is deleted before the agent has a full
+    /// picture.
+    programmed: bool,
     /// Destinations whose route of ours was overwritten by a foreign one (`ip route replace`):
     /// restored with a replace, unlike a foreign route that was there first.
     overwritten: BTreeSet<IpNet>,
@@ -229,11 +446,35 @@ pub struct Dataplane {
     counters: DataplaneCounters,
     last_resync: Instant,
     observer: Option<ReconcileObserver>,
-    /// The plan [`run`](Self::run) applied last.
-    applied_plan: Option<Arc<Vec<DesiredRoute>>>,
+    /// The number of the last [`PlanMessage`] [`run`](Self::run) applied.
+    applied: Option<u64>,
 }
 
 type ReconcileObserver = Box<dyn Fn(Duration, ApplyReport) + Send>;
+
+/// The key our route for `dst` has in the kernel (priority as the kernel fills it in).
+fn want_key(dst: IpNet) -> RouteKey {
+    RouteKey {
+        dst,
+        priority: if dst.addr().is_ipv6() {
+            kernel::IPV6_DEFAULT_PRIORITY
+        } else {
+            0
+        },
+        tos: 0,
+    }
+}
+
+/// What a destination needs besides kernel requests.
+enum Step {
+    /// The slot is synced but still has a failure on record (its route got in another way,
+    /// e.g. an answer was lost and the table re-read): the failure goes.
+    InSync,
+    /// The slot's route was found in `strays`, as wanted: no request needed.
+    Promote(RouteKey),
+    /// The slot's device does not exist.
+    Missing(Arc<str>),
+}
 
 impl Dataplane {
     /// Opens the sockets in the calling thread's network namespace, then reads links and our
@@ -244,25 +485,33 @@ impl Dataplane {
         }
         let monitor = MonitorSocket::open().map_err(DataplaneError::Open)?;
         let sock = RequestSocket::open(config.batch_size).map_err(DataplaneError::Open)?;
+        // Our own changes are known from the answers: the monitor need not read them back.
+        monitor
+            .ignore_sender(sock.port().map_err(DataplaneError::Open)?)
+            .map_err(DataplaneError::Open)?;
         let mut dp = Self {
             config,
             sock,
             monitor: Some(monitor),
             links: Links::default(),
-            installed: BTreeMap::new(),
-            desired: None,
+            slots: PrefixMap::new(),
+            devices: Devices::default(),
+            strays: BTreeMap::new(),
+            synced: 0,
+            desired_by_kind: [0; RouteKind::ALL.len()],
+            programmed: false,
             overwritten: BTreeSet::new(),
             failures: BTreeMap::new(),
             counters: DataplaneCounters::default(),
             last_resync: Instant::now(),
             observer: None,
-            applied_plan: None,
+            applied: None,
         };
         dp.read_kernel()?;
         dp.counters.resyncs = 0;
         tracing::info!(
             protocol = dp.config.protocol,
-            adopted = dp.installed.len(),
+            adopted = dp.strays.len(),
             batch = dp.sock.batch(),
             "dataplane opened; existing routes adopted"
         );
@@ -276,99 +525,165 @@ impl Dataplane {
 
     /// Re-reads links and our routes from the kernel.
     pub fn read_kernel(&mut self) -> Result<(), DataplaneError> {
-        let links = self
-            .sock
-            .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
+        let mut links = Links::default();
+        self.sock
+            .dump_each(
+                RouteNetlinkMessage::GetLink(LinkMessage::default()),
+                |msg| {
+                    if let RouteNetlinkMessage::NewLink(m) = msg {
+                        links.update(&LinkInfo::from_message(&m));
+                    }
+                },
+            )
             .map_err(DataplaneError::Dump)?;
-        self.links = Links::default();
-        for msg in &links {
-            if let RouteNetlinkMessage::NewLink(m) = msg {
-                self.links.update(&LinkInfo::from_message(m));
-            }
+        self.links = links;
+        for slot in self.slots.values_mut() {
+            slot.flags &= !Slot::SYNCED;
         }
-        let routes = self
-            .sock
-            .dump(kernel::dump_request(self.config.protocol))
-            .map_err(DataplaneError::Dump)?;
-        self.installed = routes
-            .iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) => KernelRoute::from_message(r),
-                _ => None,
+        self.synced = 0;
+        self.strays.clear();
+        let ours = self.config.protocol;
+        let mut routes = Vec::new();
+        self.sock
+            .dump_each(kernel::dump_request(ours), |msg| {
+                if let RouteNetlinkMessage::NewRoute(m) = msg
+                    && let Some(route) = KernelRoute::from_message(&m)
+                    && route.protocol == ours
+                {
+                    routes.push(route);
+                }
             })
-            .filter(|r| r.protocol == self.config.protocol)
-            .map(|r| (r.key, r))
-            .collect();
+            .map_err(DataplaneError::Dump)?;
+        for route in routes {
+            self.kernel_has(route);
+        }
         self.counters.resyncs += 1;
         self.last_resync = Instant::now();
         Ok(())
     }
 
-    /// Sets the routes the kernel must have. The next [`reconcile`](Self::reconcile) applies
-    /// them. Routes are keyed by prefix; a later duplicate wins.
-    pub fn set_desired<'a>(&mut self, routes: impl IntoIterator<Item = &'a DesiredRoute>) {
-        let desired: BTreeMap<IpNet, DesiredRoute> = routes
-            .into_iter()
-            .map(|r| (r.prefix.trunc(), r.clone()))
-            .collect();
-        self.failures.retain(|dst, _| desired.contains_key(dst));
-        self.desired = Some(desired);
+    /// Lowers a slot to the kernel route; `Err(device)` when its device is missing.
+    fn lower(&self, dst: IpNet, slot: &Slot) -> Result<KernelRoute, Arc<str>> {
+        let oif = match slot.device.and_then(|d| self.devices.name(d)) {
+            Some(dev) => match self.links.by_name.get(&**dev) {
+                Some(i) => Some(*i),
+                None => return Err(dev.clone()),
+            },
+            None => None,
+        };
+        Ok(slot.kernel_route(dst, self.config.protocol, oif))
     }
 
-    /// Lowers the desired routes to kernel routes; routes whose device is missing are held
-    /// back (and recorded as failures).
-    fn wanted(
-        &mut self,
-        only: Option<&BTreeSet<IpNet>>,
-    ) -> (BTreeMap<IpNet, KernelRoute>, BTreeSet<IpNet>, usize) {
-        let mut wanted = BTreeMap::new();
-        let mut held = BTreeSet::new();
-        let mut missing = 0;
-        let Some(desired) = &self.desired else {
-            return (wanted, held, 0);
-        };
-        let iter: Box<dyn Iterator<Item = (&IpNet, &DesiredRoute)>> = match only {
-            Some(set) => Box::new(set.iter().filter_map(|d| desired.get_key_value(d))),
-            None => Box::new(desired.iter()),
-        };
-        let mut missing_devices = Vec::new();
-        for (dst, route) in iter {
-            let oif = match &route.device {
-                Some(dev) => match self.links.by_name.get(dev) {
-                    Some(i) => Some(*i),
-                    None => {
-                        held.insert(*dst);
-                        missing_devices.push((route.clone(), dev.clone()));
-                        continue;
-                    }
-                },
-                None => None,
-            };
-            wanted.insert(
-                *dst,
-                KernelRoute::wanted(
-                    *dst,
-                    self.config.protocol,
-                    route.is_blackhole(),
-                    route.scope == RouteScope::Link,
-                    route.gateway,
-                    oif,
-                    route.onlink,
-                ),
-            );
-        }
-        let mut by_device: BTreeMap<String, usize> = BTreeMap::new();
-        for (route, dev) in missing_devices {
-            // A missing device is only news the first time; retries stay quiet.
-            if self.record_failure(route, RouteError::MissingDevice(dev.clone())) {
-                *by_device.entry(dev).or_default() += 1;
+    /// Records that the kernel holds `route` (ours): it syncs its slot when it is what the
+    /// slot wants, else it is a stray.
+    fn kernel_has(&mut self, route: KernelRoute) {
+        let dst = route.key.dst;
+        let wanted = self
+            .slots
+            .get(&dst)
+            .and_then(|slot| self.lower(dst, slot).ok());
+        match wanted {
+            Some(w) if w.key == route.key && w.satisfied_by(&route) => {
+                self.strays.remove(&route.key);
+                self.set_synced(dst, true);
+                self.succeeded(dst);
             }
-            missing += 1;
+            Some(w) if w.key == route.key => {
+                self.set_synced(dst, false);
+                self.strays.insert(route.key, route);
+            }
+            _ => {
+                self.strays.insert(route.key, route);
+            }
         }
-        for (dev, count) in by_device {
-            tracing::warn!(device = %dev, routes = count, "routes wait for a missing device");
+    }
+
+    fn set_synced(&mut self, dst: IpNet, synced: bool) {
+        if let Some(slot) = self.slots.get_mut(&dst)
+            && slot.synced() != synced
+        {
+            if synced {
+                slot.flags |= Slot::SYNCED;
+                self.synced += 1;
+            } else {
+                slot.flags &= !Slot::SYNCED;
+                self.synced -= 1;
+            }
         }
-        (wanted, held, missing)
+    }
+
+    /// Removes the slot of `dst`; a synced route becomes a stray (to be deleted).
+    fn remove_slot(&mut self, dst: IpNet) -> Option<Slot> {
+        let slot = self.slots.remove(&dst)?;
+        self.desired_by_kind[slot.kind.index()] -= 1;
+        if let Some(device) = slot.device {
+            self.devices.release(device);
+        }
+        if slot.synced() {
+            self.synced -= 1;
+            // Deletes name key, type and protocol; the device does not matter.
+            let route = slot.kernel_route(dst, self.config.protocol, None);
+            self.strays.insert(route.key, route);
+        }
+        Some(slot)
+    }
+
+    /// Sets the route wanted for its prefix; returns the prefix when anything changed.
+    fn upsert_slot(&mut self, route: DesiredRoute) -> Option<IpNet> {
+        let (dst, slot) = Slot::new(route, &mut self.devices);
+        if self.slots.get(&dst).is_some_and(|s| s.same_want(&slot)) {
+            if let Some(device) = slot.device {
+                self.devices.release(device);
+            }
+            return None;
+        }
+        self.remove_slot(dst);
+        self.desired_by_kind[slot.kind.index()] += 1;
+        self.slots.insert(dst, slot);
+        Some(dst)
+    }
+
+    /// Sets the routes the kernel must have (all of them). The next
+    /// [`reconcile`](Self::reconcile) applies them. Routes are keyed by prefix; a later
+    /// duplicate wins.
+    pub fn set_desired<'a>(&mut self, routes: impl IntoIterator<Item = &'a DesiredRoute>) {
+        self.replace_desired(routes.into_iter().cloned());
+    }
+
+    fn replace_desired(&mut self, routes: impl IntoIterator<Item = DesiredRoute>) {
+        let new: PrefixMap<DesiredRoute> =
+            routes.into_iter().map(|r| (r.prefix.trunc(), r)).collect();
+        let gone: Vec<IpNet> = self.slots.keys().filter(|d| !new.contains_key(d)).collect();
+        for dst in gone {
+            self.remove_slot(dst);
+        }
+        for route in new.into_values() {
+            self.upsert_slot(route);
+        }
+        let slots = &self.slots;
+        self.failures.retain(|dst, _| slots.contains_key(dst));
+        self.programmed = true;
+    }
+
+    /// Applies single-prefix changes; returns the destinations to reconcile, sorted, each
+    /// once.
+    pub fn apply_delta(&mut self, changes: Vec<RouteChange>) -> Vec<IpNet> {
+        let mut dirty = Vec::with_capacity(changes.len());
+        for change in changes {
+            match change {
+                RouteChange::Upsert(route) => dirty.extend(self.upsert_slot(route)),
+                RouteChange::Remove(prefix) => {
+                    let dst = prefix.trunc();
+                    if self.remove_slot(dst).is_some() {
+                        self.failures.remove(&dst);
+                        dirty.push(dst);
+                    }
+                }
+            }
+        }
+        dirty.sort_unstable();
+        dirty.dedup();
+        dirty
     }
 
     /// Records a failure; returns true when it is new or changed.
@@ -403,27 +718,82 @@ impl Dataplane {
     /// Makes the kernel match the desired routes (all of them). Does nothing before the first
     /// [`set_desired`](Self::set_desired).
     pub fn reconcile(&mut self) -> ApplyReport {
-        self.reconcile_some(None)
+        self.reconcile_scope(Scope::All)
     }
 
-    fn reconcile_some(&mut self, only: Option<&BTreeSet<IpNet>>) -> ApplyReport {
-        if self.desired.is_none() {
+    /// Makes the kernel match the desired routes for the destinations `dsts` only (after a
+    /// [`apply_delta`](Self::apply_delta), a drift, a retry). Does nothing before the first
+    /// [`set_desired`](Self::set_desired).
+    pub fn reconcile_some(&mut self, dsts: &[IpNet]) -> ApplyReport {
+        if dsts.is_sorted_by(|a, b| a < b) {
+            return self.reconcile_scope(Scope::Only(dsts));
+        }
+        let mut dsts = dsts.to_vec();
+        dsts.sort_unstable();
+        dsts.dedup();
+        self.reconcile_scope(Scope::Only(&dsts))
+    }
+
+    /// The next destinations of a full reconcile after `after`: those of slots and strays.
+    fn next_destinations(&self, after: Option<IpNet>, out: &mut Vec<IpNet>) {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let mut slots = self.slots.iter_after(after).map(|(d, _)| d).peekable();
+        let stray_lower = after.map_or(Unbounded, |d| {
+            Excluded(RouteKey {
+                dst: d,
+                priority: u32::MAX,
+                tos: u8::MAX,
+            })
+        });
+        let mut strays = self
+            .strays
+            .range((stray_lower, Unbounded))
+            .map(|(k, _)| k.dst)
+            .peekable();
+        while out.len() < RECONCILE_CHUNK {
+            let next = match (slots.peek(), strays.peek()) {
+                (Some(a), Some(b)) => *a.min(b),
+                (Some(a), None) => *a,
+                (None, Some(b)) => *b,
+                (None, None) => break,
+            };
+            slots.next_if_eq(&next);
+            while strays.next_if_eq(&next).is_some() {}
+            out.push(next);
+        }
+    }
+
+    fn reconcile_scope(&mut self, scope: Scope<'_>) -> ApplyReport {
+        if !self.programmed {
             return ApplyReport::default();
         }
         self.counters.reconciles += 1;
         let started = Instant::now();
-        let (wanted, held, missing) = self.wanted(only);
-        let mut changes = kernel::diff(&wanted, &self.installed, only, &held);
-        for change in &mut changes {
-            if let Change::Add(r) = change
-                && self.overwritten.contains(&r.key.dst)
-            {
-                *change = Change::Replace(r.clone());
+        let mut report = ApplyReport::default();
+        let mut missing: BTreeMap<Arc<str>, usize> = BTreeMap::new();
+        let mut chunk = Vec::with_capacity(RECONCILE_CHUNK);
+        match scope {
+            Scope::All => {
+                let mut after = None;
+                loop {
+                    chunk.clear();
+                    self.next_destinations(after, &mut chunk);
+                    let Some(last) = chunk.last().copied() else {
+                        break;
+                    };
+                    after = Some(last);
+                    self.reconcile_chunk(&chunk, &mut report, &mut missing);
+                }
+            }
+            Scope::Only(dsts) => {
+                for part in dsts.chunks(RECONCILE_CHUNK) {
+                    self.reconcile_chunk(part, &mut report, &mut missing);
+                }
             }
         }
-        let mut report = self.apply(changes);
-        report.failed += missing;
-        self.counters.route_errors += missing as u64;
+        for (dev, count) in missing {
+            tracing::warn!(device = %dev, routes = count, "routes wait for a missing device");
+        }
         if report.changes() > 0 {
             tracing::info!(
                 added = report.added,
@@ -440,19 +810,102 @@ impl Dataplane {
         report
     }
 
+    /// What destination `dst` needs: adds and replaces go to `upserts`, deletes to
+    /// `deletes`, promotions and missing devices to `other`.
+    fn steps(
+        &self,
+        dst: IpNet,
+        upserts: &mut Vec<Change>,
+        deletes: &mut Vec<Change>,
+        other: &mut Vec<(IpNet, Step)>,
+    ) {
+        let strays = self.strays.range(RouteKey::range(dst));
+        let Some(slot) = self.slots.get(&dst) else {
+            deletes.extend(strays.map(|(_, r)| Change::Delete(r.clone())));
+            return;
+        };
+        let wanted = match self.lower(dst, slot) {
+            Ok(w) => w,
+            Err(device) => {
+                // Held back: nothing for this destination changes until the device exists.
+                other.push((dst, Step::Missing(device)));
+                return;
+            }
+        };
+        let mut exact = None;
+        for (key, have) in strays {
+            if *key == wanted.key {
+                exact = Some(have);
+            } else {
+                deletes.push(Change::Delete(have.clone()));
+            }
+        }
+        if slot.synced() && exact.is_none() {
+            if self.failures.contains_key(&dst) {
+                other.push((dst, Step::InSync));
+            }
+            return;
+        }
+        match exact {
+            Some(have) if wanted.satisfied_by(have) => {
+                other.push((dst, Step::Promote(wanted.key)));
+            }
+            Some(_) => upserts.push(Change::Replace(wanted)),
+            None if self.overwritten.contains(&dst) => upserts.push(Change::Replace(wanted)),
+            None => upserts.push(Change::Add(wanted)),
+        }
+    }
+
+    fn reconcile_chunk(
+        &mut self,
+        dsts: &[IpNet],
+        report: &mut ApplyReport,
+        missing: &mut BTreeMap<Arc<str>, usize>,
+    ) {
+        let mut changes = Vec::new();
+        let mut deletes = Vec::new();
+        let mut other = Vec::new();
+        for dst in dsts {
+            self.steps(*dst, &mut changes, &mut deletes, &mut other);
+        }
+        // Adds and replaces before deletes: traffic moving to a new route meets no gap.
+        changes.append(&mut deletes);
+        for (dst, step) in other {
+            match step {
+                Step::InSync => self.succeeded(dst),
+                Step::Promote(key) => {
+                    self.strays.remove(&key);
+                    self.set_synced(dst, true);
+                    self.succeeded(dst);
+                }
+                Step::Missing(device) => {
+                    let Some(route) = self.slots.get(&dst).map(|s| s.route(dst, &self.devices))
+                    else {
+                        continue;
+                    };
+                    // A missing device is only news the first time; retries stay quiet.
+                    if self.record_failure(route, RouteError::MissingDevice(device.to_string())) {
+                        *missing.entry(device).or_default() += 1;
+                    }
+                    report.failed += 1;
+                    self.counters.route_errors += 1;
+                }
+            }
+        }
+        self.apply(changes, report);
+    }
+
     /// Calls `observer` after every reconcile with its duration and result (metrics).
     pub fn on_reconcile(&mut self, observer: impl Fn(Duration, ApplyReport) + Send + 'static) {
         self.observer = Some(Box::new(observer));
     }
 
-    fn apply(&mut self, changes: Vec<Change>) -> ApplyReport {
-        let mut report = ApplyReport::default();
+    fn apply(&mut self, changes: Vec<Change>, report: &mut ApplyReport) {
         if changes.is_empty() {
-            return report;
+            return;
         }
-        let requests = changes.iter().map(Change::request).collect();
         let sends_before = self.sock.sends;
-        let results = self.sock.execute(requests);
+        let results = self.sock.execute(changes.iter().map(Change::request));
         self.counters.netlink_sends += self.sock.sends - sends_before;
         self.counters.netlink_requests += changes.len() as u64;
         let mut lost_acks = false;
@@ -462,12 +915,12 @@ impl Dataplane {
                 (Change::Add(r), Ok(())) => {
                     report.added += 1;
                     self.counters.routes_added += 1;
-                    self.succeeded(r);
+                    self.installed(r);
                 }
                 (Change::Replace(r), Ok(())) => {
                     report.replaced += 1;
                     self.counters.routes_replaced += 1;
-                    self.succeeded(r);
+                    self.installed(r);
                 }
                 (Change::Delete(r), result) => match result {
                     Err(NetlinkError::Kernel { errno, .. })
@@ -480,7 +933,7 @@ impl Dataplane {
                     Err(NetlinkError::Kernel { .. }) | Ok(()) => {
                         report.deleted += 1;
                         self.counters.routes_deleted += 1;
-                        self.installed.remove(&r.key);
+                        self.strays.remove(&r.key);
                     }
                     Err(e) => {
                         lost_acks |= e == NetlinkError::AckLost;
@@ -497,7 +950,7 @@ impl Dataplane {
                         Some(libc::EEXIST) => RouteError::Occupied,
                         _ => RouteError::Kernel(e),
                     };
-                    if let Some(route) = self.desired.as_ref().and_then(|d| d.get(&dst)).cloned()
+                    if let Some(route) = self.slots.get(&dst).map(|s| s.route(dst, &self.devices))
                         && self.record_failure(route.clone(), error.clone())
                     {
                         tracing::warn!(route = %route, error = %error, "route not programmed; will retry");
@@ -511,21 +964,32 @@ impl Dataplane {
                 tracing::error!(error = %e, "re-reading the routing table failed");
             }
         }
-        report
     }
 
-    fn succeeded(&mut self, route: KernelRoute) {
+    /// The kernel accepted `route`, the lowered want of its slot.
+    fn installed(&mut self, route: KernelRoute) {
         let dst = route.key.dst;
+        self.strays.remove(&route.key);
+        self.set_synced(dst, true);
+        self.succeeded(dst);
+    }
+
+    fn succeeded(&mut self, dst: IpNet) {
         if let Some(f) = self.failures.remove(&dst) {
             tracing::info!(route = %f.route, attempts = f.attempts, "route programmed after failures");
         }
         self.overwritten.remove(&dst);
-        self.installed.insert(route.key, route);
+    }
+
+    /// Whether the kernel holds our route `key` as far as we know.
+    fn holds(&self, key: &RouteKey) -> bool {
+        self.strays.contains_key(key)
+            || (*key == want_key(key.dst) && self.slots.get(&key.dst).is_some_and(Slot::synced))
     }
 
     /// Applies monitor events to the mirror; returns the destinations to repair and whether
     /// a full re-read is needed.
-    fn absorb(&mut self, events: Vec<Event>) -> (BTreeSet<IpNet>, bool) {
+    fn absorb(&mut self, events: Vec<Event>) -> (Vec<IpNet>, bool) {
         let mut dirty = BTreeSet::new();
         let mut resync = false;
         let ours = self.config.protocol;
@@ -534,10 +998,11 @@ impl Dataplane {
                 Event::RouteAdded { route, replaced } => {
                     let dst = route.key.dst;
                     if route.protocol == ours {
-                        self.installed.insert(route.key, route);
+                        self.kernel_has(route);
                         dirty.insert(dst);
-                    } else if replaced && self.installed.remove(&route.key).is_some() {
+                    } else if replaced && self.holds(&route.key) {
                         // Our route was overwritten by hand: drift.
+                        self.forget(&route.key);
                         self.overwritten.insert(dst);
                         dirty.insert(dst);
                     }
@@ -545,7 +1010,7 @@ impl Dataplane {
                 Event::RouteRemoved(route) => {
                     let dst = route.key.dst;
                     if route.protocol == ours {
-                        self.installed.remove(&route.key);
+                        self.forget(&route.key);
                         dirty.insert(dst);
                     } else if self.failures.contains_key(&dst) {
                         // A foreign route in our way went away: try now.
@@ -571,28 +1036,23 @@ impl Dataplane {
             }
         }
         // Only destinations we care about.
-        let desired = self.desired.as_ref();
         dirty.retain(|d| {
-            desired.is_some_and(|m| m.contains_key(d))
-                || self
-                    .installed
-                    .range(
-                        RouteKey {
-                            dst: *d,
-                            priority: 0,
-                            tos: 0,
-                        }..,
-                    )
-                    .next()
-                    .is_some_and(|(k, _)| k.dst == *d)
+            self.slots.contains_key(d) || self.strays.range(RouteKey::range(*d)).next().is_some()
         });
-        (dirty, resync)
+        (dirty.into_iter().collect(), resync)
+    }
+
+    /// The kernel no longer holds our route `key`.
+    fn forget(&mut self, key: &RouteKey) {
+        if self.strays.remove(key).is_none() && *key == want_key(key.dst) {
+            self.set_synced(key.dst, false);
+        }
     }
 
     /// Reconciles the failed routes whose retry time has come.
     pub fn retry_due(&mut self) -> ApplyReport {
         let now = Instant::now();
-        let due: BTreeSet<IpNet> = self
+        let due: Vec<IpNet> = self
             .failures
             .iter()
             .filter(|(_, f)| f.next_retry <= now)
@@ -601,7 +1061,7 @@ impl Dataplane {
         if due.is_empty() {
             return ApplyReport::default();
         }
-        self.reconcile_some(Some(&due))
+        self.reconcile_some(&due)
     }
 
     /// When the next retry is due.
@@ -611,36 +1071,125 @@ impl Dataplane {
 
     /// Our installed routes whose device is `device`, as (destination, gateway): after a
     /// restart, what the previous run routed through `tunl0`.
-    pub fn routes_via(&self, device: &str) -> Vec<(IpNet, std::net::IpAddr)> {
+    pub fn routes_via(&self, device: &str) -> Vec<(IpNet, IpAddr)> {
         let Some(index) = self.links.by_name.get(device).copied() else {
             return Vec::new();
         };
-        self.installed
+        let strays = self
+            .strays
             .values()
             .filter(|r| r.oif == Some(index))
-            .filter_map(|r| r.gateway.map(|g| (r.key.dst, g)))
-            .collect()
+            .filter_map(|r| r.gateway.map(|g| (r.key.dst, g)));
+        let id = self.devices.by_name.get(device).copied();
+        let synced = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.synced() && id.is_some() && s.device == id)
+            .filter_map(|(d, s)| s.gateway.map(|g| (d, g)));
+        strays.chain(synced).collect()
     }
 
     /// A snapshot for status readers.
     pub fn status(&self) -> DataplaneStatus {
+        let mut programmed_by_kind = [0; RouteKind::ALL.len()];
+        if self.programmed {
+            programmed_by_kind = self.desired_by_kind;
+            for f in self.failures.values() {
+                let n = &mut programmed_by_kind[f.route.kind.index()];
+                *n = n.saturating_sub(1);
+            }
+        }
         DataplaneStatus {
-            programmed: self.desired.is_some(),
-            desired_routes: self.desired.as_ref().map_or(0, BTreeMap::len),
-            installed_routes: self.installed.len(),
+            programmed: self.programmed,
+            desired_routes: self.slots.len(),
+            installed_routes: self.synced + self.strays.len(),
+            programmed_by_kind,
             failures: self.failures.values().cloned().collect(),
             counters: self.counters,
-            applied_plan: self.applied_plan.clone(),
+            applied: self.applied,
         }
     }
 
-    /// The long-running dataplane task. Applies each new plan from `plans` (`None` = the
-    /// agent has no complete picture yet: adopt, change nothing), repairs drift reported by
-    /// the monitor, retries failed routes, and publishes [`DataplaneStatus`] to `status`.
-    /// Returns when the plan sender is dropped. Needs a tokio runtime with IO enabled.
+    /// Applies `first` and every update queued behind it, and the ones that come while these
+    /// are reconciled, until none is left to reconcile.
+    ///
+    /// Updates are taken into the desired routes as soon as they are read (a few bytes per
+    /// route there, and the agent's messages freed), and their destinations are reconciled
+    /// [`RECONCILE_CHUNK`] at a time with the queue read again between chunks: while a table
+    /// streams in faster than the kernel takes it, the backlog waits as destinations to
+    /// reconcile rather than as queued messages. The status goes out after each chunk.
+    fn stream(
+        &mut self,
+        first: PlanMessage,
+        plans: &mut mpsc::UnboundedReceiver<PlanMessage>,
+        status: &watch::Sender<DataplaneStatus>,
+    ) {
+        let mut pending = Pending::default();
+        let mut next = Some(first);
+        loop {
+            while let Some(PlanMessage { seq, update }) = next {
+                match self.take_update(update) {
+                    None => pending.full = true,
+                    Some(dsts) => pending.dsts.extend(dsts),
+                }
+                pending
+                    .ends
+                    .push_back((seq, pending.taken + pending.dsts.len() as u64));
+                next = plans.try_recv().ok();
+            }
+            if pending.full {
+                // Covers every destination queued so far.
+                self.reconcile();
+                pending.taken += pending.dsts.len() as u64;
+                pending.dsts.clear();
+                pending.full = false;
+            } else if !pending.dsts.is_empty() {
+                let take = pending.dsts.len().min(RECONCILE_CHUNK);
+                let mut chunk: Vec<IpNet> = pending.dsts.drain(..take).collect();
+                pending.taken += take as u64;
+                chunk.sort_unstable();
+                chunk.dedup();
+                self.reconcile_some(&chunk);
+            }
+            while let Some((seq, end)) = pending.ends.front().copied()
+                && end <= pending.taken
+            {
+                self.applied = Some(seq);
+                pending.ends.pop_front();
+            }
+            status.send_replace(self.status());
+            if pending.dsts.is_empty() {
+                match plans.try_recv() {
+                    Ok(message) => next = Some(message),
+                    Err(_) => return,
+                }
+            } else {
+                next = plans.try_recv().ok();
+            }
+        }
+    }
+
+    /// Applies one update from the agent; returns the destinations to reconcile, or `None`
+    /// for all of them.
+    fn take_update(&mut self, update: PlanUpdate) -> Option<Vec<IpNet>> {
+        match update {
+            PlanUpdate::Full(routes) => {
+                self.replace_desired(routes);
+                None
+            }
+            PlanUpdate::Delta(changes) => Some(self.apply_delta(changes)),
+        }
+    }
+
+    /// The long-running dataplane task. Applies each update from `plans` as it comes (until
+    /// the first [`PlanUpdate::Full`] nothing is deleted: adopt, change nothing), repairs
+    /// drift reported by the monitor, retries failed routes, and publishes
+    /// [`DataplaneStatus`] to `status`. Updates queued while the kernel is busy are applied
+    /// together. Returns when the plan sender is dropped. Needs a tokio runtime with IO
+    /// enabled.
     pub async fn run(
         mut self,
-        mut plans: watch::Receiver<Option<Arc<Vec<DesiredRoute>>>>,
+        mut plans: mpsc::UnboundedReceiver<PlanMessage>,
         status: watch::Sender<DataplaneStatus>,
     ) -> Result<(), DataplaneError> {
         let monitor = self
@@ -652,27 +1201,17 @@ impl Dataplane {
         let mut monitor = unsafe { AsyncFd::register_with_interest(monitor, Interest::READABLE) }
             .map_err(|e| DataplaneError::Monitor(e.to_string()))?;
         let mut events = Vec::new();
-        let mut plan_changed = true;
+        status.send_replace(self.status());
         loop {
-            if plan_changed {
-                plan_changed = false;
-                let plan = plans.borrow_and_update().clone();
-                if let Some(plan) = plan {
-                    self.set_desired(plan.iter());
-                    self.reconcile();
-                    self.applied_plan = Some(plan);
-                }
-                status.send_replace(self.status());
-            }
             let retry_at = self.next_retry();
             let resync_at = self.last_resync + self.config.resync_interval;
             let wake_at = retry_at.map_or(resync_at, |r| r.min(resync_at));
             tokio::select! {
-                changed = plans.changed() => {
-                    if changed.is_err() {
+                message = plans.recv() => {
+                    let Some(first) = message else {
                         return Ok(());
-                    }
-                    plan_changed = true;
+                    };
+                    self.stream(first, &mut plans, &status);
                 }
                 ready = monitor.readable_mut() => {
                     let mut guard = ready.map_err(|e| DataplaneError::Monitor(e.to_string()))?;
@@ -680,12 +1219,15 @@ impl Dataplane {
                     guard.clear_ready();
                     drained.map_err(|e| DataplaneError::Monitor(e.to_string()))?;
                     let (dirty, resync) = self.absorb(std::mem::take(&mut events));
+                    // What the kernel did may have changed the mirror or cleared failures
+                    // even when nothing needs repair.
+                    let seen = resync || !dirty.is_empty();
                     let report = if resync {
                         tracing::info!("re-reading the routing table");
                         self.read_kernel()?;
                         self.reconcile()
                     } else if !dirty.is_empty() {
-                        self.reconcile_some(Some(&dirty))
+                        self.reconcile_some(&dirty)
                     } else {
                         ApplyReport::default()
                     };
@@ -694,7 +1236,7 @@ impl Dataplane {
                         self.counters.drift_repairs += repaired as u64;
                         tracing::warn!(repaired, "routing table drifted from the plan; repaired");
                     }
-                    if report.changes() > 0 {
+                    if seen {
                         status.send_replace(self.status());
                     }
                 }
@@ -730,6 +1272,58 @@ mod tests {
             }
         }
         assert!(!protocol_taken(DEFAULT_ROUTE_PROTOCOL));
+    }
+
+    #[test]
+    fn device_names_are_shared_and_freed_with_their_last_route() {
+        let mut devices = Devices::default();
+        let tunl0 = devices.intern("tunl0".into());
+        assert_eq!(devices.intern("tunl0".into()), tunl0, "one id per name");
+        let cali = devices.intern("cali0123456789a".into());
+        assert_ne!(cali, tunl0);
+        devices.release(tunl0);
+        assert_eq!(
+            devices.name(tunl0).map(|n| &**n),
+            Some("tunl0"),
+            "one user left"
+        );
+        devices.release(tunl0);
+        assert_eq!(devices.name(tunl0), None);
+        // The freed id is reused for the next new name; the other name is untouched.
+        let eth0 = devices.intern("eth0".into());
+        assert_eq!(eth0, tunl0);
+        assert_eq!(devices.name(eth0).map(|n| &**n), Some("eth0"));
+        assert_eq!(devices.name(cali).map(|n| &**n), Some("cali0123456789a"));
+        assert_eq!(devices.by_name.len(), 2);
+    }
+
+    #[test]
+    fn slots_round_trip_desired_routes() {
+        let mut devices = Devices::default();
+        let route = DesiredRoute {
+            prefix: "172.16.196.128/26".parse().unwrap(),
+            kind: RouteKind::BlockIpip,
+            gateway: Some("192.168.92.129".parse().unwrap()),
+            device: Some("tunl0".into()),
+            onlink: true,
+            scope: RouteScope::Universe,
+        };
+        let workload = DesiredRoute {
+            prefix: "172.16.241.65/32".parse().unwrap(),
+            kind: RouteKind::Workload,
+            gateway: None,
+            device: Some("cali0123456789a".into()),
+            onlink: false,
+            scope: RouteScope::Link,
+        };
+        for r in [route, workload] {
+            let (dst, mut slot) = Slot::new(r.clone(), &mut devices);
+            assert_eq!(slot.route(dst, &devices), r);
+            let same = slot;
+            slot.flags |= Slot::SYNCED;
+            assert!(slot.same_want(&same), "synced or not, the same route");
+        }
+        assert!(std::mem::size_of::<Slot>() <= 24);
     }
 
     #[test]

@@ -3,6 +3,15 @@
 //! The socket joins `RTNLGRP_IPV4_ROUTE`, `RTNLGRP_IPV6_ROUTE` and `RTNLGRP_LINK`. It is opened
 //! before the first dump, so that nothing that happens between the dump and the first read is
 //! missed; events that arrive for routes the dump already showed are idempotent.
+//!
+//! The kernel echoes every route change to the groups, including the dataplane's own, and each
+//! notification is its own datagram: at 100,000 routes, reading and parsing our own echoes cost
+//! a recv, a parse and a wake-up of the runtime per route, for nothing the ACKs had not said.
+//! [`MonitorSocket::ignore_sender`] attaches a socket filter that drops, inside the kernel,
+//! the notifications whose `nlmsg_pid` is the request socket's port id: the kernel stamps a
+//! notification with the port id of the socket whose request caused it (0 for the kernel's
+//! own changes). Changes by anyone else (`ip route`, other daemons, the kernel removing
+//! routes of a vanished device) still arrive, so drift is seen as before.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -19,6 +28,10 @@ const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
 const RTNLGRP_IPV6_ROUTE: u32 = 11;
 const MONITOR_RCVBUF_BYTES: usize = 64 << 20;
+/// `SO_ATTACH_FILTER` (`asm-generic/socket.h`; the same on every architecture Linux has).
+const SO_ATTACH_FILTER: libc::c_int = 26;
+/// Offset of `nlmsg_pid` in `struct nlmsghdr`.
+const NLMSG_PID_OFFSET: u32 = 12;
 
 /// Something the kernel told us.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +116,56 @@ impl MonitorSocket {
         })
     }
 
+    /// Drops, inside the kernel, every notification caused by the netlink socket with port id
+    /// `port` (the dataplane's request socket): those echo changes whose result the request's
+    /// answer already gave. Classic BPF on a netlink socket sees the message from its
+    /// `nlmsghdr`; multicast notifications hold one message each.
+    pub fn ignore_sender(&self, port: u32) -> Result<(), NetlinkError> {
+        // BPF word loads are big-endian: compare with the id's bytes as the kernel wrote them
+        // (native order), read big-endian.
+        let pid_as_loaded = u32::from_be_bytes(port.to_ne_bytes());
+        let mut program = [
+            // A = nlmsg_pid
+            bpf(
+                libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+                0,
+                0,
+                NLMSG_PID_OFFSET,
+            ),
+            // A == port ? drop : keep
+            bpf(
+                libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+                0,
+                1,
+                pid_as_loaded,
+            ),
+            bpf(libc::BPF_RET | libc::BPF_K, 0, 0, 0),
+            bpf(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),
+        ];
+        let prog = libc::sock_fprog {
+            len: program.len() as libc::c_ushort,
+            filter: program.as_mut_ptr(),
+        };
+        // SAFETY: `prog` points at `program`, which outlives the call (the kernel copies it);
+        // the size passed is that of `prog`.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_ATTACH_FILTER,
+                (&prog as *const libc::sock_fprog).cast(),
+                std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(NetlinkError::Io(format!(
+                "monitor SO_ATTACH_FILTER: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
     /// Reads every notification queued now (never blocks).
     pub fn drain(&mut self, events: &mut Vec<Event>) -> Result<(), NetlinkError> {
         loop {
@@ -115,6 +178,16 @@ impl MonitorSocket {
                 Err(e) => return Err(NetlinkError::Io(format!("monitor recv: {e}"))),
             }
         }
+    }
+}
+
+fn bpf(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        // BPF opcodes fit in 16 bits.
+        code: code as u16,
+        jt,
+        jf,
+        k,
     }
 }
 

@@ -1,16 +1,23 @@
-//! A NETLINK_ROUTE request socket that sends many messages per `sendto` and checks every ACK.
+//! A NETLINK_ROUTE request socket that sends many messages per `sendto` and reads only the
+//! answers that matter: errors, and one ACK per datagram.
 //!
 //! rtnetlink's high-level API (and netlink-proto under it) writes one message per send and
 //! hands each answer to its own future. Programming 100,000 routes that way costs a task
 //! wake-up per route, so this socket talks to the kernel directly: requests are serialized
 //! back to back into one buffer (up to `batch` messages), sent with a single `sendto`, and the
-//! kernel — which processes a netlink datagram synchronously inside `sendmsg` — has queued one
-//! ACK per message by the time the call returns. Every ACK is matched by sequence number, and
-//! a NACK carries the errno and the kernel's extended-ACK message for that one request.
+//! kernel processes the datagram synchronously inside `sendmsg`, message by message.
 //!
-//! The receive buffer is sized (`SO_RCVBUFFORCE` when root) so that a whole batch of ACKs fits;
-//! should the kernel still drop ACKs (`ENOBUFS`), the unanswered requests are reported as
-//! [`NetlinkError::AckLost`] and the caller re-reads the table.
+//! Only the datagram's last message carries `NLM_F_ACK` (the barrier). The kernel answers the
+//! others only when they fail, so a batch of successful route changes costs one answer to
+//! read instead of one per route (reading an ACK per route was a large part of the agent's
+//! CPU time at 100,000 routes). Answers are matched by sequence number: a NACK carries the
+//! errno and the kernel's extended-ACK message for that one request; a request that got no
+//! NACK before the barrier's answer succeeded.
+//!
+//! The receive buffer is sized (`SO_RCVBUFFORCE` when root) so that a whole batch of NACKs fits
+//! even if every request fails; should the kernel still drop answers (`ENOBUFS`), the requests
+//! of the batch not known to have failed are reported as [`NetlinkError::AckLost`] and the
+//! caller re-reads the table.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -30,7 +37,7 @@ const NLM_F_ACK_TLVS: u16 = 0x200;
 const NLMSGERR_ATTR_MSG: u16 = 1;
 const NETLINK_HEADER_LEN: usize = 16;
 
-/// Receive buffer asked for, so that a batch's ACKs (about 1 KiB of socket memory each) fit.
+/// Receive buffer asked for, so that a batch's NACKs (about 1 KiB of socket memory each) fit.
 const RCVBUF_BYTES: usize = 16 << 20;
 const SNDBUF_BYTES: usize = 4 << 20;
 /// Upper bound on one request datagram.
@@ -74,8 +81,8 @@ impl NetlinkError {
     }
 }
 
-/// One request of a batch: the message and its `NLM_F_*` flags (`NLM_F_REQUEST | NLM_F_ACK`
-/// are added).
+/// One request of a batch: the message and its `NLM_F_*` flags (`NLM_F_REQUEST` is added, and
+/// `NLM_F_ACK` on a datagram's last request).
 pub struct Request {
     pub message: RouteNetlinkMessage,
     pub flags: u16,
@@ -163,8 +170,8 @@ impl RequestSocket {
         if rc < 0 {
             return Err(NetlinkError::io("SO_RCVTIMEO", io::Error::last_os_error()));
         }
-        // Each queued ACK costs about 1 KiB of receive buffer (skb overhead): never send more
-        // messages at once than the buffer can answer.
+        // Each queued NACK costs about 1 KiB of receive buffer (skb overhead): never send more
+        // messages at once than the buffer can answer should all of them fail.
         let rcvbuf = socket.get_rx_buf_sz().unwrap_or(212_992);
         let fits = (rcvbuf / 1280).max(1);
         Ok(Self {
@@ -175,6 +182,15 @@ impl RequestSocket {
             batch: batch.clamp(1, fits),
             sends: 0,
         })
+    }
+
+    /// The socket's netlink port id: the `nlmsg_pid` of the notifications its requests cause.
+    pub fn port(&self) -> Result<u32, NetlinkError> {
+        let mut addr = netlink_sys::SocketAddr::new(0, 0);
+        self.socket
+            .get_address(&mut addr)
+            .map_err(|e| NetlinkError::io("getsockname", e))?;
+        Ok(addr.port_number())
     }
 
     /// Messages per `sendto` actually used (bounded by the receive buffer).
@@ -223,41 +239,56 @@ impl RequestSocket {
     }
 
     /// Sends `requests` in batches and returns one result per request, in order.
-    pub fn execute(&mut self, requests: Vec<Request>) -> Vec<Result<(), NetlinkError>> {
-        let mut results: Vec<Result<(), NetlinkError>> = Vec::with_capacity(requests.len());
-        let mut requests = requests.into_iter().peekable();
+    ///
+    /// Only the last request of each datagram asks for an ACK (the barrier): the kernel
+    /// answers every other request only when it fails (`netlink_rcv_skb` acks on
+    /// `NLM_F_ACK || err`), and it handles the messages of a datagram in order, so once the
+    /// barrier's answer is read every error of the datagram has been read before it. A
+    /// request without an error message is thus a success. When the answers cannot be read to
+    /// the barrier (receive error, overrun), every request not known to have failed gets that
+    /// error ([`NetlinkError::AckLost`] on overrun): its kernel state is unknown.
+    pub fn execute(
+        &mut self,
+        requests: impl IntoIterator<Item = Request>,
+    ) -> Vec<Result<(), NetlinkError>> {
+        let requests = requests.into_iter();
+        let mut results: Vec<Result<(), NetlinkError>> = Vec::with_capacity(requests.size_hint().0);
+        let mut requests = requests.peekable();
         while requests.peek().is_some() {
             self.send_buf.clear();
             let first_seq = self.seq.wrapping_add(1);
             let base = results.len();
             let mut count = 0usize;
+            let mut last_start = 0usize;
             while count < self.batch && self.send_buf.len() < MAX_SEND_BYTES - 1024 {
                 let Some(req) = requests.next() else { break };
                 let seq = self.next_seq();
-                self.append(req.message, req.flags | NLM_F_REQUEST | NLM_F_ACK, seq);
-                // Placeholder until the ACK arrives.
-                results.push(Err(NetlinkError::AckLost));
+                last_start = self.send_buf.len();
+                self.append(req.message, req.flags | NLM_F_REQUEST, seq);
+                results.push(Ok(()));
                 count += 1;
             }
+            // The datagram's last request is the barrier: the only one acknowledged.
+            if let Some(flags) = self.send_buf.get_mut(last_start + 6..last_start + 8) {
+                let barrier_flags = u16::from_ne_bytes([flags[0], flags[1]]) | NLM_F_ACK;
+                flags.copy_from_slice(&barrier_flags.to_ne_bytes());
+            }
             let batch_results = &mut results[base..];
+            self.sends += 1;
             if let Err(e) = send_all(&self.socket, &self.send_buf) {
                 batch_results
                     .iter_mut()
                     .for_each(|r| *r = Err(NetlinkError::io("sendto", clone_io(&e))));
-                self.sends += 1;
                 continue;
             }
-            self.sends += 1;
-            let mut answered = vec![false; count];
-            let mut pending = count;
-            while pending > 0 {
+            let barrier = count - 1;
+            let mut barrier_answered = false;
+            while !barrier_answered {
                 let n = match self.recv() {
                     Ok(n) => n,
                     Err(e) => {
-                        for (i, done) in answered.iter().enumerate() {
-                            if !done {
-                                results[base + i] = Err(e.clone());
-                            }
+                        for r in batch_results.iter_mut().filter(|r| r.is_ok()) {
+                            *r = Err(e.clone());
                         }
                         break;
                     }
@@ -265,10 +296,12 @@ impl RequestSocket {
                 for ack in acks(&self.recv_buf[..n]) {
                     let Ok(ack) = ack else { continue };
                     let idx = ack.seq.wrapping_sub(first_seq) as usize;
-                    if idx < count && !answered[idx] {
-                        answered[idx] = true;
-                        pending -= 1;
-                        results[base + idx] = ack.result;
+                    if idx >= count {
+                        continue;
+                    }
+                    barrier_answered |= idx == barrier;
+                    if ack.result.is_err() {
+                        batch_results[idx] = ack.result;
                     }
                 }
             }
@@ -281,12 +314,23 @@ impl RequestSocket {
         &mut self,
         message: RouteNetlinkMessage,
     ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        let mut out = Vec::new();
+        self.dump_each(message, |m| out.push(m))?;
+        Ok(out)
+    }
+
+    /// Runs a dump request and hands each message of the answer to `each` as it is read (a
+    /// table of 100,000 routes is never held as messages).
+    pub fn dump_each(
+        &mut self,
+        message: RouteNetlinkMessage,
+        mut each: impl FnMut(RouteNetlinkMessage),
+    ) -> Result<(), NetlinkError> {
         self.send_buf.clear();
         let seq = self.next_seq();
         self.append(message, NLM_F_REQUEST | NLM_F_DUMP, seq);
         send_all(&self.socket, &self.send_buf).map_err(|e| NetlinkError::io("sendto", e))?;
         self.sends += 1;
-        let mut out = Vec::new();
         loop {
             let n = self.recv()?;
             let mut offset = 0;
@@ -306,20 +350,17 @@ impl RequestSocket {
                 }
                 let kind = u16::from_ne_bytes([msg[4], msg[5]]);
                 if kind == NLMSG_DONE {
-                    return Ok(out);
+                    return Ok(());
                 }
                 if kind == NLMSG_ERROR {
                     let flags = u16::from_ne_bytes([msg[6], msg[7]]);
-                    match parse_error(msg, flags) {
-                        Ok(()) => return Ok(out),
-                        Err(e) => return Err(e),
-                    }
+                    return parse_error(msg, flags);
                 }
                 match NetlinkMessage::<RouteNetlinkMessage>::deserialize(msg) {
                     Ok(NetlinkMessage {
                         payload: NetlinkPayload::InnerMessage(m),
                         ..
-                    }) => out.push(m),
+                    }) => each(m),
                     Ok(_) => {}
                     // One attribute this crate version cannot parse must not hide the rest.
                     Err(e) => tracing::debug!(error = %e, "skipping undecodable dump message"),

@@ -952,7 +952,7 @@ pub fn same_route(row: &RouteRow, want: &DesiredRoute) -> bool {
             && row.prefix == want.prefix.addr().to_string());
     prefix_ok
         && row.gateway == want.gateway.map(|g| g.to_string())
-        && row.device == want.device
+        && row.device.as_deref() == want.device.as_deref()
         && row.onlink == want.onlink
 }
 

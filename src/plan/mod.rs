@@ -34,6 +34,7 @@ mod ifname;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -180,6 +181,11 @@ impl RouteKind {
         }
     }
 
+    /// The position of this kind in [`RouteKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Every kind, in label order of the metrics reference.
     pub const ALL: [RouteKind; 9] = [
         RouteKind::BlockDirect,
@@ -210,8 +216,9 @@ pub struct DesiredRoute {
     pub kind: RouteKind,
     /// Next hop, for `via` routes.
     pub gateway: Option<IpAddr>,
-    /// Output device; `None` lets the kernel resolve it from the gateway.
-    pub device: Option<String>,
+    /// Output device; `None` lets the kernel resolve it from the gateway. Shared: every route
+    /// of a plan through the host NIC or `tunl0` points at one name.
+    pub device: Option<Arc<str>>,
     /// `onlink`: the gateway is reachable on the device without a covering route.
     pub onlink: bool,
     pub scope: RouteScope,
@@ -239,7 +246,7 @@ impl DesiredRoute {
             prefix,
             kind: RouteKind::Workload,
             gateway: None,
-            device: Some(device),
+            device: Some(device.into()),
             onlink: false,
             scope: RouteScope::Link,
         }
@@ -371,26 +378,20 @@ enum Source {
     Workload,
 }
 
-struct Builder<'a> {
-    input: &'a PlanInput,
-    routes: BTreeMap<IpNet, (Source, DesiredRoute)>,
-    warnings: BTreeSet<PlanWarning>,
+/// The encapsulation rules: how a remote prefix is reached from the local node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rules {
+    local: LocalNode,
+    pools: Vec<PoolSpec>,
+    /// `local.nic` and [`TUNNEL_DEVICE`], shared by every route through them.
+    nic: Arc<str>,
+    tunnel: Arc<str>,
 }
 
-impl Builder<'_> {
-    fn insert(&mut self, source: Source, route: DesiredRoute) {
-        match self.routes.get(&route.prefix) {
-            Some((existing, _)) if *existing >= source => {}
-            _ => {
-                self.routes.insert(route.prefix, (source, route));
-            }
-        }
-    }
-
+impl Rules {
     /// The most specific pool that contains all of `prefix`.
     fn pool_of(&self, prefix: &IpNet) -> Option<&PoolSpec> {
-        self.input
-            .pools
+        self.pools
             .iter()
             .filter(|p| p.cidr.contains(prefix))
             .max_by_key(|p| p.cidr.prefix_len())
@@ -398,22 +399,28 @@ impl Builder<'_> {
 
     fn in_local_subnet(&self, peer: IpAddr) -> bool {
         match peer {
-            IpAddr::V4(a) => self.input.local.ipv4.is_some_and(|n| n.contains(&a)),
-            IpAddr::V6(a) => self.input.local.ipv6.is_some_and(|n| n.contains(&a)),
+            IpAddr::V4(a) => self.local.ipv4.is_some_and(|n| n.contains(&a)),
+            IpAddr::V6(a) => self.local.ipv6.is_some_and(|n| n.contains(&a)),
         }
     }
 
     fn is_self(&self, peer: IpAddr) -> bool {
         match peer {
-            IpAddr::V4(a) => self.input.local.ipv4.is_some_and(|n| n.addr() == a),
-            IpAddr::V6(a) => self.input.local.ipv6.is_some_and(|n| n.addr() == a),
+            IpAddr::V4(a) => self.local.ipv4.is_some_and(|n| n.addr() == a),
+            IpAddr::V6(a) => self.local.ipv6.is_some_and(|n| n.addr() == a),
         }
     }
 
     /// The encapsulation rule for `prefix` towards `peer`; `None` when the route is left out.
-    fn path(&mut self, pool: &PoolSpec, prefix: IpNet, peer: IpAddr) -> Option<Path> {
+    fn path(
+        &self,
+        pool: &PoolSpec,
+        prefix: IpNet,
+        peer: IpAddr,
+        warnings: &mut BTreeSet<PlanWarning>,
+    ) -> Option<Path> {
         let ipip = if prefix.addr().is_ipv6() && pool.ipip != EncapMode::Never {
-            self.warnings.insert(PlanWarning::IpipOnIpv6Pool {
+            warnings.insert(PlanWarning::IpipOnIpv6Pool {
                 pool: pool.name.clone(),
             });
             EncapMode::Never
@@ -432,7 +439,7 @@ impl Builder<'_> {
                 Some(Path::Direct)
             }
             (EncapMode::Never, _) => {
-                self.warnings.insert(PlanWarning::VxlanUnsupported {
+                warnings.insert(PlanWarning::VxlanUnsupported {
                     pool: pool.name.clone(),
                     prefix,
                     peer,
@@ -440,7 +447,7 @@ impl Builder<'_> {
                 None
             }
             _ => {
-                self.warnings.insert(PlanWarning::BothEncapsulations {
+                warnings.insert(PlanWarning::BothEncapsulations {
                     pool: pool.name.clone(),
                 });
                 None
@@ -450,130 +457,248 @@ impl Builder<'_> {
 
     /// The route to a remote `prefix` at `peer`, by the encapsulation rules of its pool.
     fn remote_route(
-        &mut self,
+        &self,
         prefix: IpNet,
         peer: IpAddr,
         borrowed: bool,
+        warnings: &mut BTreeSet<PlanWarning>,
     ) -> Option<DesiredRoute> {
         if prefix.addr().is_ipv4() != peer.is_ipv4() {
-            self.warnings.insert(PlanWarning::NextHopFamilyMismatch {
+            warnings.insert(PlanWarning::NextHopFamilyMismatch {
                 prefix,
                 next_hop: peer,
             });
             return None;
         }
         if self.is_self(peer) {
-            self.warnings.insert(PlanWarning::NextHopIsSelf { prefix });
+            warnings.insert(PlanWarning::NextHopIsSelf { prefix });
             return None;
         }
-        let via = |kind, device: Option<&str>, onlink| DesiredRoute {
+        let via = |kind, device: Option<&Arc<str>>, onlink| DesiredRoute {
             prefix,
             kind,
             gateway: Some(peer),
-            device: device.map(str::to_owned),
+            device: device.cloned(),
             onlink,
             scope: RouteScope::Universe,
         };
-        let Some(pool) = self.pool_of(&prefix).cloned() else {
+        let Some(pool) = self.pool_of(&prefix) else {
             return Some(via(RouteKind::External, None, false));
         };
-        let nic = self.input.local.nic.clone();
-        Some(match (self.path(&pool, prefix, peer)?, borrowed) {
-            (Path::Direct, false) => via(RouteKind::BlockDirect, Some(&nic), false),
-            (Path::Direct, true) => via(RouteKind::BorrowedDirect, Some(&nic), false),
-            (Path::Ipip, false) => via(RouteKind::BlockIpip, Some(TUNNEL_DEVICE), true),
-            (Path::Ipip, true) => via(RouteKind::BorrowedIpip, Some(TUNNEL_DEVICE), true),
+        let (nic, tunnel) = (Some(&self.nic), Some(&self.tunnel));
+        Some(match (self.path(pool, prefix, peer, warnings)?, borrowed) {
+            (Path::Direct, false) => via(RouteKind::BlockDirect, nic, false),
+            (Path::Direct, true) => via(RouteKind::BorrowedDirect, nic, false),
+            (Path::Ipip, false) => via(RouteKind::BlockIpip, tunnel, true),
+            (Path::Ipip, true) => via(RouteKind::BorrowedIpip, tunnel, true),
             (Path::NoEncap, false) => via(RouteKind::BlockNoEncap, None, false),
             (Path::NoEncap, true) => via(RouteKind::BorrowedNoEncap, None, false),
         })
     }
+}
 
-    fn node_address(&self, node: &str, family_v4: bool) -> Option<IpAddr> {
-        let peer = self.input.nodes.iter().find(|n| n.name == node)?;
+/// Routes by prefix, each with the source that won it.
+type RouteMap = BTreeMap<IpNet, (Source, DesiredRoute)>;
+
+fn insert(routes: &mut RouteMap, source: Source, route: DesiredRoute) {
+    match routes.get(&route.prefix) {
+        Some((existing, _)) if *existing >= source => {}
+        _ => {
+            routes.insert(route.prefix, (source, route));
+        }
+    }
+}
+
+/// The routes that come from IPAM blocks: own-block blackholes, workloads, borrowed IPs.
+fn block_routes(
+    input: &PlanInput,
+    rules: &Rules,
+    warnings: &mut BTreeSet<PlanWarning>,
+) -> RouteMap {
+    let mut routes = RouteMap::new();
+    let local = input.local.name.as_str();
+    let node_address = |node: &str, family_v4: bool| {
+        let peer = input.nodes.iter().find(|n| n.name == node)?;
         if family_v4 {
             peer.ipv4.map(IpAddr::V4)
         } else {
             peer.ipv6.map(IpAddr::V6)
         }
-    }
-
-    fn blocks(&mut self) {
-        let local = self.input.local.name.as_str();
-        for block in &self.input.blocks {
-            let host = block.affinity.as_deref();
-            if host == Some(local) {
-                self.insert(
-                    Source::OwnBlock,
-                    DesiredRoute::blackhole(block.cidr.trunc()),
-                );
+    };
+    for block in &input.blocks {
+        let host = block.affinity.as_deref();
+        if host == Some(local) {
+            insert(
+                &mut routes,
+                Source::OwnBlock,
+                DesiredRoute::blackhole(block.cidr.trunc()),
+            );
+        }
+        for alloc in &block.allocations {
+            if !block.cidr.contains(&alloc.ip) {
+                warnings.insert(PlanWarning::AllocationOutsideBlock {
+                    block: block.cidr,
+                    ip: alloc.ip,
+                });
+                continue;
             }
-            for alloc in &block.allocations {
-                if !block.cidr.contains(&alloc.ip) {
-                    self.warnings.insert(PlanWarning::AllocationOutsideBlock {
-                        block: block.cidr,
-                        ip: alloc.ip,
-                    });
-                    continue;
-                }
-                let Some(node) = alloc.node.as_deref().or(host) else {
+            let Some(node) = alloc.node.as_deref().or(host) else {
+                continue;
+            };
+            let host_prefix = IpNet::from(alloc.ip);
+            if node == local {
+                let (Some(ns), Some(pod)) = (&alloc.namespace, &alloc.pod) else {
                     continue;
                 };
-                let host_prefix = IpNet::from(alloc.ip);
-                if node == local {
-                    let (Some(ns), Some(pod)) = (&alloc.namespace, &alloc.pod) else {
-                        continue;
-                    };
-                    let iface = workload_interface_name(ns, pod);
-                    if self.input.local_interfaces.contains(&iface) {
-                        self.insert(Source::Workload, DesiredRoute::workload(host_prefix, iface));
+                let iface = workload_interface_name(ns, pod);
+                if input.local_interfaces.contains(&iface) {
+                    insert(
+                        &mut routes,
+                        Source::Workload,
+                        DesiredRoute::workload(host_prefix, iface),
+                    );
+                }
+            } else if Some(node) != host {
+                // Borrowed: used on `node`, but the block routes to its host.
+                match node_address(node, alloc.ip.is_ipv4()) {
+                    Some(peer) => {
+                        if let Some(route) = rules.remote_route(host_prefix, peer, true, warnings) {
+                            insert(&mut routes, Source::Borrowed, route);
+                        }
                     }
-                } else if Some(node) != host {
-                    // Borrowed: used on `node`, but the block routes to its host.
-                    match self.node_address(node, alloc.ip.is_ipv4()) {
-                        Some(peer) => {
-                            if let Some(route) = self.remote_route(host_prefix, peer, true) {
-                                self.insert(Source::Borrowed, route);
-                            }
-                        }
-                        None => {
-                            self.warnings.insert(PlanWarning::BorrowedNodeUnknown {
-                                ip: alloc.ip,
-                                node: node.to_owned(),
-                            });
-                        }
+                    None => {
+                        warnings.insert(PlanWarning::BorrowedNodeUnknown {
+                            ip: alloc.ip,
+                            node: node.to_owned(),
+                        });
                     }
                 }
             }
         }
     }
+    routes
+}
 
-    fn learned(&mut self) {
-        for learned in &self.input.learned {
+/// The plan prepared for incremental use.
+///
+/// Everything but the learned routes is computed once per input ([`Planner::new`]): the
+/// routes from the IPAM blocks and the encapsulation rules. The route of a learned prefix
+/// then depends only on that prefix, its best next hop and this part, so a BGP best-path
+/// change of one prefix changes at most the route of that prefix ([`Planner::route_for`]).
+/// `plan(input)` equals `Planner::new(input).plan(&input.learned)`, and applying
+/// `route_for` to every changed prefix of a plan gives the plan of the new learned set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planner {
+    rules: Rules,
+    /// Routes from the blocks; they take precedence over learned routes.
+    fixed: RouteMap,
+    fixed_warnings: BTreeSet<PlanWarning>,
+}
+
+impl Planner {
+    /// Prepares the plan for `input`; `input.learned` is not looked at.
+    pub fn new(input: &PlanInput) -> Self {
+        let rules = Rules {
+            local: input.local.clone(),
+            pools: input.pools.clone(),
+            nic: Arc::from(input.local.nic.as_str()),
+            tunnel: Arc::from(TUNNEL_DEVICE),
+        };
+        let mut fixed_warnings = BTreeSet::new();
+        let fixed = block_routes(input, &rules, &mut fixed_warnings);
+        Self {
+            rules,
+            fixed,
+            fixed_warnings,
+        }
+    }
+
+    /// The warnings about the blocks (learned routes add theirs when planned).
+    pub fn warnings(&self) -> &BTreeSet<PlanWarning> {
+        &self.fixed_warnings
+    }
+
+    /// The plan's route for `prefix` (host bits cleared) when its best learned path is via
+    /// `next_hop` (`None`: nothing learned): the blocks' route when they give one, else the
+    /// learned route by the encapsulation rules, else none. Warnings about the learned route
+    /// are added to `warnings`.
+    pub fn route_for(
+        &self,
+        prefix: IpNet,
+        next_hop: Option<IpAddr>,
+        warnings: &mut BTreeSet<PlanWarning>,
+    ) -> Option<DesiredRoute> {
+        let prefix = prefix.trunc();
+        let learned = next_hop.and_then(|nh| self.rules.remote_route(prefix, nh, false, warnings));
+        match self.fixed.get(&prefix) {
+            Some((_, route)) => Some(route.clone()),
+            None => learned,
+        }
+    }
+
+    /// The complete plan with these learned routes (of two with the same prefix, the first
+    /// counts).
+    pub fn plan<'a>(&self, learned: impl IntoIterator<Item = &'a LearnedRoute>) -> RoutePlan {
+        let mut routes = self.fixed.clone();
+        let mut warnings = self.fixed_warnings.clone();
+        for learned in learned {
             let prefix = learned.prefix.trunc();
-            if let Some(route) = self.remote_route(prefix, learned.next_hop, false) {
-                self.insert(Source::Learned, route);
+            if let Some(route) =
+                self.rules
+                    .remote_route(prefix, learned.next_hop, false, &mut warnings)
+            {
+                insert(&mut routes, Source::Learned, route);
             }
         }
+        RoutePlan {
+            routes: routes.into_values().map(|(_, route)| route).collect(),
+            warnings: warnings.into_iter().collect(),
+        }
+    }
+
+    /// The plan's routes, in prefix order, for learned routes given in prefix order with
+    /// host bits cleared and no prefix twice (a map's iteration): the same routes as
+    /// [`plan`](Self::plan), produced one by one without building the table. Warnings about
+    /// learned routes are added to `warnings`.
+    pub fn routes<'a, L>(
+        &'a self,
+        learned: L,
+        warnings: &'a mut BTreeSet<PlanWarning>,
+    ) -> impl Iterator<Item = DesiredRoute> + 'a
+    where
+        L: IntoIterator<Item = (IpNet, IpAddr)>,
+        L::IntoIter: 'a,
+    {
+        let mut fixed = self.fixed.values().map(|(_, r)| r).peekable();
+        let mut learned = learned.into_iter().peekable();
+        std::iter::from_fn(move || {
+            loop {
+                let take_fixed = match (fixed.peek(), learned.peek()) {
+                    (None, None) => return None,
+                    (Some(_), None) => true,
+                    (None, Some(_)) => false,
+                    (Some(f), Some((p, _))) => f.prefix <= *p,
+                };
+                if take_fixed {
+                    let route = fixed.next()?;
+                    // A learned route for the same prefix loses, but is still checked.
+                    if let Some((p, nh)) = learned.next_if(|(p, _)| *p == route.prefix) {
+                        self.rules.remote_route(p, nh, false, warnings);
+                    }
+                    return Some(route.clone());
+                }
+                let (p, nh) = learned.next()?;
+                if let Some(route) = self.rules.remote_route(p, nh, false, warnings) {
+                    return Some(route);
+                }
+            }
+        })
     }
 }
 
 /// Computes the routes this node must have. Pure: same input, same output.
 pub fn plan(input: &PlanInput) -> RoutePlan {
-    let mut builder = Builder {
-        input,
-        routes: BTreeMap::new(),
-        warnings: BTreeSet::new(),
-    };
-    builder.blocks();
-    builder.learned();
-    RoutePlan {
-        routes: builder
-            .routes
-            .into_values()
-            .map(|(_, route)| route)
-            .collect(),
-        warnings: builder.warnings.into_iter().collect(),
-    }
+    Planner::new(input).plan(&input.learned)
 }
 
 /// The address for `tunl0`: the node annotation `projectcalico.org/IPv4IPIPTunnelAddr` when

@@ -113,7 +113,7 @@ fn route_n(plan: &RoutePlan) -> Vec<RouteNRow> {
             }
             let iface = match &r.device {
                 Some(d) if d.starts_with("cali") => "cali*".to_string(),
-                Some(d) => d.clone(),
+                Some(d) => d.to_string(),
                 None if r.is_blackhole() => "*".to_string(),
                 None => panic!("{r}: the kernel would pick the device; not a seed row"),
             };
@@ -784,4 +784,213 @@ fn encap_mode_parses_calico_spelling() {
     );
     assert_eq!(EncapMode::parse("Always"), Some(EncapMode::Always));
     assert_eq!(EncapMode::parse("always"), None);
+}
+
+/// Incremental planning: random cluster inputs (pools of every mode, blocks of several owners
+/// with workloads and borrowed IPs, IPv6) and random sequences of best-path changes. After
+/// each change, the table kept by applying `route_for` to the changed prefix equals the full
+/// plan of the new learned set, and so does `Planner::routes`.
+mod incremental {
+    use super::*;
+    use proptest::prelude::*;
+
+    const PREFIXES: [&str; 12] = [
+        "172.16.0.0/26",
+        "172.16.0.64/26",
+        "172.16.16.0/26",
+        "172.16.0.2/32",
+        "172.16.0.66/32",
+        "172.16.16.5/32",
+        "192.0.2.0/26",
+        "198.51.100.0/24",
+        "10.0.0.0/24",
+        "fd10::/122",
+        "fd10::2/128",
+        "fd99::/64",
+    ];
+    const NEXT_HOPS: [&str; 6] = [
+        "10.0.0.2", // n1, local subnet
+        "10.1.0.2", // n2, another subnet
+        "10.0.0.1", // this node
+        "10.0.0.9", // no node
+        "fd00::2",  // IPv6 in the local subnet
+        "fd01::2",  // IPv6 elsewhere
+    ];
+    const BLOCKS: [&str; 5] = [
+        "172.16.0.0/26",
+        "172.16.0.64/26",
+        "172.16.16.0/26",
+        "192.0.2.0/26",
+        "fd10::/122",
+    ];
+    const NODES: [&str; 4] = ["n0", "n1", "n2", "n3"];
+    const MODES: [EncapMode; 3] = [EncapMode::Never, EncapMode::Always, EncapMode::CrossSubnet];
+
+    fn mode() -> impl Strategy<Value = EncapMode> {
+        (0..MODES.len()).prop_map(|i| MODES[i])
+    }
+
+    fn pools() -> impl Strategy<Value = Vec<PoolSpec>> {
+        let cidrs = ["172.16.0.0/16", "172.16.0.0/20", "fd10::/48"];
+        proptest::collection::vec((0..cidrs.len(), mode(), mode(), any::<bool>()), 0..4).prop_map(
+            move |specs| {
+                specs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (c, ipip, vxlan, disabled))| PoolSpec {
+                        name: format!("pool-{i}"),
+                        cidr: net(cidrs[c]),
+                        ipip,
+                        vxlan,
+                        disabled,
+                    })
+                    .collect()
+            },
+        )
+    }
+
+    /// Allocations: offset inside the block (or just outside it), node, has a pod name.
+    fn blocks() -> impl Strategy<Value = Vec<BlockSpec>> {
+        let alloc = (0u32..4, proptest::option::of(0..NODES.len()), any::<bool>());
+        let block = (
+            0..BLOCKS.len(),
+            proptest::option::of(0..NODES.len()),
+            proptest::collection::vec(alloc, 0..4),
+        );
+        proptest::collection::vec(block, 0..6).prop_map(|blocks| {
+            blocks
+                .into_iter()
+                .map(|(b, affinity, allocs)| {
+                    let cidr = net(BLOCKS[b]);
+                    let allocations = allocs
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (offset, node, named))| {
+                            // Offset 3 lands outside the block.
+                            let host = if offset == 3 { 64 } else { offset + 1 };
+                            let ip = match cidr.addr() {
+                                IpAddr::V4(a) => IpAddr::V4((u32::from(a) + host).into()),
+                                IpAddr::V6(a) => {
+                                    IpAddr::V6((u128::from(a) + u128::from(host)).into())
+                                }
+                            };
+                            Allocation {
+                                ip,
+                                namespace: named.then(|| "ns".to_string()),
+                                pod: named.then(|| format!("pod-{b}-{i}")),
+                                node: node.map(|n| NODES[n].to_string()),
+                            }
+                        })
+                        .collect();
+                    BlockSpec {
+                        cidr,
+                        affinity: affinity.map(|n| NODES[n].to_string()),
+                        allocations,
+                    }
+                })
+                .collect()
+        })
+    }
+
+    fn input(pools: Vec<PoolSpec>, blocks: Vec<BlockSpec>) -> PlanInput {
+        let mut interfaces = interfaces_of(&blocks, "n0");
+        // One pod whose interface is missing.
+        interfaces.remove(&workload_interface_name("ns", "pod-0-0"));
+        PlanInput {
+            local: LocalNode {
+                name: "n0".into(),
+                ipv4: Some("10.0.0.1/24".parse().unwrap()),
+                ipv6: Some("fd00::1/64".parse().unwrap()),
+                nic: "eth0".into(),
+            },
+            pools,
+            blocks,
+            learned: Vec::new(),
+            nodes: vec![
+                PeerNode {
+                    name: "n1".into(),
+                    ipv4: Some("10.0.0.2".parse().unwrap()),
+                    ipv6: Some("fd00::2".parse().unwrap()),
+                },
+                PeerNode {
+                    name: "n2".into(),
+                    ipv4: Some("10.1.0.2".parse().unwrap()),
+                    ipv6: None,
+                },
+                PeerNode {
+                    name: "n3".into(),
+                    ipv4: None,
+                    ipv6: None,
+                },
+            ],
+            local_interfaces: interfaces,
+        }
+    }
+
+    fn changes() -> impl Strategy<Value = Vec<(usize, Option<usize>)>> {
+        proptest::collection::vec(
+            (0..PREFIXES.len(), proptest::option::of(0..NEXT_HOPS.len())),
+            1..40,
+        )
+    }
+
+    fn learned_of(map: &BTreeMap<IpNet, IpAddr>) -> Vec<LearnedRoute> {
+        map.iter()
+            .map(|(prefix, next_hop)| LearnedRoute {
+                prefix: *prefix,
+                next_hop: *next_hop,
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn route_for_each_change_equals_the_full_plan(
+            pools in pools(),
+            blocks in blocks(),
+            changes in changes(),
+        ) {
+            let mut input = input(pools, blocks);
+            let planner = Planner::new(&input);
+            let mut learned: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
+            let mut table: BTreeMap<IpNet, DesiredRoute> = plan(&input)
+                .routes
+                .into_iter()
+                .map(|r| (r.prefix, r))
+                .collect();
+            for (p, nh) in changes {
+                let prefix = net(PREFIXES[p]);
+                match nh {
+                    Some(i) => learned.insert(prefix, ip(NEXT_HOPS[i])),
+                    None => learned.remove(&prefix),
+                };
+                let mut warnings = BTreeSet::new();
+                match planner.route_for(prefix, learned.get(&prefix).copied(), &mut warnings) {
+                    Some(route) => {
+                        prop_assert_eq!(route.prefix, prefix);
+                        table.insert(prefix, route);
+                    }
+                    None => {
+                        table.remove(&prefix);
+                    }
+                }
+                input.learned = learned_of(&learned);
+                let full = plan(&input);
+                let incremental: Vec<DesiredRoute> = table.values().cloned().collect();
+                prop_assert_eq!(&incremental, &full.routes);
+                for w in &warnings {
+                    prop_assert!(full.warnings.contains(w), "{} not in the full plan", w);
+                }
+                let mut streamed_warnings = planner.warnings().clone();
+                let streamed: Vec<DesiredRoute> = planner
+                    .routes(learned.iter().map(|(p, nh)| (*p, *nh)), &mut streamed_warnings)
+                    .collect();
+                prop_assert_eq!(&streamed, &full.routes);
+                prop_assert_eq!(
+                    streamed_warnings.into_iter().collect::<Vec<_>>(),
+                    full.warnings
+                );
+            }
+        }
+    }
 }

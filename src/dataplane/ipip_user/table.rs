@@ -1,6 +1,7 @@
 //! The forwarding table of the userspace tunnel: which node a pod address lives behind,
 //! which outer sources are accepted and which inner addresses are allowed.
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr};
@@ -120,12 +121,13 @@ impl TunnelTable {
     /// The table for a plan: its IPv4 IPIP routes (kinds `BlockIpip` and `BorrowedIpip`,
     /// prefix → gateway), the addresses of the other nodes, and the pools (IPv6 ones are
     /// ignored).
-    pub fn from_plan(
-        routes: &[DesiredRoute],
+    pub fn from_plan<R: Borrow<DesiredRoute>>(
+        routes: impl IntoIterator<Item = R>,
         node_addrs: impl IntoIterator<Item = Ipv4Addr>,
         pools: impl IntoIterator<Item = IpNet>,
     ) -> Self {
-        let remotes = routes.iter().filter_map(|r| {
+        let remotes = routes.into_iter().filter_map(|r| {
+            let r = r.borrow();
             if !matches!(r.kind, RouteKind::BlockIpip | RouteKind::BorrowedIpip) {
                 return None;
             }
@@ -258,7 +260,7 @@ mod tests {
             prefix: prefix.parse().unwrap(),
             kind,
             gateway: (!gw.is_empty()).then(|| gw.parse().unwrap()),
-            device: dev.map(str::to_owned),
+            device: dev.map(Into::into),
             onlink: kind == RouteKind::BlockIpip || kind == RouteKind::BorrowedIpip,
             scope: RouteScope::Universe,
         };
