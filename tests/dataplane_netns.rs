@@ -256,6 +256,22 @@ fn udp_round_trip(c: &Cluster, from: &str, to: &str) -> Result<(), String> {
     Err(format!("no UDP round trip {from} -> {to}"))
 }
 
+/// Two fresh namespaces, `name` (the node, 192.168.92.128/24) and `{name}p` (its peer,
+/// .129/24), joined by a veth pair named `ens33` on both sides.
+fn node_and_peer(name: &str) -> (Netns, Netns) {
+    let node = Netns::new(name);
+    let peer = Netns::new(&format!("{name}p"));
+    veth(
+        &node,
+        "ens33",
+        "192.168.92.128/24",
+        &peer,
+        "ens33",
+        "192.168.92.129/24",
+    );
+    (node, peer)
+}
+
 #[test]
 fn seed_table_is_programmed_and_pods_talk_across_nodes() {
     if !can_run("seed_table_is_programmed_and_pods_talk_across_nodes") {
@@ -873,16 +889,7 @@ fn ten_thousand_routes_in_batches() {
     if !can_run("ten_thousand_routes_in_batches") {
         return;
     }
-    let node = Netns::new("big");
-    let peer = Netns::new("bigp");
-    veth(
-        &node,
-        "ens33",
-        "192.168.92.128/24",
-        &peer,
-        "ens33",
-        "192.168.92.129/24",
-    );
+    let (node, _peer) = node_and_peer("big");
     let routes: Vec<DesiredRoute> = (0..10_000u32)
         .map(|i| {
             let base = u32::from(std::net::Ipv4Addr::new(172, 16, 0, 0)) + (i << 6);
@@ -931,16 +938,7 @@ fn deltas_change_only_their_prefixes() {
     if !can_run("deltas_change_only_their_prefixes") {
         return;
     }
-    let node = Netns::new("delta");
-    let peer = Netns::new("deltap");
-    veth(
-        &node,
-        "ens33",
-        "192.168.92.128/24",
-        &peer,
-        "ens33",
-        "192.168.92.129/24",
-    );
+    let (node, _peer) = node_and_peer("delta");
     let route = |i: u32, gw: &str| {
         let base = u32::from(std::net::Ipv4Addr::new(172, 16, 0, 0)) + (i << 6);
         DesiredRoute {
@@ -1035,16 +1033,7 @@ fn a_failed_route_seen_in_the_kernel_is_no_longer_failed() {
     if !can_run("a_failed_route_seen_in_the_kernel_is_no_longer_failed") {
         return;
     }
-    let node = Netns::new("seen");
-    let peer = Netns::new("seenp");
-    veth(
-        &node,
-        "ens33",
-        "192.168.92.128/24",
-        &peer,
-        "ens33",
-        "192.168.92.129/24",
-    );
+    let (node, _peer) = node_and_peer("seen");
     let route = DesiredRoute {
         prefix: "10.99.0.0/16".parse().unwrap(),
         kind: RouteKind::External,
@@ -1114,16 +1103,7 @@ fn batched_requests_report_each_failure_at_its_position() {
     }
     use podroute::dataplane::kernel::{Change, KernelRoute};
     use podroute::dataplane::socket::RequestSocket;
-    let node = Netns::new("nack");
-    let peer = Netns::new("nackp");
-    veth(
-        &node,
-        "ens33",
-        "192.168.92.128/24",
-        &peer,
-        "ens33",
-        "192.168.92.129/24",
-    );
+    let (node, _peer) = node_and_peer("nack");
     let route = |i: u32, gw: &str| {
         let base = u32::from(std::net::Ipv4Addr::new(172, 16, 0, 0)) + (i << 6);
         KernelRoute::wanted(
@@ -1187,16 +1167,7 @@ fn monitor_skips_its_own_echoes_but_sees_everyone_else() {
     use podroute::dataplane::kernel::{Change, KernelRoute};
     use podroute::dataplane::monitor::{Event, MonitorSocket};
     use podroute::dataplane::socket::RequestSocket;
-    let node = Netns::new("echo");
-    let peer = Netns::new("echop");
-    veth(
-        &node,
-        "ens33",
-        "192.168.92.128/24",
-        &peer,
-        "ens33",
-        "192.168.92.129/24",
-    );
+    let (node, _peer) = node_and_peer("echo");
     let (mut monitor, mut sock) = node.run(|| {
         let monitor = MonitorSocket::open().expect("monitor");
         let sock = RequestSocket::open(16).expect("socket");
@@ -1252,16 +1223,7 @@ fn tunl0_device_is_configured_or_the_missing_ipip_is_named() {
     if !can_run("tunl0_device_is_configured_or_the_missing_ipip_is_named") {
         return;
     }
-    let node = Netns::new("tun");
-    let peer = Netns::new("tunp");
-    veth(
-        &node,
-        "ens33",
-        "192.168.92.128/24",
-        &peer,
-        "ens33",
-        "192.168.92.129/24",
-    );
+    let (node, _peer) = node_and_peer("tun");
     node.ip(&["link", "set", "ens33", "mtu", "1450"]);
     let spec = TunnelSpec {
         name: "tunl0".into(),
