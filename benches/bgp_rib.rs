@@ -76,6 +76,8 @@ fn rib() -> Rib {
             local_v6_next_hop: None,
             rr_client: false,
             next_hop_self: false,
+            import_filter: None,
+            export_filter: None,
         },
     );
     rib.peer_up(1, Ipv4Addr::new(10, 255, 0, 2), vec![Family::IPV4_UNICAST]);

@@ -803,3 +803,150 @@ fn metrics_and_status_show_peers_and_routes() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// No transit (issue 15): node master01 peers eBGP with two ToRs; ToR-A sends a default route
+// and an external /24. As with Calico's BIRD (`calico_export_to_bgp_peers`), ToR-B must get
+// only pool routes from master01, and the mesh nodes must not get ToR-A's routes at all.
+
+const TOR_A_ADDR: &str = "192.168.92.251";
+const TOR_A_AS: u32 = 65010;
+const TOR_B_ADDR: &str = "192.168.92.252";
+const TOR_B_AS: u32 = 65020;
+const EXTERNAL: &str = "198.51.100.0/24";
+
+/// A BIRD 2 ToR peering with master01 only; `routes` are exported to it as static blackholes.
+fn start_node_tor(lab: &mut Lab, name: &str, addr: &str, asn: u32, routes: &[&str]) -> Tor {
+    let ns = lab
+        .attach_host(name, format!("{addr}/24").parse().unwrap())
+        .unwrap();
+    let dir = lab.workdir().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("bird.conf");
+    let socket = dir.join("bird.ctl");
+    let master = lab.spec.node(MASTER01).unwrap().ip();
+    let statics: String = routes
+        .iter()
+        .map(|r| format!("route {r} blackhole; "))
+        .collect();
+    let export = if routes.is_empty() { "none" } else { "all" };
+    let text = format!(
+        "log \"{log}\" all;\nrouter id {addr};\nprotocol device {{ scan time 2; }}\n\
+         protocol static {{ ipv4; {statics}}}\n\
+         protocol bgp {MASTER01} {{\n  local {addr} as {asn};\n  neighbor {master} as {cluster};\n  \
+         direct;\n  hold time 9;\n  connect delay time 1;\n  connect retry time 1;\n  \
+         error wait time 1, 5;\n  ipv4 {{ import all; export {export}; }};\n}}\n",
+        log = dir.join("bird.log").display(),
+        cluster = lab.spec.as_number,
+    );
+    std::fs::write(&conf, text).unwrap();
+    let (ok, out) =
+        podroute::lab::exec(&ns, "bird", &["-p", "-c", conf.to_str().unwrap()]).unwrap();
+    assert!(ok, "bird.conf does not parse:\n{out}");
+    lab.spawn(
+        name,
+        &ns,
+        Path::new("bird"),
+        &[
+            "-f".into(),
+            "-c".into(),
+            conf.display().to_string(),
+            "-s".into(),
+            socket.display().to_string(),
+        ],
+    )
+    .unwrap();
+    let yaml = format!(
+        "apiVersion: crd.projectcalico.org/v1\nkind: BGPPeer\nmetadata:\n  name: {name}\n\
+         spec:\n  asNumber: {asn}\n  peerIP: {addr}\n  node: {MASTER01}\n"
+    );
+    lab.update_spec(|spec| {
+        spec.extra_files
+            .insert(format!("bgppeer-{name}.yaml"), yaml);
+    })
+    .unwrap();
+    Tor { ns, socket }
+}
+
+#[test]
+fn no_transit_between_tors_and_no_tor_route_reaches_the_mesh() {
+    const TEST: &str = "no_transit_between_tors_and_no_tor_route_reaches_the_mesh";
+    if !can_run(TEST) || !have_bird(TEST) {
+        return;
+    }
+    let mut lab = converged_lab("transit");
+    let tor_a = start_node_tor(
+        &mut lab,
+        "tora",
+        TOR_A_ADDR,
+        TOR_A_AS,
+        &["0.0.0.0/0", EXTERNAL],
+    );
+    let tor_b = start_node_tor(&mut lab, "torb", TOR_B_ADDR, TOR_B_AS, &[]);
+    // master01 learned both routes from ToR-A (imports are Calico's `import all`)...
+    eventually(&lab, "master01 learns ToR-A's two routes", CONVERGE, || {
+        let s = lab.node_status(MASTER01).map_err(|e| e.to_string())?;
+        let row = |addr: &str| s.peers.iter().find(|p| p.address == addr).cloned();
+        match (row(TOR_A_ADDR), row(TOR_B_ADDR)) {
+            (Some(a), Some(b))
+                if a.state == "Established"
+                    && b.state == "Established"
+                    && a.prefixes_received == 2 =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    });
+    // ...and ToR-B gets exactly the three pool blocks: nothing of ToR-A's.
+    let want = sorted(vec![
+        BLOCK_MASTER01.to_string(),
+        BLOCK_NODE01.to_string(),
+        BLOCK_NODE02.to_string(),
+    ]);
+    eventually(&lab, "ToR-B holds the three blocks", CHANGE, || {
+        let out = birdc(&tor_b, &["show", "route", "protocol", MASTER01])?;
+        let mut got: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|w| w.contains('/'))
+            .map(str::to_string)
+            .collect();
+        got.sort();
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("ToR-B has {got:?}:\n{out}"))
+        }
+    });
+    let all = birdc(&tor_b, &["show", "route", "all"]).unwrap();
+    assert!(
+        !all.contains("0.0.0.0/0"),
+        "ToR-B got the default route:\n{all}"
+    );
+    assert!(!all.contains(EXTERNAL), "ToR-B got ToR-A's /24:\n{all}");
+    // ToR-A gets the blocks too, and never its own routes back.
+    let a = birdc(&tor_a, &["show", "route", "protocol", MASTER01]).unwrap();
+    assert!(a.contains(BLOCK_NODE01), "ToR-A:\n{a}");
+    // The mesh nodes learn nothing from master01 but blocks: their kernels hold exactly the
+    // plan (no default route via ToR-A, no external /24), and master01 advertised to them
+    // only what the pool holds.
+    for n in [NODE01, NODE02] {
+        let routes = lab.kernel_routes(n).unwrap();
+        assert!(
+            !routes
+                .iter()
+                .any(|r| r.starts_with("default") || r.starts_with(EXTERNAL)),
+            "{n} installed a ToR route: {routes:?}"
+        );
+        assert_eq!(routes, lab.expected_kernel_routes(n).unwrap(), "{n}");
+        let s = status(&lab, n);
+        let from_master = s
+            .peers
+            .iter()
+            .find(|p| p.name.contains(MASTER01) || p.address == "192.168.92.128")
+            .unwrap();
+        assert_eq!(from_master.prefixes_received, 1, "{n}: {from_master:?}");
+    }
+    drop(tor_a);
+}

@@ -7,6 +7,7 @@
 pub mod attrset;
 pub mod fsm;
 pub mod gr;
+pub mod policy;
 pub mod rib;
 pub(crate) mod session;
 pub mod speaker;

@@ -17,6 +17,7 @@ mod prefix_map;
 mod update_group;
 
 use crate::attrset::{AttrInterner, AttrSet, RouteAttrs};
+use crate::policy::{Community, ExportRules, FilterAction, PrefixFilter};
 use crate::wire::{Family, NextHop, PathAttrs, Update};
 use ipnet::IpNet;
 use prefix_map::{Paths, PrefixMap};
@@ -47,6 +48,11 @@ pub struct RibPeer {
     pub rr_client: bool,
     /// Set ourselves as next hop towards this iBGP peer (always done towards eBGP peers).
     pub next_hop_self: bool,
+    /// Rules applied to the peer's announcements before they enter the Loc-RIB (a rejected
+    /// route is kept aside like a looped one); no match = accepted.
+    pub import_filter: Option<Arc<PrefixFilter>>,
+    /// Rules applied before the speaker-wide [`ExportRules`] (see [`crate::policy`]).
+    pub export_filter: Option<Arc<PrefixFilter>>,
 }
 
 /// The Loc-RIB's best route for a prefix, as the agent consumes it.
@@ -145,6 +151,8 @@ pub struct ImportStats {
     pub withdrawn: usize,
     /// Announcements refused by loop detection (AS_PATH, ORIGINATOR_ID, CLUSTER_LIST).
     pub rejected: usize,
+    /// Announcements refused by the peer's import filter.
+    pub filtered: usize,
 }
 
 /// One path of a prefix in the Loc-RIB. 16 bytes: most prefixes have one, kept inline.
@@ -190,6 +198,8 @@ pub struct Rib {
     /// Update groups with at least one member, in creation order.
     groups: BTreeMap<GroupId, UpdateGroup>,
     next_group: GroupId,
+    /// Speaker-wide export policy; `None`: every route the protocol rules allow.
+    export_rules: Option<Arc<ExportRules>>,
 }
 
 impl Rib {
@@ -204,7 +214,34 @@ impl Rib {
             peers: HashMap::new(),
             groups: BTreeMap::new(),
             next_group: 0,
+            export_rules: None,
         }
+    }
+
+    /// Replace the speaker-wide export policy; what every peer was sent is brought in line
+    /// with it (announcements of newly permitted routes, withdrawals of refused ones).
+    pub fn set_export_rules(&mut self, rules: Option<ExportRules>) -> RibOutput {
+        let rules = rules.map(Arc::new);
+        if rules == self.export_rules {
+            return RibOutput::default();
+        }
+        self.export_rules = rules;
+        let prefixes: Vec<IpNet> = self.loc.keys().collect();
+        let gids: Vec<GroupId> = self.groups.keys().copied().collect();
+        let exports = gids
+            .into_iter()
+            .map(|gid| self.export_group(gid, &prefixes))
+            .filter(|e| !e.is_empty())
+            .collect();
+        RibOutput {
+            changes: Vec::new(),
+            exports,
+        }
+    }
+
+    /// The speaker-wide export policy in force.
+    pub fn export_rules(&self) -> Option<&ExportRules> {
+        self.export_rules.as_deref()
     }
 
     pub fn local_as(&self) -> u32 {
@@ -373,6 +410,12 @@ impl Rib {
             return stats;
         }
         let ibgp = peer.ibgp;
+        let import_filter = peer.cfg.import_filter.clone();
+        let refused = |p: &IpNet| {
+            import_filter
+                .as_ref()
+                .is_some_and(|f| f.evaluate(p, true) == Some(FilterAction::Reject))
+        };
         let changed = &mut pending.changed;
         let twd = update.treat_as_withdraw();
         let mut withdraw = |rib: &mut Rib, prefix: IpNet, changed: &mut Vec<IpNet>| {
@@ -417,6 +460,9 @@ impl Rib {
                 if looped {
                     stats.rejected += 1;
                     self.reject_from(id, *p, changed);
+                } else if refused(p) {
+                    stats.filtered += 1;
+                    self.reject_from(id, *p, changed);
                 } else {
                     self.announce_from(id, *p, attrs.clone(), changed);
                 }
@@ -433,6 +479,9 @@ impl Rib {
                 stats.announced += 1;
                 if looped {
                     stats.rejected += 1;
+                    self.reject_from(id, *p, changed);
+                } else if refused(p) {
+                    stats.filtered += 1;
                     self.reject_from(id, *p, changed);
                 } else {
                     self.announce_from(id, *p, attrs.clone(), changed);
@@ -555,6 +604,7 @@ impl Rib {
             local_addr: p.cfg.local_addr,
             local_v6_next_hop: p.cfg.local_v6_next_hop,
             families: p.families.clone(),
+            export_filter: p.cfg.export_filter.clone(),
         }
     }
 
@@ -778,20 +828,28 @@ impl Rib {
         };
         let mut msgs = GroupExportBuilder::default();
         // Export attributes depend on the source attributes and the source peer only.
-        let mut cache: HashMap<(*const RouteAttrs, PeerId), Option<AttrSet>> = HashMap::new();
+        // ... and on the communities the export policy adds (the same for most prefixes).
+        type CacheKey = (*const RouteAttrs, PeerId, Vec<Community>);
+        let mut cache: HashMap<CacheKey, Option<AttrSet>> = HashMap::new();
         for prefix in prefixes {
             if !g.policy.families.contains(&Family::of(prefix)) {
                 continue;
             }
             let best = self.loc.get(prefix).map(|paths| paths.best().clone());
             let desired = best.and_then(|b| {
-                let d = match cache.get(&(Arc::as_ptr(&b.attrs), b.peer)) {
+                let communities = self.export_permits(&b, &g.policy, prefix)?;
+                let key = (Arc::as_ptr(&b.attrs), b.peer, communities);
+                let d = match cache.get(&key) {
                     Some(d) => d.clone(),
                     None => {
                         let d = self
                             .export_attrs(&b, &g.policy, prefix)
+                            .map(|mut a| {
+                                add_communities(&mut a.path, &key.2);
+                                a
+                            })
                             .map(|a| self.interner.intern(a));
-                        cache.insert((Arc::as_ptr(&b.attrs), b.peer), d.clone());
+                        cache.insert(key, d.clone());
                         d
                     }
                 };
@@ -802,6 +860,33 @@ impl Rib {
         let e = msgs.build(gid, &g.members);
         self.groups.insert(gid, g);
         e
+    }
+
+    /// The route policy's verdict on announcing `best` for `prefix` to peers of `target`
+    /// (see [`crate::policy`]): `None` = refused, else the communities to add.
+    fn export_permits(
+        &self,
+        best: &Candidate,
+        target: &ExportPolicy,
+        prefix: &IpNet,
+    ) -> Option<Vec<Community>> {
+        let from_peer = best.peer != LOCAL;
+        match target
+            .export_filter
+            .as_ref()
+            .and_then(|f| f.evaluate(prefix, from_peer))
+        {
+            Some(FilterAction::Accept) => return Some(Vec::new()),
+            Some(FilterAction::Reject) => return None,
+            None => {}
+        }
+        match &self.export_rules {
+            None => Some(Vec::new()),
+            Some(rules) => rules
+                .decide(prefix)
+                .ok()
+                .map(|()| rules.communities_for(prefix)),
+        }
     }
 
     /// The attributes `best` is announced with to peers of policy `target`, or `None` when
@@ -868,6 +953,24 @@ impl Rib {
         };
         Some(RouteAttrs { path, next_hop })
     }
+}
+
+/// Add communities to a path's COMMUNITIES / LARGE_COMMUNITIES, keeping each once and the
+/// lists sorted (BIRD's `bgp_community.add` is a set operation too).
+fn add_communities(path: &mut PathAttrs, add: &[Community]) {
+    if add.is_empty() {
+        return;
+    }
+    for c in add {
+        match *c {
+            Community::Standard(v) => path.communities.push(v),
+            Community::Large(g, l1, l2) => path.large_communities.push((g, l1, l2)),
+        }
+    }
+    path.communities.sort_unstable();
+    path.communities.dedup();
+    path.large_communities.sort_unstable();
+    path.large_communities.dedup();
 }
 
 /// The index of the best of `cands` (RFC 4271 §9.1.2). A linear scan, not a sort: the MED
@@ -958,6 +1061,8 @@ mod tests {
             local_v6_next_hop: None,
             rr_client: false,
             next_hop_self: false,
+            import_filter: None,
+            export_filter: None,
         }
     }
 
@@ -1747,5 +1852,164 @@ mod tests {
             out.changes[0].best.as_ref().unwrap().next_hop,
             IpAddr::V6(nh)
         );
+    }
+
+    // ---- route policy (crate::policy) ----
+
+    /// Calico's export rules for a node holding 172.16.196.128/26 in pool 172.16.0.0/16.
+    fn calico_rules() -> ExportRules {
+        ExportRules {
+            deny: vec![net("10.50.0.0/16")],
+            aggregates: vec![net("172.16.196.128/26")],
+            allow: vec![net("172.16.0.0/16")],
+            communities: vec![],
+        }
+    }
+
+    /// The transit bug: routes from one eBGP ToR must not reach the other ToR nor the mesh.
+    #[test]
+    fn export_rules_stop_transit_between_tors() {
+        let mut rib = rib_with(&[
+            (1, peer([192, 0, 2, 1], 65010)), // ToR-A
+            (2, peer([192, 0, 2, 2], 65020)), // ToR-B
+            (3, peer([10, 0, 0, 2], AS)),     // mesh node
+        ]);
+        rib.set_export_rules(Some(calico_rules()));
+        let (out, _) = rib.apply_update(
+            1,
+            &announce(&["0.0.0.0/0", "198.51.100.0/24"], [192, 0, 2, 1], &[65010]),
+        );
+        // Learned and best (imports stay "import all")...
+        assert_eq!(out.changes.len(), 2);
+        // ...but sent to nobody.
+        assert!(out.exports.is_empty(), "{:?}", out.exports);
+        let out = rib.originate(net("172.16.196.128/26"), None, PathAttrs::default());
+        assert_eq!(out.peers_sent_to(), vec![1, 2, 3]);
+        // A pod /32 inside the own block is aggregated away; a disableBGPExport pool is not
+        // announced; another node's block inside the pool is (route reflection).
+        let out = rib.originate(net("172.16.196.130/32"), None, PathAttrs::default());
+        assert!(out.exports.is_empty());
+        let out = rib.originate(net("10.50.0.0/26"), None, PathAttrs::default());
+        assert!(out.exports.is_empty());
+        let (out, _) = rib.apply_update(1, &announce(&["172.16.5.0/26"], [192, 0, 2, 1], &[65010]));
+        assert_eq!(out.peers_sent_to(), vec![2, 3]);
+        for id in [1, 2, 3] {
+            let (_, _, adv) = rib.peer_counts(id);
+            assert_eq!(adv, if id == 1 { 1 } else { 2 }, "peer {id}");
+        }
+    }
+
+    #[test]
+    fn changing_export_rules_announces_and_withdraws_the_difference() {
+        let mut rib = rib_with(&[
+            (1, peer([192, 0, 2, 1], 65010)),
+            (2, peer([192, 0, 2, 2], 65020)),
+        ]);
+        rib.apply_update(1, &announce(&["0.0.0.0/0"], [192, 0, 2, 1], &[65010]));
+        rib.originate(net("172.16.196.128/26"), None, PathAttrs::default());
+        // Without rules ToR-B has the default route (plain RFC 4271 behaviour).
+        assert_eq!(rib.peer_counts(2).2, 2);
+        let out = rib.set_export_rules(Some(calico_rules()));
+        let e = out.export_for(2).unwrap();
+        assert_eq!(e.withdraw, vec![net("0.0.0.0/0")]);
+        assert!(e.announce.is_empty());
+        assert_eq!(rib.peer_counts(2).2, 1);
+        // The same rules again change nothing.
+        assert!(
+            rib.set_export_rules(Some(calico_rules()))
+                .exports
+                .is_empty()
+        );
+        // A new peer joining gets only what the rules allow.
+        rib.add_peer(3, peer([10, 0, 0, 3], AS));
+        let full = rib.peer_up(3, Ipv4Addr::new(10, 0, 0, 3), v4());
+        assert_eq!(announced(&full), vec![net("172.16.196.128/26")]);
+        // Dropping the rules gives the default route back.
+        let out = rib.set_export_rules(None);
+        assert_eq!(
+            announced(&out.export_for(2).unwrap()),
+            vec![net("0.0.0.0/0")]
+        );
+    }
+
+    #[test]
+    fn export_rules_add_communities() {
+        let mut rib = rib_with(&[(1, peer([192, 0, 2, 1], 65010))]);
+        let mut rules = calico_rules();
+        rules.communities = vec![crate::policy::CommunityRule {
+            cidr: net("172.16.196.0/24"),
+            communities: vec![
+                Community::Standard(0xfc00_0001),
+                Community::Large(64512, 7, 9),
+            ],
+        }];
+        rib.set_export_rules(Some(rules));
+        let mut attrs = PathAttrs::default();
+        attrs.communities = vec![0xfc00_0001, 5];
+        let out = rib.originate(net("172.16.196.128/26"), None, attrs);
+        let e = out.export_for(1).unwrap();
+        assert_eq!(e.announce[0].0.path.communities, vec![5, 0xfc00_0001]);
+        assert_eq!(e.announce[0].0.path.large_communities, vec![(64512, 7, 9)]);
+        // Outside the CIDR: none added.
+        let (out, _) = rib.apply_update(1, &announce(&["172.16.5.0/26"], [192, 0, 2, 1], &[65010]));
+        assert!(out.export_for(1).is_none(), "not sent back to its source");
+        rib.add_peer(2, peer([192, 0, 2, 2], 65020));
+        let full = rib.peer_up(2, Ipv4Addr::new(192, 0, 2, 2), v4());
+        let other = full
+            .announce
+            .iter()
+            .find(|(_, p)| p.contains(&net("172.16.5.0/26")))
+            .unwrap();
+        assert!(other.0.path.communities.is_empty());
+    }
+
+    #[test]
+    fn peer_filters_import_and_export() {
+        use crate::policy::{FilterRule, MatchOperator};
+        let rule = |cidr: &str, op, action| FilterRule {
+            cidr: Some(net(cidr)),
+            operator: op,
+            prefix_length: None,
+            only_remote_peers: false,
+            action,
+        };
+        let mut tor = peer([192, 0, 2, 1], 65010);
+        tor.import_filter = Some(Arc::new(PrefixFilter {
+            v4: vec![rule(
+                "0.0.0.0/0",
+                MatchOperator::Equal,
+                FilterAction::Reject,
+            )],
+            v6: vec![],
+        }));
+        let mut tor_b = peer([192, 0, 2, 2], 65020);
+        // Export filter accepts 198.51.100.0/24 (beyond the Calico rules) and rejects one block.
+        tor_b.export_filter = Some(Arc::new(PrefixFilter {
+            v4: vec![
+                rule("198.51.100.0/24", MatchOperator::In, FilterAction::Accept),
+                rule(
+                    "172.16.196.128/26",
+                    MatchOperator::Equal,
+                    FilterAction::Reject,
+                ),
+            ],
+            v6: vec![],
+        }));
+        let mut rib = rib_with(&[(1, tor), (2, tor_b), (3, peer([10, 0, 0, 2], AS))]);
+        rib.set_export_rules(Some(calico_rules()));
+        let (out, stats) = rib.apply_update(
+            1,
+            &announce(&["0.0.0.0/0", "198.51.100.0/24"], [192, 0, 2, 1], &[65010]),
+        );
+        assert_eq!(stats.filtered, 1);
+        assert_eq!(out.changes.len(), 1, "the default route is not imported");
+        assert!(rib.best(&net("0.0.0.0/0")).is_none());
+        assert_eq!(rib.peer_counts(1), (2, 1, 0));
+        // Only ToR-B's filter lets the external /24 out.
+        assert_eq!(out.peers_sent_to(), vec![2]);
+        let out = rib.originate(net("172.16.196.128/26"), None, PathAttrs::default());
+        assert_eq!(out.peers_sent_to(), vec![1, 3]);
+        // Peers with different filters are in different update groups.
+        assert_ne!(rib.group_of(1), rib.group_of(2));
     }
 }

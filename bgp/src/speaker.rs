@@ -59,6 +59,7 @@ use crate::gr::{
     DEFAULT_MAX_RESTART_TIME, DEFAULT_SELECTION_DEFERRAL, DeferralPeer, GrAction, GrEvent,
     GrHelper, GrHelperConfig, GrPhase, GrTimer, deferral_complete,
 };
+use crate::policy::{ExportRules, PrefixFilter};
 use crate::rib::{
     BestChange, BestRoute, Export, GroupExport, LOCAL, PeerId, Pending, Rib, RibOutput, RibPeer,
 };
@@ -72,6 +73,7 @@ use ipnet::IpNet;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -152,6 +154,10 @@ pub struct PeerConfig {
     /// How long stale routes may wait for the peer's End-of-RIB once it is back. `None`: the
     /// same as `max_restart_time`.
     pub stale_routes_time: Option<Duration>,
+    /// Rules for the peer's announcements (see [`crate::policy`]); `None`: accept all.
+    pub import_filter: Option<Arc<PrefixFilter>>,
+    /// Rules for what the peer is sent, before the speaker's [`ExportRules`].
+    pub export_filter: Option<Arc<PrefixFilter>>,
 }
 
 impl PeerConfig {
@@ -171,6 +177,27 @@ impl PeerConfig {
             kind: String::new(),
             max_restart_time: None,
             stale_routes_time: None,
+            import_filter: None,
+            export_filter: None,
+        }
+    }
+
+    /// What the RIB needs of this peer; `default_local` is the next hop we announce when
+    /// none is configured.
+    fn rib_peer(&self, default_local: IpAddr) -> RibPeer {
+        RibPeer {
+            addr: self.addr,
+            remote_as: self.remote_as,
+            local_addr: self
+                .local_v4_next_hop
+                .map(IpAddr::V4)
+                .or(self.local_addr)
+                .unwrap_or(default_local),
+            local_v6_next_hop: self.local_v6_next_hop,
+            rr_client: self.rr_client,
+            next_hop_self: self.next_hop_self,
+            import_filter: self.import_filter.clone(),
+            export_filter: self.export_filter.clone(),
         }
     }
 
@@ -202,6 +229,11 @@ pub struct PeerStatus {
     pub updates_sent: u64,
     pub notifications_received: u64,
     pub notifications_sent: u64,
+    /// Announcements refused since the peer was configured, by reason: loop detection
+    /// (AS_PATH with our AS, our ORIGINATOR_ID or CLUSTER_ID)...
+    pub routes_rejected_loop: u64,
+    /// ... and the peer's import filter.
+    pub routes_rejected_filter: u64,
     /// The last reason the session went down or failed to come up.
     pub last_error: Option<String>,
     /// Families the peer has sent End-of-RIB for since the session came up.
@@ -252,6 +284,7 @@ enum Command {
     RemovePeer(IpAddr, oneshot::Sender<Result<(), SpeakerError>>),
     Announce(IpNet, Option<IpAddr>, PathAttrs),
     Withdraw(IpNet),
+    ExportRules(Option<ExportRules>),
     Peers(oneshot::Sender<Vec<PeerStatus>>),
     LocRib(oneshot::Sender<Vec<(IpNet, BestRoute)>>),
     Inbound(tokio::net::TcpStream, SocketAddr),
@@ -382,6 +415,12 @@ impl Speaker {
 
     pub async fn withdraw(&self, prefix: IpNet) -> Result<(), SpeakerError> {
         self.send(Command::Withdraw(prefix)).await
+    }
+
+    /// Set the speaker-wide export policy (`None`: announce whatever the protocol's rules
+    /// allow). Every peer is sent the difference at once.
+    pub async fn set_export_rules(&self, rules: Option<ExportRules>) -> Result<(), SpeakerError> {
+        self.send(Command::ExportRules(rules)).await
     }
 
     pub async fn peers(&self) -> Result<Vec<PeerStatus>, SpeakerError> {
@@ -646,6 +685,10 @@ impl Core {
                 let out = self.rib.withdraw_local(prefix);
                 self.publish(out).await;
             }
+            Command::ExportRules(rules) => {
+                let out = self.rib.set_export_rules(rules);
+                self.publish(out).await;
+            }
             Command::Peers(reply) => {
                 let mut v: Vec<PeerStatus> = self
                     .peers
@@ -716,21 +759,8 @@ impl Core {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.rib.add_peer(
-            id,
-            RibPeer {
-                addr: cfg.addr,
-                remote_as: cfg.remote_as,
-                local_addr: cfg
-                    .local_v4_next_hop
-                    .map(IpAddr::V4)
-                    .or(cfg.local_addr)
-                    .unwrap_or(IpAddr::V4(self.cfg.router_id)),
-                local_v6_next_hop: cfg.local_v6_next_hop,
-                rr_client: cfg.rr_client,
-                next_hop_self: cfg.next_hop_self,
-            },
-        );
+        self.rib
+            .add_peer(id, cfg.rib_peer(IpAddr::V4(self.cfg.router_id)));
         let (tx, rx) = mpsc::unbounded_channel();
         let fsm = self.fsm_config(&cfg);
         let gr_cap = fsm.graceful_restart.clone();
@@ -756,6 +786,8 @@ impl Core {
             updates_sent: 0,
             notifications_received: 0,
             notifications_sent: 0,
+            routes_rejected_loop: 0,
+            routes_rejected_filter: 0,
             last_error: None,
             end_of_rib: Vec::new(),
             graceful_restart: None,
@@ -797,7 +829,12 @@ impl Core {
                 SessionEvent::Update(u) => {
                     if let Some(p) = self.peers.get_mut(&id) {
                         p.status.updates_received += 1;
-                        let _stats = self.rib.import_update(id, &u, &mut pending);
+                        let stats = self.rib.import_update(id, &u, &mut pending);
+                        p.status.routes_rejected_loop += stats.rejected as u64;
+                        p.status.routes_rejected_filter += stats.filtered as u64;
+                        if stats.filtered > 0 {
+                            debug!(peer = %p.cfg.addr, refused = stats.filtered, "routes refused by the import filter");
+                        }
                     }
                     if pending.len() >= MAX_BATCH_CHANGES {
                         self.flush(std::mem::take(&mut pending)).await;
@@ -873,19 +910,7 @@ impl Core {
                 p.up = true;
                 p.codec = negotiated.codec;
                 p.families = negotiated.families.clone();
-                let mut rp = RibPeer {
-                    addr: p.cfg.addr,
-                    remote_as: p.cfg.remote_as,
-                    local_addr: p
-                        .cfg
-                        .local_v4_next_hop
-                        .map(IpAddr::V4)
-                        .or(p.cfg.local_addr)
-                        .unwrap_or(local_addr),
-                    local_v6_next_hop: p.cfg.local_v6_next_hop,
-                    rr_client: p.cfg.rr_client,
-                    next_hop_self: p.cfg.next_hop_self,
-                };
+                let mut rp = p.cfg.rib_peer(local_addr);
                 if rp.local_addr.is_unspecified() {
                     rp.local_addr = local_addr;
                 }

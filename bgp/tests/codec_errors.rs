@@ -193,6 +193,9 @@ fn each_malformed_attribute_gets_its_rfc7606_action() {
         // §7.8 COMMUNITIES not a non-zero multiple of 4.
         ("", "c0 08 06 fde90064 0001", 8, Withdraw),
         ("", "c0 08 00", 8, Withdraw),
+        // RFC 8092 §6: LARGE_COMMUNITIES not a non-zero multiple of 12.
+        ("", "c0 20 08 0000fde8 00000001", 32, Withdraw),
+        ("", "c0 20 00", 32, Withdraw),
         // §7.9 ORIGINATOR_ID, §7.10 CLUSTER_LIST length.
         ("", "80 09 05 c000020400", 9, Withdraw),
         ("", "80 0a 06 c0000205 0000", 10, Withdraw),

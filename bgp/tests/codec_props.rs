@@ -113,7 +113,7 @@ fn as_path() -> impl Strategy<Value = AsPath> {
 
 fn raw_attr() -> impl Strategy<Value = RawAttr> {
     (
-        prop_oneof![11u8..14, 16u8..17, 19u8..=255],
+        prop_oneof![11u8..14, 16u8..17, 19u8..32, 33u8..=255],
         prop::collection::vec(any::<u8>(), 0..300),
     )
         .prop_map(|(code, v)| RawAttr {
@@ -134,13 +134,14 @@ prop_compose! {
         atomic_aggregate in any::<bool>(),
         aggregator in prop::option::of((asn(), any::<u32>()).prop_map(|(asn, a)| Aggregator { asn, addr: Ipv4Addr::from(a) })),
         communities in prop::collection::vec(any::<u32>(), 0..20),
+        large_communities in prop::collection::vec(any::<(u32, u32, u32)>(), 0..8),
         originator_id in prop::option::of(any::<u32>().prop_map(Ipv4Addr::from)),
         cluster_list in prop::collection::vec(any::<u32>().prop_map(Ipv4Addr::from), 0..5),
         unknown in prop::collection::vec(raw_attr(), 0..3)
             .prop_map(|mut v| { v.sort_by_key(|r| r.code); v.dedup_by_key(|r| r.code); v }),
     ) -> PathAttrs {
         PathAttrs { origin, as_path, next_hop, med, local_pref, atomic_aggregate, aggregator,
-            communities, originator_id, cluster_list, unknown }
+            communities, large_communities, originator_id, cluster_list, unknown }
     }
 }
 

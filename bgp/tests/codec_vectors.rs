@@ -263,6 +263,7 @@ fn update_every_attribute_four_octet() {
             communities: vec![0xfde9_0064, 0xffff_ff01],
             originator_id: Some(ip4("192.0.2.4")),
             cluster_list: vec![ip4("192.0.2.5"), ip4("192.0.2.6")],
+            large_communities: vec![],
             unknown: vec![],
         },
         nlri: vec![net("10.0.0.64/26")],
@@ -302,6 +303,33 @@ fn update_two_octet_as_path_and_aggregator() {
         ..Update::default()
     };
     both_ways(&bytes, &upd(u), TWO);
+}
+
+/// RFC 8092: LARGE_COMMUNITIES (type 32, optional transitive), twelve octets a value, after
+/// the lower-numbered attributes.
+#[test]
+fn update_large_communities() {
+    let bytes = update_msg(
+        "40 01 01 00
+         40 02 06 | 02 01 0000fde8
+         40 03 04 c0000202
+         c0 08 04 fde80064
+         c0 20 18 0000fde8 00000001 00000002 | 0000fde9 ffffffff 00000000",
+        "1a 0a000000",
+    );
+    let u = Update {
+        attrs: PathAttrs {
+            origin: Some(Origin::Igp),
+            as_path: Some(AsPath::from_sequence(vec![65000])),
+            next_hop: Some(ip4("192.0.2.2")),
+            communities: vec![0xfde8_0064],
+            large_communities: vec![(65000, 1, 2), (65001, u32::MAX, 0)],
+            ..PathAttrs::default()
+        },
+        nlri: vec![net("10.0.0.0/26")],
+        ..Update::default()
+    };
+    both_ways(&bytes, &upd(u), FOUR);
 }
 
 /// RFC 6793 §4.2.2: towards a 2-octet peer, AS_TRANS in AS_PATH/AGGREGATOR and the real

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use podroute_bgp::policy::{CommunityRule, ExportRules};
 
 use crate::model::{self, Block, Pool};
 use crate::plan::{
@@ -69,6 +70,65 @@ pub fn advertisements(state: &ClusterState) -> BTreeSet<IpNet> {
         }
     }
     out
+}
+
+/// The speaker-wide export policy, Calico's `calico_export_to_bgp_peers` BIRD filter as
+/// confd renders it for this node:
+///
+/// ```text
+/// reject_disabled_pools();   # net ~ pool with disableBGPExport  -> reject      (deny)
+/// apply_communities();       # net ~ prefixAdvertisements cidr   -> add communities
+/// calico_aggr();             # net = own confirmed block -> accept; net ~ it -> reject
+/// if net ~ <service CIDR>    then accept;   # serviceClusterIPs/ExternalIPs/LoadBalancerIPs
+/// if net ~ <pool>            then accept;   # every pool without disableBGPExport
+/// reject;
+/// ```
+///
+/// `prefixAdvertisements` CIDRs are accepted too (they name what the cluster means to
+/// announce). Routes learned from a ToR or any other peer outside these sets are never passed
+/// on: podroute is no transit AS.
+pub fn export_rules(state: &ClusterState) -> ExportRules {
+    let node = state.local_node.as_str();
+    let mut aggregates: Vec<IpNet> = state
+        .blocks
+        .values()
+        .filter(|b| holds(state, b, node))
+        .map(|b| b.cidr)
+        .collect();
+    aggregates.sort();
+    aggregates.dedup();
+    let mut deny = Vec::new();
+    let mut allow = Vec::new();
+    for pool in state.pools.values() {
+        if pool.disable_bgp_export {
+            deny.push(pool.cidr);
+        } else {
+            allow.push(pool.cidr);
+        }
+    }
+    let bgp = &state.bgp;
+    allow.extend(bgp.service_cluster_ips.iter().copied());
+    allow.extend(bgp.service_external_ips.iter().copied());
+    allow.extend(bgp.service_load_balancer_ips.iter().copied());
+    allow.extend(bgp.prefix_advertisements.iter().map(|(cidr, _)| *cidr));
+    allow.sort();
+    allow.dedup();
+    deny.sort();
+    let communities = bgp
+        .prefix_advertisements
+        .iter()
+        .filter(|(_, c)| !c.is_empty())
+        .map(|(cidr, c)| CommunityRule {
+            cidr: *cidr,
+            communities: c.clone(),
+        })
+        .collect();
+    ExportRules {
+        deny,
+        aggregates,
+        allow,
+        communities,
+    }
 }
 
 /// Builds the plan's input. `local` carries this node's address as detected (with prefix)

@@ -182,6 +182,8 @@ pub struct Agent {
     peers: BTreeMap<IpAddr, ConfiguredPeer>,
     peer_warnings: Vec<String>,
     announced: BTreeSet<IpNet>,
+    /// The export policy last given to the speaker.
+    export_rules: Option<podroute_bgp::policy::ExportRules>,
     /// Next hop of the best learned path per prefix (host bits cleared).
     learned: BestPaths,
     interfaces: BTreeSet<String>,
@@ -344,6 +346,7 @@ impl Agent {
             peers: BTreeMap::new(),
             peer_warnings: Vec::new(),
             announced: BTreeSet::new(),
+            export_rules: None,
             learned: BestPaths::new(),
             interfaces: intent::interfaces_with_prefix(WORKLOAD_IFACE_PREFIX),
             plan_tx,
@@ -560,6 +563,22 @@ impl Agent {
                 configured = state.bgp.listen_port,
                 "BGP listenPort changed; restart the agent to apply it"
             );
+        }
+
+        // Export policy before sessions and announcements: nothing outside it is ever sent.
+        let rules = intent::export_rules(&state);
+        if self.export_rules.as_ref() != Some(&rules) {
+            debug!(
+                allow = rules.allow.len(),
+                deny = rules.deny.len(),
+                aggregates = rules.aggregates.len(),
+                "export policy"
+            );
+            self.speaker
+                .set_export_rules(Some(rules.clone()))
+                .await
+                .context("BGP speaker")?;
+            self.export_rules = Some(rules);
         }
 
         // Sessions.

@@ -235,6 +235,8 @@ mod tests {
             updates_sent: 4,
             notifications_received: 0,
             notifications_sent: 0,
+            routes_rejected_loop: 0,
+            routes_rejected_filter: 0,
             last_error: error.map(str::to_string),
             end_of_rib: Vec::new(),
             graceful_restart: None,

@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use super::cidr::parse_masked_cidr;
 use super::crd::{BGPConfiguration, BGPPeer, SecretKeyRef, ServiceCidr};
 use super::error::{Kind, Reason, Rejection};
+use podroute_bgp::policy::Community;
 
 /// Default cluster AS number when no `BGPConfiguration` sets one.
 pub const DEFAULT_AS_NUMBER: u32 = 64512;
@@ -165,6 +166,28 @@ pub struct BgpConfig {
     pub service_cluster_ips: Vec<IpNet>,
     pub service_external_ips: Vec<IpNet>,
     pub service_load_balancer_ips: Vec<IpNet>,
+    /// `prefixAdvertisements`, names resolved: communities attached to exported routes
+    /// inside each CIDR.
+    pub prefix_advertisements: Vec<(IpNet, Vec<Community>)>,
+}
+
+/// Parses a community as Calico writes it: `aa:nn` (standard, 16-bit halves) or `aa:nn:mm`
+/// (large, 32-bit parts).
+pub fn parse_community(text: &str) -> Option<Community> {
+    let parts: Vec<&str> = text.trim().split(':').collect();
+    match parts.as_slice() {
+        [a, b] => {
+            let a: u16 = a.parse().ok()?;
+            let b: u16 = b.parse().ok()?;
+            Some(Community::Standard((u32::from(a) << 16) | u32::from(b)))
+        }
+        [a, b, c] => Some(Community::Large(
+            a.parse().ok()?,
+            b.parse().ok()?,
+            c.parse().ok()?,
+        )),
+        _ => None,
+    }
 }
 
 impl Default for BgpConfig {
@@ -178,6 +201,7 @@ impl Default for BgpConfig {
             service_cluster_ips: Vec::new(),
             service_external_ips: Vec::new(),
             service_load_balancer_ips: Vec::new(),
+            prefix_advertisements: Vec::new(),
         }
     }
 }
@@ -219,7 +243,31 @@ impl BgpConfig {
                 })
             })?),
         };
+        let named: Vec<(String, String)> = spec
+            .communities
+            .iter()
+            .flatten()
+            .map(|c| (c.name.clone(), c.value.clone()))
+            .collect();
+        let mut prefix_advertisements = Vec::new();
+        for adv in spec.prefix_advertisements.iter().flatten() {
+            let cidr = parse_masked_cidr(&adv.cidr).map_err(reject)?;
+            let mut communities = Vec::new();
+            for c in &adv.communities {
+                let value = named
+                    .iter()
+                    .find(|(n, _)| n == c)
+                    .map_or(c.as_str(), |(_, v)| v.as_str());
+                communities.push(parse_community(value).ok_or_else(|| {
+                    reject(Reason::BadCommunity {
+                        value: value.to_string(),
+                    })
+                })?);
+            }
+            prefix_advertisements.push((cidr, communities));
+        }
         Ok(BgpConfig {
+            prefix_advertisements,
             node_mesh_max_restart_time,
             as_number,
             node_to_node_mesh: spec.node_to_node_mesh_enabled.unwrap_or(true),

@@ -301,6 +301,31 @@ pub struct BGPConfigurationSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub service_load_balancer_ips: Option<Vec<ServiceCidr>>,
+    /// Named communities (`{name, value}`), referenced by `prefixAdvertisements`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub communities: Option<Vec<NamedCommunity>>,
+    /// Communities to attach to the routes inside a CIDR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_advertisements: Option<Vec<PrefixAdvertisement>>,
+}
+
+/// `BGPConfiguration.spec.communities[]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedCommunity {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+/// `BGPConfiguration.spec.prefixAdvertisements[]`: `communities` holds names of
+/// `spec.communities` entries or literal values.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefixAdvertisement {
+    #[serde(default)]
+    pub cidr: String,
+    #[serde(default)]
+    pub communities: Vec<String>,
 }
 
 /// `{cidr: ...}` entries of the `service*IPs` lists.

@@ -141,6 +141,10 @@ pub enum Reason {
     ListenPortOutOfRange { value: i64 },
     #[error("{field} {value:?} is not a duration such as 120s or 2m30s")]
     BadDuration { field: &'static str, value: String },
+    #[error(
+        "community {value:?} is neither a standard community aa:nn (16-bit numbers) nor a large community aa:nn:mm (32-bit numbers), nor the name of an entry of spec.communities"
+    )]
+    BadCommunity { value: String },
     #[error("annotation {annotation} {value:?} is not {expected}")]
     BadAnnotation {
         annotation: &'static str,

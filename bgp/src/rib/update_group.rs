@@ -18,6 +18,7 @@
 use super::prefix_map::PrefixMap;
 use super::{Export, PeerId};
 use crate::attrset::{AttrSet, RouteAttrs};
+use crate::policy::PrefixFilter;
 use crate::wire::Family;
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -39,6 +40,8 @@ pub(crate) struct ExportPolicy {
     pub local_addr: IpAddr,
     pub local_v6_next_hop: Option<Ipv6Addr>,
     pub families: Vec<Family>,
+    /// The peer's own export rules (shared: peers with the same filter list stay together).
+    pub export_filter: Option<Arc<PrefixFilter>>,
 }
 
 /// One entry of a group's Adj-RIB-Out.

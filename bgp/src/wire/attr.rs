@@ -1,6 +1,6 @@
 //! Path attributes (RFC 4271 §4.3, §5) with RFC 6793 (AS4_PATH, AS4_AGGREGATOR), RFC 1997
-//! (COMMUNITIES), RFC 4456 (ORIGINATOR_ID, CLUSTER_LIST) and RFC 4760 (MP_REACH_NLRI,
-//! MP_UNREACH_NLRI, decoded in `update.rs`).
+//! (COMMUNITIES), RFC 4456 (ORIGINATOR_ID, CLUSTER_LIST), RFC 8092 (LARGE_COMMUNITIES) and
+//! RFC 4760 (MP_REACH_NLRI, MP_UNREACH_NLRI, decoded in `update.rs`).
 //!
 //! Every attribute is framed as:
 //!
@@ -45,6 +45,7 @@ pub(crate) mod attr_code {
     pub const MP_UNREACH_NLRI: u8 = 15;
     pub const AS4_PATH: u8 = 17;
     pub const AS4_AGGREGATOR: u8 = 18;
+    pub const LARGE_COMMUNITIES: u8 = 32;
 }
 use attr_code as ac;
 
@@ -261,6 +262,19 @@ pub struct PathAttrs {
     pub atomic_aggregate: bool,
     pub aggregator: Option<Aggregator>,
     pub communities: Vec<u32>,
+    /// LARGE_COMMUNITIES (RFC 8092 §3): `(global administrator, local data 1, local data 2)`,
+    /// each value twelve octets on the wire:
+    ///
+    /// ```text
+    /// +---------------------------------------------------------------+
+    /// |                      Global Administrator                     |
+    /// +---------------------------------------------------------------+
+    /// |                       Local Data Part 1                       |
+    /// +---------------------------------------------------------------+
+    /// |                       Local Data Part 2                       |
+    /// +---------------------------------------------------------------+
+    /// ```
+    pub large_communities: Vec<(u32, u32, u32)>,
     pub originator_id: Option<Ipv4Addr>,
     pub cluster_list: Vec<Ipv4Addr>,
     /// Unrecognised optional transitive attributes, in the order received.
@@ -322,9 +336,11 @@ fn expected_flags(code: u8) -> Option<u8> {
         | ac::CLUSTER_LIST
         | ac::MP_REACH_NLRI
         | ac::MP_UNREACH_NLRI => flag::OPTIONAL,
-        ac::AGGREGATOR | ac::COMMUNITIES | ac::AS4_PATH | ac::AS4_AGGREGATOR => {
-            flag::OPTIONAL | flag::TRANSITIVE
-        }
+        ac::AGGREGATOR
+        | ac::COMMUNITIES
+        | ac::AS4_PATH
+        | ac::AS4_AGGREGATOR
+        | ac::LARGE_COMMUNITIES => flag::OPTIONAL | flag::TRANSITIVE,
         _ => return None,
     })
 }
@@ -495,6 +511,20 @@ pub(crate) fn decode_attrs<'a>(
                     attrs.communities = value
                         .chunks_exact(4)
                         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                }
+            }
+            // RFC 8092 §6: a length that is not a non-zero multiple of 12 is treat-as-withdraw.
+            ac::LARGE_COMMUNITIES => {
+                if value.len() % 12 != 0 || value.is_empty() {
+                    errors.push(bad(
+                        "LARGE_COMMUNITIES length is not a non-zero multiple of 12",
+                    ));
+                } else {
+                    let word = |c: &[u8]| u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+                    attrs.large_communities = value
+                        .chunks_exact(12)
+                        .map(|c| (word(&c[0..4]), word(&c[4..8]), word(&c[8..12])))
                         .collect();
                 }
             }
@@ -707,6 +737,16 @@ impl PathAttrs {
                 put_attr(out, o | t, ac::AS4_AGGREGATOR, &scratch);
                 scratch.clear();
             }
+        }
+        unknown_below(ac::LARGE_COMMUNITIES, out);
+        if !self.large_communities.is_empty() {
+            for (g, l1, l2) in &self.large_communities {
+                scratch.put_u32(*g);
+                scratch.put_u32(*l1);
+                scratch.put_u32(*l2);
+            }
+            put_attr(out, o | t, ac::LARGE_COMMUNITIES, &scratch);
+            scratch.clear();
         }
         for raw in unknown {
             put_attr(out, raw.flags | flag::PARTIAL, raw.code, &raw.value);
