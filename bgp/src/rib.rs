@@ -1944,8 +1944,10 @@ mod tests {
             ],
         }];
         rib.set_export_rules(Some(rules));
-        let mut attrs = PathAttrs::default();
-        attrs.communities = vec![0xfc00_0001, 5];
+        let attrs = PathAttrs {
+            communities: vec![0xfc00_0001, 5],
+            ..Default::default()
+        };
         let out = rib.originate(net("172.16.196.128/26"), None, attrs);
         let e = out.export_for(1).unwrap();
         assert_eq!(e.announce[0].0.path.communities, vec![5, 0xfc00_0001]);
