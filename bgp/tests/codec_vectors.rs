@@ -478,7 +478,7 @@ fn as4_path_encoding_leaves_out_confederation_segments() {
 fn unknown_optional_transitive_is_passed_on_with_partial() {
     let received = update_msg(
         "40 01 01 00 | 40 02 06 | 02 01 0000fde9 | 40 03 04 c0000202
-         c0 20 0c fa56ea01 00000001 00000002
+         c0 63 0c fa56ea01 00000001 00000002
          c0 10 08 0002fde9 00000064",
         "1a 0a000000",
     );
@@ -490,7 +490,7 @@ fn unknown_optional_transitive_is_passed_on_with_partial() {
         vec![
             RawAttr {
                 flags: 0xc0,
-                code: 32,
+                code: 99,
                 value: Bytes::from(hex("fa56ea01 00000001 00000002"))
             },
             RawAttr {
@@ -503,7 +503,7 @@ fn unknown_optional_transitive_is_passed_on_with_partial() {
     let sent = update_msg(
         "40 01 01 00 | 40 02 06 | 02 01 0000fde9 | 40 03 04 c0000202
          e0 10 08 0002fde9 00000064
-         e0 20 0c fa56ea01 00000001 00000002",
+         e0 63 0c fa56ea01 00000001 00000002",
         "1a 0a000000",
     );
     assert_eq!(hexs(&encode(&upd(u.clone()), FOUR)), hexs(&sent));
@@ -514,7 +514,7 @@ fn unknown_optional_transitive_is_passed_on_with_partial() {
         "40 01 01 00 | 40 02 04 | 02 01 5ba0 | 40 03 04 c0000202
          e0 10 08 0002fde9 00000064
          c0 11 06 | 02 01 fa56ea01
-         e0 20 0c fa56ea01 00000001 00000002",
+         e0 63 0c fa56ea01 00000001 00000002",
         "1a 0a000000",
     );
     assert_eq!(hexs(&encode(&upd(u2), TWO)), hexs(&sent2));
