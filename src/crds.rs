@@ -8,8 +8,8 @@
 use serde_json::{Value, json};
 
 use crate::model::crd::{
-    BGPConfiguration, BGPPeer, BlockAffinity, CalicoResource, CrdNames, GROUP, IPAMBlock, IPPool,
-    VERSION,
+    BGPConfiguration, BGPFilter, BGPPeer, BlockAffinity, CalicoResource, CrdNames, GROUP,
+    IPAMBlock, IPPool, VERSION,
 };
 
 /// The CRDs could not be rendered as YAML.
@@ -375,10 +375,67 @@ fn bgpconfiguration() -> GeneratedCrd {
     )
 }
 
-/// The five CRDs, in a fixed order.
+fn bgpfilter() -> GeneratedCrd {
+    let rules = |v6: bool| {
+        json!({
+            "type": "array",
+            "items": {
+                "description": format!(
+                    "A rule of an IPv{} filter: the first rule that matches decides.",
+                    if v6 { 6 } else { 4 }
+                ),
+                "type": "object",
+                "properties": {
+                    "action": { "type": "string", "enum": ["Accept", "Reject"] },
+                    "cidr": string(),
+                    "interface": string(),
+                    "matchOperator": {
+                        "type": "string",
+                        "enum": ["Equal", "NotEqual", "In", "NotIn"],
+                    },
+                    "prefixLength": {
+                        "type": "object",
+                        "properties": {
+                            "max": {
+                                "type": "integer",
+                                "format": "int32",
+                                "minimum": 0,
+                                "maximum": if v6 { 128 } else { 32 },
+                            },
+                            "min": {
+                                "type": "integer",
+                                "format": "int32",
+                                "minimum": 0,
+                                "maximum": if v6 { 128 } else { 32 },
+                            },
+                        },
+                    },
+                    "source": { "type": "string", "enum": ["RemotePeers"] },
+                },
+                "required": ["action"],
+            },
+        })
+    };
+    crd(
+        BGPFilter::NAMES,
+        json!({
+            "description": "BGPFilterSpec contains the IPv4 and IPv6 filter rules of the BGP Filter.",
+            "type": "object",
+            "properties": {
+                "exportV4": rules(false),
+                "exportV6": rules(true),
+                "importV4": rules(false),
+                "importV6": rules(true),
+            },
+        }),
+    )
+}
+
+/// The six CRDs, in a fixed order.
 pub fn all() -> Vec<GeneratedCrd> {
     vec![
         bgpconfiguration(),
+        bgpfilter(),
         bgppeer(),
         blockaffinity(),
         ipamblock(),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use tokio::sync::watch;
 
-use crate::model::{BgpConfig, Block, BlockClaim, NodeInfo, Peer, Pool, Rejection};
+use crate::model::{BgpConfig, Block, BlockClaim, Filter, NodeInfo, Peer, Pool, Rejection};
 
 /// One complete, validated picture of the cluster.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -31,6 +31,8 @@ pub struct ClusterState {
     pub bgp: BgpConfig,
     /// Every valid `BGPConfiguration` by name (`default`, `node.<name>`, ...).
     pub bgp_configurations: BTreeMap<String, BgpConfig>,
+    /// Valid `BGPFilter`s by name.
+    pub filters: BTreeMap<String, Filter>,
     /// Objects currently not taken as they are (skipped, or replaced by their last valid
     /// version), sorted by kind and name.
     pub rejected: Vec<Rejection>,

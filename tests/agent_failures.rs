@@ -902,6 +902,7 @@ fn apply_object(server: &FakeApiServer, object: &Object) {
         Object::BlockAffinity(o) => server.apply(o),
         Object::BGPPeer(o) => server.apply(o),
         Object::BGPConfiguration(o) => server.apply(o),
+        Object::BGPFilter(o) => server.apply(o),
     };
 }
 
@@ -914,6 +915,7 @@ fn delete_object(server: &FakeApiServer, object: &Object) {
         Object::BlockAffinity(_) => server.delete::<BlockAffinity>(&name),
         Object::BGPPeer(_) => server.delete::<BGPPeer>(&name),
         Object::BGPConfiguration(_) => server.delete::<BGPConfiguration>(&name),
+        Object::BGPFilter(_) => server.delete::<podroute::model::crd::BGPFilter>(&name),
     };
     assert!(found, "{name} was on the server");
 }

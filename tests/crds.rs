@@ -61,6 +61,7 @@ fn crds_are_calico_compatible() {
             "bgpconfiguration",
             None,
         ),
+        ("BGPFilter", "bgpfilters", "bgpfilter", None),
         ("BGPPeer", "bgppeers", "bgppeer", None),
         (
             "BlockAffinity",
@@ -108,7 +109,7 @@ fn crds_are_calico_compatible() {
             .map(|a| a.iter().filter_map(|v| v.as_str()).collect());
         assert_eq!(req, required, "{kind} required fields");
     }
-    let pool = &crds[4].object["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    let pool = &crds[5].object["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
         ["properties"];
     for field in ["ipipMode", "vxlanMode"] {
         assert_eq!(pool[field]["default"], "Never");
@@ -120,4 +121,33 @@ fn crds_are_calico_compatible() {
     let bgp = &crds[0].object["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
         ["properties"];
     assert_eq!(bgp["listenPort"]["maximum"], 65535);
+}
+
+/// The BGPFilter schema has Calico's enums, so `kubectl apply` refuses what podroute would
+/// reject anyway.
+#[test]
+fn bgpfilter_rules_have_calicos_enums() {
+    let crds = podroute::crds::all();
+    let filter = crds
+        .iter()
+        .find(|c| c.file_name == "crd.projectcalico.org_bgpfilters.yaml")
+        .expect("the BGPFilter CRD is generated");
+    let spec = &filter.object["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"];
+    for list in ["exportV4", "importV4", "exportV6", "importV6"] {
+        let rule = &spec[list]["items"]["properties"];
+        assert_eq!(
+            rule["action"]["enum"],
+            serde_json::json!(["Accept", "Reject"])
+        );
+        assert_eq!(
+            rule["matchOperator"]["enum"],
+            serde_json::json!(["Equal", "NotEqual", "In", "NotIn"])
+        );
+        assert_eq!(rule["source"]["enum"], serde_json::json!(["RemotePeers"]));
+    }
+    assert_eq!(
+        spec["exportV6"]["items"]["properties"]["prefixLength"]["properties"]["max"]["maximum"],
+        128
+    );
 }

@@ -327,6 +327,7 @@ fn watched_resources() -> Vec<(String, String)> {
             Kind::BlockAffinity => of::<BlockAffinity>(),
             Kind::BGPPeer => of::<BGPPeer>(),
             Kind::BGPConfiguration => of::<BGPConfiguration>(),
+            Kind::BGPFilter => of::<podroute::model::crd::BGPFilter>(),
         })
         .collect()
 }
@@ -348,7 +349,7 @@ fn cluster_role_covers_what_the_datastore_reads_and_is_bound_to_the_agent() {
     let role: ClusterRole = the("ClusterRole");
     let rules = role.rules.clone().unwrap_or_default();
     let watched = watched_resources();
-    assert_eq!(watched.len(), 6);
+    assert_eq!(watched.len(), 7);
     for (group, plural) in &watched {
         for verb in ["get", "list", "watch"] {
             assert!(

@@ -13,9 +13,9 @@ use k8s_openapi::api::core::v1::Node;
 use tracing::{info, warn};
 
 use crate::model::bgp::DEFAULT_BGP_CONFIGURATION;
-use crate::model::crd::{BGPConfiguration, BGPPeer, BlockAffinity, IPAMBlock, IPPool};
+use crate::model::crd::{BGPConfiguration, BGPFilter, BGPPeer, BlockAffinity, IPAMBlock, IPPool};
 use crate::model::{
-    BgpConfig, Block, BlockClaim, Kind, NodeInfo, Peer, Pool, Rejection, resolve_overlaps,
+    BgpConfig, Block, BlockClaim, Filter, Kind, NodeInfo, Peer, Pool, Rejection, resolve_overlaps,
 };
 use crate::state::ClusterState;
 
@@ -63,6 +63,7 @@ pub struct Inputs {
     pub affinities: Vec<Arc<BlockAffinity>>,
     pub peers: Vec<Arc<BGPPeer>>,
     pub bgp_configurations: Vec<Arc<BGPConfiguration>>,
+    pub filters: Vec<Arc<BGPFilter>>,
     /// Objects that exist but could not even be decoded (their last valid version is kept).
     pub unreadable: Vec<Rejection>,
     /// Problems not about one object, shown in [`ClusterState::source_errors`].
@@ -77,6 +78,7 @@ struct LastGood {
     affinities: HashMap<String, BlockClaim>,
     peers: HashMap<String, Peer>,
     bgp_configurations: HashMap<String, BgpConfig>,
+    filters: HashMap<String, Filter>,
 }
 
 /// Builds snapshots; owned by the single datastore task.
@@ -211,6 +213,15 @@ impl StateBuilder {
             &mut lg.bgp_configurations,
             &mut rejections,
         );
+        let filters = admit(
+            Kind::BGPFilter,
+            &inputs.filters,
+            BGPFilter::name,
+            Filter::from_resource,
+            un,
+            &mut lg.filters,
+            &mut rejections,
+        );
         self.report(&rejections);
 
         let mut rejected: Vec<Rejection> = rejections.into_iter().map(|(r, _)| r).collect();
@@ -228,6 +239,7 @@ impl StateBuilder {
                 .cloned()
                 .unwrap_or_default(),
             bgp_configurations,
+            filters,
             rejected,
             source_errors: inputs.source_errors.clone(),
         };

@@ -133,6 +133,7 @@ impl DirSource {
                 Object::BlockAffinity(o) => inputs.affinities.push(Arc::new(o.clone())),
                 Object::BGPPeer(o) => inputs.peers.push(Arc::new(o.clone())),
                 Object::BGPConfiguration(o) => inputs.bgp_configurations.push(Arc::new(o.clone())),
+                Object::BGPFilter(o) => inputs.filters.push(Arc::new(o.clone())),
             }
         }
         inputs

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::{DatastoreHandle, Inputs, RejectCounters, StateBuilder};
 use crate::model::Kind;
-use crate::model::crd::{BGPConfiguration, BGPPeer, BlockAffinity, IPAMBlock, IPPool};
+use crate::model::crd::{BGPConfiguration, BGPFilter, BGPPeer, BlockAffinity, IPAMBlock, IPPool};
 use crate::state::state_channel;
 
 /// Shared between the per-kind watch tasks and the builder task.
@@ -74,11 +74,13 @@ pub fn spawn(client: Client, local_node: impl Into<String>) -> DatastoreHandle {
         &mut tasks,
     );
     let configs = watch_kind::<BGPConfiguration>(
-        Api::all(client),
+        Api::all(client.clone()),
         Kind::BGPConfiguration,
         &progress,
         &mut tasks,
     );
+    // Calico before 3.26 has no BGPFilter CRD: its absence must not hold up the sync.
+    let filters = watch_kind::<BGPFilter>(Api::all(client), Kind::BGPFilter, &progress, &mut tasks);
 
     let mut builder = StateBuilder::new(local_node, counters.clone());
     let progress_b = progress.clone();
@@ -95,6 +97,7 @@ pub fn spawn(client: Client, local_node: impl Into<String>) -> DatastoreHandle {
                 affinities: affinities.state(),
                 peers: peers.state(),
                 bgp_configurations: configs.state(),
+                filters: filters.state(),
                 unreadable: Vec::new(),
                 source_errors: Vec::new(),
             };
@@ -141,6 +144,17 @@ where
                     progress.changed.notify_one();
                 }
                 Ok(Event::Apply(_) | Event::Delete(_)) => progress.changed.notify_one(),
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                    if status.code == 404 && kind == Kind::BGPFilter =>
+                {
+                    // The kind is not installed: nothing of it exists. Counted as listed (the
+                    // store stays empty); the watcher keeps retrying and picks the CRD up
+                    // once it is installed.
+                    if !progress.synced[kind.index()].swap(true, Ordering::AcqRel) {
+                        info!(%kind, "this cluster has no {kind} CRD; treating it as empty");
+                        progress.changed.notify_one();
+                    }
+                }
                 Err(error) => warn!(
                     %kind,
                     %error,

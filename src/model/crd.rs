@@ -127,6 +127,58 @@ calico_resource!(
     "bgpconfiguration"
 );
 
+calico_resource!(
+    BGPFilter,
+    BGPFilterSpec,
+    "BGPFilter",
+    "bgpfilters",
+    "bgpfilter"
+);
+
+/// `BGPFilter.spec` (Calico 3.26+): ordered rules per direction and family.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BGPFilterSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_v4: Option<Vec<BGPFilterRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_v4: Option<Vec<BGPFilterRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_v6: Option<Vec<BGPFilterRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_v6: Option<Vec<BGPFilterRule>>,
+}
+
+/// One rule of a `BGPFilter`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BGPFilterRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    /// `Equal`, `NotEqual`, `In`, `NotIn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_operator: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_length: Option<BGPFilterPrefixLength>,
+    /// `RemotePeers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// `Accept` or `Reject`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+}
+
+/// `prefixLength` of a `BGPFilter` rule.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BGPFilterPrefixLength {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<i64>,
+}
+
 /// `IPPool.spec`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -247,6 +299,35 @@ pub struct BGPPeerSpec {
     pub max_restart_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_original_next_hop: Option<bool>,
+    /// `Auto`, `Self`, `Keep` (Calico 3.30+; supersedes `keepOriginalNextHop`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_hop_mode: Option<String>,
+    /// Go duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_security: Option<i64>,
+    /// `UseNodeIP` (default) or `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_address: Option<String>,
+    #[serde(
+        default,
+        rename = "localASNumber",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub local_as_number: Option<i64>,
+    #[serde(
+        default,
+        rename = "numAllowedLocalASNumbers",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub num_allowed_local_as_numbers: Option<i64>,
+    /// Names of `BGPFilter`s, applied in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filters: Option<Vec<String>>,
+    /// `Auto`, `NextHop` (Calico 3.29+).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reachable_by: Option<String>,
 }
 
 /// `BGPPeer.spec.password`: a reference to a Secret key in the agent's namespace.

@@ -6,7 +6,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
-use super::crd::{API_VERSION, BGPConfiguration, BGPPeer, BlockAffinity, IPAMBlock, IPPool};
+use super::crd::{
+    API_VERSION, BGPConfiguration, BGPFilter, BGPPeer, BlockAffinity, IPAMBlock, IPPool,
+};
 use super::error::Kind;
 
 /// Any object the datastores understand.
@@ -18,6 +20,7 @@ pub enum Object {
     BlockAffinity(BlockAffinity),
     BGPPeer(BGPPeer),
     BGPConfiguration(BGPConfiguration),
+    BGPFilter(BGPFilter),
 }
 
 impl Object {
@@ -29,6 +32,7 @@ impl Object {
             Object::BlockAffinity(_) => Kind::BlockAffinity,
             Object::BGPPeer(_) => Kind::BGPPeer,
             Object::BGPConfiguration(_) => Kind::BGPConfiguration,
+            Object::BGPFilter(_) => Kind::BGPFilter,
         }
     }
 
@@ -41,6 +45,7 @@ impl Object {
             Object::BlockAffinity(o) => o.name(),
             Object::BGPPeer(o) => o.name(),
             Object::BGPConfiguration(o) => o.name(),
+            Object::BGPFilter(o) => o.name(),
         }
     }
 }
@@ -60,7 +65,7 @@ pub enum DecodeError {
     #[error("document {index}: kind is missing")]
     NoKind { index: usize },
     #[error(
-        "document {index}: {api_version}/{kind} is not a kind podroute reads (Node and crd.projectcalico.org/v1 IPPool, IPAMBlock, BlockAffinity, BGPPeer, BGPConfiguration)"
+        "document {index}: {api_version}/{kind} is not a kind podroute reads (Node and crd.projectcalico.org/v1 IPPool, IPAMBlock, BlockAffinity, BGPPeer, BGPConfiguration, BGPFilter)"
     )]
     UnknownKind {
         index: usize,
@@ -147,6 +152,7 @@ fn decode_value(index: usize, value: Value) -> Result<Object, DecodeError> {
         ("BGPConfiguration", true) => {
             typed(index, &kind, &name, value).map(Object::BGPConfiguration)
         }
+        ("BGPFilter", true) => typed(index, &kind, &name, value).map(Object::BGPFilter),
         _ => Err(DecodeError::UnknownKind {
             index,
             api_version,

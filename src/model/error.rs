@@ -15,17 +15,19 @@ pub enum Kind {
     BlockAffinity,
     BGPPeer,
     BGPConfiguration,
+    BGPFilter,
 }
 
 impl Kind {
     /// All kinds, in the order the state is built.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Node,
         Kind::IPPool,
         Kind::IPAMBlock,
         Kind::BlockAffinity,
         Kind::BGPPeer,
         Kind::BGPConfiguration,
+        Kind::BGPFilter,
     ];
 
     /// The `kind:` string of the object.
@@ -37,6 +39,7 @@ impl Kind {
             Kind::BlockAffinity => "BlockAffinity",
             Kind::BGPPeer => "BGPPeer",
             Kind::BGPConfiguration => "BGPConfiguration",
+            Kind::BGPFilter => "BGPFilter",
         }
     }
 
@@ -145,6 +148,18 @@ pub enum Reason {
         "community {value:?} is neither a standard community aa:nn (16-bit numbers) nor a large community aa:nn:mm (32-bit numbers), nor the name of an entry of spec.communities"
     )]
     BadCommunity { value: String },
+    #[error("{list}[{index}]: {problem}")]
+    BadFilterRule {
+        list: &'static str,
+        index: usize,
+        problem: String,
+    },
+    #[error("{field} {value:?} is not one of {expected}")]
+    BadEnum {
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error("annotation {annotation} {value:?} is not {expected}")]
     BadAnnotation {
         annotation: &'static str,
