@@ -10,6 +10,7 @@ use super::PeerCounts;
 use super::peers::PeerType;
 use super::status::{PeerRow, RouteRow, RoutesReport};
 use crate::dataplane::DataplaneStatus;
+use crate::dataplane::kernel::Protocol;
 use crate::metrics::{Metrics, advance, peer_state_code};
 use crate::plan::{DesiredRoute, RouteKind};
 use crate::state::ClusterState;
@@ -160,6 +161,11 @@ pub(crate) fn routes(
         .iter()
         .map(|f| (f.route.prefix, f.error.to_string()))
         .collect();
+    let others: HashMap<_, _> = dp
+        .by_other_owner
+        .iter()
+        .map(|o| (o.prefix, o.protocol))
+        .collect();
     let routes = plan
         .map(|routes| {
             routes
@@ -175,6 +181,9 @@ pub(crate) fn routes(
                         peer: r.gateway.map(|g| peer_of(state, g)),
                         installed: dp.programmed && error.is_none(),
                         error,
+                        programmed_by: others
+                            .get(&r.prefix.trunc())
+                            .map(|p| format!("another owner (proto {})", Protocol(*p))),
                     }
                 })
                 .collect()
