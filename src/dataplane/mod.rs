@@ -6,25 +6,46 @@
 //! not used by BIRD (12), Felix (80), kube-router (17), keepalived (18), babel (42), OpenR (99)
 //! or FRR (186–192). `ip route show proto 157` lists podroute's routes.
 //!
+//! Routes of other owners (any other protocol) are never replaced nor deleted. One of them at
+//! the key (destination, TOS, metric) of a planned route:
+//! - **identical to the plan** — same type, destination, gateway, device (when the plan names
+//!   one) and scope, no ECMP — satisfies it: the destination counts as programmed, "by another
+//!   owner (proto boot)", and podroute adds nothing. That is Calico's CNI plugin adding
+//!   `POD/32 dev caliXXXX scope link` (protocol `boot`, the netlink default) for each pod, and
+//!   Felix keeping such routes; the rule holds for any planned route, not only `/32`s;
+//! - **different** (another device, another gateway, ...) holds the destination: it is
+//!   reported failed ([`RouteError::Occupied`], with its protocol, in
+//!   [`DataplaneStatus::failures`], `podroute_routes_failed`, and a WARN at most once a
+//!   minute per destination) and left alone. This includes a route of ours overwritten with
+//!   `ip route replace` by hand or by another daemon: it is not overwritten back.
+//!
+//! Either way, when the other owner's route goes away (the monitor sees it, or a re-read)
+//! while the plan still wants the destination, podroute installs its own.
+//!
 //! How it works:
-//! - [`Dataplane::open`] opens the route monitor first, then dumps links and our routes once
-//!   into memory. Nothing is flushed: routes a previous run left are adopted, and the first
+//! - [`Dataplane::open`] opens the route monitor first, then dumps links and the main table
+//!   once into memory (our routes; other owners' only where a route is planned). Nothing is flushed: routes a previous run left are adopted, and the first
 //!   reconcile changes only what differs.
 //! - The desired routes are kept once, by prefix, each marked with whether the kernel has it
 //!   as wanted; our other kernel routes (adopted, left over, added by hand) are kept apart
 //!   until they are adopted into the plan or deleted.
 //! - [`Dataplane::reconcile`] compares the desired routes with that mirror and sends the adds,
 //!   replaces and deletes in batches of many messages per `sendto`, checking every answer
-//!   ([`socket`]). Adds never overwrite a foreign route (`NLM_F_EXCL`); deletes name our
-//!   protocol, so the kernel cannot delete anyone else's route.
+//!   ([`socket`]). Adds never overwrite a foreign route (`NLM_F_EXCL`); replaces are sent
+//!   only where our route is known to be; deletes name our protocol, so the kernel cannot
+//!   delete anyone else's route. An add refused with EEXIST is followed by a look at what holds
+//!   the key (a dump of the routes of the planned device first, the table if needed), and the
+//!   rule above decides.
 //! - A BGP best-path change reaches the dataplane as a delta ([`PlanUpdate::Delta`]): only
 //!   the prefixes in it are compared and changed, without a pass over the whole table; a full
 //!   plan ([`PlanUpdate::Full`]) comes after datastore and interface changes.
-//! - A route that fails (gateway unreachable, device missing, key taken by a foreign route)
-//!   is recorded in [`DataplaneStatus::failures`], logged, counted and retried with backoff;
-//!   it never holds up the other routes.
+//! - A route that fails (gateway unreachable, device missing) is recorded in
+//!   [`DataplaneStatus::failures`], logged, counted and retried with backoff; it never holds
+//!   up the other routes. A destination held by another owner's route is failed too, but not
+//!   retried: it waits for that route to go.
 //! - [`Dataplane::run`] is the long-running task: plan updates, monitor events (a hand-deleted or
-//!   hand-changed route of ours is put back at once; foreign routes are ignored), retries, and
+//!   hand-changed route of ours that keeps our protocol is put back at once; other owners'
+//!   routes at planned destinations are recorded, never fought over), retries, and
 //!   a full re-read after lost notifications or link removals (the kernel drops IPv4 routes of
 //!   a vanished device without notifying).
 //!
@@ -150,6 +171,21 @@ pub struct RouteFailure {
     next_retry: Option<Instant>,
     /// When it was last logged at WARN (see [`FAILURE_WARN_INTERVAL`]).
     warned: Option<Instant>,
+}
+
+impl RouteFailure {
+    /// A first failure of `route`, not retried (report tests).
+    #[cfg(test)]
+    pub(crate) fn for_test(route: DesiredRoute, error: RouteError) -> Self {
+        Self {
+            route,
+            error,
+            attempts: 1,
+            first_failed: SystemTime::UNIX_EPOCH,
+            next_retry: None,
+            warned: None,
+        }
+    }
 }
 
 /// A planned route that the kernel has from another owner, identical to the plan (the CNI
@@ -617,7 +653,8 @@ impl Dataplane {
         self.config.protocol
     }
 
-    /// Re-reads links and our routes from the kernel.
+    /// Re-reads links, our routes, and other owners' routes at planned destinations from the
+    /// kernel.
     pub fn read_kernel(&mut self) -> Result<(), DataplaneError> {
         let mut links = Links::default();
         self.sock
