@@ -1561,9 +1561,16 @@ fn cni_pod_routes_satisfy_the_plan_and_are_never_fought_over() {
     });
     assert!(status.failures.is_empty(), "{:?}", status.failures);
     want.retain(|l| !l.starts_with("172.16.241.66 "));
-    // Several rounds of monitor events and plans: nothing is fought over.
-    for _ in 0..3 {
+    // Several rounds of monitor events, a full re-read (a new, down link) and plans: nothing
+    // is fought over.
+    let resyncs = dp.status.borrow().counters.resyncs;
+    for i in 0..3 {
         monitor_round(&c.master, &mut dp, "172.16.196.128/26", &want);
+        if i == 1 {
+            c.master
+                .ip(&["link", "add", "xa", "type", "veth", "peer", "name", "xb"]);
+            dp.wait("a re-read", |s| s.counters.resyncs > resyncs);
+        }
         let status = dp.full(&p.routes);
         assert!(status.failures.is_empty(), "{:?}", status.failures);
         assert_eq!(by_other_owner(&status).len(), 2);
