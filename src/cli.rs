@@ -424,6 +424,17 @@ pub fn render_routes(report: &RoutesReport) -> String {
             out.push_str(&format!("  {}: {}\n", clean(&r.prefix), clean(error)));
         }
     }
+    let by_other: Vec<(&RouteRow, &str)> = report
+        .routes
+        .iter()
+        .filter_map(|r| Some((r, r.programmed_by.as_deref()?)))
+        .collect();
+    if !by_other.is_empty() {
+        out.push_str("\nprogrammed by another owner (identical to the plan; left to it):\n");
+        for (r, by) in by_other {
+            out.push_str(&format!("  {}: {}\n", clean(&r.prefix), clean(by)));
+        }
+    }
     out
 }
 
@@ -707,6 +718,7 @@ No IPv4 peers found.
             peer: None,
             installed: true,
             error: None,
+            programmed_by: None,
         }
     }
 
@@ -756,6 +768,30 @@ Destination     Gateway         Genmask         Flags Metric Ref    Use Iface   
             assert_eq!(line[..want.len()], *want);
             assert!(line[want.len()..].starts_with(' '), "{line}");
         }
+    }
+
+    #[test]
+    fn routes_programmed_by_another_owner_are_listed_as_installed() {
+        let mut cni = route(
+            "172.16.241.65/32",
+            None,
+            Some("cali99ba0e1a1c8"),
+            "workload",
+        );
+        cni.programmed_by = Some("another owner (proto boot)".into());
+        let report = RoutesReport {
+            node: "master01".into(),
+            routes: vec![cni, route("172.16.241.64/26", None, None, "blackhole")],
+        };
+        let text = render_routes(&report);
+        assert!(!text.contains(NOT_INSTALLED_MARK), "{text}");
+        assert!(
+            text.ends_with(
+                "\nprogrammed by another owner (identical to the plan; left to it):\n  \
+                 172.16.241.65/32: another owner (proto boot)\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

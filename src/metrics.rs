@@ -168,7 +168,7 @@ impl Metrics {
             ))),
             routes_failed: reg!(IntGauge::with_opts(opts(
                 "routes_failed",
-                "Planned routes the kernel refused; retried with backoff."
+                "Planned routes not in the kernel: refused (retried with backoff) or held by another owner's different route (left alone)."
             ))),
             netlink_errors: reg!(IntCounter::with_opts(opts(
                 "netlink_errors_total",

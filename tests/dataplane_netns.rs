@@ -680,7 +680,8 @@ fn per_route_errors_are_reported_and_retried_without_blocking_others() {
         prefix: "10.99.0.0/16".parse().unwrap(),
         next_hop: "10.98.0.1".parse().unwrap(),
     });
-    // A foreign route already holds a prefix the plan wants.
+    // A foreign route already holds a prefix the plan wants, with another gateway (an
+    // identical one would satisfy the plan: `cni_pod_routes_satisfy_the_plan_...`).
     input.learned.push(LearnedRoute {
         prefix: "10.60.0.0/26".parse().unwrap(),
         next_hop: "192.168.92.129".parse().unwrap(),
@@ -690,7 +691,7 @@ fn per_route_errors_are_reported_and_retried_without_blocking_others() {
         "add",
         "10.60.0.0/26",
         "via",
-        "192.168.92.129",
+        "192.168.92.1",
         "proto",
         "static",
     ]);
@@ -716,7 +717,11 @@ fn per_route_errors_are_reported_and_retried_without_blocking_others() {
         Some(RouteError::Kernel(e)) => assert_eq!(e.errno(), Some(libc::ENETUNREACH), "{e}"),
         other => panic!("expected ENETUNREACH, got {other:?}"),
     }
-    assert_eq!(err("10.60.0.0/26"), Some(RouteError::Occupied));
+    assert_eq!(
+        err("10.60.0.0/26"),
+        Some(RouteError::Occupied { protocol: Some(4) }),
+        "held by a route of proto static"
+    );
     let count = |kind: RouteKind| p.routes.iter().filter(|r| r.kind == kind).count();
     let programmed = status.programmed_by_kind;
     assert_eq!(
@@ -735,7 +740,7 @@ fn per_route_errors_are_reported_and_retried_without_blocking_others() {
     assert!(
         c.master
             .all_routes()
-            .contains(&"10.60.0.0/26 via 192.168.92.129 dev ens33 proto static".to_string()),
+            .contains(&"10.60.0.0/26 via 192.168.92.1 dev ens33 proto static".to_string()),
         "foreign route untouched"
     );
     // Every other route is in.
@@ -786,13 +791,29 @@ fn per_route_errors_are_reported_and_retried_without_blocking_others() {
     let status = status_rx.borrow().clone();
     assert_eq!(
         status.failures[0].error,
-        RouteError::Occupied,
+        RouteError::Occupied { protocol: Some(4) },
         "the foreign route still wins"
     );
     assert!(
-        status.failures[0].attempts >= 2,
-        "retried: {:?}",
-        status.failures[0]
+        c.master
+            .all_routes()
+            .contains(&"10.60.0.0/26 via 192.168.92.1 dev ens33 proto static".to_string()),
+        "foreign route untouched"
+    );
+    // Its owner removes it: podroute's own goes in.
+    c.master
+        .ip(&["route", "del", "10.60.0.0/26", "proto", "static"]);
+    rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            status_rx.wait_for(|s| s.failures.is_empty()),
+        )
+        .await
+        .expect("our route installed once the foreign one is gone")
+        .expect("dataplane running");
+    });
+    assert!(
+        our_routes(&c.master).contains(&"10.60.0.0/26 via 192.168.92.129 dev ens33".to_string())
     );
     drop(plan_tx);
     rt.block_on(task).unwrap().unwrap();
@@ -833,7 +854,9 @@ fn drift_is_repaired_and_foreign_routes_are_left_alone() {
     wait_until("deleted route restored", Duration::from_secs(10), || {
         our_routes(&c.master) == want
     });
-    // A hand-changed route of ours (now with another protocol) is put back.
+    // A hand-changed route of ours that keeps our protocol is put back. (One replaced with
+    // another protocol is another owner's: see
+    // `a_foreign_replace_of_our_route_is_left_alone_and_reported`.)
     c.master.ip(&[
         "route",
         "replace",
@@ -842,6 +865,8 @@ fn drift_is_repaired_and_foreign_routes_are_left_alone() {
         "192.168.92.1",
         "dev",
         "ens33",
+        "proto",
+        &PROTO.to_string(),
     ]);
     wait_until("replaced route restored", Duration::from_secs(10), || {
         our_routes(&c.master) == want
@@ -879,6 +904,7 @@ fn drift_is_repaired_and_foreign_routes_are_left_alone() {
     );
     let status = status_rx.borrow().clone();
     assert!(status.counters.drift_repairs >= 4, "{:?}", status.counters);
+    assert!(status.failures.is_empty(), "{:?}", status.failures);
 
     drop(plan_tx);
     driver.join().unwrap().unwrap();
@@ -1376,4 +1402,315 @@ fn pod_v6(node: &Netns, iface: &str) -> Netns {
     let pod = Netns::new("pod6");
     veth(node, iface, "", &pod, "eth0", "");
     pod
+}
+
+/// A dataplane running ([`Dataplane::run`]) on its own thread, fed plans by the test.
+struct Running {
+    plans: Option<mpsc::UnboundedSender<PlanMessage>>,
+    status: watch::Receiver<DataplaneStatus>,
+    driver: Option<std::thread::JoinHandle<Result<(), podroute::dataplane::DataplaneError>>>,
+    rt: tokio::runtime::Runtime,
+    seq: u64,
+}
+
+impl Running {
+    fn start(dp: Dataplane) -> Self {
+        let (plan_tx, plan_rx) = mpsc::unbounded_channel();
+        let (status_tx, status_rx) = watch::channel(DataplaneStatus::default());
+        let driver = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(dp.run(plan_rx, status_tx))
+        });
+        Self {
+            plans: Some(plan_tx),
+            status: status_rx,
+            driver: Some(driver),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            seq: 0,
+        }
+    }
+
+    /// Sends a full plan and waits until the dataplane has applied it.
+    fn full(&mut self, routes: &[DesiredRoute]) -> DataplaneStatus {
+        self.seq += 1;
+        let seq = self.seq;
+        self.plans
+            .as_ref()
+            .unwrap()
+            .send(PlanMessage {
+                seq,
+                update: PlanUpdate::Full(routes.to_vec()),
+            })
+            .unwrap();
+        self.wait(&format!("plan {seq} applied"), |s| s.applied >= Some(seq))
+    }
+
+    /// Waits for a published status that satisfies `cond` (the timeout only keeps a broken
+    /// dataplane from hanging the test).
+    fn wait(&mut self, what: &str, cond: impl FnMut(&DataplaneStatus) -> bool) -> DataplaneStatus {
+        let rx = &mut self.status;
+        let found = self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(20), rx.wait_for(cond))
+                .await
+                .map(|r| r.expect("dataplane running").clone())
+        });
+        found.unwrap_or_else(|_| panic!("waiting for {what}: {:?}", *self.status.borrow()))
+    }
+
+    fn stop(mut self) {
+        self.plans.take();
+        if let Some(driver) = self.driver.take() {
+            driver.join().unwrap().unwrap();
+        }
+    }
+}
+
+fn by_other_owner(status: &DataplaneStatus) -> Vec<(String, u8)> {
+    status
+        .by_other_owner
+        .iter()
+        .map(|o| (o.prefix.to_string(), o.protocol))
+        .collect()
+}
+
+/// Adds `addr/32 dev IFACE scope link` exactly as Calico's CNI plugin does (netlink default
+/// protocol: `boot`).
+fn cni_route(node: &Netns, addr: &str, iface: &str) {
+    node.ip(&[
+        "route",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        iface,
+        "scope",
+        "link",
+    ]);
+}
+
+/// A barrier on the monitor: deletes our route `dst` by hand and waits until podroute has put
+/// it back. Notifications are read in order, so everything the kernel reported before the
+/// deletion has been absorbed and reconciled by then.
+fn monitor_round(node: &Netns, running: &mut Running, dst: &str, want: &[String]) {
+    let before = running.status.borrow().counters.drift_repairs;
+    node.ip(&["route", "del", dst, "proto", &PROTO.to_string()]);
+    running.wait(&format!("{dst} repaired"), |s| {
+        s.counters.drift_repairs > before
+    });
+    wait_until(&format!("{dst} back"), Duration::from_secs(10), || {
+        our_routes(node) == want
+    });
+}
+
+/// Issue 16: the CNI plugin's pod route (`POD/32 dev caliXXX scope link`, protocol boot) is
+/// what the plan wants; podroute counts it as programmed by another owner, never as failed,
+/// never fights over it, and installs its own once it is gone while the pod remains.
+#[test]
+fn cni_pod_routes_satisfy_the_plan_and_are_never_fought_over() {
+    if !can_run("cni_pod_routes_satisfy_the_plan_and_are_never_fought_over") {
+        return;
+    }
+    let c = cluster();
+    let cali = |pod: &str| workload_interface_name("seed", pod);
+    let mut input = seed_input("master01", EncapMode::CrossSubnet);
+    let p = plan(&input);
+    let count =
+        |routes: &[DesiredRoute], kind: RouteKind| routes.iter().filter(|r| r.kind == kind).count();
+
+    // Before podroute programs it: the CNI plugin added pod .65's route.
+    cni_route(&c.master, "172.16.241.65", &cali("p65"));
+    let mut dp = Running::start(open(&c.master));
+    let status = dp.full(&p.routes);
+    assert!(status.failures.is_empty(), "{:?}", status.failures);
+    assert_eq!(
+        by_other_owner(&status),
+        vec![("172.16.241.65/32".to_string(), 3)]
+    );
+    assert_eq!(
+        status.programmed_by_kind[RouteKind::Workload.index()],
+        count(&p.routes, RouteKind::Workload),
+        "counted as programmed"
+    );
+    let cni_65 = format!("172.16.241.65 dev {} scope link", cali("p65"));
+    assert!(c.master.all_routes().contains(&cni_65), "CNI route kept");
+    let mut want: Vec<String> = expected(&p.routes)
+        .into_iter()
+        .filter(|l| !l.starts_with("172.16.241.65 "))
+        .collect();
+    assert_eq!(our_routes(&c.master), want, "no route of ours for .65");
+
+    // After podroute programmed it: the route of pod .66 is put over ours with protocol boot
+    // (as Felix does): another owner's, identical to the plan.
+    let cni_66 = format!("172.16.241.66 dev {} scope link", cali("p66"));
+    c.master.ip(&[
+        "route",
+        "replace",
+        "172.16.241.66/32",
+        "dev",
+        &cali("p66"),
+        "scope",
+        "link",
+    ]);
+    let status = dp.wait(".66 programmed by another owner", |s| {
+        by_other_owner(s).len() == 2
+    });
+    assert!(status.failures.is_empty(), "{:?}", status.failures);
+    want.retain(|l| !l.starts_with("172.16.241.66 "));
+    // Several rounds of monitor events, a full re-read (a new, down link) and plans: nothing
+    // is fought over.
+    let resyncs = dp.status.borrow().counters.resyncs;
+    for i in 0..3 {
+        monitor_round(&c.master, &mut dp, "172.16.196.128/26", &want);
+        if i == 1 {
+            c.master
+                .ip(&["link", "add", "xa", "type", "veth", "peer", "name", "xb"]);
+            dp.wait("a re-read", |s| s.counters.resyncs > resyncs);
+        }
+        let status = dp.full(&p.routes);
+        assert!(status.failures.is_empty(), "{:?}", status.failures);
+        assert_eq!(by_other_owner(&status).len(), 2);
+    }
+    let routes = c.master.all_routes();
+    assert!(
+        routes.contains(&cni_65) && routes.contains(&cni_66),
+        "{routes:#?}"
+    );
+    let status = dp.status.borrow().clone();
+    assert_eq!(status.counters.routes_replaced, 0, "{:?}", status.counters);
+
+    // A new pod whose CNI route is there before the plan has it (the usual order).
+    let _p68 = seed_pod(&c.master, "p68", "172.16.241.68");
+    cni_route(&c.master, "172.16.241.68", &cali("p68"));
+    input.blocks[0]
+        .allocations
+        .push(alloc("172.16.241.68", "p68", "master01"));
+    input
+        .local_interfaces
+        .insert(workload_interface_name("seed", "p68"));
+    let p68 = plan(&input);
+    let status = dp.full(&p68.routes);
+    assert!(status.failures.is_empty(), "{:?}", status.failures);
+    assert_eq!(
+        by_other_owner(&status),
+        vec![
+            ("172.16.241.65/32".to_string(), 3),
+            ("172.16.241.66/32".to_string(), 3),
+            ("172.16.241.68/32".to_string(), 3),
+        ]
+    );
+    assert_eq!(
+        status.programmed_by_kind[RouteKind::Workload.index()],
+        count(&p68.routes, RouteKind::Workload)
+    );
+
+    // The CNI route of .65 goes while the pod remains: podroute installs its own.
+    c.master.ip(&["route", "del", "172.16.241.65/32"]);
+    let status = dp.wait(".65 no longer by another owner", |s| {
+        by_other_owner(s).len() == 2
+    });
+    assert!(status.failures.is_empty(), "{:?}", status.failures);
+    wait_until("our route for .65", Duration::from_secs(10), || {
+        our_routes(&c.master).contains(&format!("172.16.241.65 dev {} scope link", cali("p65")))
+    });
+    dp.stop();
+}
+
+/// Issue 14: a route of ours replaced by hand with another protocol and another gateway is
+/// another owner's: left alone through monitor rounds, re-reads and plans, reported as
+/// occupied with its protocol; when it is deleted podroute's own comes back.
+#[test]
+fn a_foreign_replace_of_our_route_is_left_alone_and_reported() {
+    if !can_run("a_foreign_replace_of_our_route_is_left_alone_and_reported") {
+        return;
+    }
+    let c = cluster();
+    let p = plan(&seed_input("master01", EncapMode::CrossSubnet));
+    let mut dp = Running::start(open(&c.master));
+    let status = dp.full(&p.routes);
+    assert!(status.failures.is_empty(), "{:?}", status.failures);
+    let all = expected(&p.routes);
+    assert_eq!(our_routes(&c.master), all);
+    let block = "172.16.196.128/26";
+    assert!(all.contains(&format!("{block} via 192.168.92.129 dev ens33")));
+
+    let static_route = format!("{block} via 192.168.92.1 dev ens33 proto static");
+    c.master.ip(&[
+        "route",
+        "replace",
+        block,
+        "via",
+        "192.168.92.1",
+        "dev",
+        "ens33",
+        "proto",
+        "static",
+    ]);
+    let status = dp.wait("the destination reported occupied", |s| {
+        !s.failures.is_empty()
+    });
+    assert_eq!(status.failures.len(), 1, "{:?}", status.failures);
+    assert_eq!(status.failures[0].route.prefix.to_string(), block);
+    assert_eq!(
+        status.failures[0].error,
+        RouteError::Occupied { protocol: Some(4) }
+    );
+    assert!(
+        status.failures[0]
+            .error
+            .to_string()
+            .contains("another owner (proto static)"),
+        "{}",
+        status.failures[0].error
+    );
+    let want: Vec<String> = all
+        .iter()
+        .filter(|l| !l.starts_with(block))
+        .cloned()
+        .collect();
+    // Replaced again and again (the issue: 20 of 20 were overwritten back), monitor rounds,
+    // a full re-read (a new, down link) and plans: the foreign route stays.
+    let resyncs = dp.status.borrow().counters.resyncs;
+    for i in 0..5 {
+        c.master.ip(&[
+            "route",
+            "replace",
+            block,
+            "via",
+            "192.168.92.1",
+            "dev",
+            "ens33",
+            "proto",
+            "static",
+        ]);
+        monitor_round(&c.master, &mut dp, "172.16.241.67/32", &want);
+        if i == 2 {
+            c.master
+                .ip(&["link", "add", "xa", "type", "veth", "peer", "name", "xb"]);
+            dp.wait("a re-read", |s| s.counters.resyncs > resyncs);
+        }
+        let status = dp.full(&p.routes);
+        assert_eq!(status.failures.len(), 1, "{:?}", status.failures);
+        assert!(
+            c.master.all_routes().contains(&static_route),
+            "round {i}: {:#?}",
+            c.master.all_routes()
+        );
+        assert_eq!(our_routes(&c.master), want, "round {i}");
+    }
+    let status = dp.status.borrow().clone();
+    assert_eq!(status.counters.routes_replaced, 0, "{:?}", status.counters);
+    assert!(status.by_other_owner.is_empty());
+
+    // Its owner deletes it: podroute's own comes back.
+    c.master.ip(&["route", "del", block, "proto", "static"]);
+    dp.wait("failure cleared", |s| s.failures.is_empty());
+    wait_until("our block route back", Duration::from_secs(10), || {
+        our_routes(&c.master) == all
+    });
+    dp.stop();
 }

@@ -10,6 +10,7 @@ use super::PeerCounts;
 use super::peers::PeerType;
 use super::status::{PeerRow, RouteRow, RoutesReport};
 use crate::dataplane::DataplaneStatus;
+use crate::dataplane::kernel::Protocol;
 use crate::metrics::{Metrics, advance, peer_state_code};
 use crate::plan::{DesiredRoute, RouteKind};
 use crate::state::ClusterState;
@@ -160,6 +161,11 @@ pub(crate) fn routes(
         .iter()
         .map(|f| (f.route.prefix, f.error.to_string()))
         .collect();
+    let others: HashMap<_, _> = dp
+        .by_other_owner
+        .iter()
+        .map(|o| (o.prefix, o.protocol))
+        .collect();
     let routes = plan
         .map(|routes| {
             routes
@@ -175,6 +181,9 @@ pub(crate) fn routes(
                         peer: r.gateway.map(|g| peer_of(state, g)),
                         installed: dp.programmed && error.is_none(),
                         error,
+                        programmed_by: others
+                            .get(&r.prefix.trunc())
+                            .map(|p| format!("another owner (proto {})", Protocol(*p))),
                     }
                 })
                 .collect()
@@ -360,5 +369,56 @@ mod tests {
         assert!(text.contains("podroute_routes_programmed{kind=\"block-direct\"} 1"));
         assert!(text.contains("podroute_routes_programmed{kind=\"block-ipip\"} 0"));
         assert!(text.contains("podroute_routes_desired 2"));
+    }
+
+    #[test]
+    fn a_route_of_another_owner_is_installed_and_names_it_and_a_held_one_is_failed() {
+        use crate::dataplane::{OtherOwner, RouteError};
+        let workload = |ip: &str| DesiredRoute {
+            prefix: format!("{ip}/32").parse().unwrap(),
+            kind: RouteKind::Workload,
+            gateway: None,
+            device: Some("cali0123456789a".into()),
+            onlink: false,
+            scope: RouteScope::Link,
+        };
+        let plan = vec![workload("172.16.241.65"), workload("172.16.241.66")];
+        let mut programmed_by_kind = [0; RouteKind::ALL.len()];
+        programmed_by_kind[RouteKind::Workload.index()] = 1;
+        let failure = crate::dataplane::RouteFailure::for_test(
+            plan[1].clone(),
+            RouteError::Occupied { protocol: Some(4) },
+        );
+        let dp = DataplaneStatus {
+            programmed: true,
+            desired_routes: 2,
+            programmed_by_kind,
+            failures: vec![failure],
+            by_other_owner: vec![OtherOwner {
+                prefix: plan[0].prefix,
+                protocol: 3,
+            }],
+            ..DataplaneStatus::default()
+        };
+        let report = routes("master01", Some(&plan), &dp, &ClusterState::default());
+        let cni = &report.routes[0];
+        assert!(cni.installed && cni.error.is_none(), "{cni:?}");
+        assert_eq!(
+            cni.programmed_by.as_deref(),
+            Some("another owner (proto boot)")
+        );
+        let held = &report.routes[1];
+        assert!(!held.installed && held.programmed_by.is_none(), "{held:?}");
+        assert!(
+            held.error
+                .as_deref()
+                .is_some_and(|e| e.contains("another owner (proto static)")),
+            "{held:?}"
+        );
+        let metrics = Metrics::new();
+        update_route_metrics(&metrics, &dp);
+        let text = metrics.encode();
+        assert!(text.contains("podroute_routes_failed 1"), "{text}");
+        assert!(text.contains("podroute_routes_programmed{kind=\"workload\"} 1"));
     }
 }

@@ -104,6 +104,10 @@ pub struct RouteRow {
     pub installed: bool,
     /// Why it is not, when the kernel refused it.
     pub error: Option<String>,
+    /// Who put it in the kernel when it was not podroute: `another owner (proto boot)` for an
+    /// identical route of another owner (the CNI plugin's pod route), which satisfies the plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub programmed_by: Option<String>,
 }
 
 use std::collections::BTreeMap;

@@ -107,11 +107,19 @@ impl KernelRoute {
         }
     }
 
-    /// Does the kernel route `have` (same key) do what this wanted route asks?
+    /// Does the kernel route `have` (same key) do what this wanted route asks, as ours (same
+    /// protocol)?
     pub fn satisfied_by(&self, have: &KernelRoute) -> bool {
+        have.protocol == self.protocol && self.same_route_as(have)
+    }
+
+    /// Does `have`, whoever owns it, route exactly as this wanted route asks: same key, type,
+    /// gateway, device (when the plan names one), scope and onlink flag, and not ECMP? The
+    /// protocol is not compared: an identical route of another owner (the CNI plugin's pod
+    /// route, protocol `boot`) satisfies the plan.
+    pub fn same_route_as(&self, have: &KernelRoute) -> bool {
         let v4 = self.key.dst.addr().is_ipv4();
         have.key == self.key
-            && have.protocol == self.protocol
             && have.kind == self.kind
             && have.gateway == self.gateway
             && (self.oif.is_none() || have.oif == self.oif)
@@ -244,10 +252,66 @@ fn address(a: &RouteAddress) -> Option<IpAddr> {
 /// The route dump request: main table, our protocol (the kernel filters with strict
 /// checking on; [`KernelRoute::from_message`] and the caller filter again).
 pub fn dump_request(protocol: u8) -> RouteNetlinkMessage {
+    dump_request_filtered(Some(protocol), None)
+}
+
+/// The route dump request of the main table: only `protocol` when given, only routes
+/// through device `oif` when given (as [`dump_request`]).
+pub fn dump_request_filtered(protocol: Option<u8>, oif: Option<u32>) -> RouteNetlinkMessage {
     let mut msg = RouteMessage::default();
     msg.header.table = RouteHeader::RT_TABLE_MAIN;
-    msg.header.protocol = RouteProtocol::from(protocol);
+    // Protocol 0 (unspec) means "any" in a dump filter.
+    msg.header.protocol = RouteProtocol::from(protocol.unwrap_or(0));
+    if let Some(oif) = oif {
+        msg.attributes.push(RouteAttribute::Oif(oif));
+    }
     RouteNetlinkMessage::GetRoute(msg)
+}
+
+/// A route protocol number shown as iproute2 names it (`/etc/iproute2/rt_protos`): `boot`,
+/// `static`, `bird`, ...; numbers without a name (Felix's 80, podroute's 157) as the number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protocol(pub u8);
+
+impl Protocol {
+    /// iproute2's name of the protocol, if it has one.
+    pub fn name(self) -> Option<&'static str> {
+        Some(match self.0 {
+            0 => "unspec",
+            1 => "redirect",
+            2 => "kernel",
+            3 => "boot",
+            4 => "static",
+            8 => "gated",
+            9 => "ra",
+            10 => "mrt",
+            11 => "zebra",
+            12 => "bird",
+            13 => "dnrouted",
+            14 => "xorp",
+            15 => "ntk",
+            16 => "dhcp",
+            17 => "mrouted",
+            18 => "keepalived",
+            42 => "babel",
+            99 => "openr",
+            186 => "bgp",
+            187 => "isis",
+            188 => "ospf",
+            189 => "rip",
+            192 => "eigrp",
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.name() {
+            Some(name) => f.write_str(name),
+            None => write!(f, "{}", self.0),
+        }
+    }
 }
 
 /// One change to the kernel table.
@@ -331,6 +395,50 @@ mod tests {
         for have in [other_gw, not_onlink, foreign, other_metric, ecmp] {
             assert!(!want.satisfied_by(&have), "{have:?}");
         }
+    }
+
+    /// The route Calico's CNI plugin adds for a pod: `POD/32 dev caliXXX scope link`, protocol
+    /// `boot` (the netlink default).
+    fn cni_route(dst: &str, oif: u32) -> KernelRoute {
+        KernelRoute::wanted(dst.parse().unwrap(), 3, false, true, None, Some(oif), false)
+    }
+
+    #[test]
+    fn an_identical_route_of_another_owner_is_the_same_route_but_not_ours() {
+        let want = KernelRoute::wanted(
+            "172.16.241.65/32".parse().unwrap(),
+            P,
+            false,
+            true,
+            None,
+            Some(7),
+            false,
+        );
+        let cni = cni_route("172.16.241.65/32", 7);
+        assert!(want.same_route_as(&cni));
+        assert!(
+            !want.satisfied_by(&cni),
+            "not ours: never adopted or replaced"
+        );
+        let other_device = cni_route("172.16.241.65/32", 8);
+        let mut universe = cni.clone();
+        universe.scope = RT_SCOPE_UNIVERSE;
+        let mut via = cni.clone();
+        via.gateway = Some("192.168.92.1".parse().unwrap());
+        let mut blackhole = cni.clone();
+        blackhole.kind = RTN_BLACKHOLE;
+        for have in [other_device, universe, via, blackhole] {
+            assert!(!want.same_route_as(&have), "{have:?}");
+        }
+    }
+
+    #[test]
+    fn protocols_are_named_as_iproute2_names_them() {
+        assert_eq!(Protocol(3).to_string(), "boot");
+        assert_eq!(Protocol(4).to_string(), "static");
+        assert_eq!(Protocol(12).to_string(), "bird");
+        assert_eq!(Protocol(80).to_string(), "80");
+        assert_eq!(Protocol(157).to_string(), "157");
     }
 
     #[test]

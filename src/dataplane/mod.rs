@@ -6,25 +6,46 @@
 //! not used by BIRD (12), Felix (80), kube-router (17), keepalived (18), babel (42), OpenR (99)
 //! or FRR (186–192). `ip route show proto 157` lists podroute's routes.
 //!
+//! Routes of other owners (any other protocol) are never replaced nor deleted. One of them at
+//! the key (destination, TOS, metric) of a planned route:
+//! - **identical to the plan** — same type, destination, gateway, device (when the plan names
+//!   one) and scope, no ECMP — satisfies it: the destination counts as programmed, "by another
+//!   owner (proto boot)", and podroute adds nothing. That is Calico's CNI plugin adding
+//!   `POD/32 dev caliXXXX scope link` (protocol `boot`, the netlink default) for each pod, and
+//!   Felix keeping such routes; the rule holds for any planned route, not only `/32`s;
+//! - **different** (another device, another gateway, ...) holds the destination: it is
+//!   reported failed ([`RouteError::Occupied`], with its protocol, in
+//!   [`DataplaneStatus::failures`], `podroute_routes_failed`, and a WARN at most once a
+//!   minute per destination) and left alone. This includes a route of ours overwritten with
+//!   `ip route replace` by hand or by another daemon: it is not overwritten back.
+//!
+//! Either way, when the other owner's route goes away (the monitor sees it, or a re-read)
+//! while the plan still wants the destination, podroute installs its own.
+//!
 //! How it works:
-//! - [`Dataplane::open`] opens the route monitor first, then dumps links and our routes once
-//!   into memory. Nothing is flushed: routes a previous run left are adopted, and the first
+//! - [`Dataplane::open`] opens the route monitor first, then dumps links and the main table
+//!   once into memory (our routes; other owners' only where a route is planned). Nothing is flushed: routes a previous run left are adopted, and the first
 //!   reconcile changes only what differs.
 //! - The desired routes are kept once, by prefix, each marked with whether the kernel has it
 //!   as wanted; our other kernel routes (adopted, left over, added by hand) are kept apart
 //!   until they are adopted into the plan or deleted.
 //! - [`Dataplane::reconcile`] compares the desired routes with that mirror and sends the adds,
 //!   replaces and deletes in batches of many messages per `sendto`, checking every answer
-//!   ([`socket`]). Adds never overwrite a foreign route (`NLM_F_EXCL`); deletes name our
-//!   protocol, so the kernel cannot delete anyone else's route.
+//!   ([`socket`]). Adds never overwrite a foreign route (`NLM_F_EXCL`); replaces are sent
+//!   only where our route is known to be; deletes name our protocol, so the kernel cannot
+//!   delete anyone else's route. An add refused with EEXIST is followed by a look at what holds
+//!   the key (a dump of the routes of the planned device first, the table if needed), and the
+//!   rule above decides.
 //! - A BGP best-path change reaches the dataplane as a delta ([`PlanUpdate::Delta`]): only
 //!   the prefixes in it are compared and changed, without a pass over the whole table; a full
 //!   plan ([`PlanUpdate::Full`]) comes after datastore and interface changes.
-//! - A route that fails (gateway unreachable, device missing, key taken by a foreign route)
-//!   is recorded in [`DataplaneStatus::failures`], logged, counted and retried with backoff;
-//!   it never holds up the other routes.
+//! - A route that fails (gateway unreachable, device missing) is recorded in
+//!   [`DataplaneStatus::failures`], logged, counted and retried with backoff; it never holds
+//!   up the other routes. A destination held by another owner's route is failed too, but not
+//!   retried: it waits for that route to go.
 //! - [`Dataplane::run`] is the long-running task: plan updates, monitor events (a hand-deleted or
-//!   hand-changed route of ours is put back at once; foreign routes are ignored), retries, and
+//!   hand-changed route of ours that keeps our protocol is put back at once; other owners'
+//!   routes at planned destinations are recorded, never fought over), retries, and
 //!   a full re-read after lost notifications or link removals (the kernel drops IPv4 routes of
 //!   a vanished device without notifying).
 //!
@@ -52,7 +73,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::plan::{DesiredRoute, RouteKind, RouteScope};
 use crate::prefix_map::PrefixMap;
-use kernel::{Change, KernelRoute, RouteKey};
+use kernel::{Change, KernelRoute, Protocol, RouteKey};
 use monitor::{Event, LinkInfo, MonitorSocket};
 use socket::{NetlinkError, RequestSocket};
 
@@ -115,13 +136,27 @@ pub enum DataplaneError {
 pub enum RouteError {
     #[error("device {0:?} does not exist")]
     MissingDevice(String),
-    #[error(
-        "a route for this destination that podroute does not own is in the way (EEXIST); \
-         remove it, or leave the prefix to its owner"
-    )]
-    Occupied,
+    /// A route of another owner holds the destination (same key) and routes differently
+    /// from the plan. podroute never overwrites it: it waits for the route to go away.
+    /// `protocol` is the other route's; `None` when the kernel refused our route (EEXIST) but
+    /// the route in the way was not found when looked for (it is retried).
+    #[error("{}", occupied_text(*.protocol))]
+    Occupied { protocol: Option<u8> },
     #[error("kernel refused the route: {0}")]
     Kernel(NetlinkError),
+}
+
+fn occupied_text(protocol: Option<u8>) -> String {
+    match protocol {
+        Some(p) => format!(
+            "held by a route of another owner (proto {}) that differs from the planned one; \
+             podroute leaves it alone and installs its own once it is removed",
+            Protocol(p)
+        ),
+        None => "a route for this destination that podroute does not own is in the way \
+                 (EEXIST); remove it, or leave the prefix to its owner"
+            .to_string(),
+    }
 }
 
 /// A route that could not be programmed, kept until it succeeds or is no longer wanted.
@@ -131,8 +166,41 @@ pub struct RouteFailure {
     pub error: RouteError,
     pub attempts: u32,
     pub first_failed: SystemTime,
-    next_retry: Instant,
+    /// `None`: not retried on a timer; waits for the kernel (a foreign route that holds the
+    /// destination going away, seen by the monitor or a re-read).
+    next_retry: Option<Instant>,
+    /// When it was last logged at WARN (see [`FAILURE_WARN_INTERVAL`]).
+    warned: Option<Instant>,
 }
+
+impl RouteFailure {
+    /// A first failure of `route`, not retried (report tests).
+    #[cfg(test)]
+    pub(crate) fn for_test(route: DesiredRoute, error: RouteError) -> Self {
+        Self {
+            route,
+            error,
+            attempts: 1,
+            first_failed: SystemTime::UNIX_EPOCH,
+            next_retry: None,
+            warned: None,
+        }
+    }
+}
+
+/// A planned route that the kernel has from another owner, identical to the plan (the CNI
+/// plugin's pod route): it counts as programmed, and podroute leaves it to its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OtherOwner {
+    pub prefix: IpNet,
+    /// The route's protocol (3 = `boot`, the netlink default); see [`Protocol`].
+    pub protocol: u8,
+}
+
+/// A failed route is logged at WARN when it is new or changed, and as a reminder when it is
+/// looked at again later, at most once per this interval per destination (a foreign route
+/// replaced again and again makes one line, not one per replace).
+const FAILURE_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Counters since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -165,6 +233,9 @@ pub struct DataplaneStatus {
     /// plan).
     pub programmed_by_kind: [usize; RouteKind::ALL.len()],
     pub failures: Vec<RouteFailure>,
+    /// Planned routes the kernel has from another owner, identical to the plan: counted in
+    /// `programmed_by_kind`, never in `failures`.
+    pub by_other_owner: Vec<OtherOwner>,
     pub counters: DataplaneCounters,
     /// The number of the last [`PlanMessage`] [`Dataplane::run`] applied (to learn when an
     /// update reached the kernel).
@@ -321,7 +392,7 @@ struct Slot {
     gateway: Option<IpAddr>,
     device: Option<DeviceId>,
     kind: RouteKind,
-    /// [`Slot::LINK_SCOPE`], [`Slot::ONLINK`], [`Slot::SYNCED`].
+    /// [`Slot::LINK_SCOPE`], [`Slot::ONLINK`], [`Slot::SYNCED`], [`Slot::BY_OTHER`].
     flags: u8,
 }
 
@@ -331,6 +402,11 @@ impl Slot {
     /// The kernel holds our route for this destination as wanted: same key, and
     /// [`KernelRoute::satisfied_by`] (last installed by us, or seen in a dump or notification).
     const SYNCED: u8 = 4;
+    /// The kernel holds an identical route of another owner for this destination (never
+    /// together with [`Slot::SYNCED`]): the plan is satisfied without a route of ours.
+    const BY_OTHER: u8 = 8;
+    /// Flags that say what the kernel has, not what is wanted.
+    const STATE: u8 = Self::SYNCED | Self::BY_OTHER;
 
     /// The slot of `route` (not synced), interning its device.
     fn new(route: DesiredRoute, devices: &mut Devices) -> (IpNet, Self) {
@@ -354,12 +430,16 @@ impl Slot {
         self.flags & Self::SYNCED != 0
     }
 
-    /// The same route wanted (synced or not).
+    fn by_other(&self) -> bool {
+        self.flags & Self::BY_OTHER != 0
+    }
+
+    /// The same route wanted (whatever the kernel has).
     fn same_want(&self, other: &Slot) -> bool {
         self.gateway == other.gateway
             && self.device == other.device
             && self.kind == other.kind
-            && self.flags & !Self::SYNCED == other.flags & !Self::SYNCED
+            && self.flags & !Self::STATE == other.flags & !Self::STATE
     }
 
     fn route(&self, prefix: IpNet, devices: &Devices) -> DesiredRoute {
@@ -439,9 +519,14 @@ pub struct Dataplane {
     /// `false` until the first full plan: nothing is deleted before the agent has a full
     /// picture.
     programmed: bool,
-    /// Destinations whose route of ours was overwritten by a foreign one (`ip route replace`):
-    /// restored with a replace, unlike a foreign route that was there first.
-    overwritten: BTreeSet<IpNet>,
+    /// Routes of other owners (any protocol but ours) at the key our route for a planned
+    /// destination would have, by destination: the CNI plugin's pod routes, a route put over
+    /// ours with `ip route replace`, one that was there first. Kept current by the monitor and
+    /// re-reads; bounded by the planned destinations (entries go with their slot). Such a
+    /// route is never replaced nor deleted: identical to the plan, it satisfies it
+    /// ([`Slot::BY_OTHER`]); different, the destination is failed
+    /// ([`RouteError::Occupied`]) until it goes away.
+    foreign: BTreeMap<IpNet, KernelRoute>,
     failures: BTreeMap<IpNet, RouteFailure>,
     counters: DataplaneCounters,
     last_resync: Instant,
@@ -474,7 +559,52 @@ enum Step {
     Promote(RouteKey),
     /// The slot's device does not exist.
     Missing(Arc<str>),
+    /// No route of ours for the destination, but one of another owner ([`Dataplane::foreign`]):
+    /// see [`Dataplane::settle_foreign`].
+    Foreign,
 }
+
+/// What a planned destination needs when the kernel does not hold our route for it as
+/// wanted: the ownership rule, without a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    /// Our route is there as wanted (found by a dump or notification): take it.
+    Promote,
+    /// Our route is there but differs: replace it (it carries our protocol).
+    Replace,
+    /// Nothing is known at the key: add ours, exclusively (`NLM_F_EXCL`).
+    Add,
+    /// Another owner's route is identical to the plan: the destination is programmed by it.
+    ByOther { protocol: u8 },
+    /// Another owner's route differs from the plan: left alone, the destination failed.
+    HeldByOther { protocol: u8 },
+}
+
+/// The ownership rule: only routes with our protocol are ever replaced; a route of another
+/// owner at the same key is never touched, and satisfies the plan when it routes exactly as
+/// planned ([`KernelRoute::same_route_as`]: type, destination, gateway, device, scope).
+/// `ours` is our route at the wanted key, `theirs` another owner's.
+fn decide(
+    wanted: &KernelRoute,
+    ours: Option<&KernelRoute>,
+    theirs: Option<&KernelRoute>,
+) -> Decision {
+    match (ours, theirs) {
+        (Some(have), _) if wanted.satisfied_by(have) => Decision::Promote,
+        (Some(_), _) => Decision::Replace,
+        (None, Some(other)) if wanted.same_route_as(other) => Decision::ByOther {
+            protocol: other.protocol,
+        },
+        (None, Some(other)) => Decision::HeldByOther {
+            protocol: other.protocol,
+        },
+        (None, None) => Decision::Add,
+    }
+}
+
+/// At most this many device-filtered dumps look for the routes in the way of a reconcile's
+/// refused adds before one dump of the whole table does ([`Dataplane::look_up_foreign`]).
+const LOOKUP_DEVICE_DUMPS: usize = 8;
 
 impl Dataplane {
     /// Opens the sockets in the calling thread's network namespace, then reads links and our
@@ -500,7 +630,7 @@ impl Dataplane {
             synced: 0,
             desired_by_kind: [0; RouteKind::ALL.len()],
             programmed: false,
-            overwritten: BTreeSet::new(),
+            foreign: BTreeMap::new(),
             failures: BTreeMap::new(),
             counters: DataplaneCounters::default(),
             last_resync: Instant::now(),
@@ -523,7 +653,8 @@ impl Dataplane {
         self.config.protocol
     }
 
-    /// Re-reads links and our routes from the kernel.
+    /// Re-reads links, our routes, and other owners' routes at planned destinations from the
+    /// kernel.
     pub fn read_kernel(&mut self) -> Result<(), DataplaneError> {
         let mut links = Links::default();
         self.sock
@@ -542,18 +673,31 @@ impl Dataplane {
         }
         self.synced = 0;
         self.strays.clear();
+        self.foreign.clear();
         let ours = self.config.protocol;
         let mut routes = Vec::new();
+        let mut foreign = Vec::new();
+        let slots = &self.slots;
+        // The whole main table: ours, and other owners' routes at the key of a planned
+        // destination (before the first plan there are none of those to keep).
         self.sock
-            .dump_each(kernel::dump_request(ours), |msg| {
+            .dump_each(kernel::dump_request_filtered(None, None), |msg| {
                 if let RouteNetlinkMessage::NewRoute(m) = msg
                     && let Some(route) = KernelRoute::from_message(&m)
-                    && route.protocol == ours
                 {
-                    routes.push(route);
+                    if route.protocol == ours {
+                        routes.push(route);
+                    } else if route.key == want_key(route.key.dst)
+                        && slots.contains_key(&route.key.dst)
+                    {
+                        foreign.push(route);
+                    }
                 }
             })
             .map_err(DataplaneError::Dump)?;
+        for route in foreign {
+            self.foreign.insert(route.key.dst, route);
+        }
         for route in routes {
             self.kernel_has(route);
         }
@@ -604,6 +748,7 @@ impl Dataplane {
         {
             if synced {
                 slot.flags |= Slot::SYNCED;
+                slot.flags &= !Slot::BY_OTHER;
                 self.synced += 1;
             } else {
                 slot.flags &= !Slot::SYNCED;
@@ -662,6 +807,7 @@ impl Dataplane {
         }
         let slots = &self.slots;
         self.failures.retain(|dst, _| slots.contains_key(dst));
+        self.foreign.retain(|dst, _| slots.contains_key(dst));
         self.programmed = true;
     }
 
@@ -676,6 +822,7 @@ impl Dataplane {
                     let dst = prefix.trunc();
                     if self.remove_slot(dst).is_some() {
                         self.failures.remove(&dst);
+                        self.foreign.remove(&dst);
                         dirty.push(dst);
                     }
                 }
@@ -686,14 +833,15 @@ impl Dataplane {
         dirty
     }
 
-    /// Records a failure; returns true when it is new or changed.
-    fn record_failure(&mut self, route: DesiredRoute, error: RouteError) -> bool {
+    /// Records a failure, retried with backoff when `retry`, else left until the kernel
+    /// changes ([`RouteFailure::next_retry`]); returns true when it is new or changed.
+    fn record_failure(&mut self, route: DesiredRoute, error: RouteError, retry: bool) -> bool {
         let now = Instant::now();
         let dst = route.prefix.trunc();
         match self.failures.get_mut(&dst) {
             Some(f) => {
                 f.attempts += 1;
-                f.next_retry = now + backoff(&self.config, f.attempts);
+                f.next_retry = retry.then(|| now + backoff(&self.config, f.attempts));
                 let changed = f.error != error || f.route != route;
                 f.error = error;
                 f.route = route;
@@ -707,11 +855,80 @@ impl Dataplane {
                         error,
                         attempts: 1,
                         first_failed: SystemTime::now(),
-                        next_retry: now + self.config.retry_min,
+                        next_retry: retry.then(|| now + self.config.retry_min),
+                        warned: None,
                     },
                 );
                 true
             }
+        }
+    }
+
+    /// Whether the failure of `dst` may be logged at WARN now (at most once per
+    /// [`FAILURE_WARN_INTERVAL`]); if so, records that it is.
+    fn warn_due(&mut self, dst: IpNet) -> bool {
+        let Some(f) = self.failures.get_mut(&dst) else {
+            return false;
+        };
+        let now = Instant::now();
+        if f.warned
+            .is_some_and(|w| now.duration_since(w) < FAILURE_WARN_INTERVAL)
+        {
+            return false;
+        }
+        f.warned = Some(now);
+        true
+    }
+
+    /// Applies the ownership rule to `dst`, whose route of ours is not in the kernel and for
+    /// which another owner's route is known ([`Dataplane::foreign`]): identical to the plan,
+    /// the destination is programmed by that owner; different, it is failed
+    /// ([`RouteError::Occupied`], not retried: the monitor says when the route goes). Either
+    /// way no request is made.
+    fn settle_foreign(&mut self, dst: IpNet, report: &mut ApplyReport) {
+        let Some(slot) = self.slots.get(&dst).copied() else {
+            return;
+        };
+        let Ok(wanted) = self.lower(dst, &slot) else {
+            return;
+        };
+        let Some(theirs) = self.foreign.get(&dst) else {
+            return;
+        };
+        match decide(&wanted, None, Some(theirs)) {
+            Decision::ByOther { protocol } => {
+                if !slot.by_other() {
+                    if let Some(s) = self.slots.get_mut(&dst) {
+                        s.flags |= Slot::BY_OTHER;
+                    }
+                    tracing::info!(
+                        route = %slot.route(dst, &self.devices),
+                        owner = %Protocol(protocol),
+                        "planned route is in the kernel from another owner, as planned; left to it"
+                    );
+                }
+                self.succeeded(dst);
+            }
+            Decision::HeldByOther { protocol } => {
+                if let Some(s) = self.slots.get_mut(&dst) {
+                    s.flags &= !Slot::BY_OTHER;
+                }
+                let route = slot.route(dst, &self.devices);
+                let error = RouteError::Occupied {
+                    protocol: Some(protocol),
+                };
+                self.record_failure(route.clone(), error.clone(), false);
+                report.failed += 1;
+                if self.warn_due(dst) {
+                    tracing::warn!(
+                        route = %route,
+                        owner = %Protocol(protocol),
+                        error = %error,
+                        "planned route held by another owner's route; left alone"
+                    );
+                }
+            }
+            Decision::Promote | Decision::Replace | Decision::Add => {}
         }
     }
 
@@ -846,13 +1063,13 @@ impl Dataplane {
             }
             return;
         }
-        match exact {
-            Some(have) if wanted.satisfied_by(have) => {
-                other.push((dst, Step::Promote(wanted.key)));
+        match decide(&wanted, exact, self.foreign.get(&dst)) {
+            Decision::Promote => other.push((dst, Step::Promote(wanted.key))),
+            Decision::Replace => upserts.push(Change::Replace(wanted)),
+            Decision::Add => upserts.push(Change::Add(wanted)),
+            Decision::ByOther { .. } | Decision::HeldByOther { .. } => {
+                other.push((dst, Step::Foreign))
             }
-            Some(_) => upserts.push(Change::Replace(wanted)),
-            None if self.overwritten.contains(&dst) => upserts.push(Change::Replace(wanted)),
-            None => upserts.push(Change::Add(wanted)),
         }
     }
 
@@ -884,12 +1101,14 @@ impl Dataplane {
                         continue;
                     };
                     // A missing device is only news the first time; retries stay quiet.
-                    if self.record_failure(route, RouteError::MissingDevice(device.to_string())) {
+                    let error = RouteError::MissingDevice(device.to_string());
+                    if self.record_failure(route, error, true) {
                         *missing.entry(device).or_default() += 1;
                     }
                     report.failed += 1;
                     self.counters.route_errors += 1;
                 }
+                Step::Foreign => self.settle_foreign(dst, report),
             }
         }
         self.apply(changes, report);
@@ -909,6 +1128,8 @@ impl Dataplane {
         self.counters.netlink_sends += self.sock.sends - sends_before;
         self.counters.netlink_requests += changes.len() as u64;
         let mut lost_acks = false;
+        // Adds refused because a route is at the key: whose, and what it is, decides.
+        let mut taken = Vec::new();
         for (change, result) in changes.into_iter().zip(results) {
             let dst = change.route().key.dst;
             match (change, result) {
@@ -942,19 +1163,28 @@ impl Dataplane {
                         tracing::warn!(route = ?r.key, error = %e, "could not delete route");
                     }
                 },
+                (Change::Add(_), Err(e)) if e.errno() == Some(libc::EEXIST) => taken.push(dst),
                 (Change::Add(_) | Change::Replace(_), Err(e)) => {
                     lost_acks |= e == NetlinkError::AckLost;
                     report.failed += 1;
                     self.counters.route_errors += 1;
-                    let error = match e.errno() {
-                        Some(libc::EEXIST) => RouteError::Occupied,
-                        _ => RouteError::Kernel(e),
-                    };
-                    if let Some(route) = self.slots.get(&dst).map(|s| s.route(dst, &self.devices))
-                        && self.record_failure(route.clone(), error.clone())
-                    {
-                        tracing::warn!(route = %route, error = %error, "route not programmed; will retry");
+                    self.refused(dst, RouteError::Kernel(e));
+                }
+            }
+        }
+        if !taken.is_empty() {
+            self.look_up_foreign(&taken);
+            for dst in taken {
+                if self.foreign.contains_key(&dst) {
+                    self.settle_foreign(dst, report);
+                    if self.failures.contains_key(&dst) {
+                        self.counters.route_errors += 1;
                     }
+                } else {
+                    // Gone already, or the look-up failed: try again later.
+                    report.failed += 1;
+                    self.counters.route_errors += 1;
+                    self.refused(dst, RouteError::Occupied { protocol: None });
                 }
             }
         }
@@ -966,9 +1196,67 @@ impl Dataplane {
         }
     }
 
+    /// The kernel refused the route of `dst` with `error`: failed, retried with backoff.
+    fn refused(&mut self, dst: IpNet, error: RouteError) {
+        if let Some(route) = self.slots.get(&dst).map(|s| s.route(dst, &self.devices))
+            && self.record_failure(route.clone(), error.clone(), true)
+        {
+            tracing::warn!(route = %route, error = %error, "route not programmed; will retry");
+        }
+    }
+
+    /// Finds the routes of other owners at the keys of `dsts` (adds the kernel refused with
+    /// EEXIST) and records them in [`Dataplane::foreign`]. The routes of the devices the plan
+    /// names are dumped first, device by device (a pod's `cali*` device holds one or two
+    /// routes); what is still not found is looked for in one dump of the main table. A
+    /// failed dump is logged: the destinations are then retried as occupied.
+    fn look_up_foreign(&mut self, dsts: &[IpNet]) {
+        let mut missing: BTreeSet<IpNet> = dsts.iter().copied().collect();
+        let oifs: BTreeSet<u32> = missing
+            .iter()
+            .filter_map(|d| {
+                let slot = self.slots.get(d)?;
+                self.lower(*d, slot).ok()?.oif
+            })
+            .collect();
+        let ours = self.config.protocol;
+        let mut found = Vec::new();
+        let mut dumps: Vec<Option<u32>> = Vec::new();
+        if oifs.len() <= LOOKUP_DEVICE_DUMPS {
+            dumps.extend(oifs.into_iter().map(Some));
+        }
+        dumps.push(None);
+        for oif in dumps {
+            if missing.is_empty() {
+                break;
+            }
+            let result = self
+                .sock
+                .dump_each(kernel::dump_request_filtered(None, oif), |msg| {
+                    if let RouteNetlinkMessage::NewRoute(m) = msg
+                        && let Some(route) = KernelRoute::from_message(&m)
+                        && route.protocol != ours
+                        && route.key == want_key(route.key.dst)
+                        && missing.remove(&route.key.dst)
+                    {
+                        found.push(route);
+                    }
+                });
+            if let Err(e) = result {
+                tracing::warn!(error = %e, oif, "could not look for the routes in the way");
+            }
+        }
+        for route in found {
+            self.foreign.insert(route.key.dst, route);
+        }
+    }
+
     /// The kernel accepted `route`, the lowered want of its slot.
     fn installed(&mut self, route: KernelRoute) {
         let dst = route.key.dst;
+        // An exclusive add or a replace of ours succeeded: no other owner's route is at the
+        // key (any record of one is stale).
+        self.foreign.remove(&dst);
         self.strays.remove(&route.key);
         self.set_synced(dst, true);
         self.succeeded(dst);
@@ -978,7 +1266,6 @@ impl Dataplane {
         if let Some(f) = self.failures.remove(&dst) {
             tracing::info!(route = %f.route, attempts = f.attempts, "route programmed after failures");
         }
-        self.overwritten.remove(&dst);
     }
 
     /// Whether the kernel holds our route `key` as far as we know.
@@ -998,12 +1285,27 @@ impl Dataplane {
                 Event::RouteAdded { route, replaced } => {
                     let dst = route.key.dst;
                     if route.protocol == ours {
+                        if replaced && self.foreign.get(&dst).is_some_and(|f| f.key == route.key) {
+                            // Ours was put over the other owner's route (by hand).
+                            self.foreign.remove(&dst);
+                        }
                         self.kernel_has(route);
                         dirty.insert(dst);
-                    } else if replaced && self.holds(&route.key) {
-                        // Our route was overwritten by hand: drift.
+                        continue;
+                    }
+                    if replaced && self.holds(&route.key) {
+                        // Another owner's route overwrote ours (`ip route replace`): ours is
+                        // gone, and theirs is left alone (below).
                         self.forget(&route.key);
-                        self.overwritten.insert(dst);
+                        dirty.insert(dst);
+                    }
+                    // Added behind a route of ours that stays in front (append) it changes
+                    // nothing; else it holds the key of a planned destination.
+                    if route.key == want_key(dst)
+                        && self.slots.contains_key(&dst)
+                        && !self.holds(&route.key)
+                    {
+                        self.foreign.insert(dst, route);
                         dirty.insert(dst);
                     }
                 }
@@ -1011,6 +1313,18 @@ impl Dataplane {
                     let dst = route.key.dst;
                     if route.protocol == ours {
                         self.forget(&route.key);
+                        dirty.insert(dst);
+                    } else if self
+                        .foreign
+                        .get(&dst)
+                        .is_some_and(|f| f.key == route.key && f.protocol == route.protocol)
+                    {
+                        // The other owner's route went away: the destination is ours to
+                        // program again.
+                        self.foreign.remove(&dst);
+                        if let Some(slot) = self.slots.get_mut(&dst) {
+                            slot.flags &= !Slot::BY_OTHER;
+                        }
                         dirty.insert(dst);
                     } else if self.failures.contains_key(&dst) {
                         // A foreign route in our way went away: try now.
@@ -1055,7 +1369,7 @@ impl Dataplane {
         let due: Vec<IpNet> = self
             .failures
             .iter()
-            .filter(|(_, f)| f.next_retry <= now)
+            .filter(|(_, f)| f.next_retry.is_some_and(|t| t <= now))
             .map(|(d, _)| *d)
             .collect();
         if due.is_empty() {
@@ -1066,7 +1380,7 @@ impl Dataplane {
 
     /// When the next retry is due.
     pub fn next_retry(&self) -> Option<Instant> {
-        self.failures.values().map(|f| f.next_retry).min()
+        self.failures.values().filter_map(|f| f.next_retry).min()
     }
 
     /// Our installed routes whose device is `device`, as (destination, gateway): after a
@@ -1105,6 +1419,15 @@ impl Dataplane {
             installed_routes: self.synced + self.strays.len(),
             programmed_by_kind,
             failures: self.failures.values().cloned().collect(),
+            by_other_owner: self
+                .foreign
+                .iter()
+                .filter(|(dst, _)| self.slots.get(dst).is_some_and(Slot::by_other))
+                .map(|(dst, r)| OtherOwner {
+                    prefix: *dst,
+                    protocol: r.protocol,
+                })
+                .collect(),
             counters: self.counters,
             applied: self.applied,
         }
@@ -1324,6 +1647,100 @@ mod tests {
             assert!(slot.same_want(&same), "synced or not, the same route");
         }
         assert!(std::mem::size_of::<Slot>() <= 24);
+    }
+
+    /// The workload route of the plan, lowered for device index 7.
+    fn workload_want() -> KernelRoute {
+        KernelRoute::wanted(
+            "172.16.241.65/32".parse().unwrap(),
+            DEFAULT_ROUTE_PROTOCOL,
+            false,
+            true,
+            None,
+            Some(7),
+            false,
+        )
+    }
+
+    #[test]
+    fn the_cni_plugins_identical_pod_route_satisfies_the_plan() {
+        let want = workload_want();
+        // `ip route add POD/32 dev caliXXX scope link`: protocol boot.
+        let mut cni = want.clone();
+        cni.protocol = 3;
+        assert_eq!(
+            decide(&want, None, Some(&cni)),
+            Decision::ByOther { protocol: 3 }
+        );
+        // Felix's deviceRouteProtocol, or any other owner: the same rule.
+        cni.protocol = 80;
+        assert_eq!(
+            decide(&want, None, Some(&cni)),
+            Decision::ByOther { protocol: 80 }
+        );
+    }
+
+    #[test]
+    fn a_different_route_of_another_owner_is_never_replaced() {
+        let want = workload_want();
+        let mut other_device = want.clone();
+        other_device.protocol = 3;
+        other_device.oif = Some(8);
+        let mut via = want.clone();
+        via.protocol = 4;
+        via.scope = 0;
+        via.gateway = Some("192.168.92.1".parse().unwrap());
+        for theirs in [other_device, via] {
+            let protocol = theirs.protocol;
+            assert_eq!(
+                decide(&want, None, Some(&theirs)),
+                Decision::HeldByOther { protocol },
+                "{theirs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_our_own_route_is_replaced_or_promoted() {
+        let want = workload_want();
+        assert_eq!(decide(&want, None, None), Decision::Add);
+        assert_eq!(decide(&want, Some(&want), None), Decision::Promote);
+        let mut ours_elsewhere = want.clone();
+        ours_elsewhere.oif = Some(9);
+        assert_eq!(
+            decide(&want, Some(&ours_elsewhere), None),
+            Decision::Replace
+        );
+        // An identical foreign route changes nothing when ours is there.
+        let mut cni = want.clone();
+        cni.protocol = 3;
+        assert_eq!(decide(&want, Some(&want), Some(&cni)), Decision::Promote);
+    }
+
+    #[test]
+    fn occupied_names_the_other_owner() {
+        let text = RouteError::Occupied { protocol: Some(4) }.to_string();
+        assert!(text.contains("another owner (proto static)"), "{text}");
+        let unknown = RouteError::Occupied { protocol: None }.to_string();
+        assert!(unknown.contains("EEXIST"), "{unknown}");
+    }
+
+    #[test]
+    fn slot_state_flags_do_not_change_what_is_wanted() {
+        let mut devices = Devices::default();
+        let route = DesiredRoute {
+            prefix: "172.16.241.65/32".parse().unwrap(),
+            kind: RouteKind::Workload,
+            gateway: None,
+            device: Some("cali0123456789a".into()),
+            onlink: false,
+            scope: RouteScope::Link,
+        };
+        let (_, slot) = Slot::new(route, &mut devices);
+        let mut by_other = slot;
+        by_other.flags |= Slot::BY_OTHER;
+        assert!(by_other.by_other() && !slot.by_other());
+        assert!(by_other.same_want(&slot));
     }
 
     #[test]
