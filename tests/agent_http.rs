@@ -312,7 +312,7 @@ fn unreachable_agent_is_a_clear_error() {
         "{msg}"
     );
     assert!(
-        msg.ends_with("(is it running? is --metrics-addr different?)"),
+        msg.ends_with("(is it running? is --metrics-addr or --status-addr different?)"),
         "{msg}"
     );
 
