@@ -614,6 +614,28 @@ fn layout(header: &str, iface_header: &str, rows: &[Row]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_url_prefers_the_flag_then_the_status_then_the_metrics_address() {
+        assert_eq!(
+            agent_url_from(Some("http://x:1".into()), Some("127.0.0.1:9092"), None),
+            "http://x:1"
+        );
+        assert_eq!(
+            agent_url_from(None, Some("127.0.0.1:9092"), Some("0.0.0.0:9091")),
+            "http://127.0.0.1:9092"
+        );
+        assert_eq!(
+            agent_url_from(None, None, Some("0.0.0.0:9099")),
+            "http://127.0.0.1:9099"
+        );
+        assert_eq!(
+            agent_url_from(None, Some("[::]:9092"), None),
+            "http://[::1]:9092"
+        );
+        assert_eq!(agent_url_from(None, Some("nonsense"), None), DEFAULT_AGENT);
+        assert_eq!(agent_url_from(None, None, None), DEFAULT_AGENT);
+    }
     use crate::agent::status::Health;
 
     fn at(unix: u64) -> SystemTime {

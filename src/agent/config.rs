@@ -140,6 +140,43 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
+    #[derive(Debug, clap::Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<AgentArgs, clap::Error> {
+        use clap::Parser;
+        Cmd::try_parse_from(std::iter::once("agent").chain(args.iter().copied())).map(|c| c.agent)
+    }
+
+    #[test]
+    fn http_and_metrics_bounds_parse_into_typed_values() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.metrics_peer_labels, crate::metrics::PeerLabels::Auto);
+        assert_eq!(a.metrics_peer_label_limit, 100);
+        assert_eq!(a.status_addr, None);
+        assert_eq!(a.http_max_connections, crate::http::DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(a.http_header_timeout, Duration::from_secs(10));
+        assert_eq!(a.http_idle_timeout, Duration::from_secs(60));
+
+        let a = parse(&[
+            "--metrics-peer-labels",
+            "never",
+            "--status-addr",
+            "127.0.0.1:9092",
+            "--http-idle-timeout",
+            "500ms",
+        ])
+        .unwrap();
+        assert_eq!(a.metrics_peer_labels, crate::metrics::PeerLabels::Never);
+        assert_eq!(a.status_addr, Some("127.0.0.1:9092".parse().unwrap()));
+        assert_eq!(a.http_idle_timeout, Duration::from_millis(500));
+        let err = parse(&["--metrics-peer-labels", "sometimes"]).unwrap_err();
+        assert!(err.to_string().contains("auto, always, never"), "{err}");
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));

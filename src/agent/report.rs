@@ -359,6 +359,90 @@ mod tests {
         );
     }
 
+    /// `n` mesh peers 10.1.x.y, every 10th Active, the rest Established; plus one configured
+    /// global peer the speaker does not report yet.
+    fn mesh(n: u32) -> (Vec<PeerStatus>, PeerInfo) {
+        let mut statuses = Vec::new();
+        let mut info = PeerInfo::new();
+        for i in 0..n {
+            let addr = format!("10.1.{}.{}", i / 250, i % 250 + 1);
+            let state = if i % 10 == 0 {
+                State::Active
+            } else {
+                State::Established
+            };
+            statuses.push(status(&addr, state, None));
+            info.insert(
+                addr.parse().unwrap(),
+                (format!("node{i}"), PeerType::Mesh, false),
+            );
+        }
+        info.insert(
+            "10.9.0.1".parse().unwrap(),
+            ("tor".to_string(), PeerType::Global, false),
+        );
+        (statuses, info)
+    }
+
+    fn series_with(text: &str, needle: &str) -> usize {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(needle))
+            .count()
+    }
+
+    #[test]
+    fn many_peers_export_totals_only_under_auto() {
+        let (statuses, info) = mesh(500);
+        let metrics = Metrics::with_peer_labels(crate::metrics::PeerLabels::Auto, 100);
+        let mut counts = HashMap::new();
+        update_peer_metrics(&metrics, &statuses, &info, &mut counts);
+        update_peer_metrics(&metrics, &statuses, &info, &mut counts);
+        let text = metrics.encode();
+        assert_eq!(series_with(&text, "peer=\""), 0, "{text}");
+        assert!(text.contains("podroute_bgp_per_peer_series 0"), "{text}");
+        for line in [
+            "podroute_bgp_peers{peer_type=\"mesh\",state=\"Established\"} 450",
+            "podroute_bgp_peers{peer_type=\"mesh\",state=\"Active\"} 50",
+            "podroute_bgp_peers{peer_type=\"global\",state=\"Idle\"} 1",
+            "podroute_bgp_peers{peer_type=\"node\",state=\"Established\"} 0",
+            "podroute_bgp_prefixes{kind=\"received\"} 500",
+            "podroute_bgp_prefixes{kind=\"advertised\"} 1000",
+            // Counted once although published twice.
+            "podroute_bgp_messages_total{direction=\"sent\",type=\"update\"} 2000",
+            "podroute_bgp_messages_total{direction=\"received\",type=\"update\"} 1500",
+            "podroute_bgp_sessions_established_total 500",
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+        // The size no longer follows the mesh: 18 peer-state series, not 11 per peer.
+        let (statuses_big, info_big) = mesh(2000);
+        update_peer_metrics(&metrics, &statuses_big, &info_big, &mut HashMap::new());
+        assert_eq!(
+            metrics.encode().lines().count(),
+            text.lines().count(),
+            "the exposition grew with the number of peers"
+        );
+
+        // Back under the limit: per-peer series again; `always` keeps them beyond it.
+        let (few, few_info) = mesh(20);
+        update_peer_metrics(&metrics, &few, &few_info, &mut counts);
+        let text = metrics.encode();
+        assert_eq!(series_with(&text, "podroute_bgp_peer_up{"), 20, "{text}");
+        assert!(text.contains("podroute_bgp_per_peer_series 1"), "{text}");
+
+        let always = Metrics::with_peer_labels(crate::metrics::PeerLabels::Always, 100);
+        update_peer_metrics(&always, &statuses, &info, &mut HashMap::new());
+        assert_eq!(series_with(&always.encode(), "podroute_bgp_peer_up{"), 500);
+        let never = Metrics::with_peer_labels(crate::metrics::PeerLabels::Never, 100);
+        update_peer_metrics(&never, &few, &few_info, &mut HashMap::new());
+        let text = never.encode();
+        assert_eq!(series_with(&text, "peer=\""), 0, "{text}");
+        assert!(
+            text.contains("podroute_bgp_peers{peer_type=\"mesh\",state=\"Established\"} 18"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn routes_name_the_peer_node_and_count_by_kind() {
         let mut state = ClusterState::default();
