@@ -57,7 +57,8 @@ pub struct AgentArgs {
 
     /// Most HTTP connections open at once, per listening address. At the cap a new connection
     /// closes the least recently active one (an idle one at once, a busy one after its answer).
-    /// Also held below the open-file limit minus a reserve for BGP and the datastore.
+    /// Held to a quarter of the open-file limit, so that BGP and the datastore always have
+    /// descriptors.
     #[arg(long, env = "PODROUTE_HTTP_MAX_CONNECTIONS", default_value_t = crate::http::DEFAULT_MAX_CONNECTIONS)]
     pub http_max_connections: usize,
 
