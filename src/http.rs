@@ -655,3 +655,18 @@ async fn routes(State(board): State<Arc<StatusBoard>>) -> Response {
 async fn not_found() -> Response {
     text(StatusCode::NOT_FOUND, "not found\n".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_cap_leaves_three_quarters_of_the_descriptors() {
+        assert_eq!(effective_max_connections(256, Some(1_048_576)), 256);
+        assert_eq!(effective_max_connections(256, Some(1024)), 256);
+        assert_eq!(effective_max_connections(256, Some(512)), 128);
+        assert_eq!(effective_max_connections(256, None), 256);
+        assert_eq!(effective_max_connections(256, Some(2)), 1);
+        assert_eq!(effective_max_connections(0, Some(1024)), 1);
+    }
+}
