@@ -21,6 +21,57 @@ use crate::agent::status::{AgentStatus, PeerRow, RouteRow, RoutesReport};
 /// Where the agent's HTTP server listens by default (`--metrics-addr 0.0.0.0:9091`).
 pub const DEFAULT_AGENT: &str = "http://127.0.0.1:9091";
 
+/// The agent URL the client commands use: `explicit` (`--agent` / `PODROUTE_AGENT`), else the
+/// agent's own `PODROUTE_STATUS_ADDR` or `PODROUTE_METRICS_ADDR` from the environment (set in
+/// the agent's container, where `kubectl exec ... podroute status` runs), else
+/// [`DEFAULT_AGENT`].
+pub fn agent_url(explicit: Option<String>) -> String {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    agent_url_from(
+        explicit,
+        env("PODROUTE_STATUS_ADDR").as_deref(),
+        env("PODROUTE_METRICS_ADDR").as_deref(),
+    )
+}
+
+/// [`agent_url`] with the environment passed in. An address that is not a socket address is
+/// skipped; an unspecified IP (`0.0.0.0`, `::`) is reached on loopback.
+pub fn agent_url_from(
+    explicit: Option<String>,
+    status_addr: Option<&str>,
+    metrics_addr: Option<&str>,
+) -> String {
+    if let Some(url) = explicit {
+        return url;
+    }
+    [status_addr, metrics_addr]
+        .into_iter()
+        .flatten()
+        .find_map(|a| a.trim().parse::<std::net::SocketAddr>().ok())
+        .map_or_else(
+            || DEFAULT_AGENT.to_string(),
+            |mut addr| {
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(match addr.ip() {
+                        IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                        IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+                    });
+                }
+                format!("http://{addr}")
+            },
+        )
+}
+
+/// Which peers `podroute status` asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Peers {
+    /// The agent's default: at most 100, those not Established first, with a count of all.
+    #[default]
+    Default,
+    /// Every peer (`--all`).
+    All,
+}
+
 /// How long a request to the agent may take, connection included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -43,7 +94,7 @@ pub enum AgentError {
     #[error("invalid agent URL {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
     #[error(
-        "cannot reach the podroute agent at {url}: {reason} (is it running? is --metrics-addr different?)"
+        "cannot reach the podroute agent at {url}: {reason} (is it running? is --metrics-addr or --status-addr different?)"
     )]
     Unreachable { url: String, reason: String },
     #[error("the podroute agent at {url} answered GET {path} with {status}: {body}")]
@@ -63,7 +114,20 @@ pub enum AgentError {
 
 /// `podroute status`: what to print.
 pub fn status_command(agent: &str, output: Output) -> Result<String, AgentError> {
-    let body = fetch(agent, "/status")?;
+    status_command_with(agent, output, Peers::Default)
+}
+
+/// `podroute status [--all]`.
+pub fn status_command_with(
+    agent: &str,
+    output: Output,
+    peers: Peers,
+) -> Result<String, AgentError> {
+    let path = match peers {
+        Peers::Default => "/status",
+        Peers::All => "/status?peers=all",
+    };
+    let body = fetch(agent, path)?;
     match output {
         Output::Json => raw_json(agent, "/status", body),
         Output::Table => {
@@ -278,6 +342,20 @@ pub fn render_status_in(status: &AgentStatus, now: SystemTime, tz: &TimeZone) ->
     if !v6.is_empty() {
         out.push_str("\nIPv6 BGP status\n");
         out.push_str(&peer_table(&v6, now, tz));
+    }
+    if let Some(summary) = &status.peer_summary {
+        let states: Vec<String> = summary
+            .by_state
+            .iter()
+            .map(|(state, n)| format!("{n} {}", clean(state)))
+            .collect();
+        out.push_str(&format!(
+            "\nListed {} of {} peers, those not Established first ({}); \
+             `podroute status --all` lists every peer.\n",
+            summary.listed,
+            summary.total,
+            states.join(", ")
+        ));
     }
     out
 }
@@ -547,6 +625,28 @@ fn layout(header: &str, iface_header: &str, rows: &[Row]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_url_prefers_the_flag_then_the_status_then_the_metrics_address() {
+        assert_eq!(
+            agent_url_from(Some("http://x:1".into()), Some("127.0.0.1:9092"), None),
+            "http://x:1"
+        );
+        assert_eq!(
+            agent_url_from(None, Some("127.0.0.1:9092"), Some("0.0.0.0:9091")),
+            "http://127.0.0.1:9092"
+        );
+        assert_eq!(
+            agent_url_from(None, None, Some("0.0.0.0:9099")),
+            "http://127.0.0.1:9099"
+        );
+        assert_eq!(
+            agent_url_from(None, Some("[::]:9092"), None),
+            "http://[::1]:9092"
+        );
+        assert_eq!(agent_url_from(None, Some("nonsense"), None), DEFAULT_AGENT);
+        assert_eq!(agent_url_from(None, None, None), DEFAULT_AGENT);
+    }
     use crate::agent::status::Health;
 
     fn at(unix: u64) -> SystemTime {

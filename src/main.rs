@@ -50,17 +50,23 @@ enum Command {
     },
     /// Show the running agent's BGP peers and health, like `calicoctl node status`.
     Status {
-        /// URL of the agent's HTTP server (its --metrics-addr).
-        #[arg(long, env = "PODROUTE_AGENT", default_value = podroute::cli::DEFAULT_AGENT)]
-        agent: String,
+        /// URL of the agent's status API. Default: `PODROUTE_STATUS_ADDR`, else
+        /// `PODROUTE_METRICS_ADDR` (as the agent's container sets them), else
+        /// http://127.0.0.1:9091.
+        #[arg(long, env = "PODROUTE_AGENT")]
+        agent: Option<String>,
         #[arg(long, short, value_enum, default_value_t)]
         output: podroute::cli::Output,
+        /// List every BGP peer (by default the agent lists at most 100, those not
+        /// Established first).
+        #[arg(long)]
+        all: bool,
     },
     /// Show the routes the running agent programs, like `route -n`.
     Routes {
-        /// URL of the agent's HTTP server (its --metrics-addr).
-        #[arg(long, env = "PODROUTE_AGENT", default_value = podroute::cli::DEFAULT_AGENT)]
-        agent: String,
+        /// URL of the agent's status API (default as for `podroute status`).
+        #[arg(long, env = "PODROUTE_AGENT")]
+        agent: Option<String>,
         #[arg(long, short, value_enum, default_value_t)]
         output: podroute::cli::Output,
     },
@@ -72,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => {
             one_malloc_arena();
             init_logging(&args.log);
+            raise_nofile_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -133,20 +140,30 @@ fn main() -> anyhow::Result<()> {
             }
         }
         // Client errors are for the user, not a backtrace: print them and exit 1.
-        Command::Status { agent, output } => match podroute::cli::status_command(&agent, output) {
-            Ok(text) => print!("{text}"),
-            Err(e) => {
-                eprintln!("error: {e}");
-                std::process::exit(1);
+        Command::Status { agent, output, all } => {
+            let agent = podroute::cli::agent_url(agent);
+            let peers = if all {
+                podroute::cli::Peers::All
+            } else {
+                podroute::cli::Peers::Default
+            };
+            match podroute::cli::status_command_with(&agent, output, peers) {
+                Ok(text) => print!("{text}"),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(1);
+                }
             }
-        },
-        Command::Routes { agent, output } => match podroute::cli::routes_command(&agent, output) {
-            Ok(text) => print!("{text}"),
-            Err(e) => {
-                eprintln!("error: {e}");
-                std::process::exit(1);
+        }
+        Command::Routes { agent, output } => {
+            match podroute::cli::routes_command(&podroute::cli::agent_url(agent), output) {
+                Ok(text) => print!("{text}"),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(1);
+                }
             }
-        },
+        }
     }
     Ok(())
 }
@@ -160,6 +177,43 @@ fn init_logging(filter: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// Raises the soft open-file limit to the hard one: every BGP session, HTTP client, watch
+/// and netlink socket is a descriptor, and container runtimes often start processes with a
+/// soft limit of 1024 under a hard limit of a million. Logged either way.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(error = %e, "cannot read the open-file limit (RLIMIT_NOFILE)");
+        return;
+    }
+    let (soft, hard) = (lim.rlim_cur, lim.rlim_max);
+    if soft >= hard {
+        tracing::info!(
+            soft,
+            hard,
+            "open-file limit (RLIMIT_NOFILE) already at its maximum"
+        );
+        return;
+    }
+    lim.rlim_cur = hard;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        tracing::info!(
+            from = soft,
+            to = hard,
+            "open-file limit (RLIMIT_NOFILE) soft limit raised to the hard limit"
+        );
+    } else {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)");
+    }
 }
 
 /// glibc gives every thread that allocates its own malloc arena, and memory freed into one

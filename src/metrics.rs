@@ -1,10 +1,32 @@
 //! Prometheus metrics (`GET /metrics`). Every metric is `podroute_*`; peers are labels
 //! (`peer` = address, `peer_type` = mesh/global/node), prefixes never are.
+//!
+//! Per-peer series grow with the mesh (eleven per peer: 55,000 series and 4 MB of text at
+//! 5,000 nodes), so they are exported only while there are at most
+//! [`Metrics::peer_label_limit`] peers under [`PeerLabels::Auto`]; the totals over all peers
+//! (`podroute_bgp_peers{peer_type,state}`, `podroute_bgp_prefixes{kind}`,
+//! `podroute_bgp_messages_total`, `podroute_bgp_sessions_established_total`) are always there,
+//! a fixed number of series whatever the cluster's size.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// `--metrics-peer-labels`: when the per-peer (`peer` label) series are exported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PeerLabels {
+    /// While the number of peers is at most the limit; totals only beyond it.
+    #[default]
+    Auto,
+    /// Always, however many peers there are.
+    Always,
+    /// Never: totals only.
+    Never,
+}
+
+/// Default of `--metrics-peer-label-limit`.
+pub const DEFAULT_PEER_LABEL_LIMIT: usize = 100;
 
 /// BGP FSM state as a number, as in `podroute_bgp_peer_state`.
 pub const PEER_STATE_CODES: [(&str, i64); 6] = [
@@ -28,7 +50,14 @@ pub fn peer_state_code(state: &str) -> i64 {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    peer_labels: PeerLabels,
+    peer_label_limit: usize,
     pub build_info: IntGaugeVec,
+    pub peers: IntGaugeVec,
+    pub prefixes: IntGaugeVec,
+    pub messages: IntCounterVec,
+    pub sessions_established: IntCounter,
+    pub per_peer_series: IntGauge,
     pub peer_state: IntGaugeVec,
     pub peer_up: IntGaugeVec,
     pub prefixes_received: IntGaugeVec,
@@ -61,7 +90,13 @@ fn opts(name: &str, help: &str) -> Opts {
 }
 
 impl Metrics {
+    /// [`Metrics::with_peer_labels`] with the flags' defaults.
     pub fn new() -> Self {
+        Self::with_peer_labels(PeerLabels::Auto, DEFAULT_PEER_LABEL_LIMIT)
+    }
+
+    /// Metrics whose per-peer series follow `peer_labels` (with `limit` for `auto`).
+    pub fn with_peer_labels(peer_labels: PeerLabels, limit: usize) -> Self {
         let registry = Registry::new();
         macro_rules! reg {
             ($m:expr) => {{
@@ -80,10 +115,44 @@ impl Metrics {
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
         ];
         Metrics {
+            peer_labels,
+            peer_label_limit: limit,
             build_info: reg!(IntGaugeVec::new(
                 opts("build_info", "Always 1; the version label names the build."),
                 &["version"]
             )),
+            peers: reg!(IntGaugeVec::new(
+                opts(
+                    "bgp_peers",
+                    "Configured BGP peers by type (mesh, global, node) and FSM state."
+                ),
+                &["peer_type", "state"]
+            )),
+            prefixes: reg!(IntGaugeVec::new(
+                opts(
+                    "bgp_prefixes",
+                    "Prefixes summed over all peers, by kind (received, accepted, advertised, \
+                     stale)."
+                ),
+                &["kind"]
+            )),
+            messages: reg!(IntCounterVec::new(
+                opts(
+                    "bgp_messages_total",
+                    "UPDATE and NOTIFICATION messages of all peers, by direction (received, \
+                     sent) and type (update, notification)."
+                ),
+                &["direction", "type"]
+            )),
+            sessions_established: reg!(IntCounter::with_opts(opts(
+                "bgp_sessions_established_total",
+                "Times any peer's session reached Established."
+            ))),
+            per_peer_series: reg!(IntGauge::with_opts(opts(
+                "bgp_per_peer_series",
+                "1 while the per-peer series (peer label) are exported, 0 when only the \
+                 totals are (--metrics-peer-labels)."
+            ))),
             peer_state: reg!(IntGaugeVec::new(
                 opts(
                     "bgp_peer_state",
@@ -250,6 +319,43 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
+    /// The `--metrics-peer-labels` limit.
+    pub fn peer_label_limit(&self) -> usize {
+        self.peer_label_limit
+    }
+
+    /// Whether per-peer series are exported with `peers` peers configured.
+    pub fn per_peer(&self, peers: usize) -> bool {
+        match self.peer_labels {
+            PeerLabels::Always => true,
+            PeerLabels::Never => false,
+            PeerLabels::Auto => peers <= self.peer_label_limit,
+        }
+    }
+
+    /// Removes the series of every peer (per-peer series switched off).
+    pub fn clear_per_peer(&self) {
+        for vec in [
+            &self.peer_state,
+            &self.peer_up,
+            &self.prefixes_received,
+            &self.prefixes_accepted,
+            &self.prefixes_advertised,
+            &self.stale_prefixes,
+        ] {
+            vec.reset();
+        }
+        for vec in [
+            &self.updates_received,
+            &self.updates_sent,
+            &self.notifications_received,
+            &self.notifications_sent,
+            &self.session_establishments,
+        ] {
+            vec.reset();
+        }
+    }
+
     /// Removes every series of a peer that went away.
     pub fn remove_peer(&self, peer: &str, peer_type: &str) {
         let labels = [peer, peer_type];
@@ -284,11 +390,18 @@ impl Default for Metrics {
 /// Advances a counter to a cumulative value read from elsewhere (a peer's message count).
 /// A smaller value means the source restarted from zero: the new value is added.
 pub fn advance(counter: &IntCounter, last: &mut u64, now: u64) {
-    let delta = if now >= *last { now - *last } else { now };
+    let delta = delta(last, now);
     if delta > 0 {
         counter.inc_by(delta);
     }
+}
+
+/// How far a cumulative value read from elsewhere moved since `last` (which becomes `now`);
+/// a smaller value means the source restarted from zero, so all of `now` is new.
+pub fn delta(last: &mut u64, now: u64) -> u64 {
+    let delta = if now >= *last { now - *last } else { now };
     *last = now;
+    delta
 }
 
 #[cfg(test)]

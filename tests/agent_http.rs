@@ -7,9 +7,13 @@ use std::time::Duration;
 
 use podroute::agent::status::{AgentStatus, Health, PeerRow, RouteRow, RoutesReport, StatusBoard};
 use podroute::cli::{self, AgentError, Output};
+use podroute::http::{HttpConfig, Limits};
 use podroute::metrics::Metrics;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+#[allow(dead_code)]
+mod agent_guard;
 
 struct Answer {
     code: u16,
@@ -312,7 +316,7 @@ fn unreachable_agent_is_a_clear_error() {
         "{msg}"
     );
     assert!(
-        msg.ends_with("(is it running? is --metrics-addr different?)"),
+        msg.ends_with("(is it running? is --metrics-addr or --status-addr different?)"),
         "{msg}"
     );
 
@@ -390,4 +394,346 @@ async fn fetch_async_from_async_code() {
             "the podroute agent at http://{addr} answered GET /nope with 404 Not Found: not found"
         )
     );
+}
+
+/// Generous bound on anything the tests wait for, so that a regression fails instead of
+/// hanging; not a timing goal.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+async fn start_limited(board: Arc<StatusBoard>, limits: Limits) -> SocketAddr {
+    let listener = podroute::http::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = podroute::http::router(board, Metrics::new(), Duration::from_secs(60));
+    tokio::spawn(podroute::http::serve_app(listener, app, limits));
+    addr
+}
+
+fn live_board() -> Arc<StatusBoard> {
+    let board = Arc::new(StatusBoard::new());
+    board.beat("bgp");
+    board
+}
+
+/// Raises this process's soft open-file limit to the hard one; returns the soft limit.
+fn raise_own_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write `lim`.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Reads until the server closes the connection (EOF or reset); false if it is still open
+/// after [`PATIENCE`].
+async fn closed_by_server(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    let waited = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    waited.is_ok()
+}
+
+/// The finding of issue 14: ~20,000 idle connections to :9091 exhausted the agent's
+/// descriptors. Thousands of connections that never send a byte: the server holds at most
+/// its cap of them, `/livez` still answers during the flood, and every idle one is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connection_flood_is_bounded_and_livez_answers() {
+    let soft = raise_own_fd_limit();
+    let cap = 64;
+    // Client ends all live in this process; leave room for the server's cap and the runtime.
+    let flood = usize::try_from(soft.saturating_sub(400))
+        .unwrap_or(usize::MAX)
+        .min(3000);
+    if flood < 1000 {
+        agent_guard::cannot_run(
+            "http",
+            "idle_connection_flood_is_bounded_and_livez_answers",
+            &format!("the open-file limit is {soft}, too low for a flood of 1000 connections"),
+            "Raise `ulimit -n` (hard limit) to at least 1500.",
+        );
+        return;
+    }
+    let limits = Limits {
+        max_connections: cap,
+        header_timeout: Duration::from_secs(600),
+        idle_timeout: Duration::from_secs(2),
+    };
+    let addr = start_limited(live_board(), limits).await;
+    let before = open_fds();
+
+    let mut idle = Vec::with_capacity(flood);
+    for _ in 0..flood {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // Every client end is open here; the server side must not have followed them.
+    let held_by_server = open_fds().saturating_sub(before + flood);
+    assert!(
+        held_by_server <= cap + 8,
+        "{flood} idle connections: the server holds {held_by_server} descriptors (cap {cap})"
+    );
+
+    // Kubelet's probe gets through during the flood (it displaces the least recent one).
+    let a = tokio::time::timeout(PATIENCE, get(addr, "/livez"))
+        .await
+        .expect("/livez did not answer during the flood");
+    assert_eq!((a.code, a.body.as_str()), (200, "ok\n"));
+
+    // None of them sent a byte: each is closed, by eviction or by the idle timeout.
+    let mut still_open = 0;
+    for stream in &mut idle {
+        if !closed_by_server(stream).await {
+            still_open += 1;
+        }
+    }
+    assert_eq!(still_open, 0, "idle connections the server never closed");
+    let a = get(addr, "/livez").await;
+    assert_eq!(a.code, 200);
+}
+
+/// Below the cap, a quiet connection is closed after the idle timeout: one that never sent a
+/// request, and one kept alive after an answer. A connection in use is not.
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let limits = Limits {
+        max_connections: 1000,
+        header_timeout: Duration::from_secs(600),
+        idle_timeout: Duration::from_millis(500),
+    };
+    let addr = start_limited(live_board(), limits).await;
+
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut kept_alive = TcpStream::connect(addr).await.unwrap();
+    kept_alive
+        .write_all(format!("GET /livez HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 1024];
+    let n = kept_alive.read(&mut answer).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200 OK"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    // A busy client that keeps asking stays connected across several idle timeouts.
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    for _ in 0..8 {
+        busy.write_all(format!("GET /livez HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let n = busy.read(&mut answer).await.unwrap();
+        assert!(n > 0, "the server closed a connection in use");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    assert!(
+        closed_by_server(&mut silent).await,
+        "a silent connection stayed open"
+    );
+    assert!(
+        closed_by_server(&mut kept_alive).await,
+        "an idle kept-alive connection stayed open"
+    );
+}
+
+/// A client trickling its request head a byte at a time (slowloris) is not idle, but it must
+/// finish the head within the header timeout.
+#[tokio::test]
+async fn a_request_head_must_arrive_within_the_header_timeout() {
+    let limits = Limits {
+        max_connections: 1000,
+        header_timeout: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(600),
+    };
+    let addr = start_limited(live_board(), limits).await;
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /livez HTTP/1.1\r\n").await.unwrap();
+    let mut closed = false;
+    // 100 bytes, 100 ms apart: ten seconds of trickle, far beyond the header timeout.
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if slow.write_all(b"X").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            // hyper may answer 408 before closing
+            Ok(Ok(_)) | Err(_) => {}
+        }
+    }
+    assert!(
+        closed,
+        "a request head trickled for 10 s was still being read"
+    );
+}
+
+#[tokio::test]
+async fn status_addr_serves_status_and_routes_and_metrics_addr_does_not() {
+    let board = Arc::new(StatusBoard::new());
+    board.publish_status(ready_status());
+    board.publish_routes(routes_report());
+    let metrics = Metrics::new();
+    metrics.routes_desired.set(3);
+    let config = HttpConfig {
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        status_addr: Some("127.0.0.1:0".parse().unwrap()),
+        limits: Limits::default(),
+        live_max_age: Duration::from_secs(60),
+    };
+    let servers = podroute::http::start(&config, board, metrics)
+        .await
+        .unwrap();
+    let (metrics_addr, status_addr) = (servers.metrics_addr, servers.status_addr.unwrap());
+    assert_ne!(metrics_addr, status_addr);
+
+    let a = get(metrics_addr, "/metrics").await;
+    assert_eq!(a.code, 200);
+    assert!(a.body.contains("podroute_routes_desired 3"), "{}", a.body);
+    assert_eq!(get(metrics_addr, "/livez").await.code, 503); // no loop beats here
+    assert_eq!(get(metrics_addr, "/readyz").await.code, 200);
+    for path in ["/status", "/routes"] {
+        let a = get(metrics_addr, path).await;
+        assert_eq!(a.code, 404, "{path} on the metrics address");
+        assert!(
+            a.body
+                .contains(&format!("served on {status_addr} (--status-addr)")),
+            "{}",
+            a.body
+        );
+    }
+
+    let status: AgentStatus =
+        serde_json::from_str(&get(status_addr, "/status").await.body).unwrap();
+    assert_eq!(status, ready_status());
+    let routes: RoutesReport =
+        serde_json::from_str(&get(status_addr, "/routes").await.body).unwrap();
+    assert_eq!(routes, routes_report());
+    for path in ["/metrics", "/livez", "/readyz"] {
+        assert_eq!(
+            get(status_addr, path).await.code,
+            404,
+            "{path} on the status address"
+        );
+    }
+
+    // The CLI, pointed (as its environment would) at the status address.
+    let url = format!("http://{status_addr}");
+    let text = tokio::task::spawn_blocking(move || cli::status_command(&url, Output::Table))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        text.contains("| 192.168.92.129 | node-to-node mesh | up    |"),
+        "{text}"
+    );
+    let err = cli::fetch_async(&format!("http://{metrics_addr}"), "/status")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--status-addr"), "{err}");
+
+    drop(servers);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        TcpStream::connect(status_addr).await.is_err(),
+        "dropping the servers stops them"
+    );
+}
+
+fn many_peers(n: usize, down_every: usize) -> AgentStatus {
+    let mut status = ready_status();
+    status.peers = (0..n)
+        .map(|i| {
+            let down = i % down_every == 0;
+            PeerRow {
+                address: format!("10.1.{}.{}", i / 250, i % 250 + 1),
+                port: 179,
+                peer_type: "node-to-node mesh".into(),
+                name: format!("node{i}"),
+                remote_as: 64512,
+                state: if down { "Active" } else { "Established" }.into(),
+                info: if down {
+                    "Connection refused"
+                } else {
+                    "Established"
+                }
+                .into(),
+                ..PeerRow::default()
+            }
+        })
+        .collect();
+    status
+}
+
+#[tokio::test]
+async fn status_lists_a_bounded_number_of_peers_unless_asked_for_all() {
+    let board = Arc::new(StatusBoard::new());
+    let full = many_peers(1000, 50); // 20 down
+    board.publish_status(full.clone());
+    let addr = start(board, Metrics::new(), Duration::from_secs(60)).await;
+
+    let short: AgentStatus = serde_json::from_str(&get(addr, "/status").await.body).unwrap();
+    assert_eq!(short.peers.len(), podroute::http::STATUS_PEERS_DEFAULT);
+    assert!(
+        short.peers[..20].iter().all(|p| p.state == "Active"),
+        "the peers not Established come first"
+    );
+    let summary = short.peer_summary.as_ref().expect("a summary of all peers");
+    assert_eq!((summary.total, summary.listed), (1000, 100));
+    assert_eq!(summary.by_state.get("Established"), Some(&980));
+    assert_eq!(summary.by_state.get("Active"), Some(&20));
+    assert_eq!(short.health, full.health);
+
+    let all: AgentStatus =
+        serde_json::from_str(&get(addr, "/status?peers=all").await.body).unwrap();
+    assert_eq!(all, full);
+    let five: AgentStatus = serde_json::from_str(&get(addr, "/status?peers=5").await.body).unwrap();
+    assert_eq!(five.peers.len(), 5);
+    let a = get(addr, "/status?peers=lots").await;
+    assert_eq!(a.code, 400, "{}", a.body);
+
+    let url = format!("http://{addr}");
+    let text = tokio::task::spawn_blocking(move || {
+        (
+            cli::status_command(&url, Output::Table).unwrap(),
+            cli::status_command_with(&url, Output::Table, cli::Peers::All).unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        text.0.contains("Listed 100 of 1000 peers, those not Established first (20 Active, 980 Established); `podroute status --all` lists every peer.\n"),
+        "{}",
+        text.0
+    );
+    assert!(!text.1.contains("Listed"), "{}", text.1);
+    assert!(text.1.contains("| 10.1.3.250 "), "{}", text.1);
 }

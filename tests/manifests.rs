@@ -596,7 +596,8 @@ fn dashboard_queries_only_metrics_the_agent_exports() {
         }
     }
     for needed in [
-        "podroute_bgp_peer_up",
+        // The totals: the per-peer series are not there beyond --metrics-peer-label-limit.
+        "podroute_bgp_peers",
         "podroute_routes_programmed",
         "podroute_convergence_seconds",
     ] {

@@ -45,10 +45,42 @@ pub struct AgentArgs {
     #[arg(long, env = "PODROUTE_NIC")]
     pub nic: Option<String>,
 
-    /// HTTP server: `/metrics`, `/livez`, `/readyz` and the status API that `podroute status`
-    /// reads.
+    /// HTTP server: `/metrics`, `/livez`, `/readyz` and, unless `--status-addr` is set, the
+    /// status API (`/status`, `/routes`) that `podroute status` reads.
     #[arg(long, env = "PODROUTE_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
+
+    /// Serve the status API (`/status`, `/routes`) on this address only, not on
+    /// `--metrics-addr` (e.g. `127.0.0.1:9092`, so that pods cannot read it).
+    #[arg(long, env = "PODROUTE_STATUS_ADDR")]
+    pub status_addr: Option<SocketAddr>,
+
+    /// Most HTTP connections open at once, per listening address. At the cap a new connection
+    /// closes the least recently active one (an idle one at once, a busy one after its answer).
+    /// Held to a quarter of the open-file limit, so that BGP and the datastore always have
+    /// descriptors.
+    #[arg(long, env = "PODROUTE_HTTP_MAX_CONNECTIONS", default_value_t = crate::http::DEFAULT_MAX_CONNECTIONS)]
+    pub http_max_connections: usize,
+
+    /// Time an HTTP client has to send a complete request head, counted from when the server
+    /// waits for one (a new connection, or the next request on a kept-alive one).
+    #[arg(long, env = "PODROUTE_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// An HTTP connection on which no byte has moved either way for this long is closed
+    /// (an idle kept-alive connection, a client that stopped reading its answer).
+    #[arg(long, env = "PODROUTE_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub http_idle_timeout: Duration,
+
+    /// Per-peer metric series (`peer` label): `always`, `never`, or `auto` (only while there
+    /// are at most `--metrics-peer-label-limit` peers). Totals over all peers are always
+    /// exported.
+    #[arg(long, env = "PODROUTE_METRICS_PEER_LABELS", value_enum, default_value_t = crate::metrics::PeerLabels::Auto)]
+    pub metrics_peer_labels: crate::metrics::PeerLabels,
+
+    /// Number of peers up to which `--metrics-peer-labels auto` exports per-peer series.
+    #[arg(long, env = "PODROUTE_METRICS_PEER_LABEL_LIMIT", default_value_t = crate::metrics::DEFAULT_PEER_LABEL_LIMIT)]
+    pub metrics_peer_label_limit: usize,
 
     /// Address the BGP listener binds to; the port is BGPConfiguration `listenPort` (179).
     #[arg(long, env = "PODROUTE_BGP_BIND", default_value = "0.0.0.0")]
@@ -108,6 +140,43 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<AgentArgs, clap::Error> {
+        use clap::Parser;
+        Cmd::try_parse_from(std::iter::once("agent").chain(args.iter().copied())).map(|c| c.agent)
+    }
+
+    #[test]
+    fn http_and_metrics_bounds_parse_into_typed_values() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.metrics_peer_labels, crate::metrics::PeerLabels::Auto);
+        assert_eq!(a.metrics_peer_label_limit, 100);
+        assert_eq!(a.status_addr, None);
+        assert_eq!(a.http_max_connections, crate::http::DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(a.http_header_timeout, Duration::from_secs(10));
+        assert_eq!(a.http_idle_timeout, Duration::from_secs(60));
+
+        let a = parse(&[
+            "--metrics-peer-labels",
+            "never",
+            "--status-addr",
+            "127.0.0.1:9092",
+            "--http-idle-timeout",
+            "500ms",
+        ])
+        .unwrap();
+        assert_eq!(a.metrics_peer_labels, crate::metrics::PeerLabels::Never);
+        assert_eq!(a.status_addr, Some("127.0.0.1:9092".parse().unwrap()));
+        assert_eq!(a.http_idle_timeout, Duration::from_millis(500));
+        let err = parse(&["--metrics-peer-labels", "sometimes"]).unwrap_err();
+        assert!(err.to_string().contains("auto, always, never"), "{err}");
+    }
 
     #[test]
     fn durations() {

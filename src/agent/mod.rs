@@ -1081,6 +1081,7 @@ impl Agent {
                 failed_routes: dp.failures.len(),
             },
             peers: report::peer_rows(&self.peer_status, &self.peers_by_addr()),
+            peer_summary: None,
         };
         status
             .datastore
@@ -1205,15 +1206,6 @@ fn link_is_up(name: &str) -> Option<bool> {
     }
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop<T>(JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Resolves when SIGTERM or SIGINT arrives.
 async fn termination() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -1233,7 +1225,8 @@ async fn termination() {
 /// `podroute agent`: runs until SIGTERM/SIGINT or a fatal error.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let node = node_name(&args)?;
-    let metrics = Metrics::new();
+    let metrics =
+        Metrics::with_peer_labels(args.metrics_peer_labels, args.metrics_peer_label_limit);
     let board = Arc::new(StatusBoard::new());
     board.beat("agent");
     info!(
@@ -1242,14 +1235,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         datastore = args.datastore_type,
         "podroute agent starting"
     );
-    let listener = crate::http::bind(args.metrics_addr).await?;
-    info!(addr = %args.metrics_addr, "serving /metrics, /livez, /readyz, /status, /routes");
-    let _server = AbortOnDrop(tokio::spawn(crate::http::serve(
-        listener,
+    let _http = crate::http::start(
+        &crate::http::HttpConfig {
+            metrics_addr: args.metrics_addr,
+            status_addr: args.status_addr,
+            limits: crate::http::Limits {
+                max_connections: args.http_max_connections,
+                header_timeout: args.http_header_timeout,
+                idle_timeout: args.http_idle_timeout,
+            },
+            live_max_age: LIVENESS_MAX_AGE,
+        },
         board.clone(),
         metrics.clone(),
-        LIVENESS_MAX_AGE,
-    )));
+    )
+    .await?;
 
     let (mut datastore, client) = start_datastore(&args, &node).await?;
     let source = args.datastore_type.clone();

@@ -11,7 +11,7 @@ use super::peers::PeerType;
 use super::status::{PeerRow, RouteRow, RoutesReport};
 use crate::dataplane::DataplaneStatus;
 use crate::dataplane::kernel::Protocol;
-use crate::metrics::{Metrics, advance, peer_state_code};
+use crate::metrics::{Metrics, PEER_STATE_CODES, delta, peer_state_code};
 use crate::plan::{DesiredRoute, RouteKind};
 use crate::state::ClusterState;
 
@@ -72,17 +72,76 @@ pub(crate) fn peer_rows(statuses: &[PeerStatus], info: &PeerInfo) -> Vec<PeerRow
     rows
 }
 
-/// Per-peer gauges and counters.
+/// Totals over all peers, and the per-peer gauges and counters while
+/// [`Metrics::per_peer`] allows them (the totals' series are fixed in number, the per-peer ones
+/// grow with the mesh).
 pub(crate) fn update_peer_metrics(
     metrics: &Metrics,
     statuses: &[PeerStatus],
     info: &PeerInfo,
     counts: &mut HashMap<IpAddr, PeerCounts>,
 ) {
+    let per_peer = metrics.per_peer(info.len());
+    metrics.per_peer_series.set(i64::from(per_peer));
+    if !per_peer {
+        metrics.clear_per_peer();
+    }
+
+    // Peers by type and state; a configured peer the speaker does not report yet is Idle.
+    let mut by_state: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+    for peer_type in [PeerType::Mesh, PeerType::Global, PeerType::Node] {
+        for (state, _) in PEER_STATE_CODES {
+            by_state.insert((peer_type.label(), state), 0);
+        }
+    }
+    let reported: HashMap<IpAddr, &PeerStatus> = statuses.iter().map(|s| (s.addr, s)).collect();
+    for (addr, (_, peer_type, _)) in info {
+        let state = reported.get(addr).map(|s| s.state.to_string());
+        let state = PEER_STATE_CODES
+            .iter()
+            .find(|(name, _)| Some(*name) == state.as_deref())
+            .map_or("Idle", |(name, _)| *name);
+        if let Some(n) = by_state.get_mut(&(peer_type.label(), state)) {
+            *n += 1;
+        }
+    }
+    for ((peer_type, state), n) in by_state {
+        metrics.peers.with_label_values(&[peer_type, state]).set(n);
+    }
+
+    let mut prefixes = [0i64; 4]; // received, accepted, advertised, stale
+    let mut moved = [0u64; 5]; // updates rx/tx, notifications rx/tx, establishments
     for s in statuses {
         let Some((_, peer_type, _)) = info.get(&s.addr) else {
             continue;
         };
+        let stale = s
+            .graceful_restart
+            .as_ref()
+            .map_or(0, |g| g.stale_prefixes as i64);
+        let gauges = [
+            s.prefixes_received as i64,
+            s.prefixes_accepted as i64,
+            s.prefixes_advertised as i64,
+            stale,
+        ];
+        for (sum, v) in prefixes.iter_mut().zip(gauges) {
+            *sum += v;
+        }
+        let c = counts.entry(s.addr).or_default();
+        let deltas = [
+            delta(&mut c.updates_rx, s.updates_received),
+            delta(&mut c.updates_tx, s.updates_sent),
+            delta(&mut c.notif_rx, s.notifications_received),
+            delta(&mut c.notif_tx, s.notifications_sent),
+            delta(&mut c.established, s.established_count),
+        ];
+        for (sum, d) in moved.iter_mut().zip(deltas) {
+            *sum += d;
+        }
+        if !per_peer {
+            continue;
+        }
         let addr = s.addr.to_string();
         let labels = [addr.as_str(), peer_type.label()];
         let code = peer_state_code(&s.state.to_string());
@@ -91,50 +150,52 @@ pub(crate) fn update_peer_metrics(
             .peer_up
             .with_label_values(&labels)
             .set(i64::from(code == 6));
-        metrics
-            .prefixes_received
-            .with_label_values(&labels)
-            .set(s.prefixes_received as i64);
-        metrics
-            .prefixes_accepted
-            .with_label_values(&labels)
-            .set(s.prefixes_accepted as i64);
-        metrics
-            .prefixes_advertised
-            .with_label_values(&labels)
-            .set(s.prefixes_advertised as i64);
-        metrics.stale_prefixes.with_label_values(&labels).set(
-            s.graceful_restart
-                .as_ref()
-                .map_or(0, |g| g.stale_prefixes as i64),
-        );
-        let c = counts.entry(s.addr).or_default();
-        advance(
-            &metrics.updates_received.with_label_values(&labels),
-            &mut c.updates_rx,
-            s.updates_received,
-        );
-        advance(
-            &metrics.updates_sent.with_label_values(&labels),
-            &mut c.updates_tx,
-            s.updates_sent,
-        );
-        advance(
-            &metrics.notifications_received.with_label_values(&labels),
-            &mut c.notif_rx,
-            s.notifications_received,
-        );
-        advance(
-            &metrics.notifications_sent.with_label_values(&labels),
-            &mut c.notif_tx,
-            s.notifications_sent,
-        );
-        advance(
-            &metrics.session_establishments.with_label_values(&labels),
-            &mut c.established,
-            s.established_count,
-        );
+        for (vec, v) in [
+            &metrics.prefixes_received,
+            &metrics.prefixes_accepted,
+            &metrics.prefixes_advertised,
+            &metrics.stale_prefixes,
+        ]
+        .into_iter()
+        .zip(gauges)
+        {
+            vec.with_label_values(&labels).set(v);
+        }
+        for (vec, d) in [
+            &metrics.updates_received,
+            &metrics.updates_sent,
+            &metrics.notifications_received,
+            &metrics.notifications_sent,
+            &metrics.session_establishments,
+        ]
+        .into_iter()
+        .zip(deltas)
+        {
+            // Created even when zero, so that every peer has every series.
+            vec.with_label_values(&labels).inc_by(d);
+        }
     }
+    for (kind, v) in ["received", "accepted", "advertised", "stale"]
+        .into_iter()
+        .zip(prefixes)
+    {
+        metrics.prefixes.with_label_values(&[kind]).set(v);
+    }
+    for ((direction, kind), d) in [
+        ("received", "update"),
+        ("sent", "update"),
+        ("received", "notification"),
+        ("sent", "notification"),
+    ]
+    .into_iter()
+    .zip(moved)
+    {
+        metrics
+            .messages
+            .with_label_values(&[direction, kind])
+            .inc_by(d);
+    }
+    metrics.sessions_established.inc_by(moved[4]);
 }
 
 /// The node (by name) whose address is `gateway`, else the address itself.
@@ -306,6 +367,90 @@ mod tests {
                 "podroute_bgp_updates_sent_total{peer=\"192.168.92.129\",peer_type=\"mesh\"} 4"
             ),
             "counted once: {text}"
+        );
+    }
+
+    /// `n` mesh peers 10.1.x.y, every 10th Active, the rest Established; plus one configured
+    /// global peer the speaker does not report yet.
+    fn mesh(n: u32) -> (Vec<PeerStatus>, PeerInfo) {
+        let mut statuses = Vec::new();
+        let mut info = PeerInfo::new();
+        for i in 0..n {
+            let addr = format!("10.1.{}.{}", i / 250, i % 250 + 1);
+            let state = if i % 10 == 0 {
+                State::Active
+            } else {
+                State::Established
+            };
+            statuses.push(status(&addr, state, None));
+            info.insert(
+                addr.parse().unwrap(),
+                (format!("node{i}"), PeerType::Mesh, false),
+            );
+        }
+        info.insert(
+            "10.9.0.1".parse().unwrap(),
+            ("tor".to_string(), PeerType::Global, false),
+        );
+        (statuses, info)
+    }
+
+    fn series_with(text: &str, needle: &str) -> usize {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(needle))
+            .count()
+    }
+
+    #[test]
+    fn many_peers_export_totals_only_under_auto() {
+        let (statuses, info) = mesh(500);
+        let metrics = Metrics::with_peer_labels(crate::metrics::PeerLabels::Auto, 100);
+        let mut counts = HashMap::new();
+        update_peer_metrics(&metrics, &statuses, &info, &mut counts);
+        update_peer_metrics(&metrics, &statuses, &info, &mut counts);
+        let text = metrics.encode();
+        assert_eq!(series_with(&text, "peer=\""), 0, "{text}");
+        assert!(text.contains("podroute_bgp_per_peer_series 0"), "{text}");
+        for line in [
+            "podroute_bgp_peers{peer_type=\"mesh\",state=\"Established\"} 450",
+            "podroute_bgp_peers{peer_type=\"mesh\",state=\"Active\"} 50",
+            "podroute_bgp_peers{peer_type=\"global\",state=\"Idle\"} 1",
+            "podroute_bgp_peers{peer_type=\"node\",state=\"Established\"} 0",
+            "podroute_bgp_prefixes{kind=\"received\"} 500",
+            "podroute_bgp_prefixes{kind=\"advertised\"} 1000",
+            // Counted once although published twice.
+            "podroute_bgp_messages_total{direction=\"sent\",type=\"update\"} 2000",
+            "podroute_bgp_messages_total{direction=\"received\",type=\"update\"} 1500",
+            "podroute_bgp_sessions_established_total 500",
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+        // The size no longer follows the mesh: 18 peer-state series, not 11 per peer.
+        let (statuses_big, info_big) = mesh(2000);
+        update_peer_metrics(&metrics, &statuses_big, &info_big, &mut HashMap::new());
+        assert_eq!(
+            metrics.encode().lines().count(),
+            text.lines().count(),
+            "the exposition grew with the number of peers"
+        );
+
+        // Back under the limit: per-peer series again; `always` keeps them beyond it.
+        let (few, few_info) = mesh(20);
+        update_peer_metrics(&metrics, &few, &few_info, &mut counts);
+        let text = metrics.encode();
+        assert_eq!(series_with(&text, "podroute_bgp_peer_up{"), 20, "{text}");
+        assert!(text.contains("podroute_bgp_per_peer_series 1"), "{text}");
+
+        let always = Metrics::with_peer_labels(crate::metrics::PeerLabels::Always, 100);
+        update_peer_metrics(&always, &statuses, &info, &mut HashMap::new());
+        assert_eq!(series_with(&always.encode(), "podroute_bgp_peer_up{"), 500);
+        let never = Metrics::with_peer_labels(crate::metrics::PeerLabels::Never, 100);
+        update_peer_metrics(&never, &few, &few_info, &mut HashMap::new());
+        let text = never.encode();
+        assert_eq!(series_with(&text, "peer=\""), 0, "{text}");
+        assert!(
+            text.contains("podroute_bgp_peers{peer_type=\"mesh\",state=\"Established\"} 18"),
+            "{text}"
         );
     }
 

@@ -1,6 +1,8 @@
 //! What the running agent reports about itself: the JSON documents of the status API
 //! (`GET /status`, `GET /routes`) that `podroute status` and `podroute routes` print.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// `GET /status`.
@@ -20,6 +22,56 @@ pub struct AgentStatus {
     pub datastore: DatastoreStatus,
     pub dataplane: DataplaneSummary,
     pub peers: Vec<PeerRow>,
+    /// Present when `peers` lists only some of the peers (`GET /status` beyond
+    /// [`crate::http::STATUS_PEERS_DEFAULT`] peers; `?peers=all` lists them all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_summary: Option<PeerSummary>,
+}
+
+/// All peers counted, when `AgentStatus::peers` lists only some.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerSummary {
+    /// Peers configured.
+    pub total: usize,
+    /// Peers listed in `peers`: those not Established first, then by address.
+    pub listed: usize,
+    /// Every peer counted by BGP FSM state.
+    pub by_state: BTreeMap<String, usize>,
+}
+
+impl AgentStatus {
+    /// A copy that lists at most `limit` peers, the ones not Established first (they are what
+    /// an operator looks for), with a [`PeerSummary`] of all; `None` when all fit.
+    pub fn with_peer_limit(&self, limit: usize) -> Option<AgentStatus> {
+        if self.peers.len() <= limit {
+            return None;
+        }
+        let mut by_state = BTreeMap::new();
+        for p in &self.peers {
+            *by_state.entry(p.state.clone()).or_insert(0) += 1;
+        }
+        let (down, up): (Vec<&PeerRow>, Vec<&PeerRow>) =
+            self.peers.iter().partition(|p| p.state != "Established");
+        let peers: Vec<PeerRow> = down.into_iter().chain(up).take(limit).cloned().collect();
+        Some(AgentStatus {
+            node: self.node.clone(),
+            version: self.version.clone(),
+            ipv4: self.ipv4.clone(),
+            nic: self.nic.clone(),
+            as_number: self.as_number,
+            router_id: self.router_id.clone(),
+            started: self.started,
+            health: self.health.clone(),
+            datastore: self.datastore.clone(),
+            dataplane: self.dataplane.clone(),
+            peer_summary: Some(PeerSummary {
+                total: self.peers.len(),
+                listed: peers.len(),
+                by_state,
+            }),
+            peers,
+        })
+    }
 }
 
 /// Liveness and readiness, with the reasons readiness is not (yet) given.
@@ -110,7 +162,6 @@ pub struct RouteRow {
     pub programmed_by: Option<String>,
 }
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
