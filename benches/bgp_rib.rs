@@ -78,6 +78,9 @@ fn rib() -> Rib {
             next_hop_self: false,
             import_filter: None,
             export_filter: None,
+            local_as: None,
+            next_hop_keep: false,
+            allow_own_as: 0,
         },
     );
     rib.peer_up(1, Ipv4Addr::new(10, 255, 0, 2), vec![Family::IPV4_UNICAST]);

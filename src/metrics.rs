@@ -56,6 +56,7 @@ pub struct Metrics {
     pub peers: IntGaugeVec,
     pub prefixes: IntGaugeVec,
     pub messages: IntCounterVec,
+    pub routes_rejected: IntCounterVec,
     pub sessions_established: IntCounter,
     pub per_peer_series: IntGauge,
     pub peer_state: IntGaugeVec,
@@ -143,6 +144,15 @@ impl Metrics {
                      sent) and type (update, notification)."
                 ),
                 &["direction", "type"]
+            )),
+            routes_rejected: reg!(IntCounterVec::new(
+                opts(
+                    "bgp_routes_rejected_total",
+                    "Announcements of all peers refused before the Loc-RIB, by reason: loop \
+                     (AS_PATH with our AS, our ORIGINATOR_ID or CLUSTER_ID) and import_filter \
+                     (a BGPFilter import rule). Per peer in `podroute status`."
+                ),
+                &["reason"]
             )),
             sessions_established: reg!(IntCounter::with_opts(opts(
                 "bgp_sessions_established_total",

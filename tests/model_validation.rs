@@ -311,7 +311,7 @@ fn peers() {
         p.max_restart_time,
         Some(std::time::Duration::from_secs(150))
     );
-    assert!(p.keep_original_next_hop);
+    assert_eq!(p.next_hop_mode, podroute::model::bgp::NextHopMode::Keep);
     assert_eq!(p.password.unwrap().key, "pw");
     let p = Peer::from_resource(&peer("{peerIP: \"[fd00::1]:179\"}")).unwrap();
     assert_eq!(p.peer_ip, Some("fd00::1".parse().unwrap()));

@@ -241,6 +241,9 @@ pub struct FsmConfig {
     pub idle_hold_base: Duration,
     /// Upper bound of the idle hold-down.
     pub idle_hold_max: Duration,
+    /// Send KEEPALIVEs this often when that is shorter than a third of the negotiated hold
+    /// time (BIRD `keepalive time`; Calico `keepaliveTime`). `None`: a third of it.
+    pub keepalive_time: Option<Duration>,
 }
 
 impl Default for FsmConfig {
@@ -259,6 +262,7 @@ impl Default for FsmConfig {
             graceful_restart: None,
             idle_hold_base: DEFAULT_IDLE_HOLD_BASE,
             idle_hold_max: DEFAULT_IDLE_HOLD_MAX,
+            keepalive_time: None,
         }
     }
 }
@@ -1035,7 +1039,10 @@ impl Fsm {
             peer_as,
             peer_id: open.bgp_id,
             hold_time,
-            keepalive: secs(hold_time) / 3,
+            keepalive: match self.config.keepalive_time {
+                Some(k) if hold_time > 0 && !k.is_zero() => k.min(secs(hold_time) / 3),
+                _ => secs(hold_time) / 3,
+            },
             codec: CodecContext { four_octet_as },
             families,
             route_refresh: self.config.route_refresh && open.route_refresh(),

@@ -53,6 +53,15 @@ pub struct RibPeer {
     pub import_filter: Option<Arc<PrefixFilter>>,
     /// Rules applied before the speaker-wide [`ExportRules`] (see [`crate::policy`]).
     pub export_filter: Option<Arc<PrefixFilter>>,
+    /// Our AS on this session when not the speaker's (BIRD `local as`, Calico
+    /// `localASNumber`): decides iBGP/eBGP, loop detection and what is prepended.
+    pub local_as: Option<u32>,
+    /// Pass on the next hop unchanged also towards this eBGP peer (third-party next hop,
+    /// RFC 4271 §5.1.3; Calico `nextHopMode: Keep`). Our own routes still carry ours.
+    pub next_hop_keep: bool,
+    /// How many times our AS may appear in a path from this peer before it is a loop
+    /// (allowas-in; Calico `numAllowedLocalASNumbers`). 0: not at all (RFC 4271).
+    pub allow_own_as: u8,
 }
 
 /// The Loc-RIB's best route for a prefix, as the agent consumes it.
@@ -251,7 +260,7 @@ impl Rib {
     /// Register a peer (session down). Replaces the configuration of a known peer; for a peer
     /// that is up, a change of export policy takes effect at the next [`Rib::resync`].
     pub fn add_peer(&mut self, id: PeerId, cfg: RibPeer) {
-        let ibgp = cfg.remote_as == self.local_as;
+        let ibgp = cfg.remote_as == cfg.local_as.unwrap_or(self.local_as);
         match self.peers.get_mut(&id) {
             Some(p) => {
                 p.cfg = cfg;
@@ -410,6 +419,7 @@ impl Rib {
             return stats;
         }
         let ibgp = peer.ibgp;
+        let looped = self.is_looped(&update.attrs, peer);
         let import_filter = peer.cfg.import_filter.clone();
         let refused = |p: &IpNet| {
             import_filter
@@ -442,7 +452,6 @@ impl Rib {
             return stats;
         }
 
-        let looped = self.is_looped(&update.attrs, ibgp);
         let mut path = update.attrs.clone();
         if !ibgp {
             // LOCAL_PREF is ours to assign for eBGP routes (RFC 4271 §5.1.5).
@@ -605,6 +614,8 @@ impl Rib {
             local_v6_next_hop: p.cfg.local_v6_next_hop,
             families: p.families.clone(),
             export_filter: p.cfg.export_filter.clone(),
+            local_as: p.cfg.local_as,
+            next_hop_keep: p.cfg.next_hop_keep,
         }
     }
 
@@ -652,14 +663,20 @@ impl Rib {
 
     // ---- import ----
 
-    fn is_looped(&self, path: &PathAttrs, ibgp: bool) -> bool {
-        if !ibgp
-            && path
-                .as_path
-                .as_ref()
-                .is_some_and(|p| p.contains(self.local_as))
-        {
-            return true;
+    fn is_looped(&self, path: &PathAttrs, peer: &PeerRib) -> bool {
+        if !peer.ibgp {
+            let ours = peer.cfg.local_as.unwrap_or(self.local_as);
+            let seen = path.as_path.as_ref().map_or(0, |p| {
+                // With a local-AS override the speaker's own AS is ours too.
+                let mut n = p.count(ours);
+                if ours != self.local_as {
+                    n += p.count(self.local_as);
+                }
+                n
+            });
+            if seen > usize::from(peer.cfg.allow_own_as) {
+                return true;
+            }
         }
         // RFC 4456 §8: our own ORIGINATOR_ID or CLUSTER_ID means the route looped.
         path.originator_id == Some(self.router_id) || path.cluster_list.contains(&self.cluster_id)
@@ -934,10 +951,11 @@ impl Rib {
                 next_hop = self_nh(target);
             }
         } else {
-            // RFC 4271 §5.1.2, §5.1.3, §5.1.4, §5.1.5: prepend our AS, we are the next hop,
-            // no LOCAL_PREF, and a MED learned from another AS is not passed on.
+            // RFC 4271 §5.1.2, §5.1.3, §5.1.4, §5.1.5: prepend our AS, we are the next hop
+            // (unless the peer is configured for a third-party next hop), no LOCAL_PREF, and a
+            // MED learned from another AS is not passed on.
             let mut as_path = path.as_path.take().unwrap_or_default();
-            as_path.prepend(self.local_as);
+            as_path.prepend(target.local_as.unwrap_or(self.local_as));
             path.as_path = Some(as_path);
             path.local_pref = None;
             path.originator_id = None;
@@ -945,7 +963,9 @@ impl Rib {
             if !from_local {
                 path.med = None;
             }
-            next_hop = self_nh(target);
+            if !(target.next_hop_keep && !from_local && !next_hop.addr.is_unspecified()) {
+                next_hop = self_nh(target);
+            }
         }
         path.next_hop = match (prefix, next_hop.addr) {
             (IpNet::V4(_), IpAddr::V4(a)) => Some(a),
@@ -1063,6 +1083,9 @@ mod tests {
             next_hop_self: false,
             import_filter: None,
             export_filter: None,
+            local_as: None,
+            next_hop_keep: false,
+            allow_own_as: 0,
         }
     }
 
@@ -2013,5 +2036,74 @@ mod tests {
         assert_eq!(out.peers_sent_to(), vec![1, 3]);
         // Peers with different filters are in different update groups.
         assert_ne!(rib.group_of(1), rib.group_of(2));
+    }
+
+    #[test]
+    fn per_peer_local_as_allowas_in_and_next_hop_keep() {
+        // ToR-A speaks to us as AS 65100 (local-AS override); ToR-B keeps third-party next
+        // hops; ToR-C accepts paths carrying our AS once.
+        let mut a = peer([192, 0, 2, 1], 65010);
+        a.local_as = Some(65100);
+        let mut b = peer([192, 0, 2, 2], 65020);
+        b.next_hop_keep = true;
+        let mut c = peer([192, 0, 2, 3], 65030);
+        c.allow_own_as = 1;
+        let mut rib = rib_with(&[(1, a), (2, b), (3, c)]);
+        // A path with our AS once: a loop for A and B, accepted from C.
+        let (_, stats) = rib.apply_update(
+            1,
+            &announce(&["198.51.100.0/24"], [192, 0, 2, 1], &[65010, AS]),
+        );
+        assert_eq!(stats.rejected, 1);
+        let (_, stats) = rib.apply_update(
+            1,
+            &announce(&["198.51.100.0/24"], [192, 0, 2, 1], &[65010, 65100]),
+        );
+        assert_eq!(stats.rejected, 1, "the override AS is ours too");
+        let (out, stats) = rib.apply_update(
+            3,
+            &announce(&["198.51.101.0/24"], [192, 0, 2, 3], &[65030, AS]),
+        );
+        assert_eq!(stats.rejected, 0);
+        // Twice is still a loop.
+        let (_, stats) = rib.apply_update(
+            3,
+            &announce(
+                &["198.51.102.0/24"],
+                [192, 0, 2, 3],
+                &[65030, AS, 65031, AS],
+            ),
+        );
+        assert_eq!(stats.rejected, 1);
+        // What C's route looks like at A (override prepended) and at B (next hop kept).
+        let at_a = out.export_for(1).unwrap();
+        assert_eq!(
+            at_a.announce[0].0.path.as_path,
+            Some(AsPath::from_sequence(vec![65100, 65030, AS]))
+        );
+        assert_eq!(
+            at_a.announce[0].0.path.next_hop,
+            Some(Ipv4Addr::new(10, 0, 0, 1))
+        );
+        let at_b = out.export_for(2).unwrap();
+        assert_eq!(
+            at_b.announce[0].0.path.next_hop,
+            Some(Ipv4Addr::new(192, 0, 2, 3))
+        );
+        // Our own routes carry our next hop even to B.
+        let out = rib.originate(net("172.16.0.0/26"), None, PathAttrs::default());
+        assert_eq!(
+            out.export_for(2).unwrap().announce[0].0.path.next_hop,
+            Some(Ipv4Addr::new(10, 0, 0, 1))
+        );
+        // A local-AS override equal to the peer's AS makes the session iBGP.
+        let mut d = peer([10, 0, 0, 9], 65100);
+        d.local_as = Some(65100);
+        rib.add_peer(4, d);
+        rib.peer_up(4, Ipv4Addr::new(10, 0, 0, 9), v4());
+        let out = rib.originate(net("172.16.0.64/26"), None, PathAttrs::default());
+        let at_d = out.export_for(4).unwrap();
+        assert_eq!(at_d.announce[0].0.path.local_pref, Some(DEFAULT_LOCAL_PREF));
+        assert_eq!(at_d.announce[0].0.path.as_path, Some(AsPath::default()));
     }
 }

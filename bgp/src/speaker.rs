@@ -158,6 +158,19 @@ pub struct PeerConfig {
     pub import_filter: Option<Arc<PrefixFilter>>,
     /// Rules for what the peer is sent, before the speaker's [`ExportRules`].
     pub export_filter: Option<Arc<PrefixFilter>>,
+    /// Our AS on this session when not the speaker's (BIRD `local as`): in our OPEN, in
+    /// what we prepend, and in loop detection.
+    pub local_as: Option<u32>,
+    /// Pass the next hop on unchanged towards this (eBGP) peer.
+    pub next_hop_keep: bool,
+    /// How often our AS may appear in a received AS_PATH (allowas-in); 0 = never.
+    pub allow_own_as: u8,
+    /// Interval between our KEEPALIVEs when shorter than a third of the hold time.
+    pub keepalive_time: Option<Duration>,
+    /// GTSM (RFC 5082): the peer is at most this many hops away. We send with TTL 255 and
+    /// the kernel drops the peer's packets that arrive with a TTL below 256 - hops
+    /// (`IP_MINTTL` / `IPV6_MINHOPCOUNT`).
+    pub ttl_security: Option<u8>,
 }
 
 impl PeerConfig {
@@ -179,6 +192,11 @@ impl PeerConfig {
             stale_routes_time: None,
             import_filter: None,
             export_filter: None,
+            local_as: None,
+            next_hop_keep: false,
+            allow_own_as: 0,
+            keepalive_time: None,
+            ttl_security: None,
         }
     }
 
@@ -198,6 +216,9 @@ impl PeerConfig {
             next_hop_self: self.next_hop_self,
             import_filter: self.import_filter.clone(),
             export_filter: self.export_filter.clone(),
+            local_as: self.local_as,
+            next_hop_keep: self.next_hop_keep,
+            allow_own_as: self.allow_own_as,
         }
     }
 
@@ -639,7 +660,12 @@ impl Core {
     }
 
     fn fsm_config(&self, p: &PeerConfig) -> FsmConfig {
-        let mut f = FsmConfig::new(self.cfg.local_as, p.remote_as, self.cfg.router_id);
+        let mut f = FsmConfig::new(
+            p.local_as.unwrap_or(self.cfg.local_as),
+            p.remote_as,
+            self.cfg.router_id,
+        );
+        f.keepalive_time = p.keepalive_time;
         f.hold_time = p.hold_time.unwrap_or(self.cfg.hold_time);
         f.connect_retry = self.cfg.connect_retry;
         f.passive = p.passive;

@@ -144,6 +144,11 @@ pub(crate) struct PeerCounts {
     pub(crate) notif_rx: u64,
     pub(crate) notif_tx: u64,
     pub(crate) established: u64,
+    pub(crate) rejected_loop: u64,
+    pub(crate) rejected_filter: u64,
+    /// Refusals not logged yet, and when the last WARN about this peer's refusals was.
+    pub(crate) unlogged_rejections: u64,
+    pub(crate) last_rejection_log: Option<std::time::Instant>,
 }
 
 /// A configured session and when it was configured (readiness grace).

@@ -19,10 +19,14 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use std::sync::Arc;
+
 use podroute_bgp::PeerConfig;
+use podroute_bgp::policy::PrefixFilter;
 use podroute_bgp::wire::Family;
 
 use super::selector::Selector;
+use crate::model::bgp::NextHopMode;
 use crate::model::{NodeInfo, Peer};
 use crate::state::ClusterState;
 
@@ -142,6 +146,63 @@ fn applies_to(peer: &Peer, local: &LocalIdentity) -> Result<bool, String> {
     }
 }
 
+/// The per-peer settings of a `BGPPeer` that shape its session and what it is sent: BGPFilter
+/// rules, next-hop mode, keepalive, local AS, allowas-in and source address. What cannot be
+/// honoured is added to `warnings` (shown in `podroute status` and logged once).
+fn apply_session_settings(
+    state: &ClusterState,
+    peer: &Peer,
+    cfg: &mut PeerConfig,
+    warnings: &mut Vec<String>,
+) {
+    if !peer.filters.is_empty() {
+        let mut import = PrefixFilter::default();
+        let mut export = PrefixFilter::default();
+        for name in &peer.filters {
+            match state.filters.get(name) {
+                Some(f) => {
+                    import.v4.extend(f.import.v4.iter().cloned());
+                    import.v6.extend(f.import.v6.iter().cloned());
+                    export.v4.extend(f.export.v4.iter().cloned());
+                    export.v6.extend(f.export.v6.iter().cloned());
+                    for line in &f.not_honoured {
+                        warnings.push(format!("BGPPeer {}: BGPFilter {name}: {line}", peer.name));
+                    }
+                }
+                None => warnings.push(format!(
+                    "BGPPeer {}: BGPFilter {name:?} does not exist (or is invalid); its rules \
+                     are not applied",
+                    peer.name
+                )),
+            }
+        }
+        cfg.import_filter = (!import.is_empty()).then(|| Arc::new(import));
+        cfg.export_filter = (!export.is_empty()).then(|| Arc::new(export));
+    }
+    match peer.next_hop_mode {
+        NextHopMode::Auto => {}
+        NextHopMode::SelfHop => cfg.next_hop_self = true,
+        NextHopMode::Keep => cfg.next_hop_keep = true,
+    }
+    cfg.keepalive_time = peer.keepalive_time;
+    cfg.local_as = peer.local_as_number;
+    cfg.allow_own_as = peer.num_allowed_local_as;
+    if peer.source_address_none {
+        // The kernel picks the source; the next hop we announce stays the node's address.
+        cfg.local_addr = None;
+    }
+    if let Some(hops) = peer.ttl_security {
+        cfg.ttl_security = Some(hops);
+    }
+    if let Some(r) = &peer.reachable_by {
+        warnings.push(format!(
+            "BGPPeer {}: reachableBy {r:?} is not honoured (podroute adds no route to the peer; \
+             the kernel's table must reach it)",
+            peer.name
+        ));
+    }
+}
+
 /// The sessions this node should have.
 pub fn desired_peers(state: &ClusterState, local: &LocalIdentity) -> PeerSet {
     let mut set = PeerSet::default();
@@ -234,6 +295,7 @@ pub fn desired_peers(state: &ClusterState, local: &LocalIdentity) -> PeerSet {
             cfg.port = peer.port.unwrap_or(state.bgp.listen_port);
             cfg.rr_client = is_rr_client(local, node);
             cfg.max_restart_time = peer.max_restart_time;
+            apply_session_settings(state, peer, &mut cfg, &mut set.warnings);
             if peer.password.is_some() {
                 set.warnings.push(format!(
                     "BGPPeer {}: TCP-MD5 passwords are not supported yet; peering with {ip} \
@@ -314,7 +376,7 @@ mod tests {
             peer_selector: None,
             password: None,
             max_restart_time: None,
-            keep_original_next_hop: false,
+            ..Peer::default()
         }
     }
 
@@ -479,5 +541,73 @@ mod tests {
             (only.peer_type, only.config.remote_as),
             (PeerType::Global, 65099)
         );
+    }
+
+    #[test]
+    fn bgppeer_session_settings_and_filters_reach_the_speaker_config() {
+        use crate::model::Filter;
+        use crate::model::crd::{BGPFilter, BGPFilterRule, BGPFilterSpec};
+        let mut s = state(vec![node("master01", "10.0.0.10/24")]);
+        let rule = |cidr: &str, op: &str, action: &str| BGPFilterRule {
+            cidr: Some(cidr.into()),
+            match_operator: Some(op.into()),
+            action: Some(action.into()),
+            ..Default::default()
+        };
+        let f1 = Filter::from_resource(&BGPFilter::new(
+            "f1",
+            BGPFilterSpec {
+                export_v4: Some(vec![rule("10.1.0.0/16", "In", "Reject")]),
+                import_v4: Some(vec![rule("0.0.0.0/0", "Equal", "Reject")]),
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+        let f2 = Filter::from_resource(&BGPFilter::new(
+            "f2",
+            BGPFilterSpec {
+                export_v4: Some(vec![rule("10.0.0.0/8", "In", "Accept")]),
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+        s.filters.insert("f1".into(), f1);
+        s.filters.insert("f2".into(), f2);
+        let mut p = bgp_peer("tor");
+        p.peer_ip = Some("192.0.2.1".parse().unwrap());
+        p.as_number = Some(65010);
+        p.filters = vec!["f1".into(), "missing".into(), "f2".into()];
+        p.next_hop_mode = NextHopMode::Keep;
+        p.keepalive_time = Some(std::time::Duration::from_secs(10));
+        p.local_as_number = Some(65100);
+        p.num_allowed_local_as = 2;
+        p.source_address_none = true;
+        p.ttl_security = Some(1);
+        p.reachable_by = Some("NextHop".into());
+        s.peers.insert("tor".into(), p);
+        let set = desired_peers(&s, &local(&s));
+        let cfg = &set.peers[&"192.0.2.1".parse::<IpAddr>().unwrap()].config;
+        let export = cfg.export_filter.as_ref().unwrap();
+        // f1's rules first, then f2's: 10.1/16 is rejected before f2 accepts 10/8.
+        assert_eq!(export.v4.len(), 2);
+        assert_eq!(
+            export.evaluate(&"10.1.2.0/24".parse().unwrap(), false),
+            Some(podroute_bgp::policy::FilterAction::Reject)
+        );
+        assert_eq!(
+            export.evaluate(&"10.2.0.0/24".parse().unwrap(), false),
+            Some(podroute_bgp::policy::FilterAction::Accept)
+        );
+        assert_eq!(cfg.import_filter.as_ref().unwrap().v4.len(), 1);
+        assert!(cfg.next_hop_keep && !cfg.next_hop_self);
+        assert_eq!(cfg.keepalive_time, Some(std::time::Duration::from_secs(10)));
+        assert_eq!(cfg.local_as, Some(65100));
+        assert_eq!(cfg.allow_own_as, 2);
+        assert_eq!(cfg.local_addr, None);
+        assert_eq!(cfg.local_v4_next_hop, Some("10.0.0.10".parse().unwrap()));
+        assert_eq!(cfg.ttl_security, Some(1));
+        let w = set.warnings.join("\n");
+        assert!(w.contains("BGPFilter \"missing\" does not exist"), "{w}");
+        assert!(w.contains("reachableBy \"NextHop\" is not honoured"), "{w}");
     }
 }

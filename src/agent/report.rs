@@ -60,6 +60,8 @@ pub(crate) fn peer_rows(statuses: &[PeerStatus], info: &PeerInfo) -> Vec<PeerRow
                 prefixes_accepted: status.map_or(0, |s| s.prefixes_accepted),
                 prefixes_advertised: status.map_or(0, |s| s.prefixes_advertised),
                 stale_prefixes: stale,
+                routes_rejected_loop: status.map_or(0, |s| s.routes_rejected_loop),
+                routes_rejected_filter: status.map_or(0, |s| s.routes_rejected_filter),
             }
         })
         .collect();
@@ -70,6 +72,41 @@ pub(crate) fn peer_rows(statuses: &[PeerStatus], info: &PeerInfo) -> Vec<PeerRow
             .cmp(&b.address.parse::<IpAddr>().ok())
     });
     rows
+}
+
+/// How often at most one peer's refused routes are logged.
+const REJECTION_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Counts a peer's newly refused announcements by reason and logs them at WARN, at most once
+/// a minute per peer (with the count since the last line).
+fn record_rejections(metrics: &Metrics, s: &PeerStatus, c: &mut PeerCounts) {
+    let looped = delta(&mut c.rejected_loop, s.routes_rejected_loop);
+    let filtered = delta(&mut c.rejected_filter, s.routes_rejected_filter);
+    for (reason, n) in [("loop", looped), ("import_filter", filtered)] {
+        if n > 0 {
+            metrics
+                .routes_rejected
+                .with_label_values(&[reason])
+                .inc_by(n);
+        }
+    }
+    c.unlogged_rejections += looped + filtered;
+    let now = std::time::Instant::now();
+    let due = c
+        .last_rejection_log
+        .is_none_or(|t| now.duration_since(t) >= REJECTION_LOG_INTERVAL);
+    if c.unlogged_rejections > 0 && due {
+        tracing::warn!(
+            peer = %s.addr,
+            refused = c.unlogged_rejections,
+            loop_total = s.routes_rejected_loop,
+            import_filter_total = s.routes_rejected_filter,
+            "routes from this peer refused (loop detection or BGPFilter import rules); \
+             see podroute status"
+        );
+        c.unlogged_rejections = 0;
+        c.last_rejection_log = Some(now);
+    }
 }
 
 /// Totals over all peers, and the per-peer gauges and counters while
@@ -139,6 +176,7 @@ pub(crate) fn update_peer_metrics(
         for (sum, d) in moved.iter_mut().zip(deltas) {
             *sum += d;
         }
+        record_rejections(metrics, s, c);
         if !per_peer {
             continue;
         }

@@ -127,6 +127,12 @@ pub struct PeerRow {
     /// Routes of a restarting peer kept (stale) under graceful restart.
     #[serde(default)]
     pub stale_prefixes: usize,
+    /// Announcements refused since the peer was configured: by loop detection...
+    #[serde(default)]
+    pub routes_rejected_loop: u64,
+    /// ... and by BGPFilter import rules.
+    #[serde(default)]
+    pub routes_rejected_filter: u64,
 }
 
 /// `GET /routes`.

@@ -18,7 +18,7 @@ pub const DEFAULT_LISTEN_PORT: u16 = 179;
 pub const DEFAULT_BGP_CONFIGURATION: &str = "default";
 
 /// A validated `BGPPeer`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Peer {
     pub name: String,
     /// `peerIP`; `None` when the peer is chosen by `peer_selector`.
@@ -35,7 +35,35 @@ pub struct Peer {
     pub password: Option<SecretKeyRef>,
     /// Graceful-restart time; `None` = BIRD's default of 120 s.
     pub max_restart_time: Option<Duration>,
-    pub keep_original_next_hop: bool,
+    /// `nextHopMode`, or `Keep` from the older `keepOriginalNextHop: true`.
+    pub next_hop_mode: NextHopMode,
+    /// `keepaliveTime`.
+    pub keepalive_time: Option<Duration>,
+    /// `ttlSecurity`: the peer is at most this many hops away (GTSM, RFC 5082).
+    pub ttl_security: Option<u8>,
+    /// `sourceAddress: None`: let the kernel choose the source address.
+    pub source_address_none: bool,
+    /// `localASNumber`: our AS on this session.
+    pub local_as_number: Option<u32>,
+    /// `numAllowedLocalASNumbers`: our AS may appear this many times in a received AS_PATH.
+    pub num_allowed_local_as: u8,
+    /// `filters`: BGPFilter names, in order.
+    pub filters: Vec<String>,
+    /// `reachableBy` (not honoured; reported).
+    pub reachable_by: Option<String>,
+}
+
+/// What next hop to announce to a peer (Calico's `nextHopMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum NextHopMode {
+    /// Calico's default: ourselves towards eBGP peers, unchanged towards iBGP peers (route
+    /// reflection keeps the originator's next hop).
+    #[default]
+    Auto,
+    /// Always ourselves (`next hop self`).
+    SelfHop,
+    /// Never change it (`next hop keep`, the third-party next hop of RFC 4271 §5.1.3).
+    Keep,
 }
 
 fn non_empty(value: &Option<String>) -> Option<String> {
@@ -136,7 +164,79 @@ impl Peer {
                 })
             })?),
         };
+        let next_hop_mode = match non_empty(&spec.next_hop_mode).as_deref() {
+            None | Some("Auto") if spec.keep_original_next_hop == Some(true) => NextHopMode::Keep,
+            None | Some("Auto") => NextHopMode::Auto,
+            Some("Self") => NextHopMode::SelfHop,
+            Some("Keep") => NextHopMode::Keep,
+            Some(other) => {
+                return Err(reject(Reason::BadEnum {
+                    field: "nextHopMode",
+                    value: other.to_string(),
+                    expected: "Auto, Self, Keep",
+                }));
+            }
+        };
+        let keepalive_time = match non_empty(&spec.keepalive_time) {
+            None => None,
+            Some(text) => Some(parse_go_duration(&text).ok_or_else(|| {
+                reject(Reason::BadDuration {
+                    field: "keepaliveTime",
+                    value: text.clone(),
+                })
+            })?),
+        };
+        let ttl_security = match spec.ttl_security {
+            None | Some(0) => None,
+            Some(n) => Some(u8::try_from(n).ok().filter(|h| *h <= 254).ok_or_else(|| {
+                reject(Reason::BadEnum {
+                    field: "ttlSecurity",
+                    value: n.to_string(),
+                    expected: "a hop count 0..=254",
+                })
+            })?),
+        };
+        let source_address_none = match non_empty(&spec.source_address).as_deref() {
+            None | Some("UseNodeIP") => false,
+            Some("None") => true,
+            Some(other) => {
+                return Err(reject(Reason::BadEnum {
+                    field: "sourceAddress",
+                    value: other.to_string(),
+                    expected: "UseNodeIP, None",
+                }));
+            }
+        };
+        let local_as_number = spec
+            .local_as_number
+            .map(self::as_number)
+            .transpose()
+            .map_err(reject)?;
+        let num_allowed_local_as = match spec.num_allowed_local_as_numbers {
+            None => 0,
+            Some(n) => u8::try_from(n).ok().filter(|n| *n <= 10).ok_or_else(|| {
+                reject(Reason::BadEnum {
+                    field: "numAllowedLocalASNumbers",
+                    value: n.to_string(),
+                    expected: "0..=10",
+                })
+            })?,
+        };
         Ok(Peer {
+            next_hop_mode,
+            keepalive_time,
+            ttl_security,
+            source_address_none,
+            local_as_number,
+            num_allowed_local_as,
+            filters: spec
+                .filters
+                .iter()
+                .flatten()
+                .map(|f| f.trim().to_string())
+                .filter(|f| !f.is_empty())
+                .collect(),
+            reachable_by: non_empty(&spec.reachable_by).filter(|r| r != "Auto"),
             name: name.to_string(),
             peer_ip,
             port,
@@ -149,7 +249,6 @@ impl Peer {
                 .as_ref()
                 .and_then(|p| p.secret_key_ref.clone()),
             max_restart_time,
-            keep_original_next_hop: spec.keep_original_next_hop.unwrap_or(false),
         })
     }
 }

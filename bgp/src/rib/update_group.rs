@@ -42,6 +42,10 @@ pub(crate) struct ExportPolicy {
     pub families: Vec<Family>,
     /// The peer's own export rules (shared: peers with the same filter list stay together).
     pub export_filter: Option<Arc<PrefixFilter>>,
+    /// Our AS on the session when it is not the speaker's.
+    pub local_as: Option<u32>,
+    /// Third-party next hop towards eBGP peers.
+    pub next_hop_keep: bool,
 }
 
 /// One entry of a group's Adj-RIB-Out.

@@ -136,6 +136,15 @@ impl AsPath {
         self.segments.iter().any(|s| s.asns().contains(&asn))
     }
 
+    /// How many times `asn` occurs (for allowas-in: a path may carry our AS a configured
+    /// number of times).
+    pub fn count(&self, asn: u32) -> usize {
+        self.segments
+            .iter()
+            .map(|s| s.asns().iter().filter(|a| **a == asn).count())
+            .sum()
+    }
+
     /// Prepend `asn` (RFC 4271 §5.1.2, eBGP export).
     pub fn prepend(&mut self, asn: u32) {
         match self.segments.first_mut() {
