@@ -297,6 +297,7 @@ impl Agent {
         cfg.listen = Some(SocketAddr::new(args.bgp_bind, listen_port));
         cfg.hold_time = args.hold_time;
         cfg.connect_retry = args.connect_retry;
+        cfg.connect_retry_max = args.connect_retry_max.max(args.connect_retry);
         cfg.cluster_id = state.local().and_then(|n| n.route_reflector_cluster_id);
         cfg.restarting = restarting;
         cfg.selection_deferral = args.selection_deferral;
