@@ -9,7 +9,8 @@
 //! ```text
 //! Idle        --ManualStart | AutomaticStart | IdleHold expiry-->  Connect (passive: Active)
 //! Connect     --TcpConnected | TcpAccepted: send OPEN-->           OpenSent
-//! Connect     --TcpFailed-->                                       Active (ConnectRetry runs)
+//! Connect     --TcpFailed-->                                       Active (ConnectRetry runs
+//!                                                                  for the backoff delay)
 //! Active      --ConnectRetry expiry: connect-->                    Connect
 //! Active      --TcpAccepted: send OPEN-->                          OpenSent
 //! OpenSent    --acceptable OPEN: send KEEPALIVE-->                 OpenConfirm
@@ -32,6 +33,17 @@
 //!   session reaches Established); its expiry restarts the FSM like AutomaticStart.
 //! - A TCP failure in Connect goes to Active with the ConnectRetry timer restarted (the RFC
 //!   goes to Idle); the next attempt is made when the timer expires.
+//! - No ConnectRetry timer runs in Connect (the RFC restarts the attempt when it expires
+//!   there): the driver bounds the attempt itself (a speaker-wide limit on attempts in
+//!   flight, then a connect timeout) and always reports `TcpConnected` or `TcpFailed`. A
+//!   connect timeout is thus a failure like a refusal, not a fresh attempt at once.
+//! - The ConnectRetry timer is an exponential backoff, not a constant: after the n-th
+//!   connection failure in a row (a failed attempt, or a connection closed before the
+//!   peer's OPEN) it runs for [`FsmConfig::connect_retry`] × 2^(n-1), capped at
+//!   [`FsmConfig::connect_retry_max`] (see [`connect_backoff`]), each delay then reduced by
+//!   a random 0-25 % ([`FsmConfig::jitter_seed`]; RFC 4271 §10 asks for that jitter on
+//!   ConnectRetry too). The count is reset when a session reaches Established (like the idle
+//!   hold-down) and by ManualStart. An inbound connection is accepted during the backoff.
 //! - Timer expiries for timers this FSM does not have running are ignored (the driver may
 //!   deliver a tick that raced with a stop), as are messages in Idle, Connect and Active: no
 //!   connection exists there, so such a message can only be a late one from a connection the
@@ -46,7 +58,8 @@
 //! - `StartTimer(t, d)` (re)arms timer `t` to fire once after `d`, replacing any running
 //!   instance; `StopTimer(t)` disarms it. When a timer fires, deliver the matching
 //!   `…TimerExpires` event.
-//! - `Connect` starts an outbound TCP connection; report `TcpConnected` or `TcpFailed`.
+//! - `Connect` starts an outbound TCP connection; report `TcpConnected` or `TcpFailed`,
+//!   always (no FSM timer bounds the attempt: time it out and report `TcpFailed`).
 //!   `CloseConnection` drops whatever connection or attempt belongs to this `Fsm` (a no-op if
 //!   it is already gone). Actions come in the order they must be carried out: a NOTIFICATION
 //!   is always sent before the connection is closed.
@@ -75,6 +88,9 @@ pub const DEFAULT_CONNECT_RETRY: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_HOLD_BASE: Duration = Duration::from_secs(1);
 /// Longest idle hold-down unless configured otherwise.
 pub const DEFAULT_IDLE_HOLD_MAX: Duration = Duration::from_secs(60);
+/// Longest ConnectRetry backoff unless configured otherwise: a peer that keeps refusing is
+/// tried about every 90-120 s (with jitter) after its first few failures.
+pub const DEFAULT_CONNECT_RETRY_MAX: Duration = Duration::from_secs(120);
 /// Hold timer while waiting for the peer's OPEN, seconds (RFC 4271 §8.2.2: "4 minutes is
 /// suggested").
 pub const OPEN_SENT_HOLD_SECS: u16 = 240;
@@ -226,8 +242,15 @@ pub struct FsmConfig {
     /// Hold time we offer, seconds: 0 (no keepalives) or at least 3. Default 240, like
     /// Calico's BIRD.
     pub hold_time: u16,
-    /// ConnectRetry timer (default 5 s).
+    /// ConnectRetry timer after the first connection failure (default 5 s); doubles with
+    /// each further failure in a row, up to `connect_retry_max`.
     pub connect_retry: Duration,
+    /// Upper bound of the ConnectRetry backoff (default 120 s).
+    pub connect_retry_max: Duration,
+    /// Seed of the ConnectRetry jitter (each delay reduced by a random 0-25 %); `None`: no
+    /// jitter, every delay exactly as [`connect_backoff`] says. Give each peer its own seed,
+    /// or peers that failed together retry together.
+    pub jitter_seed: Option<u64>,
     /// Never connect; wait for the peer to connect to us.
     pub passive: bool,
     /// Families we announce with the multiprotocol capability. Empty means none is announced,
@@ -256,6 +279,8 @@ impl Default for FsmConfig {
             local_id: Ipv4Addr::UNSPECIFIED,
             hold_time: DEFAULT_HOLD_TIME,
             connect_retry: DEFAULT_CONNECT_RETRY,
+            connect_retry_max: DEFAULT_CONNECT_RETRY_MAX,
+            jitter_seed: None,
             passive: false,
             families: vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST],
             route_refresh: true,
@@ -280,6 +305,11 @@ pub enum ConfigError {
     HoldTime(u16),
     #[error("idle hold base {base:?} is longer than idle hold max {max:?}: lower the base")]
     IdleHold { base: Duration, max: Duration },
+    #[error(
+        "connect retry {base:?} is zero or longer than the connect retry max {max:?}: use a \
+         non-zero connect retry no longer than the max"
+    )]
+    ConnectRetry { base: Duration, max: Duration },
 }
 
 impl FsmConfig {
@@ -312,6 +342,12 @@ impl FsmConfig {
             return Err(ConfigError::IdleHold {
                 base: self.idle_hold_base,
                 max: self.idle_hold_max,
+            });
+        }
+        if self.connect_retry.is_zero() || self.connect_retry > self.connect_retry_max {
+            return Err(ConfigError::ConnectRetry {
+                base: self.connect_retry,
+                max: self.connect_retry_max,
             });
         }
         Ok(())
@@ -609,6 +645,36 @@ fn hold_expired() -> Notification {
     Notification::new(code::HOLD_TIMER_EXPIRED, 0, Vec::new())
 }
 
+/// The ConnectRetry delay after `failures` connection failures in a row, before jitter:
+/// `base` × 2^(failures-1), capped at `max` (`base` for 0 or 1 failure).
+pub fn connect_backoff(base: Duration, max: Duration, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(31);
+    base.saturating_mul(1u32 << doublings).min(max)
+}
+
+/// A small deterministic random source (SplitMix64) for the ConnectRetry jitter: seeded by
+/// the driver, so the FSM stays free of I/O and its tests reproducible.
+#[derive(Clone, Debug)]
+struct Jitter(Option<u64>);
+
+impl Jitter {
+    /// `d` reduced by a random 0-25 % (unchanged without a seed).
+    fn apply(&mut self, d: Duration) -> Duration {
+        let Some(state) = self.0.as_mut() else {
+            return d;
+        };
+        *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // 16 random bits: cut 0..65535 / 262144 of the delay (just under 25 %).
+        let nanos = d.as_nanos();
+        let cut = nanos * u128::from(z >> 48) / (1u128 << 18);
+        Duration::from_nanos(u64::try_from(nanos - cut).unwrap_or(u64::MAX))
+    }
+}
+
 /// The session state machine of one connection to one peer. See the module docs.
 #[derive(Clone, Debug)]
 pub struct Fsm {
@@ -618,6 +684,9 @@ pub struct Fsm {
     side: Option<ConnectionSide>,
     running: [bool; 4],
     next_idle_hold: Duration,
+    /// Connections (or attempts) that failed in a row since the last Established.
+    connect_failures: u32,
+    jitter: Jitter,
     /// ManualStop was the last operator command: stay in Idle.
     stopped: bool,
 }
@@ -626,8 +695,11 @@ impl Fsm {
     /// An FSM in Idle. Nothing happens until ManualStart or AutomaticStart.
     pub fn new(config: FsmConfig) -> Fsm {
         let next_idle_hold = config.idle_hold_base.min(config.idle_hold_max);
+        let jitter = Jitter(config.jitter_seed);
         Fsm {
             config,
+            connect_failures: 0,
+            jitter,
             state: State::Idle,
             negotiated: None,
             side: None,
@@ -687,6 +759,12 @@ impl Fsm {
         self.next_idle_hold
     }
 
+    /// Connections or connection attempts that failed in a row (before reaching
+    /// Established); 0 after Established and after ManualStart.
+    pub fn connect_failures(&self) -> u32 {
+        self.connect_failures
+    }
+
     /// Feeds one event; returns the actions to carry out, in order. Never panics.
     #[must_use = "the driver must carry out the actions"]
     pub fn handle(&mut self, ev: Event) -> Vec<Action> {
@@ -719,6 +797,7 @@ impl Fsm {
             Event::ManualStart => {
                 self.stopped = false;
                 self.next_idle_hold = self.idle_hold_base();
+                self.connect_failures = 0;
                 self.stop(Timer::IdleHold, out);
                 self.start_session(out);
             }
@@ -743,11 +822,8 @@ impl Fsm {
                 self.stopped = true;
                 self.go_idle(None, true, DownReason::ManualStop, out);
             }
-            Event::ConnectRetryTimerExpires => {
-                out.push(Action::CloseConnection);
-                out.push(Action::Connect);
-                self.start(Timer::ConnectRetry, self.config.connect_retry, out);
-            }
+            // No ConnectRetry timer runs in Connect (see the module docs): the driver bounds
+            // the attempt and reports its end.
             Event::TcpConnected => self.open_connection(ConnectionSide::Outbound, out),
             Event::TcpAccepted => self.open_connection(ConnectionSide::Inbound, out),
             Event::TcpFailed => {
@@ -767,7 +843,6 @@ impl Fsm {
             // Never running for a passive peer.
             Event::ConnectRetryTimerExpires if !self.config.passive => {
                 out.push(Action::Connect);
-                self.start(Timer::ConnectRetry, self.config.connect_retry, out);
                 self.goto(State::Connect, out);
             }
             Event::TcpAccepted => self.open_connection(ConnectionSide::Inbound, out),
@@ -822,6 +897,7 @@ impl Fsm {
                 };
                 self.restart_hold(out);
                 self.next_idle_hold = self.idle_hold_base();
+                self.connect_failures = 0;
                 self.goto(State::Established, out);
                 out.push(Action::Established(neg));
             }
@@ -904,16 +980,22 @@ impl Fsm {
             self.goto(State::Active, out);
         } else {
             out.push(Action::Connect);
-            self.start(Timer::ConnectRetry, self.config.connect_retry, out);
             self.goto(State::Connect, out);
         }
     }
 
     /// To Active after a failed connection: wait for the peer, and retry ourselves when the
-    /// ConnectRetry timer expires (unless passive).
+    /// ConnectRetry timer expires (unless passive), after the backoff for this many failures.
     fn wait_active(&mut self, out: &mut Vec<Action>) {
+        self.connect_failures = self.connect_failures.saturating_add(1);
         if !self.config.passive {
-            self.start(Timer::ConnectRetry, self.config.connect_retry, out);
+            let d = connect_backoff(
+                self.config.connect_retry,
+                self.config.connect_retry_max,
+                self.connect_failures,
+            );
+            let d = self.jitter.apply(d);
+            self.start(Timer::ConnectRetry, d, out);
         }
         self.goto(State::Active, out);
     }
@@ -1198,14 +1280,12 @@ mod tests {
             fsm.handle(Event::ManualStart),
             vec![
                 Action::Connect,
-                Action::StartTimer(Timer::ConnectRetry, s(5)),
                 Action::StateChanged(State::Idle, State::Connect),
             ]
         );
         assert_eq!(
             fsm.handle(Event::TcpConnected),
             vec![
-                Action::StopTimer(Timer::ConnectRetry),
                 Action::Send(Message::Open(cfg.open())),
                 Action::StartTimer(Timer::Hold, s(240)),
                 Action::StateChanged(State::Connect, State::OpenSent),
@@ -1326,7 +1406,7 @@ mod tests {
         let mut fsm = Fsm::new(ebgp());
         let _ = fsm.handle(Event::ManualStart);
         let out = fsm.handle(Event::TcpAccepted);
-        assert_eq!(out[0], Action::StopTimer(Timer::ConnectRetry));
+        assert_eq!(out[0], Action::Send(Message::Open(ebgp().open())));
         assert_eq!(fsm.state(), State::OpenSent);
         assert_eq!(fsm.side(), Some(ConnectionSide::Inbound));
     }
@@ -1600,17 +1680,13 @@ mod tests {
     }
 
     #[test]
-    fn connect_retry_expiry_in_connect_retries_the_connection() {
+    fn no_connect_retry_timer_bounds_an_attempt_in_connect() {
+        // The driver times the attempt out and reports TcpFailed; a stale tick changes
+        // nothing (the RFC would restart the attempt here).
         let mut fsm = Fsm::new(ebgp());
         let _ = fsm.handle(Event::ManualStart);
-        assert_eq!(
-            fsm.handle(Event::ConnectRetryTimerExpires),
-            vec![
-                Action::CloseConnection,
-                Action::Connect,
-                Action::StartTimer(Timer::ConnectRetry, s(5)),
-            ]
-        );
+        assert!(!fsm.timer_running(Timer::ConnectRetry));
+        assert_eq!(fsm.handle(Event::ConnectRetryTimerExpires), vec![]);
         assert_eq!(fsm.state(), State::Connect);
     }
 
@@ -1779,7 +1855,6 @@ mod tests {
             fsm.handle(Event::ConnectRetryTimerExpires),
             vec![
                 Action::Connect,
-                Action::StartTimer(Timer::ConnectRetry, s(5)),
                 Action::StateChanged(State::Active, State::Connect),
             ]
         );
@@ -1825,7 +1900,6 @@ mod tests {
             fsm.handle(Event::IdleHoldTimerExpires),
             vec![
                 Action::Connect,
-                Action::StartTimer(Timer::ConnectRetry, s(5)),
                 Action::StateChanged(State::Idle, State::Connect),
             ]
         );
@@ -1904,11 +1978,149 @@ mod tests {
             vec![
                 Action::StopTimer(Timer::IdleHold),
                 Action::Connect,
-                Action::StartTimer(Timer::ConnectRetry, s(5)),
                 Action::StateChanged(State::Idle, State::Connect),
             ]
         );
         assert_eq!(fsm.next_idle_hold(), s(1));
+    }
+
+    // ---- ConnectRetry backoff ----
+
+    /// One failed attempt from Connect: the ConnectRetry delay it started; then the timer's
+    /// expiry, which makes the next attempt.
+    fn refused(fsm: &mut Fsm) -> Duration {
+        let out = fsm.handle(Event::TcpFailed);
+        let d = out.iter().find_map(|a| match a {
+            Action::StartTimer(Timer::ConnectRetry, d) => Some(*d),
+            _ => None,
+        });
+        assert_eq!(fsm.state(), State::Active);
+        assert_eq!(
+            fsm.handle(Event::ConnectRetryTimerExpires),
+            vec![
+                Action::Connect,
+                Action::StateChanged(State::Active, State::Connect)
+            ]
+        );
+        d.expect("ConnectRetry started")
+    }
+
+    fn bring_up(fsm: &mut Fsm) {
+        let _ = fsm.handle(Event::TcpConnected);
+        let _ = fsm.handle(open_ev(peer_open(65002, 90, PEER_ID)));
+        let _ = fsm.handle(keepalive());
+        assert_eq!(fsm.state(), State::Established);
+    }
+
+    #[test]
+    fn connect_retry_backs_off_exponentially_to_the_cap_and_resets_at_established() {
+        let mut fsm = Fsm::new(ebgp());
+        let _ = fsm.handle(Event::ManualStart);
+        let delays: Vec<u64> = (0..9).map(|_| refused(&mut fsm).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 120, 120, 120, 120]);
+        assert_eq!(fsm.connect_failures(), 9);
+
+        // A connection that closes before the peer's OPEN is a failure too.
+        let _ = fsm.handle(Event::TcpConnected);
+        let out = fsm.handle(Event::TcpFailed);
+        assert!(out.contains(&Action::StartTimer(Timer::ConnectRetry, s(120))));
+        let _ = fsm.handle(Event::ConnectRetryTimerExpires);
+        assert_eq!(fsm.connect_failures(), 10);
+
+        bring_up(&mut fsm);
+        assert_eq!(fsm.connect_failures(), 0);
+        // Down again: after the idle hold-down the backoff starts over.
+        let _ = fsm.handle(Event::TcpFailed);
+        let _ = fsm.handle(Event::IdleHoldTimerExpires);
+        assert_eq!(fsm.state(), State::Connect);
+        let delays: Vec<u64> = (0..3).map(|_| refused(&mut fsm).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20]);
+
+        // ManualStart resets it as well.
+        let _ = fsm.handle(Event::ManualStop);
+        let _ = fsm.handle(Event::ManualStart);
+        assert_eq!(fsm.connect_failures(), 0);
+        assert_eq!(refused(&mut fsm), s(5));
+    }
+
+    #[test]
+    fn connect_retry_backoff_respects_configured_base_and_cap() {
+        let mut fsm = Fsm::new(FsmConfig {
+            connect_retry: Duration::from_millis(300),
+            connect_retry_max: s(1),
+            ..ebgp()
+        });
+        let _ = fsm.handle(Event::ManualStart);
+        let delays: Vec<Duration> = (0..4).map(|_| refused(&mut fsm)).collect();
+        assert_eq!(
+            delays,
+            [
+                Duration::from_millis(300),
+                Duration::from_millis(600),
+                s(1),
+                s(1)
+            ]
+        );
+        assert_eq!(connect_backoff(s(5), s(120), 0), s(5));
+        assert_eq!(connect_backoff(s(5), s(120), u32::MAX), s(120));
+    }
+
+    #[test]
+    fn connect_retry_jitter_cuts_up_to_a_quarter_and_is_reproducible_per_seed() {
+        let delays = |seed| {
+            let mut fsm = Fsm::new(FsmConfig {
+                jitter_seed: Some(seed),
+                ..ebgp()
+            });
+            let _ = fsm.handle(Event::ManualStart);
+            (0..40).map(|_| refused(&mut fsm)).collect::<Vec<_>>()
+        };
+        let a = delays(1);
+        for (i, d) in a.iter().enumerate() {
+            let nominal = connect_backoff(s(5), s(120), i as u32 + 1);
+            assert!(
+                *d <= nominal && *d >= nominal * 3 / 4,
+                "{i}: {d:?} of {nominal:?}"
+            );
+        }
+        // Jittered, not constant: the capped delays differ from each other.
+        let capped: std::collections::BTreeSet<Duration> = a[10..].iter().copied().collect();
+        assert!(capped.len() > 20, "{capped:?}");
+        assert_eq!(a, delays(1));
+        assert_ne!(a, delays(2));
+    }
+
+    #[test]
+    fn inbound_connection_is_accepted_during_the_backoff() {
+        let mut fsm = Fsm::new(ebgp());
+        let _ = fsm.handle(Event::ManualStart);
+        for _ in 0..5 {
+            let _ = refused(&mut fsm);
+        }
+        let _ = fsm.handle(Event::TcpFailed);
+        let out = fsm.handle(Event::TcpAccepted);
+        assert_eq!(out[0], Action::StopTimer(Timer::ConnectRetry));
+        assert_eq!(fsm.state(), State::OpenSent);
+        let _ = fsm.handle(open_ev(peer_open(65002, 90, PEER_ID)));
+        let _ = fsm.handle(keepalive());
+        assert_eq!(fsm.state(), State::Established);
+        assert_eq!(fsm.connect_failures(), 0);
+    }
+
+    #[test]
+    fn config_check_rejects_a_connect_retry_above_its_cap_or_zero() {
+        let bad = FsmConfig {
+            connect_retry: s(10),
+            connect_retry_max: s(5),
+            ..ebgp()
+        };
+        assert!(matches!(bad.check(), Err(ConfigError::ConnectRetry { .. })));
+        let zero = FsmConfig {
+            connect_retry: Duration::ZERO,
+            ..ebgp()
+        };
+        assert!(zero.check().is_err());
+        assert_eq!(ebgp().check(), Ok(()));
     }
 
     // ---- ManualStop ----
@@ -1931,7 +2143,6 @@ mod tests {
             fsm.handle(Event::ManualStop),
             vec![
                 Action::CloseConnection,
-                Action::StopTimer(Timer::ConnectRetry),
                 Action::StateChanged(State::Connect, State::Idle),
                 Action::Down(DownReason::ManualStop),
             ]

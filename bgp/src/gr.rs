@@ -329,6 +329,12 @@ pub struct DeferralPeer<'a> {
 /// are not waited for once Established. A peer not Established yet might still come up, so
 /// it is waited for; with no peer configured at all there is nothing to learn from yet, so
 /// only the timer ends the deferral.
+///
+/// "Every configured peer" is every peer configured *now*: a caller that configures its
+/// peers one at a time must not ask before the last one is in (the speaker asks only after
+/// [`Speaker::initial_config_done`](crate::Speaker::initial_config_done) when
+/// [`SpeakerConfig::initial_config_barrier`](crate::SpeakerConfig::initial_config_barrier)
+/// is set).
 pub fn deferral_complete<'a>(peers: impl IntoIterator<Item = DeferralPeer<'a>>) -> bool {
     let mut any = false;
     for p in peers {

@@ -14,4 +14,6 @@ pub mod speaker;
 pub mod validate;
 pub mod wire;
 
-pub use speaker::{GrStatus, PeerConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerError};
+pub use speaker::{
+    GrStatus, PeerConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerError, SpeakerSummary,
+};

@@ -5,6 +5,11 @@
 //! of its own; when both have seen the peer's OPEN, [`collision_loser`] picks the one to close
 //! with Cease / Connection Collision Resolution. An inbound connection while Established is a
 //! restarted peer (RFC 4724 §4.2): once its OPEN arrives the old session is closed.
+//!
+//! Outbound connection attempts take a turn from the speaker-wide [`ConnectLimiter`] (peers
+//! wait in FIFO order while it is full) and are cut after the connect timeout; the FSM backs
+//! off between failed attempts. A peer's connection trouble is logged when it starts, when the
+//! backoff reaches its cap, when the error changes and when it ends, never once per attempt.
 
 use crate::fsm::{
     Action, ConnectionSide, DownReason, Event, Fsm, FsmConfig, Negotiated, State, Timer,
@@ -19,11 +24,13 @@ use std::future::Future;
 use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -68,6 +75,95 @@ pub(crate) enum SessionEvent {
     },
     NotificationSent(Notification),
     NotificationReceived(Notification),
+    /// An outbound connection attempt ended: connected (`None`) or failed (refused, timed
+    /// out, unreachable...).
+    ConnectAttempt(Option<String>),
+    /// The next outbound attempt waits `delay` (ConnectRetry backoff) after `failures`
+    /// failures in a row.
+    RetryScheduled {
+        failures: u32,
+        delay: Duration,
+    },
+}
+
+/// The speaker-wide bound on outbound connection attempts in flight: a session takes a turn
+/// before it calls `connect` and gives it back when the attempt ends (or is abandoned), so
+/// thousands of unreachable peers hold at most `limit` half-open sockets between them.
+#[derive(Debug)]
+pub(crate) struct ConnectLimiter {
+    turns: Arc<Semaphore>,
+    limit: usize,
+    in_flight: AtomicUsize,
+    waiting: AtomicUsize,
+    /// Most attempts ever in flight at once (checked against `limit` by the tests).
+    in_flight_max: AtomicUsize,
+    attempts: AtomicU64,
+}
+
+/// What [`ConnectLimiter`] reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ConnectCounts {
+    pub limit: usize,
+    pub in_flight: usize,
+    pub waiting: usize,
+    pub in_flight_max: usize,
+    pub attempts: u64,
+}
+
+impl ConnectLimiter {
+    /// At most `limit` attempts in flight (at least 1).
+    pub(crate) fn new(limit: usize) -> ConnectLimiter {
+        let limit = limit.max(1);
+        ConnectLimiter {
+            turns: Arc::new(Semaphore::new(limit)),
+            limit,
+            in_flight: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            in_flight_max: AtomicUsize::new(0),
+            attempts: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn counts(&self) -> ConnectCounts {
+        ConnectCounts {
+            limit: self.limit,
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            waiting: self.waiting.load(Ordering::Relaxed),
+            in_flight_max: self.in_flight_max.load(Ordering::Relaxed),
+            attempts: self.attempts.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Wait for a turn (FIFO). The turn ends when the returned guard is dropped.
+    async fn turn(self: &Arc<Self>) -> std::io::Result<ConnectTurn> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let waiting = Counted(self.clone(), |l| &l.waiting);
+        let permit = self.turns.clone().acquire_owned().await;
+        drop(waiting);
+        let permit = permit.map_err(|_| std::io::Error::other("connection limiter closed"))?;
+        let n = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.in_flight_max.fetch_max(n, Ordering::Relaxed);
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        Ok(ConnectTurn {
+            _in_flight: Counted(self.clone(), |l| &l.in_flight),
+            _permit: permit,
+        })
+    }
+}
+
+/// Decrements one of the limiter's gauges when dropped (also when a future is cancelled).
+struct Counted(Arc<ConnectLimiter>, fn(&ConnectLimiter) -> &AtomicUsize);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        (self.1)(&self.0).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One attempt's turn: the gauge is decremented before the permit goes back.
+struct ConnectTurn {
+    _in_flight: Counted,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// What the session task needs to know.
@@ -77,6 +173,9 @@ pub(crate) struct SessionParams {
     pub remote: SocketAddr,
     pub local_addr: Option<IpAddr>,
     pub fsm: FsmConfig,
+    /// How long one outbound connection attempt may take once it has its turn.
+    pub connect_timeout: Duration,
+    pub limiter: Arc<ConnectLimiter>,
 }
 
 type ConnectFuture = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send + Sync>>;
@@ -215,7 +314,14 @@ async fn read_some(slot: &mut Option<Slot>) -> std::io::Result<usize> {
     }
 }
 
-async fn connect_to(remote: SocketAddr, local: Option<IpAddr>) -> std::io::Result<TcpStream> {
+/// One outbound attempt: wait for a turn, then connect within `timeout`.
+async fn connect_to(
+    limiter: Arc<ConnectLimiter>,
+    remote: SocketAddr,
+    local: Option<IpAddr>,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let _turn = limiter.turn().await?;
     let socket = match remote {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -223,9 +329,27 @@ async fn connect_to(remote: SocketAddr, local: Option<IpAddr>) -> std::io::Resul
     if let Some(l) = local {
         socket.bind(SocketAddr::new(l, 0))?;
     }
-    tokio::time::timeout(Duration::from_secs(10), socket.connect(remote))
+    tokio::time::timeout(timeout, socket.connect(remote))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {timeout:?}"),
+            )
+        })?
+}
+
+/// What the driver remembers to log connection trouble once per change, not per attempt.
+#[derive(Default)]
+struct ConnectTrouble {
+    /// The last attempt's error, if it failed.
+    error: Option<String>,
+    /// The error last logged at WARN/INFO.
+    logged: Option<String>,
+    /// Failures in a row as of the last backoff.
+    failures: u32,
+    /// The cap of the backoff was logged for this streak.
+    at_cap: bool,
 }
 
 struct Driver {
@@ -237,6 +361,7 @@ struct Driver {
     stopping: bool,
     /// How many times the main slot reached Established.
     established: u64,
+    trouble: ConnectTrouble,
 }
 
 /// The session task. Ends after a Stop command or when the core goes away.
@@ -264,6 +389,7 @@ async fn drive(
         connecting: None,
         stopping: false,
         established: 0,
+        trouble: ConnectTrouble::default(),
     };
     d.handle(true, Event::ManualStart).await;
     loop {
@@ -310,6 +436,7 @@ async fn drive(
                 d.connecting = None;
                 match res {
                     Ok(stream) => {
+                        d.emit(SessionEvent::ConnectAttempt(None)).await;
                         if let Some(s) = d.main.as_mut()
                             && s.conn.is_none() {
                                 s.attach(stream);
@@ -318,6 +445,9 @@ async fn drive(
                     }
                     Err(e) => {
                         debug!(error = %e, "connect failed");
+                        let e = e.to_string();
+                        d.trouble.error = Some(e.clone());
+                        d.emit(SessionEvent::ConnectAttempt(Some(e))).await;
                         d.handle(true, Event::TcpFailed).await;
                     }
                 }
@@ -477,7 +607,9 @@ impl Driver {
         match a {
             Action::Connect => {
                 if main && self.connecting.is_none() {
-                    self.connecting = Some(Box::pin(connect_to(remote, local)));
+                    let limiter = self.p.limiter.clone();
+                    let timeout = self.p.connect_timeout;
+                    self.connecting = Some(Box::pin(connect_to(limiter, remote, local, timeout)));
                 }
             }
             Action::CloseConnection => {
@@ -502,6 +634,9 @@ impl Driver {
                 if let Some(s) = self.slot(main) {
                     s.timers[timer_index(t)] = Some(Instant::now() + d);
                 }
+                if main && t == Timer::ConnectRetry {
+                    self.retry_scheduled(d).await;
+                }
             }
             Action::StopTimer(t) => {
                 if let Some(s) = self.slot(main) {
@@ -525,9 +660,11 @@ impl Driver {
                     self.promote_extra("peer opened a new session").await;
                 }
                 self.established += 1;
+                let failures = std::mem::take(&mut self.trouble).failures;
                 info!(
                     peer_as = neg.peer_as,
                     hold = neg.hold_time,
+                    connect_failures = failures,
                     "session established"
                 );
                 self.emit(SessionEvent::Established {
@@ -577,6 +714,46 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// The FSM backs off before its next attempt: tell the core, and log when the trouble
+    /// starts, changes or reaches the cap of the backoff (not on every attempt).
+    async fn retry_scheduled(&mut self, delay: Duration) {
+        let Some(s) = self.main.as_ref() else { return };
+        let failures = s.fsm.connect_failures();
+        let cfg = s.fsm.config();
+        let capped =
+            crate::fsm::connect_backoff(cfg.connect_retry, cfg.connect_retry_max, failures)
+                >= cfg.connect_retry_max;
+        let max = cfg.connect_retry_max;
+        let t = &mut self.trouble;
+        // A connection closed before the peer's OPEN leaves no connect error.
+        let error = t
+            .error
+            .take()
+            .unwrap_or_else(|| "connection closed before the peer's OPEN".to_string());
+        if failures <= 1 || t.logged.as_deref() != Some(error.as_str()) {
+            warn!(
+                error = %error,
+                failures,
+                retry_in = ?delay,
+                "cannot connect to peer; retrying with backoff"
+            );
+            t.logged = Some(error);
+        } else if capped && !t.at_cap {
+            info!(
+                error = %error,
+                failures,
+                retry_every = ?max,
+                "peer still unreachable; retrying at the longest backoff"
+            );
+        } else {
+            debug!(error = %error, failures, retry_in = ?delay, "connection retry scheduled");
+        }
+        t.at_cap = capped;
+        t.failures = failures;
+        self.emit(SessionEvent::RetryScheduled { failures, delay })
+            .await;
     }
 
     /// Close the old main session and make the extra connection the main one.

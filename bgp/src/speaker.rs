@@ -29,7 +29,10 @@
 //! (RFC 4724 §4.1) the speaker learns routes but sends the agent no best-path change and the
 //! peers no UPDATE; it ends when every configured peer is Established and each graceful
 //! restart peer that is not restarting itself has sent End-of-RIB for all its families, or when
-//! [`SpeakerConfig::selection_deferral`] runs out. Then the agent gets one batch with the best
+//! [`SpeakerConfig::selection_deferral`] runs out. With [`SpeakerConfig::initial_config_barrier`]
+//! the deferral also waits for [`Speaker::initial_config_done`]: "every peer configured" then
+//! means every peer of the caller's first full configuration, not only those added so far, and
+//! our own originated routes (announced before the barrier) go out before our End-of-RIB. Then the agent gets one batch with the best
 //! route of every prefix learned meanwhile, each Established peer gets our full table and
 //! End-of-RIB, and [`Speaker::converged`] turns true. Without `restarting` there is no
 //! deferral and `converged` is true from the start.
@@ -40,6 +43,18 @@
 //! peer: always with `restarting`, otherwise from the second session with a peer on (a session
 //! that merely flapped; the first session after a cold start says F = 0, so a helper drops
 //! whatever it kept from our previous life).
+//!
+//! # Connecting to many peers
+//!
+//! Outbound connection attempts are bounded speaker-wide
+//! ([`SpeakerConfig::max_connects_in_flight`]; the others wait their turn, first come first
+//! served) and each is cut after [`SpeakerConfig::connect_timeout`]. A peer that refuses or
+//! does not answer is retried after an exponential backoff with jitter (the FSM's
+//! ConnectRetry: [`SpeakerConfig::connect_retry`] doubling up to
+//! [`SpeakerConfig::connect_retry_max`], reset when a session reaches Established). Its
+//! status shows the failures in a row and the next attempt ([`PeerStatus::connect_failures`],
+//! [`PeerStatus::next_retry`]); [`Speaker::summary`] counts peers by state and the attempts in
+//! flight. A connection the peer opens to us is accepted at any time, backoff or not.
 //!
 //! To restart without the peers dropping our routes, stop with
 //! [`Speaker::shutdown_for_restart`] (no NOTIFICATION) rather than [`Speaker::shutdown`]
@@ -63,14 +78,14 @@ use crate::policy::{ExportRules, PrefixFilter};
 use crate::rib::{
     BestChange, BestRoute, Export, GroupExport, LOCAL, PeerId, Pending, Rib, RibOutput, RibPeer,
 };
-use crate::session::{self, SessionCmd, SessionEvent, SessionParams};
+use crate::session::{self, ConnectLimiter, SessionCmd, SessionEvent, SessionParams};
 use crate::wire::{
     CodecContext, Family, GrFamily, GracefulRestartCap, Notification, PathAttrs, UpdateEncoder,
     cease,
 };
 use bytes::{Bytes, BytesMut};
 use ipnet::IpNet;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
@@ -105,6 +120,22 @@ pub struct SpeakerConfig {
     /// Longest selection deferral when `restarting` (RFC 4724's Selection_Deferral_Timer).
     /// Default 5 s.
     pub selection_deferral: Duration,
+    /// The selection deferral of a restarting speaker also waits for
+    /// [`Speaker::initial_config_done`] (still bounded by `selection_deferral`). Set it when
+    /// peers and own routes are configured one call at a time after the start, so that the
+    /// deferral cannot end on the End-of-RIB of the first peers alone. Default false.
+    pub initial_config_barrier: bool,
+    /// Longest ConnectRetry backoff (the retry delay starts at `connect_retry` and doubles
+    /// with each failure in a row). Default 120 s.
+    pub connect_retry_max: Duration,
+    /// How long one outbound connection attempt may take once it has its turn. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Most outbound connection attempts in flight at once, all peers together (at least 1).
+    /// Default 64.
+    pub max_connects_in_flight: usize,
+    /// Seed of the ConnectRetry jitter (each peer's own is derived from it and its address);
+    /// `None`: from the clock. Set it for reproducible tests.
+    pub jitter_seed: Option<u64>,
 }
 
 impl SpeakerConfig {
@@ -119,6 +150,11 @@ impl SpeakerConfig {
             graceful_restart_time: Some(120),
             restarting: false,
             selection_deferral: DEFAULT_SELECTION_DEFERRAL,
+            initial_config_barrier: false,
+            connect_retry_max: crate::fsm::DEFAULT_CONNECT_RETRY_MAX,
+            connect_timeout: Duration::from_secs(5),
+            max_connects_in_flight: 64,
+            jitter_seed: None,
         }
     }
 }
@@ -262,6 +298,31 @@ pub struct PeerStatus {
     /// Graceful restart with this peer: `Some` when we advertise the capability and the peer
     /// did in its last OPEN, or while its routes are stale.
     pub graceful_restart: Option<GrStatus>,
+    /// Outbound connection attempts made (counted as each ends: connected, refused, timed
+    /// out...).
+    pub connect_attempts: u64,
+    /// Connections or attempts that failed in a row since the last Established session.
+    pub connect_failures: u32,
+    /// When the next outbound attempt is due, while backing off.
+    pub next_retry: Option<SystemTime>,
+}
+
+/// The speaker at a glance, for metrics and logs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpeakerSummary {
+    /// Configured peers by session state.
+    pub peers_by_state: BTreeMap<State, usize>,
+    /// Peers waiting out a ConnectRetry backoff after at least one failure.
+    pub peers_backing_off: usize,
+    /// Outbound connection attempts in flight now, and the bound.
+    pub connects_in_flight: usize,
+    pub max_connects_in_flight: usize,
+    /// Most attempts ever in flight at once (never above the bound).
+    pub connects_in_flight_peak: usize,
+    /// Attempts waiting for their turn.
+    pub connects_waiting: usize,
+    /// Outbound connection attempts started since the speaker started.
+    pub connect_attempts: u64,
 }
 
 /// Graceful restart (RFC 4724) with one peer, we being the helper.
@@ -308,6 +369,9 @@ enum Command {
     ExportRules(Option<ExportRules>),
     Peers(oneshot::Sender<Vec<PeerStatus>>),
     LocRib(oneshot::Sender<Vec<(IpNet, BestRoute)>>),
+    Summary(oneshot::Sender<SpeakerSummary>),
+    /// The caller's first full configuration is in (see `initial_config_barrier`).
+    InitialConfigDone,
     Inbound(tokio::net::TcpStream, SocketAddr),
     /// `true`: close sessions without NOTIFICATION (for a restart).
     Shutdown(bool, oneshot::Sender<()>),
@@ -450,6 +514,23 @@ impl Speaker {
         r.await.map_err(|_| SpeakerError::Stopped)
     }
 
+    /// Peers by state and outbound connection attempts (see the module docs).
+    pub async fn summary(&self) -> Result<SpeakerSummary, SpeakerError> {
+        let (t, r) = oneshot::channel();
+        self.send(Command::Summary(t)).await?;
+        r.await.map_err(|_| SpeakerError::Stopped)
+    }
+
+    /// Every peer the caller will have at start and its own routes are configured (call it
+    /// after the last `set_peer`/`announce` of the first full configuration). With
+    /// [`SpeakerConfig::initial_config_barrier`], a restarting speaker's selection deferral
+    /// cannot end before this, except by its timer; otherwise this does nothing. Commands
+    /// are handled in order, so everything announced before this call is sent before our
+    /// End-of-RIB.
+    pub async fn initial_config_done(&self) -> Result<(), SpeakerError> {
+        self.send(Command::InitialConfigDone).await
+    }
+
     /// The Loc-RIB: best route per prefix (peer = [`LOCAL`] for our own).
     pub async fn loc_rib(&self) -> Result<Vec<(IpNet, BestRoute)>, SpeakerError> {
         let (t, r) = oneshot::channel();
@@ -521,6 +602,11 @@ struct Core {
     /// Prefixes whose best path changed during the deferral.
     deferred: BTreeSet<IpNet>,
     converged_tx: watch::Sender<bool>,
+    /// [`Speaker::initial_config_done`] was called, or no barrier is configured.
+    config_complete: bool,
+    limiter: Arc<ConnectLimiter>,
+    /// Every peer's jitter seed is derived from this one.
+    jitter_seed: u64,
 }
 
 /// The graceful restart capability we announce to a peer (see the module docs for R and F).
@@ -542,6 +628,19 @@ fn gr_capability(
             })
             .collect(),
     })
+}
+
+/// A peer's jitter seed: the speaker's, mixed with the peer's address and port, so peers that
+/// failed together spread their retries.
+fn peer_seed(base: u64, addr: IpAddr, port: u16) -> u64 {
+    let a = match addr {
+        IpAddr::V4(v4) => u64::from(u32::from(v4)),
+        IpAddr::V6(v6) => {
+            let b = u128::from(v6);
+            (b as u64) ^ ((b >> 64) as u64)
+        }
+    };
+    base ^ (a ^ (u64::from(port) << 48)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 /// A deadline as wall-clock time, for status output.
@@ -567,7 +666,6 @@ impl Core {
         Core {
             rib: Rib::new(cfg.local_as, cfg.router_id, cfg.cluster_id),
             deferral_deadline: deferring.then(|| Instant::now() + cfg.selection_deferral),
-            cfg,
             peers: HashMap::new(),
             by_addr: HashMap::new(),
             next_id: LOCAL + 1,
@@ -578,6 +676,15 @@ impl Core {
             deferring,
             deferred: BTreeSet::new(),
             converged_tx,
+            config_complete: !cfg.initial_config_barrier,
+            limiter: Arc::new(ConnectLimiter::new(cfg.max_connects_in_flight)),
+            jitter_seed: cfg.jitter_seed.unwrap_or_else(|| {
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default();
+                (now.as_nanos() as u64) ^ (u64::from(u32::from(cfg.router_id)) << 32)
+            }),
+            cfg,
         }
     }
 
@@ -635,6 +742,13 @@ impl Core {
     async fn fire_timers(&mut self) {
         let now = Instant::now();
         if self.deferral_deadline.is_some_and(|d| d <= now) {
+            if !self.config_complete {
+                warn!(
+                    deferral = ?self.cfg.selection_deferral,
+                    "selection deferral timer expired before the initial configuration was \
+                     complete: advertising what is configured so far"
+                );
+            }
             self.end_deferral("selection deferral timer expired").await;
         }
         let mut due = Vec::new();
@@ -668,6 +782,8 @@ impl Core {
         f.keepalive_time = p.keepalive_time;
         f.hold_time = p.hold_time.unwrap_or(self.cfg.hold_time);
         f.connect_retry = self.cfg.connect_retry;
+        f.connect_retry_max = self.cfg.connect_retry_max.max(self.cfg.connect_retry);
+        f.jitter_seed = Some(peer_seed(self.jitter_seed, p.addr, p.port));
         f.passive = p.passive;
         f.families = p.families.clone();
         f.route_refresh = true;
@@ -729,6 +845,20 @@ impl Core {
                 v.sort_by_key(|a| a.0);
                 let _ = reply.send(v);
             }
+            Command::Summary(reply) => {
+                let _ = reply.send(self.summary());
+            }
+            Command::InitialConfigDone => {
+                if !self.config_complete {
+                    self.config_complete = true;
+                    info!(
+                        peers = self.peers.len(),
+                        deferring = self.deferring,
+                        "initial configuration complete"
+                    );
+                    self.check_deferral().await;
+                }
+            }
             Command::Inbound(stream, remote) => match self
                 .by_addr
                 .get(&remote.ip())
@@ -741,6 +871,23 @@ impl Core {
             },
             Command::Shutdown(..) => {}
         }
+    }
+
+    fn summary(&self) -> SpeakerSummary {
+        let mut s = SpeakerSummary::default();
+        for p in self.peers.values() {
+            *s.peers_by_state.entry(p.status.state).or_default() += 1;
+            if p.status.next_retry.is_some() && p.status.connect_failures > 0 {
+                s.peers_backing_off += 1;
+            }
+        }
+        let c = self.limiter.counts();
+        s.connects_in_flight = c.in_flight;
+        s.max_connects_in_flight = c.limit;
+        s.connects_in_flight_peak = c.in_flight_max;
+        s.connects_waiting = c.waiting;
+        s.connect_attempts = c.attempts;
+        s
     }
 
     fn peer_status(&self, id: PeerId, p: &PeerEntry) -> PeerStatus {
@@ -795,6 +942,8 @@ impl Core {
             remote: SocketAddr::new(cfg.addr, cfg.port),
             local_addr: cfg.local_addr,
             fsm,
+            connect_timeout: self.cfg.connect_timeout,
+            limiter: self.limiter.clone(),
         };
         tokio::spawn(session::run(params, rx, self.ev_tx.clone()));
         let status = PeerStatus {
@@ -817,6 +966,9 @@ impl Core {
             last_error: None,
             end_of_rib: Vec::new(),
             graceful_restart: None,
+            connect_attempts: 0,
+            connect_failures: 0,
+            next_retry: None,
         };
         let gr = GrHelper::new(cfg.gr_helper_config(self.cfg.graceful_restart_time.is_some()));
         self.by_addr.insert(cfg.addr, id);
@@ -898,6 +1050,19 @@ impl Core {
                     p.status.state = s;
                     p.status.since = SystemTime::now();
                 }
+                if s != State::Active {
+                    p.status.next_retry = None;
+                }
+            }
+            SessionEvent::ConnectAttempt(error) => {
+                p.status.connect_attempts += 1;
+                if let Some(e) = error {
+                    p.status.last_error = Some(format!("connect: {e}"));
+                }
+            }
+            SessionEvent::RetryScheduled { failures, delay } => {
+                p.status.connect_failures = failures;
+                p.status.next_retry = Some(SystemTime::now() + delay);
             }
             SessionEvent::NotificationSent(n) => {
                 p.status.notifications_sent += 1;
@@ -933,6 +1098,8 @@ impl Core {
                 p.status.since = SystemTime::now();
                 p.status.established_count += 1;
                 p.status.end_of_rib.clear();
+                p.status.connect_failures = 0;
+                p.status.next_retry = None;
                 p.up = true;
                 p.codec = negotiated.codec;
                 p.families = negotiated.families.clone();
@@ -1044,7 +1211,7 @@ impl Core {
 
     /// End the selection deferral if every peer is done (RFC 4724 §4.1).
     async fn check_deferral(&mut self) {
-        if !self.deferring {
+        if !self.deferring || !self.config_complete {
             return;
         }
         let done = deferral_complete(self.peers.values().map(|p| DeferralPeer {

@@ -299,7 +299,7 @@ impl Driver {
         // The timers the driver runs are the ones the state calls for.
         let expected: &[Timer] = match post {
             State::Idle => &[],
-            State::Connect => &[Timer::ConnectRetry],
+            State::Connect => &[],
             State::Active if fsm.config().passive => &[],
             State::Active => &[Timer::ConnectRetry],
             State::OpenSent => &[Timer::Hold],

@@ -12,7 +12,9 @@
 //! - B2 going down again before its End-of-RIB keeps the routes stale, and the stale timer
 //!   bounds the wait for End-of-RIB;
 //! - a restarting B2 defers its best-change output and its advertisements until it has A's
-//!   End-of-RIB (or its deferral timer ran out), then `converged()` turns true.
+//!   End-of-RIB (or its deferral timer ran out), then `converged()` turns true; with the
+//!   initial configuration barrier it also waits for peers configured late, and sends its own
+//!   prefixes before its End-of-RIB.
 //!
 //! With a hand-driven peer X: a restarted X whose new OPEN (R = 1) arrives while its old
 //! session still looks alive replaces that session and is helped; a hold timer expiry (a
@@ -705,4 +707,92 @@ async fn hold_timer_expiry_ends_graceful_restart() {
     assert_eq!((gr.phase, gr.stale_prefixes), (GrPhase::Normal, 0));
     drop(x);
     a.shutdown().await.unwrap();
+}
+
+/// What a scripted peer receives until the speaker's IPv4 End-of-RIB: the prefixes announced
+/// before it (KEEPALIVEs skipped). Fails on anything else.
+async fn announced_before_end_of_rib(x: &mut Scripted) -> Vec<IpNet> {
+    use podroute_bgp::wire::{Family, Message};
+    let mut seen = Vec::new();
+    loop {
+        match x.recv().await {
+            Message::Keepalive => {}
+            Message::Update(u) if u.end_of_rib_family() == Some(Family::IPV4_UNICAST) => {
+                return seen;
+            }
+            Message::Update(u) => seen.extend(u.nlri),
+            m => panic!("unexpected message before End-of-RIB: {m:?}"),
+        }
+    }
+}
+
+/// The restart race of issue 14: a restarting speaker whose agent configures its second peer
+/// and announces its own block only after the first peer's End-of-RIB (a slow start under
+/// CPU load) must not end its deferral on that first End-of-RIB. With the initial
+/// configuration barrier it waits until the barrier is passed and every peer configured by
+/// then has sent End-of-RIB; then each peer gets our own prefix before our End-of-RIB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_speaker_waits_for_its_initial_configuration_before_end_of_rib() {
+    for round in 0..3 {
+        let (s_ep, a_ep, b_ep) = (Endpoint::alloc(), Endpoint::alloc(), Endpoint::alloc());
+        let (s, mut s_best) = start(&s_ep, |c| {
+            c.restarting = true;
+            c.initial_config_barrier = true;
+            // Far enough that only End-of-RIBs can end the deferral in this test.
+            c.selection_deferral = Duration::from_secs(60);
+        })
+        .await;
+        let passive = |to: &Endpoint| {
+            let mut p = peer(&s_ep, to);
+            p.passive = true;
+            p.families = vec![podroute_bgp::wire::Family::IPV4_UNICAST];
+            p
+        };
+        s.add_peer(passive(&a_ep)).await.unwrap();
+        let mut a = Scripted::establish(&a_ep, &s_ep, 30, gr_cap(false, true)).await;
+        a.announce(&[P1], a_ep.nh_v4).await;
+        a.end_of_rib().await;
+        wait_for("S has A's End-of-RIB", || async {
+            !status(&s, &a_ep).await.end_of_rib.is_empty()
+        })
+        .await;
+        // Every configured peer has sent End-of-RIB, but the configuration is not complete.
+        assert!(
+            !*s.converged().borrow(),
+            "round {round}: deferral ended early"
+        );
+        assert!(s_best.try_recv().is_err());
+
+        // The late part of the start: the second peer, our block, the barrier.
+        s.add_peer(passive(&b_ep)).await.unwrap();
+        s.announce(net(P3), None).await.unwrap();
+        s.initial_config_done().await.unwrap();
+        // B is configured but not up yet: still deferring.
+        assert!(status(&s, &a_ep).await.updates_sent == 0);
+        assert!(!*s.converged().borrow(), "round {round}: B not waited for");
+
+        let mut b = Scripted::establish(&b_ep, &s_ep, 30, gr_cap(false, true)).await;
+        b.end_of_rib().await;
+        let mut c = s.converged();
+        tokio::time::timeout(Duration::from_secs(10), c.wait_for(|c| *c))
+            .await
+            .expect("deferral ends on B's End-of-RIB")
+            .unwrap();
+        // Our block, then End-of-RIB, to both peers (A's route is not sent to B: iBGP routes
+        // are not passed between peers that are not route-reflector clients).
+        assert_eq!(
+            announced_before_end_of_rib(&mut a).await,
+            vec![net(P3)],
+            "round {round}: A"
+        );
+        assert_eq!(
+            announced_before_end_of_rib(&mut b).await,
+            vec![net(P3)],
+            "round {round}: B"
+        );
+        let batch = s_best.try_recv().expect("deferred batch");
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].prefix, net(P1));
+        s.shutdown().await.unwrap();
+    }
 }

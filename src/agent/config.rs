@@ -90,9 +90,15 @@ pub struct AgentArgs {
     #[arg(long, env = "PODROUTE_HOLD_TIME", default_value_t = 240)]
     pub hold_time: u16,
 
-    /// Seconds between connection attempts to a peer.
+    /// Wait before retrying a peer that refused or did not answer; doubles with each failure
+    /// in a row (with jitter) up to `--connect-retry-max`, and starts over once a session is
+    /// up.
     #[arg(long, env = "PODROUTE_CONNECT_RETRY", default_value = "5s", value_parser = parse_duration)]
     pub connect_retry: Duration,
+
+    /// Longest wait between connection attempts to a peer that keeps failing.
+    #[arg(long, env = "PODROUTE_CONNECT_RETRY_MAX", default_value = "120s", value_parser = parse_duration)]
+    pub connect_retry_max: Duration,
 
     /// How `tunl0` is made for IPIP pools: `kernel` (the `ipip` module), `userspace` (a TUN
     /// device plus a raw IP-protocol-4 socket, for kernels without `ipip`), or `auto` (kernel

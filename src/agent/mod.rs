@@ -304,9 +304,13 @@ impl Agent {
         cfg.listen = Some(SocketAddr::new(args.bgp_bind, listen_port));
         cfg.hold_time = args.hold_time;
         cfg.connect_retry = args.connect_retry;
+        cfg.connect_retry_max = args.connect_retry_max.max(args.connect_retry);
         cfg.cluster_id = state.local().and_then(|n| n.route_reflector_cluster_id);
         cfg.restarting = restarting;
         cfg.selection_deferral = args.selection_deferral;
+        // The first `apply_state` configures the synced datastore's whole peer set and our
+        // blocks one call at a time; the deferral must not end on the first peers' End-of-RIB.
+        cfg.initial_config_barrier = true;
         if restarting {
             info!(
                 adopted = dp.status().installed_routes,
@@ -419,6 +423,11 @@ impl Agent {
             self.deferral = Some(now + self.args.selection_deferral + Duration::from_secs(2));
         }
         self.apply_state(now).await?;
+        // Every peer of the synced datastore and our own blocks are configured now.
+        self.speaker
+            .initial_config_done()
+            .await
+            .context("BGP speaker")?;
         let mut deferral_check = tokio::time::interval(Duration::from_millis(100));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

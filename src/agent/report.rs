@@ -348,6 +348,9 @@ mod tests {
             last_error: error.map(str::to_string),
             end_of_rib: Vec::new(),
             graceful_restart: None,
+            connect_attempts: 0,
+            connect_failures: 0,
+            next_retry: None,
         }
     }
 

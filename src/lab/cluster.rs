@@ -36,6 +36,8 @@ pub struct LabConfig {
     pub hold_time: u16,
     /// `--connect-retry`.
     pub connect_retry: Duration,
+    /// `--connect-retry-max`.
+    pub connect_retry_max: Duration,
     /// `--ready-grace`.
     pub ready_grace: Duration,
     /// `--dir-poll`.
@@ -47,14 +49,15 @@ pub struct LabConfig {
 }
 
 impl LabConfig {
-    /// Short timers so that a lab converges in seconds: hold 9 s, connect retry 1 s, ready
-    /// grace 10 s, directory poll 200 ms.
+    /// Short timers so that a lab converges in seconds: hold 9 s, connect retry 1 s backing
+    /// off to 4 s at most, ready grace 10 s, directory poll 200 ms.
     pub fn new(prefix: impl Into<String>, binary: impl Into<PathBuf>) -> Self {
         Self {
             prefix: prefix.into(),
             binary: binary.into(),
             hold_time: 9,
             connect_retry: Duration::from_secs(1),
+            connect_retry_max: Duration::from_secs(4),
             ready_grace: Duration::from_secs(10),
             dir_poll: Duration::from_millis(200),
             log_filter: "info".into(),
@@ -506,6 +509,8 @@ impl Lab {
             c.hold_time.to_string(),
             "--connect-retry".into(),
             format!("{}ms", c.connect_retry.as_millis()),
+            "--connect-retry-max".into(),
+            format!("{}ms", c.connect_retry_max.as_millis()),
             "--ready-grace".into(),
             format!("{}ms", c.ready_grace.as_millis()),
             "--dir-poll".into(),

@@ -1,0 +1,244 @@
+//! Outbound connections to many unreachable peers (issue 14, "mesh at scale"), on loopback:
+//! one speaker with 200 peers at 127.x.y.z ports where nothing listens (refused at once) and
+//! 12 more whose listener never accepts and whose accept queue is full (the SYN goes
+//! unanswered, so the attempt runs into the connect timeout).
+//!
+//! Checked through the speaker's own counters, never against wall-clock speed:
+//! - every peer's attempts over the window stay within what the ConnectRetry backoff allows
+//!   for the time that passed (a constant 100 ms retry would make several times as many);
+//! - attempts in flight never exceed `max_connects_in_flight`, and the unanswered peers do
+//!   fill it (so the bound is exercised);
+//! - failures are visible: failures in a row, next retry, last error, the summary;
+//! - a peer that starts listening later is connected, its failure count reset at Established,
+//!   and after it goes away again the backoff starts over from the shortest delay.
+
+mod support;
+
+use podroute_bgp::fsm::State;
+use podroute_bgp::{PeerConfig, PeerStatus, Speaker, SpeakerConfig};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+use support::Endpoint;
+use tokio::time::Instant;
+
+const RETRY: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_millis(800);
+const TIMEOUT: Duration = Duration::from_secs(1);
+const IN_FLIGHT: usize = 8;
+const REFUSING: usize = 200;
+const SILENT: usize = 12;
+
+fn speaker_config(ep: &Endpoint) -> SpeakerConfig {
+    let mut cfg = SpeakerConfig::new(64512, ep.router_id());
+    cfg.listen = Some(SocketAddr::new(IpAddr::V4(ep.addr), ep.port));
+    cfg.hold_time = 30;
+    cfg.connect_retry = RETRY;
+    cfg.connect_retry_max = RETRY_MAX;
+    cfg.connect_timeout = TIMEOUT;
+    cfg.max_connects_in_flight = IN_FLIGHT;
+    cfg.jitter_seed = Some(14);
+    cfg
+}
+
+fn peer(from: &Endpoint, to: &Endpoint) -> PeerConfig {
+    let mut p = PeerConfig::new(IpAddr::V4(to.addr), 64512);
+    p.port = to.port;
+    p.local_addr = Some(IpAddr::V4(from.addr));
+    p.kind = "mesh".into();
+    p
+}
+
+/// The most attempts a peer can have made `elapsed` after it was added: the first at once,
+/// each further one after a backoff of at least 75 % of its nominal delay (the jitter cuts
+/// at most 25 %). Waiting for a turn and the attempts themselves only add time.
+fn most_attempts(elapsed: Duration) -> u64 {
+    let (mut n, mut t) = (1u64, Duration::ZERO);
+    loop {
+        // The nominal delay after n failures: RETRY doubled n-1 times, capped.
+        let nominal = (RETRY * 2u32.pow((n as u32 - 1).min(16))).min(RETRY_MAX);
+        t += nominal * 3 / 4;
+        if t > elapsed {
+            return n;
+        }
+        n += 1;
+    }
+}
+
+async fn status(s: &Speaker, addr: IpAddr) -> PeerStatus {
+    s.peers()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|p| p.addr == addr)
+        .expect("peer configured")
+}
+
+async fn wait_for<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A listener that never accepts, its accept queue filled: SYNs to it go unanswered.
+async fn silent_listener(ep: &Endpoint) -> (tokio::net::TcpListener, tokio::net::TcpStream) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(IpAddr::V4(ep.addr), ep.port))
+        .unwrap();
+    let listener = sock.listen(0).unwrap();
+    let filler = tokio::net::TcpStream::connect((ep.addr, ep.port))
+        .await
+        .unwrap();
+    // The precondition of the test: a further connection gets no answer.
+    let probe = tokio::time::timeout(
+        Duration::from_millis(300),
+        tokio::net::TcpStream::connect((ep.addr, ep.port)),
+    )
+    .await;
+    assert!(
+        probe.is_err(),
+        "the full listener answered a connection: {probe:?}"
+    );
+    (listener, filler)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_peers_back_off_share_a_bounded_number_of_attempts_and_recover() {
+    let s_ep = Endpoint::alloc();
+    let s = Speaker::start(speaker_config(&s_ep)).await.unwrap().0;
+
+    // Phase 1, the backoff: peers that refuse at once (ports where nothing listens:
+    // Endpoint::alloc found them free and closed them again). Refusals take no time, so the
+    // bound on attempts in flight hardly delays them: the backoff is what paces them.
+    let refusing: Vec<Endpoint> = (0..REFUSING).map(|_| Endpoint::alloc()).collect();
+    let started = Instant::now();
+    for ep in &refusing {
+        s.add_peer(peer(&s_ep, ep)).await.unwrap();
+    }
+    // The peer that comes up later: wait until it has backed off a few times.
+    let late = refusing[0];
+    let late_addr = IpAddr::V4(late.addr);
+    wait_for("the late peer to fail 5 times in a row", || async {
+        status(&s, late_addr).await.connect_failures >= 5
+    })
+    .await;
+    let window = Duration::from_secs(3);
+    if let Some(rest) = window.checked_sub(started.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    let peers = s.peers().await.unwrap();
+    let elapsed = started.elapsed();
+    let most = most_attempts(elapsed);
+    // A constant retry of 100 ms (75 ms at the least with jitter) would allow this many.
+    let constant = elapsed.as_millis() as u64 / 75;
+    assert!(
+        most * 2 < constant,
+        "the window is too short to tell backoff ({most}) from a constant retry ({constant})"
+    );
+    assert_eq!(peers.len(), REFUSING);
+    let mut total = 0;
+    for p in &peers {
+        assert!(
+            p.connect_attempts <= most,
+            "{}: {} attempts in {elapsed:?}, the backoff allows {most}",
+            p.addr,
+            p.connect_attempts
+        );
+        assert!(p.connect_attempts >= 2, "{}: never retried: {p:?}", p.addr);
+        assert!(p.connect_failures >= 1, "{p:?}");
+        assert_ne!(p.state, State::Established, "{}", p.addr);
+        assert!(
+            p.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("refused")),
+            "{p:?}"
+        );
+        total += p.connect_attempts;
+    }
+    let sum = s.summary().await.unwrap();
+    assert!(sum.connect_attempts >= total, "{sum:?} vs {total}");
+    assert_eq!(sum.peers_by_state.values().sum::<usize>(), REFUSING);
+    assert!(!sum.peers_by_state.contains_key(&State::Established));
+    assert!(sum.peers_backing_off > 0, "{sum:?}");
+
+    // The late peer starts listening: a podroute speaker waiting for us.
+    let before = status(&s, late_addr).await;
+    let mut l_cfg = speaker_config(&late);
+    l_cfg.jitter_seed = Some(15);
+    let l = Speaker::start(l_cfg).await.unwrap().0;
+    let mut back = peer(&late, &s_ep);
+    back.passive = true;
+    l.add_peer(back).await.unwrap();
+    wait_for("the late peer to be Established", || async {
+        status(&s, late_addr).await.state == State::Established
+    })
+    .await;
+    let up = status(&s, late_addr).await;
+    assert_eq!(up.connect_failures, 0, "reset at Established: {up:?}");
+    assert_eq!(up.next_retry, None);
+    assert!(up.connect_attempts > before.connect_attempts);
+
+    // It goes away again: the backoff starts over from the shortest delay, not where it
+    // was before the session (5 failures and more).
+    l.shutdown().await.unwrap();
+    wait_for("a new connection failure of the late peer", || async {
+        let p = status(&s, late_addr).await;
+        p.established_count == 1 && p.connect_failures >= 1
+    })
+    .await;
+    let again = status(&s, late_addr).await;
+    assert!(
+        again.connect_failures <= 2,
+        "backoff not reset at Established: {again:?}"
+    );
+
+    // Phase 2, the bound on attempts in flight: peers whose SYN goes unanswered hold their
+    // turn for the whole connect timeout; more of them than turns fill every turn.
+    let mut silent = Vec::new();
+    for _ in 0..SILENT {
+        let ep = Endpoint::alloc();
+        silent.push((ep, silent_listener(&ep).await));
+    }
+    for (ep, _) in &silent {
+        s.add_peer(peer(&s_ep, ep)).await.unwrap();
+    }
+    // Sample while the silent peers hold their turns: never above the bound.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sum = s.summary().await.unwrap();
+        assert!(sum.connects_in_flight <= IN_FLIGHT, "{sum:?}");
+        if sum.connects_in_flight_peak == IN_FLIGHT && sum.connects_waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the turns never filled: {sum:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (ep, _) in &silent {
+        wait_for("a silent peer's attempt to time out", || async {
+            let p = status(&s, IpAddr::V4(ep.addr)).await;
+            p.connect_failures >= 1
+                && p.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("no answer"))
+        })
+        .await;
+    }
+    let sum = s.summary().await.unwrap();
+    assert_eq!(sum.max_connects_in_flight, IN_FLIGHT);
+    // Reached, and never passed over the whole run.
+    assert_eq!(sum.connects_in_flight_peak, IN_FLIGHT, "{sum:?}");
+    assert_eq!(
+        sum.peers_by_state.values().sum::<usize>(),
+        REFUSING + SILENT
+    );
+    s.shutdown().await.unwrap();
+    drop(silent);
+}
