@@ -289,6 +289,20 @@ fn dashboard_queries() -> Vec<(String, String)> {
     queries
 }
 
+/// The dashboard's template variables of the form `label_values(METRIC, LABEL)`.
+fn dashboard_label_values() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo().join("manifests/dashboard.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).expect("dashboard.json is JSON");
+    let re = regex::Regex::new(r"^label_values\(\s*([^,]+?)\s*,\s*([a-z_]+)\s*\)$").unwrap();
+    dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["query"]["query"].as_str().or(v["query"].as_str()))
+        .filter_map(|q| re.captures(q).map(|c| (c[1].to_string(), c[2].to_string())))
+        .collect()
+}
+
 fn can_run_lab(test: &str) -> bool {
     if !podroute::lab::is_root() {
         cannot_run(
@@ -452,6 +466,24 @@ fn real_prometheus_scrapes_the_lab_and_evaluates_dashboard_and_alerts() {
             Err(wrong.join("\n"))
         }
     });
+
+    // The node picker (`label_values(podroute_build_info, instance)`) finds every node.
+    let variables = dashboard_label_values();
+    assert!(!variables.is_empty(), "the dashboard has no node variable");
+    for (metric, label) in &variables {
+        let series = prom
+            .query(metric)
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs(&lab)));
+        let values: BTreeSet<&str> = series
+            .iter()
+            .filter_map(|s| s["metric"][label.as_str()].as_str())
+            .collect();
+        assert_eq!(
+            values.len(),
+            targets.len(),
+            "label_values({metric}, {label}) lists {values:?}"
+        );
+    }
 
     // Every alert expression evaluates, and every series it selects exists.
     let alerts = alert_rules();
