@@ -1,8 +1,9 @@
 //! `manifests/` deploys the agent the code actually is: every env var is one of the agent's
 //! flags and parses, the probes and ports match the HTTP server's address, the RBAC rules
 //! cover everything the datastore watches, and the example IPPool passes the model's
-//! validation. The Dockerfile runs what the DaemonSet expects, the Grafana dashboard queries
-//! only exported metrics, and README.md's flag table and metric list match the code.
+//! validation. The Dockerfile runs what the DaemonSet expects, the Grafana dashboard and the
+//! alert rules query only exported metrics, and README.md's flag table and metric list match
+//! the code. (tests/prometheus.rs runs the alerts and the dashboard in a real Prometheus.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -422,7 +423,7 @@ fn bgp_password_secrets_are_readable_in_the_agents_namespace_only() {
 }
 
 #[test]
-fn kustomization_lists_every_manifest_but_the_example_pool() {
+fn kustomization_lists_every_manifest_but_the_example_pool_and_the_alerts() {
     let docs = documents("kustomization.yaml");
     assert_eq!(docs.len(), 1);
     let k = &docs[0];
@@ -445,9 +446,11 @@ fn kustomization_lists_every_manifest_but_the_example_pool() {
             "{r} is outside manifests/; kustomize refuses it by default"
         );
     }
+    // alerts.yaml is a PrometheusRule: on a cluster without the Prometheus Operator's CRD,
+    // `kubectl apply -k` would fail on it, so it is applied on its own.
     let expected: Vec<String> = yaml_files()
         .into_iter()
-        .filter(|f| f != "kustomization.yaml" && f != "ippool-default.yaml")
+        .filter(|f| f != "kustomization.yaml" && f != "ippool-default.yaml" && f != "alerts.yaml")
         .collect();
     let mut listed = resources.clone();
     listed.sort();
@@ -550,6 +553,19 @@ fn readme_documents_every_metric() {
     );
 }
 
+/// The declared metric a series name belongs to: itself, or the histogram whose `_bucket`,
+/// `_sum` or `_count` series it is.
+fn exported_base(name: &str, declared: &[String]) -> Option<String> {
+    std::iter::once(name)
+        .chain(
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|suffix| name.strip_suffix(suffix)),
+        )
+        .find(|base| declared.iter().any(|d| d == base))
+        .map(str::to_string)
+}
+
 /// Every metric name in src/metrics.rs, where each is declared as `opts("name", "help")`.
 fn declared_metrics() -> Vec<String> {
     let source =
@@ -580,18 +596,13 @@ fn dashboard_queries_only_metrics_the_agent_exports() {
                 .as_str()
                 .expect("every target has a PromQL expr");
             for name in used.find_iter(expr).map(|m| m.as_str()) {
-                // Histograms are queried through their _bucket / _sum / _count series.
-                let base = ["_bucket", "_sum", "_count"]
-                    .iter()
-                    .find_map(|suffix| name.strip_suffix(suffix))
-                    .filter(|base| declared.iter().any(|d| d == base))
-                    .unwrap_or(name);
-                assert!(
-                    declared.iter().any(|d| d == base),
-                    "panel {:?} queries {name}, which the agent does not export",
-                    panel["title"]
-                );
-                queried.insert(base.to_string());
+                let base = exported_base(name, &declared).unwrap_or_else(|| {
+                    panic!(
+                        "panel {:?} queries {name}, which the agent does not export",
+                        panel["title"]
+                    )
+                });
+                queried.insert(base);
             }
         }
     }
@@ -605,5 +616,64 @@ fn dashboard_queries_only_metrics_the_agent_exports() {
             queried.contains(needed),
             "the dashboard does not show {needed}"
         );
+    }
+}
+
+#[test]
+fn alert_rules_query_only_exported_metrics_and_say_what_to_do() {
+    let docs = documents("alerts.yaml");
+    assert_eq!(docs.len(), 1, "alerts.yaml holds one PrometheusRule");
+    let rule = &docs[0];
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(rule["kind"], "PrometheusRule");
+    let declared = declared_metrics();
+    let used = regex::Regex::new(r"podroute_[a-z0-9_]+").unwrap();
+    let mut alerts = BTreeSet::new();
+    let mut watched = BTreeSet::new();
+    let groups = rule["spec"]["groups"]
+        .as_array()
+        .expect("the PrometheusRule has spec.groups");
+    for group in groups {
+        for r in group["rules"].as_array().expect("every group has rules") {
+            let name = r["alert"].as_str().expect("every rule is an alert");
+            assert!(name.starts_with("Podroute"), "{name}: alerts are Podroute*");
+            assert!(alerts.insert(name.to_string()), "{name} is defined twice");
+            let expr = r["expr"].as_str().expect("every alert has an expr");
+            for metric in used.find_iter(expr).map(|m| m.as_str()) {
+                let base = exported_base(metric, &declared).unwrap_or_else(|| {
+                    panic!("{name} queries {metric}, which the agent does not export")
+                });
+                watched.insert(base);
+            }
+            assert!(
+                used.is_match(expr) || expr.contains("up{"),
+                "{name} watches none of the agent's metrics: {expr}"
+            );
+            let severity = r["labels"]["severity"].as_str().unwrap_or_default();
+            assert!(
+                ["critical", "warning", "info"].contains(&severity),
+                "{name}: severity {severity:?} is not critical, warning or info"
+            );
+            for annotation in ["summary", "description"] {
+                assert!(
+                    r["annotations"][annotation]
+                        .as_str()
+                        .is_some_and(|a| !a.trim().is_empty()),
+                    "{name} has no {annotation}"
+                );
+            }
+        }
+    }
+    // What issue 14 asks to be alerted on.
+    for needed in [
+        "podroute_bgp_peer_up",
+        "podroute_routes_failed",
+        "podroute_ready",
+        "podroute_datastore_synced",
+        "podroute_ipip_drops_total",
+        "podroute_netlink_errors_total",
+        "podroute_convergence_seconds",
+    ] {
+        assert!(watched.contains(needed), "no alert watches {needed}");
     }
 }

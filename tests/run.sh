@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: installs the real parts the tests need (BIRD 2, GoBGP, iproute2,
-# tcpdump, ping) from Debian when they are missing, then runs formatting, lints and every test.
+# tcpdump, ping, Prometheus and promtool) from Debian when they are missing, then runs
+# formatting, lints and every test.
 # Interop and netns tests do not skip silently: with CI=true a missing daemon or missing root
 # is a test failure.
 set -euo pipefail
@@ -13,6 +14,8 @@ command -v gobgpd >/dev/null 2>&1 || need+=(gobgpd)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
+# prometheus and promtool for tests/prometheus.rs (the test starts its own server).
+{ command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${need[*]} from Debian" >&2
   if [ "$(id -u)" -ne 0 ]; then
@@ -24,7 +27,8 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq >/dev/null && apt-get install -y --no-install-recommends "${need[@]}" >/dev/null
   }
 fi
-# Debian's bird2 package may start a system daemon; the tests start their own on other ports.
+# Debian's bird2 and prometheus packages may start system daemons; the tests start their own
+# (BIRD on other ports, Prometheus inside a lab network namespace) and leave those alone.
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
