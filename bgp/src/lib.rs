@@ -10,6 +10,7 @@ pub mod gr;
 pub mod policy;
 pub mod rib;
 pub(crate) mod session;
+pub mod sockopt;
 pub mod speaker;
 pub mod validate;
 pub mod wire;

@@ -16,6 +16,7 @@ use crate::fsm::{
     collision_loser,
 };
 use crate::rib::PeerId;
+use crate::sockopt;
 use crate::validate::{PeerContext, validate_update};
 use crate::wire::{self, CodecContext, Family, GracefulRestartCap, Message, Notification, Update};
 use bytes::{Buf, Bytes, BytesMut};
@@ -176,6 +177,17 @@ pub(crate) struct SessionParams {
     /// How long one outbound connection attempt may take once it has its turn.
     pub connect_timeout: Duration,
     pub limiter: Arc<ConnectLimiter>,
+    /// TCP-MD5 key (RFC 2385) of the session's connections.
+    pub md5_key: Option<Arc<[u8]>>,
+    /// GTSM (RFC 5082): the peer is at most this many hops away.
+    pub ttl_security: Option<u8>,
+}
+
+/// Socket options of a session's connection, set before connecting or on an accepted one.
+#[derive(Clone)]
+struct SocketSecurity {
+    md5_key: Option<Arc<[u8]>>,
+    ttl_security: Option<u8>,
 }
 
 type ConnectFuture = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send + Sync>>;
@@ -320,12 +332,21 @@ async fn connect_to(
     remote: SocketAddr,
     local: Option<IpAddr>,
     timeout: Duration,
+    security: SocketSecurity,
 ) -> std::io::Result<TcpStream> {
     let _turn = limiter.turn().await?;
     let socket = match remote {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
+    if let Some(key) = &security.md5_key {
+        sockopt::set_md5_key(&socket, remote.ip(), Some(key))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("TCP-MD5 key: {e}")))?;
+    }
+    if let Some(hops) = security.ttl_security {
+        sockopt::set_gtsm(&socket, remote.is_ipv6(), hops)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("GTSM: {e}")))?;
+    }
     if let Some(l) = local {
         socket.bind(SocketAddr::new(l, 0))?;
     }
@@ -498,6 +519,14 @@ impl Driver {
     }
 
     async fn inbound(&mut self, stream: TcpStream) {
+        if let Some(hops) = self.p.ttl_security {
+            // The handshake got through the listener; from here on the kernel drops the
+            // peer's segments that have travelled more than `hops` hops.
+            if let Err(e) = sockopt::set_gtsm(&stream, self.p.remote.is_ipv6(), hops) {
+                warn!(error = %e, "GTSM on an inbound connection failed; refusing it");
+                return;
+            }
+        }
         if self
             .main
             .as_ref()
@@ -609,7 +638,13 @@ impl Driver {
                 if main && self.connecting.is_none() {
                     let limiter = self.p.limiter.clone();
                     let timeout = self.p.connect_timeout;
-                    self.connecting = Some(Box::pin(connect_to(limiter, remote, local, timeout)));
+                    let security = SocketSecurity {
+                        md5_key: self.p.md5_key.clone(),
+                        ttl_security: self.p.ttl_security,
+                    };
+                    self.connecting = Some(Box::pin(connect_to(
+                        limiter, remote, local, timeout, security,
+                    )));
                 }
             }
             Action::CloseConnection => {

@@ -203,6 +203,9 @@ pub struct PeerConfig {
     pub allow_own_as: u8,
     /// Interval between our KEEPALIVEs when shorter than a third of the hold time.
     pub keepalive_time: Option<Duration>,
+    /// TCP-MD5 password (RFC 2385) of the session, at most 80 bytes: set on our outgoing
+    /// connections and, for connections from the peer, on the listener.
+    pub password: Option<Arc<[u8]>>,
     /// GTSM (RFC 5082): the peer is at most this many hops away. We send with TTL 255 and
     /// the kernel drops the peer's packets that arrive with a TTL below 256 - hops
     /// (`IP_MINTTL` / `IPV6_MINHOPCOUNT`).
@@ -232,6 +235,7 @@ impl PeerConfig {
             next_hop_keep: false,
             allow_own_as: 0,
             keepalive_time: None,
+            password: None,
             ttl_security: None,
         }
     }
@@ -402,9 +406,12 @@ impl Speaker {
         let (best_tx, best_rx) = mpsc::unbounded_channel();
         let mut listen = None;
         let mut listener_task = None;
+        let mut listener_socket = None;
         if let Some(addr) = cfg.listen {
-            let listener = bind(addr).map_err(|source| SpeakerError::Listen { addr, source })?;
+            let listener =
+                Arc::new(bind(addr).map_err(|source| SpeakerError::Listen { addr, source })?);
             listen = listener.local_addr().ok();
+            listener_socket = Some(listener.clone());
             info!(addr = ?listen, "BGP listening");
             let tx = tx.clone();
             listener_task = Some(tokio::spawn(async move {
@@ -432,6 +439,7 @@ impl Speaker {
         }
         let mut core = Core::new(cfg, best_tx, converged_tx);
         core.listener = listener_task;
+        core.listener_socket = listener_socket;
         tokio::spawn(core.run(rx));
         Ok((
             Speaker {
@@ -567,6 +575,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    // Our SYN-ACKs go out with TTL 255 so that GTSM peers (RFC 5082) accept them; which
+    // TTL a peer's segments must have is checked per connection once accepted.
+    crate::sockopt::set_max_ttl(&socket, addr.is_ipv6())?;
     socket.bind(addr)?;
     socket.listen(1024)
 }
@@ -596,6 +607,8 @@ struct Core {
     ev_tx: mpsc::Sender<(PeerId, SessionEvent)>,
     ev_rx: Option<mpsc::Receiver<(PeerId, SessionEvent)>>,
     listener: Option<JoinHandle<()>>,
+    /// The listening socket, for the per-peer TCP-MD5 keys of inbound connections.
+    listener_socket: Option<Arc<TcpListener>>,
     /// Selection deferral of a restarting speaker is in progress.
     deferring: bool,
     deferral_deadline: Option<Instant>,
@@ -673,6 +686,7 @@ impl Core {
             ev_tx,
             ev_rx: Some(ev_rx),
             listener: None,
+            listener_socket: None,
             deferring,
             deferred: BTreeSet::new(),
             converged_tx,
@@ -920,6 +934,12 @@ impl Core {
             let _ = p
                 .session
                 .send(SessionCmd::Stop(Notification::cease(subcode)));
+            if p.cfg.password.is_some()
+                && let Some(l) = &self.listener_socket
+                && let Err(e) = crate::sockopt::set_md5_key(l.as_ref(), addr, None)
+            {
+                warn!(peer = %addr, error = %e, "cannot remove the TCP-MD5 key from the listener");
+            }
         }
         let out = self.rib.remove_peer(id);
         self.publish(out).await;
@@ -944,7 +964,17 @@ impl Core {
             fsm,
             connect_timeout: self.cfg.connect_timeout,
             limiter: self.limiter.clone(),
+            md5_key: cfg.password.clone(),
+            ttl_security: cfg.ttl_security,
         };
+        // Connections from the peer need its key on the listener before they arrive.
+        let mut key_error = None;
+        if let (Some(key), Some(l)) = (&cfg.password, &self.listener_socket)
+            && let Err(e) = crate::sockopt::set_md5_key(l.as_ref(), cfg.addr, Some(key))
+        {
+            warn!(peer = %cfg.addr, error = %e, "cannot set the TCP-MD5 key on the listener");
+            key_error = Some(format!("TCP-MD5 key on the listener: {e}"));
+        }
         tokio::spawn(session::run(params, rx, self.ev_tx.clone()));
         let status = PeerStatus {
             addr: cfg.addr,
@@ -963,7 +993,7 @@ impl Core {
             notifications_sent: 0,
             routes_rejected_loop: 0,
             routes_rejected_filter: 0,
-            last_error: None,
+            last_error: key_error,
             end_of_rib: Vec::new(),
             graceful_restart: None,
             connect_attempts: 0,
