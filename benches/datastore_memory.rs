@@ -72,11 +72,11 @@ fn node_file(n: usize, blocks: usize, pods: usize) -> String {
         n % 256,
     );
     for b in 0..blocks {
-        // 172.16.0.0/12 holds 16384 /26 blocks per /16 ... use a running index.
+        // 100.64.0.0/10 holds 65536 /26 blocks: a running index.
         let index = n * blocks + b;
         let base = index * 64;
-        let (o2, o3, o4) = (16 + base / 65536, (base / 256) % 256, base % 256);
-        let cidr = format!("172.{o2}.{o3}.{o4}/26");
+        let (o2, o3, o4) = (64 + base / 65536, (base / 256) % 256, base % 256);
+        let cidr = format!("100.{o2}.{o3}.{o4}/26");
         let block_name = cidr.replace(['.', '/'], "-");
         let mut slots = Vec::with_capacity(64);
         for slot in 0..64 {
@@ -106,7 +106,7 @@ fn node_file(n: usize, blocks: usize, pods: usize) -> String {
 }
 
 fn generate(dir: &Path, nodes: usize, blocks: usize, pods: usize, junk_mb: usize) -> u64 {
-    let pool = "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata:\n  name: default-ipv4-ippool\nspec:\n  cidr: 172.16.0.0/12\n  blockSize: 26\n  ipipMode: Always\n  natOutgoing: true\n";
+    let pool = "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata:\n  name: default-ipv4-ippool\nspec:\n  cidr: 100.64.0.0/10\n  blockSize: 26\n  ipipMode: Always\n  natOutgoing: true\n";
     std::fs::write(dir.join("pool.yaml"), pool).unwrap();
     let mut total = pool.len() as u64;
     for n in 0..nodes {
@@ -150,7 +150,7 @@ fn main() {
 
     let local = node_name(nodes / 2);
     let counters = Arc::new(RejectCounters::default());
-    let mut source = DirSource::new(tmp.path(), counters.clone());
+    let mut source = DirSource::new(tmp.path(), counters.clone()).with_local_node(local.clone());
     let mut builder = StateBuilder::new(local.clone(), counters);
     let started = Instant::now();
     let _ = source.poll();
