@@ -188,7 +188,10 @@ fn main() {
         "  plan input: {} blocks, {} nodes; local blocks hold {} allocations",
         input.blocks.len(),
         input.nodes.len(),
-        again.local_blocks().map(|b| b.allocations.len()).sum::<usize>()
+        again
+            .local_blocks()
+            .map(|b| b.allocations.len())
+            .sum::<usize>()
     );
     drop(input);
     drop(state);

@@ -559,7 +559,11 @@ impl Agent {
     async fn apply_state(&mut self, at: Instant) -> anyhow::Result<()> {
         let state = self.state.clone();
         self.metrics.datastore_revision.set(state.revision as i64);
-        for kind in crate::model::Kind::ALL.map(|k| k.as_str()).into_iter().chain(["File"]) {
+        for kind in crate::model::Kind::ALL
+            .map(|k| k.as_str())
+            .into_iter()
+            .chain(["File"])
+        {
             let held = state
                 .suspect
                 .iter()

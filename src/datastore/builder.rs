@@ -22,8 +22,7 @@ use tracing::{info, warn};
 use crate::model::bgp::DEFAULT_BGP_CONFIGURATION;
 use crate::model::crd::{BGPConfiguration, BGPPeer, BlockAffinity, IPAMBlock, IPPool};
 use crate::model::{
-    BgpConfig, Block, BlockClaim, Kind, NodeInfo, Peer, Pool, Reason, Rejection,
-    resolve_overlaps,
+    BgpConfig, Block, BlockClaim, Kind, NodeInfo, Peer, Pool, Reason, Rejection, resolve_overlaps,
 };
 use crate::state::{ClusterState, Suspect};
 
@@ -273,8 +272,11 @@ impl StateBuilder {
             now,
             &mut suspect,
         );
+        // Only this node's Node gone (others still there): every Node gone is the kind's
+        // guard above, and a confirmed wipe of all Nodes takes this one along.
         if let Some(p) = prev
             && let Some(own) = p.nodes.get(&self.local_node)
+            && !nodes.is_empty()
             && !nodes.contains_key(&self.local_node)
         {
             let mut mine = BTreeMap::new();
@@ -485,5 +487,95 @@ impl StateBuilder {
             );
         }
         self.reported = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::crd::{IPAMBlockSpec, IPPoolSpec};
+
+    fn node(name: &str) -> Arc<Node> {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        Arc::new(n)
+    }
+
+    fn inputs(nodes: &[&str], blocks: &[(&str, &str)]) -> Inputs {
+        Inputs {
+            nodes: nodes.iter().map(|n| node(n)).collect(),
+            pools: vec![Arc::new(IPPool::new(
+                "pool",
+                IPPoolSpec {
+                    cidr: Some("10.0.0.0/16".into()),
+                    ..IPPoolSpec::default()
+                },
+            ))],
+            blocks: blocks
+                .iter()
+                .map(|(cidr, host)| {
+                    Arc::new(IPAMBlock::new(
+                        &cidr.replace(['.', '/'], "-"),
+                        IPAMBlockSpec {
+                            cidr: Some(cidr.to_string()),
+                            affinity: Some(format!("host:{host}")),
+                            ..IPAMBlockSpec::default()
+                        },
+                    ))
+                })
+                .collect(),
+            ..Inputs::default()
+        }
+    }
+
+    #[test]
+    fn own_node_and_all_blocks_vanishing_are_held_back_until_confirmed() {
+        let confirm = Duration::from_secs(60);
+        let mut builder = StateBuilder::new("n1", Arc::default()).with_wipe_confirm(confirm);
+        let t0 = Instant::now();
+        let full = inputs(
+            &["n1", "n2"],
+            &[("10.0.0.0/26", "n1"), ("10.0.1.0/26", "n2")],
+        );
+        let s = builder.build_at(&full, t0);
+        assert!(s.suspect.is_empty());
+
+        let wiped = inputs(&["n2"], &[]);
+        let s = builder.build_at(&wiped, t0 + Duration::from_secs(1));
+        assert_eq!(s.blocks.len(), 2, "blocks kept");
+        assert!(s.local().is_some(), "own Node kept");
+        let kinds: Vec<_> = s.suspect.iter().map(|s| s.kind).collect();
+        assert_eq!(kinds, [Some(Kind::Node), Some(Kind::IPAMBlock)]);
+        assert_eq!(
+            builder.next_deadline(),
+            Some(t0 + Duration::from_secs(1) + confirm)
+        );
+
+        // Still gone just before the confirm time: still held back.
+        let s = builder.build_at(&wiped, t0 + Duration::from_secs(60));
+        assert_eq!(s.blocks.len(), 2);
+        // Gone for the confirm time: applied.
+        let s = builder.build_at(&wiped, t0 + Duration::from_secs(61));
+        assert!(s.blocks.is_empty());
+        assert!(s.local().is_none());
+        assert!(s.suspect.is_empty(), "{:?}", s.suspect);
+        assert_eq!(builder.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_block_outside_every_pool_is_rejected_not_kept() {
+        let mut builder = StateBuilder::new("n1", Arc::default());
+        let s = builder.build(&inputs(
+            &["n1"],
+            &[("10.0.0.0/26", "n1"), ("192.168.0.0/26", "n1")],
+        ));
+        assert_eq!(s.blocks.keys().collect::<Vec<_>>(), ["10-0-0-0-26"]);
+        assert_eq!(s.rejected.len(), 1);
+        assert_eq!(s.rejected[0].name, "192-168-0-0-26");
+        assert!(matches!(
+            s.rejected[0].reason,
+            Reason::BlockOutsidePools { .. }
+        ));
+        assert_eq!(builder.counters().get(Kind::IPAMBlock), 1);
     }
 }

@@ -195,7 +195,9 @@ impl DirSource {
 
     /// Whether an emptied file is being held back (the caller polls on even without change).
     pub fn holding_back(&self) -> bool {
-        self.files.values().any(|entry| entry.emptied_since.is_some())
+        self.files
+            .values()
+            .any(|entry| entry.emptied_since.is_some())
     }
 
     /// Re-reads the directory. Returns `Ok(true)` when anything changed, `Err` when the
@@ -555,4 +557,70 @@ pub fn spawn_with(
         }
     });
     DatastoreHandle::new(state, counters, vec![task])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Captures log lines.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_are_skipped_with_one_line_per_file_and_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut text = String::new();
+        for i in 0..1000 {
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i}}}\n"
+            ));
+        }
+        text.push_str("---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n");
+        text.push_str("---\napiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.0.0.0/16}\n");
+        std::fs::write(tmp.path().join("mixed.yaml"), text).unwrap();
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let counters = Arc::new(RejectCounters::default());
+        let mut source = DirSource::new(tmp.path(), counters.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            assert_eq!(source.poll(), Ok(false), "first sight: not read yet");
+            assert_eq!(source.poll(), Ok(true), "unchanged for a poll: read");
+        });
+        let log = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let warnings: Vec<_> = log.lines().filter(|l| l.contains("WARN")).collect();
+        assert_eq!(warnings.len(), 2, "{log}");
+        assert!(
+            warnings
+                .iter()
+                .any(|l| l
+                    .contains("1000 documents skipped: v1/ConfigMap is not a kind podroute reads")),
+            "{log}"
+        );
+        assert!(
+            warnings.iter().any(|l| l.contains("apps/v1/Deployment")),
+            "{log}"
+        );
+        assert_eq!(counters.unreadable(), 1001);
+        let inputs = source.inputs();
+        assert_eq!(inputs.pools.len(), 1);
+        assert!(inputs.source_errors.is_empty());
+    }
 }

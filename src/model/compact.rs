@@ -226,7 +226,10 @@ mod tests {
         let before = crate::model::NodeInfo::from_node(&node).unwrap();
         slim_node(&mut node);
         assert_eq!(crate::model::NodeInfo::from_node(&node).unwrap(), before);
-        assert_eq!(node.metadata.annotations.as_ref().map(BTreeMap::len), Some(1));
+        assert_eq!(
+            node.metadata.annotations.as_ref().map(BTreeMap::len),
+            Some(1)
+        );
         assert_eq!(node.metadata.managed_fields, None);
         assert!(node.spec.is_none());
         assert!(node.status.as_ref().is_some_and(|s| s.images.is_none()));

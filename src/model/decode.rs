@@ -99,7 +99,10 @@ struct HeaderMeta {
 }
 
 fn scalar(value: Option<&Value>) -> String {
-    value.and_then(Value::as_str).unwrap_or_default().to_string()
+    value
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Splits multi-document YAML at its `---` / `...` marker lines. A marker at column 0 cannot
