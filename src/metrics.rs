@@ -80,6 +80,7 @@ pub struct Metrics {
     pub invalid_objects: IntCounterVec,
     pub datastore_synced: IntGauge,
     pub datastore_revision: IntGauge,
+    pub datastore_suspect: IntGaugeVec,
     pub ready: IntGauge,
     pub ipip_packets: IntCounterVec,
     pub ipip_bytes: IntCounterVec,
@@ -288,6 +289,14 @@ impl Metrics {
                 "datastore_revision",
                 "Revision of the cluster state in force."
             ))),
+            datastore_suspect: reg!(IntGaugeVec::new(
+                opts(
+                    "datastore_suspect",
+                    "1 while a wipe of this kind (every object gone at once, or this node's \
+                     Node; kind \"File\" for an emptied file) is held back until confirmed."
+                ),
+                &["kind"]
+            )),
             ready: reg!(IntGauge::with_opts(opts(
                 "ready",
                 "1 when /readyz answers 200."

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use tokio::sync::watch;
 
-use crate::model::{BgpConfig, Block, BlockClaim, Filter, NodeInfo, Peer, Pool, Rejection};
+use crate::model::{BgpConfig, Block, BlockClaim, Filter, Kind, NodeInfo, Peer, Pool, Rejection};
 
 /// One complete, validated picture of the cluster.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -38,6 +38,19 @@ pub struct ClusterState {
     pub rejected: Vec<Rejection>,
     /// Problems of the source that are not about one object (unreadable files).
     pub source_errors: Vec<String>,
+    /// Changes held back as suspect (a whole kind or this node's `Node` vanished at once, a
+    /// file emptied): the previous objects stay in force until the deletion is confirmed.
+    /// Not empty = not ready.
+    pub suspect: Vec<Suspect>,
+}
+
+/// A deletion held back until it is confirmed (see [`ClusterState::suspect`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suspect {
+    /// The kind whose objects are kept; `None` for a change not about one kind (a file).
+    pub kind: Option<Kind>,
+    /// What happened and what is kept, for `/readyz` and the log.
+    pub message: String,
 }
 
 impl ClusterState {
@@ -66,11 +79,35 @@ impl ClusterState {
         self.pools.values().find(|p| p.cidr.contains(&ip))
     }
 
-    /// Same content, ignoring `revision`.
+    /// Same content, ignoring `revision` (without copying either state).
     pub fn same_content(&self, other: &ClusterState) -> bool {
-        let mut a = self.clone();
-        a.revision = other.revision;
-        a == *other
+        let ClusterState {
+            revision: _,
+            local_node,
+            nodes,
+            pools,
+            blocks,
+            affinities,
+            peers,
+            bgp,
+            bgp_configurations,
+            filters,
+            rejected,
+            source_errors,
+            suspect,
+        } = self;
+        *local_node == other.local_node
+            && *nodes == other.nodes
+            && *pools == other.pools
+            && *blocks == other.blocks
+            && *affinities == other.affinities
+            && *peers == other.peers
+            && *bgp == other.bgp
+            && *bgp_configurations == other.bgp_configurations
+            && *filters == other.filters
+            && *rejected == other.rejected
+            && *source_errors == other.source_errors
+            && *suspect == other.suspect
     }
 }
 

@@ -214,3 +214,224 @@ async fn a_missing_directory_is_not_synced() {
         .unwrap();
     assert!(s.pools.is_empty());
 }
+
+const POOL: &str = "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata: {name: pool}\nspec: {cidr: 172.16.0.0/16}\n";
+
+fn block_doc(cidr: &str, host: &str) -> String {
+    let name = cidr.replace(['.', '/'], "-");
+    format!(
+        "apiVersion: crd.projectcalico.org/v1\nkind: IPAMBlock\nmetadata: {{name: {name}}}\nspec: {{cidr: {cidr}, affinity: \"host:{host}\"}}\n"
+    )
+}
+
+/// The seed cluster in four files: pool, nodes, one block file per node.
+fn cluster(dir: &Path) {
+    write(dir, "pool.yaml", POOL);
+    write(dir, "nodes.yaml", NODES);
+    write(
+        dir,
+        "master01.yaml",
+        &block_doc("172.16.241.64/26", "master01"),
+    );
+    write(
+        dir,
+        "node01.yaml",
+        &block_doc("172.16.196.128/26", "node01"),
+    );
+}
+
+fn options(wipe_confirm: Duration) -> podroute::datastore::dir::DirOptions {
+    podroute::datastore::dir::DirOptions {
+        poll: POLL,
+        wipe_confirm,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn every_file_deleted_is_held_back_until_confirmed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    cluster(dir);
+    let confirm = Duration::from_secs(2);
+    let mut ds = podroute::datastore::dir::spawn_with(dir, "master01", options(confirm));
+    let s = wait_for(&mut ds.state, "initial", |s| s.blocks.len() == 2).await;
+    assert!(s.suspect.is_empty(), "{:?}", s.suspect);
+
+    for name in ["pool.yaml", "nodes.yaml", "master01.yaml", "node01.yaml"] {
+        std::fs::remove_file(dir.join(name)).unwrap();
+    }
+    let started = std::time::Instant::now();
+    let s = wait_for(&mut ds.state, "wipe held back", |s| !s.suspect.is_empty()).await;
+    // Everything stays in force: the blocks (routes), the nodes (mesh peers), the pool.
+    assert_eq!(s.blocks.len(), 2);
+    assert_eq!(s.nodes.len(), 2);
+    assert_eq!(s.pools.len(), 1);
+    let messages: Vec<_> = s.suspect.iter().map(|s| s.message.as_str()).collect();
+    for kind in ["Node", "IPPool", "IPAMBlock"] {
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.starts_with(&format!("every {kind} vanished"))),
+            "{messages:?}"
+        );
+    }
+
+    let s = wait_for(&mut ds.state, "wipe applied", |s| s.blocks.is_empty()).await;
+    assert!(
+        started.elapsed() >= confirm,
+        "applied before the confirm time"
+    );
+    assert!(s.nodes.is_empty() && s.pools.is_empty());
+    assert!(s.suspect.is_empty(), "{:?}", s.suspect);
+    ds.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_wipe_that_is_undone_in_time_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    cluster(dir);
+    let mut ds =
+        podroute::datastore::dir::spawn_with(dir, "master01", options(Duration::from_secs(600)));
+    wait_for(&mut ds.state, "initial", |s| s.blocks.len() == 2).await;
+    std::fs::remove_file(dir.join("nodes.yaml")).unwrap();
+    let s = wait_for(&mut ds.state, "nodes held back", |s| !s.suspect.is_empty()).await;
+    assert_eq!(s.nodes.len(), 2);
+    write(dir, "nodes.yaml", NODES);
+    let s = wait_for(&mut ds.state, "back", |s| s.suspect.is_empty()).await;
+    assert_eq!(s.nodes.len(), 2);
+    ds.shutdown().await;
+}
+
+#[tokio::test]
+async fn own_node_missing_is_held_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    cluster(dir);
+    let mut ds =
+        podroute::datastore::dir::spawn_with(dir, "master01", options(Duration::from_secs(600)));
+    wait_for(&mut ds.state, "initial", |s| s.blocks.len() == 2).await;
+    // node01 stays, master01 (this node) goes.
+    let only_node01 = NODES.split("---\n").nth(1).unwrap();
+    write(dir, "nodes.yaml", only_node01);
+    let s = wait_for(&mut ds.state, "own node held back", |s| {
+        !s.suspect.is_empty()
+    })
+    .await;
+    assert!(s.local().is_some(), "this node's Node is kept");
+    assert_eq!(s.suspect.len(), 1, "{:?}", s.suspect);
+    assert!(
+        s.suspect[0]
+            .message
+            .starts_with("this node's Node \"master01\" vanished"),
+        "{:?}",
+        s.suspect
+    );
+    ds.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_truncated_block_file_does_not_withdraw_its_block() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    cluster(dir);
+    let mut ds =
+        podroute::datastore::dir::spawn_with(dir, "master01", options(Duration::from_secs(600)));
+    wait_for(&mut ds.state, "initial", |s| s.blocks.len() == 2).await;
+    let path = dir.join("node01.yaml");
+    let full = block_doc("172.16.196.128/26", "node01");
+
+    // Truncated to nothing (in place, as `>` in a shell does) for many polls.
+    std::fs::write(&path, "").unwrap();
+    let s = wait_for(&mut ds.state, "emptied file held back", |s| {
+        !s.suspect.is_empty()
+    })
+    .await;
+    assert_eq!(s.blocks_of("node01").count(), 1);
+    assert!(
+        s.suspect[0]
+            .message
+            .contains("node01.yaml suddenly holds no objects"),
+        "{:?}",
+        s.suspect
+    );
+    tokio::time::sleep(POLL * 10).await;
+    let s = ds.state.latest().unwrap();
+    assert_eq!(s.blocks_of("node01").count(), 1);
+
+    // Cut in the middle of a document: not valid YAML, the block stays.
+    std::fs::write(&path, &full[..full.len() - 12]).unwrap();
+    let s = wait_for(&mut ds.state, "truncated file reported", |s| {
+        !s.source_errors.is_empty()
+    })
+    .await;
+    assert_eq!(s.blocks_of("node01").count(), 1, "{:?}", s.source_errors);
+
+    // Written completely again: back to normal.
+    std::fs::write(&path, &full).unwrap();
+    let s = wait_for(&mut ds.state, "restored", |s| {
+        s.suspect.is_empty() && s.source_errors.is_empty()
+    })
+    .await;
+    assert_eq!(s.blocks_of("node01").count(), 1);
+    ds.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_file_over_the_size_limit_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    cluster(dir);
+    let mut ds = podroute::datastore::dir::spawn_with(
+        dir,
+        "master01",
+        podroute::datastore::dir::DirOptions {
+            max_file_size: 4096,
+            ..options(Duration::from_secs(600))
+        },
+    );
+    wait_for(&mut ds.state, "initial", |s| s.blocks.len() == 2).await;
+    let mut big = block_doc("172.16.0.0/26", "node01");
+    big.push_str(&format!("# {}\n", "x".repeat(5000)));
+    write(dir, "big.yaml", &big);
+    let s = wait_for(&mut ds.state, "refused", |s| !s.source_errors.is_empty()).await;
+    assert!(
+        s.source_errors[0].contains("big.yaml: 5")
+            && s.source_errors[0].contains("is over the limit of 4096 bytes"),
+        "{:?}",
+        s.source_errors
+    );
+    assert_eq!(s.blocks.len(), 2, "the big file's block is not taken");
+    ds.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_kinds_are_skipped_and_a_block_outside_every_pool_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    cluster(dir);
+    let mut junk = String::new();
+    for i in 0..300 {
+        junk.push_str(&format!(
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i}}}\ndata: {{k: v}}\n"
+        ));
+    }
+    junk.push_str(&format!("---\n{}", block_doc("10.99.0.0/26", "node01")));
+    write(dir, "junk.yaml", &junk);
+    let mut ds = podroute::datastore::dir::spawn_with(dir, "master01", options(Duration::ZERO));
+    let s = tokio::time::timeout(WAIT, ds.state.synced())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ds.counters.unreadable(), 300);
+    assert!(s.source_errors.is_empty(), "{:?}", s.source_errors);
+    assert_eq!(s.blocks.len(), 2, "{:?}", s.blocks.keys());
+    assert_eq!(
+        s.rejected.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        [
+            r#"IPAMBlock "10-99-0-0-26": cidr 10.99.0.0/26 is inside no IPPool: the block is ignored (no blackhole, no route); create a pool that contains it or delete the block"#
+        ]
+    );
+    ds.shutdown().await;
+}

@@ -271,3 +271,31 @@ async fn api_server_down_keeps_the_last_state_and_restart_resyncs() {
     .await;
     assert!(server.list_count::<IPAMBlock>() > lists_before);
 }
+
+#[tokio::test]
+async fn every_block_deleted_is_held_back_until_confirmed() {
+    let server = seed_server().await;
+    let confirm = Duration::from_secs(2);
+    let mut ds = podroute::datastore::kube::spawn_with(server.client(), "master01", confirm);
+    wait_for(&mut ds.state, "initial", |s| s.blocks.len() == 2).await;
+    assert!(server.delete::<IPAMBlock>("172-16-196-128-26"));
+    assert!(server.delete::<IPAMBlock>("172-16-241-64-26"));
+    let started = std::time::Instant::now();
+    let s = wait_for(&mut ds.state, "held back", |s| !s.suspect.is_empty()).await;
+    // Deletions arrive one watch event at a time: the state built between them may already
+    // lack the first block; the last one vanishing is what the guard holds back.
+    assert!(!block_names(&s).is_empty());
+    assert!(
+        s.suspect[0].message.starts_with("every IPAMBlock vanished"),
+        "{:?}",
+        s.suspect
+    );
+    assert_eq!(s.suspect[0].kind, Some(Kind::IPAMBlock));
+    let s = wait_for(&mut ds.state, "applied", |s| s.blocks.is_empty()).await;
+    assert!(
+        started.elapsed() >= confirm,
+        "applied before the confirm time"
+    );
+    assert!(s.suspect.is_empty());
+    ds.shutdown().await;
+}

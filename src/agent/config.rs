@@ -124,6 +124,17 @@ pub struct AgentArgs {
     #[arg(long, env = "PODROUTE_DIR_POLL", default_value = "1s", value_parser = parse_duration)]
     pub dir_poll: Duration,
 
+    /// YAML-directory datastore: files larger than this many bytes are not read (one log
+    /// line; the objects read from the file before stay in force).
+    #[arg(long, env = "PODROUTE_DATASTORE_MAX_FILE_SIZE", default_value_t = crate::datastore::dir::DEFAULT_MAX_FILE_SIZE)]
+    pub datastore_max_file_size: u64,
+
+    /// How long a datastore wipe (every object of a kind gone at once, this node's own Node
+    /// gone, a YAML file emptied) must last before it is applied; until then the previous
+    /// objects stay in force and `/readyz` fails with the reason.
+    #[arg(long, env = "PODROUTE_DATASTORE_WIPE_CONFIRM", default_value = "60s", value_parser = parse_duration)]
+    pub datastore_wipe_confirm: Duration,
+
     /// Do not write the node's IPv4Address / ASNumber annotations (kubernetes datastore).
     #[arg(long, env = "PODROUTE_NO_ANNOTATE")]
     pub no_annotate: bool,

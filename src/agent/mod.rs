@@ -106,9 +106,23 @@ pub async fn start_datastore(
                 "cannot reach the Kubernetes API (in-cluster service account or KUBECONFIG); \
                  use --datastore-type dir:PATH to run without one",
             )?;
-            (datastore::kube::spawn(client.clone(), node), Some(client))
+            (
+                datastore::kube::spawn_with(client.clone(), node, args.datastore_wipe_confirm),
+                Some(client),
+            )
         }
-        DatastoreSpec::Dir(path) => (datastore::dir::spawn(path, node, args.dir_poll), None),
+        DatastoreSpec::Dir(path) => (
+            datastore::dir::spawn_with(
+                path,
+                node,
+                datastore::dir::DirOptions {
+                    poll: args.dir_poll,
+                    max_file_size: args.datastore_max_file_size,
+                    wipe_confirm: args.datastore_wipe_confirm,
+                },
+            ),
+            None,
+        ),
     })
 }
 
@@ -559,6 +573,20 @@ impl Agent {
     async fn apply_state(&mut self, at: Instant) -> anyhow::Result<()> {
         let state = self.state.clone();
         self.metrics.datastore_revision.set(state.revision as i64);
+        for kind in crate::model::Kind::ALL
+            .map(|k| k.as_str())
+            .into_iter()
+            .chain(["File"])
+        {
+            let held = state
+                .suspect
+                .iter()
+                .any(|s| s.kind.map_or("File", |k| k.as_str()) == kind);
+            self.metrics
+                .datastore_suspect
+                .with_label_values(&[kind])
+                .set(i64::from(held));
+        }
         if let Some(flag_as) = self
             .args
             .as_number
@@ -1131,6 +1159,7 @@ impl Agent {
                 "waiting for End-of-RIB from BGP peers before the first route update".to_string(),
             );
         }
+        reasons.extend(self.state.suspect.iter().map(|s| s.message.clone()));
         if !dp.programmed || dp.applied.is_none() {
             reasons.push("first route reconcile not applied yet".to_string());
         }

@@ -4,10 +4,17 @@
 //! change. The builder validates each object, keeps the last valid version of an object
 //! whose new version is invalid (a typo in an edit must not withdraw routes), resolves
 //! overlapping pools, logs each new rejection once and counts it.
+//!
+//! It also guards against datastore wipes: when every object of a kind vanishes at once
+//! (all IPAMBlocks, all IPPools, all Nodes, ...) or this node's own `Node` does, the
+//! previous objects stay in force and the state carries a [`Suspect`] (not ready, WARN,
+//! `podroute_datastore_suspect{kind}`) until the objects have stayed gone for the confirm
+//! time (`--datastore-wipe-confirm`, default 60 s); then the deletion is applied.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
 use tracing::{info, warn};
@@ -15,9 +22,17 @@ use tracing::{info, warn};
 use crate::model::bgp::DEFAULT_BGP_CONFIGURATION;
 use crate::model::crd::{BGPConfiguration, BGPFilter, BGPPeer, BlockAffinity, IPAMBlock, IPPool};
 use crate::model::{
-    BgpConfig, Block, BlockClaim, Filter, Kind, NodeInfo, Peer, Pool, Rejection, resolve_overlaps,
+    BgpConfig, Block, BlockClaim, Filter, Kind, NodeInfo, Peer, Pool, Reason, Rejection,
+    resolve_overlaps,
 };
-use crate::state::ClusterState;
+use crate::state::{ClusterState, Suspect};
+
+/// How long a wipe (a whole kind, or this node's `Node`, gone at once) must last before it
+/// is applied, unless told otherwise.
+pub const DEFAULT_WIPE_CONFIRM: Duration = Duration::from_secs(60);
+
+/// At most this many rejections are logged one per line in one build; the rest in one line.
+const MAX_REJECTION_LINES: usize = 20;
 
 /// Rejection counters by kind, readable by the metrics layer
 /// (`podroute_objects_rejected_total{kind}`). A rejection is counted when it first
@@ -68,6 +83,16 @@ pub struct Inputs {
     pub unreadable: Vec<Rejection>,
     /// Problems not about one object, shown in [`ClusterState::source_errors`].
     pub source_errors: Vec<String>,
+    /// Changes the source itself holds back (e.g. an emptied file), passed on to
+    /// [`ClusterState::suspect`].
+    pub suspect: Vec<Suspect>,
+}
+
+/// What a wipe guard watches: every object of a kind, or this node's own `Node`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Watched {
+    Kind(Kind),
+    OwnNode,
 }
 
 #[derive(Debug, Default)]
@@ -90,6 +115,10 @@ pub struct StateBuilder {
     /// Rejections of the previous build, to log each one once.
     reported: HashMap<(Kind, String), Rejection>,
     current: Option<Arc<ClusterState>>,
+    /// How long a wipe must last to be applied.
+    wipe_confirm: Duration,
+    /// Wipes being held back, since when.
+    suspects: BTreeMap<Watched, Instant>,
 }
 
 /// Validates one kind: valid objects are taken, invalid ones are rejected and replaced by
@@ -143,7 +172,24 @@ impl StateBuilder {
             last_good: LastGood::default(),
             reported: HashMap::new(),
             current: None,
+            wipe_confirm: DEFAULT_WIPE_CONFIRM,
+            suspects: BTreeMap::new(),
         }
+    }
+
+    /// Sets how long a wipe must last before it is applied (zero: at once).
+    pub fn with_wipe_confirm(mut self, confirm: Duration) -> Self {
+        self.wipe_confirm = confirm;
+        self
+    }
+
+    /// When the next held-back wipe is due to be applied: the caller builds again then even
+    /// when nothing else changed.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.suspects
+            .values()
+            .map(|since| *since + self.wipe_confirm)
+            .min()
     }
 
     /// The counters this builder increments.
@@ -154,6 +200,11 @@ impl StateBuilder {
     /// Builds the snapshot for `inputs`. Returns the previous `Arc` unchanged when the
     /// content did not change, so callers can skip publishing (compare with `Arc::ptr_eq`).
     pub fn build(&mut self, inputs: &Inputs) -> Arc<ClusterState> {
+        self.build_at(inputs, Instant::now())
+    }
+
+    /// [`build`](Self::build) as of `now` (wipe confirmation times).
+    pub fn build_at(&mut self, inputs: &Inputs, now: Instant) -> Arc<ClusterState> {
         let mut rejections: Vec<(Rejection, bool)> = Vec::new();
         let lg = &mut self.last_good;
         let un = &inputs.unreadable;
@@ -222,6 +273,102 @@ impl StateBuilder {
             &mut lg.filters,
             &mut rejections,
         );
+        let mut suspect = inputs.suspect.clone();
+        let previous = self.current.clone();
+        let prev = previous.as_deref();
+        let mut nodes = nodes;
+        self.guard(
+            Watched::Kind(Kind::Node),
+            prev.map(|p| &p.nodes),
+            &mut nodes,
+            now,
+            &mut suspect,
+        );
+        // Only this node's Node gone (others still there): every Node gone is the kind's
+        // guard above, and a confirmed wipe of all Nodes takes this one along.
+        if let Some(p) = prev
+            && let Some(own) = p.nodes.get(&self.local_node)
+            && !nodes.is_empty()
+            && !nodes.contains_key(&self.local_node)
+        {
+            let mut mine = BTreeMap::new();
+            self.guard(
+                Watched::OwnNode,
+                Some(&BTreeMap::from([(own.name.clone(), own.clone())])),
+                &mut mine,
+                now,
+                &mut suspect,
+            );
+            nodes.extend(mine);
+        } else {
+            self.suspects.remove(&Watched::OwnNode);
+        }
+        let mut pools: BTreeMap<String, Pool> =
+            pools.into_iter().map(|p| (p.name.clone(), p)).collect();
+        self.guard(
+            Watched::Kind(Kind::IPPool),
+            prev.map(|p| &p.pools),
+            &mut pools,
+            now,
+            &mut suspect,
+        );
+        let mut blocks = blocks;
+        self.guard(
+            Watched::Kind(Kind::IPAMBlock),
+            prev.map(|p| &p.blocks),
+            &mut blocks,
+            now,
+            &mut suspect,
+        );
+        // A block inside no pool has no encapsulation and is nobody's to blackhole.
+        blocks.retain(|_, block| {
+            let inside = pools.values().any(|p| p.cidr.contains(&block.cidr));
+            if !inside {
+                rejections.push((
+                    Rejection::new(
+                        Kind::IPAMBlock,
+                        block.name.clone(),
+                        Reason::BlockOutsidePools {
+                            cidr: block.cidr.to_string(),
+                        },
+                    ),
+                    false,
+                ));
+            }
+            inside
+        });
+        let mut affinities = affinities;
+        self.guard(
+            Watched::Kind(Kind::BlockAffinity),
+            prev.map(|p| &p.affinities),
+            &mut affinities,
+            now,
+            &mut suspect,
+        );
+        let mut peers = peers;
+        self.guard(
+            Watched::Kind(Kind::BGPPeer),
+            prev.map(|p| &p.peers),
+            &mut peers,
+            now,
+            &mut suspect,
+        );
+        let mut bgp_configurations = bgp_configurations;
+        self.guard(
+            Watched::Kind(Kind::BGPConfiguration),
+            prev.map(|p| &p.bgp_configurations),
+            &mut bgp_configurations,
+            now,
+            &mut suspect,
+        );
+        let mut filters = filters;
+        self.guard(
+            Watched::Kind(Kind::BGPFilter),
+            prev.map(|p| &p.filters),
+            &mut filters,
+            now,
+            &mut suspect,
+        );
         self.report(&rejections);
 
         let mut rejected: Vec<Rejection> = rejections.into_iter().map(|(r, _)| r).collect();
@@ -230,7 +377,7 @@ impl StateBuilder {
             revision: 0,
             local_node: self.local_node.clone(),
             nodes,
-            pools: pools.into_iter().map(|p| (p.name.clone(), p)).collect(),
+            pools,
             blocks,
             affinities,
             peers,
@@ -242,6 +389,7 @@ impl StateBuilder {
             filters,
             rejected,
             source_errors: inputs.source_errors.clone(),
+            suspect,
         };
         match &self.current {
             Some(current) if current.same_content(&state) => current.clone(),
@@ -255,6 +403,7 @@ impl StateBuilder {
                     blocks = state.blocks.len(),
                     peers = state.peers.len(),
                     rejected = state.rejected.len(),
+                    suspect = state.suspect.len(),
                     "cluster state updated"
                 );
                 self.current = Some(state.clone());
@@ -263,14 +412,80 @@ impl StateBuilder {
         }
     }
 
-    /// Logs and counts rejections that are new or whose reason changed.
+    /// Holds back a wipe of `watched`: when `now_objects` is empty but the previous state had
+    /// objects, those stay (and a [`Suspect`] is added) until the wipe has lasted the confirm
+    /// time; then it is applied.
+    fn guard<T: Clone>(
+        &mut self,
+        watched: Watched,
+        previous: Option<&BTreeMap<String, T>>,
+        now_objects: &mut BTreeMap<String, T>,
+        now: Instant,
+        suspect: &mut Vec<Suspect>,
+    ) {
+        let (kind, what) = match watched {
+            Watched::Kind(kind) => (kind, format!("every {kind}")),
+            Watched::OwnNode => (
+                Kind::Node,
+                format!("this node's Node {:?}", self.local_node),
+            ),
+        };
+        let wiped = match previous {
+            Some(previous) => now_objects.is_empty() && !previous.is_empty(),
+            None => false,
+        };
+        let (true, Some(previous)) = (wiped, previous) else {
+            if self.suspects.remove(&watched).is_some() {
+                info!(%kind, "{what} is back in the datastore; the held-back deletion is void");
+            }
+            return;
+        };
+        let since = *self.suspects.entry(watched).or_insert_with(|| {
+            warn!(
+                %kind,
+                objects = previous.len(),
+                confirm_s = self.wipe_confirm.as_secs_f64(),
+                "{what} vanished from the datastore at once; keeping the previous objects \
+                 until the deletion is confirmed"
+            );
+            now
+        });
+        if now.saturating_duration_since(since) >= self.wipe_confirm {
+            warn!(
+                %kind,
+                objects = previous.len(),
+                "{what} has stayed gone for {:?}; applying the deletion",
+                self.wipe_confirm
+            );
+            self.suspects.remove(&watched);
+            return;
+        }
+        *now_objects = previous.clone();
+        suspect.push(Suspect {
+            kind: Some(kind),
+            message: format!(
+                "{what} vanished from the datastore at once ({} objects); keeping them until \
+                 the deletion is confirmed ({:?} gone)",
+                previous.len(),
+                self.wipe_confirm
+            ),
+        });
+    }
+
+    /// Logs and counts rejections that are new or whose reason changed; after
+    /// [`MAX_REJECTION_LINES`] lines in one build, the rest are summed up in one line.
     fn report(&mut self, rejections: &[(Rejection, bool)]) {
         let mut now = HashMap::with_capacity(rejections.len());
+        let mut lines = 0;
+        let mut unlogged = 0;
         for (rejection, kept) in rejections {
             let key = (rejection.kind, rejection.name.clone());
             if self.reported.get(&key) != Some(rejection) {
                 self.counters.record(rejection.kind);
-                if *kept {
+                lines += 1;
+                if lines > MAX_REJECTION_LINES {
+                    unlogged += 1;
+                } else if *kept {
                     warn!(
                         kind = %rejection.kind,
                         name = %rejection.name,
@@ -286,6 +501,102 @@ impl StateBuilder {
             }
             now.insert(key, rejection.clone());
         }
+        if unlogged > 0 {
+            warn!(
+                more = unlogged,
+                "{unlogged} more objects rejected; `podroute status` lists them all"
+            );
+        }
         self.reported = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::crd::{IPAMBlockSpec, IPPoolSpec};
+
+    fn node(name: &str) -> Arc<Node> {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        Arc::new(n)
+    }
+
+    fn inputs(nodes: &[&str], blocks: &[(&str, &str)]) -> Inputs {
+        Inputs {
+            nodes: nodes.iter().map(|n| node(n)).collect(),
+            pools: vec![Arc::new(IPPool::new(
+                "pool",
+                IPPoolSpec {
+                    cidr: Some("10.0.0.0/16".into()),
+                    ..IPPoolSpec::default()
+                },
+            ))],
+            blocks: blocks
+                .iter()
+                .map(|(cidr, host)| {
+                    Arc::new(IPAMBlock::new(
+                        &cidr.replace(['.', '/'], "-"),
+                        IPAMBlockSpec {
+                            cidr: Some(cidr.to_string()),
+                            affinity: Some(format!("host:{host}")),
+                            ..IPAMBlockSpec::default()
+                        },
+                    ))
+                })
+                .collect(),
+            ..Inputs::default()
+        }
+    }
+
+    #[test]
+    fn own_node_and_all_blocks_vanishing_are_held_back_until_confirmed() {
+        let confirm = Duration::from_secs(60);
+        let mut builder = StateBuilder::new("n1", Arc::default()).with_wipe_confirm(confirm);
+        let t0 = Instant::now();
+        let full = inputs(
+            &["n1", "n2"],
+            &[("10.0.0.0/26", "n1"), ("10.0.1.0/26", "n2")],
+        );
+        let s = builder.build_at(&full, t0);
+        assert!(s.suspect.is_empty());
+
+        let wiped = inputs(&["n2"], &[]);
+        let s = builder.build_at(&wiped, t0 + Duration::from_secs(1));
+        assert_eq!(s.blocks.len(), 2, "blocks kept");
+        assert!(s.local().is_some(), "own Node kept");
+        let kinds: Vec<_> = s.suspect.iter().map(|s| s.kind).collect();
+        assert_eq!(kinds, [Some(Kind::Node), Some(Kind::IPAMBlock)]);
+        assert_eq!(
+            builder.next_deadline(),
+            Some(t0 + Duration::from_secs(1) + confirm)
+        );
+
+        // Still gone just before the confirm time: still held back.
+        let s = builder.build_at(&wiped, t0 + Duration::from_secs(60));
+        assert_eq!(s.blocks.len(), 2);
+        // Gone for the confirm time: applied.
+        let s = builder.build_at(&wiped, t0 + Duration::from_secs(61));
+        assert!(s.blocks.is_empty());
+        assert!(s.local().is_none());
+        assert!(s.suspect.is_empty(), "{:?}", s.suspect);
+        assert_eq!(builder.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_block_outside_every_pool_is_rejected_not_kept() {
+        let mut builder = StateBuilder::new("n1", Arc::default());
+        let s = builder.build(&inputs(
+            &["n1"],
+            &[("10.0.0.0/26", "n1"), ("192.168.0.0/26", "n1")],
+        ));
+        assert_eq!(s.blocks.keys().collect::<Vec<_>>(), ["10-0-0-0-26"]);
+        assert_eq!(s.rejected.len(), 1);
+        assert_eq!(s.rejected[0].name, "192-168-0-0-26");
+        assert!(matches!(
+            s.rejected[0].reason,
+            Reason::BlockOutsidePools { .. }
+        ));
+        assert_eq!(builder.counters().get(Kind::IPAMBlock), 1);
     }
 }

@@ -4,34 +4,155 @@
 //! Every `*.yaml`, `*.yml` and `*.json` file directly in the directory (hidden files
 //! ignored, no recursion) is read as multi-document YAML; `kind: List` documents as printed
 //! by `kubectl get ... -o yaml` are unpacked. The directory is polled (default: every
-//! second) and a file is decoded again only when its bytes changed. A file that is not
-//! valid YAML is reported and its previously read objects stay in force; a document that
-//! cannot be read is reported and the other documents are used.
+//! second). A file is read only once it has stopped changing: its size, mtime, ctime and
+//! inode the same at two polls in a row, so a file caught mid-write is never taken as it
+//! is. A file that is not valid YAML is reported and its previously read objects stay in
+//! force; a document that cannot be read is reported and the other documents are used.
+//!
+//! Bounded by construction: a file over `--datastore-max-file-size` (default 4 MiB) is not
+//! read (one line; its previous objects stay); the text of a file is not kept after it is
+//! decoded; documents of other kinds are skipped after reading their `kind` and counted in
+//! one line per file and reason; the objects kept are reduced to the fields podroute reads
+//! ([`crate::model::compact`]): memory follows the objects, not the size of the text.
+//!
+//! A file that still exists but suddenly holds no object (emptied, truncated to a blank
+//! prefix) is suspect: its previous objects stay in force, and the state says so (not
+//! ready), until it has stayed empty for the wipe-confirm time.
 
 use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hasher};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use super::builder::DEFAULT_WIPE_CONFIRM;
 use super::{DatastoreHandle, Inputs, RejectCounters, StateBuilder};
-use crate::model::{DecodeError, Kind, Object, Reason, Rejection, decode_documents};
-use crate::state::state_channel;
+use crate::model::compact::{compact_block, slim_meta, slim_node};
+use crate::model::{DecodeError, Kind, Object, Reason, Rejection, decode_documents_each};
+use crate::state::{Suspect, state_channel};
 
 /// How often the directory is checked for changes unless told otherwise.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
-/// What was read from one file.
+/// Files larger than this are not read unless told otherwise.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 4 << 20;
+
+/// How the directory is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirOptions {
+    /// How often the directory is checked for changes.
+    pub poll: Duration,
+    /// Files larger than this many bytes are refused.
+    pub max_file_size: u64,
+    /// How long a wipe (a whole kind gone, this node's `Node` gone, a file emptied) must last
+    /// before it is applied.
+    pub wipe_confirm: Duration,
+}
+
+impl Default for DirOptions {
+    fn default() -> Self {
+        Self {
+            poll: DEFAULT_POLL_INTERVAL,
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
+            wipe_confirm: DEFAULT_WIPE_CONFIRM,
+        }
+    }
+}
+
+/// What `stat` says about a file: when any of it changes, the file changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    inode: u64,
+}
+
+impl Fingerprint {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            inode: meta.ino(),
+        }
+    }
+}
+
+/// What was read from one file. The file's text is not kept: its fingerprint and a hash of
+/// its bytes tell whether it changed.
 #[derive(Debug, Default)]
 struct FileEntry {
-    bytes: Vec<u8>,
-    /// Objects from the last readable version of the file.
-    objects: Vec<Object>,
+    /// The file as seen at the previous poll (a file is read once this stays the same).
+    seen: Option<Fingerprint>,
+    /// The file as last read (readable or not).
+    read: Option<Fingerprint>,
+    /// Hash of the bytes last read.
+    hash: u64,
+    /// Objects from the last readable version of the file, reduced to what podroute reads.
+    objects: Vec<Stored>,
     /// Documents of the current version that could not be read.
     unreadable: Vec<Rejection>,
     /// File-level problem of the current version.
     error: Option<String>,
+    /// Since when the file has held no object while `objects` (kept) are its previous ones.
+    emptied_since: Option<Instant>,
+}
+
+/// An object as kept between polls: shared with every [`Inputs`] built from it (no copy per
+/// build), and only as large as its own kind.
+#[derive(Debug, Clone)]
+enum Stored {
+    Node(Arc<k8s_openapi::api::core::v1::Node>),
+    IPPool(Arc<crate::model::crd::IPPool>),
+    IPAMBlock(Arc<crate::model::crd::IPAMBlock>),
+    BlockAffinity(Arc<crate::model::crd::BlockAffinity>),
+    BGPPeer(Arc<crate::model::crd::BGPPeer>),
+    BGPConfiguration(Arc<crate::model::crd::BGPConfiguration>),
+    BGPFilter(Arc<crate::model::crd::BGPFilter>),
+}
+
+impl Stored {
+    fn kind(&self) -> Kind {
+        match self {
+            Stored::Node(_) => Kind::Node,
+            Stored::IPPool(_) => Kind::IPPool,
+            Stored::IPAMBlock(_) => Kind::IPAMBlock,
+            Stored::BlockAffinity(_) => Kind::BlockAffinity,
+            Stored::BGPPeer(_) => Kind::BGPPeer,
+            Stored::BGPConfiguration(_) => Kind::BGPConfiguration,
+            Stored::BGPFilter(_) => Kind::BGPFilter,
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Stored::Node(n) => n.metadata.name.as_deref().unwrap_or(""),
+            Stored::IPPool(o) => o.name(),
+            Stored::IPAMBlock(o) => o.name(),
+            Stored::BlockAffinity(o) => o.name(),
+            Stored::BGPPeer(o) => o.name(),
+            Stored::BGPConfiguration(o) => o.name(),
+            Stored::BGPFilter(o) => o.name(),
+        }
+    }
+}
+
+impl From<Object> for Stored {
+    fn from(object: Object) -> Self {
+        match object {
+            Object::Node(o) => Stored::Node(Arc::new(*o)),
+            Object::IPPool(o) => Stored::IPPool(Arc::new(o)),
+            Object::IPAMBlock(o) => Stored::IPAMBlock(Arc::new(o)),
+            Object::BlockAffinity(o) => Stored::BlockAffinity(Arc::new(o)),
+            Object::BGPPeer(o) => Stored::BGPPeer(Arc::new(o)),
+            Object::BGPConfiguration(o) => Stored::BGPConfiguration(Arc::new(o)),
+            Object::BGPFilter(o) => Stored::BGPFilter(Arc::new(o)),
+        }
+    }
 }
 
 /// Reads and re-reads one directory; owned by the datastore task.
@@ -41,6 +162,9 @@ pub struct DirSource {
     files: BTreeMap<PathBuf, FileEntry>,
     dir_error: Option<String>,
     counters: Arc<RejectCounters>,
+    /// Blocks of other nodes are kept without their local allocations.
+    local_node: Option<String>,
+    options: DirOptions,
 }
 
 impl DirSource {
@@ -50,7 +174,34 @@ impl DirSource {
             files: BTreeMap::new(),
             dir_error: None,
             counters,
+            local_node: None,
+            options: DirOptions::default(),
         }
+    }
+
+    /// Keeps other nodes' blocks reduced (see [`crate::model::compact`]).
+    pub fn with_local_node(mut self, node: impl Into<String>) -> Self {
+        self.local_node = Some(node.into());
+        self
+    }
+
+    /// Sets the file-size limit and the wipe-confirm time.
+    pub fn with_options(mut self, options: DirOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Whether every file listed at the last poll has been read at least once (the first
+    /// state is published only then, so it never lacks a file that is still being written).
+    pub fn settled(&self) -> bool {
+        self.files.values().all(|entry| entry.read.is_some())
+    }
+
+    /// Whether an emptied file is being held back (the caller polls on even without change).
+    pub fn holding_back(&self) -> bool {
+        self.files
+            .values()
+            .any(|entry| entry.emptied_since.is_some())
     }
 
     /// Re-reads the directory. Returns `Ok(true)` when anything changed, `Err` when the
@@ -78,22 +229,80 @@ impl DirSource {
         if self.files.len() != before {
             changed = true;
         }
+        let now = Instant::now();
         for path in listing {
+            let fingerprint = match std::fs::metadata(&path) {
+                Ok(meta) => Fingerprint::of(&meta),
+                // Removed between listing and reading: seen as removed next poll.
+                Err(error) => {
+                    warn!(file = %path.display(), %error, "cannot stat file");
+                    continue;
+                }
+            };
+            let entry = self.files.entry(path.clone()).or_default();
+            if let Some(since) = entry.emptied_since
+                && now.saturating_duration_since(since) >= self.options.wipe_confirm
+            {
+                warn!(
+                    file = %path.display(),
+                    objects = entry.objects.len(),
+                    "file has stayed empty for {:?}; applying the deletion of its objects",
+                    self.options.wipe_confirm
+                );
+                entry.objects.clear();
+                entry.emptied_since = None;
+                changed = true;
+            }
+            if entry.read == Some(fingerprint) {
+                continue;
+            }
+            let stable = entry.seen == Some(fingerprint);
+            entry.seen = Some(fingerprint);
+            if !stable {
+                // Changing now, or new: read it once it has stayed the same for a poll.
+                continue;
+            }
+            entry.read = Some(fingerprint);
+            if fingerprint.len > self.options.max_file_size {
+                let message = format!(
+                    "{}: {} bytes is over the limit of {} bytes (--datastore-max-file-size); \
+                     not read, keeping the objects read before",
+                    path.display(),
+                    fingerprint.len,
+                    self.options.max_file_size
+                );
+                warn!("{message}");
+                self.counters.record_unreadable();
+                entry.error = Some(message);
+                entry.unreadable.clear();
+                changed = true;
+                continue;
+            }
             let bytes = match std::fs::read(&path) {
                 Ok(bytes) => bytes,
                 // Removed between listing and reading, or unreadable: try again next poll.
                 Err(error) => {
                     warn!(file = %path.display(), %error, "cannot read file");
+                    entry.read = None;
                     continue;
                 }
             };
-            let entry = self.files.entry(path.clone()).or_default();
-            if entry.bytes == bytes {
+            let mut hasher = DefaultHasher::new();
+            hasher.write(&bytes);
+            let hash = hasher.finish();
+            if hash == entry.hash && !entry.objects.is_empty() && entry.error.is_none() {
                 continue;
             }
+            entry.hash = hash;
             changed = true;
-            decode_file(&path, &bytes, entry, &self.counters);
-            entry.bytes = bytes;
+            decode_file(
+                &path,
+                &bytes,
+                entry,
+                &self.counters,
+                self.local_node.as_deref(),
+                now,
+            );
         }
         Ok(changed)
     }
@@ -101,11 +310,11 @@ impl DirSource {
     /// All objects and problems, for the builder. A later file (by path) wins when two
     /// files define the same object.
     pub fn inputs(&self) -> Inputs {
-        let mut seen: BTreeMap<(Kind, String), (&Path, &Object)> = BTreeMap::new();
+        let mut seen: BTreeMap<(Kind, &str), (&Path, &Stored)> = BTreeMap::new();
         let mut inputs = Inputs::default();
         for (path, entry) in &self.files {
             for object in &entry.objects {
-                let key = (object.kind(), object.name().to_string());
+                let key = (object.kind(), object.name());
                 if let Some((other, _)) = seen.insert(key, (path, object)) {
                     inputs.source_errors.push(format!(
                         "{} {:?} is defined in both {} and {}; using {}",
@@ -121,19 +330,31 @@ impl DirSource {
             if let Some(error) = &entry.error {
                 inputs.source_errors.push(error.clone());
             }
+            if entry.emptied_since.is_some() {
+                inputs.suspect.push(Suspect {
+                    kind: None,
+                    message: format!(
+                        "{} suddenly holds no objects (emptied or truncated?); keeping its {} \
+                         previous objects until it has stayed so for {:?}",
+                        path.display(),
+                        entry.objects.len(),
+                        self.options.wipe_confirm
+                    ),
+                });
+            }
         }
         if let Some(error) = &self.dir_error {
             inputs.source_errors.push(error.clone());
         }
         for (_, object) in seen.into_values() {
             match object {
-                Object::Node(o) => inputs.nodes.push(Arc::new((**o).clone())),
-                Object::IPPool(o) => inputs.pools.push(Arc::new(o.clone())),
-                Object::IPAMBlock(o) => inputs.blocks.push(Arc::new(o.clone())),
-                Object::BlockAffinity(o) => inputs.affinities.push(Arc::new(o.clone())),
-                Object::BGPPeer(o) => inputs.peers.push(Arc::new(o.clone())),
-                Object::BGPConfiguration(o) => inputs.bgp_configurations.push(Arc::new(o.clone())),
-                Object::BGPFilter(o) => inputs.filters.push(Arc::new(o.clone())),
+                Stored::Node(o) => inputs.nodes.push(o.clone()),
+                Stored::IPPool(o) => inputs.pools.push(o.clone()),
+                Stored::IPAMBlock(o) => inputs.blocks.push(o.clone()),
+                Stored::BlockAffinity(o) => inputs.affinities.push(o.clone()),
+                Stored::BGPPeer(o) => inputs.peers.push(o.clone()),
+                Stored::BGPConfiguration(o) => inputs.bgp_configurations.push(o.clone()),
+                Stored::BGPFilter(o) => inputs.filters.push(o.clone()),
             }
         }
         inputs
@@ -161,7 +382,30 @@ fn kind_from_str(kind: &str) -> Option<Kind> {
     Kind::ALL.into_iter().find(|k| k.as_str() == kind)
 }
 
-fn decode_file(path: &Path, bytes: &[u8], entry: &mut FileEntry, counters: &RejectCounters) {
+/// Reduces a stored object to the fields podroute reads.
+fn compact(object: &mut Object, local_node: Option<&str>) {
+    match object {
+        Object::Node(node) => slim_node(node),
+        Object::IPAMBlock(block) => match local_node {
+            Some(local) => compact_block(block, local),
+            None => slim_meta(&mut block.metadata),
+        },
+        Object::IPPool(o) => slim_meta(&mut o.metadata),
+        Object::BlockAffinity(o) => slim_meta(&mut o.metadata),
+        Object::BGPPeer(o) => slim_meta(&mut o.metadata),
+        Object::BGPConfiguration(o) => slim_meta(&mut o.metadata),
+        Object::BGPFilter(o) => slim_meta(&mut o.metadata),
+    }
+}
+
+fn decode_file(
+    path: &Path,
+    bytes: &[u8],
+    entry: &mut FileEntry,
+    counters: &RejectCounters,
+    local_node: Option<&str>,
+    now: Instant,
+) {
     let file = path.display();
     let text = match std::str::from_utf8(bytes) {
         Ok(text) => text,
@@ -174,56 +418,117 @@ fn decode_file(path: &Path, bytes: &[u8], entry: &mut FileEntry, counters: &Reje
             return;
         }
     };
-    let documents = match decode_documents(text) {
-        Ok(documents) => documents,
-        Err(error) => {
-            let message = format!("{file}: {error}; keeping the objects read before");
-            warn!("{message}");
-            counters.record_unreadable();
-            entry.error = Some(message);
-            entry.unreadable.clear();
-            return;
+    let mut objects = Vec::new();
+    let mut unreadable = Vec::new();
+    // Documents skipped, by reason: one line per file and reason.
+    let mut skipped: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    let decoded = decode_documents_each(text, |document| match document {
+        Ok(mut object) => {
+            compact(&mut object, local_node);
+            objects.push(Stored::from(object));
         }
-    };
-    entry.error = None;
-    entry.objects.clear();
-    entry.unreadable.clear();
-    for document in documents {
-        match document {
-            Ok(object) => entry.objects.push(object),
-            Err(DecodeError::Object {
-                kind,
-                name,
-                message,
-                index,
-            }) if kind_from_str(&kind).is_some() && !name.is_empty() => {
-                // Reported (logged and counted) by the builder like any invalid object.
-                if let Some(kind) = kind_from_str(&kind) {
-                    entry.unreadable.push(Rejection::new(
-                        kind,
-                        name,
-                        Reason::Malformed(format!("{file} document {index}: {message}")),
-                    ));
-                }
+        Err(DecodeError::Object {
+            kind,
+            name,
+            message,
+            index,
+        }) if kind_from_str(&kind).is_some() && !name.is_empty() => {
+            // Reported (logged and counted) by the builder like any invalid object.
+            if let Some(kind) = kind_from_str(&kind) {
+                unreadable.push(Rejection::new(
+                    kind,
+                    name,
+                    Reason::Malformed(format!("{file} document {index}: {message}")),
+                ));
             }
-            Err(error) => {
-                warn!("{file}: {error}; document skipped");
-                counters.record_unreadable();
+        }
+        Err(error) => {
+            counters.record_unreadable();
+            let reason = match &error {
+                DecodeError::UnknownKind {
+                    api_version, kind, ..
+                } => format!("{api_version}/{kind} is not a kind podroute reads"),
+                DecodeError::NoKind { .. } => "kind is missing".to_string(),
+                other => other.to_string(),
+            };
+            let slot = skipped.entry(reason).or_insert((0, String::new()));
+            if slot.0 == 0 {
+                slot.1 = error.to_string();
             }
+            slot.0 += 1;
+        }
+    });
+    if let Err(error) = decoded {
+        let message = format!("{file}: {error}; keeping the objects read before");
+        warn!("{message}");
+        counters.record_unreadable();
+        entry.error = Some(message);
+        entry.unreadable.clear();
+        return;
+    }
+    for (reason, (count, first)) in skipped {
+        if count == 1 {
+            warn!("{file}: {first}; document skipped");
+        } else {
+            warn!(
+                documents = count,
+                "{file}: {count} documents skipped: {reason} (first: {first})"
+            );
         }
     }
+    entry.error = None;
+    entry.unreadable = unreadable;
+    if objects.is_empty() && entry.unreadable.is_empty() && !entry.objects.is_empty() {
+        // Emptied or truncated to nothing: suspect, the previous objects stay for now.
+        if entry.emptied_since.is_none() {
+            warn!(
+                file = %file,
+                objects = entry.objects.len(),
+                "file suddenly holds no objects; keeping its previous objects until it has \
+                 stayed so for the wipe-confirm time"
+            );
+            entry.emptied_since = Some(now);
+        }
+        return;
+    }
+    if entry.emptied_since.take().is_some() {
+        info!(file = %file, "file holds objects again");
+    }
+    entry.objects = objects;
 }
 
-/// Starts reading `dir`, checking it every `poll` for changes.
+/// Starts reading `dir`, checking it every `poll` for changes (other options default).
 pub fn spawn(
     dir: impl Into<PathBuf>,
     local_node: impl Into<String>,
     poll: Duration,
 ) -> DatastoreHandle {
+    spawn_with(
+        dir,
+        local_node,
+        DirOptions {
+            poll,
+            ..DirOptions::default()
+        },
+    )
+}
+
+/// Starts reading `dir` with `options`.
+pub fn spawn_with(
+    dir: impl Into<PathBuf>,
+    local_node: impl Into<String>,
+    options: DirOptions,
+) -> DatastoreHandle {
+    let local_node = local_node.into();
     let counters = Arc::new(RejectCounters::default());
     let (publisher, state) = state_channel();
-    let mut source = DirSource::new(dir, counters.clone());
-    let mut builder = StateBuilder::new(local_node, counters.clone());
+    let poll = options.poll;
+    let wipe_confirm = options.wipe_confirm;
+    let mut source = DirSource::new(dir, counters.clone())
+        .with_local_node(local_node.clone())
+        .with_options(options);
+    let mut builder =
+        StateBuilder::new(local_node, counters.clone()).with_wipe_confirm(wipe_confirm);
     let task = tokio::spawn(async move {
         let mut interval = tokio::time::interval(poll);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -237,7 +542,14 @@ pub fn spawn(
                 Err(_) if !synced => continue,
                 Err(_) => true,
             };
-            if !changed && synced {
+            if !synced && !source.settled() {
+                continue;
+            }
+            // A held-back wipe is applied by a build once its time has come.
+            let due = builder
+                .next_deadline()
+                .is_some_and(|deadline| deadline <= Instant::now());
+            if !changed && synced && !due {
                 continue;
             }
             let next = builder.build(&source.inputs());
@@ -251,4 +563,70 @@ pub fn spawn(
         }
     });
     DatastoreHandle::new(state, counters, vec![task])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Captures log lines.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_are_skipped_with_one_line_per_file_and_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut text = String::new();
+        for i in 0..1000 {
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i}}}\n"
+            ));
+        }
+        text.push_str("---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n");
+        text.push_str("---\napiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.0.0.0/16}\n");
+        std::fs::write(tmp.path().join("mixed.yaml"), text).unwrap();
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let counters = Arc::new(RejectCounters::default());
+        let mut source = DirSource::new(tmp.path(), counters.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            assert_eq!(source.poll(), Ok(false), "first sight: not read yet");
+            assert_eq!(source.poll(), Ok(true), "unchanged for a poll: read");
+        });
+        let log = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let warnings: Vec<_> = log.lines().filter(|l| l.contains("WARN")).collect();
+        assert_eq!(warnings.len(), 2, "{log}");
+        assert!(
+            warnings
+                .iter()
+                .any(|l| l
+                    .contains("1000 documents skipped: v1/ConfigMap is not a kind podroute reads")),
+            "{log}"
+        );
+        assert!(
+            warnings.iter().any(|l| l.contains("apps/v1/Deployment")),
+            "{log}"
+        );
+        assert_eq!(counters.unreadable(), 1001);
+        let inputs = source.inputs();
+        assert_eq!(inputs.pools.len(), 1);
+        assert!(inputs.source_errors.is_empty());
+    }
 }

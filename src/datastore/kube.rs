@@ -6,24 +6,34 @@
 //! set in atomically on `InitDone`, so no object is lost or invented by a relist. While the
 //! API server is unreachable the stores keep their contents, so the published state stays
 //! what it was: an API outage never withdraws routes.
+//!
+//! The stores keep only what podroute reads ([`crate::model::compact`], applied in the
+//! watcher's map step before an object is stored): a Node's name, labels, addresses and
+//! `projectcalico.org/*` annotations; other nodes' IPAMBlocks without their local
+//! allocations; no `managedFields`, status or other metadata. A whole kind (or this node's
+//! `Node`) vanishing at once is held back by the builder until confirmed
+//! (`--datastore-wipe-confirm`).
 
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use super::builder::DEFAULT_WIPE_CONFIRM;
 use super::{DatastoreHandle, Inputs, RejectCounters, StateBuilder};
 use crate::model::Kind;
+use crate::model::compact::{compact_block, slim_meta, slim_node};
 use crate::model::crd::{BGPConfiguration, BGPFilter, BGPPeer, BlockAffinity, IPAMBlock, IPPool};
 use crate::state::state_channel;
 
@@ -43,50 +53,88 @@ impl Progress {
 /// Starts watching `client`'s API server. The returned handle's `state` becomes `Some`
 /// once every kind has been listed once (initial sync done).
 pub fn spawn(client: Client, local_node: impl Into<String>) -> DatastoreHandle {
+    spawn_with(client, local_node, DEFAULT_WIPE_CONFIRM)
+}
+
+/// [`spawn`] with the time a wipe must last before it is applied.
+pub fn spawn_with(
+    client: Client,
+    local_node: impl Into<String>,
+    wipe_confirm: Duration,
+) -> DatastoreHandle {
+    let local_node: String = local_node.into();
     let counters = Arc::new(RejectCounters::default());
     let progress = Arc::new(Progress::default());
     let (publisher, state) = state_channel();
     let mut tasks = Vec::new();
 
-    let nodes = watch_kind::<Node>(Api::all(client.clone()), Kind::Node, &progress, &mut tasks);
-    let pools = watch_kind::<IPPool>(
+    let nodes = watch_kind::<Node>(
         Api::all(client.clone()),
-        Kind::IPPool,
+        Kind::Node,
+        slim_node,
         &progress,
         &mut tasks,
     );
+    let pools = watch_kind::<IPPool>(
+        Api::all(client.clone()),
+        Kind::IPPool,
+        |o| slim_meta(&mut o.metadata),
+        &progress,
+        &mut tasks,
+    );
+    let local = local_node.clone();
     let blocks = watch_kind::<IPAMBlock>(
         Api::all(client.clone()),
         Kind::IPAMBlock,
+        move |o| compact_block(o, &local),
         &progress,
         &mut tasks,
     );
     let affinities = watch_kind::<BlockAffinity>(
         Api::all(client.clone()),
         Kind::BlockAffinity,
+        |o| slim_meta(&mut o.metadata),
         &progress,
         &mut tasks,
     );
     let peers = watch_kind::<BGPPeer>(
         Api::all(client.clone()),
         Kind::BGPPeer,
+        |o| slim_meta(&mut o.metadata),
         &progress,
         &mut tasks,
     );
     let configs = watch_kind::<BGPConfiguration>(
         Api::all(client.clone()),
         Kind::BGPConfiguration,
+        |o| slim_meta(&mut o.metadata),
         &progress,
         &mut tasks,
     );
     // Calico before 3.26 has no BGPFilter CRD: its absence must not hold up the sync.
-    let filters = watch_kind::<BGPFilter>(Api::all(client), Kind::BGPFilter, &progress, &mut tasks);
+    let filters = watch_kind::<BGPFilter>(
+        Api::all(client),
+        Kind::BGPFilter,
+        |o| slim_meta(&mut o.metadata),
+        &progress,
+        &mut tasks,
+    );
 
-    let mut builder = StateBuilder::new(local_node, counters.clone());
+    let mut builder =
+        StateBuilder::new(local_node, counters.clone()).with_wipe_confirm(wipe_confirm);
     let progress_b = progress.clone();
     tasks.push(tokio::spawn(async move {
         loop {
-            progress_b.changed.notified().await;
+            // A held-back wipe is applied by a build once its time has come.
+            match builder.next_deadline() {
+                Some(deadline) => {
+                    tokio::select! {
+                        () = progress_b.changed.notified() => {}
+                        () = tokio::time::sleep_until(deadline.into()) => {}
+                    }
+                }
+                None => progress_b.changed.notified().await,
+            }
             if !progress_b.all_synced() {
                 continue;
             }
@@ -100,6 +148,7 @@ pub fn spawn(client: Client, local_node: impl Into<String>) -> DatastoreHandle {
                 filters: filters.state(),
                 unreadable: Vec::new(),
                 source_errors: Vec::new(),
+                suspect: Vec::new(),
             };
             let state = builder.build(&inputs);
             let unchanged = publisher
@@ -117,6 +166,7 @@ pub fn spawn(client: Client, local_node: impl Into<String>) -> DatastoreHandle {
 fn watch_kind<K>(
     api: Api<K>,
     kind: Kind,
+    compact: impl Fn(&mut K) + Send + Sync + 'static,
     progress: &Arc<Progress>,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Store<K>
@@ -128,7 +178,7 @@ where
     tasks.push(tokio::spawn(async move {
         let stream = watcher(api)
             .default_backoff()
-            .modify(|obj| obj.managed_fields_mut().clear());
+            .modify(move |obj| compact(obj));
         let stream = reflector::reflector(writer, stream);
         futures::pin_mut!(stream);
         while let Some(item) = stream.next().await {

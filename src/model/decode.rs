@@ -79,32 +79,164 @@ pub enum DecodeError {
 /// Empty documents are skipped; objects of other kinds are reported as
 /// [`DecodeError::UnknownKind`].
 pub fn decode_documents(text: &str) -> Result<Vec<Result<Object, DecodeError>>, DecodeError> {
-    let mut values = Vec::new();
-    for document in serde_yaml_ng::Deserializer::from_str(text) {
-        let value = Value::deserialize(document).map_err(|e| DecodeError::Syntax(e.to_string()))?;
-        values.push(value);
-    }
     let mut out = Vec::new();
+    decode_documents_each(text, |document| out.push(document))?;
+    Ok(out)
+}
+
+/// The fields read before a document is decoded as a whole: enough to skip a document of
+/// another kind without building it in memory.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Header {
+    #[serde(default)]
+    kind: Option<Value>,
+    #[serde(default)]
+    api_version: Option<Value>,
+    #[serde(default)]
+    metadata: Option<HeaderMeta>,
+}
+
+#[derive(Deserialize)]
+struct HeaderMeta {
+    #[serde(default)]
+    name: Option<Value>,
+}
+
+fn scalar(value: Option<&Value>) -> String {
+    value
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Splits multi-document YAML at its `---` / `...` marker lines. A marker at column 0 cannot
+/// occur inside a Kubernetes object (a mapping: nested content is indented, and YAML forbids
+/// document markers inside flow scalars), so this matches the parser's own split.
+fn split_documents(text: &str) -> Vec<&str> {
+    let mut documents = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let marker = bare == "..."
+            || bare == "---"
+            || bare.starts_with("--- ")
+            || bare.starts_with("---\t")
+            || bare.starts_with("... ");
+        if marker && offset > start {
+            documents.push(&text[start..offset]);
+            start = offset;
+        }
+        offset += line.len();
+        if bare == "..." || bare.starts_with("... ") {
+            // The end marker belongs to no document.
+            start = offset;
+        }
+    }
+    if offset > start {
+        documents.push(&text[start..offset]);
+    }
+    documents
+}
+
+/// Like [`decode_documents`], but hands each document's result to `each` as soon as it is
+/// decoded, so that a file of many documents is never held decoded at once. Each document's
+/// `kind` and `apiVersion` are read first (a small struct); a document of another kind is
+/// skipped without being built. Results handed out before an outer error are to be dropped
+/// by the caller (the text as a whole is broken).
+pub fn decode_documents_each(
+    text: &str,
+    mut each: impl FnMut(Result<Object, DecodeError>),
+) -> Result<(), DecodeError> {
     let mut index = 0;
-    for value in values {
+    for chunk in split_documents(text) {
         index += 1;
-        if value.is_null() {
+        let header = match serde_yaml_ng::from_str::<Option<Header>>(chunk) {
+            Ok(None) => continue,
+            Ok(Some(header)) => header,
+            // Not a mapping of the expected shape (or bad syntax): the general path below
+            // tells the two apart.
+            Err(_) => {
+                let value: Value = serde_yaml_ng::from_str(chunk)
+                    .map_err(|e| DecodeError::Syntax(format!("document {index}: {e}")))?;
+                decode_value_document(index, value, &mut each);
+                continue;
+            }
+        };
+        let kind = scalar(header.kind.as_ref());
+        let api_version = scalar(header.api_version.as_ref());
+        let name = scalar(header.metadata.as_ref().and_then(|m| m.name.as_ref()));
+        if kind == "List" || kind.ends_with("List") {
+            let value: Value = serde_yaml_ng::from_str(chunk)
+                .map_err(|e| DecodeError::Syntax(format!("document {index}: {e}")))?;
+            decode_value_document(index, value, &mut each);
             continue;
         }
-        let kind = str_field(&value, "kind");
-        if kind == "List" || (kind.ends_with("List") && value.get("items").is_some()) {
-            let items = match value.get("items") {
-                Some(Value::Sequence(items)) => items.clone(),
-                _ => Vec::new(),
-            };
-            for item in items {
-                out.push(decode_value(index, item));
-            }
-        } else {
-            out.push(decode_value(index, value));
+        if kind.is_empty() {
+            each(Err(DecodeError::NoKind { index }));
+            continue;
         }
+        fn typed<T: DeserializeOwned>(
+            index: usize,
+            kind: &str,
+            name: &str,
+            chunk: &str,
+        ) -> Result<T, DecodeError> {
+            serde_yaml_ng::from_str(chunk).map_err(|e| DecodeError::Object {
+                index,
+                kind: kind.to_string(),
+                name: name.to_string(),
+                message: e.to_string(),
+            })
+        }
+        let calico = api_version == API_VERSION;
+        let result = match (kind.as_str(), calico) {
+            ("Node", _) if api_version == "v1" || api_version.is_empty() => {
+                typed(index, &kind, &name, chunk).map(|n| Object::Node(Box::new(n)))
+            }
+            ("IPPool", true) => typed(index, &kind, &name, chunk).map(Object::IPPool),
+            ("IPAMBlock", true) => typed(index, &kind, &name, chunk).map(Object::IPAMBlock),
+            ("BlockAffinity", true) => typed(index, &kind, &name, chunk).map(Object::BlockAffinity),
+            ("BGPPeer", true) => typed(index, &kind, &name, chunk).map(Object::BGPPeer),
+            ("BGPConfiguration", true) => {
+                typed(index, &kind, &name, chunk).map(Object::BGPConfiguration)
+            }
+            _ => Err(DecodeError::UnknownKind {
+                index,
+                api_version,
+                kind,
+            }),
+        };
+        each(result);
     }
-    Ok(out)
+    Ok(())
+}
+
+/// A document read as a generic YAML value: an object, or a `kind: List` of objects.
+fn decode_value_document(
+    index: usize,
+    value: Value,
+    each: &mut impl FnMut(Result<Object, DecodeError>),
+) {
+    if value.is_null() {
+        return;
+    }
+    let kind = str_field(&value, "kind");
+    if kind == "List" || (kind.ends_with("List") && value.get("items").is_some()) {
+        let items = match value {
+            Value::Mapping(mut map) => match map.remove("items") {
+                Some(Value::Sequence(items)) => items,
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
+        for item in items {
+            each(decode_value(index, item));
+        }
+    } else {
+        each(decode_value(index, value));
+    }
 }
 
 fn str_field(value: &Value, key: &str) -> String {

@@ -112,6 +112,10 @@ pub enum Reason {
         "spec.cidr is missing and the name is not a CIDR written with dashes (e.g. 172-16-196-128-26)"
     )]
     BlockNameNotCidr,
+    #[error(
+        "cidr {cidr} is inside no IPPool: the block is ignored (no blackhole, no route); create a pool that contains it or delete the block"
+    )]
+    BlockOutsidePools { cidr: String },
     #[error("affinity {value:?} must be \"host:<node>\" or \"virtual:<name>\"")]
     BadAffinity { value: String },
     #[error("allocations has {len} entries but a /{prefix} block has {expected} addresses")]

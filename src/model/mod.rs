@@ -9,6 +9,7 @@
 pub mod bgp;
 pub mod block;
 pub mod cidr;
+pub mod compact;
 pub mod crd;
 pub mod decode;
 pub mod error;
@@ -19,7 +20,7 @@ pub mod workload;
 
 pub use bgp::{BgpConfig, Peer};
 pub use block::{Affinity, Allocation, Block, BlockClaim};
-pub use decode::{DecodeError, Object, decode_documents};
+pub use decode::{DecodeError, Object, decode_documents, decode_documents_each};
 pub use error::{Kind, Reason, Rejection};
 pub use filter::Filter;
 pub use node::{AddressSource, NodeInfo};
