@@ -327,6 +327,12 @@ pub fn render_status_in(status: &AgentStatus, now: SystemTime, tz: &TimeZone) ->
             out.push_str(&format!("  - {}\n", clean(reason)));
         }
     }
+    if !status.config_warnings.is_empty() {
+        out.push_str("Configuration not honoured as written:\n");
+        for w in &status.config_warnings {
+            out.push_str(&format!("  - {}\n", clean(w)));
+        }
+    }
 
     let now = Timestamp::try_from(now).ok();
     let (v6, v4): (Vec<&PeerRow>, Vec<&PeerRow>) = status

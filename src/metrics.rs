@@ -57,6 +57,7 @@ pub struct Metrics {
     pub prefixes: IntGaugeVec,
     pub messages: IntCounterVec,
     pub routes_rejected: IntCounterVec,
+    pub config_warnings: IntGauge,
     pub sessions_established: IntCounter,
     pub per_peer_series: IntGauge,
     pub peer_state: IntGaugeVec,
@@ -146,6 +147,12 @@ impl Metrics {
                 ),
                 &["direction", "type"]
             )),
+            config_warnings: reg!(IntGauge::with_opts(opts(
+                "config_warnings",
+                "Configuration podroute cannot honour as written (one per object and field: an \
+                 unreadable BGP password, a missing BGPFilter, reachableBy, ...); listed in \
+                 `podroute status`."
+            ))),
             routes_rejected: reg!(IntCounterVec::new(
                 opts(
                     "bgp_routes_rejected_total",

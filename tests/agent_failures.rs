@@ -1375,8 +1375,10 @@ fn bird_graceful_restart_keeps_its_routes_until_end_of_rib() {
 
 const RAW_ADDR: &str = "192.168.92.251";
 const RAW_AS: u32 = 65002;
-const RAW_A: &str = "10.201.0.0/26";
-const RAW_B: &str = "10.201.0.64/26";
+// Inside the lab's pool (172.16.0.0/16): node01 passes them on over the mesh only because
+// they are pool routes (Calico's export rule; an external prefix would stay on node01).
+const RAW_A: &str = "172.16.201.0/26";
+const RAW_B: &str = "172.16.201.64/26";
 
 const OPEN: u8 = 1;
 const UPDATE: u8 = 2;

@@ -74,6 +74,8 @@ pub struct Startup {
     pub datastore_source: String,
     pub metrics: Metrics,
     pub board: Arc<StatusBoard>,
+    /// Where BGP passwords (`password.secretKeyRef`) are read.
+    pub secrets: datastore::secrets::SecretSource,
 }
 
 /// The node name: `--nodename`/`NODENAME`, else the host name.
@@ -200,6 +202,8 @@ pub struct Agent {
     reject_seen: HashMap<&'static str, u64>,
     peers: BTreeMap<IpAddr, ConfiguredPeer>,
     peer_warnings: Vec<String>,
+    /// BGP passwords read from Secrets.
+    passwords: datastore::secrets::PasswordCache,
     announced: BTreeSet<IpNet>,
     /// The export policy last given to the speaker.
     export_rules: Option<podroute_bgp::policy::ExportRules>,
@@ -292,6 +296,7 @@ impl Agent {
             datastore_source,
             metrics,
             board,
+            secrets,
         } = startup;
         let state = datastore
             .state
@@ -368,6 +373,7 @@ impl Agent {
             reject_seen: HashMap::new(),
             peers: BTreeMap::new(),
             peer_warnings: Vec::new(),
+            passwords: datastore::secrets::PasswordCache::new(secrets),
             announced: BTreeSet::new(),
             export_rules: None,
             learned: BestPaths::new(),
@@ -624,7 +630,11 @@ impl Agent {
         }
 
         // Sessions.
-        let set = peers::desired_peers(&state, &self.identity());
+        let passwords = self
+            .passwords
+            .resolve(state.peers.values().filter_map(|p| p.password.as_ref()))
+            .await;
+        let set = peers::desired_peers_with(&state, &self.identity(), &passwords);
         for w in &set.warnings {
             if !self.peer_warnings.contains(w) {
                 warn!("{w}");
@@ -1091,6 +1101,9 @@ impl Agent {
         report::update_route_metrics(&self.metrics, &dp);
         let ready = self.readiness(&dp);
         self.metrics.ready.set(i64::from(ready.is_empty()));
+        self.metrics
+            .config_warnings
+            .set(self.peer_warnings.len() as i64);
         let mut status = status::AgentStatus {
             node: self.node.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -1124,6 +1137,7 @@ impl Agent {
             },
             peers: report::peer_rows(&self.peer_status, &self.peers_by_addr()),
             peer_summary: None,
+            config_warnings: self.peer_warnings.clone(),
         };
         status
             .datastore
@@ -1321,6 +1335,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             bail!("cannot tell which interface holds {address}; set --nic/PODROUTE_NIC")
         }
     };
+    let secrets = match (&client, args.datastore_type.parse::<DatastoreSpec>()) {
+        (Some(client), _) => datastore::secrets::SecretSource::Kube {
+            client: client.clone(),
+            namespace: datastore::secrets::own_namespace(),
+        },
+        (None, Ok(DatastoreSpec::Dir(path))) => datastore::secrets::SecretSource::Dir(path.into()),
+        _ => datastore::secrets::SecretSource::None,
+    };
     if let Some(client) = client
         && !args.no_annotate
     {
@@ -1340,6 +1362,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         datastore_source: source,
         metrics,
         board,
+        secrets,
     };
     let (agent, dataplane) = Agent::start(args, startup).await?;
     agent.run(dataplane, termination()).await

@@ -26,6 +26,7 @@ use podroute_bgp::policy::PrefixFilter;
 use podroute_bgp::wire::Family;
 
 use super::selector::Selector;
+use crate::datastore::secrets::Passwords;
 use crate::model::bgp::NextHopMode;
 use crate::model::{NodeInfo, Peer};
 use crate::state::ClusterState;
@@ -203,8 +204,20 @@ fn apply_session_settings(
     }
 }
 
-/// The sessions this node should have.
+/// The sessions this node should have, without BGP passwords (a peer that needs one is left
+/// out: see [`desired_peers_with`]).
 pub fn desired_peers(state: &ClusterState, local: &LocalIdentity) -> PeerSet {
+    desired_peers_with(state, local, &Passwords::new())
+}
+
+/// The sessions this node should have; `passwords` holds the `secretKeyRef`s' values. A
+/// BGPPeer whose password cannot be read is not peered with (never without the key it asks
+/// for) and says why in the warnings.
+pub fn desired_peers_with(
+    state: &ClusterState,
+    local: &LocalIdentity,
+    passwords: &Passwords,
+) -> PeerSet {
     let mut set = PeerSet::default();
     let local_ip_text = local.ipv4.to_string();
 
@@ -296,12 +309,38 @@ pub fn desired_peers(state: &ClusterState, local: &LocalIdentity) -> PeerSet {
             cfg.rr_client = is_rr_client(local, node);
             cfg.max_restart_time = peer.max_restart_time;
             apply_session_settings(state, peer, &mut cfg, &mut set.warnings);
-            if peer.password.is_some() {
-                set.warnings.push(format!(
-                    "BGPPeer {}: TCP-MD5 passwords are not supported yet; peering with {ip} \
-                     without one (the session fails if the peer requires it)",
-                    peer.name
-                ));
+            if let Some(r) = &peer.password {
+                match passwords.get(&(r.name.clone(), r.key.clone())) {
+                    Some(Ok(key)) if key.len() <= podroute_bgp::sockopt::MD5_MAX_KEY_LEN => {
+                        cfg.password = Some(key.clone());
+                    }
+                    Some(Ok(key)) => {
+                        set.warnings.push(format!(
+                            "BGPPeer {}: password {}/{} has {} bytes, TCP-MD5 allows at most {}; \
+                             not peering with {ip}",
+                            peer.name,
+                            r.name,
+                            r.key,
+                            key.len(),
+                            podroute_bgp::sockopt::MD5_MAX_KEY_LEN
+                        ));
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        set.warnings.push(format!(
+                            "BGPPeer {}: password: {e}; not peering with {ip} until it can be read",
+                            peer.name
+                        ));
+                        continue;
+                    }
+                    None => {
+                        set.warnings.push(format!(
+                            "BGPPeer {}: password {}/{} not read yet; not peering with {ip}",
+                            peer.name, r.name, r.key
+                        ));
+                        continue;
+                    }
+                }
             }
             // An explicit peer wins over the mesh; between two BGPPeers the first by name.
             let replace = set

@@ -26,6 +26,10 @@ pub struct AgentStatus {
     /// [`crate::http::STATUS_PEERS_DEFAULT`] peers; `?peers=all` lists them all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_summary: Option<PeerSummary>,
+    /// Configuration podroute cannot honour as written, one line per object and field
+    /// (a BGPPeer's unreadable password, a missing BGPFilter, `reachableBy`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config_warnings: Vec<String>,
 }
 
 /// All peers counted, when `AgentStatus::peers` lists only some.
@@ -64,6 +68,7 @@ impl AgentStatus {
             health: self.health.clone(),
             datastore: self.datastore.clone(),
             dataplane: self.dataplane.clone(),
+            config_warnings: self.config_warnings.iter().take(limit).cloned().collect(),
             peer_summary: Some(PeerSummary {
                 total: self.peers.len(),
                 listed: peers.len(),

@@ -155,6 +155,10 @@ impl From<Object> for Stored {
     }
 }
 
+/// A file whose last change is at least this old is read without waiting for a second
+/// poll to see it unchanged.
+const QUIET_AFTER: Duration = Duration::from_millis(500);
+
 /// Reads and re-reads one directory; owned by the datastore task.
 #[derive(Debug)]
 pub struct DirSource {
@@ -258,7 +262,15 @@ impl DirSource {
             }
             let stable = entry.seen == Some(fingerprint);
             entry.seen = Some(fingerprint);
-            if !stable {
+            // Not written for a while: nobody is writing it now (at start, and for a file
+            // renamed into the directory, this saves a poll; a restarting agent has its state
+            // at once).
+            let quiet = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= QUIET_AFTER);
+            if !stable && !quiet {
                 // Changing now, or new: read it once it has stayed the same for a poll.
                 continue;
             }

@@ -13,6 +13,7 @@ use crate::state::StateRx;
 pub mod builder;
 pub mod dir;
 pub mod kube;
+pub mod secrets;
 
 pub use builder::{Inputs, RejectCounters, StateBuilder};
 
