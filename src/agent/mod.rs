@@ -1340,7 +1340,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             client: client.clone(),
             namespace: datastore::secrets::own_namespace(),
         },
-        (None, Ok(DatastoreSpec::Dir(path))) => datastore::secrets::SecretSource::Dir(path.into()),
+        (None, Ok(DatastoreSpec::Dir(path))) => datastore::secrets::SecretSource::Dir(path),
         _ => datastore::secrets::SecretSource::None,
     };
     if let Some(client) = client

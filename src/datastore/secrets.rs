@@ -195,15 +195,18 @@ fn secret_in_dir(dir: &std::path::Path, name: &str) -> Option<Secret> {
     None
 }
 
+/// A password read (or why not), by `(secret, key)`.
+type Password = Result<Arc<[u8]>, SecretError>;
+
 /// Passwords by `(secret, key)`, cached.
 #[derive(Debug)]
 pub struct PasswordCache {
     source: SecretSource,
-    entries: HashMap<(String, String), (Result<Arc<[u8]>, SecretError>, Instant)>,
+    entries: HashMap<(String, String), (Password, Instant)>,
 }
 
 /// What [`PasswordCache::resolve`] found, by `(secret, key)`.
-pub type Passwords = HashMap<(String, String), Result<Arc<[u8]>, SecretError>>;
+pub type Passwords = HashMap<(String, String), Password>;
 
 impl PasswordCache {
     pub fn new(source: SecretSource) -> Self {
