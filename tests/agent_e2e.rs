@@ -817,6 +817,20 @@ const EXTERNAL: &str = "198.51.100.0/24";
 
 /// A BIRD 2 ToR peering with master01 only; `routes` are exported to it as static blackholes.
 fn start_node_tor(lab: &mut Lab, name: &str, addr: &str, asn: u32, routes: &[&str]) -> Tor {
+    start_node_tor_with(lab, name, addr, asn, routes, "", "")
+}
+
+/// [`start_node_tor`] with extra lines in BIRD's `protocol bgp` block and in the BGPPeer's
+/// spec (indented by two spaces).
+fn start_node_tor_with(
+    lab: &mut Lab,
+    name: &str,
+    addr: &str,
+    asn: u32,
+    routes: &[&str],
+    bird_extra: &str,
+    peer_extra: &str,
+) -> Tor {
     let ns = lab
         .attach_host(name, format!("{addr}/24").parse().unwrap())
         .unwrap();
@@ -835,7 +849,7 @@ fn start_node_tor(lab: &mut Lab, name: &str, addr: &str, asn: u32, routes: &[&st
          protocol static {{ ipv4; {statics}}}\n\
          protocol bgp {MASTER01} {{\n  local {addr} as {asn};\n  neighbor {master} as {cluster};\n  \
          direct;\n  hold time 9;\n  connect delay time 1;\n  connect retry time 1;\n  \
-         error wait time 1, 5;\n  ipv4 {{ import all; export {export}; }};\n}}\n",
+         error wait time 1, 5;\n  ipv4 {{ import all; export {export}; }};\n{bird_extra}}}\n",
         log = dir.join("bird.log").display(),
         cluster = lab.spec.as_number,
     );
@@ -858,7 +872,7 @@ fn start_node_tor(lab: &mut Lab, name: &str, addr: &str, asn: u32, routes: &[&st
     .unwrap();
     let yaml = format!(
         "apiVersion: crd.projectcalico.org/v1\nkind: BGPPeer\nmetadata:\n  name: {name}\n\
-         spec:\n  asNumber: {asn}\n  peerIP: {addr}\n  node: {MASTER01}\n"
+         spec:\n  asNumber: {asn}\n  peerIP: {addr}\n  node: {MASTER01}\n{peer_extra}"
     );
     lab.update_spec(|spec| {
         spec.extra_files
@@ -949,4 +963,136 @@ fn no_transit_between_tors_and_no_tor_route_reaches_the_mesh() {
         assert_eq!(from_master.prefixes_received, 1, "{n}: {from_master:?}");
     }
     drop(tor_a);
+}
+
+/// A BGPPeer with a TCP-MD5 password from a Secret (in the YAML directory, as the lab's
+/// datastore is one) and a BGPFilter: the session comes up only with the key, the filter's
+/// import rule refuses one of the ToR's routes (counted in status), and its export rule keeps
+/// one pool block from the ToR. A BGPPeer whose Secret key is missing is not peered with and
+/// says so in `podroute status`.
+#[test]
+fn bgppeer_password_from_a_secret_and_a_bgpfilter() {
+    const TEST: &str = "bgppeer_password_from_a_secret_and_a_bgpfilter";
+    if !can_run(TEST) || !have_bird(TEST) {
+        return;
+    }
+    let mut lab = converged_lab("md5");
+    lab.update_spec(|spec| {
+        spec.extra_files.insert(
+            "secret-bgp.yaml".into(),
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: bgp-passwords\n  \
+             namespace: podroute-system\nstringData:\n  tor-a: s3cret-key\n"
+                .into(),
+        );
+        spec.extra_files.insert(
+            "bgpfilter-tor.yaml".into(),
+            format!(
+                "apiVersion: crd.projectcalico.org/v1\nkind: BGPFilter\nmetadata:\n  name: tor\n\
+                 spec:\n  importV4:\n  - action: Reject\n    matchOperator: Equal\n    \
+                 cidr: {EXTERNAL}\n  exportV4:\n  - action: Reject\n    matchOperator: Equal\n    \
+                 cidr: {BLOCK_NODE02}\n"
+            ),
+        );
+    })
+    .unwrap();
+    let tor = start_node_tor_with(
+        &mut lab,
+        "tora",
+        TOR_A_ADDR,
+        TOR_A_AS,
+        &["203.0.113.0/24", EXTERNAL],
+        "  password \"s3cret-key\";\n",
+        "  password:\n    secretKeyRef:\n      name: bgp-passwords\n      key: tor-a\n  \
+         filters:\n  - tor\n",
+    );
+    // A second BGPPeer whose password key does not exist.
+    lab.update_spec(|spec| {
+        spec.extra_files.insert(
+            "bgppeer-nokey.yaml".into(),
+            format!(
+                "apiVersion: crd.projectcalico.org/v1\nkind: BGPPeer\nmetadata:\n  name: nokey\n\
+                 spec:\n  asNumber: {TOR_B_AS}\n  peerIP: {TOR_B_ADDR}\n  node: {MASTER01}\n  \
+                 password:\n    secretKeyRef:\n      name: bgp-passwords\n      key: missing\n"
+            ),
+        );
+    })
+    .unwrap();
+    eventually(
+        &lab,
+        "master01 Established with ToR-A (TCP-MD5)",
+        CONVERGE,
+        || {
+            let s = lab.node_status(MASTER01).map_err(|e| e.to_string())?;
+            match s.peers.iter().find(|p| p.address == TOR_A_ADDR) {
+                Some(p)
+                    if p.state == "Established"
+                        && p.prefixes_accepted == 1
+                        && p.routes_rejected_filter == 1 =>
+                {
+                    Ok(())
+                }
+                other => Err(format!(
+                    "{other:?}\nrejected: {:?}\nwarnings: {:?}",
+                    s.datastore.rejected, s.config_warnings
+                )),
+            }
+        },
+    );
+    // The ToR has master01's own block and node01's, not node02's (export rule).
+    eventually(
+        &lab,
+        "ToR-A holds exactly the allowed blocks",
+        CHANGE,
+        || {
+            let out = birdc(&tor, &["show", "route", "protocol", MASTER01])?;
+            let mut got: Vec<&str> = out
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|w| w.contains('/'))
+                .collect();
+            got.sort();
+            let mut want = vec![BLOCK_MASTER01, BLOCK_NODE01];
+            want.sort();
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{got:?}\n{out}"))
+            }
+        },
+    );
+    let routes = lab.kernel_routes(MASTER01).unwrap();
+    assert!(
+        routes.iter().any(|r| r.starts_with("203.0.113.0/24")),
+        "the accepted ToR route is installed: {routes:?}"
+    );
+    assert!(
+        !routes.iter().any(|r| r.starts_with(EXTERNAL)),
+        "the filtered ToR route is not: {routes:?}"
+    );
+    let s = status(&lab, MASTER01);
+    assert!(
+        s.peers.iter().all(|p| p.address != TOR_B_ADDR),
+        "no session without the password it asks for: {:?}",
+        s.peers
+    );
+    assert!(
+        s.config_warnings
+            .iter()
+            .any(|w| w.contains("nokey") && w.contains("no key \"missing\"")),
+        "{:?}",
+        s.config_warnings
+    );
+    let metrics = lab.metrics(MASTER01).unwrap();
+    assert_eq!(
+        metric(&metrics, "podroute_config_warnings"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "podroute_bgp_routes_rejected_total{reason=\"import_filter\"}"
+        ),
+        Some(1.0)
+    );
 }

@@ -202,6 +202,7 @@ pub fn decode_documents_each(
             ("BGPConfiguration", true) => {
                 typed(index, &kind, &name, chunk).map(Object::BGPConfiguration)
             }
+            ("BGPFilter", true) => typed(index, &kind, &name, chunk).map(Object::BGPFilter),
             _ => Err(DecodeError::UnknownKind {
                 index,
                 api_version,
