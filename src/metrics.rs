@@ -58,6 +58,7 @@ pub struct Metrics {
     pub messages: IntCounterVec,
     pub routes_rejected: IntCounterVec,
     pub config_warnings: IntGauge,
+    pub tcp_md5_failures: IntCounterVec,
     pub sessions_established: IntCounter,
     pub per_peer_series: IntGauge,
     pub peer_state: IntGaugeVec,
@@ -146,6 +147,16 @@ impl Metrics {
                      sent) and type (update, notification)."
                 ),
                 &["direction", "type"]
+            )),
+            tcp_md5_failures: reg!(IntCounterVec::new(
+                opts(
+                    "tcp_md5_failures_total",
+                    "TCP segments the kernel dropped for TCP-MD5 (RFC 2385) in the agent's \
+                     network namespace, by reason: not_found (a signature was expected and is \
+                     missing), unexpected (a signature nobody expects), failure (a wrong \
+                     signature: the peer's password differs). From /proc/net/netstat."
+                ),
+                &["reason"]
             )),
             config_warnings: reg!(IntGauge::with_opts(opts(
                 "config_warnings",

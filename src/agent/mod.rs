@@ -204,6 +204,8 @@ pub struct Agent {
     peer_warnings: Vec<String>,
     /// BGP passwords read from Secrets.
     passwords: datastore::secrets::PasswordCache,
+    /// The kernel's TCP-MD5 drop counters last seen.
+    md5_counts: Option<[u64; 3]>,
     announced: BTreeSet<IpNet>,
     /// The export policy last given to the speaker.
     export_rules: Option<podroute_bgp::policy::ExportRules>,
@@ -374,6 +376,7 @@ impl Agent {
             peers: BTreeMap::new(),
             peer_warnings: Vec::new(),
             passwords: datastore::secrets::PasswordCache::new(secrets),
+            md5_counts: None,
             announced: BTreeSet::new(),
             export_rules: None,
             learned: BestPaths::new(),
@@ -1104,6 +1107,7 @@ impl Agent {
         self.metrics
             .config_warnings
             .set(self.peer_warnings.len() as i64);
+        report::update_md5_metrics(&self.metrics, &mut self.md5_counts);
         let mut status = status::AgentStatus {
             node: self.node.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),

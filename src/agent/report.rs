@@ -74,6 +74,44 @@ pub(crate) fn peer_rows(statuses: &[PeerStatus], info: &PeerInfo) -> Vec<PeerRow
     rows
 }
 
+/// The kernel's TCP-MD5 drop counters (`TCPMD5NotFound`, `TCPMD5Unexpected`,
+/// `TCPMD5Failure` of `TcpExt` in `/proc/net/netstat`), `None` when unreadable.
+pub(crate) fn tcp_md5_counters(netstat: &str) -> Option<[u64; 3]> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names: Vec<&str> = lines.next()?.split_whitespace().skip(1).collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().skip(1).collect();
+    let get = |name: &str| -> Option<u64> {
+        let i = names.iter().position(|n| *n == name)?;
+        values.get(i)?.parse().ok()
+    };
+    Some([
+        get("TCPMD5NotFound")?,
+        get("TCPMD5Unexpected")?,
+        get("TCPMD5Failure")?,
+    ])
+}
+
+/// Brings `podroute_tcp_md5_failures_total` up to the kernel's counters.
+/// Drops from before the agent started are not counted (`last` is `None` until the first
+/// read).
+pub(crate) fn update_md5_metrics(metrics: &Metrics, last: &mut Option<[u64; 3]>) {
+    let Some(now) = std::fs::read_to_string("/proc/net/netstat")
+        .ok()
+        .and_then(|t| tcp_md5_counters(&t))
+    else {
+        return;
+    };
+    let last = last.get_or_insert(now);
+    for (i, reason) in ["not_found", "unexpected", "failure"].iter().enumerate() {
+        let d = delta(&mut last[i], now[i]);
+        // Created at zero too, so the series exists for dashboards and alerts.
+        metrics
+            .tcp_md5_failures
+            .with_label_values(&[reason])
+            .inc_by(d);
+    }
+}
+
 /// How often at most one peer's refused routes are logged.
 const REJECTION_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -352,6 +390,14 @@ mod tests {
             connect_failures: 0,
             next_retry: None,
         }
+    }
+
+    #[test]
+    fn tcp_md5_counters_from_netstat() {
+        let text = "TcpExt: SyncookiesSent TCPMD5NotFound TCPMD5Unexpected TCPMD5Failure\n\
+                    TcpExt: 0 3 1 7\nIpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(tcp_md5_counters(text), Some([3, 1, 7]));
+        assert_eq!(tcp_md5_counters("IpExt: a\nIpExt: 1\n"), None);
     }
 
     #[test]
