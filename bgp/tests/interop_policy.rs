@@ -1,4 +1,4 @@
-//! Route policy and per-peer session settings against real BIRD 2 (each test starts its own
+//! Route policy and per-peer session settings against real BIRD 2 and GoBGP (each test starts its own
 //! BIRD on a unique loopback address and a non-179 port):
 //! - TCP-MD5 (RFC 2385): Established with the right key, never with a wrong one;
 //! - GTSM (RFC 5082): a BIRD with `ttl security on` accepts podroute only when podroute
@@ -20,6 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use support::bird::{Bird, BirdConfig, PeerCfg};
+use support::gobgp::{Gobgp, GobgpConfig, NeighborCfg};
 use support::{Endpoint, IpNet, require_tool, wait_until};
 
 const T: Duration = Duration::from_secs(40);
@@ -404,4 +405,66 @@ fn peer_filters_next_hop_keep_allowas_in_and_local_as_at_bird() {
     assert_eq!(own.as_path, vec![65100]);
     assert!(tor_b.route(net("198.51.100.0/24")).unwrap().is_empty());
     assert!(tor_b.route(net("2001:db8:1::/48")).unwrap().is_empty());
+}
+
+/// GoBGP: TCP-MD5 with the right key (and not without it), and the export rules'
+/// communities and large communities as GoBGP sees them.
+#[test]
+fn gobgp_md5_and_communities() {
+    let r = ["gobgpd", "gobgp"].map(require_tool);
+    if !r.iter().all(|x| *x) {
+        return;
+    }
+    for keyed in [true, false] {
+        let pod = Pod::start(POD_AS);
+        pod.set_rules(ExportRules {
+            allow: vec![net("10.63.0.0/16")],
+            communities: vec![CommunityRule {
+                cidr: net("10.63.0.0/16"),
+                communities: vec![
+                    Community::Standard((65000 << 16) | 200),
+                    Community::Large(64512, 3, 4),
+                ],
+            }],
+            ..ExportRules::default()
+        });
+        let mut n = NeighborCfg::new(&pod.ep, POD_AS);
+        n.auth_password = Some("gobgp-key".into());
+        n.ipv6 = false;
+        let gobgp = Gobgp::start(GobgpConfig::new(Endpoint::alloc(), 65003).neighbor(n)).unwrap();
+        let mut cfg = pod.peer_cfg(&gobgp.endpoint(), 65003);
+        if keyed {
+            cfg.password = Some(Arc::from(&b"gobgp-key"[..]));
+        }
+        pod.add_peer(cfg);
+        pod.announce(net("10.63.1.0/26"));
+        pod.announce(net("10.64.1.0/26")); // outside the rules: never sent
+        if !keyed {
+            let end = std::time::Instant::now() + Duration::from_secs(6);
+            while std::time::Instant::now() < end {
+                let s = pod.peer(gobgp.endpoint().addr);
+                assert_ne!(s.state, State::Established, "no key, no session: {s:?}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            continue;
+        }
+        pod.wait_established(gobgp.endpoint().addr);
+        let r = gobgp
+            .wait_route(net("10.63.1.0/26"), &pod.ep.addr.to_string(), T)
+            .unwrap();
+        assert_eq!(r.communities, vec![(65000, 200)]);
+        let text = gobgp.cli(&["global", "rib", "-a", "ipv4"]).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.contains("10.63.1.0/26"))
+            .unwrap_or_default();
+        assert!(
+            line.contains("64512:3:4"),
+            "large community at GoBGP:\n{text}"
+        );
+        assert!(
+            !text.contains("10.64.1.0/26"),
+            "outside the export rules:\n{text}"
+        );
+    }
 }

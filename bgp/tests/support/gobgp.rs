@@ -43,6 +43,8 @@ pub struct NeighborCfg {
     pub ipv6: bool,
     /// Extra TOML lines appended after this neighbor's tables (may open sub-tables).
     pub extra: String,
+    /// TCP-MD5 password (`auth-password`).
+    pub auth_password: Option<String>,
 }
 
 impl NeighborCfg {
@@ -60,6 +62,7 @@ impl NeighborCfg {
             ipv4: true,
             ipv6: true,
             extra: String::new(),
+            auth_password: None,
         }
     }
 }
@@ -105,6 +108,9 @@ impl GobgpConfig {
                 "    neighbor-address = \"{}\"\n    peer-as = {}\n",
                 n.addr, n.remote_as
             );
+            if let Some(pw) = &n.auth_password {
+                s += &format!("    auth-password = \"{pw}\"\n");
+            }
             s += "  [neighbors.transport.config]\n";
             s += &format!(
                 "    remote-port = {}\n    local-address = \"{}\"\n",
