@@ -635,7 +635,13 @@ impl Agent {
         // Sessions.
         let passwords = self
             .passwords
-            .resolve(state.peers.values().filter_map(|p| p.password.as_ref()))
+            .resolve(
+                state
+                    .peers
+                    .values()
+                    .filter_map(|p| p.password.as_ref())
+                    .chain(state.bgp.node_mesh_password.as_ref()),
+            )
             .await;
         let set = peers::desired_peers_with(&state, &self.identity(), &passwords);
         for w in &set.warnings {

@@ -28,6 +28,7 @@ use podroute_bgp::wire::Family;
 use super::selector::Selector;
 use crate::datastore::secrets::Passwords;
 use crate::model::bgp::NextHopMode;
+use crate::model::crd::SecretKeyRef;
 use crate::model::{NodeInfo, Peer};
 use crate::state::ClusterState;
 
@@ -147,6 +148,22 @@ fn applies_to(peer: &Peer, local: &LocalIdentity) -> Result<bool, String> {
     }
 }
 
+/// The TCP-MD5 key a `secretKeyRef` names, or why there is none usable.
+fn password_for(r: &SecretKeyRef, passwords: &Passwords) -> Result<Arc<[u8]>, String> {
+    match passwords.get(&(r.name.clone(), r.key.clone())) {
+        Some(Ok(key)) if key.len() <= podroute_bgp::sockopt::MD5_MAX_KEY_LEN => Ok(key.clone()),
+        Some(Ok(key)) => Err(format!(
+            "password {}/{} has {} bytes, TCP-MD5 allows at most {}",
+            r.name,
+            r.key,
+            key.len(),
+            podroute_bgp::sockopt::MD5_MAX_KEY_LEN
+        )),
+        Some(Err(e)) => Err(format!("password: {e}")),
+        None => Err(format!("password {}/{} not read yet", r.name, r.key)),
+    }
+}
+
 /// The per-peer settings of a `BGPPeer` that shape its session and what it is sent: BGPFilter
 /// rules, next-hop mode, keepalive, local AS, allowas-in and source address. What cannot be
 /// honoured is added to `warnings` (shown in `podroute status` and logged once).
@@ -241,6 +258,17 @@ pub fn desired_peers_with(
             // Every node listens on the cluster's listenPort.
             cfg.port = state.bgp.listen_port;
             cfg.max_restart_time = state.bgp.node_mesh_max_restart_time;
+            if let Some(r) = &state.bgp.node_mesh_password {
+                match password_for(r, passwords) {
+                    Ok(key) => cfg.password = Some(key),
+                    Err(why) => {
+                        set.warnings.push(format!(
+                            "BGPConfiguration nodeMeshPassword: {why}; not meshing with {ip}"
+                        ));
+                        continue;
+                    }
+                }
+            }
             set.peers.insert(
                 cfg.addr,
                 DesiredPeer {
@@ -310,33 +338,12 @@ pub fn desired_peers_with(
             cfg.max_restart_time = peer.max_restart_time;
             apply_session_settings(state, peer, &mut cfg, &mut set.warnings);
             if let Some(r) = &peer.password {
-                match passwords.get(&(r.name.clone(), r.key.clone())) {
-                    Some(Ok(key)) if key.len() <= podroute_bgp::sockopt::MD5_MAX_KEY_LEN => {
-                        cfg.password = Some(key.clone());
-                    }
-                    Some(Ok(key)) => {
+                match password_for(r, passwords) {
+                    Ok(key) => cfg.password = Some(key),
+                    Err(why) => {
                         set.warnings.push(format!(
-                            "BGPPeer {}: password {}/{} has {} bytes, TCP-MD5 allows at most {}; \
-                             not peering with {ip}",
-                            peer.name,
-                            r.name,
-                            r.key,
-                            key.len(),
-                            podroute_bgp::sockopt::MD5_MAX_KEY_LEN
-                        ));
-                        continue;
-                    }
-                    Some(Err(e)) => {
-                        set.warnings.push(format!(
-                            "BGPPeer {}: password: {e}; not peering with {ip} until it can be read",
+                            "BGPPeer {}: {why}; not peering with {ip} until it can be read",
                             peer.name
-                        ));
-                        continue;
-                    }
-                    None => {
-                        set.warnings.push(format!(
-                            "BGPPeer {}: password {}/{} not read yet; not peering with {ip}",
-                            peer.name, r.name, r.key
                         ));
                         continue;
                     }
@@ -648,5 +655,33 @@ mod tests {
         let w = set.warnings.join("\n");
         assert!(w.contains("BGPFilter \"missing\" does not exist"), "{w}");
         assert!(w.contains("reachableBy \"NextHop\" is not honoured"), "{w}");
+    }
+
+    #[test]
+    fn mesh_password_keys_every_mesh_session_or_none() {
+        use crate::model::crd::SecretKeyRef;
+        let mut s = state(vec![
+            node("master01", "10.0.0.10/24"),
+            node("node01", "10.0.0.11/24"),
+        ]);
+        let r = SecretKeyRef {
+            name: "bgp".into(),
+            key: "mesh".into(),
+            optional: None,
+        };
+        s.bgp.node_mesh_password = Some(r.clone());
+        let mut passwords = Passwords::new();
+        passwords.insert(("bgp".into(), "mesh".into()), Ok(Arc::from(&b"k"[..])));
+        let set = desired_peers_with(&s, &local(&s), &passwords);
+        let p = set.peers.values().next().unwrap();
+        assert_eq!(p.config.password.as_deref(), Some(&b"k"[..]));
+        // Unreadable: no mesh session at all, and a warning naming why.
+        let set = desired_peers(&s, &local(&s));
+        assert!(set.peers.is_empty());
+        assert!(
+            set.warnings[0].contains("nodeMeshPassword"),
+            "{:?}",
+            set.warnings
+        );
     }
 }

@@ -262,6 +262,8 @@ pub struct BgpConfig {
     pub log_severity_screen: Option<String>,
     /// `nodeMeshMaxRestartTime`: graceful-restart time of mesh sessions; `None` = 120 s.
     pub node_mesh_max_restart_time: Option<Duration>,
+    /// `nodeMeshPassword`: TCP-MD5 password of the mesh sessions.
+    pub node_mesh_password: Option<SecretKeyRef>,
     pub service_cluster_ips: Vec<IpNet>,
     pub service_external_ips: Vec<IpNet>,
     pub service_load_balancer_ips: Vec<IpNet>,
@@ -297,6 +299,7 @@ impl Default for BgpConfig {
             listen_port: DEFAULT_LISTEN_PORT,
             log_severity_screen: None,
             node_mesh_max_restart_time: None,
+            node_mesh_password: None,
             service_cluster_ips: Vec::new(),
             service_external_ips: Vec::new(),
             service_load_balancer_ips: Vec::new(),
@@ -366,6 +369,10 @@ impl BgpConfig {
             prefix_advertisements.push((cidr, communities));
         }
         Ok(BgpConfig {
+            node_mesh_password: spec
+                .node_mesh_password
+                .as_ref()
+                .and_then(|p| p.secret_key_ref.clone()),
             prefix_advertisements,
             node_mesh_max_restart_time,
             as_number,

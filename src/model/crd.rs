@@ -364,6 +364,9 @@ pub struct BGPConfigurationSpec {
     /// Graceful-restart time of node-to-node mesh sessions (Go duration, default 120s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_mesh_max_restart_time: Option<String>,
+    /// TCP-MD5 password of the node-to-node mesh sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_mesh_password: Option<BGPPassword>,
     #[serde(
         default,
         rename = "serviceClusterIPs",
