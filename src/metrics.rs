@@ -168,8 +168,8 @@ impl Metrics {
                 opts(
                     "bgp_routes_rejected_total",
                     "Announcements of all peers refused before the Loc-RIB, by reason: loop \
-                     (AS_PATH with our AS, our ORIGINATOR_ID or CLUSTER_ID) and import_filter \
-                     (a BGPFilter import rule). Per peer in `podroute status`."
+                     (AS_PATH with our AS, our ORIGINATOR_ID or CLUSTER_ID), import_filter \
+                     (a BGPFilter import rule) and malformed (RFC 7606 treat-as-withdraw). Per peer in `podroute status`."
                 ),
                 &["reason"]
             )),

@@ -1683,6 +1683,20 @@ fn garbage_from_a_peer_resets_only_that_session() {
     let p = raw_status(&lab).unwrap();
     assert_eq!(p.state, "Established", "{p:?}");
     assert_eq!(p.prefixes_accepted, 1, "{p:?}");
+    // The refusal is counted for that peer and by reason.
+    eventually(&lab, "the treat-as-withdraw counted", CHANGE, || {
+        let p = raw_status(&lab).ok_or("no raw peer")?;
+        let m = metric_of(
+            &lab,
+            NODE01,
+            "podroute_bgp_routes_rejected_total{reason=\"malformed\"}",
+        );
+        if p.routes_rejected_malformed == 1 && m == Some(1.0) {
+            Ok(())
+        } else {
+            Err(format!("{p:?} metric {m:?}"))
+        }
+    });
 
     // (b) A message with a broken marker: Message Header Error / Connection Not Synchronized,
     // then the connection closes and the peer's routes go at once.

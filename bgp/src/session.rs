@@ -383,6 +383,42 @@ struct Driver {
     /// How many times the main slot reached Established.
     established: u64,
     trouble: ConnectTrouble,
+    /// RFC 7606 findings not logged yet, and when the last WARN about them was.
+    findings: FindingLog,
+}
+
+/// Rate-limited WARN lines for malformed or refused UPDATE contents (RFC 7606): at most one
+/// per [`FINDING_LOG_INTERVAL`], with the count since the last one, so that a peer sending
+/// garbage cannot flood the log.
+#[derive(Default)]
+struct FindingLog {
+    unlogged: u64,
+    last: Option<Instant>,
+}
+
+/// How often at most one peer's RFC 7606 findings are logged.
+const FINDING_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+impl FindingLog {
+    fn record(&mut self, first: &wire::AttrError, found: usize, peer_check: bool) {
+        self.unlogged += found as u64;
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < FINDING_LOG_INTERVAL)
+        {
+            return;
+        }
+        warn!(
+            error = %first,
+            findings = self.unlogged,
+            kind = if peer_check { "peer check" } else { "malformed attribute" },
+            "UPDATE attributes discarded or routes treated as withdrawn (RFC 7606); \
+             logged at most once a minute per peer"
+        );
+        self.unlogged = 0;
+        self.last = Some(now);
+    }
 }
 
 /// The session task. Ends after a Stop command or when the core goes away.
@@ -411,6 +447,7 @@ async fn drive(
         stopping: false,
         established: 0,
         trouble: ConnectTrouble::default(),
+        findings: FindingLog::default(),
     };
     d.handle(true, Event::ManualStart).await;
     loop {
@@ -719,11 +756,11 @@ impl Driver {
                 if let Some(ctx) = self.slot(main).and_then(|s| s.peer_ctx.as_ref()) {
                     validate_update(&mut u, ctx);
                 }
-                for e in &u.errors[..decoded] {
-                    warn!(error = %e, "malformed UPDATE attribute (RFC 7606)");
-                }
-                for e in &u.errors[decoded..] {
-                    debug!(error = %e, "UPDATE refused by peer checks");
+                if let Some(first) = u.errors.first() {
+                    for e in &u.errors {
+                        debug!(error = %e, "UPDATE finding (RFC 7606)");
+                    }
+                    self.findings.record(first, u.errors.len(), decoded == 0);
                 }
                 self.emit(SessionEvent::Update(u)).await;
             }

@@ -293,8 +293,11 @@ pub struct PeerStatus {
     /// Announcements refused since the peer was configured, by reason: loop detection
     /// (AS_PATH with our AS, our ORIGINATOR_ID or CLUSTER_ID)...
     pub routes_rejected_loop: u64,
-    /// ... and the peer's import filter.
+    /// ... and the peer's import filter...
     pub routes_rejected_filter: u64,
+    /// ... and RFC 7606 treat-as-withdraw (a malformed attribute, or a peer check such as a
+    /// next hop of ours).
+    pub routes_rejected_malformed: u64,
     /// The last reason the session went down or failed to come up.
     pub last_error: Option<String>,
     /// Families the peer has sent End-of-RIB for since the session came up.
@@ -993,6 +996,7 @@ impl Core {
             notifications_sent: 0,
             routes_rejected_loop: 0,
             routes_rejected_filter: 0,
+            routes_rejected_malformed: 0,
             last_error: key_error,
             end_of_rib: Vec::new(),
             graceful_restart: None,
@@ -1037,6 +1041,10 @@ impl Core {
                 SessionEvent::Update(u) => {
                     if let Some(p) = self.peers.get_mut(&id) {
                         p.status.updates_received += 1;
+                        if u.treat_as_withdraw() {
+                            let n = u.nlri.len() + u.mp_reach.as_ref().map_or(0, |r| r.nlri.len());
+                            p.status.routes_rejected_malformed += n as u64;
+                        }
                         let stats = self.rib.import_update(id, &u, &mut pending);
                         p.status.routes_rejected_loop += stats.rejected as u64;
                         p.status.routes_rejected_filter += stats.filtered as u64;

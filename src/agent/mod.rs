@@ -162,6 +162,7 @@ pub(crate) struct PeerCounts {
     pub(crate) established: u64,
     pub(crate) rejected_loop: u64,
     pub(crate) rejected_filter: u64,
+    pub(crate) rejected_malformed: u64,
     /// Refusals not logged yet, and when the last WARN about this peer's refusals was.
     pub(crate) unlogged_rejections: u64,
     pub(crate) last_rejection_log: Option<std::time::Instant>,

@@ -62,6 +62,7 @@ pub(crate) fn peer_rows(statuses: &[PeerStatus], info: &PeerInfo) -> Vec<PeerRow
                 stale_prefixes: stale,
                 routes_rejected_loop: status.map_or(0, |s| s.routes_rejected_loop),
                 routes_rejected_filter: status.map_or(0, |s| s.routes_rejected_filter),
+                routes_rejected_malformed: status.map_or(0, |s| s.routes_rejected_malformed),
             }
         })
         .collect();
@@ -120,7 +121,12 @@ const REJECTION_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_se
 fn record_rejections(metrics: &Metrics, s: &PeerStatus, c: &mut PeerCounts) {
     let looped = delta(&mut c.rejected_loop, s.routes_rejected_loop);
     let filtered = delta(&mut c.rejected_filter, s.routes_rejected_filter);
-    for (reason, n) in [("loop", looped), ("import_filter", filtered)] {
+    let malformed = delta(&mut c.rejected_malformed, s.routes_rejected_malformed);
+    for (reason, n) in [
+        ("loop", looped),
+        ("import_filter", filtered),
+        ("malformed", malformed),
+    ] {
         if n > 0 {
             metrics
                 .routes_rejected
@@ -128,7 +134,7 @@ fn record_rejections(metrics: &Metrics, s: &PeerStatus, c: &mut PeerCounts) {
                 .inc_by(n);
         }
     }
-    c.unlogged_rejections += looped + filtered;
+    c.unlogged_rejections += looped + filtered + malformed;
     let now = std::time::Instant::now();
     let due = c
         .last_rejection_log
@@ -139,8 +145,9 @@ fn record_rejections(metrics: &Metrics, s: &PeerStatus, c: &mut PeerCounts) {
             refused = c.unlogged_rejections,
             loop_total = s.routes_rejected_loop,
             import_filter_total = s.routes_rejected_filter,
-            "routes from this peer refused (loop detection or BGPFilter import rules); \
-             see podroute status"
+            malformed_total = s.routes_rejected_malformed,
+            "routes from this peer refused (loop detection, BGPFilter import rules or RFC 7606 \
+             treat-as-withdraw); see podroute status"
         );
         c.unlogged_rejections = 0;
         c.last_rejection_log = Some(now);
@@ -383,6 +390,7 @@ mod tests {
             notifications_sent: 0,
             routes_rejected_loop: 0,
             routes_rejected_filter: 0,
+            routes_rejected_malformed: 0,
             last_error: error.map(str::to_string),
             end_of_rib: Vec::new(),
             graceful_restart: None,

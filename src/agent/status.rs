@@ -135,9 +135,12 @@ pub struct PeerRow {
     /// Announcements refused since the peer was configured: by loop detection...
     #[serde(default)]
     pub routes_rejected_loop: u64,
-    /// ... and by BGPFilter import rules.
+    /// ... by BGPFilter import rules...
     #[serde(default)]
     pub routes_rejected_filter: u64,
+    /// ... and by RFC 7606 treat-as-withdraw (malformed attributes, peer checks).
+    #[serde(default)]
+    pub routes_rejected_malformed: u64,
 }
 
 /// `GET /routes`.
