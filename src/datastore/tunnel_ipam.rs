@@ -412,10 +412,12 @@ async fn ensure_handle(
             .await
             .map_err(api_error(format!("replace IPAMHandle {handle}")))?;
     }
-    match handles
-        .create(&PostParams::default(), &IPAMHandle::new(handle, wanted))
-        .await
-    {
+    // Created through the dynamic API so that the body carries apiVersion and kind, which the
+    // API server requires of a created object.
+    let resource = ApiResource::erase::<IPAMHandle>(&());
+    let object = DynamicObject::new(handle, &resource).data(json!({ "spec": wanted }));
+    let creator: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    match creator.create(&PostParams::default(), &object).await {
         Ok(_) => Ok(()),
         // Another writer created it meanwhile; the next attempt checks its blocks.
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
