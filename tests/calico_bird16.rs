@@ -72,7 +72,9 @@ fn can_run(test: &str) -> bool {
 
 /// Calico's confd output for node01 (192.168.92.129, block 172.16.196.128/26) in the seed
 /// cluster: pool 172.16.0.0/16 CrossSubnet, AS 64512, mesh to master01 and node02.
-fn calico_bird_cfg(lab: &Lab, log: &Path) -> String {
+/// With `hold_back`, the export filter rejects everything (node01 peers but announces
+/// nothing yet), to show that an Established session alone does not make a node ready.
+fn calico_bird_cfg(lab: &Lab, log: &Path, hold_back: bool) -> String {
     let me = lab.spec.node(NODE01).unwrap();
     let node_ip = me.ip().to_string();
     let mut mesh = String::new();
@@ -109,7 +111,7 @@ function calico_aggr ()
 }}
 
 # Rendered from bird_ipam.cfg.template
-filter calico_export_to_bgp_peers {{
+filter calico_export_to_bgp_peers {{{hold}
   calico_aggr();
   if ( net ~ 172.16.0.0/16 ) then {{
     accept;
@@ -172,6 +174,11 @@ template bgp bgp_template {{
 {mesh}"#,
         log = log.display(),
         asn = lab.spec.as_number,
+        hold = if hold_back {
+            "\n  reject; # held back by the test"
+        } else {
+            ""
+        },
     )
 }
 
@@ -182,12 +189,16 @@ struct Bird16 {
 }
 
 impl Bird16 {
-    fn start(lab: &Lab) -> Bird16 {
+    fn start(lab: &Lab, hold_back: bool) -> Bird16 {
         let ns = lab.node_ns(NODE01);
         let dir = lab.workdir().join("bird16");
         std::fs::create_dir_all(&dir).unwrap();
         let conf = dir.join("bird.cfg");
-        std::fs::write(&conf, calico_bird_cfg(lab, &dir.join("bird.log"))).unwrap();
+        std::fs::write(
+            &conf,
+            calico_bird_cfg(lab, &dir.join("bird.log"), hold_back),
+        )
+        .unwrap();
         let bird = Bird16 {
             ns,
             conf,
@@ -319,9 +330,52 @@ fn calico_bird16_node_and_podroute_nodes_exchange_blocks_and_survive_restarts() 
     let prefix = format!("b16{}", std::process::id());
     let cfg = LabConfig::new(prefix, env!("CARGO_BIN_EXE_podroute"));
     let mut lab = Lab::build(cfg, ClusterSpec::seed()).expect("build the lab");
-    let bird = Bird16::start(&lab);
+    let bird = Bird16::start(&lab, true);
+    let agents_started = Instant::now();
     lab.start_agent(MASTER01).unwrap();
     lab.start_agent(NODE02).unwrap();
+
+    // node01 peers but announces nothing: an Established session is not readiness. master01
+    // stays not ready, naming node01's block, past the mesh peers' grace time.
+    eventually(
+        &lab,
+        "master01 Established with node01, not ready for its block",
+        CONVERGE,
+        || {
+            let s = lab.node_status(MASTER01).map_err(|e| e.to_string())?;
+            let up = s
+                .peers
+                .iter()
+                .any(|p| p.address == "192.168.92.129" && p.state == "Established");
+            let reason = s
+                .health
+                .not_ready
+                .iter()
+                .any(|r| r.contains(&format!("{BLOCK_NODE01} (node01)")));
+            if up && !s.health.ready && reason {
+                Ok(())
+            } else {
+                Err(format!("node01 Established: {up}; health: {:?}", s.health))
+            }
+        },
+    );
+    // Past the grace time (the lab's --ready-grace, 10 s) only the Established session keeps
+    // the block counted.
+    let grace = Duration::from_secs(11);
+    std::thread::sleep(grace.saturating_sub(agents_started.elapsed()));
+    let s = lab.node_status(MASTER01).unwrap();
+    assert!(
+        !s.health.ready && s.health.not_ready.iter().any(|r| r.contains(BLOCK_NODE01)),
+        "after the grace time: {:?}",
+        s.health
+    );
+    std::fs::write(
+        &bird.conf,
+        calico_bird_cfg(&lab, &lab.workdir().join("bird16/bird.log"), false),
+    )
+    .unwrap();
+    let reconfigured = bird.birdc(&["configure"]).unwrap();
+    assert!(reconfigured.contains("Reconfigured"), "{reconfigured}");
 
     // podroute side: both agents have node01 (BIRD) as an Established mesh peer and exactly
     // the plan, which routes node01's block as if node01 ran podroute.
@@ -351,6 +405,19 @@ fn calico_bird16_node_and_podroute_nodes_exchange_blocks_and_survive_restarts() 
                 }
             }
             Ok(())
+        },
+    );
+    eventually(
+        &lab,
+        "master01 ready once node01's block is routed",
+        CONVERGE,
+        || {
+            let s = lab.node_status(MASTER01).map_err(|e| e.to_string())?;
+            if s.health.ready {
+                Ok(())
+            } else {
+                Err(format!("{:?}", s.health))
+            }
         },
     );
     assert_eq!(
