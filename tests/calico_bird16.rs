@@ -301,6 +301,18 @@ fn route_to_bird_block(lab: &Lab, node: &str) -> Option<String> {
         .find(|l| l.starts_with(BLOCK_NODE01))
 }
 
+/// The podroute nodes' routes to node01's block are still `before`.
+fn same_routes(lab: &Lab, before: &[Option<String>]) -> Result<(), String> {
+    let now: Vec<Option<String>> = [MASTER01, NODE02]
+        .map(|n| route_to_bird_block(lab, n))
+        .into();
+    if now == before {
+        Ok(())
+    } else {
+        Err(format!("{now:?} (before: {before:?})"))
+    }
+}
+
 /// Samples `check` every 20 ms for `how_long`; panics at the first miss.
 fn holds_for(
     lab: &Lab,
@@ -485,26 +497,16 @@ fn calico_bird16_node_and_podroute_nodes_exchange_blocks_and_survive_restarts() 
     assert!(before.iter().all(Option::is_some), "{before:?}");
     lab.stop_agent(LABEL, libc::SIGKILL, Duration::from_secs(5))
         .unwrap();
-    let same = || {
-        let now: Vec<Option<String>> = [MASTER01, NODE02]
-            .map(|n| route_to_bird_block(&lab, n))
-            .into();
-        if now == before {
-            Ok(())
-        } else {
-            Err(format!("{now:?} (before: {before:?})"))
-        }
-    };
     holds_for(
         &lab,
         "podroute keeps node01's block while BIRD is down",
         Duration::from_secs(3),
-        same,
+        || same_routes(&lab, &before),
     );
     bird.spawn(&lab);
     let start = Instant::now();
     eventually(&lab, "BIRD 1.6 back with both sessions", CONVERGE, || {
-        same()?;
+        same_routes(&lab, &before)?;
         bird.has_podroute_blocks()
     });
     eprintln!("BIRD 1.6 resynchronised after {:?}", start.elapsed());
@@ -516,6 +518,51 @@ fn calico_bird16_node_and_podroute_nodes_exchange_blocks_and_survive_restarts() 
         &lab,
         "node01's block stays after BIRD's restart",
         Duration::from_secs(2),
-        same,
+        || same_routes(&lab, &before),
+    );
+
+    // The migration step itself: calico-node's BIRD on node01 is SIGKILLed (its peers keep
+    // node01's block as stale) and podroute starts in its place; the other nodes' routes to
+    // node01's block never leave their kernels.
+    lab.stop_agent(LABEL, libc::SIGKILL, Duration::from_secs(5))
+        .unwrap();
+    lab.start_agent(NODE01).unwrap();
+    let start = Instant::now();
+    loop {
+        if let Err(e) = same_routes(&lab, &before) {
+            panic!(
+                "node01's block left a kernel while podroute replaced BIRD (after {:?}): {e}\n{}",
+                start.elapsed(),
+                logs(&lab)
+            );
+        }
+        if [MASTER01, NODE02]
+            .iter()
+            .all(|n| lab.node_converged(n).is_ok())
+        {
+            break;
+        }
+        if start.elapsed() > CONVERGE {
+            panic!(
+                "master01 and node02 never converged with podroute on node01\n{}",
+                logs(&lab)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // BIRD's kernel routes on node01: those identical to podroute's plan satisfy it, the
+    // others hold their destinations until removed, as the README's migration says.
+    podroute::lab::ip(&lab.node_ns(NODE01), &["route", "flush", "proto", "bird"]).unwrap();
+    if let Err(e) = lab.wait_converged(CONVERGE) {
+        panic!(
+            "podroute on node01 after `ip route flush proto bird`: {e}\n{}",
+            logs(&lab)
+        );
+    }
+    holds_for(
+        &lab,
+        "node01's block after the migration",
+        Duration::from_secs(1),
+        || same_routes(&lab, &before),
     );
 }
