@@ -32,7 +32,8 @@ pub fn wanted(state: &ClusterState) -> TunnelAddrAction {
     let ipip_pools: Vec<&crate::model::Pool> = state
         .pools
         .values()
-        .filter(|p| p.ipip_mode.is_on() && !p.disabled && p.cidr.addr().is_ipv4())
+        // A disabled pool's blocks are still routed through tunl0: it counts too.
+        .filter(|p| p.ipip_mode.is_on() && p.cidr.addr().is_ipv4())
         .collect();
     let own: Vec<Ipv4Net> = state
         .local_blocks()
