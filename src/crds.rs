@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::model::crd::{
     BGPConfiguration, BGPFilter, BGPPeer, BlockAffinity, CalicoResource, CrdNames, GROUP,
-    IPAMBlock, IPPool, VERSION,
+    IPAMBlock, IPAMHandle, IPPool, VERSION,
 };
 
 /// The CRDs could not be rendered as YAML.
@@ -243,6 +243,27 @@ fn ipamblock() -> GeneratedCrd {
     )
 }
 
+/// `IPAMHandle`: podroute writes its node's tunnel-address handle (`ipip-tunnel-addr-<node>`).
+fn ipamhandle() -> GeneratedCrd {
+    crd(
+        IPAMHandle::NAMES,
+        json!({
+            "description": "IPAMHandleSpec contains the specification for an IPAMHandle resource.",
+            "type": "object",
+            "properties": {
+                "block": {
+                    "type": "object",
+                    "additionalProperties": { "type": "integer" },
+                    "description": "Block CIDR -> number of this handle's addresses in it.",
+                },
+                "deleted": boolean(),
+                "handleID": string(),
+            },
+            "required": ["block", "handleID"],
+        }),
+    )
+}
+
 fn blockaffinity() -> GeneratedCrd {
     crd(
         BlockAffinity::NAMES,
@@ -431,7 +452,7 @@ fn bgpfilter() -> GeneratedCrd {
     )
 }
 
-/// The six CRDs, in a fixed order.
+/// The seven CRDs, in a fixed order.
 pub fn all() -> Vec<GeneratedCrd> {
     vec![
         bgpconfiguration(),
@@ -439,6 +460,7 @@ pub fn all() -> Vec<GeneratedCrd> {
         bgppeer(),
         blockaffinity(),
         ipamblock(),
+        ipamhandle(),
         ippool(),
     ]
 }

@@ -82,6 +82,12 @@ fn crds_are_calico_compatible() {
                 "unallocated",
             ]),
         ),
+        (
+            "IPAMHandle",
+            "ipamhandles",
+            "ipamhandle",
+            Some(vec!["block", "handleID"]),
+        ),
         ("IPPool", "ippools", "ippool", Some(vec!["cidr"])),
     ];
     let crds = podroute::crds::all();
@@ -109,7 +115,7 @@ fn crds_are_calico_compatible() {
             .map(|a| a.iter().filter_map(|v| v.as_str()).collect());
         assert_eq!(req, required, "{kind} required fields");
     }
-    let pool = &crds[5].object["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    let pool = &crds[6].object["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
         ["properties"];
     for field in ["ipipMode", "vxlanMode"] {
         assert_eq!(pool[field]["default"], "Never");

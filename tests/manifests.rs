@@ -360,14 +360,66 @@ fn cluster_role_covers_what_the_datastore_reads_and_is_bound_to_the_agent() {
             );
         }
     }
-    // The node annotations the agent writes (unless --no-annotate).
-    assert!(allows(&rules, "", "nodes", "patch"));
-    // Read-only on the Calico objects: IPAM belongs to the CNI plugin.
+    // Exactly the writes the code makes: the node annotations (unless --no-annotate,
+    // src/agent/annotate.rs and src/datastore/tunnel_ipam.rs), the NetworkUnavailable
+    // condition (src/datastore/node_condition.rs, a patch of nodes/status), and the tunnel
+    // address in IPAM (src/datastore/tunnel_ipam.rs: a compare-and-swap `replace` of the
+    // node's IPAMBlock; get, create and delete of its IPAMHandle).
+    let writes: &[(&str, &str, &str)] = &[
+        ("", "nodes", "patch"),
+        ("", "nodes/status", "patch"),
+        ("crd.projectcalico.org", "ipamblocks", "update"),
+        ("crd.projectcalico.org", "ipamhandles", "get"),
+        ("crd.projectcalico.org", "ipamhandles", "create"),
+        ("crd.projectcalico.org", "ipamhandles", "delete"),
+    ];
+    for (group, resource, verb) in writes {
+        assert!(
+            allows(&rules, group, resource, verb),
+            "ClusterRole does not allow {verb} on {group:?} {resource}"
+        );
+    }
+    let tunnel_ipam = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("src/datastore/tunnel_ipam.rs"),
+    )
+    .unwrap();
+    for call in [".replace(", ".create(", ".delete(", ".get_opt("] {
+        assert!(
+            tunnel_ipam.contains(call),
+            "tunnel_ipam.rs no longer calls {call}"
+        );
+    }
+    for call in [".patch(", ".patch_status("] {
+        assert!(
+            !tunnel_ipam.contains(&format!("blocks{call}")),
+            "tunnel_ipam.rs patches a block: grant it"
+        );
+    }
+    let condition = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("src/datastore/node_condition.rs"),
+    )
+    .unwrap();
+    assert!(condition.contains(".patch_status("));
+    // Nothing more on the Calico objects: no other create/update/patch/delete, so pools,
+    // affinities, peers and blocks (beyond the tunnel allocation's update) are never changed.
+    let granted =
+        |group: &str, resource: &str, verb: &str| writes.contains(&(group, resource, verb));
     for (group, plural) in watched.iter().filter(|(g, _)| !g.is_empty()) {
-        for verb in ["create", "update", "patch", "delete"] {
-            assert!(!allows(&rules, group, plural, verb), "{verb} on {plural}");
+        for verb in ["create", "update", "patch", "delete", "deletecollection"] {
+            assert!(
+                granted(group, plural, verb) || !allows(&rules, group, plural, verb),
+                "{verb} on {plural}"
+            );
         }
     }
+    for verb in ["list", "watch", "update", "patch", "deletecollection"] {
+        assert!(
+            !allows(&rules, "crd.projectcalico.org", "ipamhandles", verb),
+            "{verb} on ipamhandles is not needed"
+        );
+    }
+    assert!(!allows(&rules, "", "nodes", "update"));
+    assert!(!allows(&rules, "", "nodes/status", "update"));
 
     let ds = daemonset();
     let account = ds

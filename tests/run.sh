@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: installs the real parts the tests need (BIRD 2, GoBGP, iproute2,
-# tcpdump, ping, Prometheus and promtool) from Debian when they are missing, then runs
+# tcpdump, ping, Prometheus and promtool; BIRD 1.6 unpacked beside them) from Debian when they are missing, then runs
 # formatting, lints and every test.
 # Interop and netns tests do not skip silently: with CI=true a missing daemon or missing root
 # is a test failure.
@@ -27,6 +27,19 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq >/dev/null && apt-get install -y --no-install-recommends "${need[@]}" >/dev/null
   }
 fi
+# BIRD 1.6 (Debian's `bird` package, as in calico-node) for tests/calico_bird16.rs. The package
+# conflicts with bird2, so it is not installed: it is downloaded and unpacked once into
+# $BIRD16_DIR (default /var/cache/podroute-test/bird1), which gives usr/sbin/bird and birdc.
+BIRD16_DIR="${PODROUTE_BIRD16_DIR:-/var/cache/podroute-test/bird1}"
+if [ ! -x "$BIRD16_DIR/usr/sbin/bird" ]; then
+  echo "tests/run.sh: fetching BIRD 1.6 (apt-get download bird) into $BIRD16_DIR" >&2
+  tmp="$(mktemp -d)"
+  ( cd "$tmp" && { apt-get download bird >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get download bird >/dev/null; }; } )
+  mkdir -p "$BIRD16_DIR"
+  dpkg -x "$tmp"/bird_*.deb "$BIRD16_DIR"
+  rm -rf "$tmp"
+fi
+export PODROUTE_BIRD16_DIR="$BIRD16_DIR"
 # Debian's bird2 and prometheus packages may start system daemons; the tests start their own
 # (BIRD on other ports, Prometheus inside a lab network namespace) and leave those alone.
 

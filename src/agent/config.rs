@@ -139,6 +139,12 @@ pub struct AgentArgs {
     #[arg(long, env = "PODROUTE_NO_ANNOTATE")]
     pub no_annotate: bool,
 
+    /// On SIGTERM/SIGINT, set the Node's `NetworkUnavailable` condition to `True` (reason
+    /// `PodrouteIsDown`), as calico-node does on shutdown (kubernetes datastore). `false`
+    /// leaves it at `False` through restarts.
+    #[arg(long, env = "PODROUTE_SHUTDOWN_CONDITION", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub shutdown_condition: bool,
+
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info,podroute_bgp=debug`).
     #[arg(long, env = "PODROUTE_LOG", default_value = "info")]
     pub log: String,

@@ -20,12 +20,14 @@
 pub mod annotate;
 pub mod autodetect;
 pub mod best_paths;
+pub mod condition;
 pub mod config;
 pub mod intent;
 pub mod peers;
 pub mod report;
 pub mod selector;
 pub mod status;
+pub mod tunnel_addr;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -76,6 +78,18 @@ pub struct Startup {
     pub board: Arc<StatusBoard>,
     /// Where BGP passwords (`password.secretKeyRef`) are read.
     pub secrets: datastore::secrets::SecretSource,
+    /// The Kubernetes API (kubernetes datastore): the Node condition and the tunnel address
+    /// are written through it. `None` with the YAML-directory datastore.
+    pub client: Option<kube::Client>,
+}
+
+/// Aborts a background task when dropped (with the agent).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The node name: `--nodename`/`NODENAME`, else the host name.
@@ -238,6 +252,11 @@ pub struct Agent {
     nic_down: bool,
     /// `GET /routes` asks the loop for the report.
     route_requests: mpsc::Receiver<status::RoutesRequest>,
+    /// The Node's `NetworkUnavailable` condition.
+    condition: condition::ConditionReporter,
+    /// Allocates/releases the tunnel address in IPAM (kubernetes datastore only); when set,
+    /// `tunl0` takes only the annotated address, never a guessed one.
+    tunnel_addr: Option<AbortOnDrop>,
 }
 
 /// Keeps `tunl0` in place while some pool uses IPIP.
@@ -300,6 +319,7 @@ impl Agent {
             metrics,
             board,
             secrets,
+            client,
         } = startup;
         let state = datastore
             .state
@@ -360,6 +380,9 @@ impl Agent {
         metrics.datastore_synced.set(1);
         let (routes_tx, route_requests) = mpsc::channel(16);
         board.serve_routes(routes_tx);
+        let node_for_condition = node.clone();
+        let node_for_task = node.clone();
+        let state_for_task = datastore.state.clone();
         let agent = Agent {
             args,
             node,
@@ -399,6 +422,10 @@ impl Agent {
             restarting,
             nic_down: false,
             route_requests,
+            condition: condition::ConditionReporter::new(client.clone(), node_for_condition),
+            tunnel_addr: client.map(|client| {
+                AbortOnDrop(tunnel_addr::spawn(client, node_for_task, state_for_task))
+            }),
         };
         if !adopted_tunnel_routes.is_empty() {
             let remotes = adopted_tunnel_routes
@@ -461,6 +488,7 @@ impl Agent {
                 _ = &mut shutdown => {
                     info!("shutting down; routes stay in the kernel for the next start to adopt, \
                            and sessions close without NOTIFICATION so GR peers keep ours");
+                    self.condition.shutdown(self.args.shutdown_condition).await;
                     let _ = self.speaker.shutdown_for_restart().await;
                     return Ok(());
                 }
@@ -943,13 +971,17 @@ impl Agent {
             &BTreeMap::new(),
             &BTreeSet::new(),
         );
+        let annotated = self.state.local().and_then(|n| n.ipip_tunnel_addr);
         let spec = TunnelSpec {
             name: TUNNEL_DEVICE.to_string(),
             nic: self.nic.clone(),
-            address: plan::tunnel_address(
-                &input,
-                self.state.local().and_then(|n| n.ipip_tunnel_addr),
-            ),
+            // With the Kubernetes API the address comes from IPAM (annotated once allocated);
+            // a guess could be a pod's address. Without it, the plan's fallback.
+            address: if self.tunnel_addr.is_some() {
+                annotated
+            } else {
+                plan::tunnel_address(&input, annotated)
+            },
         };
         if self.tunnel.ready.as_ref() == Some(&spec) {
             self.tunnel.ready_revision = self.state.revision;
@@ -1115,6 +1147,7 @@ impl Agent {
             .config_warnings
             .set(self.peer_warnings.len() as i64);
         report::update_md5_metrics(&self.metrics, &mut self.md5_counts);
+        self.condition.observe(ready.is_empty());
         let mut status = status::AgentStatus {
             node: self.node.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -1157,6 +1190,9 @@ impl Agent {
         if let Some(e) = &self.tunnel.last_error {
             status.datastore.errors.push(e.clone());
         }
+        if let Some(w) = self.tunnel_address_warning() {
+            status.datastore.errors.push(w);
+        }
         self.board.publish_status(status);
     }
 
@@ -1176,6 +1212,76 @@ impl Agent {
             .collect()
     }
 
+    /// With the YAML-directory datastore and an IPIP pool, a Node without
+    /// `projectcalico.org/IPv4IPIPTunnelAddr` gets a tunnel address no IPAM reserved.
+    fn tunnel_address_warning(&self) -> Option<String> {
+        if self.tunnel_addr.is_some()
+            || self
+                .state
+                .local()
+                .and_then(|n| n.ipip_tunnel_addr)
+                .is_some()
+        {
+            return None;
+        }
+        let address = self.tunnel.ready.as_ref()?.address?;
+        Some(format!(
+            "tunl0 uses {address}, which is not allocated in IPAM: the YAML-directory datastore \
+             cannot allocate it; set the Node's projectcalico.org/IPv4IPIPTunnelAddr annotation"
+        ))
+    }
+
+    /// Known blocks this node has no programmed route for, that should hold readiness back:
+    /// every block (own or of another node, outside disabled and disableBGPExport pools)
+    /// without a planned route or whose route failed, while the agent is younger than
+    /// `--ready-grace` or its node's BGP session with us is Established (the route should
+    /// come). A block of a node we have had no session with for the grace time does not hold
+    /// readiness (a dead node must not make every other node unready).
+    fn unrouted_blocks(&self, dp: &DataplaneStatus) -> Vec<String> {
+        let Some(planner) = &self.planner else {
+            return Vec::new();
+        };
+        let young = self
+            .started
+            .elapsed()
+            .is_ok_and(|age| age < self.args.ready_grace);
+        let established = |node: &str| {
+            let Some(addr) = self.state.nodes.get(node).and_then(NodeInfo::ipv4_addr) else {
+                return false;
+            };
+            self.peer_status.iter().any(|s| {
+                s.addr == IpAddr::V4(addr) && s.state == podroute_bgp::fsm::State::Established
+            })
+        };
+        let failed: BTreeSet<IpNet> = dp.failures.iter().map(|f| f.route.prefix).collect();
+        let mut missing = Vec::new();
+        let mut warnings = BTreeSet::new();
+        for block in self.state.blocks.values() {
+            let Some(host) = block.host() else { continue };
+            if block.deleted {
+                continue;
+            }
+            let own = host == self.node;
+            let exported = self
+                .state
+                .pool_containing(&block.cidr)
+                .is_some_and(|p| !p.disabled && !p.disable_bgp_export);
+            if !own && !exported {
+                continue;
+            }
+            let prefix = block.cidr.trunc();
+            let routed = planner
+                .route_for(prefix, self.learned.get(&prefix), &mut warnings)
+                .is_some()
+                && !failed.contains(&prefix);
+            if routed || !(own || young || established(host)) {
+                continue;
+            }
+            missing.push(format!("{prefix} ({host})"));
+        }
+        missing
+    }
+
     /// Reasons the agent is not ready (empty = ready).
     fn readiness(&self, dp: &DataplaneStatus) -> Vec<String> {
         let mut reasons = Vec::new();
@@ -1187,6 +1293,17 @@ impl Agent {
         reasons.extend(self.state.suspect.iter().map(|s| s.message.clone()));
         if !dp.programmed || dp.applied.is_none() {
             reasons.push("first route reconcile not applied yet".to_string());
+        } else {
+            let missing = self.unrouted_blocks(dp);
+            if !missing.is_empty() {
+                let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
+                reasons.push(format!(
+                    "{} known block(s) not routed yet: {}{}",
+                    missing.len(),
+                    shown.join(", "),
+                    if missing.len() > 5 { ", ..." } else { "" }
+                ));
+            }
         }
         for (addr, peer) in &self.peers {
             if peer.desired.peer_type != PeerType::Mesh
@@ -1354,7 +1471,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         (None, Ok(DatastoreSpec::Dir(path))) => datastore::secrets::SecretSource::Dir(path),
         _ => datastore::secrets::SecretSource::None,
     };
-    if let Some(client) = client
+    if let Some(client) = client.clone()
         && !args.no_annotate
     {
         let wanted = annotate::wanted_annotations(Some(address), args.as_number);
@@ -1374,6 +1491,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         metrics,
         board,
         secrets,
+        client,
     };
     let (agent, dataplane) = Agent::start(args, startup).await?;
     agent.run(dataplane, termination()).await

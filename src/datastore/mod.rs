@@ -13,7 +13,9 @@ use crate::state::StateRx;
 pub mod builder;
 pub mod dir;
 pub mod kube;
+pub mod node_condition;
 pub mod secrets;
+pub mod tunnel_ipam;
 
 pub use builder::{Inputs, RejectCounters, StateBuilder};
 

@@ -128,6 +128,14 @@ calico_resource!(
 );
 
 calico_resource!(
+    IPAMHandle,
+    IPAMHandleSpec,
+    "IPAMHandle",
+    "ipamhandles",
+    "ipamhandle"
+);
+
+calico_resource!(
     BGPFilter,
     BGPFilterSpec,
     "BGPFilter",
@@ -232,6 +240,19 @@ pub struct IPAMBlockSpec {
     pub unallocated: Option<Vec<i64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence_number: Option<i64>,
+}
+
+/// `IPAMHandle.spec`: which blocks hold how many addresses of one allocation handle (a pod's
+/// container ID, or `ipip-tunnel-addr-<node>`). podroute writes only its node's tunnel handle.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct IPAMHandleSpec {
+    #[serde(default, rename = "handleID", skip_serializing_if = "Option::is_none")]
+    pub handle_id: Option<String>,
+    /// Block CIDR → number of addresses of this handle in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<BTreeMap<String, i64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<bool>,
 }
 
 /// One entry of `IPAMBlock.spec.attributes`.

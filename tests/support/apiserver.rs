@@ -10,6 +10,13 @@
 //! - `GET <collection>/<name>` returns one object;
 //! - `PATCH <collection>/<name>` with `application/merge-patch+json` merges (RFC 7386) into
 //!   the stored object, bumps its resourceVersion and tells watchers (`MODIFIED`);
+//!   `application/strategic-merge-patch+json` does the same except that the lists Kubernetes
+//!   merges by key (`conditions` and `addresses` by `type`) merge entry by entry;
+//!   `PATCH <collection>/<name>/status` patches the same object (the status subresource);
+//! - `PUT <collection>/<name>` replaces an object; a `metadata.resourceVersion` in the body
+//!   other than the stored one is refused with 409 Conflict (compare-and-swap, as etcd does);
+//! - `POST <collection>` creates (409 AlreadyExists when the name is taken);
+//!   `DELETE <collection>/<name>` deletes;
 //! - collections are any path; objects are stored per path as JSON.
 //!
 //! The test controls it: [`FakeApiServer::apply`] / [`FakeApiServer::delete`] change objects
@@ -60,6 +67,11 @@ struct Data {
     watches: HashMap<String, usize>,
     /// Bodies of the `PATCH` requests received, per collection path.
     patches: HashMap<String, Vec<Value>>,
+    /// Writes (`PUT`) refused with 409 Conflict, per collection path.
+    conflicts: HashMap<String, usize>,
+    /// Merge patches applied to an object (watchers told) just before the next `PUT` to it is
+    /// handled: a concurrent writer that wins the race.
+    interfere: HashMap<String, Vec<Value>>,
 }
 
 #[derive(Debug)]
@@ -324,6 +336,53 @@ impl FakeApiServer {
             .unwrap_or_default()
     }
 
+    /// How many `PUT`s to a collection were refused with 409 Conflict.
+    pub fn conflicts<K: Resource<DynamicType = ()>>(&self) -> usize {
+        lock(&self.shared.data)
+            .conflicts
+            .get(&path_of::<K>())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The stored object `name` of kind `K` as JSON, if any.
+    pub fn get_json<K: Resource<DynamicType = ()>>(&self, name: &str) -> Option<Value> {
+        lock(&self.shared.data)
+            .collections
+            .get(&path_of::<K>())?
+            .get(name)
+            .cloned()
+    }
+
+    /// Stores `object` (JSON, `metadata.name` set) as kind `K` and tells watchers.
+    pub fn apply_json<K: Resource<DynamicType = ()>>(&self, mut object: Value) -> u64 {
+        object["apiVersion"] = json!(K::api_version(&()));
+        object["kind"] = json!(K::kind(&()));
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let change = store(&self.shared, &path_of::<K>(), &name, object);
+        let rv = change.rv;
+        let _ = self.shared.signals.send(Signal::Change(change));
+        rv
+    }
+
+    /// Just before the next `PUT` to object `name` of kind `K` is handled, merges `patch` into
+    /// the stored object (a new resourceVersion, watchers told): the `PUT`, made from the
+    /// version read before, then gets 409 Conflict, as when another writer wins the race.
+    pub fn interfere_before_next_put<K: Resource<DynamicType = ()>>(
+        &self,
+        name: &str,
+        patch: Value,
+    ) {
+        lock(&self.shared.data)
+            .interfere
+            .entry(format!("{}/{name}", path_of::<K>()))
+            .or_default()
+            .push(patch);
+    }
+
     /// The current resourceVersion.
     pub fn resource_version(&self) -> u64 {
         lock(&self.shared.data).rv
@@ -408,6 +467,12 @@ async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
         let result = if method == "PATCH" {
             let content_type = header(&head, "content-type").unwrap_or("");
             patch(&mut stream, &shared, path, content_type, &body).await
+        } else if method == "PUT" {
+            put(&mut stream, &shared, path, &body).await
+        } else if method == "POST" {
+            post(&mut stream, &shared, path, &body).await
+        } else if method == "DELETE" {
+            delete(&mut stream, &shared, path).await
         } else if watching {
             let since = params
                 .get("resourceVersion")
@@ -643,6 +708,8 @@ async fn patch(
     content_type: &str,
     body: &[u8],
 ) -> std::io::Result<()> {
+    // The status subresource patches the object itself.
+    let path = path.strip_suffix("/status").unwrap_or(path);
     let Some((collection, name)) = split_object_path(path) else {
         return respond(stream, "404 Not Found", &not_found(path)).await;
     };
@@ -652,11 +719,17 @@ async fn patch(
         .entry(collection.to_string())
         .or_default()
         .push(patch_body.clone().unwrap_or(Value::Null));
-    if content_type.split(';').next().map(str::trim) != Some("application/merge-patch+json") {
-        let msg = format!("the fake API server supports only merge patches, not {content_type:?}");
-        let body = status(415, "UnsupportedMediaType", msg);
-        return respond(stream, "415 Unsupported Media Type", &body).await;
-    }
+    let strategic = match content_type.split(';').next().map(str::trim) {
+        Some("application/merge-patch+json") => false,
+        Some("application/strategic-merge-patch+json") => true,
+        _ => {
+            let msg = format!(
+                "the fake API server supports only merge and strategic merge patches, not {content_type:?}"
+            );
+            let body = status(415, "UnsupportedMediaType", msg);
+            return respond(stream, "415 Unsupported Media Type", &body).await;
+        }
+    };
     let Some(patch_body) = patch_body else {
         let body = status(400, "BadRequest", "the patch body is not JSON".into());
         return respond(stream, "400 Bad Request", &body).await;
@@ -669,7 +742,11 @@ async fn patch(
             .get_mut(collection)
             .and_then(|c| c.get_mut(name))
             .map(|object| {
-                merge_patch(object, &patch_body);
+                if strategic {
+                    strategic_merge_patch(object, &patch_body);
+                } else {
+                    merge_patch(object, &patch_body);
+                }
                 object["metadata"]["name"] = json!(name);
                 object["metadata"]["resourceVersion"] = json!(rv.to_string());
                 object.clone()
@@ -682,6 +759,176 @@ async fn patch(
                 object,
             });
             data.rv = rv;
+            data.history.push(change.clone());
+            change
+        })
+    };
+    let Some(change) = change else {
+        let body = status(404, "NotFound", format!("{collection}/{name} not found"));
+        return respond(stream, "404 Not Found", &body).await;
+    };
+    let _ = shared.signals.send(Signal::Change(change.clone()));
+    respond(stream, "200 OK", &change.object).await
+}
+
+/// A strategic merge patch as far as the tests need it: a JSON merge patch, except that the
+/// lists Kubernetes declares `patchMergeKey: type` (`conditions`, `addresses`) merge entry by
+/// entry on `type` (an entry of the patch replaces fields of the stored entry of its type, or
+/// is appended).
+fn strategic_merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(entries) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let Some(fields) = target.as_object_mut() else {
+        return;
+    };
+    for (key, value) in entries {
+        if value.is_null() {
+            fields.remove(key);
+        } else if matches!(key.as_str(), "conditions" | "addresses") && value.is_array() {
+            let list = fields.entry(key.clone()).or_insert_with(|| json!([]));
+            if !list.is_array() {
+                *list = json!([]);
+            }
+            let Some(stored) = list.as_array_mut() else {
+                continue;
+            };
+            for item in value.as_array().into_iter().flatten() {
+                match stored.iter_mut().find(|s| s["type"] == item["type"]) {
+                    Some(existing) => merge_patch(existing, item),
+                    None => stored.push(item.clone()),
+                }
+            }
+        } else {
+            strategic_merge_patch(fields.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+/// Stores `object` under `collection`/`name` with a new resourceVersion; returns the change
+/// (not yet sent to watchers).
+fn store(shared: &Shared, collection: &str, name: &str, mut object: Value) -> Arc<Change> {
+    let mut data = lock(&shared.data);
+    data.rv += 1;
+    let rv = data.rv;
+    object["metadata"]["name"] = json!(name);
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let objects = data.collections.entry(collection.to_string()).or_default();
+    let kind = if objects.contains_key(name) {
+        "MODIFIED"
+    } else {
+        "ADDED"
+    };
+    objects.insert(name.to_string(), object.clone());
+    let change = Arc::new(Change {
+        rv,
+        path: collection.to_string(),
+        kind,
+        object,
+    });
+    data.history.push(change.clone());
+    change
+}
+
+/// `PUT <collection>/<name>`: replace, refused with 409 when the body's resourceVersion is
+/// not the stored one.
+async fn put(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let path = path.strip_suffix("/status").unwrap_or(path);
+    let Some((collection, name)) = split_object_path(path) else {
+        return respond(stream, "404 Not Found", &not_found(path)).await;
+    };
+    let Ok(object) = serde_json::from_slice::<Value>(body) else {
+        let body = status(400, "BadRequest", "the body is not JSON".into());
+        return respond(stream, "400 Bad Request", &body).await;
+    };
+    // A concurrent writer the test set up wins the race first.
+    let interference = lock(&shared.data)
+        .interfere
+        .get_mut(path)
+        .and_then(|list| (!list.is_empty()).then(|| list.remove(0)));
+    if let Some(patch) = interference
+        && let Some(mut current) = get_object(shared, path)
+    {
+        merge_patch(&mut current, &patch);
+        let change = store(shared, collection, name, current);
+        let _ = shared.signals.send(Signal::Change(change));
+    }
+    let stored_rv = get_object(shared, path).map(|o| o["metadata"]["resourceVersion"].clone());
+    let Some(stored_rv) = stored_rv else {
+        let body = status(404, "NotFound", format!("{collection}/{name} not found"));
+        return respond(stream, "404 Not Found", &body).await;
+    };
+    let sent_rv = &object["metadata"]["resourceVersion"];
+    if !sent_rv.is_null() && *sent_rv != stored_rv {
+        *lock(&shared.data)
+            .conflicts
+            .entry(collection.to_string())
+            .or_default() += 1;
+        let msg = format!(
+            "Operation cannot be fulfilled on {collection} \"{name}\": the object has been modified; \
+             please apply your changes to the latest version and try again"
+        );
+        return respond(stream, "409 Conflict", &status(409, "Conflict", msg)).await;
+    }
+    let change = store(shared, collection, name, object);
+    let _ = shared.signals.send(Signal::Change(change.clone()));
+    respond(stream, "200 OK", &change.object).await
+}
+
+/// `POST <collection>`: create, 409 AlreadyExists when the name is taken.
+async fn post(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    collection: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let Ok(object) = serde_json::from_slice::<Value>(body) else {
+        let body = status(400, "BadRequest", "the body is not JSON".into());
+        return respond(stream, "400 Bad Request", &body).await;
+    };
+    let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
+        let body = status(422, "Invalid", "metadata.name: Required value".into());
+        return respond(stream, "422 Unprocessable Entity", &body).await;
+    };
+    if get_object(shared, &format!("{collection}/{name}")).is_some() {
+        let msg = format!("{collection} \"{name}\" already exists");
+        return respond(stream, "409 Conflict", &status(409, "AlreadyExists", msg)).await;
+    }
+    let change = store(shared, collection, &name, object);
+    let _ = shared.signals.send(Signal::Change(change.clone()));
+    respond(stream, "201 Created", &change.object).await
+}
+
+/// `DELETE <collection>/<name>`.
+async fn delete(stream: &mut TcpStream, shared: &Shared, path: &str) -> std::io::Result<()> {
+    let Some((collection, name)) = split_object_path(path) else {
+        return respond(stream, "404 Not Found", &not_found(path)).await;
+    };
+    let change = {
+        let mut data = lock(&shared.data);
+        let removed = data
+            .collections
+            .get_mut(collection)
+            .and_then(|c| c.remove(name));
+        removed.map(|mut object| {
+            data.rv += 1;
+            let rv = data.rv;
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            let change = Arc::new(Change {
+                rv,
+                path: collection.to_string(),
+                kind: "DELETED",
+                object,
+            });
             data.history.push(change.clone());
             change
         })

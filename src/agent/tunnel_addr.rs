@@ -1,0 +1,130 @@
+//! Decides when the node's IPIP tunnel address is allocated in or released from Calico IPAM
+//! ([`crate::datastore::tunnel_ipam`] does the writes), in its own task fed by the cluster
+//! state: a write to the API server never holds up the event loop. Once the annotation is
+//! written, the watch brings it back in the Node and the plan puts it on `tunl0`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv4Net};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use crate::datastore::tunnel_ipam::{self, Ensured};
+use crate::state::{ClusterState, StateRx};
+
+/// Wait before trying again after a failed allocation or release.
+pub const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// What the cluster state asks of the tunnel address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelAddrAction {
+    /// A pool needs IPIP and the Node has no annotation: allocate in these own blocks (those
+    /// in IPIP pools first, then the others, each group lowest first).
+    Allocate(Vec<Ipv4Net>),
+    /// No pool needs IPIP and the Node still has an annotation: release.
+    Release(Vec<Ipv4Net>),
+    Nothing,
+}
+
+/// The action for `state` (pure).
+pub fn wanted(state: &ClusterState) -> TunnelAddrAction {
+    let ipip_pools: Vec<&crate::model::Pool> = state
+        .pools
+        .values()
+        // A disabled pool's blocks are still routed through tunl0: it counts too.
+        .filter(|p| p.ipip_mode.is_on() && p.cidr.addr().is_ipv4())
+        .collect();
+    let own: Vec<Ipv4Net> = state
+        .local_blocks()
+        .filter(|b| !b.deleted)
+        .filter_map(|b| match b.cidr {
+            IpNet::V4(n) => Some(n.trunc()),
+            IpNet::V6(_) => None,
+        })
+        .collect();
+    let annotated = state.local().and_then(|n| n.ipip_tunnel_addr).is_some();
+    if ipip_pools.is_empty() {
+        return if annotated {
+            TunnelAddrAction::Release(own)
+        } else {
+            TunnelAddrAction::Nothing
+        };
+    }
+    if annotated || state.local().is_none() || own.is_empty() {
+        return TunnelAddrAction::Nothing;
+    }
+    let in_ipip = |n: &Ipv4Net| ipip_pools.iter().any(|p| p.cidr.contains(&IpNet::V4(*n)));
+    let mut ordered: Vec<Ipv4Net> = own.iter().copied().filter(in_ipip).collect();
+    ordered.sort();
+    let mut rest: Vec<Ipv4Net> = own.iter().copied().filter(|n| !in_ipip(n)).collect();
+    rest.sort();
+    ordered.extend(rest);
+    TunnelAddrAction::Allocate(ordered)
+}
+
+/// Runs until the datastore stops: after each state, does what [`wanted`] says (at most one
+/// attempt per [`RETRY_AFTER`] while it fails).
+pub fn spawn(client: kube::Client, node: String, mut state: StateRx) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut current: Option<Arc<ClusterState>> = state.latest();
+        loop {
+            let failed = match &current {
+                Some(s) => act(&client, &node, s).await,
+                None => false,
+            };
+            if failed {
+                tokio::select! {
+                    changed = state.changed() => match changed {
+                        Ok(s) => current = Some(s),
+                        Err(_) => return,
+                    },
+                    // Same state, next attempt.
+                    () = tokio::time::sleep(RETRY_AFTER) => {}
+                }
+            } else {
+                match state.changed().await {
+                    Ok(s) => current = Some(s),
+                    Err(_) => return,
+                }
+            }
+        }
+    })
+}
+
+/// One attempt; returns whether it failed.
+async fn act(client: &kube::Client, node: &str, state: &ClusterState) -> bool {
+    match wanted(state) {
+        TunnelAddrAction::Nothing => false,
+        TunnelAddrAction::Allocate(blocks) => {
+            match tunnel_ipam::ensure(client, node, &blocks).await {
+                Ok(Ensured::Existing(addr)) => {
+                    debug!(addr, "the Node has its IPIP tunnel address");
+                    false
+                }
+                Ok(Ensured::Allocated(_)) => false,
+                Ok(Ensured::NoFreeAddress) => {
+                    warn!(
+                        ?blocks,
+                        "no free address in this node's blocks for the IPIP tunnel address; \
+                         tunl0 stays without one"
+                    );
+                    true
+                }
+                Err(e) => {
+                    warn!(error = %e, "IPIP tunnel address not allocated; retrying in {RETRY_AFTER:?}");
+                    true
+                }
+            }
+        }
+        TunnelAddrAction::Release(blocks) => {
+            match tunnel_ipam::release(client, node, &blocks).await {
+                Ok(_) => false,
+                Err(e) => {
+                    warn!(error = %e, "IPIP tunnel address not released; retrying in {RETRY_AFTER:?}");
+                    true
+                }
+            }
+        }
+    }
+}
