@@ -141,6 +141,13 @@ pub fn set_max_ttl(fd: &impl AsRawFd, v6: bool) -> io::Result<()> {
     }
 }
 
+/// Make an IPv6 socket dual-stack (`IPV6_V6ONLY` off): IPv4 peers reach it as
+/// `::ffff:a.b.c.d`, whatever `net.ipv6.bindv6only` says.
+pub fn set_dual_stack(fd: &impl AsRawFd) -> io::Result<()> {
+    let off: libc::c_int = 0;
+    setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &off)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -572,6 +572,24 @@ impl Speaker {
     }
 }
 
+/// The address a connection came from as peers are configured: an IPv4 peer reaching a
+/// dual-stack (`[::]`) listener shows up as `::ffff:a.b.c.d` and is the IPv4 peer.
+fn peer_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The address the listener's per-peer options (TCP-MD5) name a peer by: IPv4 peers in their
+/// mapped form on an IPv6 (dual-stack) listener.
+fn listener_ip(listener: &TcpListener, peer: IpAddr) -> IpAddr {
+    match (listener.local_addr().map(|a| a.is_ipv6()), peer) {
+        (Ok(true), IpAddr::V4(v4)) => IpAddr::V6(v4.to_ipv6_mapped()),
+        _ => peer,
+    }
+}
+
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -581,6 +599,12 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     // Our SYN-ACKs go out with TTL 255 so that GTSM peers (RFC 5082) accept them; which
     // TTL a peer's segments must have is checked per connection once accepted.
     crate::sockopt::set_max_ttl(&socket, addr.is_ipv6())?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // `[::]` takes IPv4 peers too (seen as `::ffff:a.b.c.d`, mapped back by `peer_ip`),
+        // with TTL 255 for them as well.
+        crate::sockopt::set_dual_stack(&socket)?;
+        crate::sockopt::set_max_ttl(&socket, false)?;
+    }
     socket.bind(addr)?;
     socket.listen(1024)
 }
@@ -878,7 +902,7 @@ impl Core {
             }
             Command::Inbound(stream, remote) => match self
                 .by_addr
-                .get(&remote.ip())
+                .get(&peer_ip(remote.ip()))
                 .and_then(|id| self.peers.get(id))
             {
                 Some(p) => {
@@ -939,7 +963,7 @@ impl Core {
                 .send(SessionCmd::Stop(Notification::cease(subcode)));
             if p.cfg.password.is_some()
                 && let Some(l) = &self.listener_socket
-                && let Err(e) = crate::sockopt::set_md5_key(l.as_ref(), addr, None)
+                && let Err(e) = crate::sockopt::set_md5_key(l.as_ref(), listener_ip(l, addr), None)
             {
                 warn!(peer = %addr, error = %e, "cannot remove the TCP-MD5 key from the listener");
             }
@@ -973,7 +997,8 @@ impl Core {
         // Connections from the peer need its key on the listener before they arrive.
         let mut key_error = None;
         if let (Some(key), Some(l)) = (&cfg.password, &self.listener_socket)
-            && let Err(e) = crate::sockopt::set_md5_key(l.as_ref(), cfg.addr, Some(key))
+            && let Err(e) =
+                crate::sockopt::set_md5_key(l.as_ref(), listener_ip(l, cfg.addr), Some(key))
         {
             warn!(peer = %cfg.addr, error = %e, "cannot set the TCP-MD5 key on the listener");
             key_error = Some(format!("TCP-MD5 key on the listener: {e}"));

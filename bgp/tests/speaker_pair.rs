@@ -236,3 +236,41 @@ async fn peers_change_at_runtime_without_touching_others() {
         s.shutdown().await.unwrap();
     }
 }
+
+/// A speaker listening on `[::]` (dual-stack) accepts an IPv4 peer: the connection arrives
+/// from `::ffff:a.b.c.d` and is matched to the peer configured as `a.b.c.d`, also with a
+/// TCP-MD5 key (set on the listener in the mapped form).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_listener_accepts_ipv4_peers_with_and_without_md5() {
+    for md5 in [false, true] {
+        let (a_addr, b_addr) = loopback_pair();
+        let mut cfg = SpeakerConfig::new(64512, a_addr);
+        cfg.listen = Some(SocketAddr::new(
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            0,
+        ));
+        cfg.connect_retry = Duration::from_secs(1);
+        let (a, _a_best) = Speaker::start(cfg)
+            .await
+            .expect("dual-stack speaker starts");
+        let a_port = a.listen_addr().unwrap().port();
+        let (b, _b_best) = speaker(b_addr, 64512).await;
+        // A only waits for B; B connects to A's port over IPv4.
+        let mut pa = peer(b_addr, 1, 64512, a_addr);
+        pa.local_addr = None;
+        pa.passive = true;
+        let mut pb = peer(a_addr, a_port, 64512, b_addr);
+        if md5 {
+            pa.password = Some(std::sync::Arc::from(&b"dual"[..]));
+            pb.password = Some(std::sync::Arc::from(&b"dual"[..]));
+        }
+        a.add_peer(pa).await.unwrap();
+        b.add_peer(pb).await.unwrap();
+        wait_for("the IPv4 peer Established on the [::] listener", || async {
+            established(&a).await && established(&b).await
+        })
+        .await;
+        let row = a.peers().await.unwrap();
+        assert_eq!(row[0].addr, IpAddr::V4(b_addr));
+    }
+}

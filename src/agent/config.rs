@@ -82,7 +82,7 @@ pub struct AgentArgs {
     #[arg(long, env = "PODROUTE_METRICS_PEER_LABEL_LIMIT", default_value_t = crate::metrics::DEFAULT_PEER_LABEL_LIMIT)]
     pub metrics_peer_label_limit: usize,
 
-    /// Address the BGP listener binds to; the port is BGPConfiguration `listenPort` (179).
+    /// Address the BGP listener binds to; the port is BGPConfiguration `listenPort` (179). `::` listens dual-stack: IPv6 peers and IPv4 peers (seen as ::ffff:a.b.c.d, matched to their IPv4 address).
     #[arg(long, env = "PODROUTE_BGP_BIND", default_value = "0.0.0.0")]
     pub bgp_bind: IpAddr,
 
