@@ -25,6 +25,7 @@ pub mod intent;
 pub mod peers;
 pub mod report;
 pub mod selector;
+pub mod services;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -689,8 +690,16 @@ impl Agent {
             self.peers.insert(addr, ConfiguredPeer { desired, since });
         }
 
-        // Announcements.
-        let wanted = intent::advertisements(&state);
+        // Announcements: the blocks, and the service prefixes (Calico's rules).
+        let service_prefixes = services::service_prefixes(&state);
+        for (kind, count) in services::count_by_kind(&service_prefixes) {
+            self.metrics
+                .service_prefixes
+                .with_label_values(&[kind.label()])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        let mut wanted = intent::advertisements(&state);
+        wanted.extend(service_prefixes.keys().copied());
         for prefix in self.announced.difference(&wanted) {
             debug!(%prefix, "withdrawing");
             self.speaker
@@ -706,7 +715,11 @@ impl Agent {
                 .context("BGP speaker")?;
         }
         if wanted != self.announced {
-            info!(prefixes = wanted.len(), "announcing this node's blocks");
+            info!(
+                prefixes = wanted.len(),
+                services = service_prefixes.len(),
+                "announcing this node's blocks and service prefixes"
+            );
         }
         self.announced = wanted;
 
@@ -743,7 +756,9 @@ impl Agent {
             &BTreeMap::new(),
             &self.interfaces,
         );
-        let planner = Planner::new(&input);
+        // What this node announces (its blocks, service prefixes) is never routed to a peer
+        // that announces it too: every node announces the service CIDRs.
+        let planner = Planner::new(&input).originating(self.announced.iter().copied());
         if self.streaming && self.planner.as_ref() == Some(&planner) {
             return;
         }
