@@ -209,6 +209,8 @@ pub struct Agent {
     /// The kernel's TCP-MD5 drop counters last seen.
     md5_counts: Option<[u64; 3]>,
     announced: BTreeSet<IpNet>,
+    /// The service prefixes among `announced`, with their reasons (for `podroute status`).
+    service_rows: Vec<status::ServicePrefixRow>,
     /// The export policy last given to the speaker.
     export_rules: Option<podroute_bgp::policy::ExportRules>,
     /// Next hop of the best learned path per prefix (host bits cleared).
@@ -380,6 +382,7 @@ impl Agent {
             passwords: datastore::secrets::PasswordCache::new(secrets),
             md5_counts: None,
             announced: BTreeSet::new(),
+            service_rows: Vec::new(),
             export_rules: None,
             learned: BestPaths::new(),
             interfaces: intent::interfaces_with_prefix(WORKLOAD_IFACE_PREFIX),
@@ -700,6 +703,13 @@ impl Agent {
         }
         let mut wanted = intent::advertisements(&state);
         wanted.extend(service_prefixes.keys().copied());
+        self.service_rows = service_prefixes
+            .iter()
+            .map(|(prefix, reasons)| status::ServicePrefixRow {
+                prefix: prefix.to_string(),
+                reasons: reasons.iter().map(ToString::to_string).collect(),
+            })
+            .collect();
         for prefix in self.announced.difference(&wanted) {
             debug!(%prefix, "withdrawing");
             self.speaker
@@ -1164,6 +1174,7 @@ impl Agent {
             peers: report::peer_rows(&self.peer_status, &self.peers_by_addr()),
             peer_summary: None,
             config_warnings: self.peer_warnings.clone(),
+            service_prefixes: self.service_rows.clone(),
         };
         status
             .datastore
