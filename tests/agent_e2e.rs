@@ -1097,8 +1097,11 @@ fn bgppeer_password_from_a_secret_and_a_bgpfilter() {
     );
 }
 
-/// Services in the lab's datastore: `(name, spec lines, status lines, [(node, ready)])`.
-fn services_yaml(services: &[(&str, &str, &str, &[(&str, bool)])]) -> String {
+/// A lab Service: `(name, spec lines, status lines, [(endpoint node, ready)])`.
+type LabService<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, bool)]);
+
+/// Services and their EndpointSlices in the lab's datastore.
+fn services_yaml(services: &[LabService]) -> String {
     let mut out = String::new();
     for (name, spec, status, endpoints) in services {
         out += &format!(

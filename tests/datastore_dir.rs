@@ -607,7 +607,10 @@ async fn services_and_endpoint_slices_decide_the_service_prefixes_advertised() {
         "bgp.yaml",
         "apiVersion: crd.projectcalico.org/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {asNumber: 64512}\n",
     );
-    wait_for(&mut ds.state, "ranges gone", |s| service_prefixes(s).is_empty()).await;
+    wait_for(&mut ds.state, "ranges gone", |s| {
+        service_prefixes(s).is_empty()
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -347,7 +347,11 @@ async fn services_and_endpoint_slices_are_watched_with_only_this_nodes_endpoints
         .iter()
         .map(|e| e.node.as_deref())
         .collect();
-    assert_eq!(kept, [Some("master01")], "only this node's endpoints are kept");
+    assert_eq!(
+        kept,
+        [Some("master01")],
+        "only this node's endpoints are kept"
+    );
 
     // Not ready here: the /32 goes, the range stays.
     server.apply(&slice(false));

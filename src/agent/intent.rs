@@ -371,7 +371,11 @@ mod tests {
             .map(|r| r.prefix)
             .filter(|p| *p == cidr || *p == lb)
             .collect();
-        assert_eq!(routed, [cidr, lb], "another node's service prefixes are routed");
+        assert_eq!(
+            routed,
+            [cidr, lb],
+            "another node's service prefixes are routed"
+        );
         let mine = plan::Planner::new(&input).originating([cidr]);
         let routed: Vec<IpNet> = mine
             .routes(learned.iter().map(|(p, n)| (*p, *n)), &mut w)

@@ -147,7 +147,10 @@ pub fn service_prefixes(state: &ClusterState) -> ServicePrefixes {
     for (ranges, kind) in [
         (&bgp.service_cluster_ips, ServiceIpKind::ClusterIp),
         (&bgp.service_external_ips, ServiceIpKind::ExternalIp),
-        (&bgp.service_load_balancer_ips, ServiceIpKind::LoadBalancerIp),
+        (
+            &bgp.service_load_balancer_ips,
+            ServiceIpKind::LoadBalancerIp,
+        ),
     ] {
         for cidr in ranges {
             add(*cidr, kind, Cause::Range);
@@ -343,13 +346,19 @@ mod tests {
     fn decision_table_for_cluster_ips() {
         use TrafficPolicy::{Cluster, Local};
         // (external policy, internal policy, endpoints, /32 expected)
-        let cases: &[(TrafficPolicy, TrafficPolicy, &[(&str, bool)], bool)] = &[
+        type Case<'a> = (TrafficPolicy, TrafficPolicy, &'a [(&'a str, bool)], bool);
+        let cases: &[Case] = &[
             (Cluster, Cluster, &[("n1", true)], false),
             (Local, Cluster, &[("n1", true)], true),
             (Local, Cluster, &[("n1", false)], false),
             (Local, Cluster, &[("n2", true)], false),
             (Local, Cluster, &[], false),
-            (Local, Cluster, &[("n2", true), ("n1", false), ("n1", true)], true),
+            (
+                Local,
+                Cluster,
+                &[("n2", true), ("n1", false), ("n1", true)],
+                true,
+            ),
             (Cluster, Local, &[("n1", true)], true),
             (Cluster, Local, &[("n1", false)], false),
             (Cluster, Local, &[("n2", true)], false),

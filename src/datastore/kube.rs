@@ -35,8 +35,8 @@ use super::builder::DEFAULT_WIPE_CONFIRM;
 use super::{DatastoreHandle, Inputs, RejectCounters, StateBuilder};
 use crate::model::Kind;
 use crate::model::compact::{compact_block, slim_meta, slim_node};
-use crate::model::service::{slim_endpoint_slice, slim_service};
 use crate::model::crd::{BGPConfiguration, BGPFilter, BGPPeer, BlockAffinity, IPAMBlock, IPPool};
+use crate::model::service::{slim_endpoint_slice, slim_service};
 use crate::state::state_channel;
 
 /// Shared between the per-kind watch tasks and the builder task.

@@ -86,18 +86,16 @@ impl ServiceInfo {
                 }));
             }
         };
-        let policy = |field: &'static str, value: &Option<String>| match value
-            .as_deref()
-            .map(str::trim)
-        {
-            None | Some("") | Some("Cluster") => Ok(TrafficPolicy::Cluster),
-            Some("Local") => Ok(TrafficPolicy::Local),
-            Some(other) => Err(reject(Reason::BadEnum {
-                field,
-                value: other.to_string(),
-                expected: "Cluster, Local",
-            })),
-        };
+        let policy =
+            |field: &'static str, value: &Option<String>| match value.as_deref().map(str::trim) {
+                None | Some("") | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+                Some("Local") => Ok(TrafficPolicy::Local),
+                Some(other) => Err(reject(Reason::BadEnum {
+                    field,
+                    value: other.to_string(),
+                    expected: "Cluster, Local",
+                })),
+            };
         let external_traffic_policy =
             policy("spec.externalTrafficPolicy", &spec.external_traffic_policy)?;
         let internal_traffic_policy =
@@ -131,7 +129,11 @@ impl ServiceInfo {
             .as_ref()
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref());
-        for text in ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()) {
+        for text in ingress
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.as_deref())
+        {
             if !text.is_empty() {
                 push_unique(
                     &mut load_balancer_ips,
@@ -338,9 +340,15 @@ status:
             assert_eq!(info.service_type, ServiceType::LoadBalancer);
             assert_eq!(
                 info.cluster_ips,
-                ["10.96.0.10".parse::<IpAddr>().unwrap(), "fd00:96::10".parse().unwrap()]
+                [
+                    "10.96.0.10".parse::<IpAddr>().unwrap(),
+                    "fd00:96::10".parse().unwrap()
+                ]
             );
-            assert_eq!(info.external_ips, ["198.51.100.7".parse::<IpAddr>().unwrap()]);
+            assert_eq!(
+                info.external_ips,
+                ["198.51.100.7".parse::<IpAddr>().unwrap()]
+            );
             assert_eq!(
                 info.load_balancer_ips,
                 [
