@@ -334,6 +334,21 @@ pub fn render_status_in(status: &AgentStatus, now: SystemTime, tz: &TimeZone) ->
         }
     }
 
+    if !status.service_prefixes.is_empty() {
+        out.push_str("Service prefixes advertised:\n");
+        for row in &status.service_prefixes {
+            out.push_str(&format!(
+                "  {} - {}\n",
+                clean(&row.prefix),
+                row.reasons
+                    .iter()
+                    .map(|r| clean(r))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+    }
+
     let now = Timestamp::try_from(now).ok();
     let (v6, v4): (Vec<&PeerRow>, Vec<&PeerRow>) = status
         .peers
@@ -691,6 +706,31 @@ mod tests {
             peers: vec![mesh_peer()],
             ..AgentStatus::default()
         }
+    }
+
+    #[test]
+    fn status_lists_service_prefixes_with_their_reasons() {
+        let status = AgentStatus {
+            service_prefixes: vec![crate::agent::status::ServicePrefixRow {
+                prefix: "10.96.0.10/32".into(),
+                reasons: vec![
+                    "shop/web: externalTrafficPolicy Local, ready endpoint on this node \
+                     (serviceClusterIPs)"
+                        .into(),
+                ],
+            }],
+            ..master01()
+        };
+        let text = render_status_in(&status, at(NOW), &TimeZone::UTC);
+        assert!(
+            text.contains(
+                "Service prefixes advertised:\n  10.96.0.10/32 - shop/web: externalTrafficPolicy \
+                 Local, ready endpoint on this node (serviceClusterIPs)\n"
+            ),
+            "{text}"
+        );
+        let plain = render_status_in(&master01(), at(NOW), &TimeZone::UTC);
+        assert!(!plain.contains("Service prefixes"), "{plain}");
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct Metrics {
     pub datastore_synced: IntGauge,
     pub datastore_revision: IntGauge,
     pub datastore_suspect: IntGaugeVec,
+    /// Service prefixes this node advertises, by kind (cluster_ip, external_ip,
+    /// load_balancer_ip).
+    pub service_prefixes: IntGaugeVec,
     pub ready: IntGauge,
     pub ipip_packets: IntCounterVec,
     pub ipip_bytes: IntCounterVec,
@@ -312,6 +315,14 @@ impl Metrics {
                     "datastore_suspect",
                     "1 while a wipe of this kind (every object gone at once, or this node's \
                      Node; kind \"File\" for an emptied file) is held back until confirmed."
+                ),
+                &["kind"]
+            )),
+            service_prefixes: reg!(IntGaugeVec::new(
+                opts(
+                    "bgp_service_prefixes_advertised",
+                    "Service prefixes this node advertises (configured CIDRs and /32s of \
+                     Local services with a ready endpoint here), by kind."
                 ),
                 &["kind"]
             )),

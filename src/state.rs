@@ -11,7 +11,10 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use tokio::sync::watch;
 
-use crate::model::{BgpConfig, Block, BlockClaim, Filter, Kind, NodeInfo, Peer, Pool, Rejection};
+use crate::model::{
+    BgpConfig, Block, BlockClaim, EndpointSliceInfo, Filter, Kind, NodeInfo, Peer, Pool, Rejection,
+    ServiceInfo,
+};
 
 /// One complete, validated picture of the cluster.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -33,6 +36,10 @@ pub struct ClusterState {
     pub bgp_configurations: BTreeMap<String, BgpConfig>,
     /// Valid `BGPFilter`s by name.
     pub filters: BTreeMap<String, Filter>,
+    /// Valid `Service`s by `namespace/name` (service IP advertisement).
+    pub services: BTreeMap<String, ServiceInfo>,
+    /// Valid `EndpointSlice`s by `namespace/name`, each with only its endpoints on this node.
+    pub endpoint_slices: BTreeMap<String, EndpointSliceInfo>,
     /// Objects currently not taken as they are (skipped, or replaced by their last valid
     /// version), sorted by kind and name.
     pub rejected: Vec<Rejection>,
@@ -92,6 +99,8 @@ impl ClusterState {
             bgp,
             bgp_configurations,
             filters,
+            services,
+            endpoint_slices,
             rejected,
             source_errors,
             suspect,
@@ -105,6 +114,8 @@ impl ClusterState {
             && *bgp == other.bgp
             && *bgp_configurations == other.bgp_configurations
             && *filters == other.filters
+            && *services == other.services
+            && *endpoint_slices == other.endpoint_slices
             && *rejected == other.rejected
             && *source_errors == other.source_errors
             && *suspect == other.suspect

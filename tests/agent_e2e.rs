@@ -1096,3 +1096,157 @@ fn bgppeer_password_from_a_secret_and_a_bgpfilter() {
         Some(1.0)
     );
 }
+
+/// A lab Service: `(name, spec lines, status lines, [(endpoint node, ready)])`.
+type LabService<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, bool)]);
+
+/// Services and their EndpointSlices in the lab's datastore.
+fn services_yaml(services: &[LabService]) -> String {
+    let mut out = String::new();
+    for (name, spec, status, endpoints) in services {
+        out += &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec:\n  ports: [{{port: 80}}]\n{spec}\n{status}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
+             name: {name}-1\n  namespace: shop\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+             addressType: IPv4\nendpoints:\n"
+        );
+        for (i, (node, ready)) in endpoints.iter().enumerate() {
+            out += &format!(
+                "- addresses: [172.16.99.{i}]\n  nodeName: {node}\n  conditions: {{ready: {ready}}}\n"
+            );
+        }
+    }
+    out
+}
+
+const SERVICE_RANGES: [&str; 3] = ["10.96.0.0/12", "198.51.100.0/24", "203.0.113.0/24"];
+
+/// The service prefixes BIRD holds from `node` (routes inside the service ranges).
+fn bird_service_prefixes(tor: &Tor, node: &str) -> Result<Vec<String>, String> {
+    let ranges: Vec<ipnet::Ipv4Net> = SERVICE_RANGES.iter().map(|r| r.parse().unwrap()).collect();
+    let out = birdc(tor, &["show", "route", "protocol", node])?;
+    let mut got: Vec<ipnet::Ipv4Net> = out
+        .lines()
+        .filter(|l| !l.starts_with(char::is_whitespace))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<ipnet::Ipv4Net>().ok())
+        .filter(|p| ranges.iter().any(|r| r.contains(p)))
+        .collect();
+    got.sort();
+    got.dedup();
+    Ok(got.iter().map(ToString::to_string).collect())
+}
+
+#[test]
+fn service_ips_reach_a_bird_tor_from_the_nodes_that_serve_them_and_are_withdrawn() {
+    const TEST: &str =
+        "service_ips_reach_a_bird_tor_from_the_nodes_that_serve_them_and_are_withdrawn";
+    if !can_run(TEST) || !have_bird(TEST) {
+        return;
+    }
+    let mut lab = converged_lab("svc");
+    let tor = start_tor(&mut lab);
+    // The mesh off: each node's session to the ToR then carries only what that node
+    // originates (with the mesh, a node passes its mesh peers' service routes on as well).
+    let web = (
+        "web",
+        "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  externalIPs: [198.51.100.5, 192.0.2.99]\n  \
+         externalTrafficPolicy: Local",
+        "status:\n  loadBalancer:\n    ingress: [{ip: 203.0.113.9}]",
+        &[(MASTER01, true), (NODE01, false)][..],
+    );
+    let api = (
+        "api",
+        "  clusterIP: 10.96.0.20\n  externalTrafficPolicy: Cluster",
+        "",
+        &[(NODE02, true)][..],
+    );
+    let cache = (
+        "cache",
+        "  clusterIP: 10.96.0.40\n  internalTrafficPolicy: Local",
+        "",
+        &[(NODE02, true)][..],
+    );
+    lab.update_spec(|spec| {
+        spec.bgp_configuration_spec = Some(format!(
+            "  asNumber: {}\n  nodeToNodeMeshEnabled: false\n  \
+             serviceClusterIPs: [{{cidr: 10.96.0.0/12}}]\n  \
+             serviceExternalIPs: [{{cidr: 198.51.100.0/24}}]\n  \
+             serviceLoadBalancerIPs: [{{cidr: 203.0.113.0/24}}]",
+            spec.as_number
+        ));
+        spec.extra_files
+            .insert("services.yaml".into(), services_yaml(&[web, api, cache]));
+    })
+    .unwrap();
+    wait_tor_established(&lab);
+    let ranges: Vec<String> = SERVICE_RANGES.iter().map(|r| r.to_string()).collect();
+    let with = |extra: &[&str]| -> Vec<String> {
+        let mut all: Vec<ipnet::Ipv4Net> = ranges
+            .iter()
+            .map(String::as_str)
+            .chain(extra.iter().copied())
+            .map(|p| p.parse().unwrap())
+            .collect();
+        all.sort();
+        all.iter().map(ToString::to_string).collect()
+    };
+    let expect = |lab: &Lab, what: &str, want: &[(&str, Vec<String>)]| {
+        eventually(lab, what, CHANGE, || {
+            for (node, prefixes) in want {
+                let got = bird_service_prefixes(&tor, node)?;
+                if &got != prefixes {
+                    return Err(format!("from {node}: BIRD has {got:?}, want {prefixes:?}"));
+                }
+            }
+            Ok(())
+        });
+    };
+    expect(
+        &lab,
+        "BIRD learns the ranges from every node and web's /32s from master01 only",
+        &[
+            (
+                MASTER01,
+                with(&["10.96.0.10/32", "198.51.100.5/32", "203.0.113.9/32"]),
+            ),
+            (NODE01, with(&[])),
+            (NODE02, with(&["10.96.0.40/32"])),
+        ],
+    );
+    // The agent says what it advertises and why.
+    let s = status(&lab, MASTER01);
+    let row = s
+        .service_prefixes
+        .iter()
+        .find(|r| r.prefix == "203.0.113.9/32")
+        .unwrap_or_else(|| panic!("{:?}", s.service_prefixes));
+    assert!(
+        row.reasons.iter().any(|r| r.contains("shop/web")),
+        "{row:?}"
+    );
+    // No node routes a service range it announces itself to another node.
+    for n in [MASTER01, NODE01, NODE02] {
+        let routes = lab.kernel_routes(n).unwrap();
+        assert!(
+            !routes.iter().any(|r| r.starts_with("10.96.0.0/12")),
+            "{n}: {routes:#?}"
+        );
+    }
+
+    // web is deleted: master01 withdraws its /32s; the others are unchanged.
+    lab.update_spec(|spec| {
+        spec.extra_files
+            .insert("services.yaml".into(), services_yaml(&[api, cache]));
+    })
+    .unwrap();
+    expect(
+        &lab,
+        "web's /32s withdrawn",
+        &[
+            (MASTER01, with(&[])),
+            (NODE01, with(&[])),
+            (NODE02, with(&["10.96.0.40/32"])),
+        ],
+    );
+}

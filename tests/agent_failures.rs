@@ -903,6 +903,8 @@ fn apply_object(server: &FakeApiServer, object: &Object) {
         Object::BGPPeer(o) => server.apply(o),
         Object::BGPConfiguration(o) => server.apply(o),
         Object::BGPFilter(o) => server.apply(o),
+        Object::Service(o) => server.apply(o.as_ref()),
+        Object::EndpointSlice(o) => server.apply(o.as_ref()),
     };
 }
 
@@ -916,6 +918,10 @@ fn delete_object(server: &FakeApiServer, object: &Object) {
         Object::BGPPeer(_) => server.delete::<BGPPeer>(&name),
         Object::BGPConfiguration(_) => server.delete::<BGPConfiguration>(&name),
         Object::BGPFilter(_) => server.delete::<podroute::model::crd::BGPFilter>(&name),
+        Object::Service(_) => server.delete::<k8s_openapi::api::core::v1::Service>(&name),
+        Object::EndpointSlice(_) => {
+            server.delete::<k8s_openapi::api::discovery::v1::EndpointSlice>(&name)
+        }
     };
     assert!(found, "{name} was on the server");
 }

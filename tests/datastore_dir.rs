@@ -435,3 +435,207 @@ async fn unknown_kinds_are_skipped_and_a_block_outside_every_pool_is_rejected() 
     );
     ds.shutdown().await;
 }
+
+const SERVICE_CONFIG: &str = r#"apiVersion: crd.projectcalico.org/v1
+kind: BGPConfiguration
+metadata: {name: default}
+spec:
+  serviceClusterIPs: [{cidr: 10.96.0.0/12}, {cidr: "fd00:96::/112"}]
+  serviceExternalIPs: [{cidr: 198.51.100.0/24}]
+  serviceLoadBalancerIPs: [{cidr: 203.0.113.0/24}]
+"#;
+
+/// A Service (`kubectl get svc -o yaml` shape, with fields podroute ignores) and its
+/// EndpointSlice with one endpoint per `(node, ready)`.
+fn service_docs(name: &str, spec: &str, endpoints: &[(&str, bool)]) -> String {
+    let mut eps = String::new();
+    for (i, (node, ready)) in endpoints.iter().enumerate() {
+        eps.push_str(&format!(
+            "- addresses: [172.16.0.{i}]\n  nodeName: {node}\n  conditions: {{ready: {ready}}}\n"
+        ));
+    }
+    if eps.is_empty() {
+        eps.push_str("[]\n");
+    } else {
+        eps.insert(0, '\n');
+    }
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop, uid: abc}}\n\
+         spec:\n  ports: [{{port: 80, protocol: TCP}}]\n  selector: {{app: {name}}}\n{spec}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-x1\n  \
+         namespace: shop\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\n\
+         ports: [{{port: 80}}]\nendpoints: {eps}"
+    )
+}
+
+fn service_prefixes(s: &ClusterState) -> Vec<String> {
+    podroute::agent::services::service_prefixes(s)
+        .keys()
+        .map(ToString::to_string)
+        .collect()
+}
+
+const RANGES: [&str; 4] = [
+    "10.96.0.0/12",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "fd00:96::/112",
+];
+
+fn with_ranges(extra: &[&str]) -> Vec<String> {
+    let mut all: Vec<ipnet::IpNet> = RANGES
+        .iter()
+        .chain(extra)
+        .map(|p| p.parse().unwrap())
+        .collect();
+    all.sort();
+    all.iter().map(ToString::to_string).collect()
+}
+
+#[tokio::test]
+async fn services_and_endpoint_slices_decide_the_service_prefixes_advertised() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    cluster(dir);
+    write(dir, "bgp.yaml", SERVICE_CONFIG);
+    // Local, dual-stack, LoadBalancer with an external IP: a ready endpoint on master01.
+    write(
+        dir,
+        "web.yaml",
+        &service_docs(
+            "web",
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  \
+             externalIPs: [198.51.100.5, 172.31.0.1]\n  externalTrafficPolicy: Local\n\
+             status:\n  loadBalancer:\n    ingress: [{ip: 203.0.113.9}]",
+            &[("master01", true), ("node01", true)],
+        ),
+    );
+    // Cluster policy: only the ranges.
+    write(
+        dir,
+        "api.yaml",
+        &service_docs(
+            "api",
+            "  clusterIP: 10.96.0.20\n  externalTrafficPolicy: Cluster",
+            &[("master01", true)],
+        ),
+    );
+    // Local, but its only endpoint is on node01.
+    write(
+        dir,
+        "db.yaml",
+        &service_docs(
+            "db",
+            "  type: NodePort\n  clusterIP: 10.96.0.30\n  externalTrafficPolicy: Local",
+            &[("node01", true)],
+        ),
+    );
+    // internalTrafficPolicy Local with a ready endpoint here: its cluster IP.
+    write(
+        dir,
+        "cache.yaml",
+        &service_docs(
+            "cache",
+            "  clusterIP: 10.96.0.40\n  internalTrafficPolicy: Local",
+            &[("master01", true)],
+        ),
+    );
+    let want = with_ranges(&[
+        "10.96.0.10/32",
+        "10.96.0.40/32",
+        "198.51.100.5/32",
+        "203.0.113.9/32",
+        "fd00:96::10/128",
+    ]);
+    let mut ds = podroute::datastore::dir::spawn_with(dir, "master01", options(WAIT));
+    let s = wait_for(&mut ds.state, "services read", |s| {
+        s.services.len() == 4 && s.endpoint_slices.len() == 4
+    })
+    .await;
+    assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+    assert_eq!(service_prefixes(&s), want);
+    // Only this node's endpoints are kept.
+    assert!(
+        s.endpoint_slices.values().all(|e| e
+            .endpoints
+            .iter()
+            .all(|e| e.node.as_deref() == Some("master01"))),
+        "{:?}",
+        s.endpoint_slices
+    );
+
+    // The local endpoint of web turns not ready: its /32s go, the others stay.
+    write(
+        dir,
+        "web.yaml",
+        &service_docs(
+            "web",
+            "  type: LoadBalancer\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  \
+             externalIPs: [198.51.100.5]\n  externalTrafficPolicy: Local\n\
+             status:\n  loadBalancer:\n    ingress: [{ip: 203.0.113.9}]",
+            &[("master01", false), ("node01", true)],
+        ),
+    );
+    let want = with_ranges(&["10.96.0.40/32"]);
+    let s = wait_for(&mut ds.state, "web not ready", |s| {
+        service_prefixes(s) == want
+    })
+    .await;
+    assert_eq!(s.services.len(), 4);
+
+    // db's endpoint moves here: advertised; then db is deleted: withdrawn.
+    write(
+        dir,
+        "db.yaml",
+        &service_docs(
+            "db",
+            "  type: NodePort\n  clusterIP: 10.96.0.30\n  externalTrafficPolicy: Local",
+            &[("master01", true)],
+        ),
+    );
+    let want = with_ranges(&["10.96.0.30/32", "10.96.0.40/32"]);
+    wait_for(&mut ds.state, "db here", |s| service_prefixes(s) == want).await;
+    std::fs::remove_file(dir.join("db.yaml")).unwrap();
+    let want = with_ranges(&["10.96.0.40/32"]);
+    let s = wait_for(&mut ds.state, "db deleted", |s| service_prefixes(s) == want).await;
+    assert!(!s.services.contains_key("shop/db"));
+    assert!(s.suspect.is_empty(), "{:?}", s.suspect);
+
+    // The CIDRs go: nothing is advertised any more.
+    write(
+        dir,
+        "bgp.yaml",
+        "apiVersion: crd.projectcalico.org/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {asNumber: 64512}\n",
+    );
+    wait_for(&mut ds.state, "ranges gone", |s| {
+        service_prefixes(s).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn every_service_vanishing_at_once_is_held_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    cluster(dir);
+    write(dir, "bgp.yaml", SERVICE_CONFIG);
+    write(
+        dir,
+        "web.yaml",
+        &service_docs(
+            "web",
+            "  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local",
+            &[("master01", true)],
+        ),
+    );
+    let mut ds = podroute::datastore::dir::spawn_with(dir, "master01", options(WAIT));
+    wait_for(&mut ds.state, "web", |s| {
+        service_prefixes(s).contains(&"10.96.0.10/32".to_string())
+    })
+    .await;
+    std::fs::remove_file(dir.join("web.yaml")).unwrap();
+    let s = wait_for(&mut ds.state, "held back", |s| !s.suspect.is_empty()).await;
+    let kinds: Vec<_> = s.suspect.iter().map(|s| s.kind).collect();
+    assert_eq!(kinds, [Some(Kind::Service), Some(Kind::EndpointSlice)]);
+    assert!(service_prefixes(&s).contains(&"10.96.0.10/32".to_string()));
+}

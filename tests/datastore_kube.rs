@@ -299,3 +299,77 @@ async fn every_block_deleted_is_held_back_until_confirmed() {
     assert!(s.suspect.is_empty());
     ds.shutdown().await;
 }
+
+#[tokio::test]
+async fn services_and_endpoint_slices_are_watched_with_only_this_nodes_endpoints() {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let server = seed_server().await;
+    server.serve::<Service>();
+    server.serve::<EndpointSlice>();
+    server.apply(&BGPConfiguration::new(
+        "default",
+        serde_json::from_value::<BGPConfigurationSpec>(serde_json::json!({
+            "serviceClusterIPs": [{"cidr": "10.96.0.0/12"}],
+        }))
+        .unwrap(),
+    ));
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": "shop", "annotations": {"big": "x"}},
+        "spec": {"clusterIP": "10.96.0.10", "externalTrafficPolicy": "Local",
+                 "ports": [{"port": 80}]},
+    }))
+    .unwrap();
+    let slice = |ready: bool| -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["172.16.241.65"], "nodeName": "master01",
+                 "conditions": {"ready": ready}},
+                {"addresses": ["172.16.196.129"], "nodeName": "node01"},
+            ],
+        }))
+        .unwrap()
+    };
+    server.apply(&svc);
+    server.apply(&slice(true));
+    let (mut ds, _) = start(&server).await;
+    let local = "10.96.0.10/32".parse().unwrap();
+    let s = wait_for(&mut ds.state, "web advertised", |s| {
+        podroute::agent::services::service_prefixes(s).contains_key(&local)
+    })
+    .await;
+    assert_eq!(s.services.keys().collect::<Vec<_>>(), ["shop/web"]);
+    let kept: Vec<_> = s.endpoint_slices["shop/web-1"]
+        .endpoints
+        .iter()
+        .map(|e| e.node.as_deref())
+        .collect();
+    assert_eq!(
+        kept,
+        [Some("master01")],
+        "only this node's endpoints are kept"
+    );
+
+    // Not ready here: the /32 goes, the range stays.
+    server.apply(&slice(false));
+    let s = wait_for(&mut ds.state, "web not ready", |s| {
+        !podroute::agent::services::service_prefixes(s).contains_key(&local)
+    })
+    .await;
+    assert!(
+        podroute::agent::services::service_prefixes(&s)
+            .contains_key(&"10.96.0.0/12".parse().unwrap())
+    );
+}
+
+#[tokio::test]
+async fn a_cluster_that_refuses_services_still_syncs() {
+    // seed_server serves no Service or EndpointSlice collection: the API answers 404.
+    let server = seed_server().await;
+    let (_ds, state) = start(&server).await;
+    assert!(state.services.is_empty());
+    assert_eq!(state.blocks.len(), 2);
+}

@@ -329,6 +329,8 @@ fn watched_resources() -> Vec<(String, String)> {
             Kind::BGPPeer => of::<BGPPeer>(),
             Kind::BGPConfiguration => of::<BGPConfiguration>(),
             Kind::BGPFilter => of::<podroute::model::crd::BGPFilter>(),
+            Kind::Service => of::<k8s_openapi::api::core::v1::Service>(),
+            Kind::EndpointSlice => of::<k8s_openapi::api::discovery::v1::EndpointSlice>(),
         })
         .collect()
 }
@@ -350,7 +352,7 @@ fn cluster_role_covers_what_the_datastore_reads_and_is_bound_to_the_agent() {
     let role: ClusterRole = the("ClusterRole");
     let rules = role.rules.clone().unwrap_or_default();
     let watched = watched_resources();
-    assert_eq!(watched.len(), 7);
+    assert_eq!(watched.len(), 9);
     for (group, plural) in &watched {
         for verb in ["get", "list", "watch"] {
             assert!(

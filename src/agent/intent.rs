@@ -351,6 +351,43 @@ mod tests {
     }
 
     #[test]
+    fn a_learned_copy_of_a_prefix_this_node_originates_gets_no_route() {
+        let s = state();
+        let local = LocalNode {
+            name: "master01".into(),
+            ipv4: Some("192.168.92.128/24".parse().unwrap()),
+            ipv6: None,
+            nic: "ens33".into(),
+        };
+        let cidr: IpNet = "10.96.0.0/12".parse().unwrap();
+        let lb: IpNet = "203.0.113.9/32".parse().unwrap();
+        let peer: IpAddr = "192.168.92.129".parse().unwrap();
+        let learned = BTreeMap::from([(cidr, peer), (lb, peer)]);
+        let input = plan_input(&s, &local, &BTreeMap::new(), &BTreeSet::new());
+        let both = plan::Planner::new(&input);
+        let mut w = BTreeSet::new();
+        let routed: Vec<IpNet> = both
+            .routes(learned.iter().map(|(p, n)| (*p, *n)), &mut w)
+            .map(|r| r.prefix)
+            .filter(|p| *p == cidr || *p == lb)
+            .collect();
+        assert_eq!(
+            routed,
+            [cidr, lb],
+            "another node's service prefixes are routed"
+        );
+        let mine = plan::Planner::new(&input).originating([cidr]);
+        let routed: Vec<IpNet> = mine
+            .routes(learned.iter().map(|(p, n)| (*p, *n)), &mut w)
+            .map(|r| r.prefix)
+            .filter(|p| *p == cidr || *p == lb)
+            .collect();
+        assert_eq!(routed, [lb], "the CIDR this node announces itself is not");
+        assert_eq!(mine.route_for(cidr, Some(peer), &mut w), None);
+        assert!(mine.route_for(lb, Some(peer), &mut w).is_some());
+    }
+
+    #[test]
     fn lists_loopback_interfaces() {
         assert!(interfaces_with_prefix("lo").contains("lo"));
         assert!(interfaces_with_prefix("cali-does-not-exist").is_empty());

@@ -26,6 +26,7 @@ pub mod intent;
 pub mod peers;
 pub mod report;
 pub mod selector;
+pub mod services;
 pub mod status;
 pub mod tunnel_addr;
 
@@ -222,6 +223,8 @@ pub struct Agent {
     /// The kernel's TCP-MD5 drop counters last seen.
     md5_counts: Option<[u64; 3]>,
     announced: BTreeSet<IpNet>,
+    /// The service prefixes among `announced`, with their reasons (for `podroute status`).
+    service_rows: Vec<status::ServicePrefixRow>,
     /// The export policy last given to the speaker.
     export_rules: Option<podroute_bgp::policy::ExportRules>,
     /// Next hop of the best learned path per prefix (host bits cleared).
@@ -402,6 +405,7 @@ impl Agent {
             passwords: datastore::secrets::PasswordCache::new(secrets),
             md5_counts: None,
             announced: BTreeSet::new(),
+            service_rows: Vec::new(),
             export_rules: None,
             learned: BestPaths::new(),
             interfaces: intent::interfaces_with_prefix(WORKLOAD_IFACE_PREFIX),
@@ -717,8 +721,23 @@ impl Agent {
             self.peers.insert(addr, ConfiguredPeer { desired, since });
         }
 
-        // Announcements.
-        let wanted = intent::advertisements(&state);
+        // Announcements: the blocks, and the service prefixes (Calico's rules).
+        let service_prefixes = services::service_prefixes(&state);
+        for (kind, count) in services::count_by_kind(&service_prefixes) {
+            self.metrics
+                .service_prefixes
+                .with_label_values(&[kind.label()])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        let mut wanted = intent::advertisements(&state);
+        wanted.extend(service_prefixes.keys().copied());
+        self.service_rows = service_prefixes
+            .iter()
+            .map(|(prefix, reasons)| status::ServicePrefixRow {
+                prefix: prefix.to_string(),
+                reasons: reasons.iter().map(ToString::to_string).collect(),
+            })
+            .collect();
         for prefix in self.announced.difference(&wanted) {
             debug!(%prefix, "withdrawing");
             self.speaker
@@ -734,7 +753,11 @@ impl Agent {
                 .context("BGP speaker")?;
         }
         if wanted != self.announced {
-            info!(prefixes = wanted.len(), "announcing this node's blocks");
+            info!(
+                prefixes = wanted.len(),
+                services = service_prefixes.len(),
+                "announcing this node's blocks and service prefixes"
+            );
         }
         self.announced = wanted;
 
@@ -771,7 +794,9 @@ impl Agent {
             &BTreeMap::new(),
             &self.interfaces,
         );
-        let planner = Planner::new(&input);
+        // What this node announces (its blocks, service prefixes) is never routed to a peer
+        // that announces it too: every node announces the service CIDRs.
+        let planner = Planner::new(&input).originating(self.announced.iter().copied());
         if self.streaming && self.planner.as_ref() == Some(&planner) {
             return;
         }
@@ -1182,6 +1207,7 @@ impl Agent {
             peers: report::peer_rows(&self.peer_status, &self.peers_by_addr()),
             peer_summary: None,
             config_warnings: self.peer_warnings.clone(),
+            service_prefixes: self.service_rows.clone(),
         };
         status
             .datastore

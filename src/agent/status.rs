@@ -30,6 +30,17 @@ pub struct AgentStatus {
     /// (a BGPPeer's unreadable password, a missing BGPFilter, `reachableBy`, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config_warnings: Vec<String>,
+    /// The service prefixes this node advertises and why (BGPConfiguration
+    /// `serviceClusterIPs`, `serviceExternalIPs`, `serviceLoadBalancerIPs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_prefixes: Vec<ServicePrefixRow>,
+}
+
+/// One advertised service prefix and its reasons (`podroute status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePrefixRow {
+    pub prefix: String,
+    pub reasons: Vec<String>,
 }
 
 /// All peers counted, when `AgentStatus::peers` lists only some.
@@ -69,6 +80,7 @@ impl AgentStatus {
             datastore: self.datastore.clone(),
             dataplane: self.dataplane.clone(),
             config_warnings: self.config_warnings.iter().take(limit).cloned().collect(),
+            service_prefixes: self.service_prefixes.clone(),
             peer_summary: Some(PeerSummary {
                 total: self.peers.len(),
                 listed: peers.len(),

@@ -16,14 +16,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tracing::{info, warn};
 
 use crate::model::bgp::DEFAULT_BGP_CONFIGURATION;
 use crate::model::crd::{BGPConfiguration, BGPFilter, BGPPeer, BlockAffinity, IPAMBlock, IPPool};
+use crate::model::service::object_key;
 use crate::model::{
-    BgpConfig, Block, BlockClaim, Filter, Kind, NodeInfo, Peer, Pool, Reason, Rejection,
-    resolve_overlaps,
+    BgpConfig, Block, BlockClaim, EndpointSliceInfo, Filter, Kind, NodeInfo, Peer, Pool, Reason,
+    Rejection, ServiceInfo, resolve_overlaps,
 };
 use crate::state::{ClusterState, Suspect};
 
@@ -79,6 +81,8 @@ pub struct Inputs {
     pub peers: Vec<Arc<BGPPeer>>,
     pub bgp_configurations: Vec<Arc<BGPConfiguration>>,
     pub filters: Vec<Arc<BGPFilter>>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// Objects that exist but could not even be decoded (their last valid version is kept).
     pub unreadable: Vec<Rejection>,
     /// Problems not about one object, shown in [`ClusterState::source_errors`].
@@ -104,6 +108,8 @@ struct LastGood {
     peers: HashMap<String, Peer>,
     bgp_configurations: HashMap<String, BgpConfig>,
     filters: HashMap<String, Filter>,
+    services: HashMap<String, ServiceInfo>,
+    endpoint_slices: HashMap<String, EndpointSliceInfo>,
 }
 
 /// Builds snapshots; owned by the single datastore task.
@@ -161,6 +167,49 @@ fn admit<R, T: Clone>(
         rejections.push((rejection, kept));
     }
     last_good.retain(|name, _| present.contains(name));
+    out
+}
+
+/// [`admit`] for a namespaced kind: objects are keyed `namespace/name`
+/// ([`object_key`]), which is also the name their rejections carry.
+fn admit_namespaced<R, T: Clone>(
+    kind: Kind,
+    objects: &[Arc<R>],
+    meta_of: impl Fn(&R) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    validate: impl Fn(&R) -> Result<T, Rejection>,
+    unreadable: &[Rejection],
+    last_good: &mut HashMap<String, T>,
+    rejections: &mut Vec<(Rejection, bool)>,
+) -> BTreeMap<String, T> {
+    let keyed: Vec<(String, &Arc<R>)> = objects
+        .iter()
+        .map(|o| (object_key(meta_of(o)), o))
+        .collect();
+    let mut out = BTreeMap::new();
+    let mut present = HashSet::new();
+    for (key, obj) in keyed {
+        match validate(obj) {
+            Ok(value) => {
+                last_good.insert(key.clone(), value.clone());
+                out.insert(key.clone(), value);
+            }
+            Err(rejection) => {
+                let kept = match last_good.get(&key) {
+                    Some(previous) if !out.contains_key(&key) => {
+                        out.insert(key.clone(), previous.clone());
+                        true
+                    }
+                    _ => false,
+                };
+                rejections.push((rejection, kept));
+            }
+        }
+        present.insert(key);
+    }
+    for rejection in unreadable.iter().filter(|r| r.kind == kind) {
+        rejections.push((rejection.clone(), false));
+    }
+    last_good.retain(|key, _| present.contains(key));
     out
 }
 
@@ -273,6 +322,24 @@ impl StateBuilder {
             &mut lg.filters,
             &mut rejections,
         );
+        let services = admit_namespaced(
+            Kind::Service,
+            &inputs.services,
+            |s: &Service| &s.metadata,
+            ServiceInfo::from_service,
+            un,
+            &mut lg.services,
+            &mut rejections,
+        );
+        let endpoint_slices = admit_namespaced(
+            Kind::EndpointSlice,
+            &inputs.endpoint_slices,
+            |s: &EndpointSlice| &s.metadata,
+            EndpointSliceInfo::from_endpoint_slice,
+            un,
+            &mut lg.endpoint_slices,
+            &mut rejections,
+        );
         let mut suspect = inputs.suspect.clone();
         let previous = self.current.clone();
         let prev = previous.as_deref();
@@ -369,6 +436,26 @@ impl StateBuilder {
             now,
             &mut suspect,
         );
+        // Services and EndpointSlices are guarded like the Calico kinds: a cluster always has
+        // the `default/kubernetes` Service and its slice, so all of them vanishing at once is
+        // a datastore problem, not a deletion (it would withdraw every service prefix). No
+        // Service at all from the start is normal (nothing was there to vanish).
+        let mut services = services;
+        self.guard(
+            Watched::Kind(Kind::Service),
+            prev.map(|p| &p.services),
+            &mut services,
+            now,
+            &mut suspect,
+        );
+        let mut endpoint_slices = endpoint_slices;
+        self.guard(
+            Watched::Kind(Kind::EndpointSlice),
+            prev.map(|p| &p.endpoint_slices),
+            &mut endpoint_slices,
+            now,
+            &mut suspect,
+        );
         self.report(&rejections);
 
         let mut rejected: Vec<Rejection> = rejections.into_iter().map(|(r, _)| r).collect();
@@ -387,6 +474,8 @@ impl StateBuilder {
                 .unwrap_or_default(),
             bgp_configurations,
             filters,
+            services,
+            endpoint_slices,
             rejected,
             source_errors: inputs.source_errors.clone(),
             suspect,

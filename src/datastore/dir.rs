@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use super::builder::DEFAULT_WIPE_CONFIRM;
 use super::{DatastoreHandle, Inputs, RejectCounters, StateBuilder};
 use crate::model::compact::{compact_block, slim_meta, slim_node};
+use crate::model::service::{slim_endpoint_slice, slim_service};
 use crate::model::{DecodeError, Kind, Object, Reason, Rejection, decode_documents_each};
 use crate::state::{Suspect, state_channel};
 
@@ -113,6 +114,8 @@ enum Stored {
     BGPPeer(Arc<crate::model::crd::BGPPeer>),
     BGPConfiguration(Arc<crate::model::crd::BGPConfiguration>),
     BGPFilter(Arc<crate::model::crd::BGPFilter>),
+    Service(Arc<k8s_openapi::api::core::v1::Service>),
+    EndpointSlice(Arc<k8s_openapi::api::discovery::v1::EndpointSlice>),
 }
 
 impl Stored {
@@ -125,6 +128,8 @@ impl Stored {
             Stored::BGPPeer(_) => Kind::BGPPeer,
             Stored::BGPConfiguration(_) => Kind::BGPConfiguration,
             Stored::BGPFilter(_) => Kind::BGPFilter,
+            Stored::Service(_) => Kind::Service,
+            Stored::EndpointSlice(_) => Kind::EndpointSlice,
         }
     }
 
@@ -137,6 +142,17 @@ impl Stored {
             Stored::BGPPeer(o) => o.name(),
             Stored::BGPConfiguration(o) => o.name(),
             Stored::BGPFilter(o) => o.name(),
+            Stored::Service(o) => o.metadata.name.as_deref().unwrap_or(""),
+            Stored::EndpointSlice(o) => o.metadata.name.as_deref().unwrap_or(""),
+        }
+    }
+
+    /// `metadata.namespace` of a namespaced object, empty otherwise.
+    fn namespace(&self) -> &str {
+        match self {
+            Stored::Service(o) => o.metadata.namespace.as_deref().unwrap_or(""),
+            Stored::EndpointSlice(o) => o.metadata.namespace.as_deref().unwrap_or(""),
+            _ => "",
         }
     }
 }
@@ -151,6 +167,8 @@ impl From<Object> for Stored {
             Object::BGPPeer(o) => Stored::BGPPeer(Arc::new(o)),
             Object::BGPConfiguration(o) => Stored::BGPConfiguration(Arc::new(o)),
             Object::BGPFilter(o) => Stored::BGPFilter(Arc::new(o)),
+            Object::Service(o) => Stored::Service(Arc::new(*o)),
+            Object::EndpointSlice(o) => Stored::EndpointSlice(Arc::new(*o)),
         }
     }
 }
@@ -322,11 +340,11 @@ impl DirSource {
     /// All objects and problems, for the builder. A later file (by path) wins when two
     /// files define the same object.
     pub fn inputs(&self) -> Inputs {
-        let mut seen: BTreeMap<(Kind, &str), (&Path, &Stored)> = BTreeMap::new();
+        let mut seen: BTreeMap<(Kind, &str, &str), (&Path, &Stored)> = BTreeMap::new();
         let mut inputs = Inputs::default();
         for (path, entry) in &self.files {
             for object in &entry.objects {
-                let key = (object.kind(), object.name());
+                let key = (object.kind(), object.namespace(), object.name());
                 if let Some((other, _)) = seen.insert(key, (path, object)) {
                     inputs.source_errors.push(format!(
                         "{} {:?} is defined in both {} and {}; using {}",
@@ -367,6 +385,8 @@ impl DirSource {
                 Stored::BGPPeer(o) => inputs.peers.push(o.clone()),
                 Stored::BGPConfiguration(o) => inputs.bgp_configurations.push(o.clone()),
                 Stored::BGPFilter(o) => inputs.filters.push(o.clone()),
+                Stored::Service(o) => inputs.services.push(o.clone()),
+                Stored::EndpointSlice(o) => inputs.endpoint_slices.push(o.clone()),
             }
         }
         inputs
@@ -407,6 +427,13 @@ fn compact(object: &mut Object, local_node: Option<&str>) {
         Object::BGPPeer(o) => slim_meta(&mut o.metadata),
         Object::BGPConfiguration(o) => slim_meta(&mut o.metadata),
         Object::BGPFilter(o) => slim_meta(&mut o.metadata),
+        Object::Service(o) => slim_service(o),
+        // Without knowing the local node every endpoint is kept.
+        Object::EndpointSlice(o) => {
+            if let Some(local) = local_node {
+                slim_endpoint_slice(o, local);
+            }
+        }
     }
 }
 

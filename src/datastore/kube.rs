@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
@@ -35,6 +36,7 @@ use super::{DatastoreHandle, Inputs, RejectCounters, StateBuilder};
 use crate::model::Kind;
 use crate::model::compact::{compact_block, slim_meta, slim_node};
 use crate::model::crd::{BGPConfiguration, BGPFilter, BGPPeer, BlockAffinity, IPAMBlock, IPPool};
+use crate::model::service::{slim_endpoint_slice, slim_service};
 use crate::state::state_channel;
 
 /// Shared between the per-kind watch tasks and the builder task.
@@ -113,9 +115,27 @@ pub fn spawn_with(
     );
     // Calico before 3.26 has no BGPFilter CRD: its absence must not hold up the sync.
     let filters = watch_kind::<BGPFilter>(
-        Api::all(client),
+        Api::all(client.clone()),
         Kind::BGPFilter,
         |o| slim_meta(&mut o.metadata),
+        &progress,
+        &mut tasks,
+    );
+
+    // Service IP advertisement: only the fields it reads, and of each EndpointSlice only the
+    // endpoints on this node.
+    let services = watch_kind::<Service>(
+        Api::all(client.clone()),
+        Kind::Service,
+        slim_service,
+        &progress,
+        &mut tasks,
+    );
+    let local = local_node.clone();
+    let endpoint_slices = watch_kind::<EndpointSlice>(
+        Api::all(client),
+        Kind::EndpointSlice,
+        move |o| slim_endpoint_slice(o, &local),
         &progress,
         &mut tasks,
     );
@@ -146,6 +166,8 @@ pub fn spawn_with(
                 peers: peers.state(),
                 bgp_configurations: configs.state(),
                 filters: filters.state(),
+                services: services.state(),
+                endpoint_slices: endpoint_slices.state(),
                 unreadable: Vec::new(),
                 source_errors: Vec::new(),
                 suspect: Vec::new(),
@@ -202,6 +224,24 @@ where
                     // once it is installed.
                     if !progress.synced[kind.index()].swap(true, Ordering::AcqRel) {
                         info!(%kind, "this cluster has no {kind} CRD; treating it as empty");
+                        progress.changed.notify_one();
+                    }
+                }
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                    if matches!(status.code, 403 | 404)
+                        && matches!(kind, Kind::Service | Kind::EndpointSlice) =>
+                {
+                    // Services only add advertisements: an RBAC without them (an upgrade
+                    // that kept the old ClusterRole) must not hold up pod routing. Counted
+                    // as listed and empty, loudly; the watcher keeps retrying.
+                    if !progress.synced[kind.index()].swap(true, Ordering::AcqRel) {
+                        warn!(
+                            %kind,
+                            code = status.code,
+                            "cannot list {kind}s (apply manifests/rbac.yaml: podroute needs \
+                             list/watch on services and discovery.k8s.io endpointslices); no \
+                             service IP is advertised until it can"
+                        );
                         progress.changed.notify_one();
                     }
                 }

@@ -81,6 +81,10 @@ pub struct ClusterSpec {
     /// More datastore files, written as given: `(file name, YAML)`, e.g. a node-specific
     /// BGPPeer. Not part of [`Self::expected_plan`].
     pub extra_files: BTreeMap<String, String>,
+    /// When set, the body of `BGPConfiguration` `default`'s `spec` (YAML lines indented by
+    /// two spaces), replacing `asNumber`, `logSeverityScreen` and `nodeToNodeMeshEnabled:
+    /// true`: e.g. service CIDRs with the mesh off. Not part of [`Self::expected_plan`].
+    pub bgp_configuration_spec: Option<String>,
 }
 
 fn net(text: &str) -> Ipv4Net {
@@ -130,6 +134,7 @@ impl ClusterSpec {
             ],
             peers: Vec::new(),
             extra_files: BTreeMap::new(),
+            bgp_configuration_spec: None,
         }
     }
 
@@ -243,12 +248,18 @@ impl ClusterSpec {
         let mut files = vec![
             (
                 "bgpconfiguration-default.yaml".to_string(),
-                format!(
-                    "apiVersion: crd.projectcalico.org/v1\nkind: BGPConfiguration\nmetadata:\n  \
-                     name: default\nspec:\n  asNumber: {}\n  logSeverityScreen: Info\n  \
-                     nodeToNodeMeshEnabled: true\n",
-                    self.as_number
-                ),
+                match &self.bgp_configuration_spec {
+                    Some(body) => format!(
+                        "apiVersion: crd.projectcalico.org/v1\nkind: BGPConfiguration\n\
+                         metadata:\n  name: default\nspec:\n{body}\n"
+                    ),
+                    None => format!(
+                        "apiVersion: crd.projectcalico.org/v1\nkind: BGPConfiguration\n\
+                         metadata:\n  name: default\nspec:\n  asNumber: {}\n  \
+                         logSeverityScreen: Info\n  nodeToNodeMeshEnabled: true\n",
+                        self.as_number
+                    ),
+                },
             ),
             (
                 format!("ippool-{}.yaml", self.pool_name),

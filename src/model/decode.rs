@@ -1,7 +1,8 @@
 //! Reading objects from YAML or JSON text: one object, several `---`-separated documents,
 //! or a `kind: List` as printed by `kubectl get ... -o yaml`.
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
@@ -21,7 +22,12 @@ pub enum Object {
     BGPPeer(BGPPeer),
     BGPConfiguration(BGPConfiguration),
     BGPFilter(BGPFilter),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
 }
+
+/// `apiVersion` of `EndpointSlice`.
+const DISCOVERY_V1: &str = "discovery.k8s.io/v1";
 
 impl Object {
     pub fn kind(&self) -> Kind {
@@ -33,6 +39,8 @@ impl Object {
             Object::BGPPeer(_) => Kind::BGPPeer,
             Object::BGPConfiguration(_) => Kind::BGPConfiguration,
             Object::BGPFilter(_) => Kind::BGPFilter,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
         }
     }
 
@@ -46,6 +54,8 @@ impl Object {
             Object::BGPPeer(o) => o.name(),
             Object::BGPConfiguration(o) => o.name(),
             Object::BGPFilter(o) => o.name(),
+            Object::Service(o) => o.metadata.name.as_deref().unwrap_or(""),
+            Object::EndpointSlice(o) => o.metadata.name.as_deref().unwrap_or(""),
         }
     }
 }
@@ -65,7 +75,7 @@ pub enum DecodeError {
     #[error("document {index}: kind is missing")]
     NoKind { index: usize },
     #[error(
-        "document {index}: {api_version}/{kind} is not a kind podroute reads (Node and crd.projectcalico.org/v1 IPPool, IPAMBlock, BlockAffinity, BGPPeer, BGPConfiguration, BGPFilter)"
+        "document {index}: {api_version}/{kind} is not a kind podroute reads (Node and crd.projectcalico.org/v1 IPPool, IPAMBlock, BlockAffinity, BGPPeer, BGPConfiguration, BGPFilter; v1 Service, discovery.k8s.io/v1 EndpointSlice)"
     )]
     UnknownKind {
         index: usize,
@@ -203,6 +213,12 @@ pub fn decode_documents_each(
                 typed(index, &kind, &name, chunk).map(Object::BGPConfiguration)
             }
             ("BGPFilter", true) => typed(index, &kind, &name, chunk).map(Object::BGPFilter),
+            ("Service", _) if api_version == "v1" => {
+                typed(index, &kind, &name, chunk).map(|s| Object::Service(Box::new(s)))
+            }
+            ("EndpointSlice", _) if api_version == DISCOVERY_V1 => {
+                typed(index, &kind, &name, chunk).map(|s| Object::EndpointSlice(Box::new(s)))
+            }
             _ => Err(DecodeError::UnknownKind {
                 index,
                 api_version,
@@ -286,6 +302,12 @@ fn decode_value(index: usize, value: Value) -> Result<Object, DecodeError> {
             typed(index, &kind, &name, value).map(Object::BGPConfiguration)
         }
         ("BGPFilter", true) => typed(index, &kind, &name, value).map(Object::BGPFilter),
+        ("Service", _) if api_version == "v1" => {
+            typed(index, &kind, &name, value).map(|s| Object::Service(Box::new(s)))
+        }
+        ("EndpointSlice", _) if api_version == DISCOVERY_V1 => {
+            typed(index, &kind, &name, value).map(|s| Object::EndpointSlice(Box::new(s)))
+        }
         _ => Err(DecodeError::UnknownKind {
             index,
             api_version,

@@ -16,11 +16,15 @@ pub enum Kind {
     BGPPeer,
     BGPConfiguration,
     BGPFilter,
+    /// Kubernetes `Service` (service IP advertisement).
+    Service,
+    /// `discovery.k8s.io/v1` `EndpointSlice` (service IP advertisement).
+    EndpointSlice,
 }
 
 impl Kind {
     /// All kinds, in the order the state is built.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Node,
         Kind::IPPool,
         Kind::IPAMBlock,
@@ -28,6 +32,8 @@ impl Kind {
         Kind::BGPPeer,
         Kind::BGPConfiguration,
         Kind::BGPFilter,
+        Kind::Service,
+        Kind::EndpointSlice,
     ];
 
     /// The `kind:` string of the object.
@@ -40,6 +46,8 @@ impl Kind {
             Kind::BGPPeer => "BGPPeer",
             Kind::BGPConfiguration => "BGPConfiguration",
             Kind::BGPFilter => "BGPFilter",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
         }
     }
 
@@ -164,6 +172,8 @@ pub enum Reason {
         value: String,
         expected: &'static str,
     },
+    #[error("{field} {value:?} is not an IP address")]
+    BadServiceIp { field: &'static str, value: String },
     #[error("annotation {annotation} {value:?} is not {expected}")]
     BadAnnotation {
         annotation: &'static str,

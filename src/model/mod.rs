@@ -16,6 +16,7 @@ pub mod error;
 pub mod filter;
 pub mod node;
 pub mod pool;
+pub mod service;
 pub mod workload;
 
 pub use bgp::{BgpConfig, Peer};
@@ -25,4 +26,5 @@ pub use error::{Kind, Reason, Rejection};
 pub use filter::Filter;
 pub use node::{AddressSource, NodeInfo};
 pub use pool::{EncapMode, Pool, resolve_overlaps};
+pub use service::{EndpointSliceInfo, ServiceInfo, TrafficPolicy};
 pub use workload::workload_interface_name;

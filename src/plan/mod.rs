@@ -593,6 +593,9 @@ pub struct Planner {
     /// Routes from the blocks; they take precedence over learned routes.
     fixed: RouteMap,
     fixed_warnings: BTreeSet<PlanWarning>,
+    /// Prefixes this node originates itself (service prefixes): the same prefix learned from
+    /// a peer gets no route here (this node serves it; BIRD prefers its own static route).
+    originated: BTreeSet<IpNet>,
 }
 
 impl Planner {
@@ -610,7 +613,15 @@ impl Planner {
             rules,
             fixed,
             fixed_warnings,
+            originated: BTreeSet::new(),
         }
+    }
+
+    /// Sets the prefixes this node originates besides its blocks (service prefixes): a
+    /// learned route for one of them is not planned.
+    pub fn originating(mut self, prefixes: impl IntoIterator<Item = IpNet>) -> Self {
+        self.originated = prefixes.into_iter().map(|p| p.trunc()).collect();
+        self
     }
 
     /// The warnings about the blocks (learned routes add theirs when planned).
@@ -629,6 +640,7 @@ impl Planner {
         warnings: &mut BTreeSet<PlanWarning>,
     ) -> Option<DesiredRoute> {
         let prefix = prefix.trunc();
+        let next_hop = next_hop.filter(|_| !self.originated.contains(&prefix));
         let learned = next_hop.and_then(|nh| self.rules.remote_route(prefix, nh, false, warnings));
         match self.fixed.get(&prefix) {
             Some((_, route)) => Some(route.clone()),
@@ -643,6 +655,9 @@ impl Planner {
         let mut warnings = self.fixed_warnings.clone();
         for learned in learned {
             let prefix = learned.prefix.trunc();
+            if self.originated.contains(&prefix) {
+                continue;
+            }
             if let Some(route) =
                 self.rules
                     .remote_route(prefix, learned.next_hop, false, &mut warnings)
@@ -688,6 +703,9 @@ impl Planner {
                     return Some(route.clone());
                 }
                 let (p, nh) = learned.next()?;
+                if self.originated.contains(&p) {
+                    continue;
+                }
                 if let Some(route) = self.rules.remote_route(p, nh, false, warnings) {
                     return Some(route);
                 }
