@@ -844,6 +844,8 @@ impl Agent {
         }
         self.check_link().await?;
         self.peer_status = self.speaker.peers().await.context("BGP speaker")?;
+        let summary = self.speaker.summary().await.context("BGP speaker")?;
+        report::update_connect_metrics(&self.metrics, &summary);
         self.ensure_tunnel().await;
         self.export_tunnel_counters();
         self.publish();

@@ -29,9 +29,12 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::builder::DEFAULT_WIPE_CONFIRM;
-use super::{DatastoreHandle, Inputs, RejectCounters, StateBuilder};
-use crate::model::compact::{compact_block, slim_meta, slim_node};
-use crate::model::{DecodeError, Kind, Object, Reason, Rejection, decode_documents_each};
+use super::{DatastoreHandle, Input, Inputs, RejectCounters, StateBuilder};
+use crate::model::compact::{compact_valid_block, slim_meta, slim_node};
+use crate::model::{
+    Block, BlockClaim, DecodeError, Kind, NodeInfo, Object, Reason, Rejection,
+    decode_documents_each,
+};
 use crate::state::{Suspect, state_channel};
 
 /// How often the directory is checked for changes unless told otherwise.
@@ -102,14 +105,17 @@ struct FileEntry {
     emptied_since: Option<Instant>,
 }
 
-/// An object as kept between polls: shared with every [`Inputs`] built from it (no copy per
-/// build), and only as large as its own kind.
+/// An object as kept between polls: shared with every [`Inputs`] built from it and every
+/// state that holds it (no copy per build), and only as large as its own kind. Nodes, blocks
+/// and affinities (the kinds that grow with the cluster) are validated as they are read and
+/// kept in their small validated form; one that does not validate is kept as read, so that
+/// the builder reports it.
 #[derive(Debug, Clone)]
 enum Stored {
-    Node(Arc<k8s_openapi::api::core::v1::Node>),
+    Node(Input<k8s_openapi::api::core::v1::Node, NodeInfo>),
     IPPool(Arc<crate::model::crd::IPPool>),
-    IPAMBlock(Arc<crate::model::crd::IPAMBlock>),
-    BlockAffinity(Arc<crate::model::crd::BlockAffinity>),
+    IPAMBlock(Input<crate::model::crd::IPAMBlock, Block>),
+    BlockAffinity(Input<crate::model::crd::BlockAffinity, BlockClaim>),
     BGPPeer(Arc<crate::model::crd::BGPPeer>),
     BGPConfiguration(Arc<crate::model::crd::BGPConfiguration>),
     BGPFilter(Arc<crate::model::crd::BGPFilter>),
@@ -130,10 +136,13 @@ impl Stored {
 
     fn name(&self) -> &str {
         match self {
-            Stored::Node(n) => n.metadata.name.as_deref().unwrap_or(""),
+            Stored::Node(Input::Valid(n)) => &n.name,
+            Stored::Node(Input::Raw(n)) => n.metadata.name.as_deref().unwrap_or(""),
             Stored::IPPool(o) => o.name(),
-            Stored::IPAMBlock(o) => o.name(),
-            Stored::BlockAffinity(o) => o.name(),
+            Stored::IPAMBlock(Input::Valid(o)) => &o.name,
+            Stored::IPAMBlock(Input::Raw(o)) => o.name(),
+            Stored::BlockAffinity(Input::Valid(o)) => &o.name,
+            Stored::BlockAffinity(Input::Raw(o)) => o.name(),
             Stored::BGPPeer(o) => o.name(),
             Stored::BGPConfiguration(o) => o.name(),
             Stored::BGPFilter(o) => o.name(),
@@ -141,16 +150,54 @@ impl Stored {
     }
 }
 
-impl From<Object> for Stored {
-    fn from(object: Object) -> Self {
+impl Stored {
+    /// Keeps `object` reduced to the fields podroute reads, validated when it is of a kind
+    /// that grows with the cluster (blocks of other nodes than `local_node` without their
+    /// local allocations).
+    fn keep(object: Object, local_node: Option<&str>) -> Self {
         match object {
-            Object::Node(o) => Stored::Node(Arc::new(*o)),
-            Object::IPPool(o) => Stored::IPPool(Arc::new(o)),
-            Object::IPAMBlock(o) => Stored::IPAMBlock(Arc::new(o)),
-            Object::BlockAffinity(o) => Stored::BlockAffinity(Arc::new(o)),
-            Object::BGPPeer(o) => Stored::BGPPeer(Arc::new(o)),
-            Object::BGPConfiguration(o) => Stored::BGPConfiguration(Arc::new(o)),
-            Object::BGPFilter(o) => Stored::BGPFilter(Arc::new(o)),
+            Object::Node(mut node) => match NodeInfo::from_node(&node) {
+                Ok(info) => Stored::Node(Input::Valid(Arc::new(info))),
+                Err(_) => {
+                    slim_node(&mut node);
+                    Stored::Node(Input::Raw(Arc::new(*node)))
+                }
+            },
+            Object::IPAMBlock(mut raw) => match Block::from_resource(&raw) {
+                Ok(mut block) => {
+                    if let Some(local) = local_node {
+                        compact_valid_block(&mut block, local);
+                    }
+                    Stored::IPAMBlock(Input::Valid(Arc::new(block)))
+                }
+                Err(_) => {
+                    slim_meta(&mut raw.metadata);
+                    Stored::IPAMBlock(Input::Raw(Arc::new(raw)))
+                }
+            },
+            Object::BlockAffinity(mut raw) => match BlockClaim::from_resource(&raw) {
+                Ok(claim) => Stored::BlockAffinity(Input::Valid(Arc::new(claim))),
+                Err(_) => {
+                    slim_meta(&mut raw.metadata);
+                    Stored::BlockAffinity(Input::Raw(Arc::new(raw)))
+                }
+            },
+            Object::IPPool(mut o) => {
+                slim_meta(&mut o.metadata);
+                Stored::IPPool(Arc::new(o))
+            }
+            Object::BGPPeer(mut o) => {
+                slim_meta(&mut o.metadata);
+                Stored::BGPPeer(Arc::new(o))
+            }
+            Object::BGPConfiguration(mut o) => {
+                slim_meta(&mut o.metadata);
+                Stored::BGPConfiguration(Arc::new(o))
+            }
+            Object::BGPFilter(mut o) => {
+                slim_meta(&mut o.metadata);
+                Stored::BGPFilter(Arc::new(o))
+            }
         }
     }
 }
@@ -382,22 +429,6 @@ fn kind_from_str(kind: &str) -> Option<Kind> {
     Kind::ALL.into_iter().find(|k| k.as_str() == kind)
 }
 
-/// Reduces a stored object to the fields podroute reads.
-fn compact(object: &mut Object, local_node: Option<&str>) {
-    match object {
-        Object::Node(node) => slim_node(node),
-        Object::IPAMBlock(block) => match local_node {
-            Some(local) => compact_block(block, local),
-            None => slim_meta(&mut block.metadata),
-        },
-        Object::IPPool(o) => slim_meta(&mut o.metadata),
-        Object::BlockAffinity(o) => slim_meta(&mut o.metadata),
-        Object::BGPPeer(o) => slim_meta(&mut o.metadata),
-        Object::BGPConfiguration(o) => slim_meta(&mut o.metadata),
-        Object::BGPFilter(o) => slim_meta(&mut o.metadata),
-    }
-}
-
 fn decode_file(
     path: &Path,
     bytes: &[u8],
@@ -423,10 +454,7 @@ fn decode_file(
     // Documents skipped, by reason: one line per file and reason.
     let mut skipped: BTreeMap<String, (usize, String)> = BTreeMap::new();
     let decoded = decode_documents_each(text, |document| match document {
-        Ok(mut object) => {
-            compact(&mut object, local_node);
-            objects.push(Stored::from(object));
-        }
+        Ok(object) => objects.push(Stored::keep(object, local_node)),
         Err(DecodeError::Object {
             kind,
             name,
@@ -558,6 +586,8 @@ pub fn spawn_with(
                 .is_some_and(|current| Arc::ptr_eq(&current, &next));
             if !unchanged {
                 publisher.publish(next);
+                // The previous state and the decoded files' garbage are free now.
+                super::trim_heap();
             }
             synced = true;
         }
