@@ -3,7 +3,8 @@
 //!
 //! `cargo bench --bench mesh_scale` (env: `PODROUTE_BENCH_NODES=5000`,
 //! `PODROUTE_BENCH_BLOCKS_PER_NODE=4`, `PODROUTE_BENCH_PODS_PER_BLOCK=3`,
-//! `PODROUTE_BENCH_WARMUP_SECS=20`, `PODROUTE_BENCH_STEADY_SECS=30`). A smoke run:
+//! `PODROUTE_BENCH_WARMUP_SECS=20`, `PODROUTE_BENCH_STEADY_SECS=30`,
+//! `PODROUTE_BENCH_KEEP_LOGS=1` to keep the agents' logs). A smoke run:
 //! `PODROUTE_BENCH_NODES=200 PODROUTE_BENCH_WARMUP_SECS=2 PODROUTE_BENCH_STEADY_SECS=3`.
 //!
 //! The lab's cluster (`podroute::lab`: network namespaces, a bridge, one pod per node) with
@@ -11,11 +12,12 @@
 //! 172.16.0.0/16 `ipipMode: CrossSubnet`, so their routes are direct and need no `tunl0`), plus
 //! `NODES - 3` ghost Nodes in the YAML datastore: each with `BLOCKS_PER_NODE` IPAMBlocks
 //! (pool 100.64.0.0/10, `PODS_PER_BLOCK` allocations each, as Calico writes them) and their
-//! BlockAffinities, at an address in 198.18.0.0/15. Those addresses compare larger than the
-//! real nodes' as strings, so each real agent is the active side towards every ghost (Calico's
-//! mesh rule) and keeps trying to connect. Inside each node namespace 198.18.0.0/15 is routed
-//! into a dummy device: SYNs go nowhere, never out of the namespace, and every attempt stays
-//! half-open until the speaker's connect timeout. The agents run with the production timers
+//! BlockAffinities, at an address in 10.96.0.0/16. Those addresses compare smaller than the
+//! real nodes' (192.168.92.x) as strings, so each real agent is the active side towards every
+//! ghost (Calico's mesh rule: the smaller side waits) and keeps trying to connect. Inside each
+//! node namespace 10.96.0.0/16 is routed to a gateway nobody answers for (see
+//! [`blackhole_ghosts`]): SYNs go nowhere, never out of the lab's namespaces, and every attempt
+//! stays half-open until the speaker's connect timeout. The agents run with the production timers
 //! (connect retry 5 s backing off to 120 s, directory poll 1 s, hold time 240 s).
 //!
 //! Reports per agent: peak RSS (VmHWM) and steady RSS (VmRSS over the steady window: min and
@@ -26,112 +28,15 @@
 //! Targets: RSS <= 64 MiB, CPU <= 2 % of a core, /metrics <= 200 KB, routes <= 5 s. Figures,
 //! not assertions: the machine may be shared.
 
+#[path = "../tests/ghosts/mod.rs"]
+mod ghosts;
 mod support;
 
-use std::fmt::Write as _;
-use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use podroute::lab::{ClusterSpec, Lab, LabConfig, ip};
+use ghosts::{blackhole_ghosts, cluster};
+use podroute::lab::{Lab, LabConfig};
 use support::{cpu_secs, env_usize, is_root, rss_kib};
-
-/// The ghosts' addresses: routed into a dummy device inside each node namespace.
-const GHOST_NET: &str = "198.18.0.0/15";
-const GHOST_BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
-/// The ghosts' pool: 65,536 /26 blocks.
-const GHOST_POOL: &str = "100.64.0.0/10";
-const GHOST_POOL_BASE: u32 = u32::from_be_bytes([100, 64, 0, 0]);
-/// Ghost nodes per datastore file (each file well under the 4 MiB file limit).
-const GHOSTS_PER_FILE: usize = 250;
-
-fn ghost_name(n: usize) -> String {
-    format!("ghost-{n:05}")
-}
-
-fn ghost_addr(n: usize) -> Ipv4Addr {
-    Ipv4Addr::from(GHOST_BASE + 1 + n as u32)
-}
-
-/// One ghost's Node, IPAMBlocks and BlockAffinities, as `kubectl get -o yaml` prints them.
-fn ghost_objects(text: &mut String, n: usize, blocks: usize, pods: usize) {
-    let name = ghost_name(n);
-    let addr = ghost_addr(n);
-    let _ = write!(
-        text,
-        "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    \
-         kubernetes.io/hostname: {name}\n    kubernetes.io/os: linux\n    \
-         kubernetes.io/arch: amd64\n  annotations:\n    projectcalico.org/IPv4Address: \
-         {addr}/15\n    node.alpha.kubernetes.io/ttl: \"0\"\n    \
-         volumes.kubernetes.io/controller-managed-attach-detach: \"true\"\nstatus:\n  \
-         addresses:\n  - {{type: InternalIP, address: {addr}}}\n  - {{type: Hostname, address: \
-         {name}}}\n"
-    );
-    for b in 0..blocks {
-        let index = (n * blocks + b) as u32;
-        let cidr = format!("{}/26", Ipv4Addr::from(GHOST_POOL_BASE + index * 64));
-        let block_name = cidr.replace(['.', '/'], "-");
-        let slots: Vec<String> = (0..64)
-            .map(|s| {
-                if s < pods {
-                    s.to_string()
-                } else {
-                    "null".into()
-                }
-            })
-            .collect();
-        let unallocated: Vec<String> = (pods..64).map(|s| s.to_string()).collect();
-        let mut attributes = String::new();
-        for p in 0..pods {
-            let _ = write!(
-                attributes,
-                "  - handle_id: k8s-pod-network.{index:08x}{p:04x}aaaabbbbccccdddd\n    \
-                 secondary:\n      namespace: team-{ns}\n      node: {name}\n      pod: \
-                 app-{index}-{p}-7d9f8b6c5d-x2x9z\n      timestamp: 2024-05-01 \
-                 10:00:00.000000000 +0000 UTC\n",
-                ns = p % 7
-            );
-        }
-        let _ = write!(
-            text,
-            "---\napiVersion: crd.projectcalico.org/v1\nkind: IPAMBlock\nmetadata:\n  name: \
-             {block_name}\n  resourceVersion: \"{index}\"\nspec:\n  affinity: host:{name}\n  \
-             allocations: [{}]\n  attributes:\n{attributes}  cidr: {cidr}\n  deleted: false\n  \
-             sequenceNumber: 1714557600000000000\n  strictAffinity: false\n  unallocated: \
-             [{}]\n---\napiVersion: crd.projectcalico.org/v1\nkind: BlockAffinity\nmetadata:\n  \
-             name: {name}-{block_name}\nspec:\n  cidr: {cidr}\n  deleted: \"false\"\n  node: \
-             {name}\n  state: confirmed\n",
-            slots.join(", "),
-            unallocated.join(", "),
-        );
-    }
-}
-
-/// The lab's seed cluster on one subnet, plus the ghosts' pool and files.
-fn cluster(ghosts: usize, blocks: usize, pods: usize) -> (ClusterSpec, usize) {
-    let mut spec = ClusterSpec::seed();
-    if let Some(node02) = spec.node_mut("node02") {
-        node02.addr = "192.168.92.130/24".parse().expect("constant");
-    }
-    spec.extra_files.insert(
-        "ghost-pool.yaml".into(),
-        format!(
-            "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata:\n  name: \
-             ghost-pool\nspec:\n  cidr: {GHOST_POOL}\n  blockSize: 26\n  ipipMode: \
-             CrossSubnet\n  natOutgoing: true\n"
-        ),
-    );
-    let mut bytes = 0;
-    for (file, start) in (0..ghosts).step_by(GHOSTS_PER_FILE).enumerate() {
-        let mut text = String::new();
-        for n in start..(start + GHOSTS_PER_FILE).min(ghosts) {
-            ghost_objects(&mut text, n, blocks, pods);
-        }
-        bytes += text.len();
-        spec.extra_files
-            .insert(format!("ghosts-{file:03}.yaml"), text);
-    }
-    (spec, bytes)
-}
 
 /// One agent's figures.
 #[derive(Default)]
@@ -206,18 +111,9 @@ fn main() {
         }
     };
     let names: Vec<String> = lab.spec.nodes.iter().map(|n| n.name.clone()).collect();
-    for name in &names {
-        let ns = lab.node_ns(name);
-        for args in [
-            &["link", "add", "void0", "type", "dummy"][..],
-            &["link", "set", "void0", "up"],
-            &["route", "add", GHOST_NET, "dev", "void0"],
-        ] {
-            if let Err(e) = ip(&ns, args) {
-                println!("mesh_scale: {ns}: {e}");
-                return;
-            }
-        }
+    if let Err(e) = blackhole_ghosts(&lab, &names) {
+        println!("mesh_scale: {e}");
+        return;
     }
     // The other nodes' blocks, as the kernel table prints them.
     let real = lab.spec.nodes.clone();
@@ -234,8 +130,9 @@ fn main() {
     }
     let pids: Vec<u32> = names.iter().filter_map(|n| lab.pid(n)).collect();
     let mut figures: Vec<Figures> = names.iter().map(|_| Figures::default()).collect();
-    let deadline = started + Duration::from_secs(120);
-    while figures.iter().any(|f| f.routes_after.is_none()) && Instant::now() < deadline {
+    // Until the warm-up is over: the real routes, checked every 50 ms (and then every
+    // 500 ms through the steady window).
+    let check_routes = |figures: &mut [Figures]| {
         for (i, name) in names.iter().enumerate() {
             if figures[i].routes_after.is_some() {
                 continue;
@@ -248,6 +145,9 @@ fn main() {
                 figures[i].routes_after = Some(started.elapsed());
             }
         }
+    };
+    while Instant::now() < started + warmup {
+        check_routes(&mut figures);
         if let Some(dead) = names.iter().find(|n| lab.check_running(n).is_err()) {
             println!(
                 "mesh_scale: the agent of {dead} stopped:\n{}",
@@ -256,9 +156,6 @@ fn main() {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-    if let Some(wait) = (started + warmup).checked_duration_since(Instant::now()) {
-        std::thread::sleep(wait);
     }
 
     // Steady window.
@@ -275,6 +172,7 @@ fn main() {
     }
     let window = Instant::now();
     while window.elapsed() < steady {
+        check_routes(&mut figures);
         for (f, pid) in figures.iter_mut().zip(&pids) {
             let rss = rss_kib(*pid).1;
             f.rss_steady_min_kib = f.rss_steady_min_kib.min(rss);
@@ -336,7 +234,7 @@ fn main() {
             f.attempts_per_s,
             f.in_flight_max,
             f.routes_after
-                .map_or("never".into(), |d| format!("{:.2} s", d.as_secs_f64())),
+                .map_or("not yet".into(), |d| format!("{:.2} s", d.as_secs_f64())),
         );
     }
     for (name, f) in names.iter().zip(&figures) {
@@ -348,6 +246,10 @@ fn main() {
         elapsed,
         warmup.as_secs_f64()
     );
+    if std::env::var_os("PODROUTE_BENCH_KEEP_LOGS").is_some() {
+        lab.keep_workdir();
+        println!("logs kept in {}", lab.workdir().join("logs").display());
+    }
     for problem in lab.cleanup() {
         println!("mesh_scale: cleanup: {problem}");
     }
