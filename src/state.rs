@@ -29,6 +29,9 @@ pub struct ClusterState {
     /// Valid, non-overlapping pools by name.
     pub pools: BTreeMap<String, Pool>,
     pub blocks: ObjectMap<Block>,
+    /// This node's valid `BlockAffinity`s (and none of the other nodes': whether another
+    /// node holds a block is its IPAMBlock's affinity, so their claims decide nothing here
+    /// and are not kept).
     pub affinities: ObjectMap<BlockClaim>,
     pub peers: BTreeMap<String, Peer>,
     /// The effective cluster-wide BGP configuration: `BGPConfiguration` `default`, or the

@@ -697,6 +697,9 @@ impl Agent {
         }
         self.ensure_tunnel().await;
         self.publish();
+        // A new state (the first above all: every peer configured at once) leaves much freed
+        // memory in the heap; give it back.
+        crate::datastore::trim_heap();
         Ok(())
     }
 

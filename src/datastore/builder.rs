@@ -336,7 +336,7 @@ impl StateBuilder {
             prev.map(|p| &p.blocks),
             &mut rejections,
         );
-        let affinities = admit_shared(
+        let mut affinities = admit_shared(
             Kind::BlockAffinity,
             &inputs.affinities,
             BlockAffinity::name,
@@ -346,6 +346,8 @@ impl StateBuilder {
             prev.map(|p| &p.affinities),
             &mut rejections,
         );
+        // Other nodes' claims decide nothing here (see `ClusterState::affinities`).
+        affinities.retain(|_, claim| claim.node == self.local_node);
         let peers = admit(
             Kind::BGPPeer,
             &inputs.peers,
@@ -437,7 +439,6 @@ impl StateBuilder {
             }
             inside
         });
-        let mut affinities = affinities;
         self.guard(
             Watched::Kind(Kind::BlockAffinity),
             prev.map(|p| &p.affinities),

@@ -153,9 +153,10 @@ impl Stored {
 impl Stored {
     /// Keeps `object` reduced to the fields podroute reads, validated when it is of a kind
     /// that grows with the cluster (blocks of other nodes than `local_node` without their
-    /// local allocations).
-    fn keep(object: Object, local_node: Option<&str>) -> Self {
-        match object {
+    /// local allocations). `None`: of no use to this node (another node's valid
+    /// BlockAffinity), not kept.
+    fn keep(object: Object, local_node: Option<&str>) -> Option<Self> {
+        Some(match object {
             Object::Node(mut node) => match NodeInfo::from_node(&node) {
                 Ok(info) => Stored::Node(Input::Valid(Arc::new(info))),
                 Err(_) => {
@@ -176,6 +177,9 @@ impl Stored {
                 }
             },
             Object::BlockAffinity(mut raw) => match BlockClaim::from_resource(&raw) {
+                // Another node's valid claim decides nothing here (the builder drops it too):
+                // not kept.
+                Ok(claim) if local_node.is_some_and(|local| claim.node != local) => return None,
                 Ok(claim) => Stored::BlockAffinity(Input::Valid(Arc::new(claim))),
                 Err(_) => {
                     slim_meta(&mut raw.metadata);
@@ -198,7 +202,7 @@ impl Stored {
                 slim_meta(&mut o.metadata);
                 Stored::BGPFilter(Arc::new(o))
             }
-        }
+        })
     }
 }
 
@@ -450,11 +454,16 @@ fn decode_file(
         }
     };
     let mut objects = Vec::new();
+    // Objects read, kept or not (another node's BlockAffinity is read but not kept).
+    let mut documents = 0usize;
     let mut unreadable = Vec::new();
     // Documents skipped, by reason: one line per file and reason.
     let mut skipped: BTreeMap<String, (usize, String)> = BTreeMap::new();
     let decoded = decode_documents_each(text, |document| match document {
-        Ok(object) => objects.push(Stored::keep(object, local_node)),
+        Ok(object) => {
+            documents += 1;
+            objects.extend(Stored::keep(object, local_node));
+        }
         Err(DecodeError::Object {
             kind,
             name,
@@ -506,7 +515,7 @@ fn decode_file(
     }
     entry.error = None;
     entry.unreadable = unreadable;
-    if objects.is_empty() && entry.unreadable.is_empty() && !entry.objects.is_empty() {
+    if documents == 0 && entry.unreadable.is_empty() && !entry.objects.is_empty() {
         // Emptied or truncated to nothing: suspect, the previous objects stay for now.
         if entry.emptied_since.is_none() {
             warn!(
