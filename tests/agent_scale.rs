@@ -12,6 +12,7 @@
 //!
 //! Root only: without root the test prints a loud SKIP, and with `CI=true` it fails instead.
 
+#[allow(dead_code)]
 mod agent_guard;
 mod ghosts;
 

@@ -686,6 +686,74 @@ mod tests {
     }
 
     #[test]
+    fn unchanged_objects_are_shared_and_an_invalid_edit_keeps_the_shared_last_version() {
+        let mut builder = StateBuilder::new("n1", Arc::default());
+        let full = inputs(&["n1"], &[("10.0.0.0/26", "n1"), ("10.0.1.0/26", "n2")]);
+        let s1 = builder.build(&full);
+        // Equal content in new raw objects: the same shared block, not a copy.
+        let mut again = inputs(
+            &["n1", "n3"],
+            &[("10.0.0.0/26", "n1"), ("10.0.1.0/26", "n2")],
+        );
+        let s2 = builder.build(&again);
+        assert!(s2.revision > s1.revision);
+        let shared = |s: &ClusterState| s.blocks.get_shared("10-0-1-0-26").cloned().unwrap();
+        assert!(Arc::ptr_eq(&shared(&s1), &shared(&s2)));
+        // A broken edit keeps the previous state's version (shared), and says so.
+        again.blocks[1] = Input::Raw(Arc::new(IPAMBlock::new(
+            "10-0-1-0-26",
+            IPAMBlockSpec {
+                cidr: Some("10.0.1.0/26".into()),
+                affinity: Some("nobody".into()),
+                ..IPAMBlockSpec::default()
+            },
+        )));
+        let s3 = builder.build(&again);
+        assert!(Arc::ptr_eq(&shared(&s2), &shared(&s3)));
+        assert_eq!(s3.rejected.len(), 1, "{:?}", s3.rejected);
+        assert_eq!(s3.rejected[0].name, "10-0-1-0-26");
+        // Validated inputs are taken as they are.
+        let valid = Arc::new(
+            Block::from_resource(&IPAMBlock::new(
+                "10-0-2-0-26",
+                IPAMBlockSpec {
+                    cidr: Some("10.0.2.0/26".into()),
+                    affinity: Some("host:n2".into()),
+                    ..IPAMBlockSpec::default()
+                },
+            ))
+            .unwrap(),
+        );
+        again.blocks.push(Input::Valid(valid.clone()));
+        let s4 = builder.build(&again);
+        assert!(Arc::ptr_eq(
+            s4.blocks.get_shared("10-0-2-0-26").unwrap(),
+            &valid
+        ));
+    }
+
+    #[test]
+    fn only_this_nodes_affinities_are_kept() {
+        let mut builder = StateBuilder::new("n1", Arc::default());
+        let claim = |name: &str, node: &str| {
+            Input::Raw(Arc::new(BlockAffinity::new(
+                name,
+                crate::model::crd::BlockAffinitySpec {
+                    cidr: Some("10.0.0.0/26".into()),
+                    node: Some(node.into()),
+                    state: Some("confirmed".into()),
+                    ..Default::default()
+                },
+            )))
+        };
+        let mut i = inputs(&["n1"], &[("10.0.0.0/26", "n1")]);
+        i.affinities = vec![claim("mine", "n1"), claim("theirs", "n2")];
+        let s = builder.build(&i);
+        assert_eq!(s.affinities.keys().collect::<Vec<_>>(), ["mine"]);
+        assert!(s.local_claim(&"10.0.0.0/26".parse().unwrap()).is_some());
+    }
+
+    #[test]
     fn a_block_outside_every_pool_is_rejected_not_kept() {
         let mut builder = StateBuilder::new("n1", Arc::default());
         let s = builder.build(&inputs(

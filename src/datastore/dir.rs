@@ -13,7 +13,10 @@
 //! read (one line; its previous objects stay); the text of a file is not kept after it is
 //! decoded; documents of other kinds are skipped after reading their `kind` and counted in
 //! one line per file and reason; the objects kept are reduced to the fields podroute reads
-//! ([`crate::model::compact`]): memory follows the objects, not the size of the text.
+//! ([`crate::model::compact`]), and Nodes, IPAMBlocks and BlockAffinities (the kinds that
+//! grow with the cluster) are validated as they are read and kept only in their small
+//! validated form, one `Arc` shared with every state built from them (other nodes'
+//! BlockAffinities are not kept): memory follows the objects, not the size of the text.
 //!
 //! A file that still exists but suddenly holds no object (emptied, truncated to a blank
 //! prefix) is suspect: its previous objects stay in force, and the state says so (not
