@@ -72,6 +72,9 @@ pub struct Metrics {
     pub notifications_received: IntCounterVec,
     pub notifications_sent: IntCounterVec,
     pub session_establishments: IntCounterVec,
+    pub connect_attempts: IntCounter,
+    pub connects_in_flight: IntGauge,
+    pub connects_in_flight_max: IntGauge,
     pub routes_programmed: IntGaugeVec,
     pub routes_desired: IntGauge,
     pub routes_failed: IntGauge,
@@ -254,6 +257,18 @@ impl Metrics {
                 ),
                 peer
             )),
+            connect_attempts: reg!(IntCounter::with_opts(opts(
+                "bgp_connect_attempts_total",
+                "Outbound BGP connection attempts started, all peers."
+            ))),
+            connects_in_flight: reg!(IntGauge::with_opts(opts(
+                "bgp_connects_in_flight",
+                "Outbound BGP connection attempts in flight now (bounded by the speaker)."
+            ))),
+            connects_in_flight_max: reg!(IntGauge::with_opts(opts(
+                "bgp_connects_in_flight_max",
+                "Most outbound BGP connection attempts ever in flight at once since the start."
+            ))),
             routes_programmed: reg!(IntGaugeVec::new(
                 opts(
                     "routes_programmed",

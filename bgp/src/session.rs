@@ -449,7 +449,10 @@ async fn drive(
         trouble: ConnectTrouble::default(),
         findings: FindingLog::default(),
     };
-    d.handle(true, Event::ManualStart).await;
+    Box::pin(d.handle(true, Event::ManualStart)).await;
+    // Every handler below runs boxed: the task of an idle session (most of a large mesh's,
+    // waiting to connect or back off) then holds only the driver and the select's own
+    // futures, not room for the largest handler's state (about 7 KB per peer before).
     loop {
         let deadline = [d.main.as_ref(), d.extra.as_ref()]
             .into_iter()
@@ -458,7 +461,7 @@ async fn drive(
             .min();
         tokio::select! {
             cmd = cmds.recv() => match cmd {
-                Some(SessionCmd::Inbound(stream)) => d.inbound(stream).await,
+                Some(SessionCmd::Inbound(stream)) => Box::pin(d.inbound(stream)).await,
                 Some(SessionCmd::Send(generation, pieces)) => {
                     if generation != d.established { continue; }
                     if let Some(c) = d.main.as_ref().filter(|s| s.fsm.state() == State::Established).and_then(|s| s.conn.as_ref()) {
@@ -468,7 +471,7 @@ async fn drive(
                     }
                 }
                 Some(SessionCmd::Stop(n)) => {
-                    d.stop(n).await;
+                    Box::pin(d.stop(n)).await;
                     return;
                 }
                 Some(SessionCmd::Abort) => {
@@ -476,7 +479,7 @@ async fn drive(
                     d.main = None;
                     d.extra = None;
                     d.connecting = None;
-                    d.emit(SessionEvent::StateChanged(State::Idle)).await;
+                    Box::pin(d.emit(SessionEvent::StateChanged(State::Idle))).await;
                     return;
                 }
                 Some(SessionCmd::SetGracefulRestart(cap)) => {
@@ -486,7 +489,7 @@ async fn drive(
                     }
                 }
                 None => {
-                    d.stop(Notification::cease(wire::cease::ADMIN_SHUTDOWN)).await;
+                    Box::pin(d.stop(Notification::cease(wire::cease::ADMIN_SHUTDOWN))).await;
                     return;
                 }
             },
@@ -494,26 +497,26 @@ async fn drive(
                 d.connecting = None;
                 match res {
                     Ok(stream) => {
-                        d.emit(SessionEvent::ConnectAttempt(None)).await;
+                        Box::pin(d.emit(SessionEvent::ConnectAttempt(None))).await;
                         if let Some(s) = d.main.as_mut()
                             && s.conn.is_none() {
                                 s.attach(stream);
-                                d.handle(true, Event::TcpConnected).await;
+                                Box::pin(d.handle(true, Event::TcpConnected)).await;
                             }
                     }
                     Err(e) => {
                         debug!(error = %e, "connect failed");
                         let e = e.to_string();
                         d.trouble.error = Some(e.clone());
-                        d.emit(SessionEvent::ConnectAttempt(Some(e))).await;
-                        d.handle(true, Event::TcpFailed).await;
+                        Box::pin(d.emit(SessionEvent::ConnectAttempt(Some(e)))).await;
+                        Box::pin(d.handle(true, Event::TcpFailed)).await;
                     }
                 }
             },
-            r = read_some(&mut d.main) => d.on_read(true, r).await,
-            r = read_some(&mut d.extra) => d.on_read(false, r).await,
+            r = read_some(&mut d.main) => Box::pin(d.on_read(true, r)).await,
+            r = read_some(&mut d.extra) => Box::pin(d.on_read(false, r)).await,
             _ = async { match deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
-                d.fire_timers().await;
+                Box::pin(d.fire_timers()).await;
             }
         }
         if d.stopping {

@@ -28,15 +28,21 @@ fn exportable_pool<'a>(state: &'a ClusterState, net: &IpNet) -> Option<&'a Pool>
 }
 
 /// Whether `node` holds `block`: affinity `host:<node>`, not being deleted, and its
-/// BlockAffinity (when there is one) confirmed.
+/// BlockAffinity (when there is one) confirmed. For the local node (every caller here) the
+/// affinity comes from the state's index, so that a replan is O(blocks), not
+/// O(blocks x affinities).
 fn holds(state: &ClusterState, block: &Block, node: &str) -> bool {
     if block.host() != Some(node) || block.deleted {
         return false;
     }
-    let claim = state
-        .affinities
-        .values()
-        .find(|c| c.cidr == block.cidr && c.node == node);
+    let claim = if node == state.local_node {
+        state.local_claim(&block.cidr)
+    } else {
+        state
+            .affinities
+            .values()
+            .find(|c| c.cidr == block.cidr && c.node == node)
+    };
     match claim {
         None => true,
         Some(c) => !c.deleted && (c.state.is_empty() || c.state == "confirmed"),

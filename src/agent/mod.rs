@@ -768,6 +768,9 @@ impl Agent {
         }
         self.ensure_tunnel().await;
         self.publish();
+        // A new state (the first above all: every peer configured at once) leaves much freed
+        // memory in the heap; give it back.
+        crate::datastore::trim_heap();
         Ok(())
     }
 
@@ -917,6 +920,8 @@ impl Agent {
         }
         self.check_link().await?;
         self.peer_status = self.speaker.peers().await.context("BGP speaker")?;
+        let summary = self.speaker.summary().await.context("BGP speaker")?;
+        report::update_connect_metrics(&self.metrics, &summary);
         self.ensure_tunnel().await;
         self.export_tunnel_counters();
         self.publish();

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use podroute_bgp::PeerStatus;
+use podroute_bgp::{PeerStatus, SpeakerSummary};
 
 use super::PeerCounts;
 use super::peers::PeerType;
@@ -152,6 +152,23 @@ fn record_rejections(metrics: &Metrics, s: &PeerStatus, c: &mut PeerCounts) {
         c.unlogged_rejections = 0;
         c.last_rejection_log = Some(now);
     }
+}
+
+/// The speaker's outbound connection attempts: started in all (a counter), in flight now and
+/// at most at once (never above the speaker's bound).
+pub(crate) fn update_connect_metrics(metrics: &Metrics, summary: &SpeakerSummary) {
+    let counted = metrics.connect_attempts.get();
+    if summary.connect_attempts > counted {
+        metrics
+            .connect_attempts
+            .inc_by(summary.connect_attempts - counted);
+    }
+    metrics
+        .connects_in_flight
+        .set(i64::try_from(summary.connects_in_flight).unwrap_or(i64::MAX));
+    metrics
+        .connects_in_flight_max
+        .set(i64::try_from(summary.connects_in_flight_peak).unwrap_or(i64::MAX));
 }
 
 /// Totals over all peers, and the per-peer gauges and counters while

@@ -27,7 +27,7 @@ use crate::model::{
     BgpConfig, Block, BlockClaim, EndpointSliceInfo, Filter, Kind, NodeInfo, Peer, Pool, Reason,
     Rejection, ServiceInfo, resolve_overlaps,
 };
-use crate::state::{ClusterState, Suspect};
+use crate::state::{ClaimIndex, ClusterState, ObjectMap, Suspect};
 
 /// How long a wipe (a whole kind, or this node's `Node`, gone at once) must last before it
 /// is applied, unless told otherwise.
@@ -71,13 +71,39 @@ impl RejectCounters {
     }
 }
 
+/// One stored object of a kind that grows with the cluster: validated where the source read
+/// it (the YAML directory keeps only the small validated form, shared with the states built
+/// from it), or as stored (the Kubernetes watch's stores, and objects that do not validate,
+/// so that the builder reports why).
+#[derive(Debug)]
+pub enum Input<R, T> {
+    Valid(Arc<T>),
+    Raw(Arc<R>),
+}
+
+impl<R, T> Clone for Input<R, T> {
+    fn clone(&self) -> Self {
+        match self {
+            Input::Valid(v) => Input::Valid(v.clone()),
+            Input::Raw(r) => Input::Raw(r.clone()),
+        }
+    }
+}
+
+impl<R, T> Input<R, T> {
+    /// Objects as stored, to be validated by the builder.
+    pub fn raw(objects: Vec<Arc<R>>) -> Vec<Self> {
+        objects.into_iter().map(Input::Raw).collect()
+    }
+}
+
 /// Every stored object of every kind, as the source holds them now.
 #[derive(Debug, Clone, Default)]
 pub struct Inputs {
-    pub nodes: Vec<Arc<Node>>,
+    pub nodes: Vec<Input<Node, NodeInfo>>,
     pub pools: Vec<Arc<IPPool>>,
-    pub blocks: Vec<Arc<IPAMBlock>>,
-    pub affinities: Vec<Arc<BlockAffinity>>,
+    pub blocks: Vec<Input<IPAMBlock, Block>>,
+    pub affinities: Vec<Input<BlockAffinity, BlockClaim>>,
     pub peers: Vec<Arc<BGPPeer>>,
     pub bgp_configurations: Vec<Arc<BGPConfiguration>>,
     pub filters: Vec<Arc<BGPFilter>>,
@@ -99,12 +125,11 @@ enum Watched {
     OwnNode,
 }
 
+/// The last valid version of each object of the few-objects kinds. Nodes, blocks and
+/// affinities have theirs in the previous state (shared, not copied).
 #[derive(Debug, Default)]
 struct LastGood {
-    nodes: HashMap<String, NodeInfo>,
     pools: HashMap<String, Pool>,
-    blocks: HashMap<String, Block>,
-    affinities: HashMap<String, BlockClaim>,
     peers: HashMap<String, Peer>,
     bgp_configurations: HashMap<String, BgpConfig>,
     filters: HashMap<String, Filter>,
@@ -213,6 +238,76 @@ fn admit_namespaced<R, T: Clone>(
     out
 }
 
+/// [`admit`] for the kinds that grow with the cluster: objects already validated by the
+/// source are taken as they are (shared); raw ones are validated, and one equal to its
+/// version in the previous state shares that one. An invalid object is replaced by its
+/// version in `previous` (its last valid one) when there is one.
+#[allow(clippy::too_many_arguments)]
+fn admit_shared<R, T: PartialEq>(
+    kind: Kind,
+    objects: &[Input<R, T>],
+    raw_name: impl Fn(&R) -> &str,
+    name_of: impl Fn(&T) -> &str,
+    validate: impl Fn(&R) -> Result<T, Rejection>,
+    unreadable: &[Rejection],
+    previous: Option<&ObjectMap<T>>,
+    rejections: &mut Vec<(Rejection, bool)>,
+) -> ObjectMap<T> {
+    let mut out = ObjectMap::new();
+    let mut failed: Vec<(Rejection, String)> = Vec::new();
+    for obj in objects {
+        match obj {
+            Input::Valid(value) => {
+                out.insert_shared(name_of(value).to_string(), value.clone());
+            }
+            Input::Raw(raw) => {
+                let name = raw_name(raw);
+                match validate(raw) {
+                    Ok(value) => {
+                        let shared = match previous.and_then(|p| p.get_shared(name)) {
+                            Some(prev) if **prev == value => prev.clone(),
+                            _ => Arc::new(value),
+                        };
+                        out.insert_shared(name.to_string(), shared);
+                    }
+                    Err(rejection) => failed.push((rejection, name.to_string())),
+                }
+            }
+        }
+    }
+    for rejection in unreadable.iter().filter(|r| r.kind == kind) {
+        failed.push((rejection.clone(), rejection.name.clone()));
+    }
+    for (rejection, name) in failed {
+        let kept = match previous.and_then(|p| p.get_shared(&name)) {
+            Some(last) if !name.is_empty() && !out.contains_key(&name) => {
+                out.insert_shared(name, last.clone());
+                true
+            }
+            _ => false,
+        };
+        rejections.push((rejection, kept));
+    }
+    out
+}
+
+/// What the wipe guard compares: a kind's objects by name.
+trait Objects: Clone {
+    fn count(&self) -> usize;
+}
+
+impl<T: Clone> Objects for BTreeMap<String, T> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<T> Objects for ObjectMap<T> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+}
+
 impl StateBuilder {
     pub fn new(local_node: impl Into<String>, counters: Arc<RejectCounters>) -> Self {
         Self {
@@ -257,13 +352,16 @@ impl StateBuilder {
         let mut rejections: Vec<(Rejection, bool)> = Vec::new();
         let lg = &mut self.last_good;
         let un = &inputs.unreadable;
-        let nodes = admit(
+        let previous = self.current.clone();
+        let prev = previous.as_deref();
+        let nodes = admit_shared(
             Kind::Node,
             &inputs.nodes,
             |n| n.metadata.name.as_deref().unwrap_or(""),
+            |n| &n.name,
             NodeInfo::from_node,
             un,
-            &mut lg.nodes,
+            prev.map(|p| &p.nodes),
             &mut rejections,
         );
         let pools = admit(
@@ -277,24 +375,28 @@ impl StateBuilder {
         );
         let (pools, overlaps) = resolve_overlaps(pools.into_values().collect());
         rejections.extend(overlaps.into_iter().map(|r| (r, false)));
-        let blocks = admit(
+        let blocks = admit_shared(
             Kind::IPAMBlock,
             &inputs.blocks,
             IPAMBlock::name,
+            |b| &b.name,
             Block::from_resource,
             un,
-            &mut lg.blocks,
+            prev.map(|p| &p.blocks),
             &mut rejections,
         );
-        let affinities = admit(
+        let mut affinities = admit_shared(
             Kind::BlockAffinity,
             &inputs.affinities,
             BlockAffinity::name,
+            |c| &c.name,
             BlockClaim::from_resource,
             un,
-            &mut lg.affinities,
+            prev.map(|p| &p.affinities),
             &mut rejections,
         );
+        // Other nodes' claims decide nothing here (see `ClusterState::affinities`).
+        affinities.retain(|_, claim| claim.node == self.local_node);
         let peers = admit(
             Kind::BGPPeer,
             &inputs.peers,
@@ -341,8 +443,6 @@ impl StateBuilder {
             &mut rejections,
         );
         let mut suspect = inputs.suspect.clone();
-        let previous = self.current.clone();
-        let prev = previous.as_deref();
         let mut nodes = nodes;
         self.guard(
             Watched::Kind(Kind::Node),
@@ -354,14 +454,16 @@ impl StateBuilder {
         // Only this node's Node gone (others still there): every Node gone is the kind's
         // guard above, and a confirmed wipe of all Nodes takes this one along.
         if let Some(p) = prev
-            && let Some(own) = p.nodes.get(&self.local_node)
+            && let Some(own) = p.nodes.get_shared(&self.local_node)
             && !nodes.is_empty()
             && !nodes.contains_key(&self.local_node)
         {
-            let mut mine = BTreeMap::new();
+            let mut mine = ObjectMap::new();
+            let own_before: ObjectMap<NodeInfo> =
+                std::iter::once((own.name.clone(), own.clone())).collect();
             self.guard(
                 Watched::OwnNode,
-                Some(&BTreeMap::from([(own.name.clone(), own.clone())])),
+                Some(&own_before),
                 &mut mine,
                 now,
                 &mut suspect,
@@ -404,7 +506,6 @@ impl StateBuilder {
             }
             inside
         });
-        let mut affinities = affinities;
         self.guard(
             Watched::Kind(Kind::BlockAffinity),
             prev.map(|p| &p.affinities),
@@ -479,6 +580,7 @@ impl StateBuilder {
             rejected,
             source_errors: inputs.source_errors.clone(),
             suspect,
+            local_claims: ClaimIndex::default(),
         };
         match &self.current {
             Some(current) if current.same_content(&state) => current.clone(),
@@ -504,11 +606,11 @@ impl StateBuilder {
     /// Holds back a wipe of `watched`: when `now_objects` is empty but the previous state had
     /// objects, those stay (and a [`Suspect`] is added) until the wipe has lasted the confirm
     /// time; then it is applied.
-    fn guard<T: Clone>(
+    fn guard<M: Objects>(
         &mut self,
         watched: Watched,
-        previous: Option<&BTreeMap<String, T>>,
-        now_objects: &mut BTreeMap<String, T>,
+        previous: Option<&M>,
+        now_objects: &mut M,
         now: Instant,
         suspect: &mut Vec<Suspect>,
     ) {
@@ -520,7 +622,7 @@ impl StateBuilder {
             ),
         };
         let wiped = match previous {
-            Some(previous) => now_objects.is_empty() && !previous.is_empty(),
+            Some(previous) => now_objects.count() == 0 && previous.count() != 0,
             None => false,
         };
         let (true, Some(previous)) = (wiped, previous) else {
@@ -532,7 +634,7 @@ impl StateBuilder {
         let since = *self.suspects.entry(watched).or_insert_with(|| {
             warn!(
                 %kind,
-                objects = previous.len(),
+                objects = previous.count(),
                 confirm_s = self.wipe_confirm.as_secs_f64(),
                 "{what} vanished from the datastore at once; keeping the previous objects \
                  until the deletion is confirmed"
@@ -542,7 +644,7 @@ impl StateBuilder {
         if now.saturating_duration_since(since) >= self.wipe_confirm {
             warn!(
                 %kind,
-                objects = previous.len(),
+                objects = previous.count(),
                 "{what} has stayed gone for {:?}; applying the deletion",
                 self.wipe_confirm
             );
@@ -555,7 +657,7 @@ impl StateBuilder {
             message: format!(
                 "{what} vanished from the datastore at once ({} objects); keeping them until \
                  the deletion is confirmed ({:?} gone)",
-                previous.len(),
+                previous.count(),
                 self.wipe_confirm
             ),
         });
@@ -613,7 +715,7 @@ mod tests {
 
     fn inputs(nodes: &[&str], blocks: &[(&str, &str)]) -> Inputs {
         Inputs {
-            nodes: nodes.iter().map(|n| node(n)).collect(),
+            nodes: nodes.iter().map(|n| Input::Raw(node(n))).collect(),
             pools: vec![Arc::new(IPPool::new(
                 "pool",
                 IPPoolSpec {
@@ -624,14 +726,14 @@ mod tests {
             blocks: blocks
                 .iter()
                 .map(|(cidr, host)| {
-                    Arc::new(IPAMBlock::new(
+                    Input::Raw(Arc::new(IPAMBlock::new(
                         &cidr.replace(['.', '/'], "-"),
                         IPAMBlockSpec {
                             cidr: Some(cidr.to_string()),
                             affinity: Some(format!("host:{host}")),
                             ..IPAMBlockSpec::default()
                         },
-                    ))
+                    )))
                 })
                 .collect(),
             ..Inputs::default()
@@ -670,6 +772,74 @@ mod tests {
         assert!(s.local().is_none());
         assert!(s.suspect.is_empty(), "{:?}", s.suspect);
         assert_eq!(builder.next_deadline(), None);
+    }
+
+    #[test]
+    fn unchanged_objects_are_shared_and_an_invalid_edit_keeps_the_shared_last_version() {
+        let mut builder = StateBuilder::new("n1", Arc::default());
+        let full = inputs(&["n1"], &[("10.0.0.0/26", "n1"), ("10.0.1.0/26", "n2")]);
+        let s1 = builder.build(&full);
+        // Equal content in new raw objects: the same shared block, not a copy.
+        let mut again = inputs(
+            &["n1", "n3"],
+            &[("10.0.0.0/26", "n1"), ("10.0.1.0/26", "n2")],
+        );
+        let s2 = builder.build(&again);
+        assert!(s2.revision > s1.revision);
+        let shared = |s: &ClusterState| s.blocks.get_shared("10-0-1-0-26").cloned().unwrap();
+        assert!(Arc::ptr_eq(&shared(&s1), &shared(&s2)));
+        // A broken edit keeps the previous state's version (shared), and says so.
+        again.blocks[1] = Input::Raw(Arc::new(IPAMBlock::new(
+            "10-0-1-0-26",
+            IPAMBlockSpec {
+                cidr: Some("10.0.1.0/26".into()),
+                affinity: Some("nobody".into()),
+                ..IPAMBlockSpec::default()
+            },
+        )));
+        let s3 = builder.build(&again);
+        assert!(Arc::ptr_eq(&shared(&s2), &shared(&s3)));
+        assert_eq!(s3.rejected.len(), 1, "{:?}", s3.rejected);
+        assert_eq!(s3.rejected[0].name, "10-0-1-0-26");
+        // Validated inputs are taken as they are.
+        let valid = Arc::new(
+            Block::from_resource(&IPAMBlock::new(
+                "10-0-2-0-26",
+                IPAMBlockSpec {
+                    cidr: Some("10.0.2.0/26".into()),
+                    affinity: Some("host:n2".into()),
+                    ..IPAMBlockSpec::default()
+                },
+            ))
+            .unwrap(),
+        );
+        again.blocks.push(Input::Valid(valid.clone()));
+        let s4 = builder.build(&again);
+        assert!(Arc::ptr_eq(
+            s4.blocks.get_shared("10-0-2-0-26").unwrap(),
+            &valid
+        ));
+    }
+
+    #[test]
+    fn only_this_nodes_affinities_are_kept() {
+        let mut builder = StateBuilder::new("n1", Arc::default());
+        let claim = |name: &str, node: &str| {
+            Input::Raw(Arc::new(BlockAffinity::new(
+                name,
+                crate::model::crd::BlockAffinitySpec {
+                    cidr: Some("10.0.0.0/26".into()),
+                    node: Some(node.into()),
+                    state: Some("confirmed".into()),
+                    ..Default::default()
+                },
+            )))
+        };
+        let mut i = inputs(&["n1"], &[("10.0.0.0/26", "n1")]);
+        i.affinities = vec![claim("mine", "n1"), claim("theirs", "n2")];
+        let s = builder.build(&i);
+        assert_eq!(s.affinities.keys().collect::<Vec<_>>(), ["mine"]);
+        assert!(s.local_claim(&"10.0.0.0/26".parse().unwrap()).is_some());
     }
 
     #[test]

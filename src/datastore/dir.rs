@@ -13,7 +13,10 @@
 //! read (one line; its previous objects stay); the text of a file is not kept after it is
 //! decoded; documents of other kinds are skipped after reading their `kind` and counted in
 //! one line per file and reason; the objects kept are reduced to the fields podroute reads
-//! ([`crate::model::compact`]): memory follows the objects, not the size of the text.
+//! ([`crate::model::compact`]), and Nodes, IPAMBlocks and BlockAffinities (the kinds that
+//! grow with the cluster) are validated as they are read and kept only in their small
+//! validated form, one `Arc` shared with every state built from them (other nodes'
+//! BlockAffinities are not kept): memory follows the objects, not the size of the text.
 //!
 //! A file that still exists but suddenly holds no object (emptied, truncated to a blank
 //! prefix) is suspect: its previous objects stay in force, and the state says so (not
@@ -29,10 +32,13 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::builder::DEFAULT_WIPE_CONFIRM;
-use super::{DatastoreHandle, Inputs, RejectCounters, StateBuilder};
-use crate::model::compact::{compact_block, slim_meta, slim_node};
+use super::{DatastoreHandle, Input, Inputs, RejectCounters, StateBuilder};
+use crate::model::compact::{compact_valid_block, slim_meta, slim_node};
 use crate::model::service::{slim_endpoint_slice, slim_service};
-use crate::model::{DecodeError, Kind, Object, Reason, Rejection, decode_documents_each};
+use crate::model::{
+    Block, BlockClaim, DecodeError, Kind, NodeInfo, Object, Reason, Rejection,
+    decode_documents_each,
+};
 use crate::state::{Suspect, state_channel};
 
 /// How often the directory is checked for changes unless told otherwise.
@@ -103,14 +109,17 @@ struct FileEntry {
     emptied_since: Option<Instant>,
 }
 
-/// An object as kept between polls: shared with every [`Inputs`] built from it (no copy per
-/// build), and only as large as its own kind.
+/// An object as kept between polls: shared with every [`Inputs`] built from it and every
+/// state that holds it (no copy per build), and only as large as its own kind. Nodes, blocks
+/// and affinities (the kinds that grow with the cluster) are validated as they are read and
+/// kept in their small validated form; one that does not validate is kept as read, so that
+/// the builder reports it.
 #[derive(Debug, Clone)]
 enum Stored {
-    Node(Arc<k8s_openapi::api::core::v1::Node>),
+    Node(Input<k8s_openapi::api::core::v1::Node, NodeInfo>),
     IPPool(Arc<crate::model::crd::IPPool>),
-    IPAMBlock(Arc<crate::model::crd::IPAMBlock>),
-    BlockAffinity(Arc<crate::model::crd::BlockAffinity>),
+    IPAMBlock(Input<crate::model::crd::IPAMBlock, Block>),
+    BlockAffinity(Input<crate::model::crd::BlockAffinity, BlockClaim>),
     BGPPeer(Arc<crate::model::crd::BGPPeer>),
     BGPConfiguration(Arc<crate::model::crd::BGPConfiguration>),
     BGPFilter(Arc<crate::model::crd::BGPFilter>),
@@ -135,10 +144,13 @@ impl Stored {
 
     fn name(&self) -> &str {
         match self {
-            Stored::Node(n) => n.metadata.name.as_deref().unwrap_or(""),
+            Stored::Node(Input::Valid(n)) => &n.name,
+            Stored::Node(Input::Raw(n)) => n.metadata.name.as_deref().unwrap_or(""),
             Stored::IPPool(o) => o.name(),
-            Stored::IPAMBlock(o) => o.name(),
-            Stored::BlockAffinity(o) => o.name(),
+            Stored::IPAMBlock(Input::Valid(o)) => &o.name,
+            Stored::IPAMBlock(Input::Raw(o)) => o.name(),
+            Stored::BlockAffinity(Input::Valid(o)) => &o.name,
+            Stored::BlockAffinity(Input::Raw(o)) => o.name(),
             Stored::BGPPeer(o) => o.name(),
             Stored::BGPConfiguration(o) => o.name(),
             Stored::BGPFilter(o) => o.name(),
@@ -157,19 +169,70 @@ impl Stored {
     }
 }
 
-impl From<Object> for Stored {
-    fn from(object: Object) -> Self {
-        match object {
-            Object::Node(o) => Stored::Node(Arc::new(*o)),
-            Object::IPPool(o) => Stored::IPPool(Arc::new(o)),
-            Object::IPAMBlock(o) => Stored::IPAMBlock(Arc::new(o)),
-            Object::BlockAffinity(o) => Stored::BlockAffinity(Arc::new(o)),
-            Object::BGPPeer(o) => Stored::BGPPeer(Arc::new(o)),
-            Object::BGPConfiguration(o) => Stored::BGPConfiguration(Arc::new(o)),
-            Object::BGPFilter(o) => Stored::BGPFilter(Arc::new(o)),
-            Object::Service(o) => Stored::Service(Arc::new(*o)),
-            Object::EndpointSlice(o) => Stored::EndpointSlice(Arc::new(*o)),
-        }
+impl Stored {
+    /// Keeps `object` reduced to the fields podroute reads, validated when it is of a kind
+    /// that grows with the cluster (blocks of other nodes than `local_node` without their
+    /// local allocations). `None`: of no use to this node (another node's valid
+    /// BlockAffinity), not kept.
+    fn keep(object: Object, local_node: Option<&str>) -> Option<Self> {
+        Some(match object {
+            Object::Node(mut node) => match NodeInfo::from_node(&node) {
+                Ok(info) => Stored::Node(Input::Valid(Arc::new(info))),
+                Err(_) => {
+                    slim_node(&mut node);
+                    Stored::Node(Input::Raw(Arc::new(*node)))
+                }
+            },
+            Object::IPAMBlock(mut raw) => match Block::from_resource(&raw) {
+                Ok(mut block) => {
+                    if let Some(local) = local_node {
+                        compact_valid_block(&mut block, local);
+                    }
+                    Stored::IPAMBlock(Input::Valid(Arc::new(block)))
+                }
+                Err(_) => {
+                    slim_meta(&mut raw.metadata);
+                    Stored::IPAMBlock(Input::Raw(Arc::new(raw)))
+                }
+            },
+            Object::BlockAffinity(mut raw) => match BlockClaim::from_resource(&raw) {
+                // Another node's valid claim decides nothing here (the builder drops it too):
+                // not kept.
+                Ok(claim) if local_node.is_some_and(|local| claim.node != local) => return None,
+                Ok(claim) => Stored::BlockAffinity(Input::Valid(Arc::new(claim))),
+                Err(_) => {
+                    slim_meta(&mut raw.metadata);
+                    Stored::BlockAffinity(Input::Raw(Arc::new(raw)))
+                }
+            },
+            Object::IPPool(mut o) => {
+                slim_meta(&mut o.metadata);
+                Stored::IPPool(Arc::new(o))
+            }
+            Object::BGPPeer(mut o) => {
+                slim_meta(&mut o.metadata);
+                Stored::BGPPeer(Arc::new(o))
+            }
+            Object::BGPConfiguration(mut o) => {
+                slim_meta(&mut o.metadata);
+                Stored::BGPConfiguration(Arc::new(o))
+            }
+            Object::BGPFilter(mut o) => {
+                slim_meta(&mut o.metadata);
+                Stored::BGPFilter(Arc::new(o))
+            }
+            Object::Service(mut o) => {
+                slim_service(&mut o);
+                Stored::Service(Arc::new(*o))
+            }
+            Object::EndpointSlice(mut o) => {
+                // Without knowing the local node every endpoint is kept.
+                if let Some(local) = local_node {
+                    slim_endpoint_slice(&mut o, local);
+                }
+                Stored::EndpointSlice(Arc::new(*o))
+            }
+        })
     }
 }
 
@@ -414,29 +477,6 @@ fn kind_from_str(kind: &str) -> Option<Kind> {
     Kind::ALL.into_iter().find(|k| k.as_str() == kind)
 }
 
-/// Reduces a stored object to the fields podroute reads.
-fn compact(object: &mut Object, local_node: Option<&str>) {
-    match object {
-        Object::Node(node) => slim_node(node),
-        Object::IPAMBlock(block) => match local_node {
-            Some(local) => compact_block(block, local),
-            None => slim_meta(&mut block.metadata),
-        },
-        Object::IPPool(o) => slim_meta(&mut o.metadata),
-        Object::BlockAffinity(o) => slim_meta(&mut o.metadata),
-        Object::BGPPeer(o) => slim_meta(&mut o.metadata),
-        Object::BGPConfiguration(o) => slim_meta(&mut o.metadata),
-        Object::BGPFilter(o) => slim_meta(&mut o.metadata),
-        Object::Service(o) => slim_service(o),
-        // Without knowing the local node every endpoint is kept.
-        Object::EndpointSlice(o) => {
-            if let Some(local) = local_node {
-                slim_endpoint_slice(o, local);
-            }
-        }
-    }
-}
-
 fn decode_file(
     path: &Path,
     bytes: &[u8],
@@ -458,13 +498,15 @@ fn decode_file(
         }
     };
     let mut objects = Vec::new();
+    // Objects read, kept or not (another node's BlockAffinity is read but not kept).
+    let mut documents = 0usize;
     let mut unreadable = Vec::new();
     // Documents skipped, by reason: one line per file and reason.
     let mut skipped: BTreeMap<String, (usize, String)> = BTreeMap::new();
     let decoded = decode_documents_each(text, |document| match document {
-        Ok(mut object) => {
-            compact(&mut object, local_node);
-            objects.push(Stored::from(object));
+        Ok(object) => {
+            documents += 1;
+            objects.extend(Stored::keep(object, local_node));
         }
         Err(DecodeError::Object {
             kind,
@@ -517,7 +559,7 @@ fn decode_file(
     }
     entry.error = None;
     entry.unreadable = unreadable;
-    if objects.is_empty() && entry.unreadable.is_empty() && !entry.objects.is_empty() {
+    if documents == 0 && entry.unreadable.is_empty() && !entry.objects.is_empty() {
         // Emptied or truncated to nothing: suspect, the previous objects stay for now.
         if entry.emptied_since.is_none() {
             warn!(
@@ -597,6 +639,8 @@ pub fn spawn_with(
                 .is_some_and(|current| Arc::ptr_eq(&current, &next));
             if !unchanged {
                 publisher.publish(next);
+                // The previous state and the decoded files' garbage are free now.
+                super::trim_heap();
             }
             synced = true;
         }

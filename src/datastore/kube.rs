@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::builder::DEFAULT_WIPE_CONFIRM;
-use super::{DatastoreHandle, Inputs, RejectCounters, StateBuilder};
+use super::{DatastoreHandle, Input, Inputs, RejectCounters, StateBuilder};
 use crate::model::Kind;
 use crate::model::compact::{compact_block, slim_meta, slim_node};
 use crate::model::crd::{BGPConfiguration, BGPFilter, BGPPeer, BlockAffinity, IPAMBlock, IPPool};
@@ -159,10 +159,10 @@ pub fn spawn_with(
                 continue;
             }
             let inputs = Inputs {
-                nodes: nodes.state(),
+                nodes: Input::raw(nodes.state()),
                 pools: pools.state(),
-                blocks: blocks.state(),
-                affinities: affinities.state(),
+                blocks: Input::raw(blocks.state()),
+                affinities: Input::raw(affinities.state()),
                 peers: peers.state(),
                 bgp_configurations: configs.state(),
                 filters: filters.state(),
@@ -173,11 +173,13 @@ pub fn spawn_with(
                 suspect: Vec::new(),
             };
             let state = builder.build(&inputs);
+            drop(inputs);
             let unchanged = publisher
                 .latest()
                 .is_some_and(|current| Arc::ptr_eq(&current, &state));
             if !unchanged {
                 publisher.publish(state);
+                super::trim_heap();
             }
         }
     }));

@@ -56,6 +56,23 @@ pub fn slim_node(node: &mut Node) {
     });
 }
 
+/// A validated block reduced for `local_node` (see the module doc): a block affine to
+/// another node keeps only its borrowed addresses, without handle IDs. Blocks of
+/// `local_node` and blocks without a host affinity are unchanged.
+pub fn compact_valid_block(block: &mut Block, local_node: &str) {
+    let host = match block.host() {
+        Some(host) if host != local_node => host.to_string(),
+        _ => return,
+    };
+    block
+        .allocations
+        .retain(|a| a.node.as_deref().is_some_and(|n| n != host));
+    for allocation in &mut block.allocations {
+        allocation.handle_id = None;
+    }
+    block.allocations.shrink_to_fit();
+}
+
 /// An `IPAMBlock` reduced for a node that is not `local_node`: see the module doc. Blocks of
 /// `local_node`, blocks without a host affinity and blocks that do not validate keep their
 /// allocations.
@@ -175,6 +192,23 @@ mod tests {
         );
         assert_eq!(b.metadata.resource_version, None);
         assert_eq!(b.spec.unallocated, None);
+    }
+
+    #[test]
+    fn a_valid_remote_block_keeps_only_its_borrowed_addresses() {
+        let raw = block("n2");
+        let before = Block::from_resource(&raw).unwrap();
+        let mut remote = before.clone();
+        compact_valid_block(&mut remote, "n1");
+        let mut raw_compacted = raw.clone();
+        compact_block(&mut raw_compacted, "n1");
+        assert_eq!(remote, Block::from_resource(&raw_compacted).unwrap());
+        assert_eq!(remote.allocations.len(), 1);
+        assert_eq!(remote.allocations[0].node.as_deref(), Some("elsewhere"));
+        assert_eq!(remote.allocations[0].handle_id, None);
+        let mut local = before.clone();
+        compact_valid_block(&mut local, "n2");
+        assert_eq!(local, before);
     }
 
     #[test]
