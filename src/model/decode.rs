@@ -187,44 +187,7 @@ pub fn decode_documents_each(
             each(Err(DecodeError::NoKind { index }));
             continue;
         }
-        fn typed<T: DeserializeOwned>(
-            index: usize,
-            kind: &str,
-            name: &str,
-            chunk: &str,
-        ) -> Result<T, DecodeError> {
-            serde_yaml_ng::from_str(chunk).map_err(|e| DecodeError::Object {
-                index,
-                kind: kind.to_string(),
-                name: name.to_string(),
-                message: e.to_string(),
-            })
-        }
-        let calico = api_version == API_VERSION;
-        let result = match (kind.as_str(), calico) {
-            ("Node", _) if api_version == "v1" || api_version.is_empty() => {
-                typed(index, &kind, &name, chunk).map(|n| Object::Node(Box::new(n)))
-            }
-            ("IPPool", true) => typed(index, &kind, &name, chunk).map(Object::IPPool),
-            ("IPAMBlock", true) => typed(index, &kind, &name, chunk).map(Object::IPAMBlock),
-            ("BlockAffinity", true) => typed(index, &kind, &name, chunk).map(Object::BlockAffinity),
-            ("BGPPeer", true) => typed(index, &kind, &name, chunk).map(Object::BGPPeer),
-            ("BGPConfiguration", true) => {
-                typed(index, &kind, &name, chunk).map(Object::BGPConfiguration)
-            }
-            ("BGPFilter", true) => typed(index, &kind, &name, chunk).map(Object::BGPFilter),
-            ("Service", _) if api_version == "v1" => {
-                typed(index, &kind, &name, chunk).map(|s| Object::Service(Box::new(s)))
-            }
-            ("EndpointSlice", _) if api_version == DISCOVERY_V1 => {
-                typed(index, &kind, &name, chunk).map(|s| Object::EndpointSlice(Box::new(s)))
-            }
-            _ => Err(DecodeError::UnknownKind {
-                index,
-                api_version,
-                kind,
-            }),
-        };
+        let result = typed_object(index, kind, api_version, name, Document::Text(chunk));
         each(result);
     }
     Ok(())
@@ -276,38 +239,58 @@ fn decode_value(index: usize, value: Value) -> Result<Object, DecodeError> {
     if kind.is_empty() {
         return Err(DecodeError::NoKind { index });
     }
-    fn typed<T: DeserializeOwned>(
-        index: usize,
-        kind: &str,
-        name: &str,
-        value: Value,
-    ) -> Result<T, DecodeError> {
-        serde_yaml_ng::from_value(value).map_err(|e| DecodeError::Object {
-            index,
-            kind: kind.to_string(),
-            name: name.to_string(),
-            message: e.to_string(),
-        })
+    typed_object(index, kind, api_version, name, Document::Value(value))
+}
+
+/// One document, as text or as an already parsed value.
+enum Document<'a> {
+    Text(&'a str),
+    Value(Value),
+}
+
+impl Document<'_> {
+    fn into_typed<T: DeserializeOwned>(self) -> Result<T, serde_yaml_ng::Error> {
+        match self {
+            Document::Text(text) => serde_yaml_ng::from_str(text),
+            Document::Value(value) => serde_yaml_ng::from_value(value),
+        }
+    }
+}
+
+/// The one table of the kinds podroute reads: `(kind, apiVersion)` to [`Object`].
+fn typed_object(
+    index: usize,
+    kind: String,
+    api_version: String,
+    name: String,
+    doc: Document<'_>,
+) -> Result<Object, DecodeError> {
+    let error = |e: serde_yaml_ng::Error| DecodeError::Object {
+        index,
+        kind: kind.clone(),
+        name: name.clone(),
+        message: e.to_string(),
+    };
+    fn typed<T: DeserializeOwned>(doc: Document<'_>) -> Result<T, serde_yaml_ng::Error> {
+        doc.into_typed()
     }
     let calico = api_version == API_VERSION;
     match (kind.as_str(), calico) {
         ("Node", _) if api_version == "v1" || api_version.is_empty() => {
-            typed(index, &kind, &name, value).map(|n| Object::Node(Box::new(n)))
+            typed(doc).map_err(error).map(|n| Object::Node(Box::new(n)))
         }
-        ("IPPool", true) => typed(index, &kind, &name, value).map(Object::IPPool),
-        ("IPAMBlock", true) => typed(index, &kind, &name, value).map(Object::IPAMBlock),
-        ("BlockAffinity", true) => typed(index, &kind, &name, value).map(Object::BlockAffinity),
-        ("BGPPeer", true) => typed(index, &kind, &name, value).map(Object::BGPPeer),
-        ("BGPConfiguration", true) => {
-            typed(index, &kind, &name, value).map(Object::BGPConfiguration)
-        }
-        ("BGPFilter", true) => typed(index, &kind, &name, value).map(Object::BGPFilter),
-        ("Service", _) if api_version == "v1" => {
-            typed(index, &kind, &name, value).map(|s| Object::Service(Box::new(s)))
-        }
-        ("EndpointSlice", _) if api_version == DISCOVERY_V1 => {
-            typed(index, &kind, &name, value).map(|s| Object::EndpointSlice(Box::new(s)))
-        }
+        ("IPPool", true) => typed(doc).map_err(error).map(Object::IPPool),
+        ("IPAMBlock", true) => typed(doc).map_err(error).map(Object::IPAMBlock),
+        ("BlockAffinity", true) => typed(doc).map_err(error).map(Object::BlockAffinity),
+        ("BGPPeer", true) => typed(doc).map_err(error).map(Object::BGPPeer),
+        ("BGPConfiguration", true) => typed(doc).map_err(error).map(Object::BGPConfiguration),
+        ("BGPFilter", true) => typed(doc).map_err(error).map(Object::BGPFilter),
+        ("Service", _) if api_version == "v1" => typed(doc)
+            .map_err(error)
+            .map(|s| Object::Service(Box::new(s))),
+        ("EndpointSlice", _) if api_version == DISCOVERY_V1 => typed(doc)
+            .map_err(error)
+            .map(|s| Object::EndpointSlice(Box::new(s))),
         _ => Err(DecodeError::UnknownKind {
             index,
             api_version,
