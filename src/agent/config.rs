@@ -112,7 +112,12 @@ pub struct AgentArgs {
     /// agent only connects). Kubernetes kills every process of a container with its main
     /// process, so in a DaemonSet `external` with a second container keeps tunnelled traffic
     /// going through agent restarts.
-    #[arg(long, env = "PODROUTE_IPIP_FORWARDER", value_enum, default_value = "agent")]
+    #[arg(
+        long,
+        env = "PODROUTE_IPIP_FORWARDER",
+        value_enum,
+        default_value = "agent"
+    )]
     pub ipip_forwarder: crate::dataplane::ipip_user::process::ForwarderOwner,
 
     /// Route protocol number marking podroute's routes (`ip route show proto 157`).

@@ -174,7 +174,11 @@ pub async fn serve(config: ForwarderConfig) -> Result<(), TunnelError> {
     let table_tx = Arc::new(table_tx);
     let counters = Arc::new(IpipCounters::new());
     let mut forwarder = super::spawn(config, table_rx, counters.clone())?;
-    tracing::info!(device, pid = std::process::id(), "IPIP forwarder process serving");
+    tracing::info!(
+        device,
+        pid = std::process::id(),
+        "IPIP forwarder process serving"
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| TunnelError::io("installing the SIGTERM handler", e))?;
     loop {
@@ -418,13 +422,14 @@ async fn start(
         });
     }
     let mut child = cmd.spawn().map_err(|e| {
-        TunnelError::io(
-            format!("starting {} ipip-forwarder", program.display()),
-            e,
-        )
+        TunnelError::io(format!("starting {} ipip-forwarder", program.display()), e)
     })?;
     let pid = child.id();
-    tracing::info!(pid, device = config.device, "IPIP forwarder process started");
+    tracing::info!(
+        pid,
+        device = config.device,
+        "IPIP forwarder process started"
+    );
     let started = Instant::now();
     let result = loop {
         match UnixStream::connect_addr(addr) {
@@ -463,8 +468,8 @@ async fn start(
 /// reply.
 pub fn request(device: &str, req: &Request, timeout: Duration) -> Result<Reply, TunnelError> {
     let what = "asking the IPIP forwarder";
-    let mut s = UnixStream::connect_addr(&socket_addr(device)?)
-        .map_err(|e| TunnelError::io(what, e))?;
+    let mut s =
+        UnixStream::connect_addr(&socket_addr(device)?).map_err(|e| TunnelError::io(what, e))?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| TunnelError::io(what, e))?;
     let mut line = serde_json::to_string(req).map_err(|e| TunnelError::Io {
@@ -518,8 +523,8 @@ mod tests {
             ..Default::default()
         };
         s.drops[2] = 5;
-        let r: Reply = serde_json::from_str(&serde_json::to_string(&Reply::new(&s)).unwrap())
-            .unwrap();
+        let r: Reply =
+            serde_json::from_str(&serde_json::to_string(&Reply::new(&s)).unwrap()).unwrap();
         assert_eq!(r.snapshot(), s);
     }
 }
