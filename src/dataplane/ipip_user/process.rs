@@ -515,6 +515,112 @@ mod tests {
         );
     }
 
+    fn table(n: u8) -> TunnelTable {
+        TunnelTable::new(
+            [(
+                Ipv4Net::new(Ipv4Addr::new(10, 244, n, 0), 26).unwrap(),
+                Ipv4Addr::new(192, 168, 92, n),
+            )],
+            [],
+            ["10.244.0.0/16".parse().unwrap()],
+        )
+    }
+
+    /// A fake forwarder on the control socket of `device`: records the tables it receives,
+    /// answers every request with `encap_packets` = the number of requests so far.
+    fn fake_forwarder(device: &str) -> std::sync::mpsc::Receiver<TunnelTable> {
+        let listener = UnixListener::bind_addr(&socket_addr(device).unwrap()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut write = stream.try_clone().unwrap();
+            let mut requests = 0;
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                requests += 1;
+                match serde_json::from_str::<Request>(&line).unwrap() {
+                    Request::Table(t) => {
+                        let _ = tx.send(TunnelTable::from(t));
+                    }
+                    Request::Counters => {}
+                }
+                let s = IpipCountersSnapshot {
+                    encap_packets: requests,
+                    ..Default::default()
+                };
+                let mut reply = serde_json::to_string(&Reply::new(&s)).unwrap();
+                reply.push('\n');
+                if write.write_all(reply.as_bytes()).is_err() {
+                    break;
+                }
+                // The fifth request: the forwarder "dies".
+                if requests == 5 {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+
+    // Multi-threaded: the test blocks a thread on the fake forwarder's channel.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_agent_pushes_tables_reads_counters_and_sees_the_forwarder_die() {
+        let device = format!("test{}a", std::process::id());
+        let tables = fake_forwarder(&device);
+        let (table_tx, table_rx) = watch::channel(Arc::new(table(1)));
+        let counters = Arc::new(IpipCounters::new());
+        let mut config = ForwarderConfig::new(Ipv4Addr::new(192, 168, 92, 10));
+        config.device = device.clone();
+        let remote = RemoteForwarder::adopt_or_start(
+            ForwarderOwner::External,
+            std::path::Path::new("/nonexistent"),
+            &config,
+            "info",
+            table_rx,
+            counters.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(remote.adopted);
+        assert_eq!(remote.pid, std::process::id());
+        let recv = |what: &str| {
+            tables
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("{what}: {e}"))
+        };
+        assert_eq!(recv("the current table at once"), table(1));
+        table_tx.send_replace(Arc::new(table(2)));
+        assert_eq!(recv("the next table"), table(2));
+        assert!(counters.snapshot().encap_packets >= 2, "counters copied");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while remote.exit().is_none() {
+            assert!(Instant::now() < deadline, "the forwarder's end is noticed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(matches!(remote.exit(), Some(ForwarderExit::Failed(_))));
+    }
+
+    #[tokio::test]
+    async fn external_owner_without_a_forwarder_is_an_error_that_says_so() {
+        let mut config = ForwarderConfig::new(Ipv4Addr::new(192, 168, 92, 10));
+        config.device = format!("test{}b", std::process::id());
+        let (_tx, rx) = watch::channel(Arc::new(TunnelTable::default()));
+        let err = RemoteForwarder::adopt_or_start(
+            ForwarderOwner::External,
+            std::path::Path::new("/nonexistent"),
+            &config,
+            "info",
+            rx,
+            Arc::new(IpipCounters::new()),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("ipip-forwarder container"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn reply_keeps_the_counters() {
         let mut s = IpipCountersSnapshot {
