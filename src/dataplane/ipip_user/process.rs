@@ -307,11 +307,11 @@ impl RemoteForwarder {
         send(&mut write, &Request::Counters)
             .await
             .map_err(|e| TunnelError::io(what, e))?;
-        let first = tokio::time::timeout(Duration::from_secs(5), read_reply(&mut lines))
+        let first = tokio::time::timeout(REPLY_TIMEOUT, read_reply(&mut lines))
             .await
             .map_err(|_| TunnelError::Io {
                 what: what.into(),
-                error: "no answer within 5 s".into(),
+                error: format!("no answer within {REPLY_TIMEOUT:?}"),
             })?
             .map_err(|e| TunnelError::io(what, e))?;
         counters.store(&first.snapshot());
@@ -356,6 +356,9 @@ async fn read_reply(lines: &mut Lines) -> std::io::Result<Reply> {
     }
 }
 
+/// How long the agent waits for each answer of the forwarder.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Pushes tables and polls counters until the connection fails; returns why.
 async fn talk(
     mut write: tokio::net::unix::OwnedWriteHalf,
@@ -386,9 +389,11 @@ async fn talk(
         if let Err(e) = send(&mut write, &req).await {
             return e.to_string();
         }
-        match read_reply(&mut lines).await {
-            Ok(r) => counters.store(&r.snapshot()),
-            Err(e) => return e.to_string(),
+        // A forwarder that stops answering counts as dead (its threads may be stuck).
+        match tokio::time::timeout(REPLY_TIMEOUT, read_reply(&mut lines)).await {
+            Ok(Ok(r)) => counters.store(&r.snapshot()),
+            Ok(Err(e)) => return e.to_string(),
+            Err(_) => return format!("no answer within {REPLY_TIMEOUT:?}"),
         }
     }
 }
