@@ -20,6 +20,21 @@ struct Cli {
 enum Command {
     /// Run the routing agent on this node (normally as a DaemonSet).
     Agent(Box<podroute::agent::AgentArgs>),
+    /// Run the userspace IPIP forwarder of `tunl0` (the TUN device the agent makes on kernels
+    /// without `ipip`) in this network namespace. The agent starts it when none runs, and
+    /// it keeps forwarding with its last tunnel table while the agent is down. Needs
+    /// CAP_NET_ADMIN and CAP_NET_RAW.
+    IpipForwarder {
+        /// The TUN device.
+        #[arg(long, default_value = podroute::plan::TUNNEL_DEVICE)]
+        device: String,
+        /// The node's address: source of outer headers, destination of received ones.
+        #[arg(long)]
+        local: std::net::Ipv4Addr,
+        /// Log filter (tracing `EnvFilter` syntax).
+        #[arg(long, env = "PODROUTE_LOG", default_value = "info")]
+        log: String,
+    },
     /// Print the version.
     Version,
     /// Print the CustomResourceDefinitions podroute reads (crd.projectcalico.org/v1).
@@ -85,6 +100,18 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("starting the tokio runtime")?;
             runtime.block_on(podroute::agent::run(*args))?;
+        }
+        Command::IpipForwarder { device, local, log } => {
+            init_logging(&log);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            let mut config = podroute::dataplane::ipip_user::ForwarderConfig::new(local);
+            config.device = device;
+            runtime
+                .block_on(podroute::dataplane::ipip_user::process::serve(config))
+                .context("userspace IPIP forwarder")?;
         }
         Command::Version => {
             println!("podroute {}", env!("CARGO_PKG_VERSION"));

@@ -728,6 +728,184 @@ fn agent_restart_loses_no_ping_across_the_router() {
     );
 }
 
+/// The pid of the userspace IPIP forwarder process of `node` (asked over its control
+/// socket inside the node's namespace); `None` when none answers.
+fn forwarder_pid(lab: &Lab, node: &str) -> Option<u32> {
+    use podroute::dataplane::ipip_user::process::{Request, request};
+    podroute::lab::in_namespace(&lab.node_ns(node), || {
+        request("tunl0", &Request::Counters, Duration::from_secs(2))
+    })
+    .ok()?
+    .ok()
+    .map(|r| r.pid)
+}
+
+/// A cross-router pod pair with the userspace tunnel between them, or `None` (reported as
+/// not runnable) when this kernel has the `ipip` module (then the kernel forwards and there
+/// is no forwarder process to test).
+fn userspace_tunnel_lab(test: &str, tag: &str) -> Option<Lab> {
+    if !can_run(test) {
+        return None;
+    }
+    let mut lab = lab(tag, ClusterSpec::seed(), |_| {});
+    start_converged(&mut lab);
+    if lab.ipip_available() || !lab.has_tunnel_device(MASTER01) {
+        cannot_run(
+            test,
+            "the kernel has the ipip module (or no tunl0 was made)",
+            "Covers the userspace tunnel's forwarder process: run on a kernel without ipip.",
+        );
+        return None;
+    }
+    Some(lab)
+}
+
+/// issue 13: the userspace IPIP forwarder is its own process. A SIGKILLed agent that stays
+/// down for 10 s loses no ping through the tunnel (before: the forwarder died with the
+/// agent and every ping of the pause was lost), and the restarted agent adopts the running
+/// forwarder instead of starting another.
+#[test]
+fn agent_sigkill_and_10s_pause_lose_no_ping_through_the_userspace_tunnel() {
+    const TEST: &str = "agent_sigkill_and_10s_pause_lose_no_ping_through_the_userspace_tunnel";
+    let Some(mut lab) = userspace_tunnel_lab(TEST, "fwdkill") else {
+        return;
+    };
+    let forwarder = forwarder_pid(&lab, MASTER01)
+        .unwrap_or_else(|| panic!("master01's forwarder answers\n{}", logs(&lab)));
+    let agent = lab.pid(MASTER01).expect("master01's agent runs");
+    assert_ne!(forwarder, agent, "the forwarder is a process of its own");
+    let prober = Prober::start(
+        &lab.pod_ns(&pod_name(&lab, MASTER01)),
+        pod_ip(&lab, NODE02),
+        Duration::from_millis(10),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    lab.stop_agent(MASTER01, libc::SIGKILL, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("stopping master01: {e}\n{}", logs(&lab)));
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(
+        forwarder_pid(&lab, MASTER01),
+        Some(forwarder),
+        "the forwarder outlived its agent"
+    );
+    let started = Instant::now();
+    lab.start_agent(MASTER01).expect("start the agent again");
+    lab.wait_ready(MASTER01, CONVERGE)
+        .unwrap_or_else(|e| panic!("master01 ready again: {e}\n{}", logs(&lab)));
+    lab.wait_converged(CONVERGE)
+        .unwrap_or_else(|e| panic!("after restarting master01: {e}\n{}", logs(&lab)));
+    wait_log(
+        &lab,
+        MASTER01,
+        "userspace IPIP forwarder process running",
+        started,
+        CHANGE,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let probes = prober.stop();
+    eprintln!(
+        "\n=== {TEST}: ping pod {} -> pod {} every 10 ms, master01's agent SIGKILLed, 10 s \
+         down, restarted (back in {:.2?}): sent {}, lost {} in {:?}\n",
+        pod_ip(&lab, MASTER01),
+        pod_ip(&lab, NODE02),
+        started.elapsed(),
+        probes.sent,
+        probes.lost.len(),
+        loss_windows(&probes.lost)
+    );
+    assert!(probes.error.is_none(), "prober: {:?}", probes.error);
+    assert!(
+        probes.sent > 1000,
+        "the prober ran through the pause: {}",
+        probes.sent
+    );
+    assert!(
+        probes.lost.is_empty(),
+        "lost {} replies through the userspace tunnel: {:?}\n{}",
+        probes.lost.len(),
+        loss_windows(&probes.lost),
+        logs(&lab)
+    );
+    assert_eq!(
+        forwarder_pid(&lab, MASTER01),
+        Some(forwarder),
+        "the restarted agent adopted the forwarder instead of starting another"
+    );
+    let log = std::fs::read_to_string(lab.log_path(MASTER01)).unwrap_or_default();
+    assert!(
+        log.contains("adopted=true"),
+        "the restarted agent says it adopted the forwarder:\n{log}"
+    );
+}
+
+/// A SIGKILLed forwarder process is started again by the running agent with the agent's
+/// table: pings through the tunnel resume.
+#[test]
+fn a_killed_forwarder_is_restarted_by_the_agent() {
+    const TEST: &str = "a_killed_forwarder_is_restarted_by_the_agent";
+    let Some(lab) = userspace_tunnel_lab(TEST, "fwdcrash") else {
+        return;
+    };
+    let old = forwarder_pid(&lab, MASTER01)
+        .unwrap_or_else(|| panic!("master01's forwarder answers\n{}", logs(&lab)));
+    let prober = Prober::start(
+        &lab.pod_ns(&pod_name(&lab, MASTER01)),
+        pod_ip(&lab, NODE02),
+        Duration::from_millis(10),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    // SAFETY: kill has no memory-safety preconditions; the pid answered on the lab node's
+    // own control socket just now.
+    assert_eq!(
+        unsafe { libc::kill(old as libc::pid_t, libc::SIGKILL) },
+        0,
+        "SIGKILL the forwarder"
+    );
+    let new = eventually(&lab, "a new forwarder answers", CHANGE, || {
+        forwarder_pid(&lab, MASTER01)
+            .filter(|p| *p != old)
+            .ok_or_else(|| "no forwarder, or still the old one".to_string())
+    });
+    let restarted = killed.elapsed();
+    // Pings resume: poll until a second's worth of pings goes through without a loss.
+    let deadline = Instant::now() + CHANGE;
+    let clean = loop {
+        let check = Prober::start(
+            &lab.pod_ns(&pod_name(&lab, MASTER01)),
+            pod_ip(&lab, NODE02),
+            Duration::from_millis(10),
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        let r = check.stop();
+        if r.lost.is_empty() && r.received > 50 {
+            break Some(r);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+    };
+    let probes = prober.stop();
+    eprintln!(
+        "\n=== {TEST}: forwarder {old} SIGKILLed, forwarder {new} answered after {restarted:.2?}; \
+         10 ms pings: sent {}, lost {} in {:?}\n",
+        probes.sent,
+        probes.lost.len(),
+        loss_windows(&probes.lost)
+    );
+    assert!(
+        clean.is_some(),
+        "pings through the new forwarder resume without loss: {:?}\n{}",
+        loss_windows(&probes.lost),
+        logs(&lab)
+    );
+    let log = std::fs::read_to_string(lab.log_path(MASTER01)).unwrap_or_default();
+    assert!(
+        log.contains("userspace IPIP forwarder stopped"),
+        "the agent noticed the forwarder's death:\n{log}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. Peer loss by hold timer
 // ---------------------------------------------------------------------------------------

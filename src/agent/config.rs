@@ -104,7 +104,21 @@ pub struct AgentArgs {
     /// device plus a raw IP-protocol-4 socket, for kernels without `ipip`), or `auto` (kernel
     /// when it can create an ipip device, else userspace).
     #[arg(long, env = "PODROUTE_IPIP_DATAPLANE", default_value = "auto")]
-    pub ipip_dataplane: String,
+    pub ipip_dataplane: crate::dataplane::ipip_user::IpipDataplane,
+
+    /// Who runs the userspace IPIP forwarder process (`podroute ipip-forwarder`): `agent`
+    /// (the agent starts it, detached, when none answers; it outlives the agent and the
+    /// agent's next run adopts it) or `external` (another container of the pod runs it; the
+    /// agent only connects). Kubernetes kills every process of a container with its main
+    /// process, so in a DaemonSet `external` with a second container keeps tunnelled traffic
+    /// going through agent restarts.
+    #[arg(
+        long,
+        env = "PODROUTE_IPIP_FORWARDER",
+        value_enum,
+        default_value = "agent"
+    )]
+    pub ipip_forwarder: crate::dataplane::ipip_user::process::ForwarderOwner,
 
     /// Route protocol number marking podroute's routes (`ip route show proto 157`).
     #[arg(long, env = "PODROUTE_ROUTE_PROTOCOL", default_value_t = crate::dataplane::DEFAULT_ROUTE_PROTOCOL)]

@@ -46,8 +46,8 @@ use tracing::{debug, info, warn};
 pub use config::AgentArgs;
 
 use crate::dataplane::ipip_user::{
-    self, DropReason, ForwarderConfig, IpipCounters, IpipDataplane, IpipForwarder, TunnelTable,
-    UserspaceIpip,
+    DropReason, ForwarderConfig, IpipCounters, IpipDataplane, TunnelTable, UserspaceIpip,
+    process::RemoteForwarder,
 };
 use crate::dataplane::tunnel::{KernelIpip, TunnelDevice, TunnelError, TunnelSpec};
 use crate::dataplane::{
@@ -271,7 +271,8 @@ struct TunnelTracker {
     ready_revision: u64,
     last_attempt: Option<Instant>,
     last_error: Option<String>,
-    forwarder: Option<IpipForwarder>,
+    /// The connection to the userspace forwarder process (which outlives the agent).
+    forwarder: Option<RemoteForwarder>,
     table_tx: watch::Sender<Arc<TunnelTable>>,
     table_rx: watch::Receiver<Arc<TunnelTable>>,
     counters: Arc<IpipCounters>,
@@ -1051,15 +1052,7 @@ impl Agent {
         let mode = match self.tunnel.mode {
             Some(mode) => mode,
             None => {
-                let wanted: IpipDataplane =
-                    self.args
-                        .ipip_dataplane
-                        .parse()
-                        .map_err(|e: String| TunnelError::Netlink {
-                            what: "--ipip-dataplane".into(),
-                            error: e,
-                        })?;
-                let mode = wanted.resolve().await?;
+                let mode = self.args.ipip_dataplane.resolve().await?;
                 self.tunnel.mode = Some(mode);
                 mode
             }
@@ -1068,12 +1061,24 @@ impl Agent {
             IpipDataplane::Userspace => {
                 UserspaceIpip::connect()?.ensure(spec).await?;
                 if self.tunnel.forwarder.is_none() {
-                    let forwarder = ipip_user::spawn(
-                        ForwarderConfig::new(self.address.addr()),
+                    let program = std::env::current_exe()
+                        .map_err(|e| TunnelError::io("finding the podroute binary", e))?;
+                    let forwarder = RemoteForwarder::adopt_or_start(
+                        self.args.ipip_forwarder,
+                        &program,
+                        &ForwarderConfig::new(self.address.addr()),
+                        &self.args.log,
                         self.tunnel.table_rx.clone(),
                         self.tunnel.counters.clone(),
-                    )?;
-                    info!(device = spec.name, local = %self.address.addr(), "userspace IPIP forwarder running");
+                    )
+                    .await?;
+                    info!(
+                        device = spec.name,
+                        local = %self.address.addr(),
+                        pid = forwarder.pid,
+                        adopted = forwarder.adopted,
+                        "userspace IPIP forwarder process running"
+                    );
                     self.tunnel.forwarder = Some(forwarder);
                     // During the start-up deferral the table seeded from the adopted routes
                     // stays; otherwise the current plan's.

@@ -36,7 +36,11 @@
 //!   tasks on `AsyncFd` ([`ForwarderDriver::Tokio`]). Round trips were alike (60–100 µs
 //!   median pod to pod, noisy on the shared bench machine). Neither blocks a tokio worker.
 //!
-//! # Wiring (agent)
+//! - [`process`]: the forwarder as its own process (`podroute ipip-forwarder`), started
+//!   detached by the agent and adopted by the agent's next run; tables go to it over an
+//!   abstract unix socket. The agent uses this, so tunnelled traffic survives the agent.
+//!
+//! # Wiring (in-process, as the tests and `podroute ipip-forwarder` use it)
 //! 1. At start, in the node's namespace on the runtime: `--ipip-dataplane` parsed as
 //!    [`IpipDataplane`]; `mode.resolve().await?` turns `auto` into `kernel` or `userspace`.
 //! 2. Userspace: `UserspaceIpip::connect()?.ensure(&spec).await?` wherever the kernel mode
@@ -51,7 +55,9 @@
 //!    spawn again. At exit, `forwarder.shutdown().await` (or just drop it).
 //!
 //! # Limits
-//! - While the agent is down, `tunl0` has no reader: tunnelled traffic stops (routes stay).
+//! - While the agent is down the forwarder process forwards with its last table: a block
+//!   that moved meanwhile is tunnelled to its old node until the agent is back. While the
+//!   forwarder process is down (until the agent starts it again) `tunl0` has no reader.
 //! - Packets larger than the path MTU of the underlay are dropped (`too_big`), not answered
 //!   with ICMP "fragmentation needed"; `tunl0`'s MTU (NIC MTU − 20) avoids them on a uniform
 //!   underlay, as with the kernel device.
@@ -68,6 +74,7 @@
 mod forward;
 pub mod offload;
 pub mod packet;
+pub mod process;
 mod sys;
 mod table;
 

@@ -111,6 +111,9 @@ impl Resources {
                 }
             }
         }
+        // What the agents started and left running in the lab's namespaces: the userspace
+        // IPIP forwarders (they outlive their agent by design).
+        stop_namespace_processes(&names, grace);
         for ns in names {
             if let Err(e) = netns::delete(&ns) {
                 problems.push(e.to_string());
@@ -124,6 +127,39 @@ impl Resources {
             problems.push(format!("removing {}: {e}", dir.display()));
         }
         problems
+    }
+}
+
+/// SIGTERM to every process left in `namespaces` (not children of ours, e.g. the IPIP
+/// forwarders the agents started), up to `grace` for them to exit, then SIGKILL.
+fn stop_namespace_processes(namespaces: &[String], grace: Duration) {
+    let pids: Vec<i32> = namespaces.iter().flat_map(|ns| netns::pids(ns)).collect();
+    let signal_all = |signal| {
+        for pid in &pids {
+            // SAFETY: kill has no memory-safety preconditions; the pids were just listed as
+            // members of the lab's own namespaces.
+            unsafe { libc::kill(*pid, signal) };
+        }
+    };
+    signal_all(libc::SIGTERM);
+    // A zombie (exited, not yet reaped by its new parent) counts as gone.
+    let alive = || {
+        pids.iter().any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let state = stat.rsplit_once(") ")?.1.chars().next()?;
+                    Some(state != 'Z' && state != 'X')
+                })
+                .unwrap_or(false)
+        })
+    };
+    let deadline = Instant::now() + grace;
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if alive() {
+        signal_all(libc::SIGKILL);
     }
 }
 

@@ -88,6 +88,20 @@ impl IpipCounters {
         Self::default()
     }
 
+    /// Sets every counter to the values of `s` (the agent's copy of a forwarder process's
+    /// counters, see [`super::process`]).
+    pub fn store(&self, s: &IpipCountersSnapshot) {
+        self.encap_packets.store(s.encap_packets, Ordering::Relaxed);
+        self.encap_bytes.store(s.encap_bytes, Ordering::Relaxed);
+        self.decap_packets.store(s.decap_packets, Ordering::Relaxed);
+        self.decap_bytes.store(s.decap_bytes, Ordering::Relaxed);
+        self.segmented.store(s.segmented, Ordering::Relaxed);
+        self.coalesced.store(s.coalesced, Ordering::Relaxed);
+        for (a, v) in self.drops.iter().zip(&s.drops) {
+            a.store(*v, Ordering::Relaxed);
+        }
+    }
+
     pub fn snapshot(&self) -> IpipCountersSnapshot {
         let mut drops = [0; DropReason::ALL.len()];
         for (d, a) in drops.iter_mut().zip(&self.drops) {
