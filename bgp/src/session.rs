@@ -93,6 +93,11 @@ pub(crate) enum SessionEvent {
 #[derive(Debug)]
 pub(crate) struct ConnectLimiter {
     turns: Arc<Semaphore>,
+    /// Peers whose previous attempt failed hold at most half of the turns (and queue for
+    /// them here first), so that dead peers backing off can never keep a live one waiting
+    /// more than one attempt's time: a fresh attempt has at most `limit / 2` retries queued
+    /// ahead of it for `turns`.
+    retry_turns: Arc<Semaphore>,
     limit: usize,
     in_flight: AtomicUsize,
     waiting: AtomicUsize,
@@ -117,6 +122,7 @@ impl ConnectLimiter {
         let limit = limit.max(1);
         ConnectLimiter {
             turns: Arc::new(Semaphore::new(limit)),
+            retry_turns: Arc::new(Semaphore::new((limit / 2).max(1))),
             limit,
             in_flight: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
@@ -135,10 +141,22 @@ impl ConnectLimiter {
         }
     }
 
-    /// Wait for a turn (FIFO). The turn ends when the returned guard is dropped.
-    async fn turn(self: &Arc<Self>) -> std::io::Result<ConnectTurn> {
+    /// Wait for a turn (FIFO within each lane; `retrying`: the peer's previous attempt
+    /// failed). The turn ends when the returned guard is dropped.
+    async fn turn(self: &Arc<Self>, retrying: bool) -> std::io::Result<ConnectTurn> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let waiting = Counted(self.clone(), |l| &l.waiting);
+        let retry_permit = if retrying {
+            Some(
+                self.retry_turns
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| std::io::Error::other("connection limiter closed"))?,
+            )
+        } else {
+            None
+        };
         let permit = self.turns.clone().acquire_owned().await;
         drop(waiting);
         let permit = permit.map_err(|_| std::io::Error::other("connection limiter closed"))?;
@@ -148,6 +166,7 @@ impl ConnectLimiter {
         Ok(ConnectTurn {
             _in_flight: Counted(self.clone(), |l| &l.in_flight),
             _permit: permit,
+            _retry_permit: retry_permit,
         })
     }
 }
@@ -165,6 +184,7 @@ impl Drop for Counted {
 struct ConnectTurn {
     _in_flight: Counted,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _retry_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What the session task needs to know.
@@ -333,8 +353,9 @@ async fn connect_to(
     local: Option<IpAddr>,
     timeout: Duration,
     security: SocketSecurity,
+    retrying: bool,
 ) -> std::io::Result<TcpStream> {
-    let _turn = limiter.turn().await?;
+    let _turn = limiter.turn(retrying).await?;
     let socket = match remote {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -682,8 +703,12 @@ impl Driver {
                         md5_key: self.p.md5_key.clone(),
                         ttl_security: self.p.ttl_security,
                     };
+                    let retrying = self
+                        .main
+                        .as_ref()
+                        .is_some_and(|s| s.fsm.connect_failures() > 0);
                     self.connecting = Some(Box::pin(connect_to(
-                        limiter, remote, local, timeout, security,
+                        limiter, remote, local, timeout, security, retrying,
                     )));
                 }
             }

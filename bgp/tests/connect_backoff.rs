@@ -242,3 +242,68 @@ async fn unreachable_peers_back_off_share_a_bounded_number_of_attempts_and_recov
     s.shutdown().await.unwrap();
     drop(silent);
 }
+
+/// Dead peers backing off cannot keep a live one waiting: with every turn wanted by silent
+/// peers retrying, a newly configured peer's first attempt starts after at most the retries
+/// that already hold their half of the turns — not behind the whole queue of retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_peer_is_not_queued_behind_dead_peers_retrying() {
+    const MANY: usize = 24;
+    let s_ep = Endpoint::alloc();
+    let (s, _best) = Speaker::start(speaker_config(&s_ep)).await.unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..MANY {
+        let ep = Endpoint::alloc();
+        silent.push((ep, silent_listener(&ep).await));
+    }
+    for (ep, _) in &silent {
+        s.add_peer(peer(&s_ep, ep)).await.unwrap();
+    }
+    // Every silent peer has failed once (its next attempts are retries), and attempts are
+    // queued for turns.
+    wait_for(
+        "every silent peer retrying with attempts queued",
+        || async {
+            let peers = s.peers().await.unwrap();
+            let sum = s.summary().await.unwrap();
+            peers.iter().all(|p| p.connect_failures >= 1) && sum.connects_waiting >= IN_FLIGHT
+        },
+    )
+    .await;
+    // A live peer: another speaker waiting for us.
+    let l_ep = Endpoint::alloc();
+    let (live, _lbest) = Speaker::start(speaker_config(&l_ep)).await.unwrap();
+    let mut back = peer(&l_ep, &s_ep);
+    back.passive = true;
+    live.add_peer(back).await.unwrap();
+    let before = s.summary().await.unwrap().connect_attempts;
+    s.add_peer(peer(&s_ep, &l_ep)).await.unwrap();
+    // Sampled until our first attempt shows: how many attempts started since we were added.
+    let mut started_before_ours = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = status(&s, IpAddr::V4(l_ep.addr)).await;
+        if p.connect_attempts >= 1 {
+            break;
+        }
+        started_before_ours = s.summary().await.unwrap().connect_attempts - before;
+        assert!(Instant::now() < deadline, "the live peer never got a turn");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        started_before_ours <= (IN_FLIGHT / 2) as u64,
+        "{started_before_ours} retries of dead peers started before the new peer's first attempt"
+    );
+    wait_for("the live peer Established", || async {
+        status(&s, IpAddr::V4(l_ep.addr)).await.state == State::Established
+    })
+    .await;
+    for p in s.peers().await.unwrap() {
+        assert!(p.connect_attempts >= 1);
+    }
+    let sum = s.summary().await.unwrap();
+    assert!(sum.connects_in_flight_peak <= IN_FLIGHT, "{sum:?}");
+    s.shutdown().await.unwrap();
+    live.shutdown().await.unwrap();
+    drop(silent);
+}
