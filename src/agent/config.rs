@@ -82,9 +82,16 @@ pub struct AgentArgs {
     #[arg(long, env = "PODROUTE_METRICS_PEER_LABEL_LIMIT", default_value_t = crate::metrics::DEFAULT_PEER_LABEL_LIMIT)]
     pub metrics_peer_label_limit: usize,
 
-    /// Address the BGP listener binds to; the port is BGPConfiguration `listenPort` (179). `::` listens dual-stack: IPv6 peers and IPv4 peers (seen as ::ffff:a.b.c.d, matched to their IPv4 address).
-    #[arg(long, env = "PODROUTE_BGP_BIND", default_value = "0.0.0.0")]
-    pub bgp_bind: IpAddr,
+    /// Address the BGP listener binds to; the port is BGPConfiguration `listenPort` (179). Default: `::`, dual-stack (IPv6 peers such as Calico's bird6, and IPv4 peers seen as ::ffff:a.b.c.d, matched to their IPv4 address), or `0.0.0.0` when the host has IPv6 disabled.
+    #[arg(long, env = "PODROUTE_BGP_BIND")]
+    pub bgp_bind: Option<IpAddr>,
+
+    /// Carry IPv6 unicast inside the IPv4 mesh and BGPPeer sessions (one session per peer,
+    /// no separate IPv6 mesh between dual-stack nodes). Only for clusters where every node
+    /// runs podroute: Calico's bird and bird6 take one family per session, over the nodes'
+    /// IPv4 and IPv6 addresses, which is the default.
+    #[arg(long, env = "PODROUTE_BGP_MULTIPROTOCOL_SESSIONS")]
+    pub bgp_multiprotocol_sessions: bool,
 
     /// BGP hold time offered to peers, seconds (keepalive = hold / 3). 0 or 3..=65535.
     #[arg(long, env = "PODROUTE_HOLD_TIME", default_value_t = 240)]

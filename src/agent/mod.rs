@@ -19,6 +19,7 @@
 
 pub mod annotate;
 pub mod autodetect;
+pub mod listen;
 pub mod best_paths;
 pub mod condition;
 pub mod config;
@@ -31,7 +32,7 @@ pub mod status;
 pub mod tunnel_addr;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -346,7 +347,6 @@ impl Agent {
         let router_id = address.addr();
         let listen_port = state.bgp.listen_port;
         let mut cfg = SpeakerConfig::new(local_as, router_id);
-        cfg.listen = Some(SocketAddr::new(args.bgp_bind, listen_port));
         cfg.hold_time = args.hold_time;
         cfg.connect_retry = args.connect_retry;
         cfg.connect_retry_max = args.connect_retry_max.max(args.connect_retry);
@@ -363,8 +363,9 @@ impl Agent {
                 "kernel routes from a previous run adopted; restarting gracefully"
             );
         }
-        let (speaker, best_rx) = Speaker::start(cfg)
-            .await
+        let (speaker, best_rx) =
+            listen::start_speaker(cfg, listen::listen_candidates(args.bgp_bind, listen_port))
+                .await
             .context("starting the BGP speaker")?;
         info!(node, %address, nic, local_as, %router_id, listen_port, "BGP speaker started");
 
@@ -448,11 +449,12 @@ impl Agent {
         let local = self.state.local();
         LocalIdentity {
             name: self.node.clone(),
-            ipv4: self.address.addr(),
+            ipv4: Some(self.address.addr()),
             ipv6: local.and_then(|n| n.ipv6).map(|n| n.addr()),
             as_number: self.local_as,
             route_reflector_cluster_id: local.and_then(|n| n.route_reflector_cluster_id),
             labels: local.map(|n| n.labels.clone()).unwrap_or_default(),
+            multiprotocol: self.args.bgp_multiprotocol_sessions,
         }
     }
 
