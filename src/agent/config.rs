@@ -24,6 +24,22 @@ pub struct AgentArgs {
     #[arg(long, env = "IP", default_value = "autodetect")]
     pub ip: String,
 
+    /// The node's IPv6 address: `none` (default, as calico/node without `IP6`: the Node's
+    /// `projectcalico.org/IPv6Address`, if any, is used), `autodetect`, or a global address
+    /// with its prefix (`fd00:92::128/64`). Never link-local: it is the IPv6 next hop.
+    #[arg(long, env = "IP6", default_value = "none")]
+    pub ip6: String,
+
+    /// How `--ip6 autodetect` finds the address: the same methods as
+    /// `--ip-autodetection-method`, with IPv6 networks and addresses.
+    #[arg(long, env = "IP6_AUTODETECTION_METHOD", default_value = "first-found")]
+    pub ip6_autodetection_method: String,
+
+    /// BGP router ID: the node's IPv4 address when unset; `hash` for a stable ID from the
+    /// node name (Calico's; used by default on an IPv6-only node); or an ID in IPv4 form.
+    #[arg(long, env = "CALICO_ROUTER_ID", value_parser = str::parse::<crate::agent::router_id::RouterIdChoice>)]
+    pub router_id: Option<crate::agent::router_id::RouterIdChoice>,
+
     /// How `--ip autodetect` finds the address: `first-found`, `interface=REGEX`,
     /// `skip-interface=REGEX`, `can-reach=ADDR`, `cidr=CIDR[,CIDR...]`,
     /// `kubernetes-internal-ip`.
@@ -142,7 +158,8 @@ pub struct AgentArgs {
     #[arg(long, env = "PODROUTE_DATASTORE_WIPE_CONFIRM", default_value = "60s", value_parser = parse_duration)]
     pub datastore_wipe_confirm: Duration,
 
-    /// Do not write the node's IPv4Address / ASNumber annotations (kubernetes datastore).
+    /// Do not write the node's IPv4Address / IPv6Address / ASNumber annotations (kubernetes
+    /// datastore).
     #[arg(long, env = "PODROUTE_NO_ANNOTATE")]
     pub no_annotate: bool,
 
