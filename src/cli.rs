@@ -848,9 +848,15 @@ IPv6 BGP status
             ),
             "{text}"
         );
-        assert!(text.contains("IPv4 BGP status\nNo IPv4 peers found.\n"), "{text}");
+        assert!(
+            text.contains("IPv4 BGP status\nNo IPv4 peers found.\n"),
+            "{text}"
+        );
         let v6 = text.split("IPv6 BGP status\n").nth(1).unwrap_or_default();
-        assert!(v6.contains("| fd00:92::129 | node-to-node mesh | up "), "{text}");
+        assert!(
+            v6.contains("| fd00:92::129 | node-to-node mesh | up "),
+            "{text}"
+        );
         // A dual-stack node without IPv6 peers says so.
         let mut dual = status.clone();
         dual.ipv4 = Some("192.168.92.128/24".into());

@@ -10,7 +10,9 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, WatchEvent, WatchParams};
 use podroute::agent::annotate::{AnnotateError, ensure_annotations, wanted_annotations};
-use podroute::model::node::{ANNOTATION_AS_NUMBER, ANNOTATION_IPV4_ADDRESS, ANNOTATION_IPV6_ADDRESS};
+use podroute::model::node::{
+    ANNOTATION_AS_NUMBER, ANNOTATION_IPV4_ADDRESS, ANNOTATION_IPV6_ADDRESS,
+};
 use serde_json::json;
 use support::apiserver::FakeApiServer;
 
@@ -24,7 +26,11 @@ fn node(name: &str, annotations: &[(&str, &str)]) -> Node {
 }
 
 fn wanted() -> BTreeMap<String, String> {
-    wanted_annotations(Some("192.168.92.128/24".parse().unwrap()), None, Some(64512))
+    wanted_annotations(
+        Some("192.168.92.128/24".parse().unwrap()),
+        None,
+        Some(64512),
+    )
 }
 
 async fn server_with(node: Node) -> FakeApiServer {

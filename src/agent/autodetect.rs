@@ -1385,7 +1385,12 @@ mod tests {
     /// A dual-stack node: link-local addresses everywhere, a global one on ens33.
     fn host6() -> Vec<HostInterface> {
         vec![
-            iface("cali1a2b3c4d5e6", 9, true, &["fe80::ecee:eeff:feee:eeee/64"]),
+            iface(
+                "cali1a2b3c4d5e6",
+                9,
+                true,
+                &["fe80::ecee:eeff:feee:eeee/64"],
+            ),
             iface("ens37", 7, false, &["fd00:99::5/64"]),
             iface("docker0", 5, true, &["fd00:17::1/64"]),
             iface(
@@ -1401,7 +1406,9 @@ mod tests {
 
     fn pick6(method: &str, ifaces: &[HostInterface]) -> Result<Detected6, DetectError> {
         let method = Method::parse_v6(method).unwrap();
-        select6_with(&method, ifaces, None, |_| panic!("no kernel lookup expected"))
+        select6_with(&method, ifaces, None, |_| {
+            panic!("no kernel lookup expected")
+        })
     }
 
     fn found6(address: &str, interface: &str) -> Detected6 {
@@ -1432,10 +1439,7 @@ mod tests {
         );
         // Only link-local on the workload interface: nothing usable there.
         let err = pick6("interface=cali.*", &h).unwrap_err();
-        assert!(
-            matches!(err, DetectError::NoAddress6 { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, DetectError::NoAddress6 { .. }), "{err}");
         assert!(err.to_string().contains("IP6"), "{err}");
         // An IPv4-only host has no IPv6 address to find.
         let err = pick6("first-found", &host()).unwrap_err();
@@ -1503,11 +1507,24 @@ mod tests {
             })
         );
         assert_eq!(
-            resolve6_in("autodetect", "kubernetes-internal-ip", Some("fd00:92::128".parse().unwrap()), &h, none)
-                .unwrap(),
+            resolve6_in(
+                "autodetect",
+                "kubernetes-internal-ip",
+                Some("fd00:92::128".parse().unwrap()),
+                &h,
+                none
+            )
+            .unwrap(),
             Some(found6("fd00:92::128/64", "ens33"))
         );
-        for bad in ["fe80::1", "::1", "10.0.0.1", "fd00::1/129", "ff02::1", "yes"] {
+        for bad in [
+            "fe80::1",
+            "::1",
+            "10.0.0.1",
+            "fd00::1/129",
+            "ff02::1",
+            "yes",
+        ] {
             assert!(
                 matches!(
                     resolve6_in(bad, "", None, &h, none),

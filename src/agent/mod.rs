@@ -19,14 +19,14 @@
 
 pub mod annotate;
 pub mod autodetect;
-pub mod listen;
-pub mod router_id;
 pub mod best_paths;
 pub mod condition;
 pub mod config;
 pub mod intent;
+pub mod listen;
 pub mod peers;
 pub mod report;
+pub mod router_id;
 pub mod selector;
 pub mod services;
 pub mod status;
@@ -378,7 +378,7 @@ impl Agent {
         let (speaker, best_rx) =
             listen::start_speaker(cfg, listen::listen_candidates(args.bgp_bind, listen_port))
                 .await
-            .context("starting the BGP speaker")?;
+                .context("starting the BGP speaker")?;
         info!(node, ?address, ?address6, nic, local_as, %router_id, listen_port, "BGP speaker started");
 
         let (plan_tx, plan_rx) = mpsc::unbounded_channel();
@@ -1405,7 +1405,8 @@ fn resolve_addresses(args: &AgentArgs, state: &ClusterState) -> anyhow::Result<N
         Some(d) => (Some(d.address), d.interface),
         None => match local.and_then(|n| n.ipv4) {
             Some(net) => {
-                let holder = autodetect::interface_of(net.addr(), &ifaces()).map(|i| i.name.clone());
+                let holder =
+                    autodetect::interface_of(net.addr(), &ifaces()).map(|i| i.name.clone());
                 (Some(net), holder)
             }
             None => (None, None),
@@ -1429,7 +1430,8 @@ fn resolve_addresses(args: &AgentArgs, state: &ClusterState) -> anyhow::Result<N
         }
         None => match local.and_then(|n| n.ipv6) {
             Some(net) => {
-                let holder = autodetect::interface_of6(net.addr(), &ifaces()).map(|i| i.name.clone());
+                let holder =
+                    autodetect::interface_of6(net.addr(), &ifaces()).map(|i| i.name.clone());
                 (Some(net), holder)
             }
             None => (None, None),

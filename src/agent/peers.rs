@@ -294,10 +294,7 @@ pub fn desired_peers_with(
     passwords: &Passwords,
 ) -> PeerSet {
     let mut set = PeerSet::default();
-    if local
-        .ipv6
-        .is_some_and(|a| a.is_unicast_link_local())
-    {
+    if local.ipv6.is_some_and(|a| a.is_unicast_link_local()) {
         set.warnings.push(format!(
             "this node's IPv6 address {} is link-local; it cannot be a next hop, so there are \
              no IPv6 sessions (give the node a global IPv6 address)",
@@ -804,10 +801,16 @@ mod tests {
         );
         let v6_session = &set.peers[&"fd00::5".parse::<IpAddr>().unwrap()].config;
         assert_eq!(v6_session.local_addr, Some("fd00::10".parse().unwrap()));
-        assert_eq!(v6_session.local_v6_next_hop, Some("fd00::10".parse().unwrap()));
+        assert_eq!(
+            v6_session.local_v6_next_hop,
+            Some("fd00::10".parse().unwrap())
+        );
         assert_eq!(v6_session.local_v4_next_hop, None);
         let v4_session = &set.peers[&"10.0.0.5".parse::<IpAddr>().unwrap()].config;
-        assert_eq!(v4_session.local_v6_next_hop, None, "no IPv6 in the IPv4 session");
+        assert_eq!(
+            v4_session.local_v6_next_hop, None,
+            "no IPv6 in the IPv4 session"
+        );
 
         // From node01 ("fd00::5"), the larger string, it connects.
         let s1 = ClusterState {
@@ -879,7 +882,11 @@ mod tests {
         let mut me = local(&s);
         let set = desired_peers(&s, &me);
         assert_eq!(set.peers.len(), 1);
-        assert!(set.peers.values().all(|p| p.config.local_v6_next_hop.is_none()));
+        assert!(
+            set.peers
+                .values()
+                .all(|p| p.config.local_v6_next_hop.is_none())
+        );
         assert!(set.warnings[0].contains("link-local"), "{:?}", set.warnings);
         me.multiprotocol = true;
         let set = desired_peers(&s, &me);
@@ -911,7 +918,10 @@ mod tests {
         assert_eq!(tor.config.remote_as, 65001);
         assert_eq!(tor.config.local_addr, Some("fd00::10".parse().unwrap()));
         let n1 = &set.peers[&"fd00::5".parse::<IpAddr>().unwrap()];
-        assert_eq!(n1.config.remote_as, 65005, "matched to node01 by its IPv6 address");
+        assert_eq!(
+            n1.config.remote_as, 65005,
+            "matched to node01 by its IPv6 address"
+        );
 
         s.peers.clear();
         s.peers.insert(all.name.clone(), all);

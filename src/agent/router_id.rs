@@ -93,7 +93,10 @@ mod tests {
         for bad in ["0.0.0.0", "fd00::1", "random"] {
             assert!(bad.parse::<RouterIdChoice>().is_err(), "{bad}");
         }
-        assert_eq!(router_id(RouterIdChoice::NodeAddress, "node01", v4), v4.unwrap());
+        assert_eq!(
+            router_id(RouterIdChoice::NodeAddress, "node01", v4),
+            v4.unwrap()
+        );
         assert_eq!(
             router_id(RouterIdChoice::NodeAddress, "node01", None),
             hash_router_id("node01"),
@@ -104,7 +107,11 @@ mod tests {
             hash_router_id("node01")
         );
         assert_eq!(
-            router_id(RouterIdChoice::Explicit(Ipv4Addr::new(1, 2, 3, 4)), "x", None),
+            router_id(
+                RouterIdChoice::Explicit(Ipv4Addr::new(1, 2, 3, 4)),
+                "x",
+                None
+            ),
             Ipv4Addr::new(1, 2, 3, 4)
         );
     }
