@@ -83,7 +83,8 @@ mod tests {
 
     #[test]
     fn choice_and_resolution() {
-        let v4 = Some(Ipv4Addr::new(10, 0, 0, 5));
+        let addr = Ipv4Addr::new(10, 0, 0, 5);
+        let v4 = Some(addr);
         assert_eq!("".parse(), Ok(RouterIdChoice::NodeAddress));
         assert_eq!("HASH".parse(), Ok(RouterIdChoice::Hash));
         assert_eq!(
@@ -95,7 +96,7 @@ mod tests {
         }
         assert_eq!(
             router_id(RouterIdChoice::NodeAddress, "node01", v4),
-            v4.unwrap()
+            addr
         );
         assert_eq!(
             router_id(RouterIdChoice::NodeAddress, "node01", None),
