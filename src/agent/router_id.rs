@@ -94,10 +94,7 @@ mod tests {
         for bad in ["0.0.0.0", "fd00::1", "random"] {
             assert!(bad.parse::<RouterIdChoice>().is_err(), "{bad}");
         }
-        assert_eq!(
-            router_id(RouterIdChoice::NodeAddress, "node01", v4),
-            addr
-        );
+        assert_eq!(router_id(RouterIdChoice::NodeAddress, "node01", v4), addr);
         assert_eq!(
             router_id(RouterIdChoice::NodeAddress, "node01", None),
             hash_router_id("node01"),
