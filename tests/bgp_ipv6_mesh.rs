@@ -61,6 +61,7 @@ fn cluster(local: &str) -> ClusterState {
                     name: name.to_string(),
                     ipv4: Some(v4.parse().unwrap()),
                     ipv4_source: None,
+                    internal_ipv6: None,
                     ipv6: Some(v6.parse().unwrap()),
                     as_number: None,
                     route_reflector_cluster_id: None,

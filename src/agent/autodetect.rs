@@ -334,6 +334,11 @@ pub enum DetectError {
          status.addresses; set IP or another IP_AUTODETECTION_METHOD"
     )]
     NoInternalIp,
+    #[error(
+        "IP6 autodetection method kubernetes-internal-ip: the Node has no IPv6 InternalIP in \
+         status.addresses; set IP6 or another IP6_AUTODETECTION_METHOD"
+    )]
+    NoInternalIp6,
     #[error("IP autodetection method can-reach={dest}: no route to {dest}: {source}")]
     Unreachable {
         dest: IpAddr,
@@ -605,7 +610,7 @@ pub fn select6_with(
         // IPv4 networks select no IPv6 address (parse_v6 never makes this).
         Method::Cidr(_) => enumerate6(method, ifaces, |_| true, |_| false),
         Method::KubernetesInternalIp => {
-            let ip = internal_ip.ok_or(DetectError::NoInternalIp)?;
+            let ip = internal_ip.ok_or(DetectError::NoInternalIp6)?;
             Ok(with_local_prefix6(ip, ifaces))
         }
         Method::CanReach(dest) => {
@@ -1517,6 +1522,10 @@ mod tests {
             .unwrap(),
             Some(found6("fd00:92::128/64", "ens33"))
         );
+        assert!(matches!(
+            resolve6_in("autodetect", "kubernetes-internal-ip", None, &h, none),
+            Err(DetectError::NoInternalIp6)
+        ));
         for bad in [
             "fe80::1",
             "::1",

@@ -1418,7 +1418,11 @@ fn resolve_addresses(args: &AgentArgs, state: &ClusterState) -> anyhow::Result<N
     {
         warn!(%annotated, %address, "the Node's projectcalico.org/IPv4Address differs from the address found here");
     }
-    let detected6 = autodetect::resolve6(&args.ip6, &args.ip6_autodetection_method, None)?;
+    let detected6 = autodetect::resolve6(
+        &args.ip6,
+        &args.ip6_autodetection_method,
+        local.and_then(|n| n.internal_ipv6),
+    )?;
     let (v6, v6_interface) = match detected6 {
         Some(d) => {
             if let Some(annotated) = local.and_then(|n| n.ipv6)

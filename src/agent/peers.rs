@@ -453,6 +453,7 @@ mod tests {
             name: name.into(),
             ipv4: Some(ip.parse().unwrap()),
             ipv4_source: None,
+            internal_ipv6: None,
             ipv6: None,
             as_number: None,
             route_reflector_cluster_id: None,
