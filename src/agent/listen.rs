@@ -1,7 +1,8 @@
 //! Where the BGP listener binds. Calico runs `bird` for IPv4 and `bird6` for IPv6; bird6
 //! connects to a node's IPv6 address, so podroute listens on `[::]` (dual-stack: IPv4 peers
 //! arrive as `::ffff:a.b.c.d`) unless told otherwise, and on `0.0.0.0` when the host cannot
-//! open an IPv6 socket (IPv6 disabled at boot).
+//! open an IPv6 socket (IPv6 disabled at boot). Any other failure on `[::]` (the port taken,
+//! e.g. by a bird6 that has not stopped yet) is an error, not a silent IPv4-only listener.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -30,10 +31,19 @@ pub fn listen_candidates(bind: Option<IpAddr>, port: u16) -> ListenCandidates {
     }
 }
 
-/// Calls `start` with the primary address and, when that fails and there is one, with the
-/// fallback (the failure is logged).
+/// Whether a failure to listen on `[::]` means the host has no IPv6 (so IPv4 alone is right).
+pub fn ipv6_unavailable(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// Calls `start` with the primary address and, when that fails in a way `may_fall_back`
+/// accepts and there is a fallback, with the fallback (the failure is logged).
 pub async fn first_that_binds<T, E, F, Fut>(
     candidates: ListenCandidates,
+    may_fall_back: impl Fn(&E) -> bool,
     mut start: F,
 ) -> Result<T, E>
 where
@@ -43,11 +53,11 @@ where
 {
     match (start(candidates.primary).await, candidates.fallback) {
         (Ok(t), _) => Ok(t),
-        (Err(e), None) => Err(e),
-        (Err(e), Some(next)) => {
+        (Err(e), Some(next)) if may_fall_back(&e) => {
             warn!(addr = %candidates.primary, error = %e, %next, "cannot listen for BGP there (IPv6 disabled?); listening on IPv4 only");
             start(next).await
         }
+        (Err(e), _) => Err(e),
     }
 }
 
@@ -62,7 +72,11 @@ pub async fn start_speaker(
     ),
     SpeakerError,
 > {
-    first_that_binds(candidates, |addr| {
+    let no_ipv6 = |e: &SpeakerError| match e {
+        SpeakerError::Listen { source, .. } => ipv6_unavailable(source),
+        _ => false,
+    };
+    first_that_binds(candidates, no_ipv6, |addr| {
         let mut cfg = cfg.clone();
         cfg.listen = Some(addr);
         Speaker::start(cfg)
@@ -88,27 +102,42 @@ mod tests {
     async fn a_failed_ipv6_bind_falls_back_to_ipv4() {
         let candidates = listen_candidates(None, 179);
         let mut tried = Vec::new();
-        let got: Result<SocketAddr, String> = first_that_binds(candidates, |addr| {
-            tried.push(addr);
-            async move {
-                if addr.is_ipv6() {
-                    Err("Address family not supported by protocol".to_string())
-                } else {
-                    Ok(addr)
+        let no_ipv6 = |e: &std::io::Error| ipv6_unavailable(e);
+        let got: Result<SocketAddr, std::io::Error> =
+            first_that_binds(candidates, no_ipv6, |addr| {
+                tried.push(addr);
+                async move {
+                    if addr.is_ipv6() {
+                        Err(std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT))
+                    } else {
+                        Ok(addr)
+                    }
                 }
-            }
-        })
-        .await;
-        assert_eq!(got, Ok("0.0.0.0:179".parse().unwrap()));
+            })
+            .await;
+        assert_eq!(got.unwrap(), "0.0.0.0:179".parse::<SocketAddr>().unwrap());
         assert_eq!(
             tried,
             vec![candidates.primary, candidates.fallback.unwrap()]
         );
         // An explicit address does not fall back: its error is the answer.
         let explicit = listen_candidates(Some("::".parse().unwrap()), 179);
-        let got: Result<SocketAddr, String> =
-            first_that_binds(explicit, |_| async { Err("refused".to_string()) }).await;
-        assert_eq!(got, Err("refused".to_string()));
+        let got: Result<SocketAddr, std::io::Error> =
+            first_that_binds(explicit, no_ipv6, |_| async {
+                Err(std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT))
+            })
+            .await;
+        assert!(got.is_err());
+        // [::]:179 taken (a bird6 still running): an error, not an IPv4-only listener.
+        let mut tried = Vec::new();
+        let got: Result<SocketAddr, std::io::Error> =
+            first_that_binds(candidates, no_ipv6, |addr| {
+                tried.push(addr);
+                async move { Err(std::io::Error::from_raw_os_error(libc::EADDRINUSE)) }
+            })
+            .await;
+        assert_eq!(got.unwrap_err().raw_os_error(), Some(libc::EADDRINUSE));
+        assert_eq!(tried, vec![candidates.primary]);
     }
 
     #[tokio::test]
