@@ -305,6 +305,9 @@ pub fn render_status_in(status: &AgentStatus, now: SystemTime, tz: &TimeZone) ->
     if let Some(ip) = &status.ipv4 {
         facts.push(clean(ip));
     }
+    if let Some(ip) = &status.ipv6 {
+        facts.push(clean(ip));
+    }
     facts.push(format!("AS {}", status.as_number));
     facts.push(
         if status.health.ready {
@@ -360,9 +363,12 @@ pub fn render_status_in(status: &AgentStatus, now: SystemTime, tz: &TimeZone) ->
     } else {
         out.push_str(&peer_table(&v4, now, tz));
     }
+    // As calicoctl: the IPv6 table whenever the node has IPv6 (or IPv6 peers).
     if !v6.is_empty() {
         out.push_str("\nIPv6 BGP status\n");
         out.push_str(&peer_table(&v6, now, tz));
+    } else if status.ipv6.is_some() {
+        out.push_str("\nIPv6 BGP status\nNo IPv6 peers found.\n");
     }
     if let Some(summary) = &status.peer_summary {
         let states: Vec<String> = summary
@@ -810,6 +816,55 @@ IPv6 BGP status
 | [fd00::2]:1179 | global        | down  | -     |                    |
 +----------------+---------------+-------+-------+--------------------+
 "
+        );
+    }
+
+    #[test]
+    fn ipv6_only_node_shows_its_address_and_its_ipv6_mesh() {
+        let status = AgentStatus {
+            node: "v6node".into(),
+            ipv6: Some("fd00:92::128/64".into()),
+            as_number: 64512,
+            health: Health {
+                live: true,
+                ready: true,
+                not_ready: vec![],
+            },
+            peers: vec![PeerRow {
+                address: "fd00:92::129".into(),
+                port: 179,
+                peer_type: "node-to-node mesh".into(),
+                state: "Established".into(),
+                since: 0,
+                info: "Established".into(),
+                ..PeerRow::default()
+            }],
+            ..AgentStatus::default()
+        };
+        let text = render_status_in(&status, at(NOW), &TimeZone::UTC);
+        assert!(
+            text.starts_with(
+                "podroute process is running (node v6node, fd00:92::128/64, AS 64512, ready)\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("IPv4 BGP status\nNo IPv4 peers found.\n"),
+            "{text}"
+        );
+        let v6 = text.split("IPv6 BGP status\n").nth(1).unwrap_or_default();
+        assert!(
+            v6.contains("| fd00:92::129 | node-to-node mesh | up "),
+            "{text}"
+        );
+        // A dual-stack node without IPv6 peers says so.
+        let mut dual = status.clone();
+        dual.ipv4 = Some("192.168.92.128/24".into());
+        dual.peers.clear();
+        let text = render_status_in(&dual, at(NOW), &TimeZone::UTC);
+        assert!(
+            text.contains("IPv6 BGP status\nNo IPv6 peers found.\n"),
+            "{text}"
         );
     }
 

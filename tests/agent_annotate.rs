@@ -10,7 +10,9 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, WatchEvent, WatchParams};
 use podroute::agent::annotate::{AnnotateError, ensure_annotations, wanted_annotations};
-use podroute::model::node::{ANNOTATION_AS_NUMBER, ANNOTATION_IPV4_ADDRESS};
+use podroute::model::node::{
+    ANNOTATION_AS_NUMBER, ANNOTATION_IPV4_ADDRESS, ANNOTATION_IPV6_ADDRESS,
+};
 use serde_json::json;
 use support::apiserver::FakeApiServer;
 
@@ -24,7 +26,11 @@ fn node(name: &str, annotations: &[(&str, &str)]) -> Node {
 }
 
 fn wanted() -> BTreeMap<String, String> {
-    wanted_annotations(Some("192.168.92.128/24".parse().unwrap()), Some(64512))
+    wanted_annotations(
+        Some("192.168.92.128/24".parse().unwrap()),
+        None,
+        Some(64512),
+    )
 }
 
 async fn server_with(node: Node) -> FakeApiServer {
@@ -154,7 +160,7 @@ async fn nothing_is_sent_when_already_right() {
     assert_eq!(server.resource_version(), before);
 
     // Without --as only the address is wanted; a foreign ASNumber stays.
-    let only_address = wanted_annotations(Some("192.168.92.128/24".parse().unwrap()), None);
+    let only_address = wanted_annotations(Some("192.168.92.128/24".parse().unwrap()), None, None);
     let patched = ensure_annotations(server.client(), "master01", &only_address)
         .await
         .unwrap();
@@ -174,4 +180,39 @@ async fn a_missing_node_is_a_clear_error() {
         "node master02 not found; is NODENAME right?"
     );
     assert!(server.patches::<Node>().is_empty());
+}
+
+#[tokio::test]
+async fn dual_stack_and_ipv6_only_nodes_get_their_ipv6_address_written() {
+    let server = server_with(node("master01", &[])).await;
+    let wanted = wanted_annotations(
+        Some("192.168.92.128/24".parse().unwrap()),
+        Some("fd00:92::128/64".parse().unwrap()),
+        None,
+    );
+    assert!(
+        ensure_annotations(server.client(), "master01", &wanted)
+            .await
+            .unwrap()
+    );
+    let got = annotations(&server, "master01").await;
+    assert_eq!(got.get(ANNOTATION_IPV6_ADDRESS).unwrap(), "fd00:92::128/64");
+    assert_eq!(
+        got.get(ANNOTATION_IPV4_ADDRESS).unwrap(),
+        "192.168.92.128/24"
+    );
+
+    // An IPv6-only node: only the IPv6 address; an IPv4 annotation already there is kept.
+    let v6_only = wanted_annotations(None, Some("fd00:92::129/64".parse().unwrap()), None);
+    assert!(
+        ensure_annotations(server.client(), "master01", &v6_only)
+            .await
+            .unwrap()
+    );
+    let got = annotations(&server, "master01").await;
+    assert_eq!(got.get(ANNOTATION_IPV6_ADDRESS).unwrap(), "fd00:92::129/64");
+    assert_eq!(
+        got.get(ANNOTATION_IPV4_ADDRESS).unwrap(),
+        "192.168.92.128/24"
+    );
 }

@@ -414,6 +414,17 @@ status:
     let info = NodeInfo::from_node(&n).unwrap();
     assert_eq!(info.ipv4, Some("192.168.92.129/32".parse().unwrap()));
     assert_eq!(info.ipv4_source, Some(AddressSource::InternalIp));
+    assert_eq!(info.internal_ipv6, None);
+
+    // A dual-stack Node: the IPv6 InternalIP is kept for IP6 autodetection only; without
+    // projectcalico.org/IPv6Address the node has no IPv6 address for the mesh.
+    let n = node(
+        "metadata: {name: node02}\nstatus:\n  addresses:\n  - {type: InternalIP, address: \"fd00:92::130\"}\n  - {type: InternalIP, address: 192.168.92.130}\n",
+    );
+    let info = NodeInfo::from_node(&n).unwrap();
+    assert_eq!(info.internal_ipv6, Some("fd00:92::130".parse().unwrap()));
+    assert_eq!(info.ipv6, None);
+    assert_eq!(info.ipv4, Some("192.168.92.130/32".parse().unwrap()));
 
     let n = node("metadata: {name: n3, annotations: {projectcalico.org/IPv4Address: not-an-ip}}\n");
     assert_eq!(

@@ -274,3 +274,71 @@ async fn a_dual_stack_listener_accepts_ipv4_peers_with_and_without_md5() {
         assert_eq!(row[0].addr, IpAddr::V4(b_addr));
     }
 }
+
+/// Two speakers on IPv6 loopback with an IPv6-only session, as the agent makes the mesh
+/// between two nodes' IPv6 addresses (Calico's bird6): IPv6 blocks go across with the
+/// configured global next hop; an IPv4 block announced too stays home (the family was not
+/// negotiated); End-of-RIB comes for IPv6 only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_only_session_on_ipv6_loopback_carries_ipv6_only() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("!!! SKIPPED: this host has no IPv6 loopback");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: IPv6 loopback is required"
+        );
+        return;
+    }
+    let lo = std::net::Ipv6Addr::LOCALHOST;
+    let start = |id: Ipv4Addr| async move {
+        let mut cfg = SpeakerConfig::new(64512, id);
+        cfg.listen = Some(SocketAddr::new(IpAddr::V6(lo), 0));
+        cfg.connect_retry = Duration::from_secs(1);
+        Speaker::start(cfg).await.expect("speaker starts")
+    };
+    let (a, _a_best) = start(Ipv4Addr::new(192, 0, 2, 1)).await;
+    let (b, _b_best) = start(Ipv4Addr::new(192, 0, 2, 2)).await;
+    let v6_peer = |port: u16, passive: bool| {
+        let mut p = PeerConfig::new(IpAddr::V6(lo), 64512);
+        p.port = port;
+        p.local_addr = Some(IpAddr::V6(lo));
+        p.families = vec![podroute_bgp::wire::Family::IPV6_UNICAST];
+        p.local_v6_next_hop = Some("fd00:92::128".parse().unwrap());
+        p.passive = passive;
+        p.kind = "mesh".into();
+        p
+    };
+    a.add_peer(v6_peer(b.listen_addr().unwrap().port(), false))
+        .await
+        .unwrap();
+    b.add_peer(v6_peer(a.listen_addr().unwrap().port(), true))
+        .await
+        .unwrap();
+    let block6: ipnet::IpNet = "fd00:10:0:a::/122".parse().unwrap();
+    let block4: ipnet::IpNet = "172.16.241.64/26".parse().unwrap();
+    a.announce(block6, None).await.unwrap();
+    a.announce(block4, None).await.unwrap();
+    wait_for("B learns the IPv6 block and IPv6 End-of-RIB", || async {
+        let learned = b.loc_rib().await.unwrap().iter().any(|(p, _)| *p == block6);
+        let eor = b
+            .peers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|p| !p.end_of_rib.is_empty());
+        learned && eor
+    })
+    .await;
+    let rib = b.loc_rib().await.unwrap();
+    assert_eq!(rib.len(), 1, "only the IPv6 block crosses: {rib:?}");
+    assert_eq!(rib[0].1.next_hop, "fd00:92::128".parse::<IpAddr>().unwrap());
+    let st = b.peers().await.unwrap();
+    assert_eq!(st[0].state, State::Established);
+    assert_eq!(
+        st[0].end_of_rib,
+        vec![podroute_bgp::wire::Family::IPV6_UNICAST]
+    );
+    assert_eq!(st[0].prefixes_received, 1);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

@@ -1,15 +1,15 @@
-//! The node's Calico annotations (kubernetes datastore): `projectcalico.org/IPv4Address` and,
-//! when `--as` is set, `projectcalico.org/ASNumber`, written as calico/node writes them so
+//! The node's Calico annotations (kubernetes datastore): `projectcalico.org/IPv4Address`,
+//! `projectcalico.org/IPv6Address` (when the node has one) and, when `--as` is set, `projectcalico.org/ASNumber`, written as calico/node writes them so
 //! that other nodes (podroute or Calico) find this node's address and AS.
 
 use std::collections::BTreeMap;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use thiserror::Error;
 
-use crate::model::node::{ANNOTATION_AS_NUMBER, ANNOTATION_IPV4_ADDRESS};
+use crate::model::node::{ANNOTATION_AS_NUMBER, ANNOTATION_IPV4_ADDRESS, ANNOTATION_IPV6_ADDRESS};
 
 /// Why the annotations could not be written.
 #[derive(Debug, Error)]
@@ -33,15 +33,20 @@ pub enum AnnotateError {
     },
 }
 
-/// The annotations this node should carry: the address with its prefix
-/// (`192.168.92.128/24`), and the AS number only when given explicitly (`--as`).
+/// The annotations this node should carry: the addresses with their prefixes
+/// (`192.168.92.128/24`, `fd00:92::128/64`), and the AS number only when given explicitly
+/// (`--as`).
 pub fn wanted_annotations(
     address: Option<Ipv4Net>,
+    address6: Option<Ipv6Net>,
     as_number: Option<u32>,
 ) -> BTreeMap<String, String> {
     let mut wanted = BTreeMap::new();
     if let Some(address) = address {
         wanted.insert(ANNOTATION_IPV4_ADDRESS.to_string(), address.to_string());
+    }
+    if let Some(address) = address6 {
+        wanted.insert(ANNOTATION_IPV6_ADDRESS.to_string(), address.to_string());
     }
     if let Some(asn) = as_number {
         wanted.insert(ANNOTATION_AS_NUMBER.to_string(), asn.to_string());
@@ -128,21 +133,34 @@ mod tests {
     fn wanted_has_the_prefix_and_only_an_explicit_as() {
         let addr: Ipv4Net = "192.168.92.128/24".parse().unwrap();
         assert_eq!(
-            wanted_annotations(Some(addr), None),
+            wanted_annotations(Some(addr), None, None),
             map(&[(ANNOTATION_IPV4_ADDRESS, "192.168.92.128/24")])
         );
         assert_eq!(
-            wanted_annotations(Some(addr), Some(64512)),
+            wanted_annotations(Some(addr), None, Some(64512)),
             map(&[
                 (ANNOTATION_IPV4_ADDRESS, "192.168.92.128/24"),
                 (ANNOTATION_AS_NUMBER, "64512"),
             ])
         );
         assert_eq!(
-            wanted_annotations(None, Some(65001)),
+            wanted_annotations(None, None, Some(65001)),
             map(&[(ANNOTATION_AS_NUMBER, "65001")])
         );
-        assert!(wanted_annotations(None, None).is_empty());
+        assert!(wanted_annotations(None, None, None).is_empty());
+        let v6: Ipv6Net = "fd00:92::128/64".parse().unwrap();
+        assert_eq!(
+            wanted_annotations(Some(addr), Some(v6), None),
+            map(&[
+                (ANNOTATION_IPV4_ADDRESS, "192.168.92.128/24"),
+                (ANNOTATION_IPV6_ADDRESS, "fd00:92::128/64"),
+            ])
+        );
+        assert_eq!(
+            wanted_annotations(None, Some(v6), None),
+            map(&[(ANNOTATION_IPV6_ADDRESS, "fd00:92::128/64")]),
+            "an IPv6-only node"
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! The node's IPv4 address, found the way calico/node finds it (`IP`,
-//! `IP_AUTODETECTION_METHOD`).
+//! The node's IPv4 and IPv6 addresses, found the way calico/node finds them (`IP`,
+//! `IP_AUTODETECTION_METHOD`; `IP6`, `IP6_AUTODETECTION_METHOD` with the same methods). An
+//! IPv6 node address is never link-local: it is the next hop the node announces (Calico
+//! #10321).
 //!
 //! The address keeps the prefix of the interface that holds it (`192.168.92.128/24`): the
 //! prefix decides which peers are in the same subnet (CrossSubnet).
@@ -12,11 +14,11 @@ use std::collections::HashMap;
 use std::ffi::CStr;
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::str::FromStr;
 use std::sync::LazyLock;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use regex::Regex;
 use thiserror::Error;
 
@@ -64,6 +66,8 @@ pub enum Method {
     /// `cidr=CIDR[,CIDR...]`: the first usable address inside any of the networks, on any
     /// interface (the default exclusions do not apply).
     Cidr(Vec<Ipv4Net>),
+    /// `cidr=CIDR[,CIDR...]` with IPv6 networks (`IP6_AUTODETECTION_METHOD`).
+    Cidr6(Vec<Ipv6Net>),
     /// `kubernetes-internal-ip`: the Node's `InternalIP`.
     KubernetesInternalIp,
 }
@@ -83,6 +87,7 @@ impl fmt::Display for Method {
             Method::SkipInterface(r) => write!(f, "skip-interface={}", join(r)),
             Method::CanReach(a) => write!(f, "can-reach={a}"),
             Method::Cidr(c) => write!(f, "cidr={}", join(c)),
+            Method::Cidr6(c) => write!(f, "cidr={}", join(c)),
             Method::KubernetesInternalIp => f.write_str("kubernetes-internal-ip"),
         }
     }
@@ -119,6 +124,13 @@ pub enum MethodError {
          resolved); use e.g. can-reach=192.168.92.1"
     )]
     BadReachAddress(String),
+    #[error("IP6 autodetection method cidr=: {0:?} is not an IPv6 network such as fd00:92::/64")]
+    BadCidr6(String),
+    #[error(
+        "IP6 autodetection method can-reach=: {0:?} is not an IPv6 address (host names are not \
+         resolved); use e.g. can-reach=fd00:92::1"
+    )]
+    BadReachAddress6(String),
 }
 
 fn split_items<'a>(
@@ -212,7 +224,43 @@ impl FromStr for Method {
     }
 }
 
-/// One network interface of the host, with its IPv4 addresses and their prefixes.
+impl Method {
+    /// Parses an `IP6_AUTODETECTION_METHOD`: the same spellings, with IPv6 networks for
+    /// `cidr=` and an IPv6 address for `can-reach=`.
+    pub fn parse_v6(text: &str) -> Result<Method, MethodError> {
+        let text = text.trim();
+        match text.split_once('=').map(|(n, v)| (n.trim(), v)) {
+            Some(("cidr", value)) => {
+                let items = split_items("cidr", value, "cidr=fd00:92::/64")?;
+                let nets = items
+                    .into_iter()
+                    .map(|c| {
+                        c.parse::<Ipv6Net>()
+                            .map(|n| n.trunc())
+                            .map_err(|_| MethodError::BadCidr6(c.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Method::Cidr6(nets))
+            }
+            Some(("can-reach", value)) => {
+                let value = value.trim();
+                if value.is_empty() {
+                    return Err(MethodError::Empty {
+                        method: "can-reach",
+                        example: "can-reach=fd00:92::1",
+                    });
+                }
+                match value.parse::<Ipv6Addr>() {
+                    Ok(a) if !a.is_unspecified() => Ok(Method::CanReach(IpAddr::V6(a))),
+                    _ => Err(MethodError::BadReachAddress6(value.to_string())),
+                }
+            }
+            _ => text.parse(),
+        }
+    }
+}
+
+/// One network interface of the host, with its addresses and their prefixes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostInterface {
     pub name: String,
@@ -221,6 +269,8 @@ pub struct HostInterface {
     pub up: bool,
     /// Addresses with the interface's prefix (`192.168.92.128/24`), in the kernel's order.
     pub addrs: Vec<Ipv4Net>,
+    /// IPv6 addresses with their prefixes (`fd00:92::128/64`), in the kernel's order.
+    pub addrs6: Vec<Ipv6Net>,
 }
 
 /// The node address that was found.
@@ -239,6 +289,15 @@ impl fmt::Display for Detected {
             None => write!(f, "{} (on no local interface)", self.address),
         }
     }
+}
+
+/// The node IPv6 address that was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Detected6 {
+    /// The address with its interface's prefix, e.g. `fd00:92::128/64`.
+    pub address: Ipv6Net,
+    /// The interface holding it, when one does.
+    pub interface: Option<String>,
 }
 
 /// Why no node address was found.
@@ -260,10 +319,26 @@ pub enum DetectError {
     )]
     NoAddress { method: String, candidates: String },
     #[error(
+        "IP6={0:?} is not `autodetect`, `none` or a global IPv6 address with an optional \
+         prefix such as fd00:92::128/64"
+    )]
+    BadIp6(String),
+    #[error(
+        "IP6 autodetection method {method} found no usable IPv6 address (up interface, not \
+         loopback or link-local); candidate interfaces: {candidates}; set IP6 or another \
+         IP6_AUTODETECTION_METHOD"
+    )]
+    NoAddress6 { method: String, candidates: String },
+    #[error(
         "IP autodetection method kubernetes-internal-ip: the Node has no IPv4 InternalIP in \
          status.addresses; set IP or another IP_AUTODETECTION_METHOD"
     )]
     NoInternalIp,
+    #[error(
+        "IP6 autodetection method kubernetes-internal-ip: the Node has no IPv6 InternalIP in \
+         status.addresses; set IP6 or another IP6_AUTODETECTION_METHOD"
+    )]
+    NoInternalIp6,
     #[error("IP autodetection method can-reach={dest}: no route to {dest}: {source}")]
     Unreachable {
         dest: IpAddr,
@@ -413,6 +488,8 @@ pub fn select_with(
             |_| true,
             |a| nets.iter().any(|n| n.contains(&a)),
         ),
+        // IPv6 networks select no IPv4 address (only parse_v6 makes this).
+        Method::Cidr6(_) => enumerate(method, ifaces, |_| true, |_| false),
         Method::KubernetesInternalIp => {
             let ip = internal_ip.ok_or(DetectError::NoInternalIp)?;
             Ok(with_local_prefix(ip, ifaces))
@@ -430,6 +507,125 @@ pub fn select_with(
             };
             let found = with_local_prefix(v4, ifaces);
             if found.interface.is_none() {
+                return Err(not_local());
+            }
+            Ok(found)
+        }
+    }
+}
+
+/// Not loopback, link-local, unspecified or multicast: an address other nodes can use as
+/// a next hop.
+fn usable6(addr: Ipv6Addr) -> bool {
+    !(addr.is_loopback()
+        || addr.is_unicast_link_local()
+        || addr.is_unspecified()
+        || addr.is_multicast())
+}
+
+/// [`enumerate`] for IPv6 addresses.
+fn enumerate6(
+    method: &Method,
+    ifaces: &[HostInterface],
+    pick: impl Fn(&HostInterface) -> bool,
+    want: impl Fn(Ipv6Addr) -> bool,
+) -> Result<Detected6, DetectError> {
+    let mut candidates = Vec::new();
+    for iface in ifaces.iter().filter(|i| pick(i)) {
+        if !iface.up {
+            candidates.push(format!("{} (down)", iface.name));
+            continue;
+        }
+        if let Some(net) = iface
+            .addrs6
+            .iter()
+            .find(|n| usable6(n.addr()) && want(n.addr()))
+        {
+            return Ok(Detected6 {
+                address: *net,
+                interface: Some(iface.name.clone()),
+            });
+        }
+        let addrs: Vec<String> = iface.addrs6.iter().map(ToString::to_string).collect();
+        candidates.push(format!("{} [{}]", iface.name, addrs.join(" ")));
+    }
+    const SHOWN: usize = 8;
+    let more = candidates.len().saturating_sub(SHOWN);
+    candidates.truncate(SHOWN);
+    let candidates = match (candidates.is_empty(), more) {
+        (true, _) => "none".to_string(),
+        (false, 0) => candidates.join(", "),
+        (false, n) => format!("{} and {n} more", candidates.join(", ")),
+    };
+    Err(DetectError::NoAddress6 {
+        method: method.to_string(),
+        candidates,
+    })
+}
+
+/// The first interface (in `ifaces` order) that holds IPv6 `addr`, whether up or not.
+pub fn interface_of6(addr: Ipv6Addr, ifaces: &[HostInterface]) -> Option<&HostInterface> {
+    ifaces
+        .iter()
+        .find(|i| i.addrs6.iter().any(|n| n.addr() == addr))
+}
+
+/// `addr` with the prefix of the interface holding it, or /128 when none does.
+fn with_local_prefix6(addr: Ipv6Addr, ifaces: &[HostInterface]) -> Detected6 {
+    let iface = interface_of6(addr, ifaces);
+    Detected6 {
+        address: iface
+            .and_then(|i| i.addrs6.iter().find(|n| n.addr() == addr).copied())
+            .unwrap_or_else(|| Ipv6Net::from(addr)),
+        interface: iface.map(|i| i.name.clone()),
+    }
+}
+
+/// [`select_with`] for the node's IPv6 address (`IP6_AUTODETECTION_METHOD`):
+/// `internal_ip` is the Node's IPv6 `InternalIP`.
+pub fn select6_with(
+    method: &Method,
+    ifaces: &[HostInterface],
+    internal_ip: Option<Ipv6Addr>,
+    source_for: impl FnOnce(IpAddr) -> io::Result<IpAddr>,
+) -> Result<Detected6, DetectError> {
+    let excl = default_exclusions();
+    match method {
+        Method::FirstFound => enumerate6(method, ifaces, |i| !any_match(excl, &i.name), |_| true),
+        Method::SkipInterface(skip) => enumerate6(
+            method,
+            ifaces,
+            |i| !any_match(excl, &i.name) && !any_match(skip, &i.name),
+            |_| true,
+        ),
+        Method::Interface(incl) => {
+            enumerate6(method, ifaces, |i| any_match(incl, &i.name), |_| true)
+        }
+        Method::Cidr6(nets) => enumerate6(
+            method,
+            ifaces,
+            |_| true,
+            |a| nets.iter().any(|n| n.contains(&a)),
+        ),
+        // IPv4 networks select no IPv6 address (parse_v6 never makes this).
+        Method::Cidr(_) => enumerate6(method, ifaces, |_| true, |_| false),
+        Method::KubernetesInternalIp => {
+            let ip = internal_ip.ok_or(DetectError::NoInternalIp6)?;
+            Ok(with_local_prefix6(ip, ifaces))
+        }
+        Method::CanReach(dest) => {
+            let dest = *dest;
+            let source =
+                source_for(dest).map_err(|source| DetectError::Unreachable { dest, source })?;
+            let not_local = || DetectError::SourceNotLocal {
+                dest,
+                source_addr: source,
+            };
+            let IpAddr::V6(v6) = source else {
+                return Err(not_local());
+            };
+            let found = with_local_prefix6(v6, ifaces);
+            if found.interface.is_none() || !usable6(v6) {
                 return Err(not_local());
             }
             Ok(found)
@@ -461,7 +657,7 @@ impl Drop for IfAddrs {
     }
 }
 
-/// The interfaces of the calling thread's network namespace with their IPv4 addresses, in
+/// The interfaces of the calling thread's network namespace with their addresses, in
 /// calico/node's search order: highest interface index first.
 pub fn list_interfaces() -> io::Result<Vec<HostInterface>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -491,6 +687,7 @@ pub fn list_interfaces() -> io::Result<Vec<HostInterface>> {
                 index: 0,
                 up: false,
                 addrs: Vec::new(),
+                addrs6: Vec::new(),
             }
         });
         iface.up |= entry.ifa_flags & libc::IFF_UP as libc::c_uint != 0;
@@ -518,6 +715,21 @@ pub fn list_interfaces() -> io::Result<Vec<HostInterface>> {
                 };
                 if let Ok(net) = Ipv4Net::new(addr, prefix) {
                     iface.addrs.push(net);
+                }
+            }
+            libc::AF_INET6 => {
+                // SAFETY: AF_INET6 entries carry a sockaddr_in6.
+                let sin6 = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in6) };
+                let addr = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                let prefix = if entry.ifa_netmask.is_null() {
+                    128
+                } else {
+                    // SAFETY: an AF_INET6 entry's netmask is a sockaddr_in6 too.
+                    let mask = unsafe { &*(entry.ifa_netmask as *const libc::sockaddr_in6) };
+                    u128::from_be_bytes(mask.sin6_addr.s6_addr).leading_ones() as u8
+                };
+                if let Ok(net) = Ipv6Net::new(addr, prefix) {
+                    iface.addrs6.push(net);
                 }
             }
             _ => {}
@@ -619,6 +831,85 @@ pub fn resolve(
     resolve_in(ip_flag, method, internal_ip, &ifaces)
 }
 
+/// What `IP6` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ip6Choice {
+    Autodetect,
+    Disabled,
+    Explicit(Ipv6Addr, Option<u8>),
+}
+
+fn parse_ip6_flag(text: &str) -> Result<Ip6Choice, DetectError> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("autodetect") {
+        return Ok(Ip6Choice::Autodetect);
+    }
+    // calico/node: an empty IP6 means no IPv6 address.
+    if t.is_empty() || t.eq_ignore_ascii_case("none") {
+        return Ok(Ip6Choice::Disabled);
+    }
+    let bad = || DetectError::BadIp6(text.to_string());
+    let (addr, prefix) = match t.split_once('/') {
+        Some((a, p)) => {
+            let p: u8 = p.trim().parse().map_err(|_| bad())?;
+            if p > 128 {
+                return Err(bad());
+            }
+            (a.trim(), Some(p))
+        }
+        None => (t, None),
+    };
+    let addr: Ipv6Addr = addr.parse().map_err(|_| bad())?;
+    if !usable6(addr) {
+        return Err(bad());
+    }
+    Ok(Ip6Choice::Explicit(addr, prefix))
+}
+
+/// [`resolve6`] against a given interface list (searched in slice order), with the kernel's
+/// source-address lookup given.
+pub fn resolve6_in(
+    ip6_flag: &str,
+    method: &str,
+    internal_ip: Option<Ipv6Addr>,
+    ifaces: &[HostInterface],
+    source_for: impl FnOnce(IpAddr) -> io::Result<IpAddr>,
+) -> Result<Option<Detected6>, DetectError> {
+    match parse_ip6_flag(ip6_flag)? {
+        Ip6Choice::Disabled => Ok(None),
+        Ip6Choice::Autodetect => {
+            let method = Method::parse_v6(method)?;
+            select6_with(&method, ifaces, internal_ip, source_for).map(Some)
+        }
+        Ip6Choice::Explicit(addr, None) => Ok(Some(with_local_prefix6(addr, ifaces))),
+        Ip6Choice::Explicit(addr, Some(prefix)) => {
+            let address =
+                Ipv6Net::new(addr, prefix).map_err(|_| DetectError::BadIp6(ip6_flag.into()))?;
+            Ok(Some(Detected6 {
+                address,
+                interface: interface_of6(addr, ifaces).map(|i| i.name.clone()),
+            }))
+        }
+    }
+}
+
+/// The node's IPv6 address from the `IP6` flag: `none` or empty → `None`; `ADDR/PREFIX` as
+/// given; `ADDR` with the prefix of the interface holding it (else /128); `autodetect` by
+/// `method` (`IP6_AUTODETECTION_METHOD`). Reads the calling thread's network namespace.
+pub fn resolve6(
+    ip6_flag: &str,
+    method: &str,
+    internal_ip: Option<Ipv6Addr>,
+) -> Result<Option<Detected6>, DetectError> {
+    match parse_ip6_flag(ip6_flag)? {
+        Ip6Choice::Disabled => return Ok(None),
+        Ip6Choice::Autodetect => drop(Method::parse_v6(method)?),
+        Ip6Choice::Explicit(..) => {}
+    }
+    let ifaces = list_interfaces().map_err(DetectError::Interfaces)?;
+    resolve6_in(ip6_flag, method, internal_ip, &ifaces, source_address_for)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -628,7 +919,16 @@ mod tests {
             name: name.into(),
             index,
             up,
-            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            addrs: addrs
+                .iter()
+                .filter(|a| !a.contains(':'))
+                .map(|a| a.parse().unwrap())
+                .collect(),
+            addrs6: addrs
+                .iter()
+                .filter(|a| a.contains(':'))
+                .map(|a| a.parse().unwrap())
+                .collect(),
         }
     }
 
@@ -1086,5 +1386,161 @@ mod tests {
             ifaces.windows(2).all(|w| w[0].index > w[1].index),
             "{ifaces:?}"
         );
+    }
+    /// A dual-stack node: link-local addresses everywhere, a global one on ens33.
+    fn host6() -> Vec<HostInterface> {
+        vec![
+            iface(
+                "cali1a2b3c4d5e6",
+                9,
+                true,
+                &["fe80::ecee:eeff:feee:eeee/64"],
+            ),
+            iface("ens37", 7, false, &["fd00:99::5/64"]),
+            iface("docker0", 5, true, &["fd00:17::1/64"]),
+            iface(
+                "ens33",
+                4,
+                true,
+                &["192.168.92.128/24", "fe80::1/64", "fd00:92::128/64"],
+            ),
+            iface("ens34", 3, true, &["10.10.0.5/24", "2001:db8:10::5/64"]),
+            iface("lo", 1, true, &["127.0.0.1/8", "::1/128"]),
+        ]
+    }
+
+    fn pick6(method: &str, ifaces: &[HostInterface]) -> Result<Detected6, DetectError> {
+        let method = Method::parse_v6(method).unwrap();
+        select6_with(&method, ifaces, None, |_| {
+            panic!("no kernel lookup expected")
+        })
+    }
+
+    fn found6(address: &str, interface: &str) -> Detected6 {
+        Detected6 {
+            address: address.parse().unwrap(),
+            interface: Some(interface.into()),
+        }
+    }
+
+    #[test]
+    fn ipv6_methods_never_pick_link_local_loopback_or_down() {
+        let h = host6();
+        assert_eq!(
+            pick6("first-found", &h).unwrap(),
+            found6("fd00:92::128/64", "ens33")
+        );
+        assert_eq!(
+            pick6("interface=ens3.*", &h).unwrap(),
+            found6("fd00:92::128/64", "ens33")
+        );
+        assert_eq!(
+            pick6("skip-interface=ens33", &h).unwrap(),
+            found6("2001:db8:10::5/64", "ens34")
+        );
+        assert_eq!(
+            pick6("cidr=2001:db8::/32", &h).unwrap(),
+            found6("2001:db8:10::5/64", "ens34")
+        );
+        // Only link-local on the workload interface: nothing usable there.
+        let err = pick6("interface=cali.*", &h).unwrap_err();
+        assert!(matches!(err, DetectError::NoAddress6 { .. }), "{err}");
+        assert!(err.to_string().contains("IP6"), "{err}");
+        // An IPv4-only host has no IPv6 address to find.
+        let err = pick6("first-found", &host()).unwrap_err();
+        assert!(matches!(err, DetectError::NoAddress6 { .. }), "{err}");
+    }
+
+    #[test]
+    fn ipv6_method_spellings() {
+        assert!(matches!(
+            Method::parse_v6("cidr=192.168.0.0/16"),
+            Err(MethodError::BadCidr6(_))
+        ));
+        assert!(matches!(
+            Method::parse_v6("can-reach=192.168.92.1"),
+            Err(MethodError::BadReachAddress6(_))
+        ));
+        assert!(matches!(
+            Method::parse_v6("can-reach=fd00:92::1"),
+            Ok(Method::CanReach(IpAddr::V6(_)))
+        ));
+        assert!(matches!(Method::parse_v6(""), Ok(Method::FirstFound)));
+        // The IPv4 method parser keeps refusing IPv6 networks.
+        assert!("cidr=fd00::/64".parse::<Method>().is_err());
+        // And an IPv6 cidr selects no IPv4 address.
+        let m = Method::parse_v6("cidr=fd00:92::/64").unwrap();
+        assert!(select_with(&m, &host6(), None, |_| unreachable!()).is_err());
+    }
+
+    #[test]
+    fn ipv6_can_reach_and_the_ip6_flag() {
+        let h = host6();
+        let m = Method::parse_v6("can-reach=2001:db8:10::1").unwrap();
+        let got = select6_with(&m, &h, None, |dest| {
+            assert_eq!(dest, "2001:db8:10::1".parse::<IpAddr>().unwrap());
+            Ok("2001:db8:10::5".parse().unwrap())
+        })
+        .unwrap();
+        assert_eq!(got, found6("2001:db8:10::5/64", "ens34"));
+        let err = select6_with(&m, &h, None, |_| Ok("fe80::1".parse().unwrap())).unwrap_err();
+        assert!(matches!(err, DetectError::SourceNotLocal { .. }), "{err}");
+
+        let none = |_: IpAddr| -> io::Result<IpAddr> { panic!("no kernel lookup expected") };
+        assert_eq!(resolve6_in("none", "", None, &h, none).unwrap(), None);
+        assert_eq!(resolve6_in("", "", None, &h, none).unwrap(), None);
+        assert_eq!(
+            resolve6_in("autodetect", "first-found", None, &h, none).unwrap(),
+            Some(found6("fd00:92::128/64", "ens33"))
+        );
+        assert_eq!(
+            resolve6_in("fd00:92::128", "", None, &h, none).unwrap(),
+            Some(found6("fd00:92::128/64", "ens33"))
+        );
+        assert_eq!(
+            resolve6_in("fd00:1::9/112", "", None, &h, none).unwrap(),
+            Some(Detected6 {
+                address: "fd00:1::9/112".parse().unwrap(),
+                interface: None
+            })
+        );
+        assert_eq!(
+            resolve6_in("fd00:1::9", "", None, &h, none).unwrap(),
+            Some(Detected6 {
+                address: "fd00:1::9/128".parse().unwrap(),
+                interface: None
+            })
+        );
+        assert_eq!(
+            resolve6_in(
+                "autodetect",
+                "kubernetes-internal-ip",
+                Some("fd00:92::128".parse().unwrap()),
+                &h,
+                none
+            )
+            .unwrap(),
+            Some(found6("fd00:92::128/64", "ens33"))
+        );
+        assert!(matches!(
+            resolve6_in("autodetect", "kubernetes-internal-ip", None, &h, none),
+            Err(DetectError::NoInternalIp6)
+        ));
+        for bad in [
+            "fe80::1",
+            "::1",
+            "10.0.0.1",
+            "fd00::1/129",
+            "ff02::1",
+            "yes",
+        ] {
+            assert!(
+                matches!(
+                    resolve6_in(bad, "", None, &h, none),
+                    Err(DetectError::BadIp6(_))
+                ),
+                "{bad}"
+            );
+        }
     }
 }

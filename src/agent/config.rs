@@ -24,6 +24,22 @@ pub struct AgentArgs {
     #[arg(long, env = "IP", default_value = "autodetect")]
     pub ip: String,
 
+    /// The node's IPv6 address: `none` (default, as calico/node without `IP6`: the Node's
+    /// `projectcalico.org/IPv6Address`, if any, is used), `autodetect`, or a global address
+    /// with its prefix (`fd00:92::128/64`). Never link-local: it is the IPv6 next hop.
+    #[arg(long, env = "IP6", default_value = "none")]
+    pub ip6: String,
+
+    /// How `--ip6 autodetect` finds the address: the same methods as
+    /// `--ip-autodetection-method`, with IPv6 networks and addresses.
+    #[arg(long, env = "IP6_AUTODETECTION_METHOD", default_value = "first-found")]
+    pub ip6_autodetection_method: String,
+
+    /// BGP router ID: the node's IPv4 address when unset; `hash` for a stable ID from the
+    /// node name (Calico's; used by default on an IPv6-only node); or an ID in IPv4 form.
+    #[arg(long, env = "CALICO_ROUTER_ID", value_parser = str::parse::<crate::agent::router_id::RouterIdChoice>)]
+    pub router_id: Option<crate::agent::router_id::RouterIdChoice>,
+
     /// How `--ip autodetect` finds the address: `first-found`, `interface=REGEX`,
     /// `skip-interface=REGEX`, `can-reach=ADDR`, `cidr=CIDR[,CIDR...]`,
     /// `kubernetes-internal-ip`.
@@ -82,9 +98,16 @@ pub struct AgentArgs {
     #[arg(long, env = "PODROUTE_METRICS_PEER_LABEL_LIMIT", default_value_t = crate::metrics::DEFAULT_PEER_LABEL_LIMIT)]
     pub metrics_peer_label_limit: usize,
 
-    /// Address the BGP listener binds to; the port is BGPConfiguration `listenPort` (179). `::` listens dual-stack: IPv6 peers and IPv4 peers (seen as ::ffff:a.b.c.d, matched to their IPv4 address).
-    #[arg(long, env = "PODROUTE_BGP_BIND", default_value = "0.0.0.0")]
-    pub bgp_bind: IpAddr,
+    /// Address the BGP listener binds to; the port is BGPConfiguration `listenPort` (179). Default: `::`, dual-stack (IPv6 peers such as Calico's bird6, and IPv4 peers seen as ::ffff:a.b.c.d, matched to their IPv4 address), or `0.0.0.0` when the host has IPv6 disabled.
+    #[arg(long, env = "PODROUTE_BGP_BIND")]
+    pub bgp_bind: Option<IpAddr>,
+
+    /// Carry IPv6 unicast inside the IPv4 mesh and BGPPeer sessions (one session per peer,
+    /// no separate IPv6 mesh between dual-stack nodes). Only for clusters where every node
+    /// runs podroute: Calico's bird and bird6 take one family per session, over the nodes'
+    /// IPv4 and IPv6 addresses, which is the default.
+    #[arg(long, env = "PODROUTE_BGP_MULTIPROTOCOL_SESSIONS")]
+    pub bgp_multiprotocol_sessions: bool,
 
     /// BGP hold time offered to peers, seconds (keepalive = hold / 3). 0 or 3..=65535.
     #[arg(long, env = "PODROUTE_HOLD_TIME", default_value_t = 240)]
@@ -149,7 +172,8 @@ pub struct AgentArgs {
     #[arg(long, env = "PODROUTE_DATASTORE_WIPE_CONFIRM", default_value = "60s", value_parser = parse_duration)]
     pub datastore_wipe_confirm: Duration,
 
-    /// Do not write the node's IPv4Address / ASNumber annotations (kubernetes datastore).
+    /// Do not write the node's IPv4Address / IPv6Address / ASNumber annotations (kubernetes
+    /// datastore).
     #[arg(long, env = "PODROUTE_NO_ANNOTATE")]
     pub no_annotate: bool,
 

@@ -23,20 +23,22 @@ pub mod best_paths;
 pub mod condition;
 pub mod config;
 pub mod intent;
+pub mod listen;
 pub mod peers;
 pub mod report;
+pub mod router_id;
 pub mod selector;
 pub mod services;
 pub mod status;
 pub mod tunnel_addr;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use podroute_bgp::rib::BestChange;
 use podroute_bgp::{PeerStatus, Speaker, SpeakerConfig};
 use tokio::sync::{mpsc, watch};
@@ -71,7 +73,10 @@ pub const LIVENESS_MAX_AGE: Duration = Duration::from_secs(30);
 /// What the agent needs from its environment before the loop starts.
 pub struct Startup {
     pub node: String,
-    pub address: Ipv4Net,
+    /// `None` on an IPv6-only node.
+    pub address: Option<Ipv4Net>,
+    /// `None` on an IPv4-only node.
+    pub address6: Option<Ipv6Net>,
     pub nic: String,
     pub datastore: DatastoreHandle,
     pub datastore_source: String,
@@ -205,7 +210,10 @@ const MAX_PENDING: usize = 1024;
 pub struct Agent {
     args: AgentArgs,
     node: String,
-    address: Ipv4Net,
+    /// The node's IPv4 address (`None` on an IPv6-only node).
+    address: Option<Ipv4Net>,
+    /// The node's IPv6 address found at start (`--ip6`); `None`: the Node's annotation.
+    address6: Option<Ipv6Net>,
     nic: String,
     local_as: u32,
     router_id: Ipv4Addr,
@@ -317,6 +325,7 @@ impl Agent {
         let Startup {
             node,
             address,
+            address6,
             nic,
             datastore,
             datastore_source,
@@ -344,10 +353,13 @@ impl Agent {
         // plan of this run is applied.
         let adopted_tunnel_routes = dp.routes_via(TUNNEL_DEVICE);
         let local_as = peers::local_as(&state, args.as_number);
-        let router_id = address.addr();
+        let router_id = router_id::router_id(
+            args.router_id.unwrap_or_default(),
+            &node,
+            address.map(|a| a.addr()),
+        );
         let listen_port = state.bgp.listen_port;
         let mut cfg = SpeakerConfig::new(local_as, router_id);
-        cfg.listen = Some(SocketAddr::new(args.bgp_bind, listen_port));
         cfg.hold_time = args.hold_time;
         cfg.connect_retry = args.connect_retry;
         cfg.connect_retry_max = args.connect_retry_max.max(args.connect_retry);
@@ -364,10 +376,11 @@ impl Agent {
                 "kernel routes from a previous run adopted; restarting gracefully"
             );
         }
-        let (speaker, best_rx) = Speaker::start(cfg)
-            .await
-            .context("starting the BGP speaker")?;
-        info!(node, %address, nic, local_as, %router_id, listen_port, "BGP speaker started");
+        let (speaker, best_rx) =
+            listen::start_speaker(cfg, listen::listen_candidates(args.bgp_bind, listen_port))
+                .await
+                .context("starting the BGP speaker")?;
+        info!(node, ?address, ?address6, nic, local_as, %router_id, listen_port, "BGP speaker started");
 
         let (plan_tx, plan_rx) = mpsc::unbounded_channel();
         let (status_tx, dp_status) = watch::channel(DataplaneStatus::default());
@@ -391,6 +404,7 @@ impl Agent {
             args,
             node,
             address,
+            address6,
             nic,
             local_as,
             router_id,
@@ -449,19 +463,26 @@ impl Agent {
         let local = self.state.local();
         LocalIdentity {
             name: self.node.clone(),
-            ipv4: self.address.addr(),
-            ipv6: local.and_then(|n| n.ipv6).map(|n| n.addr()),
+            ipv4: self.address.map(|a| a.addr()),
+            ipv6: self.ipv6().map(|n| n.addr()),
             as_number: self.local_as,
             route_reflector_cluster_id: local.and_then(|n| n.route_reflector_cluster_id),
             labels: local.map(|n| n.labels.clone()).unwrap_or_default(),
+            multiprotocol: self.args.bgp_multiprotocol_sessions,
         }
+    }
+
+    /// The node's IPv6 address: found at start, else the Node's annotation.
+    fn ipv6(&self) -> Option<Ipv6Net> {
+        self.address6
+            .or_else(|| self.state.local().and_then(|n| n.ipv6))
     }
 
     fn local_node(&self) -> LocalNode {
         LocalNode {
             name: self.node.clone(),
-            ipv4: Some(self.address),
-            ipv6: self.state.local().and_then(|n| n.ipv6),
+            ipv4: self.address,
+            ipv6: self.ipv6(),
             nic: self.nic.clone(),
         }
     }
@@ -940,8 +961,8 @@ impl Agent {
                 .peers
                 .keys()
                 .filter(|a| match a {
-                    IpAddr::V4(v4) => self.address.contains(v4),
-                    IpAddr::V6(_) => false,
+                    IpAddr::V4(v4) => self.address.is_some_and(|a| a.contains(v4)),
+                    IpAddr::V6(v6) => self.ipv6().is_some_and(|a| a.contains(v6)),
                 })
                 .copied()
                 .collect();
@@ -1061,12 +1082,20 @@ impl Agent {
             IpipDataplane::Userspace => {
                 UserspaceIpip::connect()?.ensure(spec).await?;
                 if self.tunnel.forwarder.is_none() {
+                    let Some(local) = self.address.map(|a| a.addr()) else {
+                        return Err(TunnelError::Io {
+                            what: "the userspace IPIP forwarder".into(),
+                            error: "this node has no IPv4 address (IPv6-only); IPIP pools \
+                                    need one"
+                                .into(),
+                        });
+                    };
                     let program = std::env::current_exe()
                         .map_err(|e| TunnelError::io("finding the podroute binary", e))?;
                     let forwarder = RemoteForwarder::adopt_or_start(
                         self.args.ipip_forwarder,
                         &program,
-                        &ForwarderConfig::new(self.address.addr()),
+                        &ForwarderConfig::new(local),
                         &self.args.log,
                         self.tunnel.table_rx.clone(),
                         self.tunnel.counters.clone(),
@@ -1074,7 +1103,7 @@ impl Agent {
                     .await?;
                     info!(
                         device = spec.name,
-                        local = %self.address.addr(),
+                        %local,
                         pid = forwarder.pid,
                         adopted = forwarder.adopted,
                         "userspace IPIP forwarder process running"
@@ -1186,7 +1215,8 @@ impl Agent {
         let mut status = status::AgentStatus {
             node: self.node.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            ipv4: Some(self.address.to_string()),
+            ipv4: self.address.map(|a| a.to_string()),
+            ipv6: self.ipv6().map(|a| a.to_string()),
             nic: Some(self.nic.clone()),
             as_number: self.local_as,
             router_id: self.router_id.to_string(),
@@ -1365,39 +1395,81 @@ impl Agent {
     }
 }
 
-/// The node's address (with prefix) and the interface holding it: `--ip` / autodetection as
-/// calico/node does it; with `IP=none`, the address the Node object already carries.
-fn resolve_address(
-    args: &AgentArgs,
-    state: &ClusterState,
-) -> anyhow::Result<(Ipv4Net, Option<String>)> {
+/// The node's addresses (with prefixes) and the interface holding the first of them.
+struct NodeAddresses {
+    v4: Option<Ipv4Net>,
+    v6: Option<Ipv6Net>,
+    interface: Option<String>,
+}
+
+/// The node's addresses: `--ip` / `--ip6` and autodetection as calico/node does it; with
+/// `none`, the address the Node object already carries. One of the two is needed.
+fn resolve_addresses(args: &AgentArgs, state: &ClusterState) -> anyhow::Result<NodeAddresses> {
     let local = state.local();
     let internal_ip = local
         .filter(|n| n.ipv4_source == Some(AddressSource::InternalIp))
         .and_then(NodeInfo::ipv4_addr);
     let detected = autodetect::resolve(&args.ip, &args.ip_autodetection_method, internal_ip)?;
-    let (address, interface) = match detected {
-        Some(d) => (d.address, d.interface),
-        None => {
-            let Some(net) = local.and_then(|n| n.ipv4) else {
-                bail!(
-                    "IP=none and the Node {:?} has no IPv4 address; podroute needs one for BGP",
-                    state.local_node
-                );
-            };
-            let ifaces = autodetect::list_interfaces().unwrap_or_default();
-            let holder = autodetect::interface_of(net.addr(), &ifaces).map(|i| i.name.clone());
-            (net, holder)
-        }
+    let ifaces = || autodetect::list_interfaces().unwrap_or_default();
+    let (v4, v4_interface) = match detected {
+        Some(d) => (Some(d.address), d.interface),
+        None => match local.and_then(|n| n.ipv4) {
+            Some(net) => {
+                let holder =
+                    autodetect::interface_of(net.addr(), &ifaces()).map(|i| i.name.clone());
+                (Some(net), holder)
+            }
+            None => (None, None),
+        },
     };
-    if let Some(annotated) = local.and_then(|n| n.ipv4)
+    if let (Some(annotated), Some(address)) = (local.and_then(|n| n.ipv4), v4)
         && local.and_then(|n| n.ipv4_source) == Some(AddressSource::Annotation)
         && annotated != address
     {
         warn!(%annotated, %address, "the Node's projectcalico.org/IPv4Address differs from the address found here");
     }
-    info!(%address, interface = interface.as_deref().unwrap_or("?"), method = args.ip_autodetection_method, "node IPv4 address");
-    Ok((address, interface))
+    let detected6 = autodetect::resolve6(
+        &args.ip6,
+        &args.ip6_autodetection_method,
+        local.and_then(|n| n.internal_ipv6),
+    )?;
+    let (v6, v6_interface) = match detected6 {
+        Some(d) => {
+            if let Some(annotated) = local.and_then(|n| n.ipv6)
+                && annotated != d.address
+            {
+                warn!(%annotated, address = %d.address, "the Node's projectcalico.org/IPv6Address differs from the address found here");
+            }
+            (Some(d.address), d.interface)
+        }
+        None => match local.and_then(|n| n.ipv6) {
+            Some(net) => {
+                let holder =
+                    autodetect::interface_of6(net.addr(), &ifaces()).map(|i| i.name.clone());
+                (Some(net), holder)
+            }
+            None => (None, None),
+        },
+    };
+    if v4.is_none() && v6.is_none() {
+        bail!(
+            "the Node {:?} has neither an IPv4 nor an IPv6 address (IP={:?}, IP6={:?}); podroute \
+             needs one for BGP: set IP or IP6 (autodetect or an address)",
+            state.local_node,
+            args.ip,
+            args.ip6
+        );
+    }
+    let interface = v4_interface.or(v6_interface);
+    info!(
+        ipv4 = ?v4,
+        ipv6 = ?v6,
+        interface = interface.as_deref().unwrap_or("?"),
+        method = args.ip_autodetection_method,
+        method6 = args.ip6_autodetection_method,
+        "node addresses"
+    );
+    Ok(NodeAddresses { v4, v6, interface })
 }
 
 /// Whether `name` is up with carrier (`IFF_UP` and `IFF_RUNNING`); `None` if unknown.
@@ -1491,12 +1563,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             "no Node object named {node:?} in the datastore; is NODENAME right?"
         );
     }
-    let (address, holder) = resolve_address(&args, &state)?;
-    let nic = match (&args.nic, holder) {
+    let addresses = resolve_addresses(&args, &state)?;
+    let nic = match (&args.nic, addresses.interface) {
         (Some(nic), _) => nic.clone(),
         (None, Some(holder)) => holder,
         (None, None) => {
-            bail!("cannot tell which interface holds {address}; set --nic/PODROUTE_NIC")
+            bail!(
+                "cannot tell which interface holds the node address ({}); set \
+                 --nic/PODROUTE_NIC",
+                addresses
+                    .v4
+                    .map(|a| a.to_string())
+                    .or(addresses.v6.map(|a| a.to_string()))
+                    .unwrap_or_default()
+            )
         }
     };
     let secrets = match (&client, args.datastore_type.parse::<DatastoreSpec>()) {
@@ -1510,7 +1590,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(client) = client.clone()
         && !args.no_annotate
     {
-        let wanted = annotate::wanted_annotations(Some(address), args.as_number);
+        let wanted = annotate::wanted_annotations(addresses.v4, addresses.v6, args.as_number);
         match annotate::ensure_annotations(client, &node, &wanted).await {
             Ok(true) => info!(node, ?wanted, "node annotations written"),
             Ok(false) => debug!(node, "node annotations already right"),
@@ -1520,7 +1600,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     let startup = Startup {
         node,
-        address,
+        address: addresses.v4,
+        address6: addresses.v6,
         nic,
         datastore,
         datastore_source: source,

@@ -3,15 +3,23 @@
 //!
 //! The rules follow Calico's BIRD configuration (confd templates):
 //! - **Mesh** (`nodeToNodeMeshEnabled`, default true): one iBGP-or-eBGP session to every other
-//!   node with an IPv4 address, using its `ASNumber` annotation or the cluster's AS. Route
-//!   reflector nodes (`RouteReflectorClusterID` set) are left out of the mesh, and a route
-//!   reflector does not mesh. The mesh is made one-directional exactly as Calico does: this
-//!   node is passive towards a peer whose address is larger *as a string* than its own
-//!   (`"10.0.0.5" > "10.0.0.10"`), so a mixed Calico/podroute cluster agrees on who connects.
+//!   node, using its `ASNumber` annotation or the cluster's AS — as Calico runs `bird` and
+//!   `bird6`, one session between the nodes' IPv4 addresses carrying IPv4 unicast only, and
+//!   one between their IPv6 addresses (`projectcalico.org/IPv6Address`) carrying IPv6
+//!   unicast only. With [`LocalIdentity::multiprotocol`] (every node is podroute) the IPv4
+//!   session carries both families instead and the IPv6 mesh is only for nodes without IPv4.
+//!   Route reflector nodes (`RouteReflectorClusterID` set) are left out of the mesh, and a
+//!   route reflector does not mesh. The mesh is made one-directional exactly as Calico does:
+//!   this node is passive towards a peer whose address is larger *as a string* than its own
+//!   (`"10.0.0.5" > "10.0.0.10"`, and likewise for IPv6 text), so a mixed Calico/podroute
+//!   cluster agrees on who connects.
+//! - The IPv6 next hop announced is the node's global IPv6 address, never a link-local one
+//!   (Calico #10321): a link-local node address gets no IPv6 session and a warning.
 //! - **BGPPeer**: applies to this node when `node` names it, when `nodeSelector` matches its
 //!   labels, or when neither is set (global). `peerIP` (`ip` or `ip:port`) gives one peer;
 //!   `peerSelector` instead peers with every node it selects, at their addresses and AS
-//!   numbers. Remote AS: `asNumber`, else the selected node's AS, else the cluster's.
+//!   numbers (IPv4 and IPv6, one session each, as bird and bird6 do). Remote AS: `asNumber`,
+//!   else the selected node's AS, else the cluster's.
 //!   An explicit BGPPeer for an address the mesh also covers replaces the mesh session.
 //! - A route reflector (this node has a cluster ID) treats every peer node without the same
 //!   cluster ID as a route-reflector client.
@@ -73,11 +81,30 @@ impl PeerType {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalIdentity {
     pub name: String,
-    pub ipv4: Ipv4Addr,
+    /// `None` on an IPv6-only node.
+    pub ipv4: Option<Ipv4Addr>,
+    /// `None` on an IPv4-only node.
     pub ipv6: Option<Ipv6Addr>,
     pub as_number: u32,
     pub route_reflector_cluster_id: Option<Ipv4Addr>,
     pub labels: BTreeMap<String, String>,
+    /// One session per peer carries both families (`--bgp-multiprotocol-sessions`), for
+    /// clusters where every node is podroute; Calico's bird/bird6 need one session per family.
+    pub multiprotocol: bool,
+}
+
+impl LocalIdentity {
+    /// This node's IPv6 address if it can be an IPv6 next hop (global, not link-local).
+    fn ipv6_next_hop(&self) -> Option<Ipv6Addr> {
+        self.ipv6.filter(|a| !a.is_unicast_link_local())
+    }
+
+    fn is_own(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.ipv4 == Some(a),
+            IpAddr::V6(a) => self.ipv6 == Some(a),
+        }
+    }
 }
 
 /// One session this node should have.
@@ -106,15 +133,20 @@ fn node_as(state: &ClusterState, node: &NodeInfo) -> u32 {
     node.as_number.unwrap_or(state.bgp.as_number)
 }
 
+/// A session to `addr` from this node's address of the same family. An IPv4 session
+/// carries IPv4 unicast (plus IPv6 unicast with [`LocalIdentity::multiprotocol`] when this
+/// node has a global IPv6 address); an IPv6 session carries IPv6 unicast only.
 fn base_config(local: &LocalIdentity, addr: IpAddr, remote_as: u32, kind: PeerType) -> PeerConfig {
     let mut cfg = PeerConfig::new(addr, remote_as);
     cfg.kind = kind.label().to_string();
     match addr {
         IpAddr::V4(_) => {
-            cfg.local_addr = Some(IpAddr::V4(local.ipv4));
+            cfg.local_addr = local.ipv4.map(IpAddr::V4);
             cfg.families = vec![Family::IPV4_UNICAST];
-            cfg.local_v4_next_hop = Some(local.ipv4);
-            if let Some(v6) = local.ipv6 {
+            cfg.local_v4_next_hop = local.ipv4;
+            if local.multiprotocol
+                && let Some(v6) = local.ipv6_next_hop()
+            {
                 cfg.families.push(Family::IPV6_UNICAST);
                 cfg.local_v6_next_hop = Some(v6);
             }
@@ -122,10 +154,36 @@ fn base_config(local: &LocalIdentity, addr: IpAddr, remote_as: u32, kind: PeerTy
         IpAddr::V6(_) => {
             cfg.local_addr = local.ipv6.map(IpAddr::V6);
             cfg.families = vec![Family::IPV6_UNICAST];
-            cfg.local_v6_next_hop = local.ipv6;
+            cfg.local_v6_next_hop = local.ipv6_next_hop();
         }
     }
     cfg
+}
+
+/// The addresses to open sessions to on `node` (mesh, peerSelector): its IPv4 address when
+/// this node has one, its IPv6 address when this node has a usable one — except with
+/// multiprotocol sessions, where IPv6 rides the IPv4 session when both have IPv4.
+fn session_addrs(local: &LocalIdentity, node: &NodeInfo) -> Vec<IpAddr> {
+    let v4 = node.ipv4_addr().filter(|_| local.ipv4.is_some());
+    let v6 = node
+        .ipv6
+        .map(|n| n.addr())
+        .filter(|_| local.ipv6_next_hop().is_some())
+        .filter(|_| !(local.multiprotocol && v4.is_some()));
+    v4.map(IpAddr::V4)
+        .into_iter()
+        .chain(v6.map(IpAddr::V6))
+        .collect()
+}
+
+/// Whether this node waits for `peer` to connect (mesh): the larger address as a string is
+/// passive, as Calico's templates decide it.
+fn mesh_passive(local: &LocalIdentity, peer: IpAddr) -> bool {
+    let own = match peer {
+        IpAddr::V4(_) => local.ipv4.map(|a| a.to_string()),
+        IpAddr::V6(_) => local.ipv6.map(|a| a.to_string()),
+    };
+    own.is_some_and(|own| peer.to_string() > own)
 }
 
 fn is_rr_client(local: &LocalIdentity, peer: Option<&NodeInfo>) -> bool {
@@ -236,47 +294,52 @@ pub fn desired_peers_with(
     passwords: &Passwords,
 ) -> PeerSet {
     let mut set = PeerSet::default();
-    let local_ip_text = local.ipv4.to_string();
+    if local.ipv6.is_some_and(|a| a.is_unicast_link_local()) {
+        set.warnings.push(format!(
+            "this node's IPv6 address {} is link-local; it cannot be a next hop, so there are \
+             no IPv6 sessions (give the node a global IPv6 address)",
+            local.ipv6.map(|a| a.to_string()).unwrap_or_default()
+        ));
+    }
 
     if state.bgp.node_to_node_mesh && local.route_reflector_cluster_id.is_none() {
         for node in state.nodes.values() {
             if node.name == local.name || node.route_reflector_cluster_id.is_some() {
                 continue;
             }
-            let Some(ip) = node.ipv4_addr() else {
-                continue;
-            };
-            if ip == local.ipv4 {
-                set.warnings.push(format!(
-                    "node {} has this node's address {ip}; not peering with it",
-                    node.name
-                ));
-                continue;
-            }
-            let mut cfg = base_config(local, IpAddr::V4(ip), node_as(state, node), PeerType::Mesh);
-            cfg.passive = ip.to_string() > local_ip_text;
-            // Every node listens on the cluster's listenPort.
-            cfg.port = state.bgp.listen_port;
-            cfg.max_restart_time = state.bgp.node_mesh_max_restart_time;
-            if let Some(r) = &state.bgp.node_mesh_password {
-                match password_for(r, passwords) {
-                    Ok(key) => cfg.password = Some(key),
-                    Err(why) => {
-                        set.warnings.push(format!(
-                            "BGPConfiguration nodeMeshPassword: {why}; not meshing with {ip}"
-                        ));
-                        continue;
+            for ip in session_addrs(local, node) {
+                if local.is_own(ip) {
+                    set.warnings.push(format!(
+                        "node {} has this node's address {ip}; not peering with it",
+                        node.name
+                    ));
+                    continue;
+                }
+                let mut cfg = base_config(local, ip, node_as(state, node), PeerType::Mesh);
+                cfg.passive = mesh_passive(local, ip);
+                // Every node listens on the cluster's listenPort.
+                cfg.port = state.bgp.listen_port;
+                cfg.max_restart_time = state.bgp.node_mesh_max_restart_time;
+                if let Some(r) = &state.bgp.node_mesh_password {
+                    match password_for(r, passwords) {
+                        Ok(key) => cfg.password = Some(key),
+                        Err(why) => {
+                            set.warnings.push(format!(
+                                "BGPConfiguration nodeMeshPassword: {why}; not meshing with {ip}"
+                            ));
+                            continue;
+                        }
                     }
                 }
+                set.peers.insert(
+                    cfg.addr,
+                    DesiredPeer {
+                        config: cfg,
+                        peer_type: PeerType::Mesh,
+                        name: node.name.clone(),
+                    },
+                );
             }
-            set.peers.insert(
-                cfg.addr,
-                DesiredPeer {
-                    config: cfg,
-                    peer_type: PeerType::Mesh,
-                    name: node.name.clone(),
-                },
-            );
         }
     }
 
@@ -296,17 +359,17 @@ pub fn desired_peers_with(
         };
         let mut targets: Vec<(IpAddr, String, Option<&NodeInfo>)> = Vec::new();
         if let Some(ip) = peer.peer_ip {
-            let node = state
-                .nodes
-                .values()
-                .find(|n| n.ipv4_addr().map(IpAddr::V4) == Some(ip));
+            let node = state.nodes.values().find(|n| match ip {
+                IpAddr::V4(a) => n.ipv4_addr() == Some(a),
+                IpAddr::V6(a) => n.ipv6.map(|n| n.addr()) == Some(a),
+            });
             targets.push((ip, peer.name.clone(), node));
         } else if let Some(text) = &peer.peer_selector {
             match Selector::parse(text) {
                 Ok(sel) => {
                     for node in state.nodes.values().filter(|n| sel.matches(&n.labels)) {
-                        if let Some(ip) = node.ipv4_addr() {
-                            targets.push((IpAddr::V4(ip), node.name.clone(), Some(node)));
+                        for ip in session_addrs(local, node) {
+                            targets.push((ip, node.name.clone(), Some(node)));
                         }
                     }
                 }
@@ -318,12 +381,19 @@ pub fn desired_peers_with(
             }
         }
         for (ip, name, node) in targets {
-            if ip == IpAddr::V4(local.ipv4) || node.is_some_and(|n| n.name == local.name) {
+            if local.is_own(ip) || node.is_some_and(|n| n.name == local.name) {
                 continue;
             }
-            if ip.is_ipv6() && local.ipv6.is_none() {
+            if ip.is_ipv6() && local.ipv6_next_hop().is_none() {
                 set.warnings.push(format!(
-                    "BGPPeer {}: peer {ip} is IPv6 but this node has no IPv6 address",
+                    "BGPPeer {}: peer {ip} is IPv6 but this node has no global IPv6 address",
+                    peer.name
+                ));
+                continue;
+            }
+            if ip.is_ipv4() && local.ipv4.is_none() {
+                set.warnings.push(format!(
+                    "BGPPeer {}: peer {ip} is IPv4 but this node has no IPv4 address",
                     peer.name
                 ));
                 continue;
@@ -383,6 +453,7 @@ mod tests {
             name: name.into(),
             ipv4: Some(ip.parse().unwrap()),
             ipv4_source: None,
+            internal_ipv6: None,
             ipv6: None,
             as_number: None,
             route_reflector_cluster_id: None,
@@ -403,11 +474,12 @@ mod tests {
         let n = state.local().unwrap();
         LocalIdentity {
             name: n.name.clone(),
-            ipv4: n.ipv4_addr().unwrap(),
-            ipv6: None,
+            ipv4: n.ipv4_addr(),
+            ipv6: n.ipv6.map(|n| n.addr()),
             as_number: local_as(state, None),
             route_reflector_cluster_id: n.route_reflector_cluster_id,
             labels: n.labels.clone(),
+            multiprotocol: false,
         }
     }
 
@@ -683,5 +755,189 @@ mod tests {
             "{:?}",
             set.warnings
         );
+    }
+    fn dual(name: &str, v4: Option<&str>, v6: Option<&str>) -> NodeInfo {
+        NodeInfo {
+            ipv4: v4.map(|t| t.parse().unwrap()),
+            ipv6: v6.map(|t| t.parse().unwrap()),
+            ..node(name, "192.0.2.1/32")
+        }
+    }
+
+    fn summary(set: &PeerSet) -> Vec<(String, String, Vec<Family>, bool)> {
+        set.peers
+            .values()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.config.addr.to_string(),
+                    p.config.families.clone(),
+                    p.config.passive,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dual_stack_mesh_is_one_session_per_family_as_bird_and_bird6() {
+        let s = state(vec![
+            dual("master01", Some("10.0.0.10/24"), Some("fd00::10/64")),
+            dual("node01", Some("10.0.0.5/24"), Some("fd00::5/64")),
+            dual("node02", Some("10.0.0.100/24"), None),
+            dual("node03", None, Some("fd00::a/64")),
+        ]);
+        let set = desired_peers(&s, &local(&s));
+        let v4 = vec![Family::IPV4_UNICAST];
+        let v6 = vec![Family::IPV6_UNICAST];
+        // "fd00::5" < "fd00::10"? No: '5' > '1', so we wait for node01 on IPv6 too;
+        // "fd00::a" > "fd00::10" likewise.
+        assert_eq!(
+            summary(&set),
+            vec![
+                ("node01".into(), "10.0.0.5".into(), v4.clone(), true),
+                ("node02".into(), "10.0.0.100".into(), v4.clone(), true),
+                ("node01".into(), "fd00::5".into(), v6.clone(), true),
+                ("node03".into(), "fd00::a".into(), v6.clone(), true),
+            ]
+        );
+        let v6_session = &set.peers[&"fd00::5".parse::<IpAddr>().unwrap()].config;
+        assert_eq!(v6_session.local_addr, Some("fd00::10".parse().unwrap()));
+        assert_eq!(
+            v6_session.local_v6_next_hop,
+            Some("fd00::10".parse().unwrap())
+        );
+        assert_eq!(v6_session.local_v4_next_hop, None);
+        let v4_session = &set.peers[&"10.0.0.5".parse::<IpAddr>().unwrap()].config;
+        assert_eq!(
+            v4_session.local_v6_next_hop, None,
+            "no IPv6 in the IPv4 session"
+        );
+
+        // From node01 ("fd00::5"), the larger string, it connects.
+        let s1 = ClusterState {
+            local_node: "node01".into(),
+            ..s.clone()
+        };
+        let set1 = desired_peers(&s1, &local(&s1));
+        let to_master = &set1.peers[&"fd00::10".parse::<IpAddr>().unwrap()].config;
+        assert!(!to_master.passive);
+    }
+
+    #[test]
+    fn multiprotocol_sessions_carry_both_families_in_the_ipv4_session() {
+        let s = state(vec![
+            dual("master01", Some("10.0.0.10/24"), Some("fd00::10/64")),
+            dual("node01", Some("10.0.0.5/24"), Some("fd00::5/64")),
+            dual("node03", None, Some("fd00::a/64")),
+        ]);
+        let mut me = local(&s);
+        me.multiprotocol = true;
+        let set = desired_peers(&s, &me);
+        assert_eq!(
+            summary(&set),
+            vec![
+                (
+                    "node01".into(),
+                    "10.0.0.5".into(),
+                    vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST],
+                    true
+                ),
+                (
+                    "node03".into(),
+                    "fd00::a".into(),
+                    vec![Family::IPV6_UNICAST],
+                    true
+                ),
+            ]
+        );
+        let cfg = &set.peers[&"10.0.0.5".parse::<IpAddr>().unwrap()].config;
+        assert_eq!(cfg.local_v6_next_hop, Some("fd00::10".parse().unwrap()));
+    }
+
+    #[test]
+    fn ipv6_only_node_meshes_over_ipv6_only() {
+        let s = state(vec![
+            dual("master01", None, Some("fd00::10/64")),
+            dual("node01", Some("10.0.0.5/24"), Some("fd00::20/64")),
+            dual("node02", Some("10.0.0.6/24"), None),
+        ]);
+        let set = desired_peers(&s, &local(&s));
+        assert_eq!(
+            summary(&set),
+            vec![(
+                "node01".into(),
+                "fd00::20".into(),
+                vec![Family::IPV6_UNICAST],
+                true
+            )]
+        );
+        assert!(set.warnings.is_empty(), "{:?}", set.warnings);
+    }
+
+    #[test]
+    fn a_link_local_node_address_is_never_an_ipv6_next_hop() {
+        let s = state(vec![
+            dual("master01", Some("10.0.0.10/24"), Some("fe80::1/64")),
+            dual("node01", Some("10.0.0.5/24"), Some("fd00::5/64")),
+        ]);
+        let mut me = local(&s);
+        let set = desired_peers(&s, &me);
+        assert_eq!(set.peers.len(), 1);
+        assert!(
+            set.peers
+                .values()
+                .all(|p| p.config.local_v6_next_hop.is_none())
+        );
+        assert!(set.warnings[0].contains("link-local"), "{:?}", set.warnings);
+        me.multiprotocol = true;
+        let set = desired_peers(&s, &me);
+        let only = set.peers.values().next().unwrap();
+        assert_eq!(only.config.families, vec![Family::IPV4_UNICAST]);
+    }
+
+    #[test]
+    fn bgp_peers_with_ipv6_peer_ips_and_selectors() {
+        let mut node01 = dual("node01", Some("10.0.0.5/24"), Some("fd00::5/64"));
+        node01.as_number = Some(65005);
+        let mut s = state(vec![
+            dual("master01", Some("10.0.0.10/24"), Some("fd00::10/64")),
+            node01,
+        ]);
+        s.bgp.node_to_node_mesh = false;
+        let mut tor6 = bgp_peer("tor6");
+        tor6.peer_ip = Some("fd00::1".parse().unwrap());
+        tor6.as_number = Some(65001);
+        let mut to_node = bgp_peer("to-node01-v6");
+        to_node.peer_ip = Some("fd00::5".parse().unwrap());
+        let mut all = bgp_peer("all");
+        all.peer_selector = Some("all()".into());
+        for p in [tor6, to_node] {
+            s.peers.insert(p.name.clone(), p);
+        }
+        let set = desired_peers(&s, &local(&s));
+        let tor = &set.peers[&"fd00::1".parse::<IpAddr>().unwrap()];
+        assert_eq!(tor.config.families, vec![Family::IPV6_UNICAST]);
+        assert_eq!(tor.config.remote_as, 65001);
+        assert_eq!(tor.config.local_addr, Some("fd00::10".parse().unwrap()));
+        let n1 = &set.peers[&"fd00::5".parse::<IpAddr>().unwrap()];
+        assert_eq!(
+            n1.config.remote_as, 65005,
+            "matched to node01 by its IPv6 address"
+        );
+
+        s.peers.clear();
+        s.peers.insert(all.name.clone(), all);
+        let set = desired_peers(&s, &local(&s));
+        let got: Vec<String> = set.peers.keys().map(|a| a.to_string()).collect();
+        assert_eq!(got, vec!["10.0.0.5", "fd00::5"]);
+
+        // An IPv4-only node cannot peer with an IPv6 address, and says so.
+        let mut s4 = state(vec![node("master01", "10.0.0.10/24")]);
+        let mut tor6 = bgp_peer("tor6");
+        tor6.peer_ip = Some("fd00::1".parse().unwrap());
+        s4.peers.insert(tor6.name.clone(), tor6);
+        let set = desired_peers(&s4, &local(&s4));
+        assert!(set.peers.is_empty());
+        assert!(set.warnings[0].contains("is IPv6"), "{:?}", set.warnings);
     }
 }

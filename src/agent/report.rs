@@ -575,6 +575,7 @@ mod tests {
                 name: "node01".into(),
                 ipv4: Some("192.168.92.129/24".parse().unwrap()),
                 ipv4_source: None,
+                internal_ipv6: None,
                 ipv6: None,
                 as_number: None,
                 route_reflector_cluster_id: None,

@@ -12,6 +12,9 @@ pub struct AgentStatus {
     pub version: String,
     /// The node's IPv4 address with prefix (`192.168.92.128/24`).
     pub ipv4: Option<String>,
+    /// The node's IPv6 address with prefix (`fd00:92::128/64`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<String>,
     /// Host NIC used for direct routes.
     pub nic: Option<String>,
     pub as_number: u32,
@@ -72,6 +75,7 @@ impl AgentStatus {
             node: self.node.clone(),
             version: self.version.clone(),
             ipv4: self.ipv4.clone(),
+            ipv6: self.ipv6.clone(),
             nic: self.nic.clone(),
             as_number: self.as_number,
             router_id: self.router_id.clone(),

@@ -33,6 +33,10 @@ pub struct NodeInfo {
     pub ipv4: Option<Ipv4Net>,
     pub ipv4_source: Option<AddressSource>,
     pub ipv6: Option<Ipv6Net>,
+    /// The Node's IPv6 `InternalIP`, for `IP6_AUTODETECTION_METHOD=kubernetes-internal-ip`
+    /// only (unlike IPv4, an IPv6 InternalIP does not stand in for the annotation: Calico's
+    /// bird6 meshes only with nodes that have `projectcalico.org/IPv6Address`).
+    pub internal_ipv6: Option<std::net::Ipv6Addr>,
     /// Per-node AS number overriding the cluster's.
     pub as_number: Option<u32>,
     /// Set on route reflectors.
@@ -131,6 +135,10 @@ impl NodeInfo {
             name: name.to_string(),
             ipv4,
             ipv4_source,
+            internal_ipv6: internal_ip(node).find_map(|ip| match ip {
+                IpAddr::V6(ip) => Some(ip),
+                IpAddr::V4(_) => None,
+            }),
             ipv6,
             as_number,
             route_reflector_cluster_id: rr,
@@ -145,15 +153,18 @@ impl NodeInfo {
     }
 }
 
-fn internal_ipv4(node: &Node) -> Option<Ipv4Addr> {
+/// The Node's `InternalIP` addresses, in order.
+fn internal_ip(node: &Node) -> impl Iterator<Item = IpAddr> + '_ {
     node.status
-        .as_ref()?
-        .addresses
-        .as_ref()?
         .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
         .filter(|a| a.type_ == "InternalIP")
-        .find_map(|a| match a.address.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => Some(ip),
-            _ => None,
-        })
+        .filter_map(|a| a.address.parse::<IpAddr>().ok())
+}
+
+fn internal_ipv4(node: &Node) -> Option<Ipv4Addr> {
+    internal_ip(node).find_map(|ip| match ip {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    })
 }

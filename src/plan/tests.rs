@@ -994,3 +994,144 @@ mod incremental {
         }
     }
 }
+
+/// A dual-stack seed 001: both nodes also have an IPv6 address in fd00:92::/64, and a
+/// second pool fd00:10::/48 (blocks /122, Calico's default) sits beside the IPv4 pool. The
+/// IPv4 rows stay seed 001's; the IPv6 rows follow the same rules: own block blackholed,
+/// local pods /128 on their cali interface, remote blocks via the peer's global IPv6
+/// address (learned over the IPv6 session), a borrowed /128 via the node that uses it.
+fn dual_stack_input(node: &str, v6_vxlan: EncapMode) -> PlanInput {
+    let mut input = seed_input(node, EncapMode::CrossSubnet, seed_after());
+    let (me, peer) = if node == MASTER01 {
+        ("fd00:92::128/64", "fd00:92::129")
+    } else {
+        ("fd00:92::129/64", "fd00:92::128")
+    };
+    input.local.ipv6 = Some(me.parse().unwrap());
+    let mut v6_pool = pool("default-ipv6-ippool", "fd00:10::/48", EncapMode::Never);
+    v6_pool.vxlan = v6_vxlan;
+    input.pools.push(v6_pool);
+    input.nodes[0].ipv6 = Some("fd00:92::128".parse().unwrap());
+    input.nodes[1].ipv6 = Some("fd00:92::129".parse().unwrap());
+    input.blocks.extend([
+        block(
+            "fd00:10:0:a::/122",
+            MASTER01,
+            vec![
+                pod_alloc("fd00:10:0:a::1", "seed", "pod6-m", MASTER01),
+                // Borrowed: master01's block, used on node01.
+                pod_alloc("fd00:10:0:a::2", "seed", "pod6-borrowed", NODE01),
+            ],
+        ),
+        block(
+            "fd00:10:0:b::/122",
+            NODE01,
+            vec![pod_alloc("fd00:10:0:b::1", "seed", "pod6-n", NODE01)],
+        ),
+    ]);
+    let remote6 = if node == MASTER01 {
+        "fd00:10:0:b::/122"
+    } else {
+        "fd00:10:0:a::/122"
+    };
+    input.learned.push(learned(remote6, peer));
+    input.local_interfaces = interfaces_of(&input.blocks, node);
+    input
+}
+
+#[test]
+fn dual_stack_tables_ipv6_blocks_blackholes_workloads_and_borrowed_128s() {
+    let cali = |pod: &str| workload_interface_name("seed", pod);
+    let master = dual_stack_input(MASTER01, EncapMode::Never);
+    let plan_m = plan(&master);
+    assert!(plan_m.warnings.is_empty(), "{:?}", plan_m.warnings);
+    let v6: Vec<String> = plan_m
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("fd00"))
+        .collect();
+    assert_eq!(
+        v6,
+        vec![
+            "blackhole fd00:10:0:a::/122".to_string(),
+            format!("fd00:10:0:a::1 dev {} scope link", cali("pod6-m")),
+            "fd00:10:0:a::2 via fd00:92::129".to_string(),
+            "fd00:10:0:b::/122 via fd00:92::129".to_string(),
+        ]
+    );
+    // The IPv4 rows are seed 001's CrossSubnet table, untouched by the IPv6 pool.
+    assert_eq!(v4_rows(&plan_m), seed_rows(SEED_MASTER01_CROSS_SUBNET));
+
+    let node = dual_stack_input(NODE01, EncapMode::Never);
+    let plan_n = plan(&node);
+    let v6: Vec<String> = plan_n
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("fd00"))
+        .collect();
+    assert_eq!(
+        v6,
+        vec![
+            "fd00:10:0:a::/122 via fd00:92::128".to_string(),
+            format!("fd00:10:0:a::2 dev {} scope link", cali("pod6-borrowed")),
+            "blackhole fd00:10:0:b::/122".to_string(),
+            format!("fd00:10:0:b::1 dev {} scope link", cali("pod6-n")),
+        ]
+    );
+}
+
+#[test]
+fn ipv6_cross_subnet_is_decided_by_the_nodes_ipv6_prefix() {
+    // vxlanMode CrossSubnet on the IPv6 pool: the peer in fd00:92::/64 is reached directly
+    // out of the NIC.
+    let mut input = dual_stack_input(MASTER01, EncapMode::CrossSubnet);
+    let p = plan(&input);
+    assert!(
+        p.lines()
+            .contains(&"fd00:10:0:b::/122 via fd00:92::129 dev ens33".to_string()),
+        "{:?}",
+        p.lines()
+    );
+    let route = p
+        .routes
+        .iter()
+        .find(|r| r.prefix == net("fd00:10:0:b::/122"))
+        .unwrap();
+    assert_eq!(route.kind, RouteKind::BlockDirect);
+    // With a /128 node address no peer shares the subnet: the route would need the VXLAN
+    // device, which podroute does not have; it is left out and said so.
+    input.local.ipv6 = Some("fd00:92::128/128".parse().unwrap());
+    let p = plan(&input);
+    assert!(
+        p.routes
+            .iter()
+            .all(|r| r.prefix != net("fd00:10:0:b::/122")),
+        "{:?}",
+        p.lines()
+    );
+    assert!(
+        p.warnings
+            .iter()
+            .any(|w| matches!(w, PlanWarning::VxlanUnsupported { .. })),
+        "{:?}",
+        p.warnings
+    );
+    // The IPv4 CrossSubnet decision still uses the IPv4 prefix.
+    assert!(
+        p.lines()
+            .contains(&"172.16.196.128/26 via 192.168.92.129 dev ens33".to_string())
+    );
+}
+
+/// The IPv4 part of a plan as `route -n` rows.
+fn v4_rows(plan: &RoutePlan) -> Vec<RouteNRow> {
+    route_n(&RoutePlan {
+        routes: plan
+            .routes
+            .iter()
+            .filter(|r| r.prefix.addr().is_ipv4())
+            .cloned()
+            .collect(),
+        warnings: Vec::new(),
+    })
+}
