@@ -376,6 +376,37 @@ fn default_exclusions() -> &'static [Regex] {
     &COMPILED
 }
 
+/// The first up interface passing `pick` and its first address in `addrs` that passes `ok`;
+/// otherwise the candidates looked at, for the error message. Shared by both families.
+fn first_address<N: Copy + std::fmt::Display>(
+    ifaces: &[HostInterface],
+    pick: impl Fn(&HostInterface) -> bool,
+    addrs: impl Fn(&HostInterface) -> &[N],
+    ok: impl Fn(&N) -> bool,
+) -> Result<(N, String), String> {
+    let mut candidates = Vec::new();
+    for iface in ifaces.iter().filter(|i| pick(i)) {
+        if !iface.up {
+            candidates.push(format!("{} (down)", iface.name));
+            continue;
+        }
+        if let Some(net) = addrs(iface).iter().find(|n| ok(n)) {
+            return Ok((*net, iface.name.clone()));
+        }
+        let shown: Vec<String> = addrs(iface).iter().map(ToString::to_string).collect();
+        candidates.push(format!("{} [{}]", iface.name, shown.join(" ")));
+    }
+    // A host with hundreds of workload interfaces must not make a page-long message.
+    const SHOWN: usize = 8;
+    let more = candidates.len().saturating_sub(SHOWN);
+    candidates.truncate(SHOWN);
+    Err(match (candidates.is_empty(), more) {
+        (true, _) => "none".to_string(),
+        (false, 0) => candidates.join(", "),
+        (false, n) => format!("{} and {n} more", candidates.join(", ")),
+    })
+}
+
 /// Returns the first (interface, address) where the interface is up and passes `pick` and
 /// the address is usable and passes `want`.
 fn enumerate(
@@ -384,35 +415,17 @@ fn enumerate(
     pick: impl Fn(&HostInterface) -> bool,
     want: impl Fn(Ipv4Addr) -> bool,
 ) -> Result<Detected, DetectError> {
-    let mut candidates = Vec::new();
-    for iface in ifaces.iter().filter(|i| pick(i)) {
-        if !iface.up {
-            candidates.push(format!("{} (down)", iface.name));
-            continue;
-        }
-        if let Some(net) = iface
-            .addrs
-            .iter()
-            .find(|n| usable(n.addr()) && want(n.addr()))
-        {
-            return Ok(Detected {
-                address: *net,
-                interface: Some(iface.name.clone()),
-            });
-        }
-        let addrs: Vec<String> = iface.addrs.iter().map(ToString::to_string).collect();
-        candidates.push(format!("{} [{}]", iface.name, addrs.join(" ")));
-    }
-    // A host with hundreds of workload interfaces must not make a page-long message.
-    const SHOWN: usize = 8;
-    let more = candidates.len().saturating_sub(SHOWN);
-    candidates.truncate(SHOWN);
-    let candidates = match (candidates.is_empty(), more) {
-        (true, _) => "none".to_string(),
-        (false, 0) => candidates.join(", "),
-        (false, n) => format!("{} and {n} more", candidates.join(", ")),
-    };
-    Err(DetectError::NoAddress {
+    first_address(
+        ifaces,
+        pick,
+        |i| &i.addrs,
+        |n| usable(n.addr()) && want(n.addr()),
+    )
+    .map(|(address, name)| Detected {
+        address,
+        interface: Some(name),
+    })
+    .map_err(|candidates| DetectError::NoAddress {
         method: method.to_string(),
         candidates,
     })
@@ -530,34 +543,17 @@ fn enumerate6(
     pick: impl Fn(&HostInterface) -> bool,
     want: impl Fn(Ipv6Addr) -> bool,
 ) -> Result<Detected6, DetectError> {
-    let mut candidates = Vec::new();
-    for iface in ifaces.iter().filter(|i| pick(i)) {
-        if !iface.up {
-            candidates.push(format!("{} (down)", iface.name));
-            continue;
-        }
-        if let Some(net) = iface
-            .addrs6
-            .iter()
-            .find(|n| usable6(n.addr()) && want(n.addr()))
-        {
-            return Ok(Detected6 {
-                address: *net,
-                interface: Some(iface.name.clone()),
-            });
-        }
-        let addrs: Vec<String> = iface.addrs6.iter().map(ToString::to_string).collect();
-        candidates.push(format!("{} [{}]", iface.name, addrs.join(" ")));
-    }
-    const SHOWN: usize = 8;
-    let more = candidates.len().saturating_sub(SHOWN);
-    candidates.truncate(SHOWN);
-    let candidates = match (candidates.is_empty(), more) {
-        (true, _) => "none".to_string(),
-        (false, 0) => candidates.join(", "),
-        (false, n) => format!("{} and {n} more", candidates.join(", ")),
-    };
-    Err(DetectError::NoAddress6 {
+    first_address(
+        ifaces,
+        pick,
+        |i| &i.addrs6,
+        |n| usable6(n.addr()) && want(n.addr()),
+    )
+    .map(|(address, name)| Detected6 {
+        address,
+        interface: Some(name),
+    })
+    .map_err(|candidates| DetectError::NoAddress6 {
         method: method.to_string(),
         candidates,
     })
