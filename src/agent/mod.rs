@@ -1210,7 +1210,14 @@ impl Agent {
         self.metrics
             .config_warnings
             .set(self.peer_warnings.len() as i64);
-        report::update_md5_metrics(&self.metrics, &mut self.md5_counts);
+        // Only nodes with TCP-MD5 sessions read the kernel's counters (publish runs often).
+        if self
+            .peers
+            .values()
+            .any(|p| p.desired.config.password.is_some())
+        {
+            report::update_md5_metrics(&self.metrics, &mut self.md5_counts);
+        }
         self.condition.observe(ready.is_empty());
         let mut status = status::AgentStatus {
             node: self.node.clone(),
