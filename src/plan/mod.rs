@@ -30,6 +30,7 @@
 //!   the route is `via PEER` as for `Never`, with a [`PlanWarning::IpipOnIpv6Pool`].
 
 mod ifname;
+pub mod tunnels;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

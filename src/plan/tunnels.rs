@@ -1,0 +1,168 @@
+//! The encapsulation devices a node must have, and their per-remote-node entries.
+//!
+//! This is the plan's half of "the dataplane owns the tunnels": the planner (Calico's pools
+//! and nodes, or flannel's network config and nodes) decides *which* devices exist and what
+//! each remote VTEP looks like; the dataplane makes the kernel match, device by device
+//! (`tunl0`, `vxlan.calico`, `vxlan-v6.calico`, `flannel.1`, `flannel-v6.1`), and must have a
+//! device and its neighbour/FDB entries in place before it installs routes that use them.
+//!
+//! A [`TunnelPlan`] is complete: a device or VTEP entry that was in the previous plan and is
+//! not in this one is removed (only if podroute made it; a foreign device of that name is
+//! reported, not destroyed).
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use sha1::{Digest, Sha1};
+
+/// Calico's IPv4 VXLAN device.
+pub const VXLAN_DEVICE_V4: &str = "vxlan.calico";
+/// Calico's IPv6 VXLAN device.
+pub const VXLAN_DEVICE_V6: &str = "vxlan-v6.calico";
+/// Calico's VNI (Felix's default `VXLANVNI`).
+pub const CALICO_VXLAN_VNI: u32 = 4096;
+/// Calico's UDP port (Felix's default `VXLANPort`).
+pub const CALICO_VXLAN_PORT: u16 = 4789;
+/// Bytes an IPv4 VXLAN encapsulation adds (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
+pub const VXLAN_OVERHEAD_V4: u32 = 50;
+/// Bytes an IPv6 VXLAN encapsulation adds (outer IPv6 40 + 8 + 8 + 14).
+pub const VXLAN_OVERHEAD_V6: u32 = 70;
+
+/// An Ethernet address (`66:d4:9b:7c:1a:02`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A stable, locally administered unicast address derived from `seed` (for a VTEP whose
+    /// node has no MAC annotation yet): the same node name always gives the same MAC, so a
+    /// restart does not change what the other nodes have in their neighbour and FDB tables.
+    pub fn from_seed(seed: &str) -> Self {
+        let digest = Sha1::digest(seed.as_bytes());
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&digest[..6]);
+        // Locally administered (bit 1 set), unicast (bit 0 clear).
+        mac[0] = (mac[0] | 0x02) & 0xfe;
+        MacAddr(mac)
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// Why a string is not a MAC address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a MAC address: {0:?} (want six hex octets separated by ':')")]
+pub struct MacParseError(pub String);
+
+impl FromStr for MacAddr {
+    type Err = MacParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut mac = [0u8; 6];
+        let mut parts = s.trim().split([':', '-']);
+        for octet in mac.iter_mut() {
+            let part = parts.next().ok_or_else(|| MacParseError(s.into()))?;
+            if part.is_empty() || part.len() > 2 {
+                return Err(MacParseError(s.into()));
+            }
+            *octet = u8::from_str_radix(part, 16).map_err(|_| MacParseError(s.into()))?;
+        }
+        if parts.next().is_some() {
+            return Err(MacParseError(s.into()));
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+/// The IPIP device (`tunl0`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpipTunnel {
+    /// `tunl0`.
+    pub name: String,
+    /// Host NIC whose MTU the tunnel's derives from (MTU − 20).
+    pub nic: String,
+    /// The node's tunnel address (`/32`), see [`super::tunnel_address`].
+    pub address: Option<Ipv4Addr>,
+}
+
+/// A VXLAN device (VTEP) this node must have, as Felix or flanneld make it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanDevice {
+    /// `vxlan.calico`, `vxlan-v6.calico`, `flannel.1`, `flannel-v6.1`.
+    pub name: String,
+    /// VNI (Calico 4096, flannel 1 by default).
+    pub vni: u32,
+    /// Destination UDP port (Calico 4789, flannel 8472 by default).
+    pub port: u16,
+    /// The device's own MAC (the node's VTEP MAC).
+    pub mac: MacAddr,
+    /// Underlay source address: the node's address of the device's family.
+    pub local: IpAddr,
+    /// Host NIC the encapsulated packets leave through (`dev` of `ip link add ... vxlan`).
+    pub parent: String,
+    /// MTU; `None` = the parent's MTU minus [`VXLAN_OVERHEAD_V4`] / [`VXLAN_OVERHEAD_V6`].
+    pub mtu: Option<u32>,
+    /// Address on the device: Calico's VXLAN tunnel address (`/32`, `/128`), flannel's
+    /// `<subnet>.0/32`.
+    pub address: Option<IpNet>,
+}
+
+/// One remote VTEP as seen through one local device: a permanent neighbour entry
+/// `tunnel_ip lladdr mac dev DEVICE` and a permanent FDB entry `mac dst underlay dev DEVICE
+/// self`. The routes that use it are `BLOCK via tunnel_ip dev DEVICE onlink`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VxlanPeer {
+    /// Local device name the entries belong to.
+    pub device: String,
+    /// The remote node's name (for status and logs).
+    pub node: String,
+    /// The remote VTEP's address (its tunnel address); the routes' gateway.
+    pub tunnel_ip: IpAddr,
+    /// The remote VTEP's MAC.
+    pub mac: MacAddr,
+    /// The remote node's underlay address (outer destination).
+    pub underlay: IpAddr,
+}
+
+/// Every encapsulation device the node must have and every remote VTEP, for one plan.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TunnelPlan {
+    /// `tunl0`, when some pool needs IPIP from this node.
+    pub ipip: Option<IpipTunnel>,
+    /// VXLAN devices.
+    pub vxlan: Vec<VxlanDevice>,
+    /// Remote VTEPs, each through one of [`Self::vxlan`]'s devices.
+    pub vxlan_peers: Vec<VxlanPeer>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_parse_and_display() {
+        let mac: MacAddr = "66:D4:9b:7c:1a:02".parse().unwrap();
+        assert_eq!(mac.to_string(), "66:d4:9b:7c:1a:02");
+        assert!("66:d4:9b:7c:1a".parse::<MacAddr>().is_err());
+        assert!("66:d4:9b:7c:1a:02:03".parse::<MacAddr>().is_err());
+        assert!("66:d4:9b:7c:1a:zz".parse::<MacAddr>().is_err());
+        assert!("".parse::<MacAddr>().is_err());
+    }
+
+    #[test]
+    fn mac_from_seed_is_stable_local_unicast() {
+        let a = MacAddr::from_seed("node01");
+        assert_eq!(a, MacAddr::from_seed("node01"));
+        assert_ne!(a, MacAddr::from_seed("node02"));
+        assert_eq!(a.0[0] & 0x03, 0x02);
+    }
+}
