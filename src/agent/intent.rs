@@ -206,30 +206,6 @@ pub fn plan_input(
     }
 }
 
-/// Names of the network interfaces of the calling thread's namespace that start with
-/// `prefix` (`cali`).
-pub fn interfaces_with_prefix(prefix: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    // SAFETY: if_nameindex returns a heap array terminated by an entry with index 0 and a
-    // null name, which we walk and then free exactly once with if_freenameindex.
-    unsafe {
-        let list = libc::if_nameindex();
-        if list.is_null() {
-            return names;
-        }
-        let mut entry = list;
-        while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
-            let name = std::ffi::CStr::from_ptr((*entry).if_name).to_string_lossy();
-            if name.starts_with(prefix) {
-                names.insert(name.into_owned());
-            }
-            entry = entry.add(1);
-        }
-        libc::if_freenameindex(list);
-    }
-    names
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,11 +367,5 @@ mod tests {
         assert_eq!(routed, [lb], "the CIDR this node announces itself is not");
         assert_eq!(mine.route_for(cidr, Some(peer), &mut w), None);
         assert!(mine.route_for(lb, Some(peer), &mut w).is_some());
-    }
-
-    #[test]
-    fn lists_loopback_interfaces() {
-        assert!(interfaces_with_prefix("lo").contains("lo"));
-        assert!(interfaces_with_prefix("cali-does-not-exist").is_empty());
     }
 }

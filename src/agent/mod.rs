@@ -1,21 +1,30 @@
 //! `podroute agent`: the datastore, the BGP speaker and the dataplane wired into one process.
 //!
-//! One event loop ([`Agent::run`]) owns the agent's view: the latest [`ClusterState`], the
-//! sessions configured in the speaker, the prefixes announced, the BGP best paths learned.
-//! After every change it recomputes (pure functions in [`peers`] and [`intent`], then
-//! [`crate::plan::Planner`]) and hands the differences on: `set_peer`/`remove_peer` and
-//! `announce`/`withdraw` to the speaker, route updates to the dataplane task. Nothing is
-//! withdrawn or deleted before the datastore's initial sync: the loop starts only after it.
+//! One event loop ([`Agent::run`]) coordinates and holds only the agent's view: the latest
+//! [`ClusterState`], the sessions configured in the speaker, the prefixes announced, the BGP
+//! best paths learned, the links the dataplane reported. After every change it recomputes
+//! (pure functions in [`peers`] and [`intent`], then [`crate::plan`]) and hands the
+//! differences on: `set_peer`/`remove_peer` and `announce`/`withdraw` to the speaker
+//! ([`sessions`]), plan updates to the dataplane task. Nothing is withdrawn or deleted before
+//! the datastore's initial sync: the loop starts only after it ([`startup`]).
 //!
-//! Routes stream: a datastore or interface change re-plans everything and sends the full
-//! plan, but a batch of BGP best-path changes only re-plans its prefixes
-//! ([`crate::plan::Planner::route_for`]) and sends those routes as a delta, at once, so the
-//! kernel takes the first routes of a table while the rest is still arriving. The agent keeps
-//! no copy of the plan: the best paths and the [`crate::plan::Planner`] give it again when
-//! `GET /routes` asks (the report is built only then).
+//! Where things live: the tunnel devices (`tunl0`, its address and MTU, the userspace IPIP
+//! forwarder and its table) are the dataplane's ([`crate::dataplane::tunnels`]), made from the
+//! [`crate::plan::tunnels::TunnelPlan`] this loop sends ahead of the routes; link facts (the
+//! pods' `cali*` interfaces, the host NIC's carrier) come from the dataplane's netlink monitor
+//! ([`crate::dataplane::LinkFacts`]). This loop makes no system calls of its own.
+//!
+//! One plan per change: a datastore or interface change builds the plan's input once; when
+//! only block-derived routes changed (a pod's /32, a block changing hands) the changed
+//! prefixes go as a delta ([`crate::plan::Planner::changed_since`]), else the full plan. A
+//! batch of BGP best-path changes only re-plans its prefixes
+//! ([`crate::plan::Planner::route_for`]) and sends those routes as a delta, so the kernel
+//! takes the first routes of a table while the rest is still arriving. The agent keeps no
+//! copy of the plan: the best paths and the [`crate::plan::Planner`] give it again when `GET
+//! /routes` asks (the report is built only then).
 //!
 //! Metrics, `/readyz` and the status API read what the loop publishes into a
-//! [`status::StatusBoard`] once a second and after every change.
+//! [`status::StatusBoard`] ([`publish`]) once a second and after every change.
 
 pub mod annotate;
 pub mod autodetect;
@@ -25,10 +34,13 @@ pub mod config;
 pub mod intent;
 pub mod listen;
 pub mod peers;
+mod publish;
 pub mod report;
 pub mod router_id;
 pub mod selector;
 pub mod services;
+mod sessions;
+mod startup;
 pub mod status;
 pub mod tunnel_addr;
 
@@ -46,25 +58,21 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 pub use config::AgentArgs;
+pub use startup::{node_name, run, start_datastore, wait_synced};
 
-use crate::dataplane::ipip_user::{
-    DropReason, ForwarderConfig, IpipCounters, IpipDataplane, TunnelTable, UserspaceIpip,
-    process::RemoteForwarder,
-};
-use crate::dataplane::tunnel::{KernelIpip, TunnelDevice, TunnelError, TunnelSpec};
+use crate::dataplane::ipip_user::IpipCounters;
+use crate::dataplane::tunnels::TunnelsConfig;
+use crate::dataplane::tunnels::ipip::IpipConfig;
 use crate::dataplane::{
-    Dataplane, DataplaneConfig, DataplaneStatus, PlanMessage, PlanUpdate, RouteChange,
+    Dataplane, DataplaneConfig, DataplaneStatus, LinkFacts, PlanMessage, PlanUpdate, RouteChange,
 };
-use crate::datastore::{self, DatastoreHandle, DatastoreSpec};
-use crate::metrics::{Metrics, advance};
-use crate::model::{AddressSource, NodeInfo};
-use crate::plan::{
-    self, DesiredRoute, LocalNode, PlanWarning, Planner, RouteKind, TUNNEL_DEVICE,
-    WORKLOAD_IFACE_PREFIX,
-};
-use crate::state::{ClusterState, StateRx};
+use crate::datastore::{self, DatastoreHandle};
+use crate::metrics::Metrics;
+use crate::plan::tunnels::{IpipAddressSource, TunnelPlan, tunnel_plan};
+use crate::plan::{LocalNode, PlanWarning, Planner, WORKLOAD_IFACE_PREFIX};
+use crate::state::ClusterState;
 use best_paths::BestPaths;
-use peers::{DesiredPeer, LocalIdentity, PeerType};
+use peers::{DesiredPeer, LocalIdentity};
 use status::StatusBoard;
 
 /// How long `/livez` tolerates silence from the event loop.
@@ -95,80 +103,6 @@ struct AbortOnDrop(JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// The node name: `--nodename`/`NODENAME`, else the host name.
-pub fn node_name(args: &AgentArgs) -> anyhow::Result<String> {
-    if let Some(name) = args.nodename.as_deref().filter(|n| !n.trim().is_empty()) {
-        return Ok(name.trim().to_string());
-    }
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        bail!("no --nodename/NODENAME given and the host name cannot be read");
-    }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    let host = String::from_utf8_lossy(&buf[..end]).to_string();
-    // Kubernetes node names are the lowercase short or full host name.
-    Ok(host.to_lowercase())
-}
-
-/// Starts the datastore the flags name; with `kubernetes` also returns the client (for the
-/// node annotations).
-pub async fn start_datastore(
-    args: &AgentArgs,
-    node: &str,
-) -> anyhow::Result<(DatastoreHandle, Option<kube::Client>)> {
-    let spec: DatastoreSpec = args.datastore_type.parse()?;
-    Ok(match spec {
-        DatastoreSpec::Kubernetes => {
-            let client = kube::Client::try_default().await.context(
-                "cannot reach the Kubernetes API (in-cluster service account or KUBECONFIG); \
-                 use --datastore-type dir:PATH to run without one",
-            )?;
-            (
-                datastore::kube::spawn_with(client.clone(), node, args.datastore_wipe_confirm),
-                Some(client),
-            )
-        }
-        DatastoreSpec::Dir(path) => (
-            datastore::dir::spawn_with(
-                path,
-                node,
-                datastore::dir::DirOptions {
-                    poll: args.dir_poll,
-                    max_file_size: args.datastore_max_file_size,
-                    wipe_confirm: args.datastore_wipe_confirm,
-                },
-            ),
-            None,
-        ),
-    })
-}
-
-/// Waits for the datastore's first complete snapshot, beating the heartbeat meanwhile.
-pub async fn wait_synced(
-    state: &mut StateRx,
-    board: &StatusBoard,
-    source: &str,
-) -> anyhow::Result<Arc<ClusterState>> {
-    let mut waiting = tokio::time::interval(Duration::from_secs(1));
-    let started = Instant::now();
-    loop {
-        tokio::select! {
-            synced = state.synced() => return synced.context("datastore stopped before its initial sync"),
-            _ = waiting.tick() => {
-                board.beat("agent");
-                let mut s = (*board.status()).clone();
-                s.health.not_ready = vec![format!("datastore {source} not synced yet")];
-                board.publish_status(s);
-                if started.elapsed() > Duration::from_secs(10) && started.elapsed().as_secs().is_multiple_of(30) {
-                    warn!(source, waited_s = started.elapsed().as_secs(), "still waiting for the datastore's initial sync");
-                }
-            }
-        }
     }
 }
 
@@ -237,11 +171,16 @@ pub struct Agent {
     export_rules: Option<podroute_bgp::policy::ExportRules>,
     /// Next hop of the best learned path per prefix (host bits cleared).
     learned: BestPaths,
+    /// The pods' `cali*` interfaces, as the dataplane's monitor last reported them.
     interfaces: BTreeSet<String>,
+    /// Links as the dataplane's monitor sees them.
+    links: watch::Receiver<LinkFacts>,
     plan_tx: mpsc::UnboundedSender<PlanMessage>,
     plan_seq: u64,
     /// The plan of the current cluster state and interfaces, without the learned routes.
     planner: Option<Planner>,
+    /// The tunnel plan last sent to the dataplane.
+    tunnel_plan: Option<TunnelPlan>,
     /// A full plan of `planner` went to the dataplane (after the start-up deferral): best-path
     /// changes can now go as deltas.
     streaming: bool,
@@ -250,7 +189,10 @@ pub struct Agent {
     dp_status: watch::Receiver<DataplaneStatus>,
     peer_status: Vec<PeerStatus>,
     peer_counts: HashMap<IpAddr, PeerCounts>,
-    tunnel: TunnelTracker,
+    /// The userspace IPIP forwarder's counters (the dataplane copies them from its process),
+    /// and what of them Prometheus has.
+    ipip_counters: Arc<IpipCounters>,
+    ipip_exported: report::ExportedIpip,
     metrics: Metrics,
     board: Arc<StatusBoard>,
     started: SystemTime,
@@ -268,51 +210,6 @@ pub struct Agent {
     /// Allocates/releases the tunnel address in IPAM (kubernetes datastore only); when set,
     /// `tunl0` takes only the annotated address, never a guessed one.
     tunnel_addr: Option<AbortOnDrop>,
-}
-
-/// Keeps `tunl0` in place while some pool uses IPIP.
-struct TunnelTracker {
-    /// `--ipip-dataplane` once resolved (auto probes the kernel the first time).
-    mode: Option<IpipDataplane>,
-    ready: Option<TunnelSpec>,
-    /// Cluster-state revision `ready` was checked against.
-    ready_revision: u64,
-    last_attempt: Option<Instant>,
-    last_error: Option<String>,
-    /// The connection to the userspace forwarder process (which outlives the agent).
-    forwarder: Option<RemoteForwarder>,
-    table_tx: watch::Sender<Arc<TunnelTable>>,
-    table_rx: watch::Receiver<Arc<TunnelTable>>,
-    counters: Arc<IpipCounters>,
-    /// Counter values already exported to Prometheus.
-    exported: ExportedIpip,
-}
-
-#[derive(Default)]
-struct ExportedIpip {
-    encap_packets: u64,
-    decap_packets: u64,
-    encap_bytes: u64,
-    decap_bytes: u64,
-    drops: [u64; DropReason::ALL.len()],
-}
-
-impl Default for TunnelTracker {
-    fn default() -> Self {
-        let (table_tx, table_rx) = watch::channel(Arc::new(TunnelTable::default()));
-        Self {
-            mode: None,
-            ready: None,
-            ready_revision: 0,
-            last_attempt: None,
-            last_error: None,
-            forwarder: None,
-            table_tx,
-            table_rx,
-            counters: Arc::new(IpipCounters::new()),
-            exported: ExportedIpip::default(),
-        }
-    }
 }
 
 impl Agent {
@@ -340,18 +237,25 @@ impl Agent {
             .context("the agent starts only after the datastore's initial sync")?;
         let mut dp = Dataplane::open(DataplaneConfig {
             protocol: args.route_protocol,
+            tunnels: TunnelsConfig {
+                ipip: IpipConfig {
+                    dataplane: args.ipip_dataplane,
+                    forwarder: args.ipip_forwarder,
+                    log: args.log.clone(),
+                    program: None,
+                },
+            },
             ..DataplaneConfig::default()
         })
         .context("opening the dataplane")?;
         let reconcile = metrics.reconcile_seconds.clone();
         dp.on_reconcile(move |elapsed, _| reconcile.observe(elapsed.as_secs_f64()));
+        let links = dp.link_facts();
+        let ipip_counters = dp.ipip_counters();
         // Routes of ours already in the kernel: this is a restart. The speaker then tells its
         // peers that forwarding state was kept (GR R and F bits) and defers its best-path
         // run until their End-of-RIB, and the first plan waits for it.
         let restarting = dp.status().installed_routes > 0;
-        // The previous run's tunnel routes keep the userspace forwarder going until the first
-        // plan of this run is applied.
-        let adopted_tunnel_routes = dp.routes_via(TUNNEL_DEVICE);
         let local_as = peers::local_as(&state, args.as_number);
         let router_id = router_id::router_id(
             args.router_id.unwrap_or_default(),
@@ -400,6 +304,7 @@ impl Agent {
         let node_for_condition = node.clone();
         let node_for_task = node.clone();
         let state_for_task = datastore.state.clone();
+        let interfaces = links.borrow().named_with_prefix(WORKLOAD_IFACE_PREFIX);
         let agent = Agent {
             args,
             node,
@@ -423,17 +328,20 @@ impl Agent {
             service_rows: Vec::new(),
             export_rules: None,
             learned: BestPaths::new(),
-            interfaces: intent::interfaces_with_prefix(WORKLOAD_IFACE_PREFIX),
+            interfaces,
+            links,
             plan_tx,
             plan_seq: 0,
             planner: None,
+            tunnel_plan: None,
             streaming: false,
             plan_warnings: BTreeSet::new(),
             pending: VecDeque::new(),
             dp_status,
             peer_status: Vec::new(),
             peer_counts: HashMap::new(),
-            tunnel: TunnelTracker::default(),
+            ipip_counters,
+            ipip_exported: report::ExportedIpip::default(),
             metrics,
             board,
             started: SystemTime::now(),
@@ -446,16 +354,6 @@ impl Agent {
                 AbortOnDrop(tunnel_addr::spawn(client, node_for_task, state_for_task))
             }),
         };
-        if !adopted_tunnel_routes.is_empty() {
-            let remotes = adopted_tunnel_routes
-                .iter()
-                .filter_map(|(dst, gw)| match (dst, gw) {
-                    (IpNet::V4(dst), IpAddr::V4(gw)) => Some((*dst, *gw)),
-                    _ => None,
-                });
-            let table = TunnelTable::new(remotes, agent.other_node_addrs(), agent.v4_pools());
-            agent.tunnel.table_tx.send_replace(Arc::new(table));
-        }
         Ok((agent, dataplane_task))
     }
 
@@ -505,6 +403,8 @@ impl Agent {
             .initial_config_done()
             .await
             .context("BGP speaker")?;
+        // A NIC down before the start counts too.
+        self.on_links().await?;
         let mut deferral_check = tokio::time::interval(Duration::from_millis(100));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -538,14 +438,15 @@ impl Agent {
                 }
                 changed = self.dp_status.changed() => {
                     if changed.is_err() {
-                        // The dataplane task ended; its result says why.
-                        return match (&mut dataplane).await {
-                            Ok(Ok(())) => Err(anyhow::anyhow!("dataplane stopped")),
-                            Ok(Err(e)) => Err(e),
-                            Err(e) => Err(anyhow::anyhow!("dataplane task failed: {e}")),
-                        };
+                        return Err(dataplane_ended(&mut dataplane).await);
                     }
                     self.on_dataplane();
+                }
+                changed = self.links.changed() => {
+                    if changed.is_err() {
+                        return Err(dataplane_ended(&mut dataplane).await);
+                    }
+                    self.on_links().await?;
                 }
                 _ = tick.tick() => {
                     self.on_tick().await?;
@@ -582,38 +483,12 @@ impl Agent {
             return;
         };
         let mut warnings = BTreeSet::new();
-        let mut tunnel_affected = false;
-        let tunnel_table = self.tunnel.table_rx.borrow().clone();
-        let in_tunnel_table = |prefix: &IpNet| match prefix {
-            IpNet::V4(p) => tunnel_table
-                .remotes()
-                .binary_search_by(|(r, _)| r.cmp(p))
-                .is_ok(),
-            IpNet::V6(_) => false,
-        };
-        let changes: Vec<RouteChange> = changed
-            .into_iter()
-            .map(|prefix| {
-                let next_hop = self.learned.get(&prefix);
-                let route = planner.route_for(prefix, next_hop, &mut warnings);
-                tunnel_affected |= in_tunnel_table(&prefix)
-                    || route.as_ref().is_some_and(|r| {
-                        matches!(r.kind, RouteKind::BlockIpip | RouteKind::BorrowedIpip)
-                    });
-                match route {
-                    Some(route) => RouteChange::Upsert(route),
-                    None => RouteChange::Remove(prefix),
-                }
-            })
-            .collect();
+        let changes = route_changes(planner, &self.learned, changed, &mut warnings);
         for w in warnings {
             if !self.plan_warnings.contains(&w) {
                 warn!("plan: {w}");
                 self.plan_warnings.insert(w);
             }
-        }
-        if tunnel_affected {
-            self.update_tunnel_table();
         }
         self.send_plan(PlanUpdate::Delta(changes), at, "bgp");
     }
@@ -621,13 +496,16 @@ impl Agent {
     fn send_plan(&mut self, update: PlanUpdate, at: Instant, trigger: &'static str) {
         self.plan_seq += 1;
         let seq = self.plan_seq;
-        self.pending.push_back(PendingPlan {
-            seq,
-            event_at: at,
-            trigger,
-        });
-        while self.pending.len() > MAX_PENDING {
-            self.pending.pop_front();
+        // Tunnel plans go ahead of routes; only route updates are timed.
+        if !matches!(update, PlanUpdate::Tunnels(_)) {
+            self.pending.push_back(PendingPlan {
+                seq,
+                event_at: at,
+                trigger,
+            });
+            while self.pending.len() > MAX_PENDING {
+                self.pending.pop_front();
+            }
         }
         // A closed channel means the dataplane task ended; the loop learns why from its handle.
         let _ = self.plan_tx.send(PlanMessage { seq, update });
@@ -651,144 +529,9 @@ impl Agent {
                 .with_label_values(&[kind])
                 .set(i64::from(held));
         }
-        if let Some(flag_as) = self
-            .args
-            .as_number
-            .or(state.local().and_then(|n| n.as_number))
-            && flag_as != self.local_as
-        {
-            warn!(
-                running = self.local_as,
-                configured = flag_as,
-                "the node's AS number changed; restart the agent to apply it"
-            );
-        }
-        if state.bgp.listen_port != self.listen_port {
-            warn!(
-                running = self.listen_port,
-                configured = state.bgp.listen_port,
-                "BGP listenPort changed; restart the agent to apply it"
-            );
-        }
-
-        // Export policy before sessions and announcements: nothing outside it is ever sent.
-        let rules = intent::export_rules(&state);
-        if self.export_rules.as_ref() != Some(&rules) {
-            debug!(
-                allow = rules.allow.len(),
-                deny = rules.deny.len(),
-                aggregates = rules.aggregates.len(),
-                "export policy"
-            );
-            self.speaker
-                .set_export_rules(Some(rules.clone()))
-                .await
-                .context("BGP speaker")?;
-            self.export_rules = Some(rules);
-        }
-
-        // Sessions.
-        let passwords = self
-            .passwords
-            .resolve(
-                state
-                    .peers
-                    .values()
-                    .filter_map(|p| p.password.as_ref())
-                    .chain(state.bgp.node_mesh_password.as_ref()),
-            )
-            .await;
-        let set = peers::desired_peers_with(&state, &self.identity(), &passwords);
-        for w in &set.warnings {
-            if !self.peer_warnings.contains(w) {
-                warn!("{w}");
-            }
-        }
-        self.peer_warnings = set.warnings;
-        let gone: Vec<IpAddr> = self
-            .peers
-            .keys()
-            .filter(|a| !set.peers.contains_key(a))
-            .copied()
-            .collect();
-        for addr in gone {
-            if let Some(old) = self.peers.remove(&addr) {
-                info!(peer = %addr, name = old.desired.name, "removing BGP peer");
-                self.speaker
-                    .remove_peer(addr)
-                    .await
-                    .context("BGP speaker")?;
-                self.metrics
-                    .remove_peer(&addr.to_string(), old.desired.peer_type.label());
-                self.peer_counts.remove(&addr);
-            }
-        }
-        for (addr, desired) in set.peers {
-            let unchanged = self.peers.get(&addr).is_some_and(|p| p.desired == desired);
-            if unchanged {
-                continue;
-            }
-            info!(peer = %addr, name = desired.name, peer_type = desired.peer_type.label(), remote_as = desired.config.remote_as, passive = desired.config.passive, "configuring BGP peer");
-            self.speaker
-                .set_peer(desired.config.clone())
-                .await
-                .context("BGP speaker")?;
-            if let Some(old) = self.peers.get(&addr)
-                && old.desired.peer_type != desired.peer_type
-            {
-                self.metrics
-                    .remove_peer(&addr.to_string(), old.desired.peer_type.label());
-            }
-            let since = self.peers.get(&addr).map_or(at, |p| p.since);
-            self.peers.insert(addr, ConfiguredPeer { desired, since });
-        }
-
-        // Announcements: the blocks, and the service prefixes (Calico's rules).
-        let service_prefixes = services::service_prefixes(&state);
-        for (kind, count) in services::count_by_kind(&service_prefixes) {
-            self.metrics
-                .service_prefixes
-                .with_label_values(&[kind.label()])
-                .set(i64::try_from(count).unwrap_or(i64::MAX));
-        }
-        let mut wanted = intent::advertisements(&state);
-        wanted.extend(service_prefixes.keys().copied());
-        self.service_rows = service_prefixes
-            .iter()
-            .map(|(prefix, reasons)| status::ServicePrefixRow {
-                prefix: prefix.to_string(),
-                reasons: reasons.iter().map(ToString::to_string).collect(),
-            })
-            .collect();
-        for prefix in self.announced.difference(&wanted) {
-            debug!(%prefix, "withdrawing");
-            self.speaker
-                .withdraw(*prefix)
-                .await
-                .context("BGP speaker")?;
-        }
-        for prefix in wanted.difference(&self.announced) {
-            debug!(%prefix, "announcing");
-            self.speaker
-                .announce(*prefix, None)
-                .await
-                .context("BGP speaker")?;
-        }
-        if wanted != self.announced {
-            info!(
-                prefixes = wanted.len(),
-                services = service_prefixes.len(),
-                "announcing this node's blocks and service prefixes"
-            );
-        }
-        self.announced = wanted;
-
+        self.configure_speaker(&state, at).await?;
         self.count_rejections();
         self.replan(at, "datastore");
-        if self.deferral.is_none() {
-            self.update_tunnel_table();
-        }
-        self.ensure_tunnel().await;
         self.publish();
         // A new state (the first above all: every peer configured at once) leaves much freed
         // memory in the heap; give it back.
@@ -796,22 +539,11 @@ impl Agent {
         Ok(())
     }
 
-    fn count_rejections(&mut self) {
-        for (kind, count) in self.datastore.counters.snapshot() {
-            let label = kind.as_str();
-            let last = self.reject_seen.entry(label).or_insert(0);
-            advance(
-                &self.metrics.invalid_objects.with_label_values(&[label]),
-                last,
-                count,
-            );
-        }
-    }
-
-    /// Recomputes the plan without the learned routes; when that part changed (or no full
-    /// plan was sent yet), sends the full plan to the dataplane. Learned routes need no
-    /// re-plan here: their routes depend only on the part compared, and deltas keep them
-    /// current.
+    /// Plans once for the current cluster state and interfaces (without the learned routes:
+    /// their routes depend only on the part compared, and deltas keep them current), and
+    /// sends what changed: the tunnel plan when it changed, then the routes — the changed
+    /// prefixes when only block-derived routes changed, else the full plan (also when no full
+    /// plan was sent yet). During the start-up deferral only the tunnels go.
     fn replan(&mut self, at: Instant, trigger: &'static str) {
         let input = intent::plan_input(
             &self.state,
@@ -819,28 +551,62 @@ impl Agent {
             &BTreeMap::new(),
             &self.interfaces,
         );
+        let tunnels = tunnel_plan(
+            &input,
+            IpipAddressSource {
+                annotation: self.state.local().and_then(|n| n.ipip_tunnel_addr),
+                ipam: self.tunnel_addr.is_some(),
+            },
+        );
+        if self.tunnel_plan.as_ref() != Some(&tunnels) {
+            debug!(ipip = ?tunnels.ipip, "new tunnel plan");
+            self.tunnel_plan = Some(tunnels.clone());
+            self.send_plan(PlanUpdate::Tunnels(tunnels), at, trigger);
+        }
         // What this node announces (its blocks, service prefixes) is never routed to a peer
         // that announces it too: every node announces the service CIDRs.
         let planner = Planner::new(&input).originating(self.announced.iter().copied());
         if self.streaming && self.planner.as_ref() == Some(&planner) {
             return;
         }
+        let delta = match (&self.planner, self.streaming) {
+            (Some(old), true) => planner
+                .changed_since(old)
+                .map(|p| (p, old.warnings().clone())),
+            _ => None,
+        };
+        if let Some((prefixes, old_fixed)) = delta {
+            let mut warnings = planner.warnings().clone();
+            let changes = route_changes(&planner, &self.learned, prefixes, &mut warnings);
+            // The learned routes' warnings stand (same rules); the blocks' are the new ones.
+            warnings.extend(self.plan_warnings.difference(&old_fixed).cloned());
+            self.note_warnings(warnings);
+            debug!(changes = changes.len(), trigger, "route plan delta");
+            self.planner = Some(planner);
+            if !changes.is_empty() {
+                self.send_plan(PlanUpdate::Delta(changes), at, trigger);
+            }
+            return;
+        }
         let mut warnings = planner.warnings().clone();
-        let routes: Vec<DesiredRoute> =
-            planner.routes(self.learned.iter(), &mut warnings).collect();
+        let routes: Vec<_> = planner.routes(self.learned.iter(), &mut warnings).collect();
+        self.note_warnings(warnings);
+        debug!(routes = routes.len(), trigger, "new route plan");
+        self.planner = Some(planner);
+        if self.deferral.is_none() {
+            self.streaming = true;
+            self.send_plan(PlanUpdate::Full(routes), at, trigger);
+        }
+    }
+
+    /// Logs the plan's warnings that are new, and keeps them.
+    fn note_warnings(&mut self, warnings: BTreeSet<PlanWarning>) {
         for w in &warnings {
             if !self.plan_warnings.contains(w) {
                 warn!("plan: {w}");
             }
         }
         self.plan_warnings = warnings;
-        debug!(routes = routes.len(), trigger, "new route plan");
-        self.planner = Some(planner);
-        if self.deferral.is_none() {
-            self.update_tunnel_table();
-            self.streaming = true;
-            self.send_plan(PlanUpdate::Full(routes), at, trigger);
-        }
     }
 
     /// Ends the start-up deferral when the speaker's deferral is over (End-of-RIB from every
@@ -935,688 +701,60 @@ impl Agent {
 
     async fn on_tick(&mut self) -> anyhow::Result<()> {
         self.board.beat("agent");
-        let interfaces = intent::interfaces_with_prefix(WORKLOAD_IFACE_PREFIX);
-        if interfaces != self.interfaces {
-            self.interfaces = interfaces;
-            self.replan(Instant::now(), "interfaces");
-        }
-        self.check_link().await?;
         self.peer_status = self.speaker.peers().await.context("BGP speaker")?;
         let summary = self.speaker.summary().await.context("BGP speaker")?;
         report::update_connect_metrics(&self.metrics, &summary);
-        self.ensure_tunnel().await;
-        self.export_tunnel_counters();
+        report::update_ipip_metrics(
+            &self.metrics,
+            &self.ipip_counters.snapshot(),
+            &mut self.ipip_exported,
+        );
         self.publish();
         Ok(())
     }
 
-    /// When the host NIC loses its carrier (or is set down), the peers on its subnet are
-    /// unreachable: their sessions are reset at once instead of waiting for the hold timer,
-    /// so their routes go now (no graceful restart: the peer did not restart, we lost it).
-    async fn check_link(&mut self) -> anyhow::Result<()> {
-        let up = link_is_up(&self.nic);
-        if up == Some(false) && !self.nic_down {
-            self.nic_down = true;
-            let lost: Vec<IpAddr> = self
-                .peers
-                .keys()
-                .filter(|a| match a {
-                    IpAddr::V4(v4) => self.address.is_some_and(|a| a.contains(v4)),
-                    IpAddr::V6(v6) => self.ipv6().is_some_and(|a| a.contains(v6)),
-                })
-                .copied()
-                .collect();
-            warn!(nic = self.nic, peers = ?lost, "host NIC is down; resetting the sessions to peers on its subnet");
-            for addr in lost {
-                self.speaker
-                    .remove_peer(addr)
-                    .await
-                    .context("BGP speaker")?;
-                if let Some(p) = self.peers.get(&addr) {
-                    self.speaker
-                        .set_peer(p.desired.config.clone())
-                        .await
-                        .context("BGP speaker")?;
-                }
-            }
-        } else if up == Some(true) && self.nic_down {
-            self.nic_down = false;
-            info!(nic = self.nic, "host NIC is up again");
-        }
-        Ok(())
-    }
-
-    /// Creates `tunl0` when a pool needs IPIP (retried every 30 s while it fails): the
-    /// kernel's ipip device, or a TUN device plus the userspace forwarder
-    /// (`--ipip-dataplane`).
-    async fn ensure_tunnel(&mut self) {
-        let needs = self
-            .state
-            .pools
-            .values()
-            .any(|p| p.ipip_mode.is_on() && p.cidr.addr().is_ipv4());
-        if !needs {
-            return;
-        }
-        let forwarder_failed = self
-            .tunnel
-            .forwarder
-            .as_ref()
-            .and_then(|f| f.exit())
-            .map(|exit| format!("{exit:?}"));
-        if let Some(exit) = forwarder_failed {
-            warn!(
-                exit,
-                "userspace IPIP forwarder stopped; setting tunl0 up again"
-            );
-            self.tunnel.forwarder = None;
-            self.tunnel.ready = None;
-        }
-        // The spec depends only on the cluster state: nothing to check at a tick when the
-        // device was set up for this revision.
-        if self.tunnel.ready.is_some() && self.tunnel.ready_revision == self.state.revision {
-            return;
-        }
-        let input = intent::plan_input(
-            &self.state,
-            &self.local_node(),
-            &BTreeMap::new(),
-            &BTreeSet::new(),
-        );
-        let annotated = self.state.local().and_then(|n| n.ipip_tunnel_addr);
-        let spec = TunnelSpec {
-            name: TUNNEL_DEVICE.to_string(),
-            nic: self.nic.clone(),
-            // With the Kubernetes API the address comes from IPAM (annotated once allocated);
-            // a guess could be a pod's address. Without it, the plan's fallback.
-            address: if self.tunnel_addr.is_some() {
-                annotated
-            } else {
-                plan::tunnel_address(&input, annotated)
-            },
-        };
-        if self.tunnel.ready.as_ref() == Some(&spec) {
-            self.tunnel.ready_revision = self.state.revision;
-            return;
-        }
-        if self
-            .tunnel
-            .last_attempt
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(30))
-            && self.tunnel.last_error.is_some()
-        {
-            return;
-        }
-        self.tunnel.last_attempt = Some(Instant::now());
-        match self.setup_tunnel(&spec).await {
-            Ok(()) => {
-                self.tunnel.ready = Some(spec);
-                self.tunnel.ready_revision = self.state.revision;
-                self.tunnel.last_error = None;
-            }
-            Err(e) => {
-                let text = e.to_string();
-                if self.tunnel.last_error.as_deref() != Some(&text) {
-                    match e {
-                        TunnelError::IpipUnsupported { .. } => warn!("{text}"),
-                        _ => {
-                            warn!(error = %text, "cannot set up the IPIP tunnel device; retrying in 30 s")
-                        }
-                    }
-                }
-                self.tunnel.last_error = Some(text);
-            }
-        }
-    }
-
-    async fn setup_tunnel(&mut self, spec: &TunnelSpec) -> Result<(), TunnelError> {
-        let mode = match self.tunnel.mode {
-            Some(mode) => mode,
-            None => {
-                let mode = self.args.ipip_dataplane.resolve().await?;
-                self.tunnel.mode = Some(mode);
-                mode
-            }
-        };
-        match mode {
-            IpipDataplane::Userspace => {
-                UserspaceIpip::connect()?.ensure(spec).await?;
-                if self.tunnel.forwarder.is_none() {
-                    let Some(local) = self.address.map(|a| a.addr()) else {
-                        return Err(TunnelError::Io {
-                            what: "the userspace IPIP forwarder".into(),
-                            error: "this node has no IPv4 address (IPv6-only); IPIP pools \
-                                    need one"
-                                .into(),
-                        });
-                    };
-                    let program = std::env::current_exe()
-                        .map_err(|e| TunnelError::io("finding the podroute binary", e))?;
-                    let forwarder = RemoteForwarder::adopt_or_start(
-                        self.args.ipip_forwarder,
-                        &program,
-                        &ForwarderConfig::new(local),
-                        &self.args.log,
-                        self.tunnel.table_rx.clone(),
-                        self.tunnel.counters.clone(),
-                    )
-                    .await?;
-                    info!(
-                        device = spec.name,
-                        %local,
-                        pid = forwarder.pid,
-                        adopted = forwarder.adopted,
-                        "userspace IPIP forwarder process running"
-                    );
-                    self.tunnel.forwarder = Some(forwarder);
-                    // During the start-up deferral the table seeded from the adopted routes
-                    // stays; otherwise the current plan's.
-                    if self.deferral.is_none() {
-                        self.update_tunnel_table();
-                    }
-                }
-            }
-            _ => {
-                KernelIpip::connect()?.ensure(spec).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Hands the remote-block table of the current plan to the userspace forwarder (when one
-    /// runs).
-    fn update_tunnel_table(&self) {
-        if self.tunnel.forwarder.is_none() {
-            return;
-        }
-        let Some(planner) = &self.planner else {
-            return;
-        };
-        let mut warnings = BTreeSet::new();
-        let routes = planner.routes(self.learned.iter(), &mut warnings);
-        let pools = self.state.pools.values().map(|p| p.cidr);
-        let table = TunnelTable::from_plan(routes, self.other_node_addrs(), pools);
-        if **self.tunnel.table_tx.borrow() != table {
-            self.tunnel.table_tx.send_replace(Arc::new(table));
-        }
-    }
-
-    /// IPv4 addresses of the other nodes (sources the tunnel accepts).
-    fn other_node_addrs(&self) -> Vec<Ipv4Addr> {
-        self.state
-            .nodes
-            .values()
-            .filter(|n| n.name != self.node)
-            .filter_map(NodeInfo::ipv4_addr)
-            .collect()
-    }
-
-    fn v4_pools(&self) -> Vec<Ipv4Net> {
-        self.state
-            .pools
-            .values()
-            .filter_map(|p| match p.cidr {
-                IpNet::V4(v4) => Some(v4),
-                IpNet::V6(_) => None,
-            })
-            .collect()
-    }
-
-    fn export_tunnel_counters(&mut self) {
-        let now = self.tunnel.counters.snapshot();
-        let last = &mut self.tunnel.exported;
-        let m = &self.metrics;
-        advance(
-            &m.ipip_packets.with_label_values(&["encap"]),
-            &mut last.encap_packets,
-            now.encap_packets,
-        );
-        advance(
-            &m.ipip_packets.with_label_values(&["decap"]),
-            &mut last.decap_packets,
-            now.decap_packets,
-        );
-        advance(
-            &m.ipip_bytes.with_label_values(&["encap"]),
-            &mut last.encap_bytes,
-            now.encap_bytes,
-        );
-        advance(
-            &m.ipip_bytes.with_label_values(&["decap"]),
-            &mut last.decap_bytes,
-            now.decap_bytes,
-        );
-        for reason in DropReason::ALL {
-            advance(
-                &m.ipip_drops.with_label_values(&[reason.label()]),
-                &mut last.drops[reason.index()],
-                now.dropped(reason),
-            );
-        }
-    }
-
-    /// Refreshes metrics and the status board.
-    fn publish(&mut self) {
-        let dp = self.dp_status.borrow().clone();
-        report::update_peer_metrics(
-            &self.metrics,
-            &self.peer_status,
-            &self.peers_by_addr(),
-            &mut self.peer_counts,
-        );
-        report::update_route_metrics(&self.metrics, &dp);
-        let ready = self.readiness(&dp);
-        self.metrics.ready.set(i64::from(ready.is_empty()));
-        self.metrics
-            .config_warnings
-            .set(self.peer_warnings.len() as i64);
-        // Only nodes with TCP-MD5 sessions read the kernel's counters (publish runs often).
-        if self
-            .peers
-            .values()
-            .any(|p| p.desired.config.password.is_some())
-        {
-            report::update_md5_metrics(&self.metrics, &mut self.md5_counts);
-        }
-        self.condition.observe(ready.is_empty());
-        let mut status = status::AgentStatus {
-            node: self.node.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            ipv4: self.address.map(|a| a.to_string()),
-            ipv6: self.ipv6().map(|a| a.to_string()),
-            nic: Some(self.nic.clone()),
-            as_number: self.local_as,
-            router_id: self.router_id.to_string(),
-            started: report::unix_secs(self.started),
-            health: status::Health {
-                live: true,
-                ready: ready.is_empty(),
-                not_ready: ready,
-            },
-            datastore: status::DatastoreStatus {
-                source: self.datastore_source.clone(),
-                synced: true,
-                revision: self.state.revision,
-                rejected: self
-                    .state
-                    .rejected
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
-                errors: self.state.source_errors.clone(),
-            },
-            dataplane: status::DataplaneSummary {
-                programmed: dp.programmed,
-                desired_routes: dp.desired_routes,
-                installed_routes: dp.installed_routes,
-                failed_routes: dp.failures.len(),
-            },
-            peers: report::peer_rows(&self.peer_status, &self.peers_by_addr()),
-            peer_summary: None,
-            config_warnings: self.peer_warnings.clone(),
-            service_prefixes: self.service_rows.clone(),
-        };
-        status
-            .datastore
-            .errors
-            .extend(self.peer_warnings.iter().cloned());
-        if let Some(e) = &self.tunnel.last_error {
-            status.datastore.errors.push(e.clone());
-        }
-        if let Some(w) = self.tunnel_address_warning() {
-            status.datastore.errors.push(w);
-        }
-        self.board.publish_status(status);
-    }
-
-    fn peers_by_addr(&self) -> BTreeMap<IpAddr, (String, PeerType, bool)> {
-        self.peers
-            .iter()
-            .map(|(a, p)| {
-                (
-                    *a,
-                    (
-                        p.desired.name.clone(),
-                        p.desired.peer_type,
-                        p.desired.config.passive,
-                    ),
-                )
-            })
-            .collect()
-    }
-
-    /// With the YAML-directory datastore and an IPIP pool, a Node without
-    /// `projectcalico.org/IPv4IPIPTunnelAddr` gets a tunnel address no IPAM reserved.
-    fn tunnel_address_warning(&self) -> Option<String> {
-        if self.tunnel_addr.is_some()
-            || self
-                .state
-                .local()
-                .and_then(|n| n.ipip_tunnel_addr)
-                .is_some()
-        {
-            return None;
-        }
-        let address = self.tunnel.ready.as_ref()?.address?;
-        Some(format!(
-            "tunl0 uses {address}, which is not allocated in IPAM: the YAML-directory datastore \
-             cannot allocate it; set the Node's projectcalico.org/IPv4IPIPTunnelAddr annotation"
-        ))
-    }
-
-    /// Known blocks this node has no programmed route for, that should hold readiness back:
-    /// every block (own or of another node, outside disabled and disableBGPExport pools)
-    /// without a planned route or whose route failed, while the agent is younger than
-    /// `--ready-grace` or its node's BGP session with us is Established (the route should
-    /// come). A block of a node we have had no session with for the grace time does not hold
-    /// readiness (a dead node must not make every other node unready).
-    fn unrouted_blocks(&self, dp: &DataplaneStatus) -> Vec<String> {
-        let Some(planner) = &self.planner else {
-            return Vec::new();
-        };
-        let young = self
-            .started
-            .elapsed()
-            .is_ok_and(|age| age < self.args.ready_grace);
-        let established = |node: &str| {
-            let Some(addr) = self.state.nodes.get(node).and_then(NodeInfo::ipv4_addr) else {
-                return false;
-            };
-            self.peer_status.iter().any(|s| {
-                s.addr == IpAddr::V4(addr) && s.state == podroute_bgp::fsm::State::Established
-            })
-        };
-        let failed: BTreeSet<IpNet> = dp.failures.iter().map(|f| f.route.prefix).collect();
-        let mut missing = Vec::new();
-        let mut warnings = BTreeSet::new();
-        for block in self.state.blocks.values() {
-            let Some(host) = block.host() else { continue };
-            if block.deleted {
-                continue;
-            }
-            let own = host == self.node;
-            let exported = self
-                .state
-                .pool_containing(&block.cidr)
-                .is_some_and(|p| !p.disabled && !p.disable_bgp_export);
-            if !own && !exported {
-                continue;
-            }
-            let prefix = block.cidr.trunc();
-            let routed = planner
-                .route_for(prefix, self.learned.get(&prefix), &mut warnings)
-                .is_some()
-                && !failed.contains(&prefix);
-            if routed || !(own || young || established(host)) {
-                continue;
-            }
-            missing.push(format!("{prefix} ({host})"));
-        }
-        missing
-    }
-
-    /// Reasons the agent is not ready (empty = ready).
-    fn readiness(&self, dp: &DataplaneStatus) -> Vec<String> {
-        let mut reasons = Vec::new();
-        if self.deferral.is_some() {
-            reasons.push(
-                "waiting for End-of-RIB from BGP peers before the first route update".to_string(),
-            );
-        }
-        reasons.extend(self.state.suspect.iter().map(|s| s.message.clone()));
-        if !dp.programmed || dp.applied.is_none() {
-            reasons.push("first route reconcile not applied yet".to_string());
-        } else {
-            let missing = self.unrouted_blocks(dp);
-            if !missing.is_empty() {
-                let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
-                reasons.push(format!(
-                    "{} known block(s) not routed yet: {}{}",
-                    missing.len(),
-                    shown.join(", "),
-                    if missing.len() > 5 { ", ..." } else { "" }
-                ));
-            }
-        }
-        for (addr, peer) in &self.peers {
-            if peer.desired.peer_type != PeerType::Mesh
-                || peer.since.elapsed() >= self.args.ready_grace
-            {
-                continue;
-            }
-            let state = self
-                .peer_status
-                .iter()
-                .find(|s| s.addr == *addr)
-                .map(|s| s.state.to_string());
-            if state.as_deref() != Some("Established") {
-                reasons.push(format!(
-                    "mesh peer {addr} ({}) is {} (waiting up to {:?})",
-                    peer.desired.name,
-                    state.as_deref().unwrap_or("unknown"),
-                    self.args.ready_grace
-                ));
-            }
-        }
-        reasons
-    }
-}
-
-/// The node's addresses (with prefixes) and the interface holding the first of them.
-struct NodeAddresses {
-    v4: Option<Ipv4Net>,
-    v6: Option<Ipv6Net>,
-    interface: Option<String>,
-}
-
-/// The node's addresses: `--ip` / `--ip6` and autodetection as calico/node does it; with
-/// `none`, the address the Node object already carries. One of the two is needed.
-fn resolve_addresses(args: &AgentArgs, state: &ClusterState) -> anyhow::Result<NodeAddresses> {
-    let local = state.local();
-    let internal_ip = local
-        .filter(|n| n.ipv4_source == Some(AddressSource::InternalIp))
-        .and_then(NodeInfo::ipv4_addr);
-    let detected = autodetect::resolve(&args.ip, &args.ip_autodetection_method, internal_ip)?;
-    let ifaces = || autodetect::list_interfaces().unwrap_or_default();
-    let (v4, v4_interface) = match detected {
-        Some(d) => (Some(d.address), d.interface),
-        None => match local.and_then(|n| n.ipv4) {
-            Some(net) => {
-                let holder =
-                    autodetect::interface_of(net.addr(), &ifaces()).map(|i| i.name.clone());
-                (Some(net), holder)
-            }
-            None => (None, None),
-        },
-    };
-    if let (Some(annotated), Some(address)) = (local.and_then(|n| n.ipv4), v4)
-        && local.and_then(|n| n.ipv4_source) == Some(AddressSource::Annotation)
-        && annotated != address
-    {
-        warn!(%annotated, %address, "the Node's projectcalico.org/IPv4Address differs from the address found here");
-    }
-    let detected6 = autodetect::resolve6(
-        &args.ip6,
-        &args.ip6_autodetection_method,
-        local.and_then(|n| n.internal_ipv6),
-    )?;
-    let (v6, v6_interface) = match detected6 {
-        Some(d) => {
-            if let Some(annotated) = local.and_then(|n| n.ipv6)
-                && annotated != d.address
-            {
-                warn!(%annotated, address = %d.address, "the Node's projectcalico.org/IPv6Address differs from the address found here");
-            }
-            (Some(d.address), d.interface)
-        }
-        None => match local.and_then(|n| n.ipv6) {
-            Some(net) => {
-                let holder =
-                    autodetect::interface_of6(net.addr(), &ifaces()).map(|i| i.name.clone());
-                (Some(net), holder)
-            }
-            None => (None, None),
-        },
-    };
-    if v4.is_none() && v6.is_none() {
-        bail!(
-            "the Node {:?} has neither an IPv4 nor an IPv6 address (IP={:?}, IP6={:?}); podroute \
-             needs one for BGP: set IP or IP6 (autodetect or an address)",
-            state.local_node,
-            args.ip,
-            args.ip6
-        );
-    }
-    let interface = v4_interface.or(v6_interface);
-    info!(
-        ipv4 = ?v4,
-        ipv6 = ?v6,
-        interface = interface.as_deref().unwrap_or("?"),
-        method = args.ip_autodetection_method,
-        method6 = args.ip6_autodetection_method,
-        "node addresses"
-    );
-    Ok(NodeAddresses { v4, v6, interface })
-}
-
-/// Whether `name` is up with carrier (`IFF_UP` and `IFF_RUNNING`); `None` if unknown.
-fn link_is_up(name: &str) -> Option<bool> {
-    let cname = std::ffi::CString::new(name).ok()?;
-    if cname.as_bytes_with_nul().len() > libc::IFNAMSIZ {
-        return None;
-    }
-    // SAFETY: a zeroed ifreq is valid; the name fits (checked above) and is NUL-terminated;
-    // the socket is closed before returning.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return None;
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (dst, src) in req.ifr_name.iter_mut().zip(cname.as_bytes_with_nul()) {
-            *dst = *src as libc::c_char;
-        }
-        let rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
-        libc::close(fd);
-        if rc < 0 {
-            return None;
-        }
-        let flags = i32::from(req.ifr_ifru.ifru_flags);
-        Some(flags & libc::IFF_UP != 0 && flags & libc::IFF_RUNNING != 0)
-    }
-}
-
-/// Resolves when SIGTERM or SIGINT arrives.
-async fn termination() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        warn!("cannot install signal handlers; stop the agent with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
-    }
-}
-
-/// `podroute agent`: runs until SIGTERM/SIGINT or a fatal error.
-pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let node = node_name(&args)?;
-    let metrics =
-        Metrics::with_peer_labels(args.metrics_peer_labels, args.metrics_peer_label_limit);
-    let board = Arc::new(StatusBoard::new());
-    board.beat("agent");
-    info!(
-        node,
-        version = env!("CARGO_PKG_VERSION"),
-        datastore = args.datastore_type,
-        "podroute agent starting"
-    );
-    let _http = crate::http::start(
-        &crate::http::HttpConfig {
-            metrics_addr: args.metrics_addr,
-            status_addr: args.status_addr,
-            limits: crate::http::Limits {
-                max_connections: args.http_max_connections,
-                header_timeout: args.http_header_timeout,
-                idle_timeout: args.http_idle_timeout,
-            },
-            live_max_age: LIVENESS_MAX_AGE,
-        },
-        board.clone(),
-        metrics.clone(),
-    )
-    .await?;
-
-    let (mut datastore, client) = start_datastore(&args, &node).await?;
-    let source = args.datastore_type.clone();
-    let state = tokio::select! {
-        s = wait_synced(&mut datastore.state, &board, &source) => s?,
-        _ = termination() => return Ok(()),
-    };
-    info!(
-        revision = state.revision,
-        nodes = state.nodes.len(),
-        pools = state.pools.len(),
-        blocks = state.blocks.len(),
-        "datastore synced"
-    );
-    if state.local().is_none() {
-        warn!(
-            node,
-            "no Node object named {node:?} in the datastore; is NODENAME right?"
-        );
-    }
-    let addresses = resolve_addresses(&args, &state)?;
-    let nic = match (&args.nic, addresses.interface) {
-        (Some(nic), _) => nic.clone(),
-        (None, Some(holder)) => holder,
-        (None, None) => {
-            bail!(
-                "cannot tell which interface holds the node address ({}); set \
-                 --nic/PODROUTE_NIC",
-                addresses
-                    .v4
-                    .map(|a| a.to_string())
-                    .or(addresses.v6.map(|a| a.to_string()))
-                    .unwrap_or_default()
+    /// The dataplane's monitor saw links change: the pods' interfaces decide their routes,
+    /// and the host NIC's carrier the sessions over it.
+    async fn on_links(&mut self) -> anyhow::Result<()> {
+        let (interfaces, nic_carrier) = {
+            let facts = self.links.borrow_and_update();
+            (
+                facts.named_with_prefix(WORKLOAD_IFACE_PREFIX),
+                facts.has_carrier(&self.nic),
             )
+        };
+        if interfaces != self.interfaces {
+            self.interfaces = interfaces;
+            self.replan(Instant::now(), "interfaces");
+            self.publish();
         }
-    };
-    let secrets = match (&client, args.datastore_type.parse::<DatastoreSpec>()) {
-        (Some(client), _) => datastore::secrets::SecretSource::Kube {
-            client: client.clone(),
-            namespace: datastore::secrets::own_namespace(),
-        },
-        (None, Ok(DatastoreSpec::Dir(path))) => datastore::secrets::SecretSource::Dir(path),
-        _ => datastore::secrets::SecretSource::None,
-    };
-    if let Some(client) = client.clone()
-        && !args.no_annotate
-    {
-        let wanted = annotate::wanted_annotations(addresses.v4, addresses.v6, args.as_number);
-        match annotate::ensure_annotations(client, &node, &wanted).await {
-            Ok(true) => info!(node, ?wanted, "node annotations written"),
-            Ok(false) => debug!(node, "node annotations already right"),
-            // Peers may still find this node by its InternalIP; keep running.
-            Err(e) => warn!(error = %e, "cannot write the node's annotations"),
-        }
+        self.on_nic_carrier(nic_carrier).await
     }
-    let startup = Startup {
-        node,
-        address: addresses.v4,
-        address6: addresses.v6,
-        nic,
-        datastore,
-        datastore_source: source,
-        metrics,
-        board,
-        secrets,
-        client,
-    };
-    let (agent, dataplane) = Agent::start(args, startup).await?;
-    agent.run(dataplane, termination()).await
+}
+
+/// The routes of `prefixes` (best paths in `learned`) by `planner`, as a delta.
+fn route_changes(
+    planner: &Planner,
+    learned: &BestPaths,
+    prefixes: Vec<IpNet>,
+    warnings: &mut BTreeSet<PlanWarning>,
+) -> Vec<RouteChange> {
+    prefixes
+        .into_iter()
+        .map(
+            |prefix| match planner.route_for(prefix, learned.get(&prefix), warnings) {
+                Some(route) => RouteChange::Upsert(route),
+                None => RouteChange::Remove(prefix),
+            },
+        )
+        .collect()
+}
+
+/// Why the dataplane task ended (its result).
+async fn dataplane_ended(dataplane: &mut JoinHandle<anyhow::Result<()>>) -> anyhow::Error {
+    match dataplane.await {
+        Ok(Ok(())) => anyhow::anyhow!("dataplane stopped"),
+        Ok(Err(e)) => e,
+        Err(e) => anyhow::anyhow!("dataplane task failed: {e}"),
+    }
 }

@@ -10,8 +10,9 @@ use super::PeerCounts;
 use super::peers::PeerType;
 use super::status::{PeerRow, RouteRow, RoutesReport};
 use crate::dataplane::DataplaneStatus;
+use crate::dataplane::ipip_user::{DropReason, IpipCountersSnapshot};
 use crate::dataplane::kernel::Protocol;
-use crate::metrics::{Metrics, PEER_STATE_CODES, delta, peer_state_code};
+use crate::metrics::{Metrics, PEER_STATE_CODES, advance, delta, peer_state_code};
 use crate::plan::{DesiredRoute, RouteKind};
 use crate::state::ClusterState;
 
@@ -353,6 +354,52 @@ pub(crate) fn routes(
     RoutesReport {
         node: node.to_string(),
         routes,
+    }
+}
+
+/// The userspace IPIP forwarder's counter values already exported to Prometheus.
+#[derive(Debug, Default)]
+pub(crate) struct ExportedIpip {
+    encap_packets: u64,
+    decap_packets: u64,
+    encap_bytes: u64,
+    decap_bytes: u64,
+    drops: [u64; DropReason::ALL.len()],
+}
+
+/// `podroute_ipip_packets`, `_bytes` and `_drops`: the userspace IPIP forwarder's counters
+/// since the last call (`last` holds what was exported).
+pub(crate) fn update_ipip_metrics(
+    m: &Metrics,
+    now: &IpipCountersSnapshot,
+    last: &mut ExportedIpip,
+) {
+    advance(
+        &m.ipip_packets.with_label_values(&["encap"]),
+        &mut last.encap_packets,
+        now.encap_packets,
+    );
+    advance(
+        &m.ipip_packets.with_label_values(&["decap"]),
+        &mut last.decap_packets,
+        now.decap_packets,
+    );
+    advance(
+        &m.ipip_bytes.with_label_values(&["encap"]),
+        &mut last.encap_bytes,
+        now.encap_bytes,
+    );
+    advance(
+        &m.ipip_bytes.with_label_values(&["decap"]),
+        &mut last.decap_bytes,
+        now.decap_bytes,
+    );
+    for reason in DropReason::ALL {
+        advance(
+            &m.ipip_drops.with_label_values(&[reason.label()]),
+            &mut last.drops[reason.index()],
+            now.dropped(reason),
+        );
     }
 }
 

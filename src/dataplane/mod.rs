@@ -57,6 +57,7 @@ pub mod kernel;
 pub mod monitor;
 pub mod socket;
 pub mod tunnel;
+pub mod tunnels;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -71,11 +72,13 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
+use crate::plan::tunnels::TunnelPlan;
 use crate::plan::{DesiredRoute, RouteKind, RouteScope};
 use crate::prefix_map::PrefixMap;
 use kernel::{Change, KernelRoute, Protocol, RouteKey};
 use monitor::{Event, LinkInfo, MonitorSocket};
 use socket::{NetlinkError, RequestSocket};
+use tunnels::{TunnelStatus, Tunnels, TunnelsConfig};
 
 pub use socket::NetlinkError as KernelError;
 
@@ -100,6 +103,8 @@ pub struct DataplaneConfig {
     pub retry_max: Duration,
     /// Full re-read of the table at this interval, as a safety net for missed notifications.
     pub resync_interval: Duration,
+    /// How the tunnel devices are made.
+    pub tunnels: TunnelsConfig,
 }
 
 impl Default for DataplaneConfig {
@@ -110,6 +115,7 @@ impl Default for DataplaneConfig {
             retry_min: Duration::from_millis(250),
             retry_max: Duration::from_secs(30),
             resync_interval: Duration::from_secs(300),
+            tunnels: TunnelsConfig::default(),
         }
     }
 }
@@ -240,6 +246,32 @@ pub struct DataplaneStatus {
     /// The number of the last [`PlanMessage`] [`Dataplane::run`] applied (to learn when an
     /// update reached the kernel).
     pub applied: Option<u64>,
+    /// The tunnel devices.
+    pub tunnels: TunnelStatus,
+}
+
+/// What the agent learns about the node's links from the monitor ([`Dataplane::link_facts`]):
+/// every link by name, with whether it is up with carrier (`IFF_UP` and `IFF_RUNNING`).
+/// Bounded by the node's links.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkFacts {
+    pub carrier: BTreeMap<String, bool>,
+}
+
+impl LinkFacts {
+    /// Whether `name` is up with carrier; `None` when there is no such link.
+    pub fn has_carrier(&self, name: &str) -> Option<bool> {
+        self.carrier.get(name).copied()
+    }
+
+    /// The names of the links that start with `prefix` (`cali`: the pods' interfaces).
+    pub fn named_with_prefix(&self, prefix: &str) -> BTreeSet<String> {
+        self.carrier
+            .keys()
+            .filter(|n| n.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
 }
 
 /// The result of one reconcile.
@@ -273,6 +305,8 @@ fn backoff(config: &DataplaneConfig, attempts: u32) -> Duration {
 struct Links {
     by_name: HashMap<String, u32>,
     by_index: HashMap<u32, String>,
+    /// Up with carrier, by index.
+    carrier: HashMap<u32, bool>,
 }
 
 impl Links {
@@ -284,12 +318,24 @@ impl Links {
             self.by_name.remove(&old);
         }
         self.by_name.insert(name.clone(), info.index);
+        self.carrier.insert(info.index, info.up && info.running);
         Some(name)
     }
 
     fn remove(&mut self, index: u32) {
         if let Some(name) = self.by_index.remove(&index) {
             self.by_name.remove(&name);
+        }
+        self.carrier.remove(&index);
+    }
+
+    fn facts(&self) -> LinkFacts {
+        LinkFacts {
+            carrier: self
+                .by_index
+                .iter()
+                .map(|(i, name)| (name.clone(), self.carrier.get(i).copied().unwrap_or(false)))
+                .collect(),
         }
     }
 }
@@ -311,6 +357,9 @@ pub enum PlanUpdate {
     /// The routes of single prefixes changed (BGP best-path changes): only these prefixes
     /// are reconciled.
     Delta(Vec<RouteChange>),
+    /// The tunnel devices the routes of the following updates use (a complete
+    /// [`TunnelPlan`]); see [`tunnels`]. Sent ahead of the routes.
+    Tunnels(TunnelPlan),
 }
 
 /// One prefix of a [`PlanUpdate::Delta`].
@@ -478,6 +527,9 @@ enum Scope<'a> {
     Only(&'a [IpNet]),
 }
 
+/// How often the tunnel devices are checked (a dead forwarder, a failed set-up's retry).
+const TUNNEL_MAINTENANCE: Duration = Duration::from_secs(1);
+
 /// Destinations reconciled per round of requests: bounds the memory of one round.
 const RECONCILE_CHUNK: usize = 4096;
 
@@ -533,6 +585,10 @@ pub struct Dataplane {
     observer: Option<ReconcileObserver>,
     /// The number of the last [`PlanMessage`] [`run`](Self::run) applied.
     applied: Option<u64>,
+    /// The tunnel devices; told of every desired route change.
+    tunnels: Tunnels,
+    /// Published after every link change.
+    link_facts: watch::Sender<LinkFacts>,
 }
 
 type ReconcileObserver = Box<dyn Fn(Duration, ApplyReport) + Send>;
@@ -613,6 +669,7 @@ impl Dataplane {
         if protocol_taken(config.protocol) {
             return Err(DataplaneError::ProtocolTaken(config.protocol));
         }
+        let config_tunnels = config.tunnels.clone();
         let monitor = MonitorSocket::open().map_err(DataplaneError::Open)?;
         let sock = RequestSocket::open(config.batch_size).map_err(DataplaneError::Open)?;
         // Our own changes are known from the answers: the monitor need not read them back.
@@ -636,9 +693,15 @@ impl Dataplane {
             last_resync: Instant::now(),
             observer: None,
             applied: None,
+            tunnels: Tunnels::new(config_tunnels),
+            link_facts: watch::channel(LinkFacts::default()).0,
         };
         dp.read_kernel()?;
         dp.counters.resyncs = 0;
+        // The previous run's tunnel routes keep the userspace forwarder going until the first
+        // plan of this run is applied.
+        let tunl0 = crate::plan::TUNNEL_DEVICE;
+        dp.tunnels.adopt(tunl0, dp.routes_via(tunl0));
         tracing::info!(
             protocol = dp.config.protocol,
             adopted = dp.strays.len(),
@@ -668,6 +731,7 @@ impl Dataplane {
             )
             .map_err(DataplaneError::Dump)?;
         self.links = links;
+        self.publish_links();
         for slot in self.slots.values_mut() {
             slot.flags &= !Slot::SYNCED;
         }
@@ -704,6 +768,30 @@ impl Dataplane {
         self.counters.resyncs += 1;
         self.last_resync = Instant::now();
         Ok(())
+    }
+
+    /// Publishes the link facts when they changed.
+    fn publish_links(&self) {
+        let facts = self.links.facts();
+        self.link_facts.send_if_modified(|old| {
+            if *old == facts {
+                false
+            } else {
+                *old = facts;
+                true
+            }
+        });
+    }
+
+    /// The node's links as the monitor sees them, updated on every link change (for the
+    /// agent: pods' interfaces, the host NIC's carrier).
+    pub fn link_facts(&self) -> watch::Receiver<LinkFacts> {
+        self.link_facts.subscribe()
+    }
+
+    /// The userspace IPIP forwarder's counters (copied from its process once a second).
+    pub fn ipip_counters(&self) -> Arc<crate::dataplane::ipip_user::IpipCounters> {
+        self.tunnels.ipip_counters()
     }
 
     /// Lowers a slot to the kernel route; `Err(device)` when its device is missing.
@@ -760,6 +848,7 @@ impl Dataplane {
     /// Removes the slot of `dst`; a synced route becomes a stray (to be deleted).
     fn remove_slot(&mut self, dst: IpNet) -> Option<Slot> {
         let slot = self.slots.remove(&dst)?;
+        self.tunnels.route_removed(dst);
         self.desired_by_kind[slot.kind.index()] -= 1;
         if let Some(device) = slot.device {
             self.devices.release(device);
@@ -784,6 +873,7 @@ impl Dataplane {
         }
         self.remove_slot(dst);
         self.desired_by_kind[slot.kind.index()] += 1;
+        self.tunnels.route_upserted(dst, slot.kind, slot.gateway);
         self.slots.insert(dst, slot);
         Some(dst)
     }
@@ -796,6 +886,7 @@ impl Dataplane {
     }
 
     fn replace_desired(&mut self, routes: impl IntoIterator<Item = DesiredRoute>) {
+        self.tunnels.full_plan();
         let new: PrefixMap<DesiredRoute> =
             routes.into_iter().map(|r| (r.prefix.trunc(), r)).collect();
         let gone: Vec<IpNet> = self.slots.keys().filter(|d| !new.contains_key(d)).collect();
@@ -1279,6 +1370,7 @@ impl Dataplane {
     fn absorb(&mut self, events: Vec<Event>) -> (Vec<IpNet>, bool) {
         let mut dirty = BTreeSet::new();
         let mut resync = false;
+        let mut links_changed = false;
         let ours = self.config.protocol;
         for event in events {
             match event {
@@ -1332,6 +1424,7 @@ impl Dataplane {
                     }
                 }
                 Event::LinkChanged(info) => {
+                    links_changed = true;
                     if let Some(name) = self.links.update(&info) {
                         dirty.extend(self.failures.iter().filter_map(|(dst, f)| {
                             (f.error == RouteError::MissingDevice(name.clone())).then_some(*dst)
@@ -1343,11 +1436,15 @@ impl Dataplane {
                     }
                 }
                 Event::LinkRemoved(info) => {
+                    links_changed = true;
                     self.links.remove(info.index);
                     resync = true;
                 }
                 Event::Overrun => resync = true,
             }
+        }
+        if links_changed {
+            self.publish_links();
         }
         // Only destinations we care about.
         dirty.retain(|d| {
@@ -1430,6 +1527,7 @@ impl Dataplane {
                 .collect(),
             counters: self.counters,
             applied: self.applied,
+            tunnels: self.tunnels.status(),
         }
     }
 
@@ -1441,7 +1539,7 @@ impl Dataplane {
     /// [`RECONCILE_CHUNK`] at a time with the queue read again between chunks: while a table
     /// streams in faster than the kernel takes it, the backlog waits as destinations to
     /// reconcile rather than as queued messages. The status goes out after each chunk.
-    fn stream(
+    async fn stream(
         &mut self,
         first: PlanMessage,
         plans: &mut mpsc::UnboundedReceiver<PlanMessage>,
@@ -1451,15 +1549,21 @@ impl Dataplane {
         let mut next = Some(first);
         loop {
             while let Some(PlanMessage { seq, update }) = next {
-                match self.take_update(update) {
-                    None => pending.full = true,
-                    Some(dsts) => pending.dsts.extend(dsts),
+                match update {
+                    // The devices first: routes of later updates use them.
+                    PlanUpdate::Tunnels(plan) => self.tunnels.apply(plan).await,
+                    update => match self.take_update(update) {
+                        None => pending.full = true,
+                        Some(dsts) => pending.dsts.extend(dsts),
+                    },
                 }
                 pending
                     .ends
                     .push_back((seq, pending.taken + pending.dsts.len() as u64));
                 next = plans.try_recv().ok();
             }
+            // The tunnels' tables before the routes that use them.
+            self.tunnels.publish();
             if pending.full {
                 // Covers every destination queued so far.
                 self.reconcile();
@@ -1501,6 +1605,7 @@ impl Dataplane {
                 None
             }
             PlanUpdate::Delta(changes) => Some(self.apply_delta(changes)),
+            PlanUpdate::Tunnels(_) => Some(Vec::new()),
         }
     }
 
@@ -1525,6 +1630,8 @@ impl Dataplane {
             .map_err(|e| DataplaneError::Monitor(e.to_string()))?;
         let mut events = Vec::new();
         status.send_replace(self.status());
+        let mut tunnel_tick = tokio::time::interval(TUNNEL_MAINTENANCE);
+        tunnel_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let retry_at = self.next_retry();
             let resync_at = self.last_resync + self.config.resync_interval;
@@ -1534,7 +1641,7 @@ impl Dataplane {
                     let Some(first) = message else {
                         return Ok(());
                     };
-                    self.stream(first, &mut plans, &status);
+                    self.stream(first, &mut plans, &status).await;
                 }
                 ready = monitor.readable_mut() => {
                     let mut guard = ready.map_err(|e| DataplaneError::Monitor(e.to_string()))?;
@@ -1560,6 +1667,13 @@ impl Dataplane {
                         tracing::warn!(repaired, "routing table drifted from the plan; repaired");
                     }
                     if seen {
+                        status.send_replace(self.status());
+                    }
+                }
+                _ = tunnel_tick.tick() => {
+                    let before = self.tunnels.status();
+                    self.tunnels.maintain().await;
+                    if self.tunnels.status() != before {
                         status.send_replace(self.status());
                     }
                 }

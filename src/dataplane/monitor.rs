@@ -54,6 +54,8 @@ pub struct LinkInfo {
     pub index: u32,
     pub name: Option<String>,
     pub up: bool,
+    /// `IFF_RUNNING`: the link has carrier (operationally up).
+    pub running: bool,
     pub mtu: Option<u32>,
 }
 
@@ -63,6 +65,7 @@ impl LinkInfo {
             index: msg.header.index,
             name: None,
             up: msg.header.flags.contains(LinkFlags::Up),
+            running: msg.header.flags.contains(LinkFlags::Running),
             mtu: None,
         };
         for attr in &msg.attributes {

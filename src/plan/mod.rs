@@ -625,6 +625,49 @@ impl Planner {
         self
     }
 
+    /// The prefixes whose route may differ between the plans of `old` and `self` for the
+    /// same learned routes, when only the routes from the blocks changed (a pod added or
+    /// removed, a block changing hands): their routes are [`route_for`](Self::route_for)
+    /// again. `None` when the encapsulation rules or the originated prefixes changed: then
+    /// any learned route may change, and only the full plan says what the routes are.
+    pub fn changed_since(&self, old: &Planner) -> Option<Vec<IpNet>> {
+        if self.rules != old.rules || self.originated != old.originated {
+            return None;
+        }
+        let mut changed = Vec::new();
+        let mut new = self.fixed.iter().peekable();
+        let mut was = old.fixed.iter().peekable();
+        loop {
+            match (new.peek(), was.peek()) {
+                (None, None) => break,
+                (Some((p, _)), None) => {
+                    changed.push(**p);
+                    new.next();
+                }
+                (None, Some((p, _))) => {
+                    changed.push(**p);
+                    was.next();
+                }
+                (Some((a, ra)), Some((b, rb))) => {
+                    if a < b {
+                        changed.push(**a);
+                        new.next();
+                    } else if b < a {
+                        changed.push(**b);
+                        was.next();
+                    } else {
+                        if ra != rb {
+                            changed.push(**a);
+                        }
+                        new.next();
+                        was.next();
+                    }
+                }
+            }
+        }
+        Some(changed)
+    }
+
     /// The warnings about the blocks (learned routes add theirs when planned).
     pub fn warnings(&self) -> &BTreeSet<PlanWarning> {
         &self.fixed_warnings

@@ -992,7 +992,75 @@ mod incremental {
                 );
             }
         }
+
+        /// A change of the blocks only (pods, affinities) under the same pools: the
+        /// prefixes `changed_since` names, planned again with `route_for`, turn the old
+        /// plan into the new one.
+        #[test]
+        fn block_changes_as_a_delta_equal_the_full_plan(
+            pools in pools(),
+            before in blocks(),
+            after in blocks(),
+            changes in changes(),
+        ) {
+            let mut learned: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
+            for (p, nh) in changes {
+                if let Some(i) = nh {
+                    learned.insert(net(PREFIXES[p]), ip(NEXT_HOPS[i]));
+                }
+            }
+            let mut old_input = input(pools.clone(), before);
+            old_input.learned = learned_of(&learned);
+            let mut new_input = input(pools, after);
+            new_input.learned = learned_of(&learned);
+            let old = Planner::new(&old_input);
+            let new = Planner::new(&new_input);
+            let changed = new.changed_since(&old);
+            prop_assert!(changed.is_some(), "same pools and local node: a delta");
+            let mut table: BTreeMap<IpNet, DesiredRoute> = old
+                .plan(&old_input.learned)
+                .routes
+                .into_iter()
+                .map(|r| (r.prefix, r))
+                .collect();
+            for prefix in changed.unwrap_or_default() {
+                let mut warnings = BTreeSet::new();
+                match new.route_for(prefix, learned.get(&prefix).copied(), &mut warnings) {
+                    Some(route) => table.insert(prefix, route),
+                    None => table.remove(&prefix),
+                };
+            }
+            let incremental: Vec<DesiredRoute> = table.into_values().collect();
+            prop_assert_eq!(incremental, new.plan(&new_input.learned).routes);
+        }
     }
+}
+
+#[test]
+fn a_change_of_pools_or_originated_prefixes_needs_the_full_plan() {
+    let input = seed_input(MASTER01, EncapMode::Always, seed_before());
+    let planner = Planner::new(&input);
+    assert_eq!(planner.changed_since(&planner), Some(Vec::new()));
+    let cross = Planner::new(&seed_input(MASTER01, EncapMode::CrossSubnet, seed_before()));
+    assert_eq!(cross.changed_since(&planner), None, "the rules changed");
+    let services = planner.clone().originating([net("10.96.0.0/12")]);
+    assert_eq!(
+        services.changed_since(&planner),
+        None,
+        "originated prefixes changed"
+    );
+    // One pod fewer: its /32 alone.
+    let mut fewer = input.clone();
+    let gone = fewer
+        .blocks
+        .iter_mut()
+        .find(|b| b.affinity.as_deref() == Some(MASTER01))
+        .and_then(|b| b.allocations.pop())
+        .expect("master01 has a pod");
+    assert_eq!(
+        Planner::new(&fewer).changed_since(&planner),
+        Some(vec![IpNet::from(gone.ip)])
+    );
 }
 
 /// A dual-stack seed 001: both nodes also have an IPv6 address in fd00:92::/64, and a

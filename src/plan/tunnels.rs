@@ -14,8 +14,10 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::str::FromStr;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 use sha1::{Digest, Sha1};
+
+use super::{EncapMode, PlanInput, TUNNEL_DEVICE};
 
 /// Calico's IPv4 VXLAN device.
 pub const VXLAN_DEVICE_V4: &str = "vxlan.calico";
@@ -92,6 +94,15 @@ pub struct IpipTunnel {
     pub nic: String,
     /// The node's tunnel address (`/32`), see [`super::tunnel_address`].
     pub address: Option<Ipv4Addr>,
+    /// The node's IPv4 address: the outer source of encapsulated packets (the userspace
+    /// forwarder needs it; `None` on an IPv6-only node, where IPIP cannot work).
+    pub local: Option<Ipv4Addr>,
+    /// The other nodes' IPv4 addresses: outer sources the userspace forwarder accepts
+    /// (besides the gateways of the routes through the device). Sorted, each once.
+    pub peers: Vec<Ipv4Addr>,
+    /// Every IPv4 pool: decapsulated packets need source and destination inside one of them.
+    /// Sorted, each once.
+    pub pools: Vec<Ipv4Net>,
 }
 
 /// A VXLAN device (VTEP) this node must have, as Felix or flanneld make it.
@@ -144,9 +155,179 @@ pub struct TunnelPlan {
     pub vxlan_peers: Vec<VxlanPeer>,
 }
 
+/// Where `tunl0`'s address may come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpipAddressSource {
+    /// The Node's `projectcalico.org/IPv4IPIPTunnelAddr` annotation.
+    pub annotation: Option<Ipv4Addr>,
+    /// IPAM allocates the address (the Kubernetes datastore): only the annotation is used,
+    /// never a guess (a guess could be a pod's address). Without IPAM (the YAML directory),
+    /// the node's first block address is the fallback ([`super::tunnel_address`]).
+    pub ipam: bool,
+}
+
+/// The tunnels this node must have for `input`: `tunl0` when some IPv4 pool has `ipipMode`
+/// `Always` or `CrossSubnet` (disabled pools too: they still route). VXLAN devices are not
+/// planned yet (`vxlan` and `vxlan_peers` stay empty).
+pub fn tunnel_plan(input: &PlanInput, address: IpipAddressSource) -> TunnelPlan {
+    let needs_ipip = input
+        .pools
+        .iter()
+        .any(|p| p.ipip != EncapMode::Never && p.cidr.addr().is_ipv4());
+    let ipip = needs_ipip.then(|| {
+        let mut peers: Vec<Ipv4Addr> = input.nodes.iter().filter_map(|n| n.ipv4).collect();
+        peers.sort_unstable();
+        peers.dedup();
+        let mut pools: Vec<Ipv4Net> = input
+            .pools
+            .iter()
+            .filter_map(|p| match p.cidr {
+                IpNet::V4(v4) => Some(v4.trunc()),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        pools.sort_unstable();
+        pools.dedup();
+        IpipTunnel {
+            name: TUNNEL_DEVICE.to_string(),
+            nic: input.local.nic.clone(),
+            address: if address.ipam {
+                address.annotation
+            } else {
+                super::tunnel_address(input, address.annotation)
+            },
+            local: input.local.ipv4.map(|n| n.addr()),
+            peers,
+            pools,
+        }
+    });
+    TunnelPlan {
+        ipip,
+        vxlan: Vec::new(),
+        vxlan_peers: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::{BlockSpec, LocalNode, PeerNode, PoolSpec};
+
+    fn pool(name: &str, cidr: &str, ipip: EncapMode) -> PoolSpec {
+        PoolSpec {
+            name: name.into(),
+            cidr: cidr.parse().unwrap(),
+            ipip,
+            vxlan: EncapMode::Never,
+            disabled: false,
+        }
+    }
+
+    fn input(pools: Vec<PoolSpec>) -> PlanInput {
+        PlanInput {
+            local: LocalNode {
+                name: "master01".into(),
+                ipv4: Some("192.168.92.128/24".parse().unwrap()),
+                ipv6: None,
+                nic: "ens33".into(),
+            },
+            pools,
+            blocks: vec![BlockSpec {
+                cidr: "172.16.241.64/26".parse().unwrap(),
+                affinity: Some("master01".into()),
+                allocations: Vec::new(),
+            }],
+            learned: Vec::new(),
+            nodes: vec![
+                PeerNode {
+                    name: "node02".into(),
+                    ipv4: Some("192.168.93.130".parse().unwrap()),
+                    ipv6: None,
+                },
+                PeerNode {
+                    name: "node01".into(),
+                    ipv4: Some("192.168.92.129".parse().unwrap()),
+                    ipv6: None,
+                },
+                PeerNode {
+                    name: "v6only".into(),
+                    ipv4: None,
+                    ipv6: Some("fd00::9".parse().unwrap()),
+                },
+            ],
+            local_interfaces: Default::default(),
+        }
+    }
+
+    const GUESS: IpipAddressSource = IpipAddressSource {
+        annotation: None,
+        ipam: false,
+    };
+
+    #[test]
+    fn ipip_device_only_when_an_ipv4_pool_uses_ipip() {
+        for mode in [EncapMode::Always, EncapMode::CrossSubnet] {
+            let plan = tunnel_plan(&input(vec![pool("a", "172.16.0.0/16", mode)]), GUESS);
+            let ipip = plan.ipip.expect("tunl0 planned");
+            assert_eq!(ipip.name, "tunl0");
+            assert_eq!(ipip.nic, "ens33");
+            assert_eq!(ipip.local, Some("192.168.92.128".parse().unwrap()));
+        }
+        let never = tunnel_plan(
+            &input(vec![pool("a", "172.16.0.0/16", EncapMode::Never)]),
+            GUESS,
+        );
+        assert_eq!(never, TunnelPlan::default());
+        // ipipMode on an IPv6 pool is routed as Never: no device for it.
+        let v6 = tunnel_plan(
+            &input(vec![pool("a", "fd00:10::/48", EncapMode::Always)]),
+            GUESS,
+        );
+        assert_eq!(v6.ipip, None);
+    }
+
+    #[test]
+    fn ipip_device_carries_the_forwarders_sources_and_pools() {
+        let plan = tunnel_plan(
+            &input(vec![
+                pool("b", "10.9.0.0/16", EncapMode::Never),
+                pool("a", "172.16.0.0/16", EncapMode::CrossSubnet),
+                pool("c", "fd00:10::/48", EncapMode::Never),
+            ]),
+            GUESS,
+        );
+        let ipip = plan.ipip.unwrap();
+        assert_eq!(
+            ipip.peers,
+            vec![
+                "192.168.92.129".parse::<Ipv4Addr>().unwrap(),
+                "192.168.93.130".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            ipip.pools,
+            vec![
+                "10.9.0.0/16".parse::<Ipv4Net>().unwrap(),
+                "172.16.0.0/16".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn ipip_address_from_annotation_ipam_or_first_block_address() {
+        let input = input(vec![pool("a", "172.16.0.0/16", EncapMode::Always)]);
+        let annotated: Ipv4Addr = "172.16.241.70".parse().unwrap();
+        let address = |annotation, ipam| {
+            tunnel_plan(&input, IpipAddressSource { annotation, ipam })
+                .ipip
+                .unwrap()
+                .address
+        };
+        assert_eq!(address(None, false), Some("172.16.241.64".parse().unwrap()));
+        assert_eq!(address(Some(annotated), false), Some(annotated));
+        assert_eq!(address(Some(annotated), true), Some(annotated));
+        assert_eq!(address(None, true), None, "with IPAM, never a guess");
+    }
 
     #[test]
     fn mac_parse_and_display() {

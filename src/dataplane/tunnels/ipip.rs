@@ -1,0 +1,784 @@
+//! The IPIP device `tunl0`: its lifecycle, address and MTU, its forwarding table and, on the
+//! userspace path, its forwarder process.
+//!
+//! [`Ipip`] is fed from two sides by the dataplane task:
+//! - the tunnel plan ([`IpipTunnel`], from [`crate::plan::tunnels::tunnel_plan`]): while one
+//!   is planned the device is kept as specified ([`Ipip::apply`], again every second by
+//!   [`Ipip::maintain`]: a failed set-up is retried every [`RETRY_INTERVAL`], a forwarder that
+//!   died is started again). `--ipip-dataplane auto` is resolved on the first set-up (the
+//!   kernel's `ipip` module, else the userspace tunnel). A plan without IPIP leaves the
+//!   device as it is: routes through it are gone, and a kernel `tunl0` cannot be deleted;
+//! - the routes: every IPIP route ([`RouteKind::BlockIpip`], [`RouteKind::BorrowedIpip`])
+//!   upserted into or removed from the desired routes updates the remote-block table at once
+//!   ([`Ipip::route_upserted`], [`Ipip::route_removed`]); [`Ipip::publish`] hands the changed
+//!   table to the userspace forwarder before the dataplane installs the routes that use it,
+//!   so a packet of a new route finds its node. Until the first full plan the table is the
+//!   previous run's routes through `tunl0` found in the kernel ([`Ipip::adopt`]), so a
+//!   restarted agent does not empty the forwarder's table.
+//!
+//! The kernel side (device, mode probe, forwarder process) is behind [`IpipKernel`], so the
+//! decisions are unit-tested without root; [`NetlinkIpip`] is the real one.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv4Net};
+use tokio::sync::watch;
+
+use crate::dataplane::ipip_user::process::{ForwarderOwner, RemoteForwarder};
+use crate::dataplane::ipip_user::{
+    ForwarderConfig, IpipCounters, IpipDataplane, TunnelTable, UserspaceIpip,
+};
+use crate::dataplane::tunnel::{KernelIpip, TunnelDevice, TunnelError, TunnelSpec};
+use crate::plan::RouteKind;
+use crate::plan::tunnels::IpipTunnel;
+
+/// A failed set-up is tried again after this long.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How `tunl0` is made (the agent's `--ipip-dataplane`, `--ipip-forwarder` and `--log`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IpipConfig {
+    /// Kernel device, userspace tunnel, or whichever the kernel supports.
+    pub dataplane: IpipDataplane,
+    /// Who starts the userspace forwarder process.
+    pub forwarder: ForwarderOwner,
+    /// The forwarder process's `--log` filter.
+    pub log: String,
+    /// The binary to start as `PROGRAM ipip-forwarder`; `None`: this process's own.
+    pub program: Option<PathBuf>,
+}
+
+/// What the status reports about `tunl0`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IpipStatus {
+    /// `--ipip-dataplane` as resolved (`None` until the first set-up).
+    pub mode: Option<IpipDataplane>,
+    /// The device as last set up (`None`: not yet, or it must be set up again).
+    pub ready: Option<TunnelSpec>,
+    /// The last set-up error, until a set-up succeeds.
+    pub error: Option<String>,
+    /// The userspace forwarder's process id, while connected.
+    pub forwarder_pid: Option<u32>,
+}
+
+/// The kernel side of [`Ipip`].
+pub trait IpipKernel {
+    /// A running forwarder (the connection to its process).
+    type Forwarder: Send;
+
+    /// Resolves `auto` (probing the kernel) into `kernel` or `userspace`.
+    fn resolve(
+        &mut self,
+        mode: IpipDataplane,
+    ) -> impl Future<Output = Result<IpipDataplane, TunnelError>> + Send;
+
+    /// Makes the device `spec` names as `mode` (resolved) makes it: exists, up, MTU, address.
+    fn ensure_device(
+        &mut self,
+        mode: IpipDataplane,
+        spec: &TunnelSpec,
+    ) -> impl Future<Output = Result<(), TunnelError>> + Send;
+
+    /// Finds the running forwarder of the device, or starts one, and hands it every table
+    /// published on `table`.
+    fn start_forwarder(
+        &mut self,
+        local: Ipv4Addr,
+        table: watch::Receiver<Arc<TunnelTable>>,
+        counters: Arc<IpipCounters>,
+    ) -> impl Future<Output = Result<(Self::Forwarder, ForwarderInfo), TunnelError>> + Send;
+
+    /// Why the forwarder stopped; `None` while it runs.
+    fn forwarder_exit(forwarder: &Self::Forwarder) -> Option<String>;
+}
+
+/// What [`IpipKernel::start_forwarder`] tells about the forwarder it found or started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwarderInfo {
+    pub pid: u32,
+    /// Found running (an agent restart), not started.
+    pub adopted: bool,
+}
+
+/// The real kernel: rtnetlink for the device, `podroute ipip-forwarder` for the forwarder.
+#[derive(Debug, Clone, Default)]
+pub struct NetlinkIpip {
+    config: IpipConfig,
+}
+
+impl NetlinkIpip {
+    pub fn new(config: IpipConfig) -> Self {
+        Self { config }
+    }
+}
+
+impl IpipKernel for NetlinkIpip {
+    type Forwarder = RemoteForwarder;
+
+    async fn resolve(&mut self, mode: IpipDataplane) -> Result<IpipDataplane, TunnelError> {
+        mode.resolve().await
+    }
+
+    async fn ensure_device(
+        &mut self,
+        mode: IpipDataplane,
+        spec: &TunnelSpec,
+    ) -> Result<(), TunnelError> {
+        match mode {
+            IpipDataplane::Userspace => UserspaceIpip::connect()?.ensure(spec).await?,
+            _ => KernelIpip::connect()?.ensure(spec).await?,
+        };
+        Ok(())
+    }
+
+    async fn start_forwarder(
+        &mut self,
+        local: Ipv4Addr,
+        table: watch::Receiver<Arc<TunnelTable>>,
+        counters: Arc<IpipCounters>,
+    ) -> Result<(RemoteForwarder, ForwarderInfo), TunnelError> {
+        let program = match &self.config.program {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .map_err(|e| TunnelError::io("finding the podroute binary", e))?,
+        };
+        let forwarder = RemoteForwarder::adopt_or_start(
+            self.config.forwarder,
+            &program,
+            &ForwarderConfig::new(local),
+            &self.config.log,
+            table,
+            counters,
+        )
+        .await?;
+        let info = ForwarderInfo {
+            pid: forwarder.pid,
+            adopted: forwarder.adopted,
+        };
+        Ok((forwarder, info))
+    }
+
+    fn forwarder_exit(forwarder: &RemoteForwarder) -> Option<String> {
+        forwarder.exit().map(|exit| format!("{exit:?}"))
+    }
+}
+
+/// The remote blocks behind `tunl0`, kept route by route.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct RemoteBlocks {
+    /// Remote prefix → node address; bounded by the desired IPIP routes (or, before the
+    /// first plan, the adopted ones).
+    remotes: BTreeMap<Ipv4Net, Ipv4Addr>,
+    /// Changed since last published.
+    dirty: bool,
+}
+
+/// `tunl0`: see the module doc.
+pub struct Ipip<K: IpipKernel = NetlinkIpip> {
+    kernel: K,
+    /// `--ipip-dataplane` as asked.
+    asked: IpipDataplane,
+    /// The planned device; `None` until a plan wants one.
+    wanted: Option<IpipTunnel>,
+    status: IpipStatus,
+    last_attempt: Option<Instant>,
+    forwarder: Option<K::Forwarder>,
+    table: RemoteBlocks,
+    /// The remotes were adopted from the kernel and not yet replaced by a full plan.
+    adopted: bool,
+    table_tx: watch::Sender<Arc<TunnelTable>>,
+    counters: Arc<IpipCounters>,
+}
+
+impl Ipip<NetlinkIpip> {
+    pub fn new(config: IpipConfig) -> Self {
+        let asked = config.dataplane;
+        Self::with_kernel(NetlinkIpip::new(config), asked)
+    }
+}
+
+impl<K: IpipKernel> Ipip<K> {
+    /// The module with `kernel` behind it (tests use a fake one).
+    pub fn with_kernel(kernel: K, asked: IpipDataplane) -> Self {
+        let (table_tx, _) = watch::channel(Arc::new(TunnelTable::default()));
+        Self {
+            kernel,
+            asked,
+            wanted: None,
+            status: IpipStatus::default(),
+            last_attempt: None,
+            forwarder: None,
+            table: RemoteBlocks::default(),
+            adopted: false,
+            table_tx,
+            counters: Arc::new(IpipCounters::new()),
+        }
+    }
+
+    /// The forwarder's counters (copied from its process once a second).
+    pub fn counters(&self) -> Arc<IpipCounters> {
+        self.counters.clone()
+    }
+
+    pub fn status(&self) -> &IpipStatus {
+        &self.status
+    }
+
+    /// The table the forwarder has (or gets when it starts).
+    pub fn table(&self) -> watch::Receiver<Arc<TunnelTable>> {
+        self.table_tx.subscribe()
+    }
+
+    /// Seeds the remote blocks with the routes through `tunl0` a previous run left in the
+    /// kernel (destination, gateway); the first full plan replaces them
+    /// ([`clear_routes`](Self::clear_routes)).
+    pub fn adopt(&mut self, routes: impl IntoIterator<Item = (IpNet, IpAddr)>) {
+        for (dst, gw) in routes {
+            if let (IpNet::V4(dst), IpAddr::V4(gw)) = (dst, gw) {
+                self.table.remotes.insert(dst.trunc(), gw);
+                self.table.dirty = true;
+                self.adopted = true;
+            }
+        }
+    }
+
+    /// The first full plan comes: the adopted remotes go (its routes are upserted next).
+    pub fn clear_routes(&mut self) {
+        if self.adopted {
+            self.adopted = false;
+            self.table.remotes.clear();
+            self.table.dirty = true;
+        }
+    }
+
+    /// The desired route for `dst` is now of `kind` via `gateway`: an IPIP route enters the
+    /// table, any other route takes `dst` out of it.
+    pub fn route_upserted(&mut self, dst: IpNet, kind: RouteKind, gateway: Option<IpAddr>) {
+        match (kind, dst, gateway) {
+            (
+                RouteKind::BlockIpip | RouteKind::BorrowedIpip,
+                IpNet::V4(dst),
+                Some(IpAddr::V4(gw)),
+            ) => {
+                if self.table.remotes.insert(dst.trunc(), gw) != Some(gw) {
+                    self.table.dirty = true;
+                }
+            }
+            _ => self.route_removed(dst),
+        }
+    }
+
+    /// No route is desired for `dst` any more.
+    pub fn route_removed(&mut self, dst: IpNet) {
+        if let IpNet::V4(dst) = dst
+            && self.table.remotes.remove(&dst.trunc()).is_some()
+        {
+            self.table.dirty = true;
+        }
+    }
+
+    /// Hands the changed table to the forwarder (before the routes that use it are
+    /// installed). Without a forwarder (kernel mode, or not started yet) nothing is built:
+    /// the forwarder gets the table when it starts.
+    pub fn publish(&mut self) {
+        if self.table.dirty && self.forwarder.is_some() {
+            self.send_table();
+        }
+    }
+
+    fn send_table(&mut self) {
+        let (peers, pools) = match &self.wanted {
+            Some(w) => (w.peers.clone(), w.pools.clone()),
+            None => (Vec::new(), Vec::new()),
+        };
+        let table = TunnelTable::new(
+            self.table.remotes.iter().map(|(p, gw)| (*p, *gw)),
+            peers,
+            pools,
+        );
+        self.table.dirty = false;
+        if **self.table_tx.borrow() != table {
+            self.table_tx.send_replace(Arc::new(table));
+        }
+    }
+
+    /// A new tunnel plan: `Some` keeps the device as planned (set up now when it changed),
+    /// `None` leaves it as it is.
+    pub async fn apply(&mut self, planned: Option<IpipTunnel>) {
+        let Some(planned) = planned else {
+            return;
+        };
+        if self
+            .wanted
+            .as_ref()
+            .is_none_or(|w| w.peers != planned.peers || w.pools != planned.pools)
+        {
+            // Accepted sources and pools are part of the forwarder's table.
+            self.table.dirty = true;
+        }
+        self.wanted = Some(planned);
+        self.ensure().await;
+        self.publish();
+    }
+
+    /// Once a second: repairs a forwarder that died, retries a failed set-up.
+    pub async fn maintain(&mut self) {
+        self.ensure().await;
+        self.publish();
+    }
+
+    /// Sets the planned device up when it is not as planned (retried every
+    /// [`RETRY_INTERVAL`] while it fails).
+    async fn ensure(&mut self) {
+        let Some(wanted) = &self.wanted else {
+            return;
+        };
+        let spec = TunnelSpec {
+            name: wanted.name.clone(),
+            nic: wanted.nic.clone(),
+            address: wanted.address,
+        };
+        let local = wanted.local;
+        if let Some(exit) = self.forwarder.as_ref().and_then(K::forwarder_exit) {
+            tracing::warn!(
+                exit,
+                "userspace IPIP forwarder stopped; setting tunl0 up again"
+            );
+            self.forwarder = None;
+            self.status.forwarder_pid = None;
+            self.status.ready = None;
+        }
+        if self.status.ready.as_ref() == Some(&spec) {
+            return;
+        }
+        if self.status.error.is_some()
+            && self
+                .last_attempt
+                .is_some_and(|t| t.elapsed() < RETRY_INTERVAL)
+        {
+            return;
+        }
+        self.last_attempt = Some(Instant::now());
+        match self.set_up(&spec, local).await {
+            Ok(()) => {
+                self.status.ready = Some(spec);
+                self.status.error = None;
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if self.status.error.as_deref() != Some(&text) {
+                    match e {
+                        TunnelError::IpipUnsupported { .. } => tracing::warn!("{text}"),
+                        _ => tracing::warn!(
+                            error = %text,
+                            "cannot set up the IPIP tunnel device; retrying in 30 s"
+                        ),
+                    }
+                }
+                self.status.error = Some(text);
+            }
+        }
+    }
+
+    async fn set_up(
+        &mut self,
+        spec: &TunnelSpec,
+        local: Option<Ipv4Addr>,
+    ) -> Result<(), TunnelError> {
+        let mode = match self.status.mode {
+            Some(mode) => mode,
+            None => {
+                let mode = self.kernel.resolve(self.asked).await?;
+                self.status.mode = Some(mode);
+                mode
+            }
+        };
+        self.kernel.ensure_device(mode, spec).await?;
+        if mode != IpipDataplane::Userspace || self.forwarder.is_some() {
+            return Ok(());
+        }
+        let Some(local) = local else {
+            return Err(TunnelError::Io {
+                what: "the userspace IPIP forwarder".into(),
+                error: "this node has no IPv4 address (IPv6-only); IPIP pools need one".into(),
+            });
+        };
+        // The forwarder starts with the current table (a restarted agent's adopted routes
+        // until its first plan).
+        self.send_table();
+        let (forwarder, info) = self
+            .kernel
+            .start_forwarder(local, self.table_tx.subscribe(), self.counters.clone())
+            .await?;
+        tracing::info!(
+            device = spec.name,
+            %local,
+            pid = info.pid,
+            adopted = info.adopted,
+            "userspace IPIP forwarder process running"
+        );
+        self.forwarder = Some(forwarder);
+        self.status.forwarder_pid = Some(info.pid);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// What the fake kernel was asked to do, in order.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Call {
+        Resolve(IpipDataplane),
+        Device(IpipDataplane, Option<Ipv4Addr>),
+        Forwarder(Ipv4Addr),
+    }
+
+    /// A kernel that records calls; the forwarder "dies" when its flag is set.
+    #[derive(Clone)]
+    struct Fake {
+        calls: Arc<Mutex<Vec<Call>>>,
+        resolves_to: IpipDataplane,
+        device_error: Arc<Mutex<Option<TunnelError>>>,
+        /// The table channel the last forwarder got.
+        table: Arc<Mutex<Option<watch::Receiver<Arc<TunnelTable>>>>>,
+    }
+
+    struct FakeForwarder(Arc<Mutex<bool>>);
+
+    impl Fake {
+        fn new(resolves_to: IpipDataplane) -> Self {
+            Self {
+                calls: Arc::default(),
+                resolves_to,
+                device_error: Arc::default(),
+                table: Arc::default(),
+            }
+        }
+
+        fn calls(&self) -> Vec<Call> {
+            std::mem::take(&mut *self.calls.lock().unwrap())
+        }
+
+        fn forwarder_table(&self) -> Arc<TunnelTable> {
+            self.table
+                .lock()
+                .unwrap()
+                .as_ref()
+                .expect("a forwarder was started")
+                .borrow()
+                .clone()
+        }
+    }
+
+    impl IpipKernel for Fake {
+        type Forwarder = FakeForwarder;
+
+        async fn resolve(&mut self, mode: IpipDataplane) -> Result<IpipDataplane, TunnelError> {
+            self.calls.lock().unwrap().push(Call::Resolve(mode));
+            Ok(self.resolves_to)
+        }
+
+        async fn ensure_device(
+            &mut self,
+            mode: IpipDataplane,
+            spec: &TunnelSpec,
+        ) -> Result<(), TunnelError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(Call::Device(mode, spec.address));
+            match self.device_error.lock().unwrap().clone() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
+
+        async fn start_forwarder(
+            &mut self,
+            local: Ipv4Addr,
+            table: watch::Receiver<Arc<TunnelTable>>,
+            _counters: Arc<IpipCounters>,
+        ) -> Result<(FakeForwarder, ForwarderInfo), TunnelError> {
+            self.calls.lock().unwrap().push(Call::Forwarder(local));
+            *self.table.lock().unwrap() = Some(table);
+            Ok((
+                FakeForwarder(Arc::default()),
+                ForwarderInfo {
+                    pid: 42,
+                    adopted: false,
+                },
+            ))
+        }
+
+        fn forwarder_exit(forwarder: &FakeForwarder) -> Option<String> {
+            (*forwarder.0.lock().unwrap()).then(|| "died".to_string())
+        }
+    }
+
+    fn a(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn n(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn tunnel(address: &str) -> IpipTunnel {
+        IpipTunnel {
+            name: "tunl0".into(),
+            nic: "ens33".into(),
+            address: Some(a(address)),
+            local: Some(a("192.168.92.128")),
+            peers: vec![a("192.168.92.129"), a("192.168.93.130")],
+            pools: vec!["172.16.0.0/16".parse().unwrap()],
+        }
+    }
+
+    fn remotes(table: &TunnelTable) -> Vec<(String, Ipv4Addr)> {
+        table
+            .remotes()
+            .iter()
+            .map(|(p, gw)| (p.to_string(), *gw))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn userspace_device_and_forwarder_are_set_up_once_per_spec() {
+        let fake = Fake::new(IpipDataplane::Userspace);
+        let mut ipip = Ipip::with_kernel(fake.clone(), IpipDataplane::Auto);
+        ipip.apply(None).await;
+        assert_eq!(fake.calls(), vec![], "no IPIP pool: nothing is made");
+        ipip.apply(Some(tunnel("172.16.241.64"))).await;
+        assert_eq!(
+            fake.calls(),
+            vec![
+                Call::Resolve(IpipDataplane::Auto),
+                Call::Device(IpipDataplane::Userspace, Some(a("172.16.241.64"))),
+                Call::Forwarder(a("192.168.92.128")),
+            ]
+        );
+        assert_eq!(ipip.status().forwarder_pid, Some(42));
+        ipip.apply(Some(tunnel("172.16.241.64"))).await;
+        ipip.maintain().await;
+        assert_eq!(fake.calls(), vec![], "as planned: nothing to do");
+        ipip.apply(Some(tunnel("172.16.241.70"))).await;
+        assert_eq!(
+            fake.calls(),
+            vec![Call::Device(
+                IpipDataplane::Userspace,
+                Some(a("172.16.241.70"))
+            )],
+            "a new address: the device again, the same forwarder, no second probe"
+        );
+        // A plan without IPIP leaves the device alone.
+        ipip.apply(None).await;
+        ipip.maintain().await;
+        assert_eq!(fake.calls(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn a_dead_forwarder_is_started_again_with_the_current_table() {
+        let fake = Fake::new(IpipDataplane::Userspace);
+        let mut ipip = Ipip::with_kernel(fake.clone(), IpipDataplane::Userspace);
+        ipip.apply(Some(tunnel("172.16.241.64"))).await;
+        ipip.route_upserted(
+            n("172.16.196.128/26"),
+            RouteKind::BlockIpip,
+            Some("192.168.93.130".parse().unwrap()),
+        );
+        ipip.publish();
+        fake.calls();
+        let FakeForwarder(dead) = ipip
+            .forwarder
+            .as_ref()
+            .map(|f| FakeForwarder(f.0.clone()))
+            .unwrap();
+        *dead.lock().unwrap() = true;
+        ipip.maintain().await;
+        assert_eq!(
+            fake.calls(),
+            vec![
+                Call::Device(IpipDataplane::Userspace, Some(a("172.16.241.64"))),
+                Call::Forwarder(a("192.168.92.128")),
+            ]
+        );
+        assert_eq!(
+            remotes(&fake.forwarder_table()),
+            vec![("172.16.196.128/26".to_string(), a("192.168.93.130"))]
+        );
+    }
+
+    #[tokio::test]
+    async fn kernel_mode_starts_no_forwarder_and_failures_wait_for_the_retry_interval() {
+        let fake = Fake::new(IpipDataplane::Kernel);
+        *fake.device_error.lock().unwrap() = Some(TunnelError::IpipUnsupported {
+            name: "tunl0".into(),
+        });
+        let mut ipip = Ipip::with_kernel(fake.clone(), IpipDataplane::Auto);
+        ipip.apply(Some(tunnel("172.16.241.64"))).await;
+        assert_eq!(
+            fake.calls(),
+            vec![
+                Call::Resolve(IpipDataplane::Auto),
+                Call::Device(IpipDataplane::Kernel, Some(a("172.16.241.64"))),
+            ]
+        );
+        assert!(
+            ipip.status()
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("modprobe ipip")),
+            "{:?}",
+            ipip.status()
+        );
+        assert_eq!(ipip.status().ready, None);
+        ipip.maintain().await;
+        assert_eq!(
+            fake.calls(),
+            vec![],
+            "retried only after {RETRY_INTERVAL:?}"
+        );
+        // The retry interval passed: tried again, and now it works.
+        *fake.device_error.lock().unwrap() = None;
+        ipip.last_attempt = Instant::now().checked_sub(RETRY_INTERVAL);
+        ipip.maintain().await;
+        assert_eq!(
+            fake.calls(),
+            vec![Call::Device(
+                IpipDataplane::Kernel,
+                Some(a("172.16.241.64"))
+            )]
+        );
+        assert_eq!(ipip.status().error, None);
+        assert!(ipip.forwarder.is_none(), "the kernel forwards");
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_only_node_gets_a_clear_error_for_the_userspace_tunnel() {
+        let fake = Fake::new(IpipDataplane::Userspace);
+        let mut ipip = Ipip::with_kernel(fake.clone(), IpipDataplane::Userspace);
+        let mut planned = tunnel("172.16.241.64");
+        planned.local = None;
+        ipip.apply(Some(planned)).await;
+        assert!(
+            ipip.status()
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("IPv6-only")),
+            "{:?}",
+            ipip.status()
+        );
+        assert!(!fake.calls().iter().any(|c| matches!(c, Call::Forwarder(_))));
+    }
+
+    #[tokio::test]
+    async fn the_table_follows_upserts_and_removals_and_is_published_before_use() {
+        let fake = Fake::new(IpipDataplane::Userspace);
+        let mut ipip = Ipip::with_kernel(fake.clone(), IpipDataplane::Userspace);
+        let gw = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        // Routes before the forwarder: kept, handed over when it starts.
+        ipip.route_upserted(
+            n("172.16.196.128/26"),
+            RouteKind::BlockIpip,
+            gw("192.168.93.130"),
+        );
+        ipip.route_upserted(
+            n("172.16.10.0/26"),
+            RouteKind::BlockDirect,
+            gw("192.168.92.129"),
+        );
+        ipip.route_upserted(
+            n("172.16.241.70/32"),
+            RouteKind::BorrowedIpip,
+            gw("192.168.93.131"),
+        );
+        ipip.apply(Some(tunnel("172.16.241.64"))).await;
+        let first = fake.forwarder_table();
+        assert_eq!(
+            remotes(&first),
+            vec![
+                ("172.16.196.128/26".to_string(), a("192.168.93.130")),
+                ("172.16.241.70/32".to_string(), a("192.168.93.131")),
+            ],
+            "IPIP routes only"
+        );
+        assert!(first.is_known_node(a("192.168.92.129")), "the plan's peers");
+        assert!(first.in_pool(a("172.16.1.1")), "the plan's pools");
+        // A route moves to the NIC (CrossSubnet), one is removed, one changes node.
+        ipip.route_upserted(
+            n("172.16.196.128/26"),
+            RouteKind::BlockDirect,
+            gw("192.168.92.129"),
+        );
+        ipip.route_removed(n("172.16.241.70/32"));
+        ipip.route_upserted(
+            n("172.16.9.0/26"),
+            RouteKind::BlockIpip,
+            gw("192.168.93.140"),
+        );
+        assert_eq!(
+            remotes(&fake.forwarder_table()),
+            remotes(&first),
+            "nothing reaches the forwarder before publish"
+        );
+        ipip.publish();
+        assert_eq!(
+            remotes(&fake.forwarder_table()),
+            vec![("172.16.9.0/26".to_string(), a("192.168.93.140"))]
+        );
+        ipip.route_upserted(
+            n("172.16.9.0/26"),
+            RouteKind::BlockIpip,
+            gw("192.168.93.141"),
+        );
+        ipip.publish();
+        assert_eq!(
+            fake.forwarder_table().lookup(a("172.16.9.5")),
+            Some(a("192.168.93.141"))
+        );
+        // IPv6 and gatewayless routes never enter the table.
+        ipip.route_upserted(n("fd00:10::/122"), RouteKind::BlockIpip, gw("fd00::2"));
+        ipip.route_upserted(n("172.16.8.0/26"), RouteKind::BlockIpip, None);
+        ipip.publish();
+        assert_eq!(remotes(&fake.forwarder_table()).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn adopted_routes_serve_until_the_first_full_plan() {
+        let fake = Fake::new(IpipDataplane::Userspace);
+        let mut ipip = Ipip::with_kernel(fake.clone(), IpipDataplane::Userspace);
+        ipip.adopt([
+            (n("172.16.196.128/26"), "192.168.93.130".parse().unwrap()),
+            (n("fd00:10::/122"), "fd00::2".parse().unwrap()),
+        ]);
+        ipip.apply(Some(tunnel("172.16.241.64"))).await;
+        assert_eq!(
+            remotes(&fake.forwarder_table()),
+            vec![("172.16.196.128/26".to_string(), a("192.168.93.130"))],
+            "the previous run's routes keep the forwarder going"
+        );
+        ipip.clear_routes();
+        ipip.route_upserted(
+            n("172.16.200.0/26"),
+            RouteKind::BlockIpip,
+            Some("192.168.93.150".parse().unwrap()),
+        );
+        ipip.publish();
+        assert_eq!(
+            remotes(&fake.forwarder_table()),
+            vec![("172.16.200.0/26".to_string(), a("192.168.93.150"))]
+        );
+        // Later full plans do not clear: their removals come route by route.
+        ipip.clear_routes();
+        ipip.publish();
+        assert_eq!(remotes(&fake.forwarder_table()).len(), 1);
+    }
+}
