@@ -69,6 +69,7 @@
 //! it with one `writev`. A route reflector with a thousand clients thus encodes each burst
 //! once and makes a few system calls per client, not one per UPDATE per client.
 
+use crate::best_changes::{BestChangeSender, BestChanges};
 use crate::fsm::{FsmConfig, State};
 use crate::gr::{
     DEFAULT_MAX_RESTART_TIME, DEFAULT_SELECTION_DEFERRAL, DeferralPeer, GrAction, GrEvent,
@@ -401,12 +402,11 @@ impl std::fmt::Debug for Command {
 impl Speaker {
     /// Start the listener and the core task. Returns the handle and the stream of best-path
     /// changes of learned routes.
-    pub async fn start(
-        cfg: SpeakerConfig,
-    ) -> Result<(Speaker, mpsc::UnboundedReceiver<Vec<BestChange>>), SpeakerError> {
+    pub async fn start(cfg: SpeakerConfig) -> Result<(Speaker, BestChanges), SpeakerError> {
         let (tx, rx) = mpsc::channel(1024);
-        // Unbounded so that an agent busy calling the API can never deadlock the core.
-        let (best_tx, best_rx) = mpsc::unbounded_channel();
+        // Coalesced per prefix: never blocks the core (an agent busy calling the API can
+        // never deadlock it), and bounded by the RIB's prefixes however slow the agent is.
+        let (best_tx, best_rx) = crate::best_changes::channel();
         let mut listen = None;
         let mut listener_task = None;
         let mut listener_socket = None;
@@ -630,7 +630,7 @@ struct Core {
     peers: HashMap<PeerId, PeerEntry>,
     by_addr: HashMap<IpAddr, PeerId>,
     next_id: PeerId,
-    best_tx: mpsc::UnboundedSender<Vec<BestChange>>,
+    best_tx: BestChangeSender,
     ev_tx: mpsc::Sender<(PeerId, SessionEvent)>,
     ev_rx: Option<mpsc::Receiver<(PeerId, SessionEvent)>>,
     listener: Option<JoinHandle<()>>,
@@ -698,7 +698,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 impl Core {
     fn new(
         cfg: SpeakerConfig,
-        best_tx: mpsc::UnboundedSender<Vec<BestChange>>,
+        best_tx: BestChangeSender,
         converged_tx: watch::Sender<bool>,
     ) -> Core {
         let (ev_tx, ev_rx) = mpsc::channel(4096);
@@ -1311,7 +1311,7 @@ impl Core {
             "selection deferral over: advertising to peers"
         );
         if !changes.is_empty() {
-            let _ = self.best_tx.send(changes);
+            self.best_tx.send(changes);
         }
         let mut ids: Vec<PeerId> = self.peers.keys().copied().collect();
         ids.sort_unstable();
@@ -1342,7 +1342,7 @@ impl Core {
         }
         let learned: Vec<BestChange> = out.changes;
         if !learned.is_empty() {
-            let _ = self.best_tx.send(learned);
+            self.best_tx.send(learned);
         }
     }
 

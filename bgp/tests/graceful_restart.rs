@@ -31,10 +31,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::Endpoint;
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
 
-type BestRx = UnboundedReceiver<Vec<BestChange>>;
+type BestRx = podroute_bgp::BestChanges;
 
 fn net(s: &str) -> IpNet {
     s.parse().unwrap()

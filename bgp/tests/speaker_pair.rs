@@ -18,13 +18,7 @@ fn loopback_pair() -> (Ipv4Addr, Ipv4Addr) {
     (Ipv4Addr::new(127, b, c, d), Ipv4Addr::new(127, b, c, d + 1))
 }
 
-async fn speaker(
-    addr: Ipv4Addr,
-    asn: u32,
-) -> (
-    Speaker,
-    tokio::sync::mpsc::UnboundedReceiver<Vec<podroute_bgp::rib::BestChange>>,
-) {
+async fn speaker(addr: Ipv4Addr, asn: u32) -> (Speaker, podroute_bgp::BestChanges) {
     let mut cfg = SpeakerConfig::new(asn, addr);
     cfg.listen = Some(SocketAddr::new(IpAddr::V4(addr), 0));
     cfg.connect_retry = Duration::from_secs(1);

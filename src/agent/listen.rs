@@ -7,7 +7,6 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use podroute_bgp::{Speaker, SpeakerConfig, SpeakerError};
-use tokio::sync::mpsc;
 use tracing::warn;
 
 /// The addresses to try: the one given with `--bgp-bind`, else `[::]` falling back to
@@ -65,13 +64,7 @@ where
 pub async fn start_speaker(
     cfg: SpeakerConfig,
     candidates: ListenCandidates,
-) -> Result<
-    (
-        Speaker,
-        mpsc::UnboundedReceiver<Vec<podroute_bgp::rib::BestChange>>,
-    ),
-    SpeakerError,
-> {
+) -> Result<(Speaker, podroute_bgp::BestChanges), SpeakerError> {
     let no_ipv6 = |e: &SpeakerError| match e {
         SpeakerError::Listen { source, .. } => ipv6_unavailable(source),
         _ => false,

@@ -153,7 +153,7 @@ pub struct Agent {
     router_id: Ipv4Addr,
     listen_port: u16,
     speaker: Speaker,
-    best_rx: mpsc::UnboundedReceiver<Vec<BestChange>>,
+    best_rx: podroute_bgp::BestChanges,
     datastore: DatastoreHandle,
     datastore_source: String,
     state: Arc<ClusterState>,

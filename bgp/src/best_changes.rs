@@ -1,0 +1,229 @@
+//! The best-path changes from the speaker's core to its user, coalesced per prefix.
+//!
+//! The core must never wait on its user (the agent calls the speaker's API and waits for the
+//! answers: a core blocked on a full queue towards it would deadlock both), and an unbounded
+//! queue of batches grows with every UPDATE a slow user has not read yet. This channel holds
+//! at most one entry per prefix: a change for a prefix already waiting replaces its best path
+//! in place (latest state wins), so what waits is bounded by the RIB's prefixes, whatever the
+//! churn, and the user still sees every prefix whose best path changed with its current best.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use ipnet::IpNet;
+use tokio::sync::Notify;
+
+use crate::rib::BestChange;
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// In the order the prefixes first changed.
+    changes: Vec<BestChange>,
+    /// Position of each prefix in `changes`.
+    index: HashMap<IpNet, usize>,
+    /// The sender is gone.
+    closed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    notify: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // A panic while holding the lock leaves plain data behind; keep going with it.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The core's end: never blocks.
+#[derive(Debug)]
+pub(crate) struct BestChangeSender {
+    shared: Arc<Shared>,
+}
+
+/// The user's end ([`crate::Speaker::start`]).
+#[derive(Debug)]
+pub struct BestChanges {
+    shared: Arc<Shared>,
+}
+
+/// Why [`BestChanges::try_recv`] returned nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TryRecvError {
+    #[error("no best-path change waiting")]
+    Empty,
+    #[error("the speaker stopped")]
+    Disconnected,
+}
+
+/// A new channel.
+pub(crate) fn channel() -> (BestChangeSender, BestChanges) {
+    let shared = Arc::new(Shared::default());
+    (
+        BestChangeSender {
+            shared: shared.clone(),
+        },
+        BestChanges { shared },
+    )
+}
+
+impl BestChangeSender {
+    /// Queues `batch`, replacing what waits for the same prefixes.
+    pub(crate) fn send(&self, batch: Vec<BestChange>) {
+        if batch.is_empty() {
+            return;
+        }
+        {
+            let mut p = self.shared.lock();
+            for change in batch {
+                match p.index.get(&change.prefix).copied() {
+                    Some(i) => p.changes[i] = change,
+                    None => {
+                        let i = p.changes.len();
+                        p.index.insert(change.prefix, i);
+                        p.changes.push(change);
+                    }
+                }
+            }
+        }
+        self.shared.notify.notify_one();
+    }
+}
+
+impl Drop for BestChangeSender {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.notify.notify_one();
+    }
+}
+
+impl BestChanges {
+    /// Every change waiting, at least one; `None` once the speaker stopped and nothing waits.
+    pub async fn recv(&mut self) -> Option<Vec<BestChange>> {
+        loop {
+            match self.try_recv() {
+                Ok(batch) => return Some(batch),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => self.shared.notify.notified().await,
+            }
+        }
+    }
+
+    /// Every change waiting, without waiting.
+    pub fn try_recv(&mut self) -> Result<Vec<BestChange>, TryRecvError> {
+        let mut p = self.shared.lock();
+        if p.changes.is_empty() {
+            return Err(if p.closed {
+                TryRecvError::Disconnected
+            } else {
+                TryRecvError::Empty
+            });
+        }
+        p.index.clear();
+        Ok(std::mem::take(&mut p.changes))
+    }
+
+    /// Prefixes waiting (each at most once).
+    pub fn len(&self) -> usize {
+        self.shared.lock().changes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attrset::RouteAttrs;
+    use crate::rib::BestRoute;
+    use crate::wire::{NextHop, PathAttrs};
+
+    fn change(prefix: &str, best: Option<&str>) -> BestChange {
+        BestChange {
+            prefix: prefix.parse().unwrap(),
+            best: best.map(|nh| {
+                let next_hop: std::net::IpAddr = nh.parse().unwrap();
+                BestRoute {
+                    peer: 1,
+                    peer_addr: Some(next_hop),
+                    next_hop,
+                    attrs: Arc::new(RouteAttrs {
+                        path: PathAttrs::default(),
+                        next_hop: NextHop::new(next_hop),
+                    }),
+                    stale: false,
+                }
+            }),
+        }
+    }
+
+    fn hops(batch: &[BestChange]) -> Vec<(String, Option<String>)> {
+        batch
+            .iter()
+            .map(|c| {
+                (
+                    c.prefix.to_string(),
+                    c.best.as_ref().map(|b| b.next_hop.to_string()),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_prefix_waits_once_with_its_latest_best_path() {
+        let (tx, mut rx) = channel();
+        assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Empty);
+        tx.send(vec![change("10.0.1.0/26", Some("192.168.0.1"))]);
+        tx.send(vec![
+            change("10.0.2.0/26", Some("192.168.0.2")),
+            change("10.0.1.0/26", Some("192.168.0.3")),
+        ]);
+        tx.send(vec![change("10.0.2.0/26", None)]);
+        assert_eq!(rx.len(), 2, "one entry per prefix, however many changes");
+        let batch = rx.recv().await.unwrap();
+        assert_eq!(
+            hops(&batch),
+            vec![
+                ("10.0.1.0/26".into(), Some("192.168.0.3".into())),
+                ("10.0.2.0/26".into(), None),
+            ]
+        );
+        assert!(rx.is_empty());
+        tx.send(vec![change("10.0.1.0/26", None)]);
+        assert_eq!(
+            hops(&rx.try_recv().unwrap()).len(),
+            1,
+            "taken again after a recv"
+        );
+    }
+
+    #[tokio::test]
+    async fn recv_waits_for_a_change_and_ends_after_the_sender_when_drained() {
+        let (tx, mut rx) = channel();
+        let waiter = tokio::spawn(async move {
+            let first = rx.recv().await;
+            let second = rx.recv().await;
+            (
+                first.map(|b| b.len()),
+                second.map(|b| b.len()),
+                rx.recv().await,
+            )
+        });
+        tokio::task::yield_now().await;
+        tx.send(vec![change("10.0.1.0/26", Some("192.168.0.1"))]);
+        tokio::task::yield_now().await;
+        tx.send(vec![change("10.0.2.0/26", Some("192.168.0.1"))]);
+        drop(tx);
+        let (first, second, end) = waiter.await.unwrap();
+        assert_eq!(first.unwrap_or(0) + second.unwrap_or(0), 2, "nothing lost");
+        assert!(
+            end.is_none() || second.is_none(),
+            "None once drained and closed"
+        );
+    }
+}
