@@ -2,10 +2,13 @@
 //!
 //! The core must never wait on its user (the agent calls the speaker's API and waits for the
 //! answers: a core blocked on a full queue towards it would deadlock both), and an unbounded
-//! queue of batches grows with every UPDATE a slow user has not read yet. This channel holds
-//! at most one entry per prefix: a change for a prefix already waiting replaces its best path
-//! in place (latest state wins), so what waits is bounded by the RIB's prefixes, whatever the
-//! churn, and the user still sees every prefix whose best path changed with its current best.
+//! queue of batches grows with every UPDATE a slow user has not read yet. This channel keeps
+//! every change in order while fewer than [`EXACT_CHANGES`] wait (a user that keeps up sees
+//! each one, e.g. a withdrawal and the re-announcement after it); beyond that a change for a
+//! prefix already waiting replaces that prefix's latest entry in place (latest state wins).
+//! What waits is then bounded by [`EXACT_CHANGES`] plus the RIB's prefixes, whatever the
+//! churn, and the user still sees every prefix whose best path changed, ending with its
+//! current best.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -15,12 +18,17 @@ use tokio::sync::Notify;
 
 use crate::rib::BestChange;
 
+/// Changes kept one by one before changes of the same prefix are merged.
+pub const EXACT_CHANGES: usize = 1 << 16;
+
 #[derive(Debug, Default)]
 struct Pending {
-    /// In the order the prefixes first changed.
+    /// In order.
     changes: Vec<BestChange>,
-    /// Position of each prefix in `changes`.
+    /// Position of each prefix's latest entry in `changes`.
     index: HashMap<IpNet, usize>,
+    /// Entries kept one by one before merging ([`EXACT_CHANGES`]).
+    exact: usize,
     /// The sender is gone.
     closed: bool,
 }
@@ -61,7 +69,13 @@ pub enum TryRecvError {
 
 /// A new channel.
 pub(crate) fn channel() -> (BestChangeSender, BestChanges) {
+    channel_merging_after(EXACT_CHANGES)
+}
+
+/// A new channel that merges changes of one prefix once `exact` entries wait.
+fn channel_merging_after(exact: usize) -> (BestChangeSender, BestChanges) {
     let shared = Arc::new(Shared::default());
+    shared.lock().exact = exact;
     (
         BestChangeSender {
             shared: shared.clone(),
@@ -80,8 +94,8 @@ impl BestChangeSender {
             let mut p = self.shared.lock();
             for change in batch {
                 match p.index.get(&change.prefix).copied() {
-                    Some(i) => p.changes[i] = change,
-                    None => {
+                    Some(i) if p.changes.len() >= p.exact => p.changes[i] = change,
+                    _ => {
                         let i = p.changes.len();
                         p.index.insert(change.prefix, i);
                         p.changes.push(change);
@@ -126,7 +140,7 @@ impl BestChanges {
         Ok(std::mem::take(&mut p.changes))
     }
 
-    /// Prefixes waiting (each at most once).
+    /// Changes waiting.
     pub fn len(&self) -> usize {
         self.shared.lock().changes.len()
     }
@@ -175,14 +189,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_prefix_waits_once_with_its_latest_best_path() {
+    async fn every_change_is_kept_while_few_wait() {
         let (tx, mut rx) = channel();
+        tx.send(vec![change("10.0.1.0/26", Some("192.168.0.1"))]);
+        tx.send(vec![change("10.0.1.0/26", None)]);
+        tx.send(vec![change("10.0.1.0/26", Some("192.168.0.2"))]);
+        assert_eq!(
+            hops(&rx.try_recv().unwrap()),
+            vec![
+                ("10.0.1.0/26".into(), Some("192.168.0.1".into())),
+                ("10.0.1.0/26".into(), None),
+                ("10.0.1.0/26".into(), Some("192.168.0.2".into())),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn beyond_the_limit_a_prefix_keeps_only_its_latest_best_path() {
+        let (tx, mut rx) = channel_merging_after(2);
         assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Empty);
         tx.send(vec![change("10.0.1.0/26", Some("192.168.0.1"))]);
         tx.send(vec![
             change("10.0.2.0/26", Some("192.168.0.2")),
             change("10.0.1.0/26", Some("192.168.0.3")),
         ]);
+        tx.send(vec![change("10.0.2.0/26", None)]);
+        for i in 0..1000 {
+            tx.send(vec![change(
+                "10.0.2.0/26",
+                Some(&format!("192.168.1.{}", i % 250)),
+            )]);
+        }
         tx.send(vec![change("10.0.2.0/26", None)]);
         assert_eq!(rx.len(), 2, "one entry per prefix, however many changes");
         let batch = rx.recv().await.unwrap();

@@ -214,9 +214,51 @@ type ConnectFuture = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + S
 
 struct Conn {
     reader: OwnedReadHalf,
-    writer: mpsc::UnboundedSender<Bytes>,
+    writer: OutQueue,
     rbuf: BytesMut,
     local_addr: IpAddr,
+}
+
+/// Bytes a connection may hold queued but not yet written to its socket. A peer that stops
+/// reading (zero TCP window) while UPDATEs keep coming would otherwise grow the agent's
+/// memory without bound; beyond this its connection is closed (as a TCP failure: the session
+/// starts again, and the new session gets the full table once the peer reads again).
+pub(crate) const MAX_UNSENT_BYTES: usize = 32 << 20;
+
+/// A write to a peer's socket that makes no progress for this long ends the connection's
+/// writer (and closes the socket), so a connection the session gave up on cannot keep its
+/// queue forever.
+const WRITE_STALL: Duration = Duration::from_secs(120);
+
+/// The queue of a connection's writer task, bounded in bytes.
+struct OutQueue {
+    tx: mpsc::UnboundedSender<Bytes>,
+    /// Bytes queued and not written yet (the writer subtracts what it wrote).
+    unsent: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl OutQueue {
+    /// Queues `b`; `false` (and nothing queued) when that would exceed the limit.
+    fn push(&self, b: Bytes) -> bool {
+        let len = b.len();
+        let before = self.unsent.fetch_add(len, Ordering::Relaxed);
+        if before.saturating_add(len) > self.limit {
+            self.unsent.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        // A writer that ended (socket failed) is noticed by the reader.
+        let _ = self.tx.send(b);
+        true
+    }
+}
+
+/// A connection's writer task and its queue.
+fn spawn_writer(w: OwnedWriteHalf, limit: usize) -> OutQueue {
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let unsent = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(write_queued(w, rx, unsent.clone()));
+    OutQueue { tx, unsent, limit }
 }
 
 /// One FSM with its connection and timers.
@@ -263,7 +305,8 @@ impl Slot {
         if let Some(c) = self.conn.as_ref() {
             let mut out = BytesMut::new();
             wire::encode_message(msg, self.codec, &mut out);
-            let _ = c.writer.send(out.freeze());
+            // Over the limit, the next UPDATE closes the connection (see `MAX_UNSENT_BYTES`).
+            let _ = c.writer.push(out.freeze());
         }
     }
 
@@ -278,11 +321,9 @@ impl Slot {
             .map(|a| a.ip())
             .unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let (reader, write_half) = stream.into_split();
-        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-        tokio::spawn(write_queued(write_half, rx));
         self.conn = Some(Conn {
             reader,
-            writer: tx,
+            writer: spawn_writer(write_half, MAX_UNSENT_BYTES),
             rbuf: BytesMut::with_capacity(65536),
             local_addr,
         });
@@ -294,8 +335,13 @@ const MAX_WRITE_PIECES: usize = 64;
 
 /// The writer task of a connection: writes what is queued, as many buffers as are waiting in
 /// one `writev` (a route reflector queues one piece per UPDATE burst and peer), until the
-/// connection is dropped; then shuts the write side down.
-async fn write_queued(mut w: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+/// connection is dropped; then shuts the write side down. `unsent` goes down by what is
+/// written. A write that makes no progress for [`WRITE_STALL`] ends it.
+async fn write_queued(
+    mut w: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    unsent: Arc<AtomicUsize>,
+) {
     let mut queue: VecDeque<Bytes> = VecDeque::new();
     while let Some(b) = rx.recv().await {
         queue.push_back(b);
@@ -308,10 +354,15 @@ async fn write_queued(mut w: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Byt
                 .take(MAX_WRITE_PIECES)
                 .map(|b| IoSlice::new(b))
                 .collect();
-            let mut n = match w.write_vectored(&slices).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
+            let mut n = match tokio::time::timeout(WRITE_STALL, w.write_vectored(&slices)).await {
+                Ok(Ok(0) | Err(_)) => return,
+                Err(_) => {
+                    debug!("peer reads nothing for {WRITE_STALL:?}; closing the connection");
+                    return;
+                }
+                Ok(Ok(n)) => n,
             };
+            unsent.fetch_sub(n, Ordering::Relaxed);
             while n > 0 {
                 let Some(front) = queue.front_mut() else {
                     break;
@@ -485,10 +536,12 @@ async fn drive(
                 Some(SessionCmd::Inbound(stream)) => Box::pin(d.inbound(stream)).await,
                 Some(SessionCmd::Send(generation, pieces)) => {
                     if generation != d.established { continue; }
+                    let mut overflow = false;
                     if let Some(c) = d.main.as_ref().filter(|s| s.fsm.state() == State::Established).and_then(|s| s.conn.as_ref()) {
-                        for b in pieces {
-                            let _ = c.writer.send(b);
-                        }
+                        overflow = !pieces.into_iter().all(|b| c.writer.push(b));
+                    }
+                    if overflow {
+                        Box::pin(d.unsent_overflow()).await;
                     }
                 }
                 Some(SessionCmd::Stop(n)) => {
@@ -626,6 +679,21 @@ impl Driver {
                 self.handle(false, Event::TcpAccepted).await;
             }
         }
+    }
+
+    /// The main connection has [`MAX_UNSENT_BYTES`] unwritten: the peer does not read.
+    /// Closed as a TCP failure would close it.
+    async fn unsent_overflow(&mut self) {
+        warn!(
+            peer = %self.p.remote,
+            limit_mib = MAX_UNSENT_BYTES >> 20,
+            "the peer does not read what is sent to it (zero TCP window?): more than the limit \
+             is unsent; closing the connection"
+        );
+        if let Some(s) = self.main.as_mut() {
+            s.conn = None;
+        }
+        self.handle(true, Event::TcpFailed).await;
     }
 
     async fn on_read(&mut self, main: bool, r: std::io::Result<usize>) {
@@ -946,6 +1014,66 @@ impl Driver {
                     self.emit(SessionEvent::NotificationSent(n.clone())).await;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (peer, _) = listener.accept().await.unwrap();
+        (client, peer)
+    }
+
+    /// A peer with a zero window: the queue refuses what would pass the limit, so memory
+    /// stays bounded however much is offered.
+    #[tokio::test]
+    async fn a_peer_that_does_not_read_holds_at_most_the_limit() {
+        let (client, _peer_never_reads) = pair().await;
+        let (_reader, w) = client.into_split();
+        let limit = 1 << 20;
+        let queue = spawn_writer(w, limit);
+        let piece = Bytes::from(vec![0u8; 4096]);
+        let mut refused = false;
+        // 256 MiB offered: far more than the limit and every kernel buffer between.
+        for _ in 0..65_536 {
+            if !queue.push(piece.clone()) {
+                refused = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(refused, "the queue refused bytes beyond the limit");
+        assert!(queue.unsent.load(Ordering::Relaxed) <= limit);
+    }
+
+    /// What is written leaves the count: a reading peer never fills it.
+    #[tokio::test]
+    async fn written_bytes_leave_the_count() {
+        let (client, mut peer) = pair().await;
+        let (_reader, w) = client.into_split();
+        let queue = spawn_writer(w, 1 << 20);
+        let piece = Bytes::from(vec![7u8; 4096]);
+        for _ in 0..1024 {
+            // 4 MiB in all, four times the limit, read as it comes.
+            while !queue.push(piece.clone()) {
+                let mut buf = vec![0u8; 65536];
+                let n = peer.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+            }
+        }
+        let mut buf = vec![0u8; 65536];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while queue.unsent.load(Ordering::Relaxed) > 0 {
+            assert!(Instant::now() < deadline, "the writer drains the queue");
+            let _ = tokio::time::timeout(Duration::from_millis(50), peer.read(&mut buf)).await;
         }
     }
 }

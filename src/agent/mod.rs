@@ -136,6 +136,9 @@ struct PendingPlan {
     trigger: &'static str,
 }
 
+/// Plan updates queued towards the dataplane at most; the loop waits for room beyond.
+const PLAN_QUEUE: usize = 64;
+
 /// Updates awaiting the dataplane kept for the convergence histogram (older ones are
 /// dropped unobserved when the dataplane is far behind).
 const MAX_PENDING: usize = 1024;
@@ -175,7 +178,7 @@ pub struct Agent {
     interfaces: BTreeSet<String>,
     /// Links as the dataplane's monitor sees them.
     links: watch::Receiver<LinkFacts>,
-    plan_tx: mpsc::UnboundedSender<PlanMessage>,
+    plan_tx: mpsc::Sender<PlanMessage>,
     plan_seq: u64,
     /// The plan of the current cluster state and interfaces, without the learned routes.
     planner: Option<Planner>,
@@ -286,7 +289,7 @@ impl Agent {
                 .context("starting the BGP speaker")?;
         info!(node, ?address, ?address6, nic, local_as, %router_id, listen_port, "BGP speaker started");
 
-        let (plan_tx, plan_rx) = mpsc::unbounded_channel();
+        let (plan_tx, plan_rx) = mpsc::channel(PLAN_QUEUE);
         let (status_tx, dp_status) = watch::channel(DataplaneStatus::default());
         let dataplane_task = tokio::spawn(async move {
             dp.run(plan_rx, status_tx)
@@ -431,7 +434,7 @@ impl Agent {
                     while let Ok(more) = self.best_rx.try_recv() {
                         changed.extend(self.absorb(more));
                     }
-                    self.send_delta(at, changed);
+                    self.send_delta(at, changed).await;
                 }
                 Some(request) = self.route_requests.recv() => {
                     let _ = request.send(self.route_report());
@@ -475,7 +478,7 @@ impl Agent {
 
     /// Sends the routes of the prefixes whose best path changed (once a full plan was sent;
     /// before, the full plan at the end of the deferral carries them).
-    fn send_delta(&mut self, at: Instant, changed: Vec<IpNet>) {
+    async fn send_delta(&mut self, at: Instant, changed: Vec<IpNet>) {
         if !self.streaming || changed.is_empty() {
             return;
         }
@@ -490,10 +493,10 @@ impl Agent {
                 self.plan_warnings.insert(w);
             }
         }
-        self.send_plan(PlanUpdate::Delta(changes), at, "bgp");
+        self.send_plan(PlanUpdate::Delta(changes), at, "bgp").await;
     }
 
-    fn send_plan(&mut self, update: PlanUpdate, at: Instant, trigger: &'static str) {
+    async fn send_plan(&mut self, update: PlanUpdate, at: Instant, trigger: &'static str) {
         self.plan_seq += 1;
         let seq = self.plan_seq;
         // Tunnel plans go ahead of routes; only route updates are timed.
@@ -507,8 +510,10 @@ impl Agent {
                 self.pending.pop_front();
             }
         }
-        // A closed channel means the dataplane task ended; the loop learns why from its handle.
-        let _ = self.plan_tx.send(PlanMessage { seq, update });
+        // Waits while the dataplane is [`PLAN_QUEUE`] updates behind (it never waits on the
+        // loop). A closed channel means the dataplane task ended; the loop learns why from
+        // its handle.
+        let _ = self.plan_tx.send(PlanMessage { seq, update }).await;
     }
 
     /// A new cluster state: sessions, announcements, plan.
@@ -531,7 +536,7 @@ impl Agent {
         }
         self.configure_speaker(&state, at).await?;
         self.count_rejections();
-        self.replan(at, "datastore");
+        self.replan(at, "datastore").await;
         self.publish();
         // A new state (the first above all: every peer configured at once) leaves much freed
         // memory in the heap; give it back.
@@ -544,7 +549,7 @@ impl Agent {
     /// sends what changed: the tunnel plan when it changed, then the routes — the changed
     /// prefixes when only block-derived routes changed, else the full plan (also when no full
     /// plan was sent yet). During the start-up deferral only the tunnels go.
-    fn replan(&mut self, at: Instant, trigger: &'static str) {
+    async fn replan(&mut self, at: Instant, trigger: &'static str) {
         let input = intent::plan_input(
             &self.state,
             &self.local_node(),
@@ -561,7 +566,8 @@ impl Agent {
         if self.tunnel_plan.as_ref() != Some(&tunnels) {
             debug!(ipip = ?tunnels.ipip, "new tunnel plan");
             self.tunnel_plan = Some(tunnels.clone());
-            self.send_plan(PlanUpdate::Tunnels(tunnels), at, trigger);
+            self.send_plan(PlanUpdate::Tunnels(tunnels), at, trigger)
+                .await;
         }
         // What this node announces (its blocks, service prefixes) is never routed to a peer
         // that announces it too: every node announces the service CIDRs.
@@ -584,7 +590,8 @@ impl Agent {
             debug!(changes = changes.len(), trigger, "route plan delta");
             self.planner = Some(planner);
             if !changes.is_empty() {
-                self.send_plan(PlanUpdate::Delta(changes), at, trigger);
+                self.send_plan(PlanUpdate::Delta(changes), at, trigger)
+                    .await;
             }
             return;
         }
@@ -595,7 +602,7 @@ impl Agent {
         self.planner = Some(planner);
         if self.deferral.is_none() {
             self.streaming = true;
-            self.send_plan(PlanUpdate::Full(routes), at, trigger);
+            self.send_plan(PlanUpdate::Full(routes), at, trigger).await;
         }
     }
 
@@ -663,7 +670,7 @@ impl Agent {
             );
         }
         self.streaming = false;
-        self.replan(Instant::now(), "startup");
+        self.replan(Instant::now(), "startup").await;
         self.publish();
         Ok(())
     }
@@ -725,7 +732,7 @@ impl Agent {
         };
         if interfaces != self.interfaces {
             self.interfaces = interfaces;
-            self.replan(Instant::now(), "interfaces");
+            self.replan(Instant::now(), "interfaces").await;
             self.publish();
         }
         self.on_nic_carrier(nic_carrier).await

@@ -362,6 +362,36 @@ pub enum PlanUpdate {
     Tunnels(TunnelPlan),
 }
 
+/// Where [`Dataplane::run`] reads its plan updates: the agent's bounded channel (the agent
+/// waits while it is full: back-pressure, and the dataplane never waits on the agent, so it
+/// cannot deadlock), or an unbounded one (tests, benches).
+pub trait PlanSource: Send {
+    /// The next update; `None` when the sender is gone.
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<PlanMessage>> + Send;
+    /// The next update if one is queued.
+    fn try_recv(&mut self) -> Option<PlanMessage>;
+}
+
+impl PlanSource for mpsc::Receiver<PlanMessage> {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<PlanMessage>> + Send {
+        mpsc::Receiver::recv(self)
+    }
+
+    fn try_recv(&mut self) -> Option<PlanMessage> {
+        mpsc::Receiver::try_recv(self).ok()
+    }
+}
+
+impl PlanSource for mpsc::UnboundedReceiver<PlanMessage> {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<PlanMessage>> + Send {
+        mpsc::UnboundedReceiver::recv(self)
+    }
+
+    fn try_recv(&mut self) -> Option<PlanMessage> {
+        mpsc::UnboundedReceiver::try_recv(self).ok()
+    }
+}
+
 /// One prefix of a [`PlanUpdate::Delta`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteChange {
@@ -1542,7 +1572,7 @@ impl Dataplane {
     async fn stream(
         &mut self,
         first: PlanMessage,
-        plans: &mut mpsc::UnboundedReceiver<PlanMessage>,
+        plans: &mut impl PlanSource,
         status: &watch::Sender<DataplaneStatus>,
     ) {
         let mut pending = Pending::default();
@@ -1560,7 +1590,7 @@ impl Dataplane {
                 pending
                     .ends
                     .push_back((seq, pending.taken + pending.dsts.len() as u64));
-                next = plans.try_recv().ok();
+                next = plans.try_recv();
             }
             // The tunnels' tables before the routes that use them.
             self.tunnels.publish();
@@ -1587,11 +1617,11 @@ impl Dataplane {
             status.send_replace(self.status());
             if pending.dsts.is_empty() {
                 match plans.try_recv() {
-                    Ok(message) => next = Some(message),
-                    Err(_) => return,
+                    Some(message) => next = Some(message),
+                    None => return,
                 }
             } else {
-                next = plans.try_recv().ok();
+                next = plans.try_recv();
             }
         }
     }
@@ -1617,7 +1647,7 @@ impl Dataplane {
     /// enabled.
     pub async fn run(
         mut self,
-        mut plans: mpsc::UnboundedReceiver<PlanMessage>,
+        mut plans: impl PlanSource,
         status: watch::Sender<DataplaneStatus>,
     ) -> Result<(), DataplaneError> {
         let monitor = self
