@@ -838,6 +838,75 @@ fn agent_sigkill_and_10s_pause_lose_no_ping_through_the_userspace_tunnel() {
     );
 }
 
+/// issue 13: a rolling SIGTERM restart of every node's agent (as a DaemonSet rollout does)
+/// loses no ping through the userspace tunnel across the router, in both directions of the
+/// tunnel (master01 -> node02 and back), and every node keeps its forwarder process.
+#[test]
+fn rolling_sigterm_restart_of_every_node_loses_no_ping_through_the_userspace_tunnel() {
+    const TEST: &str =
+        "rolling_sigterm_restart_of_every_node_loses_no_ping_through_the_userspace_tunnel";
+    let Some(mut lab) = userspace_tunnel_lab(TEST, "fwdroll") else {
+        return;
+    };
+    let nodes = [MASTER01, NODE01, NODE02];
+    let forwarders: Vec<(&str, u32)> = nodes
+        .iter()
+        .map(|n| {
+            let pid = forwarder_pid(&lab, n)
+                .unwrap_or_else(|| panic!("{n}'s forwarder answers\n{}", logs(&lab)));
+            (*n, pid)
+        })
+        .collect();
+    let prober = Prober::start(
+        &lab.pod_ns(&pod_name(&lab, MASTER01)),
+        pod_ip(&lab, NODE02),
+        Duration::from_millis(10),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let restarts: Vec<Restart> = nodes
+        .iter()
+        .map(|n| restart(&mut lab, n, libc::SIGTERM, "rolling SIGTERM"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let probes = prober.stop();
+    let mut report = format!(
+        "\n=== {TEST}: ping pod {} -> pod {} every 10 ms through the userspace tunnel while \
+         every agent restarts (SIGTERM, one after the other): sent {}, lost {} in {:?}\n",
+        pod_ip(&lab, MASTER01),
+        pod_ip(&lab, NODE02),
+        probes.sent,
+        probes.lost.len(),
+        loss_windows(&probes.lost)
+    );
+    for r in &restarts {
+        report += &format!(
+            "  {:<26} exit {:>8.1?}  ready {:>8.2?}  all converged {:>8.2?}\n",
+            r.what, r.exit, r.ready, r.converged
+        );
+    }
+    eprintln!("{report}");
+    assert!(probes.error.is_none(), "prober: {:?}", probes.error);
+    assert!(
+        probes.sent > 300,
+        "the prober ran through the restarts: {}",
+        probes.sent
+    );
+    assert!(
+        probes.lost.is_empty(),
+        "lost {} replies through the userspace tunnel: {:?}\n{report}\n{}",
+        probes.lost.len(),
+        loss_windows(&probes.lost),
+        logs(&lab)
+    );
+    for (node, pid) in forwarders {
+        assert_eq!(
+            forwarder_pid(&lab, node),
+            Some(pid),
+            "{node}'s restarted agent adopted its forwarder instead of starting another"
+        );
+    }
+}
+
 /// A SIGKILLed forwarder process is started again by the running agent with the agent's
 /// table: pings through the tunnel resume.
 #[test]

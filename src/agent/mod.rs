@@ -5,8 +5,8 @@
 //! best paths learned, the links the dataplane reported. After every change it recomputes
 //! (pure functions in [`peers`] and [`intent`], then [`crate::plan`]) and hands the
 //! differences on: `set_peer`/`remove_peer` and `announce`/`withdraw` to the speaker
-//! ([`sessions`]), plan updates to the dataplane task. Nothing is withdrawn or deleted before
-//! the datastore's initial sync: the loop starts only after it ([`startup`]).
+//! (`sessions.rs`), plan updates to the dataplane task. Nothing is withdrawn or deleted before
+//! the datastore's initial sync: the loop starts only after it (`startup.rs`).
 //!
 //! Where things live: the tunnel devices (`tunl0`, its address and MTU, the userspace IPIP
 //! forwarder and its table) are the dataplane's ([`crate::dataplane::tunnels`]), made from the
@@ -24,7 +24,7 @@
 //! /routes` asks (the report is built only then).
 //!
 //! Metrics, `/readyz` and the status API read what the loop publishes into a
-//! [`status::StatusBoard`] ([`publish`]) once a second and after every change.
+//! [`status::StatusBoard`] (`publish.rs`) once a second and after every change.
 
 pub mod annotate;
 pub mod autodetect;

@@ -38,7 +38,9 @@
 //!
 //! - [`process`]: the forwarder as its own process (`podroute ipip-forwarder`), started
 //!   detached by the agent and adopted by the agent's next run; tables go to it over an
-//!   abstract unix socket. The agent uses this, so tunnelled traffic survives the agent.
+//!   abstract unix socket. The agent's dataplane uses this ([`super::tunnels::ipip`] decides
+//!   when to make `tunl0`, start or adopt the forwarder and publish its table), so tunnelled
+//!   traffic survives the agent.
 //!
 //! # Wiring (in-process, as the tests and `podroute ipip-forwarder` use it)
 //! 1. At start, in the node's namespace on the runtime: `--ipip-dataplane` parsed as

@@ -49,6 +49,17 @@
 //!   a full re-read after lost notifications or link removals (the kernel drops IPv4 routes of
 //!   a vanished device without notifying).
 //!
+//! - The tunnel devices are the dataplane's too ([`tunnels`]): the agent sends the
+//!   planner's [`TunnelPlan`] ([`PlanUpdate::Tunnels`]) ahead of the routes that use it, and
+//!   each device module makes its device (`tunl0`: [`tunnels::ipip`], with the userspace
+//!   forwarder process and its table, which follows every IPIP route upserted or removed
+//!   here and is published before those routes are reconciled).
+//! - Link facts go the other way: the monitor's link notifications keep [`LinkFacts`] (every
+//!   link with its carrier) current for the agent ([`Dataplane::link_facts`]): the pods'
+//!   `cali*` interfaces and the host NIC's carrier, without polling.
+//! - Plan updates come on a bounded channel ([`PlanSource`]): the dataplane never waits on the
+//!   agent, so the agent waiting for room cannot deadlock.
+//!
 //! The netlink calls are blocking but never wait on the network: the kernel answers rtnetlink
 //! requests synchronously inside `sendmsg`/`recvmsg`.
 
