@@ -568,8 +568,9 @@ enum Scope<'a> {
     Only(&'a [IpNet]),
 }
 
-/// How often the tunnel devices are checked (a dead forwarder, a failed set-up's retry).
-const TUNNEL_MAINTENANCE: Duration = Duration::from_secs(1);
+/// How often the tunnel devices are checked (a dead forwarder, a failed set-up's retry);
+/// a check of devices that are as planned costs a comparison.
+const TUNNEL_MAINTENANCE: Duration = Duration::from_millis(250);
 
 /// Destinations reconciled per round of requests: bounds the memory of one round.
 const RECONCILE_CHUNK: usize = 4096;

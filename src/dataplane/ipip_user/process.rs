@@ -104,6 +104,9 @@ impl From<TableMessage> for TunnelTable {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
     pub pid: u32,
+    /// The forwarder's podroute version (empty from forwarders older than this field).
+    #[serde(default)]
+    pub version: String,
     pub encap_packets: u64,
     pub encap_bytes: u64,
     pub decap_packets: u64,
@@ -118,6 +121,7 @@ impl Reply {
     fn new(s: &IpipCountersSnapshot) -> Self {
         Self {
             pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
             encap_packets: s.encap_packets,
             encap_bytes: s.encap_bytes,
             decap_packets: s.decap_packets,
@@ -255,6 +259,9 @@ pub struct RemoteForwarder {
     exit: watch::Receiver<Option<ForwarderExit>>,
     /// The forwarder's process id (from its first reply).
     pub pid: u32,
+    /// The forwarder's podroute version (from its first reply; empty when it is older than
+    /// the field).
+    pub version: String,
     /// True when this call found the forwarder running (an agent restart).
     pub adopted: bool,
 }
@@ -316,6 +323,7 @@ impl RemoteForwarder {
             .map_err(|e| TunnelError::io(what, e))?;
         counters.store(&first.snapshot());
         let pid = first.pid;
+        let version = first.version.clone();
         let (exit_tx, exit) = watch::channel(None);
         let task = tokio::spawn(async move {
             let outcome = talk(write, lines, table, counters).await;
@@ -328,6 +336,7 @@ impl RemoteForwarder {
             task,
             exit,
             pid,
+            version,
             adopted,
         })
     }
@@ -385,6 +394,15 @@ async fn talk(
                 Request::Table(TableMessage::from(&*t))
             }
             _ = tick.tick() => Request::Counters,
+            // Between exchanges nothing is due from the forwarder: this ends at once when
+            // it dies (EOF), so a new one is started without waiting for the next poll.
+            unasked = lines.next_line() => {
+                return match unasked {
+                    Ok(None) => "the forwarder closed the connection".into(),
+                    Ok(Some(line)) => format!("unasked line from the forwarder: {line:?}"),
+                    Err(e) => e.to_string(),
+                };
+            }
         };
         if let Err(e) = send(&mut write, &req).await {
             return e.to_string();
@@ -588,6 +606,7 @@ mod tests {
         .unwrap();
         assert!(remote.adopted);
         assert_eq!(remote.pid, std::process::id());
+        assert_eq!(remote.version, env!("CARGO_PKG_VERSION"));
         let recv = |what: &str| {
             tables
                 .recv_timeout(Duration::from_secs(10))

@@ -3,7 +3,7 @@
 //!
 //! [`Ipip`] is fed from two sides by the dataplane task:
 //! - the tunnel plan ([`IpipTunnel`], from [`crate::plan::tunnels::tunnel_plan`]): while one
-//!   is planned the device is kept as specified ([`Ipip::apply`], again every second by
+//!   is planned the device is kept as specified ([`Ipip::apply`], again every 250 ms by
 //!   [`Ipip::maintain`]: a failed set-up is retried every [`RETRY_INTERVAL`], a forwarder that
 //!   died is started again). `--ipip-dataplane auto` is resolved on the first set-up (the
 //!   kernel's `ipip` module, else the userspace tunnel). A plan without IPIP leaves the
@@ -98,11 +98,13 @@ pub trait IpipKernel {
 }
 
 /// What [`IpipKernel::start_forwarder`] tells about the forwarder it found or started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwarderInfo {
     pub pid: u32,
     /// Found running (an agent restart), not started.
     pub adopted: bool,
+    /// Its podroute version (empty: older than the version check).
+    pub version: String,
 }
 
 /// The real kernel: rtnetlink for the device, `podroute ipip-forwarder` for the forwarder.
@@ -159,6 +161,7 @@ impl IpipKernel for NetlinkIpip {
         let info = ForwarderInfo {
             pid: forwarder.pid,
             adopted: forwarder.adopted,
+            version: forwarder.version.clone(),
         };
         Ok((forwarder, info))
     }
@@ -326,7 +329,7 @@ impl<K: IpipKernel> Ipip<K> {
         self.publish();
     }
 
-    /// Once a second: repairs a forwarder that died, retries a failed set-up.
+    /// Every 250 ms (the dataplane's tick): repairs a forwarder that died, retries a failed set-up.
     pub async fn maintain(&mut self) {
         self.ensure().await;
         self.publish();
@@ -420,8 +423,24 @@ impl<K: IpipKernel> Ipip<K> {
             %local,
             pid = info.pid,
             adopted = info.adopted,
+            version = info.version,
             "userspace IPIP forwarder process running"
         );
+        if info.adopted && info.version != env!("CARGO_PKG_VERSION") {
+            // Adopted, never replaced: replacing it would stop tunnelled traffic.
+            tracing::warn!(
+                pid = info.pid,
+                forwarder_version = if info.version.is_empty() {
+                    "unknown"
+                } else {
+                    &info.version
+                },
+                agent_version = env!("CARGO_PKG_VERSION"),
+                "the adopted userspace IPIP forwarder runs another podroute version; it keeps \
+                 forwarding, but to upgrade it kill it (the agent starts its own binary's \
+                 forwarder, about 0.4 s without tunnelled traffic)"
+            );
+        }
         self.forwarder = Some(forwarder);
         self.status.forwarder_pid = Some(info.pid);
         Ok(())
@@ -514,6 +533,7 @@ mod tests {
                 ForwarderInfo {
                     pid: 42,
                     adopted: false,
+                    version: env!("CARGO_PKG_VERSION").to_string(),
                 },
             ))
         }

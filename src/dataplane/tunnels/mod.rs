@@ -63,7 +63,7 @@ impl Tunnels {
         self.ipip.apply(ipip).await;
     }
 
-    /// Once a second: repairs what went away (a dead forwarder), retries failed set-ups.
+    /// Every 250 ms (the dataplane's tick): repairs what went away (a dead forwarder), retries failed set-ups.
     pub async fn maintain(&mut self) {
         self.ipip.maintain().await;
     }
