@@ -596,9 +596,9 @@ struct Pending {
 /// run, left over after a change, added by hand with our protocol — are kept in `strays`
 /// until they are promoted (they turn out to be what the plan wants) or deleted. In the
 /// steady state `strays` is empty and every route is held once.
-pub struct Dataplane {
+pub struct Dataplane<S: RouteSocket = RequestSocket> {
     config: DataplaneConfig,
-    sock: RequestSocket,
+    sock: S,
     monitor: Option<MonitorSocket>,
     links: Links,
     slots: PrefixMap<Slot>,
@@ -704,6 +704,46 @@ fn decide(
 /// refused adds before one dump of the whole table does ([`Dataplane::look_up_foreign`]).
 const LOOKUP_DEVICE_DUMPS: usize = 8;
 
+/// The kernel's side of the route reconcile: requests in batches, and dumps. The netlink
+/// socket ([`RequestSocket`]) in production; the unit tests put a simulated routing table
+/// behind it, so the reconcile decisions are tested without root.
+pub trait RouteSocket: Send {
+    /// Sends `requests` and returns one result per request, in order.
+    fn execute(
+        &mut self,
+        requests: impl IntoIterator<Item = socket::Request>,
+    ) -> Vec<Result<(), NetlinkError>>;
+    /// Runs a dump request and hands each message of the answer to `each`.
+    fn dump_each(
+        &mut self,
+        message: RouteNetlinkMessage,
+        each: impl FnMut(RouteNetlinkMessage),
+    ) -> Result<(), NetlinkError>;
+    /// Datagrams sent so far (for measurements).
+    fn sends(&self) -> u64;
+}
+
+impl RouteSocket for RequestSocket {
+    fn execute(
+        &mut self,
+        requests: impl IntoIterator<Item = socket::Request>,
+    ) -> Vec<Result<(), NetlinkError>> {
+        RequestSocket::execute(self, requests)
+    }
+
+    fn dump_each(
+        &mut self,
+        message: RouteNetlinkMessage,
+        each: impl FnMut(RouteNetlinkMessage),
+    ) -> Result<(), NetlinkError> {
+        RequestSocket::dump_each(self, message, each)
+    }
+
+    fn sends(&self) -> u64 {
+        self.sends
+    }
+}
+
 impl Dataplane {
     /// Opens the sockets in the calling thread's network namespace, then reads links and our
     /// routes once (adoption: nothing is changed).
@@ -711,17 +751,40 @@ impl Dataplane {
         if protocol_taken(config.protocol) {
             return Err(DataplaneError::ProtocolTaken(config.protocol));
         }
-        let config_tunnels = config.tunnels.clone();
         let monitor = MonitorSocket::open().map_err(DataplaneError::Open)?;
         let sock = RequestSocket::open(config.batch_size).map_err(DataplaneError::Open)?;
         // Our own changes are known from the answers: the monitor need not read them back.
         monitor
             .ignore_sender(sock.port().map_err(DataplaneError::Open)?)
             .map_err(DataplaneError::Open)?;
+        let batch = sock.batch();
+        let dp = Self::with_socket(config, sock, Some(monitor))?;
+        tracing::info!(
+            protocol = dp.config.protocol,
+            adopted = dp.strays.len(),
+            batch,
+            "dataplane opened; existing routes adopted"
+        );
+        Ok(dp)
+    }
+}
+
+impl<S: RouteSocket> Dataplane<S> {
+    /// The dataplane over `sock` (and `monitor`, which [`run`](Self::run) needs): reads links
+    /// and our routes once (adoption: nothing is changed).
+    pub fn with_socket(
+        config: DataplaneConfig,
+        sock: S,
+        monitor: Option<MonitorSocket>,
+    ) -> Result<Self, DataplaneError> {
+        if protocol_taken(config.protocol) {
+            return Err(DataplaneError::ProtocolTaken(config.protocol));
+        }
+        let config_tunnels = config.tunnels.clone();
         let mut dp = Self {
             config,
             sock,
-            monitor: Some(monitor),
+            monitor,
             links: Links::default(),
             slots: PrefixMap::new(),
             devices: Devices::default(),
@@ -744,12 +807,6 @@ impl Dataplane {
         // plan of this run is applied.
         let tunl0 = crate::plan::TUNNEL_DEVICE;
         dp.tunnels.adopt(tunl0, dp.routes_via(tunl0));
-        tracing::info!(
-            protocol = dp.config.protocol,
-            adopted = dp.strays.len(),
-            batch = dp.sock.batch(),
-            "dataplane opened; existing routes adopted"
-        );
         Ok(dp)
     }
 
@@ -1256,9 +1313,9 @@ impl Dataplane {
         if changes.is_empty() {
             return;
         }
-        let sends_before = self.sock.sends;
+        let sends_before = self.sock.sends();
         let results = self.sock.execute(changes.iter().map(Change::request));
-        self.counters.netlink_sends += self.sock.sends - sends_before;
+        self.counters.netlink_sends += self.sock.sends() - sends_before;
         self.counters.netlink_requests += changes.len() as u64;
         let mut lost_acks = false;
         // Adds refused because a route is at the key: whose, and what it is, decides.
@@ -1732,6 +1789,9 @@ impl Dataplane {
         }
     }
 }
+
+#[cfg(test)]
+mod reconcile_tests;
 
 #[cfg(test)]
 mod tests {

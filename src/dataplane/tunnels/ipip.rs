@@ -259,6 +259,12 @@ impl<K: IpipKernel> Ipip<K> {
         }
     }
 
+    /// The remote blocks as kept (published or not).
+    #[cfg(test)]
+    pub(crate) fn remotes(&self) -> Vec<(Ipv4Net, Ipv4Addr)> {
+        self.table.remotes.iter().map(|(p, gw)| (*p, *gw)).collect()
+    }
+
     /// The desired route for `dst` is now of `kind` via `gateway`: an IPIP route enters the
     /// table, any other route takes `dst` out of it.
     pub fn route_upserted(&mut self, dst: IpNet, kind: RouteKind, gateway: Option<IpAddr>) {

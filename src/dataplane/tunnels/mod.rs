@@ -102,6 +102,12 @@ impl Tunnels {
         self.ipip.counters()
     }
 
+    /// The IPIP table's remote blocks (tests).
+    #[cfg(test)]
+    pub(crate) fn ipip_remotes(&self) -> Vec<(ipnet::Ipv4Net, std::net::Ipv4Addr)> {
+        self.ipip.remotes()
+    }
+
     pub fn status(&self) -> TunnelStatus {
         TunnelStatus {
             ipip: self.ipip.status().clone(),

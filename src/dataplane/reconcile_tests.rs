@@ -1,0 +1,508 @@
+//! The reconcile decisions against a simulated kernel ([`SimKernel`] behind
+//! [`RouteSocket`]): no root, no netlink. The netns tests (`tests/dataplane_netns.rs`) run
+//! the same rules against the real kernel.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+
+use ipnet::{IpNet, Ipv4Net};
+use netlink_packet_core::NLM_F_EXCL;
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+
+use super::kernel::{KernelRoute, RouteKey};
+use super::monitor::{Event, LinkInfo};
+use super::socket::{NetlinkError, Request};
+use super::*;
+use crate::plan::{DesiredRoute, RouteKind, RouteScope};
+
+const OURS: u8 = DEFAULT_ROUTE_PROTOCOL;
+const BOOT: u8 = 3;
+
+/// What the simulated kernel holds and was asked.
+#[derive(Debug, Default)]
+struct SimState {
+    /// Links: index → (name, up with carrier).
+    links: BTreeMap<u32, (String, bool)>,
+    /// The main table.
+    routes: BTreeMap<RouteKey, KernelRoute>,
+    /// Requests that changed the table: ("add" | "replace" | "delete", destination).
+    log: Vec<(&'static str, String)>,
+}
+
+/// A routing table that answers like the kernel's rtnetlink for what the dataplane sends:
+/// exclusive adds fail with EEXIST on a taken key, routes through a missing device with
+/// ENODEV, deletes name the protocol and fail with ESRCH on anyone else's route.
+#[derive(Clone, Default)]
+struct SimKernel(Arc<Mutex<SimState>>);
+
+fn refused(errno: i32) -> Result<(), NetlinkError> {
+    Err(NetlinkError::Kernel {
+        errno,
+        message: None,
+    })
+}
+
+impl SimKernel {
+    fn state(&self) -> std::sync::MutexGuard<'_, SimState> {
+        self.0.lock().unwrap()
+    }
+
+    fn link(&self, index: u32, name: &str) -> &Self {
+        self.state().links.insert(index, (name.into(), true));
+        self
+    }
+
+    fn route(&self, route: KernelRoute) -> &Self {
+        self.state().routes.insert(route.key, route);
+        self
+    }
+
+    fn log(&self) -> Vec<(&'static str, String)> {
+        std::mem::take(&mut self.state().log)
+    }
+
+    fn table(&self) -> Vec<(String, u8)> {
+        self.state()
+            .routes
+            .values()
+            .map(|r| (r.key.dst.to_string(), r.protocol))
+            .collect()
+    }
+
+    fn apply(&self, req: Request) -> Result<(), NetlinkError> {
+        let mut st = self.state();
+        match req.message {
+            RouteNetlinkMessage::NewRoute(m) => {
+                let Some(route) = KernelRoute::from_message(&m) else {
+                    return refused(libc::EINVAL);
+                };
+                if req.flags & NLM_F_EXCL != 0 && st.routes.contains_key(&route.key) {
+                    return refused(libc::EEXIST);
+                }
+                if route.oif.is_some_and(|i| !st.links.contains_key(&i)) {
+                    return refused(libc::ENODEV);
+                }
+                let op = if st.routes.contains_key(&route.key) {
+                    "replace"
+                } else {
+                    "add"
+                };
+                st.log.push((op, route.key.dst.to_string()));
+                st.routes.insert(route.key, route);
+                Ok(())
+            }
+            RouteNetlinkMessage::DelRoute(m) => {
+                let Some(route) = KernelRoute::from_message(&m) else {
+                    return refused(libc::EINVAL);
+                };
+                match st.routes.get(&route.key) {
+                    Some(have) if have.protocol == route.protocol => {
+                        st.routes.remove(&route.key);
+                        st.log.push(("delete", route.key.dst.to_string()));
+                        Ok(())
+                    }
+                    _ => refused(libc::ESRCH),
+                }
+            }
+            _ => refused(libc::EOPNOTSUPP),
+        }
+    }
+}
+
+impl RouteSocket for SimKernel {
+    fn execute(
+        &mut self,
+        requests: impl IntoIterator<Item = Request>,
+    ) -> Vec<Result<(), NetlinkError>> {
+        requests.into_iter().map(|r| self.apply(r)).collect()
+    }
+
+    fn dump_each(
+        &mut self,
+        message: RouteNetlinkMessage,
+        mut each: impl FnMut(RouteNetlinkMessage),
+    ) -> Result<(), NetlinkError> {
+        let st = self.state();
+        match message {
+            RouteNetlinkMessage::GetLink(_) => {
+                for (index, (name, carrier)) in &st.links {
+                    let mut m = LinkMessage::default();
+                    m.header.index = *index;
+                    if *carrier {
+                        m.header.flags = LinkFlags::Up | LinkFlags::Running;
+                    }
+                    m.attributes.push(LinkAttribute::IfName(name.clone()));
+                    each(RouteNetlinkMessage::NewLink(m));
+                }
+            }
+            // Unfiltered: the dataplane filters what it reads again.
+            RouteNetlinkMessage::GetRoute(_) => {
+                for route in st.routes.values() {
+                    each(RouteNetlinkMessage::NewRoute(route.new_message()));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn sends(&self) -> u64 {
+        0
+    }
+}
+
+const NIC: u32 = 2;
+const TUNL0: u32 = 3;
+const CALI: u32 = 4;
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// A node with `ens33` and `cali67beaa0e9f4` (and `tunl0` when asked).
+fn kernel(tunl0: bool) -> SimKernel {
+    let k = SimKernel::default();
+    k.link(1, "lo")
+        .link(NIC, "ens33")
+        .link(CALI, "cali67beaa0e9f4");
+    if tunl0 {
+        k.link(TUNL0, "tunl0");
+    }
+    k
+}
+
+fn open(k: &SimKernel) -> Dataplane<SimKernel> {
+    Dataplane::with_socket(DataplaneConfig::default(), k.clone(), None).unwrap()
+}
+
+fn blackhole(prefix: &str) -> DesiredRoute {
+    DesiredRoute {
+        prefix: net(prefix),
+        kind: RouteKind::Blackhole,
+        gateway: None,
+        device: None,
+        onlink: false,
+        scope: RouteScope::Universe,
+    }
+}
+
+fn workload(prefix: &str) -> DesiredRoute {
+    DesiredRoute {
+        prefix: net(prefix),
+        kind: RouteKind::Workload,
+        gateway: None,
+        device: Some("cali67beaa0e9f4".into()),
+        onlink: false,
+        scope: RouteScope::Link,
+    }
+}
+
+fn ipip(prefix: &str, node: &str) -> DesiredRoute {
+    DesiredRoute {
+        prefix: net(prefix),
+        kind: RouteKind::BlockIpip,
+        gateway: Some(ip(node)),
+        device: Some("tunl0".into()),
+        onlink: true,
+        scope: RouteScope::Universe,
+    }
+}
+
+fn direct(prefix: &str, node: &str) -> DesiredRoute {
+    DesiredRoute {
+        prefix: net(prefix),
+        kind: RouteKind::BlockDirect,
+        gateway: Some(ip(node)),
+        device: Some("ens33".into()),
+        onlink: false,
+        scope: RouteScope::Universe,
+    }
+}
+
+/// `route` as the kernel holds it when `protocol` installed it through link `oif`.
+fn installed(route: &DesiredRoute, protocol: u8, oif: Option<u32>) -> KernelRoute {
+    KernelRoute::wanted(
+        route.prefix,
+        protocol,
+        route.is_blackhole(),
+        route.scope == RouteScope::Link,
+        route.gateway,
+        oif,
+        route.onlink,
+    )
+}
+
+fn log(entries: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    entries.iter().map(|(op, d)| (*op, d.to_string())).collect()
+}
+
+#[test]
+fn a_restart_adopts_what_is_planned_and_deletes_only_its_own_leftovers() {
+    let k = kernel(false);
+    let kept = blackhole("172.16.241.64/26");
+    k.route(installed(&kept, OURS, None))
+        .route(installed(&blackhole("172.16.9.0/26"), OURS, None))
+        .route(installed(
+            &direct("10.1.0.0/16", "192.168.92.1"),
+            BOOT,
+            Some(NIC),
+        ));
+    let mut dp = open(&k);
+    assert_eq!(dp.status().installed_routes, 2, "ours adopted");
+    assert_eq!(
+        dp.reconcile(),
+        ApplyReport::default(),
+        "no plan yet: nothing deleted"
+    );
+    assert!(k.log().is_empty());
+    let new = direct("172.16.196.128/26", "192.168.92.129");
+    dp.set_desired([&kept, &new]);
+    let report = dp.reconcile();
+    assert_eq!((report.added, report.deleted, report.replaced), (1, 1, 0));
+    assert_eq!(
+        k.log(),
+        log(&[("add", "172.16.196.128/26"), ("delete", "172.16.9.0/26")]),
+        "adds before deletes; the adopted route as planned is not touched"
+    );
+    assert!(
+        k.table().contains(&("10.1.0.0/16".into(), BOOT)),
+        "another owner's route stays"
+    );
+    assert_eq!(dp.reconcile(), ApplyReport::default(), "in sync");
+}
+
+#[test]
+fn another_owners_route_satisfies_the_plan_when_identical_and_is_never_touched() {
+    let k = kernel(false);
+    let pod = workload("172.16.241.69/32");
+    let held = direct("172.16.196.128/26", "192.168.92.129");
+    // The CNI plugin's identical pod route; someone else's different route at a block.
+    k.route(installed(&pod, BOOT, Some(CALI))).route(installed(
+        &direct("172.16.196.128/26", "192.168.92.200"),
+        BOOT,
+        Some(NIC),
+    ));
+    let mut dp = open(&k);
+    dp.set_desired([&pod, &held]);
+    let report = dp.reconcile();
+    assert_eq!(report.changes(), 1, "one failure, no request: {report:?}");
+    assert!(k.log().is_empty(), "nothing sent to the kernel");
+    let status = dp.status();
+    assert_eq!(
+        status.by_other_owner,
+        vec![OtherOwner {
+            prefix: net("172.16.241.69/32"),
+            protocol: BOOT
+        }]
+    );
+    assert_eq!(status.failures.len(), 1);
+    assert_eq!(
+        status.failures[0].error,
+        RouteError::Occupied {
+            protocol: Some(BOOT)
+        }
+    );
+    assert_eq!(status.programmed_by_kind[RouteKind::Workload.index()], 1);
+    // The other owner removes its route (the monitor says so): ours goes in.
+    let theirs = k
+        .state()
+        .routes
+        .remove(&installed(&held, BOOT, Some(NIC)).key)
+        .unwrap();
+    let (dirty, resync) = dp.absorb(vec![Event::RouteRemoved(theirs)]);
+    assert!(!resync);
+    dp.reconcile_some(&dirty);
+    assert_eq!(k.log(), log(&[("add", "172.16.196.128/26")]));
+    assert!(dp.status().failures.is_empty());
+}
+
+#[test]
+fn an_add_refused_with_eexist_looks_up_the_route_in_the_way() {
+    let k = kernel(false);
+    let mut dp = open(&k);
+    let want = direct("172.16.196.128/26", "192.168.92.129");
+    dp.set_desired([&want]);
+    // Added behind the dataplane's back after its last read, and different from the plan.
+    k.route(installed(
+        &direct("172.16.196.128/26", "192.168.92.7"),
+        4,
+        Some(NIC),
+    ));
+    let report = dp.reconcile();
+    assert_eq!(report.failed, 1);
+    assert_eq!(
+        dp.status().failures[0].error,
+        RouteError::Occupied { protocol: Some(4) }
+    );
+    assert!(k.log().is_empty());
+}
+
+#[test]
+fn a_delta_reconciles_only_its_prefixes() {
+    let k = kernel(false);
+    let mut dp = open(&k);
+    let a = blackhole("172.16.241.64/26");
+    let b = direct("172.16.196.128/26", "192.168.92.129");
+    dp.set_desired([&a, &b]);
+    dp.reconcile();
+    k.log();
+    let moved = direct("172.16.196.128/26", "192.168.92.130");
+    let c = direct("172.16.10.0/26", "192.168.92.131");
+    let dirty = dp.apply_delta(vec![
+        RouteChange::Upsert(moved),
+        RouteChange::Upsert(c),
+        RouteChange::Upsert(a.clone()),
+        RouteChange::Remove(net("172.16.241.64/26")),
+    ]);
+    assert_eq!(
+        dirty,
+        vec![
+            net("172.16.10.0/26"),
+            net("172.16.196.128/26"),
+            net("172.16.241.64/26")
+        ]
+    );
+    dp.reconcile_some(&dirty);
+    assert_eq!(
+        k.log(),
+        log(&[
+            ("add", "172.16.10.0/26"),
+            ("replace", "172.16.196.128/26"),
+            ("delete", "172.16.241.64/26"),
+        ])
+    );
+    let unchanged = dp.apply_delta(vec![RouteChange::Upsert(direct(
+        "172.16.10.0/26",
+        "192.168.92.131",
+    ))]);
+    assert!(unchanged.is_empty(), "the same route again changes nothing");
+}
+
+#[test]
+fn routes_wait_for_a_missing_device_and_go_in_when_it_appears() {
+    let k = kernel(false);
+    let mut dp = open(&k);
+    let route = ipip("172.16.10.0/26", "192.168.93.130");
+    dp.set_desired([&route]);
+    dp.reconcile();
+    assert!(k.log().is_empty());
+    assert_eq!(
+        dp.status().failures[0].error,
+        RouteError::MissingDevice("tunl0".into())
+    );
+    k.link(TUNL0, "tunl0");
+    let (dirty, resync) = dp.absorb(vec![Event::LinkChanged(LinkInfo {
+        index: TUNL0,
+        name: Some("tunl0".into()),
+        up: true,
+        running: true,
+        mtu: Some(1480),
+    })]);
+    assert!(!resync);
+    assert_eq!(dirty, vec![net("172.16.10.0/26")]);
+    dp.reconcile_some(&dirty);
+    assert_eq!(k.log(), log(&[("add", "172.16.10.0/26")]));
+    assert!(dp.status().failures.is_empty());
+}
+
+#[test]
+fn the_tunnel_table_follows_the_desired_ipip_routes() {
+    let k = kernel(true);
+    // The previous run's route through tunl0, adopted at open.
+    let old = ipip("172.16.9.0/26", "192.168.93.140");
+    k.route(installed(&old, OURS, Some(TUNL0)));
+    let mut dp = open(&k);
+    let remotes =
+        |dp: &Dataplane<SimKernel>| -> Vec<(Ipv4Net, Ipv4Addr)> { dp.tunnels.ipip_remotes() };
+    let v4 = |n: &str| n.parse::<Ipv4Net>().unwrap();
+    let a4 = |a: &str| a.parse::<Ipv4Addr>().unwrap();
+    assert_eq!(
+        remotes(&dp),
+        vec![(v4("172.16.9.0/26"), a4("192.168.93.140"))],
+        "until the first plan, the adopted routes"
+    );
+    dp.set_desired([
+        &ipip("172.16.196.128/26", "192.168.93.130"),
+        &direct("172.16.10.0/26", "192.168.92.129"),
+        &blackhole("172.16.241.64/26"),
+    ]);
+    assert_eq!(
+        remotes(&dp),
+        vec![(v4("172.16.196.128/26"), a4("192.168.93.130"))],
+        "the first full plan replaces them; IPIP routes only"
+    );
+    dp.apply_delta(vec![
+        RouteChange::Upsert(ipip("172.16.10.0/26", "192.168.93.131")),
+        RouteChange::Upsert(direct("172.16.196.128/26", "192.168.92.130")),
+    ]);
+    assert_eq!(
+        remotes(&dp),
+        vec![(v4("172.16.10.0/26"), a4("192.168.93.131"))],
+        "a route moving into the tunnel enters it, one leaving it goes"
+    );
+    dp.apply_delta(vec![RouteChange::Remove(net("172.16.10.0/26"))]);
+    assert!(remotes(&dp).is_empty());
+    dp.set_desired([&ipip("172.16.20.0/26", "192.168.93.150")]);
+    assert_eq!(
+        remotes(&dp),
+        vec![(v4("172.16.20.0/26"), a4("192.168.93.150"))]
+    );
+}
+
+#[test]
+fn link_facts_follow_the_monitor() {
+    let k = kernel(false);
+    let mut dp = open(&k);
+    let mut facts = dp.link_facts();
+    assert_eq!(facts.borrow().has_carrier("ens33"), Some(true));
+    assert_eq!(
+        facts.borrow_and_update().named_with_prefix("cali"),
+        ["cali67beaa0e9f4".to_string()].into()
+    );
+    dp.absorb(vec![
+        Event::LinkChanged(LinkInfo {
+            index: NIC,
+            name: Some("ens33".into()),
+            up: true,
+            running: false,
+            mtu: Some(1500),
+        }),
+        Event::LinkChanged(LinkInfo {
+            index: 9,
+            name: Some("cali0fd794bcf81".into()),
+            up: true,
+            running: true,
+            mtu: Some(1500),
+        }),
+        Event::LinkRemoved(LinkInfo {
+            index: CALI,
+            name: Some("cali67beaa0e9f4".into()),
+            up: false,
+            running: false,
+            mtu: None,
+        }),
+    ]);
+    assert!(facts.has_changed().unwrap());
+    let now = facts.borrow_and_update().clone();
+    assert_eq!(now.has_carrier("ens33"), Some(false), "carrier lost");
+    assert_eq!(now.has_carrier("eth9"), None);
+    assert_eq!(
+        now.named_with_prefix("cali"),
+        ["cali0fd794bcf81".to_string()].into()
+    );
+    // A link event that changes no fact publishes nothing.
+    dp.absorb(vec![Event::LinkChanged(LinkInfo {
+        index: 9,
+        name: Some("cali0fd794bcf81".into()),
+        up: true,
+        running: true,
+        mtu: Some(9000),
+    })]);
+    assert!(!facts.has_changed().unwrap());
+}
