@@ -981,6 +981,10 @@ impl Core {
         self.next_id += 1;
         self.rib
             .add_peer(id, cfg.rib_peer(IpAddr::V4(self.cfg.router_id)));
+        // Unbounded, but never long: the core must not wait on a session (the session waits
+        // on the core's bounded event channel), and the session task moves each command on at
+        // once; the bytes of UPDATEs then wait in the connection's writer queue, which is
+        // bounded (`session::MAX_UNSENT_BYTES`: a peer that stops reading is disconnected).
         let (tx, rx) = mpsc::unbounded_channel();
         let fsm = self.fsm_config(&cfg);
         let gr_cap = fsm.graceful_restart.clone();
