@@ -186,8 +186,11 @@ pub struct Ipip<K: IpipKernel = NetlinkIpip> {
     kernel: K,
     /// `--ipip-dataplane` as asked.
     asked: IpipDataplane,
-    /// The planned device; `None` until a plan wants one.
+    /// The device last planned; `None` until a plan wants one. Kept when a later plan has
+    /// none (its sources and pools stay in the forwarder's table).
     wanted: Option<IpipTunnel>,
+    /// The last plan wants the device: it is set up, repaired and retried.
+    active: bool,
     status: IpipStatus,
     last_attempt: Option<Instant>,
     forwarder: Option<K::Forwarder>,
@@ -213,6 +216,7 @@ impl<K: IpipKernel> Ipip<K> {
             kernel,
             asked,
             wanted: None,
+            active: false,
             status: IpipStatus::default(),
             last_attempt: None,
             forwarder: None,
@@ -319,6 +323,7 @@ impl<K: IpipKernel> Ipip<K> {
     /// A new tunnel plan: `Some` keeps the device as planned (set up now when it changed),
     /// `None` leaves it as it is.
     pub async fn apply(&mut self, planned: Option<IpipTunnel>) {
+        self.active = planned.is_some();
         let Some(planned) = planned else {
             return;
         };
@@ -344,7 +349,7 @@ impl<K: IpipKernel> Ipip<K> {
     /// Sets the planned device up when it is not as planned (retried every
     /// [`RETRY_INTERVAL`] while it fails).
     async fn ensure(&mut self) {
-        let Some(wanted) = &self.wanted else {
+        let Some(wanted) = self.wanted.as_ref().filter(|_| self.active) else {
             return;
         };
         let spec = TunnelSpec {
@@ -604,10 +609,25 @@ mod tests {
             )],
             "a new address: the device again, the same forwarder, no second probe"
         );
-        // A plan without IPIP leaves the device alone.
+        // A plan without IPIP leaves the device alone, and a forwarder that dies then is
+        // not started again.
         ipip.apply(None).await;
         ipip.maintain().await;
         assert_eq!(fake.calls(), vec![]);
+        if let Some(f) = &ipip.forwarder {
+            *f.0.lock().unwrap() = true;
+        }
+        ipip.maintain().await;
+        assert_eq!(fake.calls(), vec![]);
+        // IPIP again: the device as planned, and a new forwarder for the dead one.
+        ipip.apply(Some(tunnel("172.16.241.70"))).await;
+        assert_eq!(
+            fake.calls(),
+            vec![
+                Call::Device(IpipDataplane::Userspace, Some(a("172.16.241.70"))),
+                Call::Forwarder(a("192.168.92.128")),
+            ]
+        );
     }
 
     #[tokio::test]
