@@ -22,6 +22,7 @@ pub mod autodetect;
 pub mod best_paths;
 pub mod condition;
 pub mod config;
+pub mod flannel;
 pub mod intent;
 pub mod listen;
 pub mod peers;
@@ -87,6 +88,8 @@ pub struct Startup {
     /// The Kubernetes API (kubernetes datastore): the Node condition and the tunnel address
     /// are written through it. `None` with the YAML-directory datastore.
     pub client: Option<kube::Client>,
+    /// flannel mode (`--model flannel`): its config and state.
+    pub flannel: Option<flannel::FlannelMode>,
 }
 
 /// Aborts a background task when dropped (with the agent).
@@ -129,7 +132,12 @@ pub async fn start_datastore(
                  use --datastore-type dir:PATH to run without one",
             )?;
             (
-                datastore::kube::spawn_with(client.clone(), node, args.datastore_wipe_confirm),
+                datastore::kube::spawn_with_options(
+                    client.clone(),
+                    node,
+                    args.datastore_wipe_confirm,
+                    args.model == flannel::Model::Flannel,
+                ),
                 Some(client),
             )
         }
@@ -268,6 +276,8 @@ pub struct Agent {
     /// Allocates/releases the tunnel address in IPAM (kubernetes datastore only); when set,
     /// `tunl0` takes only the annotated address, never a guessed one.
     tunnel_addr: Option<AbortOnDrop>,
+    /// flannel mode: routes and tunnels from flannel's leases (see [`flannel`]).
+    flannel: Option<flannel::FlannelMode>,
 }
 
 /// Keeps `tunl0` in place while some pool uses IPIP.
@@ -333,6 +343,7 @@ impl Agent {
             board,
             secrets,
             client,
+            flannel,
         } = startup;
         let state = datastore
             .state
@@ -445,6 +456,7 @@ impl Agent {
             tunnel_addr: client.map(|client| {
                 AbortOnDrop(tunnel_addr::spawn(client, node_for_task, state_for_task))
             }),
+            flannel,
         };
         if !adopted_tunnel_routes.is_empty() {
             let remotes = adopted_tunnel_routes
@@ -635,6 +647,9 @@ impl Agent {
 
     /// A new cluster state: sessions, announcements, plan.
     async fn apply_state(&mut self, at: Instant) -> anyhow::Result<()> {
+        if let Some(f) = &self.flannel {
+            self.state = f.adapt_state(self.state.clone());
+        }
         let state = self.state.clone();
         self.metrics.datastore_revision.set(state.revision as i64);
         for kind in crate::model::Kind::ALL
@@ -672,7 +687,15 @@ impl Agent {
         }
 
         // Export policy before sessions and announcements: nothing outside it is ever sent.
-        let rules = intent::export_rules(&state);
+        let mut rules = intent::export_rules(&state);
+        if let Some(f) = &self.flannel {
+            rules.allow.extend(f.networks());
+            rules.aggregates.extend(f.own_prefixes(&state));
+            rules.allow.sort();
+            rules.allow.dedup();
+            rules.aggregates.sort();
+            rules.aggregates.dedup();
+        }
         if self.export_rules.as_ref() != Some(&rules) {
             debug!(
                 allow = rules.allow.len(),
@@ -752,6 +775,9 @@ impl Agent {
                 .set(i64::try_from(count).unwrap_or(i64::MAX));
         }
         let mut wanted = intent::advertisements(&state);
+        if let Some(f) = &self.flannel {
+            wanted.extend(f.own_prefixes(&state));
+        }
         wanted.extend(service_prefixes.keys().copied());
         self.service_rows = service_prefixes
             .iter()
@@ -821,7 +847,21 @@ impl Agent {
         );
         // What this node announces (its blocks, service prefixes) is never routed to a peer
         // that announces it too: every node announces the service CIDRs.
-        let planner = Planner::new(&input).originating(self.announced.iter().copied());
+        let mut planner = Planner::new(&input).originating(self.announced.iter().copied());
+        if let Some(f) = self.flannel.as_mut() {
+            let ipv6 = self
+                .address6
+                .or_else(|| self.state.local().and_then(|n| n.ipv6));
+            let local = f.local(&self.state, &self.node, self.address, ipv6, &self.nic);
+            let (routes, tunnels) = f.replan(&self.state, &local, &self.metrics);
+            planner = planner.with_datastore_routes(routes);
+            // Devices and VTEP entries before the routes through them.
+            if self.deferral.is_none()
+                && let Some(tunnels) = f.tunnels_to_send(&tunnels)
+            {
+                self.send_plan(PlanUpdate::Tunnels(tunnels), at, trigger);
+            }
+        }
         if self.streaming && self.planner.as_ref() == Some(&planner) {
             return;
         }
@@ -1253,7 +1293,12 @@ impl Agent {
             },
             peers: report::peer_rows(&self.peer_status, &self.peers_by_addr()),
             peer_summary: None,
-            config_warnings: self.peer_warnings.clone(),
+            config_warnings: self
+                .peer_warnings
+                .iter()
+                .cloned()
+                .chain(self.flannel.iter().flat_map(|f| f.warning_lines()))
+                .collect(),
             service_prefixes: self.service_rows.clone(),
         };
         status
@@ -1586,6 +1631,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             )
         }
     };
+    let flannel = match args.model {
+        flannel::Model::Calico => None,
+        flannel::Model::Flannel => {
+            let mode = tokio::select! {
+                m = flannel::wait_net_conf(&args, client.as_ref(), &board, &metrics) => m,
+                _ = termination() => return Ok(()),
+            };
+            Some(mode)
+        }
+    };
     let secrets = match (&client, args.datastore_type.parse::<DatastoreSpec>()) {
         (Some(client), _) => datastore::secrets::SecretSource::Kube {
             client: client.clone(),
@@ -1598,11 +1653,25 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         && !args.no_annotate
     {
         let wanted = annotate::wanted_annotations(addresses.v4, addresses.v6, args.as_number);
-        match annotate::ensure_annotations(client, &node, &wanted).await {
+        match annotate::ensure_annotations(client.clone(), &node, &wanted).await {
             Ok(true) => info!(node, ?wanted, "node annotations written"),
             Ok(false) => debug!(node, "node annotations already right"),
             // Peers may still find this node by its InternalIP; keep running.
             Err(e) => warn!(error = %e, "cannot write the node's annotations"),
+        }
+        if let Some(f) = &flannel {
+            let latest = datastore.state.latest().unwrap_or(state.clone());
+            let local = f.local(&latest, &node, addresses.v4, addresses.v6, &nic);
+            let wanted = f.annotations(&local);
+            match annotate::ensure_annotations(client, &node, &wanted).await {
+                Ok(true) => info!(node, ?wanted, "flannel node annotations written"),
+                Ok(false) => debug!(node, "flannel node annotations already right"),
+                Err(e) => warn!(
+                    error = %e,
+                    "cannot write the node's flannel annotations; flanneld nodes do not route \
+                     to this node until they are written"
+                ),
+            }
         }
     }
     let startup = Startup {
@@ -1616,6 +1685,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         board,
         secrets,
         client,
+        flannel,
     };
     let (agent, dataplane) = Agent::start(args, startup).await?;
     agent.run(dataplane, termination()).await

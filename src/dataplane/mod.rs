@@ -311,6 +311,10 @@ pub enum PlanUpdate {
     /// The routes of single prefixes changed (BGP best-path changes): only these prefixes
     /// are reconciled.
     Delta(Vec<RouteChange>),
+    /// Every tunnel device and remote VTEP the node must have (complete, like `Full`); sent
+    /// before the routes that use them. The VXLAN module (issue 17) makes the kernel match;
+    /// until it is connected the dataplane keeps the plan and changes nothing.
+    Tunnels(crate::plan::tunnels::TunnelPlan),
 }
 
 /// One prefix of a [`PlanUpdate::Delta`].
@@ -1501,6 +1505,14 @@ impl Dataplane {
                 None
             }
             PlanUpdate::Delta(changes) => Some(self.apply_delta(changes)),
+            PlanUpdate::Tunnels(tunnels) => {
+                tracing::debug!(
+                    devices = tunnels.vxlan.len(),
+                    vteps = tunnels.vxlan_peers.len(),
+                    "tunnel plan received (VXLAN devices are not programmed by this build)"
+                );
+                Some(Vec::new())
+            }
         }
     }
 

@@ -271,9 +271,10 @@ mod tests {
         let before = crate::model::NodeInfo::from_node(&node).unwrap();
         slim_node(&mut node);
         assert_eq!(crate::model::NodeInfo::from_node(&node).unwrap(), before);
-        assert!(before.flannel.as_ref().is_some_and(|f| f
-            .as_ref()
-            .is_ok_and(|f| f.vtep_mac.is_some() && f.pod_cidr_v4.is_some())));
+        assert!(before.flannel.as_ref().is_some_and(|f| {
+            f.as_ref()
+                .is_ok_and(|f| f.vtep_mac.is_some() && f.pod_cidr_v4.is_some())
+        }));
         assert_eq!(
             node.metadata.annotations.as_ref().map(BTreeMap::len),
             Some(2)

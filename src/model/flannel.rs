@@ -30,8 +30,7 @@ pub const ANNOTATION_PREFIX: &str = "flannel.alpha.coreos.com/";
 pub const ANNOTATION_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
 pub const ANNOTATION_PUBLIC_IPV6: &str = "flannel.alpha.coreos.com/public-ipv6";
 pub const ANNOTATION_PUBLIC_IP_OVERWRITE: &str = "flannel.alpha.coreos.com/public-ip-overwrite";
-pub const ANNOTATION_PUBLIC_IPV6_OVERWRITE: &str =
-    "flannel.alpha.coreos.com/public-ipv6-overwrite";
+pub const ANNOTATION_PUBLIC_IPV6_OVERWRITE: &str = "flannel.alpha.coreos.com/public-ipv6-overwrite";
 pub const ANNOTATION_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
 pub const ANNOTATION_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
 pub const ANNOTATION_BACKEND_V6_DATA: &str = "flannel.alpha.coreos.com/backend-v6-data";
@@ -443,13 +442,16 @@ fn parse_ip<A: std::str::FromStr>(
         });
     match value {
         None => Ok(None),
-        Some((annotation, v)) => v.trim().parse::<A>().map(Some).map_err(|_| {
-            FlannelNodeError::BadAnnotation {
-                annotation,
-                value: v.clone(),
-                expected,
-            }
-        }),
+        Some((annotation, v)) => {
+            v.trim()
+                .parse::<A>()
+                .map(Some)
+                .map_err(|_| FlannelNodeError::BadAnnotation {
+                    annotation,
+                    value: v.clone(),
+                    expected,
+                })
+        }
     }
 }
 
@@ -544,7 +546,10 @@ pub fn own_annotations(
         ANNOTATION_BACKEND_TYPE.to_string(),
         backend.type_name().to_string(),
     );
-    out.insert(ANNOTATION_KUBE_SUBNET_MANAGER.to_string(), "true".to_string());
+    out.insert(
+        ANNOTATION_KUBE_SUBNET_MANAGER.to_string(),
+        "true".to_string(),
+    );
     if let Some(ip) = public_ip {
         out.insert(ANNOTATION_PUBLIC_IP.to_string(), ip.to_string());
         out.insert(ANNOTATION_BACKEND_DATA.to_string(), data(vtep_mac));
@@ -652,10 +657,14 @@ mod tests {
             err(r#"{"Network": "10.244.0.0/16", "EnableIPv6": "yes", "Backend": {}}"#)
                 .contains("EnableIPv6 is \"yes\", expected true or false")
         );
-        assert!(err(r#"{"EnableIPv4": false, "Backend": {"Type": "vxlan"}}"#).contains("both false"));
         assert!(
-            err(r#"{"EnableIPv6": true, "Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
-                .contains("IPv6Network is missing")
+            err(r#"{"EnableIPv4": false, "Backend": {"Type": "vxlan"}}"#).contains("both false")
+        );
+        assert!(
+            err(
+                r#"{"EnableIPv6": true, "Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#
+            )
+            .contains("IPv6Network is missing")
         );
     }
 
@@ -711,7 +720,10 @@ mod tests {
                 (ANNOTATION_PUBLIC_IP_OVERWRITE, "203.0.113.9"),
                 (ANNOTATION_PUBLIC_IPV6, "fd00::22"),
                 (ANNOTATION_BACKEND_DATA, "null"),
-                (ANNOTATION_BACKEND_V6_DATA, r#"{"VtepMAC":"fa:16:3e:d5:28:07"}"#),
+                (
+                    ANNOTATION_BACKEND_V6_DATA,
+                    r#"{"VtepMAC":"fa:16:3e:d5:28:07"}"#,
+                ),
             ],
         );
         n.spec.as_mut().unwrap().pod_cidrs =
@@ -739,8 +751,7 @@ mod tests {
         );
         assert!(bad(None, &[(ANNOTATION_PUBLIC_IP, "node1")]).contains("is not an IPv4 address"));
         assert!(
-            bad(None, &[(ANNOTATION_BACKEND_DATA, r#"{"VtepMAC":"zz"}"#)])
-                .contains("backend-data")
+            bad(None, &[(ANNOTATION_BACKEND_DATA, r#"{"VtepMAC":"zz"}"#)]).contains("backend-data")
         );
         assert!(bad(None, &[(ANNOTATION_BACKEND_DATA, "{not json")]).contains("backend-data"));
         assert!(bad(None, &[(ANNOTATION_BACKEND_DATA, "[1]")]).contains("backend-data"));

@@ -79,7 +79,11 @@ pub enum FlannelWarning {
     /// A Node's lease is of another backend.
     OtherBackend { node: String, backend: String },
     /// Two Nodes hold the same podCIDR; the first by name is routed.
-    DuplicateCidr { node: String, cidr: IpNet, holder: String },
+    DuplicateCidr {
+        node: String,
+        cidr: IpNet,
+        holder: String,
+    },
     /// `host-gw` needs every node in this node's subnet.
     HostGwNotInSubnet { node: String, public_ip: IpAddr },
 }
@@ -165,7 +169,12 @@ impl Family {
 pub fn plan<'a>(
     local: &FlannelLocal,
     conf: &NetConf,
-    nodes: impl IntoIterator<Item = (&'a str, Option<Result<&'a FlannelNode, &'a FlannelNodeError>>)>,
+    nodes: impl IntoIterator<
+        Item = (
+            &'a str,
+            Option<Result<&'a FlannelNode, &'a FlannelNodeError>>,
+        ),
+    >,
 ) -> FlannelPlan {
     let mut warnings = BTreeSet::new();
     let mut routes: BTreeMap<IpNet, (String, DesiredRoute)> = BTreeMap::new();
@@ -180,7 +189,10 @@ pub fn plan<'a>(
             network: IpNet::V4(net),
             device: VXLAN_DEVICE_V4,
             local_addr: local.ipv4.map(IpNet::V4),
-            local_cidr: local.lease.as_ref().and_then(|l| l.pod_cidr_v4.map(IpNet::V4)),
+            local_cidr: local
+                .lease
+                .as_ref()
+                .and_then(|l| l.pod_cidr_v4.map(IpNet::V4)),
             mac: local.vtep_mac,
         });
     }
@@ -191,7 +203,10 @@ pub fn plan<'a>(
             network: IpNet::V6(net),
             device: VXLAN_DEVICE_V6,
             local_addr: local.ipv6.map(IpNet::V6),
-            local_cidr: local.lease.as_ref().and_then(|l| l.pod_cidr_v6.map(IpNet::V6)),
+            local_cidr: local
+                .lease
+                .as_ref()
+                .and_then(|l| l.pod_cidr_v6.map(IpNet::V6)),
             mac: local.vtep_mac_v6,
         });
     }
@@ -501,11 +516,7 @@ mod tests {
             vtep_mac: own.vtep_mac.unwrap(),
             vtep_mac_v6: MacAddr::from_seed(name),
         };
-        plan(
-            &local,
-            conf,
-            nodes.iter().map(|(n, l)| (*n, Some(Ok(l)))),
-        )
+        plan(&local, conf, nodes.iter().map(|(n, l)| (*n, Some(Ok(l)))))
     }
 
     /// The `flannel.1` lines of a seed's `route -n` output.
@@ -612,9 +623,8 @@ mod tests {
         // "vxlan"}}`; docker1 172.16.70.191 holds 10.0.65.0/24, docker2 172.16.70.192 holds
         // 10.0.32.0/24 with `{"PublicIP":"172.16.70.192","BackendType":"vxlan",
         // "BackendData":{"VtepMAC":"4e:75:5c:b8:d8:8e"}}` (docker1's MAC is not shown).
-        let conf = conf(
-            r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}"#,
-        );
+        let conf =
+            conf(r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}"#);
         let nodes = vec![
             (
                 "docker1",
@@ -657,7 +667,8 @@ mod tests {
         ];
         let p = plan_for("node-a", &nodes, &conf, 24);
         let (routes, _, fdb) = tables(&p);
-        let seed_route = "x.x.16.0       x.x.16.0       255.255.255.0   UG    0      0        0 flannel.1";
+        let seed_route =
+            "x.x.16.0       x.x.16.0       255.255.255.0   UG    0      0        0 flannel.1";
         assert_eq!(routes, norm(&seed_route.replace("x.x", "10.16")));
         assert_eq!(
             fdb,
@@ -739,8 +750,14 @@ mod tests {
         let mut nodes = seed000();
         nodes[1].1.vtep_mac = None; // node1: flanneld not yet started there
         nodes[2].1.backend_type = Some("wireguard".into());
-        nodes.push(("outside", lease("10.9.0.0/24", "192.168.0.40", "02:00:00:00:00:02")));
-        nodes.push(("zz-dup", lease("10.244.2.0/24", "192.168.0.41", "02:00:00:00:00:03")));
+        nodes.push((
+            "outside",
+            lease("10.9.0.0/24", "192.168.0.40", "02:00:00:00:00:02"),
+        ));
+        nodes.push((
+            "zz-dup",
+            lease("10.244.2.0/24", "192.168.0.41", "02:00:00:00:00:03"),
+        ));
         nodes[4].1.backend_type = Some("vxlan".into());
         nodes[2].1.backend_type = Some("vxlan".into());
         nodes.push(("nolease", FlannelNode::default()));
@@ -770,9 +787,18 @@ mod tests {
         let text: Vec<String> = p.warnings.iter().map(ToString::to_string).collect();
         let has = |needle: &str| text.iter().any(|t| t.contains(needle));
         assert!(has("Node \"node1\": no VtepMAC"), "{text:?}");
-        assert!(has("Node \"outside\": podCIDR 10.9.0.0/24 is outside"), "{text:?}");
-        assert!(has("Node \"zz-dup\": podCIDR 10.244.2.0/24 is also Node \"node2\"'s"), "{text:?}");
-        assert!(has("Node \"broken\": spec.podCIDR(s) entry \"x\""), "{text:?}");
+        assert!(
+            has("Node \"outside\": podCIDR 10.9.0.0/24 is outside"),
+            "{text:?}"
+        );
+        assert!(
+            has("Node \"zz-dup\": podCIDR 10.244.2.0/24 is also Node \"node2\"'s"),
+            "{text:?}"
+        );
+        assert!(
+            has("Node \"broken\": spec.podCIDR(s) entry \"x\""),
+            "{text:?}"
+        );
         assert_eq!(p.warnings.len(), 4, "{text:?}");
 
         nodes[2].1.backend_type = Some("host-gw".into());
