@@ -1,0 +1,364 @@
+//! flannel mode end to end through the YAML-directory datastore: seed 000's cluster, written
+//! as `kubectl get nodes -o yaml` and flannel's own manifest print it, read by the datastore
+//! and planned for each node; the tables equal the seed's `route -n`, `arp -n` and
+//! `bridge fdb`, and follow a Node's change.
+//!
+//! With root, the agent itself runs in flannel mode in a network namespace (where `flannel.1`
+//! already exists, as on a node that ran flanneld): it programs flanneld's routes through it,
+//! writes `subnet.env`, and starts no BGP mesh.
+
+mod netns;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use podroute::agent::flannel::{FlannelMode, NetConfSource, load};
+use podroute::plan::flannel::tables;
+use podroute::state::{ClusterState, StateRx};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// flannel's manifest (`kube-flannel.yml`), the parts podroute reads.
+const KUBE_FLANNEL_YML: &str = r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: kube-flannel
+---
+kind: ConfigMap
+apiVersion: v1
+metadata:
+  name: kube-flannel-cfg
+  namespace: kube-flannel
+  labels:
+    tier: node
+    app: flannel
+data:
+  cni-conf.json: |
+    {
+      "name": "cbr0",
+      "cniVersion": "0.3.1",
+      "plugins": [{"type": "flannel", "delegate": {"hairpinMode": true, "isDefaultGateway": true}}]
+    }
+  net-conf.json: |
+    {
+      "Network": "10.244.0.0/16",
+      "Backend": {
+        "Type": "vxlan"
+      }
+    }
+"#;
+
+/// One Node as flanneld's kube subnet manager leaves it.
+fn node_yaml(name: &str, ip: &str, cidr: &str, mac: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Node
+metadata:
+  name: {name}
+  annotations:
+    flannel.alpha.coreos.com/backend-data: '{{"VNI":1,"VtepMAC":"{mac}"}}'
+    flannel.alpha.coreos.com/backend-type: vxlan
+    flannel.alpha.coreos.com/kube-subnet-manager: "true"
+    flannel.alpha.coreos.com/public-ip: {ip}
+    node.alpha.kubernetes.io/ttl: "0"
+spec:
+  podCIDR: {cidr}
+  podCIDRs:
+  - {cidr}
+status:
+  addresses:
+  - type: InternalIP
+    address: {ip}
+  - type: Hostname
+    address: {name}
+"#
+    )
+}
+
+/// Seed 000: master 192.168.0.39, node1 192.168.0.22, node2 192.168.0.8.
+fn seed000_nodes(node1_mac: &str) -> String {
+    [
+        node_yaml(
+            "master",
+            "192.168.0.39",
+            "10.244.0.0/24",
+            "fe:be:87:93:06:e2",
+        ),
+        node_yaml("node1", "192.168.0.22", "10.244.1.0/24", node1_mac),
+        node_yaml("node2", "192.168.0.8", "10.244.2.0/24", "0a:72:bf:3f:cd:40"),
+    ]
+    .join("---\n")
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+async fn wait_for(
+    rx: &mut StateRx,
+    what: &str,
+    pred: impl FnMut(&ClusterState) -> bool,
+) -> Arc<ClusterState> {
+    match tokio::time::timeout(WAIT, rx.wait_for(pred)).await {
+        Ok(Ok(state)) => state,
+        Ok(Err(e)) => panic!("{what}: {e}"),
+        Err(_) => panic!("{what}: not reached; last state: {:#?}", rx.latest()),
+    }
+}
+
+fn lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[tokio::test]
+async fn seed000_from_a_yaml_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "kube-flannel.yml", KUBE_FLANNEL_YML);
+    write(
+        dir.path(),
+        "nodes.yaml",
+        &seed000_nodes("0e:61:06:ff:7a:73"),
+    );
+    let conf = load(
+        &NetConfSource::DirConfigMap {
+            dir: dir.path().to_path_buf(),
+            name: "kube-flannel-cfg".into(),
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let mut ds = podroute::datastore::dir::spawn(dir.path(), "master", Duration::from_millis(50));
+    let state = wait_for(&mut ds.state, "three nodes", |s| s.nodes.len() == 3).await;
+    assert!(state.rejected.is_empty(), "{:?}", state.rejected);
+
+    let mut mode = FlannelMode::new(conf, "test".into(), dir.path().join("subnet.env"), false);
+    let local = mode.local(
+        &state,
+        "master",
+        Some("192.168.0.39/26".parse().unwrap()),
+        None,
+        "eth0",
+    );
+    // The VTEP MAC the Node already advertises is kept.
+    assert_eq!(local.vtep_mac.to_string(), "fe:be:87:93:06:e2");
+    let (plan, rejected) = mode.plan(&state, &local);
+    assert_eq!(rejected, 0);
+    let (routes, arp, fdb) = tables(&plan);
+    // Seed 000, on master: `route -n`, `arp -n`, `bridge fdb`.
+    assert_eq!(
+        routes,
+        lines(
+            "10.244.1.0 10.244.1.0 255.255.255.0 UG 0 0 0 flannel.1
+             10.244.2.0 10.244.2.0 255.255.255.0 UG 0 0 0 flannel.1"
+        )
+    );
+    assert_eq!(
+        arp,
+        lines(
+            "10.244.1.0 ether 0e:61:06:ff:7a:73 CM flannel.1
+             10.244.2.0 ether 0a:72:bf:3f:cd:40 CM flannel.1"
+        )
+    );
+    assert_eq!(
+        fdb,
+        lines(
+            "0a:72:bf:3f:cd:40 dev flannel.1 dst 192.168.0.8 self permanent
+             0e:61:06:ff:7a:73 dev flannel.1 dst 192.168.0.22 self permanent"
+        )
+    );
+    // The annotations podroute writes for master are the ones flanneld wrote.
+    let wanted = mode.annotations(&local);
+    assert_eq!(
+        wanted["flannel.alpha.coreos.com/backend-data"],
+        r#"{"VNI":1,"VtepMAC":"fe:be:87:93:06:e2"}"#
+    );
+    assert_eq!(wanted["flannel.alpha.coreos.com/public-ip"], "192.168.0.39");
+
+    // node1's flanneld restarts with a new VTEP (its flannel.1 recreated): the FDB and
+    // neighbour entries follow, the route stays.
+    write(
+        dir.path(),
+        "nodes.yaml",
+        &seed000_nodes("0e:61:06:ff:7a:74"),
+    );
+    let state = wait_for(&mut ds.state, "node1's new MAC", |s| {
+        s.nodes.get("node1").is_some_and(|n| {
+            n.flannel.as_ref().is_some_and(|l| {
+                l.as_ref()
+                    .is_ok_and(|l| l.vtep_mac.is_some_and(|m| m.to_string().ends_with("74")))
+            })
+        })
+    })
+    .await;
+    let (plan2, _) = mode.plan(&state, &local);
+    assert_eq!(plan2.routes, plan.routes);
+    assert!(
+        tables(&plan2)
+            .2
+            .contains(&"0e:61:06:ff:7a:74 dev flannel.1 dst 192.168.0.22 self permanent".into())
+    );
+
+    // A broken lease is left out with its reason, and counted once.
+    write(
+        dir.path(),
+        "broken.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node3\n  annotations:\n    \
+         flannel.alpha.coreos.com/backend-data: '{\"VtepMAC\": 7}'\nspec:\n  podCIDR: \
+         10.244.3.0/24\n",
+    );
+    let state = wait_for(&mut ds.state, "node3", |s| s.nodes.len() == 4).await;
+    let (plan3, rejected) = mode.plan(&state, &local);
+    assert_eq!(rejected, 1);
+    assert_eq!(plan3.routes.len(), 2);
+    assert!(
+        mode.warning_lines()
+            .iter()
+            .any(|w| w.contains("node3") && w.contains("backend-data")),
+        "{:?}",
+        mode.warning_lines()
+    );
+    let (_, again) = mode.plan(&state, &local);
+    assert_eq!(again, 0, "a rejection standing still is not counted again");
+}
+
+/// Kills the agent it holds (a process this test started) when dropped.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn agent_in_flannel_mode_programs_flanneld_s_routes_and_writes_subnet_env() {
+    use netns::{Netns, can_run, veth};
+    if !can_run("agent_in_flannel_mode") {
+        return;
+    }
+    let ns = Netns::new("flannel-a");
+    let node1 = Netns::new("flannel-b");
+    // master's NIC (a veth to node1's namespace) and the flannel.1 flanneld made there (seed
+    // 000: `ip -d link show flannel.1`); podroute adopts it. Only inside these namespaces.
+    veth(&ns, "eth0", "192.168.0.39/26", &node1, "eth0", "192.168.0.22/26");
+    let (vxlan_ok, out) = ns.try_ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        "192.168.0.39",
+        "dev",
+        "eth0",
+        "dstport",
+        "8472",
+        "nolearning",
+    ]);
+    if !vxlan_ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the kernel's vxlan module is needed: {out}"
+        );
+        eprintln!("SKIP: no vxlan device: {out}");
+        return;
+    }
+    ns.ip(&["link", "set", "flannel.1", "address", "fe:be:87:93:06:e2"]);
+    ns.ip(&["addr", "add", "10.244.0.0/32", "dev", "flannel.1"]);
+    ns.ip(&["link", "set", "flannel.1", "up"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let datastore = dir.path().join("datastore");
+    std::fs::create_dir_all(&datastore).unwrap();
+    write(&datastore, "kube-flannel.yml", KUBE_FLANNEL_YML);
+    write(
+        &datastore,
+        "nodes.yaml",
+        &seed000_nodes("0e:61:06:ff:7a:73"),
+    );
+    let subnet_env = dir.path().join("run/flannel/subnet.env");
+    let log_path = dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let _agent = Agent(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                env!("CARGO_BIN_EXE_podroute"),
+                "agent",
+            ])
+            .args(["--nodename", "master", "--model", "flannel"])
+            .args(["--ip", "192.168.0.39/26", "--nic", "eth0"])
+            .arg("--datastore-type")
+            .arg(format!("dir:{}", datastore.display()))
+            .arg("--flannel-subnet-file")
+            .arg(&subnet_env)
+            .args(["--metrics-addr", "127.0.0.1:9091"])
+            .env_remove("IP")
+            .env_remove("PODROUTE_MODEL")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("podroute agent starts"),
+    );
+    let want = [
+        "10.244.1.0/24 via 10.244.1.0 dev flannel.1 onlink",
+        "10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut routes;
+    loop {
+        routes = ns.routes(podroute::dataplane::DEFAULT_ROUTE_PROTOCOL);
+        if routes == want && subnet_env.exists() {
+            break;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "no flannel routes: {routes:?}\n--- log\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Seed 000's flannel.1 has MTU 1450 over eth0's 1500: the CNI plugin gets the same.
+    let dummy_mtu: u32 = ns
+        .exec("cat", &["/sys/class/net/eth0/mtu"])
+        .1
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&subnet_env).unwrap(),
+        format!(
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.0.1/24\nFLANNEL_MTU={}\n\
+             FLANNEL_IPMASQ=false\n",
+            dummy_mtu - 50
+        )
+    );
+    // No node-to-node mesh in flannel mode: flanneld nodes speak no BGP.
+    let (ok, out) = ns.exec(
+        env!("CARGO_BIN_EXE_podroute"),
+        &[
+            "status",
+            "--agent",
+            "http://127.0.0.1:9091",
+            "--output",
+            "json",
+        ],
+    );
+    assert!(ok, "{out}");
+    let status: podroute::agent::status::AgentStatus = serde_json::from_str(&out).unwrap();
+    assert!(status.peers.is_empty(), "{:?}", status.peers);
+}
