@@ -249,7 +249,14 @@ fn agent_in_flannel_mode_programs_flanneld_s_routes_and_writes_subnet_env() {
     let node1 = Netns::new("flannel-b");
     // master's NIC (a veth to node1's namespace) and the flannel.1 flanneld made there (seed
     // 000: `ip -d link show flannel.1`); podroute adopts it. Only inside these namespaces.
-    veth(&ns, "eth0", "192.168.0.39/26", &node1, "eth0", "192.168.0.22/26");
+    veth(
+        &ns,
+        "eth0",
+        "192.168.0.39/26",
+        &node1,
+        "eth0",
+        "192.168.0.22/26",
+    );
     let (vxlan_ok, out) = ns.try_ip(&[
         "link",
         "add",
