@@ -8,6 +8,7 @@
 //! writes `subnet.env`, and starts no BGP mesh.
 
 mod netns;
+mod support;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -227,6 +228,91 @@ async fn seed000_from_a_yaml_directory() {
     );
     let (_, again) = mode.plan(&state, &local);
     assert_eq!(again, 0, "a rejection standing still is not counted again");
+}
+
+/// A flannel cluster seen through the API server: no Calico CRD is installed (every Calico
+/// collection answers 404), yet the datastore in flannel mode syncs with the Nodes' leases,
+/// and net-conf.json is read from the ConfigMap in `kube-flannel`.
+#[tokio::test]
+async fn kubernetes_datastore_without_calico_crds_and_the_configmap() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Node, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use support::apiserver::FakeApiServer;
+
+    let server = FakeApiServer::start().await;
+    server.serve::<Node>();
+    server.serve::<Service>();
+    server.serve::<EndpointSlice>();
+    for document in seed000_nodes("0e:61:06:ff:7a:73").split("---\n") {
+        let node: Node = serde_yaml_ng::from_str(document).unwrap();
+        server.apply(&node);
+    }
+    let cm: serde_json::Value = serde_yaml_ng::from_str(
+        KUBE_FLANNEL_YML
+            .split("---\n")
+            .nth(1)
+            .expect("the ConfigMap document"),
+    )
+    .unwrap();
+    server.apply_namespaced_json::<ConfigMap>("kube-flannel", cm);
+
+    // `false` (Calico mode) never syncs here: the IPPool list is 404.
+    let mut ds = podroute::datastore::kube::spawn_with_options(
+        server.client(),
+        "master",
+        Duration::from_secs(60),
+        true,
+    );
+    let state = tokio::time::timeout(WAIT, ds.state.synced())
+        .await
+        .expect("flannel mode syncs without Calico's CRDs")
+        .unwrap();
+    assert_eq!(state.nodes.len(), 3);
+    assert!(state.pools.is_empty() && state.peers.is_empty());
+
+    let client = server.client();
+    let conf = load(
+        &NetConfSource::ConfigMap {
+            namespace: None,
+            name: "kube-flannel-cfg".into(),
+        },
+        Some(&client),
+    )
+    .await
+    .unwrap();
+    let mut mode = FlannelMode::new(conf, "test".into(), "subnet.env".into(), false);
+    let local = mode.local(
+        &state,
+        "master",
+        Some("192.168.0.39/26".parse().unwrap()),
+        None,
+        "eth0",
+    );
+    let (plan, _) = mode.plan(&state, &local);
+    assert_eq!(
+        plan.routes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        [
+            "10.244.1.0/24 via 10.244.1.0 dev flannel.1 onlink",
+            "10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink",
+        ]
+    );
+    // In another namespace than asked: not found, said so.
+    let err = load(
+        &NetConfSource::ConfigMap {
+            namespace: Some("kube-system".into()),
+            name: "kube-flannel-cfg".into(),
+        },
+        Some(&client),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "ConfigMap kube-system/kube-flannel-cfg: not found"
+    );
 }
 
 /// Kills the agent it holds (a process this test started) when dropped.
