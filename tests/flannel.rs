@@ -440,18 +440,26 @@ fn agent_in_flannel_mode_programs_flanneld_s_routes_and_writes_subnet_env() {
             dummy_mtu - 50
         )
     );
-    // No node-to-node mesh in flannel mode: flanneld nodes speak no BGP.
-    let (ok, out) = ns.exec(
-        env!("CARGO_BIN_EXE_podroute"),
-        &[
-            "status",
-            "--agent",
-            "http://127.0.0.1:9091",
-            "--output",
-            "json",
-        ],
-    );
-    assert!(ok, "{out}");
-    let status: podroute::agent::status::AgentStatus = serde_json::from_str(&out).unwrap();
+    // Ready (its own podCIDR, subnet.env, every flannel route programmed), and no
+    // node-to-node mesh in flannel mode: flanneld nodes speak no BGP.
+    let status = loop {
+        let (ok, out) = ns.exec(
+            env!("CARGO_BIN_EXE_podroute"),
+            &[
+                "status",
+                "--agent",
+                "http://127.0.0.1:9091",
+                "--output",
+                "json",
+            ],
+        );
+        let status: Option<podroute::agent::status::AgentStatus> =
+            ok.then(|| serde_json::from_str(&out).ok()).flatten();
+        match status {
+            Some(s) if s.health.ready => break s,
+            other if Instant::now() > deadline => panic!("not ready: {other:?}"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
     assert!(status.peers.is_empty(), "{:?}", status.peers);
 }

@@ -357,6 +357,8 @@ pub struct FlannelMode {
     warnings: BTreeSet<FlannelWarning>,
     /// Rejections already counted in `podroute_invalid_objects_total`.
     counted: BTreeSet<FlannelWarning>,
+    /// The prefixes of the last plan's routes (readiness).
+    planned: BTreeSet<IpNet>,
 }
 
 impl FlannelMode {
@@ -370,6 +372,7 @@ impl FlannelMode {
             sent_tunnels: None,
             warnings: BTreeSet::new(),
             counted: BTreeSet::new(),
+            planned: BTreeSet::new(),
         }
     }
 
@@ -465,7 +468,46 @@ impl FlannelMode {
                 .inc_by(rejected as u64);
         }
         self.write_subnet_env(state, &plan.tunnels, &local.nic);
+        self.planned = plan.routes.iter().map(|r| r.prefix).collect();
         (plan.routes, plan.tunnels)
+    }
+
+    /// Why flannel mode is not ready (empty = ready): no podCIDR yet, no subnet file written,
+    /// flannel routes the dataplane failed to program (`failed`: the failed prefixes).
+    pub fn readiness<'a>(
+        &self,
+        state: &ClusterState,
+        failed: impl IntoIterator<Item = &'a IpNet>,
+    ) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if self.own_prefixes(state).is_empty() {
+            reasons.push(
+                "flannel: this node has no podCIDR inside net-conf.json's network yet".to_string(),
+            );
+        } else if self.written.is_none() {
+            reasons.push(format!(
+                "flannel: {} not written yet",
+                self.subnet_file.display()
+            ));
+        }
+        let failed: Vec<String> = failed
+            .into_iter()
+            .filter(|p| self.planned.contains(p))
+            .map(ToString::to_string)
+            .collect();
+        if !failed.is_empty() {
+            reasons.push(format!(
+                "flannel: {} route(s) to other nodes' podCIDRs not programmed: {}",
+                failed.len(),
+                failed
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        reasons
     }
 
     /// The current warnings, as text (status).
@@ -771,6 +813,65 @@ data:
             load(&source, None).await,
             Err(LoadError::NoKey { .. })
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn readiness_names_what_is_missing() {
+        let conf = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("podroute-ready-{}", std::process::id()));
+        let mut mode = FlannelMode::new(conf, "t".into(), dir.join("subnet.env"), false);
+        let mut node = k8s_openapi::api::core::v1::Node::default();
+        node.metadata.name = Some("master".into());
+        let info = crate::model::NodeInfo::from_node(&node).unwrap();
+        let mut state = ClusterState {
+            local_node: "master".into(),
+            ..ClusterState::default()
+        };
+        state.nodes.insert("master".into(), info);
+        let none: [IpNet; 0] = [];
+        assert!(mode.readiness(&state, &none)[0].contains("no podCIDR"));
+
+        node.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidr: Some("10.244.0.0/24".into()),
+            ..Default::default()
+        });
+        let mut other = node.clone();
+        other.metadata.name = Some("node1".into());
+        other.spec.as_mut().unwrap().pod_cidr = Some("10.244.1.0/24".into());
+        other.metadata.annotations = Some(own_annotations(
+            &mode.conf.backend,
+            Some("192.168.0.22".parse().unwrap()),
+            None,
+            Some(MacAddr::from_seed("node1")),
+            None,
+        ));
+        for n in [&node, &other] {
+            let info = crate::model::NodeInfo::from_node(n).unwrap();
+            state.nodes.insert(info.name.clone(), info);
+        }
+        let local = mode.local(
+            &state,
+            "master",
+            Some("192.168.0.39/26".parse().unwrap()),
+            None,
+            "eth0",
+        );
+        let metrics = crate::metrics::Metrics::new();
+        let (routes, _) = mode.replan(&state, &local, &metrics);
+        assert_eq!(routes.len(), 1);
+        assert_eq!(mode.readiness(&state, &none), Vec::<String>::new());
+        let failed = [routes[0].prefix, "10.9.0.0/24".parse().unwrap()];
+        assert_eq!(
+            mode.readiness(&state, &failed),
+            ["flannel: 1 route(s) to other nodes' podCIDRs not programmed: 10.244.1.0/24"]
+        );
+        assert!(
+            std::fs::read_to_string(dir.join("subnet.env"))
+                .unwrap()
+                .contains("10.244.0.1/24")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1412,6 +1412,10 @@ impl Agent {
         if !dp.programmed || dp.applied.is_none() {
             reasons.push("first route reconcile not applied yet".to_string());
         } else {
+            if let Some(f) = &self.flannel {
+                reasons
+                    .extend(f.readiness(&self.state, dp.failures.iter().map(|f| &f.route.prefix)));
+            }
             let missing = self.unrouted_blocks(dp);
             if !missing.is_empty() {
                 let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
