@@ -463,3 +463,138 @@ fn agent_in_flannel_mode_programs_flanneld_s_routes_and_writes_subnet_env() {
     };
     assert!(status.peers.is_empty(), "{:?}", status.peers);
 }
+
+/// flannel mode with a `BGPPeer` (a ToR, BIRD 2 here): the node announces its own podCIDR
+/// and nothing else (not the other nodes' podCIDRs it routes through the overlay).
+#[test]
+fn flannel_mode_announces_its_podcidr_to_a_bgppeer() {
+    use netns::{Netns, can_run, veth};
+    if !can_run("flannel_mode_announces_its_podcidr_to_a_bgppeer") {
+        return;
+    }
+    let bird_ok = Command::new("bird")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success() || !o.stderr.is_empty());
+    if !bird_ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "BIRD 2 (`bird`, `birdc`) is needed; install bird2 (tests/run.sh does)"
+        );
+        eprintln!("SKIP: no bird");
+        return;
+    }
+    let node = Netns::new("flannel-bgp");
+    let tor = Netns::new("flannel-tor");
+    veth(
+        &node,
+        "eth0",
+        "192.168.0.39/26",
+        &tor,
+        "eth0",
+        "192.168.0.50/26",
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let datastore = dir.path().join("datastore");
+    std::fs::create_dir_all(&datastore).unwrap();
+    write(&datastore, "kube-flannel.yml", KUBE_FLANNEL_YML);
+    write(
+        &datastore,
+        "nodes.yaml",
+        &seed000_nodes("0e:61:06:ff:7a:73"),
+    );
+    write(
+        &datastore,
+        "tor.yaml",
+        "apiVersion: crd.projectcalico.org/v1\nkind: BGPPeer\nmetadata:\n  name: tor\nspec:\n  \
+         peerIP: 192.168.0.50\n  asNumber: 65001\n",
+    );
+    let conf = dir.path().join("bird.conf");
+    let socket = dir.path().join("bird.ctl");
+    std::fs::write(
+        &conf,
+        format!(
+            "log \"{}\" all;\nrouter id 192.168.0.50;\nprotocol device {{ scan time 2; }}\n\
+             protocol bgp master {{\n  local 192.168.0.50 as 65001;\n  neighbor 192.168.0.39 \
+             as 64512;\n  direct;\n  hold time 9;\n  connect delay time 1;\n  connect retry \
+             time 1;\n  error wait time 1, 5;\n  ipv4 {{ import all; export none; }};\n}}\n",
+            dir.path().join("bird.log").display()
+        ),
+    )
+    .unwrap();
+    let _bird = Agent(
+        Command::new("ip")
+            .args(["netns", "exec", &tor.name, "bird", "-f", "-c"])
+            .arg(&conf)
+            .arg("-s")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bird starts"),
+    );
+    let log_path = dir.path().join("agent.log");
+    let _agent = Agent(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node.name,
+                env!("CARGO_BIN_EXE_podroute"),
+                "agent",
+            ])
+            .args(["--nodename", "master", "--model", "flannel"])
+            .args([
+                "--ip",
+                "192.168.0.39/26",
+                "--nic",
+                "eth0",
+                "--connect-retry",
+                "1s",
+            ])
+            .arg("--datastore-type")
+            .arg(format!("dir:{}", datastore.display()))
+            .arg("--flannel-subnet-file")
+            .arg(dir.path().join("subnet.env"))
+            .args(["--metrics-addr", "127.0.0.1:9091"])
+            .env_remove("IP")
+            .env_remove("PODROUTE_MODEL")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .expect("podroute agent starts"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let learned = loop {
+        let (_, out) = tor.exec(
+            "birdc",
+            &[
+                "-s",
+                socket.to_str().unwrap(),
+                "show",
+                "route",
+                "protocol",
+                "master",
+            ],
+        );
+        let prefixes: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|w| w.contains('/'))
+            .map(str::to_string)
+            .collect();
+        if !prefixes.is_empty() {
+            break (prefixes, out);
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "BIRD learned nothing: {out}\n--- agent log\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(learned.0, ["10.244.0.0/24"], "{}", learned.1);
+    assert!(learned.1.contains("via 192.168.0.39"), "{}", learned.1);
+}
