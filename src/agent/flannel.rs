@@ -575,6 +575,22 @@ impl FlannelMode {
             .collect()
     }
 
+    /// The export policy in flannel mode: the flannel networks are allowed out (as Calico's
+    /// pools), and this node's podCIDRs are aggregates (as Calico's own blocks: announced as
+    /// themselves, nothing more specific inside).
+    pub fn adjust_export(
+        &self,
+        rules: &mut podroute_bgp::policy::ExportRules,
+        state: &ClusterState,
+    ) {
+        rules.allow.extend(self.networks());
+        rules.aggregates.extend(self.own_prefixes(state));
+        rules.allow.sort();
+        rules.allow.dedup();
+        rules.aggregates.sort();
+        rules.aggregates.dedup();
+    }
+
     /// The cluster state as the BGP side of flannel mode sees it: no node-to-node mesh.
     pub fn adapt_state(&self, state: Arc<ClusterState>) -> Arc<ClusterState> {
         if !state.bgp.node_to_node_mesh {
@@ -873,6 +889,39 @@ data:
                 .contains("10.244.0.1/24")
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bgp_side_no_mesh_networks_allowed_own_podcidr_aggregated() {
+        let conf = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
+            .unwrap();
+        let mode = FlannelMode::new(conf, "t".into(), "subnet.env".into(), false);
+        let mut node = k8s_openapi::api::core::v1::Node::default();
+        node.metadata.name = Some("master".into());
+        node.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidr: Some("10.244.0.0/24".into()),
+            ..Default::default()
+        });
+        let mut state = ClusterState {
+            local_node: "master".into(),
+            ..ClusterState::default()
+        };
+        state.nodes.insert(
+            "master".into(),
+            crate::model::NodeInfo::from_node(&node).unwrap(),
+        );
+        assert!(state.bgp.node_to_node_mesh);
+        let adapted = mode.adapt_state(Arc::new(state.clone()));
+        assert!(!adapted.bgp.node_to_node_mesh);
+        assert_eq!(adapted.nodes, state.nodes);
+        let mut rules = podroute_bgp::policy::ExportRules {
+            allow: vec!["10.96.0.0/12".parse().unwrap()],
+            ..Default::default()
+        };
+        mode.adjust_export(&mut rules, &state);
+        let text = |v: &[IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(text(&rules.allow), ["10.96.0.0/12", "10.244.0.0/16"]);
+        assert_eq!(text(&rules.aggregates), ["10.244.0.0/24"]);
     }
 
     #[tokio::test]

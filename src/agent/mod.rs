@@ -689,12 +689,7 @@ impl Agent {
         // Export policy before sessions and announcements: nothing outside it is ever sent.
         let mut rules = intent::export_rules(&state);
         if let Some(f) = &self.flannel {
-            rules.allow.extend(f.networks());
-            rules.aggregates.extend(f.own_prefixes(&state));
-            rules.allow.sort();
-            rules.allow.dedup();
-            rules.aggregates.sort();
-            rules.aggregates.dedup();
+            f.adjust_export(&mut rules, &state);
         }
         if self.export_rules.as_ref() != Some(&rules) {
             debug!(
