@@ -16,7 +16,6 @@
 //!   uses when `Port` is 0).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -386,19 +385,6 @@ pub enum FlannelNodeError {
     },
 }
 
-impl fmt::Display for FlannelNode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-        write!(
-            f,
-            "podCIDR {} public-ip {} VtepMAC {}",
-            opt(self.pod_cidr_v4.map(|n| n.to_string())),
-            opt(self.public_ip.map(|a| a.to_string())),
-            opt(self.vtep_mac.map(|m| m.to_string())),
-        )
-    }
-}
-
 /// `VtepMAC` of a `backend-data` annotation: `null`/empty → none; `{"VtepMAC": "..."}`
 /// (flanneld may add `"VNI"`, which is not needed here: the VNI is the config's).
 fn vtep_mac(
@@ -515,7 +501,7 @@ impl FlannelNode {
         Ok(Some(out))
     }
 
-    /// The underlay address of `family_v4`'s family.
+    /// The underlay address of the IPv4 (`v4`) or IPv6 family.
     pub fn public_addr(&self, v4: bool) -> Option<IpAddr> {
         if v4 {
             self.public_ip.map(IpAddr::V4)
@@ -755,6 +741,35 @@ mod tests {
         );
         assert!(bad(None, &[(ANNOTATION_BACKEND_DATA, "{not json")]).contains("backend-data"));
         assert!(bad(None, &[(ANNOTATION_BACKEND_DATA, "[1]")]).contains("backend-data"));
+    }
+
+    proptest::proptest! {
+        /// Whatever the ConfigMap or a Node holds, parsing answers (a config, a lease or a
+        /// reason) and never panics.
+        #[test]
+        fn arbitrary_input_never_panics(
+            text in ".{0,80}",
+            network in "[0-9a-f:./]{0,24}",
+            len in proptest::num::i64::ANY,
+            vni in proptest::num::i64::ANY,
+            kind in "(vxlan|host-gw|udp|)",
+        ) {
+            let _ = NetConf::parse(&text);
+            let json = serde_json::json!({
+                "Network": network, "SubnetLen": len, "IPv6Network": network,
+                "EnableIPv6": len % 2 == 0, "Backend": {"Type": kind, "VNI": vni, "Port": len},
+            });
+            let _ = NetConf::parse(&json.to_string());
+            let n = node(
+                Some(&network),
+                &[
+                    (ANNOTATION_BACKEND_DATA, &text),
+                    (ANNOTATION_PUBLIC_IP, &network),
+                    (ANNOTATION_PUBLIC_IPV6_OVERWRITE, &text),
+                ],
+            );
+            let _ = FlannelNode::from_node(&n);
+        }
     }
 
     #[test]
