@@ -62,6 +62,10 @@ enum Command {
         /// How long to wait for the agents to converge.
         #[arg(long, default_value = "60s", value_parser = podroute::agent::config::parse_duration)]
         timeout: std::time::Duration,
+        /// `calico`: seed 001's Calico cluster; `flannel`: seed 000's flannel cluster with the
+        /// agents in flannel mode (planned tables without root).
+        #[arg(long, value_enum, default_value_t = podroute::agent::flannel::Model::Calico)]
+        model: podroute::agent::flannel::Model,
     },
     /// Show the running agent's BGP peers and health, like `calicoctl node status`.
     Status {
@@ -140,6 +144,7 @@ fn main() -> anyhow::Result<()> {
             prefix,
             binary,
             timeout,
+            model,
             cleanup: false,
         } => {
             podroute::lab::install_signal_cleanup().context("installing the Ctrl-C handler")?;
@@ -149,8 +154,12 @@ fn main() -> anyhow::Result<()> {
                 binary,
                 timeout,
             };
+            let run = match model {
+                podroute::agent::flannel::Model::Calico => podroute::lab::run,
+                podroute::agent::flannel::Model::Flannel => podroute::lab::flannel::run,
+            };
             // Exit status: 0 all checks passed, 1 a check failed, 2 the lab could not run.
-            match podroute::lab::run(&opts, &mut std::io::stdout()) {
+            match run(&opts, &mut std::io::stdout()) {
                 Ok(true) => {}
                 Ok(false) => std::process::exit(1),
                 Err(e) => {

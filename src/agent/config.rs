@@ -172,8 +172,8 @@ pub struct AgentArgs {
     #[arg(long, env = "PODROUTE_DATASTORE_WIPE_CONFIRM", default_value = "60s", value_parser = parse_duration)]
     pub datastore_wipe_confirm: Duration,
 
-    /// Do not write the node's IPv4Address / IPv6Address / ASNumber annotations (kubernetes
-    /// datastore).
+    /// Do not write the node's IPv4Address / IPv6Address / ASNumber annotations, nor in
+    /// flannel mode its flannel.alpha.coreos.com annotations (kubernetes datastore).
     #[arg(long, env = "PODROUTE_NO_ANNOTATE")]
     pub no_annotate: bool,
 
@@ -182,6 +182,35 @@ pub struct AgentArgs {
     /// leaves it at `False` through restarts.
     #[arg(long, env = "PODROUTE_SHUTDOWN_CONDITION", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub shutdown_condition: bool,
+
+    /// Whose objects describe the cluster: `calico` (IPPools, IPAMBlocks, Node annotations,
+    /// BGP mesh) or `flannel` (flannel's net-conf.json and the Nodes' podCIDRs and
+    /// flannel.alpha.coreos.com annotations: routes and VXLAN entries as flanneld makes them;
+    /// BGP only to explicit BGPPeers).
+    #[arg(long, env = "PODROUTE_MODEL", value_enum, default_value_t = crate::agent::flannel::Model::Calico)]
+    pub model: crate::agent::flannel::Model,
+
+    /// flannel mode: read net-conf.json from this file (flanneld's `--net-config-path`, e.g.
+    /// `/etc/kube-flannel/net-conf.json` mounted from the ConfigMap) instead of the ConfigMap.
+    #[arg(long, env = "PODROUTE_FLANNEL_NET_CONF", value_name = "PATH")]
+    pub flannel_net_conf: Option<std::path::PathBuf>,
+
+    /// flannel mode: the ConfigMap holding net-conf.json, `NAME` (looked up in kube-flannel,
+    /// then kube-system) or `NAMESPACE/NAME`; with the YAML-directory datastore, a ConfigMap
+    /// document of that name among the directory's files.
+    #[arg(long, env = "PODROUTE_FLANNEL_CONFIGMAP", default_value = crate::model::flannel::CONFIGMAP_NAME)]
+    pub flannel_configmap: String,
+
+    /// flannel mode: the file the flannel CNI plugin reads (flanneld's `--subnet-file`).
+    #[arg(long, env = "PODROUTE_FLANNEL_SUBNET_FILE", default_value = crate::agent::flannel::DEFAULT_SUBNET_FILE)]
+    pub flannel_subnet_file: std::path::PathBuf,
+
+    /// flannel mode: `FLANNEL_IPMASQ` in the subnet file. `true` tells the CNI plugin that the
+    /// node masquerades pod traffic leaving the cluster itself (flanneld's `--ip-masq`);
+    /// podroute does not, so keep `false` (the CNI bridge then masquerades) unless something
+    /// else on the node does.
+    #[arg(long, env = "PODROUTE_FLANNEL_IP_MASQ", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub flannel_ip_masq: bool,
 
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info,podroute_bgp=debug`).
     #[arg(long, env = "PODROUTE_LOG", default_value = "info")]
@@ -237,6 +266,55 @@ mod tests {
         assert_eq!(a.http_idle_timeout, Duration::from_millis(500));
         let err = parse(&["--metrics-peer-labels", "sometimes"]).unwrap_err();
         assert!(err.to_string().contains("auto, always, never"), "{err}");
+    }
+
+    #[test]
+    fn model_flags() {
+        use crate::agent::flannel::{Model, NetConfSource, net_conf_source};
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.model, Model::Calico);
+        assert!(!a.flannel_ip_masq);
+        assert_eq!(
+            a.flannel_subnet_file,
+            std::path::PathBuf::from("/run/flannel/subnet.env")
+        );
+        assert_eq!(
+            net_conf_source(&a),
+            NetConfSource::ConfigMap {
+                namespace: None,
+                name: "kube-flannel-cfg".into()
+            }
+        );
+        let a = parse(&[
+            "--model",
+            "flannel",
+            "--flannel-configmap",
+            "kube-system/flannel-cfg",
+        ])
+        .unwrap();
+        assert_eq!(a.model, Model::Flannel);
+        assert_eq!(
+            net_conf_source(&a),
+            NetConfSource::ConfigMap {
+                namespace: Some("kube-system".into()),
+                name: "flannel-cfg".into()
+            }
+        );
+        let a = parse(&["--datastore-type", "dir:/etc/podroute"]).unwrap();
+        assert_eq!(
+            net_conf_source(&a),
+            NetConfSource::DirConfigMap {
+                dir: "/etc/podroute".into(),
+                name: "kube-flannel-cfg".into()
+            }
+        );
+        let a = parse(&["--flannel-net-conf", "/etc/kube-flannel/net-conf.json"]).unwrap();
+        assert_eq!(
+            net_conf_source(&a),
+            NetConfSource::File("/etc/kube-flannel/net-conf.json".into())
+        );
+        let err = parse(&["--model", "weave"]).unwrap_err();
+        assert!(err.to_string().contains("calico, flannel"), "{err}");
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod autodetect;
 pub mod best_paths;
 pub mod condition;
 pub mod config;
+pub mod flannel;
 pub mod intent;
 pub mod listen;
 pub mod peers;
@@ -95,6 +96,8 @@ pub struct Startup {
     /// The Kubernetes API (kubernetes datastore): the Node condition and the tunnel address
     /// are written through it. `None` with the YAML-directory datastore.
     pub client: Option<kube::Client>,
+    /// flannel mode (`--model flannel`): its config and state.
+    pub flannel: Option<flannel::FlannelMode>,
 }
 
 /// Aborts a background task when dropped (with the agent).
@@ -213,6 +216,8 @@ pub struct Agent {
     /// Allocates/releases the tunnel address in IPAM (kubernetes datastore only); when set,
     /// `tunl0` takes only the annotated address, never a guessed one.
     tunnel_addr: Option<AbortOnDrop>,
+    /// flannel mode: routes and tunnels from flannel's leases (see [`flannel`]).
+    flannel: Option<flannel::FlannelMode>,
 }
 
 impl Agent {
@@ -233,6 +238,7 @@ impl Agent {
             board,
             secrets,
             client,
+            flannel,
         } = startup;
         let state = datastore
             .state
@@ -356,6 +362,7 @@ impl Agent {
             tunnel_addr: client.map(|client| {
                 AbortOnDrop(tunnel_addr::spawn(client, node_for_task, state_for_task))
             }),
+            flannel,
         };
         Ok((agent, dataplane_task))
     }
@@ -518,6 +525,9 @@ impl Agent {
 
     /// A new cluster state: sessions, announcements, plan.
     async fn apply_state(&mut self, at: Instant) -> anyhow::Result<()> {
+        if let Some(f) = &self.flannel {
+            self.state = f.adapt_state(self.state.clone());
+        }
         let state = self.state.clone();
         self.metrics.datastore_revision.set(state.revision as i64);
         for kind in crate::model::Kind::ALL
@@ -556,22 +566,34 @@ impl Agent {
             &BTreeMap::new(),
             &self.interfaces,
         );
-        let tunnels = tunnel_plan(
+        let mut tunnels = tunnel_plan(
             &input,
             IpipAddressSource {
                 annotation: self.state.local().and_then(|n| n.ipip_tunnel_addr),
                 ipam: self.tunnel_addr.is_some(),
             },
         );
+        // What this node announces (its blocks, service prefixes) is never routed to a peer
+        // that announces it too: every node announces the service CIDRs.
+        let mut planner = Planner::new(&input).originating(self.announced.iter().copied());
+        if let Some(f) = self.flannel.as_mut() {
+            // flannel mode: routes and VTEPs from flannel's leases, as flanneld computes them.
+            let ipv6 = self
+                .address6
+                .or_else(|| self.state.local().and_then(|n| n.ipv6));
+            let local = f.local(&self.state, &self.node, self.address, ipv6, &self.nic);
+            let (routes, flannel_tunnels) = f.replan(&self.state, &local, &self.metrics);
+            planner = planner.with_datastore_routes(routes);
+            tunnels.vxlan.extend(flannel_tunnels.vxlan);
+            tunnels.vxlan_peers.extend(flannel_tunnels.vxlan_peers);
+        }
+        // Devices and VTEP entries go before the routes through them.
         if self.tunnel_plan.as_ref() != Some(&tunnels) {
             debug!(ipip = ?tunnels.ipip, "new tunnel plan");
             self.tunnel_plan = Some(tunnels.clone());
             self.send_plan(PlanUpdate::Tunnels(tunnels), at, trigger)
                 .await;
         }
-        // What this node announces (its blocks, service prefixes) is never routed to a peer
-        // that announces it too: every node announces the service CIDRs.
-        let planner = Planner::new(&input).originating(self.announced.iter().copied());
         if self.streaming && self.planner.as_ref() == Some(&planner) {
             return;
         }

@@ -459,6 +459,7 @@ mod tests {
             route_reflector_cluster_id: None,
             ipip_tunnel_addr: None,
             labels: BTreeMap::new(),
+            flannel: None,
         }
     }
 

@@ -70,7 +70,12 @@ impl Agent {
             },
             peers: report::peer_rows(&self.peer_status, &self.peers_by_addr()),
             peer_summary: None,
-            config_warnings: self.peer_warnings.clone(),
+            config_warnings: self
+                .peer_warnings
+                .iter()
+                .cloned()
+                .chain(self.flannel.iter().flat_map(|f| f.warning_lines()))
+                .collect(),
             service_prefixes: self.service_rows.clone(),
         };
         status
@@ -184,6 +189,10 @@ impl Agent {
         if !dp.programmed || dp.applied.is_none() {
             reasons.push("first route reconcile not applied yet".to_string());
         } else {
+            if let Some(f) = &self.flannel {
+                reasons
+                    .extend(f.readiness(&self.state, dp.failures.iter().map(|f| &f.route.prefix)));
+            }
             let missing = self.unrouted_blocks(dp);
             if !missing.is_empty() {
                 let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();

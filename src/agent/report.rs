@@ -628,6 +628,7 @@ mod tests {
                 route_reflector_cluster_id: None,
                 ipip_tunnel_addr: None,
                 labels: Default::default(),
+                flannel: None,
             },
         );
         let plan = vec![

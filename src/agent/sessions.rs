@@ -39,7 +39,10 @@ impl Agent {
         }
 
         // Export policy before sessions and announcements: nothing outside it is ever sent.
-        let rules = intent::export_rules(state);
+        let mut rules = intent::export_rules(state);
+        if let Some(f) = &self.flannel {
+            f.adjust_export(&mut rules, state);
+        }
         if self.export_rules.as_ref() != Some(&rules) {
             debug!(
                 allow = rules.allow.len(),
@@ -119,6 +122,9 @@ impl Agent {
                 .set(i64::try_from(count).unwrap_or(i64::MAX));
         }
         let mut wanted = intent::advertisements(state);
+        if let Some(f) = &self.flannel {
+            wanted.extend(f.own_prefixes(state));
+        }
         wanted.extend(service_prefixes.keys().copied());
         self.service_rows = service_prefixes
             .iter()

@@ -10,7 +10,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, info, warn};
 
 use super::status::StatusBoard;
-use super::{Agent, AgentArgs, LIVENESS_MAX_AGE, Startup, annotate, autodetect};
+use super::{Agent, AgentArgs, LIVENESS_MAX_AGE, Startup, annotate, autodetect, flannel};
 use crate::datastore::{self, DatastoreHandle, DatastoreSpec};
 use crate::metrics::Metrics;
 use crate::model::{AddressSource, NodeInfo};
@@ -47,7 +47,12 @@ pub async fn start_datastore(
                  use --datastore-type dir:PATH to run without one",
             )?;
             (
-                datastore::kube::spawn_with(client.clone(), node, args.datastore_wipe_confirm),
+                datastore::kube::spawn_with_options(
+                    client.clone(),
+                    node,
+                    args.datastore_wipe_confirm,
+                    args.model == flannel::Model::Flannel,
+                ),
                 Some(client),
             )
         }
@@ -247,6 +252,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             )
         }
     };
+    let flannel = match args.model {
+        flannel::Model::Calico => None,
+        flannel::Model::Flannel => {
+            let mode = tokio::select! {
+                m = flannel::wait_net_conf(&args, client.as_ref(), &board, &metrics) => m,
+                _ = termination() => return Ok(()),
+            };
+            Some(mode)
+        }
+    };
     let secrets = match (&client, args.datastore_type.parse::<DatastoreSpec>()) {
         (Some(client), _) => datastore::secrets::SecretSource::Kube {
             client: client.clone(),
@@ -259,11 +274,25 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         && !args.no_annotate
     {
         let wanted = annotate::wanted_annotations(addresses.v4, addresses.v6, args.as_number);
-        match annotate::ensure_annotations(client, &node, &wanted).await {
+        match annotate::ensure_annotations(client.clone(), &node, &wanted).await {
             Ok(true) => info!(node, ?wanted, "node annotations written"),
             Ok(false) => debug!(node, "node annotations already right"),
             // Peers may still find this node by its InternalIP; keep running.
             Err(e) => warn!(error = %e, "cannot write the node's annotations"),
+        }
+        if let Some(f) = &flannel {
+            let latest = datastore.state.latest().unwrap_or(state.clone());
+            let local = f.local(&latest, &node, addresses.v4, addresses.v6, &nic);
+            let wanted = f.annotations(&local);
+            match annotate::ensure_annotations(client, &node, &wanted).await {
+                Ok(true) => info!(node, ?wanted, "flannel node annotations written"),
+                Ok(false) => debug!(node, "flannel node annotations already right"),
+                Err(e) => warn!(
+                    error = %e,
+                    "cannot write the node's flannel annotations; flanneld nodes do not route \
+                     to this node until they are written"
+                ),
+            }
         }
     }
     let startup = Startup {
@@ -277,6 +306,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         board,
         secrets,
         client,
+        flannel,
     };
     let (agent, dataplane) = Agent::start(args, startup).await?;
     agent.run(dataplane, termination()).await

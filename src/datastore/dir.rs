@@ -523,6 +523,8 @@ fn decode_file(
                 ));
             }
         }
+        // flannel mode reads its ConfigMap itself.
+        Err(DecodeError::FlannelConfig { .. }) => {}
         Err(error) => {
             counters.record_unreadable();
             let reason = match &error {

@@ -64,6 +64,18 @@ pub fn spawn_with(
     local_node: impl Into<String>,
     wipe_confirm: Duration,
 ) -> DatastoreHandle {
+    spawn_with_options(client, local_node, wipe_confirm, false)
+}
+
+/// [`spawn_with`]; `calico_crds_optional`: a Calico kind whose CRD is not installed counts as
+/// empty instead of holding up the sync (flannel mode: a flannel cluster has no Calico CRDs,
+/// and BGPPeers are optional there).
+pub fn spawn_with_options(
+    client: Client,
+    local_node: impl Into<String>,
+    wipe_confirm: Duration,
+    calico_crds_optional: bool,
+) -> DatastoreHandle {
     let local_node: String = local_node.into();
     let counters = Arc::new(RejectCounters::default());
     let progress = Arc::new(Progress::default());
@@ -75,6 +87,7 @@ pub fn spawn_with(
         Kind::Node,
         slim_node,
         &progress,
+        calico_crds_optional,
         &mut tasks,
     );
     let pools = watch_kind::<IPPool>(
@@ -82,6 +95,7 @@ pub fn spawn_with(
         Kind::IPPool,
         |o| slim_meta(&mut o.metadata),
         &progress,
+        calico_crds_optional,
         &mut tasks,
     );
     let local = local_node.clone();
@@ -90,6 +104,7 @@ pub fn spawn_with(
         Kind::IPAMBlock,
         move |o| compact_block(o, &local),
         &progress,
+        calico_crds_optional,
         &mut tasks,
     );
     let affinities = watch_kind::<BlockAffinity>(
@@ -97,6 +112,7 @@ pub fn spawn_with(
         Kind::BlockAffinity,
         |o| slim_meta(&mut o.metadata),
         &progress,
+        calico_crds_optional,
         &mut tasks,
     );
     let peers = watch_kind::<BGPPeer>(
@@ -104,6 +120,7 @@ pub fn spawn_with(
         Kind::BGPPeer,
         |o| slim_meta(&mut o.metadata),
         &progress,
+        calico_crds_optional,
         &mut tasks,
     );
     let configs = watch_kind::<BGPConfiguration>(
@@ -111,6 +128,7 @@ pub fn spawn_with(
         Kind::BGPConfiguration,
         |o| slim_meta(&mut o.metadata),
         &progress,
+        calico_crds_optional,
         &mut tasks,
     );
     // Calico before 3.26 has no BGPFilter CRD: its absence must not hold up the sync.
@@ -119,6 +137,7 @@ pub fn spawn_with(
         Kind::BGPFilter,
         |o| slim_meta(&mut o.metadata),
         &progress,
+        calico_crds_optional,
         &mut tasks,
     );
 
@@ -129,6 +148,7 @@ pub fn spawn_with(
         Kind::Service,
         slim_service,
         &progress,
+        calico_crds_optional,
         &mut tasks,
     );
     let local = local_node.clone();
@@ -137,6 +157,7 @@ pub fn spawn_with(
         Kind::EndpointSlice,
         move |o| slim_endpoint_slice(o, &local),
         &progress,
+        calico_crds_optional,
         &mut tasks,
     );
 
@@ -192,6 +213,7 @@ fn watch_kind<K>(
     kind: Kind,
     compact: impl Fn(&mut K) + Send + Sync + 'static,
     progress: &Arc<Progress>,
+    calico_crds_optional: bool,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Store<K>
 where
@@ -219,7 +241,13 @@ where
                 }
                 Ok(Event::Apply(_) | Event::Delete(_)) => progress.changed.notify_one(),
                 Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
-                    if status.code == 404 && kind == Kind::BGPFilter =>
+                    if status.code == 404
+                        && (kind == Kind::BGPFilter
+                            || (calico_crds_optional
+                                && !matches!(
+                                    kind,
+                                    Kind::Node | Kind::Service | Kind::EndpointSlice
+                                ))) =>
                 {
                     // The kind is not installed: nothing of it exists. Counted as listed (the
                     // store stays empty); the watcher keeps retrying and picks the CRD up

@@ -25,6 +25,7 @@
 //! nowhere else, and no interface is created in the caller's own namespace.
 
 mod cluster;
+pub mod flannel;
 mod netns;
 mod run;
 mod spec;

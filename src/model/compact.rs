@@ -2,7 +2,8 @@
 //! functions before keeping it, so that its memory follows the node's own routes and peers,
 //! not the size of the cluster's text.
 //!
-//! - a `Node` keeps its name, labels, `projectcalico.org/*` annotations and addresses;
+//! - a `Node` keeps its name, labels, `projectcalico.org/*` and `flannel.alpha.coreos.com/*`
+//!   annotations, addresses and `spec.podCIDR(s)` (flannel mode);
 //! - every Calico object keeps `metadata.name` (and `creationTimestamp`, which decides
 //!   between overlapping pools);
 //! - an `IPAMBlock` affine to another node keeps its CIDR, affinity, deletion marker and the
@@ -13,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::block::Block;
@@ -38,7 +39,10 @@ pub fn slim_meta(meta: &mut ObjectMeta) {
 pub fn slim_node(node: &mut Node) {
     let annotations = node.metadata.annotations.take().map(|all| {
         all.into_iter()
-            .filter(|(k, _)| k.starts_with(CALICO_ANNOTATION_PREFIX))
+            .filter(|(k, _)| {
+                k.starts_with(CALICO_ANNOTATION_PREFIX)
+                    || k.starts_with(super::flannel::ANNOTATION_PREFIX)
+            })
             .collect::<BTreeMap<_, _>>()
     });
     let addresses: Option<Vec<NodeAddress>> =
@@ -49,7 +53,13 @@ pub fn slim_node(node: &mut Node) {
         annotations,
         ..ObjectMeta::default()
     };
-    node.spec = None;
+    node.spec = node.spec.take().and_then(|spec| {
+        (spec.pod_cidr.is_some() || spec.pod_cidrs.is_some()).then(|| NodeSpec {
+            pod_cidr: spec.pod_cidr,
+            pod_cidrs: spec.pod_cidrs,
+            ..NodeSpec::default()
+        })
+    });
     node.status = addresses.map(|addresses| NodeStatus {
         addresses: Some(addresses),
         ..NodeStatus::default()
@@ -246,11 +256,12 @@ mod tests {
                 "labels": {"rack": "r1"},
                 "annotations": {
                     "projectcalico.org/IPv4Address": "10.0.0.5/24",
+                    "flannel.alpha.coreos.com/backend-data": "{\"VtepMAC\":\"0e:61:06:ff:7a:73\"}",
                     "kubectl.kubernetes.io/last-applied-configuration": "x".repeat(1000),
                 },
                 "managedFields": [{"manager": "kubelet"}],
             },
-            "spec": {"podCIDR": "10.244.0.0/24"},
+            "spec": {"podCIDR": "10.244.0.0/24", "providerID": "x".repeat(100)},
             "status": {
                 "addresses": [{"type": "InternalIP", "address": "10.0.0.5"}],
                 "images": [{"names": ["registry/image:tag"], "sizeBytes": 1}],
@@ -260,12 +271,16 @@ mod tests {
         let before = crate::model::NodeInfo::from_node(&node).unwrap();
         slim_node(&mut node);
         assert_eq!(crate::model::NodeInfo::from_node(&node).unwrap(), before);
+        assert!(before.flannel.as_ref().is_some_and(|f| {
+            f.as_ref()
+                .is_ok_and(|f| f.vtep_mac.is_some() && f.pod_cidr_v4.is_some())
+        }));
         assert_eq!(
             node.metadata.annotations.as_ref().map(BTreeMap::len),
-            Some(1)
+            Some(2)
         );
         assert_eq!(node.metadata.managed_fields, None);
-        assert!(node.spec.is_none());
+        assert!(node.spec.as_ref().is_some_and(|s| s.provider_id.is_none()));
         assert!(node.status.as_ref().is_some_and(|s| s.images.is_none()));
     }
 }

@@ -74,6 +74,12 @@ pub enum DecodeError {
     },
     #[error("document {index}: kind is missing")]
     NoKind { index: usize },
+    /// flannel's ConfigMap `kube-flannel-cfg`: flannel mode reads its `net-conf.json` itself
+    /// ([`crate::agent::flannel`]); the datastore skips it without a warning.
+    #[error(
+        "document {index}: ConfigMap {name:?} is flannel's network config, read by flannel mode"
+    )]
+    FlannelConfig { index: usize, name: String },
     #[error(
         "document {index}: {api_version}/{kind} is not a kind podroute reads (Node and crd.projectcalico.org/v1 IPPool, IPAMBlock, BlockAffinity, BGPPeer, BGPConfiguration, BGPFilter; v1 Service, discovery.k8s.io/v1 EndpointSlice)"
     )]
@@ -291,6 +297,11 @@ fn typed_object(
         ("EndpointSlice", _) if api_version == DISCOVERY_V1 => typed(doc)
             .map_err(error)
             .map(|s| Object::EndpointSlice(Box::new(s))),
+        ("ConfigMap", _)
+            if api_version == "v1" && name == crate::model::flannel::CONFIGMAP_NAME =>
+        {
+            Err(DecodeError::FlannelConfig { index, name })
+        }
         _ => Err(DecodeError::UnknownKind {
             index,
             api_version,

@@ -14,6 +14,7 @@ pub mod crd;
 pub mod decode;
 pub mod error;
 pub mod filter;
+pub mod flannel;
 pub mod node;
 pub mod pool;
 pub mod service;

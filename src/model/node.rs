@@ -43,6 +43,10 @@ pub struct NodeInfo {
     pub route_reflector_cluster_id: Option<Ipv4Addr>,
     pub ipip_tunnel_addr: Option<Ipv4Addr>,
     pub labels: BTreeMap<String, String>,
+    /// flannel's lease on this Node (`spec.podCIDR(s)`, `flannel.alpha.coreos.com/*`):
+    /// `None` when the Node has neither; `Some(Err)` when they cannot be read (the node is
+    /// then left out of the flannel plan with that reason; Calico mode does not look).
+    pub flannel: Option<Result<super::flannel::FlannelNode, super::flannel::FlannelNodeError>>,
 }
 
 fn parse_ipv4_with_prefix(text: &str) -> Option<Ipv4Net> {
@@ -144,6 +148,7 @@ impl NodeInfo {
             route_reflector_cluster_id: rr,
             ipip_tunnel_addr: tunnel,
             labels: node.metadata.labels.clone().unwrap_or_default(),
+            flannel: super::flannel::FlannelNode::from_node(node).transpose(),
         })
     }
 

@@ -29,6 +29,7 @@
 //! - **IPv6 pools** never use IPIP (Calico rejects `ipipMode` on them): with `ipipMode` set
 //!   the route is `via PEER` as for `Never`, with a [`PlanWarning::IpipOnIpv6Pool`].
 
+pub mod flannel;
 mod ifname;
 pub mod tunnels;
 
@@ -164,6 +165,10 @@ pub enum RouteKind {
     BorrowedNoEncap,
     /// A learned prefix outside every pool (external peers): `PREFIX via PEER`.
     External,
+    /// Remote block (flannel: a remote node's podCIDR) through a VXLAN device:
+    /// `BLOCK via REMOTE_VTEP_IP dev flannel.1 onlink`, with a permanent neighbour and FDB
+    /// entry for the VTEP in the [`tunnels::TunnelPlan`].
+    BlockVxlan,
 }
 
 impl RouteKind {
@@ -179,6 +184,7 @@ impl RouteKind {
             RouteKind::BorrowedIpip => "borrowed-ipip",
             RouteKind::BorrowedNoEncap => "borrowed-noencap",
             RouteKind::External => "external",
+            RouteKind::BlockVxlan => "block-vxlan",
         }
     }
 
@@ -188,7 +194,7 @@ impl RouteKind {
     }
 
     /// Every kind, in label order of the metrics reference.
-    pub const ALL: [RouteKind; 9] = [
+    pub const ALL: [RouteKind; 10] = [
         RouteKind::BlockDirect,
         RouteKind::BlockIpip,
         RouteKind::BlockNoEncap,
@@ -198,6 +204,7 @@ impl RouteKind {
         RouteKind::BorrowedIpip,
         RouteKind::BorrowedNoEncap,
         RouteKind::External,
+        RouteKind::BlockVxlan,
     ];
 }
 
@@ -374,6 +381,8 @@ enum Path {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Source {
     Learned,
+    /// Routes computed straight from the datastore (flannel's leases).
+    Datastore,
     OwnBlock,
     Borrowed,
     Workload,
@@ -666,6 +675,17 @@ impl Planner {
             }
         }
         Some(changed)
+    }
+
+    /// Adds routes computed straight from the datastore (flannel mode's remote podCIDRs):
+    /// like the blocks' routes they win over a learned route for the same prefix (a ToR that
+    /// reflects another node's podCIDR back does not pull it off the overlay), but lose to
+    /// the blocks' own routes.
+    pub fn with_datastore_routes(mut self, routes: impl IntoIterator<Item = DesiredRoute>) -> Self {
+        for route in routes {
+            insert(&mut self.fixed, Source::Datastore, route);
+        }
+        self
     }
 
     /// The warnings about the blocks (learned routes add theirs when planned).

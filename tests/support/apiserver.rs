@@ -368,6 +368,31 @@ impl FakeApiServer {
         rv
     }
 
+    /// Stores `object` (JSON, `metadata.name` set) as a kind `K` object of `namespace`
+    /// (`GET /api/v1/namespaces/NAMESPACE/...`) and tells watchers.
+    pub fn apply_namespaced_json<K: Resource<DynamicType = ()>>(
+        &self,
+        namespace: &str,
+        mut object: Value,
+    ) -> u64 {
+        object["apiVersion"] = json!(K::api_version(&()));
+        object["kind"] = json!(K::kind(&()));
+        object["metadata"]["namespace"] = json!(namespace);
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let change = store(
+            &self.shared,
+            &K::url_path(&(), Some(namespace)),
+            &name,
+            object,
+        );
+        let rv = change.rv;
+        let _ = self.shared.signals.send(Signal::Change(change));
+        rv
+    }
+
     /// Just before the next `PUT` to object `name` of kind `K` is handled, merges `patch` into
     /// the stored object (a new resourceVersion, watchers told): the `PUT`, made from the
     /// version read before, then gets 409 Conflict, as when another writer wins the race.
