@@ -25,6 +25,7 @@
 //! nowhere else, and no interface is created in the caller's own namespace.
 
 mod cluster;
+mod echo;
 mod netns;
 mod run;
 mod spec;
@@ -38,9 +39,13 @@ pub use cluster::{
     Lab, LabConfig, PEER_TYPE_GLOBAL, PEER_TYPE_MESH, WaitError, is_root, route_row_line,
     same_route, wait_until,
 };
+pub use echo::{EchoReport, echo};
 pub use netns::{exec, http_get, in_namespace, ip, namespaces_with_prefix, spawn_in_namespace};
 pub use run::{LabOptions, run};
-pub use spec::{BgpPeerSpec, ClusterSpec, NIC, NodeSpec, PodSpec, dashed};
+pub use spec::{
+    BgpPeerSpec, CALI_MAC, ClusterSpec, Family, IpVersion, NIC, NodeSpec, POD_GATEWAY6, PodSpec,
+    dashed, dashed_net,
+};
 pub use watch::{RouteRecord, RouteWatch};
 
 /// Default namespace prefix of `podroute lab`.
@@ -100,6 +105,15 @@ pub enum LabError {
     },
     #[error("interrupted")]
     Interrupted,
+    #[error(
+        "podroute lab needs the `{tool}` program, which is not installed here ({why}); install \
+         the {package} package (e.g. apt-get install {package})"
+    )]
+    MissingTool {
+        tool: String,
+        package: String,
+        why: String,
+    },
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
