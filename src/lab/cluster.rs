@@ -1150,6 +1150,15 @@ impl Lab {
                         pending.push(format!("{node} {}: have {have:?}, want {want:?}", v.name()));
                         break;
                     }
+                    // Tunnel routes are left out of `want` while there is no tunl0: until the
+                    // agent made it (or reports that it could not), the node is not done.
+                    if *v == IpVersion::V4
+                        && let Err(why) = self.tunnel_routes_settled(node)
+                    {
+                        complete = false;
+                        pending.push(format!("{node} IPv4: {why}"));
+                        break;
+                    }
                 }
                 if complete {
                     done.insert(*v, started.elapsed());
@@ -1167,6 +1176,34 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `Ok` when `node` has `tunl0`, or plans no tunnel route, or its agent reports every
+    /// planned tunnel route as failed with a reason (this machine cannot make `tunl0`).
+    fn tunnel_routes_settled(&self, node: &str) -> Result<(), String> {
+        if self.has_tunnel_device(node) {
+            return Ok(());
+        }
+        let plan = self
+            .spec
+            .expected_plan(node)
+            .ok_or_else(|| format!("no node {node:?}"))?;
+        let tunnel: Vec<&DesiredRoute> = plan
+            .routes
+            .iter()
+            .filter(|r| r.device.as_deref() == Some(TUNNEL_DEVICE))
+            .collect();
+        if tunnel.is_empty() {
+            return Ok(());
+        }
+        let report = self.routes(node).map_err(|e| e.to_string())?;
+        for want in tunnel {
+            match report.routes.iter().find(|r| same_route(r, want)) {
+                Some(row) if row.error.is_some() => {}
+                _ => return Err(format!("no {TUNNEL_DEVICE} yet for {want}")),
+            }
+        }
+        Ok(())
     }
 
     /// Stops everything and removes the namespaces and the work directory; returns what could
