@@ -19,6 +19,7 @@
 //! Root only: without root a loud SKIP, with `CI=true` a failure. Each test uses its own
 //! namespace prefix; every address lives only inside namespaces the test creates.
 
+#[allow(dead_code)]
 mod agent_guard;
 
 use std::net::IpAddr;

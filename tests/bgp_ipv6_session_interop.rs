@@ -13,6 +13,7 @@
 //! them). Without them a loud SKIP, and a failure with `CI=true`. Every address lives only in
 //! the namespaces this test creates.
 
+#[allow(dead_code)]
 mod agent_guard;
 mod netns;
 

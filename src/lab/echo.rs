@@ -64,11 +64,9 @@ impl EchoReport {
 
     /// `ping`-like summary: counts, loss and the reasons for the lost ones.
     pub fn summary(&self) -> String {
-        let loss = if self.sent == 0 {
-            100
-        } else {
-            100 - 100 * self.received() / self.sent
-        };
+        let loss = (100 * self.received())
+            .checked_div(self.sent)
+            .map_or(100, |answered| 100u32.saturating_sub(answered));
         let mut s = format!(
             "echo to {}: {} sent, {} received, {loss}% loss",
             self.to,

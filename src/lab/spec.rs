@@ -723,6 +723,83 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_datastore_has_both_families_and_ipv6_only_has_no_ipv4() {
+        for family in [Family::Dual, Family::Ipv6] {
+            let spec = ClusterSpec::seed_family(family);
+            let mut pools = Vec::new();
+            let mut allocations = Vec::new();
+            let mut annotations = Vec::new();
+            for (name, text) in spec.datastore_files() {
+                for doc in decode_documents(&text).unwrap() {
+                    match doc.unwrap_or_else(|e| panic!("{name}: {e}")) {
+                        Object::IPPool(p) => pools.push(p.spec.cidr.clone().unwrap_or_default()),
+                        Object::IPAMBlock(b) => {
+                            let block = crate::model::Block::from_resource(&b).unwrap();
+                            for a in &block.allocations {
+                                allocations.push((a.ip, a.interface_name()));
+                            }
+                        }
+                        Object::Node(n) => annotations.extend(
+                            n.metadata
+                                .annotations
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|(k, v)| format!("{k}={v}")),
+                        ),
+                        _ => {}
+                    }
+                }
+            }
+            pools.sort();
+            allocations.sort();
+            annotations.sort();
+            let cali = |n: usize| Some(spec.nodes[n].pods[0].interface());
+            let v6: Vec<(IpAddr, Option<String>)> = vec![
+                ("fd00:172:16:10::1".parse().unwrap(), cali(2)),
+                ("fd00:172:16:196::81".parse().unwrap(), cali(1)),
+                ("fd00:172:16:241::41".parse().unwrap(), cali(0)),
+            ];
+            if family == Family::Dual {
+                assert_eq!(pools, ["172.16.0.0/16", "fd00:172:16::/48"]);
+                assert_eq!(allocations.len(), 6, "{allocations:?}");
+                assert!(allocations.ends_with(&v6), "{allocations:?}");
+                assert_eq!(annotations.len(), 6, "{annotations:?}");
+            } else {
+                assert_eq!(pools, ["fd00:172:16::/48"]);
+                assert_eq!(allocations, v6);
+                assert_eq!(
+                    annotations,
+                    [
+                        "projectcalico.org/IPv6Address=fd00:92::128/64",
+                        "projectcalico.org/IPv6Address=fd00:92::129/64",
+                        "projectcalico.org/IPv6Address=fd00:93::130/64",
+                    ]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn expected_plan_of_master01_dual_stack_has_both_families() {
+        let spec = ClusterSpec::seed_family(Family::Dual);
+        let lines = spec.expected_plan("master01").unwrap().lines();
+        let cali = spec.nodes[0].pods[0].interface();
+        assert_eq!(
+            lines,
+            [
+                "172.16.10.0/26 via 192.168.93.130 dev tunl0 onlink".to_string(),
+                "172.16.196.128/26 via 192.168.92.129 dev ens33".to_string(),
+                "blackhole 172.16.241.64/26".to_string(),
+                format!("172.16.241.65 dev {cali} scope link"),
+                "fd00:172:16:10::/122 via fd00:93::130".to_string(),
+                "fd00:172:16:196::80/122 via fd00:92::129".to_string(),
+                "blackhole fd00:172:16:241::40/122".to_string(),
+                format!("fd00:172:16:241::41 dev {cali} scope link"),
+            ]
+        );
+    }
+
+    #[test]
     fn writing_the_datastore_removes_objects_no_longer_in_the_spec() {
         let dir = tempfile::tempdir().unwrap();
         let mut spec = ClusterSpec::seed();
