@@ -249,6 +249,43 @@ fn address(a: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
+/// `RTM_GETROUTE` for the single address `to`: the kernel answers with the route it would use
+/// to reach it (`ip route get TO`).
+pub fn get_route_request(to: IpAddr) -> RouteNetlinkMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = if to.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    msg.header.destination_prefix_length = if to.is_ipv6() { 128 } else { 32 };
+    msg.attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(to)));
+    RouteNetlinkMessage::GetRoute(msg)
+}
+
+/// From the answer to [`get_route_request`]: the gateway and output device the kernel would
+/// use, when it would use a gateway (`None`: the address is on a connected subnet, or the
+/// answer is not a unicast route).
+pub fn next_hop_of(answer: &RouteNetlinkMessage) -> Option<(IpAddr, u32)> {
+    let RouteNetlinkMessage::NewRoute(m) = answer else {
+        return None;
+    };
+    if u8::from(m.header.kind) != RTN_UNICAST {
+        return None;
+    }
+    let mut gateway = None;
+    let mut oif = None;
+    for attr in &m.attributes {
+        match attr {
+            RouteAttribute::Gateway(a) => gateway = address(a),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    Some((gateway?, oif?))
+}
+
 /// The route dump request: main table, our protocol (the kernel filters with strict
 /// checking on; [`KernelRoute::from_message`] and the caller filter again).
 pub fn dump_request(protocol: u8) -> RouteNetlinkMessage {

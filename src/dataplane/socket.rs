@@ -309,6 +309,52 @@ impl RequestSocket {
         results
     }
 
+    /// Sends one plain request (no dump, no ACK asked) and returns the kernel's one answer:
+    /// e.g. `RTM_GETROUTE` for an address, answered by the route the kernel would use.
+    pub fn get(
+        &mut self,
+        message: RouteNetlinkMessage,
+    ) -> Result<RouteNetlinkMessage, NetlinkError> {
+        self.send_buf.clear();
+        let seq = self.next_seq();
+        self.append(message, NLM_F_REQUEST, seq);
+        send_all(&self.socket, &self.send_buf).map_err(|e| NetlinkError::io("sendto", e))?;
+        self.sends += 1;
+        loop {
+            let n = self.recv()?;
+            let mut offset = 0;
+            while offset + NETLINK_HEADER_LEN <= n {
+                let data = &self.recv_buf[offset..n];
+                let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+                if len < NETLINK_HEADER_LEN || len > data.len() {
+                    return Err(NetlinkError::Decode(format!(
+                        "message length {len} in {n} bytes"
+                    )));
+                }
+                let msg = &data[..len];
+                offset += (len + 3) & !3;
+                let msg_seq = u32::from_ne_bytes([msg[8], msg[9], msg[10], msg[11]]);
+                if msg_seq != seq {
+                    continue;
+                }
+                let kind = u16::from_ne_bytes([msg[4], msg[5]]);
+                if kind == NLMSG_ERROR {
+                    let flags = u16::from_ne_bytes([msg[6], msg[7]]);
+                    parse_error(msg, flags)?;
+                    return Err(NetlinkError::Decode("an ACK instead of an answer".into()));
+                }
+                return match NetlinkMessage::<RouteNetlinkMessage>::deserialize(msg) {
+                    Ok(NetlinkMessage {
+                        payload: NetlinkPayload::InnerMessage(m),
+                        ..
+                    }) => Ok(m),
+                    Ok(_) => Err(NetlinkError::Decode("not an rtnetlink answer".into())),
+                    Err(e) => Err(NetlinkError::Decode(e.to_string())),
+                };
+            }
+        }
+    }
+
     /// Runs a dump request and returns every message of the answer.
     pub fn dump(
         &mut self,

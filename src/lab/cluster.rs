@@ -18,7 +18,7 @@ use super::LabError;
 use super::netns::{self, ip, sysctl, veth};
 use super::spec::{CALI_MAC, ClusterSpec, IpVersion, NIC, POD_GATEWAY6};
 use crate::agent::status::{AgentStatus, RouteRow, RoutesReport};
-use crate::plan::{DesiredRoute, RouteKind, TUNNEL_DEVICE};
+use crate::plan::{DesiredRoute, TUNNEL_DEVICE};
 
 /// `peer_type` of node-to-node mesh peers in the status API (Calico's wording).
 pub const PEER_TYPE_MESH: &str = "node-to-node mesh";
@@ -434,6 +434,26 @@ impl Lab {
                             POD_GATEWAY6,
                             "dev",
                             "eth0",
+                        ],
+                    )?;
+                }
+            }
+        }
+        // The IPv6 pool is `Never`: across the router, pod traffic is routed, not tunnelled,
+        // so the router must know every node's IPv6 block (as a ToR learns them over BGP from
+        // the nodes in a Calico cluster; here they are static routes).
+        if v6 {
+            for node in &self.spec.nodes {
+                if let (Some(block6), Some(addr6)) = (node.block6, node.addr6) {
+                    ip(
+                        &router,
+                        &[
+                            "-6",
+                            "route",
+                            "add",
+                            &block6.to_string(),
+                            "via",
+                            &addr6.addr().to_string(),
                         ],
                     )?;
                 }
@@ -928,53 +948,55 @@ impl Lab {
             .routes
             .iter()
             .filter(|r| self.not_installable(node, r, tunnel).is_none())
-            .map(|r| {
-                let mut line = r.to_string();
-                if r.device.is_none() && r.gateway.is_some() {
-                    line.push_str(&format!(" dev {NIC}"));
-                }
-                if r.prefix.addr().is_ipv6() {
-                    // `ip -6 route` shows no scope.
-                    line = line.replace(" scope link", "");
-                }
-                line
-            })
+            .map(|r| self.kernel_line(node, r))
             .collect();
         lines.sort();
         Ok(lines)
     }
 
+    /// The planned `route` of `node` as `ip route` shows it once installed: a route that leaves
+    /// the device to the kernel shows `ens33`, and when its gateway is on another subnet, the
+    /// router as the gateway (the next hop resolved recursively, as BIRD's `gateway
+    /// recursive` installs it); IPv6 routes show no scope.
+    fn kernel_line(&self, node: &str, route: &DesiredRoute) -> String {
+        let mut line = route.to_string();
+        if route.device.is_none()
+            && let Some(gw) = route.gateway
+        {
+            let n = self.spec.node(node);
+            let router = match gw {
+                IpAddr::V4(a) => n
+                    .filter(|n| !n.addr.contains(&a))
+                    .map(|n| IpAddr::V4(ClusterSpec::router_addr(n.addr.trunc()))),
+                IpAddr::V6(a) => n
+                    .and_then(|n| n.addr6)
+                    .filter(|n6| !n6.contains(&a))
+                    .map(|n6| IpAddr::V6(ClusterSpec::router_addr6(n6.trunc()))),
+            };
+            if let Some(router) = router {
+                line = line.replace(&format!(" via {gw}"), &format!(" via {router}"));
+            }
+            line.push_str(&format!(" dev {NIC}"));
+        }
+        if route.prefix.addr().is_ipv6() {
+            // `ip -6 route` shows no scope.
+            line = line.replace(" scope link", "");
+        }
+        line
+    }
+
     /// Why the kernel of `node` cannot hold the planned `route` in this lab, when it cannot:
-    /// a tunnel route while the node has no `tunl0` (`tunnel` says whether it has one); or a
-    /// `Never` pool's route to a node on another subnet: its gateway is not on a connected
-    /// subnet, which the kernel refuses ("Nexthop has invalid gateway"). calico-node's BIRD
-    /// resolves such a next hop through the router (`gateway recursive`, and the network must
-    /// route the pod blocks); podroute does not do that yet.
+    /// a tunnel route while the node has no `tunl0` (`tunnel` says whether it has one).
     pub fn not_installable(
         &self,
-        node: &str,
+        _node: &str,
         route: &DesiredRoute,
         tunnel: bool,
     ) -> Option<&'static str> {
         if !tunnel && route.device.as_deref() == Some(TUNNEL_DEVICE) {
             return Some("no tunl0 on this node");
         }
-        let n = self.spec.node(node)?;
-        let no_encap = matches!(
-            route.kind,
-            RouteKind::BlockNoEncap | RouteKind::BorrowedNoEncap
-        );
-        let on_link = |gw: IpAddr| match gw {
-            IpAddr::V4(a) => self.spec.family.has_ipv4() && n.addr.contains(&a),
-            IpAddr::V6(a) => n.addr6.is_some_and(|n6| n6.contains(&a)),
-        };
-        match route.gateway {
-            Some(gw) if no_encap && !on_link(gw) => Some(
-                "a Never pool's next hop on another subnet: podroute has no recursive next hop \
-                 (BIRD's `gateway recursive`) yet",
-            ),
-            _ => None,
-        }
+        None
     }
 
     /// Three echo requests (ICMP or ICMPv6, 200 ms apart, 2 s for each reply) from the pod

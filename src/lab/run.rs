@@ -42,8 +42,6 @@ enum Outcome {
     Fail,
     /// Cannot work on this machine; not a failure.
     NotAvailable,
-    /// What podroute does not do yet, shown as such; not a failure.
-    Gap,
 }
 
 struct Check {
@@ -64,7 +62,6 @@ impl Checks {
             Outcome::Pass => "PASS",
             Outcome::Fail => "FAIL",
             Outcome::NotAvailable => "N/A ",
-            Outcome::Gap => "GAP ",
         };
         say(out, &format!("  {tag}  {name}"));
         if !detail.is_empty() {
@@ -153,18 +150,16 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<bool, LabError> {
         checks.add(out, Outcome::Fail, "lab run".into(), e.to_string());
     }
 
-    let (pass, fail, na, gaps) = (
+    let (pass, fail, na) = (
         checks.count(Outcome::Pass),
         checks.count(Outcome::Fail),
         checks.count(Outcome::NotAvailable),
-        checks.count(Outcome::Gap),
     );
     say(out, "");
     say(
         out,
         &format!(
-            "lab summary ({}): {pass} checks passed, {fail} failed, {na} not available here, \
-             {gaps} known gaps of podroute",
+            "lab summary ({}): {pass} checks passed, {fail} failed, {na} not available here",
             opts.family.name()
         ),
     );
@@ -577,8 +572,7 @@ fn check_cross_subnet_routes(lab: &Lab, out: &mut dyn Write, checks: &mut Checks
 }
 
 /// Every node's IPv6 route to each block across the router (pool `Never`): planned as
-/// `BLOCK via NODE`, and reported as not installed with the kernel's reason, since its gateway
-/// is on no connected subnet ([`Lab::not_installable`]). Shown as a known gap.
+/// `BLOCK via NODE6` and installed via the router (the next hop resolved recursively).
 fn check_cross_subnet_routes6(lab: &Lab, out: &mut dyn Write, checks: &mut Checks) {
     for from in &lab.spec.nodes {
         let Ok(report) = lab.routes(&from.name) else {
@@ -597,35 +591,26 @@ fn check_cross_subnet_routes6(lab: &Lab, out: &mut dyn Write, checks: &mut Check
             let want = format!("{block} via {}", addr6.addr());
             let planned = plan.routes.iter().find(|r| r.to_string() == want);
             let row = planned.and_then(|p| report.routes.iter().find(|r| same_route(r, p)));
-            let name = format!(
-                "{} -> {} IPv6 block across the router: \"{want}\"",
-                from.name, to.name
-            );
-            match (planned, row) {
-                (Some(p), Some(r)) if !r.installed => {
-                    let why = lab
-                        .not_installable(&from.name, p, lab.has_tunnel_device(&from.name))
-                        .unwrap_or("");
-                    checks.add(
-                        out,
-                        Outcome::Gap,
-                        format!("{name} planned, not installed: {why}"),
-                        format!(
-                            "agent reports: {}",
-                            r.error.as_deref().unwrap_or("no reason given")
-                        ),
-                    );
-                }
-                (Some(_), Some(_)) => checks.add(
-                    out,
-                    Outcome::Pass,
-                    format!("{name} planned and installed"),
-                    String::new(),
+            let state = match row {
+                Some(r) if r.installed => "installed".to_string(),
+                Some(r) => format!(
+                    "not installed: {}",
+                    r.error.as_deref().unwrap_or("no reason given")
                 ),
-                _ => checks.add(
-                    out,
-                    Outcome::Fail,
-                    format!("{name} planned and reported"),
+                None => "missing".to_string(),
+            };
+            let ok = row.is_some_and(|r| r.installed);
+            checks.pass_if(
+                out,
+                ok,
+                format!(
+                    "{} -> {} IPv6 block across the router: \"{want}\" planned and reported \
+                     ({state})",
+                    from.name, to.name
+                ),
+                if ok {
+                    String::new()
+                } else {
                     format!(
                         "reported routes:\n{}",
                         indent(
@@ -637,9 +622,9 @@ fn check_cross_subnet_routes6(lab: &Lab, out: &mut dyn Write, checks: &mut Check
                                 .join("\n"),
                             "  "
                         )
-                    ),
-                ),
-            }
+                    )
+                },
+            );
         }
     }
 }
@@ -677,20 +662,10 @@ fn check_pings(lab: &Lab, out: &mut dyn Write, checks: &mut Checks) -> Result<()
                             p.name, from.name, q.name, to.name
                         );
                         let across = !ClusterSpec::same_subnet(from, to);
-                        if across && dst.is_ipv6() {
-                            checks.add(
-                                out,
-                                Outcome::Gap,
-                                name,
-                                "across the router over IPv6 (pool Never): the routes are not \
-                                 installed (see above)"
-                                    .into(),
-                            );
-                            continue;
-                        }
                         let tunnels =
                             lab.has_tunnel_device(&from.name) && lab.has_tunnel_device(&to.name);
-                        if across && !tunnels {
+                        // IPv6 (pool Never) is routed across the router, not tunnelled.
+                        if across && dst.is_ipv4() && !tunnels {
                             checks.add(
                                 out,
                                 Outcome::NotAvailable,
