@@ -17,6 +17,12 @@
 //! Nodes with `projectcalico.org/IPv4Address`, BGPConfiguration `default`) are written to a
 //! YAML directory that every agent reads (`--datastore-type dir:PATH`).
 //!
+//! `--family dual` adds IPv6 to the same cluster (fd00:92::/64 and fd00:93::/64, the IPv6
+//! pool fd00:172:16::/48 `Never`, a /122 block per node, an IPv6 address per pod with its
+//! default route via fe80::ecee:eeff:feee:eeee as Calico's CNI plugin sets it); `--family ipv6`
+//! keeps only the IPv6 part ([`Family`]). Pings are the lab's own ICMP/ICMPv6 echo
+//! ([`echo()`]), so the lab runs no program but `ip`.
+//!
 //! [`Lab`] holds the building blocks (build, start the agents, wait for convergence, ask an
 //! agent for its status, routes and metrics, ping from a pod, clean up) so that the
 //! end-to-end tests use the same cluster as the command; [`run`] is the command itself.
