@@ -393,6 +393,48 @@ mod tests {
 
     const P: u8 = 157;
 
+    #[test]
+    fn the_next_hop_of_a_route_lookup_is_its_gateway_when_it_has_one() {
+        let RouteNetlinkMessage::GetRoute(req) = get_route_request("fd00:93::130".parse().unwrap())
+        else {
+            panic!("not RTM_GETROUTE");
+        };
+        assert_eq!(req.header.address_family, AddressFamily::Inet6);
+        assert_eq!(req.header.destination_prefix_length, 128);
+        // Through the router: the answer's gateway and device.
+        let answer = |gw: Option<&str>, kind: RouteType| {
+            let mut m = RouteMessage::default();
+            m.header.address_family = AddressFamily::Inet6;
+            m.header.kind = kind;
+            m.attributes
+                .push(RouteAttribute::Destination(RouteAddress::from(
+                    "fd00:93::130".parse::<IpAddr>().unwrap(),
+                )));
+            if let Some(gw) = gw {
+                m.attributes
+                    .push(RouteAttribute::Gateway(RouteAddress::from(
+                        gw.parse::<IpAddr>().unwrap(),
+                    )));
+            }
+            m.attributes.push(RouteAttribute::Oif(7));
+            RouteNetlinkMessage::NewRoute(m)
+        };
+        assert_eq!(
+            next_hop_of(&answer(Some("fd00:92::1"), RouteType::Unicast)),
+            Some(("fd00:92::1".parse().unwrap(), 7))
+        );
+        // On a connected subnet: no gateway. Unreachable: not a next hop.
+        assert_eq!(next_hop_of(&answer(None, RouteType::Unicast)), None);
+        assert_eq!(
+            next_hop_of(&answer(Some("fd00:92::1"), RouteType::Unreachable)),
+            None
+        );
+        assert_eq!(
+            next_hop_of(&RouteNetlinkMessage::GetRoute(RouteMessage::default())),
+            None
+        );
+    }
+
     fn via(dst: &str, gw: &str, oif: Option<u32>, onlink: bool) -> KernelRoute {
         KernelRoute::wanted(
             dst.parse().unwrap(),
