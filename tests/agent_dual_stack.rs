@@ -11,8 +11,9 @@
 //! hop resolved recursively as BIRD's `gateway recursive` does; the router knows the blocks, as
 //! a ToR would from BGP), IPv4 across the router through tunl0, a node accepting inbound IPv4
 //! and IPv6 sessions on its one listener at the same time, the IPv6-only cluster without any
-//! IPv4 address, and the lab command itself on a machine without `ping` or `sysctl`. The time
-//! from agent start to every kernel holding its routes is printed per family.
+//! IPv4 address, the seed with an IPv4 `Never` pool routed across the router the same way,
+//! and the lab command itself on a machine without `ping` or `sysctl`. The time from agent
+//! start to every kernel holding its routes is printed per family.
 //!
 //! Root only: without root a loud SKIP, with `CI=true` a failure. Each test uses its own
 //! namespace prefix; every address lives only inside namespaces the test creates.
@@ -29,6 +30,7 @@ use std::time::Duration;
 use agent_guard::tool_works;
 use podroute::agent::router_id::hash_router_id;
 use podroute::lab::{ClusterSpec, Family, IpVersion, Lab, LabConfig, PEER_TYPE_MESH};
+use podroute::plan::EncapMode;
 
 /// Longest wait for a mesh to converge; typically well under 2 s.
 const CONVERGE: Duration = Duration::from_secs(45);
@@ -304,6 +306,42 @@ fn ipv6_only_three_agents_route_without_any_ipv4_and_pods_ping() {
     );
     podroute::lab::ip(&ns, &["-6", "route", "del", "fd00:93::/64"]).unwrap();
     wait_for(via("fd00:92::1"));
+}
+
+#[test]
+fn an_ipv4_never_pool_is_routed_across_the_router_via_recursive_next_hops() {
+    if !can_run("an_ipv4_never_pool_is_routed_across_the_router_via_recursive_next_hops") {
+        return;
+    }
+    // The seed with `ipipMode: Never`: no tunnel; the router knows the blocks (as a ToR).
+    let mut spec = ClusterSpec::seed();
+    spec.ipip_mode = EncapMode::Never;
+    let cfg = LabConfig::new(prefix("v4never"), env!("CARGO_BIN_EXE_podroute"));
+    let mut lab = Lab::build(cfg, spec).expect("build the lab");
+    lab.start_agents().expect("start the agents");
+    if let Err(e) = lab.wait_converged(CONVERGE) {
+        panic!("{e}\n{}", logs(&lab));
+    }
+    for node in ["master01", "node01", "node02"] {
+        assert_eq!(
+            lab.kernel_routes(node).unwrap(),
+            lab.expected_kernel_routes(node).unwrap(),
+            "{node}"
+        );
+    }
+    let have = lab.kernel_routes("master01").unwrap();
+    let line = "172.16.10.0/26 via 192.168.92.1 dev ens33".to_string();
+    assert!(have.contains(&line), "{have:#?}");
+    assert!(
+        !lab.has_tunnel_device("master01"),
+        "no tunl0 with a Never pool"
+    );
+    let dst = pod_ip(&lab, "node02", IpVersion::V4);
+    let (ok, out) = lab.ping(&pod_name(&lab, "master01"), dst).unwrap();
+    assert!(
+        ok,
+        "master01's pod -> node02's pod {dst} through the router: {out}"
+    );
 }
 
 /// A `PATH` holding only `ip` (a symlink to the real one): no `ping`, no `sysctl`.

@@ -18,7 +18,7 @@ use super::LabError;
 use super::netns::{self, ip, sysctl, veth};
 use super::spec::{CALI_MAC, ClusterSpec, IpVersion, NIC, POD_GATEWAY6};
 use crate::agent::status::{AgentStatus, RouteRow, RoutesReport};
-use crate::plan::{DesiredRoute, TUNNEL_DEVICE};
+use crate::plan::{DesiredRoute, EncapMode, TUNNEL_DEVICE};
 
 /// `peer_type` of node-to-node mesh peers in the status API (Calico's wording).
 pub const PEER_TYPE_MESH: &str = "node-to-node mesh";
@@ -439,24 +439,19 @@ impl Lab {
                 }
             }
         }
-        // The IPv6 pool is `Never`: across the router, pod traffic is routed, not tunnelled,
-        // so the router must know every node's IPv6 block (as a ToR learns them over BGP from
-        // the nodes in a Calico cluster; here they are static routes).
-        if v6 {
-            for node in &self.spec.nodes {
-                if let (Some(block6), Some(addr6)) = (node.block6, node.addr6) {
-                    ip(
-                        &router,
-                        &[
-                            "-6",
-                            "route",
-                            "add",
-                            &block6.to_string(),
-                            "via",
-                            &addr6.addr().to_string(),
-                        ],
-                    )?;
-                }
+        // A `Never` pool (the IPv6 one always, the IPv4 one when so set): across the router,
+        // pod traffic is routed, not tunnelled, so the router must know those blocks (as a ToR
+        // learns them over BGP from the nodes in a Calico cluster; here static routes).
+        for node in &self.spec.nodes {
+            let mut routes: Vec<(String, String)> = Vec::new();
+            if v4 && self.spec.ipip_mode == EncapMode::Never {
+                routes.extend(node.block.map(|b| (b.to_string(), node.ip().to_string())));
+            }
+            if v6 && let (Some(block6), Some(addr6)) = (node.block6, node.addr6) {
+                routes.push((block6.to_string(), addr6.addr().to_string()));
+            }
+            for (block, via) in routes {
+                ip(&router, &["route", "add", &block, "via", &via])?;
             }
         }
         Ok(())

@@ -665,7 +665,9 @@ fn check_pings(lab: &Lab, out: &mut dyn Write, checks: &mut Checks) -> Result<()
                         let tunnels =
                             lab.has_tunnel_device(&from.name) && lab.has_tunnel_device(&to.name);
                         // IPv6 (pool Never) is routed across the router, not tunnelled.
-                        if across && dst.is_ipv4() && !tunnels {
+                        let tunnelled =
+                            dst.is_ipv4() && lab.spec.ipip_mode != crate::plan::EncapMode::Never;
+                        if across && tunnelled && !tunnels {
                             checks.add(
                                 out,
                                 Outcome::NotAvailable,
