@@ -66,6 +66,10 @@ enum Command {
         /// agents in flannel mode (planned tables without root).
         #[arg(long, value_enum, default_value_t = podroute::agent::flannel::Model::Calico)]
         model: podroute::agent::flannel::Model,
+        /// Address families of the cluster: `ipv4` (seed 001), `dual` (IPv4 and IPv6 node
+        /// addresses, pools, blocks and pods; one mesh per family) or `ipv6` (IPv6-only).
+        #[arg(long, value_enum, default_value_t)]
+        family: podroute::lab::Family,
     },
     /// Show the running agent's BGP peers and health, like `calicoctl node status`.
     Status {
@@ -145,6 +149,7 @@ fn main() -> anyhow::Result<()> {
             binary,
             timeout,
             model,
+            family,
             cleanup: false,
         } => {
             podroute::lab::install_signal_cleanup().context("installing the Ctrl-C handler")?;
@@ -153,6 +158,7 @@ fn main() -> anyhow::Result<()> {
                 keep,
                 binary,
                 timeout,
+                family,
             };
             let run = match model {
                 podroute::agent::flannel::Model::Calico => podroute::lab::run,

@@ -249,6 +249,43 @@ fn address(a: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
+/// `RTM_GETROUTE` for the single address `to`: the kernel answers with the route it would use
+/// to reach it (`ip route get TO`).
+pub fn get_route_request(to: IpAddr) -> RouteNetlinkMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = if to.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    msg.header.destination_prefix_length = if to.is_ipv6() { 128 } else { 32 };
+    msg.attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(to)));
+    RouteNetlinkMessage::GetRoute(msg)
+}
+
+/// From the answer to [`get_route_request`]: the gateway and output device the kernel would
+/// use, when it would use a gateway (`None`: the address is on a connected subnet, or the
+/// answer is not a unicast route).
+pub fn next_hop_of(answer: &RouteNetlinkMessage) -> Option<(IpAddr, u32)> {
+    let RouteNetlinkMessage::NewRoute(m) = answer else {
+        return None;
+    };
+    if u8::from(m.header.kind) != RTN_UNICAST {
+        return None;
+    }
+    let mut gateway = None;
+    let mut oif = None;
+    for attr in &m.attributes {
+        match attr {
+            RouteAttribute::Gateway(a) => gateway = address(a),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    Some((gateway?, oif?))
+}
+
 /// The route dump request: main table, our protocol (the kernel filters with strict
 /// checking on; [`KernelRoute::from_message`] and the caller filter again).
 pub fn dump_request(protocol: u8) -> RouteNetlinkMessage {
@@ -355,6 +392,48 @@ mod tests {
     use super::*;
 
     const P: u8 = 157;
+
+    #[test]
+    fn the_next_hop_of_a_route_lookup_is_its_gateway_when_it_has_one() {
+        let RouteNetlinkMessage::GetRoute(req) = get_route_request("fd00:93::130".parse().unwrap())
+        else {
+            panic!("not RTM_GETROUTE");
+        };
+        assert_eq!(req.header.address_family, AddressFamily::Inet6);
+        assert_eq!(req.header.destination_prefix_length, 128);
+        // Through the router: the answer's gateway and device.
+        let answer = |gw: Option<&str>, kind: RouteType| {
+            let mut m = RouteMessage::default();
+            m.header.address_family = AddressFamily::Inet6;
+            m.header.kind = kind;
+            m.attributes
+                .push(RouteAttribute::Destination(RouteAddress::from(
+                    "fd00:93::130".parse::<IpAddr>().unwrap(),
+                )));
+            if let Some(gw) = gw {
+                m.attributes
+                    .push(RouteAttribute::Gateway(RouteAddress::from(
+                        gw.parse::<IpAddr>().unwrap(),
+                    )));
+            }
+            m.attributes.push(RouteAttribute::Oif(7));
+            RouteNetlinkMessage::NewRoute(m)
+        };
+        assert_eq!(
+            next_hop_of(&answer(Some("fd00:92::1"), RouteType::Unicast)),
+            Some(("fd00:92::1".parse().unwrap(), 7))
+        );
+        // On a connected subnet: no gateway. Unreachable: not a next hop.
+        assert_eq!(next_hop_of(&answer(None, RouteType::Unicast)), None);
+        assert_eq!(
+            next_hop_of(&answer(Some("fd00:92::1"), RouteType::Unreachable)),
+            None
+        );
+        assert_eq!(
+            next_hop_of(&RouteNetlinkMessage::GetRoute(RouteMessage::default())),
+            None
+        );
+    }
 
     fn via(dst: &str, gw: &str, oif: Option<u32>, onlink: bool) -> KernelRoute {
         KernelRoute::wanted(

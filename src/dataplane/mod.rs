@@ -547,6 +547,16 @@ impl Slot {
         }
     }
 
+    /// The gateway to resolve through the kernel's table, as BIRD's `gateway recursive`: a
+    /// route via a gateway that leaves the device to the kernel (pool `Never`, external
+    /// prefixes) and is not onlink.
+    fn recursive_gateway(&self) -> Option<IpAddr> {
+        if self.device.is_some() || self.flags & Self::ONLINK != 0 {
+            return None;
+        }
+        self.gateway
+    }
+
     /// The kernel route for this slot; `oif` from the device name.
     fn kernel_route(&self, dst: IpNet, protocol: u8, oif: Option<u32>) -> KernelRoute {
         KernelRoute::wanted(
@@ -631,6 +641,13 @@ pub struct Dataplane<S: RouteSocket = RequestSocket> {
     tunnels: Tunnels,
     /// Published after every link change.
     link_facts: watch::Sender<LinkFacts>,
+    /// Recursive next hops ([`Slot::recursive_gateway`]): per gateway, the gateway and device
+    /// of the kernel's route towards it when that route goes through a gateway itself (the
+    /// peer is on another subnet: the route is installed via the router, as BIRD installs it
+    /// with `gateway recursive`), `None` when the peer is on a connected subnet. Bounded by the
+    /// plan's distinct gateways (the peers); looked up on first use, refreshed on every
+    /// re-read and when a route of another owner (the underlay) changes.
+    recursive: BTreeMap<IpAddr, Option<(IpAddr, u32)>>,
 }
 
 type ReconcileObserver = Box<dyn Fn(Duration, ApplyReport) + Send>;
@@ -719,6 +736,8 @@ pub trait RouteSocket: Send {
         message: RouteNetlinkMessage,
         each: impl FnMut(RouteNetlinkMessage),
     ) -> Result<(), NetlinkError>;
+    /// Sends one request and returns the kernel's answer (`RTM_GETROUTE` of one address).
+    fn get(&mut self, message: RouteNetlinkMessage) -> Result<RouteNetlinkMessage, NetlinkError>;
     /// Datagrams sent so far (for measurements).
     fn sends(&self) -> u64;
 }
@@ -737,6 +756,10 @@ impl RouteSocket for RequestSocket {
         each: impl FnMut(RouteNetlinkMessage),
     ) -> Result<(), NetlinkError> {
         RequestSocket::dump_each(self, message, each)
+    }
+
+    fn get(&mut self, message: RouteNetlinkMessage) -> Result<RouteNetlinkMessage, NetlinkError> {
+        RequestSocket::get(self, message)
     }
 
     fn sends(&self) -> u64 {
@@ -800,6 +823,7 @@ impl<S: RouteSocket> Dataplane<S> {
             applied: None,
             tunnels: Tunnels::new(config_tunnels),
             link_facts: watch::channel(LinkFacts::default()).0,
+            recursive: BTreeMap::new(),
         };
         dp.read_kernel()?;
         dp.counters.resyncs = 0;
@@ -831,6 +855,7 @@ impl<S: RouteSocket> Dataplane<S> {
             .map_err(DataplaneError::Dump)?;
         self.links = links;
         self.publish_links();
+        self.refresh_recursive();
         for slot in self.slots.values_mut() {
             slot.flags &= !Slot::SYNCED;
         }
@@ -902,7 +927,61 @@ impl<S: RouteSocket> Dataplane<S> {
             },
             None => None,
         };
-        Ok(slot.kernel_route(dst, self.config.protocol, oif))
+        let mut route = slot.kernel_route(dst, self.config.protocol, oif);
+        if let Some(Some((gateway, oif))) = slot
+            .recursive_gateway()
+            .and_then(|g| self.recursive.get(&g))
+        {
+            route.gateway = Some(*gateway);
+            route.oif = Some(*oif);
+        }
+        Ok(route)
+    }
+
+    /// The kernel's next hop towards `gateway` when it is itself a gateway (see
+    /// [`Dataplane::recursive`]); `None` when `gateway` is on a connected subnet or cannot be
+    /// looked up (the route is then installed via `gateway`, and the kernel says why not).
+    fn look_up_next_hop(&mut self, gateway: IpAddr) -> Option<(IpAddr, u32)> {
+        match self.sock.get(kernel::get_route_request(gateway)) {
+            Ok(answer) => kernel::next_hop_of(&answer).filter(|(via, _)| *via != gateway),
+            Err(e) => {
+                tracing::debug!(%gateway, error = %e, "no route towards the gateway");
+                None
+            }
+        }
+    }
+
+    /// Looks up the gateways of `dsts` not resolved yet.
+    fn resolve_gateways(&mut self, dsts: &[IpNet]) {
+        for dst in dsts {
+            let Some(gateway) = self.slots.get(dst).and_then(Slot::recursive_gateway) else {
+                continue;
+            };
+            if !self.recursive.contains_key(&gateway) {
+                let next_hop = self.look_up_next_hop(gateway);
+                self.recursive.insert(gateway, next_hop);
+            }
+        }
+    }
+
+    /// Looks every known gateway up again; returns those whose next hop changed. Gateways no
+    /// planned route uses any more are dropped.
+    fn refresh_recursive(&mut self) -> BTreeSet<IpAddr> {
+        let used: BTreeSet<IpAddr> = self
+            .slots
+            .values()
+            .filter_map(Slot::recursive_gateway)
+            .collect();
+        self.recursive.retain(|g, _| used.contains(g));
+        let mut changed = BTreeSet::new();
+        let gateways: Vec<IpAddr> = self.recursive.keys().copied().collect();
+        for gateway in gateways {
+            let next_hop = self.look_up_next_hop(gateway);
+            if self.recursive.insert(gateway, next_hop) != Some(next_hop) {
+                changed.insert(gateway);
+            }
+        }
+        changed
     }
 
     /// Records that the kernel holds `route` (ours): it syncs its slot when it is what the
@@ -1272,6 +1351,7 @@ impl<S: RouteSocket> Dataplane<S> {
         let mut changes = Vec::new();
         let mut deletes = Vec::new();
         let mut other = Vec::new();
+        self.resolve_gateways(dsts);
         for dst in dsts {
             self.steps(*dst, &mut changes, &mut deletes, &mut other);
         }
@@ -1470,8 +1550,17 @@ impl<S: RouteSocket> Dataplane<S> {
         let mut dirty = BTreeSet::new();
         let mut resync = false;
         let mut links_changed = false;
+        let mut underlay_changed = false;
         let ours = self.config.protocol;
         for event in events {
+            // Another owner's route that is not at a planned destination (not a CNI pod
+            // route, not in the way of one of ours): the underlay.
+            if let Event::RouteAdded { route, .. } | Event::RouteRemoved(route) = &event
+                && route.protocol != ours
+                && !self.slots.contains_key(&route.key.dst)
+            {
+                underlay_changed = true;
+            }
             match event {
                 Event::RouteAdded { route, replaced } => {
                     let dst = route.key.dst;
@@ -1544,6 +1633,28 @@ impl<S: RouteSocket> Dataplane<S> {
         }
         if links_changed {
             self.publish_links();
+        }
+        // Another owner's route changed: a recursive next hop may have moved.
+        if underlay_changed && !self.recursive.is_empty() {
+            // What the kernel holds for the synced recursive routes, before the look-up.
+            let held: Vec<(IpNet, IpAddr, KernelRoute)> = self
+                .slots
+                .iter()
+                .filter(|(_, slot)| slot.synced())
+                .filter_map(|(dst, slot)| {
+                    let gateway = slot.recursive_gateway()?;
+                    Some((dst, gateway, self.lower(dst, slot).ok()?))
+                })
+                .collect();
+            let changed = self.refresh_recursive();
+            for (dst, gateway, old) in held {
+                if changed.contains(&gateway) {
+                    // No longer what the slot wants: replaced by the next reconcile.
+                    self.set_synced(dst, false);
+                    self.strays.insert(old.key, old);
+                    dirty.insert(dst);
+                }
+            }
         }
         // Only destinations we care about.
         dirty.retain(|d| {

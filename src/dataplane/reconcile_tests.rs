@@ -112,6 +112,14 @@ impl SimKernel {
 }
 
 impl RouteSocket for SimKernel {
+    /// The simulated kernel has only connected subnets: no gateway needs a recursive look-up.
+    fn get(&mut self, _message: RouteNetlinkMessage) -> Result<RouteNetlinkMessage, NetlinkError> {
+        Err(NetlinkError::Kernel {
+            errno: libc::ENETUNREACH,
+            message: None,
+        })
+    }
+
     fn execute(
         &mut self,
         requests: impl IntoIterator<Item = Request>,

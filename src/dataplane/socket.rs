@@ -309,6 +309,31 @@ impl RequestSocket {
         results
     }
 
+    /// Sends one plain request (no dump, no ACK asked) and returns the kernel's one answer:
+    /// e.g. `RTM_GETROUTE` for an address, answered by the route the kernel would use.
+    pub fn get(
+        &mut self,
+        message: RouteNetlinkMessage,
+    ) -> Result<RouteNetlinkMessage, NetlinkError> {
+        let seq = self.send_one(message, NLM_F_REQUEST)?;
+        self.read_answer(seq, |kind, flags, msg| {
+            Some(if kind == NLMSG_ERROR {
+                parse_error(msg, flags).and(Err(NetlinkError::Decode(
+                    "an ACK instead of an answer".into(),
+                )))
+            } else {
+                match NetlinkMessage::<RouteNetlinkMessage>::deserialize(msg) {
+                    Ok(NetlinkMessage {
+                        payload: NetlinkPayload::InnerMessage(m),
+                        ..
+                    }) => Ok(m),
+                    Ok(_) => Err(NetlinkError::Decode("not an rtnetlink answer".into())),
+                    Err(e) => Err(NetlinkError::Decode(e.to_string())),
+                }
+            })
+        })
+    }
+
     /// Runs a dump request and returns every message of the answer.
     pub fn dump(
         &mut self,
@@ -326,11 +351,44 @@ impl RequestSocket {
         message: RouteNetlinkMessage,
         mut each: impl FnMut(RouteNetlinkMessage),
     ) -> Result<(), NetlinkError> {
+        let seq = self.send_one(message, NLM_F_REQUEST | NLM_F_DUMP)?;
+        self.read_answer(seq, |kind, flags, msg| {
+            if kind == NLMSG_DONE {
+                return Some(Ok(()));
+            }
+            if kind == NLMSG_ERROR {
+                return Some(parse_error(msg, flags));
+            }
+            match NetlinkMessage::<RouteNetlinkMessage>::deserialize(msg) {
+                Ok(NetlinkMessage {
+                    payload: NetlinkPayload::InnerMessage(m),
+                    ..
+                }) => each(m),
+                Ok(_) => {}
+                // One attribute this crate version cannot parse must not hide the rest.
+                Err(e) => tracing::debug!(error = %e, "skipping undecodable dump message"),
+            }
+            None
+        })
+    }
+
+    /// Sends `message` alone with `flags`; returns its sequence number.
+    fn send_one(&mut self, message: RouteNetlinkMessage, flags: u16) -> Result<u32, NetlinkError> {
         self.send_buf.clear();
         let seq = self.next_seq();
-        self.append(message, NLM_F_REQUEST | NLM_F_DUMP, seq);
+        self.append(message, flags, seq);
         send_all(&self.socket, &self.send_buf).map_err(|e| NetlinkError::io("sendto", e))?;
         self.sends += 1;
+        Ok(seq)
+    }
+
+    /// Reads the answer to request `seq`: hands each of its messages (type, flags, bytes) to
+    /// `on` until `on` returns the result. Messages of other requests are skipped.
+    fn read_answer<T>(
+        &mut self,
+        seq: u32,
+        mut on: impl FnMut(u16, u16, &[u8]) -> Option<Result<T, NetlinkError>>,
+    ) -> Result<T, NetlinkError> {
         loop {
             let n = self.recv()?;
             let mut offset = 0;
@@ -349,21 +407,9 @@ impl RequestSocket {
                     continue;
                 }
                 let kind = u16::from_ne_bytes([msg[4], msg[5]]);
-                if kind == NLMSG_DONE {
-                    return Ok(());
-                }
-                if kind == NLMSG_ERROR {
-                    let flags = u16::from_ne_bytes([msg[6], msg[7]]);
-                    return parse_error(msg, flags);
-                }
-                match NetlinkMessage::<RouteNetlinkMessage>::deserialize(msg) {
-                    Ok(NetlinkMessage {
-                        payload: NetlinkPayload::InnerMessage(m),
-                        ..
-                    }) => each(m),
-                    Ok(_) => {}
-                    // One attribute this crate version cannot parse must not hide the rest.
-                    Err(e) => tracing::debug!(error = %e, "skipping undecodable dump message"),
+                let flags = u16::from_ne_bytes([msg[6], msg[7]]);
+                if let Some(result) = on(kind, flags, msg) {
+                    return result;
                 }
             }
         }

@@ -3,7 +3,7 @@
 //! as it is created and released by [`Lab::cleanup`], on drop (also while unwinding from a
 //! panic) and, for the `podroute lab` command, on Ctrl-C.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
@@ -12,13 +12,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::LabError;
 use super::netns::{self, ip, sysctl, veth};
-use super::spec::{ClusterSpec, NIC};
+use super::spec::{CALI_MAC, ClusterSpec, IpVersion, NIC, POD_GATEWAY6};
 use crate::agent::status::{AgentStatus, RouteRow, RoutesReport};
-use crate::plan::{DesiredRoute, TUNNEL_DEVICE};
+use crate::plan::{DesiredRoute, EncapMode, TUNNEL_DEVICE};
 
 /// `peer_type` of node-to-node mesh peers in the status API (Calico's wording).
 pub const PEER_TYPE_MESH: &str = "node-to-node mesh";
@@ -215,6 +215,8 @@ pub struct Lab {
     /// Nodes whose agent was started (the process label is the node name).
     agents: BTreeSet<String>,
     ipip: bool,
+    /// When [`Self::start_agents`] last started the agents.
+    agents_started: Option<Instant>,
 }
 
 /// True when running as root (namespaces, veths and routes need it).
@@ -271,6 +273,7 @@ impl Lab {
             resources,
             agents: BTreeSet::new(),
             ipip: false,
+            agents_started: None,
         };
         // On error, `lab` is dropped here and removes what was made.
         lab.build_topology()?;
@@ -294,8 +297,15 @@ impl Lab {
 
     fn build_topology(&mut self) -> Result<(), LabError> {
         let subnets = self.spec.subnets();
+        let (v4, v6) = (self.spec.family.has_ipv4(), self.spec.family.has_ipv6());
         let router = self.add_namespace(&self.router_ns())?;
-        sysctl(&router, "net.ipv4.ip_forward=1")?;
+        if v4 {
+            sysctl(&router, "net.ipv4.ip_forward=1")?;
+        }
+        if v6 {
+            ipv6_namespace(&router)?;
+            sysctl(&router, "net.ipv6.conf.all.forwarding=1")?;
+        }
         for (i, subnet) in subnets.iter().enumerate() {
             let sw = self.add_namespace(&self.switch_ns(i))?;
             ip(&sw, &["link", "add", "br0", "type", "bridge"])?;
@@ -303,12 +313,25 @@ impl Lab {
             let lan = format!("lan{i}");
             veth(&router, &lan, &sw, "router")?;
             ip(&sw, &["link", "set", "router", "master", "br0"])?;
-            let gw = Ipv4Net::new(ClusterSpec::router_addr(*subnet), subnet.prefix_len())
-                .map_err(|e| LabError::Spec(e.to_string()))?;
-            ip(&router, &["addr", "add", &gw.to_string(), "dev", &lan])?;
+            if v4 {
+                let gw = Ipv4Net::new(ClusterSpec::router_addr(*subnet), subnet.prefix_len())
+                    .map_err(|e| LabError::Spec(e.to_string()))?;
+                ip(&router, &["addr", "add", &gw.to_string(), "dev", &lan])?;
+            }
+            if let Some(subnet6) = self.spec.subnet6(*subnet) {
+                let gw = Ipv6Net::new(ClusterSpec::router_addr6(subnet6), subnet6.prefix_len())
+                    .map_err(|e| LabError::Spec(e.to_string()))?;
+                ip(
+                    &router,
+                    &["addr", "add", &gw.to_string(), "dev", &lan, "nodad"],
+                )?;
+            }
         }
         for (index, node) in self.spec.nodes.clone().iter().enumerate() {
             let ns = self.add_namespace(&self.node_ns(&node.name))?;
+            if v6 {
+                ipv6_namespace(&ns)?;
+            }
             let subnet = node.addr.trunc();
             let i = subnets
                 .iter()
@@ -318,52 +341,117 @@ impl Lab {
             let port = format!("port{index}");
             veth(&ns, NIC, &sw, &port)?;
             ip(&sw, &["link", "set", &port, "master", "br0"])?;
-            ip(&ns, &["addr", "add", &node.addr.to_string(), "dev", NIC])?;
-            let gw = ClusterSpec::router_addr(subnet).to_string();
-            ip(&ns, &["route", "add", "default", "via", &gw, "dev", NIC])?;
-            for kv in [
-                "net.ipv4.ip_forward=1",
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-            ] {
-                sysctl(&ns, kv)?;
+            if v4 {
+                ip(&ns, &["addr", "add", &node.addr.to_string(), "dev", NIC])?;
+                let gw = ClusterSpec::router_addr(subnet).to_string();
+                ip(&ns, &["route", "add", "default", "via", &gw, "dev", NIC])?;
+                for kv in [
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                ] {
+                    sysctl(&ns, kv)?;
+                }
+            }
+            if v6 && let Some(addr6) = node.addr6 {
+                sysctl(&ns, "net.ipv6.conf.all.forwarding=1")?;
+                ip(
+                    &ns,
+                    &["addr", "add", &addr6.to_string(), "dev", NIC, "nodad"],
+                )?;
+                let gw = ClusterSpec::router_addr6(addr6.trunc()).to_string();
+                ip(
+                    &ns,
+                    &["-6", "route", "add", "default", "via", &gw, "dev", NIC],
+                )?;
             }
             for pod in &node.pods {
                 let pod_ns = self.add_namespace(&self.pod_ns(&pod.name))?;
                 let cali = pod.interface();
-                veth(&ns, &cali, &pod_ns, "eth0")?;
-                ip(
-                    &pod_ns,
-                    &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"],
-                )?;
-                // Calico's pod side: everything goes to 169.254.1.1, which the host answers
-                // through proxy ARP on the cali interface.
-                ip(
-                    &pod_ns,
-                    &[
-                        "route",
-                        "add",
-                        "169.254.1.1",
-                        "dev",
-                        "eth0",
-                        "scope",
-                        "link",
-                    ],
-                )?;
-                ip(
-                    &pod_ns,
-                    &[
-                        "route",
-                        "add",
-                        "default",
-                        "via",
-                        "169.254.1.1",
-                        "dev",
-                        "eth0",
-                    ],
-                )?;
-                sysctl(&ns, &format!("net.ipv4.conf.{cali}.proxy_arp=1"))?;
-                sysctl(&ns, &format!("net.ipv4.neigh.{cali}.proxy_delay=0"))?;
+                if v6 {
+                    ipv6_namespace(&pod_ns)?;
+                    // Calico's host side: every cali interface has ee:ee:ee:ee:ee:ee, so the
+                    // pod's IPv6 gateway is the link-local address made from it.
+                    ip(
+                        &ns,
+                        &[
+                            "link", "add", &cali, "address", CALI_MAC, "type", "veth", "peer",
+                            "name", "eth0", "netns", &pod_ns,
+                        ],
+                    )?;
+                    ip(&ns, &["link", "set", &cali, "up"])?;
+                    ip(&pod_ns, &["link", "set", "eth0", "up"])?;
+                } else {
+                    veth(&ns, &cali, &pod_ns, "eth0")?;
+                }
+                if v4 {
+                    ip(
+                        &pod_ns,
+                        &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"],
+                    )?;
+                    // Calico's pod side: everything goes to 169.254.1.1, which the host
+                    // answers through proxy ARP on the cali interface.
+                    ip(
+                        &pod_ns,
+                        &[
+                            "route",
+                            "add",
+                            "169.254.1.1",
+                            "dev",
+                            "eth0",
+                            "scope",
+                            "link",
+                        ],
+                    )?;
+                    ip(
+                        &pod_ns,
+                        &[
+                            "route",
+                            "add",
+                            "default",
+                            "via",
+                            "169.254.1.1",
+                            "dev",
+                            "eth0",
+                        ],
+                    )?;
+                    sysctl(&ns, &format!("net.ipv4.conf.{cali}.proxy_arp=1"))?;
+                    sysctl(&ns, &format!("net.ipv4.neigh.{cali}.proxy_delay=0"))?;
+                }
+                if v6 && let Some(ip6) = pod.ip6 {
+                    ip(
+                        &pod_ns,
+                        &["addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"],
+                    )?;
+                    ip(
+                        &pod_ns,
+                        &[
+                            "-6",
+                            "route",
+                            "add",
+                            "default",
+                            "via",
+                            POD_GATEWAY6,
+                            "dev",
+                            "eth0",
+                        ],
+                    )?;
+                }
+            }
+        }
+        // A `Never` pool (the IPv6 one always, the IPv4 one when so set): across the router,
+        // pod traffic is routed, not tunnelled, so the router must know those blocks (as a ToR
+        // learns them over BGP from the nodes in a Calico cluster; here static routes).
+        for node in &self.spec.nodes {
+            let mut routes: Vec<(String, String)> = Vec::new();
+            if v4 && self.spec.ipip_mode == EncapMode::Never {
+                routes.extend(node.block.map(|b| (b.to_string(), node.ip().to_string())));
+            }
+            if v6 && let (Some(block6), Some(addr6)) = (node.block6, node.addr6) {
+                routes.push((block6.to_string(), addr6.addr().to_string()));
+            }
+            for (block, via) in routes {
+                ip(&router, &["route", "add", &block, "via", &via])?;
             }
         }
         Ok(())
@@ -529,12 +617,24 @@ impl Lab {
             .node(node)
             .ok_or_else(|| LabError::Spec(format!("no node {node:?}")))?;
         let c = &self.cfg;
-        Ok(vec![
+        let family = self.spec.family;
+        let mut args: Vec<String> = vec![
             "agent".into(),
             "--nodename".into(),
             n.name.clone(),
             "--ip".into(),
-            n.addr.to_string(),
+            if family.has_ipv4() {
+                n.addr.to_string()
+            } else {
+                "none".into()
+            },
+        ];
+        if family.has_ipv6()
+            && let Some(addr6) = n.addr6
+        {
+            args.extend(["--ip6".into(), addr6.to_string()]);
+        }
+        args.extend([
             "--nic".into(),
             NIC.into(),
             "--datastore-type".into(),
@@ -553,11 +653,13 @@ impl Lab {
             format!("{}ms", c.dir_poll.as_millis()),
             "--log".into(),
             c.log_filter.clone(),
-        ])
+        ]);
+        Ok(args)
     }
 
     /// Starts one agent per node (`podroute agent` inside the node's namespace).
     pub fn start_agents(&mut self) -> Result<(), LabError> {
+        self.agents_started = Some(Instant::now());
         let names: Vec<String> = self.spec.nodes.iter().map(|n| n.name.clone()).collect();
         for name in names {
             self.start_agent(&name)?;
@@ -801,11 +903,16 @@ impl Lab {
             .lines()
             .chain(v6.lines())
             .map(|l| {
-                l.replace(&format!(" proto {proto}"), "")
+                let l = l
+                    .replace(&format!(" proto {proto}"), "")
                     .replace(" metric 1024", "")
                     .replace(" linkdown", "")
-                    .trim()
-                    .to_string()
+                    .replace(" pref medium", "");
+                // IPv6 blackholes are shown on `lo`.
+                match l.trim().strip_prefix("blackhole ") {
+                    Some(rest) => format!("blackhole {}", rest.trim_end_matches(" dev lo")),
+                    None => l.trim().to_string(),
+                }
             })
             .filter(|l| !l.is_empty())
             .collect();
@@ -823,8 +930,9 @@ impl Lab {
         ip(&self.node_ns(node), &["link", "show", TUNNEL_DEVICE]).is_ok()
     }
 
-    /// The routes the kernel of `node` should hold: the expected plan, less tunnel routes
-    /// while the node has no `tunl0`.
+    /// The routes the kernel of `node` should hold, as `ip route` shows them: the expected
+    /// plan, less the routes the kernel cannot hold here ([`Self::not_installable`]); a route
+    /// that leaves the device to the kernel shows the NIC it resolves to.
     pub fn expected_kernel_routes(&self, node: &str) -> Result<Vec<String>, LabError> {
         let plan = self
             .spec
@@ -834,25 +942,75 @@ impl Lab {
         let mut lines: Vec<String> = plan
             .routes
             .iter()
-            .filter(|r| tunnel || r.device.as_deref() != Some(TUNNEL_DEVICE))
-            .map(ToString::to_string)
+            .filter(|r| self.not_installable(node, r, tunnel).is_none())
+            .map(|r| self.kernel_line(node, r))
             .collect();
         lines.sort();
         Ok(lines)
     }
 
-    /// `ping -c 3` from the pod named `from_pod` to `to`: whether every reply came, and
-    /// ping's output.
-    pub fn ping(&self, from_pod: &str, to: Ipv4Addr) -> Result<(bool, String), LabError> {
+    /// The planned `route` of `node` as `ip route` shows it once installed: a route that leaves
+    /// the device to the kernel shows `ens33`, and when its gateway is on another subnet, the
+    /// router as the gateway (the next hop resolved recursively, as BIRD's `gateway
+    /// recursive` installs it); IPv6 routes show no scope.
+    fn kernel_line(&self, node: &str, route: &DesiredRoute) -> String {
+        let mut line = route.to_string();
+        if route.device.is_none()
+            && let Some(gw) = route.gateway
+        {
+            let n = self.spec.node(node);
+            let router = match gw {
+                IpAddr::V4(a) => n
+                    .filter(|n| !n.addr.contains(&a))
+                    .map(|n| IpAddr::V4(ClusterSpec::router_addr(n.addr.trunc()))),
+                IpAddr::V6(a) => n
+                    .and_then(|n| n.addr6)
+                    .filter(|n6| !n6.contains(&a))
+                    .map(|n6| IpAddr::V6(ClusterSpec::router_addr6(n6.trunc()))),
+            };
+            if let Some(router) = router {
+                line = line.replace(&format!(" via {gw}"), &format!(" via {router}"));
+            }
+            line.push_str(&format!(" dev {NIC}"));
+        }
+        if route.prefix.addr().is_ipv6() {
+            // `ip -6 route` shows no scope.
+            line = line.replace(" scope link", "");
+        }
+        line
+    }
+
+    /// Why the kernel of `node` cannot hold the planned `route` in this lab, when it cannot:
+    /// a tunnel route while the node has no `tunl0` (`tunnel` says whether it has one).
+    pub fn not_installable(
+        &self,
+        _node: &str,
+        route: &DesiredRoute,
+        tunnel: bool,
+    ) -> Option<&'static str> {
+        if !tunnel && route.device.as_deref() == Some(TUNNEL_DEVICE) {
+            return Some("no tunl0 on this node");
+        }
+        None
+    }
+
+    /// Three echo requests (ICMP or ICMPv6, 200 ms apart, 2 s for each reply) from the pod
+    /// named `from_pod` to `to`, sent by the lab itself (no `ping` program needed): whether
+    /// every reply came, and a summary naming what was lost and why.
+    pub fn ping(&self, from_pod: &str, to: impl Into<IpAddr>) -> Result<(bool, String), LabError> {
         if self.spec.pod(from_pod).is_none() {
             return Err(LabError::Spec(format!("no pod {from_pod:?}")));
         }
-        ping_from(&self.pod_ns(from_pod), to)
+        ping_from(&self.pod_ns(from_pod), to.into())
     }
 
-    /// `ping -c 3` from the node's own namespace.
-    pub fn ping_from_node(&self, node: &str, to: Ipv4Addr) -> Result<(bool, String), LabError> {
-        ping_from(&self.node_ns(node), to)
+    /// As [`Self::ping`], from the node's own namespace.
+    pub fn ping_from_node(
+        &self,
+        node: &str,
+        to: impl Into<IpAddr>,
+    ) -> Result<(bool, String), LabError> {
+        ping_from(&self.node_ns(node), to.into())
     }
 
     /// Why `node` has not converged yet, or `Ok` once its agent shows every other node as an
@@ -862,18 +1020,20 @@ impl Lab {
         let status = self.node_status(node).map_err(|e| e.to_string())?;
         let mut waiting = Vec::new();
         for other in self.spec.nodes.iter().filter(|n| n.name != node) {
-            let addr = other.ip().to_string();
-            match status
-                .peers
-                .iter()
-                .find(|p| p.address == addr && p.peer_type == PEER_TYPE_MESH)
-            {
-                Some(p) if p.state == "Established" => {}
-                Some(p) => waiting.push(format!(
-                    "mesh peer {} ({addr}) is {} ({})",
-                    other.name, p.state, p.info
-                )),
-                None => waiting.push(format!("no mesh peer {} ({addr})", other.name)),
+            for addr in other.ips(self.spec.family) {
+                let addr = addr.to_string();
+                match status
+                    .peers
+                    .iter()
+                    .find(|p| p.address == addr && p.peer_type == PEER_TYPE_MESH)
+                {
+                    Some(p) if p.state == "Established" => {}
+                    Some(p) => waiting.push(format!(
+                        "mesh peer {} ({addr}) is {} ({})",
+                        other.name, p.state, p.info
+                    )),
+                    None => waiting.push(format!("no mesh peer {} ({addr})", other.name)),
+                }
             }
         }
         if !status.dataplane.programmed {
@@ -905,8 +1065,7 @@ impl Lab {
                 None => problems.push(format!("route {want} not reported")),
                 Some(row) if row.installed => {}
                 Some(row)
-                    if !tunnel
-                        && want.device.as_deref() == Some(TUNNEL_DEVICE)
+                    if self.not_installable(node, want, tunnel).is_some()
                         && row.error.is_some() => {}
                 Some(row) => problems.push(format!(
                     "route {want} not installed ({})",
@@ -948,6 +1107,122 @@ impl Lab {
         Ok(start.elapsed())
     }
 
+    /// Convergence time per IP family: polls every agent's kernel table (every 20 ms) until,
+    /// for each family the cluster runs, every node holds exactly that family's expected
+    /// routes ([`Self::expected_kernel_routes`]); returns per family the time from
+    /// [`Self::start_agents`] to the first poll that saw it complete. Fails early when an
+    /// agent exits.
+    pub fn wait_routes_per_family(
+        &self,
+        timeout: Duration,
+    ) -> Result<BTreeMap<IpVersion, Duration>, LabError> {
+        let started = self
+            .agents_started
+            .ok_or_else(|| LabError::Spec("the agents were not started".into()))?;
+        let family = self.spec.family;
+        let versions: Vec<IpVersion> = [IpVersion::V4, IpVersion::V6]
+            .into_iter()
+            .filter(|v| match v {
+                IpVersion::V4 => family.has_ipv4(),
+                IpVersion::V6 => family.has_ipv6(),
+            })
+            .collect();
+        let of = |line: &String, v: IpVersion| {
+            let dst = line.trim_start_matches("blackhole ");
+            let v6 = dst
+                .split_whitespace()
+                .next()
+                .is_some_and(|d| d.contains(':'));
+            v6 == (v == IpVersion::V6)
+        };
+        let mut done: BTreeMap<IpVersion, Duration> = BTreeMap::new();
+        let deadline = Instant::now() + timeout;
+        loop {
+            super::check_interrupted()?;
+            for node in &self.agents {
+                self.check_running(node)?;
+            }
+            let mut pending = Vec::new();
+            let open: Vec<IpVersion> = versions
+                .iter()
+                .copied()
+                .filter(|v| !done.contains_key(v))
+                .collect();
+            for v in &open {
+                let mut complete = true;
+                for node in &self.agents {
+                    // The expectation depends on tunl0, which the agent makes after a while.
+                    let want: Vec<String> = self
+                        .expected_kernel_routes(node)?
+                        .into_iter()
+                        .filter(|l| of(l, *v))
+                        .collect();
+                    let have: Vec<String> = self
+                        .kernel_routes(node)?
+                        .into_iter()
+                        .filter(|l| of(l, *v))
+                        .collect();
+                    if have != want {
+                        complete = false;
+                        pending.push(format!("{node} {}: have {have:?}, want {want:?}", v.name()));
+                        break;
+                    }
+                    // Tunnel routes are left out of `want` while there is no tunl0: until the
+                    // agent made it (or reports that it could not), the node is not done.
+                    if *v == IpVersion::V4
+                        && let Err(why) = self.tunnel_routes_settled(node)
+                    {
+                        complete = false;
+                        pending.push(format!("{node} IPv4: {why}"));
+                        break;
+                    }
+                }
+                if complete {
+                    done.insert(*v, started.elapsed());
+                }
+            }
+            if done.len() == versions.len() {
+                return Ok(done);
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Timeout {
+                    what: "every node's kernel routes, per family".into(),
+                    after: timeout,
+                    last: pending.join("\n"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `Ok` when `node` has `tunl0`, or plans no tunnel route, or its agent reports every
+    /// planned tunnel route as failed with a reason (this machine cannot make `tunl0`).
+    fn tunnel_routes_settled(&self, node: &str) -> Result<(), String> {
+        if self.has_tunnel_device(node) {
+            return Ok(());
+        }
+        let plan = self
+            .spec
+            .expected_plan(node)
+            .ok_or_else(|| format!("no node {node:?}"))?;
+        let tunnel: Vec<&DesiredRoute> = plan
+            .routes
+            .iter()
+            .filter(|r| r.device.as_deref() == Some(TUNNEL_DEVICE))
+            .collect();
+        if tunnel.is_empty() {
+            return Ok(());
+        }
+        let report = self.routes(node).map_err(|e| e.to_string())?;
+        for want in tunnel {
+            match report.routes.iter().find(|r| same_route(r, want)) {
+                Some(row) if row.error.is_some() => {}
+                _ => return Err(format!("no {TUNNEL_DEVICE} yet for {want}")),
+            }
+        }
+        Ok(())
+    }
+
     /// Stops everything and removes the namespaces and the work directory; returns what could
     /// not be removed. Also done on drop.
     pub fn cleanup(&mut self) -> Vec<String> {
@@ -980,10 +1255,28 @@ impl Drop for Lab {
     }
 }
 
-fn ping_from(ns: &str, to: Ipv4Addr) -> Result<(bool, String), LabError> {
-    let to = to.to_string();
-    let (ok, out) = netns::exec(ns, "ping", &["-c", "3", "-i", "0.2", "-W", "2", "-n", &to])?;
-    Ok((ok && out.contains(" 0% packet loss"), out))
+/// Interfaces made in `ns` from now on skip duplicate address detection, so their IPv6
+/// addresses (link-local ones too) are usable at once, as the lab's fixed addresses are
+/// unique by construction.
+fn ipv6_namespace(ns: &str) -> Result<(), LabError> {
+    for kv in [
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+    ] {
+        sysctl(ns, kv)?;
+    }
+    Ok(())
+}
+
+fn ping_from(ns: &str, to: IpAddr) -> Result<(bool, String), LabError> {
+    let report = super::echo(
+        ns,
+        to,
+        3,
+        Duration::from_millis(200),
+        Duration::from_secs(2),
+    )?;
+    Ok((report.all_answered(), report.summary()))
 }
 
 /// Whether a reported route has the planned shape.

@@ -17,6 +17,12 @@
 //! Nodes with `projectcalico.org/IPv4Address`, BGPConfiguration `default`) are written to a
 //! YAML directory that every agent reads (`--datastore-type dir:PATH`).
 //!
+//! `--family dual` adds IPv6 to the same cluster (fd00:92::/64 and fd00:93::/64, the IPv6
+//! pool fd00:172:16::/48 `Never`, a /122 block per node, an IPv6 address per pod with its
+//! default route via fe80::ecee:eeff:feee:eeee as Calico's CNI plugin sets it); `--family ipv6`
+//! keeps only the IPv6 part ([`Family`]). Pings are the lab's own ICMP/ICMPv6 echo
+//! ([`echo()`]), so the lab runs no program but `ip`.
+//!
 //! [`Lab`] holds the building blocks (build, start the agents, wait for convergence, ask an
 //! agent for its status, routes and metrics, ping from a pod, clean up) so that the
 //! end-to-end tests use the same cluster as the command; [`run`] is the command itself.
@@ -25,6 +31,7 @@
 //! nowhere else, and no interface is created in the caller's own namespace.
 
 mod cluster;
+mod echo;
 pub mod flannel;
 mod netns;
 mod run;
@@ -39,9 +46,13 @@ pub use cluster::{
     Lab, LabConfig, PEER_TYPE_GLOBAL, PEER_TYPE_MESH, WaitError, is_root, route_row_line,
     same_route, wait_until,
 };
+pub use echo::{EchoReport, echo};
 pub use netns::{exec, http_get, in_namespace, ip, namespaces_with_prefix, spawn_in_namespace};
 pub use run::{LabOptions, run};
-pub use spec::{BgpPeerSpec, ClusterSpec, NIC, NodeSpec, PodSpec, dashed};
+pub use spec::{
+    BgpPeerSpec, CALI_MAC, ClusterSpec, Family, IpVersion, NIC, NodeSpec, POD_GATEWAY6, PodSpec,
+    dashed, dashed_net,
+};
 pub use watch::{RouteRecord, RouteWatch};
 
 /// Default namespace prefix of `podroute lab`.
@@ -101,6 +112,15 @@ pub enum LabError {
     },
     #[error("interrupted")]
     Interrupted,
+    #[error(
+        "podroute lab needs the `{tool}` program, which is not installed here ({why}); install \
+         the {package} package (e.g. apt-get install {package})"
+    )]
+    MissingTool {
+        tool: String,
+        package: String,
+        why: String,
+    },
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -103,15 +103,27 @@ pub fn exec(ns: &str, program: &str, args: &[&str]) -> Result<(bool, String), La
     try_run("ip", &all)
 }
 
-/// `sysctl -w KEY=VALUE` inside `ns`.
+/// Sets the sysctl `KEY=VALUE` (e.g. `net.ipv4.ip_forward=1`) inside `ns`: writes
+/// `/proc/sys/KEY` from a thread that entered the namespace (`/proc/sys/net` shows the
+/// writing thread's namespace), so the lab needs no `sysctl` program.
 pub fn sysctl(ns: &str, key_value: &str) -> Result<(), LabError> {
-    match exec(ns, "sysctl", &["-q", "-w", key_value])? {
-        (true, _) => Ok(()),
-        (false, output) => Err(LabError::Command {
-            command: format!("ip netns exec {ns} sysctl -w {key_value}"),
-            output,
-        }),
-    }
+    let (key, value) = key_value
+        .split_once('=')
+        .ok_or_else(|| LabError::Spec(format!("sysctl {key_value:?}: not KEY=VALUE")))?;
+    // As sysctl(8): dots separate the levels, unless the key uses slashes (an interface
+    // name with a dot, `net/ipv4/conf/vxlan.calico/rp_filter`).
+    let key = key.trim();
+    let path = if key.contains('/') {
+        Path::new("/proc/sys").join(key)
+    } else {
+        Path::new("/proc/sys").join(key.replace('.', "/"))
+    };
+    let value = value.trim().to_string();
+    let written = path.clone();
+    in_namespace(ns, move || std::fs::write(&written, value))?.map_err(|source| LabError::Io {
+        path: PathBuf::from(format!("{} (namespace {ns})", path.display())),
+        source,
+    })
 }
 
 /// A veth pair with one end `a_if` in `a` and the other `b_if` in `b`; both ends up. No

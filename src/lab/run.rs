@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::cluster::{Lab, LabConfig, PEER_TYPE_MESH, route_row_line, same_route};
-use super::spec::{ClusterSpec, NodeSpec};
+use super::spec::{ClusterSpec, Family, IpVersion, NodeSpec};
 use super::{LabError, netns};
 use crate::plan::TUNNEL_DEVICE;
 
@@ -20,6 +20,8 @@ pub struct LabOptions {
     pub binary: Option<PathBuf>,
     /// How long to wait for the agents to converge.
     pub timeout: Duration,
+    /// Which address families the cluster runs.
+    pub family: Family,
 }
 
 impl Default for LabOptions {
@@ -29,6 +31,7 @@ impl Default for LabOptions {
             keep: false,
             binary: None,
             timeout: Duration::from_secs(60),
+            family: Family::Ipv4,
         }
     }
 }
@@ -104,13 +107,20 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<bool, LabError> {
             source,
         })?,
     };
+    check_tools()?;
     let cfg = LabConfig::new(&opts.prefix, &binary);
-    let spec = ClusterSpec::seed();
+    let spec = ClusterSpec::seed_family(opts.family);
+    let pools = match opts.family {
+        Family::Ipv4 => "IPv4 pool ipipMode CrossSubnet",
+        Family::Dual => "dual-stack: IPv4 pool ipipMode CrossSubnet, IPv6 pool Never",
+        Family::Ipv6 => "IPv6-only: IPv6 pool Never, no IPv4 anywhere",
+    };
     say(
         out,
         &format!(
-            "podroute lab: seed 001's cluster (ipipMode CrossSubnet) plus node02 behind a router, \
-             in network namespaces {}-*",
+            "podroute lab --family {}: seed 001's cluster ({pools}) plus node02 behind a \
+             router, in network namespaces {}-*",
+            opts.family.name(),
             opts.prefix
         ),
     );
@@ -148,7 +158,10 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<bool, LabError> {
     say(out, "");
     say(
         out,
-        &format!("lab summary: {pass} checks passed, {fail} failed, {na} not available here"),
+        &format!(
+            "lab summary ({}): {pass} checks passed, {fail} failed, {na} not available here",
+            opts.family.name()
+        ),
     );
     for c in checks.0.iter().filter(|c| c.outcome == Outcome::Fail) {
         say(out, &format!("  failed: {}", c.name));
@@ -192,15 +205,52 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<bool, LabError> {
     Ok(fail == 0)
 }
 
+/// The programs the lab runs: only iproute2's `ip` (namespaces, links, addresses, routes).
+/// Pings are the lab's own ICMP echo and sysctls are written to `/proc/sys`.
+fn check_tools() -> Result<(), LabError> {
+    match std::process::Command::new("ip")
+        .arg("-V")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+    {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(LabError::MissingTool {
+            tool: "ip".into(),
+            package: "iproute2".into(),
+            why: format!("`ip -V` exited with {status}"),
+        }),
+        Err(e) => Err(LabError::MissingTool {
+            tool: "ip".into(),
+            package: "iproute2".into(),
+            why: e.to_string(),
+        }),
+    }
+}
+
 /// One line per switch, router and node.
 fn describe(lab: &Lab) -> String {
+    let family = lab.spec.family;
     let mut s = String::new();
     for (i, subnet) in lab.spec.subnets().iter().enumerate() {
+        let mut nets = Vec::new();
+        if family.has_ipv4() {
+            nets.push(format!(
+                "{subnet}, router {}",
+                ClusterSpec::router_addr(*subnet)
+            ));
+        }
+        if let Some(subnet6) = lab.spec.subnet6(*subnet) {
+            nets.push(format!(
+                "{subnet6}, router {}",
+                ClusterSpec::router_addr6(subnet6)
+            ));
+        }
         let _ = writeln!(
             s,
-            "  {:<24} bridge for {subnet}, router {}",
+            "  {:<24} bridge for {}",
             lab.switch_ns(i),
-            ClusterSpec::router_addr(*subnet)
+            nets.join("; ")
         );
     }
     let _ = writeln!(s, "  {:<24} forwards between the subnets", lab.router_ns());
@@ -209,22 +259,35 @@ fn describe(lab: &Lab) -> String {
             .pods
             .iter()
             .map(|p| {
+                let ips: Vec<String> = p.ips(family).iter().map(ToString::to_string).collect();
                 format!(
                     "pod {}/{} {} on {}",
                     p.namespace,
                     p.name,
-                    p.ip,
+                    ips.join(" "),
                     p.interface()
                 )
             })
             .collect();
+        let mut addrs = Vec::new();
+        if family.has_ipv4() {
+            addrs.push(n.addr.to_string());
+        }
+        if let Some(a6) = n.addr6.filter(|_| family.has_ipv6()) {
+            addrs.push(a6.to_string());
+        }
+        let blocks: Vec<String> = n.blocks(family).iter().map(ToString::to_string).collect();
         let _ = writeln!(
             s,
             "  {:<24} {} {} block {}, {}",
             lab.node_ns(&n.name),
             super::NIC,
-            n.addr,
-            n.block.map_or("-".to_string(), |b| b.to_string()),
+            addrs.join(" "),
+            if blocks.is_empty() {
+                "-".to_string()
+            } else {
+                blocks.join(" ")
+            },
             pods.join(", ")
         );
     }
@@ -237,7 +300,9 @@ fn exercise(
     out: &mut dyn Write,
     checks: &mut Checks,
 ) -> Result<(), LabError> {
-    if lab.ipip_available() {
+    if !lab.spec.family.has_ipv4() {
+        say(out, "ipip: not used (no IPv4 pool)");
+    } else if lab.ipip_available() {
         say(
             out,
             "ipip: this kernel can make IPIP devices; pods across the router must reach each other",
@@ -263,6 +328,29 @@ fn exercise(
             timeout
         ),
     );
+    match lab.wait_routes_per_family(timeout) {
+        Ok(times) => {
+            for (version, took) in times {
+                checks.add(
+                    out,
+                    Outcome::Pass,
+                    format!(
+                        "{} routes as planned in every node's kernel {took:.2?} after the agents \
+                         started",
+                        version.name()
+                    ),
+                    String::new(),
+                );
+            }
+        }
+        Err(LabError::Interrupted) => return Err(LabError::Interrupted),
+        Err(e) => checks.add(
+            out,
+            Outcome::Fail,
+            "kernel routes per family".into(),
+            e.to_string(),
+        ),
+    }
     match lab.wait_converged(timeout) {
         Ok(took) => checks.add(
             out,
@@ -291,7 +379,12 @@ fn exercise(
     for name in &names {
         check_node(lab, out, checks, name);
     }
-    check_cross_subnet_routes(lab, out, checks);
+    if lab.spec.family.has_ipv4() {
+        check_cross_subnet_routes(lab, out, checks);
+    }
+    if lab.spec.family.has_ipv6() {
+        check_cross_subnet_routes6(lab, out, checks);
+    }
     check_pings(lab, out, checks)?;
     Ok(())
 }
@@ -312,49 +405,70 @@ fn show_node(lab: &Lab, out: &mut dyn Write, name: &str) {
             Err(e) => say(out, &format!("(podroute {sub} failed: {e})")),
         }
     }
-    say(out, &format!("=== {name}: ip route"));
-    match lab.ip_route(name) {
-        Ok(text) => say(out, text.trim_end()),
-        Err(e) => say(out, &format!("({e})")),
+    let family = lab.spec.family;
+    if family.has_ipv4() {
+        say(out, &format!("=== {name}: ip route"));
+        match lab.ip_route(name) {
+            Ok(text) => say(out, text.trim_end()),
+            Err(e) => say(out, &format!("({e})")),
+        }
+    }
+    if family.has_ipv6() {
+        say(out, &format!("=== {name}: ip -6 route"));
+        match netns::ip(&ns, &["-6", "route"]) {
+            Ok(text) => say(out, text.trim_end()),
+            Err(e) => say(out, &format!("({e})")),
+        }
     }
     say(out, "");
 }
 
 fn check_node(lab: &Lab, out: &mut dyn Write, checks: &mut Checks, name: &str) {
+    let family = lab.spec.family;
     let others: Vec<&NodeSpec> = lab.spec.nodes.iter().filter(|n| n.name != name).collect();
     match lab.node_status(name) {
         Ok(status) => {
-            let up: Vec<String> = status
+            let up: Vec<&crate::agent::status::PeerRow> = status
                 .peers
                 .iter()
                 .filter(|p| p.peer_type == PEER_TYPE_MESH && p.state == "Established")
-                .map(|p| format!("{} {}", p.name, p.address))
                 .collect();
-            let ok = others
-                .iter()
-                .all(|o| up.iter().any(|u| u.ends_with(&o.ip().to_string())));
-            checks.pass_if(
-                out,
-                ok,
-                format!(
-                    "{name}: {} mesh peers Established ({})",
-                    up.len(),
-                    up.join(", ")
-                ),
-                if ok {
-                    String::new()
-                } else {
+            for version in [IpVersion::V4, IpVersion::V6] {
+                let want: Vec<String> = others
+                    .iter()
+                    .flat_map(|o| o.ips(family))
+                    .filter(|a| IpVersion::of(*a) == version)
+                    .map(|a| a.to_string())
+                    .collect();
+                if want.is_empty() {
+                    continue;
+                }
+                let have: Vec<String> = up
+                    .iter()
+                    .filter(|p| want.contains(&p.address))
+                    .map(|p| format!("{} {}", p.name, p.address))
+                    .collect();
+                let ok = have.len() == want.len();
+                checks.pass_if(
+                    out,
+                    ok,
                     format!(
-                        "expected all of {}; peers: {:?}",
-                        others
-                            .iter()
-                            .map(|o| o.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        status.peers
-                    )
-                },
-            );
+                        "{name}: {} {} mesh peers Established ({})",
+                        have.len(),
+                        version.name(),
+                        have.join(", ")
+                    ),
+                    if ok {
+                        String::new()
+                    } else {
+                        format!(
+                            "expected all of {}; peers: {:?}",
+                            want.join(", "),
+                            status.peers
+                        )
+                    },
+                );
+            }
         }
         Err(e) => checks.add(out, Outcome::Fail, format!("{name}: status"), e.to_string()),
     }
@@ -365,7 +479,8 @@ fn check_node(lab: &Lab, out: &mut dyn Write, checks: &mut Checks, name: &str) {
                 out,
                 ok,
                 format!(
-                    "{name}: kernel routes (ip route show proto 157) are the plan's {} routes",
+                    "{name}: kernel routes (ip route show proto 157, both families) are the \
+                     plan's {} routes",
                     want.len()
                 ),
                 if ok {
@@ -456,50 +571,116 @@ fn check_cross_subnet_routes(lab: &Lab, out: &mut dyn Write, checks: &mut Checks
     }
 }
 
+/// Every node's IPv6 route to each block across the router (pool `Never`): planned as
+/// `BLOCK via NODE6` and installed via the router (the next hop resolved recursively).
+fn check_cross_subnet_routes6(lab: &Lab, out: &mut dyn Write, checks: &mut Checks) {
+    for from in &lab.spec.nodes {
+        let Ok(report) = lab.routes(&from.name) else {
+            continue;
+        };
+        let plan = lab.spec.expected_plan(&from.name).unwrap_or_default();
+        for to in lab
+            .spec
+            .nodes
+            .iter()
+            .filter(|to| !ClusterSpec::same_subnet(from, to))
+        {
+            let (Some(block), Some(addr6)) = (to.block6, to.addr6) else {
+                continue;
+            };
+            let want = format!("{block} via {}", addr6.addr());
+            let planned = plan.routes.iter().find(|r| r.to_string() == want);
+            let row = planned.and_then(|p| report.routes.iter().find(|r| same_route(r, p)));
+            let state = match row {
+                Some(r) if r.installed => "installed".to_string(),
+                Some(r) => format!(
+                    "not installed: {}",
+                    r.error.as_deref().unwrap_or("no reason given")
+                ),
+                None => "missing".to_string(),
+            };
+            let ok = row.is_some_and(|r| r.installed);
+            checks.pass_if(
+                out,
+                ok,
+                format!(
+                    "{} -> {} IPv6 block across the router: \"{want}\" planned and reported \
+                     ({state})",
+                    from.name, to.name
+                ),
+                if ok {
+                    String::new()
+                } else {
+                    format!(
+                        "reported routes:\n{}",
+                        indent(
+                            &report
+                                .routes
+                                .iter()
+                                .map(route_row_line)
+                                .collect::<Vec<_>>()
+                                .join("\n"),
+                            "  "
+                        )
+                    )
+                },
+            );
+        }
+    }
+}
+
 fn check_pings(lab: &Lab, out: &mut dyn Write, checks: &mut Checks) -> Result<(), LabError> {
     let nodes = lab.spec.nodes.clone();
-    // The underlay across the router, which IPIP packets would take.
+    let family = lab.spec.family;
+    // The underlay across the router, which IPIP packets (and BGP sessions) take.
     for from in &nodes {
         for to in nodes.iter().filter(|to| to.name != from.name) {
             if ClusterSpec::same_subnet(from, to) || from.name > to.name {
                 continue;
             }
-            let (ok, text) = lab.ping_from_node(&from.name, to.ip())?;
-            checks.pass_if(
-                out,
-                ok,
-                format!(
-                    "underlay: node {} pings node {} ({}) through the router",
-                    from.name,
-                    to.name,
-                    to.ip()
-                ),
-                if ok { String::new() } else { text },
-            );
+            for addr in to.ips(family) {
+                let (ok, text) = lab.ping_from_node(&from.name, addr)?;
+                checks.pass_if(
+                    out,
+                    ok,
+                    format!(
+                        "underlay: node {} pings node {} ({addr}) through the router",
+                        from.name, to.name,
+                    ),
+                    if ok { String::new() } else { text },
+                );
+            }
         }
     }
     for from in &nodes {
         for to in nodes.iter().filter(|to| to.name != from.name) {
             for p in &from.pods {
                 for q in &to.pods {
-                    let name = format!(
-                        "ping pod {} ({}, {}) -> pod {} ({}, {})",
-                        p.name, p.ip, from.name, q.name, q.ip, to.name
-                    );
-                    let tunnels =
-                        lab.has_tunnel_device(&from.name) && lab.has_tunnel_device(&to.name);
-                    if !ClusterSpec::same_subnet(from, to) && !tunnels {
-                        checks.add(
-                            out,
-                            Outcome::NotAvailable,
-                            name,
-                            "across the router: no tunl0 on one of the nodes (see the agent logs)"
-                                .into(),
+                    for (src, dst) in p.ips(family).into_iter().zip(q.ips(family)) {
+                        let name = format!(
+                            "ping pod {} ({src}, {}) -> pod {} ({dst}, {})",
+                            p.name, from.name, q.name, to.name
                         );
-                        continue;
+                        let across = !ClusterSpec::same_subnet(from, to);
+                        let tunnels =
+                            lab.has_tunnel_device(&from.name) && lab.has_tunnel_device(&to.name);
+                        // IPv6 (pool Never) is routed across the router, not tunnelled.
+                        let tunnelled =
+                            dst.is_ipv4() && lab.spec.ipip_mode != crate::plan::EncapMode::Never;
+                        if across && tunnelled && !tunnels {
+                            checks.add(
+                                out,
+                                Outcome::NotAvailable,
+                                name,
+                                "across the router: no tunl0 on one of the nodes (see the agent \
+                                 logs)"
+                                    .into(),
+                            );
+                            continue;
+                        }
+                        let (ok, text) = lab.ping(&p.name, dst)?;
+                        checks.pass_if(out, ok, name, if ok { String::new() } else { text });
                     }
-                    let (ok, text) = lab.ping(&p.name, q.ip)?;
-                    checks.pass_if(out, ok, name, if ok { String::new() } else { text });
                 }
             }
         }
@@ -527,7 +708,7 @@ fn keep_instructions(lab: &Lab, binary: &std::path::Path) -> String {
          ip netns exec {node_ns} {bin} status\n  \
          ip netns exec {node_ns} {bin} routes\n  \
          ip -n {node_ns} route\n  \
-         ip netns exec {pod_ns} ping 172.16.196.129\n  \
+         ip netns exec {pod_ns} ping 172.16.196.129   (IPv6: ping fd00:172:16:196::81)\n  \
          edit the objects in {ds} (the agents re-read it every {poll:?})\n  \
          agent logs: {logs}\n\
          remove it:\n  {bin} lab --cleanup --prefix {prefix}",

@@ -4,10 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::plan::{
     Allocation, BlockSpec, EncapMode, LearnedRoute, LocalNode, PeerNode, PlanInput, PoolSpec,
@@ -17,6 +17,68 @@ use crate::plan::{
 /// Name of the host NIC in every lab node, as in seed 001.
 pub const NIC: &str = "ens33";
 
+/// The MAC address Calico's CNI plugin gives the host side of every pod's veth; the pod's
+/// IPv6 default route goes to the link-local address derived from it.
+pub const CALI_MAC: &str = "ee:ee:ee:ee:ee:ee";
+/// The pod's IPv6 default gateway, as Calico's CNI plugin sets it (from [`CALI_MAC`]).
+pub const POD_GATEWAY6: &str = "fe80::ecee:eeff:feee:eeee";
+
+/// The address families a lab cluster runs (`podroute lab --family`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum Family {
+    /// IPv4 only: seed 001 as the article shows it.
+    #[default]
+    Ipv4,
+    /// Dual-stack: IPv4 and IPv6 node addresses, an IPv4 and an IPv6 pool, a block of each
+    /// per node and an address of each per pod; one mesh per family (as bird and bird6).
+    Dual,
+    /// IPv6-only: no IPv4 address, pool or block anywhere; the agents run with `--ip none`.
+    Ipv6,
+}
+
+impl Family {
+    pub fn has_ipv4(self) -> bool {
+        self != Family::Ipv6
+    }
+
+    pub fn has_ipv6(self) -> bool {
+        self != Family::Ipv4
+    }
+
+    /// The `--family` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Dual => "dual",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// One IP family of routes, addresses and pings (a [`Family`] runs one or both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpVersion {
+    V4,
+    V6,
+}
+
+impl IpVersion {
+    pub fn of(addr: IpAddr) -> Self {
+        if addr.is_ipv4() {
+            IpVersion::V4
+        } else {
+            IpVersion::V6
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            IpVersion::V4 => "IPv4",
+            IpVersion::V6 => "IPv6",
+        }
+    }
+}
+
 /// A pod: its own namespace behind a `cali*` veth on its node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodSpec {
@@ -24,6 +86,8 @@ pub struct PodSpec {
     pub namespace: String,
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address (in its node's `block6`), when the cluster has IPv6.
+    pub ip6: Option<Ipv6Addr>,
 }
 
 impl PodSpec {
@@ -32,7 +96,22 @@ impl PodSpec {
             namespace: namespace.into(),
             name: name.into(),
             ip,
+            ip6: None,
         }
+    }
+
+    /// The pod's addresses of the families `family` runs.
+    pub fn ips(&self, family: Family) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        if family.has_ipv4() {
+            out.push(IpAddr::V4(self.ip));
+        }
+        if family.has_ipv6()
+            && let Some(ip6) = self.ip6
+        {
+            out.push(IpAddr::V6(ip6));
+        }
+        out
     }
 
     /// The host-side interface, `cali` + 11 hex digits of sha1("namespace.pod").
@@ -42,6 +121,11 @@ impl PodSpec {
 }
 
 /// A node: a namespace with `ens33` on its subnet's switch.
+///
+/// The IPv4 fields are always filled in, the IPv6 ones when the spec was made for a family
+/// with IPv6; [`ClusterSpec::family`] decides which of them are configured (an IPv6-only
+/// cluster configures no IPv4 address, pool or block). The IPv4 fields stay plain values
+/// because every IPv4 test reads them as such.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeSpec {
     pub name: String,
@@ -49,6 +133,10 @@ pub struct NodeSpec {
     pub addr: Ipv4Net,
     /// The node's IPAM block; `None` once it was released.
     pub block: Option<Ipv4Net>,
+    /// IPv6 address with the subnet prefix, as in `projectcalico.org/IPv6Address`.
+    pub addr6: Option<Ipv6Net>,
+    /// The node's IPv6 IPAM block (/122).
+    pub block6: Option<Ipv6Net>,
     /// Pods on this node; their addresses lie in `block`.
     pub pods: Vec<PodSpec>,
 }
@@ -56,6 +144,36 @@ pub struct NodeSpec {
 impl NodeSpec {
     pub fn ip(&self) -> Ipv4Addr {
         self.addr.addr()
+    }
+
+    /// The node's addresses of the families `family` runs (IPv4 first).
+    pub fn ips(&self, family: Family) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        if family.has_ipv4() {
+            out.push(IpAddr::V4(self.ip()));
+        }
+        if family.has_ipv6()
+            && let Some(a) = self.addr6
+        {
+            out.push(IpAddr::V6(a.addr()));
+        }
+        out
+    }
+
+    /// The node's blocks of the families `family` runs.
+    pub fn blocks(&self, family: Family) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        if family.has_ipv4()
+            && let Some(b) = self.block
+        {
+            out.push(IpNet::V4(b));
+        }
+        if family.has_ipv6()
+            && let Some(b) = self.block6
+        {
+            out.push(IpNet::V6(b));
+        }
+        out
     }
 }
 
@@ -70,10 +188,15 @@ pub struct BgpPeerSpec {
 /// The whole lab cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSpec {
+    /// Which families are configured (see [`NodeSpec`]).
+    pub family: Family,
     pub pool_name: String,
     pub pool_cidr: Ipv4Net,
     pub block_size: u8,
     pub ipip_mode: EncapMode,
+    /// The IPv6 pool (`ipipMode: Never`: IPIP carries IPv4 only), block size 122.
+    pub pool6_name: String,
+    pub pool6_cidr: Ipv6Net,
     /// Cluster AS (`BGPConfiguration` `default`).
     pub as_number: u32,
     pub nodes: Vec<NodeSpec>,
@@ -95,22 +218,48 @@ fn ip(text: &str) -> Ipv4Addr {
     text.parse().expect("constant address is valid")
 }
 
+fn net6(text: &str) -> Ipv6Net {
+    text.parse().expect("constant network is valid")
+}
+
+fn ip6(text: &str) -> Ipv6Addr {
+    text.parse().expect("constant address is valid")
+}
+
 impl ClusterSpec {
     /// Seed 001 after its edit to `ipipMode: CrossSubnet` (master01 and node01 on
     /// 192.168.92.0/24, their blocks 172.16.241.64/26 and 172.16.196.128/26), plus `node02`
     /// alone on 192.168.93.0/24 behind the router, with block 172.16.10.0/26. One pod each.
     pub fn seed() -> Self {
-        let node = |name: &str, addr: &str, block: &str, pod_ip: &str| NodeSpec {
+        Self::seed_family(Family::Ipv4)
+    }
+
+    /// [`Self::seed`] for `family`. With IPv6 the same three nodes get `fd00:92::128/64`,
+    /// `fd00:92::129/64` and `fd00:93::130/64` (the router `::1` on each), the IPv6 pool
+    /// `fd00:172:16::/48` (`Never`: IPIP carries IPv4 only) has a /122 block per node
+    /// (`fd00:172:16:241::40/122`, `fd00:172:16:196::80/122`, `fd00:172:16:10::/122`), and each
+    /// pod an address in it. IPv6-only keeps the IPv4 values in the spec but configures none.
+    pub fn seed_family(family: Family) -> Self {
+        let with6 = family.has_ipv6();
+        let node = |name: &str, addr: &str, block: &str, pod_ip: &str, v6: [&str; 3]| NodeSpec {
             name: name.into(),
             addr: net(addr),
             block: Some(net(block)),
-            pods: vec![PodSpec::new("default", &format!("web-{name}"), ip(pod_ip))],
+            addr6: with6.then(|| net6(v6[0])),
+            block6: with6.then(|| net6(v6[1])),
+            pods: vec![PodSpec {
+                ip6: with6.then(|| ip6(v6[2])),
+                ..PodSpec::new("default", &format!("web-{name}"), ip(pod_ip))
+            }],
         };
         Self {
+            family,
             pool_name: "default-ipv4-ippool".into(),
             pool_cidr: net("172.16.0.0/16"),
             block_size: 26,
             ipip_mode: EncapMode::CrossSubnet,
+            pool6_name: "default-ipv6-ippool".into(),
+            pool6_cidr: net6("fd00:172:16::/48"),
             as_number: 64512,
             nodes: vec![
                 node(
@@ -118,18 +267,33 @@ impl ClusterSpec {
                     "192.168.92.128/24",
                     "172.16.241.64/26",
                     "172.16.241.65",
+                    [
+                        "fd00:92::128/64",
+                        "fd00:172:16:241::40/122",
+                        "fd00:172:16:241::41",
+                    ],
                 ),
                 node(
                     "node01",
                     "192.168.92.129/24",
                     "172.16.196.128/26",
                     "172.16.196.129",
+                    [
+                        "fd00:92::129/64",
+                        "fd00:172:16:196::80/122",
+                        "fd00:172:16:196::81",
+                    ],
                 ),
                 node(
                     "node02",
                     "192.168.93.130/24",
                     "172.16.10.0/26",
                     "172.16.10.1",
+                    [
+                        "fd00:93::130/64",
+                        "fd00:172:16:10::/122",
+                        "fd00:172:16:10::1",
+                    ],
                 ),
             ],
             peers: Vec::new(),
@@ -170,6 +334,23 @@ impl ClusterSpec {
         Ipv4Addr::from(u32::from(subnet.network()) + 1)
     }
 
+    /// The IPv6 subnet of the switch of IPv4 `subnet` (the prefix of the first node on it
+    /// with an IPv6 address), when the cluster has IPv6.
+    pub fn subnet6(&self, subnet: Ipv4Net) -> Option<Ipv6Net> {
+        if !self.family.has_ipv6() {
+            return None;
+        }
+        self.nodes
+            .iter()
+            .filter(|n| n.addr.trunc() == subnet)
+            .find_map(|n| n.addr6.map(|a| a.trunc()))
+    }
+
+    /// The router's IPv6 address on `subnet`: `::1` (`fd00:92::1`).
+    pub fn router_addr6(subnet: Ipv6Net) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(subnet.network()) + 1)
+    }
+
     /// Whether the two nodes share a subnet (CrossSubnet: direct route, no IPIP).
     pub fn same_subnet(a: &NodeSpec, b: &NodeSpec) -> bool {
         a.addr.trunc() == b.addr.trunc()
@@ -179,58 +360,79 @@ impl ClusterSpec {
     /// nodes' blocks learned with their node address as next hop. `None` for an unknown node.
     pub fn expected_plan(&self, name: &str) -> Option<RoutePlan> {
         let local = self.node(name)?;
-        let input = PlanInput {
-            local: LocalNode {
-                name: local.name.clone(),
-                ipv4: Some(local.addr),
-                ipv6: None,
-                nic: NIC.into(),
-            },
-            pools: vec![PoolSpec {
+        let (v4, v6) = (self.family.has_ipv4(), self.family.has_ipv6());
+        let mut pools = Vec::new();
+        if v4 {
+            pools.push(PoolSpec {
                 name: self.pool_name.clone(),
                 cidr: IpNet::V4(self.pool_cidr),
                 ipip: self.ipip_mode,
                 vxlan: EncapMode::Never,
                 disabled: false,
-            }],
-            blocks: self
-                .nodes
-                .iter()
-                .filter_map(|n| {
-                    Some(BlockSpec {
-                        cidr: IpNet::V4(n.block?),
-                        affinity: Some(n.name.clone()),
-                        allocations: n
-                            .pods
-                            .iter()
-                            .map(|p| Allocation {
-                                ip: IpAddr::V4(p.ip),
-                                namespace: Some(p.namespace.clone()),
-                                pod: Some(p.name.clone()),
+            });
+        }
+        if v6 {
+            pools.push(PoolSpec {
+                name: self.pool6_name.clone(),
+                cidr: IpNet::V6(self.pool6_cidr),
+                ipip: EncapMode::Never,
+                vxlan: EncapMode::Never,
+                disabled: false,
+            });
+        }
+        let mut blocks = Vec::new();
+        let mut learned = Vec::new();
+        for n in &self.nodes {
+            for block in n.blocks(self.family) {
+                blocks.push(BlockSpec {
+                    cidr: block,
+                    affinity: Some(n.name.clone()),
+                    allocations: n
+                        .pods
+                        .iter()
+                        .flat_map(|p| p.ips(self.family))
+                        .filter(|ip| block.contains(ip))
+                        .map(|ip| {
+                            let p = n.pods.iter().find(|p| p.ips(self.family).contains(&ip));
+                            Allocation {
+                                ip,
+                                namespace: p.map(|p| p.namespace.clone()),
+                                pod: p.map(|p| p.name.clone()),
                                 node: Some(n.name.clone()),
-                            })
-                            .collect(),
-                    })
-                })
-                .collect(),
-            learned: self
-                .nodes
-                .iter()
-                .filter(|n| n.name != local.name)
-                .filter_map(|n| {
-                    Some(LearnedRoute {
-                        prefix: IpNet::V4(n.block?),
-                        next_hop: IpAddr::V4(n.ip()),
-                    })
-                })
-                .collect(),
+                            }
+                        })
+                        .collect(),
+                });
+                if n.name != local.name
+                    && let Some(next_hop) = n
+                        .ips(self.family)
+                        .into_iter()
+                        .find(|a| a.is_ipv4() == block.addr().is_ipv4())
+                {
+                    learned.push(LearnedRoute {
+                        prefix: block,
+                        next_hop,
+                    });
+                }
+            }
+        }
+        let input = PlanInput {
+            local: LocalNode {
+                name: local.name.clone(),
+                ipv4: v4.then_some(local.addr),
+                ipv6: local.addr6.filter(|_| v6),
+                nic: NIC.into(),
+            },
+            pools,
+            blocks,
+            learned,
             nodes: self
                 .nodes
                 .iter()
                 .map(|n| PeerNode {
                     name: n.name.clone(),
-                    ipv4: Some(n.ip()),
-                    ipv6: None,
+                    ipv4: v4.then(|| n.ip()),
+                    ipv6: n.addr6.filter(|_| v6).map(|a| a.addr()),
                 })
                 .collect(),
             local_interfaces: local
@@ -245,23 +447,23 @@ impl ClusterSpec {
     /// The datastore as `(file name, YAML)` pairs: what `kubectl get -o yaml` would print for
     /// a Calico cluster with these objects.
     pub fn datastore_files(&self) -> Vec<(String, String)> {
-        let mut files = vec![
-            (
-                "bgpconfiguration-default.yaml".to_string(),
-                match &self.bgp_configuration_spec {
-                    Some(body) => format!(
-                        "apiVersion: crd.projectcalico.org/v1\nkind: BGPConfiguration\n\
+        let mut files = vec![(
+            "bgpconfiguration-default.yaml".to_string(),
+            match &self.bgp_configuration_spec {
+                Some(body) => format!(
+                    "apiVersion: crd.projectcalico.org/v1\nkind: BGPConfiguration\n\
                          metadata:\n  name: default\nspec:\n{body}\n"
-                    ),
-                    None => format!(
-                        "apiVersion: crd.projectcalico.org/v1\nkind: BGPConfiguration\n\
+                ),
+                None => format!(
+                    "apiVersion: crd.projectcalico.org/v1\nkind: BGPConfiguration\n\
                          metadata:\n  name: default\nspec:\n  asNumber: {}\n  \
                          logSeverityScreen: Info\n  nodeToNodeMeshEnabled: true\n",
-                        self.as_number
-                    ),
-                },
-            ),
-            (
+                    self.as_number
+                ),
+            },
+        )];
+        if self.family.has_ipv4() {
+            files.push((
                 format!("ippool-{}.yaml", self.pool_name),
                 format!(
                     "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata:\n  name: {}\n\
@@ -272,13 +474,27 @@ impl ClusterSpec {
                     self.pool_cidr,
                     encap_name(self.ipip_mode)
                 ),
-            ),
-        ];
+            ));
+        }
+        if self.family.has_ipv6() {
+            files.push((
+                format!("ippool-{}.yaml", self.pool6_name),
+                format!(
+                    "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata:\n  name: {}\n\
+                     spec:\n  blockSize: 122\n  cidr: {}\n  ipipMode: Never\n  \
+                     natOutgoing: false\n  nodeSelector: all()\n  vxlanMode: Never\n",
+                    self.pool6_name, self.pool6_cidr,
+                ),
+            ));
+        }
         for n in &self.nodes {
-            files.push((format!("node-{}.yaml", n.name), node_yaml(n)));
-            if let Some(block) = n.block {
-                let dashed = dashed(block);
-                files.push((format!("ipamblock-{dashed}.yaml"), block_yaml(n, block)));
+            files.push((format!("node-{}.yaml", n.name), node_yaml(n, self.family)));
+            for block in n.blocks(self.family) {
+                let dashed = dashed_net(block);
+                files.push((
+                    format!("ipamblock-{dashed}.yaml"),
+                    block_yaml(n, block, self.family),
+                ));
                 files.push((
                     format!("blockaffinity-{}-{dashed}.yaml", n.name),
                     format!(
@@ -344,31 +560,67 @@ fn encap_name(mode: EncapMode) -> &'static str {
 
 /// `172.16.241.64/26` → `172-16-241-64-26`, the IPAMBlock's name.
 pub fn dashed(block: Ipv4Net) -> String {
-    block.to_string().replace(['.', '/'], "-")
+    dashed_net(IpNet::V4(block))
 }
 
-fn node_yaml(n: &NodeSpec) -> String {
+/// The IPAMBlock name of either family, as Calico makes it: `.`, `:` and `/` become `-`
+/// (`fd00:172:16:241::40/122` → `fd00-172-16-241--40-122`).
+pub fn dashed_net(block: IpNet) -> String {
+    block.to_string().replace(['.', ':', '/'], "-")
+}
+
+fn node_yaml(n: &NodeSpec, family: Family) -> String {
+    let mut annotations = String::new();
+    let mut addresses = String::new();
+    if family.has_ipv4() {
+        let _ = write!(
+            annotations,
+            "\n    projectcalico.org/IPv4Address: {}",
+            n.addr
+        );
+        let _ = write!(addresses, "\n  - address: {}\n    type: InternalIP", n.ip());
+    }
+    if family.has_ipv6()
+        && let Some(a6) = n.addr6
+    {
+        let _ = write!(annotations, "\n    projectcalico.org/IPv6Address: {a6}");
+        let _ = write!(
+            addresses,
+            "\n  - address: {}\n    type: InternalIP",
+            a6.addr()
+        );
+    }
     format!(
-        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations:\n    \
-         projectcalico.org/IPv4Address: {addr}\n  labels:\n    \
-         kubernetes.io/hostname: {name}\n    kubernetes.io/os: linux\nstatus:\n  addresses:\n  \
-         - address: {ip}\n    type: InternalIP\n  - address: {name}\n    type: Hostname\n",
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations:{annotations}\n  \
+         labels:\n    kubernetes.io/hostname: {name}\n    kubernetes.io/os: linux\nstatus:\n  \
+         addresses:{addresses}\n  - address: {name}\n    type: Hostname\n",
         name = n.name,
-        addr = n.addr,
-        ip = n.ip(),
     )
 }
 
 /// An IPAMBlock as Calico writes it: one `allocations` slot per address (null = free, else
 /// an index into `attributes`), the pods' attributes naming namespace, pod and node.
-fn block_yaml(n: &NodeSpec, block: Ipv4Net) -> String {
-    let size = 1u32 << (32 - u32::from(block.prefix_len()));
-    let base = u32::from(block.network());
+fn block_yaml(n: &NodeSpec, block: IpNet, family: Family) -> String {
+    let host_bits = u32::from(block.max_prefix_len() - block.prefix_len()).min(16);
+    let size = 1u32 << host_bits;
+    let pods: Vec<(&PodSpec, IpAddr)> = n
+        .pods
+        .iter()
+        .flat_map(|p| p.ips(family).into_iter().map(move |ip| (p, ip)))
+        .filter(|(_, ip)| block.contains(ip))
+        .collect();
+    let nth = |ordinal: u32| -> IpAddr {
+        match block {
+            IpNet::V4(b) => IpAddr::V4(Ipv4Addr::from(u32::from(b.network()) + ordinal)),
+            IpNet::V6(b) => IpAddr::V6(Ipv6Addr::from(
+                u128::from(b.network()) + u128::from(ordinal),
+            )),
+        }
+    };
     let mut slots = Vec::new();
     let mut unallocated = Vec::new();
     for ordinal in 0..size {
-        let addr = Ipv4Addr::from(base + ordinal);
-        match n.pods.iter().position(|p| p.ip == addr) {
+        match pods.iter().position(|(_, ip)| *ip == nth(ordinal)) {
             Some(i) => slots.push(i.to_string()),
             None => {
                 slots.push("null".into());
@@ -378,11 +630,11 @@ fn block_yaml(n: &NodeSpec, block: Ipv4Net) -> String {
     }
     // `allocations` slots index into `attributes`, which follow the pods' order.
     let mut attributes = String::from("  attributes:");
-    if n.pods.is_empty() {
+    if pods.is_empty() {
         attributes.push_str(" []");
     }
     attributes.push('\n');
-    for p in &n.pods {
+    for (p, _) in &pods {
         let _ = write!(
             attributes,
             "  - handle_id: k8s-pod-network.{handle}\n    secondary:\n      \
@@ -398,7 +650,7 @@ fn block_yaml(n: &NodeSpec, block: Ipv4Net) -> String {
         "apiVersion: crd.projectcalico.org/v1\nkind: IPAMBlock\nmetadata:\n  name: {name}\n\
          spec:\n  affinity: host:{node}\n  allocations: [{slots}]\n{attributes}  cidr: {block}\n  \
          deleted: false\n  strictAffinity: false\n  unallocated: [{unallocated}]\n",
-        name = dashed(block),
+        name = dashed_net(block),
         node = n.name,
         slots = slots.join(", "),
         unallocated = unallocated.join(", "),
@@ -466,6 +718,83 @@ mod tests {
                 "172.16.196.128/26 via 192.168.92.129 dev ens33".to_string(),
                 "blackhole 172.16.241.64/26".to_string(),
                 format!("172.16.241.65 dev {cali} scope link"),
+            ]
+        );
+    }
+
+    #[test]
+    fn dual_stack_datastore_has_both_families_and_ipv6_only_has_no_ipv4() {
+        for family in [Family::Dual, Family::Ipv6] {
+            let spec = ClusterSpec::seed_family(family);
+            let mut pools = Vec::new();
+            let mut allocations = Vec::new();
+            let mut annotations = Vec::new();
+            for (name, text) in spec.datastore_files() {
+                for doc in decode_documents(&text).unwrap() {
+                    match doc.unwrap_or_else(|e| panic!("{name}: {e}")) {
+                        Object::IPPool(p) => pools.push(p.spec.cidr.clone().unwrap_or_default()),
+                        Object::IPAMBlock(b) => {
+                            let block = crate::model::Block::from_resource(&b).unwrap();
+                            for a in &block.allocations {
+                                allocations.push((a.ip, a.interface_name()));
+                            }
+                        }
+                        Object::Node(n) => annotations.extend(
+                            n.metadata
+                                .annotations
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|(k, v)| format!("{k}={v}")),
+                        ),
+                        _ => {}
+                    }
+                }
+            }
+            pools.sort();
+            allocations.sort();
+            annotations.sort();
+            let cali = |n: usize| Some(spec.nodes[n].pods[0].interface());
+            let v6: Vec<(IpAddr, Option<String>)> = vec![
+                ("fd00:172:16:10::1".parse().unwrap(), cali(2)),
+                ("fd00:172:16:196::81".parse().unwrap(), cali(1)),
+                ("fd00:172:16:241::41".parse().unwrap(), cali(0)),
+            ];
+            if family == Family::Dual {
+                assert_eq!(pools, ["172.16.0.0/16", "fd00:172:16::/48"]);
+                assert_eq!(allocations.len(), 6, "{allocations:?}");
+                assert!(allocations.ends_with(&v6), "{allocations:?}");
+                assert_eq!(annotations.len(), 6, "{annotations:?}");
+            } else {
+                assert_eq!(pools, ["fd00:172:16::/48"]);
+                assert_eq!(allocations, v6);
+                assert_eq!(
+                    annotations,
+                    [
+                        "projectcalico.org/IPv6Address=fd00:92::128/64",
+                        "projectcalico.org/IPv6Address=fd00:92::129/64",
+                        "projectcalico.org/IPv6Address=fd00:93::130/64",
+                    ]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn expected_plan_of_master01_dual_stack_has_both_families() {
+        let spec = ClusterSpec::seed_family(Family::Dual);
+        let lines = spec.expected_plan("master01").unwrap().lines();
+        let cali = spec.nodes[0].pods[0].interface();
+        assert_eq!(
+            lines,
+            [
+                "172.16.10.0/26 via 192.168.93.130 dev tunl0 onlink".to_string(),
+                "172.16.196.128/26 via 192.168.92.129 dev ens33".to_string(),
+                "blackhole 172.16.241.64/26".to_string(),
+                format!("172.16.241.65 dev {cali} scope link"),
+                "fd00:172:16:10::/122 via fd00:93::130".to_string(),
+                "fd00:172:16:196::80/122 via fd00:92::129".to_string(),
+                "blackhole fd00:172:16:241::40/122".to_string(),
+                format!("fd00:172:16:241::41 dev {cali} scope link"),
             ]
         );
     }
