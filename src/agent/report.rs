@@ -580,6 +580,7 @@ mod tests {
                 as_number: None,
                 route_reflector_cluster_id: None,
                 ipip_tunnel_addr: None,
+                vxlan: Default::default(),
                 labels: Default::default(),
             },
         );

@@ -238,6 +238,7 @@ impl ClusterSpec {
                 .iter()
                 .map(PodSpec::interface)
                 .collect::<BTreeSet<_>>(),
+            vteps: Vec::new(),
         };
         Some(plan(&input))
     }
