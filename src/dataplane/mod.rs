@@ -57,6 +57,7 @@ pub mod kernel;
 pub mod monitor;
 pub mod socket;
 pub mod tunnel;
+pub mod vxlan;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -71,6 +72,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
+use crate::plan::tunnels::TunnelPlan;
 use crate::plan::{DesiredRoute, RouteKind, RouteScope};
 use crate::prefix_map::PrefixMap;
 use kernel::{Change, KernelRoute, Protocol, RouteKey};
@@ -240,6 +242,8 @@ pub struct DataplaneStatus {
     /// The number of the last [`PlanMessage`] [`Dataplane::run`] applied (to learn when an
     /// update reached the kernel).
     pub applied: Option<u64>,
+    /// The VXLAN devices, VTEPs and their neighbour/FDB entries.
+    pub vxlan: vxlan::VxlanStatus,
 }
 
 /// The result of one reconcile.
@@ -311,6 +315,9 @@ pub enum PlanUpdate {
     /// The routes of single prefixes changed (BGP best-path changes): only these prefixes
     /// are reconciled.
     Delta(Vec<RouteChange>),
+    /// The tunnel devices and their remote VTEPs (a complete set). Sent ahead of the routes
+    /// that use them: the devices exist before routes through them are installed.
+    Tunnels(TunnelPlan),
 }
 
 /// One prefix of a [`PlanUpdate::Delta`].
@@ -533,6 +540,10 @@ pub struct Dataplane {
     observer: Option<ReconcileObserver>,
     /// The number of the last [`PlanMessage`] [`run`](Self::run) applied.
     applied: Option<u64>,
+    /// The VXLAN devices and their neighbour/FDB entries ([`vxlan`]).
+    vxlan: vxlan::VxlanTunnels,
+    /// A monitor event touched a VXLAN device, its parent or their entries.
+    vxlan_dirty: bool,
 }
 
 type ReconcileObserver = Box<dyn Fn(Duration, ApplyReport) + Send>;
@@ -619,6 +630,8 @@ impl Dataplane {
         monitor
             .ignore_sender(sock.port().map_err(DataplaneError::Open)?)
             .map_err(DataplaneError::Open)?;
+        let config_protocol = config.protocol;
+        let config_retry = (config.retry_min, config.retry_max);
         let mut dp = Self {
             config,
             sock,
@@ -636,6 +649,12 @@ impl Dataplane {
             last_resync: Instant::now(),
             observer: None,
             applied: None,
+            vxlan: vxlan::VxlanTunnels::new(
+                config_protocol,
+                config_retry.0,
+                config_retry.1,
+            ),
+            vxlan_dirty: false,
         };
         dp.read_kernel()?;
         dp.counters.resyncs = 0;
@@ -1331,7 +1350,17 @@ impl Dataplane {
                         dirty.insert(dst);
                     }
                 }
+                Event::Neighbour { ifindex } => {
+                    if self.vxlan.watches(ifindex) {
+                        self.vxlan_dirty = true;
+                    }
+                }
                 Event::LinkChanged(info) => {
+                    if self.vxlan.watches(info.index)
+                        || info.name.as_deref().is_some_and(|n| self.vxlan.plans_device(n))
+                    {
+                        self.vxlan_dirty = true;
+                    }
                     if let Some(name) = self.links.update(&info) {
                         dirty.extend(self.failures.iter().filter_map(|(dst, f)| {
                             (f.error == RouteError::MissingDevice(name.clone())).then_some(*dst)
@@ -1343,6 +1372,9 @@ impl Dataplane {
                     }
                 }
                 Event::LinkRemoved(info) => {
+                    if self.vxlan.watches(info.index) {
+                        self.vxlan_dirty = true;
+                    }
                     self.links.remove(info.index);
                     resync = true;
                 }
@@ -1430,7 +1462,38 @@ impl Dataplane {
                 .collect(),
             counters: self.counters,
             applied: self.applied,
+            vxlan: self.vxlan.status().clone(),
         }
+    }
+
+    /// Makes the VXLAN devices and entries match their plan ([`vxlan`]) and tells the route
+    /// half what changed: the devices' indexes, and the routes to try again now that a
+    /// device exists. `None`: devices were deleted, whose routes the kernel removed without
+    /// telling; the table was re-read and every destination must be reconciled.
+    fn sync_tunnels(&mut self) -> Option<Vec<IpNet>> {
+        self.vxlan_dirty = false;
+        let report = self.vxlan.reconcile(&mut self.sock);
+        let mut names = Vec::new();
+        for link in &report.links {
+            if let Some(name) = self.links.update(link) {
+                names.push(name);
+            }
+        }
+        if report.deleted_devices {
+            if let Err(e) = self.read_kernel() {
+                tracing::warn!(error = %e, "cannot re-read the routing table after a VXLAN device change");
+            }
+            return None;
+        }
+        Some(
+            self.failures
+                .iter()
+                .filter(|(_, f)| {
+                    matches!(&f.error, RouteError::MissingDevice(d) if names.contains(d))
+                })
+                .map(|(dst, _)| *dst)
+                .collect(),
+        )
     }
 
     /// Applies `first` and every update queued behind it, and the ones that come while these
@@ -1501,6 +1564,10 @@ impl Dataplane {
                 None
             }
             PlanUpdate::Delta(changes) => Some(self.apply_delta(changes)),
+            PlanUpdate::Tunnels(plan) => {
+                self.vxlan.set_plan(plan.vxlan, plan.vxlan_peers);
+                self.sync_tunnels()
+            }
         }
     }
 
@@ -1526,7 +1593,10 @@ impl Dataplane {
         let mut events = Vec::new();
         status.send_replace(self.status());
         loop {
-            let retry_at = self.next_retry();
+            let retry_at = match (self.next_retry(), self.vxlan.next_retry()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let resync_at = self.last_resync + self.config.resync_interval;
             let wake_at = retry_at.map_or(resync_at, |r| r.min(resync_at));
             tokio::select! {
@@ -1541,10 +1611,28 @@ impl Dataplane {
                     let drained = guard.get_inner_mut().drain(&mut events);
                     guard.clear_ready();
                     drained.map_err(|e| DataplaneError::Monitor(e.to_string()))?;
-                    let (dirty, resync) = self.absorb(std::mem::take(&mut events));
+                    let (mut dirty, mut resync) = self.absorb(std::mem::take(&mut events));
+                    let tunnels_synced = self.vxlan_dirty;
+                    if self.vxlan_dirty {
+                        // VXLAN first: a re-made device is there before its routes.
+                        let before = self.vxlan.status().counters;
+                        match self.sync_tunnels() {
+                            None => resync = true,
+                            Some(more) => dirty.extend(more),
+                        }
+                        let after = self.vxlan.status().counters;
+                        let repaired = (after.entries_written - before.entries_written)
+                            + (after.devices_created - before.devices_created);
+                        if repaired > 0 {
+                            self.counters.drift_repairs += repaired;
+                            tracing::warn!(repaired, "VXLAN devices or entries drifted from the plan; repaired");
+                        }
+                        dirty.sort_unstable();
+                        dirty.dedup();
+                    }
                     // What the kernel did may have changed the mirror or cleared failures
                     // even when nothing needs repair.
-                    let seen = resync || !dirty.is_empty();
+                    let seen = resync || !dirty.is_empty() || tunnels_synced;
                     let report = if resync {
                         tracing::info!("re-reading the routing table");
                         self.read_kernel()?;
@@ -1564,10 +1652,17 @@ impl Dataplane {
                     }
                 }
                 _ = tokio::time::sleep_until(wake_at.into()) => {
-                    if Instant::now() >= resync_at {
+                    let now = Instant::now();
+                    let tunnels_due = self.vxlan.next_retry().is_some_and(|t| now >= t)
+                        || (now >= resync_at && self.vxlan.active());
+                    let tunnel_dsts = if tunnels_due { self.sync_tunnels() } else { Some(Vec::new()) };
+                    if now >= resync_at || tunnel_dsts.is_none() {
                         self.read_kernel()?;
                         self.reconcile();
                     } else {
+                        if let Some(dsts) = tunnel_dsts.filter(|d| !d.is_empty()) {
+                            self.reconcile_some(&dsts);
+                        }
                         self.retry_due();
                     }
                     status.send_replace(self.status());
