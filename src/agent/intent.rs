@@ -8,10 +8,10 @@ use ipnet::IpNet;
 use podroute_bgp::policy::{CommunityRule, ExportRules};
 
 use crate::model::{self, Block, Pool};
+use crate::plan::tunnels::{Vtep, default_vtep_mac};
 use crate::plan::{
     self, Allocation, BlockSpec, LearnedRoute, LocalNode, PeerNode, PlanInput, PoolSpec,
 };
-use crate::plan::tunnels::{Vtep, default_vtep_mac};
 use crate::state::ClusterState;
 
 fn encap(mode: model::EncapMode) -> plan::EncapMode {

@@ -649,11 +649,7 @@ impl Dataplane {
             last_resync: Instant::now(),
             observer: None,
             applied: None,
-            vxlan: vxlan::VxlanTunnels::new(
-                config_protocol,
-                config_retry.0,
-                config_retry.1,
-            ),
+            vxlan: vxlan::VxlanTunnels::new(config_protocol, config_retry.0, config_retry.1),
             vxlan_dirty: false,
         };
         dp.read_kernel()?;
@@ -1357,7 +1353,10 @@ impl Dataplane {
                 }
                 Event::LinkChanged(info) => {
                     if self.vxlan.watches(info.index)
-                        || info.name.as_deref().is_some_and(|n| self.vxlan.plans_device(n))
+                        || info
+                            .name
+                            .as_deref()
+                            .is_some_and(|n| self.vxlan.plans_device(n))
                     {
                         self.vxlan_dirty = true;
                     }
@@ -1488,9 +1487,9 @@ impl Dataplane {
         Some(
             self.failures
                 .iter()
-                .filter(|(_, f)| {
-                    matches!(&f.error, RouteError::MissingDevice(d) if names.contains(d))
-                })
+                .filter(
+                    |(_, f)| matches!(&f.error, RouteError::MissingDevice(d) if names.contains(d)),
+                )
                 .map(|(dst, _)| *dst)
                 .collect(),
         )

@@ -47,7 +47,9 @@ pub enum Event {
     LinkRemoved(LinkInfo),
     /// A neighbour or FDB entry on link `ifindex` was added, changed or removed (the
     /// VXLAN devices' entries are checked again when it is one of theirs).
-    Neighbour { ifindex: u32 },
+    Neighbour {
+        ifindex: u32,
+    },
     /// Notifications were lost (receive buffer overrun): the table must be re-read.
     Overrun,
 }
@@ -238,11 +240,10 @@ fn parse_datagram(mut data: &[u8], events: &mut Vec<Event>) {
             RouteNetlinkMessage::DelLink(m) => {
                 events.push(Event::LinkRemoved(LinkInfo::from_message(&m)))
             }
-            RouteNetlinkMessage::NewNeighbour(m) | RouteNetlinkMessage::DelNeighbour(m) => {
-                events.push(Event::Neighbour {
+            RouteNetlinkMessage::NewNeighbour(m) | RouteNetlinkMessage::DelNeighbour(m) => events
+                .push(Event::Neighbour {
                     ifindex: m.header.ifindex,
-                })
-            }
+                }),
             _ => {}
         }
     }

@@ -39,7 +39,9 @@ use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
 };
-use netlink_packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
@@ -215,11 +217,26 @@ pub struct ObservedFdb {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum EntryChange {
     /// `ip neigh replace IP lladdr MAC dev IFINDEX nud permanent proto P`.
-    SetNeighbour { ifindex: u32, ip: IpAddr, mac: MacAddr },
-    DelNeighbour { ifindex: u32, ip: IpAddr },
+    SetNeighbour {
+        ifindex: u32,
+        ip: IpAddr,
+        mac: MacAddr,
+    },
+    DelNeighbour {
+        ifindex: u32,
+        ip: IpAddr,
+    },
     /// `bridge fdb replace MAC dev IFINDEX dst DST self permanent`.
-    SetFdb { ifindex: u32, mac: MacAddr, dst: IpAddr },
-    DelFdb { ifindex: u32, mac: MacAddr, dst: Option<IpAddr> },
+    SetFdb {
+        ifindex: u32,
+        mac: MacAddr,
+        dst: IpAddr,
+    },
+    DelFdb {
+        ifindex: u32,
+        mac: MacAddr,
+        dst: Option<IpAddr>,
+    },
 }
 
 /// The entries of one device: what to change so that the kernel holds `peers` (the device's
@@ -437,7 +454,10 @@ impl VxlanTunnels {
         for link in stale {
             match exec1(sock, del_link(link.index)) {
                 Ok(()) => {
-                    tracing::info!(device = link.name, "VXLAN device no longer planned; deleted");
+                    tracing::info!(
+                        device = link.name,
+                        "VXLAN device no longer planned; deleted"
+                    );
                     self.status.counters.devices_deleted += 1;
                     report.deleted_devices = true;
                 }
@@ -476,7 +496,11 @@ impl VxlanTunnels {
                 }
                 DeviceDecision::Create | DeviceDecision::Recreate(_) => {
                     if let (DeviceDecision::Recreate(why), Some(old)) = (&decision, existing) {
-                        tracing::warn!(device = device.name, why, "VXLAN device differs from the plan; recreating it");
+                        tracing::warn!(
+                            device = device.name,
+                            why,
+                            "VXLAN device differs from the plan; recreating it"
+                        );
                         if let Err(e) = exec1(sock, del_link(old.index)) {
                             error = Some(format!("deleting {} to recreate it: {e}", device.name));
                         } else {
@@ -538,10 +562,13 @@ impl VxlanTunnels {
             st.mtu = Some(mtu);
             if link.mtu != mtu || !link.up {
                 let msg = LinkUnspec::new_with_index(link.index).mtu(mtu).up().build();
-                if let Err(e) = exec1(sock, Request {
-                    message: RouteNetlinkMessage::SetLink(msg),
-                    flags: 0,
-                }) {
+                if let Err(e) = exec1(
+                    sock,
+                    Request {
+                        message: RouteNetlinkMessage::SetLink(msg),
+                        flags: 0,
+                    },
+                ) {
                     st.error = Some(format!("setting {} mtu {mtu} up: {e}", device.name));
                     continue;
                 }
@@ -571,13 +598,21 @@ impl VxlanTunnels {
         let (mut neigh_ok, mut fdb_ok) = (0, 0);
         let (mut neigh_failed, mut fdb_failed) = (0, 0);
         for device in &self.devices {
-            let peers: Vec<&VxlanPeer> = self.peers.iter().filter(|p| p.device == device.name).collect();
+            let peers: Vec<&VxlanPeer> = self
+                .peers
+                .iter()
+                .filter(|p| p.device == device.name)
+                .collect();
             let Some(&ifindex) = indexes.get(&device.name) else {
                 neigh_failed += peers.len();
                 fdb_failed += peers.len();
                 continue;
             };
-            let owned = self.owned_fdb.get(&device.name).cloned().unwrap_or_default();
+            let owned = self
+                .owned_fdb
+                .get(&device.name)
+                .cloned()
+                .unwrap_or_default();
             let (c, n, f) = diff_entries(ifindex, &peers, &neighbours, &fdb, self.protocol, &owned);
             neigh_ok += n;
             fdb_ok += f;
@@ -585,12 +620,18 @@ impl VxlanTunnels {
         }
         let results = sock.execute(changes.iter().map(|(_, c)| entry_request(c, self.protocol)));
         for ((device, change), result) in changes.iter().zip(results) {
-            let is_set = matches!(change, EntryChange::SetNeighbour { .. } | EntryChange::SetFdb { .. });
+            let is_set = matches!(
+                change,
+                EntryChange::SetNeighbour { .. } | EntryChange::SetFdb { .. }
+            );
             match (&result, change) {
                 (Ok(()), EntryChange::SetNeighbour { .. }) => neigh_ok += 1,
                 (Ok(()), EntryChange::SetFdb { mac, .. }) => {
                     fdb_ok += 1;
-                    self.owned_fdb.entry(device.clone()).or_default().insert(*mac);
+                    self.owned_fdb
+                        .entry(device.clone())
+                        .or_default()
+                        .insert(*mac);
                 }
                 (Ok(()), EntryChange::DelFdb { mac, .. }) => {
                     if let Some(set) = self.owned_fdb.get_mut(device) {
@@ -620,7 +661,10 @@ impl VxlanTunnels {
             }
         }
         if !changes.is_empty() {
-            tracing::debug!(changes = changes.len(), "VXLAN neighbour/FDB entries reconciled");
+            tracing::debug!(
+                changes = changes.len(),
+                "VXLAN neighbour/FDB entries reconciled"
+            );
         }
         self.status.devices = device_status;
         self.status.vteps = self.peers.len();
@@ -733,27 +777,30 @@ fn dump_links(sock: &mut RequestSocket) -> Result<BTreeMap<u32, ObservedLink>, N
 /// Global-scope addresses by interface index.
 fn dump_addresses(sock: &mut RequestSocket) -> Result<Vec<(u32, IpNet)>, NetlinkError> {
     let mut out = Vec::new();
-    sock.dump_each(RouteNetlinkMessage::GetAddress(AddressMessage::default()), |m| {
-        if let RouteNetlinkMessage::NewAddress(m) = m
-            && m.header.scope == AddressScope::Universe
-        {
-            let addr = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(ip) => Some(*ip),
-                _ => None,
-            });
-            let addr = addr.or_else(|| {
-                m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(ip) => Some(*ip),
-                    _ => None,
-                })
-            });
-            if let Some(ip) = addr
-                && let Ok(net) = IpNet::new(ip, m.header.prefix_len)
+    sock.dump_each(
+        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+        |m| {
+            if let RouteNetlinkMessage::NewAddress(m) = m
+                && m.header.scope == AddressScope::Universe
             {
-                out.push((m.header.index, net));
+                let addr = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(ip) => Some(*ip),
+                    _ => None,
+                });
+                let addr = addr.or_else(|| {
+                    m.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })
+                });
+                if let Some(ip) = addr
+                    && let Ok(net) = IpNet::new(ip, m.header.prefix_len)
+                {
+                    out.push((m.header.index, net));
+                }
             }
-        }
-    })?;
+        },
+    )?;
     Ok(out)
 }
 
@@ -772,7 +819,8 @@ fn address_message(index: u32, net: IpNet) -> AddressMessage {
     if net.addr().is_ipv6() {
         msg.attributes.push(AddressAttribute::Address(net.addr()));
     }
-    msg.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+    msg.attributes
+        .push(AddressAttribute::Flags(AddressFlags::Nodad));
     msg
 }
 
@@ -817,7 +865,9 @@ fn neighbour_ip(addr: &NeighbourAddress) -> Option<IpAddr> {
         NeighbourAddress::Inet6(a) => Some(IpAddr::V6(*a)),
         NeighbourAddress::Other(bytes) => match bytes.len() {
             4 => <[u8; 4]>::try_from(bytes.as_slice()).ok().map(IpAddr::from),
-            16 => <[u8; 16]>::try_from(bytes.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(bytes.as_slice())
+                .ok()
+                .map(IpAddr::from),
             _ => None,
         },
         _ => None,
@@ -1028,12 +1078,27 @@ mod tests {
             DeviceDecision::Keep
         );
         for (what, change) in [
-            ("VNI", Box::new(|l: &mut ObservedLink| l.vni = Some(1)) as Box<dyn Fn(&mut ObservedLink)>),
+            (
+                "VNI",
+                Box::new(|l: &mut ObservedLink| l.vni = Some(1)) as Box<dyn Fn(&mut ObservedLink)>,
+            ),
             ("port", Box::new(|l: &mut ObservedLink| l.port = Some(8472))),
-            ("parent", Box::new(|l: &mut ObservedLink| l.parent = Some(3))),
-            ("MAC", Box::new(|l: &mut ObservedLink| l.mac = Some(MacAddr([2, 0, 0, 0, 0, 9])))),
-            ("local", Box::new(|l: &mut ObservedLink| l.local = Some("10.0.0.1".parse().unwrap()))),
-            ("learning", Box::new(|l: &mut ObservedLink| l.learning = Some(true))),
+            (
+                "parent",
+                Box::new(|l: &mut ObservedLink| l.parent = Some(3)),
+            ),
+            (
+                "MAC",
+                Box::new(|l: &mut ObservedLink| l.mac = Some(MacAddr([2, 0, 0, 0, 0, 9]))),
+            ),
+            (
+                "local",
+                Box::new(|l: &mut ObservedLink| l.local = Some("10.0.0.1".parse().unwrap())),
+            ),
+            (
+                "learning",
+                Box::new(|l: &mut ObservedLink| l.learning = Some(true)),
+            ),
         ] {
             let mut l = as_planned();
             change(&mut l);
@@ -1115,7 +1180,8 @@ mod tests {
             fdb("0e:61:06:ff:7a:73", "192.168.0.22"),
             fdb("0a:72:bf:3f:cd:40", "192.168.0.8"),
         ];
-        let (changes, n, f) = diff_entries(7, &[&a, &b], &neighbours, &entries, P, &BTreeSet::new());
+        let (changes, n, f) =
+            diff_entries(7, &[&a, &b], &neighbours, &entries, P, &BTreeSet::new());
         assert_eq!((changes, n, f), (vec![], 2, 2));
         // Felix's identical entries (no protocol) satisfy the plan too.
         let felix = [
@@ -1205,7 +1271,10 @@ mod tests {
             panic!("not a neighbour message")
         };
         assert_eq!(m.header.state, NeighbourState::Permanent);
-        assert!(m.attributes.contains(&NeighbourAttribute::Protocol(RouteProtocol::from(P))));
+        assert!(
+            m.attributes
+                .contains(&NeighbourAttribute::Protocol(RouteProtocol::from(P)))
+        );
         assert_eq!(set.flags, NLM_F_CREATE | NLM_F_REPLACE);
         let fdb = entry_request(
             &EntryChange::SetFdb {

@@ -831,7 +831,10 @@ fn vxlan_routes_come_from_the_datastore_not_from_bgp() {
         Some("10.244.1.0/24 via 10.244.1.0 dev vxlan.calico onlink".into()),
         "a BGP withdraw does not remove it"
     );
-    assert_eq!(planner.route_for(net("10.244.9.0/24"), Some(ip("192.168.0.8")), &mut w), None);
+    assert_eq!(
+        planner.route_for(net("10.244.9.0/24"), Some(ip("192.168.0.8")), &mut w),
+        None
+    );
     // The owner's address changes in the datastore: the FDB entry follows, the route's VTEP
     // gateway stays.
     let mut moved = input.clone();
@@ -896,8 +899,12 @@ fn vxlan_borrowed_ips_get_a_32_through_the_users_vtep() {
 #[test]
 fn ipip_vxlan_and_unencapsulated_pools_coexist() {
     let mut input = seed000_input("master", EncapMode::Always);
-    input.pools.push(pool("ipip-pool", "172.16.0.0/16", EncapMode::Always));
-    input.pools.push(pool("plain-pool", "10.10.0.0/16", EncapMode::Never));
+    input
+        .pools
+        .push(pool("ipip-pool", "172.16.0.0/16", EncapMode::Always));
+    input
+        .pools
+        .push(pool("plain-pool", "10.10.0.0/16", EncapMode::Never));
     input.blocks.push(block("172.16.1.0/26", "node1", vec![]));
     input.blocks.push(block("10.10.2.0/26", "node2", vec![]));
     input.learned = vec![
@@ -906,15 +913,15 @@ fn ipip_vxlan_and_unencapsulated_pools_coexist() {
     ];
     let p = plan(&input);
     assert!(p.warnings.is_empty(), "{:?}", p.warnings);
-    let kinds: Vec<(String, RouteKind)> = p
-        .routes
-        .iter()
-        .map(|r| (r.to_string(), r.kind))
-        .collect();
+    let kinds: Vec<(String, RouteKind)> =
+        p.routes.iter().map(|r| (r.to_string(), r.kind)).collect();
     assert_eq!(
         kinds,
         [
-            ("10.10.2.0/26 via 192.168.0.8".to_string(), RouteKind::BlockNoEncap),
+            (
+                "10.10.2.0/26 via 192.168.0.8".to_string(),
+                RouteKind::BlockNoEncap
+            ),
             ("blackhole 10.244.0.0/24".into(), RouteKind::Blackhole),
             (
                 "10.244.1.0/24 via 10.244.1.0 dev vxlan.calico onlink".into(),
@@ -935,8 +942,12 @@ fn ipip_vxlan_and_unencapsulated_pools_coexist() {
     let mut switched = input.clone();
     switched.pools[0].vxlan = EncapMode::Never;
     switched.pools[0].ipip = EncapMode::Always;
-    switched.learned.push(learned("10.244.1.0/24", "192.168.0.22"));
-    switched.learned.push(learned("10.244.2.0/24", "192.168.0.8"));
+    switched
+        .learned
+        .push(learned("10.244.1.0/24", "192.168.0.22"));
+    switched
+        .learned
+        .push(learned("10.244.2.0/24", "192.168.0.8"));
     let q = plan(&switched);
     let prefixes = |p: &RoutePlan| p.routes.iter().map(|r| r.prefix).collect::<Vec<_>>();
     assert_eq!(prefixes(&q), prefixes(&p));

@@ -185,7 +185,11 @@ pub fn vxlan_plan(input: &super::PlanInput) -> (Vec<VxlanDevice>, Vec<VxlanPeer>
         let Some(underlay) = underlay.filter(|_| wants(ipv4)) else {
             continue;
         };
-        let name = if ipv4 { VXLAN_DEVICE_V4 } else { VXLAN_DEVICE_V6 };
+        let name = if ipv4 {
+            VXLAN_DEVICE_V4
+        } else {
+            VXLAN_DEVICE_V6
+        };
         let own = input
             .vteps
             .iter()
