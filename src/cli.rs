@@ -529,6 +529,47 @@ pub fn render_routes(report: &RoutesReport) -> String {
             out.push_str(&format!("  {}: {}\n", clean(&r.prefix), clean(error)));
         }
     }
+    if let Some(vx) = &report.vxlan {
+        out.push_str("\nVXLAN devices:\n");
+        for d in &vx.devices {
+            out.push_str(&format!(
+                "  {} vxlan id {} dstport {} nolearning local {} dev {} address {} mtu {} {}\n",
+                clean(&d.name),
+                d.vni,
+                d.port,
+                clean(&d.local),
+                clean(&d.parent),
+                clean(&d.mac),
+                d.mtu.map_or("-".to_string(), |m| m.to_string()),
+                clean(d.address.as_deref().unwrap_or("(no tunnel address)")),
+            ));
+            if let Some(e) = &d.error {
+                out.push_str(&format!("    {NOT_INSTALLED_MARK} {}\n", clean(e)));
+            }
+        }
+        out.push_str(&format!(
+            "VTEPs: {} (neighbour entries {} programmed, {} failed; FDB entries {} programmed, \
+             {} failed)\n",
+            vx.vteps.len(),
+            vx.neighbours_programmed,
+            vx.neighbours_failed,
+            vx.fdb_programmed,
+            vx.fdb_failed
+        ));
+        for v in &vx.vteps {
+            out.push_str(&format!(
+                "  {} lladdr {} dst {} dev {} ({})\n",
+                clean(&v.tunnel_ip),
+                clean(&v.mac),
+                clean(&v.underlay),
+                clean(&v.device),
+                clean(&v.node)
+            ));
+        }
+        for f in &vx.failures {
+            out.push_str(&format!("  {NOT_INSTALLED_MARK} {}\n", clean(f)));
+        }
+    }
     let by_other: Vec<(&RouteRow, &str)> = report
         .routes
         .iter()
@@ -936,6 +977,7 @@ No IPv4 peers found.
         direct.peer = Some("node01".into());
         let report = RoutesReport {
             node: "master01".into(),
+            vxlan: None,
             routes: vec![
                 direct,
                 route("172.16.241.64/26", None, None, "blackhole"),
@@ -982,6 +1024,7 @@ Destination     Gateway         Genmask         Flags Metric Ref    Use Iface   
         cni.programmed_by = Some("another owner (proto boot)".into());
         let report = RoutesReport {
             node: "master01".into(),
+            vxlan: None,
             routes: vec![cni, route("172.16.241.64/26", None, None, "blackhole")],
         };
         let text = render_routes(&report);
@@ -1017,6 +1060,7 @@ Destination     Gateway         Genmask         Flags Metric Ref    Use Iface   
         failed6.installed = false;
         let report = RoutesReport {
             node: "master01".into(),
+            vxlan: None,
             routes: vec![
                 external,
                 failed,
@@ -1066,6 +1110,7 @@ Destination     Gateway         Genmask         Flags Metric Ref    Use Iface KI
         odd.error = Some("line one\nline two".into());
         let text = render_routes(&RoutesReport {
             node: String::new(),
+            vxlan: None,
             routes: vec![odd],
         });
         assert_eq!(text.lines().count(), 6, "{text}");

@@ -31,6 +31,7 @@ pub mod selector;
 pub mod services;
 pub mod status;
 pub mod tunnel_addr;
+pub mod tunnels;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
@@ -251,6 +252,8 @@ pub struct Agent {
     peer_status: Vec<PeerStatus>,
     peer_counts: HashMap<IpAddr, PeerCounts>,
     tunnel: TunnelTracker,
+    /// The last tunnel plan sent to the dataplane (VXLAN devices and VTEPs).
+    tunnel_plans: tunnels::TunnelPlans,
     metrics: Metrics,
     board: Arc<StatusBoard>,
     started: SystemTime,
@@ -434,6 +437,7 @@ impl Agent {
             peer_status: Vec::new(),
             peer_counts: HashMap::new(),
             tunnel: TunnelTracker::default(),
+            tunnel_plans: tunnels::TunnelPlans::default(),
             metrics,
             board,
             started: SystemTime::now(),
@@ -819,6 +823,9 @@ impl Agent {
             &BTreeMap::new(),
             &self.interfaces,
         );
+        if let Some(tunnels) = self.tunnel_plans.update(&input) {
+            self.send_plan(PlanUpdate::Tunnels(tunnels), at, trigger);
+        }
         // What this node announces (its blocks, service prefixes) is never routed to a peer
         // that announces it too: every node announces the service CIDRs.
         let planner = Planner::new(&input).originating(self.announced.iter().copied());
@@ -930,7 +937,9 @@ impl Agent {
                 .routes(self.learned.iter(), &mut warnings)
                 .collect::<Vec<_>>()
         });
-        report::routes(&self.node, routes.as_deref(), &dp, &self.state)
+        let mut report = report::routes(&self.node, routes.as_deref(), &dp, &self.state);
+        report.vxlan = tunnels::report(self.tunnel_plans.current(), &dp.vxlan);
+        report
     }
 
     async fn on_tick(&mut self) -> anyhow::Result<()> {
