@@ -533,7 +533,7 @@ pub fn render_routes(report: &RoutesReport) -> String {
         out.push_str("\nVXLAN devices:\n");
         for d in &vx.devices {
             out.push_str(&format!(
-                "  {} vxlan id {} dstport {} nolearning local {} dev {} address {} mtu {} {}\n",
+                "  {} vxlan id {} dstport {} nolearning local {} dev {} address {} mtu {} inet {}\n",
                 clean(&d.name),
                 d.vni,
                 d.port,

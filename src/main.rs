@@ -62,6 +62,10 @@ enum Command {
         /// How long to wait for the agents to converge.
         #[arg(long, default_value = "60s", value_parser = podroute::agent::config::parse_duration)]
         timeout: std::time::Duration,
+        /// The pool's encapsulation: `ipip` (ipipMode CrossSubnet, seed 001) or `vxlan`
+        /// (vxlanMode CrossSubnet, the kernel's vxlan.calico across the router).
+        #[arg(long, value_enum, default_value_t = podroute::lab::LabEncap::Ipip)]
+        encap: podroute::lab::LabEncap,
     },
     /// Show the running agent's BGP peers and health, like `calicoctl node status`.
     Status {
@@ -140,6 +144,7 @@ fn main() -> anyhow::Result<()> {
             prefix,
             binary,
             timeout,
+            encap,
             cleanup: false,
         } => {
             podroute::lab::install_signal_cleanup().context("installing the Ctrl-C handler")?;
@@ -148,6 +153,7 @@ fn main() -> anyhow::Result<()> {
                 keep,
                 binary,
                 timeout,
+                encap,
             };
             // Exit status: 0 all checks passed, 1 a check failed, 2 the lab could not run.
             match podroute::lab::run(&opts, &mut std::io::stdout()) {

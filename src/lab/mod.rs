@@ -39,7 +39,7 @@ pub use cluster::{
     same_route, wait_until,
 };
 pub use netns::{exec, http_get, in_namespace, ip, namespaces_with_prefix, spawn_in_namespace};
-pub use run::{LabOptions, run};
+pub use run::{LabEncap, LabOptions, run};
 pub use spec::{BgpPeerSpec, ClusterSpec, NIC, NodeSpec, PodSpec, dashed};
 pub use watch::{RouteRecord, RouteWatch};
 

@@ -20,6 +20,18 @@ pub struct LabOptions {
     pub binary: Option<PathBuf>,
     /// How long to wait for the agents to converge.
     pub timeout: Duration,
+    /// The pool's encapsulation.
+    pub encap: LabEncap,
+}
+
+/// `podroute lab --encap`: what the lab pool's encapsulation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LabEncap {
+    /// `ipipMode: CrossSubnet` (seed 001 after its edit): `tunl0` across the router.
+    #[default]
+    Ipip,
+    /// `vxlanMode: CrossSubnet`: the kernel's `vxlan.calico` across the router.
+    Vxlan,
 }
 
 impl Default for LabOptions {
@@ -29,6 +41,7 @@ impl Default for LabOptions {
             keep: false,
             binary: None,
             timeout: Duration::from_secs(60),
+            encap: LabEncap::Ipip,
         }
     }
 }
@@ -105,11 +118,17 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<bool, LabError> {
         })?,
     };
     let cfg = LabConfig::new(&opts.prefix, &binary);
-    let spec = ClusterSpec::seed();
+    let (spec, mode) = match opts.encap {
+        LabEncap::Ipip => (ClusterSpec::seed(), "ipipMode"),
+        LabEncap::Vxlan => (
+            ClusterSpec::seed_vxlan(crate::plan::EncapMode::CrossSubnet),
+            "vxlanMode",
+        ),
+    };
     say(
         out,
         &format!(
-            "podroute lab: seed 001's cluster (ipipMode CrossSubnet) plus node02 behind a router, \
+            "podroute lab: seed 001's cluster ({mode} CrossSubnet) plus node02 behind a router, \
              in network namespaces {}-*",
             opts.prefix
         ),
@@ -237,7 +256,13 @@ fn exercise(
     out: &mut dyn Write,
     checks: &mut Checks,
 ) -> Result<(), LabError> {
-    if lab.ipip_available() {
+    if lab.spec.vxlan_mode != crate::plan::EncapMode::Never {
+        say(
+            out,
+            "vxlan: the agents make vxlan.calico (VNI 4096, port 4789) with the kernel's vxlan \
+             module; pods across the router reach each other through it",
+        );
+    } else if lab.ipip_available() {
         say(
             out,
             "ipip: this kernel can make IPIP devices; pods across the router must reach each other",
@@ -403,7 +428,8 @@ fn check_node(lab: &Lab, out: &mut dyn Write, checks: &mut Checks, name: &str) {
     }
 }
 
-/// Every node's route to each block across the router is `via NODE dev tunl0 onlink`.
+/// Every node's route to each block across the router is `via NODE dev tunl0 onlink` (IPIP)
+/// or `via VTEP dev vxlan.calico onlink` (VXLAN).
 fn check_cross_subnet_routes(lab: &Lab, out: &mut dyn Write, checks: &mut Checks) {
     for from in &lab.spec.nodes {
         let Ok(report) = lab.routes(&from.name) else {
@@ -417,7 +443,12 @@ fn check_cross_subnet_routes(lab: &Lab, out: &mut dyn Write, checks: &mut Checks
             .filter(|to| !ClusterSpec::same_subnet(from, to))
         {
             let Some(block) = to.block else { continue };
-            let want = format!("{block} via {} dev {TUNNEL_DEVICE} onlink", to.ip());
+            let want = match lab.spec.vtep(to) {
+                Some((vtep, _)) => {
+                    format!("{block} via {vtep} dev {} onlink", crate::plan::VXLAN_DEVICE_V4)
+                }
+                None => format!("{block} via {} dev {TUNNEL_DEVICE} onlink", to.ip()),
+            };
             let planned = plan.routes.iter().find(|r| r.to_string() == want);
             let row = planned.and_then(|p| report.routes.iter().find(|r| same_route(r, p)));
             let state = match row {

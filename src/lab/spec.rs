@@ -74,6 +74,11 @@ pub struct ClusterSpec {
     pub pool_cidr: Ipv4Net,
     pub block_size: u8,
     pub ipip_mode: EncapMode,
+    /// The pool's `vxlanMode` (`podroute lab --encap vxlan`; `ipip_mode` is then `Never`).
+    /// With it on, every node with a block has a VXLAN tunnel address (the block's first
+    /// address, allocated in its IPAMBlock to `vxlan-tunnel-addr-<node>` as calico-node
+    /// does) and MAC in its Node annotations.
+    pub vxlan_mode: EncapMode,
     /// Cluster AS (`BGPConfiguration` `default`).
     pub as_number: u32,
     pub nodes: Vec<NodeSpec>,
@@ -111,6 +116,7 @@ impl ClusterSpec {
             pool_cidr: net("172.16.0.0/16"),
             block_size: 26,
             ipip_mode: EncapMode::CrossSubnet,
+            vxlan_mode: EncapMode::Never,
             as_number: 64512,
             nodes: vec![
                 node(
@@ -136,6 +142,28 @@ impl ClusterSpec {
             extra_files: BTreeMap::new(),
             bgp_configuration_spec: None,
         }
+    }
+
+    /// The seed cluster with `vxlanMode: mode` instead of IPIP.
+    pub fn seed_vxlan(mode: EncapMode) -> Self {
+        Self {
+            ipip_mode: EncapMode::Never,
+            vxlan_mode: mode,
+            ..Self::seed()
+        }
+    }
+
+    /// The VXLAN tunnel endpoint of node `n`: its block's first address and its MAC, when
+    /// the pool uses VXLAN.
+    pub fn vtep(&self, n: &NodeSpec) -> Option<(Ipv4Addr, crate::plan::tunnels::MacAddr)> {
+        if self.vxlan_mode == EncapMode::Never {
+            return None;
+        }
+        let block = n.block?;
+        Some((
+            block.network(),
+            crate::plan::tunnels::default_vtep_mac(&n.name, true),
+        ))
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeSpec> {
@@ -190,7 +218,7 @@ impl ClusterSpec {
                 name: self.pool_name.clone(),
                 cidr: IpNet::V4(self.pool_cidr),
                 ipip: self.ipip_mode,
-                vxlan: EncapMode::Never,
+                vxlan: self.vxlan_mode,
                 disabled: false,
             }],
             blocks: self
@@ -238,7 +266,18 @@ impl ClusterSpec {
                 .iter()
                 .map(PodSpec::interface)
                 .collect::<BTreeSet<_>>(),
-            vteps: Vec::new(),
+            vteps: self
+                .nodes
+                .iter()
+                .filter_map(|n| {
+                    let (tunnel_ip, mac) = self.vtep(n)?;
+                    Some(crate::plan::Vtep {
+                        node: n.name.clone(),
+                        tunnel_ip: IpAddr::V4(tunnel_ip),
+                        mac,
+                    })
+                })
+                .collect(),
         };
         Some(plan(&input))
     }
@@ -267,19 +306,24 @@ impl ClusterSpec {
                 format!(
                     "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata:\n  name: {}\n\
                      spec:\n  blockSize: {}\n  cidr: {}\n  ipipMode: {}\n  natOutgoing: true\n  \
-                     nodeSelector: all()\n  vxlanMode: Never\n",
+                     nodeSelector: all()\n  vxlanMode: {}\n",
                     self.pool_name,
                     self.block_size,
                     self.pool_cidr,
-                    encap_name(self.ipip_mode)
+                    encap_name(self.ipip_mode),
+                    encap_name(self.vxlan_mode)
                 ),
             ),
         ];
         for n in &self.nodes {
-            files.push((format!("node-{}.yaml", n.name), node_yaml(n)));
+            let vtep = self.vtep(n);
+            files.push((format!("node-{}.yaml", n.name), node_yaml(n, vtep)));
             if let Some(block) = n.block {
                 let dashed = dashed(block);
-                files.push((format!("ipamblock-{dashed}.yaml"), block_yaml(n, block)));
+                files.push((
+                    format!("ipamblock-{dashed}.yaml"),
+                    block_yaml(n, block, vtep.map(|v| v.0)),
+                ));
                 files.push((
                     format!("blockaffinity-{}-{dashed}.yaml", n.name),
                     format!(
@@ -348,10 +392,16 @@ pub fn dashed(block: Ipv4Net) -> String {
     block.to_string().replace(['.', '/'], "-")
 }
 
-fn node_yaml(n: &NodeSpec) -> String {
+fn node_yaml(n: &NodeSpec, vtep: Option<(Ipv4Addr, crate::plan::tunnels::MacAddr)>) -> String {
+    let vxlan = vtep.map_or(String::new(), |(ip, mac)| {
+        format!(
+            "    projectcalico.org/IPv4VXLANTunnelAddr: {ip}\n    \
+             projectcalico.org/IPv4VXLANTunnelMACAddr: {mac}\n"
+        )
+    });
     format!(
         "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations:\n    \
-         projectcalico.org/IPv4Address: {addr}\n  labels:\n    \
+         projectcalico.org/IPv4Address: {addr}\n{vxlan}  labels:\n    \
          kubernetes.io/hostname: {name}\n    kubernetes.io/os: linux\nstatus:\n  addresses:\n  \
          - address: {ip}\n    type: InternalIP\n  - address: {name}\n    type: Hostname\n",
         name = n.name,
@@ -362,7 +412,7 @@ fn node_yaml(n: &NodeSpec) -> String {
 
 /// An IPAMBlock as Calico writes it: one `allocations` slot per address (null = free, else
 /// an index into `attributes`), the pods' attributes naming namespace, pod and node.
-fn block_yaml(n: &NodeSpec, block: Ipv4Net) -> String {
+fn block_yaml(n: &NodeSpec, block: Ipv4Net, vtep: Option<Ipv4Addr>) -> String {
     let size = 1u32 << (32 - u32::from(block.prefix_len()));
     let base = u32::from(block.network());
     let mut slots = Vec::new();
@@ -371,6 +421,8 @@ fn block_yaml(n: &NodeSpec, block: Ipv4Net) -> String {
         let addr = Ipv4Addr::from(base + ordinal);
         match n.pods.iter().position(|p| p.ip == addr) {
             Some(i) => slots.push(i.to_string()),
+            // The VXLAN tunnel address: the attribute after the pods'.
+            None if vtep == Some(addr) => slots.push(n.pods.len().to_string()),
             None => {
                 slots.push("null".into());
                 unallocated.push(ordinal.to_string());
@@ -379,7 +431,7 @@ fn block_yaml(n: &NodeSpec, block: Ipv4Net) -> String {
     }
     // `allocations` slots index into `attributes`, which follow the pods' order.
     let mut attributes = String::from("  attributes:");
-    if n.pods.is_empty() {
+    if n.pods.is_empty() && vtep.is_none() {
         attributes.push_str(" []");
     }
     attributes.push('\n');
@@ -393,6 +445,14 @@ fn block_yaml(n: &NodeSpec, block: Ipv4Net) -> String {
             ns = p.namespace,
             node = n.name,
             pod = p.name,
+        );
+    }
+    if vtep.is_some() {
+        let _ = write!(
+            attributes,
+            "  - handle_id: vxlan-tunnel-addr-{node}\n    secondary:\n      node: {node}\n      \
+             type: vxlanTunnelAddress\n",
+            node = n.name,
         );
     }
     format!(
