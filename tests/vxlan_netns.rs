@@ -784,7 +784,7 @@ fn vxlan_device_of_the_wrong_shape_is_recreated_and_a_foreign_one_left_alone() {
         failure.contains("is a bridge device, not vxlan"),
         "{failure}"
     );
-    assert_eq!(status.vxlan.devices[0].error.as_deref().is_some(), true);
+    assert!(status.vxlan.devices[0].error.is_some());
     let link = node.ip(&["-d", "link", "show", "dev", "vxlan.calico"]);
     assert!(link.contains("bridge"), "{link}");
     assert_eq!(status.vxlan.neighbours_failed, 1);

@@ -1465,13 +1465,31 @@ impl Dataplane {
         }
     }
 
+    /// Deletes the VXLAN devices that left the plan once their routes have moved.
+    fn finish_tunnel_removal(&mut self) {
+        if self.vxlan.pending_removal() && self.sync_tunnels().is_none() {
+            self.reconcile();
+        }
+    }
+
     /// Makes the VXLAN devices and entries match their plan ([`vxlan`]) and tells the route
     /// half what changed: the devices' indexes, and the routes to try again now that a
     /// device exists. `None`: devices were deleted, whose routes the kernel removed without
     /// telling; the table was re-read and every destination must be reconciled.
     fn sync_tunnels(&mut self) -> Option<Vec<IpNet>> {
         self.vxlan_dirty = false;
-        let report = self.vxlan.reconcile(&mut self.sock);
+        // A device that left the plan goes only once no route of ours needs it: no desired
+        // route names it, and no destination is between two routes (the old one, through
+        // the device perhaps, still in the kernel and the new one not yet: a pool moving
+        // from VXLAN to IPIP while tunl0 comes up).
+        let held_back = self.vxlan.active()
+            && self.slots.iter().any(|(dst, slot)| {
+                !slot.synced() && self.strays.range(RouteKey::range(dst)).next().is_some()
+            });
+        let devices = &self.devices;
+        let report = self.vxlan.reconcile(&mut self.sock, |name| {
+            !held_back && !devices.by_name.contains_key(name)
+        });
         let mut names = Vec::new();
         for link in &report.links {
             if let Some(name) = self.links.update(link) {
@@ -1536,6 +1554,7 @@ impl Dataplane {
                 chunk.dedup();
                 self.reconcile_some(&chunk);
             }
+            self.finish_tunnel_removal();
             while let Some((seq, end)) = pending.ends.front().copied()
                 && end <= pending.taken
             {
@@ -1641,6 +1660,10 @@ impl Dataplane {
                     } else {
                         ApplyReport::default()
                     };
+                    if seen {
+                        // A device that appeared may have let the last held-back routes in.
+                        self.finish_tunnel_removal();
+                    }
                     let repaired = report.added + report.replaced + report.deleted;
                     if repaired > 0 {
                         self.counters.drift_repairs += repaired as u64;
@@ -1663,6 +1686,7 @@ impl Dataplane {
                             self.reconcile_some(&dsts);
                         }
                         self.retry_due();
+                        self.finish_tunnel_removal();
                     }
                     status.send_replace(self.status());
                 }

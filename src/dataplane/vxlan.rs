@@ -374,6 +374,8 @@ pub struct VxlanTunnels {
     owned_fdb: BTreeMap<String, BTreeSet<MacAddr>>,
     /// Indexes of the planned devices and their parents, as last seen (monitor filter).
     watched: BTreeSet<u32>,
+    /// A device of ours left the plan and waits for its routes to move.
+    pending_removal: bool,
     status: VxlanStatus,
     attempts: u32,
     next_retry: Option<Instant>,
@@ -390,6 +392,7 @@ impl VxlanTunnels {
             owned: BTreeSet::new(),
             owned_fdb: BTreeMap::new(),
             watched: BTreeSet::new(),
+            pending_removal: false,
             status: VxlanStatus::default(),
             attempts: 0,
             next_retry: None,
@@ -418,7 +421,7 @@ impl VxlanTunnels {
     /// True when there is anything to keep (a plan with devices, or devices of ours to
     /// remove).
     pub fn active(&self) -> bool {
-        !self.devices.is_empty() || !self.owned.is_empty()
+        !self.devices.is_empty() || !self.owned.is_empty() || self.pending_removal
     }
 
     /// When a failed device or entry is due to be retried.
@@ -430,9 +433,22 @@ impl VxlanTunnels {
         &self.status
     }
 
+    /// True when a device of ours left the plan but was kept because routes still used it.
+    pub fn pending_removal(&self) -> bool {
+        self.pending_removal
+    }
+
     /// Makes the kernel match the plan; never fails as a whole: what cannot be done is in
-    /// the status and retried.
-    pub fn reconcile(&mut self, sock: &mut RequestSocket) -> VxlanReport {
+    /// the status and retried. A device that left the plan is deleted only when
+    /// `may_remove(name)`: while routes still go through it (a pool switching from VXLAN to
+    /// IPIP, its new routes not installed yet), it stays, so no block is ever without a
+    /// route; [`Self::pending_removal`] says so.
+    pub fn reconcile(
+        &mut self,
+        sock: &mut RequestSocket,
+        may_remove: impl Fn(&str) -> bool,
+    ) -> VxlanReport {
+        self.pending_removal = false;
         let mut report = VxlanReport::default();
         self.status.counters.reconciles += 1;
         let mut failures = Vec::new();
@@ -452,6 +468,10 @@ impl VxlanTunnels {
             .cloned()
             .collect();
         for link in stale {
+            if !may_remove(&link.name) {
+                self.pending_removal = true;
+                continue;
+            }
             match exec1(sock, del_link(link.index)) {
                 Ok(()) => {
                     tracing::info!(
@@ -466,7 +486,9 @@ impl VxlanTunnels {
             self.owned.remove(&link.name);
             self.owned_fdb.remove(&link.name);
         }
-        self.owned.retain(|n| planned.contains(n.as_str()));
+        if !self.pending_removal {
+            self.owned.retain(|n| planned.contains(n.as_str()));
+        }
 
         // Planned devices.
         let mut device_status = Vec::new();

@@ -445,7 +445,10 @@ fn check_cross_subnet_routes(lab: &Lab, out: &mut dyn Write, checks: &mut Checks
             let Some(block) = to.block else { continue };
             let want = match lab.spec.vtep(to) {
                 Some((vtep, _)) => {
-                    format!("{block} via {vtep} dev {} onlink", crate::plan::VXLAN_DEVICE_V4)
+                    format!(
+                        "{block} via {vtep} dev {} onlink",
+                        crate::plan::VXLAN_DEVICE_V4
+                    )
                 }
                 None => format!("{block} via {} dev {TUNNEL_DEVICE} onlink", to.ip()),
             };

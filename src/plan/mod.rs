@@ -478,7 +478,7 @@ impl Rules {
     }
 
     /// True when routes of `prefix` are computed from the datastore (a VXLAN pool).
-    fn from_datastore(&self, prefix: &IpNet) -> bool {
+    fn routed_from_datastore(&self, prefix: &IpNet) -> bool {
         self.pool_of(prefix)
             .is_some_and(|p| p.vxlan != EncapMode::Never)
     }
@@ -635,7 +635,7 @@ fn block_routes(
                 DesiredRoute::blackhole(block.cidr.trunc()),
             );
         } else if let Some(owner) = host
-            && rules.from_datastore(&block.cidr)
+            && rules.routed_from_datastore(&block.cidr)
         {
             // A remote block of a VXLAN pool: routed from the datastore, as Felix does.
             let prefix = block.cidr.trunc();
