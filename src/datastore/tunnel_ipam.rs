@@ -557,6 +557,15 @@ pub async fn ensure_kind(
     kind: TunnelKind,
 ) -> Result<Ensured, TunnelIpamError> {
     if let Some(existing) = annotation(client, node, kind).await? {
+        if kind == TunnelKind::Vxlan
+            && node_annotation(client, node, ANNOTATION_VXLAN_TUNNEL_MAC)
+                .await?
+                .is_none()
+        {
+            // An address without its MAC (set by hand): the MAC every node assumes goes with
+            // it, so that Felix on the other nodes sees the VTEP too.
+            patch_annotation(client, node, Some(existing.clone()), kind).await?;
+        }
         return Ok(Ensured::Existing(existing));
     }
     let handle = kind.handle_id(node);
