@@ -1091,6 +1091,78 @@ fd00:10::40/122                ::                         U    0   0     0 *    
     }
 
     #[test]
+    fn routes_show_the_vxlan_devices_and_vteps() {
+        use crate::agent::status::{VtepRow, VxlanDeviceRow, VxlanReport};
+        let mut vx = route(
+            "172.16.10.0/26",
+            Some("172.16.10.0"),
+            Some("vxlan.calico"),
+            "block-vxlan",
+        );
+        vx.onlink = true;
+        vx.peer = Some("node02".into());
+        let report = RoutesReport {
+            node: "master01".into(),
+            routes: vec![vx],
+            vxlan: Some(VxlanReport {
+                devices: vec![VxlanDeviceRow {
+                    name: "vxlan.calico".into(),
+                    vni: 4096,
+                    port: 4789,
+                    mac: "66:00:00:00:00:01".into(),
+                    local: "192.168.92.128".into(),
+                    parent: "ens33".into(),
+                    address: Some("172.16.241.64/32".into()),
+                    mtu: Some(1450),
+                    error: None,
+                }],
+                vteps: vec![VtepRow {
+                    device: "vxlan.calico".into(),
+                    node: "node02".into(),
+                    tunnel_ip: "172.16.10.0".into(),
+                    mac: "66:00:00:00:00:02".into(),
+                    underlay: "192.168.93.130".into(),
+                }],
+                neighbours_programmed: 1,
+                neighbours_failed: 0,
+                fdb_programmed: 0,
+                fdb_failed: 1,
+                failures: vec![
+                    "vxlan.calico: FDB entry 66:00:00:00:00:02 dst 192.168.93.130: \
+                                No such device (os error 19)"
+                        .into(),
+                ],
+            }),
+        };
+        let text = render_routes(&report);
+        assert!(
+            text.contains("vxlan.calico    block-vxlan node02"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nVXLAN devices:\n  vxlan.calico vxlan id 4096 dstport 4789 nolearning local \
+                 192.168.92.128 dev ens33 address 66:00:00:00:00:01 mtu 1450 inet \
+                 172.16.241.64/32\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "VTEPs: 1 (neighbour entries 1 programmed, 0 failed; FDB entries 0 programmed, \
+                 1 failed)\n  172.16.10.0 lladdr 66:00:00:00:00:02 dst 192.168.93.130 dev \
+                 vxlan.calico (node02)\n  ! vxlan.calico: FDB entry"
+            ),
+            "{text}"
+        );
+        // The JSON round trip keeps it; an agent without VXLAN sends none.
+        let json = serde_json::to_string(&report).unwrap();
+        assert_eq!(serde_json::from_str::<RoutesReport>(&json).unwrap(), report);
+        let none = serde_json::to_string(&RoutesReport::default()).unwrap();
+        assert!(!none.contains("vxlan"), "{none}");
+    }
+
+    #[test]
     fn routes_empty_and_garbage() {
         assert_eq!(
             render_routes(&RoutesReport::default()),
