@@ -1135,10 +1135,7 @@ fd00:10::40/122                ::                         U    0   0     0 *    
             }),
         };
         let text = render_routes(&report);
-        assert!(
-            text.contains("vxlan.calico    block-vxlan node02"),
-            "{text}"
-        );
+        assert!(text.contains("vxlan.calico block-vxlan node02"), "{text}");
         assert!(
             text.contains(
                 "\nVXLAN devices:\n  vxlan.calico vxlan id 4096 dstport 4789 nolearning local \
