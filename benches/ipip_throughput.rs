@@ -1,4 +1,5 @@
-//! Userspace IPIP tunnel vs the direct routed path, in fresh network namespaces (root).
+//! Userspace IPIP tunnel and kernel VXLAN vs the direct routed path, in fresh network
+//! namespaces (root).
 //!
 //! `cargo bench --bench ipip_throughput` (env `PODROUTE_BENCH_SECS`, default 2 s per run;
 //! `PODROUTE_BENCH_RUNS`, default 3; `PODROUTE_BENCH_ECHOES`, default 5000;
@@ -6,8 +7,10 @@
 //!
 //! Two nodes share one veth link (192.168.92.128/.129). Each node has two pods: one whose
 //! block is routed directly (`BLOCK via NODE dev ens33`) and one whose block goes through the
-//! userspace `tunl0` (`BLOCK via NODE dev tunl0 onlink`). Measured for each path, over the
-//! same link in the same run:
+//! userspace `tunl0` (`BLOCK via NODE dev tunl0 onlink`), and a third pod whose block goes
+//! through the kernel's `vxlan.calico` made by podroute's VXLAN dataplane
+//! (`BLOCK via VTEP dev vxlan.calico onlink`, permanent neighbour and FDB entries). Measured
+//! for each path, over the same link in the same run:
 //! - TCP throughput, pod to pod: one std `TcpStream`, 256 KiB writes for the run time;
 //!   median of the runs in Gbit/s;
 //! - UDP echo round trip, pod to pod, 32-byte datagrams one at a time: median and p99.
@@ -29,7 +32,12 @@ use podroute::dataplane::ipip_user::{
     ForwarderConfig, ForwarderDriver, IpipCounters, IpipForwarder, TunnelTable, UserspaceIpip,
     spawn,
 };
+use podroute::dataplane::socket::RequestSocket;
 use podroute::dataplane::tunnel::{TunnelDevice, TunnelSpec};
+use podroute::dataplane::vxlan::VxlanTunnels;
+use podroute::plan::tunnels::{
+    CALICO_VXLAN_PORT, CALICO_VXLAN_VNI, VxlanDevice, VxlanPeer, default_vtep_mac,
+};
 use tokio::sync::watch;
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -49,6 +57,10 @@ struct NodeSpec {
     tunnel_pod: &'static str,
     direct_block: &'static str,
     direct_pod: &'static str,
+    /// The VXLAN block (its first address is the node's VTEP) and its pod.
+    vxlan_block: &'static str,
+    vxlan_vtep: &'static str,
+    vxlan_pod: &'static str,
 }
 
 const NODES: [NodeSpec; 2] = [
@@ -60,6 +72,9 @@ const NODES: [NodeSpec; 2] = [
         tunnel_pod: "172.16.241.65",
         direct_block: "172.16.10.0/26",
         direct_pod: "172.16.10.1",
+        vxlan_block: "172.16.30.0/26",
+        vxlan_vtep: "172.16.30.0",
+        vxlan_pod: "172.16.30.1",
     },
     NodeSpec {
         tag: "bb",
@@ -69,6 +84,9 @@ const NODES: [NodeSpec; 2] = [
         tunnel_pod: "172.16.196.129",
         direct_block: "172.16.20.0/26",
         direct_pod: "172.16.20.1",
+        vxlan_block: "172.16.40.0/26",
+        vxlan_vtep: "172.16.40.0",
+        vxlan_pod: "172.16.40.1",
     },
 ];
 
@@ -78,6 +96,7 @@ struct Node {
     addr: Ipv4Addr,
     tunnel_pod: (Netns, Ipv4Addr),
     direct_pod: (Netns, Ipv4Addr),
+    vxlan_pod: (Netns, Ipv4Addr),
 }
 
 /// A pod behind `iface` on `node`, with a permanent neighbour entry for its gateway
@@ -133,16 +152,50 @@ fn setup() -> Vec<Node> {
                 .block_on(async { UserspaceIpip::connect()?.ensure(&spec).await })
         })
         .expect("userspace tunl0");
-        let (tdev, ddev) = (format!("calit{i}"), format!("calid{i}"));
+        let (tdev, ddev, vdev) = (
+            format!("calit{i}"),
+            format!("calid{i}"),
+            format!("caliv{i}"),
+        );
         let tp = pod_with_neighbour(&ns, &tdev, n.tunnel_pod);
         let dp = pod_with_neighbour(&ns, &ddev, n.direct_pod);
+        let vp = pod_with_neighbour(&ns, &vdev, n.vxlan_pod);
         ns.ip(&["route", "add", n.tunnel_pod, "dev", &tdev, "scope", "link"]);
         ns.ip(&["route", "add", n.direct_pod, "dev", &ddev, "scope", "link"]);
+        ns.ip(&["route", "add", n.vxlan_pod, "dev", &vdev, "scope", "link"]);
+        // vxlan.calico and the peer's VTEP entries, by podroute's VXLAN dataplane.
+        let o = &NODES[1 - i];
+        let device = VxlanDevice {
+            name: "vxlan.calico".into(),
+            vni: CALICO_VXLAN_VNI,
+            port: CALICO_VXLAN_PORT,
+            mac: default_vtep_mac(n.tag, true),
+            local: n.addr.parse().unwrap(),
+            parent: "ens33".into(),
+            mtu: None,
+            address: Some(format!("{}/32", n.vxlan_vtep).parse().unwrap()),
+        };
+        let peer = VxlanPeer {
+            device: "vxlan.calico".into(),
+            node: o.tag.into(),
+            tunnel_ip: o.vxlan_vtep.parse().unwrap(),
+            mac: default_vtep_mac(o.tag, true),
+            underlay: o.addr.parse().unwrap(),
+        };
+        let status = ns.run(move || {
+            let mut sock = RequestSocket::open(64).expect("netlink socket");
+            let mut vx = VxlanTunnels::new(157, Duration::from_millis(50), Duration::from_secs(1));
+            vx.set_plan(vec![device], vec![peer]);
+            vx.reconcile(&mut sock, |_| true);
+            vx.status().clone()
+        });
+        assert!(status.failures.is_empty(), "VXLAN: {:?}", status.failures);
         nodes.push(Node {
             ns,
             addr: n.addr.parse().unwrap(),
             tunnel_pod: (tp, n.tunnel_pod.parse().unwrap()),
             direct_pod: (dp, n.direct_pod.parse().unwrap()),
+            vxlan_pod: (vp, n.vxlan_pod.parse().unwrap()),
         });
     }
     // Remote blocks: the tunnelled one via tunl0 onlink, the direct one via ens33.
@@ -167,6 +220,16 @@ fn setup() -> Vec<Node> {
             o.addr,
             "dev",
             "ens33",
+        ]);
+        ns.ip(&[
+            "route",
+            "add",
+            o.vxlan_block,
+            "via",
+            o.vxlan_vtep,
+            "dev",
+            "vxlan.calico",
+            "onlink",
         ]);
     }
     nodes
@@ -303,20 +366,31 @@ struct Measured {
     echoes: usize,
 }
 
+/// Which pods a measurement uses.
+#[derive(Clone, Copy)]
+enum PathKind {
+    Direct,
+    Ipip,
+    Vxlan,
+}
+
 fn measure(
     name: &'static str,
     nodes: &[Node],
-    tunnel: bool,
+    path: PathKind,
     secs: Duration,
     runs: usize,
     echoes: usize,
     port: u16,
 ) -> Measured {
-    let (pick_from, pick_to) = if tunnel {
-        (&nodes[0].tunnel_pod, &nodes[1].tunnel_pod)
-    } else {
-        (&nodes[0].direct_pod, &nodes[1].direct_pod)
-    };
+    fn pick(n: &Node, path: PathKind) -> &(Netns, Ipv4Addr) {
+        match path {
+            PathKind::Direct => &n.direct_pod,
+            PathKind::Ipip => &n.tunnel_pod,
+            PathKind::Vxlan => &n.vxlan_pod,
+        }
+    }
+    let (pick_from, pick_to) = (pick(&nodes[0], path), pick(&nodes[1], path));
     let mut gbits: Vec<f64> = (0..runs)
         .map(|r| {
             tcp_throughput(&pick_from.0, &pick_to.0, pick_to.1, secs, port + r as u16) * 8.0 / 1e9
@@ -364,12 +438,25 @@ fn main() {
     let mut results = vec![measure(
         "direct (routed via ens33)",
         &nodes,
-        false,
+        PathKind::Direct,
         secs,
         runs,
         echoes,
         6000,
     )];
+    let only =
+        |name: &str| std::env::var("PODROUTE_BENCH_ONLY").map_or(true, |only| name.contains(&only));
+    if only("vxlan.calico (kernel)") {
+        results.push(measure(
+            "vxlan.calico (kernel)",
+            &nodes,
+            PathKind::Vxlan,
+            secs,
+            runs,
+            echoes,
+            6500,
+        ));
+    }
     for (name, driver, offload, port) in [
         (
             "tunl0 threads+offload",
@@ -391,13 +478,21 @@ fn main() {
             6400,
         ),
     ] {
-        if std::env::var("PODROUTE_BENCH_ONLY").is_ok_and(|only| !name.contains(&only)) {
+        if !only(name) {
             continue;
         }
         let f: Vec<IpipForwarder> = (0..2)
             .map(|me| start_forwarder(&nodes, me, driver, offload, &runtimes[me]))
             .collect();
-        results.push(measure(name, &nodes, true, secs, runs, echoes, port));
+        results.push(measure(
+            name,
+            &nodes,
+            PathKind::Ipip,
+            secs,
+            runs,
+            echoes,
+            port,
+        ));
         for f in f {
             f.shutdown_blocking();
         }

@@ -529,6 +529,47 @@ pub fn render_routes(report: &RoutesReport) -> String {
             out.push_str(&format!("  {}: {}\n", clean(&r.prefix), clean(error)));
         }
     }
+    if let Some(vx) = &report.vxlan {
+        out.push_str("\nVXLAN devices:\n");
+        for d in &vx.devices {
+            out.push_str(&format!(
+                "  {} vxlan id {} dstport {} nolearning local {} dev {} address {} mtu {} inet {}\n",
+                clean(&d.name),
+                d.vni,
+                d.port,
+                clean(&d.local),
+                clean(&d.parent),
+                clean(&d.mac),
+                d.mtu.map_or("-".to_string(), |m| m.to_string()),
+                clean(d.address.as_deref().unwrap_or("(no tunnel address)")),
+            ));
+            if let Some(e) = &d.error {
+                out.push_str(&format!("    {NOT_INSTALLED_MARK} {}\n", clean(e)));
+            }
+        }
+        out.push_str(&format!(
+            "VTEPs: {} (neighbour entries {} programmed, {} failed; FDB entries {} programmed, \
+             {} failed)\n",
+            vx.vteps.len(),
+            vx.neighbours_programmed,
+            vx.neighbours_failed,
+            vx.fdb_programmed,
+            vx.fdb_failed
+        ));
+        for v in &vx.vteps {
+            out.push_str(&format!(
+                "  {} lladdr {} dst {} dev {} ({})\n",
+                clean(&v.tunnel_ip),
+                clean(&v.mac),
+                clean(&v.underlay),
+                clean(&v.device),
+                clean(&v.node)
+            ));
+        }
+        for f in &vx.failures {
+            out.push_str(&format!("  {NOT_INSTALLED_MARK} {}\n", clean(f)));
+        }
+    }
     let by_other: Vec<(&RouteRow, &str)> = report
         .routes
         .iter()
@@ -936,6 +977,7 @@ No IPv4 peers found.
         direct.peer = Some("node01".into());
         let report = RoutesReport {
             node: "master01".into(),
+            vxlan: None,
             routes: vec![
                 direct,
                 route("172.16.241.64/26", None, None, "blackhole"),
@@ -982,6 +1024,7 @@ Destination     Gateway         Genmask         Flags Metric Ref    Use Iface   
         cni.programmed_by = Some("another owner (proto boot)".into());
         let report = RoutesReport {
             node: "master01".into(),
+            vxlan: None,
             routes: vec![cni, route("172.16.241.64/26", None, None, "blackhole")],
         };
         let text = render_routes(&report);
@@ -1017,6 +1060,7 @@ Destination     Gateway         Genmask         Flags Metric Ref    Use Iface   
         failed6.installed = false;
         let report = RoutesReport {
             node: "master01".into(),
+            vxlan: None,
             routes: vec![
                 external,
                 failed,
@@ -1047,6 +1091,75 @@ fd00:10::40/122                ::                         U    0   0     0 *    
     }
 
     #[test]
+    fn routes_show_the_vxlan_devices_and_vteps() {
+        use crate::agent::status::{VtepRow, VxlanDeviceRow, VxlanReport};
+        let mut vx = route(
+            "172.16.10.0/26",
+            Some("172.16.10.0"),
+            Some("vxlan.calico"),
+            "block-vxlan",
+        );
+        vx.onlink = true;
+        vx.peer = Some("node02".into());
+        let report = RoutesReport {
+            node: "master01".into(),
+            routes: vec![vx],
+            vxlan: Some(VxlanReport {
+                devices: vec![VxlanDeviceRow {
+                    name: "vxlan.calico".into(),
+                    vni: 4096,
+                    port: 4789,
+                    mac: "66:00:00:00:00:01".into(),
+                    local: "192.168.92.128".into(),
+                    parent: "ens33".into(),
+                    address: Some("172.16.241.64/32".into()),
+                    mtu: Some(1450),
+                    error: None,
+                }],
+                vteps: vec![VtepRow {
+                    device: "vxlan.calico".into(),
+                    node: "node02".into(),
+                    tunnel_ip: "172.16.10.0".into(),
+                    mac: "66:00:00:00:00:02".into(),
+                    underlay: "192.168.93.130".into(),
+                }],
+                neighbours_programmed: 1,
+                neighbours_failed: 0,
+                fdb_programmed: 0,
+                fdb_failed: 1,
+                failures: vec![
+                    "vxlan.calico: FDB entry 66:00:00:00:00:02 dst 192.168.93.130: \
+                                No such device (os error 19)"
+                        .into(),
+                ],
+            }),
+        };
+        let text = render_routes(&report);
+        assert!(text.contains("vxlan.calico block-vxlan node02"), "{text}");
+        assert!(
+            text.contains(
+                "\nVXLAN devices:\n  vxlan.calico vxlan id 4096 dstport 4789 nolearning local \
+                 192.168.92.128 dev ens33 address 66:00:00:00:00:01 mtu 1450 inet \
+                 172.16.241.64/32\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "VTEPs: 1 (neighbour entries 1 programmed, 0 failed; FDB entries 0 programmed, \
+                 1 failed)\n  172.16.10.0 lladdr 66:00:00:00:00:02 dst 192.168.93.130 dev \
+                 vxlan.calico (node02)\n  ! vxlan.calico: FDB entry"
+            ),
+            "{text}"
+        );
+        // The JSON round trip keeps it; an agent without VXLAN sends none.
+        let json = serde_json::to_string(&report).unwrap();
+        assert_eq!(serde_json::from_str::<RoutesReport>(&json).unwrap(), report);
+        let none = serde_json::to_string(&RoutesReport::default()).unwrap();
+        assert!(!none.contains("vxlan"), "{none}");
+    }
+
+    #[test]
     fn routes_empty_and_garbage() {
         assert_eq!(
             render_routes(&RoutesReport::default()),
@@ -1066,6 +1179,7 @@ Destination     Gateway         Genmask         Flags Metric Ref    Use Iface KI
         odd.error = Some("line one\nline two".into());
         let text = render_routes(&RoutesReport {
             node: String::new(),
+            vxlan: None,
             routes: vec![odd],
         });
         assert_eq!(text.lines().count(), 6, "{text}");

@@ -70,6 +70,10 @@ enum Command {
         /// addresses, pools, blocks and pods; one mesh per family) or `ipv6` (IPv6-only).
         #[arg(long, value_enum, default_value_t)]
         family: podroute::lab::Family,
+        /// The pool's encapsulation: `ipip` (ipipMode CrossSubnet, seed 001) or `vxlan`
+        /// (vxlanMode CrossSubnet, the kernel's vxlan.calico across the router).
+        #[arg(long, value_enum, default_value_t = podroute::lab::LabEncap::Ipip)]
+        encap: podroute::lab::LabEncap,
     },
     /// Show the running agent's BGP peers and health, like `calicoctl node status`.
     Status {
@@ -150,6 +154,7 @@ fn main() -> anyhow::Result<()> {
             timeout,
             model,
             family,
+            encap,
             cleanup: false,
         } => {
             podroute::lab::install_signal_cleanup().context("installing the Ctrl-C handler")?;
@@ -159,6 +164,7 @@ fn main() -> anyhow::Result<()> {
                 binary,
                 timeout,
                 family,
+                encap,
             };
             let run = match model {
                 podroute::agent::flannel::Model::Calico => podroute::lab::run,

@@ -78,6 +78,10 @@ pub struct Metrics {
     pub routes_programmed: IntGaugeVec,
     pub routes_desired: IntGauge,
     pub routes_failed: IntGauge,
+    pub vxlan_vteps: IntGauge,
+    pub vxlan_devices_ready: IntGauge,
+    pub vxlan_entries_programmed: IntGaugeVec,
+    pub vxlan_entries_failed: IntGaugeVec,
     pub netlink_errors: IntCounter,
     pub drift_repairs: IntCounter,
     pub reconcile_seconds: Histogram,
@@ -273,8 +277,8 @@ impl Metrics {
                 opts(
                     "routes_programmed",
                     "Routes in the kernel as planned, by kind (block-direct, block-ipip, \
-                     block-noencap, blackhole, workload, borrowed-direct, borrowed-ipip, \
-                     borrowed-noencap, external)."
+                     block-noencap, block-vxlan, blackhole, workload, borrowed-direct, \
+                     borrowed-ipip, borrowed-noencap, borrowed-vxlan, external)."
                 ),
                 &["kind"]
             )),
@@ -286,6 +290,28 @@ impl Metrics {
                 "routes_failed",
                 "Planned routes not in the kernel: refused (retried with backoff) or held by another owner's different route (left alone)."
             ))),
+            vxlan_vteps: reg!(IntGauge::with_opts(opts(
+                "vxlan_vteps",
+                "Remote VXLAN tunnel endpoints planned (one neighbour and one FDB entry each)."
+            ))),
+            vxlan_devices_ready: reg!(IntGauge::with_opts(opts(
+                "vxlan_devices_ready",
+                "VXLAN devices (vxlan.calico, vxlan-v6.calico) in the kernel as planned."
+            ))),
+            vxlan_entries_programmed: reg!(IntGaugeVec::new(
+                opts(
+                    "vxlan_entries_programmed",
+                    "VXLAN neighbour and FDB entries in the kernel as planned, by entry (neighbour, fdb)."
+                ),
+                &["entry"]
+            )),
+            vxlan_entries_failed: reg!(IntGaugeVec::new(
+                opts(
+                    "vxlan_entries_failed",
+                    "Planned VXLAN neighbour and FDB entries not in the kernel (retried with backoff), by entry."
+                ),
+                &["entry"]
+            )),
             netlink_errors: reg!(IntCounter::with_opts(opts(
                 "netlink_errors_total",
                 "Route requests the kernel refused or that could not be sent."

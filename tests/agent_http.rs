@@ -100,6 +100,7 @@ fn ready_status() -> AgentStatus {
 fn routes_report() -> RoutesReport {
     RoutesReport {
         node: "master01".into(),
+        vxlan: None,
         routes: vec![
             RouteRow {
                 prefix: "172.16.196.128/26".into(),

@@ -66,6 +66,7 @@ fn cluster(local: &str) -> ClusterState {
                     as_number: None,
                     route_reflector_cluster_id: None,
                     ipip_tunnel_addr: None,
+                    vxlan: Default::default(),
                     labels: BTreeMap::new(),
                     flannel: None,
                 },

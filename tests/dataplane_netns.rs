@@ -117,6 +117,7 @@ fn seed_input(node: &str, mode: EncapMode) -> PlanInput {
             },
         ],
         local_interfaces,
+        vteps: Vec::new(),
     }
 }
 
@@ -425,6 +426,7 @@ fn three_node_input(me: usize, mode: EncapMode) -> PlanInput {
             })
             .collect(),
         local_interfaces: [workload_interface_name("seed", local.pod)].into(),
+        vteps: Vec::new(),
     }
 }
 
@@ -1362,6 +1364,7 @@ fn ipv6_never_pool_is_programmed_and_adopted() {
         }],
         nodes: vec![],
         local_interfaces: [iface.clone()].into(),
+        vteps: Vec::new(),
     };
     let p = plan(&input);
     assert_eq!(p.routes.len(), 3, "{:#?}", p.lines());

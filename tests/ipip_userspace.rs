@@ -121,6 +121,7 @@ fn input(nodes: &[NodeSpec; 2], me: usize, mode: EncapMode) -> PlanInput {
             })
             .collect(),
         local_interfaces: [workload_interface_name("seed", nodes[me].pod)].into(),
+        vteps: Vec::new(),
     }
 }
 

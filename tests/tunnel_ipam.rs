@@ -353,3 +353,77 @@ async fn the_agent_task_allocates_with_ipip_and_releases_on_never() {
     );
     task.abort();
 }
+
+/// The VXLAN tunnel address, as calico-node allocates it: its own handle
+/// `vxlan-tunnel-addr-<node>` and attribute type, `projectcalico.org/IPv4VXLANTunnelAddr`
+/// with the VTEP MAC in `projectcalico.org/IPv4VXLANTunnelMACAddr`, next to an IPIP one in
+/// the same block; released when no pool uses VXLAN any more.
+#[tokio::test]
+async fn vxlan_tunnel_address_has_its_own_handle_annotation_and_mac() {
+    use tunnel_ipam::TunnelKind;
+    let server = server().await;
+    server.apply_json::<IPAMBlock>(block_json("172.16.241.64/29", NODE, &[0]));
+    let client = server.client();
+    let blocks = [cidr("172.16.241.64/29")];
+    let ipip = tunnel_ipam::ensure_kind(&client, NODE, &blocks, TunnelKind::Ipip)
+        .await
+        .unwrap();
+    let vxlan = tunnel_ipam::ensure_kind(&client, NODE, &blocks, TunnelKind::Vxlan)
+        .await
+        .unwrap();
+    assert_eq!(ipip, Ensured::Allocated("172.16.241.65".parse().unwrap()));
+    assert_eq!(vxlan, Ensured::Allocated("172.16.241.66".parse().unwrap()));
+    let spec = block_of(&server, "172-16-241-64-29");
+    assert_eq!(
+        spec["attributes"][2],
+        json!({
+            "handle_id": "vxlan-tunnel-addr-master01",
+            "secondary": { "node": "master01", "type": "vxlanTunnelAddress" },
+        })
+    );
+    assert_eq!(next_pod_ordinal(&spec), 3);
+    assert_eq!(
+        server
+            .get_json::<IPAMHandle>("vxlan-tunnel-addr-master01")
+            .expect("handle created")["spec"]["block"],
+        json!({ "172.16.241.64/29": 1 })
+    );
+    let annotations = server.get_json::<Node>(NODE).unwrap()["metadata"]["annotations"].clone();
+    assert_eq!(
+        annotations["projectcalico.org/IPv4VXLANTunnelAddr"],
+        json!("172.16.241.66")
+    );
+    let mac = podroute::plan::tunnels::default_vtep_mac(NODE, true).to_string();
+    assert_eq!(
+        annotations["projectcalico.org/IPv4VXLANTunnelMACAddr"],
+        json!(mac)
+    );
+    assert_eq!(annotations[TUNNEL_ANNOTATION], json!("172.16.241.65"));
+
+    // No pool uses VXLAN: released (allocation, handle, both annotations); IPIP's stays.
+    assert!(
+        tunnel_ipam::release_kind(&client, NODE, &blocks, TunnelKind::Vxlan)
+            .await
+            .unwrap()
+    );
+    let spec = block_of(&server, "172-16-241-64-29");
+    assert_eq!(spec["allocations"][2], Value::Null);
+    assert_eq!(spec["allocations"][1], json!(1));
+    assert!(
+        server
+            .get_json::<IPAMHandle>("vxlan-tunnel-addr-master01")
+            .is_none()
+    );
+    let annotations = server.get_json::<Node>(NODE).unwrap()["metadata"]["annotations"].clone();
+    assert!(
+        annotations
+            .get("projectcalico.org/IPv4VXLANTunnelAddr")
+            .is_none()
+    );
+    assert!(
+        annotations
+            .get("projectcalico.org/IPv4VXLANTunnelMACAddr")
+            .is_none()
+    );
+    assert_eq!(annotations[TUNNEL_ANNOTATION], json!("172.16.241.65"));
+}

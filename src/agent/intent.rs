@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use podroute_bgp::policy::{CommunityRule, ExportRules};
 
 use crate::model::{self, Block, Pool};
+use crate::plan::tunnels::{Vtep, default_vtep_mac};
 use crate::plan::{
     self, Allocation, BlockSpec, LearnedRoute, LocalNode, PeerNode, PlanInput, PoolSpec,
 };
@@ -190,6 +191,24 @@ pub fn plan_input(
             ipv6: n.ipv6.map(|v| v.addr()),
         })
         .collect();
+    let vteps = state
+        .nodes
+        .values()
+        .flat_map(|n| {
+            let v = &n.vxlan;
+            let v4 = v.ipv4.map(|ip| Vtep {
+                node: n.name.clone(),
+                tunnel_ip: IpAddr::V4(ip),
+                mac: v.mac4.unwrap_or_else(|| default_vtep_mac(&n.name, true)),
+            });
+            let v6 = v.ipv6.map(|ip| Vtep {
+                node: n.name.clone(),
+                tunnel_ip: IpAddr::V6(ip),
+                mac: v.mac6.unwrap_or_else(|| default_vtep_mac(&n.name, false)),
+            });
+            v4.into_iter().chain(v6)
+        })
+        .collect();
     PlanInput {
         local: local.clone(),
         pools,
@@ -203,6 +222,7 @@ pub fn plan_input(
             .collect(),
         nodes,
         local_interfaces: interfaces.clone(),
+        vteps,
     }
 }
 

@@ -44,6 +44,7 @@ mod sessions;
 mod startup;
 pub mod status;
 pub mod tunnel_addr;
+pub mod tunnels;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
@@ -725,7 +726,9 @@ impl Agent {
                 .routes(self.learned.iter(), &mut warnings)
                 .collect::<Vec<_>>()
         });
-        report::routes(&self.node, routes.as_deref(), &dp, &self.state)
+        let mut report = report::routes(&self.node, routes.as_deref(), &dp, &self.state);
+        report.vxlan = tunnels::report(self.tunnel_plan.as_ref(), &dp.vxlan);
+        report
     }
 
     async fn on_tick(&mut self) -> anyhow::Result<()> {

@@ -458,6 +458,7 @@ mod tests {
             as_number: None,
             route_reflector_cluster_id: None,
             ipip_tunnel_addr: None,
+            vxlan: Default::default(),
             labels: BTreeMap::new(),
             flannel: None,
         }

@@ -307,6 +307,9 @@ fn peer_of(state: &ClusterState, gateway: IpAddr) -> String {
         .find(|n| {
             n.ipv4_addr().map(IpAddr::V4) == Some(gateway)
                 || n.ipv6.map(|v| IpAddr::V6(v.addr())) == Some(gateway)
+                // A VXLAN route's gateway is the node's VTEP address.
+                || n.vxlan.ipv4.map(IpAddr::V4) == Some(gateway)
+                || n.vxlan.ipv6.map(IpAddr::V6) == Some(gateway)
         })
         .map_or_else(|| gateway.to_string(), |n| n.name.clone())
 }
@@ -354,6 +357,7 @@ pub(crate) fn routes(
     RoutesReport {
         node: node.to_string(),
         routes,
+        vxlan: None,
     }
 }
 
@@ -413,6 +417,7 @@ pub(crate) fn update_route_metrics(metrics: &Metrics, dp: &DataplaneStatus) {
             .set(n as i64);
     }
     metrics.routes_desired.set(dp.desired_routes as i64);
+    super::tunnels::update_metrics(metrics, &dp.vxlan);
     metrics.routes_failed.set(dp.failures.len() as i64);
     let errors = metrics.netlink_errors.get();
     if dp.counters.route_errors > errors {
@@ -627,6 +632,7 @@ mod tests {
                 as_number: None,
                 route_reflector_cluster_id: None,
                 ipip_tunnel_addr: None,
+                vxlan: Default::default(),
                 labels: Default::default(),
                 flannel: None,
             },

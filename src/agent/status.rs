@@ -164,6 +164,49 @@ pub struct PeerRow {
 pub struct RoutesReport {
     pub node: String,
     pub routes: Vec<RouteRow>,
+    /// The VXLAN devices and remote VTEPs, when the node has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan: Option<VxlanReport>,
+}
+
+/// The VXLAN part of `GET /routes`: devices, remote VTEPs and their entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxlanReport {
+    pub devices: Vec<VxlanDeviceRow>,
+    pub vteps: Vec<VtepRow>,
+    pub neighbours_programmed: usize,
+    pub neighbours_failed: usize,
+    pub fdb_programmed: usize,
+    pub fdb_failed: usize,
+    /// Why a device or entry is not as planned.
+    #[serde(default)]
+    pub failures: Vec<String>,
+}
+
+/// One VXLAN device (`ip -d link show vxlan.calico`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxlanDeviceRow {
+    pub name: String,
+    pub vni: u32,
+    pub port: u16,
+    pub mac: String,
+    pub local: String,
+    pub parent: String,
+    pub address: Option<String>,
+    /// The MTU set, once the device is ours.
+    pub mtu: Option<u32>,
+    pub error: Option<String>,
+}
+
+/// One remote VTEP: its neighbour entry (`tunnel_ip lladdr mac`) and FDB entry (`mac dst
+/// underlay`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VtepRow {
+    pub device: String,
+    pub node: String,
+    pub tunnel_ip: String,
+    pub mac: String,
+    pub underlay: String,
 }
 
 /// One planned route and whether it is in the kernel.
@@ -177,8 +220,8 @@ pub struct RouteRow {
     /// kernel resolves.
     pub device: Option<String>,
     pub onlink: bool,
-    /// `block-direct`, `block-ipip`, `block-noencap`, `blackhole`, `workload`,
-    /// `borrowed-direct`, `borrowed-ipip`, `borrowed-noencap`, `external`.
+    /// `block-direct`, `block-ipip`, `block-noencap`, `block-vxlan`, `blackhole`, `workload`,
+    /// `borrowed-direct`, `borrowed-ipip`, `borrowed-noencap`, `borrowed-vxlan`, `external`.
     pub kind: String,
     /// The node (or BGP peer address) the route leads to.
     pub peer: Option<String>,

@@ -1,7 +1,8 @@
-//! Decides when the node's IPIP tunnel address is allocated in or released from Calico IPAM
-//! ([`crate::datastore::tunnel_ipam`] does the writes), in its own task fed by the cluster
-//! state: a write to the API server never holds up the event loop. Once the annotation is
-//! written, the watch brings it back in the Node and the plan puts it on `tunl0`.
+//! Decides when the node's IPIP and VXLAN tunnel addresses are allocated in or released from
+//! Calico IPAM ([`crate::datastore::tunnel_ipam`] does the writes), in its own task fed by
+//! the cluster state: a write to the API server never holds up the event loop. Once the
+//! annotation is written, the watch brings it back in the Node and the plan puts it on
+//! `tunl0` / `vxlan.calico` (and the other nodes route to this node's VTEP).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use ipnet::{IpNet, Ipv4Net};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::datastore::tunnel_ipam::{self, Ensured};
+use crate::datastore::tunnel_ipam::{self, Ensured, TunnelKind};
 use crate::state::{ClusterState, StateRx};
 
 /// Wait before trying again after a failed allocation or release.
@@ -27,13 +28,25 @@ pub enum TunnelAddrAction {
     Nothing,
 }
 
-/// The action for `state` (pure).
+/// The action for `state` (pure), for the IPIP tunnel address.
 pub fn wanted(state: &ClusterState) -> TunnelAddrAction {
+    wanted_for(state, TunnelKind::Ipip)
+}
+
+/// The action for `state` (pure), for the tunnel address of `kind`: allocated while an IPv4
+/// pool uses that encapsulation, released when none does.
+pub fn wanted_for(state: &ClusterState, kind: TunnelKind) -> TunnelAddrAction {
     let ipip_pools: Vec<&crate::model::Pool> = state
         .pools
         .values()
-        // A disabled pool's blocks are still routed through tunl0: it counts too.
-        .filter(|p| p.ipip_mode.is_on() && p.cidr.addr().is_ipv4())
+        // A disabled pool's blocks are still routed through the tunnel: it counts too.
+        .filter(|p| {
+            let mode = match kind {
+                TunnelKind::Ipip => p.ipip_mode,
+                TunnelKind::Vxlan => p.vxlan_mode,
+            };
+            mode.is_on() && p.cidr.addr().is_ipv4()
+        })
         .collect();
     let own: Vec<Ipv4Net> = state
         .local_blocks()
@@ -43,7 +56,13 @@ pub fn wanted(state: &ClusterState) -> TunnelAddrAction {
             IpNet::V6(_) => None,
         })
         .collect();
-    let annotated = state.local().and_then(|n| n.ipip_tunnel_addr).is_some();
+    let annotated = state
+        .local()
+        .and_then(|n| match kind {
+            TunnelKind::Ipip => n.ipip_tunnel_addr,
+            TunnelKind::Vxlan => n.vxlan.ipv4,
+        })
+        .is_some();
     if ipip_pools.is_empty() {
         return if annotated {
             TunnelAddrAction::Release(own)
@@ -70,7 +89,12 @@ pub fn spawn(client: kube::Client, node: String, mut state: StateRx) -> JoinHand
         let mut current: Option<Arc<ClusterState>> = state.latest();
         loop {
             let failed = match &current {
-                Some(s) => act(&client, &node, s).await,
+                Some(s) => {
+                    // Both, each on its own: one failing does not hold up the other.
+                    let ipip = act(&client, &node, s, TunnelKind::Ipip).await;
+                    let vxlan = act(&client, &node, s, TunnelKind::Vxlan).await;
+                    ipip || vxlan
+                }
                 None => false,
             };
             if failed {
@@ -93,35 +117,36 @@ pub fn spawn(client: kube::Client, node: String, mut state: StateRx) -> JoinHand
 }
 
 /// One attempt; returns whether it failed.
-async fn act(client: &kube::Client, node: &str, state: &ClusterState) -> bool {
-    match wanted(state) {
+async fn act(client: &kube::Client, node: &str, state: &ClusterState, kind: TunnelKind) -> bool {
+    match wanted_for(state, kind) {
         TunnelAddrAction::Nothing => false,
         TunnelAddrAction::Allocate(blocks) => {
-            match tunnel_ipam::ensure(client, node, &blocks).await {
+            match tunnel_ipam::ensure_kind(client, node, &blocks, kind).await {
                 Ok(Ensured::Existing(addr)) => {
-                    debug!(addr, "the Node has its IPIP tunnel address");
+                    debug!(addr, ?kind, "the Node has its tunnel address");
                     false
                 }
                 Ok(Ensured::Allocated(_)) => false,
                 Ok(Ensured::NoFreeAddress) => {
                     warn!(
                         ?blocks,
-                        "no free address in this node's blocks for the IPIP tunnel address; \
-                         tunl0 stays without one"
+                        ?kind,
+                        "no free address in this node's blocks for the tunnel address; the \
+                         tunnel device stays without one"
                     );
                     true
                 }
                 Err(e) => {
-                    warn!(error = %e, "IPIP tunnel address not allocated; retrying in {RETRY_AFTER:?}");
+                    warn!(error = %e, ?kind, "tunnel address not allocated; retrying in {RETRY_AFTER:?}");
                     true
                 }
             }
         }
         TunnelAddrAction::Release(blocks) => {
-            match tunnel_ipam::release(client, node, &blocks).await {
+            match tunnel_ipam::release_kind(client, node, &blocks, kind).await {
                 Ok(_) => false,
                 Err(e) => {
-                    warn!(error = %e, "IPIP tunnel address not released; retrying in {RETRY_AFTER:?}");
+                    warn!(error = %e, ?kind, "tunnel address not released; retrying in {RETRY_AFTER:?}");
                     true
                 }
             }

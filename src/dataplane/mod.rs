@@ -69,6 +69,7 @@ pub mod monitor;
 pub mod socket;
 pub mod tunnel;
 pub mod tunnels;
+pub mod vxlan;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -259,6 +260,8 @@ pub struct DataplaneStatus {
     pub applied: Option<u64>,
     /// The tunnel devices.
     pub tunnels: TunnelStatus,
+    /// The VXLAN devices, VTEPs and their neighbour/FDB entries.
+    pub vxlan: vxlan::VxlanStatus,
 }
 
 /// What the agent learns about the node's links from the monitor ([`Dataplane::link_facts`]):
@@ -648,6 +651,10 @@ pub struct Dataplane<S: RouteSocket = RequestSocket> {
     /// plan's distinct gateways (the peers); looked up on first use, refreshed on every
     /// re-read and when a route of another owner (the underlay) changes.
     recursive: BTreeMap<IpAddr, Option<(IpAddr, u32)>>,
+    /// The VXLAN devices and their neighbour/FDB entries ([`vxlan`]).
+    vxlan: vxlan::VxlanTunnels,
+    /// A monitor event touched a VXLAN device, its parent or their entries.
+    vxlan_dirty: bool,
 }
 
 type ReconcileObserver = Box<dyn Fn(Duration, ApplyReport) + Send>;
@@ -804,6 +811,8 @@ impl<S: RouteSocket> Dataplane<S> {
             return Err(DataplaneError::ProtocolTaken(config.protocol));
         }
         let config_tunnels = config.tunnels.clone();
+        let config_protocol = config.protocol;
+        let config_retry = (config.retry_min, config.retry_max);
         let mut dp = Self {
             config,
             sock,
@@ -824,6 +833,8 @@ impl<S: RouteSocket> Dataplane<S> {
             tunnels: Tunnels::new(config_tunnels),
             link_facts: watch::channel(LinkFacts::default()).0,
             recursive: BTreeMap::new(),
+            vxlan: vxlan::VxlanTunnels::new(config_protocol, config_retry.0, config_retry.1),
+            vxlan_dirty: false,
         };
         dp.read_kernel()?;
         dp.counters.resyncs = 0;
@@ -1611,8 +1622,21 @@ impl<S: RouteSocket> Dataplane<S> {
                         dirty.insert(dst);
                     }
                 }
+                Event::Neighbour { ifindex } => {
+                    if self.vxlan.watches(ifindex) {
+                        self.vxlan_dirty = true;
+                    }
+                }
                 Event::LinkChanged(info) => {
                     links_changed = true;
+                    if self.vxlan.watches(info.index)
+                        || info
+                            .name
+                            .as_deref()
+                            .is_some_and(|n| self.vxlan.plans_device(n))
+                    {
+                        self.vxlan_dirty = true;
+                    }
                     if let Some(name) = self.links.update(&info) {
                         dirty.extend(self.failures.iter().filter_map(|(dst, f)| {
                             (f.error == RouteError::MissingDevice(name.clone())).then_some(*dst)
@@ -1625,6 +1649,9 @@ impl<S: RouteSocket> Dataplane<S> {
                 }
                 Event::LinkRemoved(info) => {
                     links_changed = true;
+                    if self.vxlan.watches(info.index) {
+                        self.vxlan_dirty = true;
+                    }
                     self.links.remove(info.index);
                     resync = true;
                 }
@@ -1738,7 +1765,56 @@ impl<S: RouteSocket> Dataplane<S> {
             counters: self.counters,
             applied: self.applied,
             tunnels: self.tunnels.status(),
+            vxlan: self.vxlan.status().clone(),
         }
+    }
+
+    /// Deletes the VXLAN devices that left the plan once their routes have moved.
+    fn finish_tunnel_removal(&mut self) {
+        if self.vxlan.pending_removal() && self.sync_tunnels().is_none() {
+            self.reconcile();
+        }
+    }
+
+    /// Makes the VXLAN devices and entries match their plan ([`vxlan`]) and tells the route
+    /// half what changed: the devices' indexes, and the routes to try again now that a
+    /// device exists. `None`: devices were deleted, whose routes the kernel removed without
+    /// telling; the table was re-read and every destination must be reconciled.
+    fn sync_tunnels(&mut self) -> Option<Vec<IpNet>> {
+        self.vxlan_dirty = false;
+        // A device that left the plan goes only once no route of ours needs it: no desired
+        // route names it, and no destination is between two routes (the old one, through
+        // the device perhaps, still in the kernel and the new one not yet: a pool moving
+        // from VXLAN to IPIP while tunl0 comes up).
+        let held_back = self.vxlan.active()
+            && self.slots.iter().any(|(dst, slot)| {
+                !slot.synced() && self.strays.range(RouteKey::range(dst)).next().is_some()
+            });
+        let devices = &self.devices;
+        let report = self.vxlan.reconcile(&mut self.sock, |name| {
+            !held_back && !devices.by_name.contains_key(name)
+        });
+        let mut names = Vec::new();
+        for link in &report.links {
+            if let Some(name) = self.links.update(link) {
+                names.push(name);
+            }
+        }
+        if report.deleted_devices {
+            if let Err(e) = self.read_kernel() {
+                tracing::warn!(error = %e, "cannot re-read the routing table after a VXLAN device change");
+            }
+            return None;
+        }
+        Some(
+            self.failures
+                .iter()
+                .filter(
+                    |(_, f)| matches!(&f.error, RouteError::MissingDevice(d) if names.contains(d)),
+                )
+                .map(|(dst, _)| *dst)
+                .collect(),
+        )
     }
 
     /// Applies `first` and every update queued behind it, and the ones that come while these
@@ -1761,7 +1837,16 @@ impl<S: RouteSocket> Dataplane<S> {
             while let Some(PlanMessage { seq, update }) = next {
                 match update {
                     // The devices first: routes of later updates use them.
-                    PlanUpdate::Tunnels(plan) => self.tunnels.apply(plan).await,
+                    PlanUpdate::Tunnels(plan) => {
+                        self.vxlan
+                            .set_plan(plan.vxlan.clone(), plan.vxlan_peers.clone());
+                        self.tunnels.apply(plan).await;
+                        // Routes held back for a missing VXLAN device are retried now.
+                        match self.sync_tunnels() {
+                            None => pending.full = true,
+                            Some(dsts) => pending.dsts.extend(dsts),
+                        }
+                    }
                     update => match self.take_update(update) {
                         None => pending.full = true,
                         Some(dsts) => pending.dsts.extend(dsts),
@@ -1788,6 +1873,7 @@ impl<S: RouteSocket> Dataplane<S> {
                 chunk.dedup();
                 self.reconcile_some(&chunk);
             }
+            self.finish_tunnel_removal();
             while let Some((seq, end)) = pending.ends.front().copied()
                 && end <= pending.taken
             {
@@ -1815,6 +1901,7 @@ impl<S: RouteSocket> Dataplane<S> {
                 None
             }
             PlanUpdate::Delta(changes) => Some(self.apply_delta(changes)),
+            // Applied by `stream`, ahead of the routes (devices need the async tunnel code).
             PlanUpdate::Tunnels(_) => Some(Vec::new()),
         }
     }
@@ -1843,7 +1930,10 @@ impl<S: RouteSocket> Dataplane<S> {
         let mut tunnel_tick = tokio::time::interval(TUNNEL_MAINTENANCE);
         tunnel_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let retry_at = self.next_retry();
+            let retry_at = match (self.next_retry(), self.vxlan.next_retry()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let resync_at = self.last_resync + self.config.resync_interval;
             let wake_at = retry_at.map_or(resync_at, |r| r.min(resync_at));
             tokio::select! {
@@ -1858,10 +1948,28 @@ impl<S: RouteSocket> Dataplane<S> {
                     let drained = guard.get_inner_mut().drain(&mut events);
                     guard.clear_ready();
                     drained.map_err(|e| DataplaneError::Monitor(e.to_string()))?;
-                    let (dirty, resync) = self.absorb(std::mem::take(&mut events));
+                    let (mut dirty, mut resync) = self.absorb(std::mem::take(&mut events));
+                    let tunnels_synced = self.vxlan_dirty;
+                    if self.vxlan_dirty {
+                        // VXLAN first: a re-made device is there before its routes.
+                        let before = self.vxlan.status().counters;
+                        match self.sync_tunnels() {
+                            None => resync = true,
+                            Some(more) => dirty.extend(more),
+                        }
+                        let after = self.vxlan.status().counters;
+                        let repaired = (after.entries_written - before.entries_written)
+                            + (after.devices_created - before.devices_created);
+                        if repaired > 0 {
+                            self.counters.drift_repairs += repaired;
+                            tracing::warn!(repaired, "VXLAN devices or entries drifted from the plan; repaired");
+                        }
+                        dirty.sort_unstable();
+                        dirty.dedup();
+                    }
                     // What the kernel did may have changed the mirror or cleared failures
                     // even when nothing needs repair.
-                    let seen = resync || !dirty.is_empty();
+                    let seen = resync || !dirty.is_empty() || tunnels_synced;
                     let report = if resync {
                         tracing::info!("re-reading the routing table");
                         self.read_kernel()?;
@@ -1871,6 +1979,10 @@ impl<S: RouteSocket> Dataplane<S> {
                     } else {
                         ApplyReport::default()
                     };
+                    if seen {
+                        // A device that appeared may have let the last held-back routes in.
+                        self.finish_tunnel_removal();
+                    }
                     let repaired = report.added + report.replaced + report.deleted;
                     if repaired > 0 {
                         self.counters.drift_repairs += repaired as u64;
@@ -1888,11 +2000,19 @@ impl<S: RouteSocket> Dataplane<S> {
                     }
                 }
                 _ = tokio::time::sleep_until(wake_at.into()) => {
-                    if Instant::now() >= resync_at {
+                    let now = Instant::now();
+                    let tunnels_due = self.vxlan.next_retry().is_some_and(|t| now >= t)
+                        || (now >= resync_at && self.vxlan.active());
+                    let tunnel_dsts = if tunnels_due { self.sync_tunnels() } else { Some(Vec::new()) };
+                    if now >= resync_at || tunnel_dsts.is_none() {
                         self.read_kernel()?;
                         self.reconcile();
                     } else {
+                        if let Some(dsts) = tunnel_dsts.filter(|d| !d.is_empty()) {
+                            self.reconcile_some(&dsts);
+                        }
                         self.retry_due();
+                        self.finish_tunnel_removal();
                     }
                     status.send_replace(self.status());
                 }

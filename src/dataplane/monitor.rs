@@ -1,6 +1,6 @@
 //! The netlink route monitor: route and link notifications from the kernel.
 //!
-//! The socket joins `RTNLGRP_IPV4_ROUTE`, `RTNLGRP_IPV6_ROUTE` and `RTNLGRP_LINK`. It is opened
+//! The socket joins `RTNLGRP_IPV4_ROUTE`, `RTNLGRP_IPV6_ROUTE`, `RTNLGRP_LINK` and `RTNLGRP_NEIGH`. It is opened
 //! before the first dump, so that nothing that happens between the dump and the first read is
 //! missed; events that arrive for routes the dump already showed are idempotent.
 //!
@@ -25,6 +25,7 @@ use super::kernel::KernelRoute;
 use super::socket::{NetlinkError, grow_buffer};
 
 const RTNLGRP_LINK: u32 = 1;
+const RTNLGRP_NEIGH: u32 = 3;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
 const RTNLGRP_IPV6_ROUTE: u32 = 11;
 const MONITOR_RCVBUF_BYTES: usize = 64 << 20;
@@ -44,6 +45,11 @@ pub enum Event {
     RouteRemoved(KernelRoute),
     LinkChanged(LinkInfo),
     LinkRemoved(LinkInfo),
+    /// A neighbour or FDB entry on link `ifindex` was added, changed or removed (the
+    /// VXLAN devices' entries are checked again when it is one of theirs).
+    Neighbour {
+        ifindex: u32,
+    },
     /// Notifications were lost (receive buffer overrun): the table must be re-read.
     Overrun,
 }
@@ -99,7 +105,12 @@ impl MonitorSocket {
         socket
             .bind(&SocketAddr::new(0, 0))
             .map_err(|e| io("bind", e))?;
-        for group in [RTNLGRP_LINK, RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV6_ROUTE] {
+        for group in [
+            RTNLGRP_LINK,
+            RTNLGRP_NEIGH,
+            RTNLGRP_IPV4_ROUTE,
+            RTNLGRP_IPV6_ROUTE,
+        ] {
             socket
                 .add_membership(group)
                 .map_err(|e| io("add_membership", e))?;
@@ -232,6 +243,10 @@ fn parse_datagram(mut data: &[u8], events: &mut Vec<Event>) {
             RouteNetlinkMessage::DelLink(m) => {
                 events.push(Event::LinkRemoved(LinkInfo::from_message(&m)))
             }
+            RouteNetlinkMessage::NewNeighbour(m) | RouteNetlinkMessage::DelNeighbour(m) => events
+                .push(Event::Neighbour {
+                    ifindex: m.header.ifindex,
+                }),
             _ => {}
         }
     }

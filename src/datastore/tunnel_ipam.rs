@@ -30,10 +30,57 @@ use thiserror::Error;
 use tracing::{debug, info};
 
 use crate::model::crd::{IPAMBlock, IPAMHandle, IPAMHandleSpec};
-use crate::model::node::ANNOTATION_IPIP_TUNNEL_ADDR;
+use crate::model::node::{
+    ANNOTATION_IPIP_TUNNEL_ADDR, ANNOTATION_VXLAN_TUNNEL_ADDR, ANNOTATION_VXLAN_TUNNEL_MAC,
+};
+use crate::plan::tunnels::default_vtep_mac;
 
 /// `attributes[].secondary.type` of an IPIP tunnel address.
 pub const ATTRIBUTE_TYPE_IPIP: &str = "ipipTunnelAddress";
+/// `attributes[].secondary.type` of a VXLAN tunnel address.
+pub const ATTRIBUTE_TYPE_VXLAN: &str = "vxlanTunnelAddress";
+
+/// Which of the node's tunnel addresses: calico-node allocates one per encapsulation in use,
+/// each with its own handle, attribute type and annotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelKind {
+    /// `tunl0`'s: handle `ipip-tunnel-addr-<node>`, `projectcalico.org/IPv4IPIPTunnelAddr`.
+    Ipip,
+    /// `vxlan.calico`'s: handle `vxlan-tunnel-addr-<node>`,
+    /// `projectcalico.org/IPv4VXLANTunnelAddr` (and the VTEP MAC in
+    /// `projectcalico.org/IPv4VXLANTunnelMACAddr`, written with it when missing).
+    Vxlan,
+}
+
+impl TunnelKind {
+    pub fn handle_id(self, node: &str) -> String {
+        match self {
+            TunnelKind::Ipip => format!("ipip-tunnel-addr-{node}"),
+            TunnelKind::Vxlan => format!("vxlan-tunnel-addr-{node}"),
+        }
+    }
+
+    pub fn attribute_type(self) -> &'static str {
+        match self {
+            TunnelKind::Ipip => ATTRIBUTE_TYPE_IPIP,
+            TunnelKind::Vxlan => ATTRIBUTE_TYPE_VXLAN,
+        }
+    }
+
+    pub fn annotation(self) -> &'static str {
+        match self {
+            TunnelKind::Ipip => ANNOTATION_IPIP_TUNNEL_ADDR,
+            TunnelKind::Vxlan => ANNOTATION_VXLAN_TUNNEL_ADDR,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            TunnelKind::Ipip => "IPIP",
+            TunnelKind::Vxlan => "VXLAN",
+        }
+    }
+}
 
 /// How often a block write is retried after 409 Conflict before giving up (for now: the agent
 /// tries again at its next attempt).
@@ -41,7 +88,7 @@ pub const MAX_CONFLICT_RETRIES: usize = 10;
 
 /// The IPAM handle of node `node`'s IPIP tunnel address, as calico-node names it.
 pub fn handle_id(node: &str) -> String {
-    format!("ipip-tunnel-addr-{node}")
+    TunnelKind::Ipip.handle_id(node)
 }
 
 /// The `IPAMBlock` object name of a block: the CIDR with dashes (`172-16-241-64-26`).
@@ -293,6 +340,7 @@ async fn allocate_in_block(
     cidr: Ipv4Net,
     handle: &str,
     node: &str,
+    kind: TunnelKind,
 ) -> Result<Option<Ipv4Addr>, TunnelIpamError> {
     let name = block_name(cidr);
     for _ in 0..MAX_CONFLICT_RETRIES {
@@ -321,7 +369,7 @@ async fn allocate_in_block(
         edit.allocate(
             ordinal,
             handle,
-            json!({ "node": node, "type": ATTRIBUTE_TYPE_IPIP }),
+            json!({ "node": node, "type": kind.attribute_type() }),
         );
         // `block.metadata.resourceVersion` is the one read: a PUT is a compare-and-swap.
         match blocks.replace(&name, &PostParams::default(), &block).await {
@@ -432,9 +480,23 @@ async fn patch_annotation(
     client: &kube::Client,
     node: &str,
     value: Option<String>,
+    kind: TunnelKind,
 ) -> Result<(), TunnelIpamError> {
     let nodes: Api<Node> = Api::all(client.clone());
-    let body = json!({ "metadata": { "annotations": { ANNOTATION_IPIP_TUNNEL_ADDR: value } } });
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(kind.annotation().into(), json!(value));
+    if kind == TunnelKind::Vxlan {
+        // The VTEP MAC goes with the address (the one every node derives for this node when
+        // it has none); an existing MAC annotation is kept while the address is.
+        let existing = node_annotation(client, node, ANNOTATION_VXLAN_TUNNEL_MAC).await?;
+        let mac = match (&value, existing) {
+            (None, _) => None,
+            (Some(_), Some(mac)) => Some(mac),
+            (Some(_), None) => Some(default_vtep_mac(node, true).to_string()),
+        };
+        annotations.insert(ANNOTATION_VXLAN_TUNNEL_MAC.into(), json!(mac));
+    }
+    let body = json!({ "metadata": { "annotations": annotations } });
     nodes
         .patch(node, &PatchParams::default(), &Patch::Merge(&body))
         .await
@@ -443,17 +505,27 @@ async fn patch_annotation(
 }
 
 /// Reads node `node`'s tunnel address annotation.
-async fn annotation(client: &kube::Client, node: &str) -> Result<Option<String>, TunnelIpamError> {
+async fn annotation(
+    client: &kube::Client,
+    node: &str,
+    kind: TunnelKind,
+) -> Result<Option<String>, TunnelIpamError> {
+    node_annotation(client, node, kind.annotation()).await
+}
+
+/// Reads one of node `node`'s annotations.
+async fn node_annotation(
+    client: &kube::Client,
+    node: &str,
+    key: &str,
+) -> Result<Option<String>, TunnelIpamError> {
     let nodes: Api<Node> = Api::all(client.clone());
     let found = nodes
         .get_opt(node)
         .await
         .map_err(api_error(format!("read node {node}")))?
         .ok_or_else(|| TunnelIpamError::NodeNotFound(node.to_string()))?;
-    Ok(found
-        .metadata
-        .annotations
-        .and_then(|mut a| a.remove(ANNOTATION_IPIP_TUNNEL_ADDR)))
+    Ok(found.metadata.annotations.and_then(|mut a| a.remove(key)))
 }
 
 /// What [`ensure`] did.
@@ -474,18 +546,37 @@ pub async fn ensure(
     node: &str,
     own_blocks: &[Ipv4Net],
 ) -> Result<Ensured, TunnelIpamError> {
-    if let Some(existing) = annotation(client, node).await? {
+    ensure_kind(client, node, own_blocks, TunnelKind::Ipip).await
+}
+
+/// [`ensure`] for the tunnel address of `kind`.
+pub async fn ensure_kind(
+    client: &kube::Client,
+    node: &str,
+    own_blocks: &[Ipv4Net],
+    kind: TunnelKind,
+) -> Result<Ensured, TunnelIpamError> {
+    if let Some(existing) = annotation(client, node, kind).await? {
+        if kind == TunnelKind::Vxlan
+            && node_annotation(client, node, ANNOTATION_VXLAN_TUNNEL_MAC)
+                .await?
+                .is_none()
+        {
+            // An address without its MAC (set by hand): the MAC every node assumes goes with
+            // it, so that Felix on the other nodes sees the VTEP too.
+            patch_annotation(client, node, Some(existing.clone()), kind).await?;
+        }
         return Ok(Ensured::Existing(existing));
     }
-    let handle = handle_id(node);
+    let handle = kind.handle_id(node);
     let blocks = block_api(client);
     for cidr in own_blocks {
-        let Some(addr) = allocate_in_block(&blocks, *cidr, &handle, node).await? else {
+        let Some(addr) = allocate_in_block(&blocks, *cidr, &handle, node, kind).await? else {
             continue;
         };
         ensure_handle(client, &handle, *cidr).await?;
-        patch_annotation(client, node, Some(addr.to_string())).await?;
-        info!(node, %addr, block = %cidr, handle, "IPIP tunnel address allocated in IPAM");
+        patch_annotation(client, node, Some(addr.to_string()), kind).await?;
+        info!(node, %addr, block = %cidr, handle, "{} tunnel address allocated in IPAM", kind.label());
         return Ok(Ensured::Allocated(addr));
     }
     Ok(Ensured::NoFreeAddress)
@@ -499,7 +590,17 @@ pub async fn release(
     node: &str,
     own_blocks: &[Ipv4Net],
 ) -> Result<bool, TunnelIpamError> {
-    let handle = handle_id(node);
+    release_kind(client, node, own_blocks, TunnelKind::Ipip).await
+}
+
+/// [`release`] for the tunnel address of `kind`.
+pub async fn release_kind(
+    client: &kube::Client,
+    node: &str,
+    own_blocks: &[Ipv4Net],
+    kind: TunnelKind,
+) -> Result<bool, TunnelIpamError> {
+    let handle = kind.handle_id(node);
     let handles: Api<IPAMHandle> = Api::all(client.clone());
     let recorded = handles
         .get_opt(&handle)
@@ -534,14 +635,16 @@ pub async fn release(
             }
         }
     }
-    if annotation(client, node).await?.is_some() {
-        patch_annotation(client, node, None).await?;
+    if annotation(client, node, kind).await?.is_some() {
+        patch_annotation(client, node, None, kind).await?;
         released = true;
     }
     if released {
         info!(
             node,
-            handle, "IPIP tunnel address released (no pool uses IPIP)"
+            handle,
+            "{} tunnel address released (no pool uses it)",
+            kind.label()
         );
     }
     Ok(released)

@@ -925,9 +925,14 @@ impl Lab {
         ip(&self.node_ns(node), &["route"])
     }
 
-    /// Whether `node` has a `tunl0` device.
+    /// Whether `node` has its tunnel device: `tunl0`, or `vxlan.calico` with `vxlanMode`.
     pub fn has_tunnel_device(&self, node: &str) -> bool {
-        ip(&self.node_ns(node), &["link", "show", TUNNEL_DEVICE]).is_ok()
+        let device = if self.spec.vxlan_mode == crate::plan::EncapMode::Never {
+            TUNNEL_DEVICE
+        } else {
+            crate::plan::VXLAN_DEVICE_V4
+        };
+        ip(&self.node_ns(node), &["link", "show", device]).is_ok()
     }
 
     /// The routes the kernel of `node` should hold, as `ip route` shows them: the expected

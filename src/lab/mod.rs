@@ -48,7 +48,7 @@ pub use cluster::{
 };
 pub use echo::{EchoReport, echo};
 pub use netns::{exec, http_get, in_namespace, ip, namespaces_with_prefix, spawn_in_namespace};
-pub use run::{LabOptions, run};
+pub use run::{LabEncap, LabOptions, run};
 pub use spec::{
     BgpPeerSpec, CALI_MAC, ClusterSpec, Family, IpVersion, NIC, NodeSpec, POD_GATEWAY6, PodSpec,
     dashed, dashed_net,

@@ -22,6 +22,18 @@ pub struct LabOptions {
     pub timeout: Duration,
     /// Which address families the cluster runs.
     pub family: Family,
+    /// The IPv4 pool's encapsulation.
+    pub encap: LabEncap,
+}
+
+/// `podroute lab --encap`: what the lab's IPv4 pool's encapsulation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LabEncap {
+    /// `ipipMode: CrossSubnet` (seed 001 after its edit): `tunl0` across the router.
+    #[default]
+    Ipip,
+    /// `vxlanMode: CrossSubnet`: the kernel's `vxlan.calico` across the router.
+    Vxlan,
 }
 
 impl Default for LabOptions {
@@ -32,6 +44,7 @@ impl Default for LabOptions {
             binary: None,
             timeout: Duration::from_secs(60),
             family: Family::Ipv4,
+            encap: LabEncap::Ipip,
         }
     }
 }
@@ -109,11 +122,19 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<bool, LabError> {
     };
     check_tools()?;
     let cfg = LabConfig::new(&opts.prefix, &binary);
-    let spec = ClusterSpec::seed_family(opts.family);
+    let mut spec = ClusterSpec::seed_family(opts.family);
+    let mode = match opts.encap {
+        LabEncap::Ipip => "ipipMode",
+        LabEncap::Vxlan => {
+            spec.ipip_mode = crate::plan::EncapMode::Never;
+            spec.vxlan_mode = crate::plan::EncapMode::CrossSubnet;
+            "vxlanMode"
+        }
+    };
     let pools = match opts.family {
-        Family::Ipv4 => "IPv4 pool ipipMode CrossSubnet",
-        Family::Dual => "dual-stack: IPv4 pool ipipMode CrossSubnet, IPv6 pool Never",
-        Family::Ipv6 => "IPv6-only: IPv6 pool Never, no IPv4 anywhere",
+        Family::Ipv4 => format!("IPv4 pool {mode} CrossSubnet"),
+        Family::Dual => format!("dual-stack: IPv4 pool {mode} CrossSubnet, IPv6 pool Never"),
+        Family::Ipv6 => "IPv6-only: IPv6 pool Never, no IPv4 anywhere".to_string(),
     };
     say(
         out,
@@ -302,6 +323,12 @@ fn exercise(
 ) -> Result<(), LabError> {
     if !lab.spec.family.has_ipv4() {
         say(out, "ipip: not used (no IPv4 pool)");
+    } else if lab.spec.vxlan_mode != crate::plan::EncapMode::Never {
+        say(
+            out,
+            "vxlan: the agents make vxlan.calico (VNI 4096, port 4789) with the kernel's vxlan \
+             module; pods across the router reach each other through it",
+        );
     } else if lab.ipip_available() {
         say(
             out,
@@ -532,7 +559,15 @@ fn check_cross_subnet_routes(lab: &Lab, out: &mut dyn Write, checks: &mut Checks
             .filter(|to| !ClusterSpec::same_subnet(from, to))
         {
             let Some(block) = to.block else { continue };
-            let want = format!("{block} via {} dev {TUNNEL_DEVICE} onlink", to.ip());
+            let want = match lab.spec.vtep(to) {
+                Some((vtep, _)) => {
+                    format!(
+                        "{block} via {vtep} dev {} onlink",
+                        crate::plan::VXLAN_DEVICE_V4
+                    )
+                }
+                None => format!("{block} via {} dev {TUNNEL_DEVICE} onlink", to.ip()),
+            };
             let planned = plan.routes.iter().find(|r| r.to_string() == want);
             let row = planned.and_then(|p| report.routes.iter().find(|r| same_route(r, p)));
             let state = match row {

@@ -194,6 +194,11 @@ pub struct ClusterSpec {
     pub pool_cidr: Ipv4Net,
     pub block_size: u8,
     pub ipip_mode: EncapMode,
+    /// The IPv4 pool's `vxlanMode` (`podroute lab --encap vxlan`; `ipip_mode` is then
+    /// `Never`). With it on, every node with a block has a VXLAN tunnel address (the block's
+    /// first address, allocated in its IPAMBlock to `vxlan-tunnel-addr-<node>` as calico-node
+    /// does) and MAC in its Node annotations.
+    pub vxlan_mode: EncapMode,
     /// The IPv6 pool (`ipipMode: Never`: IPIP carries IPv4 only), block size 122.
     pub pool6_name: String,
     pub pool6_cidr: Ipv6Net,
@@ -258,6 +263,7 @@ impl ClusterSpec {
             pool_cidr: net("172.16.0.0/16"),
             block_size: 26,
             ipip_mode: EncapMode::CrossSubnet,
+            vxlan_mode: EncapMode::Never,
             pool6_name: "default-ipv6-ippool".into(),
             pool6_cidr: net6("fd00:172:16::/48"),
             as_number: 64512,
@@ -300,6 +306,28 @@ impl ClusterSpec {
             extra_files: BTreeMap::new(),
             bgp_configuration_spec: None,
         }
+    }
+
+    /// The seed cluster with `vxlanMode: mode` instead of IPIP.
+    pub fn seed_vxlan(mode: EncapMode) -> Self {
+        Self {
+            ipip_mode: EncapMode::Never,
+            vxlan_mode: mode,
+            ..Self::seed()
+        }
+    }
+
+    /// The IPv4 VXLAN tunnel endpoint of node `n`: its block's first address and its MAC,
+    /// when the IPv4 pool uses VXLAN.
+    pub fn vtep(&self, n: &NodeSpec) -> Option<(Ipv4Addr, crate::plan::tunnels::MacAddr)> {
+        if self.vxlan_mode == EncapMode::Never || !self.family.has_ipv4() {
+            return None;
+        }
+        let block = n.block?;
+        Some((
+            block.network(),
+            crate::plan::tunnels::default_vtep_mac(&n.name, true),
+        ))
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeSpec> {
@@ -367,7 +395,7 @@ impl ClusterSpec {
                 name: self.pool_name.clone(),
                 cidr: IpNet::V4(self.pool_cidr),
                 ipip: self.ipip_mode,
-                vxlan: EncapMode::Never,
+                vxlan: self.vxlan_mode,
                 disabled: false,
             });
         }
@@ -440,6 +468,18 @@ impl ClusterSpec {
                 .iter()
                 .map(PodSpec::interface)
                 .collect::<BTreeSet<_>>(),
+            vteps: self
+                .nodes
+                .iter()
+                .filter_map(|n| {
+                    let (tunnel_ip, mac) = self.vtep(n)?;
+                    Some(crate::plan::Vtep {
+                        node: n.name.clone(),
+                        tunnel_ip: IpAddr::V4(tunnel_ip),
+                        mac,
+                    })
+                })
+                .collect(),
         };
         Some(plan(&input))
     }
@@ -468,11 +508,12 @@ impl ClusterSpec {
                 format!(
                     "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata:\n  name: {}\n\
                      spec:\n  blockSize: {}\n  cidr: {}\n  ipipMode: {}\n  natOutgoing: true\n  \
-                     nodeSelector: all()\n  vxlanMode: Never\n",
+                     nodeSelector: all()\n  vxlanMode: {}\n",
                     self.pool_name,
                     self.block_size,
                     self.pool_cidr,
-                    encap_name(self.ipip_mode)
+                    encap_name(self.ipip_mode),
+                    encap_name(self.vxlan_mode)
                 ),
             ));
         }
@@ -488,12 +529,19 @@ impl ClusterSpec {
             ));
         }
         for n in &self.nodes {
-            files.push((format!("node-{}.yaml", n.name), node_yaml(n, self.family)));
+            let vtep = self.vtep(n);
+            files.push((
+                format!("node-{}.yaml", n.name),
+                node_yaml(n, self.family, vtep),
+            ));
             for block in n.blocks(self.family) {
                 let dashed = dashed_net(block);
+                let vtep_ip = vtep
+                    .map(|v| IpAddr::V4(v.0))
+                    .filter(|ip| block.contains(ip));
                 files.push((
                     format!("ipamblock-{dashed}.yaml"),
-                    block_yaml(n, block, self.family),
+                    block_yaml(n, block, self.family, vtep_ip),
                 ));
                 files.push((
                     format!("blockaffinity-{}-{dashed}.yaml", n.name),
@@ -569,8 +617,19 @@ pub fn dashed_net(block: IpNet) -> String {
     block.to_string().replace(['.', ':', '/'], "-")
 }
 
-fn node_yaml(n: &NodeSpec, family: Family) -> String {
+fn node_yaml(
+    n: &NodeSpec,
+    family: Family,
+    vtep: Option<(Ipv4Addr, crate::plan::tunnels::MacAddr)>,
+) -> String {
     let mut annotations = String::new();
+    if let Some((ip, mac)) = vtep {
+        let _ = write!(
+            annotations,
+            "\n    projectcalico.org/IPv4VXLANTunnelAddr: {ip}\n    \
+             projectcalico.org/IPv4VXLANTunnelMACAddr: {mac}"
+        );
+    }
     let mut addresses = String::new();
     if family.has_ipv4() {
         let _ = write!(
@@ -600,7 +659,7 @@ fn node_yaml(n: &NodeSpec, family: Family) -> String {
 
 /// An IPAMBlock as Calico writes it: one `allocations` slot per address (null = free, else
 /// an index into `attributes`), the pods' attributes naming namespace, pod and node.
-fn block_yaml(n: &NodeSpec, block: IpNet, family: Family) -> String {
+fn block_yaml(n: &NodeSpec, block: IpNet, family: Family, vtep: Option<IpAddr>) -> String {
     let host_bits = u32::from(block.max_prefix_len() - block.prefix_len()).min(16);
     let size = 1u32 << host_bits;
     let pods: Vec<(&PodSpec, IpAddr)> = n
@@ -622,6 +681,8 @@ fn block_yaml(n: &NodeSpec, block: IpNet, family: Family) -> String {
     for ordinal in 0..size {
         match pods.iter().position(|(_, ip)| *ip == nth(ordinal)) {
             Some(i) => slots.push(i.to_string()),
+            // The VXLAN tunnel address: the attribute after the pods'.
+            None if vtep == Some(nth(ordinal)) => slots.push(pods.len().to_string()),
             None => {
                 slots.push("null".into());
                 unallocated.push(ordinal.to_string());
@@ -630,7 +691,7 @@ fn block_yaml(n: &NodeSpec, block: IpNet, family: Family) -> String {
     }
     // `allocations` slots index into `attributes`, which follow the pods' order.
     let mut attributes = String::from("  attributes:");
-    if pods.is_empty() {
+    if pods.is_empty() && vtep.is_none() {
         attributes.push_str(" []");
     }
     attributes.push('\n');
@@ -644,6 +705,14 @@ fn block_yaml(n: &NodeSpec, block: IpNet, family: Family) -> String {
             ns = p.namespace,
             node = n.name,
             pod = p.name,
+        );
+    }
+    if vtep.is_some() {
+        let _ = write!(
+            attributes,
+            "  - handle_id: vxlan-tunnel-addr-{node}\n    secondary:\n      node: {node}\n      \
+             type: vxlanTunnelAddress\n",
+            node = n.name,
         );
     }
     format!(

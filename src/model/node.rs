@@ -2,18 +2,36 @@
 //! annotations.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::Node;
 
 use super::error::{Kind, Reason, Rejection};
+use crate::plan::tunnels::MacAddr;
 
 pub const ANNOTATION_IPV4_ADDRESS: &str = "projectcalico.org/IPv4Address";
 pub const ANNOTATION_IPV6_ADDRESS: &str = "projectcalico.org/IPv6Address";
 pub const ANNOTATION_AS_NUMBER: &str = "projectcalico.org/ASNumber";
 pub const ANNOTATION_RR_CLUSTER_ID: &str = "projectcalico.org/RouteReflectorClusterID";
 pub const ANNOTATION_IPIP_TUNNEL_ADDR: &str = "projectcalico.org/IPv4IPIPTunnelAddr";
+pub const ANNOTATION_VXLAN_TUNNEL_ADDR: &str = "projectcalico.org/IPv4VXLANTunnelAddr";
+pub const ANNOTATION_VXLAN_TUNNEL_MAC: &str = "projectcalico.org/IPv4VXLANTunnelMACAddr";
+pub const ANNOTATION_VXLAN_TUNNEL_ADDR_V6: &str = "projectcalico.org/IPv6VXLANTunnelAddr";
+pub const ANNOTATION_VXLAN_TUNNEL_MAC_V6: &str = "projectcalico.org/IPv6VXLANTunnelMACAddr";
+
+/// A node's VXLAN tunnel endpoints, as Felix/calico-node annotate them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct VxlanAnnotations {
+    /// `projectcalico.org/IPv4VXLANTunnelAddr`.
+    pub ipv4: Option<Ipv4Addr>,
+    /// `projectcalico.org/IPv4VXLANTunnelMACAddr`.
+    pub mac4: Option<MacAddr>,
+    /// `projectcalico.org/IPv6VXLANTunnelAddr`.
+    pub ipv6: Option<Ipv6Addr>,
+    /// `projectcalico.org/IPv6VXLANTunnelMACAddr`.
+    pub mac6: Option<MacAddr>,
+}
 
 /// Where a node's IPv4 address came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -42,6 +60,8 @@ pub struct NodeInfo {
     /// Set on route reflectors.
     pub route_reflector_cluster_id: Option<Ipv4Addr>,
     pub ipip_tunnel_addr: Option<Ipv4Addr>,
+    /// The VXLAN tunnel addresses and MACs.
+    pub vxlan: VxlanAnnotations,
     pub labels: BTreeMap<String, String>,
     /// flannel's lease on this Node (`spec.podCIDR(s)`, `flannel.alpha.coreos.com/*`):
     /// `None` when the Node has neither; `Some(Err)` when they cannot be read (the node is
@@ -135,8 +155,37 @@ impl NodeInfo {
                     .map_err(|_| bad(ANNOTATION_IPIP_TUNNEL_ADDR, v, "an IPv4 address"))?,
             ),
         };
+        let mac = |key: &'static str| match get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .trim()
+                .parse::<MacAddr>()
+                .map(Some)
+                .map_err(|_| bad(key, v, "a MAC address (e.g. 66:d4:9b:7c:1a:02)")),
+        };
+        let vxlan = VxlanAnnotations {
+            ipv4: match get(ANNOTATION_VXLAN_TUNNEL_ADDR) {
+                None => None,
+                Some(v) => Some(
+                    v.trim()
+                        .parse::<Ipv4Addr>()
+                        .map_err(|_| bad(ANNOTATION_VXLAN_TUNNEL_ADDR, v, "an IPv4 address"))?,
+                ),
+            },
+            mac4: mac(ANNOTATION_VXLAN_TUNNEL_MAC)?,
+            ipv6: match get(ANNOTATION_VXLAN_TUNNEL_ADDR_V6) {
+                None => None,
+                Some(v) => Some(
+                    v.trim()
+                        .parse::<Ipv6Addr>()
+                        .map_err(|_| bad(ANNOTATION_VXLAN_TUNNEL_ADDR_V6, v, "an IPv6 address"))?,
+                ),
+            },
+            mac6: mac(ANNOTATION_VXLAN_TUNNEL_MAC_V6)?,
+        };
         Ok(NodeInfo {
             name: name.to_string(),
+            vxlan,
             ipv4,
             ipv4_source,
             internal_ipv6: internal_ip(node).find_map(|ip| match ip {

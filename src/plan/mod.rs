@@ -21,11 +21,17 @@
 //! - **Removed pools.** A learned prefix inside no pool is an external route: plain
 //!   `via PEER`. Own blocks are blackholed whether or not a pool still contains them (seed
 //!   001's `192.168.241.64/26 *` row is such a block).
-//! - **VXLAN pools.** podroute has no VXLAN device yet. For `vxlanMode: CrossSubnet` a peer in
-//!   the local subnet gets the direct route (what Calico programs too); every route that
-//!   would need `vxlan.calico` is left out with a [`PlanWarning::VxlanUnsupported`] instead of
-//!   being sent through `tunl0`. A pool with both `ipipMode` and `vxlanMode` set (Calico's
-//!   validation rejects it) gets no remote routes and a [`PlanWarning::BothEncapsulations`].
+//! - **VXLAN pools are routed from the datastore, not from BGP**, as Felix does (Calico's
+//!   BIRD does not program VXLAN pools' routes either): each remote block of a VXLAN pool
+//!   (its IPAMBlock's `host:` affinity) is routed `BLOCK via VTEP_IP dev vxlan.calico onlink`
+//!   (`vxlan-v6.calico` for IPv6), where VTEP_IP is the owner Node's VXLAN tunnel address
+//!   ([`PlanInput::vteps`]); under `vxlanMode: CrossSubnet` an owner in the local subnet gets
+//!   the direct route `BLOCK via NODE dev NIC`. Borrowed IPs get the same shapes as `/32`s
+//!   (`/128`s). A learned route inside a VXLAN pool is ignored: the datastore has the
+//!   block, so the route neither waits for BGP nor goes with a BGP session. An owner without
+//!   a VTEP gets no route and a [`PlanWarning::VxlanNoVtep`]. A pool with both `ipipMode` and
+//!   `vxlanMode` set (Calico's validation rejects it) gets no remote routes and a
+//!   [`PlanWarning::BothEncapsulations`].
 //! - **IPv6 pools** never use IPIP (Calico rejects `ipipMode` on them): with `ipipMode` set
 //!   the route is `via PEER` as for `Never`, with a [`PlanWarning::IpipOnIpv6Pool`].
 
@@ -41,6 +47,7 @@ use std::sync::Arc;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 pub use ifname::{WORKLOAD_IFACE_PREFIX, workload_interface_name};
+pub use tunnels::{VXLAN_DEVICE_V4, VXLAN_DEVICE_V6, Vtep};
 
 /// Name of the IPIP tunnel device, as Calico names it.
 pub const TUNNEL_DEVICE: &str = "tunl0";
@@ -141,6 +148,9 @@ pub struct PlanInput {
     pub nodes: Vec<PeerNode>,
     /// Names of the `cali*` interfaces that exist on this node.
     pub local_interfaces: BTreeSet<String>,
+    /// Every node's VXLAN tunnel endpoints (this node's too), from the Nodes' annotations:
+    /// the gateways of VXLAN routes and the entries of [`tunnels::vxlan_plan`].
+    pub vteps: Vec<Vtep>,
 }
 
 /// Why a route exists, and which rule produced its shape.
@@ -153,6 +163,10 @@ pub enum RouteKind {
     BlockIpip,
     /// Remote block, pool `Never`: `BLOCK via PEER` (the kernel picks the device).
     BlockNoEncap,
+    /// Remote block through VXLAN: `BLOCK via VTEP_IP dev vxlan.calico onlink` (flannel mode:
+    /// a remote node's podCIDR, `dev flannel.1`), with a permanent neighbour and FDB entry for
+    /// the VTEP in the [`tunnels::TunnelPlan`].
+    BlockVxlan,
     /// One of this node's blocks: `blackhole BLOCK`.
     Blackhole,
     /// A local pod: `IP/32 dev caliXXXXXXXXXXX scope link`.
@@ -163,12 +177,10 @@ pub enum RouteKind {
     BorrowedIpip,
     /// An IP used on another node than its block's host, pool `Never`.
     BorrowedNoEncap,
+    /// An IP used on another node than its block's host, through VXLAN.
+    BorrowedVxlan,
     /// A learned prefix outside every pool (external peers): `PREFIX via PEER`.
     External,
-    /// Remote block (flannel: a remote node's podCIDR) through a VXLAN device:
-    /// `BLOCK via REMOTE_VTEP_IP dev flannel.1 onlink`, with a permanent neighbour and FDB
-    /// entry for the VTEP in the [`tunnels::TunnelPlan`].
-    BlockVxlan,
 }
 
 impl RouteKind {
@@ -178,13 +190,14 @@ impl RouteKind {
             RouteKind::BlockDirect => "block-direct",
             RouteKind::BlockIpip => "block-ipip",
             RouteKind::BlockNoEncap => "block-noencap",
+            RouteKind::BlockVxlan => "block-vxlan",
             RouteKind::Blackhole => "blackhole",
             RouteKind::Workload => "workload",
             RouteKind::BorrowedDirect => "borrowed-direct",
             RouteKind::BorrowedIpip => "borrowed-ipip",
             RouteKind::BorrowedNoEncap => "borrowed-noencap",
+            RouteKind::BorrowedVxlan => "borrowed-vxlan",
             RouteKind::External => "external",
-            RouteKind::BlockVxlan => "block-vxlan",
         }
     }
 
@@ -194,18 +207,24 @@ impl RouteKind {
     }
 
     /// Every kind, in label order of the metrics reference.
-    pub const ALL: [RouteKind; 10] = [
+    pub const ALL: [RouteKind; 11] = [
         RouteKind::BlockDirect,
         RouteKind::BlockIpip,
         RouteKind::BlockNoEncap,
+        RouteKind::BlockVxlan,
         RouteKind::Blackhole,
         RouteKind::Workload,
         RouteKind::BorrowedDirect,
         RouteKind::BorrowedIpip,
         RouteKind::BorrowedNoEncap,
+        RouteKind::BorrowedVxlan,
         RouteKind::External,
-        RouteKind::BlockVxlan,
     ];
+
+    /// True for the kinds whose route goes through a VXLAN device.
+    pub fn is_vxlan(self) -> bool {
+        matches!(self, RouteKind::BlockVxlan | RouteKind::BorrowedVxlan)
+    }
 }
 
 /// Route scope, as far as the plan needs it.
@@ -292,11 +311,12 @@ impl fmt::Display for DesiredRoute {
 /// Something in the input the plan could not route as asked; the rest of the plan stands.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PlanWarning {
-    /// A route would need the VXLAN device, which podroute does not program yet.
-    VxlanUnsupported {
+    /// A block (or borrowed IP) of a VXLAN pool belongs to a node without a VXLAN tunnel
+    /// address of the block's family: there is no VTEP to route it through.
+    VxlanNoVtep {
         pool: String,
         prefix: IpNet,
-        peer: IpAddr,
+        node: String,
     },
     /// A pool has both `ipipMode` and `vxlanMode` enabled; its remote routes are left out.
     BothEncapsulations { pool: String },
@@ -310,16 +330,19 @@ pub enum PlanWarning {
     NextHopIsSelf { prefix: IpNet },
     /// An allocation's IP lies outside its block; ignored.
     AllocationOutsideBlock { block: IpNet, ip: IpAddr },
+    /// A VXLAN pool's block belongs to a node whose address (of the block's family) is
+    /// unknown: no route for it.
+    BlockNodeUnknown { block: IpNet, node: String },
 }
 
 impl fmt::Display for PlanWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::VxlanUnsupported { pool, prefix, peer } => write!(
+            Self::VxlanNoVtep { pool, prefix, node } => write!(
                 f,
-                "IPPool {pool:?}: route {prefix} via {peer} needs VXLAN, which podroute does not \
-                 program yet; route left out (use ipipMode or vxlanMode: CrossSubnet within one \
-                 subnet)"
+                "IPPool {pool:?}: {prefix} is on node {node:?}, which has no VXLAN tunnel address \
+                 of that family (projectcalico.org/IPv4VXLANTunnelAddr or IPv6VXLANTunnelAddr); \
+                 route left out until the node's agent sets it"
             ),
             Self::BothEncapsulations { pool } => write!(
                 f,
@@ -346,6 +369,11 @@ impl fmt::Display for PlanWarning {
                     "learned route {prefix} points at this node itself; ignored"
                 )
             }
+            Self::BlockNodeUnknown { block, node } => write!(
+                f,
+                "IPAMBlock {block} is on node {node:?} whose address is unknown; no route for it \
+                 (check the node's projectcalico.org/IPv4Address or IPv6Address annotation)"
+            ),
             Self::AllocationOutsideBlock { block, ip } => {
                 write!(
                     f,
@@ -375,17 +403,28 @@ enum Path {
     Direct,
     Ipip,
     NoEncap,
+    /// Through the VXLAN device of the prefix's family, via this VTEP address.
+    Vxlan(IpAddr),
 }
 
 /// Precedence of the sources of a route, lowest first (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Source {
     Learned,
-    /// Routes computed straight from the datastore (flannel's leases).
+    /// Routes computed straight from the datastore: a remote block of a VXLAN pool, or
+    /// flannel's leases.
     Datastore,
     OwnBlock,
     Borrowed,
     Workload,
+}
+
+/// Who announced a remote destination: a BGP next hop (no node known), or a node of the
+/// datastore (VXLAN routes, borrowed IPs) with its address.
+#[derive(Debug, Clone, Copy)]
+struct Towards<'a> {
+    peer: IpAddr,
+    node: Option<&'a str>,
 }
 
 /// The encapsulation rules: how a remote prefix is reached from the local node.
@@ -396,9 +435,30 @@ struct Rules {
     /// `local.nic` and [`TUNNEL_DEVICE`], shared by every route through them.
     nic: Arc<str>,
     tunnel: Arc<str>,
+    /// [`VXLAN_DEVICE_V4`] and [`VXLAN_DEVICE_V6`], shared likewise.
+    vxlan4: Arc<str>,
+    vxlan6: Arc<str>,
+    /// VTEP address per (node, is IPv4).
+    vteps: BTreeMap<(String, bool), IpAddr>,
 }
 
 impl Rules {
+    fn new(input: &PlanInput) -> Self {
+        Self {
+            local: input.local.clone(),
+            pools: input.pools.clone(),
+            nic: Arc::from(input.local.nic.as_str()),
+            tunnel: Arc::from(TUNNEL_DEVICE),
+            vxlan4: Arc::from(VXLAN_DEVICE_V4),
+            vxlan6: Arc::from(VXLAN_DEVICE_V6),
+            vteps: input
+                .vteps
+                .iter()
+                .map(|v| ((v.node.clone(), v.tunnel_ip.is_ipv4()), v.tunnel_ip))
+                .collect(),
+        }
+    }
+
     /// The most specific pool that contains all of `prefix`.
     fn pool_of(&self, prefix: &IpNet) -> Option<&PoolSpec> {
         self.pools
@@ -421,12 +481,18 @@ impl Rules {
         }
     }
 
-    /// The encapsulation rule for `prefix` towards `peer`; `None` when the route is left out.
+    /// True when routes of `prefix` are computed from the datastore (a VXLAN pool).
+    fn routed_from_datastore(&self, prefix: &IpNet) -> bool {
+        self.pool_of(prefix)
+            .is_some_and(|p| p.vxlan != EncapMode::Never)
+    }
+
+    /// The encapsulation rule for `prefix` towards `to`; `None` when the route is left out.
     fn path(
         &self,
         pool: &PoolSpec,
         prefix: IpNet,
-        peer: IpAddr,
+        to: Towards<'_>,
         warnings: &mut BTreeSet<PlanWarning>,
     ) -> Option<Path> {
         let ipip = if prefix.addr().is_ipv6() && pool.ipip != EncapMode::Never {
@@ -440,21 +506,28 @@ impl Rules {
         match (ipip, pool.vxlan) {
             (EncapMode::Never, EncapMode::Never) => Some(Path::NoEncap),
             (EncapMode::Always, EncapMode::Never) => Some(Path::Ipip),
-            (EncapMode::CrossSubnet, EncapMode::Never) => Some(if self.in_local_subnet(peer) {
+            (EncapMode::CrossSubnet, EncapMode::Never) => Some(if self.in_local_subnet(to.peer) {
                 Path::Direct
             } else {
                 Path::Ipip
             }),
-            (EncapMode::Never, EncapMode::CrossSubnet) if self.in_local_subnet(peer) => {
-                Some(Path::Direct)
-            }
-            (EncapMode::Never, _) => {
-                warnings.insert(PlanWarning::VxlanUnsupported {
-                    pool: pool.name.clone(),
-                    prefix,
-                    peer,
-                });
-                None
+            (EncapMode::Never, vxlan) => {
+                // A BGP route of a VXLAN pool: the datastore routes the block (module doc).
+                let node = to.node?;
+                if vxlan == EncapMode::CrossSubnet && self.in_local_subnet(to.peer) {
+                    return Some(Path::Direct);
+                }
+                match self.vteps.get(&(node.to_owned(), prefix.addr().is_ipv4())) {
+                    Some(vtep) => Some(Path::Vxlan(*vtep)),
+                    None => {
+                        warnings.insert(PlanWarning::VxlanNoVtep {
+                            pool: pool.name.clone(),
+                            prefix,
+                            node: node.to_owned(),
+                        });
+                        None
+                    }
+                }
             }
             _ => {
                 warnings.insert(PlanWarning::BothEncapsulations {
@@ -465,14 +538,15 @@ impl Rules {
         }
     }
 
-    /// The route to a remote `prefix` at `peer`, by the encapsulation rules of its pool.
+    /// The route to a remote `prefix` at `to`, by the encapsulation rules of its pool.
     fn remote_route(
         &self,
         prefix: IpNet,
-        peer: IpAddr,
+        to: Towards<'_>,
         borrowed: bool,
         warnings: &mut BTreeSet<PlanWarning>,
     ) -> Option<DesiredRoute> {
+        let peer = to.peer;
         if prefix.addr().is_ipv4() != peer.is_ipv4() {
             warnings.insert(PlanWarning::NextHopFamilyMismatch {
                 prefix,
@@ -484,26 +558,47 @@ impl Rules {
             warnings.insert(PlanWarning::NextHopIsSelf { prefix });
             return None;
         }
-        let via = |kind, device: Option<&Arc<str>>, onlink| DesiredRoute {
+        let via = |kind, gateway, device: Option<&Arc<str>>, onlink| DesiredRoute {
             prefix,
             kind,
-            gateway: Some(peer),
+            gateway: Some(gateway),
             device: device.cloned(),
             onlink,
             scope: RouteScope::Universe,
         };
         let Some(pool) = self.pool_of(&prefix) else {
-            return Some(via(RouteKind::External, None, false));
+            return Some(via(RouteKind::External, peer, None, false));
         };
         let (nic, tunnel) = (Some(&self.nic), Some(&self.tunnel));
-        Some(match (self.path(pool, prefix, peer, warnings)?, borrowed) {
-            (Path::Direct, false) => via(RouteKind::BlockDirect, nic, false),
-            (Path::Direct, true) => via(RouteKind::BorrowedDirect, nic, false),
-            (Path::Ipip, false) => via(RouteKind::BlockIpip, tunnel, true),
-            (Path::Ipip, true) => via(RouteKind::BorrowedIpip, tunnel, true),
-            (Path::NoEncap, false) => via(RouteKind::BlockNoEncap, None, false),
-            (Path::NoEncap, true) => via(RouteKind::BorrowedNoEncap, None, false),
+        let vxlan = Some(if prefix.addr().is_ipv4() {
+            &self.vxlan4
+        } else {
+            &self.vxlan6
+        });
+        Some(match (self.path(pool, prefix, to, warnings)?, borrowed) {
+            (Path::Direct, false) => via(RouteKind::BlockDirect, peer, nic, false),
+            (Path::Direct, true) => via(RouteKind::BorrowedDirect, peer, nic, false),
+            (Path::Ipip, false) => via(RouteKind::BlockIpip, peer, tunnel, true),
+            (Path::Ipip, true) => via(RouteKind::BorrowedIpip, peer, tunnel, true),
+            (Path::NoEncap, false) => via(RouteKind::BlockNoEncap, peer, None, false),
+            (Path::NoEncap, true) => via(RouteKind::BorrowedNoEncap, peer, None, false),
+            (Path::Vxlan(vtep), false) => via(RouteKind::BlockVxlan, vtep, vxlan, true),
+            (Path::Vxlan(vtep), true) => via(RouteKind::BorrowedVxlan, vtep, vxlan, true),
         })
+    }
+
+    /// A learned (BGP) route's route: none inside a VXLAN pool (the datastore's counts).
+    fn learned_route(
+        &self,
+        prefix: IpNet,
+        next_hop: IpAddr,
+        warnings: &mut BTreeSet<PlanWarning>,
+    ) -> Option<DesiredRoute> {
+        let to = Towards {
+            peer: next_hop,
+            node: None,
+        };
+        self.remote_route(prefix, to, false, warnings)
     }
 }
 
@@ -543,6 +638,28 @@ fn block_routes(
                 Source::OwnBlock,
                 DesiredRoute::blackhole(block.cidr.trunc()),
             );
+        } else if let Some(owner) = host
+            && rules.routed_from_datastore(&block.cidr)
+        {
+            // A remote block of a VXLAN pool: routed from the datastore, as Felix does.
+            let prefix = block.cidr.trunc();
+            match node_address(owner, prefix.addr().is_ipv4()) {
+                Some(peer) => {
+                    let to = Towards {
+                        peer,
+                        node: Some(owner),
+                    };
+                    if let Some(route) = rules.remote_route(prefix, to, false, warnings) {
+                        insert(&mut routes, Source::Datastore, route);
+                    }
+                }
+                None => {
+                    warnings.insert(PlanWarning::BlockNodeUnknown {
+                        block: prefix,
+                        node: owner.to_owned(),
+                    });
+                }
+            }
         }
         for alloc in &block.allocations {
             if !block.cidr.contains(&alloc.ip) {
@@ -572,7 +689,11 @@ fn block_routes(
                 // Borrowed: used on `node`, but the block routes to its host.
                 match node_address(node, alloc.ip.is_ipv4()) {
                     Some(peer) => {
-                        if let Some(route) = rules.remote_route(host_prefix, peer, true, warnings) {
+                        let to = Towards {
+                            peer,
+                            node: Some(node),
+                        };
+                        if let Some(route) = rules.remote_route(host_prefix, to, true, warnings) {
                             insert(&mut routes, Source::Borrowed, route);
                         }
                     }
@@ -611,12 +732,7 @@ pub struct Planner {
 impl Planner {
     /// Prepares the plan for `input`; `input.learned` is not looked at.
     pub fn new(input: &PlanInput) -> Self {
-        let rules = Rules {
-            local: input.local.clone(),
-            pools: input.pools.clone(),
-            nic: Arc::from(input.local.nic.as_str()),
-            tunnel: Arc::from(TUNNEL_DEVICE),
-        };
+        let rules = Rules::new(input);
         let mut fixed_warnings = BTreeSet::new();
         let fixed = block_routes(input, &rules, &mut fixed_warnings);
         Self {
@@ -705,7 +821,7 @@ impl Planner {
     ) -> Option<DesiredRoute> {
         let prefix = prefix.trunc();
         let next_hop = next_hop.filter(|_| !self.originated.contains(&prefix));
-        let learned = next_hop.and_then(|nh| self.rules.remote_route(prefix, nh, false, warnings));
+        let learned = next_hop.and_then(|nh| self.rules.learned_route(prefix, nh, warnings));
         match self.fixed.get(&prefix) {
             Some((_, route)) => Some(route.clone()),
             None => learned,
@@ -722,9 +838,9 @@ impl Planner {
             if self.originated.contains(&prefix) {
                 continue;
             }
-            if let Some(route) =
-                self.rules
-                    .remote_route(prefix, learned.next_hop, false, &mut warnings)
+            if let Some(route) = self
+                .rules
+                .learned_route(prefix, learned.next_hop, &mut warnings)
             {
                 insert(&mut routes, Source::Learned, route);
             }
@@ -762,7 +878,7 @@ impl Planner {
                     let route = fixed.next()?;
                     // A learned route for the same prefix loses, but is still checked.
                     if let Some((p, nh)) = learned.next_if(|(p, _)| *p == route.prefix) {
-                        self.rules.remote_route(p, nh, false, warnings);
+                        self.rules.learned_route(p, nh, warnings);
                     }
                     return Some(route.clone());
                 }
@@ -770,7 +886,7 @@ impl Planner {
                 if self.originated.contains(&p) {
                     continue;
                 }
-                if let Some(route) = self.rules.remote_route(p, nh, false, warnings) {
+                if let Some(route) = self.rules.learned_route(p, nh, warnings) {
                     return Some(route);
                 }
             }

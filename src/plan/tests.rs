@@ -274,6 +274,7 @@ fn seed_input(node: &str, ipip: EncapMode, blocks: Vec<BlockSpec>) -> PlanInput 
         local: local(node, addr),
         pools: vec![pool("default-ipv4-ippool", "172.16.0.0/16", ipip)],
         local_interfaces: interfaces_of(&blocks, node),
+        vteps: Vec::new(),
         blocks,
         learned: learned_routes,
         nodes: nodes(),
@@ -629,6 +630,7 @@ fn ipv6_pool_never() {
         learned: vec![learned("fd00:10:0:2::/122", "fd00:92::129")],
         nodes: vec![],
         local_interfaces: [workload_interface_name("ns", "p6")].into(),
+        vteps: Vec::new(),
     };
     let lines = plan(&input).lines();
     assert_eq!(
@@ -658,6 +660,7 @@ fn ipip_on_ipv6_pool_is_routed_as_never_with_a_warning() {
         learned: vec![learned("fd00:10::/122", "fd00::2")],
         nodes: vec![],
         local_interfaces: BTreeSet::new(),
+        vteps: Vec::new(),
     };
     let plan1 = plan(&input);
     assert_eq!(plan1.lines(), vec!["fd00:10::/122 via fd00::2"]);
@@ -675,50 +678,338 @@ fn ipip_on_ipv6_pool_is_routed_as_never_with_a_warning() {
     ));
 }
 
-#[test]
-fn vxlan_pools_never_get_ipip_routes() {
-    let mut input = seed_input(MASTER01, EncapMode::Never, seed_after());
-    input.learned.push(learned("172.16.10.0/26", "10.20.0.7"));
-    input.pools[0].vxlan = EncapMode::CrossSubnet;
-    let plan1 = plan(&input);
-    let lines = plan1.lines();
-    assert!(
-        lines.contains(&"172.16.196.128/26 via 192.168.92.129 dev ens33".into()),
-        "{lines:#?}"
-    );
-    assert!(
-        !lines
+/// Seed 000's three-node VXLAN cluster (flannel there; the same shapes under Calico's
+/// device name): master 192.168.0.39 owns 10.244.0.0/24, node1 192.168.0.22 owns
+/// 10.244.1.0/24, node2 192.168.0.8 owns 10.244.2.0/24; each VTEP's address is the first of
+/// its block, with the MACs the seed's `arp -n` and `bridge fdb` show.
+fn seed000_input(me: &str, vxlan: EncapMode) -> PlanInput {
+    let nodes = [
+        ("master", "192.168.0.39", "10.244.0.0", "fe:be:87:93:06:e2"),
+        ("node1", "192.168.0.22", "10.244.1.0", "0e:61:06:ff:7a:73"),
+        ("node2", "192.168.0.8", "10.244.2.0", "0a:72:bf:3f:cd:40"),
+    ];
+    let (_, my_addr, _, _) = nodes.iter().find(|n| n.0 == me).unwrap();
+    let mut p = pool("vxlan-pool", "10.244.0.0/16", EncapMode::Never);
+    p.vxlan = vxlan;
+    PlanInput {
+        local: local(me, &format!("{my_addr}/24")),
+        pools: vec![p],
+        blocks: nodes
             .iter()
-            .any(|l| l.contains("tunl0") || l.contains("10.20.0.7")),
-        "{lines:#?}"
-    );
-    assert!(matches!(
-        plan1.warnings[..],
-        [PlanWarning::VxlanUnsupported { .. }]
-    ));
+            .map(|(n, _, vtep, _)| block(&format!("{vtep}/24"), n, vec![]))
+            .collect(),
+        learned: vec![],
+        nodes: nodes
+            .iter()
+            .map(|(n, addr, _, _)| PeerNode {
+                name: (*n).into(),
+                ipv4: Some(addr.parse().unwrap()),
+                ipv6: None,
+            })
+            .collect(),
+        local_interfaces: BTreeSet::new(),
+        vteps: nodes
+            .iter()
+            .map(|(n, _, vtep, mac)| Vtep {
+                node: (*n).into(),
+                tunnel_ip: ip(vtep),
+                mac: mac.parse().unwrap(),
+            })
+            .collect(),
+    }
+}
 
-    input.pools[0].vxlan = EncapMode::Always;
-    let plan2 = plan(&input);
-    assert!(
-        !plan2.routes.iter().any(|r| r.gateway.is_some()),
-        "{:#?}",
-        plan2.lines()
-    );
-    assert_eq!(plan2.warnings.len(), 2);
-    // Blackhole and workloads are unaffected.
-    assert!(plan2.routes.iter().any(|r| r.is_blackhole()));
-
-    input.pools[0].ipip = EncapMode::Always;
-    let plan3 = plan(&input);
-    assert!(!plan3.routes.iter().any(|r| r.gateway.is_some()));
+#[test]
+fn vxlan_always_routes_every_remote_block_through_its_vtep_as_seed_000_shows() {
+    // Seed 000, master's `route -n` (flannel.1 there, vxlan.calico here).
+    let p = plan(&seed000_input("master", EncapMode::Always));
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
     assert_eq!(
-        plan3.warnings,
-        vec![PlanWarning::BothEncapsulations {
-            pool: "default-ipv4-ippool".into()
-        }]
+        p.lines(),
+        [
+            "blackhole 10.244.0.0/24",
+            "10.244.1.0/24 via 10.244.1.0 dev vxlan.calico onlink",
+            "10.244.2.0/24 via 10.244.2.0 dev vxlan.calico onlink",
+        ]
+    );
+    assert!(
+        p.routes[1..]
+            .iter()
+            .all(|r| r.kind == RouteKind::BlockVxlan)
+    );
+    // Node1's table in the seed.
+    let p = plan(&seed000_input("node1", EncapMode::Always));
+    assert_eq!(
+        p.lines(),
+        [
+            "10.244.0.0/24 via 10.244.0.0 dev vxlan.calico onlink",
+            "blackhole 10.244.1.0/24",
+            "10.244.2.0/24 via 10.244.2.0 dev vxlan.calico onlink",
+        ]
     );
 }
 
+#[test]
+fn vxlan_devices_and_vteps_match_seed_000s_arp_and_fdb_tables() {
+    let input = seed000_input("master", EncapMode::Always);
+    let (devices, peers) = tunnels::vxlan_plan(&input);
+    assert_eq!(
+        devices,
+        [tunnels::VxlanDevice {
+            name: "vxlan.calico".into(),
+            vni: 4096,
+            port: 4789,
+            mac: "fe:be:87:93:06:e2".parse().unwrap(),
+            local: ip("192.168.0.39"),
+            parent: "ens33".into(),
+            mtu: None,
+            address: Some(net("10.244.0.0/32")),
+        }]
+    );
+    // `arp -n`: 10.244.1.0 ether 0e:61:06:ff:7a:73 ... flannel.1 ; `bridge fdb`:
+    // 0e:61:06:ff:7a:73 dev flannel.1 dst 192.168.0.22 self permanent.
+    let rows: Vec<String> = peers
+        .iter()
+        .map(|p| {
+            format!(
+                "{} {} {} dst {} ({})",
+                p.device, p.tunnel_ip, p.mac, p.underlay, p.node
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            "vxlan.calico 10.244.1.0 0e:61:06:ff:7a:73 dst 192.168.0.22 (node1)",
+            "vxlan.calico 10.244.2.0 0a:72:bf:3f:cd:40 dst 192.168.0.8 (node2)",
+        ]
+    );
+    // No VXLAN pool, no device and no VTEP.
+    let none = seed000_input("master", EncapMode::Never);
+    assert_eq!(tunnels::vxlan_plan(&none), (vec![], vec![]));
+}
+
+#[test]
+fn vxlan_cross_subnet_routes_same_subnet_owners_directly() {
+    let mut input = seed000_input("master", EncapMode::CrossSubnet);
+    // node2 moves to another subnet.
+    input.nodes[2].ipv4 = Some("192.168.1.8".parse().unwrap());
+    let p = plan(&input);
+    assert_eq!(
+        p.lines(),
+        [
+            "blackhole 10.244.0.0/24",
+            "10.244.1.0/24 via 192.168.0.22 dev ens33",
+            "10.244.2.0/24 via 10.244.2.0 dev vxlan.calico onlink",
+        ]
+    );
+    assert_eq!(p.routes[1].kind, RouteKind::BlockDirect);
+    // Felix programs every VTEP, the same-subnet one too.
+    let (_, peers) = tunnels::vxlan_plan(&input);
+    assert_eq!(peers.len(), 2);
+}
+
+#[test]
+fn vxlan_routes_come_from_the_datastore_not_from_bgp() {
+    // No learned route at all (every BGP session down): the routes stand.
+    let input = seed000_input("master", EncapMode::Always);
+    let without_bgp = plan(&input);
+    // A learned route for a VXLAN block (even with another next hop) changes nothing, and
+    // one inside the pool that no block has is not routed either.
+    let mut with_bgp = input.clone();
+    with_bgp.learned = vec![
+        learned("10.244.1.0/24", "192.168.0.22"),
+        learned("10.244.9.0/24", "192.168.0.8"),
+    ];
+    assert_eq!(plan(&with_bgp), without_bgp);
+    let planner = Planner::new(&input);
+    let mut w = BTreeSet::new();
+    assert_eq!(
+        planner
+            .route_for(net("10.244.1.0/24"), None, &mut w)
+            .map(|r| r.to_string()),
+        Some("10.244.1.0/24 via 10.244.1.0 dev vxlan.calico onlink".into()),
+        "a BGP withdraw does not remove it"
+    );
+    assert_eq!(
+        planner.route_for(net("10.244.9.0/24"), Some(ip("192.168.0.8")), &mut w),
+        None
+    );
+    // The owner's address changes in the datastore: the FDB entry follows, the route's VTEP
+    // gateway stays.
+    let mut moved = input.clone();
+    moved.nodes[1].ipv4 = Some("192.168.0.99".parse().unwrap());
+    let (_, peers) = tunnels::vxlan_plan(&moved);
+    assert_eq!(peers[0].underlay, ip("192.168.0.99"));
+}
+
+#[test]
+fn vxlan_block_of_a_node_without_vtep_is_left_out_and_said_so() {
+    let mut input = seed000_input("master", EncapMode::Always);
+    input.vteps.retain(|v| v.node != "node2");
+    let p = plan(&input);
+    assert!(
+        !p.lines().iter().any(|l| l.starts_with("10.244.2.0")),
+        "{:?}",
+        p.lines()
+    );
+    assert_eq!(
+        p.warnings,
+        [PlanWarning::VxlanNoVtep {
+            pool: "vxlan-pool".into(),
+            prefix: net("10.244.2.0/24"),
+            node: "node2".into(),
+        }]
+    );
+    // The owner's address unknown: no route either, and a warning naming the node.
+    let mut input = seed000_input("master", EncapMode::Always);
+    input.nodes.retain(|n| n.name != "node1");
+    let p = plan(&input);
+    assert!(p.warnings.contains(&PlanWarning::BlockNodeUnknown {
+        block: net("10.244.1.0/24"),
+        node: "node1".into()
+    }));
+}
+
+#[test]
+fn vxlan_borrowed_ips_get_a_32_through_the_users_vtep() {
+    let mut input = seed000_input("master", EncapMode::Always);
+    // node2 uses 10.244.1.7 of node1's block; master's own 10.244.0.9 is used on node1.
+    input.blocks[1]
+        .allocations
+        .push(pod_alloc("10.244.1.7", "ns", "borrower", "node2"));
+    input.blocks[0]
+        .allocations
+        .push(pod_alloc("10.244.0.9", "ns", "lent", "node1"));
+    let p = plan(&input);
+    assert_eq!(
+        p.lines(),
+        [
+            "blackhole 10.244.0.0/24",
+            "10.244.0.9 via 10.244.1.0 dev vxlan.calico onlink",
+            "10.244.1.0/24 via 10.244.1.0 dev vxlan.calico onlink",
+            "10.244.1.7 via 10.244.2.0 dev vxlan.calico onlink",
+            "10.244.2.0/24 via 10.244.2.0 dev vxlan.calico onlink",
+        ]
+    );
+    assert_eq!(p.routes[1].kind, RouteKind::BorrowedVxlan);
+    assert_eq!(p.routes[3].kind, RouteKind::BorrowedVxlan);
+}
+
+#[test]
+fn ipip_vxlan_and_unencapsulated_pools_coexist() {
+    let mut input = seed000_input("master", EncapMode::Always);
+    input
+        .pools
+        .push(pool("ipip-pool", "172.16.0.0/16", EncapMode::Always));
+    input
+        .pools
+        .push(pool("plain-pool", "10.10.0.0/16", EncapMode::Never));
+    input.blocks.push(block("172.16.1.0/26", "node1", vec![]));
+    input.blocks.push(block("10.10.2.0/26", "node2", vec![]));
+    input.learned = vec![
+        learned("172.16.1.0/26", "192.168.0.22"),
+        learned("10.10.2.0/26", "192.168.0.8"),
+    ];
+    let p = plan(&input);
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    let kinds: Vec<(String, RouteKind)> =
+        p.routes.iter().map(|r| (r.to_string(), r.kind)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (
+                "10.10.2.0/26 via 192.168.0.8".to_string(),
+                RouteKind::BlockNoEncap
+            ),
+            ("blackhole 10.244.0.0/24".into(), RouteKind::Blackhole),
+            (
+                "10.244.1.0/24 via 10.244.1.0 dev vxlan.calico onlink".into(),
+                RouteKind::BlockVxlan
+            ),
+            (
+                "10.244.2.0/24 via 10.244.2.0 dev vxlan.calico onlink".into(),
+                RouteKind::BlockVxlan
+            ),
+            (
+                "172.16.1.0/26 via 192.168.0.22 dev tunl0 onlink".into(),
+                RouteKind::BlockIpip
+            ),
+        ]
+    );
+    // Switching the VXLAN pool to IPIP gives the same prefixes another route each (the
+    // dataplane replaces them in place); back to VXLAN, the VXLAN routes return.
+    let mut switched = input.clone();
+    switched.pools[0].vxlan = EncapMode::Never;
+    switched.pools[0].ipip = EncapMode::Always;
+    switched
+        .learned
+        .push(learned("10.244.1.0/24", "192.168.0.22"));
+    switched
+        .learned
+        .push(learned("10.244.2.0/24", "192.168.0.8"));
+    let q = plan(&switched);
+    let prefixes = |p: &RoutePlan| p.routes.iter().map(|r| r.prefix).collect::<Vec<_>>();
+    assert_eq!(prefixes(&q), prefixes(&p));
+    assert!(
+        q.lines()
+            .contains(&"10.244.1.0/24 via 192.168.0.22 dev tunl0 onlink".to_string())
+    );
+    assert_eq!(tunnels::vxlan_plan(&switched), (vec![], vec![]));
+
+    input.pools[0].ipip = EncapMode::Always;
+    let both = plan(&input);
+    assert!(
+        !both
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("10.244.1.0") || l.starts_with("10.244.2.0"))
+    );
+    assert!(both.warnings.contains(&PlanWarning::BothEncapsulations {
+        pool: "vxlan-pool".into()
+    }));
+}
+
+#[test]
+fn ipv6_vxlan_uses_vxlan_v6_calico() {
+    let mut input = dual_stack_input(MASTER01, EncapMode::Always);
+    input.vteps = vec![
+        Vtep {
+            node: MASTER01.into(),
+            tunnel_ip: ip("fd00:10:0:a::3"),
+            mac: "66:00:00:00:00:01".parse().unwrap(),
+        },
+        Vtep {
+            node: NODE01.into(),
+            tunnel_ip: ip("fd00:10:0:b::3"),
+            mac: "66:00:00:00:00:02".parse().unwrap(),
+        },
+    ];
+    let p = plan(&input);
+    let v6: Vec<String> = p
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("fd00:10"))
+        .collect();
+    let cali = workload_interface_name("seed", "pod6-m");
+    assert_eq!(
+        v6,
+        [
+            "blackhole fd00:10:0:a::/122".to_string(),
+            format!("fd00:10:0:a::1 dev {cali} scope link"),
+            "fd00:10:0:a::2 via fd00:10:0:b::3 dev vxlan-v6.calico onlink".into(),
+            "fd00:10:0:b::/122 via fd00:10:0:b::3 dev vxlan-v6.calico onlink".into(),
+        ]
+    );
+    let (devices, peers) = tunnels::vxlan_plan(&input);
+    assert_eq!(devices.len(), 1, "the IPv4 pool is IPIP: no vxlan.calico");
+    assert_eq!(devices[0].name, "vxlan-v6.calico");
+    assert_eq!(devices[0].local, ip("fd00:92::128"));
+    assert_eq!(devices[0].address, Some(net("fd00:10:0:a::3/128")));
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].underlay, ip("fd00:92::129"));
+    assert_eq!(peers[0].device, "vxlan-v6.calico");
+}
 #[test]
 fn learned_route_to_self_is_ignored() {
     let mut input = seed_input(MASTER01, EncapMode::Always, seed_after());
@@ -924,6 +1215,7 @@ mod incremental {
                 },
             ],
             local_interfaces: interfaces,
+            vteps: Vec::new(),
         }
     }
 
@@ -1166,8 +1458,8 @@ fn ipv6_cross_subnet_is_decided_by_the_nodes_ipv6_prefix() {
         .find(|r| r.prefix == net("fd00:10:0:b::/122"))
         .unwrap();
     assert_eq!(route.kind, RouteKind::BlockDirect);
-    // With a /128 node address no peer shares the subnet: the route would need the VXLAN
-    // device, which podroute does not have; it is left out and said so.
+    // With a /128 node address no peer shares the subnet: the route goes through the
+    // peer's VTEP; without one it is left out and said so.
     input.local.ipv6 = Some("fd00:92::128/128".parse().unwrap());
     let p = plan(&input);
     assert!(
@@ -1180,9 +1472,19 @@ fn ipv6_cross_subnet_is_decided_by_the_nodes_ipv6_prefix() {
     assert!(
         p.warnings
             .iter()
-            .any(|w| matches!(w, PlanWarning::VxlanUnsupported { .. })),
+            .any(|w| matches!(w, PlanWarning::VxlanNoVtep { .. })),
         "{:?}",
         p.warnings
+    );
+    input.vteps.push(Vtep {
+        node: NODE01.into(),
+        tunnel_ip: ip("fd00:10:0:b::3"),
+        mac: "66:00:00:00:00:02".parse().unwrap(),
+    });
+    assert!(
+        plan(&input).lines().contains(
+            &"fd00:10:0:b::/122 via fd00:10:0:b::3 dev vxlan-v6.calico onlink".to_string()
+        )
     );
     // The IPv4 CrossSubnet decision still uses the IPv4 prefix.
     assert!(

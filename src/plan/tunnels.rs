@@ -144,6 +144,107 @@ pub struct VxlanPeer {
     pub underlay: IpAddr,
 }
 
+/// A node's VXLAN tunnel endpoint as the datastore gives it: Felix's VTEP, from the Node's
+/// `projectcalico.org/IPv4VXLANTunnelAddr` + `IPv4VXLANTunnelMACAddr` (or the IPv6 pair).
+/// The node's underlay address is its `IPv4Address` / `IPv6Address`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Vtep {
+    pub node: String,
+    /// The VXLAN tunnel address; its family says which device it belongs to.
+    pub tunnel_ip: IpAddr,
+    /// The annotation's MAC, else [`default_vtep_mac`].
+    pub mac: MacAddr,
+}
+
+/// The VTEP MAC of a node that has no MAC annotation (yet): derived from the node name and
+/// family, so every node computes the same one for it and its own agent uses it too.
+pub fn default_vtep_mac(node: &str, ipv4: bool) -> MacAddr {
+    if ipv4 {
+        MacAddr::from_seed(node)
+    } else {
+        MacAddr::from_seed(&format!("{node}/ipv6"))
+    }
+}
+
+/// The VXLAN devices and remote VTEPs of Calico's `vxlanMode` for `input` (pure), as Felix
+/// makes them:
+/// - `vxlan.calico` when an IPv4 pool has `vxlanMode` `Always` or `CrossSubnet` (and not
+///   `ipipMode` too) and the node has an IPv4 address; `vxlan-v6.calico` likewise for IPv6.
+///   VNI [`CALICO_VXLAN_VNI`], port [`CALICO_VXLAN_PORT`], parent = the host NIC, local = the
+///   node's address, MTU = the NIC's minus the overhead (`mtu: None`), MAC and address from
+///   the node's own [`Vtep`] (without one: [`default_vtep_mac`] and no address);
+/// - one [`VxlanPeer`] per other node with a VTEP of the device's family and an underlay
+///   address of that family (CrossSubnet neighbours too: Felix programs every VTEP; only
+///   the routes differ).
+pub fn vxlan_plan(input: &super::PlanInput) -> (Vec<VxlanDevice>, Vec<VxlanPeer>) {
+    use super::EncapMode;
+    let local = &input.local;
+    let wants = |ipv4: bool| {
+        input.pools.iter().any(|p| {
+            p.cidr.addr().is_ipv4() == ipv4
+                && p.vxlan != EncapMode::Never
+                && p.ipip == EncapMode::Never
+        })
+    };
+    let mut devices = Vec::new();
+    let mut peers = Vec::new();
+    let families = [
+        (true, local.ipv4.map(|n| IpAddr::V4(n.addr()))),
+        (false, local.ipv6.map(|n| IpAddr::V6(n.addr()))),
+    ];
+    for (ipv4, underlay) in families {
+        let Some(underlay) = underlay.filter(|_| wants(ipv4)) else {
+            continue;
+        };
+        let name = if ipv4 {
+            VXLAN_DEVICE_V4
+        } else {
+            VXLAN_DEVICE_V6
+        };
+        let own = input
+            .vteps
+            .iter()
+            .find(|v| v.node == local.name && v.tunnel_ip.is_ipv4() == ipv4);
+        devices.push(VxlanDevice {
+            name: name.to_owned(),
+            vni: CALICO_VXLAN_VNI,
+            port: CALICO_VXLAN_PORT,
+            mac: own.map_or_else(|| default_vtep_mac(&local.name, ipv4), |v| v.mac),
+            local: underlay,
+            parent: local.nic.clone(),
+            mtu: None,
+            address: own.map(|v| IpNet::from(v.tunnel_ip)),
+        });
+        for vtep in input
+            .vteps
+            .iter()
+            .filter(|v| v.node != local.name && v.tunnel_ip.is_ipv4() == ipv4)
+        {
+            let Some(node) = input.nodes.iter().find(|n| n.name == vtep.node) else {
+                continue;
+            };
+            let remote = if ipv4 {
+                node.ipv4.map(IpAddr::V4)
+            } else {
+                node.ipv6.map(IpAddr::V6)
+            };
+            let Some(remote) = remote.filter(|r| *r != underlay) else {
+                continue;
+            };
+            peers.push(VxlanPeer {
+                device: name.to_owned(),
+                node: vtep.node.clone(),
+                tunnel_ip: vtep.tunnel_ip,
+                mac: vtep.mac,
+                underlay: remote,
+            });
+        }
+    }
+    peers.sort();
+    peers.dedup_by(|a, b| a.device == b.device && a.tunnel_ip == b.tunnel_ip);
+    (devices, peers)
+}
+
 /// Every encapsulation device the node must have and every remote VTEP, for one plan.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TunnelPlan {
@@ -201,10 +302,11 @@ pub fn tunnel_plan(input: &PlanInput, address: IpipAddressSource) -> TunnelPlan 
             pools,
         }
     });
+    let (vxlan, vxlan_peers) = vxlan_plan(input);
     TunnelPlan {
         ipip,
-        vxlan: Vec::new(),
-        vxlan_peers: Vec::new(),
+        vxlan,
+        vxlan_peers,
     }
 }
 
@@ -256,6 +358,7 @@ mod tests {
                 },
             ],
             local_interfaces: Default::default(),
+            vteps: Vec::new(),
         }
     }
 

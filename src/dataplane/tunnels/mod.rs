@@ -40,9 +40,11 @@ pub struct TunnelStatus {
 /// Every encapsulation device of the node.
 pub struct Tunnels {
     ipip: Ipip,
-    // The VXLAN module plugs in here (issue 17): a `vxlan` field of `super::vxlan`'s type,
-    // given `plan.vxlan` and `plan.vxlan_peers` in `apply`, repaired in `maintain`, and told
-    // of routes through its devices in `route_upserted`/`route_removed` if it needs them.
+    // The VXLAN devices and their neighbour/FDB entries are `super::vxlan::VxlanTunnels`,
+    // held by the `Dataplane` itself: they go through the dataplane's batched netlink socket
+    // and are removed only once no route of the dataplane's slots still needs them, which
+    // this async, socket-less dispatcher cannot see. `Dataplane::stream` gives them
+    // `plan.vxlan` and `plan.vxlan_peers` together with this `apply`.
 }
 
 impl Tunnels {
