@@ -67,6 +67,7 @@ fn cluster(local: &str) -> ClusterState {
                     route_reflector_cluster_id: None,
                     ipip_tunnel_addr: None,
                     labels: BTreeMap::new(),
+                    ready: None,
                 },
             )
         })

@@ -5,6 +5,7 @@
 //! decision process and export rules. Only `session` and [`speaker`] touch tokio.
 
 pub mod attrset;
+pub mod connect;
 pub mod fsm;
 pub mod gr;
 pub mod policy;
@@ -15,6 +16,7 @@ pub mod speaker;
 pub mod validate;
 pub mod wire;
 
+pub use connect::ConnectPriority;
 pub use speaker::{
     GrStatus, PeerConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerError, SpeakerSummary,
 };

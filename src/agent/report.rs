@@ -169,6 +169,9 @@ pub(crate) fn update_connect_metrics(metrics: &Metrics, summary: &SpeakerSummary
     metrics
         .connects_in_flight_max
         .set(i64::try_from(summary.connects_in_flight_peak).unwrap_or(i64::MAX));
+    metrics
+        .session_tasks
+        .set(i64::try_from(summary.session_tasks).unwrap_or(i64::MAX));
 }
 
 /// Totals over all peers, and the per-peer gauges and counters while
@@ -581,6 +584,7 @@ mod tests {
                 route_reflector_cluster_id: None,
                 ipip_tunnel_addr: None,
                 labels: Default::default(),
+                ready: None,
             },
         );
         let plan = vec![

@@ -352,7 +352,8 @@ fn node_yaml(n: &NodeSpec) -> String {
         "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations:\n    \
          projectcalico.org/IPv4Address: {addr}\n  labels:\n    \
          kubernetes.io/hostname: {name}\n    kubernetes.io/os: linux\nstatus:\n  addresses:\n  \
-         - address: {ip}\n    type: InternalIP\n  - address: {name}\n    type: Hostname\n",
+         - address: {ip}\n    type: InternalIP\n  - address: {name}\n    type: Hostname\n  \
+         conditions:\n  - type: Ready\n    status: \"True\"\n    reason: KubeletReady\n",
         name = n.name,
         addr = n.addr,
         ip = n.ip(),

@@ -2,7 +2,9 @@
 //! functions before keeping it, so that its memory follows the node's own routes and peers,
 //! not the size of the cluster's text.
 //!
-//! - a `Node` keeps its name, labels, `projectcalico.org/*` annotations and addresses;
+//! - a `Node` keeps its name, labels, `projectcalico.org/*` annotations, addresses and the
+//!   status of its `Ready` condition (not its times or message, which change on every
+//!   heartbeat);
 //! - every Calico object keeps `metadata.name` (and `creationTimestamp`, which decides
 //!   between overlapping pools);
 //! - an `IPAMBlock` affine to another node keeps its CIDR, affinity, deletion marker and the
@@ -13,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::block::Block;
@@ -41,6 +43,11 @@ pub fn slim_node(node: &mut Node) {
             .filter(|(k, _)| k.starts_with(CALICO_ANNOTATION_PREFIX))
             .collect::<BTreeMap<_, _>>()
     });
+    let ready = super::node::node_ready(node).map(|ready| NodeCondition {
+        type_: "Ready".to_string(),
+        status: if ready { "True" } else { "False" }.to_string(),
+        ..NodeCondition::default()
+    });
     let addresses: Option<Vec<NodeAddress>> =
         node.status.take().and_then(|status| status.addresses);
     node.metadata = ObjectMeta {
@@ -50,8 +57,9 @@ pub fn slim_node(node: &mut Node) {
         ..ObjectMeta::default()
     };
     node.spec = None;
-    node.status = addresses.map(|addresses| NodeStatus {
-        addresses: Some(addresses),
+    node.status = (addresses.is_some() || ready.is_some()).then(|| NodeStatus {
+        addresses,
+        conditions: ready.map(|c| vec![c]),
         ..NodeStatus::default()
     });
 }
@@ -254,12 +262,21 @@ mod tests {
             "status": {
                 "addresses": [{"type": "InternalIP", "address": "10.0.0.5"}],
                 "images": [{"names": ["registry/image:tag"], "sizeBytes": 1}],
+                "conditions": [
+                    {"type": "MemoryPressure", "status": "False"},
+                    {"type": "Ready", "status": "True", "reason": "KubeletReady",
+                     "lastHeartbeatTime": "2026-01-01T00:00:00Z"},
+                ],
             },
         }))
         .unwrap();
         let before = crate::model::NodeInfo::from_node(&node).unwrap();
+        assert_eq!(before.ready, Some(true));
         slim_node(&mut node);
         assert_eq!(crate::model::NodeInfo::from_node(&node).unwrap(), before);
+        let conditions = node.status.as_ref().and_then(|s| s.conditions.as_ref());
+        assert_eq!(conditions.map(Vec::len), Some(1), "only Ready");
+        assert!(conditions.is_some_and(|c| c[0].last_heartbeat_time.is_none()));
         assert_eq!(
             node.metadata.annotations.as_ref().map(BTreeMap::len),
             Some(1)
