@@ -26,10 +26,12 @@ pub(crate) fn unix_secs(t: std::time::SystemTime) -> u64 {
 
 /// The peer table of `podroute status`.
 pub(crate) fn peer_rows(statuses: &[PeerStatus], info: &PeerInfo) -> Vec<PeerRow> {
+    // One lookup per peer, not a scan of every status (quadratic at thousands of peers).
+    let by_addr: HashMap<IpAddr, &PeerStatus> = statuses.iter().map(|s| (s.addr, s)).collect();
     let mut rows: Vec<PeerRow> = info
         .iter()
         .map(|(addr, (name, peer_type, passive))| {
-            let status = statuses.iter().find(|s| s.addr == *addr);
+            let status = by_addr.get(addr).copied();
             let state = status.map_or_else(|| "Idle".to_string(), |s| s.state.to_string());
             let stale = status
                 .and_then(|s| s.graceful_restart.as_ref())
@@ -151,6 +153,21 @@ fn record_rejections(metrics: &Metrics, s: &PeerStatus, c: &mut PeerCounts) {
         );
         c.unlogged_rejections = 0;
         c.last_rejection_log = Some(now);
+    }
+}
+
+/// The peers' session states by address, for lookups in loops over blocks or peers: a
+/// linear search of the statuses per block made every status publish of a 5,000-node mesh
+/// (20,000 blocks) scan 100 million entries.
+pub(crate) struct PeerStates(HashMap<IpAddr, podroute_bgp::fsm::State>);
+
+impl PeerStates {
+    pub(crate) fn new(statuses: &[PeerStatus]) -> PeerStates {
+        PeerStates(statuses.iter().map(|s| (s.addr, s.state)).collect())
+    }
+
+    pub(crate) fn get(&self, addr: IpAddr) -> Option<podroute_bgp::fsm::State> {
+        self.0.get(&addr).copied()
     }
 }
 
