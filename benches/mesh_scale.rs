@@ -4,7 +4,9 @@
 //! `cargo bench --bench mesh_scale` (env: `PODROUTE_BENCH_NODES=5000`,
 //! `PODROUTE_BENCH_BLOCKS_PER_NODE=4`, `PODROUTE_BENCH_PODS_PER_BLOCK=3`,
 //! `PODROUTE_BENCH_WARMUP_SECS=20`, `PODROUTE_BENCH_STEADY_SECS=30`,
-//! `PODROUTE_BENCH_KEEP_LOGS=1` to keep the agents' logs). A smoke run:
+//! `PODROUTE_BENCH_KEEP_LOGS=1` to keep the agents' logs, `PODROUTE_BENCH_GHOSTS_READY=true|false`
+//! to give the ghost Nodes a `Ready` condition of `True` or `Unknown`; without it they have none,
+//! while the three real nodes are `Ready=True` as a kubelet reports them). A smoke run:
 //! `PODROUTE_BENCH_NODES=200 PODROUTE_BENCH_WARMUP_SECS=2 PODROUTE_BENCH_STEADY_SECS=3`.
 //!
 //! The lab's cluster (`podroute::lab`: network namespaces, a bridge, one pod per node) with
@@ -34,7 +36,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use ghosts::{blackhole_ghosts, cluster};
+use ghosts::{blackhole_ghosts, cluster_with_ready};
 use podroute::lab::{Lab, LabConfig};
 use support::{cpu_secs, env_usize, is_root, rss_kib};
 
@@ -86,10 +88,15 @@ fn main() {
     let warmup = Duration::from_secs(env_usize("PODROUTE_BENCH_WARMUP_SECS", 20) as u64);
     let steady = Duration::from_secs(env_usize("PODROUTE_BENCH_STEADY_SECS", 30).max(1) as u64);
     let ghosts = nodes - 3;
-    let (spec, bytes) = cluster(ghosts, blocks, pods);
+    let ghosts_ready = match std::env::var("PODROUTE_BENCH_GHOSTS_READY").as_deref() {
+        Ok("true") => Some(true),
+        Ok("false") => Some(false),
+        _ => None,
+    };
+    let (spec, bytes) = cluster_with_ready(ghosts, blocks, pods, ghosts_ready);
     println!(
-        "mesh_scale: {nodes} nodes ({ghosts} never answer) x {blocks} blocks x {pods} pods: \
-         {} blocks, {:.1} MB of YAML",
+        "mesh_scale: {nodes} nodes ({ghosts} never answer, Ready condition {ghosts_ready:?}) x \
+         {blocks} blocks x {pods} pods: {} blocks, {:.1} MB of YAML",
         nodes * blocks,
         bytes as f64 / 1e6
     );

@@ -75,6 +75,7 @@ pub struct Metrics {
     pub connect_attempts: IntCounter,
     pub connects_in_flight: IntGauge,
     pub connects_in_flight_max: IntGauge,
+    pub session_tasks: IntGauge,
     pub routes_programmed: IntGaugeVec,
     pub routes_desired: IntGauge,
     pub routes_failed: IntGauge,
@@ -272,6 +273,11 @@ impl Metrics {
             connects_in_flight_max: reg!(IntGauge::with_opts(opts(
                 "bgp_connects_in_flight_max",
                 "Most outbound BGP connection attempts ever in flight at once since the start."
+            ))),
+            session_tasks: reg!(IntGauge::with_opts(opts(
+                "bgp_session_tasks",
+                "BGP peers with a session task running; the others wait for a connect turn, \
+                 back off or wait for the peer without one."
             ))),
             routes_programmed: reg!(IntGaugeVec::new(
                 opts(

@@ -8,7 +8,8 @@
 //! flight never exceed the speaker's bound (and do reach it: the ghosts keep it busy), the
 //! sockets the agent holds stay near that bound, `/metrics` has no per-peer series beyond the
 //! per-peer label threshold (and as many series as with a handful of peers), `/status` lists
-//! at most its default page of peers, and the real nodes' sessions still come up.
+//! at most its default page of peers, only peers with an attempt or a session hold a session
+//! task, and the real nodes' sessions still come up.
 //!
 //! Root only: without root the test prints a loud SKIP, and with `CI=true` it fails instead.
 
@@ -133,6 +134,16 @@ fn unreachable_mesh_peers_stay_bounded() {
                 "{name} round {round}: {in_flight} attempts in flight, at most {most}; bound \
                  {CONNECT_BOUND}"
             );
+            // A peer has a session task only for an attempt with its turn or a session: the
+            // ghosts waiting for a turn or backing off have none (a task per configured peer
+            // would be 302).
+            let tasks = metric(&text, "podroute_bgp_session_tasks").expect("gauge");
+            assert!(
+                tasks <= (CONNECT_BOUND + 2) as f64,
+                "{name} round {round}: {tasks} session tasks for {} peers, {in_flight} attempts \
+                 in flight",
+                GHOSTS + 2
+            );
             assert_eq!(
                 metric(&text, "podroute_bgp_per_peer_series"),
                 Some(0.0),
@@ -172,8 +183,8 @@ fn unreachable_mesh_peers_stay_bounded() {
     }
 
     // The real nodes' sessions come up despite the ghosts: each agent's real peers reach
-    // Established (their attempts queue behind the ghosts', so this may take a few connect
-    // timeouts).
+    // Established (the real Nodes are Ready, the ghosts have no Ready condition, so the real
+    // peers' attempts go first).
     for name in &names {
         let result = wait_until(
             &format!("{name}: both real peers Established"),

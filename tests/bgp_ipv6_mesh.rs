@@ -69,6 +69,7 @@ fn cluster(local: &str) -> ClusterState {
                     vxlan: Default::default(),
                     labels: BTreeMap::new(),
                     flannel: None,
+                    ready: None,
                 },
             )
         })

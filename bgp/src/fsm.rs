@@ -765,6 +765,17 @@ impl Fsm {
         self.connect_failures
     }
 
+    /// Continue the ConnectRetry backoff of an earlier FSM for the same peer (its driver
+    /// ended while backing off and a new one took over): the next failure backs off as the
+    /// `failures + 1`-th in a row, and the jitter draws a different value than the earlier
+    /// FSM's first.
+    pub fn resume_connect_failures(&mut self, failures: u32) {
+        self.connect_failures = failures;
+        if let Some(state) = self.jitter.0.as_mut() {
+            *state ^= u64::from(failures).wrapping_mul(0xd6e8_feb8_6659_fd93);
+        }
+    }
+
     /// Feeds one event; returns the actions to carry out, in order. Never panics.
     #[must_use = "the driver must carry out the actions"]
     pub fn handle(&mut self, ev: Event) -> Vec<Action> {

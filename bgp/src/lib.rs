@@ -6,6 +6,7 @@
 
 pub mod attrset;
 pub mod best_changes;
+pub mod connect;
 pub mod fsm;
 pub mod gr;
 pub mod policy;
@@ -17,6 +18,7 @@ pub mod validate;
 pub mod wire;
 
 pub use best_changes::BestChanges;
+pub use connect::ConnectPriority;
 pub use speaker::{
     GrStatus, PeerConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerError, SpeakerSummary,
 };

@@ -7,10 +7,20 @@
 //! restarted peer (RFC 4724 §4.2): once its OPEN arrives the old session is closed.
 //!
 //! Outbound connection attempts take a turn from the speaker-wide [`ConnectLimiter`] (peers
-//! wait in FIFO order while it is full) and are cut after the connect timeout; the FSM backs
-//! off between failed attempts. A peer's connection trouble is logged when it starts, when the
-//! backoff reaches its cap, when the error changes and when it ends, never once per attempt.
+//! wait by [`ConnectPriority`] while it is full) and are cut after the connect timeout; the FSM
+//! backs off between failed attempts. A peer's connection trouble is logged when it starts,
+//! when the backoff reaches its cap, when the error changes and when it ends, never once per
+//! attempt.
+//!
+//! A session with nothing to do but wait out its ConnectRetry backoff (no connection, no
+//! attempt, no second connection) *parks*: the task ends and hands the speaker core a
+//! [`Parked`] record (failures in a row, when to retry, what was logged, and its command
+//! receiver with anything queued meanwhile). The core keeps that compact record, queues the
+//! peer for a connect turn when the backoff is over, and starts a new task with the turn in
+//! hand ([`run`]'s `first_turn`) or when the peer connects to us. A mesh of thousands of
+//! unreachable nodes thus holds a task only per attempt in flight.
 
+use crate::connect::{ConnectLimiter, ConnectPriority, ConnectTurn};
 use crate::fsm::{
     Action, ConnectionSide, DownReason, Event, Fsm, FsmConfig, Negotiated, State, Timer,
     collision_loser,
@@ -26,12 +36,12 @@ use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -51,6 +61,8 @@ pub(crate) enum SessionCmd {
     Abort,
     /// The graceful restart capability to announce in OPENs from now on.
     SetGracefulRestart(Option<GracefulRestartCap>),
+    /// Where the next attempts queue for a turn.
+    SetPriority(ConnectPriority),
 }
 
 /// Events from a session task to the speaker core.
@@ -85,106 +97,29 @@ pub(crate) enum SessionEvent {
         failures: u32,
         delay: Duration,
     },
+    /// The task ended to wait out its backoff without a task (see the module docs).
+    Parked(Box<Parked>),
 }
 
-/// The speaker-wide bound on outbound connection attempts in flight: a session takes a turn
-/// before it calls `connect` and gives it back when the attempt ends (or is abandoned), so
-/// thousands of unreachable peers hold at most `limit` half-open sockets between them.
+/// What a parked session leaves to the speaker core.
 #[derive(Debug)]
-pub(crate) struct ConnectLimiter {
-    turns: Arc<Semaphore>,
-    /// Peers whose previous attempt failed hold at most half of the turns (and queue for
-    /// them here first), so that dead peers backing off can never keep a live one waiting
-    /// more than one attempt's time: a fresh attempt has at most `limit / 2` retries queued
-    /// ahead of it for `turns`.
-    retry_turns: Arc<Semaphore>,
-    limit: usize,
-    in_flight: AtomicUsize,
-    waiting: AtomicUsize,
-    /// Most attempts ever in flight at once (checked against `limit` by the tests).
-    in_flight_max: AtomicUsize,
-    attempts: AtomicU64,
+pub(crate) struct Parked {
+    pub resume: Resume,
+    /// When the ConnectRetry timer expires.
+    pub retry_at: Instant,
+    /// The task's command receiver: commands sent after it stopped reading are still there.
+    pub cmds: mpsc::UnboundedReceiver<SessionCmd>,
 }
 
-/// What [`ConnectLimiter`] reports.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct ConnectCounts {
-    pub limit: usize,
-    pub in_flight: usize,
-    pub waiting: usize,
-    pub in_flight_max: usize,
-    pub attempts: u64,
-}
-
-impl ConnectLimiter {
-    /// At most `limit` attempts in flight (at least 1).
-    pub(crate) fn new(limit: usize) -> ConnectLimiter {
-        let limit = limit.max(1);
-        ConnectLimiter {
-            turns: Arc::new(Semaphore::new(limit)),
-            retry_turns: Arc::new(Semaphore::new((limit / 2).max(1))),
-            limit,
-            in_flight: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
-            in_flight_max: AtomicUsize::new(0),
-            attempts: AtomicU64::new(0),
-        }
-    }
-
-    pub(crate) fn counts(&self) -> ConnectCounts {
-        ConnectCounts {
-            limit: self.limit,
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-            waiting: self.waiting.load(Ordering::Relaxed),
-            in_flight_max: self.in_flight_max.load(Ordering::Relaxed),
-            attempts: self.attempts.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Wait for a turn (FIFO within each lane; `retrying`: the peer's previous attempt
-    /// failed). The turn ends when the returned guard is dropped.
-    async fn turn(self: &Arc<Self>, retrying: bool) -> std::io::Result<ConnectTurn> {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        let waiting = Counted(self.clone(), |l| &l.waiting);
-        let retry_permit = if retrying {
-            Some(
-                self.retry_turns
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| std::io::Error::other("connection limiter closed"))?,
-            )
-        } else {
-            None
-        };
-        let permit = self.turns.clone().acquire_owned().await;
-        drop(waiting);
-        let permit = permit.map_err(|_| std::io::Error::other("connection limiter closed"))?;
-        let n = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        self.in_flight_max.fetch_max(n, Ordering::Relaxed);
-        self.attempts.fetch_add(1, Ordering::Relaxed);
-        Ok(ConnectTurn {
-            _in_flight: Counted(self.clone(), |l| &l.in_flight),
-            _permit: permit,
-            _retry_permit: retry_permit,
-        })
-    }
-}
-
-/// Decrements one of the limiter's gauges when dropped (also when a future is cancelled).
-struct Counted(Arc<ConnectLimiter>, fn(&ConnectLimiter) -> &AtomicUsize);
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        (self.1)(&self.0).fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// One attempt's turn: the gauge is decremented before the permit goes back.
-struct ConnectTurn {
-    _in_flight: Counted,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    _retry_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+/// What a new session task continues from.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Resume {
+    /// Connection failures in a row (the backoff goes on from there).
+    pub failures: u32,
+    /// How many times the peer's sessions reached Established (UPDATEs queued by the core
+    /// name the session they are for by this count).
+    pub established: u64,
+    trouble: ConnectTrouble,
 }
 
 /// What the session task needs to know.
@@ -197,6 +132,10 @@ pub(crate) struct SessionParams {
     /// How long one outbound connection attempt may take once it has its turn.
     pub connect_timeout: Duration,
     pub limiter: Arc<ConnectLimiter>,
+    /// Where the peer's attempts queue for a turn.
+    pub priority: ConnectPriority,
+    /// What the peer's previous session task left (see [`Parked`]).
+    pub resume: Resume,
     /// TCP-MD5 key (RFC 2385) of the session's connections.
     pub md5_key: Option<Arc<[u8]>>,
     /// GTSM (RFC 5082): the peer is at most this many hops away.
@@ -397,16 +336,26 @@ async fn read_some(slot: &mut Option<Slot>) -> std::io::Result<usize> {
     }
 }
 
+/// Where an attempt gets its turn: granted already, or from the limiter.
+struct TurnSource {
+    granted: Option<ConnectTurn>,
+    limiter: Arc<ConnectLimiter>,
+    priority: ConnectPriority,
+    retrying: bool,
+}
+
 /// One outbound attempt: wait for a turn, then connect within `timeout`.
 async fn connect_to(
-    limiter: Arc<ConnectLimiter>,
+    turn: TurnSource,
     remote: SocketAddr,
     local: Option<IpAddr>,
     timeout: Duration,
     security: SocketSecurity,
-    retrying: bool,
 ) -> std::io::Result<TcpStream> {
-    let _turn = limiter.turn(retrying).await?;
+    let _turn = match turn.granted {
+        Some(t) => t,
+        None => turn.limiter.turn(turn.priority, turn.retrying).await?,
+    };
     let socket = match remote {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -433,7 +382,7 @@ async fn connect_to(
 }
 
 /// What the driver remembers to log connection trouble once per change, not per attempt.
-#[derive(Default)]
+#[derive(Clone, Debug, Default)]
 struct ConnectTrouble {
     /// The last attempt's error, if it failed.
     error: Option<String>,
@@ -457,6 +406,8 @@ struct Driver {
     trouble: ConnectTrouble,
     /// RFC 7606 findings not logged yet, and when the last WARN about them was.
     findings: FindingLog,
+    /// The turn the core got for the first attempt.
+    first_turn: Option<ConnectTurn>,
 }
 
 /// Rate-limited WARN lines for malformed or refused UPDATE contents (RFC 7606): at most one
@@ -493,23 +444,27 @@ impl FindingLog {
     }
 }
 
-/// The session task. Ends after a Stop command or when the core goes away.
+/// The session task. Ends after a Stop command, when the core goes away, or when it parks
+/// (see the module docs). `first_turn`: a connect turn the core already got for it.
 pub(crate) async fn run(
     p: SessionParams,
     cmds: mpsc::UnboundedReceiver<SessionCmd>,
     events: mpsc::Sender<(PeerId, SessionEvent)>,
+    first_turn: Option<ConnectTurn>,
 ) {
     // `instrument`, not `span.enter()`: a guard held across `.await` leaks the span into
     // whatever else runs on the worker thread meanwhile (other peers, the datastore, ...).
     let span = tracing::info_span!("bgp_peer", peer = %p.remote);
-    tracing::Instrument::instrument(drive(p, cmds, events), span).await
+    tracing::Instrument::instrument(drive(p, cmds, events, first_turn), span).await
 }
 
 async fn drive(
-    p: SessionParams,
+    mut p: SessionParams,
     mut cmds: mpsc::UnboundedReceiver<SessionCmd>,
     events: mpsc::Sender<(PeerId, SessionEvent)>,
+    first_turn: Option<ConnectTurn>,
 ) {
+    let resume = std::mem::take(&mut p.resume);
     let mut d = Driver {
         main: Some(Slot::new(p.fsm.clone(), ConnectionSide::Outbound)),
         p,
@@ -517,11 +472,17 @@ async fn drive(
         extra: None,
         connecting: None,
         stopping: false,
-        established: 0,
-        trouble: ConnectTrouble::default(),
+        established: resume.established,
+        trouble: resume.trouble,
         findings: FindingLog::default(),
+        first_turn,
     };
     Box::pin(d.handle(true, Event::ManualStart)).await;
+    if let Some(s) = d.main.as_mut() {
+        s.fsm.resume_connect_failures(resume.failures);
+    }
+    // A turn the first event did not use (a passive peer) goes back at once.
+    d.first_turn = None;
     // Every handler below runs boxed: the task of an idle session (most of a large mesh's,
     // waiting to connect or back off) then holds only the driver and the select's own
     // futures, not room for the largest handler's state (about 7 KB per peer before).
@@ -562,6 +523,7 @@ async fn drive(
                         s.fsm.set_graceful_restart(cap.clone());
                     }
                 }
+                Some(SessionCmd::SetPriority(p)) => d.p.priority = p,
                 None => {
                     Box::pin(d.stop(Notification::cease(wire::cease::ADMIN_SHUTDOWN))).await;
                     return;
@@ -596,10 +558,43 @@ async fn drive(
         if d.stopping {
             return;
         }
+        if let Some(retry_at) = d.parkable() {
+            let parked = Parked {
+                resume: Resume {
+                    failures: d.main.as_ref().map_or(0, |s| s.fsm.connect_failures()),
+                    established: d.established,
+                    trouble: std::mem::take(&mut d.trouble),
+                },
+                retry_at,
+                cmds,
+            };
+            debug!("backing off without a task");
+            Box::pin(d.emit(SessionEvent::Parked(Box::new(parked)))).await;
+            return;
+        }
     }
 }
 
 impl Driver {
+    /// When the ConnectRetry timer expires, if waiting for it is all the session does: one
+    /// connection slot, in Active, without a connection or an attempt, and no other timer.
+    fn parkable(&self) -> Option<Instant> {
+        if self.extra.is_some() || self.connecting.is_some() {
+            return None;
+        }
+        let s = self.main.as_ref()?;
+        if s.fsm.state() != State::Active || s.conn.is_some() {
+            return None;
+        }
+        let others_idle = TIMERS
+            .iter()
+            .filter(|t| **t != Timer::ConnectRetry)
+            .all(|t| s.timers[timer_index(*t)].is_none());
+        others_idle
+            .then_some(s.timers[timer_index(Timer::ConnectRetry)])
+            .flatten()
+    }
+
     fn slot(&mut self, main: bool) -> Option<&mut Slot> {
         if main {
             self.main.as_mut()
@@ -765,19 +760,22 @@ impl Driver {
         match a {
             Action::Connect => {
                 if main && self.connecting.is_none() {
-                    let limiter = self.p.limiter.clone();
                     let timeout = self.p.connect_timeout;
                     let security = SocketSecurity {
                         md5_key: self.p.md5_key.clone(),
                         ttl_security: self.p.ttl_security,
                     };
-                    let retrying = self
-                        .main
-                        .as_ref()
-                        .is_some_and(|s| s.fsm.connect_failures() > 0);
-                    self.connecting = Some(Box::pin(connect_to(
-                        limiter, remote, local, timeout, security, retrying,
-                    )));
+                    let turn = TurnSource {
+                        granted: self.first_turn.take(),
+                        limiter: self.p.limiter.clone(),
+                        priority: self.p.priority,
+                        retrying: self
+                            .main
+                            .as_ref()
+                            .is_some_and(|s| s.fsm.connect_failures() > 0),
+                    };
+                    self.connecting =
+                        Some(Box::pin(connect_to(turn, remote, local, timeout, security)));
                 }
             }
             Action::CloseConnection => {

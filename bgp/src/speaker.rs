@@ -47,14 +47,21 @@
 //! # Connecting to many peers
 //!
 //! Outbound connection attempts are bounded speaker-wide
-//! ([`SpeakerConfig::max_connects_in_flight`]; the others wait their turn, first come first
-//! served) and each is cut after [`SpeakerConfig::connect_timeout`]. A peer that refuses or
+//! ([`SpeakerConfig::max_connects_in_flight`]; the others wait their turn, peers likely to
+//! answer first: [`PeerConfig::connect_priority`], see [`crate::connect`]) and each is cut
+//! after [`SpeakerConfig::connect_timeout`]. A peer that refuses or
 //! does not answer is retried after an exponential backoff with jitter (the FSM's
 //! ConnectRetry: [`SpeakerConfig::connect_retry`] doubling up to
 //! [`SpeakerConfig::connect_retry_max`], reset when a session reaches Established). Its
 //! status shows the failures in a row and the next attempt ([`PeerStatus::connect_failures`],
 //! [`PeerStatus::next_retry`]); [`Speaker::summary`] counts peers by state and the attempts in
 //! flight. A connection the peer opens to us is accepted at any time, backoff or not.
+//!
+//! A peer has a session task only while it has something to do: a connection, an attempt
+//! with its turn, or a session that is up or coming up. A peer waiting for its first turn,
+//! backing off after failures, or passive and never connected to, is a compact record in the
+//! core; its task is started when its turn comes or when it connects to us, and ends again
+//! (parks) when all it has left is to wait out a backoff ([`SpeakerSummary::session_tasks`]).
 //!
 //! To restart without the peers dropping our routes, stop with
 //! [`Speaker::shutdown_for_restart`] (no NOTIFICATION) rather than [`Speaker::shutdown`]
@@ -70,6 +77,7 @@
 //! once and makes a few system calls per client, not one per UPDATE per client.
 
 use crate::best_changes::{BestChangeSender, BestChanges};
+use crate::connect::{ConnectLimiter, ConnectPriority, ConnectTurn, WaitKey};
 use crate::fsm::{FsmConfig, State};
 use crate::gr::{
     DEFAULT_MAX_RESTART_TIME, DEFAULT_SELECTION_DEFERRAL, DeferralPeer, GrAction, GrEvent,
@@ -79,7 +87,7 @@ use crate::policy::{ExportRules, PrefixFilter};
 use crate::rib::{
     BestChange, BestRoute, Export, GroupExport, LOCAL, PeerId, Pending, Rib, RibOutput, RibPeer,
 };
-use crate::session::{self, ConnectLimiter, SessionCmd, SessionEvent, SessionParams};
+use crate::session::{self, Parked, Resume, SessionCmd, SessionEvent, SessionParams};
 use crate::wire::{
     CodecContext, Family, GrFamily, GracefulRestartCap, Notification, PathAttrs, UpdateEncoder,
     cease,
@@ -211,6 +219,9 @@ pub struct PeerConfig {
     /// the kernel drops the peer's packets that arrive with a TTL below 256 - hops
     /// (`IP_MINTTL` / `IPV6_MINHOPCOUNT`).
     pub ttl_security: Option<u8>,
+    /// Where the peer's outbound attempts queue while the bound on attempts in flight is
+    /// reached. A change is applied to the running session without restarting it.
+    pub connect_priority: ConnectPriority,
 }
 
 impl PeerConfig {
@@ -238,6 +249,7 @@ impl PeerConfig {
             keepalive_time: None,
             password: None,
             ttl_security: None,
+            connect_priority: ConnectPriority::Normal,
         }
     }
 
@@ -331,6 +343,9 @@ pub struct SpeakerSummary {
     pub connects_waiting: usize,
     /// Outbound connection attempts started since the speaker started.
     pub connect_attempts: u64,
+    /// Peers with a session task running (the others wait for a turn, back off, or wait for
+    /// the peer as a compact record: see the module docs).
+    pub session_tasks: usize,
 }
 
 /// Graceful restart (RFC 4724) with one peer, we being the helper.
@@ -612,7 +627,10 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 struct PeerEntry {
     cfg: PeerConfig,
     status: PeerStatus,
-    session: mpsc::UnboundedSender<SessionCmd>,
+    /// The session task's commands; `None` while the peer has no task (`dormant`).
+    session: Option<mpsc::UnboundedSender<SessionCmd>>,
+    /// Set exactly when `session` is `None`.
+    dormant: Option<Dormant>,
     codec: CodecContext,
     families: Vec<Family>,
     /// A session is Established (set by the Established event, cleared by Down).
@@ -622,6 +640,14 @@ struct PeerEntry {
     gr_timers: [Option<Instant>; 2],
     /// The graceful restart capability last given to the session task.
     gr_cap: Option<GracefulRestartCap>,
+}
+
+/// A peer without a session task: what the next task continues from, and its place in the
+/// connect queue or the time its backoff ends.
+struct Dormant {
+    resume: Resume,
+    retry_at: Option<Instant>,
+    waiting: Option<WaitKey>,
 }
 
 struct Core {
@@ -645,6 +671,10 @@ struct Core {
     /// [`Speaker::initial_config_done`] was called, or no barrier is configured.
     config_complete: bool,
     limiter: Arc<ConnectLimiter>,
+    /// Turns granted to dormant peers.
+    grants_rx: Option<mpsc::UnboundedReceiver<(PeerId, ConnectTurn)>>,
+    /// Dormant peers' backoff deadlines (entries of peers no longer waiting are skipped).
+    retries: BTreeSet<(Instant, PeerId)>,
     /// Every peer's jitter seed is derived from this one.
     jitter_seed: u64,
 }
@@ -702,6 +732,7 @@ impl Core {
         converged_tx: watch::Sender<bool>,
     ) -> Core {
         let (ev_tx, ev_rx) = mpsc::channel(4096);
+        let (grants_tx, grants_rx) = mpsc::unbounded_channel();
         let deferring = cfg.restarting;
         Core {
             rib: Rib::new(cfg.local_as, cfg.router_id, cfg.cluster_id),
@@ -718,7 +749,9 @@ impl Core {
             deferred: BTreeSet::new(),
             converged_tx,
             config_complete: !cfg.initial_config_barrier,
-            limiter: Arc::new(ConnectLimiter::new(cfg.max_connects_in_flight)),
+            limiter: Arc::new(ConnectLimiter::new(cfg.max_connects_in_flight, grants_tx)),
+            grants_rx: Some(grants_rx),
+            retries: BTreeSet::new(),
             jitter_seed: cfg.jitter_seed.unwrap_or_else(|| {
                 let now = SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
@@ -730,7 +763,8 @@ impl Core {
     }
 
     async fn run(mut self, mut cmds: mpsc::Receiver<Command>) {
-        let Some(mut events) = self.ev_rx.take() else {
+        let (Some(mut events), Some(mut grants)) = (self.ev_rx.take(), self.grants_rx.take())
+        else {
             return;
         };
         loop {
@@ -749,6 +783,7 @@ impl Core {
                     }
                 },
                 Some(first) = events.recv() => self.events(first, &mut events).await,
+                Some((id, turn)) = grants.recv() => self.granted(id, turn),
                 _ = sleep_until(deadline) => self.fire_timers().await,
             }
         }
@@ -765,7 +800,9 @@ impl Core {
             } else {
                 SessionCmd::Stop(Notification::cease(cease::ADMIN_SHUTDOWN))
             };
-            let _ = p.session.send(cmd);
+            if let Some(session) = &p.session {
+                let _ = session.send(cmd);
+            }
         }
         // Give the session tasks a moment to flush their NOTIFICATIONs (or close).
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -776,12 +813,20 @@ impl Core {
             .values()
             .flat_map(|p| p.gr_timers.iter().flatten())
             .chain(self.deferral_deadline.iter())
+            .chain(self.retries.first().map(|(t, _)| t))
             .min()
             .copied()
     }
 
     async fn fire_timers(&mut self) {
         let now = Instant::now();
+        while let Some(&(t, id)) = self.retries.first() {
+            if t > now {
+                break;
+            }
+            self.retries.pop_first();
+            self.request_turn(id, t);
+        }
         if self.deferral_deadline.is_some_and(|d| d <= now) {
             if !self.config_complete {
                 warn!(
@@ -838,12 +883,18 @@ impl Core {
                 let _ = reply.send(self.add_peer(cfg));
             }
             Command::SetPeer(cfg, reply) => {
-                let unchanged = self
-                    .by_addr
-                    .get(&cfg.addr)
-                    .and_then(|id| self.peers.get(id))
-                    .is_some_and(|p| p.cfg == cfg);
+                let existing = self.by_addr.get(&cfg.addr).copied();
+                let (unchanged, priority_only) = existing
+                    .and_then(|id| self.peers.get(&id))
+                    .map_or((false, false), |p| {
+                        let mut same = cfg.clone();
+                        same.connect_priority = p.cfg.connect_priority;
+                        (p.cfg == cfg, p.cfg == same)
+                    });
                 let r = if unchanged {
+                    Ok(())
+                } else if let (true, Some(id)) = (priority_only, existing) {
+                    self.set_priority(id, cfg.connect_priority);
                     Ok(())
                 } else {
                     self.remove(cfg.addr, cease::OTHER_CONFIG_CHANGE).await;
@@ -900,14 +951,8 @@ impl Core {
                     self.check_deferral().await;
                 }
             }
-            Command::Inbound(stream, remote) => match self
-                .by_addr
-                .get(&peer_ip(remote.ip()))
-                .and_then(|id| self.peers.get(id))
-            {
-                Some(p) => {
-                    let _ = p.session.send(SessionCmd::Inbound(stream));
-                }
+            Command::Inbound(stream, remote) => match self.by_addr.get(&peer_ip(remote.ip())) {
+                Some(&id) => self.inbound(id, stream),
                 None => debug!(%remote, "connection from an unconfigured address refused"),
             },
             Command::Shutdown(..) => {}
@@ -918,6 +963,7 @@ impl Core {
         let mut s = SpeakerSummary::default();
         for p in self.peers.values() {
             *s.peers_by_state.entry(p.status.state).or_default() += 1;
+            s.session_tasks += usize::from(p.session.is_some());
             if p.status.next_retry.is_some() && p.status.connect_failures > 0 {
                 s.peers_backing_off += 1;
             }
@@ -958,9 +1004,12 @@ impl Core {
             return false;
         };
         if let Some(p) = self.peers.remove(&id) {
-            let _ = p
-                .session
-                .send(SessionCmd::Stop(Notification::cease(subcode)));
+            if let Some(session) = &p.session {
+                let _ = session.send(SessionCmd::Stop(Notification::cease(subcode)));
+            }
+            if let Some(key) = p.dormant.and_then(|d| d.waiting) {
+                self.limiter.cancel(key);
+            }
             if p.cfg.password.is_some()
                 && let Some(l) = &self.listener_socket
                 && let Err(e) = crate::sockopt::set_md5_key(l.as_ref(), listener_ip(l, addr), None)
@@ -981,23 +1030,7 @@ impl Core {
         self.next_id += 1;
         self.rib
             .add_peer(id, cfg.rib_peer(IpAddr::V4(self.cfg.router_id)));
-        // Unbounded, but never long: the core must not wait on a session (the session waits
-        // on the core's bounded event channel), and the session task moves each command on at
-        // once; the bytes of UPDATEs then wait in the connection's writer queue, which is
-        // bounded (`session::MAX_UNSENT_BYTES`: a peer that stops reading is disconnected).
-        let (tx, rx) = mpsc::unbounded_channel();
-        let fsm = self.fsm_config(&cfg);
-        let gr_cap = fsm.graceful_restart.clone();
-        let params = SessionParams {
-            id,
-            remote: SocketAddr::new(cfg.addr, cfg.port),
-            local_addr: cfg.local_addr,
-            fsm,
-            connect_timeout: self.cfg.connect_timeout,
-            limiter: self.limiter.clone(),
-            md5_key: cfg.password.clone(),
-            ttl_security: cfg.ttl_security,
-        };
+        let gr_cap = gr_capability(&self.cfg, self.deferring, &cfg.families, false);
         // Connections from the peer need its key on the listener before they arrive.
         let mut key_error = None;
         if let (Some(key), Some(l)) = (&cfg.password, &self.listener_socket)
@@ -1007,13 +1040,17 @@ impl Core {
             warn!(peer = %cfg.addr, error = %e, "cannot set the TCP-MD5 key on the listener");
             key_error = Some(format!("TCP-MD5 key on the listener: {e}"));
         }
-        tokio::spawn(session::run(params, rx, self.ev_tx.clone()));
         let status = PeerStatus {
             addr: cfg.addr,
             port: cfg.port,
             remote_as: cfg.remote_as,
             kind: cfg.kind.clone(),
-            state: State::Idle,
+            // As a started FSM: waiting for its connect turn, or for the peer.
+            state: if cfg.passive {
+                State::Active
+            } else {
+                State::Connect
+            },
             since: SystemTime::now(),
             established_count: 0,
             prefixes_received: 0,
@@ -1034,13 +1071,19 @@ impl Core {
             next_retry: None,
         };
         let gr = GrHelper::new(cfg.gr_helper_config(self.cfg.graceful_restart_time.is_some()));
+        let passive = cfg.passive;
         self.by_addr.insert(cfg.addr, id);
         self.peers.insert(
             id,
             PeerEntry {
                 cfg,
                 status,
-                session: tx,
+                session: None,
+                dormant: Some(Dormant {
+                    resume: Resume::default(),
+                    retry_at: None,
+                    waiting: None,
+                }),
                 codec: CodecContext::default(),
                 families: Vec::new(),
                 up: false,
@@ -1049,7 +1092,149 @@ impl Core {
                 gr_cap,
             },
         );
+        if !passive {
+            self.request_turn(id, Instant::now());
+        }
         Ok(())
+    }
+
+    /// Queue a dormant peer for a connect turn (its backoff ended at `due`).
+    fn request_turn(&mut self, id: PeerId, due: Instant) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some(d) = p.dormant.as_mut() else { return };
+        if d.retry_at.is_some_and(|t| t != due) || d.waiting.is_some() {
+            // A stale deadline: the peer was given another one, or is queued already.
+            return;
+        }
+        d.retry_at = None;
+        d.waiting = Some(
+            self.limiter
+                .request(id, p.cfg.connect_priority, d.resume.failures > 0),
+        );
+    }
+
+    /// A dormant peer's turn came: start its session with the turn in hand.
+    fn granted(&mut self, id: PeerId, turn: ConnectTurn) {
+        let queued = self
+            .peers
+            .get_mut(&id)
+            .and_then(|p| p.dormant.as_mut())
+            .and_then(|d| d.waiting.take())
+            .is_some();
+        if queued {
+            self.spawn_session(id, Some(turn), None);
+        }
+        // Otherwise the peer went away or got a task meanwhile: the turn goes back.
+    }
+
+    /// A connection from the peer: to its task, or a new task for a dormant peer.
+    fn inbound(&mut self, id: PeerId, stream: tokio::net::TcpStream) {
+        let Some(p) = self.peers.get(&id) else { return };
+        match &p.session {
+            Some(session) => {
+                let _ = session.send(SessionCmd::Inbound(stream));
+            }
+            None => self.spawn_session(id, None, Some(stream)),
+        }
+    }
+
+    /// Where the peer's attempts queue from now on.
+    fn set_priority(&mut self, id: PeerId, priority: ConnectPriority) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        p.cfg.connect_priority = priority;
+        if let Some(session) = &p.session {
+            let _ = session.send(SessionCmd::SetPriority(priority));
+        }
+        if let Some(key) = p.dormant.as_mut().and_then(|d| d.waiting.take()) {
+            // Queue again at the new priority.
+            self.limiter.cancel(key);
+            self.request_turn(id, Instant::now());
+        }
+    }
+
+    /// Start the session task of a dormant peer, with a connect turn or a connection from the
+    /// peer.
+    fn spawn_session(
+        &mut self,
+        id: PeerId,
+        turn: Option<ConnectTurn>,
+        inbound: Option<tokio::net::TcpStream>,
+    ) {
+        let Some(p) = self.peers.get(&id) else { return };
+        if p.session.is_some() {
+            return;
+        }
+        let mut fsm = self.fsm_config(&p.cfg);
+        fsm.graceful_restart = p.gr_cap.clone();
+        let mut params = SessionParams {
+            id,
+            remote: SocketAddr::new(p.cfg.addr, p.cfg.port),
+            local_addr: p.cfg.local_addr,
+            fsm,
+            connect_timeout: self.cfg.connect_timeout,
+            limiter: self.limiter.clone(),
+            priority: p.cfg.connect_priority,
+            resume: Resume::default(),
+            md5_key: p.cfg.password.clone(),
+            ttl_security: p.cfg.ttl_security,
+        };
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some(dormant) = p.dormant.take() else {
+            return;
+        };
+        if let Some(key) = dormant.waiting {
+            self.limiter.cancel(key);
+        }
+        params.resume = dormant.resume;
+        // Unbounded, but never long: the core must not wait on a session (the session waits
+        // on the core's bounded event channel), and the session task moves each command on at
+        // once; the bytes of UPDATEs then wait in the connection's writer queue, which is
+        // bounded (`session::MAX_UNSENT_BYTES`: a peer that stops reading is disconnected).
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Some(stream) = inbound {
+            let _ = tx.send(SessionCmd::Inbound(stream));
+        }
+        p.session = Some(tx);
+        tokio::spawn(session::run(params, rx, self.ev_tx.clone(), turn));
+    }
+
+    /// A session task ended to back off without a task: keep the record, wake it at the end
+    /// of the backoff (or at once for a connection that arrived meanwhile).
+    fn parked(&mut self, id: PeerId, parked: Parked) {
+        let Parked {
+            resume,
+            retry_at,
+            mut cmds,
+        } = parked;
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        p.session = None;
+        p.dormant = Some(Dormant {
+            resume,
+            retry_at: Some(retry_at),
+            waiting: None,
+        });
+        let mut inbound = None;
+        while let Ok(cmd) = cmds.try_recv() {
+            // UPDATEs, Stop and Abort are for a session that is not up or a peer being
+            // removed; the capability is given again at the next start.
+            if let SessionCmd::Inbound(stream) = cmd {
+                inbound = Some(stream);
+            }
+        }
+        match inbound {
+            Some(stream) => self.spawn_session(id, None, Some(stream)),
+            None => {
+                self.retries.insert((retry_at, id));
+            }
+        }
     }
 
     /// Handle `first` and whatever else the sessions have queued, up to a bound. Consecutive
@@ -1131,6 +1316,7 @@ impl Core {
                 p.status.connect_failures = failures;
                 p.status.next_retry = Some(SystemTime::now() + delay);
             }
+            SessionEvent::Parked(parked) => self.parked(id, *parked),
             SessionEvent::NotificationSent(n) => {
                 p.status.notifications_sent += 1;
                 p.status.last_error = Some(format!("sent NOTIFICATION {n}"));
@@ -1272,7 +1458,9 @@ impl Core {
         );
         if cap != p.gr_cap {
             p.gr_cap = cap.clone();
-            let _ = p.session.send(SessionCmd::SetGracefulRestart(cap));
+            if let Some(session) = &p.session {
+                let _ = session.send(SessionCmd::SetGracefulRestart(cap));
+            }
         }
     }
 
@@ -1365,8 +1553,10 @@ impl Core {
             }
         }
         p.status.updates_sent += messages as u64;
-        if !buf.is_empty() {
-            let _ = p.session.send(SessionCmd::Send(
+        if !buf.is_empty()
+            && let Some(session) = &p.session
+        {
+            let _ = session.send(SessionCmd::Send(
                 p.status.established_count,
                 vec![buf.freeze()],
             ));
@@ -1403,10 +1593,10 @@ impl Core {
                 pieces.push(buf.freeze());
             }
             p.status.updates_sent += messages as u64;
-            if !pieces.is_empty() {
-                let _ = p
-                    .session
-                    .send(SessionCmd::Send(p.status.established_count, pieces));
+            if !pieces.is_empty()
+                && let Some(session) = &p.session
+            {
+                let _ = session.send(SessionCmd::Send(p.status.established_count, pieces));
             }
         }
     }

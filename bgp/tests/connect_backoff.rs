@@ -307,3 +307,72 @@ async fn a_new_peer_is_not_queued_behind_dead_peers_retrying() {
     live.shutdown().await.unwrap();
     drop(silent);
 }
+
+/// Peers with nothing to do hold no session task (issue 14, memory at scale): passive peers
+/// that never connect, and refusing peers while they back off, are records in the speaker's
+/// core. A task exists for an attempt with its turn, and for a peer that connects to us, and
+/// the backoff goes on across tasks. With a task per configured peer (as before),
+/// `session_tasks` would be 80 throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_without_work_hold_no_session_task() {
+    let s_ep = Endpoint::alloc();
+    let mut cfg = speaker_config(&s_ep);
+    // Long enough that every refusing peer is backing off when we look.
+    cfg.connect_retry = Duration::from_secs(20);
+    cfg.connect_retry_max = Duration::from_secs(20);
+    let s = Speaker::start(cfg).await.unwrap().0;
+    let passive: Vec<Endpoint> = (0..40).map(|_| Endpoint::alloc()).collect();
+    let refusing: Vec<Endpoint> = (0..40).map(|_| Endpoint::alloc()).collect();
+    for ep in &passive {
+        let mut p = peer(&s_ep, ep);
+        p.passive = true;
+        s.add_peer(p).await.unwrap();
+    }
+    let sum = s.summary().await.unwrap();
+    assert_eq!(
+        sum.session_tasks, 0,
+        "passive peers never connected to: {sum:?}"
+    );
+    assert_eq!(sum.peers_by_state.get(&State::Active), Some(&40), "{sum:?}");
+    for ep in &refusing {
+        s.add_peer(peer(&s_ep, ep)).await.unwrap();
+    }
+    wait_for("every refusing peer to fail once", || async {
+        let peers = s.peers().await.unwrap();
+        peers
+            .iter()
+            .filter(|p| p.connect_failures >= 1 && p.next_retry.is_some())
+            .count()
+            == refusing.len()
+    })
+    .await;
+    wait_for("no session task while backing off", || async {
+        s.summary().await.unwrap().session_tasks == 0
+    })
+    .await;
+    let sum = s.summary().await.unwrap();
+    assert_eq!(sum.peers_by_state.values().sum::<usize>(), 80, "{sum:?}");
+    assert!(sum.peers_backing_off >= refusing.len(), "{sum:?}");
+
+    // A passive peer connects to us: it gets a task and a session.
+    let first = passive[0];
+    let mut l_cfg = speaker_config(&first);
+    l_cfg.jitter_seed = Some(16);
+    let l = Speaker::start(l_cfg).await.unwrap().0;
+    l.add_peer(peer(&first, &s_ep)).await.unwrap();
+    let first_addr = IpAddr::V4(first.addr);
+    wait_for("the passive peer to be Established", || async {
+        status(&s, first_addr).await.state == State::Established
+    })
+    .await;
+    let sum = s.summary().await.unwrap();
+    assert_eq!(sum.session_tasks, 1, "{sum:?}");
+    // The refusing peers' next attempts continue their backoff: still one failure each, and
+    // none was tried again early.
+    for ep in &refusing {
+        let p = status(&s, IpAddr::V4(ep.addr)).await;
+        assert_eq!((p.connect_attempts, p.connect_failures), (1, 1), "{p:?}");
+    }
+    l.shutdown().await.unwrap();
+    s.shutdown().await.unwrap();
+}

@@ -23,15 +23,20 @@
 //!   An explicit BGPPeer for an address the mesh also covers replaces the mesh session.
 //! - A route reflector (this node has a cluster ID) treats every peer node without the same
 //!   cluster ID as a route-reflector client.
+//!
+//! Each session also says how likely the peer is to answer ([`connect_priority`]): the
+//! speaker connects to likely peers first, and the agent configures them first
+//! ([`in_connect_order`]), so that in a mesh with thousands of unreachable nodes the live ones
+//! are not queued behind a pass of connect timeouts.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use std::sync::Arc;
 
-use podroute_bgp::PeerConfig;
 use podroute_bgp::policy::PrefixFilter;
 use podroute_bgp::wire::Family;
+use podroute_bgp::{ConnectPriority, PeerConfig};
 
 use super::selector::Selector;
 use crate::datastore::secrets::Passwords;
@@ -279,6 +284,27 @@ fn apply_session_settings(
     }
 }
 
+/// How likely a peer is to answer: a node whose kubelet reports Ready, or a router that is
+/// not a node of the cluster (a ToR or route reflector configured by a BGPPeer), first; a node
+/// reported not Ready (or Unknown: its kubelet went silent) last; a node without a Ready
+/// condition (a YAML datastore without status) in between.
+pub fn connect_priority(node: Option<&NodeInfo>) -> ConnectPriority {
+    match node.map(|n| n.ready) {
+        None | Some(Some(true)) => ConnectPriority::High,
+        Some(None) => ConnectPriority::Normal,
+        Some(Some(false)) => ConnectPriority::Low,
+    }
+}
+
+/// The sessions in the order to configure them: likely to answer first (see
+/// [`connect_priority`]), by address within a priority.
+pub fn in_connect_order(peers: BTreeMap<IpAddr, DesiredPeer>) -> Vec<(IpAddr, DesiredPeer)> {
+    let mut order: Vec<(IpAddr, DesiredPeer)> = peers.into_iter().collect();
+    // Stable: the map's address order stays within a priority.
+    order.sort_by_key(|(_, p)| p.config.connect_priority);
+    order
+}
+
 /// The sessions this node should have, without BGP passwords (a peer that needs one is left
 /// out: see [`desired_peers_with`]).
 pub fn desired_peers(state: &ClusterState, local: &LocalIdentity) -> PeerSet {
@@ -317,6 +343,7 @@ pub fn desired_peers_with(
                 }
                 let mut cfg = base_config(local, ip, node_as(state, node), PeerType::Mesh);
                 cfg.passive = mesh_passive(local, ip);
+                cfg.connect_priority = connect_priority(Some(node));
                 // Every node listens on the cluster's listenPort.
                 cfg.port = state.bgp.listen_port;
                 cfg.max_restart_time = state.bgp.node_mesh_max_restart_time;
@@ -403,6 +430,7 @@ pub fn desired_peers_with(
                 .or_else(|| node.map(|n| node_as(state, n)))
                 .unwrap_or(state.bgp.as_number);
             let mut cfg = base_config(local, ip, remote_as, peer_type);
+            cfg.connect_priority = connect_priority(node);
             cfg.port = peer.port.unwrap_or(state.bgp.listen_port);
             cfg.rr_client = is_rr_client(local, node);
             cfg.max_restart_time = peer.max_restart_time;
@@ -461,6 +489,7 @@ mod tests {
             vxlan: Default::default(),
             labels: BTreeMap::new(),
             flannel: None,
+            ready: None,
         }
     }
 
@@ -941,5 +970,42 @@ mod tests {
         let set = desired_peers(&s4, &local(&s4));
         assert!(set.peers.is_empty());
         assert!(set.warnings[0].contains("is IPv6"), "{:?}", set.warnings);
+    }
+
+    /// Ready nodes and routers outside the cluster are configured (and connect) first, nodes
+    /// without a Ready condition next, nodes reported not ready last; by address within each.
+    /// In address order (the map's), the not-ready node 10.0.0.2 would come first.
+    #[test]
+    fn peers_likely_to_answer_are_configured_first() {
+        let with = |name: &str, ip: &str, ready: Option<bool>| NodeInfo {
+            ready,
+            ..node(name, ip)
+        };
+        let mut s = state(vec![
+            with("master01", "10.0.0.1/24", Some(true)),
+            with("down", "10.0.0.2/24", Some(false)),
+            with("silent", "10.0.0.3/24", None),
+            with("up", "10.0.0.4/24", Some(true)),
+            with("up2", "10.0.0.5/24", Some(true)),
+        ]);
+        let mut tor = bgp_peer("tor");
+        tor.peer_ip = Some("10.0.0.254".parse().unwrap());
+        s.peers.insert(tor.name.clone(), tor);
+        let set = desired_peers(&s, &local(&s));
+        let order: Vec<(String, ConnectPriority)> = in_connect_order(set.peers)
+            .into_iter()
+            .map(|(_, p)| (p.name, p.config.connect_priority))
+            .collect();
+        use ConnectPriority::{High, Low, Normal};
+        assert_eq!(
+            order,
+            vec![
+                ("up".to_string(), High),
+                ("up2".to_string(), High),
+                ("tor".to_string(), High),
+                ("silent".to_string(), Normal),
+                ("down".to_string(), Low),
+            ]
+        );
     }
 }

@@ -140,13 +140,12 @@ impl Agent {
             .started
             .elapsed()
             .is_ok_and(|age| age < self.args.ready_grace);
+        let states = report::PeerStates::new(&self.peer_status);
         let established = |node: &str| {
             let Some(addr) = self.state.nodes.get(node).and_then(NodeInfo::ipv4_addr) else {
                 return false;
             };
-            self.peer_status.iter().any(|s| {
-                s.addr == IpAddr::V4(addr) && s.state == podroute_bgp::fsm::State::Established
-            })
+            states.get(IpAddr::V4(addr)) == Some(podroute_bgp::fsm::State::Established)
         };
         let failed: BTreeSet<IpNet> = dp.failures.iter().map(|f| f.route.prefix).collect();
         let mut missing = Vec::new();
@@ -204,17 +203,14 @@ impl Agent {
                 ));
             }
         }
+        let states = report::PeerStates::new(&self.peer_status);
         for (addr, peer) in &self.peers {
             if peer.desired.peer_type != PeerType::Mesh
                 || peer.since.elapsed() >= self.args.ready_grace
             {
                 continue;
             }
-            let state = self
-                .peer_status
-                .iter()
-                .find(|s| s.addr == *addr)
-                .map(|s| s.state.to_string());
+            let state = states.get(*addr).map(|s| s.to_string());
             if state.as_deref() != Some("Established") {
                 reasons.push(format!(
                     "mesh peer {addr} ({}) is {} (waiting up to {:?})",

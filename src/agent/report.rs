@@ -27,10 +27,12 @@ pub(crate) fn unix_secs(t: std::time::SystemTime) -> u64 {
 
 /// The peer table of `podroute status`.
 pub(crate) fn peer_rows(statuses: &[PeerStatus], info: &PeerInfo) -> Vec<PeerRow> {
+    // One lookup per peer, not a scan of every status (quadratic at thousands of peers).
+    let by_addr: HashMap<IpAddr, &PeerStatus> = statuses.iter().map(|s| (s.addr, s)).collect();
     let mut rows: Vec<PeerRow> = info
         .iter()
         .map(|(addr, (name, peer_type, passive))| {
-            let status = statuses.iter().find(|s| s.addr == *addr);
+            let status = by_addr.get(addr).copied();
             let state = status.map_or_else(|| "Idle".to_string(), |s| s.state.to_string());
             let stale = status
                 .and_then(|s| s.graceful_restart.as_ref())
@@ -155,6 +157,21 @@ fn record_rejections(metrics: &Metrics, s: &PeerStatus, c: &mut PeerCounts) {
     }
 }
 
+/// The peers' session states by address, for lookups in loops over blocks or peers: a
+/// linear search of the statuses per block made every status publish of a 5,000-node mesh
+/// (20,000 blocks) scan 100 million entries.
+pub(crate) struct PeerStates(HashMap<IpAddr, podroute_bgp::fsm::State>);
+
+impl PeerStates {
+    pub(crate) fn new(statuses: &[PeerStatus]) -> PeerStates {
+        PeerStates(statuses.iter().map(|s| (s.addr, s.state)).collect())
+    }
+
+    pub(crate) fn get(&self, addr: IpAddr) -> Option<podroute_bgp::fsm::State> {
+        self.0.get(&addr).copied()
+    }
+}
+
 /// The speaker's outbound connection attempts: started in all (a counter), in flight now and
 /// at most at once (never above the speaker's bound).
 pub(crate) fn update_connect_metrics(metrics: &Metrics, summary: &SpeakerSummary) {
@@ -170,6 +187,9 @@ pub(crate) fn update_connect_metrics(metrics: &Metrics, summary: &SpeakerSummary
     metrics
         .connects_in_flight_max
         .set(i64::try_from(summary.connects_in_flight_peak).unwrap_or(i64::MAX));
+    metrics
+        .session_tasks
+        .set(i64::try_from(summary.session_tasks).unwrap_or(i64::MAX));
 }
 
 /// Totals over all peers, and the per-peer gauges and counters while
@@ -635,6 +655,7 @@ mod tests {
                 vxlan: Default::default(),
                 labels: Default::default(),
                 flannel: None,
+                ready: None,
             },
         );
         let plan = vec![

@@ -93,7 +93,7 @@ impl Agent {
                 self.peer_counts.remove(&addr);
             }
         }
-        for (addr, desired) in set.peers {
+        for (addr, desired) in peers::in_connect_order(set.peers) {
             let unchanged = self.peers.get(&addr).is_some_and(|p| p.desired == desired);
             if unchanged {
                 continue;

@@ -652,7 +652,8 @@ fn node_yaml(
     format!(
         "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations:{annotations}\n  \
          labels:\n    kubernetes.io/hostname: {name}\n    kubernetes.io/os: linux\nstatus:\n  \
-         addresses:{addresses}\n  - address: {name}\n    type: Hostname\n",
+         addresses:{addresses}\n  - address: {name}\n    type: Hostname\n  \
+         conditions:\n  - type: Ready\n    status: \"True\"\n    reason: KubeletReady\n",
         name = n.name,
     )
 }

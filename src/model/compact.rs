@@ -3,7 +3,8 @@
 //! not the size of the cluster's text.
 //!
 //! - a `Node` keeps its name, labels, `projectcalico.org/*` and `flannel.alpha.coreos.com/*`
-//!   annotations, addresses and `spec.podCIDR(s)` (flannel mode);
+//!   annotations, addresses, `spec.podCIDR(s)` (flannel mode) and the status of its `Ready`
+//!   condition (not its times or message, which change on every heartbeat);
 //! - every Calico object keeps `metadata.name` (and `creationTimestamp`, which decides
 //!   between overlapping pools);
 //! - an `IPAMBlock` affine to another node keeps its CIDR, affinity, deletion marker and the
@@ -14,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus};
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::block::Block;
@@ -45,6 +46,11 @@ pub fn slim_node(node: &mut Node) {
             })
             .collect::<BTreeMap<_, _>>()
     });
+    let ready = super::node::node_ready(node).map(|ready| NodeCondition {
+        type_: "Ready".to_string(),
+        status: if ready { "True" } else { "False" }.to_string(),
+        ..NodeCondition::default()
+    });
     let addresses: Option<Vec<NodeAddress>> =
         node.status.take().and_then(|status| status.addresses);
     node.metadata = ObjectMeta {
@@ -60,8 +66,9 @@ pub fn slim_node(node: &mut Node) {
             ..NodeSpec::default()
         })
     });
-    node.status = addresses.map(|addresses| NodeStatus {
-        addresses: Some(addresses),
+    node.status = (addresses.is_some() || ready.is_some()).then(|| NodeStatus {
+        addresses,
+        conditions: ready.map(|c| vec![c]),
         ..NodeStatus::default()
     });
 }
@@ -265,16 +272,25 @@ mod tests {
             "status": {
                 "addresses": [{"type": "InternalIP", "address": "10.0.0.5"}],
                 "images": [{"names": ["registry/image:tag"], "sizeBytes": 1}],
+                "conditions": [
+                    {"type": "MemoryPressure", "status": "False"},
+                    {"type": "Ready", "status": "True", "reason": "KubeletReady",
+                     "lastHeartbeatTime": "2026-01-01T00:00:00Z"},
+                ],
             },
         }))
         .unwrap();
         let before = crate::model::NodeInfo::from_node(&node).unwrap();
+        assert_eq!(before.ready, Some(true));
         slim_node(&mut node);
         assert_eq!(crate::model::NodeInfo::from_node(&node).unwrap(), before);
         assert!(before.flannel.as_ref().is_some_and(|f| {
             f.as_ref()
                 .is_ok_and(|f| f.vtep_mac.is_some() && f.pod_cidr_v4.is_some())
         }));
+        let conditions = node.status.as_ref().and_then(|s| s.conditions.as_ref());
+        assert_eq!(conditions.map(Vec::len), Some(1), "only Ready");
+        assert!(conditions.is_some_and(|c| c[0].last_heartbeat_time.is_none()));
         assert_eq!(
             node.metadata.annotations.as_ref().map(BTreeMap::len),
             Some(2)

@@ -126,6 +126,49 @@ fn scalar(value: Option<&Value>) -> String {
         .to_string()
 }
 
+/// The kinds [`typed_object`] builds, as `(kind, apiVersion)`.
+const READ_KINDS: [(&str, &str); 9] = [
+    ("Node", "v1"),
+    ("IPPool", API_VERSION),
+    ("IPAMBlock", API_VERSION),
+    ("BlockAffinity", API_VERSION),
+    ("BGPPeer", API_VERSION),
+    ("BGPConfiguration", API_VERSION),
+    ("BGPFilter", API_VERSION),
+    ("Service", "v1"),
+    ("EndpointSlice", DISCOVERY_V1),
+];
+
+/// `kind` and `apiVersion` of a document written as `kubectl get -o yaml` writes it: each
+/// exactly once, on a line of its own at column 0 (a key of the top-level mapping: nested
+/// content is indented) with a plain value, naming a kind podroute reads. `None` for
+/// anything else (quoted or commented values, flow style, other kinds): the caller then parses
+/// the header as YAML.
+fn plain_header(chunk: &str) -> Option<(String, String)> {
+    let plain = |v: &str| {
+        !v.is_empty()
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'/' | b'-' | b'_'))
+    };
+    let (mut kind, mut api_version) = (None, None);
+    for line in chunk.lines() {
+        let line = line.trim_end_matches('\r');
+        for (key, slot) in [("kind:", &mut kind), ("apiVersion:", &mut api_version)] {
+            if let Some(rest) = line.strip_prefix(key) {
+                let value = rest.trim_matches([' ', '\t']);
+                if slot.is_some() || !plain(value) {
+                    return None;
+                }
+                *slot = Some(value);
+            }
+        }
+    }
+    let (kind, api_version) = (kind?, api_version?);
+    READ_KINDS
+        .contains(&(kind, api_version))
+        .then(|| (kind.to_string(), api_version.to_string()))
+}
+
 /// Splits multi-document YAML at its `---` / `...` marker lines. A marker at column 0 cannot
 /// occur inside a Kubernetes object (a mapping: nested content is indented, and YAML forbids
 /// document markers inside flow scalars), so this matches the parser's own split.
@@ -168,6 +211,21 @@ pub fn decode_documents_each(
     let mut index = 0;
     for chunk in split_documents(text) {
         index += 1;
+        // The common case costs one parse, not two: the header's plain `kind:` and
+        // `apiVersion:` lines name a kind podroute reads and the typed parse succeeds. Anything
+        // else (an error included) takes the general path below, so the outcome is the same.
+        if let Some((kind, api_version)) = plain_header(chunk)
+            && let Ok(object) = typed_object(
+                index,
+                kind,
+                api_version,
+                String::new(),
+                Document::Text(chunk),
+            )
+        {
+            each(Ok(object));
+            continue;
+        }
         let header = match serde_yaml_ng::from_str::<Option<Header>>(chunk) {
             Ok(None) => continue,
             Ok(Some(header)) => header,
@@ -307,5 +365,68 @@ fn typed_object(
             api_version,
             kind,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BLOCK: &str = "apiVersion: crd.projectcalico.org/v1\nkind: IPAMBlock\nmetadata:\n  \
+        name: 10-0-0-0-26\nspec:\n  cidr: 10.0.0.0/26\n  affinity: host:n1\n  \
+        allocations: [null]\n  unallocated: [0]\n  attributes: []\n";
+
+    fn each(text: &str) -> Vec<Result<Object, String>> {
+        let mut out = Vec::new();
+        decode_documents_each(text, |r| out.push(r.map_err(|e| e.to_string())))
+            .map_err(|e| e.to_string())
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn plain_header_reads_kubectl_style_headers_only() {
+        assert_eq!(
+            plain_header(BLOCK),
+            Some(("IPAMBlock".into(), API_VERSION.into()))
+        );
+        let node = "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\n";
+        assert_eq!(plain_header(node), Some(("Node".into(), "v1".into())));
+        for other in [
+            // quoted, commented, nested, duplicated, flow style, not read, missing
+            "apiVersion: v1\nkind: \"Node\"\n",
+            "apiVersion: v1\nkind: Node # a node\n",
+            "apiVersion: v1\nspec:\n  kind: Node\n",
+            "apiVersion: v1\nkind: Node\nkind: Node\n",
+            "{apiVersion: v1, kind: Node}\n",
+            "apiVersion: v1\nkind: ConfigMap\n",
+            "kind: Node\n",
+        ] {
+            assert_eq!(plain_header(other), None, "{other:?}");
+        }
+    }
+
+    /// The one-parse path and the general path agree, on good and on broken documents.
+    #[test]
+    fn documents_decode_the_same_with_or_without_a_plain_header() {
+        let quoted = BLOCK.replace("kind: IPAMBlock", "kind: 'IPAMBlock'");
+        assert_eq!(plain_header(&quoted), None);
+        let fast = each(BLOCK);
+        assert!(
+            matches!(fast.as_slice(), [Ok(Object::IPAMBlock(_))]),
+            "{fast:?}"
+        );
+        assert_eq!(fast, each(&quoted));
+        // A typed error names the object, as the general path does.
+        let bad = BLOCK.replace("cidr: 10.0.0.0/26", "cidr: [1, 2]");
+        let got = each(&bad);
+        assert_eq!(
+            got,
+            each(&bad.replace("kind: IPAMBlock", "kind: 'IPAMBlock'"))
+        );
+        assert!(
+            matches!(&got[..], [Err(e)] if e.contains("10-0-0-0-26")),
+            "{got:?}"
+        );
     }
 }

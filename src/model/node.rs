@@ -67,6 +67,11 @@ pub struct NodeInfo {
     /// `None` when the Node has neither; `Some(Err)` when they cannot be read (the node is
     /// then left out of the flannel plan with that reason; Calico mode does not look).
     pub flannel: Option<Result<super::flannel::FlannelNode, super::flannel::FlannelNodeError>>,
+    /// The kubelet's `Ready` condition: `Some(true)` when `True`, `Some(false)` when `False`
+    /// or `Unknown` (the node controller sets `Unknown` when the kubelet stops reporting),
+    /// `None` when the Node has no such condition (a YAML datastore without status). Orders
+    /// the mesh's connection attempts: ready nodes first.
+    pub ready: Option<bool>,
 }
 
 fn parse_ipv4_with_prefix(text: &str) -> Option<Ipv4Net> {
@@ -198,6 +203,7 @@ impl NodeInfo {
             ipip_tunnel_addr: tunnel,
             labels: node.metadata.labels.clone().unwrap_or_default(),
             flannel: super::flannel::FlannelNode::from_node(node).transpose(),
+            ready: node_ready(node),
         })
     }
 
@@ -205,6 +211,15 @@ impl NodeInfo {
     pub fn ipv4_addr(&self) -> Option<Ipv4Addr> {
         self.ipv4.map(|n| n.addr())
     }
+}
+
+/// The `Ready` condition's status (see [`NodeInfo::ready`]).
+pub(crate) fn node_ready(node: &Node) -> Option<bool> {
+    node.status
+        .iter()
+        .flat_map(|s| s.conditions.iter().flatten())
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.status == "True")
 }
 
 /// The Node's `InternalIP` addresses, in order.
@@ -221,4 +236,38 @@ fn internal_ipv4(node: &Node) -> Option<Ipv4Addr> {
         IpAddr::V4(ip) => Some(ip),
         IpAddr::V6(_) => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(conditions: serde_json::Value) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1"},
+            "status": {"conditions": conditions},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn ready_reads_the_kubelets_ready_condition() {
+        let ready = |status: &str| {
+            NodeInfo::from_node(&node(serde_json::json!([
+                {"type": "DiskPressure", "status": "True"},
+                {"type": "Ready", "status": status},
+            ])))
+            .unwrap()
+            .ready
+        };
+        assert_eq!(ready("True"), Some(true));
+        assert_eq!(ready("False"), Some(false));
+        assert_eq!(
+            ready("Unknown"),
+            Some(false),
+            "the kubelet stopped reporting"
+        );
+        let no_ready = node(serde_json::json!([{"type": "DiskPressure", "status": "False"}]));
+        assert_eq!(NodeInfo::from_node(&no_ready).unwrap().ready, None);
+    }
 }

@@ -34,8 +34,9 @@ pub fn ghost_addr(n: usize) -> Ipv4Addr {
     Ipv4Addr::from(GHOST_BASE + 1 + n as u32)
 }
 
-/// One ghost's Node, IPAMBlocks and BlockAffinities, as `kubectl get -o yaml` prints them.
-pub fn ghost_objects(text: &mut String, n: usize, blocks: usize, pods: usize) {
+/// One ghost's Node, IPAMBlocks and BlockAffinities, as `kubectl get -o yaml` prints them;
+/// `ready`: the Node's `Ready` condition (`None`: no condition).
+pub fn ghost_objects(text: &mut String, n: usize, blocks: usize, pods: usize, ready: Option<bool>) {
     let name = ghost_name(n);
     let addr = ghost_addr(n);
     let _ = write!(
@@ -48,6 +49,13 @@ pub fn ghost_objects(text: &mut String, n: usize, blocks: usize, pods: usize) {
          addresses:\n  - {{type: InternalIP, address: {addr}}}\n  - {{type: Hostname, address: \
          {name}}}\n"
     );
+    if let Some(ready) = ready {
+        let _ = write!(
+            text,
+            "  conditions:\n  - {{type: Ready, status: \"{}\"}}\n",
+            if ready { "True" } else { "Unknown" }
+        );
+    }
     for b in 0..blocks {
         let index = (n * blocks + b) as u32;
         let cidr = format!("{}/26", Ipv4Addr::from(GHOST_POOL_BASE + index * 64));
@@ -93,6 +101,16 @@ pub fn ghost_objects(text: &mut String, n: usize, blocks: usize, pods: usize) {
 /// (100.64.0.0/10, `ipipMode: CrossSubnet`) and `ghosts` ghost Nodes with `blocks` blocks of
 /// `pods` allocations each. Returns the spec and the bytes of ghost YAML.
 pub fn cluster(ghosts: usize, blocks: usize, pods: usize) -> (ClusterSpec, usize) {
+    cluster_with_ready(ghosts, blocks, pods, None)
+}
+
+/// [`cluster`] with the ghosts' `Ready` condition (see [`ghost_objects`]).
+pub fn cluster_with_ready(
+    ghosts: usize,
+    blocks: usize,
+    pods: usize,
+    ready: Option<bool>,
+) -> (ClusterSpec, usize) {
     let mut spec = ClusterSpec::seed();
     if let Some(node02) = spec.node_mut("node02") {
         node02.addr = "192.168.92.130/24".parse().expect("constant");
@@ -109,7 +127,7 @@ pub fn cluster(ghosts: usize, blocks: usize, pods: usize) -> (ClusterSpec, usize
     for (file, start) in (0..ghosts).step_by(GHOSTS_PER_FILE).enumerate() {
         let mut text = String::new();
         for n in start..(start + GHOSTS_PER_FILE).min(ghosts) {
-            ghost_objects(&mut text, n, blocks, pods);
+            ghost_objects(&mut text, n, blocks, pods, ready);
         }
         bytes += text.len();
         spec.extra_files
