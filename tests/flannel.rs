@@ -621,10 +621,10 @@ fn flannel_pod(node: &netns::Netns, tag: &str, bridge_addr: &str, addr: &str) ->
     pod
 }
 
-/// Makes a node's VXLAN device and VTEP entries with `ip`/`bridge`, as flanneld makes them.
-/// For the flanneld node of the mixed cluster; on the podroute node it stands in for the
-/// VXLAN dataplane module (issue 17, not in this build) and applies podroute's own
-/// [`TunnelPlan`](podroute::plan::tunnels::TunnelPlan), so that what is checked is the plan.
+/// Makes a node's VXLAN device and VTEP entries with `ip`/`bridge`, as flanneld makes them
+/// (no alias, neighbours without a protocol, FDB entries appended). For the flanneld nodes
+/// of the mixed cluster, and for a podroute node's state before its migration from flanneld;
+/// never for a node where podroute runs already: there the agent makes them itself.
 fn program_vteps(ns: &netns::Netns, tunnels: &podroute::plan::tunnels::TunnelPlan, mtu: u32) {
     for d in &tunnels.vxlan {
         let (vni, port, local) = (d.vni.to_string(), d.port.to_string(), d.local.to_string());
@@ -716,22 +716,28 @@ fn tcp_echo(server: &netns::Netns, client: &netns::Netns, addr: &str) -> Result<
     })
 }
 
-/// The mixed cluster: node1 is configured exactly as flanneld configures it (device,
-/// neighbour and FDB entries by `ip`/`bridge`, annotations as flanneld writes them); master
-/// runs `podroute agent --model flannel`, whose routes carry the traffic. Pod to pod: ping
-/// and TCP both ways, and the packets on the wire are VXLAN, UDP 8472, VNI 1.
-///
-/// Until the VXLAN module is merged, master's `flannel.1` and VTEP entries are made by the
-/// test from podroute's own tunnel plan ([`program_vteps`]); the routes are the agent's.
-#[test]
-fn mixed_cluster_flanneld_node_and_podroute_node_pass_traffic() {
-    use netns::{Netns, can_ping, can_run, veth};
-    const TEST: &str = "mixed_cluster_flanneld_node_and_podroute_node_pass_traffic";
-    if !can_run(TEST) || !can_ping(TEST) {
-        return;
-    }
-    let master = Netns::new("fl-mix-master");
-    let node1 = Netns::new("fl-mix-node1");
+/// The mixed cluster's two nodes: node1 configured exactly as flanneld configures it
+/// (device, neighbour and FDB entries and route by `ip`/`bridge`, annotations as flanneld
+/// writes them), master to run `podroute agent --model flannel`; a pod behind each node's
+/// `cni0`. `None`: the kernel has no vxlan module (skipped outside CI).
+struct Mixed {
+    master: netns::Netns,
+    node1: netns::Netns,
+    pod_a: netns::Netns,
+    pod_b: netns::Netns,
+    dir: tempfile::TempDir,
+    /// What podroute plans for master (for the checks, and for flanneld's state before a
+    /// migration).
+    master_plan: podroute::plan::flannel::FlannelPlan,
+}
+
+const MASTER_MAC: &str = "fe:be:87:93:06:e2";
+const NODE1_MAC: &str = "0e:61:06:ff:7a:73";
+
+fn mixed_cluster(tag: &str) -> Option<Mixed> {
+    use netns::{Netns, veth};
+    let master = Netns::new(&format!("{tag}-master"));
+    let node1 = Netns::new(&format!("{tag}-node1"));
     veth(
         &master,
         "eth0",
@@ -740,52 +746,6 @@ fn mixed_cluster_flanneld_node_and_podroute_node_pass_traffic() {
         "eth0",
         "192.168.0.22/26",
     );
-    let pod_a = flannel_pod(&master, "fl-mix-pod-a", "10.244.0.1/24", "10.244.0.2/24");
-    let pod_b = flannel_pod(&node1, "fl-mix-pod-b", "10.244.1.1/24", "10.244.1.2/24");
-
-    let dir = tempfile::tempdir().unwrap();
-    let datastore = dir.path().join("datastore");
-    std::fs::create_dir_all(&datastore).unwrap();
-    write(&datastore, "kube-flannel.yml", KUBE_FLANNEL_YML);
-    let nodes = [
-        node_yaml(
-            "master",
-            "192.168.0.39",
-            "10.244.0.0/24",
-            "fe:be:87:93:06:e2",
-        ),
-        node_yaml(
-            "node1",
-            "192.168.0.22",
-            "10.244.1.0/24",
-            "0e:61:06:ff:7a:73",
-        ),
-    ]
-    .join("---\n");
-    write(&datastore, "nodes.yaml", &nodes);
-
-    // node1, as flanneld leaves it (seed 000's node1 tables).
-    let mac = |m: &str| m.parse().unwrap();
-    let flanneld = podroute::plan::tunnels::TunnelPlan {
-        ipip: None,
-        vxlan: vec![podroute::plan::tunnels::VxlanDevice {
-            name: "flannel.1".into(),
-            vni: 1,
-            port: 8472,
-            mac: mac("0e:61:06:ff:7a:73"),
-            local: "192.168.0.22".parse().unwrap(),
-            parent: "eth0".into(),
-            mtu: None,
-            address: Some("10.244.1.0/32".parse().unwrap()),
-        }],
-        vxlan_peers: vec![podroute::plan::tunnels::VxlanPeer {
-            device: "flannel.1".into(),
-            node: "master".into(),
-            tunnel_ip: "10.244.0.0".parse().unwrap(),
-            mac: mac("fe:be:87:93:06:e2"),
-            underlay: "192.168.0.39".parse().unwrap(),
-        }],
-    };
     let (ok, out) = node1.try_ip(&[
         "link", "add", "probe-vx", "type", "vxlan", "id", "9", "dstport", "8472",
     ]);
@@ -795,23 +755,32 @@ fn mixed_cluster_flanneld_node_and_podroute_node_pass_traffic() {
             "the kernel's vxlan module is needed: {out}"
         );
         eprintln!("SKIP: no vxlan device: {out}");
-        return;
+        return None;
     }
     node1.ip(&["link", "del", "probe-vx"]);
-    program_vteps(&node1, &flanneld, 1450);
-    node1.ip(&[
-        "route",
-        "add",
-        "10.244.0.0/24",
-        "via",
-        "10.244.0.0",
-        "dev",
-        "flannel.1",
-        "onlink",
-    ]);
+    let pod_a = flannel_pod(
+        &master,
+        &format!("{tag}-pod-a"),
+        "10.244.0.1/24",
+        "10.244.0.2/24",
+    );
+    let pod_b = flannel_pod(
+        &node1,
+        &format!("{tag}-pod-b"),
+        "10.244.1.1/24",
+        "10.244.1.2/24",
+    );
 
-    // master: podroute's plan for its devices and entries (the VXLAN module's job), the
-    // agent for the routes.
+    let dir = tempfile::tempdir().unwrap();
+    let datastore = dir.path().join("datastore");
+    std::fs::create_dir_all(&datastore).unwrap();
+    write(&datastore, "kube-flannel.yml", KUBE_FLANNEL_YML);
+    let nodes = [
+        node_yaml("master", "192.168.0.39", "10.244.0.0/24", MASTER_MAC),
+        node_yaml("node1", "192.168.0.22", "10.244.1.0/24", NODE1_MAC),
+    ];
+    write(&datastore, "nodes.yaml", &nodes.join("---\n"));
+
     let conf = podroute::model::flannel::NetConf::parse(
         r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#,
     )
@@ -822,65 +791,192 @@ fn mixed_cluster_flanneld_node_and_podroute_node_pass_traffic() {
             .unwrap()
             .unwrap()
     };
-    let (own, other) = (
-        lease(nodes.split("---\n").next().unwrap()),
-        lease(nodes.split("---\n").nth(1).unwrap()),
-    );
-    let local = podroute::plan::flannel::FlannelLocal {
-        name: "master".into(),
-        nic: "eth0".into(),
-        ipv4: Some("192.168.0.39/26".parse().unwrap()),
-        ipv6: None,
-        vtep_mac: own.vtep_mac.unwrap(),
-        vtep_mac_v6: mac("02:00:00:00:00:06"),
-        lease: Some(own),
+    let (master_lease, node1_lease) = (lease(&nodes[0]), lease(&nodes[1]));
+    let mac = |m: &str| m.parse().unwrap();
+    let local = |name: &str, ip: &str, own: &podroute::model::flannel::FlannelNode| {
+        podroute::plan::flannel::FlannelLocal {
+            name: name.into(),
+            nic: "eth0".into(),
+            ipv4: Some(ip.parse().unwrap()),
+            ipv6: None,
+            vtep_mac: own.vtep_mac.unwrap(),
+            vtep_mac_v6: mac("02:00:00:00:00:06"),
+            lease: Some(own.clone()),
+        }
     };
-    let plan = podroute::plan::flannel::plan(&local, &conf, [("node1", Some(Ok(&other)))]);
-    program_vteps(&master, &plan.tunnels, 1450);
-
-    let log_path = dir.path().join("agent.log");
-    let _agent = Agent(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &master.name,
-                env!("CARGO_BIN_EXE_podroute"),
-                "agent",
-            ])
-            .args(["--nodename", "master", "--model", "flannel"])
-            .args(["--ip", "192.168.0.39/26", "--nic", "eth0"])
-            .arg("--datastore-type")
-            .arg(format!("dir:{}", datastore.display()))
-            .arg("--flannel-subnet-file")
-            .arg(dir.path().join("subnet.env"))
-            .args(["--metrics-addr", "127.0.0.1:9091"])
-            .env_remove("IP")
-            .env_remove("PODROUTE_MODEL")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .expect("podroute agent starts"),
+    // node1, as flanneld leaves it (seed 000's node1 tables).
+    let node1_plan = podroute::plan::flannel::plan(
+        &local("node1", "192.168.0.22/26", &node1_lease),
+        &conf,
+        [("master", Some(Ok(&master_lease)))],
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while master.routes(podroute::dataplane::DEFAULT_ROUTE_PROTOCOL)
-        != ["10.244.1.0/24 via 10.244.1.0 dev flannel.1 onlink"]
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no route from the agent: {:?}\n--- log\n{}",
-            master.routes(podroute::dataplane::DEFAULT_ROUTE_PROTOCOL),
-            std::fs::read_to_string(&log_path).unwrap_or_default()
+    program_vteps(&node1, &node1_plan.tunnels, 1450);
+    node1.ip(&[
+        "route",
+        "add",
+        "10.244.0.0/24",
+        "via",
+        "10.244.0.0",
+        "dev",
+        "flannel.1",
+        "onlink",
+    ]);
+    let master_plan = podroute::plan::flannel::plan(
+        &local("master", "192.168.0.39/26", &master_lease),
+        &conf,
+        [("node1", Some(Ok(&node1_lease)))],
+    );
+    Some(Mixed {
+        master,
+        node1,
+        pod_a,
+        pod_b,
+        dir,
+        master_plan,
+    })
+}
+
+impl Mixed {
+    /// `podroute agent --model flannel` in master's namespace, and its log's path.
+    fn start_agent(&self) -> (Agent, std::path::PathBuf) {
+        let log_path = self.dir.path().join("agent.log");
+        let agent = Agent(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.master.name,
+                    env!("CARGO_BIN_EXE_podroute"),
+                    "agent",
+                ])
+                .args(["--nodename", "master", "--model", "flannel"])
+                .args(["--ip", "192.168.0.39/26", "--nic", "eth0"])
+                .arg("--datastore-type")
+                .arg(format!(
+                    "dir:{}",
+                    self.dir.path().join("datastore").display()
+                ))
+                .arg("--flannel-subnet-file")
+                .arg(self.dir.path().join("subnet.env"))
+                .args(["--metrics-addr", "127.0.0.1:9091"])
+                .env_remove("IP")
+                .env_remove("PODROUTE_MODEL")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log_path).unwrap())
+                .spawn()
+                .expect("podroute agent starts"),
         );
-        std::thread::sleep(Duration::from_millis(200));
+        (agent, log_path)
     }
+
+    /// Master's `flannel.1`, neighbour and FDB entries as the kernel shows them: what the
+    /// plan lacks (the lab's check) and the texts.
+    fn master_vtep(&self) -> (Vec<String>, [String; 4]) {
+        let show = |args: &[&str]| self.master.exec(args[0], &args[1..]).1;
+        let texts = [
+            show(&["ip", "-d", "link", "show", "flannel.1"]),
+            show(&["ip", "-4", "addr", "show", "dev", "flannel.1"]),
+            show(&["ip", "neigh", "show", "dev", "flannel.1"]),
+            show(&["bridge", "fdb", "show", "dev", "flannel.1"]),
+        ];
+        let missing = podroute::lab::flannel::vtep_mismatches(
+            &self.master_plan,
+            1450,
+            &texts[0],
+            &texts[1],
+            &texts[2],
+            &texts[3],
+        );
+        (missing, texts)
+    }
+
+    /// Waits until master's kernel holds podroute's whole plan: the device and entries, and
+    /// the route (podroute's, or flanneld's identical one where it was there before).
+    fn wait_master_programmed(&self, log_path: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (missing, texts) = self.master_vtep();
+            let routes = self.master.all_routes();
+            let routed = routes.iter().any(|r| {
+                r.starts_with("10.244.1.0/24 via 10.244.1.0 dev flannel.1") && r.contains("onlink")
+            });
+            if missing.is_empty() && routed {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "master not programmed: missing {missing:?}, routes {routes:?}\n{}\n--- log\n{}",
+                texts.join("\n"),
+                std::fs::read_to_string(log_path).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn flannel1_ifindex(&self) -> String {
+        let text = self.master.ip(&["-o", "link", "show", "flannel.1"]);
+        text.split(':')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+}
+
+/// The mixed cluster: node1 is configured exactly as flanneld configures it; master runs
+/// `podroute agent --model flannel`, which makes master's `flannel.1`, its neighbour and FDB
+/// entries and its route by itself. Pod to pod: ping and TCP both ways, and the packets on
+/// the wire are VXLAN, UDP 8472, VNI 1.
+#[test]
+fn mixed_cluster_flanneld_node_and_podroute_node_pass_traffic() {
+    use netns::{can_ping, can_run};
+    const TEST: &str = "mixed_cluster_flanneld_node_and_podroute_node_pass_traffic";
+    if !can_run(TEST) || !can_ping(TEST) {
+        return;
+    }
+    let Some(m) = mixed_cluster("fl-mix") else {
+        return;
+    };
+    // Nothing of flannel.1 on master before the agent.
+    assert!(!m.master.try_ip(&["link", "show", "flannel.1"]).0);
+    let (_agent, log_path) = m.start_agent();
+    m.wait_master_programmed(&log_path);
+    assert_eq!(
+        m.master.routes(podroute::dataplane::DEFAULT_ROUTE_PROTOCOL),
+        ["10.244.1.0/24 via 10.244.1.0 dev flannel.1 onlink"]
+    );
+    // The device and its entries, as `ip`/`bridge` print them, equal the plan.
+    let (_, [link, addr, neigh, fdb]) = m.master_vtep();
+    let link_words: Vec<&str> = link.split_whitespace().collect();
+    for pair in [
+        ["mtu", "1450"],
+        ["link/ether", MASTER_MAC],
+        ["id", "1"],
+        ["local", "192.168.0.39"],
+        ["dev", "eth0"],
+        ["dstport", "8472"],
+    ] {
+        assert!(link_words.windows(2).any(|w| w == pair), "{pair:?}: {link}");
+    }
+    assert!(link_words.contains(&"nolearning"), "{link}");
+    assert!(addr.contains("inet 10.244.0.0/32 "), "{addr}");
+    let neigh = lines(&neigh);
+    assert_eq!(neigh.len(), 1, "{neigh:?}");
+    assert!(
+        neigh[0].starts_with(&format!("10.244.1.0 lladdr {NODE1_MAC} PERMANENT")),
+        "{neigh:?}"
+    );
+    assert_eq!(
+        lines(&fdb),
+        [format!("{NODE1_MAC} dst 192.168.0.22 self permanent")]
+    );
 
     // The wire, on node1's NIC: VXLAN on UDP 8472 with VNI 1.
     let capture = Command::new("ip")
         .args([
             "netns",
             "exec",
-            &node1.name,
+            &m.node1.name,
             "tcpdump",
             "-nn",
             "-l",
@@ -896,12 +992,12 @@ fn mixed_cluster_flanneld_node_and_podroute_node_pass_traffic() {
         .spawn();
     std::thread::sleep(Duration::from_millis(500));
 
-    let (ok, out) = pod_a.ping("10.244.1.2");
+    let (ok, out) = m.pod_a.ping("10.244.1.2");
     assert!(ok, "pod A (podroute node) -> pod B (flanneld node): {out}");
-    let (ok, out) = pod_b.ping("10.244.0.2");
+    let (ok, out) = m.pod_b.ping("10.244.0.2");
     assert!(ok, "pod B (flanneld node) -> pod A (podroute node): {out}");
-    tcp_echo(&pod_b, &pod_a, "10.244.1.2:8080").expect("TCP pod A -> pod B");
-    tcp_echo(&pod_a, &pod_b, "10.244.0.2:8080").expect("TCP pod B -> pod A");
+    tcp_echo(&m.pod_b, &m.pod_a, "10.244.1.2:8080").expect("TCP pod A -> pod B");
+    tcp_echo(&m.pod_a, &m.pod_b, "10.244.0.2:8080").expect("TCP pod B -> pod A");
 
     match capture {
         Ok(mut child) => {
@@ -923,4 +1019,87 @@ fn mixed_cluster_flanneld_node_and_podroute_node_pass_traffic() {
             "tcpdump is needed for the capture: {e}"
         ),
     }
+}
+
+/// A node migrating from flanneld: master's `flannel.1` (VNI 1, port 8472, its VtepMAC),
+/// neighbour and FDB entries and route are flanneld's, pods talk through them; podroute
+/// starts there and adopts the device (same ifindex, not recreated) and the entries, while a
+/// pod pings across without losing a reply.
+#[test]
+fn a_node_migrating_from_flanneld_is_adopted_without_loss() {
+    use netns::{can_ping, can_run};
+    const TEST: &str = "a_node_migrating_from_flanneld_is_adopted_without_loss";
+    if !can_run(TEST) || !can_ping(TEST) {
+        return;
+    }
+    let Some(m) = mixed_cluster("fl-mig") else {
+        return;
+    };
+    // flanneld ran on master: its device, entries and route.
+    program_vteps(&m.master, &m.master_plan.tunnels, 1450);
+    m.master.ip(&[
+        "route",
+        "add",
+        "10.244.1.0/24",
+        "via",
+        "10.244.1.0",
+        "dev",
+        "flannel.1",
+        "onlink",
+    ]);
+    let (ok, out) = m.pod_a.ping("10.244.1.2");
+    assert!(
+        ok,
+        "flanneld's own tables carry traffic before the migration: {out}"
+    );
+    let before = m.flannel1_ifindex();
+    assert!(!before.is_empty());
+
+    // A pod pings node1's pod all through the agent's start (the lab's ICMP echo: one
+    // request every 50 ms, each answered within a second).
+    let pinger = {
+        let ns = m.pod_a.name.clone();
+        std::thread::spawn(move || {
+            podroute::lab::echo(
+                &ns,
+                "10.244.1.2".parse().unwrap(),
+                120,
+                Duration::from_millis(50),
+                Duration::from_secs(1),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let (_agent, log_path) = m.start_agent();
+    m.wait_master_programmed(&log_path);
+    let report = pinger.join().unwrap().expect("the echo runs");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        report.all_answered(),
+        "replies lost while podroute took over: {}\n--- log\n{log}",
+        report.summary()
+    );
+    assert_eq!(
+        m.flannel1_ifindex(),
+        before,
+        "flannel.1 was recreated\n{log}"
+    );
+    assert!(!log.contains("recreating"), "{log}");
+    // The entries are podroute's now: the neighbour carries its protocol (so it goes when
+    // node1 leaves the plan), and there is one FDB entry per VTEP.
+    let ours = m
+        .master
+        .ip(&["neigh", "show", "dev", "flannel.1", "proto", "157"]);
+    assert!(ours.contains("10.244.1.0"), "neighbour not adopted: {ours}");
+    let (_, fdb) = m
+        .master
+        .exec("bridge", &["fdb", "show", "dev", "flannel.1"]);
+    assert_eq!(
+        lines(&fdb),
+        [format!("{NODE1_MAC} dst 192.168.0.22 self permanent")]
+    );
+    // Traffic both ways still passes.
+    let (ok, out) = m.pod_b.ping("10.244.0.2");
+    assert!(ok, "pod B -> pod A after the migration: {out}");
+    tcp_echo(&m.pod_a, &m.pod_b, "10.244.0.2:8080").expect("TCP pod B -> pod A");
 }

@@ -12,7 +12,9 @@
 //!   atomically (a temporary file in the same directory, renamed), whenever its content
 //!   changes.
 //! - Writes its own Node's flannel annotations at start (kubernetes datastore), so flanneld
-//!   nodes route to it as to one of their own.
+//!   nodes route to it as to one of their own, and again whenever the Node's lease no longer
+//!   says what this node is (its public-ip, backend type or VtepMAC differ or are gone: a
+//!   cheap comparison on each state, [`annotations_stale`]).
 //! - BGP: no node-to-node mesh (flanneld nodes speak none); explicit `BGPPeer`s (ToR switches)
 //!   get this node's podCIDR(s); the flannel networks are the export policy's pool CIDRs.
 
@@ -357,6 +359,53 @@ pub struct FlannelMode {
     counted: BTreeSet<FlannelWarning>,
     /// The prefixes of the last plan's routes (readiness).
     planned: BTreeSet<IpNet>,
+    /// Where the own Node's annotations are re-written when they go stale (kubernetes
+    /// datastore, unless `--no-annotate`).
+    annotator: Option<Annotator>,
+}
+
+/// Re-writes the own Node's flannel annotations.
+struct Annotator {
+    client: kube::Client,
+    node: String,
+    /// The annotations last sent, and when: the same ones are not sent again within
+    /// [`ANNOTATE_RETRY`] (a write that has not reached the datastore's state yet, or failed).
+    last: Option<(BTreeMap<String, String>, std::time::Instant)>,
+}
+
+impl std::fmt::Debug for Annotator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Annotator")
+            .field("node", &self.node)
+            .field("last", &self.last)
+            .finish()
+    }
+}
+
+/// How long the same stale annotations wait before they are written again.
+const ANNOTATE_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether the own Node's lease no longer says what this node is, so that flanneld nodes
+/// would route to it wrongly: its public-ip (v4, v6) is not the node's address, its backend
+/// type is another, or (VXLAN) its VtepMAC is not the device's. A node without a lease but
+/// with an address is stale too (its annotations were removed).
+pub fn annotations_stale(
+    backend: &Backend,
+    lease: Option<&FlannelNode>,
+    local: &FlannelLocal,
+) -> bool {
+    let Some(lease) = lease else {
+        return local.ipv4.is_some() || local.ipv6.is_some();
+    };
+    let vxlan = matches!(backend, Backend::Vxlan(_));
+    let v4 = local.ipv4.is_some_and(|a| {
+        lease.public_ip != Some(a.addr()) || (vxlan && lease.vtep_mac != Some(local.vtep_mac))
+    });
+    let v6 = local.ipv6.is_some_and(|a| {
+        lease.public_ipv6 != Some(a.addr())
+            || (vxlan && lease.vtep_mac_v6 != Some(local.vtep_mac_v6))
+    });
+    v4 || v6 || lease.backend_type.as_deref() != Some(backend.type_name())
 }
 
 impl FlannelMode {
@@ -370,7 +419,55 @@ impl FlannelMode {
             warnings: BTreeSet::new(),
             counted: BTreeSet::new(),
             planned: BTreeSet::new(),
+            annotator: None,
         }
+    }
+
+    /// Keeps the own Node's annotations up to date through `client` from now on; `written`:
+    /// what the start-up wrote (not sent again unless it goes stale after [`ANNOTATE_RETRY`]).
+    pub fn annotate_with(
+        &mut self,
+        client: kube::Client,
+        node: String,
+        written: Option<BTreeMap<String, String>>,
+    ) {
+        self.annotator = Some(Annotator {
+            client,
+            node,
+            last: written.map(|w| (w, std::time::Instant::now())),
+        });
+    }
+
+    /// Sends the own Node's annotations again when the state's lease went stale (see
+    /// [`annotations_stale`]); the write runs on its own task, its result is logged. Needs a
+    /// Tokio runtime when an annotator is set.
+    fn refresh_annotations(&mut self, state: &ClusterState, local: &FlannelLocal) {
+        if self.annotator.is_none()
+            || state.local().is_none()
+            || !annotations_stale(&self.conf.backend, self.own_lease(state), local)
+        {
+            return;
+        }
+        let wanted = self.annotations(local);
+        let Some(annotator) = self.annotator.as_mut() else {
+            return;
+        };
+        if annotator
+            .last
+            .as_ref()
+            .is_some_and(|(w, at)| *w == wanted && at.elapsed() < ANNOTATE_RETRY)
+        {
+            return;
+        }
+        annotator.last = Some((wanted.clone(), std::time::Instant::now()));
+        let (client, node) = (annotator.client.clone(), annotator.node.clone());
+        tokio::spawn(async move {
+            match super::annotate::ensure_annotations(client, &node, &wanted).await {
+                Ok(true) => info!(node, ?wanted, "flannel node annotations re-written"),
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "cannot re-write the node's flannel annotations"),
+            }
+        });
     }
 
     /// The node's own lease as the datastore has it.
@@ -457,6 +554,7 @@ impl FlannelMode {
         local: &FlannelLocal,
         metrics: &crate::metrics::Metrics,
     ) -> (Vec<crate::plan::DesiredRoute>, TunnelPlan) {
+        self.refresh_annotations(state, local);
         let (plan, rejected) = self.plan(state, local);
         if rejected > 0 {
             metrics
@@ -668,6 +766,54 @@ mod tests {
             pod_cidr_v6: v6.map(|c| c.parse().unwrap()),
             ..FlannelNode::default()
         }
+    }
+
+    #[test]
+    fn annotations_go_stale_when_the_address_mac_or_backend_changes() {
+        let conf = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
+            .unwrap();
+        let mac: MacAddr = "fe:be:87:93:06:e2".parse().unwrap();
+        let written = FlannelNode {
+            public_ip: Some("192.168.0.39".parse().unwrap()),
+            vtep_mac: Some(mac),
+            backend_type: Some("vxlan".into()),
+            kube_subnet_manager: true,
+            ..lease(Some("10.244.0.0/24"), None)
+        };
+        let local = FlannelLocal {
+            name: "master".into(),
+            nic: "eth0".into(),
+            ipv4: Some("192.168.0.39/26".parse().unwrap()),
+            ipv6: None,
+            vtep_mac: mac,
+            vtep_mac_v6: MacAddr::from_seed("v6"),
+            lease: Some(written.clone()),
+        };
+        let b = &conf.backend;
+        assert!(!annotations_stale(b, Some(&written), &local));
+        // The node's address moved.
+        let mut moved = local.clone();
+        moved.ipv4 = Some("192.168.0.40/26".parse().unwrap());
+        assert!(annotations_stale(b, Some(&written), &moved));
+        // The VtepMAC annotation is gone or another.
+        let mut other = written.clone();
+        other.vtep_mac = None;
+        assert!(annotations_stale(b, Some(&other), &local));
+        other.vtep_mac = Some(MacAddr::from_seed("other"));
+        assert!(annotations_stale(b, Some(&other), &local));
+        // Another backend type; no lease at all.
+        let mut other = written.clone();
+        other.backend_type = Some("host-gw".into());
+        assert!(annotations_stale(b, Some(&other), &local));
+        assert!(annotations_stale(b, None, &local));
+        // host-gw has no VtepMAC to compare.
+        let host_gw =
+            NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#)
+                .unwrap();
+        let mut hg = written.clone();
+        hg.backend_type = Some("host-gw".into());
+        hg.vtep_mac = None;
+        assert!(!annotations_stale(&host_gw.backend, Some(&hg), &local));
     }
 
     #[test]

@@ -252,7 +252,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             )
         }
     };
-    let flannel = match args.model {
+    let mut flannel = match args.model {
         flannel::Model::Calico => None,
         flannel::Model::Flannel => {
             let mode = tokio::select! {
@@ -280,19 +280,30 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             // Peers may still find this node by its InternalIP; keep running.
             Err(e) => warn!(error = %e, "cannot write the node's annotations"),
         }
-        if let Some(f) = &flannel {
+        if let Some(f) = flannel.as_mut() {
             let latest = datastore.state.latest().unwrap_or(state.clone());
             let local = f.local(&latest, &node, addresses.v4, addresses.v6, &nic);
             let wanted = f.annotations(&local);
-            match annotate::ensure_annotations(client, &node, &wanted).await {
-                Ok(true) => info!(node, ?wanted, "flannel node annotations written"),
-                Ok(false) => debug!(node, "flannel node annotations already right"),
-                Err(e) => warn!(
-                    error = %e,
-                    "cannot write the node's flannel annotations; flanneld nodes do not route \
-                     to this node until they are written"
-                ),
-            }
+            let written = match annotate::ensure_annotations(client.clone(), &node, &wanted).await {
+                Ok(true) => {
+                    info!(node, ?wanted, "flannel node annotations written");
+                    Some(wanted)
+                }
+                Ok(false) => {
+                    debug!(node, "flannel node annotations already right");
+                    Some(wanted)
+                }
+                Err(e) => {
+                    warn!(
+                        error = %e,
+                        "cannot write the node's flannel annotations; flanneld nodes do not \
+                         route to this node until they are written (retried while stale)"
+                    );
+                    None
+                }
+            };
+            // From now on, re-written whenever the lease goes stale.
+            f.annotate_with(client, node.clone(), written);
         }
     }
     let startup = Startup {

@@ -267,7 +267,19 @@ pub fn diff_entries(
     for peer in peers {
         let have = neighbours.iter().find(|n| n.ip == peer.tunnel_ip);
         if have.is_some_and(|n| n.mac == Some(peer.mac) && n.permanent) {
-            neigh_ok += 1;
+            if have.is_some_and(|n| n.protocol == Some(ours)) {
+                neigh_ok += 1;
+            } else {
+                // Right, but written by someone else (flanneld or Felix before a
+                // migration): rewritten in place with our protocol, so that it is ours from
+                // now on (removed when the VTEP leaves the plan, its FDB entry with it). The
+                // replace changes nothing the kernel forwards by; counted once it succeeds.
+                changes.push(EntryChange::SetNeighbour {
+                    ifindex,
+                    ip: peer.tunnel_ip,
+                    mac: peer.mac,
+                });
+            }
         } else {
             changes.push(EntryChange::SetNeighbour {
                 ifindex,
@@ -1211,13 +1223,29 @@ mod tests {
         let (changes, n, f) =
             diff_entries(7, &[&a, &b], &neighbours, &entries, P, &BTreeSet::new());
         assert_eq!((changes, n, f), (vec![], 2, 2));
-        // Felix's identical entries (no protocol) satisfy the plan too.
+        // Felix's or flanneld's identical entries (no protocol) are adopted: the neighbours
+        // rewritten in place with our protocol (same MAC), the FDB entries left as they are.
         let felix = [
             neigh("10.244.1.0", "0e:61:06:ff:7a:73", None),
             neigh("10.244.2.0", "0a:72:bf:3f:cd:40", None),
         ];
-        let (changes, _, _) = diff_entries(7, &[&a, &b], &felix, &entries, P, &BTreeSet::new());
-        assert!(changes.is_empty());
+        let (changes, n, f) = diff_entries(7, &[&a, &b], &felix, &entries, P, &BTreeSet::new());
+        assert_eq!((n, f), (0, 2), "neighbours counted once rewritten");
+        assert_eq!(
+            changes,
+            [
+                EntryChange::SetNeighbour {
+                    ifindex: 7,
+                    ip: a.tunnel_ip,
+                    mac: a.mac
+                },
+                EntryChange::SetNeighbour {
+                    ifindex: 7,
+                    ip: b.tunnel_ip,
+                    mac: b.mac
+                },
+            ]
+        );
     }
 
     #[test]

@@ -104,12 +104,16 @@ fn lab_state(local: &str) -> Result<ClusterState, LabError> {
     Ok(state)
 }
 
-/// What podroute plans for `node` from the lab's objects.
-pub fn planned(node: &str) -> Result<(FlannelPlan, Option<String>), LabError> {
-    let conf = NetConf::parse(NET_CONF).map_err(|e| LabError::Command {
+fn net_conf() -> Result<NetConf, LabError> {
+    NetConf::parse(NET_CONF).map_err(|e| LabError::Command {
         command: "net-conf.json".into(),
         output: e.to_string(),
-    })?;
+    })
+}
+
+/// What podroute plans for `node` from the lab's objects.
+pub fn planned(node: &str) -> Result<(FlannelPlan, Option<String>), LabError> {
+    let conf = net_conf()?;
     let state = lab_state(node)?;
     let addr: Option<Ipv4Net> = SEED000
         .iter()
@@ -179,7 +183,123 @@ fn build(prefix: &str) -> Result<(), LabError> {
         netns::ip(&switch, &["link", "set", &port, "master", "br0"])?;
         netns::ip(&ns, &["addr", "add", addr, "dev", NIC])?;
     }
+    for (name, _, cidr, _) in SEED000 {
+        let (gateway, pod_addr) = pod_addresses(cidr)?;
+        let ns = format!("{prefix}-{name}");
+        let pod = format!("{prefix}-{name}-pod");
+        // As the flannel CNI plugin (bridge + host-local IPAM) leaves a node with one pod:
+        // `cni0` with the subnet's first address, the pod's eth0 behind it.
+        netns::add(&pod)?;
+        netns::ip(&ns, &["link", "add", "cni0", "type", "bridge"])?;
+        netns::ip(&ns, &["addr", "add", &gateway.to_string(), "dev", "cni0"])?;
+        netns::ip(&ns, &["link", "set", "cni0", "up"])?;
+        netns::veth(&ns, "veth-pod", &pod, "eth0")?;
+        netns::ip(&ns, &["link", "set", "veth-pod", "master", "cni0"])?;
+        netns::ip(&pod, &["addr", "add", &pod_addr.to_string(), "dev", "eth0"])?;
+        netns::ip(
+            &pod,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway.addr().to_string(),
+            ],
+        )?;
+        netns::sysctl(&ns, "net.ipv4.ip_forward=1")?;
+    }
     Ok(())
+}
+
+/// The bridge's (`cni0`) and the pod's address in a node's podCIDR: its first and second
+/// host addresses, with the podCIDR's length.
+pub fn pod_addresses(cidr: &str) -> Result<(Ipv4Net, Ipv4Net), LabError> {
+    let bad = || LabError::Spec(format!("podCIDR {cidr:?} has no two host addresses"));
+    let net: Ipv4Net = cidr.parse().map_err(|_| bad())?;
+    let mut hosts = net.hosts();
+    let (Some(gateway), Some(pod)) = (hosts.next(), hosts.next()) else {
+        return Err(bad());
+    };
+    let with_len = |a| Ipv4Net::new(a, net.prefix_len()).map_err(|_| bad());
+    Ok((with_len(gateway)?, with_len(pod)?))
+}
+
+/// What of `plan`'s VXLAN device and VTEP entries the kernel's `ip -d link show DEV`, `ip
+/// neigh show dev DEV` and `bridge fdb show dev DEV` outputs lack; empty when they hold all
+/// of it (VNI, port, `nolearning`, MAC, MTU `mtu`, address; per peer the permanent
+/// neighbour and the permanent FDB entry to its underlay address).
+pub fn vtep_mismatches(
+    plan: &FlannelPlan,
+    mtu: u32,
+    link: &str,
+    addr: &str,
+    neigh: &str,
+    fdb: &str,
+) -> Vec<String> {
+    let words = |text: &str| -> Vec<Vec<String>> {
+        text.lines()
+            .map(|l| l.split_whitespace().map(str::to_string).collect())
+            .collect()
+    };
+    let link_words: Vec<String> = words(link).into_iter().flatten().collect();
+    let has_pair = |key: &str, value: &str| {
+        link_words
+            .windows(2)
+            .any(|w| w[0] == key && w[1].eq_ignore_ascii_case(value))
+    };
+    let mut missing = Vec::new();
+    for device in &plan.tunnels.vxlan {
+        for (key, value) in [
+            ("id", device.vni.to_string()),
+            ("dstport", device.port.to_string()),
+            ("link/ether", device.mac.to_string()),
+            ("mtu", mtu.to_string()),
+            ("local", device.local.to_string()),
+        ] {
+            if !has_pair(key, &value) {
+                missing.push(format!("{}: {key} {value}", device.name));
+            }
+        }
+        if !link_words.iter().any(|w| w == "nolearning") {
+            missing.push(format!("{}: nolearning", device.name));
+        }
+        if let Some(a) = device.address
+            && !words(addr).iter().any(|l| {
+                l.windows(2)
+                    .any(|w| w[0] == "inet" && w[1] == a.to_string())
+            })
+        {
+            missing.push(format!("{}: address {a}", device.name));
+        }
+    }
+    let neigh = words(neigh);
+    let fdb = words(fdb);
+    for p in &plan.tunnels.vxlan_peers {
+        let (ip, mac, dst) = (
+            p.tunnel_ip.to_string(),
+            p.mac.to_string(),
+            p.underlay.to_string(),
+        );
+        let neigh_ok = neigh.iter().any(|l| {
+            l.first() == Some(&ip)
+                && l.windows(2)
+                    .any(|w| w[0] == "lladdr" && w[1].eq_ignore_ascii_case(&mac))
+                && l.iter().any(|w| w == "PERMANENT")
+        });
+        if !neigh_ok {
+            missing.push(format!("neighbour {ip} lladdr {mac} PERMANENT"));
+        }
+        let fdb_ok = fdb.iter().any(|l| {
+            l.first().is_some_and(|m| m.eq_ignore_ascii_case(&mac))
+                && l.windows(2).any(|w| w[0] == "dst" && w[1] == dst)
+                && l.iter().any(|w| w == "self")
+                && l.iter().any(|w| w == "permanent")
+        });
+        if !fdb_ok {
+            missing.push(format!("fdb {mac} dst {dst} self permanent"));
+        }
+    }
+    missing
 }
 
 fn start_agent(
@@ -286,15 +406,40 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<bool, LabError> {
         while !all_written() && Instant::now() < deadline && !super::interrupted() {
             std::thread::sleep(Duration::from_millis(200));
         }
-        // Give the dataplane a moment to apply the first plan.
-        std::thread::sleep(Duration::from_secs(2));
+        // The dataplane applies the first plan: wait (until the deadline) for every node's
+        // routes; what is still missing then is reported below as FAIL.
+        let routes_of = |name: &str| -> Vec<String> {
+            netns::ip(
+                &format!("{}-{name}", opts.prefix),
+                &["route", "show", "proto", "157"],
+            )
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().to_string())
+            .collect()
+        };
+        let all_routed = || {
+            plans.iter().all(|(name, plan, _)| {
+                routes_of(name)
+                    == plan
+                        .routes
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+            })
+        };
+        while !all_routed() && Instant::now() < deadline && !super::interrupted() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
         let mut ok = true;
         for (name, plan, env) in &plans {
             let ns = format!("{}-{name}", opts.prefix);
             say(out, &format!("--- {name}: kernel"));
             let routes = netns::ip(&ns, &["route", "show", "proto", "157"]).unwrap_or_default();
+            let mut shown = Vec::new();
             for cmd in [
                 vec!["ip", "-d", "link", "show", "flannel.1"],
+                vec!["ip", "-4", "addr", "show", "dev", "flannel.1"],
                 vec!["ip", "neigh", "show", "dev", "flannel.1"],
                 vec!["bridge", "fdb", "show", "dev", "flannel.1"],
             ] {
@@ -303,6 +448,7 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<bool, LabError> {
                 for line in text.lines() {
                     say(out, &format!("    {line}"));
                 }
+                shown.push(text);
             }
             say(out, "  $ ip route show proto 157");
             for line in routes.lines() {
@@ -324,25 +470,63 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<bool, LabError> {
                 ),
             );
             ok &= env_ok;
-            let (has_device, _) = netns::exec(&ns, "ip", &["link", "show", "flannel.1"])?;
             let want: Vec<String> = plan.routes.iter().map(ToString::to_string).collect();
             let have: Vec<String> = routes.lines().map(|l| l.trim().to_string()).collect();
-            if has_device {
-                let routes_ok = want == have;
+            let routes_ok = !want.is_empty() && want == have;
+            say(
+                out,
+                &format!(
+                    "  {}  kernel routes equal the plan ({} through flannel.1)",
+                    if routes_ok { "PASS" } else { "FAIL" },
+                    want.len()
+                ),
+            );
+            ok &= routes_ok;
+            // The lab's veths have the kernel's default MTU, 1500, as seed 000's eth0.
+            let mtu = pod_mtu(&net_conf()?, &plan.tunnels, 1500);
+            let missing = vtep_mismatches(plan, mtu, &shown[0], &shown[1], &shown[2], &shown[3]);
+            if missing.is_empty() {
                 say(
                     out,
                     &format!(
-                        "  {}  kernel routes equal the plan",
-                        if routes_ok { "PASS" } else { "FAIL" }
+                        "  PASS  flannel.1 (VNI, port, nolearning, MAC, MTU {mtu}, address) and                          its {} neighbour and FDB entries as planned",
+                        plan.tunnels.vxlan_peers.len()
                     ),
                 );
-                ok &= routes_ok;
             } else {
                 say(
                     out,
-                    "  N/A   no flannel.1: this build does not create VXLAN devices yet (the \
-                     VXLAN dataplane module), so the routes through it cannot be installed",
+                    &format!(
+                        "  FAIL  flannel.1 and its entries; missing: {}",
+                        missing.join("; ")
+                    ),
                 );
+                ok = false;
+            }
+        }
+        // Pod to pod across nodes, through flannel.1 (the lab's own ICMP echo).
+        say(out, "--- pods (one per node behind cni0)");
+        for (from, _, from_cidr, _) in SEED000 {
+            let src = pod_addresses(from_cidr)?.1.addr();
+            for (to, _, to_cidr, _) in SEED000.iter().filter(|(n, ..)| *n != from) {
+                let dst = pod_addresses(to_cidr)?.1.addr();
+                let report = super::echo(
+                    &format!("{}-{from}-pod", opts.prefix),
+                    dst.into(),
+                    3,
+                    Duration::from_millis(200),
+                    Duration::from_secs(2),
+                )?;
+                let pass = report.all_answered();
+                say(
+                    out,
+                    &format!(
+                        "  {}  ping pod {from} ({src}) -> pod {to} ({dst}): {}",
+                        if pass { "PASS" } else { "FAIL" },
+                        report.summary()
+                    ),
+                );
+                ok &= pass;
             }
         }
         say(out, &format!("agent logs: {}", workdir.display()));
