@@ -1103,3 +1103,58 @@ fn a_node_migrating_from_flanneld_is_adopted_without_loss() {
     assert!(ok, "pod B -> pod A after the migration: {out}");
     tcp_echo(&m.pod_a, &m.pod_b, "10.244.0.2:8080").expect("TCP pod B -> pod A");
 }
+
+/// `podroute lab --model flannel`, as a user runs it: seed 000's three nodes, each with its
+/// agent; every route, `flannel.1` and VTEP entry checked against the kernel, pods pinging
+/// across nodes through `flannel.1`; exit 0 only when all of it passes.
+#[test]
+fn lab_model_flannel_passes_routes_vteps_and_pod_pings() {
+    use netns::can_run;
+    const TEST: &str = "lab_model_flannel_passes_routes_vteps_and_pod_pings";
+    if !can_run(TEST) {
+        return;
+    }
+    {
+        let probe = netns::Netns::new("fl-lab-probe");
+        let (ok, out) = probe.try_ip(&[
+            "link", "add", "probe-vx", "type", "vxlan", "id", "9", "dstport", "8472",
+        ]);
+        if !ok {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the kernel's vxlan module is needed: {out}"
+            );
+            eprintln!("SKIP: no vxlan device: {out}");
+            return;
+        }
+    }
+    let prefix = format!("fl{}", std::process::id());
+    let out = Command::new(env!("CARGO_BIN_EXE_podroute"))
+        .args(["lab", "--model", "flannel", "--prefix", &prefix])
+        .output()
+        .expect("podroute lab runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+    assert!(!stdout.contains("N/A"), "{stdout}");
+    let count = |what: &str| {
+        stdout
+            .lines()
+            .filter(|l| l.trim_start().starts_with(what))
+            .count()
+    };
+    assert_eq!(
+        count("PASS  kernel routes equal the plan (2 through flannel.1)"),
+        3,
+        "{stdout}"
+    );
+    assert_eq!(count("PASS  flannel.1 (VNI"), 3, "{stdout}");
+    // Every pod to both other nodes' pods.
+    assert_eq!(count("PASS  ping pod"), 6, "{stdout}");
+    // Nothing is left behind.
+    assert!(
+        podroute::lab::namespaces_with_prefix(&format!("{prefix}-")).is_empty(),
+        "namespaces left"
+    );
+}

@@ -489,7 +489,7 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<bool, LabError> {
                 say(
                     out,
                     &format!(
-                        "  PASS  flannel.1 (VNI, port, nolearning, MAC, MTU {mtu}, address) and                          its {} neighbour and FDB entries as planned",
+                        "  PASS  flannel.1 (VNI, port, nolearning, MAC, MTU {mtu}, address) and its {} neighbour and FDB entries as planned",
                         plan.tunnels.vxlan_peers.len()
                     ),
                 );
