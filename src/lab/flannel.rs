@@ -547,6 +547,63 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<bool, LabError> {
 mod tests {
     use super::*;
 
+    /// Master's tables as iproute2 prints them when the kernel holds the plan.
+    const LINK: &str = "5: flannel.1: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1450 qdisc noqueue
+    link/ether fe:be:87:93:06:e2 brd ff:ff:ff:ff:ff:ff promiscuity 0
+    vxlan id 1 local 192.168.0.39 dev eth0 srcport 0 0 dstport 8472 nolearning ttl auto";
+    const ADDR: &str = "5: flannel.1: <UP> mtu 1450\n    inet 10.244.0.0/32 scope global flannel.1";
+    const NEIGH: &str = "10.244.2.0 lladdr 0a:72:bf:3f:cd:40 PERMANENT proto 157
+10.244.1.0 lladdr 0e:61:06:ff:7a:73 PERMANENT proto 157";
+    const FDB: &str = "0a:72:bf:3f:cd:40 dst 192.168.0.8 self permanent
+0e:61:06:ff:7a:73 dst 192.168.0.22 self permanent";
+
+    #[test]
+    fn vtep_tables_are_checked_field_by_field() {
+        let (plan, _) = planned("master").unwrap();
+        assert_eq!(
+            vtep_mismatches(&plan, 1450, LINK, ADDR, NEIGH, FDB),
+            Vec::<String>::new()
+        );
+        // No device at all: everything is missing.
+        let missing = vtep_mismatches(&plan, 1450, "", "", "", "");
+        assert_eq!(missing.len(), 5 + 1 + 1 + 2 * 2, "{missing:?}");
+        // One wrong field each.
+        let base = || [LINK, ADDR, NEIGH, FDB].map(str::to_string);
+        let changed = |which: usize, from: &str, to: &str| {
+            let mut t = base();
+            t[which] = t[which].replace(from, to);
+            t
+        };
+        for (t, what) in [
+            (changed(0, "dstport 8472", "dstport 4789"), "dstport 8472"),
+            (changed(0, " nolearning", ""), "nolearning"),
+            (changed(0, "mtu 1450", "mtu 1500"), "mtu 1450"),
+            (changed(0, "fe:be", "fe:bf"), "link/ether"),
+            (
+                changed(1, "inet 10.244.0.0/32", ""),
+                "address 10.244.0.0/32",
+            ),
+            (
+                changed(2, "73 PERMANENT", "73 STALE"),
+                "neighbour 10.244.1.0",
+            ),
+            (
+                changed(3, "dst 192.168.0.8", "dst 192.168.0.9"),
+                "fdb 0a:72:bf:3f:cd:40",
+            ),
+        ] {
+            let missing = vtep_mismatches(&plan, 1450, &t[0], &t[1], &t[2], &t[3]);
+            assert_eq!(missing.len(), 1, "{what}: {missing:?}");
+            assert!(missing[0].contains(what), "{what}: {missing:?}");
+        }
+        let (gateway, pod) = pod_addresses("10.244.2.0/24").unwrap();
+        assert_eq!(
+            (gateway.to_string(), pod.to_string()),
+            ("10.244.2.1/24".into(), "10.244.2.2/24".into())
+        );
+        assert!(pod_addresses("10.244.2.0/32").is_err());
+    }
+
     #[test]
     fn the_lab_objects_plan_seed_000_s_tables() {
         let (plan, env) = planned("node2").unwrap();
