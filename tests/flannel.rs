@@ -1158,3 +1158,140 @@ fn lab_model_flannel_passes_routes_vteps_and_pod_pings() {
         "namespaces left"
     );
 }
+
+/// The kubernetes datastore: podroute in flannel mode writes its Node's annotations again
+/// when they go stale after the start (here: someone sets a wrong `public-ip`), so flanneld
+/// nodes keep reaching it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flannel_annotations_are_rewritten_when_they_go_stale() {
+    use k8s_openapi::api::core::v1::{Node, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use netns::{Netns, can_run, veth};
+    use support::apiserver::FakeApiServer;
+    const TEST: &str = "flannel_annotations_are_rewritten_when_they_go_stale";
+    if !can_run(TEST) {
+        return;
+    }
+    let master = Netns::new("fl-ann-master");
+    let other = Netns::new("fl-ann-other");
+    veth(
+        &master,
+        "eth0",
+        "192.168.0.39/26",
+        &other,
+        "eth0",
+        "192.168.0.22/26",
+    );
+    // The API server listens inside master's namespace, where the agent runs.
+    let listener = master
+        .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let server = FakeApiServer::start_with(listener);
+    server.serve::<Node>();
+    server.serve::<Service>();
+    server.serve::<EndpointSlice>();
+    let node = |public_ip: &str| -> Node {
+        serde_yaml_ng::from_str(&node_yaml("master", public_ip, "10.244.0.0/24", MASTER_MAC))
+            .unwrap()
+    };
+    server.apply(&node("192.168.0.39"));
+    let dir = tempfile::tempdir().unwrap();
+    let net_conf = dir.path().join("net-conf.json");
+    std::fs::write(
+        &net_conf,
+        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#,
+    )
+    .unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    \
+             server: http://{}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  \
+             context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\n",
+            server.addr()
+        ),
+    )
+    .unwrap();
+    let log_path = dir.path().join("agent.log");
+    let _agent = Agent(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &master.name,
+                env!("CARGO_BIN_EXE_podroute"),
+                "agent",
+            ])
+            .args(["--nodename", "master", "--model", "flannel"])
+            .args(["--ip", "192.168.0.39/26", "--nic", "eth0"])
+            .args(["--datastore-type", "kubernetes"])
+            .arg("--flannel-net-conf")
+            .arg(&net_conf)
+            .arg("--flannel-subnet-file")
+            .arg(dir.path().join("subnet.env"))
+            .args(["--metrics-addr", "127.0.0.1:9091"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("IP")
+            .env_remove("PODROUTE_MODEL")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .expect("podroute agent starts"),
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let public_ip = || {
+        server
+            .get_json::<Node>("master")
+            .and_then(|n| {
+                n["metadata"]["annotations"]["flannel.alpha.coreos.com/public-ip"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .unwrap_or_default()
+    };
+    // Started and planned: subnet.env written; the annotations were right, nothing patched.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.path().join("subnet.env").exists() {
+        assert!(Instant::now() < deadline, "agent not started\n{}", log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Patches of flannel's annotations (the Calico address annotation and the node
+    // condition are patched too).
+    let flannel_patches = || -> Vec<serde_json::Value> {
+        server
+            .patches::<Node>()
+            .into_iter()
+            .filter(|p| {
+                p["metadata"]["annotations"]
+                    .as_object()
+                    .is_some_and(|a| a.keys().any(|k| k.starts_with("flannel.alpha.coreos.com/")))
+            })
+            .collect()
+    };
+    assert_eq!(flannel_patches(), Vec::<serde_json::Value>::new());
+
+    // Someone (a stale flanneld, a script) writes another public-ip: podroute corrects it.
+    server.apply(&node("192.168.0.99"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while public_ip() != "192.168.0.39" {
+        assert!(
+            Instant::now() < deadline,
+            "public-ip not re-written: {:?}\n{}",
+            public_ip(),
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        log().contains("flannel node annotations re-written"),
+        "{}",
+        log()
+    );
+    let patches = flannel_patches();
+    assert_eq!(patches.len(), 1, "{patches:?}");
+    assert_eq!(
+        patches[0]["metadata"]["annotations"]["flannel.alpha.coreos.com/public-ip"], "192.168.0.39",
+        "{patches:?}"
+    );
+}

@@ -368,9 +368,11 @@ pub struct FlannelMode {
 struct Annotator {
     client: kube::Client,
     node: String,
-    /// The annotations last sent, and when: the same ones are not sent again within
-    /// [`ANNOTATE_RETRY`] (a write that has not reached the datastore's state yet, or failed).
-    last: Option<(BTreeMap<String, String>, std::time::Instant)>,
+    /// The stale lease last answered with a write, and when: the same stale lease is not
+    /// answered again within [`ANNOTATE_RETRY`] (a write that has not reached the
+    /// datastore's state yet, or failed). A write reads the Node first and patches nothing
+    /// when it is right already.
+    last: Option<(Option<FlannelNode>, std::time::Instant)>,
 }
 
 impl std::fmt::Debug for Annotator {
@@ -423,18 +425,12 @@ impl FlannelMode {
         }
     }
 
-    /// Keeps the own Node's annotations up to date through `client` from now on; `written`:
-    /// what the start-up wrote (not sent again unless it goes stale after [`ANNOTATE_RETRY`]).
-    pub fn annotate_with(
-        &mut self,
-        client: kube::Client,
-        node: String,
-        written: Option<BTreeMap<String, String>>,
-    ) {
+    /// Keeps the own Node's annotations up to date through `client` from now on.
+    pub fn annotate_with(&mut self, client: kube::Client, node: String) {
         self.annotator = Some(Annotator {
             client,
             node,
-            last: written.map(|w| (w, std::time::Instant::now())),
+            last: None,
         });
     }
 
@@ -449,17 +445,18 @@ impl FlannelMode {
             return;
         }
         let wanted = self.annotations(local);
+        let lease = self.own_lease(state).cloned();
         let Some(annotator) = self.annotator.as_mut() else {
             return;
         };
         if annotator
             .last
             .as_ref()
-            .is_some_and(|(w, at)| *w == wanted && at.elapsed() < ANNOTATE_RETRY)
+            .is_some_and(|(l, at)| *l == lease && at.elapsed() < ANNOTATE_RETRY)
         {
             return;
         }
-        annotator.last = Some((wanted.clone(), std::time::Instant::now()));
+        annotator.last = Some((lease, std::time::Instant::now()));
         let (client, node) = (annotator.client.clone(), annotator.node.clone());
         tokio::spawn(async move {
             match super::annotate::ensure_annotations(client, &node, &wanted).await {

@@ -284,26 +284,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             let latest = datastore.state.latest().unwrap_or(state.clone());
             let local = f.local(&latest, &node, addresses.v4, addresses.v6, &nic);
             let wanted = f.annotations(&local);
-            let written = match annotate::ensure_annotations(client.clone(), &node, &wanted).await {
-                Ok(true) => {
-                    info!(node, ?wanted, "flannel node annotations written");
-                    Some(wanted)
-                }
-                Ok(false) => {
-                    debug!(node, "flannel node annotations already right");
-                    Some(wanted)
-                }
-                Err(e) => {
-                    warn!(
-                        error = %e,
-                        "cannot write the node's flannel annotations; flanneld nodes do not \
-                         route to this node until they are written (retried while stale)"
-                    );
-                    None
-                }
-            };
+            match annotate::ensure_annotations(client.clone(), &node, &wanted).await {
+                Ok(true) => info!(node, ?wanted, "flannel node annotations written"),
+                Ok(false) => debug!(node, "flannel node annotations already right"),
+                Err(e) => warn!(
+                    error = %e,
+                    "cannot write the node's flannel annotations; flanneld nodes do not route \
+                     to this node until they are written (retried while they are stale)"
+                ),
+            }
             // From now on, re-written whenever the lease goes stale.
-            f.annotate_with(client, node.clone(), written);
+            f.annotate_with(client, node.clone());
         }
     }
     let startup = Startup {
