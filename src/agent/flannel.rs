@@ -362,6 +362,10 @@ pub struct FlannelMode {
     /// Where the own Node's annotations are re-written when they go stale (kubernetes
     /// datastore, unless `--no-annotate`).
     annotator: Option<Annotator>,
+    /// The MACs of the `flannel.1` / `flannel-v6.1` devices found at start (flanneld's, on a
+    /// node migrating from it): used when the Node's annotations carry no VtepMAC, so that
+    /// the device is kept rather than recreated with another MAC.
+    device_macs: [Option<MacAddr>; 2],
 }
 
 /// Re-writes the own Node's flannel annotations.
@@ -422,6 +426,24 @@ impl FlannelMode {
             counted: BTreeSet::new(),
             planned: BTreeSet::new(),
             annotator: None,
+            device_macs: [None, None],
+        }
+    }
+
+    /// Reads the MACs of the VXLAN devices already on this node (`/sys/class/net`, in the
+    /// agent's network namespace); see [`Self::local`].
+    pub fn remember_device_macs(&mut self) {
+        let read = |name: &str| {
+            std::fs::read_to_string(Path::new("/sys/class/net").join(name).join("address"))
+                .ok()
+                .and_then(|t| t.trim().parse::<MacAddr>().ok())
+        };
+        self.device_macs = [
+            read(crate::model::flannel::VXLAN_DEVICE_V4),
+            read(crate::model::flannel::VXLAN_DEVICE_V6),
+        ];
+        if self.device_macs.iter().any(Option::is_some) {
+            info!(macs = ?self.device_macs, "existing flannel VXLAN devices found");
         }
     }
 
@@ -477,7 +499,7 @@ impl FlannelMode {
 
     /// The planner's view of this node: its addresses, NIC, lease and VTEP MACs (the ones
     /// its Node already advertises, so a restart or a switch from flanneld keeps them; else
-    /// stable ones derived from the node name).
+    /// the existing device's, found at start; else stable ones derived from the node name).
     pub fn local(
         &self,
         state: &ClusterState,
@@ -495,10 +517,12 @@ impl FlannelMode {
             vtep_mac: lease
                 .as_ref()
                 .and_then(|l| l.vtep_mac)
+                .or(self.device_macs[0])
                 .unwrap_or_else(|| MacAddr::from_seed(name)),
             vtep_mac_v6: lease
                 .as_ref()
                 .and_then(|l| l.vtep_mac_v6)
+                .or(self.device_macs[1])
                 .unwrap_or_else(|| MacAddr::from_seed(&format!("{name}/flannel-v6.1"))),
             lease,
         }
@@ -721,12 +745,14 @@ pub async fn wait_net_conf(
         match load(&source, client).await {
             Ok(conf) => {
                 info!(source = %source, ?conf, "flannel network config read");
-                return FlannelMode::new(
+                let mut mode = FlannelMode::new(
                     conf,
                     source.to_string(),
                     args.flannel_subnet_file.clone(),
                     args.flannel_ip_masq,
                 );
+                mode.remember_device_macs();
+                return mode;
             }
             Err(error) => {
                 let text = error.to_string();
@@ -811,6 +837,25 @@ mod tests {
         hg.backend_type = Some("host-gw".into());
         hg.vtep_mac = None;
         assert!(!annotations_stale(&host_gw.backend, Some(&hg), &local));
+    }
+
+    #[test]
+    fn vtep_mac_from_the_lease_else_the_existing_device_else_derived() {
+        let conf = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
+            .unwrap();
+        let mut mode = FlannelMode::new(conf, "t".into(), "subnet.env".into(), false);
+        let state = ClusterState {
+            local_node: "master".into(),
+            ..ClusterState::default()
+        };
+        let derived = mode.local(&state, "master", None, None, "eth0").vtep_mac;
+        assert_eq!(derived, MacAddr::from_seed("master"));
+        let flanneld: MacAddr = "fe:be:87:93:06:e2".parse().unwrap();
+        mode.device_macs = [Some(flanneld), None];
+        assert_eq!(
+            mode.local(&state, "master", None, None, "eth0").vtep_mac,
+            flanneld
+        );
     }
 
     #[test]
