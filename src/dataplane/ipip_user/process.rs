@@ -53,6 +53,10 @@ pub enum Request {
     Table(TableMessage),
     /// Only the counters, please.
     Counters,
+    /// Stop forwarding and exit (answered first): the node's pools no longer use IPIP and
+    /// the agent removes `tunl0`. A forwarder older than this request closes the connection
+    /// on it and keeps running.
+    Stop,
 }
 
 /// A [`TunnelTable`] on the wire (prefixes as `a.b.c.d/len` text).
@@ -177,6 +181,7 @@ pub async fn serve(config: ForwarderConfig) -> Result<(), TunnelError> {
     let (table_tx, table_rx) = watch::channel(Arc::new(TunnelTable::default()));
     let table_tx = Arc::new(table_tx);
     let counters = Arc::new(IpipCounters::new());
+    let stop = Arc::new(tokio::sync::Notify::new());
     let mut forwarder = super::spawn(config, table_rx, counters.clone())?;
     tracing::info!(
         device,
@@ -189,7 +194,12 @@ pub async fn serve(config: ForwarderConfig) -> Result<(), TunnelError> {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, table_tx.clone(), counters.clone()));
+                    tokio::spawn(serve_connection(
+                        stream,
+                        table_tx.clone(),
+                        counters.clone(),
+                        stop.clone(),
+                    ));
                 }
                 Err(e) => tracing::warn!(error = %e, "accepting a control connection"),
             },
@@ -201,6 +211,10 @@ pub async fn serve(config: ForwarderConfig) -> Result<(), TunnelError> {
             }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
+            _ = stop.notified() => {
+                tracing::info!(device, "asked to stop: no IPIP pool left");
+                break;
+            }
         }
     }
     tracing::info!(device, "IPIP forwarder process stopping");
@@ -212,6 +226,7 @@ async fn serve_connection(
     stream: tokio::net::UnixStream,
     table_tx: Arc<watch::Sender<Arc<TunnelTable>>>,
     counters: Arc<IpipCounters>,
+    stop: Arc<tokio::sync::Notify>,
 ) {
     let (read, mut write) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(read).lines();
@@ -236,6 +251,14 @@ async fn serve_connection(
                 table_tx.send_replace(Arc::new(table));
             }
             Ok(Request::Counters) => {}
+            Ok(Request::Stop) => {
+                if let Ok(mut reply) = serde_json::to_string(&Reply::new(&counters.snapshot())) {
+                    reply.push('\n');
+                    let _ = write.write_all(reply.as_bytes()).await;
+                }
+                stop.notify_one();
+                break;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "malformed control request; closing the connection");
                 break;
@@ -565,7 +588,7 @@ mod tests {
                     Request::Table(t) => {
                         let _ = tx.send(TunnelTable::from(t));
                     }
-                    Request::Counters => {}
+                    Request::Counters | Request::Stop => {}
                 }
                 let s = IpipCountersSnapshot {
                     encap_packets: requests,

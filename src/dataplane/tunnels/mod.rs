@@ -65,6 +65,17 @@ impl Tunnels {
         self.ipip.apply(ipip).await;
     }
 
+    /// `tunl0` left the plan and waits to be removed once no route needs it.
+    pub fn ipip_pending_removal(&self) -> bool {
+        self.ipip.pending_removal()
+    }
+
+    /// Removes `tunl0` (see [`ipip`]); the dataplane calls it once no route of ours goes
+    /// through the device.
+    pub async fn remove_ipip(&mut self) {
+        self.ipip.remove().await;
+    }
+
     /// Every 250 ms (the dataplane's tick): repairs what went away (a dead forwarder), retries failed set-ups.
     pub async fn maintain(&mut self) {
         self.ipip.maintain().await;
