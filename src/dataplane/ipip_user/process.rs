@@ -162,6 +162,29 @@ fn socket_addr(device: &str) -> Result<SocketAddr, TunnelError> {
 /// (`Err`). Call it on a tokio runtime in the node's network namespace; `tunl0` must exist
 /// (the agent makes it with [`super::UserspaceIpip`]).
 pub async fn serve(config: ForwarderConfig) -> Result<(), TunnelError> {
+    serve_when(config, false).await
+}
+
+/// True when `device` is a TUN device in the caller's network namespace (sysfs shows
+/// `tun_flags` for those only).
+pub fn is_tun_device(device: &str) -> bool {
+    !device.contains('/')
+        && std::path::Path::new("/sys/class/net")
+            .join(device)
+            .join("tun_flags")
+            .exists()
+}
+
+/// How often a forwarder started with `wait_for_device` looks for the TUN device.
+pub const DEVICE_POLL: Duration = Duration::from_millis(250);
+
+/// [`serve`]; with `wait_for_device` (the forwarder as its own container, started with the
+/// pod whatever the node's tunnel) it answers on its control socket at once but attaches
+/// only once `device` exists as a TUN device, made by the agent on a node without the
+/// kernel's `ipip` ([`is_tun_device`], checked every [`DEVICE_POLL`]). It never creates the
+/// device itself: a TUN `tunl0` would stand in the way of the kernel's. Tables received
+/// meanwhile are kept and used from the start.
+pub async fn serve_when(config: ForwarderConfig, wait_for_device: bool) -> Result<(), TunnelError> {
     let device = config.device.clone();
     let listener = UnixListener::bind_addr(&socket_addr(&device)?).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
@@ -182,12 +205,27 @@ pub async fn serve(config: ForwarderConfig) -> Result<(), TunnelError> {
     let table_tx = Arc::new(table_tx);
     let counters = Arc::new(IpipCounters::new());
     let stop = Arc::new(tokio::sync::Notify::new());
-    let mut forwarder = super::spawn(config, table_rx, counters.clone())?;
+    let mut forwarder = if wait_for_device && !is_tun_device(&device) {
+        tracing::info!(
+            device,
+            "waiting for the agent to make the userspace tunnel device (a node with the \
+             kernel's ipip module never needs this forwarder)"
+        );
+        None
+    } else {
+        Some(super::spawn(
+            config.clone(),
+            table_rx.clone(),
+            counters.clone(),
+        )?)
+    };
     tracing::info!(
         device,
         pid = std::process::id(),
         "IPIP forwarder process serving"
     );
+    let mut poll = tokio::time::interval(DEVICE_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| TunnelError::io("installing the SIGTERM handler", e))?;
     loop {
@@ -203,11 +241,22 @@ pub async fn serve(config: ForwarderConfig) -> Result<(), TunnelError> {
                 }
                 Err(e) => tracing::warn!(error = %e, "accepting a control connection"),
             },
-            exit = forwarder.exited() => {
+            exit = async {
+                match forwarder.as_mut() {
+                    Some(f) => f.exited().await,
+                    None => std::future::pending().await,
+                }
+            } => {
                 return match exit {
                     ForwarderExit::Stopped => Ok(()),
                     ForwarderExit::Failed(e) => Err(e),
                 };
+            }
+            _ = poll.tick(), if forwarder.is_none() => {
+                if is_tun_device(&device) {
+                    forwarder = Some(super::spawn(config.clone(), table_rx.clone(), counters.clone())?);
+                    tracing::info!(device, "the userspace tunnel device is there: forwarding");
+                }
             }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
@@ -218,7 +267,9 @@ pub async fn serve(config: ForwarderConfig) -> Result<(), TunnelError> {
         }
     }
     tracing::info!(device, "IPIP forwarder process stopping");
-    forwarder.shutdown().await;
+    if let Some(forwarder) = forwarder {
+        forwarder.shutdown().await;
+    }
     Ok(())
 }
 
