@@ -5,7 +5,9 @@
 //! part to its module here:
 //! - [`ipip`]: `tunl0` (kernel `ipip` device, or a TUN device with the userspace forwarder
 //!   process), its address and MTU, and the forwarder's table of remote blocks, kept as IPIP
-//!   routes are upserted and removed and published before they are installed;
+//!   routes are upserted and removed and published before they are installed; when IPIP
+//!   leaves the plan the device is removed by the dataplane ([`Tunnels::remove_ipip`]) only
+//!   once no route of ours needs it, the rule the VXLAN devices follow;
 //! - VXLAN (`vxlan.calico`, `flannel.1`, ...): the place for `super::vxlan`'s module, which
 //!   takes [`TunnelPlan::vxlan`] and [`TunnelPlan::vxlan_peers`] (devices, permanent
 //!   neighbour and FDB entries). Until it lands those parts of the plan are not acted on.
