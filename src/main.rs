@@ -21,9 +21,10 @@ enum Command {
     /// Run the routing agent on this node (normally as a DaemonSet).
     Agent(Box<podroute::agent::AgentArgs>),
     /// Run the userspace IPIP forwarder of `tunl0` (the TUN device the agent makes on kernels
-    /// without `ipip`) in this network namespace. The agent starts it when none runs, and
-    /// it keeps forwarding with its last tunnel table while the agent is down. Needs
-    /// CAP_NET_ADMIN and CAP_NET_RAW.
+    /// without `ipip`) in this network namespace. The agent starts it when none runs (or,
+    /// with `--ipip-forwarder external`, another container does), and it keeps forwarding
+    /// with its last tunnel table while the agent is down. Needs CAP_NET_ADMIN and
+    /// CAP_NET_RAW.
     IpipForwarder {
         /// The TUN device.
         #[arg(long, default_value = podroute::plan::TUNNEL_DEVICE)]
@@ -34,6 +35,11 @@ enum Command {
         /// Log filter (tracing `EnvFilter` syntax).
         #[arg(long, env = "PODROUTE_LOG", default_value = "info")]
         log: String,
+        /// Start forwarding only once the agent has made the device as a TUN device (it is
+        /// never created here): for a forwarder container started with every pod, idle on
+        /// nodes whose kernel has `ipip`.
+        #[arg(long)]
+        wait_for_device: bool,
     },
     /// Print the version.
     Version,
@@ -113,7 +119,12 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the tokio runtime")?;
             runtime.block_on(podroute::agent::run(*args))?;
         }
-        Command::IpipForwarder { device, local, log } => {
+        Command::IpipForwarder {
+            device,
+            local,
+            log,
+            wait_for_device,
+        } => {
             init_logging(&log);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -122,7 +133,10 @@ fn main() -> anyhow::Result<()> {
             let mut config = podroute::dataplane::ipip_user::ForwarderConfig::new(local);
             config.device = device;
             runtime
-                .block_on(podroute::dataplane::ipip_user::process::serve(config))
+                .block_on(podroute::dataplane::ipip_user::process::serve_when(
+                    config,
+                    wait_for_device,
+                ))
                 .context("userspace IPIP forwarder")?;
         }
         Command::Version => {

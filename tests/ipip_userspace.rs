@@ -1117,3 +1117,120 @@ fn auto_selection_follows_the_kernel_probe() {
     );
     assert_eq!(IpipDataplane::Kernel.to_string(), "kernel");
 }
+
+/// True when process `pid` holds a TUN queue of `device` (the kernel names the device in the
+/// fdinfo of such a file: `iff:\tDEVICE`).
+fn holds_tun_queue(pid: u32, device: &str) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return false;
+    };
+    let wanted = format!("iff:\t{device}");
+    fds.flatten().any(|fd| {
+        std::fs::read_to_string(fd.path()).is_ok_and(|info| info.lines().any(|l| l == wanted))
+    })
+}
+
+/// The DaemonSet's forwarder container (`ipip-forwarder --wait-for-device`): it answers on its
+/// control socket at once but never makes `tunl0` (a TUN `tunl0` would keep the kernel's
+/// `ipip` module from making its own); it attaches once the agent has made the TUN device,
+/// and it exits when the agent asks it to stop (no IPIP pool left).
+#[test]
+fn a_forwarder_container_waits_for_the_agents_device_and_stops_when_asked() {
+    use podroute::dataplane::ipip_user::process::{Request, request};
+    const TEST: &str = "a_forwarder_container_waits_for_the_agents_device_and_stops_when_asked";
+    if !can_run(TEST) {
+        return;
+    }
+    let ns = Netns::new("fwait");
+    // The node's address (the raw IP-protocol-4 socket binds to it).
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+    ]);
+    ns.ip(&["addr", "add", "192.168.92.128/24", "dev", "eth0"]);
+    ns.ip(&["link", "set", "eth0p", "up"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_podroute")])
+        .args([
+            "ipip-forwarder",
+            "--local",
+            "192.168.92.128",
+            "--wait-for-device",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting podroute ipip-forwarder");
+    let pid = child.id();
+    // Killed if the test fails before it stops (the namespace goes with the test).
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            // SAFETY: kill has no memory effects; the pid is the child this test started.
+            unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+    let reap = Reap(pid);
+    let ask =
+        |ns: &Netns, req: Request| ns.run(move || request("tunl0", &req, Duration::from_secs(2)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reply = loop {
+        match ask(&ns, Request::Counters) {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the forwarder never answered: {e}"
+                );
+                assert!(
+                    child.try_wait().unwrap().is_none(),
+                    "the forwarder exited while waiting for its device"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    assert_eq!(reply.version, env!("CARGO_PKG_VERSION"));
+    // Several device polls later: still no tunl0, and the forwarder still runs.
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !ns.try_ip(&["link", "show", "tunl0"]).0,
+        "the waiting forwarder made tunl0"
+    );
+    assert!(child.try_wait().unwrap().is_none());
+    assert!(!holds_tun_queue(pid, "tunl0"));
+    // The agent makes tunl0 (a persistent TUN device): the forwarder attaches.
+    tun_tunl0_persistent(&ns);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !holds_tun_queue(pid, "tunl0") {
+        assert!(
+            Instant::now() < deadline,
+            "the forwarder did not attach to tunl0"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the forwarder exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // No IPIP pool left: asked to stop, it answers, lets go of the device and exits 0.
+    ask(&ns, Request::Stop).expect("the stop request is answered");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the forwarder did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::mem::forget(reap);
+    assert!(status.success(), "{status}");
+    assert!(
+        ns.try_ip(&["link", "show", "tunl0"]).0,
+        "the device is the agent's to delete"
+    );
+}
+
+/// `tunl0` as the agent makes it on a kernel without `ipip`: a persistent TUN device.
+fn tun_tunl0_persistent(ns: &Netns) {
+    ns.ip(&["tuntap", "add", "dev", "tunl0", "mode", "tun"]);
+    ns.ip(&["link", "set", "tunl0", "up"]);
+}

@@ -81,11 +81,33 @@ fn daemonset() -> DaemonSet {
     the("DaemonSet")
 }
 
-fn agent_container() -> Container {
+/// The pod's containers by name: the agent (`podroute`) and the userspace IPIP forwarder
+/// (`ipip-forwarder`), nothing else.
+fn containers() -> BTreeMap<String, Container> {
     let ds = daemonset();
-    let containers = ds.spec.template.spec.unwrap().containers;
-    assert_eq!(containers.len(), 1, "the DaemonSet runs one container");
-    containers.into_iter().next().unwrap()
+    let containers: BTreeMap<String, Container> = ds
+        .spec
+        .template
+        .spec
+        .unwrap()
+        .containers
+        .into_iter()
+        .map(|c| (c.name.clone(), c))
+        .collect();
+    assert_eq!(
+        containers.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["ipip-forwarder", "podroute"],
+        "the DaemonSet runs the agent and the IPIP forwarder, each in its own container"
+    );
+    containers
+}
+
+fn agent_container() -> Container {
+    containers().remove("podroute").unwrap()
+}
+
+fn forwarder_container() -> Container {
+    containers().remove("ipip-forwarder").unwrap()
 }
 
 /// `podroute agent`'s arguments as clap defines them.
@@ -206,6 +228,11 @@ fn daemonset_env_vars_are_agent_flags_and_parse() {
     assert_eq!(args.nodename.as_deref(), Some("node01"));
     assert_eq!(args.datastore_type, "kubernetes");
     assert_eq!(args.ip, "autodetect");
+    assert_eq!(
+        args.ipip_forwarder,
+        podroute::dataplane::ipip_user::process::ForwarderOwner::External,
+        "the forwarder is the pod's other container: the agent must not start its own"
+    );
 
     let node_name = container
         .env
@@ -730,4 +757,137 @@ fn alert_rules_query_only_exported_metrics_and_say_what_to_do() {
     ] {
         assert!(watched.contains(needed), "no alert watches {needed}");
     }
+}
+
+/// Runs `podroute ARGS` and returns (success, stdout + stderr).
+fn run_podroute(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_podroute"))
+        .args(args)
+        .output()
+        .expect("running the podroute binary");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The volume mounted at `/dev/net/tun` in `container`, as the pod's hostPath volume.
+fn tun_device_volume(container: &Container) -> (String, Option<String>) {
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/dev/net/tun")
+        .unwrap_or_else(|| panic!("{} does not mount /dev/net/tun", container.name));
+    let volume = daemonset()
+        .spec
+        .template
+        .spec
+        .unwrap()
+        .volumes
+        .into_iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap_or_else(|| panic!("no volume {}", mount.name));
+    let host = volume
+        .host_path
+        .unwrap_or_else(|| panic!("volume {} is not a hostPath", volume.name));
+    (host.path, host.type_)
+}
+
+#[test]
+fn the_ipip_forwarder_is_its_own_container_sharing_the_hosts_network() {
+    let agent = agent_container();
+    let forwarder = forwarder_container();
+    assert_eq!(
+        forwarder.image, agent.image,
+        "the same binary: the agent checks the forwarder's version"
+    );
+    // Its command line parses as the binary's `ipip-forwarder` subcommand, with the node's
+    // address where the pod gives $(NODE_IP); `--help` after them exits 0 only when every
+    // argument before it parsed (the control below shows that a bad one fails).
+    let args = forwarder.args.clone().expect("the forwarder's args");
+    assert_eq!(args.first().map(String::as_str), Some("ipip-forwarder"));
+    assert!(
+        args.iter().any(|a| a == "--wait-for-device"),
+        "the forwarder must not make tunl0 itself (it would stand in the way of the \
+         kernel's ipip device): it waits for the agent's"
+    );
+    let node_ip = forwarder
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_IP")
+        .and_then(|e| e.value_from.clone())
+        .and_then(|v| v.field_ref)
+        .map(|f| f.field_path);
+    assert_eq!(node_ip.as_deref(), Some("status.hostIP"));
+    let local = args
+        .iter()
+        .position(|a| a == "--local")
+        .and_then(|i| args.get(i + 1))
+        .expect("--local VALUE");
+    assert_eq!(
+        local, "$(NODE_IP)",
+        "the node's address from the downward API"
+    );
+    let mut argv: Vec<String> = args
+        .iter()
+        .map(|a| a.replace("$(NODE_IP)", "192.168.92.128"))
+        .collect();
+    argv.push("--help".into());
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let (ok, out) = run_podroute(&argv);
+    assert!(ok, "podroute {argv:?}: {out}");
+    let (bad, _) = run_podroute(&["ipip-forwarder", "--local", "not-an-ip", "--help"]);
+    assert!(!bad, "control: a bad argument before --help fails");
+    for var in forwarder.env.iter().flatten() {
+        assert!(
+            ["NODE_IP", "PODROUTE_LOG"].contains(&var.name.as_str()),
+            "env {} is not read by the forwarder",
+            var.name
+        );
+    }
+
+    // What it needs, and no more: the raw sockets and the TUN device.
+    let security = forwarder.security_context.clone().unwrap_or_default();
+    assert_ne!(security.privileged, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    let caps = security.capabilities.unwrap_or_default();
+    assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
+    let added: BTreeSet<String> = caps.add.into_iter().flatten().collect();
+    assert_eq!(
+        added,
+        ["NET_ADMIN", "NET_RAW"].map(String::from).into(),
+        "NET_ADMIN for the TUN device, NET_RAW for IP-protocol-4 sockets"
+    );
+    assert!(forwarder.ports.is_none(), "it listens on no port");
+    // Both containers reach the host's /dev/net/tun (the agent makes the device, the
+    // forwarder attaches to it).
+    for c in [&agent, &forwarder] {
+        assert_eq!(
+            tun_device_volume(c),
+            ("/dev/net/tun".to_string(), Some("CharDevice".to_string())),
+            "{}",
+            c.name
+        );
+    }
+    // The control socket is abstract, scoped to the network namespace: both containers must
+    // be in the host's (so the agent finds the forwarder), and a restart of one container
+    // does not restart the other (no shared process namespace is needed).
+    let pod = daemonset().spec.template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert_ne!(pod.share_process_namespace, Some(true));
+    assert!(
+        forwarder.liveness_probe.is_none(),
+        "a probe of the agent's HTTP server must not restart the forwarder"
+    );
+    assert_eq!(
+        podroute::dataplane::ipip_user::process::control_socket_name(podroute::plan::TUNNEL_DEVICE),
+        "podroute/ipip-forwarder/tunl0"
+    );
 }

@@ -2,13 +2,14 @@
 //! (tests/support/apiserver.rs) with the real `kube::Client`: the block and the handle in
 //! Calico's shape, a compare-and-swap conflict and its retry, a later pod allocation that
 //! never gets the tunnel address, an existing annotation left alone, release when IPIP is off;
-//! and the agent-side decision on a cluster state from the kube datastore.
+//! the VXLAN addresses (IPv4 and IPv6) with their own handles; and the agent-side decision on
+//! a cluster state from the kube datastore.
 
 mod support;
 
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use podroute::agent::tunnel_addr::{self, TunnelAddrAction};
 use podroute::datastore::tunnel_ipam::{self, Ensured};
@@ -34,7 +35,7 @@ fn block_json(cidr: &str, host: &str, used: &[usize]) -> Value {
     }
     let unallocated: Vec<usize> = (0..8).filter(|o| !used.contains(o)).collect();
     json!({
-        "metadata": { "name": cidr.replace(['.', '/'], "-") },
+        "metadata": { "name": cidr.replace(['.', ':', '/'], "-") },
         "spec": {
             "cidr": cidr,
             "affinity": format!("host:{host}"),
@@ -69,7 +70,7 @@ async fn server() -> FakeApiServer {
     server
 }
 
-fn cidr(s: &str) -> Ipv4Net {
+fn cidr(s: &str) -> IpNet {
     s.parse().unwrap()
 }
 
@@ -426,4 +427,144 @@ async fn vxlan_tunnel_address_has_its_own_handle_annotation_and_mac() {
             .is_none()
     );
     assert_eq!(annotations[TUNNEL_ANNOTATION], json!("172.16.241.65"));
+}
+
+/// The IPv6 VXLAN tunnel address, as calico-node allocates it in a dual-stack cluster: in
+/// one of the node's IPv6 blocks, handle `vxlan-v6-tunnel-addr-<node>`, attribute type
+/// `vxlanV6TunnelAddress`, `projectcalico.org/IPv6VXLANTunnelAddr` with the VTEP MAC in
+/// `projectcalico.org/IPv6VXLANTunnelMACAddr`; the IPv4 one beside it in an IPv4 block; the
+/// IPv6 one released (and only it) when the IPv6 pool stops using VXLAN.
+#[tokio::test]
+async fn the_agent_task_allocates_the_ipv6_vxlan_address_and_releases_it_on_never() {
+    let server = server().await;
+    let pool = |name: &str, cidr: &str, block_size: i64, mode: &str| {
+        IPPool::new(
+            name,
+            IPPoolSpec {
+                cidr: Some(cidr.into()),
+                block_size: Some(block_size),
+                vxlan_mode: Some(mode.into()),
+                ..IPPoolSpec::default()
+            },
+        )
+    };
+    server.apply(&pool("default-ipv4-ippool", "172.16.0.0/16", 29, "Always"));
+    server.apply(&pool("default-ipv6-ippool", "fd00:10::/112", 125, "Always"));
+    server.apply_json::<IPAMBlock>(block_json("172.16.241.64/29", NODE, &[0]));
+    server.apply_json::<IPAMBlock>(block_json("fd00:10::/125", NODE, &[0]));
+    // Another node's IPv6 block: never used for this node's address.
+    server.apply_json::<IPAMBlock>(block_json("fd00:10::8/125", "node02", &[]));
+    let client = server.client();
+    let mut ds = podroute::datastore::kube::spawn(client.clone(), NODE);
+    let state = tokio::time::timeout(Duration::from_secs(30), ds.state.synced())
+        .await
+        .expect("initial sync")
+        .unwrap();
+    use tunnel_ipam::TunnelKind;
+    assert_eq!(
+        tunnel_addr::wanted_for(&state, TunnelKind::VxlanV6),
+        TunnelAddrAction::Allocate(vec![cidr("fd00:10::/125")]),
+        "only the node's own IPv6 blocks"
+    );
+    assert_eq!(
+        tunnel_addr::wanted_for(&state, TunnelKind::Vxlan),
+        TunnelAddrAction::Allocate(vec![cidr("172.16.241.64/29")])
+    );
+    assert_eq!(
+        tunnel_addr::wanted_for(&state, TunnelKind::Ipip),
+        TunnelAddrAction::Nothing
+    );
+    let task = tunnel_addr::spawn(client.clone(), NODE.into(), ds.state.clone());
+    let mut rx = ds.state.clone();
+    let state = tokio::time::timeout(
+        Duration::from_secs(30),
+        rx.wait_for(|s| {
+            s.local()
+                .is_some_and(|n| n.vxlan.ipv6.is_some() && n.vxlan.ipv4.is_some())
+        }),
+    )
+    .await
+    .expect("both annotations written and watched")
+    .unwrap();
+    let local = state.local().unwrap();
+    assert_eq!(local.vxlan.ipv6, Some("fd00:10::1".parse().unwrap()));
+    assert_eq!(local.vxlan.ipv4, Some("172.16.241.65".parse().unwrap()));
+    assert_eq!(
+        tunnel_addr::wanted_for(&state, TunnelKind::VxlanV6),
+        TunnelAddrAction::Nothing
+    );
+    let spec = block_of(&server, "fd00-10---125");
+    assert_eq!(spec["allocations"][1], json!(1));
+    assert_eq!(
+        spec["attributes"][1],
+        json!({
+            "handle_id": "vxlan-v6-tunnel-addr-master01",
+            "secondary": { "node": "master01", "type": "vxlanV6TunnelAddress" },
+        })
+    );
+    assert_eq!(
+        next_pod_ordinal(&spec),
+        2,
+        "the next pod skips the VTEP address"
+    );
+    assert_eq!(
+        server
+            .get_json::<IPAMHandle>("vxlan-v6-tunnel-addr-master01")
+            .expect("handle created")["spec"]["block"],
+        json!({ "fd00:10::/125": 1 })
+    );
+    assert_eq!(
+        block_of(&server, "fd00-10--8-125")["allocations"],
+        json!([null, null, null, null, null, null, null, null]),
+        "another node's block is not touched"
+    );
+    let annotations = server.get_json::<Node>(NODE).unwrap()["metadata"]["annotations"].clone();
+    assert_eq!(
+        annotations["projectcalico.org/IPv6VXLANTunnelAddr"],
+        json!("fd00:10::1")
+    );
+    let mac6 = podroute::plan::tunnels::default_vtep_mac(NODE, false).to_string();
+    assert_ne!(
+        mac6,
+        podroute::plan::tunnels::default_vtep_mac(NODE, true).to_string()
+    );
+    assert_eq!(
+        annotations["projectcalico.org/IPv6VXLANTunnelMACAddr"],
+        json!(mac6)
+    );
+
+    // The IPv6 pool stops using VXLAN: its address goes, the IPv4 one stays.
+    server.apply(&pool("default-ipv6-ippool", "fd00:10::/112", 125, "Never"));
+    let state = tokio::time::timeout(
+        Duration::from_secs(30),
+        rx.wait_for(|s| s.local().is_some_and(|n| n.vxlan.ipv6.is_none())),
+    )
+    .await
+    .expect("IPv6 annotation removed")
+    .unwrap();
+    assert_eq!(
+        state.local().unwrap().vxlan.ipv4,
+        Some("172.16.241.65".parse().unwrap())
+    );
+    assert!(
+        server
+            .get_json::<IPAMHandle>("vxlan-v6-tunnel-addr-master01")
+            .is_none()
+    );
+    assert_eq!(
+        block_of(&server, "fd00-10---125")["allocations"],
+        json!([0, null, null, null, null, null, null, null])
+    );
+    let annotations = server.get_json::<Node>(NODE).unwrap()["metadata"]["annotations"].clone();
+    assert!(
+        annotations
+            .get("projectcalico.org/IPv6VXLANTunnelMACAddr")
+            .is_none()
+    );
+    assert!(
+        server
+            .get_json::<IPAMHandle>("vxlan-tunnel-addr-master01")
+            .is_some()
+    );
+    task.abort();
 }

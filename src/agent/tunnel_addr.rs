@@ -1,13 +1,14 @@
-//! Decides when the node's IPIP and VXLAN tunnel addresses are allocated in or released from
+//! Decides when the node's IPIP and VXLAN (IPv4 and IPv6) tunnel addresses are allocated in or released from
 //! Calico IPAM ([`crate::datastore::tunnel_ipam`] does the writes), in its own task fed by
 //! the cluster state: a write to the API server never holds up the event loop. Once the
 //! annotation is written, the watch brings it back in the Node and the plan puts it on
 //! `tunl0` / `vxlan.calico` (and the other nodes route to this node's VTEP).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -20,11 +21,13 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// What the cluster state asks of the tunnel address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TunnelAddrAction {
-    /// A pool needs IPIP and the Node has no annotation: allocate in these own blocks (those
-    /// in IPIP pools first, then the others, each group lowest first).
-    Allocate(Vec<Ipv4Net>),
-    /// No pool needs IPIP and the Node still has an annotation: release.
-    Release(Vec<Ipv4Net>),
+    /// A pool needs the encapsulation and the Node has no annotation: allocate in these own
+    /// blocks of the tunnel address's family (those in such pools first, then the others,
+    /// each group lowest first).
+    Allocate(Vec<IpNet>),
+    /// No pool of that family needs the encapsulation and the Node still has an
+    /// annotation: release.
+    Release(Vec<IpNet>),
     Nothing,
 }
 
@@ -33,8 +36,9 @@ pub fn wanted(state: &ClusterState) -> TunnelAddrAction {
     wanted_for(state, TunnelKind::Ipip)
 }
 
-/// The action for `state` (pure), for the tunnel address of `kind`: allocated while an IPv4
-/// pool uses that encapsulation, released when none does.
+/// The action for `state` (pure), for the tunnel address of `kind`: allocated while a pool
+/// of its family (IPv4; IPv6 for [`TunnelKind::VxlanV6`]) uses that encapsulation, released
+/// when none does.
 pub fn wanted_for(state: &ClusterState, kind: TunnelKind) -> TunnelAddrAction {
     let ipip_pools: Vec<&crate::model::Pool> = state
         .pools
@@ -43,24 +47,22 @@ pub fn wanted_for(state: &ClusterState, kind: TunnelKind) -> TunnelAddrAction {
         .filter(|p| {
             let mode = match kind {
                 TunnelKind::Ipip => p.ipip_mode,
-                TunnelKind::Vxlan => p.vxlan_mode,
+                TunnelKind::Vxlan | TunnelKind::VxlanV6 => p.vxlan_mode,
             };
-            mode.is_on() && p.cidr.addr().is_ipv4()
+            mode.is_on() && p.cidr.addr().is_ipv6() == kind.is_ipv6()
         })
         .collect();
-    let own: Vec<Ipv4Net> = state
+    let own: Vec<IpNet> = state
         .local_blocks()
-        .filter(|b| !b.deleted)
-        .filter_map(|b| match b.cidr {
-            IpNet::V4(n) => Some(n.trunc()),
-            IpNet::V6(_) => None,
-        })
+        .filter(|b| !b.deleted && b.cidr.addr().is_ipv6() == kind.is_ipv6())
+        .map(|b| b.cidr.trunc())
         .collect();
     let annotated = state
         .local()
         .and_then(|n| match kind {
-            TunnelKind::Ipip => n.ipip_tunnel_addr,
-            TunnelKind::Vxlan => n.vxlan.ipv4,
+            TunnelKind::Ipip => n.ipip_tunnel_addr.map(IpAddr::V4),
+            TunnelKind::Vxlan => n.vxlan.ipv4.map(IpAddr::V4),
+            TunnelKind::VxlanV6 => n.vxlan.ipv6.map(IpAddr::V6),
         })
         .is_some();
     if ipip_pools.is_empty() {
@@ -73,10 +75,10 @@ pub fn wanted_for(state: &ClusterState, kind: TunnelKind) -> TunnelAddrAction {
     if annotated || state.local().is_none() || own.is_empty() {
         return TunnelAddrAction::Nothing;
     }
-    let in_ipip = |n: &Ipv4Net| ipip_pools.iter().any(|p| p.cidr.contains(&IpNet::V4(*n)));
-    let mut ordered: Vec<Ipv4Net> = own.iter().copied().filter(in_ipip).collect();
+    let in_ipip = |n: &IpNet| ipip_pools.iter().any(|p| p.cidr.contains(n));
+    let mut ordered: Vec<IpNet> = own.iter().copied().filter(in_ipip).collect();
     ordered.sort();
-    let mut rest: Vec<Ipv4Net> = own.iter().copied().filter(|n| !in_ipip(n)).collect();
+    let mut rest: Vec<IpNet> = own.iter().copied().filter(|n| !in_ipip(n)).collect();
     rest.sort();
     ordered.extend(rest);
     TunnelAddrAction::Allocate(ordered)
@@ -90,10 +92,11 @@ pub fn spawn(client: kube::Client, node: String, mut state: StateRx) -> JoinHand
         loop {
             let failed = match &current {
                 Some(s) => {
-                    // Both, each on its own: one failing does not hold up the other.
+                    // Each on its own: one failing does not hold up the others.
                     let ipip = act(&client, &node, s, TunnelKind::Ipip).await;
                     let vxlan = act(&client, &node, s, TunnelKind::Vxlan).await;
-                    ipip || vxlan
+                    let vxlan6 = act(&client, &node, s, TunnelKind::VxlanV6).await;
+                    ipip || vxlan || vxlan6
                 }
                 None => false,
             };

@@ -1769,6 +1769,29 @@ impl<S: RouteSocket> Dataplane<S> {
         }
     }
 
+    /// True while a route of ours may still need the device `name`: a desired route names
+    /// it, a route of ours in the kernel goes through it, or a destination is between two
+    /// routes (the old one, through the device perhaps, still in the kernel and the new one
+    /// not in yet). The rule for removing a tunnel device that left the plan.
+    fn device_needed(&self, name: &str) -> bool {
+        self.devices.by_name.contains_key(name)
+            || !self.routes_via(name).is_empty()
+            || self.slots.iter().any(|(dst, slot)| {
+                !slot.synced() && self.strays.range(RouteKey::range(dst)).next().is_some()
+            })
+    }
+
+    /// Removes `tunl0` when it left the plan and no route of ours needs it any more
+    /// ([`Self::device_needed`]); returns true when it did.
+    async fn finish_ipip_removal(&mut self) -> bool {
+        let tunl0 = crate::plan::TUNNEL_DEVICE;
+        if !self.tunnels.ipip_pending_removal() || self.device_needed(tunl0) {
+            return false;
+        }
+        self.tunnels.remove_ipip().await;
+        true
+    }
+
     /// Deletes the VXLAN devices that left the plan once their routes have moved.
     fn finish_tunnel_removal(&mut self) {
         if self.vxlan.pending_removal() && self.sync_tunnels().is_none() {
@@ -1874,6 +1897,7 @@ impl<S: RouteSocket> Dataplane<S> {
                 self.reconcile_some(&chunk);
             }
             self.finish_tunnel_removal();
+            self.finish_ipip_removal().await;
             while let Some((seq, end)) = pending.ends.front().copied()
                 && end <= pending.taken
             {
@@ -1995,6 +2019,9 @@ impl<S: RouteSocket> Dataplane<S> {
                 _ = tunnel_tick.tick() => {
                     let before = self.tunnels.status();
                     self.tunnels.maintain().await;
+                    // tunl0 that left the plan, once the last route through it moved (a
+                    // replace that waited for its new device, a retry).
+                    self.finish_ipip_removal().await;
                     if self.tunnels.status() != before {
                         status.send_replace(self.status());
                     }

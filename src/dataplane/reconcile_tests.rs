@@ -514,3 +514,82 @@ fn link_facts_follow_the_monitor() {
     })]);
     assert!(!facts.has_changed().unwrap());
 }
+
+fn vxlan(prefix: &str, vtep: &str) -> DesiredRoute {
+    DesiredRoute {
+        prefix: net(prefix),
+        kind: RouteKind::BlockVxlan,
+        gateway: Some(ip(vtep)),
+        device: Some("vxlan.calico".into()),
+        onlink: true,
+        scope: RouteScope::Universe,
+    }
+}
+
+#[test]
+fn tunl0_is_needed_until_the_last_route_through_it_has_moved() {
+    const VXLAN: u32 = 5;
+    let k = kernel(true);
+    let mut dp = open(&k);
+    let a = ipip("172.16.196.128/26", "192.168.93.130");
+    let b = ipip("172.16.10.0/26", "192.168.93.131");
+    dp.set_desired([&a, &b, &blackhole("172.16.241.64/26")]);
+    dp.reconcile();
+    k.log();
+    assert!(dp.device_needed("tunl0"), "desired routes name it");
+    // The pool moves to VXLAN while vxlan.calico is not there yet: the new routes wait for
+    // their device, and the old ones stay in the kernel, through tunl0.
+    dp.set_desired([
+        &vxlan("172.16.196.128/26", "172.16.196.128"),
+        &vxlan("172.16.10.0/26", "172.16.10.0"),
+        &blackhole("172.16.241.64/26"),
+    ]);
+    dp.reconcile();
+    assert!(k.log().is_empty(), "nothing deleted, nothing replaced");
+    assert!(
+        k.state()
+            .routes
+            .values()
+            .filter(|r| r.oif == Some(TUNL0))
+            .count()
+            == 2,
+        "the old routes still carry the traffic"
+    );
+    assert!(
+        dp.device_needed("tunl0"),
+        "no desired route names tunl0, but two destinations are between their routes"
+    );
+    // The device comes; one route moves, the other's replace is refused (the device goes
+    // again meanwhile, say): still needed.
+    k.link(VXLAN, "vxlan.calico");
+    let (dirty, _) = dp.absorb(vec![Event::LinkChanged(LinkInfo {
+        index: VXLAN,
+        name: Some("vxlan.calico".into()),
+        up: true,
+        running: true,
+        mtu: Some(1450),
+    })]);
+    dp.reconcile_some(&dirty[..1]);
+    assert_eq!(k.log(), log(&[("replace", "172.16.10.0/26")]));
+    assert!(
+        dp.device_needed("tunl0"),
+        "one route still goes through tunl0"
+    );
+    dp.reconcile_some(&dirty);
+    assert_eq!(k.log(), log(&[("replace", "172.16.196.128/26")]));
+    assert!(
+        !k.state().routes.values().any(|r| r.oif == Some(TUNL0)),
+        "no route through tunl0 left"
+    );
+    assert!(!dp.device_needed("tunl0"), "now it may go");
+    assert!(dp.device_needed("vxlan.calico"));
+    // A route of ours through tunl0 that the plan does not want (left by a previous run, or
+    // added by hand) keeps it until it is deleted.
+    let left = ipip("172.16.20.0/26", "192.168.93.150");
+    k.route(installed(&left, OURS, Some(TUNL0)));
+    dp.read_kernel().unwrap();
+    assert!(dp.device_needed("tunl0"));
+    dp.reconcile();
+    assert_eq!(k.log(), log(&[("delete", "172.16.20.0/26")]));
+    assert!(!dp.device_needed("tunl0"));
+}

@@ -205,6 +205,39 @@ impl KernelIpip {
         }
     }
 
+    /// Deletes `address` from the link `name` (nothing when the link or the address is not
+    /// there). Deleting a device's last IPv4 address makes the kernel drop every route
+    /// through it: call it only once no route needs the device.
+    pub async fn remove_address(&self, name: &str, address: Ipv4Addr) -> Result<bool, TunnelError> {
+        let Some(link) = self.link_details(name).await? else {
+            return Ok(false);
+        };
+        let mut found = Vec::new();
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(link.index)
+            .set_address_filter(address.into())
+            .execute();
+        loop {
+            match addrs.try_next().await {
+                Ok(Some(msg)) => found.push(msg),
+                Ok(None) => break,
+                Err(e) => return Err(netlink(format!("listing the addresses of {name}"), e)),
+            }
+        }
+        let removed = !found.is_empty();
+        for msg in found {
+            match self.handle.address().del(msg).execute().await {
+                Ok(()) => {}
+                Err(e) if errno_of(&e) == Some(libc::EADDRNOTAVAIL) => {}
+                Err(e) => return Err(netlink(format!("deleting {address}/32 from {name}"), e)),
+            }
+        }
+        Ok(removed)
+    }
+
     /// Sets MTU and up on the link `index`, and adds `address/32` (replace) when given.
     pub(crate) async fn configure(
         &self,

@@ -1,5 +1,5 @@
-//! The node's IPIP tunnel address, allocated in Calico IPAM as calico-node allocates it
-//! (kubernetes datastore only).
+//! The node's tunnel addresses (IPIP, IPv4 VXLAN, IPv6 VXLAN; see [`TunnelKind`]),
+//! allocated in Calico IPAM as calico-node allocates them (kubernetes datastore only).
 //!
 //! When a pool needs `tunl0` and the local Node has no `projectcalico.org/IPv4IPIPTunnelAddr`,
 //! one address of one of the node's own blocks is allocated for it:
@@ -19,9 +19,9 @@
 //! any more. The block is edited as JSON ([`BlockEdit`]), so fields podroute does not model
 //! survive the write.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject};
@@ -31,7 +31,8 @@ use tracing::{debug, info};
 
 use crate::model::crd::{IPAMBlock, IPAMHandle, IPAMHandleSpec};
 use crate::model::node::{
-    ANNOTATION_IPIP_TUNNEL_ADDR, ANNOTATION_VXLAN_TUNNEL_ADDR, ANNOTATION_VXLAN_TUNNEL_MAC,
+    ANNOTATION_IPIP_TUNNEL_ADDR, ANNOTATION_VXLAN_TUNNEL_ADDR, ANNOTATION_VXLAN_TUNNEL_ADDR_V6,
+    ANNOTATION_VXLAN_TUNNEL_MAC, ANNOTATION_VXLAN_TUNNEL_MAC_V6,
 };
 use crate::plan::tunnels::default_vtep_mac;
 
@@ -39,6 +40,8 @@ use crate::plan::tunnels::default_vtep_mac;
 pub const ATTRIBUTE_TYPE_IPIP: &str = "ipipTunnelAddress";
 /// `attributes[].secondary.type` of a VXLAN tunnel address.
 pub const ATTRIBUTE_TYPE_VXLAN: &str = "vxlanTunnelAddress";
+/// `attributes[].secondary.type` of an IPv6 VXLAN tunnel address.
+pub const ATTRIBUTE_TYPE_VXLAN_V6: &str = "vxlanV6TunnelAddress";
 
 /// Which of the node's tunnel addresses: calico-node allocates one per encapsulation in use,
 /// each with its own handle, attribute type and annotation.
@@ -50,6 +53,11 @@ pub enum TunnelKind {
     /// `projectcalico.org/IPv4VXLANTunnelAddr` (and the VTEP MAC in
     /// `projectcalico.org/IPv4VXLANTunnelMACAddr`, written with it when missing).
     Vxlan,
+    /// `vxlan-v6.calico`'s, in an IPv6 block: handle `vxlan-v6-tunnel-addr-<node>` (the
+    /// `-v6-` in the middle, as calico-node names it), attribute type
+    /// `vxlanV6TunnelAddress`, `projectcalico.org/IPv6VXLANTunnelAddr` (and
+    /// `projectcalico.org/IPv6VXLANTunnelMACAddr`).
+    VxlanV6,
 }
 
 impl TunnelKind {
@@ -57,6 +65,7 @@ impl TunnelKind {
         match self {
             TunnelKind::Ipip => format!("ipip-tunnel-addr-{node}"),
             TunnelKind::Vxlan => format!("vxlan-tunnel-addr-{node}"),
+            TunnelKind::VxlanV6 => format!("vxlan-v6-tunnel-addr-{node}"),
         }
     }
 
@@ -64,6 +73,7 @@ impl TunnelKind {
         match self {
             TunnelKind::Ipip => ATTRIBUTE_TYPE_IPIP,
             TunnelKind::Vxlan => ATTRIBUTE_TYPE_VXLAN,
+            TunnelKind::VxlanV6 => ATTRIBUTE_TYPE_VXLAN_V6,
         }
     }
 
@@ -71,13 +81,29 @@ impl TunnelKind {
         match self {
             TunnelKind::Ipip => ANNOTATION_IPIP_TUNNEL_ADDR,
             TunnelKind::Vxlan => ANNOTATION_VXLAN_TUNNEL_ADDR,
+            TunnelKind::VxlanV6 => ANNOTATION_VXLAN_TUNNEL_ADDR_V6,
         }
+    }
+
+    /// The VTEP MAC annotation written with the address (VXLAN only).
+    pub fn mac_annotation(self) -> Option<&'static str> {
+        match self {
+            TunnelKind::Ipip => None,
+            TunnelKind::Vxlan => Some(ANNOTATION_VXLAN_TUNNEL_MAC),
+            TunnelKind::VxlanV6 => Some(ANNOTATION_VXLAN_TUNNEL_MAC_V6),
+        }
+    }
+
+    /// The address family of the tunnel address (and of the blocks it is allocated in).
+    pub fn is_ipv6(self) -> bool {
+        self == TunnelKind::VxlanV6
     }
 
     fn label(self) -> &'static str {
         match self {
             TunnelKind::Ipip => "IPIP",
             TunnelKind::Vxlan => "VXLAN",
+            TunnelKind::VxlanV6 => "IPv6 VXLAN",
         }
     }
 }
@@ -91,9 +117,10 @@ pub fn handle_id(node: &str) -> String {
     TunnelKind::Ipip.handle_id(node)
 }
 
-/// The `IPAMBlock` object name of a block: the CIDR with dashes (`172-16-241-64-26`).
-pub fn block_name(cidr: Ipv4Net) -> String {
-    cidr.to_string().replace(['.', '/'], "-")
+/// The `IPAMBlock` object name of a block: the CIDR with dashes (`172-16-241-64-26`,
+/// `fd00-10---122`).
+pub fn block_name(cidr: impl Into<IpNet>) -> String {
+    cidr.into().to_string().replace(['.', ':', '/'], "-")
 }
 
 /// Why the tunnel address could not be allocated or released.
@@ -317,15 +344,35 @@ impl<'a> BlockEdit<'a> {
 }
 
 /// The address of `ordinal` in `cidr`.
-fn ordinal_addr(cidr: Ipv4Net, ordinal: usize) -> Option<Ipv4Addr> {
-    let base = u32::from(cidr.network());
-    let offset = u32::try_from(ordinal).ok()?;
-    let addr = Ipv4Addr::from(base.checked_add(offset)?);
+fn ordinal_addr(cidr: IpNet, ordinal: usize) -> Option<IpAddr> {
+    let offset = u128::try_from(ordinal).ok()?;
+    let addr = match cidr {
+        IpNet::V4(n) => {
+            let offset = u32::try_from(offset).ok()?;
+            IpAddr::V4(u32::from(n.network()).checked_add(offset)?.into())
+        }
+        IpNet::V6(n) => IpAddr::V6(u128::from(n.network()).checked_add(offset)?.into()),
+    };
     cidr.contains(&addr).then_some(addr)
 }
 
-fn block_size(cidr: Ipv4Net) -> usize {
-    1usize << (32 - u32::from(cidr.prefix_len()))
+/// The number of addresses of block `cidr`; `None` for a prefix too short to be a block
+/// (more than 2^20 addresses: Calico's smallest IPv6 block size is /116).
+fn block_size(cidr: IpNet) -> Option<usize> {
+    let bits = u32::from(cidr.max_prefix_len() - cidr.prefix_len());
+    (bits <= 20).then(|| 1usize << bits)
+}
+
+fn sized_edit<'a>(
+    name: &str,
+    spec: &'a mut Value,
+    cidr: IpNet,
+) -> Result<BlockEdit<'a>, TunnelIpamError> {
+    let size = block_size(cidr).ok_or_else(|| TunnelIpamError::BadBlock {
+        block: name.to_string(),
+        problem: format!("{cidr} is too large for an IPAM block"),
+    })?;
+    BlockEdit::new(name, spec, size)
 }
 
 fn block_api(client: &kube::Client) -> Api<DynamicObject> {
@@ -337,11 +384,11 @@ fn block_api(client: &kube::Client) -> Api<DynamicObject> {
 /// no free address.
 async fn allocate_in_block(
     blocks: &Api<DynamicObject>,
-    cidr: Ipv4Net,
+    cidr: IpNet,
     handle: &str,
     node: &str,
     kind: TunnelKind,
-) -> Result<Option<Ipv4Addr>, TunnelIpamError> {
+) -> Result<Option<IpAddr>, TunnelIpamError> {
     let name = block_name(cidr);
     for _ in 0..MAX_CONFLICT_RETRIES {
         let Some(mut block) = blocks
@@ -358,7 +405,7 @@ async fn allocate_in_block(
                 block: name.clone(),
                 problem: "no spec".into(),
             })?;
-        let mut edit = BlockEdit::new(&name, spec, block_size(cidr))?;
+        let mut edit = sized_edit(&name, spec, cidr)?;
         if let Some(ordinal) = edit.ordinals_of(handle).first() {
             debug!(block = name, ordinal, "tunnel address already allocated");
             return Ok(ordinal_addr(cidr, *ordinal));
@@ -395,7 +442,7 @@ async fn allocate_in_block(
 async fn release_in_block(
     blocks: &Api<DynamicObject>,
     name: &str,
-    cidr: Ipv4Net,
+    cidr: IpNet,
     handle: &str,
 ) -> Result<bool, TunnelIpamError> {
     for _ in 0..MAX_CONFLICT_RETRIES {
@@ -409,7 +456,7 @@ async fn release_in_block(
         let Some(spec) = block.data.get_mut("spec") else {
             return Ok(false);
         };
-        let mut edit = BlockEdit::new(name, spec, block_size(cidr))?;
+        let mut edit = sized_edit(name, spec, cidr)?;
         if edit.release(handle).is_empty() {
             return Ok(false);
         }
@@ -439,7 +486,7 @@ async fn release_in_block(
 async fn ensure_handle(
     client: &kube::Client,
     handle: &str,
-    cidr: Ipv4Net,
+    cidr: IpNet,
 ) -> Result<(), TunnelIpamError> {
     let handles: Api<IPAMHandle> = Api::all(client.clone());
     let wanted = IPAMHandleSpec {
@@ -485,16 +532,16 @@ async fn patch_annotation(
     let nodes: Api<Node> = Api::all(client.clone());
     let mut annotations = serde_json::Map::new();
     annotations.insert(kind.annotation().into(), json!(value));
-    if kind == TunnelKind::Vxlan {
+    if let Some(mac_key) = kind.mac_annotation() {
         // The VTEP MAC goes with the address (the one every node derives for this node when
         // it has none); an existing MAC annotation is kept while the address is.
-        let existing = node_annotation(client, node, ANNOTATION_VXLAN_TUNNEL_MAC).await?;
+        let existing = node_annotation(client, node, mac_key).await?;
         let mac = match (&value, existing) {
             (None, _) => None,
             (Some(_), Some(mac)) => Some(mac),
-            (Some(_), None) => Some(default_vtep_mac(node, true).to_string()),
+            (Some(_), None) => Some(default_vtep_mac(node, !kind.is_ipv6()).to_string()),
         };
-        annotations.insert(ANNOTATION_VXLAN_TUNNEL_MAC.into(), json!(mac));
+        annotations.insert(mac_key.into(), json!(mac));
     }
     let body = json!({ "metadata": { "annotations": annotations } });
     nodes
@@ -534,7 +581,7 @@ pub enum Ensured {
     /// The Node already had an annotation: left as it is.
     Existing(String),
     /// An address was allocated (or a previous allocation finished) and annotated.
-    Allocated(Ipv4Addr),
+    Allocated(IpAddr),
     /// No own block has a free address (or the node has no block yet).
     NoFreeAddress,
 }
@@ -544,23 +591,22 @@ pub enum Ensured {
 pub async fn ensure(
     client: &kube::Client,
     node: &str,
-    own_blocks: &[Ipv4Net],
+    own_blocks: &[impl Into<IpNet> + Copy],
 ) -> Result<Ensured, TunnelIpamError> {
     ensure_kind(client, node, own_blocks, TunnelKind::Ipip).await
 }
 
-/// [`ensure`] for the tunnel address of `kind`.
+/// [`ensure`] for the tunnel address of `kind`; blocks of the other address family are
+/// skipped.
 pub async fn ensure_kind(
     client: &kube::Client,
     node: &str,
-    own_blocks: &[Ipv4Net],
+    own_blocks: &[impl Into<IpNet> + Copy],
     kind: TunnelKind,
 ) -> Result<Ensured, TunnelIpamError> {
     if let Some(existing) = annotation(client, node, kind).await? {
-        if kind == TunnelKind::Vxlan
-            && node_annotation(client, node, ANNOTATION_VXLAN_TUNNEL_MAC)
-                .await?
-                .is_none()
+        if let Some(mac_key) = kind.mac_annotation()
+            && node_annotation(client, node, mac_key).await?.is_none()
         {
             // An address without its MAC (set by hand): the MAC every node assumes goes with
             // it, so that Felix on the other nodes sees the VTEP too.
@@ -570,11 +616,15 @@ pub async fn ensure_kind(
     }
     let handle = kind.handle_id(node);
     let blocks = block_api(client);
-    for cidr in own_blocks {
-        let Some(addr) = allocate_in_block(&blocks, *cidr, &handle, node, kind).await? else {
+    let family = own_blocks
+        .iter()
+        .map(|b| (*b).into())
+        .filter(|b: &IpNet| b.addr().is_ipv6() == kind.is_ipv6());
+    for cidr in family {
+        let Some(addr) = allocate_in_block(&blocks, cidr, &handle, node, kind).await? else {
             continue;
         };
-        ensure_handle(client, &handle, *cidr).await?;
+        ensure_handle(client, &handle, cidr).await?;
         patch_annotation(client, node, Some(addr.to_string()), kind).await?;
         info!(node, %addr, block = %cidr, handle, "{} tunnel address allocated in IPAM", kind.label());
         return Ok(Ensured::Allocated(addr));
@@ -588,7 +638,7 @@ pub async fn ensure_kind(
 pub async fn release(
     client: &kube::Client,
     node: &str,
-    own_blocks: &[Ipv4Net],
+    own_blocks: &[impl Into<IpNet> + Copy],
 ) -> Result<bool, TunnelIpamError> {
     release_kind(client, node, own_blocks, TunnelKind::Ipip).await
 }
@@ -597,7 +647,7 @@ pub async fn release(
 pub async fn release_kind(
     client: &kube::Client,
     node: &str,
-    own_blocks: &[Ipv4Net],
+    own_blocks: &[impl Into<IpNet> + Copy],
     kind: TunnelKind,
 ) -> Result<bool, TunnelIpamError> {
     let handle = kind.handle_id(node);
@@ -606,16 +656,17 @@ pub async fn release_kind(
         .get_opt(&handle)
         .await
         .map_err(api_error(format!("read IPAMHandle {handle}")))?;
-    let mut cidrs: Vec<Ipv4Net> = own_blocks.to_vec();
+    let mut cidrs: Vec<IpNet> = own_blocks.iter().map(|b| (*b).into()).collect();
     if let Some(h) = &recorded {
         cidrs.extend(
             h.spec
                 .block
                 .iter()
                 .flatten()
-                .filter_map(|(cidr, _)| cidr.parse::<Ipv4Net>().ok()),
+                .filter_map(|(cidr, _)| cidr.parse::<IpNet>().ok()),
         );
     }
+    cidrs.retain(|c| c.addr().is_ipv6() == kind.is_ipv6());
     cidrs.sort();
     cidrs.dedup();
     let blocks = block_api(client);
@@ -729,8 +780,9 @@ mod tests {
 
     #[test]
     fn names_and_addresses() {
-        let cidr: Ipv4Net = "172.16.241.64/26".parse().unwrap();
+        let cidr: IpNet = "172.16.241.64/26".parse().unwrap();
         assert_eq!(block_name(cidr), "172-16-241-64-26");
+        assert_eq!(block_size(cidr), Some(64));
         assert_eq!(
             ordinal_addr(cidr, 0),
             Some("172.16.241.64".parse().unwrap())
@@ -741,5 +793,25 @@ mod tests {
         );
         assert_eq!(ordinal_addr(cidr, 64), None);
         assert_eq!(handle_id("master01"), "ipip-tunnel-addr-master01");
+        // IPv6: Calico's names and a /122 block of 64 addresses.
+        let v6: IpNet = "fd00:10::40/122".parse().unwrap();
+        assert_eq!(block_name(v6), "fd00-10--40-122");
+        assert_eq!(block_size(v6), Some(64));
+        assert_eq!(ordinal_addr(v6, 1), Some("fd00:10::41".parse().unwrap()));
+        assert_eq!(ordinal_addr(v6, 63), Some("fd00:10::7f".parse().unwrap()));
+        assert_eq!(ordinal_addr(v6, 64), None);
+        assert_eq!(
+            block_size("fd00:10::/64".parse().unwrap()),
+            None,
+            "not a block"
+        );
+        let kind = TunnelKind::VxlanV6;
+        assert_eq!(kind.handle_id("master01"), "vxlan-v6-tunnel-addr-master01");
+        assert_eq!(kind.attribute_type(), "vxlanV6TunnelAddress");
+        assert_eq!(kind.annotation(), "projectcalico.org/IPv6VXLANTunnelAddr");
+        assert_eq!(
+            kind.mac_annotation(),
+            Some("projectcalico.org/IPv6VXLANTunnelMACAddr")
+        );
     }
 }

@@ -53,6 +53,10 @@ pub enum Request {
     Table(TableMessage),
     /// Only the counters, please.
     Counters,
+    /// Stop forwarding and exit (answered first): the node's pools no longer use IPIP and
+    /// the agent removes `tunl0`. A forwarder older than this request closes the connection
+    /// on it and keeps running.
+    Stop,
 }
 
 /// A [`TunnelTable`] on the wire (prefixes as `a.b.c.d/len` text).
@@ -158,6 +162,29 @@ fn socket_addr(device: &str) -> Result<SocketAddr, TunnelError> {
 /// (`Err`). Call it on a tokio runtime in the node's network namespace; `tunl0` must exist
 /// (the agent makes it with [`super::UserspaceIpip`]).
 pub async fn serve(config: ForwarderConfig) -> Result<(), TunnelError> {
+    serve_when(config, false).await
+}
+
+/// True when `device` is a TUN device in the caller's network namespace (sysfs shows
+/// `tun_flags` for those only).
+pub fn is_tun_device(device: &str) -> bool {
+    !device.contains('/')
+        && std::path::Path::new("/sys/class/net")
+            .join(device)
+            .join("tun_flags")
+            .exists()
+}
+
+/// How often a forwarder started with `wait_for_device` looks for the TUN device.
+pub const DEVICE_POLL: Duration = Duration::from_millis(250);
+
+/// [`serve`]; with `wait_for_device` (the forwarder as its own container, started with the
+/// pod whatever the node's tunnel) it answers on its control socket at once but attaches
+/// only once `device` exists as a TUN device, made by the agent on a node without the
+/// kernel's `ipip` ([`is_tun_device`], checked every [`DEVICE_POLL`]). It never creates the
+/// device itself: a TUN `tunl0` would stand in the way of the kernel's. Tables received
+/// meanwhile are kept and used from the start.
+pub async fn serve_when(config: ForwarderConfig, wait_for_device: bool) -> Result<(), TunnelError> {
     let device = config.device.clone();
     let listener = UnixListener::bind_addr(&socket_addr(&device)?).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
@@ -177,34 +204,72 @@ pub async fn serve(config: ForwarderConfig) -> Result<(), TunnelError> {
     let (table_tx, table_rx) = watch::channel(Arc::new(TunnelTable::default()));
     let table_tx = Arc::new(table_tx);
     let counters = Arc::new(IpipCounters::new());
-    let mut forwarder = super::spawn(config, table_rx, counters.clone())?;
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut forwarder = if wait_for_device && !is_tun_device(&device) {
+        tracing::info!(
+            device,
+            "waiting for the agent to make the userspace tunnel device (a node with the \
+             kernel's ipip module never needs this forwarder)"
+        );
+        None
+    } else {
+        Some(super::spawn(
+            config.clone(),
+            table_rx.clone(),
+            counters.clone(),
+        )?)
+    };
     tracing::info!(
         device,
         pid = std::process::id(),
         "IPIP forwarder process serving"
     );
+    let mut poll = tokio::time::interval(DEVICE_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| TunnelError::io("installing the SIGTERM handler", e))?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, table_tx.clone(), counters.clone()));
+                    tokio::spawn(serve_connection(
+                        stream,
+                        table_tx.clone(),
+                        counters.clone(),
+                        stop.clone(),
+                    ));
                 }
                 Err(e) => tracing::warn!(error = %e, "accepting a control connection"),
             },
-            exit = forwarder.exited() => {
+            exit = async {
+                match forwarder.as_mut() {
+                    Some(f) => f.exited().await,
+                    None => std::future::pending().await,
+                }
+            } => {
                 return match exit {
                     ForwarderExit::Stopped => Ok(()),
                     ForwarderExit::Failed(e) => Err(e),
                 };
             }
+            _ = poll.tick(), if forwarder.is_none() => {
+                if is_tun_device(&device) {
+                    forwarder = Some(super::spawn(config.clone(), table_rx.clone(), counters.clone())?);
+                    tracing::info!(device, "the userspace tunnel device is there: forwarding");
+                }
+            }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
+            _ = stop.notified() => {
+                tracing::info!(device, "asked to stop: no IPIP pool left");
+                break;
+            }
         }
     }
     tracing::info!(device, "IPIP forwarder process stopping");
-    forwarder.shutdown().await;
+    if let Some(forwarder) = forwarder {
+        forwarder.shutdown().await;
+    }
     Ok(())
 }
 
@@ -212,6 +277,7 @@ async fn serve_connection(
     stream: tokio::net::UnixStream,
     table_tx: Arc<watch::Sender<Arc<TunnelTable>>>,
     counters: Arc<IpipCounters>,
+    stop: Arc<tokio::sync::Notify>,
 ) {
     let (read, mut write) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(read).lines();
@@ -236,6 +302,14 @@ async fn serve_connection(
                 table_tx.send_replace(Arc::new(table));
             }
             Ok(Request::Counters) => {}
+            Ok(Request::Stop) => {
+                if let Ok(mut reply) = serde_json::to_string(&Reply::new(&counters.snapshot())) {
+                    reply.push('\n');
+                    let _ = write.write_all(reply.as_bytes()).await;
+                }
+                stop.notify_one();
+                break;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "malformed control request; closing the connection");
                 break;
@@ -565,7 +639,7 @@ mod tests {
                     Request::Table(t) => {
                         let _ = tx.send(TunnelTable::from(t));
                     }
-                    Request::Counters => {}
+                    Request::Counters | Request::Stop => {}
                 }
                 let s = IpipCountersSnapshot {
                     encap_packets: requests,

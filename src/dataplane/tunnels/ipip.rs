@@ -6,8 +6,17 @@
 //!   is planned the device is kept as specified ([`Ipip::apply`], again every 250 ms by
 //!   [`Ipip::maintain`]: a failed set-up is retried every [`RETRY_INTERVAL`], a forwarder that
 //!   died is started again). `--ipip-dataplane auto` is resolved on the first set-up (the
-//!   kernel's `ipip` module, else the userspace tunnel). A plan without IPIP leaves the
-//!   device as it is: routes through it are gone, and a kernel `tunl0` cannot be deleted;
+//!   kernel's `ipip` module, else the userspace tunnel). A plan without IPIP (the last pool
+//!   moved to VXLAN or to no encapsulation) marks the device for removal
+//!   ([`Ipip::pending_removal`]); the dataplane removes it ([`Ipip::remove`]) only once no
+//!   route of ours needs it any more — no desired route names `tunl0`, no route of ours in
+//!   the kernel goes through it, no destination is between its old and new route — the rule
+//!   the VXLAN devices follow. Removing means: the userspace forwarder that the agent owns is
+//!   asked to stop and the TUN device is deleted; the kernel `ipip` device (which cannot be
+//!   deleted while the module is loaded) and a device whose forwarder another container runs
+//!   (`--ipip-forwarder external`) lose the tunnel address, as Felix leaves `tunl0` when IPIP
+//!   is off. Removing the address earlier would be a window: the kernel drops every route
+//!   through a device whose last IPv4 address goes;
 //! - the routes: every IPIP route ([`RouteKind::BlockIpip`], [`RouteKind::BorrowedIpip`])
 //!   upserted into or removed from the desired routes updates the remote-block table at once
 //!   ([`Ipip::route_upserted`], [`Ipip::route_removed`]); [`Ipip::publish`] hands the changed
@@ -29,7 +38,7 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv4Net};
 use tokio::sync::watch;
 
-use crate::dataplane::ipip_user::process::{ForwarderOwner, RemoteForwarder};
+use crate::dataplane::ipip_user::process::{ForwarderOwner, RemoteForwarder, Request, request};
 use crate::dataplane::ipip_user::{
     ForwarderConfig, IpipCounters, IpipDataplane, TunnelTable, UserspaceIpip,
 };
@@ -95,6 +104,14 @@ pub trait IpipKernel {
 
     /// Why the forwarder stopped; `None` while it runs.
     fn forwarder_exit(forwarder: &Self::Forwarder) -> Option<String>;
+
+    /// Takes the device `spec` names out of service (see the module doc); the connection
+    /// to its forwarder is already closed.
+    fn remove_device(
+        &mut self,
+        mode: IpipDataplane,
+        spec: &TunnelSpec,
+    ) -> impl Future<Output = Result<(), TunnelError>> + Send;
 }
 
 /// What [`IpipKernel::start_forwarder`] tells about the forwarder it found or started.
@@ -169,6 +186,43 @@ impl IpipKernel for NetlinkIpip {
     fn forwarder_exit(forwarder: &RemoteForwarder) -> Option<String> {
         forwarder.exit().map(|exit| format!("{exit:?}"))
     }
+
+    async fn remove_device(
+        &mut self,
+        mode: IpipDataplane,
+        spec: &TunnelSpec,
+    ) -> Result<(), TunnelError> {
+        if mode == IpipDataplane::Userspace && self.config.forwarder == ForwarderOwner::Agent {
+            // Ours: the forwarder stops (it holds the device's queue), then the device goes.
+            let name = spec.name.clone();
+            let asked = tokio::task::spawn_blocking(move || {
+                request(&name, &Request::Stop, Duration::from_secs(2))
+            })
+            .await;
+            if let Ok(Err(e)) = asked {
+                tracing::debug!(error = %e, "no IPIP forwarder answered the stop request");
+            }
+            let device = UserspaceIpip::connect()?;
+            let mut tries = 0;
+            loop {
+                match device.remove(&spec.name).await {
+                    Ok(_) => return Ok(()),
+                    // The forwarder is still letting go of the device.
+                    Err(_) if tries < 40 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if let Some(address) = spec.address {
+            KernelIpip::connect()?
+                .remove_address(&spec.name, address)
+                .await?;
+        }
+        Ok(())
+    }
 }
 
 /// The remote blocks behind `tunl0`, kept route by route.
@@ -191,6 +245,8 @@ pub struct Ipip<K: IpipKernel = NetlinkIpip> {
     wanted: Option<IpipTunnel>,
     /// The last plan wants the device: it is set up, repaired and retried.
     active: bool,
+    /// The device left the plan and waits for the dataplane to [`remove`](Self::remove) it.
+    removal: bool,
     status: IpipStatus,
     last_attempt: Option<Instant>,
     forwarder: Option<K::Forwarder>,
@@ -217,6 +273,7 @@ impl<K: IpipKernel> Ipip<K> {
             asked,
             wanted: None,
             active: false,
+            removal: false,
             status: IpipStatus::default(),
             last_attempt: None,
             forwarder: None,
@@ -321,12 +378,20 @@ impl<K: IpipKernel> Ipip<K> {
     }
 
     /// A new tunnel plan: `Some` keeps the device as planned (set up now when it changed),
-    /// `None` leaves it as it is.
+    /// `None` marks a device set up in this run for removal, which the dataplane does once
+    /// no route needs it ([`pending_removal`](Self::pending_removal)).
     pub async fn apply(&mut self, planned: Option<IpipTunnel>) {
         self.active = planned.is_some();
         let Some(planned) = planned else {
+            if self.wanted.is_some() && self.status.mode.is_some() && !self.removal {
+                tracing::info!(
+                    "no pool uses IPIP any more: tunl0 goes once no route of ours needs it"
+                );
+                self.removal = true;
+            }
             return;
         };
+        self.removal = false;
         if self
             .wanted
             .as_ref()
@@ -338,6 +403,53 @@ impl<K: IpipKernel> Ipip<K> {
         self.wanted = Some(planned);
         self.ensure().await;
         self.publish();
+    }
+
+    /// The device left the plan and is still there: the dataplane calls
+    /// [`remove`](Self::remove) once no route of ours needs it.
+    pub fn pending_removal(&self) -> bool {
+        self.removal
+            && (self.status.error.is_none()
+                || self
+                    .last_attempt
+                    .is_none_or(|t| t.elapsed() >= RETRY_INTERVAL))
+    }
+
+    /// Removes the device that left the plan (see the module doc). Call it only when no
+    /// route of ours goes through it; a failure is retried after [`RETRY_INTERVAL`].
+    pub async fn remove(&mut self) {
+        if !self.removal {
+            return;
+        }
+        let (Some(wanted), Some(mode)) = (self.wanted.as_ref(), self.status.mode) else {
+            self.removal = false;
+            return;
+        };
+        let spec = TunnelSpec {
+            name: wanted.name.clone(),
+            nic: wanted.nic.clone(),
+            address: wanted.address,
+        };
+        // The control connection closes; the forwarder is told to stop by `remove_device`.
+        self.forwarder = None;
+        self.status.forwarder_pid = None;
+        self.status.ready = None;
+        self.last_attempt = Some(Instant::now());
+        match self.kernel.remove_device(mode, &spec).await {
+            Ok(()) => {
+                tracing::info!(device = spec.name, ?mode, "IPIP tunnel device removed");
+                self.removal = false;
+                self.wanted = None;
+                self.status.error = None;
+                self.table.dirty = true;
+                self.send_table();
+            }
+            Err(e) => {
+                let text = e.to_string();
+                tracing::warn!(error = %text, "cannot remove the IPIP tunnel device; retrying in 30 s");
+                self.status.error = Some(text);
+            }
+        }
     }
 
     /// Every 250 ms (the dataplane's tick): repairs a forwarder that died, retries a failed set-up.
@@ -469,6 +581,7 @@ mod tests {
         Resolve(IpipDataplane),
         Device(IpipDataplane, Option<Ipv4Addr>),
         Forwarder(Ipv4Addr),
+        Remove(IpipDataplane, Option<Ipv4Addr>),
     }
 
     /// A kernel that records calls; the forwarder "dies" when its flag is set.
@@ -552,6 +665,21 @@ mod tests {
         fn forwarder_exit(forwarder: &FakeForwarder) -> Option<String> {
             (*forwarder.0.lock().unwrap()).then(|| "died".to_string())
         }
+
+        async fn remove_device(
+            &mut self,
+            mode: IpipDataplane,
+            spec: &TunnelSpec,
+        ) -> Result<(), TunnelError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(Call::Remove(mode, spec.address));
+            match self.device_error.lock().unwrap().clone() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
     }
 
     fn a(s: &str) -> Ipv4Addr {
@@ -609,11 +737,12 @@ mod tests {
             )],
             "a new address: the device again, the same forwarder, no second probe"
         );
-        // A plan without IPIP leaves the device alone, and a forwarder that dies then is
-        // not started again.
+        // A plan without IPIP leaves the device alone until the dataplane removes it, and a
+        // forwarder that dies then is not started again.
         ipip.apply(None).await;
         ipip.maintain().await;
         assert_eq!(fake.calls(), vec![]);
+        assert!(ipip.pending_removal());
         if let Some(f) = &ipip.forwarder {
             *f.0.lock().unwrap() = true;
         }
@@ -826,5 +955,91 @@ mod tests {
         ipip.clear_routes();
         ipip.publish();
         assert_eq!(remotes(&fake.forwarder_table()).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_device_that_leaves_the_plan_goes_only_when_removed() {
+        let fake = Fake::new(IpipDataplane::Userspace);
+        let mut ipip = Ipip::with_kernel(fake.clone(), IpipDataplane::Userspace);
+        // Never planned in this run: nothing to remove.
+        ipip.apply(None).await;
+        assert!(!ipip.pending_removal());
+        ipip.remove().await;
+        assert_eq!(fake.calls(), vec![]);
+        ipip.apply(Some(tunnel("172.16.241.64"))).await;
+        fake.calls();
+        // The pool moves to VXLAN: marked, but nothing is touched by the plan or the tick.
+        ipip.apply(None).await;
+        ipip.maintain().await;
+        ipip.publish();
+        assert!(ipip.pending_removal());
+        assert_eq!(fake.calls(), vec![], "removal waits for the dataplane");
+        // IPIP comes back before the routes moved: the removal is called off.
+        ipip.apply(Some(tunnel("172.16.241.64"))).await;
+        assert!(!ipip.pending_removal());
+        ipip.remove().await;
+        assert_eq!(fake.calls(), vec![], "as planned: nothing to do");
+        assert_eq!(ipip.status().forwarder_pid, Some(42));
+        // Gone for good: removed when the dataplane says no route needs it.
+        ipip.apply(None).await;
+        ipip.remove().await;
+        assert_eq!(
+            fake.calls(),
+            vec![Call::Remove(
+                IpipDataplane::Userspace,
+                Some(a("172.16.241.64"))
+            )]
+        );
+        assert!(!ipip.pending_removal());
+        assert_eq!(ipip.status().forwarder_pid, None);
+        assert_eq!(ipip.status().ready, None);
+        ipip.remove().await;
+        ipip.maintain().await;
+        assert_eq!(fake.calls(), vec![], "removed once");
+        // IPIP again: a new device and forwarder.
+        ipip.apply(Some(tunnel("172.16.241.64"))).await;
+        assert_eq!(
+            fake.calls(),
+            vec![
+                Call::Device(IpipDataplane::Userspace, Some(a("172.16.241.64"))),
+                Call::Forwarder(a("192.168.92.128")),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_removal_is_retried_after_the_interval() {
+        let fake = Fake::new(IpipDataplane::Kernel);
+        let mut ipip = Ipip::with_kernel(fake.clone(), IpipDataplane::Kernel);
+        ipip.apply(Some(tunnel("172.16.241.64"))).await;
+        ipip.apply(None).await;
+        fake.calls();
+        *fake.device_error.lock().unwrap() = Some(TunnelError::Io {
+            what: "deleting".into(),
+            error: "EBUSY".into(),
+        });
+        ipip.remove().await;
+        assert_eq!(
+            fake.calls(),
+            vec![Call::Remove(
+                IpipDataplane::Kernel,
+                Some(a("172.16.241.64"))
+            )]
+        );
+        assert!(ipip.status().error.is_some());
+        assert!(!ipip.pending_removal(), "not before {RETRY_INTERVAL:?}");
+        ipip.last_attempt = Instant::now().checked_sub(RETRY_INTERVAL);
+        assert!(ipip.pending_removal());
+        *fake.device_error.lock().unwrap() = None;
+        ipip.remove().await;
+        assert_eq!(
+            fake.calls(),
+            vec![Call::Remove(
+                IpipDataplane::Kernel,
+                Some(a("172.16.241.64"))
+            )]
+        );
+        assert_eq!(ipip.status().error, None);
+        assert!(!ipip.pending_removal());
     }
 }

@@ -5,7 +5,9 @@
 //! part to its module here:
 //! - [`ipip`]: `tunl0` (kernel `ipip` device, or a TUN device with the userspace forwarder
 //!   process), its address and MTU, and the forwarder's table of remote blocks, kept as IPIP
-//!   routes are upserted and removed and published before they are installed;
+//!   routes are upserted and removed and published before they are installed; when IPIP
+//!   leaves the plan the device is removed by the dataplane ([`Tunnels::remove_ipip`]) only
+//!   once no route of ours needs it, the rule the VXLAN devices follow;
 //! - VXLAN (`vxlan.calico`, `flannel.1`, ...): the place for `super::vxlan`'s module, which
 //!   takes [`TunnelPlan::vxlan`] and [`TunnelPlan::vxlan_peers`] (devices, permanent
 //!   neighbour and FDB entries). Until it lands those parts of the plan are not acted on.
@@ -63,6 +65,17 @@ impl Tunnels {
             vxlan_peers: _,
         } = plan;
         self.ipip.apply(ipip).await;
+    }
+
+    /// `tunl0` left the plan and waits to be removed once no route needs it.
+    pub fn ipip_pending_removal(&self) -> bool {
+        self.ipip.pending_removal()
+    }
+
+    /// Removes `tunl0` (see [`ipip`]); the dataplane calls it once no route of ours goes
+    /// through the device.
+    pub async fn remove_ipip(&mut self) {
+        self.ipip.remove().await;
     }
 
     /// Every 250 ms (the dataplane's tick): repairs what went away (a dead forwarder), retries failed set-ups.
