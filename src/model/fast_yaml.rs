@@ -106,13 +106,23 @@ fn lines(text: &str) -> Option<Vec<Line<'_>>> {
             continue;
         }
         first = false;
-        if line.trim().is_empty() {
-            if line.contains('\t') {
-                return None;
-            }
+        if !line.is_empty() && line.bytes().all(|b| b == b' ') {
             continue;
         }
-        if line.contains(['\t', '#']) {
+        if line.is_empty() {
+            continue;
+        }
+        // Printable characters only, no other line breaks (YAML also breaks lines at CR, NEL,
+        // LS and PS, and refuses control characters): anything else takes the general path.
+        let printable = |c: char| {
+            (' '..='~').contains(&c)
+                || (c >= '\u{a0}'
+                    && !matches!(
+                        c,
+                        '\u{2028}' | '\u{2029}' | '\u{feff}' | '\u{fffe}' | '\u{ffff}'
+                    ))
+        };
+        if line.contains('#') || !line.chars().all(printable) {
             return None;
         }
         let mut rest = line.trim_start_matches(' ');
@@ -613,6 +623,10 @@ mod tests {
             ("kind: IPAMBlock", "kind: IPAMBlock\nkind: IPAMBlock"),
             ("spec:\n", "spec: null\nother:\n"),
             ("\n", "\r\n"),
+            ("team-0", "team\r0"),
+            ("team-0", "team\u{85}0"),
+            ("team-0", "team\u{1}0"),
+            ("team-0", "tëam-0"),
             ("\n", "\n\n"),
             ("\n  ", "\n\t"),
         ];
