@@ -317,9 +317,7 @@ fn opt_string_map(t: &Tree) -> Option<Option<BTreeMap<String, String>>> {
 }
 
 fn metadata(t: &Tree) -> Option<ObjectMeta> {
-    let Tree::Map(entries) = t else {
-        return opt(t, |_| None::<()>).map(|_| ObjectMeta::default());
-    };
+    let Tree::Map(entries) = t else { return None };
     let mut meta = ObjectMeta::default();
     for (key, v) in entries {
         match *key {
@@ -333,12 +331,14 @@ fn metadata(t: &Tree) -> Option<ObjectMeta> {
             "creationTimestamp" => {
                 meta.creation_timestamp = match opt_string(v)? {
                     None => None,
-                    Some(text) => Some(
-                        Time::deserialize(serde::de::value::StrDeserializer::<
-                            serde::de::value::Error,
-                        >::new(&text))
+                    Some(text) => Some(Time(
+                        k8s_openapi::jiff::Timestamp::deserialize(
+                            serde::de::value::StrDeserializer::<serde::de::value::Error>::new(
+                                &text,
+                            ),
+                        )
                         .ok()?,
-                    ),
+                    )),
                 }
             }
             // Fields this reader does not know (owner references, managed fields, ...).
@@ -380,12 +380,13 @@ impl PartialEq for Tree<'_> {
     }
 }
 
-/// The spec mapping's entries; a null spec is the default spec.
+/// The spec mapping's entries (none when the spec is missing).
 fn spec_entries<'t, 'a>(spec: Option<&'t Tree<'a>>) -> Option<&'t [(&'a str, Tree<'a>)]> {
     match spec {
         None => Some(&[]),
         Some(Tree::Map(entries)) => Some(entries),
-        Some(Tree::Scalar(Scalar::Plain(s))) if is_null(s) => Some(&[]),
+        // A null spec is an error for the general parser (a default applies only to a
+        // missing one): declined, like any other shape.
         Some(_) => None,
     }
 }
@@ -622,6 +623,9 @@ mod tests {
             ("strictAffinity: false", "status: {}\nextra: [1]"),
             ("kind: IPAMBlock", "kind: IPAMBlock\nkind: IPAMBlock"),
             ("spec:\n", "spec: null\nother:\n"),
+            ("spec:\n", "spec:\nother:\n"),
+            ("metadata:\n", "metadata: null\nother:\n"),
+            ("metadata:\n", "metadata: {}\nother:\n"),
             ("\n", "\r\n"),
             ("team-0", "team\r0"),
             ("team-0", "team\u{85}0"),
