@@ -143,9 +143,6 @@ struct PendingPlan {
 /// Plan updates queued towards the dataplane at most; the loop waits for room beyond.
 const PLAN_QUEUE: usize = 64;
 
-/// Most prefixes in one route delta sent to the dataplane (see `send_delta`).
-const DELTA_CHUNK: usize = 4096;
-
 /// Updates awaiting the dataplane kept for the convergence histogram (older ones are
 /// dropped unobserved when the dataplane is far behind).
 const MAX_PENDING: usize = 1024;
@@ -493,22 +490,18 @@ impl Agent {
         if !self.streaming || changed.is_empty() {
             return;
         }
-        // In slices of [`DELTA_CHUNK`] prefixes: a burst of many learned routes never has all
-        // its planned routes in one list (here and in the dataplane's queue) at once.
-        for chunk in changed.chunks(DELTA_CHUNK) {
-            let Some(planner) = &self.planner else {
-                return;
-            };
-            let mut warnings = BTreeSet::new();
-            let changes = route_changes(planner, &self.learned, chunk, &mut warnings);
-            for w in warnings {
-                if !self.plan_warnings.contains(&w) {
-                    warn!("plan: {w}");
-                    self.plan_warnings.insert(w);
-                }
+        let Some(planner) = &self.planner else {
+            return;
+        };
+        let mut warnings = BTreeSet::new();
+        let changes = route_changes(planner, &self.learned, changed, &mut warnings);
+        for w in warnings {
+            if !self.plan_warnings.contains(&w) {
+                warn!("plan: {w}");
+                self.plan_warnings.insert(w);
             }
-            self.send_plan(PlanUpdate::Delta(changes), at, "bgp").await;
         }
+        self.send_plan(PlanUpdate::Delta(changes), at, "bgp").await;
     }
 
     async fn send_plan(&mut self, update: PlanUpdate, at: Instant, trigger: &'static str) {
@@ -613,7 +606,7 @@ impl Agent {
         };
         if let Some((prefixes, old_fixed)) = delta {
             let mut warnings = planner.warnings().clone();
-            let changes = route_changes(&planner, &self.learned, &prefixes, &mut warnings);
+            let changes = route_changes(&planner, &self.learned, prefixes, &mut warnings);
             // The learned routes' warnings stand (same rules); the blocks' are the new ones.
             warnings.extend(self.plan_warnings.difference(&old_fixed).cloned());
             self.note_warnings(warnings);
@@ -775,12 +768,11 @@ impl Agent {
 fn route_changes(
     planner: &Planner,
     learned: &BestPaths,
-    prefixes: &[IpNet],
+    prefixes: Vec<IpNet>,
     warnings: &mut BTreeSet<PlanWarning>,
 ) -> Vec<RouteChange> {
     prefixes
-        .iter()
-        .copied()
+        .into_iter()
         .map(
             |prefix| match planner.route_for(prefix, learned.get(&prefix), warnings) {
                 Some(route) => RouteChange::Upsert(route),
