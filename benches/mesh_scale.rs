@@ -4,7 +4,8 @@
 //! `cargo bench --bench mesh_scale` (env: `PODROUTE_BENCH_NODES=5000`,
 //! `PODROUTE_BENCH_BLOCKS_PER_NODE=4`, `PODROUTE_BENCH_PODS_PER_BLOCK=3`,
 //! `PODROUTE_BENCH_WARMUP_SECS=20`, `PODROUTE_BENCH_STEADY_SECS=30`,
-//! `PODROUTE_BENCH_KEEP_LOGS=1` to keep the agents' logs, `PODROUTE_BENCH_GHOSTS_READY=true|false`
+//! `PODROUTE_BENCH_KEEP_LOGS=1` to keep the agents' logs, `PODROUTE_BENCH_GENERAL_YAML=1` to
+//! quote the blocks' and affinities' kinds so that the general YAML parser reads them, `PODROUTE_BENCH_GHOSTS_READY=true|false`
 //! to give the ghost Nodes a `Ready` condition of `True` or `Unknown`; without it they have none,
 //! while the three real nodes are `Ready=True` as a kubelet reports them). A smoke run:
 //! `PODROUTE_BENCH_NODES=200 PODROUTE_BENCH_WARMUP_SECS=2 PODROUTE_BENCH_STEADY_SECS=3`.
@@ -93,12 +94,28 @@ fn main() {
         Ok("false") => Some(false),
         _ => None,
     };
-    let (spec, bytes) = cluster_with_ready(ghosts, blocks, pods, ghosts_ready);
+    let (mut spec, bytes) = cluster_with_ready(ghosts, blocks, pods, ghosts_ready);
+    // `PODROUTE_BENCH_GENERAL_YAML=1`: the same documents with their kind quoted, which the
+    // fast reader of IPAMBlocks and BlockAffinities declines: every document takes the
+    // general YAML parser (the start-up time before that reader).
+    let general_yaml = std::env::var_os("PODROUTE_BENCH_GENERAL_YAML").is_some();
+    if general_yaml {
+        for text in spec.extra_files.values_mut() {
+            *text = text
+                .replace("\nkind: IPAMBlock\n", "\nkind: 'IPAMBlock'\n")
+                .replace("\nkind: BlockAffinity\n", "\nkind: 'BlockAffinity'\n");
+        }
+    }
     println!(
         "mesh_scale: {nodes} nodes ({ghosts} never answer, Ready condition {ghosts_ready:?}) x \
-         {blocks} blocks x {pods} pods: {} blocks, {:.1} MB of YAML",
+         {blocks} blocks x {pods} pods: {} blocks, {:.1} MB of YAML{}",
         nodes * blocks,
-        bytes as f64 / 1e6
+        bytes as f64 / 1e6,
+        if general_yaml {
+            " (kinds quoted: general YAML parser)"
+        } else {
+            ""
+        }
     );
 
     let mut cfg = LabConfig::new(

@@ -86,24 +86,49 @@ fn channel_merging_after(exact: usize) -> (BestChangeSender, BestChanges) {
 
 impl BestChangeSender {
     /// Queues `batch`, replacing what waits for the same prefixes.
+    ///
+    /// A batch sent to an empty queue becomes the queue (no copy of it, no second list); the
+    /// index of prefixes is built only once [`EXACT_CHANGES`] entries wait, when changes start
+    /// to be merged: a user that keeps up costs no index at all.
     pub(crate) fn send(&self, batch: Vec<BestChange>) {
         if batch.is_empty() {
             return;
         }
         {
-            let mut p = self.shared.lock();
-            for change in batch {
-                match p.index.get(&change.prefix).copied() {
-                    Some(i) if p.changes.len() >= p.exact => p.changes[i] = change,
-                    _ => {
-                        let i = p.changes.len();
-                        p.index.insert(change.prefix, i);
-                        p.changes.push(change);
+            let mut guard = self.shared.lock();
+            let p = &mut *guard;
+            if p.changes.is_empty() && batch.len() <= p.exact {
+                // Fewer than `exact` entries after it: nothing would be merged.
+                p.changes = batch;
+            } else {
+                for change in batch {
+                    if p.changes.len() >= p.exact {
+                        if p.index.is_empty() {
+                            // Later entries overwrite earlier ones: each prefix's latest.
+                            p.index = p
+                                .changes
+                                .iter()
+                                .enumerate()
+                                .map(|(i, c)| (c.prefix, i))
+                                .collect();
+                        }
+                        if let Some(&i) = p.index.get(&change.prefix) {
+                            p.changes[i] = change;
+                            continue;
+                        }
+                        p.index.insert(change.prefix, p.changes.len());
                     }
+                    p.changes.push(change);
                 }
             }
         }
         self.shared.notify.notify_one();
+    }
+
+    /// Entries in the prefix index (tests).
+    #[cfg(test)]
+    fn indexed(&self) -> usize {
+        self.shared.lock().index.len()
     }
 }
 
@@ -136,7 +161,8 @@ impl BestChanges {
                 TryRecvError::Empty
             });
         }
-        p.index.clear();
+        // Not kept at its largest: it is built again only when a queue grows that long.
+        p.index = HashMap::new();
         Ok(std::mem::take(&mut p.changes))
     }
 
@@ -236,6 +262,51 @@ mod tests {
             hops(&rx.try_recv().unwrap()).len(),
             1,
             "taken again after a recv"
+        );
+    }
+
+    /// The index is built only when merging starts, and then from every entry waiting: a
+    /// prefix queued twice before the limit is merged into its latest entry after it.
+    #[tokio::test]
+    async fn the_prefix_index_is_built_when_merging_starts() {
+        let (tx, mut rx) = channel_merging_after(3);
+        tx.send(vec![
+            change("10.0.1.0/26", Some("192.168.0.1")),
+            change("10.0.2.0/26", Some("192.168.0.1")),
+        ]);
+        assert_eq!(tx.indexed(), 0, "below the limit: no index");
+        tx.send(vec![change("10.0.1.0/26", Some("192.168.0.2"))]);
+        assert_eq!(tx.indexed(), 0, "at the limit only after this one");
+        tx.send(vec![
+            change("10.0.1.0/26", Some("192.168.0.3")),
+            change("10.0.3.0/26", None),
+        ]);
+        assert_eq!(tx.indexed(), 3);
+        assert_eq!(
+            hops(&rx.try_recv().unwrap()),
+            vec![
+                ("10.0.1.0/26".into(), Some("192.168.0.1".into())),
+                ("10.0.2.0/26".into(), Some("192.168.0.1".into())),
+                ("10.0.1.0/26".into(), Some("192.168.0.3".into())),
+                ("10.0.3.0/26".into(), None),
+            ]
+        );
+        assert_eq!(tx.indexed(), 0, "dropped with the queue");
+        // A batch longer than the limit sent to an empty queue is merged too.
+        tx.send(vec![
+            change("10.0.1.0/26", Some("192.168.0.1")),
+            change("10.0.2.0/26", None),
+            change("10.0.3.0/26", None),
+            change("10.0.1.0/26", Some("192.168.0.4")),
+            change("10.0.3.0/26", Some("192.168.0.4")),
+        ]);
+        assert_eq!(
+            hops(&rx.try_recv().unwrap()),
+            vec![
+                ("10.0.1.0/26".into(), Some("192.168.0.4".into())),
+                ("10.0.2.0/26".into(), None),
+                ("10.0.3.0/26".into(), Some("192.168.0.4".into())),
+            ]
         );
     }
 

@@ -310,7 +310,10 @@ impl DirSource {
         };
         let mut changed = false;
         let before = self.files.len();
-        self.files.retain(|path, _| listing.contains(path));
+        // A set: a directory of thousands of files is not compared path by path.
+        let listed: std::collections::BTreeSet<&PathBuf> = listing.iter().collect();
+        self.files.retain(|path, _| listed.contains(path));
+        drop(listed);
         if self.files.len() != before {
             changed = true;
         }

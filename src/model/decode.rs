@@ -214,17 +214,30 @@ pub fn decode_documents_each(
         // The common case costs one parse, not two: the header's plain `kind:` and
         // `apiVersion:` lines name a kind podroute reads and the typed parse succeeds. Anything
         // else (an error included) takes the general path below, so the outcome is the same.
-        if let Some((kind, api_version)) = plain_header(chunk)
-            && let Ok(object) = typed_object(
+        if let Some((kind, api_version)) = plain_header(chunk) {
+            // The kinds that grow with the cluster: a reader of their usual form builds the
+            // same object without a general YAML parse (it declines anything else).
+            let fast = match kind.as_str() {
+                "IPAMBlock" => super::fast_yaml::ipam_block(chunk).map(Object::IPAMBlock),
+                "BlockAffinity" => {
+                    super::fast_yaml::block_affinity(chunk).map(Object::BlockAffinity)
+                }
+                _ => None,
+            };
+            if let Some(object) = fast {
+                each(Ok(object));
+                continue;
+            }
+            if let Ok(object) = typed_object(
                 index,
                 kind,
                 api_version,
                 String::new(),
                 Document::Text(chunk),
-            )
-        {
-            each(Ok(object));
-            continue;
+            ) {
+                each(Ok(object));
+                continue;
+            }
         }
         let header = match serde_yaml_ng::from_str::<Option<Header>>(chunk) {
             Ok(None) => continue,

@@ -13,6 +13,7 @@ pub mod compact;
 pub mod crd;
 pub mod decode;
 pub mod error;
+mod fast_yaml;
 pub mod filter;
 pub mod flannel;
 pub mod node;
