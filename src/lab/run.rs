@@ -588,18 +588,7 @@ fn check_cross_subnet_routes(lab: &Lab, out: &mut dyn Write, checks: &mut Checks
                 if row.is_some() {
                     String::new()
                 } else {
-                    format!(
-                        "reported routes:\n{}",
-                        indent(
-                            &report
-                                .routes
-                                .iter()
-                                .map(route_row_line)
-                                .collect::<Vec<_>>()
-                                .join("\n"),
-                            "  "
-                        )
-                    )
+                    reported_routes(&report)
                 },
             );
         }
@@ -646,18 +635,7 @@ fn check_cross_subnet_routes6(lab: &Lab, out: &mut dyn Write, checks: &mut Check
                 if ok {
                     String::new()
                 } else {
-                    format!(
-                        "reported routes:\n{}",
-                        indent(
-                            &report
-                                .routes
-                                .iter()
-                                .map(route_row_line)
-                                .collect::<Vec<_>>()
-                                .join("\n"),
-                            "  "
-                        )
-                    )
+                    reported_routes(&report)
                 },
             );
         }
@@ -754,5 +732,21 @@ fn keep_instructions(lab: &Lab, binary: &std::path::Path) -> String {
         ds = lab.datastore_dir().display(),
         poll = lab.cfg.dir_poll,
         logs = lab.workdir().join("logs").display(),
+    )
+}
+
+/// The routes a node reported, indented, for a failed check's detail.
+fn reported_routes(report: &crate::agent::status::RoutesReport) -> String {
+    format!(
+        "reported routes:\n{}",
+        indent(
+            &report
+                .routes
+                .iter()
+                .map(route_row_line)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            "  "
+        )
     )
 }
