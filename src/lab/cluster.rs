@@ -802,7 +802,7 @@ impl Lab {
     }
 
     /// Starts following the kernel route tables (podroute's protocol) of `nodes`, dumped
-    /// every `interval` and between dumps through route notifications; see [`RouteWatch`].
+    /// every `interval` and between dumps through route notifications; see [`super::RouteWatch`].
     pub fn watch_kernel_routes(
         &self,
         nodes: &[&str],

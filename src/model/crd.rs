@@ -2,8 +2,9 @@
 //!
 //! These types are deliberately lenient: every spec field is optional, strings stay strings
 //! and numbers are wide, so that anything a Calico cluster holds deserializes and the
-//! decision "is this object usable?" is taken in one place, [`crate::model::validate`], with
-//! an error message a user can act on. Unknown and legacy fields are ignored on input.
+//! decision "is this object usable?" is taken in the model's constructors
+//! ([`crate::model::Pool::from_resource`] and its siblings), each refusing with a
+//! [`crate::model::Rejection`] a user can act on. Unknown and legacy fields are ignored on input.
 //!
 //! `kube::Resource` is implemented by hand instead of `#[derive(CustomResource)]`: the derive
 //! makes `spec` mandatory, and a spec-less object would then fail the whole list of its kind.
