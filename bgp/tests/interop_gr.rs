@@ -10,6 +10,9 @@
 //!   routes during the gap (sampled with `birdc`), sees R and F in the new OPEN, and after
 //!   podroute's End-of-RIB has exactly the routes podroute announces.
 //! - The same restart of podroute against GoBGP as helper.
+//! - BIRD restarts while podroute's session is still Established (its old connection frozen
+//!   in a relay): the new session, Restart State bit set, replaces the old one with BIRD's
+//!   routes kept.
 
 mod support;
 
@@ -24,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::bird::{Bird, BirdConfig, PeerCfg};
 use support::gobgp::{Gobgp, GobgpConfig, NeighborCfg};
+use support::proxy::Relay;
 use support::{Endpoint, IpNet, require_daemons, wait_for, wait_until};
 
 const T: Duration = Duration::from_secs(40);
@@ -251,6 +255,130 @@ fn bird_restarts_and_podroute_keeps_its_routes_until_end_of_rib() {
         cap.families.iter().all(|f| f.forwarding_state) && cap.families.len() == 2,
         "bird -R sets F for both families: {cap:?}"
     );
+}
+
+/// RFC 4724 §4.2 with a peer that restarts faster than its old session dies: BIRD's session
+/// runs through a relay that is then frozen (silent, not closed, as after a crash whose FIN
+/// never arrived), BIRD exits and comes back in recovery (`bird -R`) while podroute's session
+/// is still Established. BIRD's new connection (Restart State bit set) replaces the old
+/// session: podroute closes the old connection, keeps BIRD's routes stale throughout (the old
+/// session goes down as a TCP failure would), and after BIRD's End-of-RIB withdraws only the
+/// route BIRD no longer announces.
+#[test]
+fn bird_restarts_while_its_old_session_is_established_and_the_new_one_replaces_it() {
+    if !require_daemons() {
+        return;
+    }
+    let pod = Pod::start(Endpoint::alloc(), |_| {});
+    let (b1, b2, b3, b6) = (
+        net("172.22.1.0/26"),
+        net("172.22.2.0/26"),
+        net("172.22.3.0/26"),
+        net("fd00:22:1::/122"),
+    );
+    let b_ep = Endpoint::alloc();
+    let relay = Relay::start(
+        "bird",
+        SocketAddr::new(IpAddr::V4(pod.ep.addr), 0),
+        SocketAddr::new(IpAddr::V4(pod.ep.addr), pod.ep.port),
+        IpAddr::V4(b_ep.addr),
+        None,
+    );
+    let pod_via = Endpoint {
+        port: relay.listen.port(),
+        ..pod.ep
+    };
+    let mut cfg = BirdConfig::new(b_ep, 65001).peer(PeerCfg::new("pod", &pod_via, POD_AS));
+    cfg.static_v4 = vec![b1, b2, b3];
+    cfg.static_v6 = vec![b6];
+    cfg.global_extra = "graceful restart wait 15;\n".into();
+    let mut bird = Bird::start(cfg).unwrap();
+    // Passive: every connection of the session is BIRD's, through the relay.
+    pod.add_peer(pod.peer_cfg(&b_ep, 65001, true));
+    wait_until(
+        T,
+        "podroute learns BIRD's four routes",
+        || (pod.learned().len() == 4).then_some(()),
+        || format!("{:?}\n{}", pod.learned(), bird.diag()),
+    )
+    .unwrap();
+    let old = relay.open_links();
+    assert_eq!(old.len(), 1);
+    let old = old[0].clone();
+    assert_eq!(pod.peer(b_ep.addr).established_count, 1);
+
+    let watch = pod.watch_rib(vec![b1, b2, b6]);
+    old.freeze();
+    bird.graceful_restart_exit().unwrap();
+    // The old session has not noticed: podroute still sees it Established.
+    std::thread::sleep(Duration::from_secs(1));
+    let st = pod.peer(b_ep.addr);
+    assert_eq!(
+        (st.state, st.established_count),
+        (State::Established, 1),
+        "{st:?}"
+    );
+    assert!(!old.target_closed());
+
+    bird.cfg.static_v4.retain(|p| *p != b3);
+    bird.start_recovering().unwrap();
+    wait_until(
+        T,
+        "BIRD's new session replaces the old one",
+        || {
+            let st = pod.peer(b_ep.addr);
+            (st.state == State::Established && st.established_count == 2).then_some(())
+        },
+        || format!("{:?}\n{}", pod.peer(b_ep.addr), bird.diag()),
+    )
+    .unwrap();
+    wait_for(
+        T,
+        "podroute closes the old connection",
+        || old.target_closed(),
+        || format!("{:?}", pod.peer(b_ep.addr)),
+    )
+    .unwrap();
+    let st = pod.peer(b_ep.addr);
+    assert!(
+        st.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("restarted and opened a new session")),
+        "{st:?}"
+    );
+    wait_until(
+        T,
+        "podroute sweeps b3 after BIRD's End-of-RIB",
+        || {
+            let l = pod.learned();
+            (l.len() == 3 && l.iter().all(|(_, stale)| !stale)).then_some(())
+        },
+        || {
+            format!(
+                "{:?}\n{:?}\n{}",
+                pod.learned(),
+                pod.peer(b_ep.addr),
+                bird.diag()
+            )
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        watch.finish(),
+        None,
+        "a kept route went missing while the new session replaced the old one"
+    );
+    assert_eq!(pod.withdrawals(), vec![b3]);
+    let st = pod.peer(b_ep.addr);
+    assert_eq!(st.established_count, 2, "{st:?}");
+    assert_eq!(
+        relay.open_links().len(),
+        1,
+        "only the new connection is left"
+    );
+    let gr = st.graceful_restart.unwrap();
+    assert_eq!((gr.phase, gr.stale_prefixes), (GrPhase::Normal, 0));
+    assert!(gr.peer_capability.unwrap().restart_state);
 }
 
 /// The routes of the podroute-restarts tests: all are announced before the restart, all but
