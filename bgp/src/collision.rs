@@ -206,14 +206,7 @@ mod tests {
 
     const LOW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
     const HIGH: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
-    const ALL: [State; 6] = [
-        State::Idle,
-        State::Connect,
-        State::Active,
-        State::OpenSent,
-        State::OpenConfirm,
-        State::Established,
-    ];
+    const ALL: [State; 6] = State::ALL;
     use ConnectionSide::{Inbound, Outbound};
 
     fn open(asn: u32, id: Ipv4Addr, restarted: bool) -> Open {

@@ -118,6 +118,15 @@ pub enum State {
 }
 
 impl State {
+    pub const ALL: [State; 6] = [
+        State::Idle,
+        State::Connect,
+        State::Active,
+        State::OpenSent,
+        State::OpenConfirm,
+        State::Established,
+    ];
+
     /// Whether a TCP connection to the peer exists in this state.
     pub fn has_connection(self) -> bool {
         matches!(

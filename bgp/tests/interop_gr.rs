@@ -121,6 +121,59 @@ impl Pod {
             .collect()
     }
 
+    /// Wait until exactly `n` prefixes are learned, none of them stale.
+    fn wait_learned(&self, n: usize, what: &str, bird: &Bird, peer: Ipv4Addr) {
+        wait_until(
+            T,
+            what,
+            || {
+                let l = self.learned();
+                (l.len() == n && l.iter().all(|(_, stale)| !stale)).then_some(())
+            },
+            || {
+                format!(
+                    "{:?}\n{:?}\n{}",
+                    self.learned(),
+                    self.peer(peer),
+                    bird.diag()
+                )
+            },
+        )
+        .unwrap();
+    }
+
+    /// BIRD is back from its restart without `gone`: after its End-of-RIB the other three
+    /// routes are learned and fresh, none of them went missing meanwhile (`watch`), `gone`
+    /// alone was withdrawn, and graceful restart is over. Returns the peer's status.
+    fn recovered_from(
+        &self,
+        bird: &Bird,
+        peer: Ipv4Addr,
+        watch: RibWatch,
+        gone: IpNet,
+    ) -> PeerStatus {
+        self.wait_learned(
+            3,
+            &format!("podroute sweeps {gone} after BIRD's End-of-RIB"),
+            bird,
+            peer,
+        );
+        assert_eq!(
+            watch.finish(),
+            None,
+            "a kept route went missing during the restart"
+        );
+        assert_eq!(self.withdrawals(), vec![gone]);
+        let st = self.peer(peer);
+        let gr = st.graceful_restart.clone().unwrap();
+        assert_eq!(
+            (gr.phase, gr.stale_prefixes),
+            (GrPhase::Normal, 0),
+            "{st:?}"
+        );
+        st
+    }
+
     /// Prefixes learned and then withdrawn, per the best-change stream.
     fn withdrawals(&self) -> Vec<IpNet> {
         let mut seen = BTreeSet::new();
@@ -190,13 +243,7 @@ fn bird_restarts_and_podroute_keeps_its_routes_until_end_of_rib() {
     let mut bird = Bird::start(cfg).unwrap();
     let b_ep = bird.endpoint();
     pod.add_peer(pod.peer_cfg(&b_ep, 65001, false));
-    wait_until(
-        T,
-        "podroute learns BIRD's four routes",
-        || (pod.learned().len() == 4).then_some(()),
-        || format!("{:?}\n{}", pod.learned(), bird.diag()),
-    )
-    .unwrap();
+    pod.wait_learned(4, "podroute learns BIRD's four routes", &bird, b_ep.addr);
     let gr = pod.peer(b_ep.addr).graceful_restart.expect("GR negotiated");
     assert_eq!(gr.peer_capability.as_ref().unwrap().restart_time, 120);
 
@@ -223,33 +270,8 @@ fn bird_restarts_and_podroute_keeps_its_routes_until_end_of_rib() {
     // BIRD comes back in recovery, without b3.
     bird.cfg.static_v4.retain(|p| *p != b3);
     bird.start_recovering().unwrap();
-    wait_until(
-        T,
-        "podroute sweeps b3 after BIRD's End-of-RIB",
-        || {
-            let l = pod.learned();
-            (l.len() == 3 && l.iter().all(|(_, stale)| !stale)).then_some(())
-        },
-        || {
-            format!(
-                "{:?}\n{:?}\n{}",
-                pod.learned(),
-                pod.peer(b_ep.addr),
-                bird.diag()
-            )
-        },
-    )
-    .unwrap();
-    assert_eq!(
-        watch.finish(),
-        None,
-        "a kept route went missing during the restart"
-    );
-    assert_eq!(pod.withdrawals(), vec![b3]);
-    let st = pod.peer(b_ep.addr);
-    let gr = st.graceful_restart.unwrap();
-    assert_eq!((gr.phase, gr.stale_prefixes), (GrPhase::Normal, 0));
-    let cap = gr.peer_capability.unwrap();
+    let st = pod.recovered_from(&bird, b_ep.addr, watch, b3);
+    let cap = st.graceful_restart.unwrap().peer_capability.unwrap();
     assert!(cap.restart_state, "bird -R sets R: {cap:?}");
     assert!(
         cap.families.iter().all(|f| f.forwarding_state) && cap.families.len() == 2,
@@ -295,13 +317,7 @@ fn bird_restarts_while_its_old_session_is_established_and_the_new_one_replaces_i
     let mut bird = Bird::start(cfg).unwrap();
     // Passive: every connection of the session is BIRD's, through the relay.
     pod.add_peer(pod.peer_cfg(&b_ep, 65001, true));
-    wait_until(
-        T,
-        "podroute learns BIRD's four routes",
-        || (pod.learned().len() == 4).then_some(()),
-        || format!("{:?}\n{}", pod.learned(), bird.diag()),
-    )
-    .unwrap();
+    pod.wait_learned(4, "podroute learns BIRD's four routes", &bird, b_ep.addr);
     let old = relay.open_links();
     assert_eq!(old.len(), 1);
     let old = old[0].clone();
@@ -346,39 +362,20 @@ fn bird_restarts_while_its_old_session_is_established_and_the_new_one_replaces_i
             .is_some_and(|e| e.contains("restarted and opened a new session")),
         "{st:?}"
     );
-    wait_until(
-        T,
-        "podroute sweeps b3 after BIRD's End-of-RIB",
-        || {
-            let l = pod.learned();
-            (l.len() == 3 && l.iter().all(|(_, stale)| !stale)).then_some(())
-        },
-        || {
-            format!(
-                "{:?}\n{:?}\n{}",
-                pod.learned(),
-                pod.peer(b_ep.addr),
-                bird.diag()
-            )
-        },
-    )
-    .unwrap();
-    assert_eq!(
-        watch.finish(),
-        None,
-        "a kept route went missing while the new session replaced the old one"
-    );
-    assert_eq!(pod.withdrawals(), vec![b3]);
-    let st = pod.peer(b_ep.addr);
+    let st = pod.recovered_from(&bird, b_ep.addr, watch, b3);
     assert_eq!(st.established_count, 2, "{st:?}");
     assert_eq!(
         relay.open_links().len(),
         1,
         "only the new connection is left"
     );
-    let gr = st.graceful_restart.unwrap();
-    assert_eq!((gr.phase, gr.stale_prefixes), (GrPhase::Normal, 0));
-    assert!(gr.peer_capability.unwrap().restart_state);
+    assert!(
+        st.graceful_restart
+            .unwrap()
+            .peer_capability
+            .unwrap()
+            .restart_state
+    );
 }
 
 /// The routes of the podroute-restarts tests: all are announced before the restart, all but
