@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// Holds connections until every relay of the gate has one in the current round.
+/// Holds connections until every relay of the gate has one in the current round, then each
+/// connection's first bytes in either direction (a speaker's OPEN) until every connection of
+/// the round has sent them both ways (or closed). So each speaker has both connections, and
+/// has sent its OPEN on both, before it receives an OPEN on either.
 pub struct Gate {
     state: Mutex<GateState>,
     cv: Condvar,
@@ -27,6 +30,8 @@ struct GateState {
     round: u64,
     /// Relays that accepted a connection in this round.
     arrived: Vec<bool>,
+    /// Per relay and direction (2 × relay + from-target), first bytes read (or the end).
+    spoke: Vec<bool>,
 }
 
 impl Gate {
@@ -35,6 +40,7 @@ impl Gate {
             state: Mutex::new(GateState {
                 round: 0,
                 arrived: vec![false; members],
+                spoke: vec![false; 2 * members],
             }),
             cv: Condvar::new(),
             members,
@@ -47,6 +53,8 @@ impl Gate {
         let mut s = self.state.lock().unwrap();
         s.round += 1;
         s.arrived = vec![false; self.members];
+        s.spoke = vec![false; 2 * self.members];
+        self.cv.notify_all();
     }
 
     /// Whether every relay accepted a connection in the current round.
@@ -59,19 +67,32 @@ impl Gate {
         self.state.lock().unwrap().arrived.clone()
     }
 
-    /// Member `i` has a connection: wait until all have, or until the patience is over.
-    fn arrive(&self, i: usize) {
+    /// Set `flag(state)[i]` and wait until all are set, the patience is over, or a new round
+    /// began.
+    fn mark_and_wait(&self, i: usize, flag: fn(&mut GateState) -> &mut Vec<bool>) {
         let deadline = Instant::now() + self.patience;
         let mut s = self.state.lock().unwrap();
-        s.arrived[i] = true;
+        let round = s.round;
+        flag(&mut s)[i] = true;
         self.cv.notify_all();
-        while !s.arrived.iter().all(|a| *a) {
+        while s.round == round && !flag(&mut s).iter().all(|a| *a) {
             let now = Instant::now();
             if now >= deadline {
                 return;
             }
             s = self.cv.wait_timeout(s, deadline - now).unwrap().0;
         }
+    }
+
+    /// Member `i` has a connection: wait until all have.
+    fn arrive(&self, i: usize) {
+        self.mark_and_wait(i, |s| &mut s.arrived);
+    }
+
+    /// Member `i`'s connection read its first bytes (or its end) from one end: wait until
+    /// every direction of every member's connection has.
+    fn spoke(&self, i: usize, from_target: bool) {
+        self.mark_and_wait(2 * i + usize::from(from_target), |s| &mut s.spoke);
     }
 }
 
@@ -187,8 +208,8 @@ fn relay_one(
     gate: Option<(Arc<Gate>, usize)>,
     links: Arc<Mutex<Vec<Arc<Link>>>>,
 ) {
-    if let Some((g, i)) = gate {
-        g.arrive(i);
+    if let Some((g, i)) = &gate {
+        g.arrive(*i);
     }
     let server = match connect_from(source, target) {
         Ok(s) => s,
@@ -213,8 +234,9 @@ fn relay_one(
         server.try_clone().unwrap(),
         link.clone(),
     );
-    std::thread::spawn(move || pump(c2, s2, &l2, false));
-    pump(server, client, &link, true);
+    let g2 = gate.clone();
+    std::thread::spawn(move || pump(c2, s2, &l2, false, g2));
+    pump(server, client, &link, true, gate);
 }
 
 /// Connect to `target` from `source` (any port), as a blocking std stream.
@@ -237,10 +259,21 @@ fn connect_from(source: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream
 
 /// Copy `from` → `to` until `from` ends; then pass the close on, unless frozen.
 /// `from_target`: `from` is the end that was connected to.
-fn pump(mut from: TcpStream, mut to: TcpStream, link: &Link, from_target: bool) {
+/// With a gate, the first bytes wait for the other connections' (see [`Gate`]).
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    link: &Link,
+    from_target: bool,
+    mut gate: Option<(Arc<Gate>, usize)>,
+) {
     let mut buf = [0u8; 16384];
     loop {
-        match from.read(&mut buf) {
+        let r = from.read(&mut buf);
+        if let Some((g, i)) = gate.take() {
+            g.spoke(i, from_target);
+        }
+        match r {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 if link.frozen.load(Ordering::SeqCst) {
