@@ -438,6 +438,32 @@ mod tests {
         assert_eq!(main.side(), Some(Outbound));
     }
 
+    /// A promoted extra FSM takes the peer's mode: after its session fails it connects out
+    /// itself, as the main FSM would have (it was passive while it was the extra one).
+    #[test]
+    fn a_promoted_fsm_reconnects_unless_the_peer_is_passive() {
+        let cfg = FsmConfig::new(65001, 65002, LOW);
+        let peer = open(65002, HIGH, false);
+        for passive in [false, true] {
+            let mut f = extra_fsm(&cfg, State::Established, &peer);
+            f.set_passive(passive);
+            let _ = f.handle(Event::TcpFailed);
+            assert_eq!(f.state(), State::Idle);
+            let out = f.handle(Event::IdleHoldTimerExpires);
+            assert_eq!(
+                out.contains(&Action::Connect),
+                !passive,
+                "passive {passive}: {out:?}"
+            );
+            let want = if passive {
+                State::Active
+            } else {
+                State::Connect
+            };
+            assert_eq!(f.state(), want);
+        }
+    }
+
     fn state() -> impl Strategy<Value = State> {
         prop::sample::select(ALL.to_vec())
     }

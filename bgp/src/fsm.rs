@@ -66,7 +66,9 @@
 //!   is always sent before the connection is closed.
 //! - A connection accepted from the peer is handed over with `TcpAccepted`. If this `Fsm`
 //!   already has a connection (OpenSent or later), create a second `Fsm` for it with
-//!   [`Fsm::accept`]; a second connection given to a busy `Fsm` is ignored. An FSM in Idle
+//!   [`Fsm::accept`] and, after every event to either, carry out what
+//!   [`crate::collision::resolve`] decides for the pair; a second connection given to a busy
+//!   `Fsm` is ignored. An FSM in Idle
 //!   refuses it (`CloseConnection`). `TcpAccepted` in Connect wins over the outbound attempt:
 //!   abandon the pending connect.
 //! - Decode each received message with [`Negotiated::codec`] once the session is negotiated
