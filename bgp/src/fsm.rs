@@ -48,9 +48,10 @@
 //!   deliver a tick that raced with a stop), as are messages in Idle, Connect and Active: no
 //!   connection exists there, so such a message can only be a late one from a connection the
 //!   FSM already dropped.
-//! - Collision detection (§6.8) needs two connections, so it is done by the driver over two
-//!   `Fsm`s with [`collision_check`] and [`collision_loser`]; the loser is told with
-//!   [`Event::CollisionLost`].
+//! - Collision detection (§6.8) needs two connections, so it is decided over two `Fsm`s by
+//!   [`crate::collision::resolve`] (with [`collision_loser_with_as`], RFC 6286 §2.3), as is
+//!   a restarted peer's new session replacing the old one (RFC 4724 §4.2); the driver carries
+//!   the decision out and tells the loser with [`Event::CollisionLost`].
 //! - The hold timer is also restarted by ROUTE-REFRESH (any message shows the peer is alive).
 //!
 //! The driver's contract:
@@ -65,7 +66,9 @@
 //!   is always sent before the connection is closed.
 //! - A connection accepted from the peer is handed over with `TcpAccepted`. If this `Fsm`
 //!   already has a connection (OpenSent or later), create a second `Fsm` for it with
-//!   [`Fsm::accept`]; a second connection given to a busy `Fsm` is ignored. An FSM in Idle
+//!   [`Fsm::accept`] and, after every event to either, carry out what
+//!   [`crate::collision::resolve`] decides for the pair; a second connection given to a busy
+//!   `Fsm` is ignored. An FSM in Idle
 //!   refuses it (`CloseConnection`). `TcpAccepted` in Connect wins over the outbound attempt:
 //!   abandon the pending connect.
 //! - Decode each received message with [`Negotiated::codec`] once the session is negotiated
@@ -117,6 +120,15 @@ pub enum State {
 }
 
 impl State {
+    pub const ALL: [State; 6] = [
+        State::Idle,
+        State::Connect,
+        State::Active,
+        State::OpenSent,
+        State::OpenConfirm,
+        State::Established,
+    ];
+
     /// Whether a TCP connection to the peer exists in this state.
     pub fn has_connection(self) -> bool {
         matches!(
@@ -216,7 +228,7 @@ pub enum CollisionCheck {
     /// The other connection does not take part (Idle, Connect, Active, OpenSent): nothing to
     /// do yet; check again if it reaches OpenConfirm.
     NotApplicable,
-    /// Both are in OpenConfirm: close the one [`collision_loser`] names.
+    /// Both are in OpenConfirm: close the one [`collision_loser_with_as`] names.
     ByBgpId,
     /// The other connection is Established: the new one loses.
     NewConnectionLoses,
@@ -741,6 +753,13 @@ impl Fsm {
     /// negotiated session: the capability only describes the next restart.
     pub fn set_graceful_restart(&mut self, cap: Option<GracefulRestartCap>) {
         self.config.graceful_restart = cap;
+    }
+
+    /// Whether this FSM connects to the peer itself from now on. An FSM from [`Fsm::accept`]
+    /// is passive; once its connection becomes the peer's main session it takes the peer's
+    /// configured mode, so that after the next failure it reconnects as the original would.
+    pub fn set_passive(&mut self, passive: bool) {
+        self.config.passive = passive;
     }
 
     /// Which end opened the current connection; `None` without a connection.

@@ -1,10 +1,13 @@
 //! One tokio task per peer: it owns the TCP connection(s), runs the sans-IO [`Fsm`], frames
 //! and decodes messages, and carries out the FSM's actions (connect, send, timers).
 //!
-//! Collision detection (RFC 4271 §6.8) happens here: a second, inbound connection gets an FSM
-//! of its own; when both have seen the peer's OPEN, [`collision_loser`] picks the one to close
-//! with Cease / Connection Collision Resolution. An inbound connection while Established is a
-//! restarted peer (RFC 4724 §4.2): once its OPEN arrives the old session is closed.
+//! A second, inbound connection while the main one has sent its OPEN gets an FSM of its own
+//! from [`Fsm::accept`]. What becomes of the two (connection collision, RFC 4271 §6.8 and
+//! RFC 6286 §2.3; a restarted peer's new session replacing the old one, RFC 4724 §4.2) is
+//! decided sans-IO by [`collision::resolve`] after every event; this driver only carries the
+//! [`Resolution`] out: Cease / Connection Collision Resolution through
+//! [`Event::CollisionLost`], promotion of the extra connection, and a graceful `Down` for a
+//! replaced session.
 //!
 //! Outbound connection attempts take a turn from the speaker-wide [`ConnectLimiter`] (peers
 //! wait by [`ConnectPriority`] while it is full) and are cut after the connect timeout; the FSM
@@ -20,11 +23,9 @@
 //! hand ([`run`]'s `first_turn`) or when the peer connects to us. A mesh of thousands of
 //! unreachable nodes thus holds a task only per attempt in flight.
 
+use crate::collision::{self, Resolution};
 use crate::connect::{ConnectLimiter, ConnectPriority, ConnectTurn};
-use crate::fsm::{
-    Action, ConnectionSide, DownReason, Event, Fsm, FsmConfig, Negotiated, State, Timer,
-    collision_loser,
-};
+use crate::fsm::{Action, DownReason, Event, Fsm, FsmConfig, Negotiated, OpenError, State, Timer};
 use crate::rib::PeerId;
 use crate::sockopt;
 use crate::validate::{PeerContext, validate_update};
@@ -203,7 +204,6 @@ fn spawn_writer(w: OwnedWriteHalf, limit: usize) -> OutQueue {
 /// One FSM with its connection and timers.
 struct Slot {
     fsm: Fsm,
-    side: ConnectionSide,
     conn: Option<Conn>,
     timers: [Option<Instant>; 4],
     codec: CodecContext,
@@ -228,10 +228,9 @@ const TIMERS: [Timer; 4] = [
 ];
 
 impl Slot {
-    fn new(cfg: FsmConfig, side: ConnectionSide) -> Slot {
+    fn new(fsm: Fsm) -> Slot {
         Slot {
-            fsm: Fsm::new(cfg),
-            side,
+            fsm,
             conn: None,
             timers: [None; 4],
             codec: CodecContext::default(),
@@ -466,7 +465,7 @@ async fn drive(
 ) {
     let resume = std::mem::take(&mut p.resume);
     let mut d = Driver {
-        main: Some(Slot::new(p.fsm.clone(), ConnectionSide::Outbound)),
+        main: Some(Slot::new(Fsm::new(p.fsm.clone()))),
         p,
         events,
         extra: None,
@@ -655,7 +654,6 @@ impl Driver {
                 self.connecting = None;
                 if let Some(s) = self.main.as_mut() {
                     s.conn = None;
-                    s.side = ConnectionSide::Inbound;
                     s.attach(stream);
                 }
                 self.handle(true, Event::TcpAccepted).await;
@@ -665,13 +663,16 @@ impl Driver {
                     debug!("third connection refused");
                     return;
                 }
-                let mut cfg = self.p.fsm.clone();
-                cfg.passive = true;
-                let mut slot = Slot::new(cfg, ConnectionSide::Inbound);
+                // The main FSM has a connection: the peer's gets an FSM of its own, and the
+                // collision layer decides between the two.
+                let (fsm, actions) = Fsm::accept(self.p.fsm.clone());
+                let mut slot = Slot::new(fsm);
                 slot.attach(stream);
                 self.extra = Some(slot);
-                self.handle(false, Event::ManualStart).await;
-                self.handle(false, Event::TcpAccepted).await;
+                for a in actions {
+                    self.act(false, a).await;
+                }
+                let _ = self.resolve_collision().await;
             }
         }
     }
@@ -751,7 +752,7 @@ impl Driver {
         for a in actions {
             self.act(main, a).await;
         }
-        self.resolve_collision().await;
+        let _ = self.resolve_collision().await;
     }
 
     async fn act(&mut self, main: bool, a: Action) {
@@ -822,8 +823,17 @@ impl Driver {
                 ctx.local_addrs = vec![local_addr];
                 s.peer_ctx = Some(ctx);
                 if !main {
-                    // The restarted peer's new session replaces the old one.
-                    self.promote_extra("peer opened a new session").await;
+                    // The extra connection came up: the collision layer says whether it
+                    // replaces the main session (a restarted peer) or takes over from a main
+                    // FSM without a connection; an Established session is reported only once
+                    // it is the main one.
+                    let r = Box::pin(self.resolve_collision()).await;
+                    if !matches!(
+                        r,
+                        Resolution::Replace | Resolution::TakeOver | Resolution::CloseMain
+                    ) {
+                        return;
+                    }
                 }
                 self.established += 1;
                 let failures = std::mem::take(&mut self.trouble).failures;
@@ -922,84 +932,71 @@ impl Driver {
             .await;
     }
 
-    /// Close the old main session and make the extra connection the main one.
-    async fn promote_extra(&mut self, why: &str) {
-        if self
-            .main
-            .as_ref()
-            .is_some_and(|m| m.fsm.state() == State::Established)
-        {
-            // RFC 4724 §4.2: a new session from a restarted peer ends the old one as a TCP
-            // failure would, without a NOTIFICATION to it.
-            self.emit(SessionEvent::Down {
-                reason: why.to_string(),
-                graceful: true,
-            })
-            .await;
-        }
-        if let Some(old) = self.main.as_ref() {
-            old.send(&Message::Notification(Notification::cease(
-                wire::cease::CONNECTION_COLLISION,
-            )));
-        }
+    /// Make the extra connection the main one, abandoning the main FSM's connect attempt. The
+    /// new main FSM connects or waits as the peer is configured (it was passive while extra).
+    async fn promote_extra(&mut self) {
         self.connecting = None;
         self.main = self.extra.take();
+        if let Some(s) = self.main.as_mut() {
+            s.fsm.set_passive(self.p.fsm.passive);
+            let state = s.fsm.state();
+            self.emit(SessionEvent::StateChanged(state)).await;
+        }
     }
 
-    /// RFC 4271 §6.8 between the two connections, once both know the peer's BGP ID.
-    async fn resolve_collision(&mut self) {
+    /// Carries out what [`collision::resolve`] decides for the two connections, if there are
+    /// two, and returns it.
+    async fn resolve_collision(&mut self) -> Resolution {
         let (Some(m), Some(x)) = (self.main.as_ref(), self.extra.as_ref()) else {
-            return;
+            return Resolution::Wait;
         };
-        let (ms, xs) = (m.fsm.state(), x.fsm.state());
-        if xs != State::OpenConfirm && xs != State::Established {
-            return;
-        }
-        match ms {
-            State::Established => {
-                // RFC 4271 §6.8: a collision with an Established session closes the new
-                // connection, unless the peer says it restarted (RFC 4724 Restart State bit):
-                // then the new session replaces the old one once it is Established.
-                let restarted = x
-                    .fsm
-                    .negotiated()
-                    .and_then(|n| n.peer_graceful_restart.as_ref())
-                    .is_some_and(|g| g.restart_state);
-                if !restarted && let Some(mut v) = self.extra.take() {
+        let resolution = collision::resolve(&m.fsm, &x.fsm);
+        match resolution {
+            Resolution::Wait => {}
+            Resolution::CloseExtra => {
+                debug!("connection collision: closing the peer's new connection");
+                if let Some(mut v) = self.extra.take() {
                     self.close_lost(&mut v).await;
                 }
             }
-            State::OpenSent | State::OpenConfirm => {
-                // The peer's BGP ID is known from the OPEN on the extra connection, which
-                // §6.8 allows using for a connection still in OpenSent.
-                let Some(remote_id) = x
-                    .fsm
-                    .negotiated()
-                    .map(|n| n.peer_id)
-                    .or_else(|| m.fsm.negotiated().map(|n| n.peer_id))
-                else {
-                    return;
-                };
-                let loser = collision_loser(self.p.fsm.local_id, remote_id);
-                let victim = if m.side == loser {
-                    self.main.take()
-                } else {
-                    self.extra.take()
-                };
-                if let Some(mut v) = victim {
+            Resolution::CloseMain => {
+                debug!("connection collision: closing the main connection");
+                if let Some(mut v) = self.main.take() {
                     self.close_lost(&mut v).await;
                 }
-                if self.main.is_none() {
-                    self.connecting = None;
-                    self.main = self.extra.take();
+                self.promote_extra().await;
+            }
+            Resolution::TakeOver => {
+                debug!("the peer's connection takes over from a main FSM without one");
+                self.promote_extra().await;
+            }
+            Resolution::Replace => {
+                // RFC 4724 §4.2: a new session from a restarted peer ends the old one as a TCP
+                // failure would: the peer's routes are kept as graceful restart says.
+                if let Some(mut v) = self.main.take() {
+                    self.close_lost(&mut v).await;
+                }
+                let reason = "the peer restarted and opened a new session";
+                info!(reason, "session down");
+                self.emit(SessionEvent::Down {
+                    reason: reason.to_string(),
+                    graceful: true,
+                })
+                .await;
+                self.promote_extra().await;
+            }
+            Resolution::BadBgpId(conn) => {
+                let main = conn == collision::Conn::Main;
+                let id = self
+                    .slot(main)
+                    .and_then(|s| s.fsm.negotiated().map(|n| n.peer_id));
+                if let Some(id) = id {
+                    let n = OpenError::BadBgpId(id).notification();
+                    Box::pin(self.handle(main, Event::DecodeError(n))).await;
                 }
             }
-            _ => {
-                // No OPEN sent on the main connection yet: the inbound one takes over.
-                self.connecting = None;
-                self.main = self.extra.take();
-            }
         }
+        resolution
     }
 
     /// Close a connection that lost collision resolution: its FSM sends Cease / Connection

@@ -372,15 +372,7 @@ fn generated_sequences_reach_every_state() {
         visited.extend(driver.visited);
         downs += driver.downs;
     }
-    let all: BTreeSet<State> = [
-        State::Idle,
-        State::Connect,
-        State::Active,
-        State::OpenSent,
-        State::OpenConfirm,
-        State::Established,
-    ]
-    .into();
+    let all: BTreeSet<State> = State::ALL.into();
     assert_eq!(visited, all);
     assert!(downs > 64, "only {downs} Downs");
 }

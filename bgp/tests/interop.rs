@@ -6,13 +6,15 @@
 //! session and routes back; a wrong peer AS gives an OPEN error both sides report.
 //! podroute as the route reflector of two BIRDs and a GoBGP: each client gets the others'
 //! routes with ORIGINATOR_ID and CLUSTER_LIST, none gets its own back.
+//! Connection collisions with both sides active, staged through relays (`support::proxy`),
+//! over several rounds with our BGP ID lower, higher and equal (eBGP) to the daemon's.
 
 mod support;
 
 use podroute_bgp::fsm::State;
 use podroute_bgp::rib::BestRoute;
 use podroute_bgp::{PeerConfig, PeerStatus, Speaker, SpeakerConfig};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 use support::bird::{Bird, BirdConfig, PeerCfg};
 use support::gobgp::{Gobgp, GobgpConfig, NeighborCfg};
@@ -34,12 +36,16 @@ struct Pod {
 
 impl Pod {
     fn start(ep: Endpoint, asn: u32) -> Pod {
+        Pod::start_with_id(ep, asn, ep.router_id())
+    }
+
+    fn start_with_id(ep: Endpoint, asn: u32, router_id: Ipv4Addr) -> Pod {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let mut cfg = SpeakerConfig::new(asn, ep.router_id());
+        let mut cfg = SpeakerConfig::new(asn, router_id);
         cfg.listen = Some(SocketAddr::new(IpAddr::V4(ep.addr), ep.port));
         cfg.connect_retry = Duration::from_secs(1);
         cfg.hold_time = 30;
@@ -131,6 +137,9 @@ trait Daemon {
     fn wait_no_route(&self, p: IpNet, pod: &Endpoint);
     fn kill_and_restart(&mut self);
     fn last_error_mentions_bad_as(&self, pod: &Endpoint) -> bool;
+    /// Close the session with a NOTIFICATION and let it start again (Cease / Administrative
+    /// Reset).
+    fn reset_session(&mut self, pod: &Endpoint);
 }
 
 impl Daemon for Bird {
@@ -164,6 +173,10 @@ impl Daemon for Bird {
         self.last_error("pod")
             .is_some_and(|e| e.contains("Bad peer AS"))
     }
+    fn reset_session(&mut self, _pod: &Endpoint) {
+        let out = self.birdc(&["restart", "pod"]).unwrap();
+        assert!(out.contains("restarted"), "birdc restart pod: {out}");
+    }
 }
 
 impl Daemon for Gobgp {
@@ -196,6 +209,10 @@ impl Daemon for Gobgp {
     fn last_error_mentions_bad_as(&self, pod: &Endpoint) -> bool {
         // GoBGP logs no code for a NOTIFICATION it receives in OpenSent; it counts it.
         self.notifications(pod.addr).1 > 0
+    }
+    fn reset_session(&mut self, pod: &Endpoint) {
+        self.cli(&["neighbor", &pod.addr.to_string(), "reset"])
+            .unwrap();
     }
 }
 
@@ -495,4 +512,222 @@ fn route_reflector_with_bird_and_gobgp_clients() {
         )
         .unwrap();
     }
+}
+
+// ---- connection collision (RFC 4271 §6.8, RFC 6286 §2.3) ----
+
+/// Router IDs for a collision: ours below or above the daemon's, or both the same.
+#[derive(Clone, Copy, Debug)]
+enum Ids {
+    PodLower,
+    PodHigher,
+    Equal,
+}
+
+impl Ids {
+    fn pod_and_daemon(self) -> (Ipv4Addr, Ipv4Addr) {
+        let (low, high) = (Ipv4Addr::new(10, 9, 0, 1), Ipv4Addr::new(10, 9, 0, 2));
+        match self {
+            Ids::PodLower => (low, high),
+            Ids::PodHigher => (high, low),
+            Ids::Equal => (low, low),
+        }
+    }
+}
+
+/// Both sides active, with every round's two connections staged to exist before either
+/// carries an OPEN: a relay per direction, joined by a gate that forwards nothing until both
+/// have a connection (see `support::proxy`). Round 1 is the first start; each further round
+/// starts with a reset (BIRD: `birdc restart`, a Cease to podroute; GoBGP: podroute removes
+/// and re-adds the peer, since GoBGP holds off 30 s after its own `neighbor reset`), after
+/// which both reconnect. Each round: exactly one connection stays open, podroute counts
+/// exactly one more Established session, and routes flow both ways on it. With BIRD, which
+/// resolves collisions as RFC 4271 §6.8 and RFC 6286 §2.3 say, the survivor must be the
+/// connection opened by the higher BGP ID (equal IDs: the larger AS). GoBGP 3.10 does not
+/// resolve collisions by BGP ID: it closes (without a NOTIFICATION) any connection it
+/// accepts while its own is past Active, so which one survives depends on who acts first.
+fn collision_rounds(daemon: &str, daemon_as: u32, ids: Ids, rounds: u32) {
+    use support::proxy::{Gate, Relay};
+    let (pod_ep, d_ep) = (Endpoint::alloc(), Endpoint::alloc());
+    let (pod_id, d_id) = ids.pod_and_daemon();
+    let bird = daemon == "bird";
+    let gate = Gate::new(2, Duration::from_secs(30));
+    let pod_opened = Relay::start(
+        "podroute",
+        SocketAddr::new(IpAddr::V4(d_ep.addr), 0),
+        SocketAddr::new(IpAddr::V4(d_ep.addr), d_ep.port),
+        IpAddr::V4(pod_ep.addr),
+        Some((gate.clone(), 0)),
+    );
+    let d_opened = Relay::start(
+        "daemon",
+        SocketAddr::new(IpAddr::V4(pod_ep.addr), 0),
+        SocketAddr::new(IpAddr::V4(pod_ep.addr), pod_ep.port),
+        IpAddr::V4(d_ep.addr),
+        Some((gate.clone(), 1)),
+    );
+    // Each speaker reaches the other through the relay of its own direction.
+    let pod_via = Endpoint {
+        port: d_opened.listen.port(),
+        ..pod_ep
+    };
+    let d_via = Endpoint {
+        port: pod_opened.listen.port(),
+        ..d_ep
+    };
+    let pod = Pod::start_with_id(pod_ep, POD_AS, pod_id);
+    let mut d: Box<dyn Daemon> = match daemon {
+        "bird" => {
+            let mut cfg =
+                BirdConfig::new(d_ep, daemon_as).peer(PeerCfg::new("pod", &pod_via, POD_AS));
+            cfg.router_id = d_id;
+            Box::new(Bird::start(cfg).unwrap())
+        }
+        _ => {
+            let mut cfg =
+                GobgpConfig::new(d_ep, daemon_as).neighbor(NeighborCfg::new(&pod_via, POD_AS));
+            cfg.router_id = d_id;
+            Box::new(Gobgp::start(cfg).unwrap())
+        }
+    };
+    pod.add_peer(pod.peer_cfg(&d_via, daemon_as, false));
+    let expected = match ids {
+        Ids::PodLower => "daemon",
+        Ids::PodHigher => "podroute",
+        Ids::Equal if POD_AS > daemon_as => "podroute",
+        Ids::Equal => "daemon",
+    };
+    let links = |r: &Relay| r.open_links().len();
+    for round in 1..=u64::from(rounds) {
+        let count = if bird { round } else { 1 };
+        if round > 1 {
+            gate.next_round();
+            if bird {
+                d.reset_session(&pod_ep);
+            } else {
+                pod.rt
+                    .block_on(pod.speaker.remove_peer(IpAddr::V4(d_ep.addr)))
+                    .unwrap();
+                pod.add_peer(pod.peer_cfg(&d_via, daemon_as, false));
+            }
+        }
+        wait_until(
+            T,
+            &format!("round {round}: podroute's session {round} Established"),
+            || {
+                let p = pod.peer(d_ep.addr);
+                (p.state == State::Established && p.established_count >= count).then_some(())
+            },
+            || format!("{:?}", pod.peer(d_ep.addr)),
+        )
+        .unwrap();
+        d.wait_established(&pod_ep);
+        assert!(
+            gate.all_arrived(),
+            "round {round}: both speakers connected (a collision was staged); arrived \
+             (podroute, daemon): {:?}",
+            gate.arrived()
+        );
+        wait_until(
+            T,
+            &format!("round {round}: one connection left"),
+            || (links(&pod_opened) + links(&d_opened) == 1).then_some(()),
+            || {
+                format!(
+                    "open: podroute-opened {}, daemon-opened {}",
+                    links(&pod_opened),
+                    links(&d_opened)
+                )
+            },
+        )
+        .unwrap();
+        let survivor = if links(&pod_opened) == 1 {
+            "podroute"
+        } else {
+            "daemon"
+        };
+        if bird {
+            assert_eq!(
+                survivor, expected,
+                "round {round} ({ids:?}): the connection the RFC keeps survives"
+            );
+        } else {
+            eprintln!("round {round} ({ids:?}): the connection {survivor} opened survives");
+        }
+        let st = pod.peer(d_ep.addr);
+        assert_eq!(st.state, State::Established, "{st:?}");
+        assert_eq!(
+            st.established_count, count,
+            "round {round}: exactly one more Established session: {st:?}"
+        );
+        // Routes both ways over the surviving connection.
+        let p = net(&format!("172.16.{}.0/26", 60 + round));
+        let q = net(&format!("172.16.{}.64/26", 60 + round));
+        pod.announce(p);
+        d.wait_route(p, &pod_ep);
+        d.announce(q);
+        pod.wait_route(q);
+    }
+    // Still one connection, the same.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(links(&pod_opened) + links(&d_opened), 1);
+    let last = if bird { u64::from(rounds) } else { 1 };
+    assert_eq!(pod.peer(d_ep.addr).established_count, last);
+}
+
+#[test]
+fn bird_collision_podroute_id_lower() {
+    if !require_daemons() {
+        return;
+    }
+    collision_rounds("bird", 65001, Ids::PodLower, 4);
+}
+
+#[test]
+fn bird_collision_podroute_id_higher() {
+    if !require_daemons() {
+        return;
+    }
+    collision_rounds("bird", 65001, Ids::PodHigher, 4);
+}
+
+#[test]
+fn gobgp_collision_podroute_id_lower() {
+    if !require_daemons() {
+        return;
+    }
+    collision_rounds("gobgp", 65002, Ids::PodLower, 3);
+}
+
+#[test]
+fn gobgp_collision_podroute_id_higher() {
+    if !require_daemons() {
+        return;
+    }
+    collision_rounds("gobgp", 65002, Ids::PodHigher, 3);
+}
+
+/// RFC 6286: equal BGP IDs are legal on eBGP, and the larger AS's connection survives.
+#[test]
+fn bird_collision_equal_ids_daemon_as_larger() {
+    if !require_daemons() {
+        return;
+    }
+    collision_rounds("bird", 65001, Ids::Equal, 3);
+}
+
+#[test]
+fn bird_collision_equal_ids_podroute_as_larger() {
+    if !require_daemons() {
+        return;
+    }
+    collision_rounds("bird", 64000, Ids::Equal, 3);
+}
+
+#[test]
+fn gobgp_collision_equal_ids_podroute_as_larger() {
+    if !require_daemons() {
+        return;
+    }
+    collision_rounds("gobgp", 64000, Ids::Equal, 2);
 }

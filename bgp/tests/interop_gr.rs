@@ -10,6 +10,9 @@
 //!   routes during the gap (sampled with `birdc`), sees R and F in the new OPEN, and after
 //!   podroute's End-of-RIB has exactly the routes podroute announces.
 //! - The same restart of podroute against GoBGP as helper.
+//! - BIRD restarts while podroute's session is still Established (its old connection frozen
+//!   in a relay): the new session, Restart State bit set, replaces the old one with BIRD's
+//!   routes kept.
 
 mod support;
 
@@ -24,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::bird::{Bird, BirdConfig, PeerCfg};
 use support::gobgp::{Gobgp, GobgpConfig, NeighborCfg};
+use support::proxy::Relay;
 use support::{Endpoint, IpNet, require_daemons, wait_for, wait_until};
 
 const T: Duration = Duration::from_secs(40);
@@ -117,6 +121,59 @@ impl Pod {
             .collect()
     }
 
+    /// Wait until exactly `n` prefixes are learned, none of them stale.
+    fn wait_learned(&self, n: usize, what: &str, bird: &Bird, peer: Ipv4Addr) {
+        wait_until(
+            T,
+            what,
+            || {
+                let l = self.learned();
+                (l.len() == n && l.iter().all(|(_, stale)| !stale)).then_some(())
+            },
+            || {
+                format!(
+                    "{:?}\n{:?}\n{}",
+                    self.learned(),
+                    self.peer(peer),
+                    bird.diag()
+                )
+            },
+        )
+        .unwrap();
+    }
+
+    /// BIRD is back from its restart without `gone`: after its End-of-RIB the other three
+    /// routes are learned and fresh, none of them went missing meanwhile (`watch`), `gone`
+    /// alone was withdrawn, and graceful restart is over. Returns the peer's status.
+    fn recovered_from(
+        &self,
+        bird: &Bird,
+        peer: Ipv4Addr,
+        watch: RibWatch,
+        gone: IpNet,
+    ) -> PeerStatus {
+        self.wait_learned(
+            3,
+            &format!("podroute sweeps {gone} after BIRD's End-of-RIB"),
+            bird,
+            peer,
+        );
+        assert_eq!(
+            watch.finish(),
+            None,
+            "a kept route went missing during the restart"
+        );
+        assert_eq!(self.withdrawals(), vec![gone]);
+        let st = self.peer(peer);
+        let gr = st.graceful_restart.clone().unwrap();
+        assert_eq!(
+            (gr.phase, gr.stale_prefixes),
+            (GrPhase::Normal, 0),
+            "{st:?}"
+        );
+        st
+    }
+
     /// Prefixes learned and then withdrawn, per the best-change stream.
     fn withdrawals(&self) -> Vec<IpNet> {
         let mut seen = BTreeSet::new();
@@ -186,13 +243,7 @@ fn bird_restarts_and_podroute_keeps_its_routes_until_end_of_rib() {
     let mut bird = Bird::start(cfg).unwrap();
     let b_ep = bird.endpoint();
     pod.add_peer(pod.peer_cfg(&b_ep, 65001, false));
-    wait_until(
-        T,
-        "podroute learns BIRD's four routes",
-        || (pod.learned().len() == 4).then_some(()),
-        || format!("{:?}\n{}", pod.learned(), bird.diag()),
-    )
-    .unwrap();
+    pod.wait_learned(4, "podroute learns BIRD's four routes", &bird, b_ep.addr);
     let gr = pod.peer(b_ep.addr).graceful_restart.expect("GR negotiated");
     assert_eq!(gr.peer_capability.as_ref().unwrap().restart_time, 120);
 
@@ -219,37 +270,111 @@ fn bird_restarts_and_podroute_keeps_its_routes_until_end_of_rib() {
     // BIRD comes back in recovery, without b3.
     bird.cfg.static_v4.retain(|p| *p != b3);
     bird.start_recovering().unwrap();
-    wait_until(
-        T,
-        "podroute sweeps b3 after BIRD's End-of-RIB",
-        || {
-            let l = pod.learned();
-            (l.len() == 3 && l.iter().all(|(_, stale)| !stale)).then_some(())
-        },
-        || {
-            format!(
-                "{:?}\n{:?}\n{}",
-                pod.learned(),
-                pod.peer(b_ep.addr),
-                bird.diag()
-            )
-        },
-    )
-    .unwrap();
-    assert_eq!(
-        watch.finish(),
-        None,
-        "a kept route went missing during the restart"
-    );
-    assert_eq!(pod.withdrawals(), vec![b3]);
-    let st = pod.peer(b_ep.addr);
-    let gr = st.graceful_restart.unwrap();
-    assert_eq!((gr.phase, gr.stale_prefixes), (GrPhase::Normal, 0));
-    let cap = gr.peer_capability.unwrap();
+    let st = pod.recovered_from(&bird, b_ep.addr, watch, b3);
+    let cap = st.graceful_restart.unwrap().peer_capability.unwrap();
     assert!(cap.restart_state, "bird -R sets R: {cap:?}");
     assert!(
         cap.families.iter().all(|f| f.forwarding_state) && cap.families.len() == 2,
         "bird -R sets F for both families: {cap:?}"
+    );
+}
+
+/// RFC 4724 §4.2 with a peer that restarts faster than its old session dies: BIRD's session
+/// runs through a relay that is then frozen (silent, not closed, as after a crash whose FIN
+/// never arrived), BIRD exits and comes back in recovery (`bird -R`) while podroute's session
+/// is still Established. BIRD's new connection (Restart State bit set) replaces the old
+/// session: podroute closes the old connection, keeps BIRD's routes stale throughout (the old
+/// session goes down as a TCP failure would), and after BIRD's End-of-RIB withdraws only the
+/// route BIRD no longer announces.
+#[test]
+fn bird_restarts_while_its_old_session_is_established_and_the_new_one_replaces_it() {
+    if !require_daemons() {
+        return;
+    }
+    let pod = Pod::start(Endpoint::alloc(), |_| {});
+    let (b1, b2, b3, b6) = (
+        net("172.22.1.0/26"),
+        net("172.22.2.0/26"),
+        net("172.22.3.0/26"),
+        net("fd00:22:1::/122"),
+    );
+    let b_ep = Endpoint::alloc();
+    let relay = Relay::start(
+        "bird",
+        SocketAddr::new(IpAddr::V4(pod.ep.addr), 0),
+        SocketAddr::new(IpAddr::V4(pod.ep.addr), pod.ep.port),
+        IpAddr::V4(b_ep.addr),
+        None,
+    );
+    let pod_via = Endpoint {
+        port: relay.listen.port(),
+        ..pod.ep
+    };
+    let mut cfg = BirdConfig::new(b_ep, 65001).peer(PeerCfg::new("pod", &pod_via, POD_AS));
+    cfg.static_v4 = vec![b1, b2, b3];
+    cfg.static_v6 = vec![b6];
+    cfg.global_extra = "graceful restart wait 15;\n".into();
+    let mut bird = Bird::start(cfg).unwrap();
+    // Passive: every connection of the session is BIRD's, through the relay.
+    pod.add_peer(pod.peer_cfg(&b_ep, 65001, true));
+    pod.wait_learned(4, "podroute learns BIRD's four routes", &bird, b_ep.addr);
+    let old = relay.open_links();
+    assert_eq!(old.len(), 1);
+    let old = old[0].clone();
+    assert_eq!(pod.peer(b_ep.addr).established_count, 1);
+
+    let watch = pod.watch_rib(vec![b1, b2, b6]);
+    old.freeze();
+    bird.graceful_restart_exit().unwrap();
+    // The old session has not noticed: podroute still sees it Established.
+    std::thread::sleep(Duration::from_secs(1));
+    let st = pod.peer(b_ep.addr);
+    assert_eq!(
+        (st.state, st.established_count),
+        (State::Established, 1),
+        "{st:?}"
+    );
+    assert!(!old.target_closed());
+
+    bird.cfg.static_v4.retain(|p| *p != b3);
+    bird.start_recovering().unwrap();
+    wait_until(
+        T,
+        "BIRD's new session replaces the old one",
+        || {
+            let st = pod.peer(b_ep.addr);
+            (st.state == State::Established && st.established_count == 2).then_some(())
+        },
+        || format!("{:?}\n{}", pod.peer(b_ep.addr), bird.diag()),
+    )
+    .unwrap();
+    wait_for(
+        T,
+        "podroute closes the old connection",
+        || old.target_closed(),
+        || format!("{:?}", pod.peer(b_ep.addr)),
+    )
+    .unwrap();
+    let st = pod.peer(b_ep.addr);
+    assert!(
+        st.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("restarted and opened a new session")),
+        "{st:?}"
+    );
+    let st = pod.recovered_from(&bird, b_ep.addr, watch, b3);
+    assert_eq!(st.established_count, 2, "{st:?}");
+    assert_eq!(
+        relay.open_links().len(),
+        1,
+        "only the new connection is left"
+    );
+    assert!(
+        st.graceful_restart
+            .unwrap()
+            .peer_capability
+            .unwrap()
+            .restart_state
     );
 }
 

@@ -1,5 +1,9 @@
 //! Two podroute speakers peering on loopback: sessions, announcements, withdrawals,
 //! collision resolution and peer removal, with no daemon other than podroute itself.
+//! Equal BGP identifiers: on eBGP a staged collision keeps the larger AS's connection at both
+//! ends (RFC 6286 §2.3); within one AS they are an OPEN error (RFC 6286 §2.2).
+
+mod support;
 
 use podroute_bgp::fsm::State;
 use podroute_bgp::{PeerConfig, Speaker, SpeakerConfig};
@@ -19,7 +23,15 @@ fn loopback_pair() -> (Ipv4Addr, Ipv4Addr) {
 }
 
 async fn speaker(addr: Ipv4Addr, asn: u32) -> (Speaker, podroute_bgp::BestChanges) {
-    let mut cfg = SpeakerConfig::new(asn, addr);
+    speaker_with_id(addr, asn, addr).await
+}
+
+async fn speaker_with_id(
+    addr: Ipv4Addr,
+    asn: u32,
+    router_id: Ipv4Addr,
+) -> (Speaker, podroute_bgp::BestChanges) {
+    let mut cfg = SpeakerConfig::new(asn, router_id);
     cfg.listen = Some(SocketAddr::new(IpAddr::V4(addr), 0));
     cfg.connect_retry = Duration::from_secs(1);
     Speaker::start(cfg).await.expect("speaker starts")
@@ -333,6 +345,103 @@ async fn an_ipv6_only_session_on_ipv6_loopback_carries_ipv6_only() {
         vec![podroute_bgp::wire::Family::IPV6_UNICAST]
     );
     assert_eq!(st[0].prefixes_received, 1);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// Two podroute speakers with the same BGP ID in different ASes (legal, RFC 6286 §2.2), both
+/// active, their connections staged to collide (relays that forward nothing until both
+/// exist, `support::proxy`). Both ends close the same connection: the one opened by A, the
+/// smaller AS (RFC 6286 §2.3); B's survives, once Established on each side, carrying routes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_bgp_ids_on_ebgp_keep_the_connection_of_the_larger_as() {
+    use support::proxy::{Gate, Relay};
+    let (a_ip, b_ip) = loopback_pair();
+    let id = Ipv4Addr::new(10, 9, 9, 9);
+    let (a, _) = speaker_with_id(a_ip, 64512, id).await;
+    let (b, _b_best) = speaker_with_id(b_ip, 64513, id).await;
+    let (a_port, b_port) = (
+        a.listen_addr().unwrap().port(),
+        b.listen_addr().unwrap().port(),
+    );
+    let gate = Gate::new(2, Duration::from_secs(20));
+    let a_opened = Relay::start(
+        "A",
+        SocketAddr::new(IpAddr::V4(b_ip), 0),
+        SocketAddr::new(IpAddr::V4(b_ip), b_port),
+        IpAddr::V4(a_ip),
+        Some((gate.clone(), 0)),
+    );
+    let b_opened = Relay::start(
+        "B",
+        SocketAddr::new(IpAddr::V4(a_ip), 0),
+        SocketAddr::new(IpAddr::V4(a_ip), a_port),
+        IpAddr::V4(b_ip),
+        Some((gate.clone(), 1)),
+    );
+    a.add_peer(peer(b_ip, a_opened.listen.port(), 64513, a_ip))
+        .await
+        .unwrap();
+    b.add_peer(peer(a_ip, b_opened.listen.port(), 64512, b_ip))
+        .await
+        .unwrap();
+    wait_for("both sessions Established", || async {
+        established(&a).await && established(&b).await
+    })
+    .await;
+    assert!(
+        gate.all_arrived(),
+        "both connections existed: {:?}",
+        gate.arrived()
+    );
+    wait_for("one connection left", || async {
+        a_opened.open_links().len() + b_opened.open_links().len() == 1
+    })
+    .await;
+    assert_eq!(
+        (a_opened.open_links().len(), b_opened.open_links().len()),
+        (0, 1),
+        "the connection opened by the larger AS (B) survives"
+    );
+    for s in [&a, &b] {
+        let p = s.peers().await.unwrap();
+        assert_eq!(p[0].established_count, 1, "{p:?}");
+    }
+    let block: ipnet::IpNet = "172.16.242.0/26".parse().unwrap();
+    a.announce(block, None).await.unwrap();
+    wait_for("B learns A's block", || async {
+        b.loc_rib().await.unwrap().iter().any(|(p, _)| *p == block)
+    })
+    .await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// The same BGP ID within one AS is an OPEN error (Bad BGP Identifier, RFC 6286 §2.2), not a
+/// collision to tie-break: no session comes up and both sides say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_bgp_ids_within_an_as_are_refused() {
+    let (a_ip, b_ip) = loopback_pair();
+    let id = Ipv4Addr::new(10, 9, 9, 9);
+    let (a, _) = speaker_with_id(a_ip, 64512, id).await;
+    let (b, _) = speaker_with_id(b_ip, 64512, id).await;
+    let a_port = a.listen_addr().unwrap().port();
+    let b_port = b.listen_addr().unwrap().port();
+    a.add_peer(peer(b_ip, b_port, 64512, a_ip)).await.unwrap();
+    b.add_peer(peer(a_ip, a_port, 64512, b_ip)).await.unwrap();
+    for s in [&a, &b] {
+        wait_for("Bad BGP Identifier reported", || async {
+            s.peers().await.unwrap()[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("Bad BGP Identifier"))
+        })
+        .await;
+    }
+    for s in [&a, &b] {
+        let p = s.peers().await.unwrap();
+        assert_eq!(p[0].established_count, 0, "{p:?}");
+    }
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }

@@ -31,6 +31,7 @@
 pub mod bird;
 pub mod gobgp;
 mod proc;
+pub mod proxy;
 pub mod raw;
 
 use std::fmt;
