@@ -9,7 +9,6 @@ use ipnet::IpNet;
 use super::peers::PeerType;
 use super::{Agent, report, status};
 use crate::dataplane::DataplaneStatus;
-use crate::model::NodeInfo;
 
 impl Agent {
     /// Refreshes metrics and the status board.
