@@ -127,7 +127,7 @@ fn run_node(
             };
             let mut cfg = SpeakerConfig::new(64512, me.ipv4_addr().unwrap());
             cfg.connect_retry = Duration::from_secs(1);
-            let (speaker, _best) = start_speaker(cfg, listen_candidates(None, 179))
+            let (speaker, _best) = start_speaker(cfg, listen_candidates(None, 179), None)
                 .await
                 .map_err(|e| e.to_string())?;
             for peer in desired_peers(&state, &identity).peers.into_values() {
@@ -461,7 +461,7 @@ fn calico_bird6_connects_to_podroute_and_blocks_go_both_ways_over_ipv6() {
             };
             let mut cfg = SpeakerConfig::new(64512, me.ipv4_addr().unwrap());
             cfg.connect_retry = Duration::from_secs(1);
-            let (speaker, _best) = start_speaker(cfg, listen_candidates(None, 179))
+            let (speaker, _best) = start_speaker(cfg, listen_candidates(None, 179), None)
                 .await
                 .map_err(|e| e.to_string())?;
             let peers = desired_peers(&state, &identity).peers;

@@ -44,6 +44,15 @@
 //!   a random 0-25 % ([`FsmConfig::jitter_seed`]; RFC 4271 §10 asks for that jitter on
 //!   ConnectRetry too). The count is reset when a session reaches Established (like the idle
 //!   hold-down) and by ManualStart. An inbound connection is accepted during the backoff.
+//! - A refused attempt ([`Event::TcpRefused`]: the host answered, nothing listens yet, as
+//!   while a peer restarts) is retried sooner: the first [`REFUSED_QUICK_RETRIES`] refusals
+//!   in a row wait [`FsmConfig::refused_retry`] × 2^(k-1) for the k-th of them (1, 2, 4 s by
+//!   default), never longer than `connect_retry`; those quick retries do not count in the
+//!   exponent of the backoff, which goes on from `connect_retry` after them (5, 10, 20 s ...
+//!   up to `connect_retry_max`). Any further refusal, and every timeout or other failure,
+//!   takes the normal backoff. A peer that keeps refusing thus makes at most
+//!   [`REFUSED_QUICK_RETRIES`] attempts more than the normal backoff allows, whenever it
+//!   refuses.
 //! - Timer expiries for timers this FSM does not have running are ignored (the driver may
 //!   deliver a tick that raced with a stop), as are messages in Idle, Connect and Active: no
 //!   connection exists there, so such a message can only be a late one from a connection the
@@ -94,6 +103,10 @@ pub const DEFAULT_IDLE_HOLD_MAX: Duration = Duration::from_secs(60);
 /// Longest ConnectRetry backoff unless configured otherwise: a peer that keeps refusing is
 /// tried about every 90-120 s (with jitter) after its first few failures.
 pub const DEFAULT_CONNECT_RETRY_MAX: Duration = Duration::from_secs(120);
+/// First retry after a refused connection unless configured otherwise (see the module docs).
+pub const DEFAULT_REFUSED_RETRY: Duration = Duration::from_secs(1);
+/// Refusals in a row that are retried sooner than the normal backoff (see the module docs).
+pub const REFUSED_QUICK_RETRIES: u32 = 3;
 /// Hold timer while waiting for the peer's OPEN, seconds (RFC 4271 §8.2.2: "4 minutes is
 /// suggested").
 pub const OPEN_SENT_HOLD_SECS: u16 = 240;
@@ -259,6 +272,8 @@ pub struct FsmConfig {
     pub connect_retry: Duration,
     /// Upper bound of the ConnectRetry backoff (default 120 s).
     pub connect_retry_max: Duration,
+    /// First retry after a refused attempt (default 1 s; see the module docs).
+    pub refused_retry: Duration,
     /// Seed of the ConnectRetry jitter (each delay reduced by a random 0-25 %); `None`: no
     /// jitter, every delay exactly as [`connect_backoff`] says. Give each peer its own seed,
     /// or peers that failed together retry together.
@@ -292,6 +307,7 @@ impl Default for FsmConfig {
             hold_time: DEFAULT_HOLD_TIME,
             connect_retry: DEFAULT_CONNECT_RETRY,
             connect_retry_max: DEFAULT_CONNECT_RETRY_MAX,
+            refused_retry: DEFAULT_REFUSED_RETRY,
             jitter_seed: None,
             passive: false,
             families: vec![Family::IPV4_UNICAST, Family::IPV6_UNICAST],
@@ -440,6 +456,10 @@ pub enum Event {
     TcpAccepted,
     /// The connection or the connection attempt failed or was closed by the peer (event 18).
     TcpFailed,
+    /// The outbound connection attempt was refused (ECONNREFUSED: the host answered, nothing
+    /// listens). As `TcpFailed`, with a quicker retry for the first refusals in a row (see
+    /// the module docs); in any state but Connect exactly `TcpFailed`.
+    TcpRefused,
     /// A message decoded from the connection.
     Message(Message),
     /// The codec rejected a message (header, OPEN or UPDATE error): the FSM sends this
@@ -664,6 +684,13 @@ pub fn connect_backoff(base: Duration, max: Duration, failures: u32) -> Duration
     base.saturating_mul(1u32 << doublings).min(max)
 }
 
+/// The delay after the `k`-th quick retry of a refusal streak, before jitter: `refused` ×
+/// 2^(k-1), never longer than `connect_retry`.
+pub fn refused_backoff(refused: Duration, connect_retry: Duration, k: u32) -> Duration {
+    let doublings = k.saturating_sub(1).min(31);
+    refused.saturating_mul(1u32 << doublings).min(connect_retry)
+}
+
 /// A small deterministic random source (SplitMix64) for the ConnectRetry jitter: seeded by
 /// the driver, so the FSM stays free of I/O and its tests reproducible.
 #[derive(Clone, Debug)]
@@ -698,6 +725,8 @@ pub struct Fsm {
     next_idle_hold: Duration,
     /// Connections (or attempts) that failed in a row since the last Established.
     connect_failures: u32,
+    /// How many of them were refusals retried sooner than the backoff.
+    quick_retries: u32,
     jitter: Jitter,
     /// ManualStop was the last operator command: stay in Idle.
     stopped: bool,
@@ -711,6 +740,7 @@ impl Fsm {
         Fsm {
             config,
             connect_failures: 0,
+            quick_retries: 0,
             jitter,
             state: State::Idle,
             negotiated: None,
@@ -790,9 +820,22 @@ impl Fsm {
     /// FSM's first.
     pub fn resume_connect_failures(&mut self, failures: u32) {
         self.connect_failures = failures;
+        self.quick_retries = self.quick_retries.min(failures);
         if let Some(state) = self.jitter.0.as_mut() {
             *state ^= u64::from(failures).wrapping_mul(0xd6e8_feb8_6659_fd93);
         }
+    }
+
+    /// Refusals of this streak that were retried sooner than the backoff (at most
+    /// [`REFUSED_QUICK_RETRIES`]).
+    pub fn quick_retries(&self) -> u32 {
+        self.quick_retries
+    }
+
+    /// With [`Fsm::resume_connect_failures`]: how many of those failures were quick retries
+    /// after a refusal (call it after that one).
+    pub fn resume_quick_retries(&mut self, quick: u32) {
+        self.quick_retries = quick.min(self.connect_failures).min(REFUSED_QUICK_RETRIES);
     }
 
     /// Feeds one event; returns the actions to carry out, in order. Never panics.
@@ -805,6 +848,11 @@ impl Fsm {
 
     /// [`Fsm::handle`], appending to `out` instead of allocating.
     pub fn handle_into(&mut self, ev: Event, out: &mut Vec<Action>) {
+        // Only an outbound attempt (Connect) can be refused; elsewhere it is a failure.
+        let ev = match ev {
+            Event::TcpRefused if self.state != State::Connect => Event::TcpFailed,
+            ev => ev,
+        };
         if let Some(t) = ev.expired_timer() {
             // A timer that fires is no longer running; a tick for a timer that is not running
             // raced with its stop and is ignored.
@@ -828,6 +876,7 @@ impl Fsm {
                 self.stopped = false;
                 self.next_idle_hold = self.idle_hold_base();
                 self.connect_failures = 0;
+                self.quick_retries = 0;
                 self.stop(Timer::IdleHold, out);
                 self.start_session(out);
             }
@@ -858,7 +907,11 @@ impl Fsm {
             Event::TcpAccepted => self.open_connection(ConnectionSide::Inbound, out),
             Event::TcpFailed => {
                 out.push(Action::CloseConnection);
-                self.wait_active(out);
+                self.wait_active(out, false);
+            }
+            Event::TcpRefused => {
+                out.push(Action::CloseConnection);
+                self.wait_active(out, true);
             }
             _ => {}
         }
@@ -892,7 +945,7 @@ impl Fsm {
                 out.push(Action::CloseConnection);
                 self.stop(Timer::Hold, out);
                 self.side = None;
-                self.wait_active(out);
+                self.wait_active(out, false);
             }
             Event::Message(Message::Open(open)) => match self.negotiate(open) {
                 Ok(neg) => {
@@ -928,6 +981,7 @@ impl Fsm {
                 self.restart_hold(out);
                 self.next_idle_hold = self.idle_hold_base();
                 self.connect_failures = 0;
+                self.quick_retries = 0;
                 self.goto(State::Established, out);
                 out.push(Action::Established(neg));
             }
@@ -978,7 +1032,9 @@ impl Fsm {
                 self.go_idle(Some(hold_expired()), true, reason, out);
             }
             Event::KeepaliveTimerExpires => self.send_keepalive(out),
-            Event::TcpFailed => self.go_idle(None, true, DownReason::TcpFailed, out),
+            Event::TcpFailed | Event::TcpRefused => {
+                self.go_idle(None, true, DownReason::TcpFailed, out)
+            }
             Event::Message(Message::Notification(n)) => {
                 self.go_idle(None, true, DownReason::NotificationReceived(n), out);
             }
@@ -1016,14 +1072,26 @@ impl Fsm {
 
     /// To Active after a failed connection: wait for the peer, and retry ourselves when the
     /// ConnectRetry timer expires (unless passive), after the backoff for this many failures.
-    fn wait_active(&mut self, out: &mut Vec<Action>) {
+    /// `refused`: the attempt was refused (a quick retry for the first refusals in a row).
+    fn wait_active(&mut self, out: &mut Vec<Action>, refused: bool) {
         self.connect_failures = self.connect_failures.saturating_add(1);
         if !self.config.passive {
-            let d = connect_backoff(
-                self.config.connect_retry,
-                self.config.connect_retry_max,
-                self.connect_failures,
-            );
+            let d = if refused && self.quick_retries < REFUSED_QUICK_RETRIES {
+                self.quick_retries += 1;
+                refused_backoff(
+                    self.config.refused_retry,
+                    self.config.connect_retry,
+                    self.quick_retries,
+                )
+            } else {
+                // The quick retries do not count in the exponent: the backoff goes on from
+                // `connect_retry` after them.
+                connect_backoff(
+                    self.config.connect_retry,
+                    self.config.connect_retry_max,
+                    self.connect_failures - self.quick_retries,
+                )
+            };
             let d = self.jitter.apply(d);
             self.start(Timer::ConnectRetry, d, out);
         }
@@ -2019,7 +2087,12 @@ mod tests {
     /// One failed attempt from Connect: the ConnectRetry delay it started; then the timer's
     /// expiry, which makes the next attempt.
     fn refused(fsm: &mut Fsm) -> Duration {
-        let out = fsm.handle(Event::TcpFailed);
+        failed_with(fsm, Event::TcpFailed)
+    }
+
+    /// As [`refused`], the attempt ending with `ev` (`TcpFailed` or `TcpRefused`).
+    fn failed_with(fsm: &mut Fsm, ev: Event) -> Duration {
+        let out = fsm.handle(ev);
         let d = out.iter().find_map(|a| match a {
             Action::StartTimer(Timer::ConnectRetry, d) => Some(*d),
             _ => None,
@@ -2071,6 +2144,73 @@ mod tests {
         let _ = fsm.handle(Event::ManualStart);
         assert_eq!(fsm.connect_failures(), 0);
         assert_eq!(refused(&mut fsm), s(5));
+    }
+
+    #[test]
+    fn refusals_are_retried_sooner_three_times_then_the_backoff_goes_on_from_its_base() {
+        let ms = |d: Duration| d.as_millis() as u64;
+        // Refused every time: 1, 2, 4 s, then 5, 10, 20 ... 120 s.
+        let mut fsm = Fsm::new(ebgp());
+        let _ = fsm.handle(Event::ManualStart);
+        let delays: Vec<u64> = (0..9)
+            .map(|_| ms(failed_with(&mut fsm, Event::TcpRefused)))
+            .collect();
+        assert_eq!(
+            delays,
+            [
+                1000, 2000, 4000, 5000, 10_000, 20_000, 40_000, 80_000, 120_000
+            ]
+        );
+        assert_eq!((fsm.connect_failures(), fsm.quick_retries()), (9, 3));
+
+        // Timeouts keep the normal backoff; a refusal after them gets a quick retry (the
+        // host is back, its BGP daemon not yet), the next failure goes on where the backoff was.
+        let mut fsm = Fsm::new(ebgp());
+        let _ = fsm.handle(Event::ManualStart);
+        let mut delays: Vec<u64> = (0..3)
+            .map(|_| ms(failed_with(&mut fsm, Event::TcpFailed)))
+            .collect();
+        delays.push(ms(failed_with(&mut fsm, Event::TcpRefused)));
+        delays.push(ms(failed_with(&mut fsm, Event::TcpFailed)));
+        assert_eq!(delays, [5000, 10_000, 20_000, 1000, 40_000]);
+
+        // Reset at Established: the next refusals are quick again.
+        bring_up(&mut fsm);
+        assert_eq!(fsm.quick_retries(), 0);
+        let _ = fsm.handle(Event::TcpFailed);
+        let _ = fsm.handle(Event::IdleHoldTimerExpires);
+        assert_eq!(ms(failed_with(&mut fsm, Event::TcpRefused)), 1000);
+
+        // Never longer than `connect_retry`: with a short base the quick retries are the base.
+        let mut fsm = Fsm::new(FsmConfig {
+            connect_retry: Duration::from_millis(300),
+            connect_retry_max: s(1),
+            ..ebgp()
+        });
+        let _ = fsm.handle(Event::ManualStart);
+        let delays: Vec<u64> = (0..6)
+            .map(|_| ms(failed_with(&mut fsm, Event::TcpRefused)))
+            .collect();
+        assert_eq!(delays, [300, 300, 300, 300, 600, 1000]);
+
+        // Resumed by a new task: the count of quick retries goes on.
+        let mut fsm = Fsm::new(ebgp());
+        let _ = fsm.handle(Event::ManualStart);
+        fsm.resume_connect_failures(2);
+        fsm.resume_quick_retries(2);
+        assert_eq!(ms(failed_with(&mut fsm, Event::TcpRefused)), 4000);
+        assert_eq!(ms(failed_with(&mut fsm, Event::TcpRefused)), 5000);
+
+        // A refusal reported outside Connect is a plain failure.
+        let mut fsm = Fsm::new(ebgp());
+        let _ = fsm.handle(Event::ManualStart);
+        let _ = fsm.handle(Event::TcpConnected);
+        assert_eq!(fsm.state(), State::OpenSent);
+        let out = fsm.handle(Event::TcpRefused);
+        assert!(
+            out.contains(&Action::StartTimer(Timer::ConnectRetry, s(5))),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -23,5 +23,6 @@ pub mod wire;
 pub use best_changes::BestChanges;
 pub use connect::ConnectPriority;
 pub use speaker::{
-    GrStatus, PeerConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerError, SpeakerSummary,
+    EarlyListener, GrStatus, PeerConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerError,
+    SpeakerSummary,
 };

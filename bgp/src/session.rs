@@ -117,6 +117,8 @@ pub(crate) struct Parked {
 pub(crate) struct Resume {
     /// Connection failures in a row (the backoff goes on from there).
     pub failures: u32,
+    /// How many of them were refusals retried sooner (see [`crate::fsm`]).
+    pub quick_retries: u32,
     /// How many times the peer's sessions reached Established (UPDATEs queued by the core
     /// name the session they are for by this count).
     pub established: u64,
@@ -479,6 +481,7 @@ async fn drive(
     Box::pin(d.handle(true, Event::ManualStart)).await;
     if let Some(s) = d.main.as_mut() {
         s.fsm.resume_connect_failures(resume.failures);
+        s.fsm.resume_quick_retries(resume.quick_retries);
     }
     // A turn the first event did not use (a passive peer) goes back at once.
     d.first_turn = None;
@@ -541,10 +544,16 @@ async fn drive(
                     }
                     Err(e) => {
                         debug!(error = %e, "connect failed");
+                        // Refused: the host answered and nothing listens (yet): retried sooner.
+                        let ev = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                            Event::TcpRefused
+                        } else {
+                            Event::TcpFailed
+                        };
                         let e = e.to_string();
                         d.trouble.error = Some(e.clone());
                         Box::pin(d.emit(SessionEvent::ConnectAttempt(Some(e)))).await;
-                        Box::pin(d.handle(true, Event::TcpFailed)).await;
+                        Box::pin(d.handle(true, ev)).await;
                     }
                 }
             },
@@ -561,6 +570,7 @@ async fn drive(
             let parked = Parked {
                 resume: Resume {
                     failures: d.main.as_ref().map_or(0, |s| s.fsm.connect_failures()),
+                    quick_retries: d.main.as_ref().map_or(0, |s| s.fsm.quick_retries()),
                     established: d.established,
                     trouble: std::mem::take(&mut d.trouble),
                 },
@@ -898,9 +908,11 @@ impl Driver {
         let Some(s) = self.main.as_ref() else { return };
         let failures = s.fsm.connect_failures();
         let cfg = s.fsm.config();
-        let capped =
-            crate::fsm::connect_backoff(cfg.connect_retry, cfg.connect_retry_max, failures)
-                >= cfg.connect_retry_max;
+        let capped = crate::fsm::connect_backoff(
+            cfg.connect_retry,
+            cfg.connect_retry_max,
+            failures - s.fsm.quick_retries(),
+        ) >= cfg.connect_retry_max;
         let max = cfg.connect_retry_max;
         let t = &mut self.trouble;
         // A connection closed before the peer's OPEN leaves no connect error.

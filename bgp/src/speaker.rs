@@ -145,7 +145,28 @@ pub struct SpeakerConfig {
     /// Seed of the ConnectRetry jitter (each peer's own is derived from it and its address);
     /// `None`: from the clock. Set it for reproducible tests.
     pub jitter_seed: Option<u64>,
+    /// First retry after a refused connection attempt (the host answered, nothing listens:
+    /// typically a peer restarting), doubling for the first [`crate::fsm::REFUSED_QUICK_RETRIES`]
+    /// refusals in a row, never longer than `connect_retry` (see [`crate::fsm`]). Default 1 s.
+    pub refused_retry: Duration,
+    /// Most connections held from addresses that are not configured peers, while the initial
+    /// configuration comes in (see [`Speaker::start_on`]). Default
+    /// [`HELD_INBOUND_MAX`].
+    pub held_inbound_max: usize,
+    /// How long such a connection is held at most. Default [`HELD_INBOUND_MAX_AGE`].
+    pub held_inbound_max_age: Duration,
+    /// How long after [`Speaker::initial_config_done`] connections from addresses that are
+    /// not peers are still held (a peer configured just after the first configuration
+    /// still gets its connection). Default [`HELD_INBOUND_GRACE`].
+    pub held_inbound_grace: Duration,
 }
+
+/// Default of [`SpeakerConfig::held_inbound_max`].
+pub const HELD_INBOUND_MAX: usize = 32;
+/// Default of [`SpeakerConfig::held_inbound_max_age`].
+pub const HELD_INBOUND_MAX_AGE: Duration = Duration::from_secs(30);
+/// Default of [`SpeakerConfig::held_inbound_grace`].
+pub const HELD_INBOUND_GRACE: Duration = Duration::from_secs(5);
 
 impl SpeakerConfig {
     pub fn new(local_as: u32, router_id: Ipv4Addr) -> Self {
@@ -164,6 +185,10 @@ impl SpeakerConfig {
             connect_timeout: Duration::from_secs(5),
             max_connects_in_flight: 64,
             jitter_seed: None,
+            refused_retry: crate::fsm::DEFAULT_REFUSED_RETRY,
+            held_inbound_max: HELD_INBOUND_MAX,
+            held_inbound_max_age: HELD_INBOUND_MAX_AGE,
+            held_inbound_grace: HELD_INBOUND_GRACE,
         }
     }
 }
@@ -418,18 +443,44 @@ impl Speaker {
     /// Start the listener and the core task. Returns the handle and the stream of best-path
     /// changes of learned routes.
     pub async fn start(cfg: SpeakerConfig) -> Result<(Speaker, BestChanges), SpeakerError> {
+        let listener = match cfg.listen {
+            Some(addr) => Some(Arc::new(
+                bind(addr).map_err(|source| SpeakerError::Listen { addr, source })?,
+            )),
+            None => None,
+        };
+        Ok(Self::start_with(cfg, listener, Vec::new()))
+    }
+
+    /// [`Speaker::start`] on a listener that was opened before the configuration was known
+    /// ([`EarlyListener`]): the connections it holds are held on by the speaker until a
+    /// configured peer has the address they come from (they are handed to its session), or
+    /// until [`SpeakerConfig::held_inbound_grace`] after [`Speaker::initial_config_done`]
+    /// (without [`SpeakerConfig::initial_config_barrier`]: after the start), or
+    /// [`SpeakerConfig::held_inbound_max_age`] after they arrived; then they are closed.
+    /// `cfg.listen` is ignored.
+    pub async fn start_on(
+        cfg: SpeakerConfig,
+        early: EarlyListener,
+    ) -> Result<(Speaker, BestChanges), SpeakerError> {
+        let (listener, held) = early.into_parts().await;
+        Ok(Self::start_with(cfg, Some(listener), held))
+    }
+
+    fn start_with(
+        cfg: SpeakerConfig,
+        listener: Option<Arc<TcpListener>>,
+        held: Vec<HeldInbound>,
+    ) -> (Speaker, BestChanges) {
         let (tx, rx) = mpsc::channel(1024);
         // Coalesced per prefix: never blocks the core (an agent busy calling the API can
         // never deadlock it), and bounded by the RIB's prefixes however slow the agent is.
         let (best_tx, best_rx) = crate::best_changes::channel();
         let mut listen = None;
         let mut listener_task = None;
-        let mut listener_socket = None;
-        if let Some(addr) = cfg.listen {
-            let listener =
-                Arc::new(bind(addr).map_err(|source| SpeakerError::Listen { addr, source })?);
+        let listener_socket = listener.clone();
+        if let Some(listener) = listener {
             listen = listener.local_addr().ok();
-            listener_socket = Some(listener.clone());
             info!(addr = ?listen, "BGP listening");
             let tx = tx.clone();
             listener_task = Some(tokio::spawn(async move {
@@ -458,15 +509,26 @@ impl Speaker {
         let mut core = Core::new(cfg, best_tx, converged_tx);
         core.listener = listener_task;
         core.listener_socket = listener_socket;
+        if !held.is_empty() {
+            info!(
+                held = held.len(),
+                "connections accepted before the start held until their peers are configured"
+            );
+            if core.config_complete {
+                core.hold_until = Some(Instant::now() + core.cfg.held_inbound_grace);
+            }
+            core.held = held;
+            core.held.truncate(core.cfg.held_inbound_max);
+        }
         tokio::spawn(core.run(rx));
-        Ok((
+        (
             Speaker {
                 tx,
                 listen,
                 converged,
             },
             best_rx,
-        ))
+        )
     }
 
     /// Whether the initial best-path selection is done: `false` while a restarting speaker
@@ -624,6 +686,115 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
+/// A connection accepted from an address that is not (yet) a configured peer, held for a
+/// while instead of being closed (see [`Speaker::start_on`]).
+pub struct HeldInbound {
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    since: Instant,
+}
+
+/// The BGP listener opened before the speaker can start (the agent reads its datastore
+/// first: local AS, router ID and peers come from there). Peers that connect meanwhile are
+/// not refused: their connections are accepted and held (at most [`HELD_INBOUND_MAX`], each
+/// for at most [`HELD_INBOUND_MAX_AGE`]; beyond the cap a connection is closed at once), and
+/// [`Speaker::start_on`] takes the listener and the held connections over.
+pub struct EarlyListener {
+    listener: Arc<TcpListener>,
+    held: Arc<std::sync::Mutex<Vec<HeldInbound>>>,
+    /// The accept task; aborted when the listener is dropped or taken over.
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for EarlyListener {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for EarlyListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EarlyListener")
+            .field("addr", &self.listener.local_addr().ok())
+            .finish()
+    }
+}
+
+impl EarlyListener {
+    /// Bind `addr` (with the socket options of the speaker's listener) and start holding the
+    /// connections that arrive.
+    pub fn bind(addr: SocketAddr) -> Result<EarlyListener, SpeakerError> {
+        let listener =
+            Arc::new(bind(addr).map_err(|source| SpeakerError::Listen { addr, source })?);
+        let held: Arc<std::sync::Mutex<Vec<HeldInbound>>> = Arc::default();
+        let (l, h) = (listener.clone(), held.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let oldest = h.lock().map_or(None, |v| v.iter().map(|c| c.since).min());
+                let expiry = oldest.map(|t| t + HELD_INBOUND_MAX_AGE);
+                tokio::select! {
+                    r = l.accept() => match r {
+                        Ok((stream, remote)) => {
+                            let Ok(mut v) = h.lock() else { return };
+                            if v.len() < HELD_INBOUND_MAX {
+                                debug!(%remote, "connection held until the peers are configured");
+                                v.push(HeldInbound { stream, remote, since: Instant::now() });
+                            } else {
+                                debug!(%remote, held = v.len(), "too many connections held: closed");
+                            }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    },
+                    _ = sleep_until(expiry) => {
+                        let now = Instant::now();
+                        if let Ok(mut v) = h.lock() {
+                            v.retain(|c| c.since + HELD_INBOUND_MAX_AGE > now);
+                        }
+                    }
+                }
+            }
+        });
+        Ok(EarlyListener {
+            listener,
+            held,
+            task: Some(task),
+        })
+    }
+
+    /// The address bound (useful with port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Connections held now.
+    pub fn held(&self) -> usize {
+        self.held.lock().map_or(0, |v| v.len())
+    }
+
+    /// Close the listener and every connection held, and wait until the socket is closed.
+    pub async fn close(self) {
+        drop(self.into_parts().await);
+    }
+
+    async fn into_parts(mut self) -> (Arc<TcpListener>, Vec<HeldInbound>) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        let held = self
+            .held
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default();
+        (self.listener.clone(), held)
+    }
+}
+
 struct PeerEntry {
     cfg: PeerConfig,
     status: PeerStatus,
@@ -677,6 +848,11 @@ struct Core {
     retries: BTreeSet<(Instant, PeerId)>,
     /// Every peer's jitter seed is derived from this one.
     jitter_seed: u64,
+    /// Connections from addresses that are not configured peers, held while the initial
+    /// configuration comes in (see [`Speaker::start_on`]).
+    held: Vec<HeldInbound>,
+    /// Once the initial configuration is complete: until when such connections are held.
+    hold_until: Option<Instant>,
 }
 
 /// The graceful restart capability we announce to a peer (see the module docs for R and F).
@@ -752,6 +928,8 @@ impl Core {
             limiter: Arc::new(ConnectLimiter::new(cfg.max_connects_in_flight, grants_tx)),
             grants_rx: Some(grants_rx),
             retries: BTreeSet::new(),
+            held: Vec::new(),
+            hold_until: None,
             jitter_seed: cfg.jitter_seed.unwrap_or_else(|| {
                 let now = SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
@@ -816,10 +994,81 @@ impl Core {
             .chain(self.retries.first().map(|(t, _)| t))
             .min()
             .copied()
+            .into_iter()
+            .chain(self.held_deadline())
+            .min()
+    }
+
+    /// Whether a connection from an address that is not a peer is held now (else closed).
+    fn holding(&self, now: Instant) -> bool {
+        !self.config_complete || self.hold_until.is_some_and(|t| now < t)
+    }
+
+    /// When the next held connection is due to be closed.
+    fn held_deadline(&self) -> Option<Instant> {
+        let oldest = self.held.iter().map(|c| c.since).min()?;
+        let by_age = oldest + self.cfg.held_inbound_max_age;
+        Some(match self.hold_until {
+            Some(t) if self.config_complete => by_age.min(t),
+            _ => by_age,
+        })
+    }
+
+    /// Close the held connections that are due.
+    fn expire_held(&mut self, now: Instant) {
+        if self.held.is_empty() {
+            return;
+        }
+        let holding = self.holding(now);
+        let max_age = self.cfg.held_inbound_max_age;
+        self.held.retain(|c| {
+            let keep = holding && c.since + max_age > now;
+            if !keep {
+                debug!(remote = %c.remote, "no peer configured for a held connection: closed");
+            }
+            keep
+        });
+    }
+
+    /// A connection from an address that is not a configured peer: held while the initial
+    /// configuration comes in (up to the cap), else closed.
+    fn unknown_inbound(&mut self, stream: tokio::net::TcpStream, remote: SocketAddr) {
+        let now = Instant::now();
+        if self.holding(now) && self.held.len() < self.cfg.held_inbound_max {
+            debug!(%remote, "connection from an address not configured yet: held");
+            self.held.push(HeldInbound {
+                stream,
+                remote,
+                since: now,
+            });
+        } else {
+            debug!(%remote, "connection from an unconfigured address refused");
+        }
+    }
+
+    /// Hand the held connections from a newly configured peer to its session.
+    fn take_held(&mut self, id: PeerId, addr: IpAddr, md5: bool) {
+        if self.held.is_empty() {
+            return;
+        }
+        let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|c| peer_ip(c.remote.ip()) == addr);
+        self.held = others;
+        for c in mine {
+            if md5 {
+                // Accepted before the peer's TCP-MD5 key was on the listener: unauthenticated.
+                debug!(remote = %c.remote, "held connection closed: the peer needs TCP-MD5");
+                continue;
+            }
+            debug!(remote = %c.remote, "held connection handed to the newly configured peer");
+            self.inbound(id, c.stream);
+        }
     }
 
     async fn fire_timers(&mut self) {
         let now = Instant::now();
+        self.expire_held(now);
         while let Some(&(t, id)) = self.retries.first() {
             if t > now {
                 break;
@@ -869,6 +1118,7 @@ impl Core {
         f.hold_time = p.hold_time.unwrap_or(self.cfg.hold_time);
         f.connect_retry = self.cfg.connect_retry;
         f.connect_retry_max = self.cfg.connect_retry_max.max(self.cfg.connect_retry);
+        f.refused_retry = self.cfg.refused_retry;
         f.jitter_seed = Some(peer_seed(self.jitter_seed, p.addr, p.port));
         f.passive = p.passive;
         f.families = p.families.clone();
@@ -943,9 +1193,11 @@ impl Core {
             Command::InitialConfigDone => {
                 if !self.config_complete {
                     self.config_complete = true;
+                    self.hold_until = Some(Instant::now() + self.cfg.held_inbound_grace);
                     info!(
                         peers = self.peers.len(),
                         deferring = self.deferring,
+                        held = self.held.len(),
                         "initial configuration complete"
                     );
                     self.check_deferral().await;
@@ -953,7 +1205,7 @@ impl Core {
             }
             Command::Inbound(stream, remote) => match self.by_addr.get(&peer_ip(remote.ip())) {
                 Some(&id) => self.inbound(id, stream),
-                None => debug!(%remote, "connection from an unconfigured address refused"),
+                None => self.unknown_inbound(stream, remote),
             },
             Command::Shutdown(..) => {}
         }
@@ -1071,7 +1323,7 @@ impl Core {
             next_retry: None,
         };
         let gr = GrHelper::new(cfg.gr_helper_config(self.cfg.graceful_restart_time.is_some()));
-        let passive = cfg.passive;
+        let (passive, addr, md5) = (cfg.passive, cfg.addr, cfg.password.is_some());
         self.by_addr.insert(cfg.addr, id);
         self.peers.insert(
             id,
@@ -1095,6 +1347,7 @@ impl Core {
         if !passive {
             self.request_turn(id, Instant::now());
         }
+        self.take_held(id, addr, md5);
         Ok(())
     }
 

@@ -14,7 +14,7 @@
 
 mod support;
 
-use podroute_bgp::fsm::State;
+use podroute_bgp::fsm::{REFUSED_QUICK_RETRIES, State};
 use podroute_bgp::{PeerConfig, PeerStatus, Speaker, SpeakerConfig};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -22,6 +22,8 @@ use support::Endpoint;
 use tokio::time::Instant;
 
 const RETRY: Duration = Duration::from_millis(100);
+/// The quicker retry after a refusal (the first `REFUSED_QUICK_RETRIES` in a row).
+const REFUSED_RETRY: Duration = Duration::from_millis(25);
 const RETRY_MAX: Duration = Duration::from_millis(800);
 const TIMEOUT: Duration = Duration::from_secs(1);
 const IN_FLIGHT: usize = 8;
@@ -33,6 +35,7 @@ fn speaker_config(ep: &Endpoint) -> SpeakerConfig {
     cfg.listen = Some(SocketAddr::new(IpAddr::V4(ep.addr), ep.port));
     cfg.hold_time = 30;
     cfg.connect_retry = RETRY;
+    cfg.refused_retry = REFUSED_RETRY;
     cfg.connect_retry_max = RETRY_MAX;
     cfg.connect_timeout = TIMEOUT;
     cfg.max_connects_in_flight = IN_FLIGHT;
@@ -48,14 +51,21 @@ fn peer(from: &Endpoint, to: &Endpoint) -> PeerConfig {
     p
 }
 
-/// The most attempts a peer can have made `elapsed` after it was added: the first at once,
-/// each further one after a backoff of at least 75 % of its nominal delay (the jitter cuts
-/// at most 25 %). Waiting for a turn and the attempts themselves only add time.
+/// The most attempts a refusing peer can have made `elapsed` after it was added: the first
+/// at once, each further one after a backoff of at least 75 % of its nominal delay (the
+/// jitter cuts at most 25 %). Waiting for a turn and the attempts themselves only add time.
+/// The first `REFUSED_QUICK_RETRIES` refusals wait `REFUSED_RETRY` doubled (at most `RETRY`),
+/// then the backoff goes on from `RETRY`: a few attempts more than the backoff alone, no more.
 fn most_attempts(elapsed: Duration) -> u64 {
+    let quick = REFUSED_QUICK_RETRIES as u64;
     let (mut n, mut t) = (1u64, Duration::ZERO);
     loop {
-        // The nominal delay after n failures: RETRY doubled n-1 times, capped.
-        let nominal = (RETRY * 2u32.pow((n as u32 - 1).min(16))).min(RETRY_MAX);
+        let nominal = if n <= quick {
+            (REFUSED_RETRY * 2u32.pow(n as u32 - 1)).min(RETRY)
+        } else {
+            // The nominal delay after n failures, quick ones not counted: RETRY doubled, capped.
+            (RETRY * 2u32.pow(((n - quick) as u32 - 1).min(16))).min(RETRY_MAX)
+        };
         t += nominal * 3 / 4;
         if t > elapsed {
             return n;
@@ -317,8 +327,10 @@ async fn a_new_peer_is_not_queued_behind_dead_peers_retrying() {
 async fn peers_without_work_hold_no_session_task() {
     let s_ep = Endpoint::alloc();
     let mut cfg = speaker_config(&s_ep);
-    // Long enough that every refusing peer is backing off when we look.
+    // Long enough that every refusing peer is backing off when we look (refusals too: no
+    // quicker retry here).
     cfg.connect_retry = Duration::from_secs(20);
+    cfg.refused_retry = Duration::from_secs(20);
     cfg.connect_retry_max = Duration::from_secs(20);
     let s = Speaker::start(cfg).await.unwrap().0;
     let passive: Vec<Endpoint> = (0..40).map(|_| Endpoint::alloc()).collect();
@@ -374,5 +386,81 @@ async fn peers_without_work_hold_no_session_task() {
         assert_eq!((p.connect_attempts, p.connect_failures), (1, 1), "{p:?}");
     }
     l.shutdown().await.unwrap();
+    s.shutdown().await.unwrap();
+}
+
+/// A refused attempt (nothing listens: the peer is restarting) is retried sooner than the
+/// normal ConnectRetry; an attempt that times out (the host does not answer) is not. With
+/// the production delays (connect retry 5 s, refused retry 1 s) and a 1 s connect timeout,
+/// the refused peer's next attempt is due within 1 s of its failure and comes well before
+/// the silent peer's second attempt (at least 1 s timeout + 3.75 s); the bounds checked are
+/// the scheduled delays, and the order of the retries, not wall-clock speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_attempt_is_retried_sooner_than_a_timed_out_one() {
+    let s_ep = Endpoint::alloc();
+    let mut cfg = speaker_config(&s_ep);
+    cfg.connect_retry = Duration::from_secs(5);
+    cfg.refused_retry = Duration::from_secs(1);
+    cfg.connect_retry_max = Duration::from_secs(120);
+    cfg.connect_timeout = Duration::from_secs(1);
+    let s = Speaker::start(cfg).await.unwrap().0;
+    let refusing = Endpoint::alloc();
+    let silent_ep = Endpoint::alloc();
+    let _silent = silent_listener(&silent_ep).await;
+    let (r_addr, q_addr) = (IpAddr::V4(refusing.addr), IpAddr::V4(silent_ep.addr));
+    s.add_peer(peer(&s_ep, &refusing)).await.unwrap();
+    s.add_peer(peer(&s_ep, &silent_ep)).await.unwrap();
+
+    // Right after each one's first failure: when is the next attempt due?
+    let remaining = |p: &PeerStatus| {
+        p.next_retry.map(|t| {
+            t.duration_since(std::time::SystemTime::now())
+                .unwrap_or_default()
+        })
+    };
+    wait_for("the refused attempt", || async {
+        status(&s, r_addr).await.connect_failures >= 1
+    })
+    .await;
+    let r = status(&s, r_addr).await;
+    assert!(
+        r.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("refused")),
+        "{r:?}"
+    );
+    if r.connect_failures == 1 {
+        let due = remaining(&r).expect("a retry is scheduled");
+        // At most 1 s (the quick retry), against 3.75-5 s for the normal backoff.
+        assert!(
+            due <= Duration::from_secs(1),
+            "refused peer retried in {due:?}"
+        );
+    }
+    wait_for("the silent peer's attempt to time out", || async {
+        status(&s, q_addr).await.connect_failures >= 1
+    })
+    .await;
+    let q = status(&s, q_addr).await;
+    assert!(
+        q.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no answer")),
+        "{q:?}"
+    );
+    let due = remaining(&q).expect("a retry is scheduled");
+    // The normal backoff: 3.75-5 s after the failure (generous margin for a slow look).
+    assert!(
+        due > Duration::from_secs(2),
+        "silent peer retried in {due:?}"
+    );
+
+    // The refused peer is tried again (a second refusal) before the silent peer's retry.
+    wait_for("the refused peer's second attempt", || async {
+        status(&s, r_addr).await.connect_attempts >= 2
+    })
+    .await;
+    let q = status(&s, q_addr).await;
+    assert_eq!(q.connect_attempts, 1, "{q:?}");
     s.shutdown().await.unwrap();
 }

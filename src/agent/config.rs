@@ -114,8 +114,13 @@ pub struct AgentArgs {
     pub hold_time: u16,
 
     /// Wait before retrying a peer that refused or did not answer; doubles with each failure
-    /// in a row (with jitter) up to `--connect-retry-max`, and starts over once a session is
-    /// up.
+    /// in a row (with jitter: each delay cut by 0–25 %) up to `--connect-retry-max`, and
+    /// starts over once a session is up. A refused attempt (the host answered with a reset:
+    /// nothing listens yet, as while a peer restarts) is retried sooner: the first three
+    /// refusals in a row wait 1 s, 2 s, 4 s (never more than `--connect-retry`), and do not
+    /// count in the doubling, which then goes on from `--connect-retry` (5, 10, 20 s ... up to
+    /// 120 s). Timeouts and any further refusal take the normal backoff, so a peer that keeps
+    /// refusing costs at most three attempts more than the normal backoff.
     #[arg(long, env = "PODROUTE_CONNECT_RETRY", default_value = "5s", value_parser = parse_duration)]
     pub connect_retry: Duration,
 

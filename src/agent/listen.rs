@@ -6,8 +6,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use podroute_bgp::{Speaker, SpeakerConfig, SpeakerError};
-use tracing::warn;
+use podroute_bgp::{EarlyListener, Speaker, SpeakerConfig, SpeakerError};
+use tracing::{info, warn};
 
 /// The addresses to try: the one given with `--bgp-bind`, else `[::]` falling back to
 /// `0.0.0.0`.
@@ -60,15 +60,52 @@ where
     }
 }
 
-/// Starts the speaker listening on the first of `candidates` that binds.
+fn no_ipv6(e: &SpeakerError) -> bool {
+    match e {
+        SpeakerError::Listen { source, .. } => ipv6_unavailable(source),
+        _ => false,
+    }
+}
+
+/// Opens the BGP listener before the datastore is read, on the port BGPConfiguration has by
+/// default (179): peers that connect meanwhile (they finished reading first) are held, not
+/// refused (see [`EarlyListener`]). `None` when it cannot bind (the port taken, e.g. by a
+/// BIRD still stopping): the listener then opens after the first state, as before, and
+/// reports its own error.
+pub async fn early_listener(candidates: ListenCandidates) -> Option<EarlyListener> {
+    match first_that_binds(candidates, no_ipv6, |addr| async move {
+        EarlyListener::bind(addr)
+    })
+    .await
+    {
+        Ok(l) => {
+            info!(addr = ?l.local_addr(), "BGP listening before the datastore is read (connections held until the peers are configured)");
+            Some(l)
+        }
+        Err(e) => {
+            info!(error = %e, "cannot listen for BGP before the datastore is read; listening after it");
+            None
+        }
+    }
+}
+
+/// Starts the speaker listening on the first of `candidates` that binds, or on `early` when
+/// it is bound to one of them (the port BGPConfiguration names).
 pub async fn start_speaker(
     cfg: SpeakerConfig,
     candidates: ListenCandidates,
+    early: Option<EarlyListener>,
 ) -> Result<(Speaker, podroute_bgp::BestChanges), SpeakerError> {
-    let no_ipv6 = |e: &SpeakerError| match e {
-        SpeakerError::Listen { source, .. } => ipv6_unavailable(source),
-        _ => false,
-    };
+    if let Some(early) = early {
+        let bound = early.local_addr();
+        if bound.is_some_and(|a| a == candidates.primary || Some(a) == candidates.fallback) {
+            let mut cfg = cfg;
+            cfg.listen = bound;
+            return Speaker::start_on(cfg, early).await;
+        }
+        info!(early = ?bound, wanted = %candidates.primary, held = early.held(), "the BGP listener opened early is not on the configured port: closing it");
+        early.close().await;
+    }
     first_that_binds(candidates, no_ipv6, |addr| {
         let mut cfg = cfg.clone();
         cfg.listen = Some(addr);
@@ -137,12 +174,42 @@ mod tests {
     async fn the_speaker_listens_dual_stack_by_default() {
         // Port 0 on the default candidates: [::] where the host has IPv6, else 0.0.0.0.
         let cfg = SpeakerConfig::new(64512, "192.0.2.1".parse().unwrap());
-        let (speaker, _rx) = start_speaker(cfg, listen_candidates(None, 0))
+        let (speaker, _rx) = start_speaker(cfg, listen_candidates(None, 0), None)
             .await
             .unwrap();
         let addr = speaker.listen_addr().unwrap();
         let host_has_ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
         assert_eq!(addr.is_ipv6(), host_has_ipv6, "listening on {addr}");
+        speaker.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_early_listener_is_taken_over_on_its_port_and_closed_on_another() {
+        let early = early_listener(listen_candidates(Some("127.0.0.1".parse().unwrap()), 0))
+            .await
+            .unwrap();
+        let bound = early.local_addr().unwrap();
+        let cfg = SpeakerConfig::new(64512, "192.0.2.1".parse().unwrap());
+        let candidates = listen_candidates(Some(bound.ip()), bound.port());
+        let (speaker, _rx) = start_speaker(cfg.clone(), candidates, Some(early))
+            .await
+            .unwrap();
+        assert_eq!(speaker.listen_addr(), Some(bound));
+        speaker.shutdown().await.unwrap();
+
+        // Another port configured: the early listener goes, the speaker binds that port.
+        let early = early_listener(listen_candidates(Some("127.0.0.1".parse().unwrap()), 0))
+            .await
+            .unwrap();
+        let early_addr = early.local_addr().unwrap();
+        let candidates = listen_candidates(Some("127.0.0.1".parse().unwrap()), 0);
+        let (speaker, _rx) = start_speaker(cfg, candidates, Some(early)).await.unwrap();
+        let addr = speaker.listen_addr().unwrap();
+        assert_ne!(addr, early_addr);
+        assert!(
+            std::net::TcpStream::connect(early_addr).is_err(),
+            "early listener still open"
+        );
         speaker.shutdown().await.unwrap();
     }
 }

@@ -90,6 +90,9 @@ pub struct Startup {
     pub nic: String,
     pub datastore: DatastoreHandle,
     pub datastore_source: String,
+    /// The BGP listener opened before the datastore was read (see
+    /// [`listen::early_listener`]); `None`: the speaker binds its own.
+    pub early_listener: Option<podroute_bgp::EarlyListener>,
     pub metrics: Metrics,
     pub board: Arc<StatusBoard>,
     /// Where BGP passwords (`password.secretKeyRef`) are read.
@@ -235,6 +238,7 @@ impl Agent {
             nic,
             datastore,
             datastore_source,
+            early_listener,
             metrics,
             board,
             secrets,
@@ -290,10 +294,13 @@ impl Agent {
                 "kernel routes from a previous run adopted; restarting gracefully"
             );
         }
-        let (speaker, best_rx) =
-            listen::start_speaker(cfg, listen::listen_candidates(args.bgp_bind, listen_port))
-                .await
-                .context("starting the BGP speaker")?;
+        let (speaker, best_rx) = listen::start_speaker(
+            cfg,
+            listen::listen_candidates(args.bgp_bind, listen_port),
+            early_listener,
+        )
+        .await
+        .context("starting the BGP speaker")?;
         info!(node, ?address, ?address6, nic, local_as, %router_id, listen_port, "BGP speaker started");
 
         let (plan_tx, plan_rx) = mpsc::channel(PLAN_QUEUE);

@@ -9,7 +9,6 @@ use ipnet::IpNet;
 use super::peers::PeerType;
 use super::{Agent, report, status};
 use crate::dataplane::DataplaneStatus;
-use crate::model::NodeInfo;
 
 impl Agent {
     /// Refreshes metrics and the status board.
@@ -140,12 +139,22 @@ impl Agent {
             .started
             .elapsed()
             .is_ok_and(|age| age < self.args.ready_grace);
-        let states = report::PeerStates::new(&self.peer_status);
-        let established = |node: &str| {
-            let Some(addr) = self.state.nodes.get(node).and_then(NodeInfo::ipv4_addr) else {
-                return false;
-            };
-            states.get(IpAddr::V4(addr)) == Some(podroute_bgp::fsm::State::Established)
+        // The nodes whose session with us is Established (a handful), found once per publish
+        // rather than looked up by name for each of the (many) blocks.
+        let established: BTreeSet<&str> = if young {
+            BTreeSet::new()
+        } else {
+            let states = report::PeerStates::new(&self.peer_status);
+            self.state
+                .nodes
+                .iter()
+                .filter(|(_, n)| {
+                    n.ipv4_addr().is_some_and(|a| {
+                        states.get(IpAddr::V4(a)) == Some(podroute_bgp::fsm::State::Established)
+                    })
+                })
+                .map(|(name, _)| name.as_str())
+                .collect()
         };
         let failed: BTreeSet<IpNet> = dp.failures.iter().map(|f| f.route.prefix).collect();
         let mut missing = Vec::new();
@@ -156,6 +165,11 @@ impl Agent {
                 continue;
             }
             let own = host == self.node;
+            // Neither ours, nor young, nor of a node we have a session with: it does not
+            // hold readiness back, routed or not (no route lookup for it).
+            if !(own || young || established.contains(host)) {
+                continue;
+            }
             let exported = self
                 .state
                 .pool_containing(&block.cidr)
@@ -168,7 +182,7 @@ impl Agent {
                 .route_for(prefix, self.learned.get(&prefix), &mut warnings)
                 .is_some()
                 && !failed.contains(&prefix);
-            if routed || !(own || young || established(host)) {
+            if routed {
                 continue;
             }
             missing.push(format!("{prefix} ({host})"));

@@ -10,7 +10,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, info, warn};
 
 use super::status::StatusBoard;
-use super::{Agent, AgentArgs, LIVENESS_MAX_AGE, Startup, annotate, autodetect, flannel};
+use super::{Agent, AgentArgs, LIVENESS_MAX_AGE, Startup, annotate, autodetect, flannel, listen};
 use crate::datastore::{self, DatastoreHandle, DatastoreSpec};
 use crate::metrics::Metrics;
 use crate::model::{AddressSource, NodeInfo};
@@ -217,6 +217,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     )
     .await?;
 
+    // The BGP listener opens before the datastore is read: a peer that has read its own
+    // faster and connects now is held until its peer entry is configured, not refused
+    // (which would cost it a connect retry).
+    let early_listener = listen::early_listener(listen::listen_candidates(
+        args.bgp_bind,
+        crate::model::bgp::DEFAULT_LISTEN_PORT,
+    ))
+    .await;
     let (mut datastore, client) = start_datastore(&args, &node).await?;
     let source = args.datastore_type.clone();
     let state = tokio::select! {
@@ -304,6 +312,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         nic,
         datastore,
         datastore_source: source,
+        early_listener,
         metrics,
         board,
         secrets,

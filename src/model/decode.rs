@@ -222,6 +222,7 @@ pub fn decode_documents_each(
                 "BlockAffinity" => {
                     super::fast_yaml::block_affinity(chunk).map(Object::BlockAffinity)
                 }
+                "Node" => super::fast_yaml::node(chunk).map(|n| Object::Node(Box::new(n))),
                 _ => None,
             };
             if let Some(object) = fast {

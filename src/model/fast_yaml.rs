@@ -1,9 +1,13 @@
-//! A fast reader for the documents that grow with the cluster (`IPAMBlock` and
-//! `BlockAffinity`), as `kubectl get -o yaml` and Calico print them: block mappings and
-//! sequences, plain or simply quoted scalars, flow sequences of plain scalars.
+//! A fast reader for the documents that grow with the cluster (`IPAMBlock`, `BlockAffinity`
+//! and `Node`), as `kubectl get -o yaml` and Calico print them: block mappings and
+//! sequences, plain or simply quoted scalars, flow sequences of plain scalars, flow mappings
+//! of plain or simply quoted scalars (`- {type: Ready, status: "True"}`).
 //!
-//! The YAML directory of a 5,000-node cluster holds 40,000 such documents; the general YAML
-//! parser spends most of an agent's start reading them. This reader accepts a strict subset
+//! The YAML directory of a 5,000-node cluster holds 45,000 such documents; the general YAML
+//! parser spends most of an agent's start reading them. A `Node` is read only when it holds
+//! nothing but what the agent reads (name, labels, annotations, `spec.podCIDR(s)`,
+//! `spec.providerID`, `status.addresses`, `status.conditions`): a Node with capacity, images,
+//! taints and the like takes the general parser. This reader accepts a strict subset
 //! of YAML and builds the same typed object as the general parser would; anything outside
 //! the subset (comments, anchors, tags, flow mappings, block scalars, multi-line scalars,
 //! escapes, duplicate keys, values it cannot type exactly as the general parser does, metadata
@@ -14,6 +18,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::Deserialize;
+
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus};
 
 use super::crd::{
     AllocationAttribute, BlockAffinity, BlockAffinitySpec, BoolOrString, IPAMBlock, IPAMBlockSpec,
@@ -33,6 +39,7 @@ enum Tree<'a> {
     Scalar(Scalar<'a>),
     /// `[a, b, c]` of plain scalars.
     Flow(Vec<&'a str>),
+    /// `{a: b, c: "d"}` (read into `Map`).
     Map(Vec<(&'a str, Tree<'a>)>),
     Seq(Vec<Tree<'a>>),
 }
@@ -44,8 +51,8 @@ enum Line<'a> {
     Dash(usize),
     /// `key: value` (value `None`: `key:` with the value on the next lines, or null).
     Entry(usize, &'a str, Option<Tree2<'a>>),
-    /// A scalar item of a sequence (`- value`).
-    Item(usize, Scalar<'a>),
+    /// A scalar item of a sequence (`- value`), or a flow mapping (`- {a: b}`).
+    Item(usize, Tree2<'a>),
 }
 
 /// A value written on the line of its key.
@@ -53,6 +60,8 @@ enum Line<'a> {
 enum Tree2<'a> {
     Scalar(Scalar<'a>),
     Flow(&'a str),
+    /// The inside of `{...}`.
+    FlowMap(&'a str),
 }
 
 fn plain_ok(v: &str) -> bool {
@@ -75,6 +84,10 @@ fn value<'a>(v: &'a str) -> Option<Tree2<'a>> {
     if let Some(inner) = v.strip_prefix('[') {
         let inner = inner.strip_suffix(']')?;
         return Some(Tree2::Flow(inner));
+    }
+    if let Some(inner) = v.strip_prefix('{') {
+        let inner = inner.strip_suffix('}')?;
+        return Some(Tree2::FlowMap(inner));
     }
     for quote in ['"', '\''] {
         if let Some(rest) = v.strip_prefix(quote) {
@@ -136,9 +149,12 @@ fn lines(text: &str) -> Option<Vec<Line<'_>>> {
         if rest == "-" {
             return None;
         }
-        match rest
-            .find(": ")
-            .or_else(|| rest.ends_with(':').then(|| rest.len() - 1))
+        // A flow mapping as a sequence item (`- {a: b}`).
+        let flow_item = rest.starts_with('{');
+        match (!flow_item)
+            .then(|| rest.find(": "))
+            .flatten()
+            .or_else(|| (!flow_item && rest.ends_with(':')).then(|| rest.len() - 1))
         {
             Some(at) => {
                 let key = &rest[..at];
@@ -155,8 +171,8 @@ fn lines(text: &str) -> Option<Vec<Line<'_>>> {
                     return None;
                 }
                 match value(rest)? {
-                    Tree2::Scalar(s) => out.push(Line::Item(col, s)),
                     Tree2::Flow(_) => return None,
+                    v => out.push(Line::Item(col, v)),
                 }
             }
         }
@@ -175,6 +191,31 @@ fn flow(inner: &str) -> Option<Vec<&str>> {
             (plain_ok(item) && !item.contains(['[', ']', '{', '}', '"', '\''])).then_some(item)
         })
         .collect()
+}
+
+/// The entries of a flow mapping `{k: v, ...}`: keys as in block mappings, values plain or
+/// simply quoted scalars without flow indicators or commas; no duplicate keys.
+fn flow_map(inner: &str) -> Option<Tree<'_>> {
+    let mut entries: Vec<(&str, Tree)> = Vec::new();
+    if inner.trim_matches(' ').is_empty() {
+        return Some(Tree::Map(entries));
+    }
+    for item in inner.split(',') {
+        let item = item.trim_matches(' ');
+        let (key, v) = item.split_once(": ")?;
+        let v = v.trim_matches(' ');
+        if !key_ok(key)
+            || v.contains(['[', ']', '{', '}'])
+            || entries.iter().any(|(k, _)| *k == key)
+        {
+            return None;
+        }
+        match value(v)? {
+            Tree2::Scalar(s) => entries.push((key, Tree::Scalar(s))),
+            _ => return None,
+        }
+    }
+    Some(Tree::Map(entries))
 }
 
 struct Parser<'a> {
@@ -201,6 +242,7 @@ impl<'a> Parser<'a> {
             let tree = match v {
                 Some(Tree2::Scalar(s)) => Tree::Scalar(s),
                 Some(Tree2::Flow(inner)) => Tree::Flow(flow(inner)?),
+                Some(Tree2::FlowMap(inner)) => flow_map(inner)?,
                 None => match self.peek() {
                     Some(Line::Dash(c)) if c >= col => self.seq(c)?,
                     Some(Line::Entry(c, ..)) if c > col => self.map(c)?,
@@ -222,9 +264,13 @@ impl<'a> Parser<'a> {
             self.at += 1;
             let item = match self.peek()? {
                 Line::Entry(c, ..) if c == col + 2 => self.map(c)?,
-                Line::Item(c, s) if c == col + 2 => {
+                Line::Item(c, v) if c == col + 2 => {
                     self.at += 1;
-                    Tree::Scalar(s)
+                    match v {
+                        Tree2::Scalar(s) => Tree::Scalar(s),
+                        Tree2::FlowMap(inner) => flow_map(inner)?,
+                        Tree2::Flow(_) => return None,
+                    }
                 }
                 Line::Dash(c) if c == col + 2 => self.seq(c)?,
                 _ => return None,
@@ -478,6 +524,111 @@ pub fn block_affinity(text: &str) -> Option<BlockAffinity> {
     Some(BlockAffinity { metadata, spec: s })
 }
 
+fn time(t: &Tree) -> Option<Option<Time>> {
+    match opt_string(t)? {
+        None => Some(None),
+        Some(text) => Some(Some(Time(
+            k8s_openapi::jiff::Timestamp::deserialize(serde::de::value::StrDeserializer::<
+                serde::de::value::Error,
+            >::new(&text))
+            .ok()?,
+        ))),
+    }
+}
+
+fn node_address(t: &Tree) -> Option<NodeAddress> {
+    let Tree::Map(entries) = t else { return None };
+    let (mut address, mut type_) = (None, None);
+    for (key, v) in entries {
+        match *key {
+            "address" => address = Some(string(v)?),
+            "type" => type_ = Some(string(v)?),
+            _ => return None,
+        }
+    }
+    Some(NodeAddress {
+        address: address?,
+        type_: type_?,
+    })
+}
+
+fn node_condition(t: &Tree) -> Option<NodeCondition> {
+    let Tree::Map(entries) = t else { return None };
+    let mut c = NodeCondition::default();
+    let (mut type_, mut status) = (None, None);
+    for (key, v) in entries {
+        match *key {
+            "type" => type_ = Some(string(v)?),
+            "status" => status = Some(string(v)?),
+            "reason" => c.reason = opt_string(v)?,
+            "message" => c.message = opt_string(v)?,
+            "lastHeartbeatTime" => c.last_heartbeat_time = time(v)?,
+            "lastTransitionTime" => c.last_transition_time = time(v)?,
+            _ => return None,
+        }
+    }
+    c.type_ = type_?;
+    c.status = status?;
+    Some(c)
+}
+
+fn seq_of<T>(t: &Tree, f: impl Fn(&Tree) -> Option<T>) -> Option<Option<Vec<T>>> {
+    opt(t, |t| match t {
+        Tree::Seq(items) => items.iter().map(&f).collect(),
+        Tree::Flow(items) if items.is_empty() => Some(Vec::new()),
+        _ => None,
+    })
+}
+
+/// A `Node` (apiVersion `v1`) holding only the fields the agent reads (see the module doc),
+/// or `None`: take the general parser.
+pub fn node(text: &str) -> Option<Node> {
+    let root = tree(text)?;
+    let Tree::Map(entries) = &root else {
+        return None;
+    };
+    let mut node = Node::default();
+    for (key, v) in entries {
+        match *key {
+            "kind" if *v == Tree::Scalar(Scalar::Plain("Node")) => {}
+            "apiVersion" if *v == Tree::Scalar(Scalar::Plain("v1")) => {}
+            "metadata" => node.metadata = metadata(v)?,
+            "spec" => {
+                node.spec = opt(v, |t| {
+                    let Tree::Map(entries) = t else { return None };
+                    let mut spec = NodeSpec::default();
+                    for (key, v) in entries {
+                        match *key {
+                            "podCIDR" => spec.pod_cidr = opt_string(v)?,
+                            "podCIDRs" => spec.pod_cidrs = seq_of(v, string)?,
+                            "providerID" => spec.provider_id = opt_string(v)?,
+                            _ => return None,
+                        }
+                    }
+                    Some(spec)
+                })?
+            }
+            "status" => {
+                node.status = opt(v, |t| {
+                    let Tree::Map(entries) = t else { return None };
+                    let mut status = NodeStatus::default();
+                    for (key, v) in entries {
+                        match *key {
+                            "addresses" => status.addresses = seq_of(v, node_address)?,
+                            "conditions" => status.conditions = seq_of(v, node_condition)?,
+                            _ => return None,
+                        }
+                    }
+                    Some(status)
+                })?
+            }
+            // Other top-level keys (a Node has none but these) are declined.
+            _ => return None,
+        }
+    }
+    Some(node)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -659,6 +810,214 @@ mod tests {
             if let Some(fast) = block_affinity(&text) {
                 assert_eq!(Ok(fast), general::<BlockAffinity>(&text), "{text}");
             }
+        }
+    }
+
+    const NODE: &str = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: ghost-00001\n  \
+        labels:\n    kubernetes.io/hostname: ghost-00001\n    kubernetes.io/os: linux\n  \
+        annotations:\n    projectcalico.org/IPv4Address: 10.96.0.2/16\n    \
+        node.alpha.kubernetes.io/ttl: \"0\"\nspec:\n  podCIDR: 10.244.1.0/24\n  podCIDRs:\n  \
+        - 10.244.1.0/24\n  providerID: kind://docker/kind/ghost\nstatus:\n  addresses:\n  \
+        - {type: InternalIP, address: 10.96.0.2}\n  - address: ghost-00001\n    type: Hostname\n  \
+        conditions:\n  - {type: Ready, status: \"True\"}\n  - lastHeartbeatTime: \
+        \"2024-05-01T10:00:00Z\"\n    lastTransitionTime: \"2024-05-01T09:00:00Z\"\n    \
+        message: kubelet has sufficient memory available\n    reason: KubeletHasSufficientMemory\n    \
+        status: \"False\"\n    type: MemoryPressure\n";
+
+    #[test]
+    fn reads_nodes_as_the_general_parser_does() {
+        let fast = node(NODE).expect("in the subset");
+        assert_eq!(Ok(fast.clone()), general::<Node>(NODE));
+        let status = fast.status.as_ref().unwrap();
+        assert_eq!(status.addresses.as_ref().map(Vec::len), Some(2));
+        assert_eq!(status.conditions.as_ref().map(Vec::len), Some(2));
+        assert_eq!(super::super::node::node_ready(&fast), Some(true));
+        // Through the document reader, as the datastore reads it.
+        let mut got = Vec::new();
+        super::super::decode_documents_each(NODE, |r| got.push(r.map_err(|e| e.to_string())))
+            .unwrap();
+        assert!(
+            matches!(got.as_slice(), [Ok(super::super::Object::Node(n))] if **n == fast),
+            "{got:?}"
+        );
+    }
+
+    /// Edited Nodes: the fast reader reads them as the general parser does, or declines.
+    #[test]
+    fn never_disagrees_with_the_general_parser_on_nodes() {
+        let edits: &[(&str, &str)] = &[
+            ("status: \"True\"", "status: True"),
+            ("status: \"True\"", "status: true"),
+            ("status: \"True\"", "status: 'True'"),
+            ("status: \"True\"", "status: null"),
+            ("status: \"True\"", "status: \"Unknown\""),
+            ("{type: Ready, status: \"True\"}", "{type: Ready}"),
+            ("{type: Ready, status: \"True\"}", "{}"),
+            (
+                "{type: Ready, status: \"True\"}",
+                "{type: Ready, status: \"True\", x: 1}",
+            ),
+            (
+                "{type: Ready, status: \"True\"}",
+                "{type: Ready, type: Ready}",
+            ),
+            (
+                "{type: Ready, status: \"True\"}",
+                "{type: Ready,status: \"True\"}",
+            ),
+            (
+                "{type: Ready, status: \"True\"}",
+                "{type: Ready, status: \"a,b\"}",
+            ),
+            (
+                "{type: Ready, status: \"True\"}",
+                "{type: Ready, status: [x]}",
+            ),
+            (
+                "{type: Ready, status: \"True\"}",
+                "{type: Ready, status: {x: y}}",
+            ),
+            (
+                "{type: Ready, status: \"True\"}",
+                "{type: Ready, status: \"True\"",
+            ),
+            (
+                "{type: Ready, status: \"True\"}",
+                "{type: Ready, status: \"True\"} # c",
+            ),
+            (
+                "{type: Ready, status: \"True\"}",
+                "{type: Ready, status: &a x}",
+            ),
+            (
+                "{type: InternalIP, address: 10.96.0.2}",
+                "{type: InternalIP}",
+            ),
+            (
+                "{type: InternalIP, address: 10.96.0.2}",
+                "{type: InternalIP, address: 5}",
+            ),
+            (
+                "{type: InternalIP, address: 10.96.0.2}",
+                "{type: InternalIP, address: null}",
+            ),
+            (
+                "{type: InternalIP, address: 10.96.0.2}",
+                "{type: InternalIP, address: ''}",
+            ),
+            (
+                "{type: InternalIP, address: 10.96.0.2}",
+                "{address: 10.96.0.2, type: InternalIP}",
+            ),
+            (
+                "{type: InternalIP, address: 10.96.0.2}",
+                "{type: InternalIP, address: 10.96.0.2:1}",
+            ),
+            (
+                "{type: InternalIP, address: 10.96.0.2}",
+                "{type: InternalIP, address: - x}",
+            ),
+            ("address: ghost-00001", "address: null"),
+            ("address: ghost-00001", "address:"),
+            ("type: Hostname", "type: Hostname\n    extra: x"),
+            (
+                "lastHeartbeatTime: \"2024-05-01T10:00:00Z\"",
+                "lastHeartbeatTime: null",
+            ),
+            (
+                "lastHeartbeatTime: \"2024-05-01T10:00:00Z\"",
+                "lastHeartbeatTime: 2024-05-01T10:00:00Z",
+            ),
+            (
+                "lastHeartbeatTime: \"2024-05-01T10:00:00Z\"",
+                "lastHeartbeatTime: soon",
+            ),
+            (
+                "message: kubelet has sufficient memory available",
+                "message: 12",
+            ),
+            (
+                "message: kubelet has sufficient memory available",
+                "message: a: b",
+            ),
+            ("reason: KubeletHasSufficientMemory", "reason: ~"),
+            ("podCIDR: 10.244.1.0/24", "podCIDR: null"),
+            ("podCIDR: 10.244.1.0/24", "podCIDR: [a]"),
+            ("podCIDRs:\n  - 10.244.1.0/24", "podCIDRs: []"),
+            (
+                "podCIDRs:\n  - 10.244.1.0/24",
+                "podCIDRs: [10.244.1.0/24, fd00::/64]",
+            ),
+            ("podCIDRs:\n  - 10.244.1.0/24", "podCIDRs: null"),
+            ("podCIDRs:\n  - 10.244.1.0/24", "podCIDRs:\n  - null"),
+            ("podCIDRs:\n  - 10.244.1.0/24", "podCIDRs: 10.244.1.0/24"),
+            (
+                "providerID: kind://docker/kind/ghost",
+                "unschedulable: true",
+            ),
+            ("providerID: kind://docker/kind/ghost", "taints: []"),
+            ("spec:\n", "spec: null\nx:\n"),
+            ("spec:\n", "spec: {}\nx:\n"),
+            ("status:\n", "status: null\nx:\n"),
+            (
+                "  addresses:\n",
+                "  capacity:\n    cpu: \"4\"\n  addresses:\n",
+            ),
+            ("  addresses:\n", "  addresses: []\n  x:\n"),
+            ("  conditions:\n", "  conditions: null\n  x:\n"),
+            ("name: ghost-00001\n", "name: null\n"),
+            ("name: ghost-00001\n", "name: ghost-00001\n  uid: x\n"),
+            (
+                "name: ghost-00001\n",
+                "name: ghost-00001\n  managedFields: []\n",
+            ),
+            (
+                "projectcalico.org/IPv4Address: 10.96.0.2/16",
+                "projectcalico.org/IPv4Address: null",
+            ),
+            (
+                "projectcalico.org/IPv4Address: 10.96.0.2/16",
+                "projectcalico.org/IPv4Address: 1",
+            ),
+            (
+                "node.alpha.kubernetes.io/ttl: \"0\"",
+                "node.alpha.kubernetes.io/ttl: 0",
+            ),
+            ("kubernetes.io/os: linux", "kubernetes.io/os: true"),
+            ("kind: Node", "kind: Node\nkind: Node"),
+            ("apiVersion: v1", "apiVersion: v2"),
+            ("apiVersion: v1", "apiVersion: \"v1\""),
+            ("\nstatus:", "\nextra: 1\nstatus:"),
+            ("\n", "\r\n"),
+        ];
+        let mut read = 0;
+        for (from, to) in edits {
+            let text = NODE.replacen(from, to, 1);
+            assert_ne!(text, NODE, "edit {from:?} does not apply");
+            if let Some(fast) = node(&text) {
+                read += 1;
+                assert_eq!(Ok(fast), general::<Node>(&text), "{text}");
+            }
+        }
+        // The subset is not empty: most edits that keep the shape are read fast.
+        assert!(
+            read >= 20,
+            "only {read} edited Nodes read by the fast reader"
+        );
+        // Some are declined for sure (outside the subset).
+        for (from, to) in [
+            (
+                "  addresses:\n",
+                "  capacity:\n    cpu: \"4\"\n  addresses:\n",
+            ),
+            ("providerID: kind://docker/kind/ghost", "taints: []"),
+            (
+                "{type: Ready, status: \"True\"}",
+                "{type: Ready, status: \"True\"} # c",
+            ),
+            ("{type: Ready, status: \"True\"}", "{type: Ready}"),
+        ] {
+            assert!(node(&NODE.replacen(from, to, 1)).is_none(), "{to}");
         }
     }
 
