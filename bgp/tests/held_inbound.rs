@@ -156,7 +156,11 @@ async fn an_early_listener_holds_a_connection_until_the_speaker_configures_its_p
         early.held() == 1
     })
     .await;
-    assert_eq!(status(&b, a_addr).await.state, State::OpenSent);
+    // B's connection is up and held: its OPEN goes out and waits for an answer.
+    wait_for("B in OpenSent towards the held connection", || async {
+        status(&b, a_addr).await.state == State::OpenSent
+    })
+    .await;
 
     let mut a_cfg = speaker_config(&a_ep);
     a_cfg.initial_config_barrier = true;
