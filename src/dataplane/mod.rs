@@ -77,7 +77,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::LinkMessage;
 use tokio::io::Interest;
@@ -588,10 +588,59 @@ const TUNNEL_MAINTENANCE: Duration = Duration::from_millis(250);
 /// Destinations reconciled per round of requests: bounds the memory of one round.
 const RECONCILE_CHUNK: usize = 4096;
 
+/// Destinations in arrival order, an IPv4 one in 6 bytes instead of `IpNet`'s 18: a burst of
+/// 100,000 best-path changes waits here while the kernel is programmed.
+#[derive(Debug, Default)]
+struct DstQueue {
+    /// `None`: the next of `v6`.
+    order: VecDeque<Option<Ipv4Net>>,
+    v6: VecDeque<Ipv6Net>,
+}
+
+impl DstQueue {
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.order.clear();
+        self.v6.clear();
+    }
+
+    fn extend(&mut self, dsts: impl IntoIterator<Item = IpNet>) {
+        for dst in dsts {
+            match dst {
+                IpNet::V4(p) => self.order.push_back(Some(p)),
+                IpNet::V6(p) => {
+                    self.order.push_back(None);
+                    self.v6.push_back(p);
+                }
+            }
+        }
+    }
+
+    /// The first `n` destinations (all if fewer), in order.
+    fn take(&mut self, n: usize) -> Vec<IpNet> {
+        let n = n.min(self.order.len());
+        let mut out = Vec::with_capacity(n);
+        for d in self.order.drain(..n) {
+            match d {
+                Some(p) => out.push(IpNet::V4(p)),
+                None => out.extend(self.v6.pop_front().map(IpNet::V6)),
+            }
+        }
+        out
+    }
+}
+
 /// Destinations of applied updates still to reconcile ([`Dataplane::stream`]).
 #[derive(Debug, Default)]
 struct Pending {
-    dsts: VecDeque<IpNet>,
+    dsts: DstQueue,
     /// A full update came: everything is to be reconciled.
     full: bool,
     /// Destinations taken from `dsts` so far.
@@ -1890,7 +1939,7 @@ impl<S: RouteSocket> Dataplane<S> {
                 pending.full = false;
             } else if !pending.dsts.is_empty() {
                 let take = pending.dsts.len().min(RECONCILE_CHUNK);
-                let mut chunk: Vec<IpNet> = pending.dsts.drain(..take).collect();
+                let mut chunk: Vec<IpNet> = pending.dsts.take(take);
                 pending.taken += take as u64;
                 chunk.sort_unstable();
                 chunk.dedup();
@@ -2054,6 +2103,38 @@ mod reconcile_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_destination_queue_keeps_arrival_order_across_families() {
+        let nets: Vec<IpNet> = [
+            "10.0.0.0/26",
+            "fd00::/122",
+            "10.0.0.64/26",
+            "fd00::40/122",
+            "fd00::80/122",
+            "10.0.0.0/26",
+            "192.168.0.1/32",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let mut q = DstQueue::default();
+        assert!(q.is_empty());
+        q.extend(nets.iter().copied());
+        assert_eq!(q.len(), nets.len());
+        assert_eq!(q.take(3), nets[..3]);
+        q.extend(nets[..2].iter().copied());
+        assert_eq!(q.len(), nets.len() - 3 + 2);
+        let mut want = nets[3..].to_vec();
+        want.extend_from_slice(&nets[..2]);
+        assert_eq!(q.take(100), want, "more than waits: all of it");
+        assert!(q.is_empty());
+        q.extend(nets.iter().copied());
+        q.clear();
+        assert!(q.is_empty());
+        q.extend(nets[1..2].iter().copied());
+        assert_eq!(q.take(1), nets[1..2], "IPv6 queue emptied by clear");
+    }
 
     #[test]
     fn protocols_of_other_daemons_are_refused() {
