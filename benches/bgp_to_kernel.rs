@@ -101,8 +101,11 @@ fn spawn_in(ns: &Netns, program: &Path, args: &[String], log: &Path) -> Child {
     let log = std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}"));
     let log2 = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
     // `ip netns exec` execs the program (no fork), so the child's pid is the daemon's.
+    // `PODROUTE_BENCH_WRAP` (e.g. `heaptrack -o /tmp/ht`): run the receiver under a tool.
+    let wrap = std::env::var("PODROUTE_BENCH_WRAP").unwrap_or_default();
     Command::new("ip")
         .args(["netns", "exec", &ns.name])
+        .args(wrap.split_whitespace())
         .arg(program)
         .args(args)
         .stdin(Stdio::null())
@@ -273,7 +276,9 @@ fn run_once(kind: Kind, n: usize) -> RunResult {
     }
     let comm = process_name(pid);
     assert!(
-        comm.starts_with("bird") || comm.starts_with("podroute"),
+        comm.starts_with("bird")
+            || comm.starts_with("podroute")
+            || std::env::var_os("PODROUTE_BENCH_WRAP").is_some(),
         "pid {pid} is {comm:?}, not the receiver"
     );
     stop(&mut child, Duration::from_secs(5));
