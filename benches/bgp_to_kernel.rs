@@ -97,12 +97,10 @@ fn bird_conf() -> String {
     )
 }
 
-fn spawn_in(ns: &Netns, program: &Path, args: &[String], log: &Path) -> Child {
+fn spawn_in(ns: &Netns, program: &Path, args: &[String], log: &Path, wrap: &str) -> Child {
     let log = std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}"));
     let log2 = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
     // `ip netns exec` execs the program (no fork), so the child's pid is the daemon's.
-    // `PODROUTE_BENCH_WRAP` (e.g. `heaptrack -o /tmp/ht`): run the receiver under a tool.
-    let wrap = std::env::var("PODROUTE_BENCH_WRAP").unwrap_or_default();
     Command::new("ip")
         .args(["netns", "exec", &ns.name])
         .args(wrap.split_whitespace())
@@ -142,7 +140,10 @@ fn start_receiver(kind: Kind, ns: &Netns, dir: &Path) -> Child {
             .iter()
             .map(|s| s.to_string())
             .collect();
-            spawn_in(ns, &podroute_bin(), &args, &dir.join("receiver.log"))
+            // `PODROUTE_BENCH_WRAP` (e.g. `env LD_PRELOAD=... DUMP_HEAPTRACK_OUTPUT=...`): run
+            // the podroute receiver under a tool (a command that execs it keeps its pid).
+            let wrap = std::env::var("PODROUTE_BENCH_WRAP").unwrap_or_default();
+            spawn_in(ns, &podroute_bin(), &args, &dir.join("receiver.log"), &wrap)
         }
         Kind::Bird => {
             let conf = dir.join("bird.conf");
@@ -156,7 +157,7 @@ fn start_receiver(kind: Kind, ns: &Netns, dir: &Path) -> Child {
                 "-P".into(),
                 dir.join("bird.pid").display().to_string(),
             ];
-            spawn_in(ns, Path::new("bird"), &args, &dir.join("receiver.log"))
+            spawn_in(ns, Path::new("bird"), &args, &dir.join("receiver.log"), "")
         }
     }
 }
@@ -276,9 +277,7 @@ fn run_once(kind: Kind, n: usize) -> RunResult {
     }
     let comm = process_name(pid);
     assert!(
-        comm.starts_with("bird")
-            || comm.starts_with("podroute")
-            || std::env::var_os("PODROUTE_BENCH_WRAP").is_some(),
+        comm.starts_with("bird") || comm.starts_with("podroute"),
         "pid {pid} is {comm:?}, not the receiver"
     );
     stop(&mut child, Duration::from_secs(5));
