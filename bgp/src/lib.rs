@@ -17,7 +17,7 @@ pub mod speaker;
 pub mod validate;
 pub mod wire;
 
-pub use best_changes::BestChanges;
+pub use best_changes::{BestChangeBatch, BestChanges};
 pub use connect::ConnectPriority;
 pub use speaker::{
     GrStatus, PeerConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerError, SpeakerSummary,
