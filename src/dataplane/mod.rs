@@ -2264,10 +2264,17 @@ mod tests {
         assert!(std::mem::size_of::<Slot>() <= 12);
         assert_eq!(devices.gateways.by_name.len(), 1, "one gateway, held once");
         let (_, slot) = Slot::new(route, &mut devices);
-        assert_eq!(devices.gateways.by_name.len(), 1, "the same gateway again: same id");
+        assert_eq!(
+            devices.gateways.by_name.len(),
+            1,
+            "the same gateway again: same id"
+        );
         slot.release(&mut devices);
         slot.release(&mut devices);
-        assert!(devices.gateways.by_name.is_empty(), "freed with its last route");
+        assert!(
+            devices.gateways.by_name.is_empty(),
+            "freed with its last route"
+        );
     }
 
     /// The workload route of the plan, lowered for device index 7.
