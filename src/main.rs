@@ -284,17 +284,10 @@ fn raise_nofile_limit() {
 /// 100,000 routes (`benches/bgp_to_kernel.rs`, peak RSS) for no speed we could measure. One
 /// arena for the process; must run before any thread starts. (musl, the release image's libc,
 /// has no arenas.)
-///
-/// The mmap threshold is also fixed at glibc's initial 128 KiB: by default glibc raises it to
-/// the size of each large block freed, after which the transient lists of a burst of routes
-/// (best-path changes, deltas, hash tables left by a resize) come from the heap and their
-/// pages stay resident after they are freed; with it fixed they are unmapped when freed, as
-/// musl does (`benches/bgp_to_kernel.rs`, peak RSS at 100,000 routes).
 fn one_malloc_arena() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; no other thread exists yet.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }
