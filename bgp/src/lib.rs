@@ -9,6 +9,7 @@ pub mod best_changes;
 pub mod connect;
 pub mod fsm;
 pub mod gr;
+pub mod packed_btree;
 pub mod policy;
 pub mod rib;
 pub(crate) mod session;
