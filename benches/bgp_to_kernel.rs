@@ -1,7 +1,8 @@
 //! BGP UPDATE → kernel route, podroute vs BIRD 2 side by side (root only).
 //!
 //! `cargo bench --bench bgp_to_kernel` (env: `PODROUTE_BENCH_SIZES=20000,100000`,
-//! `PODROUTE_BENCH_ROUNDS=5`, `PODROUTE_BENCH_ONLY=podroute|bird`).
+//! `PODROUTE_BENCH_ROUNDS=5`, `PODROUTE_BENCH_ONLY=podroute|bird`, `PODROUTE_BENCH_PERF=cpu|faults`,
+//! `PODROUTE_BENCH_WRAP`: a command that execs the podroute receiver, e.g. heaptrack's preload).
 //!
 //! Per run: two fresh namespaces joined by a veth pair, injector `100.64.0.1/24` and receiver
 //! `100.64.0.2/24`. The receiver is a separate process: `podroute agent` (the release binary,
@@ -97,12 +98,13 @@ fn bird_conf() -> String {
     )
 }
 
-fn spawn_in(ns: &Netns, program: &Path, args: &[String], log: &Path) -> Child {
+fn spawn_in(ns: &Netns, program: &Path, args: &[String], log: &Path, wrap: &str) -> Child {
     let log = std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}"));
     let log2 = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
     // `ip netns exec` execs the program (no fork), so the child's pid is the daemon's.
     Command::new("ip")
         .args(["netns", "exec", &ns.name])
+        .args(wrap.split_whitespace())
         .arg(program)
         .args(args)
         .stdin(Stdio::null())
@@ -139,7 +141,10 @@ fn start_receiver(kind: Kind, ns: &Netns, dir: &Path) -> Child {
             .iter()
             .map(|s| s.to_string())
             .collect();
-            spawn_in(ns, &podroute_bin(), &args, &dir.join("receiver.log"))
+            // `PODROUTE_BENCH_WRAP` (e.g. `env LD_PRELOAD=... DUMP_HEAPTRACK_OUTPUT=...`): run
+            // the podroute receiver under a tool (a command that execs it keeps its pid).
+            let wrap = std::env::var("PODROUTE_BENCH_WRAP").unwrap_or_default();
+            spawn_in(ns, &podroute_bin(), &args, &dir.join("receiver.log"), &wrap)
         }
         Kind::Bird => {
             let conf = dir.join("bird.conf");
@@ -153,7 +158,7 @@ fn start_receiver(kind: Kind, ns: &Netns, dir: &Path) -> Child {
                 "-P".into(),
                 dir.join("bird.pid").display().to_string(),
             ];
-            spawn_in(ns, Path::new("bird"), &args, &dir.join("receiver.log"))
+            spawn_in(ns, Path::new("bird"), &args, &dir.join("receiver.log"), "")
         }
     }
 }

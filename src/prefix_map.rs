@@ -4,24 +4,27 @@
 //! keyed by it spends most of its key bytes on nothing. [`PrefixMap`] keeps one ordered map per
 //! family (`Ipv4Net` keys for IPv4) and shows both as one map in `IpNet` order (every IPv4
 //! prefix before every IPv6 one, as `IpNet`'s own order has it).
+//!
+//! Both tables are [`PackedBTreeMap`]s (kept full as routes arrive in key order).
 
-use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+pub use podroute_bgp::packed_btree::PackedBTreeMap;
+
 /// An ordered map from IP prefix to `V`; see the module doc.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefixMap<V> {
-    v4: BTreeMap<Ipv4Net, V>,
-    v6: BTreeMap<Ipv6Net, V>,
+    v4: PackedBTreeMap<Ipv4Net, V>,
+    v6: PackedBTreeMap<Ipv6Net, V>,
 }
 
 impl<V> Default for PrefixMap<V> {
     fn default() -> Self {
         Self {
-            v4: BTreeMap::new(),
-            v6: BTreeMap::new(),
+            v4: PackedBTreeMap::default(),
+            v6: PackedBTreeMap::default(),
         }
     }
 }
@@ -137,6 +140,7 @@ impl<V> FromIterator<(IpNet, V)> for PrefixMap<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()

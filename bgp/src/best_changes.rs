@@ -9,22 +9,99 @@
 //! What waits is then bounded by [`EXACT_CHANGES`] plus the RIB's prefixes, whatever the
 //! churn, and the user still sees every prefix whose best path changed, ending with its
 //! current best.
+//!
+//! A change waits in 32 bytes ([`Waiting`]: the prefix, the attribute set it shares with the
+//! RIB, and an index into a small table of (peer, peer address, next hop, stale), which few
+//! routes differ in) rather than as a 72-byte [`BestChange`]: while the kernel is programmed,
+//! a burst of 100,000 changes waits here. [`BestChanges::recv_batch`] hands them over as
+//! they wait and builds each `BestChange` only as the user iterates.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::IpNet;
 use tokio::sync::Notify;
 
-use crate::rib::BestChange;
+use crate::attrset::AttrSet;
+use crate::rib::{BestChange, BestRoute, PeerId};
 
 /// Changes kept one by one before changes of the same prefix are merged.
 pub const EXACT_CHANGES: usize = 1 << 16;
 
+/// What a best route says besides its attributes; see the module doc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Source {
+    peer: PeerId,
+    peer_addr: Option<IpAddr>,
+    next_hop: IpAddr,
+    stale: bool,
+}
+
+/// One change as it waits; see the module doc.
+#[derive(Debug, Clone)]
+struct Waiting {
+    prefix: IpNet,
+    /// Into the batch's sources; meaningless when `attrs` is `None` (no best route).
+    source: u32,
+    attrs: Option<AttrSet>,
+}
+
+/// Changes taken from the channel, in order ([`BestChanges::recv_batch`]).
+#[derive(Debug, Default)]
+pub struct BestChangeBatch {
+    changes: Vec<Waiting>,
+    sources: Vec<Source>,
+}
+
+impl BestChangeBatch {
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    fn change(sources: &[Source], w: Waiting) -> BestChange {
+        BestChange {
+            prefix: w.prefix,
+            best: w.attrs.map(|attrs| {
+                let s = sources[w.source as usize];
+                BestRoute {
+                    peer: s.peer,
+                    peer_addr: s.peer_addr,
+                    next_hop: s.next_hop,
+                    attrs,
+                    stale: s.stale,
+                }
+            }),
+        }
+    }
+}
+
+impl IntoIterator for BestChangeBatch {
+    type Item = BestChange;
+    type IntoIter = Box<dyn Iterator<Item = BestChange> + Send>;
+
+    /// The changes in order, each built as it is reached.
+    fn into_iter(self) -> Self::IntoIter {
+        let sources = self.sources;
+        Box::new(
+            self.changes
+                .into_iter()
+                .map(move |w| BestChangeBatch::change(&sources, w)),
+        )
+    }
+}
+
 #[derive(Debug, Default)]
 struct Pending {
     /// In order.
-    changes: Vec<BestChange>,
+    changes: Vec<Waiting>,
+    /// What the waiting best routes say besides their attributes, each once.
+    sources: Vec<Source>,
+    source_index: HashMap<Source, u32>,
     /// Position of each prefix's latest entry in `changes`.
     index: HashMap<IpNet, usize>,
     /// Entries kept one by one before merging ([`EXACT_CHANGES`]).
@@ -37,6 +114,35 @@ struct Pending {
 struct Shared {
     pending: Mutex<Pending>,
     notify: Notify,
+}
+
+impl Pending {
+    fn waiting(&mut self, change: BestChange) -> Waiting {
+        let Some(best) = change.best else {
+            return Waiting {
+                prefix: change.prefix,
+                source: 0,
+                attrs: None,
+            };
+        };
+        let source = Source {
+            peer: best.peer,
+            peer_addr: best.peer_addr,
+            next_hop: best.next_hop,
+            stale: best.stale,
+        };
+        let sources = &mut self.sources;
+        let index = *self.source_index.entry(source).or_insert_with(|| {
+            sources.push(source);
+            // As many sources as changes at most: fewer than 2^32.
+            u32::try_from(sources.len() - 1).unwrap_or(u32::MAX)
+        });
+        Waiting {
+            prefix: change.prefix,
+            source: index,
+            attrs: Some(best.attrs),
+        }
+    }
 }
 
 impl Shared {
@@ -87,9 +193,8 @@ fn channel_merging_after(exact: usize) -> (BestChangeSender, BestChanges) {
 impl BestChangeSender {
     /// Queues `batch`, replacing what waits for the same prefixes.
     ///
-    /// A batch sent to an empty queue becomes the queue (no copy of it, no second list); the
-    /// index of prefixes is built only once [`EXACT_CHANGES`] entries wait, when changes start
-    /// to be merged: a user that keeps up costs no index at all.
+    /// The index of prefixes is built only once [`EXACT_CHANGES`] entries wait, when changes
+    /// start to be merged: a user that keeps up costs no index at all.
     pub(crate) fn send(&self, batch: Vec<BestChange>) {
         if batch.is_empty() {
             return;
@@ -97,29 +202,25 @@ impl BestChangeSender {
         {
             let mut guard = self.shared.lock();
             let p = &mut *guard;
-            if p.changes.is_empty() && batch.len() <= p.exact {
-                // Fewer than `exact` entries after it: nothing would be merged.
-                p.changes = batch;
-            } else {
-                for change in batch {
-                    if p.changes.len() >= p.exact {
-                        if p.index.is_empty() {
-                            // Later entries overwrite earlier ones: each prefix's latest.
-                            p.index = p
-                                .changes
-                                .iter()
-                                .enumerate()
-                                .map(|(i, c)| (c.prefix, i))
-                                .collect();
-                        }
-                        if let Some(&i) = p.index.get(&change.prefix) {
-                            p.changes[i] = change;
-                            continue;
-                        }
-                        p.index.insert(change.prefix, p.changes.len());
+            for change in batch {
+                let change = p.waiting(change);
+                if p.changes.len() >= p.exact {
+                    if p.index.is_empty() {
+                        // Later entries overwrite earlier ones: each prefix's latest.
+                        p.index = p
+                            .changes
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| (c.prefix, i))
+                            .collect();
                     }
-                    p.changes.push(change);
+                    if let Some(&i) = p.index.get(&change.prefix) {
+                        p.changes[i] = change;
+                        continue;
+                    }
+                    p.index.insert(change.prefix, p.changes.len());
                 }
+                p.changes.push(change);
             }
         }
         self.shared.notify.notify_one();
@@ -142,8 +243,18 @@ impl Drop for BestChangeSender {
 impl BestChanges {
     /// Every change waiting, at least one; `None` once the speaker stopped and nothing waits.
     pub async fn recv(&mut self) -> Option<Vec<BestChange>> {
+        self.recv_batch().await.map(|b| b.into_iter().collect())
+    }
+
+    /// Every change waiting, without waiting.
+    pub fn try_recv(&mut self) -> Result<Vec<BestChange>, TryRecvError> {
+        self.try_recv_batch().map(|b| b.into_iter().collect())
+    }
+
+    /// As [`BestChanges::recv`], the changes as they wait (built as they are iterated).
+    pub async fn recv_batch(&mut self) -> Option<BestChangeBatch> {
         loop {
-            match self.try_recv() {
+            match self.try_recv_batch() {
                 Ok(batch) => return Some(batch),
                 Err(TryRecvError::Disconnected) => return None,
                 Err(TryRecvError::Empty) => self.shared.notify.notified().await,
@@ -151,8 +262,8 @@ impl BestChanges {
         }
     }
 
-    /// Every change waiting, without waiting.
-    pub fn try_recv(&mut self) -> Result<Vec<BestChange>, TryRecvError> {
+    /// As [`BestChanges::try_recv`], the changes as they wait.
+    pub fn try_recv_batch(&mut self) -> Result<BestChangeBatch, TryRecvError> {
         let mut p = self.shared.lock();
         if p.changes.is_empty() {
             return Err(if p.closed {
@@ -161,9 +272,13 @@ impl BestChanges {
                 TryRecvError::Empty
             });
         }
-        // Not kept at its largest: it is built again only when a queue grows that long.
+        // Not kept at their largest: built again only when a queue grows that long.
         p.index = HashMap::new();
-        Ok(std::mem::take(&mut p.changes))
+        p.source_index = HashMap::new();
+        Ok(BestChangeBatch {
+            changes: std::mem::take(&mut p.changes),
+            sources: std::mem::take(&mut p.sources),
+        })
     }
 
     /// Changes waiting.
@@ -212,6 +327,41 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// Changes come out as they went in, best routes of several sources mixed, through the
+    /// batch's iterator as through `try_recv`.
+    #[tokio::test]
+    async fn a_waiting_change_is_the_change_sent() {
+        assert!(std::mem::size_of::<Waiting>() <= 32);
+        let mut sent = vec![
+            change("10.0.1.0/26", Some("192.168.0.1")),
+            change("fd00::/122", Some("fd00::1")),
+            change("10.0.2.0/26", None),
+            change("10.0.3.0/26", Some("192.168.0.1")),
+        ];
+        let mut other = change("10.0.4.0/26", Some("192.168.0.1"));
+        if let Some(b) = other.best.as_mut() {
+            b.peer = 2;
+            b.stale = true;
+            b.peer_addr = None;
+        }
+        sent.push(other);
+        // A next hop other than the attributes' is kept as sent.
+        let mut odd = change("10.0.5.0/26", Some("192.168.0.1"));
+        if let Some(b) = odd.best.as_mut() {
+            b.next_hop = "192.168.0.9".parse().unwrap();
+        }
+        sent.push(odd);
+        let (tx, mut rx) = channel();
+        tx.send(sent[..2].to_vec());
+        tx.send(sent[2..].to_vec());
+        let batch = rx.try_recv_batch().unwrap();
+        assert_eq!(batch.len(), sent.len());
+        assert_eq!(batch.into_iter().collect::<Vec<_>>(), sent);
+        assert_eq!(rx.try_recv_batch().unwrap_err(), TryRecvError::Empty);
+        tx.send(sent.clone());
+        assert_eq!(rx.try_recv().unwrap(), sent);
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ pub mod collision;
 pub mod connect;
 pub mod fsm;
 pub mod gr;
+pub mod packed_btree;
 pub mod policy;
 pub mod rib;
 pub(crate) mod session;
@@ -20,7 +21,7 @@ pub mod speaker;
 pub mod validate;
 pub mod wire;
 
-pub use best_changes::BestChanges;
+pub use best_changes::{BestChangeBatch, BestChanges};
 pub use connect::ConnectPriority;
 pub use speaker::{
     EarlyListener, GrStatus, PeerConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerError,

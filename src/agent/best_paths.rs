@@ -6,17 +6,16 @@
 //! held in 9 bytes per entry (`Ipv4Net` → `Ipv4Addr`), the rest (IPv6, and mixed families,
 //! which the plan ignores with a warning) in a [`PrefixMap`] of `IpAddr`.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 
-use crate::prefix_map::PrefixMap;
+use crate::prefix_map::{PackedBTreeMap, PrefixMap};
 
 /// Best next hop per prefix; see the module doc.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BestPaths {
-    v4: BTreeMap<Ipv4Net, Ipv4Addr>,
+    v4: PackedBTreeMap<Ipv4Net, Ipv4Addr>,
     other: PrefixMap<IpAddr>,
 }
 
@@ -85,6 +84,7 @@ impl BestPaths {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn behaves_like_a_btreemap_of_prefix_to_next_hop() {

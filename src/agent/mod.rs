@@ -146,6 +146,10 @@ struct PendingPlan {
 /// Plan updates queued towards the dataplane at most; the loop waits for room beyond.
 const PLAN_QUEUE: usize = 64;
 
+/// Most prefixes in one route delta from best-path changes (bounds the lists built per
+/// delta; a burst goes as several).
+const DELTA_CHUNK: usize = 4096;
+
 /// Updates awaiting the dataplane kept for the convergence histogram (older ones are
 /// dropped unobserved when the dataplane is far behind).
 const MAX_PENDING: usize = 1024;
@@ -441,15 +445,10 @@ impl Agent {
                     self.state = changed.context("datastore stopped")?;
                     self.apply_state(at).await?;
                 }
-                batch = self.best_rx.recv() => {
+                batch = self.best_rx.recv_batch() => {
                     let at = Instant::now();
                     let Some(batch) = batch else { bail!("BGP speaker stopped") };
-                    let mut changed = self.absorb(batch);
-                    // Take everything already queued: one update for a burst of UPDATEs.
-                    while let Ok(more) = self.best_rx.try_recv() {
-                        changed.extend(self.absorb(more));
-                    }
-                    self.send_delta(at, changed).await;
+                    self.take_changes(at, batch).await;
                 }
                 Some(request) = self.route_requests.recv() => {
                     let _ = request.send(self.route_report());
@@ -476,8 +475,30 @@ impl Agent {
         }
     }
 
+    /// Takes `batch` and every change queued after it (a burst of UPDATEs) into `learned`,
+    /// and sends their routes to the dataplane in deltas of at most [`DELTA_CHUNK`] prefixes,
+    /// so that no list of a whole burst is built on the way. Only the last delta is timed (the
+    /// burst's convergence, as one delta of it all was).
+    async fn take_changes(&mut self, at: Instant, batch: podroute_bgp::BestChangeBatch) {
+        let mut held: Option<Vec<IpNet>> = None;
+        let mut next = Some(batch);
+        while let Some(batch) = next.take() {
+            let mut changes = batch.into_iter().peekable();
+            while changes.peek().is_some() {
+                let chunk = self.absorb(changes.by_ref().take(DELTA_CHUNK));
+                if let Some(previous) = held.replace(chunk) {
+                    self.send_delta(None, previous).await;
+                }
+            }
+            next = self.best_rx.try_recv_batch().ok();
+        }
+        if let Some(last) = held {
+            self.send_delta(Some(at), last).await;
+        }
+    }
+
     /// Takes best-path changes into `learned`; returns the prefixes they touched.
-    fn absorb(&mut self, batch: Vec<BestChange>) -> Vec<IpNet> {
+    fn absorb(&mut self, batch: impl IntoIterator<Item = BestChange>) -> Vec<IpNet> {
         batch
             .into_iter()
             .map(|change| {
@@ -493,7 +514,8 @@ impl Agent {
 
     /// Sends the routes of the prefixes whose best path changed (once a full plan was sent;
     /// before, the full plan at the end of the deferral carries them).
-    async fn send_delta(&mut self, at: Instant, changed: Vec<IpNet>) {
+    /// `at`: the event the routes answer (`None`: not timed, a later delta is).
+    async fn send_delta(&mut self, at: Option<Instant>, changed: Vec<IpNet>) {
         if !self.streaming || changed.is_empty() {
             return;
         }
@@ -508,14 +530,23 @@ impl Agent {
                 self.plan_warnings.insert(w);
             }
         }
-        self.send_plan(PlanUpdate::Delta(changes), at, "bgp").await;
+        self.queue_plan(PlanUpdate::Delta(changes), at.map(|at| (at, "bgp")))
+            .await;
     }
 
     async fn send_plan(&mut self, update: PlanUpdate, at: Instant, trigger: &'static str) {
+        self.queue_plan(update, Some((at, trigger))).await
+    }
+
+    /// Sends `update`; `timed`: the event it answers and its trigger, for the convergence
+    /// histogram.
+    async fn queue_plan(&mut self, update: PlanUpdate, timed: Option<(Instant, &'static str)>) {
         self.plan_seq += 1;
         let seq = self.plan_seq;
         // Tunnel plans go ahead of routes; only route updates are timed.
-        if !matches!(update, PlanUpdate::Tunnels(_)) {
+        if !matches!(update, PlanUpdate::Tunnels(_))
+            && let Some((at, trigger)) = timed
+        {
             self.pending.push_back(PendingPlan {
                 seq,
                 event_at: at,
@@ -682,7 +713,7 @@ impl Agent {
             return Ok(());
         }
         // The speaker queued its deferred best paths before it said so: take them all.
-        while let Ok(batch) = self.best_rx.try_recv() {
+        while let Ok(batch) = self.best_rx.try_recv_batch() {
             self.absorb(batch);
         }
         self.deferral = None;

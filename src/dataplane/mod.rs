@@ -77,7 +77,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::LinkMessage;
 use tokio::io::Interest;
@@ -417,20 +417,58 @@ pub enum RouteChange {
 
 /// A device name held by desired routes; see [`Devices`].
 type DeviceId = NonZeroU32;
+/// A gateway held by desired routes; see [`Devices`].
+type GatewayId = NonZeroU32;
 
-/// The device names of the desired routes, each held once however many routes use it
-/// (100,000 routes through `tunl0` hold one name), with a count of its users.
+/// The device names and the gateways of the desired routes, each held once however many
+/// routes use it (100,000 routes through `tunl0` hold one name; a node's blocks, one
+/// gateway), so that a [`Slot`] holds two 4-byte ids.
 #[derive(Debug, Default)]
 struct Devices {
-    /// Name and number of routes using it, by id − 1; `None` = free.
-    entries: Vec<Option<(Arc<str>, u32)>>,
-    by_name: HashMap<Arc<str>, DeviceId>,
-    free: Vec<DeviceId>,
+    names: Interner<Arc<str>>,
+    gateways: Interner<IpAddr>,
 }
 
 impl Devices {
-    /// The id of `name`, counting one more user.
     fn intern(&mut self, name: Arc<str>) -> DeviceId {
+        self.names.intern(name)
+    }
+
+    fn release(&mut self, id: DeviceId) {
+        self.names.release(id)
+    }
+
+    fn name(&self, id: DeviceId) -> Option<&Arc<str>> {
+        self.names.get(id)
+    }
+
+    fn gateway(&self, id: GatewayId) -> Option<IpAddr> {
+        self.gateways.get(id).copied()
+    }
+}
+
+/// Values held once each, with a count of their users, by a 4-byte id.
+#[derive(Debug)]
+struct Interner<T> {
+    /// Value and number of users, by id − 1; `None` = free.
+    entries: Vec<Option<(T, u32)>>,
+    by_name: HashMap<T, NonZeroU32>,
+    free: Vec<NonZeroU32>,
+}
+
+impl<T> Default for Interner<T> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+            by_name: HashMap::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<T: Clone + Eq + std::hash::Hash> Interner<T> {
+    /// The id of `name`, counting one more user.
+    fn intern(&mut self, name: T) -> NonZeroU32 {
         if let Some(id) = self.by_name.get(&name).copied() {
             if let Some(Some((_, users))) = self.entries.get_mut(Self::index(id)) {
                 *users += 1;
@@ -444,9 +482,9 @@ impl Devices {
             }
             None => {
                 self.entries.push(Some((name.clone(), 1)));
-                // Fewer than 2^32 devices exist; saturate rather than wrap.
+                // Fewer than 2^32 devices or gateways exist; saturate rather than wrap.
                 let n = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
-                DeviceId::new(n).unwrap_or(DeviceId::MIN)
+                NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
             }
         };
         self.by_name.insert(name, id);
@@ -454,7 +492,7 @@ impl Devices {
     }
 
     /// One user of `id` fewer; the name goes with its last user.
-    fn release(&mut self, id: DeviceId) {
+    fn release(&mut self, id: NonZeroU32) {
         let index = Self::index(id);
         let Some(Some((name, users))) = self.entries.get_mut(index) else {
             return;
@@ -467,22 +505,22 @@ impl Devices {
         }
     }
 
-    fn name(&self, id: DeviceId) -> Option<&Arc<str>> {
+    fn get(&self, id: NonZeroU32) -> Option<&T> {
         self.entries
             .get(Self::index(id))
             .and_then(|e| e.as_ref().map(|(name, _)| name))
     }
 
-    fn index(id: DeviceId) -> usize {
+    fn index(id: NonZeroU32) -> usize {
         id.get() as usize - 1
     }
 }
 
 /// A destination the plan wants a route for: the desired route without its prefix (the key
-/// it is stored under), in 24 bytes, and whether the kernel has it.
+/// it is stored under), in 12 bytes, and whether the kernel has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Slot {
-    gateway: Option<IpAddr>,
+    gateway: Option<GatewayId>,
     device: Option<DeviceId>,
     kind: RouteKind,
     /// [`Slot::LINK_SCOPE`], [`Slot::ONLINK`], [`Slot::SYNCED`], [`Slot::BY_OTHER`].
@@ -501,7 +539,7 @@ impl Slot {
     /// Flags that say what the kernel has, not what is wanted.
     const STATE: u8 = Self::SYNCED | Self::BY_OTHER;
 
-    /// The slot of `route` (not synced), interning its device.
+    /// The slot of `route` (not synced), interning its device and gateway.
     fn new(route: DesiredRoute, devices: &mut Devices) -> (IpNet, Self) {
         let mut flags = 0;
         if route.scope == RouteScope::Link {
@@ -511,12 +549,26 @@ impl Slot {
             flags |= Self::ONLINK;
         }
         let slot = Self {
-            gateway: route.gateway,
+            gateway: route.gateway.map(|g| devices.gateways.intern(g)),
             device: route.device.map(|d| devices.intern(d)),
             kind: route.kind,
             flags,
         };
         (route.prefix.trunc(), slot)
+    }
+
+    /// Gives back its device and gateway (the slot is dropped).
+    fn release(&self, devices: &mut Devices) {
+        if let Some(device) = self.device {
+            devices.release(device);
+        }
+        if let Some(gateway) = self.gateway {
+            devices.gateways.release(gateway);
+        }
+    }
+
+    fn gateway(&self, devices: &Devices) -> Option<IpAddr> {
+        self.gateway.and_then(|g| devices.gateway(g))
     }
 
     fn synced(&self) -> bool {
@@ -539,7 +591,7 @@ impl Slot {
         DesiredRoute {
             prefix,
             kind: self.kind,
-            gateway: self.gateway,
+            gateway: self.gateway(devices),
             device: self.device.and_then(|d| devices.name(d).cloned()),
             onlink: self.flags & Self::ONLINK != 0,
             scope: if self.flags & Self::LINK_SCOPE != 0 {
@@ -553,21 +605,27 @@ impl Slot {
     /// The gateway to resolve through the kernel's table, as BIRD's `gateway recursive`: a
     /// route via a gateway that leaves the device to the kernel (pool `Never`, external
     /// prefixes) and is not onlink.
-    fn recursive_gateway(&self) -> Option<IpAddr> {
+    fn recursive_gateway(&self, devices: &Devices) -> Option<IpAddr> {
         if self.device.is_some() || self.flags & Self::ONLINK != 0 {
             return None;
         }
-        self.gateway
+        self.gateway(devices)
     }
 
     /// The kernel route for this slot; `oif` from the device name.
-    fn kernel_route(&self, dst: IpNet, protocol: u8, oif: Option<u32>) -> KernelRoute {
+    fn kernel_route(
+        &self,
+        dst: IpNet,
+        protocol: u8,
+        oif: Option<u32>,
+        devices: &Devices,
+    ) -> KernelRoute {
         KernelRoute::wanted(
             dst,
             protocol,
             self.kind == RouteKind::Blackhole,
             self.flags & Self::LINK_SCOPE != 0,
-            self.gateway,
+            self.gateway(devices),
             oif,
             self.flags & Self::ONLINK != 0,
         )
@@ -588,10 +646,59 @@ const TUNNEL_MAINTENANCE: Duration = Duration::from_millis(250);
 /// Destinations reconciled per round of requests: bounds the memory of one round.
 const RECONCILE_CHUNK: usize = 4096;
 
+/// Destinations in arrival order, an IPv4 one in 6 bytes instead of `IpNet`'s 18: a burst of
+/// 100,000 best-path changes waits here while the kernel is programmed.
+#[derive(Debug, Default)]
+struct DstQueue {
+    /// `None`: the next of `v6`.
+    order: VecDeque<Option<Ipv4Net>>,
+    v6: VecDeque<Ipv6Net>,
+}
+
+impl DstQueue {
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.order.clear();
+        self.v6.clear();
+    }
+
+    fn extend(&mut self, dsts: impl IntoIterator<Item = IpNet>) {
+        for dst in dsts {
+            match dst {
+                IpNet::V4(p) => self.order.push_back(Some(p)),
+                IpNet::V6(p) => {
+                    self.order.push_back(None);
+                    self.v6.push_back(p);
+                }
+            }
+        }
+    }
+
+    /// The first `n` destinations (all if fewer), in order.
+    fn take(&mut self, n: usize) -> Vec<IpNet> {
+        let n = n.min(self.order.len());
+        let mut out = Vec::with_capacity(n);
+        for d in self.order.drain(..n) {
+            match d {
+                Some(p) => out.push(IpNet::V4(p)),
+                None => out.extend(self.v6.pop_front().map(IpNet::V6)),
+            }
+        }
+        out
+    }
+}
+
 /// Destinations of applied updates still to reconcile ([`Dataplane::stream`]).
 #[derive(Debug, Default)]
 struct Pending {
-    dsts: VecDeque<IpNet>,
+    dsts: DstQueue,
     /// A full update came: everything is to be reconciled.
     full: bool,
     /// Destinations taken from `dsts` so far.
@@ -938,9 +1045,9 @@ impl<S: RouteSocket> Dataplane<S> {
             },
             None => None,
         };
-        let mut route = slot.kernel_route(dst, self.config.protocol, oif);
+        let mut route = slot.kernel_route(dst, self.config.protocol, oif, &self.devices);
         if let Some(Some((gateway, oif))) = slot
-            .recursive_gateway()
+            .recursive_gateway(&self.devices)
             .and_then(|g| self.recursive.get(&g))
         {
             route.gateway = Some(*gateway);
@@ -965,7 +1072,11 @@ impl<S: RouteSocket> Dataplane<S> {
     /// Looks up the gateways of `dsts` not resolved yet.
     fn resolve_gateways(&mut self, dsts: &[IpNet]) {
         for dst in dsts {
-            let Some(gateway) = self.slots.get(dst).and_then(Slot::recursive_gateway) else {
+            let Some(gateway) = self
+                .slots
+                .get(dst)
+                .and_then(|s| s.recursive_gateway(&self.devices))
+            else {
                 continue;
             };
             if !self.recursive.contains_key(&gateway) {
@@ -981,7 +1092,7 @@ impl<S: RouteSocket> Dataplane<S> {
         let used: BTreeSet<IpAddr> = self
             .slots
             .values()
-            .filter_map(Slot::recursive_gateway)
+            .filter_map(|s| s.recursive_gateway(&self.devices))
             .collect();
         self.recursive.retain(|g, _| used.contains(g));
         let mut changed = BTreeSet::new();
@@ -1039,15 +1150,13 @@ impl<S: RouteSocket> Dataplane<S> {
         let slot = self.slots.remove(&dst)?;
         self.tunnels.route_removed(dst);
         self.desired_by_kind[slot.kind.index()] -= 1;
-        if let Some(device) = slot.device {
-            self.devices.release(device);
-        }
         if slot.synced() {
             self.synced -= 1;
             // Deletes name key, type and protocol; the device does not matter.
-            let route = slot.kernel_route(dst, self.config.protocol, None);
+            let route = slot.kernel_route(dst, self.config.protocol, None, &self.devices);
             self.strays.insert(route.key, route);
         }
+        slot.release(&mut self.devices);
         Some(slot)
     }
 
@@ -1055,14 +1164,13 @@ impl<S: RouteSocket> Dataplane<S> {
     fn upsert_slot(&mut self, route: DesiredRoute) -> Option<IpNet> {
         let (dst, slot) = Slot::new(route, &mut self.devices);
         if self.slots.get(&dst).is_some_and(|s| s.same_want(&slot)) {
-            if let Some(device) = slot.device {
-                self.devices.release(device);
-            }
+            slot.release(&mut self.devices);
             return None;
         }
         self.remove_slot(dst);
         self.desired_by_kind[slot.kind.index()] += 1;
-        self.tunnels.route_upserted(dst, slot.kind, slot.gateway);
+        self.tunnels
+            .route_upserted(dst, slot.kind, slot.gateway(&self.devices));
         self.slots.insert(dst, slot);
         Some(dst)
     }
@@ -1669,7 +1777,7 @@ impl<S: RouteSocket> Dataplane<S> {
                 .iter()
                 .filter(|(_, slot)| slot.synced())
                 .filter_map(|(dst, slot)| {
-                    let gateway = slot.recursive_gateway()?;
+                    let gateway = slot.recursive_gateway(&self.devices)?;
                     Some((dst, gateway, self.lower(dst, slot).ok()?))
                 })
                 .collect();
@@ -1728,12 +1836,13 @@ impl<S: RouteSocket> Dataplane<S> {
             .values()
             .filter(|r| r.oif == Some(index))
             .filter_map(|r| r.gateway.map(|g| (r.key.dst, g)));
-        let id = self.devices.by_name.get(device).copied();
+        let id = self.devices.names.by_name.get(device).copied();
+        let devices = &self.devices;
         let synced = self
             .slots
             .iter()
             .filter(|(_, s)| s.synced() && id.is_some() && s.device == id)
-            .filter_map(|(d, s)| s.gateway.map(|g| (d, g)));
+            .filter_map(|(d, s)| s.gateway(devices).map(|g| (d, g)));
         strays.chain(synced).collect()
     }
 
@@ -1774,7 +1883,7 @@ impl<S: RouteSocket> Dataplane<S> {
     /// routes (the old one, through the device perhaps, still in the kernel and the new one
     /// not in yet). The rule for removing a tunnel device that left the plan.
     fn device_needed(&self, name: &str) -> bool {
-        self.devices.by_name.contains_key(name)
+        self.devices.names.by_name.contains_key(name)
             || !self.routes_via(name).is_empty()
             || self.slots.iter().any(|(dst, slot)| {
                 !slot.synced() && self.strays.range(RouteKey::range(dst)).next().is_some()
@@ -1815,7 +1924,7 @@ impl<S: RouteSocket> Dataplane<S> {
             });
         let devices = &self.devices;
         let report = self.vxlan.reconcile(&mut self.sock, |name| {
-            !held_back && !devices.by_name.contains_key(name)
+            !held_back && !devices.names.by_name.contains_key(name)
         });
         let mut names = Vec::new();
         for link in &report.links {
@@ -1890,7 +1999,7 @@ impl<S: RouteSocket> Dataplane<S> {
                 pending.full = false;
             } else if !pending.dsts.is_empty() {
                 let take = pending.dsts.len().min(RECONCILE_CHUNK);
-                let mut chunk: Vec<IpNet> = pending.dsts.drain(..take).collect();
+                let mut chunk: Vec<IpNet> = pending.dsts.take(take);
                 pending.taken += take as u64;
                 chunk.sort_unstable();
                 chunk.dedup();
@@ -2056,6 +2165,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_destination_queue_keeps_arrival_order_across_families() {
+        let nets: Vec<IpNet> = [
+            "10.0.0.0/26",
+            "fd00::/122",
+            "10.0.0.64/26",
+            "fd00::40/122",
+            "fd00::80/122",
+            "10.0.0.0/26",
+            "192.168.0.1/32",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let mut q = DstQueue::default();
+        assert!(q.is_empty());
+        q.extend(nets.iter().copied());
+        assert_eq!(q.len(), nets.len());
+        assert_eq!(q.take(3), nets[..3]);
+        q.extend(nets[..2].iter().copied());
+        assert_eq!(q.len(), nets.len() - 3 + 2);
+        let mut want = nets[3..].to_vec();
+        want.extend_from_slice(&nets[..2]);
+        assert_eq!(q.take(100), want, "more than waits: all of it");
+        assert!(q.is_empty());
+        q.extend(nets.iter().copied());
+        q.clear();
+        assert!(q.is_empty());
+        q.extend(nets[1..2].iter().copied());
+        assert_eq!(q.take(1), nets[1..2], "IPv6 queue emptied by clear");
+    }
+
+    #[test]
     fn protocols_of_other_daemons_are_refused() {
         for taken in [2u8, 3, 4, 12, 17, 80, 186, 188] {
             let config = DataplaneConfig {
@@ -2091,7 +2232,7 @@ mod tests {
         assert_eq!(eth0, tunl0);
         assert_eq!(devices.name(eth0).map(|n| &**n), Some("eth0"));
         assert_eq!(devices.name(cali).map(|n| &**n), Some("cali0123456789a"));
-        assert_eq!(devices.by_name.len(), 2);
+        assert_eq!(devices.names.by_name.len(), 2);
     }
 
     #[test]
@@ -2113,14 +2254,27 @@ mod tests {
             onlink: false,
             scope: RouteScope::Link,
         };
-        for r in [route, workload] {
+        for r in [route.clone(), workload] {
             let (dst, mut slot) = Slot::new(r.clone(), &mut devices);
             assert_eq!(slot.route(dst, &devices), r);
             let same = slot;
             slot.flags |= Slot::SYNCED;
             assert!(slot.same_want(&same), "synced or not, the same route");
         }
-        assert!(std::mem::size_of::<Slot>() <= 24);
+        assert!(std::mem::size_of::<Slot>() <= 12);
+        assert_eq!(devices.gateways.by_name.len(), 1, "one gateway, held once");
+        let (_, slot) = Slot::new(route, &mut devices);
+        assert_eq!(
+            devices.gateways.by_name.len(),
+            1,
+            "the same gateway again: same id"
+        );
+        slot.release(&mut devices);
+        slot.release(&mut devices);
+        assert!(
+            devices.gateways.by_name.is_empty(),
+            "freed with its last route"
+        );
     }
 
     /// The workload route of the plan, lowered for device index 7.
