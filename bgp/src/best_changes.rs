@@ -10,7 +10,7 @@
 //! churn, and the user still sees every prefix whose best path changed, ending with its
 //! current best.
 //!
-//! A change waits in 32 bytes ([`Waiting`]: the prefix, the attribute set it shares with the
+//! A change waits in 32 bytes (`Waiting`: the prefix, the attribute set it shares with the
 //! RIB, and an index into a small table of (peer, peer address, next hop, stale), which few
 //! routes differ in) rather than as a 72-byte [`BestChange`]: while the kernel is programmed,
 //! a burst of 100,000 changes waits here. [`BestChanges::recv_batch`] hands them over as

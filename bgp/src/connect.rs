@@ -1,7 +1,7 @@
 //! Turns for outbound connection attempts: the speaker-wide bound on attempts in flight, and
 //! the order in which waiting peers get a turn.
 //!
-//! A session takes a [`ConnectTurn`] before it calls `connect` and gives it back when the
+//! A session takes a `ConnectTurn` before it calls `connect` and gives it back when the
 //! attempt ends (or is abandoned), so thousands of unreachable peers hold at most `limit`
 //! half-open sockets between them. Who gets a free turn:
 //!
@@ -15,8 +15,8 @@
 //! Retries hold at most half of the turns, so dead peers backing off can never keep a live
 //! peer waiting more than one attempt's time.
 //!
-//! A waiter is either a task awaiting [`ConnectLimiter::turn`] or a peer without a session
-//! task ([`ConnectLimiter::request`]): its turn is sent to the speaker core on the grant
+//! A waiter is either a task awaiting `ConnectLimiter::turn` or a peer without a session
+//! task (`ConnectLimiter::request`): its turn is sent to the speaker core on the grant
 //! channel, which then starts the peer's session with the turn in hand. That is what lets a
 //! never-connected peer wait for its turn as a few bytes in a queue instead of a task.
 

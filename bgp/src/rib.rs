@@ -2,7 +2,7 @@
 //! decision process of §9.1.2, and Adj-RIB-Out with the export rules of §9.1.3, RFC 4456
 //! (route reflection) and §5.1 (attribute handling towards iBGP and eBGP peers).
 //!
-//! The Adj-RIB-Out is kept per *update group* ([`update_group`]): Established peers with the
+//! The Adj-RIB-Out is kept per *update group* (`update_group`): Established peers with the
 //! same export policy share it, the export rules run once per group, and the speaker encodes
 //! one UPDATE stream per group. A route reflector with a thousand clients thus does the work
 //! of one client per change, not a thousand.
