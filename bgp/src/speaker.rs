@@ -846,6 +846,9 @@ struct Core {
     grants_rx: Option<mpsc::UnboundedReceiver<(PeerId, ConnectTurn)>>,
     /// Dormant peers' backoff deadlines (entries of peers no longer waiting are skipped).
     retries: BTreeSet<(Instant, PeerId)>,
+    /// Peers with a graceful restart timer running: the only ones the timer checks look at,
+    /// so an event costs nothing per idle peer in a mesh of thousands.
+    gr_armed: BTreeSet<PeerId>,
     /// Every peer's jitter seed is derived from this one.
     jitter_seed: u64,
     /// Connections from addresses that are not configured peers, held while the initial
@@ -928,6 +931,7 @@ impl Core {
             limiter: Arc::new(ConnectLimiter::new(cfg.max_connects_in_flight, grants_tx)),
             grants_rx: Some(grants_rx),
             retries: BTreeSet::new(),
+            gr_armed: BTreeSet::new(),
             held: Vec::new(),
             hold_until: None,
             jitter_seed: cfg.jitter_seed.unwrap_or_else(|| {
@@ -987,8 +991,9 @@ impl Core {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.peers
-            .values()
+        self.gr_armed
+            .iter()
+            .filter_map(|id| self.peers.get(id))
             .flat_map(|p| p.gr_timers.iter().flatten())
             .chain(self.deferral_deadline.iter())
             .chain(self.retries.first().map(|(t, _)| t))
@@ -1087,13 +1092,24 @@ impl Core {
             self.end_deferral("selection deferral timer expired").await;
         }
         let mut due = Vec::new();
-        for (id, p) in &mut self.peers {
+        let mut disarmed = Vec::new();
+        for &id in &self.gr_armed {
+            let Some(p) = self.peers.get_mut(&id) else {
+                disarmed.push(id);
+                continue;
+            };
             for t in GrTimer::ALL {
                 if p.gr_timers[t.index()].is_some_and(|d| d <= now) {
                     p.gr_timers[t.index()] = None;
-                    due.push((*id, t));
+                    due.push((id, t));
                 }
             }
+            if p.gr_timers.iter().all(Option::is_none) {
+                disarmed.push(id);
+            }
+        }
+        for id in disarmed {
+            self.gr_armed.remove(&id);
         }
         for (id, t) in due {
             let ev = match t {
@@ -1255,6 +1271,7 @@ impl Core {
         let Some(id) = self.by_addr.remove(&addr) else {
             return false;
         };
+        self.gr_armed.remove(&id);
         if let Some(p) = self.peers.remove(&id) {
             if let Some(session) = &p.session {
                 let _ = session.send(SessionCmd::Stop(Notification::cease(subcode)));
@@ -1686,11 +1703,15 @@ impl Core {
                 GrAction::StartTimer(t, d) => {
                     if let Some(p) = self.peers.get_mut(&id) {
                         p.gr_timers[t.index()] = Some(Instant::now() + d);
+                        self.gr_armed.insert(id);
                     }
                 }
                 GrAction::StopTimer(t) => {
                     if let Some(p) = self.peers.get_mut(&id) {
                         p.gr_timers[t.index()] = None;
+                        if p.gr_timers.iter().all(Option::is_none) {
+                            self.gr_armed.remove(&id);
+                        }
                     }
                 }
             }
