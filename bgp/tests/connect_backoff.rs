@@ -18,7 +18,7 @@ use podroute_bgp::fsm::{REFUSED_QUICK_RETRIES, State};
 use podroute_bgp::{PeerConfig, PeerStatus, Speaker, SpeakerConfig};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
-use support::Endpoint;
+use support::{Endpoint, peer_status as status, wait_async as wait_for};
 use tokio::time::Instant;
 
 const RETRY: Duration = Duration::from_millis(100);
@@ -72,30 +72,6 @@ fn most_attempts(elapsed: Duration) -> u64 {
         }
         n += 1;
     }
-}
-
-async fn status(s: &Speaker, addr: IpAddr) -> PeerStatus {
-    s.peers()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|p| p.addr == addr)
-        .expect("peer configured")
-}
-
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// A listener that never accepts, its accept queue filled: SYNs to it go unanswered.

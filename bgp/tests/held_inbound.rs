@@ -9,10 +9,10 @@
 mod support;
 
 use podroute_bgp::fsm::State;
-use podroute_bgp::{EarlyListener, PeerConfig, PeerStatus, Speaker, SpeakerConfig};
+use podroute_bgp::{EarlyListener, PeerConfig, Speaker, SpeakerConfig};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
-use support::{Endpoint, alloc_addr};
+use support::{Endpoint, alloc_addr, peer_status as status, wait_async as wait_for};
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
@@ -35,30 +35,6 @@ fn peer(from: &Endpoint, to: &Endpoint, passive: bool) -> PeerConfig {
     p.passive = passive;
     p.kind = "mesh".into();
     p
-}
-
-async fn status(s: &Speaker, addr: IpAddr) -> PeerStatus {
-    s.peers()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|p| p.addr == addr)
-        .expect("peer configured")
-}
-
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// A plain TCP connection to `to` from a fresh loopback address (not a peer).

@@ -242,6 +242,33 @@ pub fn wait_for(
     wait_until(timeout, what, || f().then_some(()), diag)
 }
 
+/// Await `f` every 20 ms until it holds; panic naming `what` after 30 s (tests of podroute
+/// speakers in the test's own runtime).
+pub async fn wait_async<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// The status of the peer at `addr` on a podroute speaker (it must be configured).
+pub async fn peer_status(s: &podroute_bgp::Speaker, addr: IpAddr) -> podroute_bgp::PeerStatus {
+    s.peers()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|p| p.addr == addr)
+        .expect("peer configured")
+}
+
 /// Last `n` lines of a file (empty string if unreadable).
 pub fn tail_file(path: &Path, n: usize) -> String {
     let s = std::fs::read_to_string(path).unwrap_or_default();
