@@ -20,7 +20,8 @@
 //! routes of the main table (RTM_NEWROUTE adds, RTM_DELROUTE removes; on ENOBUFS it resyncs
 //! with a dump and counts an overflow); t1 is when that set first reaches the target.
 //! Phases per run: announce N (target N), withdraw every 10th (target 0.9 N), re-announce them
-//! (target N). Peak RSS is the receiver's VmHWM after the three phases; CPU is its user+system
+//! (target N). Peak RSS is the receiver's VmHWM after the three phases (peak anon RSS, the
+//! largest `RssAnon` sampled every 2 ms, is the part that is not code pages); CPU is its user+system
 //! time over the whole run (start-up included).
 //!
 //! Rounds alternate the order (podroute first, then BIRD first, ...). Medians per size and the
@@ -48,6 +49,9 @@ struct RunResult {
     withdraw: f64,
     reannounce: f64,
     hwm_kib: u64,
+    /// The largest `RssAnon` seen by sampling every 2 ms: the receiver's own memory (heap,
+    /// stacks), without the code pages that VmHWM also counts.
+    anon_peak_kib: u64,
     cpu: f64,
     overflows: usize,
 }
@@ -222,6 +226,42 @@ fn perf_attach(kind: Kind, n: usize, pid: u32) -> Option<Child> {
     Some(child)
 }
 
+/// Samples a process's `RssAnon` every 2 ms on a thread of its own and keeps the largest.
+struct AnonSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl AnonSampler {
+    fn start(pid: u32) -> AnonSampler {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let path = format!("/proc/{pid}/status");
+            let mut peak = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                let s = std::fs::read_to_string(&path).unwrap_or_default();
+                let anon = s
+                    .lines()
+                    .find(|l| l.starts_with("RssAnon:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                peak = peak.max(anon);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peak
+        });
+        AnonSampler { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
+}
+
 fn run_once(kind: Kind, n: usize) -> RunResult {
     let inj = Netns::new("inj");
     let recv = Netns::new("recv");
@@ -246,6 +286,7 @@ fn run_once(kind: Kind, n: usize) -> RunResult {
     let mut child = start_receiver(kind, &recv, dir.path());
     let pid = child.id();
     let mut perf = perf_attach(kind, n, pid);
+    let anon = AnonSampler::start(pid);
     let mut s = connect(&inj, &mut child, &log);
     // Drain whatever the receiver sends (KEEPALIVEs, its own routes).
     let mut rd = s.try_clone().unwrap_or_else(|e| panic!("{e}"));
@@ -270,6 +311,7 @@ fn run_once(kind: Kind, n: usize) -> RunResult {
     let t_wd = phase(&withdraw, n - tenth.len(), "withdraw");
     let t_re = phase(&reannounce, n, "re-announce");
     let (hwm, _) = rss_kib(pid);
+    let anon_peak_kib = anon.stop();
     let cpu = cpu_secs(pid);
     if let Some(p) = perf.as_mut() {
         // SAFETY: signalling our own child (perf writes its file on SIGINT).
@@ -288,6 +330,7 @@ fn run_once(kind: Kind, n: usize) -> RunResult {
         withdraw: t_wd,
         reannounce: t_re,
         hwm_kib: hwm,
+        anon_peak_kib,
         cpu,
         overflows: watcher.overflows(),
     };
@@ -340,13 +383,14 @@ fn main() {
                 println!(
                     "  N={n:<6} round {r} {:<8}: announce {:>7.1} ms ({:>7.0} routes/s)  \
                      withdraw 10% {:>6.1} ms  re-announce {:>6.1} ms  peak RSS {:>6.1} MiB  \
-                     CPU {:>5.2} s{}",
+                     (anon {:>5.1} MiB)  CPU {:>5.2} s{}",
                     k.name(),
                     res.announce * 1e3,
                     n as f64 / res.announce,
                     res.withdraw * 1e3,
                     res.reannounce * 1e3,
                     res.hwm_kib as f64 / 1024.0,
+                    res.anon_peak_kib as f64 / 1024.0,
                     res.cpu,
                     if res.overflows > 0 {
                         format!("  ({} netlink overflows, resynced by dump)", res.overflows)
@@ -367,7 +411,7 @@ fn main() {
         };
         println!("  N={n} medians over {rounds} rounds:");
         type Metric = (&'static str, fn(&RunResult) -> f64, f64, &'static str);
-        let metrics: [Metric; 5] = [
+        let metrics: [Metric; 6] = [
             ("announce (ms)", |r| r.announce * 1e3, 0.6, "time"),
             ("withdraw 10% (ms)", |r| r.withdraw * 1e3, 0.0, ""),
             ("re-announce 10% (ms)", |r| r.reannounce * 1e3, 0.0, ""),
@@ -376,6 +420,12 @@ fn main() {
                 |r| r.hwm_kib as f64 / 1024.0,
                 if n >= 100_000 { 1.5 } else { 0.0 },
                 "RSS",
+            ),
+            (
+                "peak anon RSS (MiB)",
+                |r| r.anon_peak_kib as f64 / 1024.0,
+                0.0,
+                "",
             ),
             ("receiver CPU (s)", |r| r.cpu, 0.0, ""),
         ];
