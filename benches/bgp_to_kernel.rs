@@ -2,7 +2,8 @@
 //!
 //! `cargo bench --bench bgp_to_kernel` (env: `PODROUTE_BENCH_SIZES=20000,100000`,
 //! `PODROUTE_BENCH_ROUNDS=5`, `PODROUTE_BENCH_ONLY=podroute|bird`, `PODROUTE_BENCH_PERF=cpu|faults`,
-//! `PODROUTE_BENCH_WRAP`: a command that execs the podroute receiver, e.g. heaptrack's preload).
+//! `PODROUTE_BENCH_WRAP`: a command that execs the podroute receiver, e.g. heaptrack's preload or
+//! valgrind; `PODROUTE_BENCH_DEBUG`: print the receiver's `Rss*` lines at the end of each run).
 //!
 //! Per run: two fresh namespaces joined by a veth pair, injector `100.64.0.1/24` and receiver
 //! `100.64.0.2/24`. The receiver is a separate process: `podroute agent` (the release binary,
@@ -311,6 +312,11 @@ fn run_once(kind: Kind, n: usize) -> RunResult {
     let t_wd = phase(&withdraw, n - tenth.len(), "withdraw");
     let t_re = phase(&reannounce, n, "re-announce");
     let (hwm, _) = rss_kib(pid);
+    if std::env::var("PODROUTE_BENCH_DEBUG").is_ok() {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let f: Vec<&str> = st.lines().filter(|l| l.starts_with("Rss")).collect();
+        println!("    end: {}", f.join("  "));
+    }
     let anon_peak_kib = anon.stop();
     let cpu = cpu_secs(pid);
     if let Some(p) = perf.as_mut() {
@@ -320,7 +326,11 @@ fn run_once(kind: Kind, n: usize) -> RunResult {
     }
     let comm = process_name(pid);
     assert!(
-        comm.starts_with("bird") || comm.starts_with("podroute"),
+        comm.starts_with("bird")
+            || comm.starts_with("podroute")
+            // `PODROUTE_BENCH_WRAP` with valgrind (its tool runs as the process).
+            || comm.starts_with("callgrind")
+            || comm.starts_with("memcheck"),
         "pid {pid} is {comm:?}, not the receiver"
     );
     stop(&mut child, Duration::from_secs(5));
