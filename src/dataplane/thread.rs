@@ -59,7 +59,8 @@ where
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
-        .thread_name(format!("{name}-blocking"))
+        // `spawn_blocking`'s threads (Linux keeps 15 bytes of a thread's name).
+        .thread_name(format!("{name}-blk"))
         .build()?;
     let (result_tx, result) = oneshot::channel();
     let (stop, stop_rx) = oneshot::channel::<()>();
@@ -143,14 +144,14 @@ impl<T> Future for RuntimeThread<T> {
     type Output = Result<T, ThreadEnded>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let name = self.name.clone();
-        Pin::new(&mut self.result).poll(cx).map(|result| {
+        match std::task::ready!(Pin::new(&mut self.result).poll(cx)) {
+            Ok(result) => Poll::Ready(result),
             // The sender is dropped unsent only if the thread itself died.
-            result.unwrap_or(Err(ThreadEnded::Panicked {
-                thread: name,
+            Err(_) => Poll::Ready(Err(ThreadEnded::Panicked {
+                thread: self.name.clone(),
                 message: "the thread ended without a result".into(),
-            }))
-        })
+            })),
+        }
     }
 }
 
