@@ -138,6 +138,21 @@ fn three_agents_reach_a_full_mesh() {
     }
     let lab = converged_lab("mesh");
     for node in &lab.spec.nodes {
+        // The dataplane's blocking netlink calls run on their own thread, not on a worker of
+        // the speaker's runtime.
+        let pid = lab.pid(&node.name).expect("agent pid");
+        let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("agent's threads")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|comm| comm.trim().to_string())
+            .collect();
+        assert!(
+            threads
+                .iter()
+                .any(|t| t == podroute::agent::DATAPLANE_THREAD),
+            "{}: no dataplane thread among {threads:?}",
+            node.name
+        );
         let s = status(&lab, &node.name);
         assert_eq!(s.node, node.name);
         assert_eq!(s.ipv4.as_deref(), Some(node.addr.to_string().as_str()));

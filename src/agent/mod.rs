@@ -5,8 +5,9 @@
 //! best paths learned, the links the dataplane reported. After every change it recomputes
 //! (pure functions in [`peers`] and [`intent`], then [`crate::plan`]) and hands the
 //! differences on: `set_peer`/`remove_peer` and `announce`/`withdraw` to the speaker
-//! (`sessions.rs`), plan updates to the dataplane task. Nothing is withdrawn or deleted before
-//! the datastore's initial sync: the loop starts only after it (`startup.rs`).
+//! (`sessions.rs`), plan updates to the dataplane (on its own thread and runtime,
+//! [`crate::dataplane::thread`]). Nothing is withdrawn or deleted before the datastore's
+//! initial sync: the loop starts only after it (`startup.rs`).
 //!
 //! Where things live: the tunnel devices (`tunl0`, its address and MTU, the userspace IPIP
 //! forwarder and its table) are the dataplane's ([`crate::dataplane::tunnels`]), made from the
@@ -63,6 +64,7 @@ pub use config::AgentArgs;
 pub use startup::{node_name, run, start_datastore, wait_synced};
 
 use crate::dataplane::ipip_user::IpipCounters;
+use crate::dataplane::thread::{self, RuntimeThread};
 use crate::dataplane::tunnels::TunnelsConfig;
 use crate::dataplane::tunnels::ipip::IpipConfig;
 use crate::dataplane::{
@@ -142,6 +144,15 @@ struct PendingPlan {
     event_at: Instant,
     trigger: &'static str,
 }
+
+/// The name of the dataplane's thread ([`crate::dataplane::thread`]).
+pub const DATAPLANE_THREAD: &str = "dataplane";
+
+/// The dataplane running on its thread; its output is why it stopped.
+pub type DataplaneThread = RuntimeThread<anyhow::Result<()>>;
+
+/// How long shutdown waits for the dataplane thread to end.
+const DATAPLANE_STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// Plan updates queued towards the dataplane at most; the loop waits for room beyond.
 const PLAN_QUEUE: usize = 64;
@@ -230,11 +241,11 @@ pub struct Agent {
 
 impl Agent {
     /// Starts the speaker and the dataplane (in the calling thread's network namespace) and
-    /// returns the loop, ready to [`run`](Self::run), with the dataplane task's handle.
+    /// returns the loop, ready to [`run`](Self::run), with the dataplane thread's handle.
     pub async fn start(
         args: AgentArgs,
         startup: Startup,
-    ) -> anyhow::Result<(Self, JoinHandle<anyhow::Result<()>>)> {
+    ) -> anyhow::Result<(Self, DataplaneThread)> {
         let Startup {
             node,
             address,
@@ -309,11 +320,14 @@ impl Agent {
 
         let (plan_tx, plan_rx) = mpsc::channel(PLAN_QUEUE);
         let (status_tx, dp_status) = watch::channel(DataplaneStatus::default());
-        let dataplane_task = tokio::spawn(async move {
+        // Its own thread and runtime: its netlink calls block while the kernel takes the
+        // routes, and must not hold a worker of the speaker's and this loop's runtime.
+        let dataplane_task = thread::spawn(DATAPLANE_THREAD, async move {
             dp.run(plan_rx, status_tx)
                 .await
                 .context("dataplane stopped")
-        });
+        })
+        .context("starting the dataplane thread")?;
 
         metrics
             .build_info
@@ -410,7 +424,7 @@ impl Agent {
     /// Runs until the speaker, the datastore or the dataplane stops, or `shutdown` fires.
     pub async fn run(
         mut self,
-        mut dataplane: JoinHandle<anyhow::Result<()>>,
+        mut dataplane: DataplaneThread,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
@@ -438,6 +452,9 @@ impl Agent {
                            and sessions close without NOTIFICATION so GR peers keep ours");
                     self.condition.shutdown(self.args.shutdown_condition).await;
                     let _ = self.speaker.shutdown_for_restart().await;
+                    // The dataplane stops at its next await (a batch being sent completes);
+                    // its thread is joined unless that takes long (then it is left to end).
+                    let _ = tokio::time::timeout(DATAPLANE_STOP_WAIT, dataplane.stop()).await;
                     return Ok(());
                 }
                 changed = state_rx.changed() => {
@@ -557,7 +574,7 @@ impl Agent {
             }
         }
         // Waits while the dataplane is [`PLAN_QUEUE`] updates behind (it never waits on the
-        // loop). A closed channel means the dataplane task ended; the loop learns why from
+        // loop). A closed channel means the dataplane ended; the loop learns why from
         // its handle.
         let _ = self.plan_tx.send(PlanMessage { seq, update }).await;
     }
@@ -820,11 +837,34 @@ fn route_changes(
         .collect()
 }
 
-/// Why the dataplane task ended (its result).
-async fn dataplane_ended(dataplane: &mut JoinHandle<anyhow::Result<()>>) -> anyhow::Error {
+/// Why the dataplane thread ended (its result).
+async fn dataplane_ended(dataplane: &mut DataplaneThread) -> anyhow::Error {
     match dataplane.await {
         Ok(Ok(())) => anyhow::anyhow!("dataplane stopped"),
         Ok(Err(e)) => e,
-        Err(e) => anyhow::anyhow!("dataplane task failed: {e}"),
+        Err(e) => anyhow::anyhow!("dataplane failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_loop_ends_with_the_dataplane_threads_error_or_panic() {
+        let mut failed: DataplaneThread = thread::spawn(DATAPLANE_THREAD, async {
+            Err(anyhow::anyhow!("monitor socket closed")).context("dataplane stopped")
+        })
+        .unwrap();
+        assert_eq!(
+            format!("{:#}", dataplane_ended(&mut failed).await),
+            "dataplane stopped: monitor socket closed"
+        );
+        let mut panicked: DataplaneThread =
+            thread::spawn(DATAPLANE_THREAD, async { panic!("batch overflow") }).unwrap();
+        assert_eq!(
+            dataplane_ended(&mut panicked).await.to_string(),
+            "dataplane failed: thread \"dataplane\" panicked: batch overflow"
+        );
     }
 }

@@ -67,6 +67,7 @@ pub mod ipip_user;
 pub mod kernel;
 pub mod monitor;
 pub mod socket;
+pub mod thread;
 pub mod tunnel;
 pub mod tunnels;
 pub mod vxlan;
