@@ -239,17 +239,9 @@ impl AnonSampler {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            let path = format!("/proc/{pid}/status");
             let mut peak = 0u64;
             while !flag.load(Ordering::Relaxed) {
-                let s = std::fs::read_to_string(&path).unwrap_or_default();
-                let anon = s
-                    .lines()
-                    .find(|l| l.starts_with("RssAnon:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-                peak = peak.max(anon);
+                peak = peak.max(status_kib(&proc_status(pid), "RssAnon:"));
                 std::thread::sleep(Duration::from_millis(2));
             }
             peak
@@ -313,7 +305,7 @@ fn run_once(kind: Kind, n: usize) -> RunResult {
     let t_re = phase(&reannounce, n, "re-announce");
     let (hwm, _) = rss_kib(pid);
     if std::env::var("PODROUTE_BENCH_DEBUG").is_ok() {
-        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let st = proc_status(pid);
         let f: Vec<&str> = st.lines().filter(|l| l.starts_with("Rss")).collect();
         println!("    end: {}", f.join("  "));
     }

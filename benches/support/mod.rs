@@ -216,15 +216,24 @@ fn parse_prefixes(mut b: &[u8]) -> Vec<(u32, u8)> {
 
 /// Peak RSS (VmHWM) and current RSS of a process, in KiB.
 pub fn rss_kib(pid: u32) -> (u64, u64) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        s.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
+    let s = proc_status(pid);
+    (status_kib(&s, "VmHWM:"), status_kib(&s, "VmRSS:"))
+}
+
+/// `/proc/PID/status` (empty once the process is gone).
+pub fn proc_status(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()
+}
+
+/// The kB value of the `name` line (e.g. `"RssAnon:"`) of a `/proc/PID/status` text; 0 if
+/// absent.
+pub fn status_kib(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// User + system CPU time of a process so far (clock ticks → seconds).
