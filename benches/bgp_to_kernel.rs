@@ -2,8 +2,10 @@
 //!
 //! `cargo bench --bench bgp_to_kernel` (env: `PODROUTE_BENCH_SIZES=20000,100000`,
 //! `PODROUTE_BENCH_ROUNDS=5`, `PODROUTE_BENCH_ONLY=podroute|bird`, `PODROUTE_BENCH_PERF=cpu|faults`,
+//! `PODROUTE_BENCH_WATCH=poll`,
 //! `PODROUTE_BENCH_WRAP`: a command that execs the podroute receiver, e.g. heaptrack's preload or
-//! valgrind; `PODROUTE_BENCH_DEBUG`: print the receiver's `Rss*` lines at the end of each run).
+//! valgrind; `PODROUTE_BENCH_DEBUG`: print each phase's progress curve (first route, 10 %, 50 %, 90 %)
+//! and the receiver's `Rss*` lines at the end of each run).
 //!
 //! Per run: two fresh namespaces joined by a veth pair, injector `100.64.0.1/24` and receiver
 //! `100.64.0.2/24`. The receiver is a separate process: `podroute agent` (the release binary,
@@ -19,7 +21,10 @@
 //! **t1 = the instant the last route is visible in the receiver's kernel**: a netlink socket
 //! in the receiver namespace subscribed to RTNLGRP_IPV4_ROUTE keeps the set of 10/8 /26
 //! routes of the main table (RTM_NEWROUTE adds, RTM_DELROUTE removes; on ENOBUFS it resyncs
-//! with a dump and counts an overflow); t1 is when that set first reaches the target.
+//! with a dump and counts an overflow); t1 is when that set first reaches the target. The
+//! watcher sleeps in `recv`, so the kernel wakes it for every route in the inserting thread's
+//! time; `PODROUTE_BENCH_WATCH=poll` makes it poll every 250 µs instead (see
+//! `support::watch_polls`), which takes that cost off both receivers.
 //! Phases per run: announce N (target N), withdraw every 10th (target 0.9 N), re-announce them
 //! (target N). Peak RSS is the receiver's VmHWM after the three phases (peak anon RSS, the
 //! largest `RssAnon` sampled every 2 ms, is the part that is not code pages); CPU is its user+system
@@ -286,12 +291,29 @@ fn run_once(kind: Kind, n: usize) -> RunResult {
     std::thread::spawn(move || while read_msg(&mut rd).is_ok() {});
 
     let timeout = Duration::from_secs(120);
+    let debug = std::env::var("PODROUTE_BENCH_DEBUG").is_ok();
     let mut phase = |bytes: &[u8], target: usize, what: &str| -> f64 {
+        let start = watcher.count();
         watcher.arm(target);
         let t0 = Instant::now();
         s.write_all(bytes).unwrap_or_else(|e| panic!("write: {e}"));
         match watcher.wait(timeout) {
-            Some(t1) => t1.duration_since(t0).as_secs_f64(),
+            Some(t1) => {
+                if debug {
+                    // The progress curve: first route, then 10 %, 50 %, 90 % of the phase.
+                    let marks: Vec<String> = watcher
+                        .progress(start, &[0.1, 0.5, 0.9])
+                        .iter()
+                        .map(|t| {
+                            t.map_or("-".into(), |t| {
+                                format!("{:.1}", t.duration_since(t0).as_secs_f64() * 1e3)
+                            })
+                        })
+                        .collect();
+                    println!("    {what}: first/10%/50%/90% at {} ms", marks.join("/"));
+                }
+                t1.duration_since(t0).as_secs_f64()
+            }
             None => panic!(
                 "{} {what}: {} of {target} routes after {timeout:?}\n{}",
                 kind.name(),
@@ -304,7 +326,7 @@ fn run_once(kind: Kind, n: usize) -> RunResult {
     let t_wd = phase(&withdraw, n - tenth.len(), "withdraw");
     let t_re = phase(&reannounce, n, "re-announce");
     let (hwm, _) = rss_kib(pid);
-    if std::env::var("PODROUTE_BENCH_DEBUG").is_ok() {
+    if debug {
         let st = proc_status(pid);
         let f: Vec<&str> = st.lines().filter(|l| l.starts_with("Rss")).collect();
         println!("    end: {}", f.join("  "));
@@ -371,7 +393,12 @@ fn main() {
     println!(
         "bgp_to_kernel: sizes {sizes:?}, {rounds} rounds alternating order; receiver = separate \
          process; t0 = first UPDATE written, t1 = last route seen on RTNLGRP_IPV4_ROUTE in the \
-         receiver namespace. NOTE: shared 2-core machine, wall times are noisy."
+         receiver namespace (watcher {}). NOTE: shared 2-core machine, wall times are noisy.",
+        if std::env::var("PODROUTE_BENCH_WATCH").is_ok_and(|v| v == "poll") {
+            "polling every 250 us"
+        } else {
+            "blocking in recv"
+        }
     );
     for &n in &sizes {
         let mut results: Vec<(Kind, RunResult)> = Vec::new();

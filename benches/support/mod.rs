@@ -310,6 +310,8 @@ struct WatchState {
     overflows: AtomicUsize,
     stop: AtomicBool,
     set: Mutex<HashSet<u32>>,
+    /// (count, instant) after each read since the last `arm`: the progress curve.
+    trace: Mutex<Vec<(usize, Instant)>>,
 }
 
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
@@ -328,6 +330,7 @@ impl RouteWatcher {
             overflows: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             set: Mutex::new(HashSet::new()),
+            trace: Mutex::new(Vec::new()),
         });
         let st = inner.clone();
         let path = format!("/run/netns/{ns}");
@@ -362,10 +365,30 @@ impl RouteWatcher {
 
     pub fn arm(&self, target: usize) {
         *self.inner.hit.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.inner
+            .trace
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.inner.target.store(target, Ordering::SeqCst);
         if self.count() == target {
             *self.inner.hit.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         }
+    }
+
+    /// When the count first moved away from `start` and when it first reached each of
+    /// `fractions` of the way from `start` to the armed target (since the last `arm`).
+    pub fn progress(&self, start: usize, fractions: &[f64]) -> Vec<Option<Instant>> {
+        let target = self.inner.target.load(Ordering::SeqCst);
+        let trace = self.inner.trace.lock().unwrap_or_else(|e| e.into_inner());
+        let moved = |c: usize| c.abs_diff(start);
+        let span = target.abs_diff(start) as f64;
+        let mut out = vec![trace.iter().find(|(c, _)| *c != start).map(|(_, t)| *t)];
+        for f in fractions {
+            let need = (span * f).ceil() as usize;
+            out.push(trace.iter().find(|(c, _)| moved(*c) >= need).map(|(_, t)| *t));
+        }
+        out
     }
 
     /// The instant the armed target was reached, or `None` after `timeout`.
@@ -431,13 +454,40 @@ fn open_monitor() -> i32 {
     }
 }
 
+/// How often a polling watcher reads its socket when it found nothing.
+const POLL_INTERVAL: Duration = Duration::from_micros(250);
+
+/// Does the watcher poll its socket (`PODROUTE_BENCH_WATCH=poll`) rather than block in
+/// `recv` (the default, the method of the figures in issue 14 and earlier notes)?
+///
+/// A watcher blocked in `recv` is woken by every notification, and the kernel does that
+/// wake-up (`sock_def_readable`, an inter-processor wake-up of the watcher's thread) in the
+/// context of the thread that inserted the route: a `perf` profile of the podroute receiver
+/// had 15 % of its dataplane thread there. That is the instrument's cost, charged to whichever
+/// receiver is measured. Polling (non-blocking reads, and a [`POLL_INTERVAL`] sleep when there
+/// is nothing to read) leaves no thread sleeping on the socket; the instants it records are
+/// at most that interval late.
+fn watch_polls() -> bool {
+    std::env::var("PODROUTE_BENCH_WATCH").is_ok_and(|v| v == "poll")
+}
+
 fn watch_loop(fd: i32, st: &WatchState, ns: &str) {
     let mut buf = vec![0u8; 1 << 20];
+    let flags = if watch_polls() {
+        libc::MSG_DONTWAIT
+    } else {
+        0
+    };
     while !st.stop.load(Ordering::SeqCst) {
         // SAFETY: buf is valid for its length.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        let n =
+            unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), flags) };
         if n < 0 {
             let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock && flags != 0 {
+                std::thread::sleep(POLL_INTERVAL);
+                continue;
+            }
             if e.raw_os_error() == Some(libc::ENOBUFS) {
                 // Lost notifications: resynchronise from a dump.
                 st.overflows.fetch_add(1, Ordering::SeqCst);
@@ -472,6 +522,10 @@ fn watch_loop(fd: i32, st: &WatchState, ns: &str) {
         let c = set.len();
         drop(set);
         st.count.store(c, Ordering::SeqCst);
+        st.trace
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((c, now));
         if c == st.target.load(Ordering::SeqCst) {
             let mut hit = st.hit.lock().unwrap_or_else(|e| e.into_inner());
             if hit.is_none() {
