@@ -386,7 +386,12 @@ impl RouteWatcher {
         let mut out = vec![trace.iter().find(|(c, _)| *c != start).map(|(_, t)| *t)];
         for f in fractions {
             let need = (span * f).ceil() as usize;
-            out.push(trace.iter().find(|(c, _)| moved(*c) >= need).map(|(_, t)| *t));
+            out.push(
+                trace
+                    .iter()
+                    .find(|(c, _)| moved(*c) >= need)
+                    .map(|(_, t)| *t),
+            );
         }
         out
     }
@@ -473,15 +478,10 @@ fn watch_polls() -> bool {
 
 fn watch_loop(fd: i32, st: &WatchState, ns: &str) {
     let mut buf = vec![0u8; 1 << 20];
-    let flags = if watch_polls() {
-        libc::MSG_DONTWAIT
-    } else {
-        0
-    };
+    let flags = if watch_polls() { libc::MSG_DONTWAIT } else { 0 };
     while !st.stop.load(Ordering::SeqCst) {
         // SAFETY: buf is valid for its length.
-        let n =
-            unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), flags) };
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), flags) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::WouldBlock && flags != 0 {
