@@ -1161,7 +1161,7 @@ fn batched_requests_report_each_failure_at_its_position() {
     let (results, sends) = node.run(move || {
         let mut sock = RequestSocket::open(4).expect("socket");
         let results = sock.execute(changes.iter().map(Change::request));
-        (results, sock.sends)
+        (results, sock.sends())
     });
     assert_eq!(sends, 3, "three datagrams");
     assert_eq!(results.len(), 10);

@@ -1538,6 +1538,10 @@ impl Core {
                     }
                     if pending.len() >= MAX_BATCH_CHANGES {
                         self.flush(std::mem::take(&mut pending)).await;
+                        // Commands and timers get their turn between the flushes of a burst:
+                        // the agent's API calls (its status tick) would otherwise wait for the
+                        // whole burst, and with them its reading of the changes flushed.
+                        break;
                     }
                 }
                 ev => {
@@ -1879,7 +1883,8 @@ impl Core {
 /// Most events handled in one go before commands and timers get a turn.
 const MAX_BATCH_EVENTS: usize = 1024;
 /// Most best-path changes imported before they are exported (bounds the latency of a batch
-/// and the size of one best-change message to the agent).
+/// and the size of one best-change message to the agent); commands and timers get a turn
+/// after each such export.
 const MAX_BATCH_CHANGES: usize = 4096;
 
 /// Encode withdrawals, then announcements, as UPDATE messages; returns how many.

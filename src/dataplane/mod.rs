@@ -305,6 +305,19 @@ impl ApplyReport {
     }
 }
 
+/// One line per device that routes wait for.
+fn warn_missing(missing: BTreeMap<Arc<str>, usize>) {
+    for (dev, count) in missing {
+        tracing::warn!(device = %dev, routes = count, "routes wait for a missing device");
+    }
+}
+
+/// Do the sorted lists `a` and `b` share an element?
+fn overlaps(a: &[IpNet], b: &[IpNet]) -> bool {
+    let (small, large) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+    small.iter().any(|d| large.binary_search(d).is_ok())
+}
+
 /// Delay before the next attempt of a route that failed `attempts` times: `retry_min`
 /// doubling per attempt, capped at `retry_max`.
 fn backoff(config: &DataplaneConfig, attempts: u32) -> Duration {
@@ -704,9 +717,26 @@ struct Pending {
     full: bool,
     /// Destinations taken from `dsts` so far.
     taken: u64,
+    /// Of those, the ones whose reconcile is complete (the others are in flight: see
+    /// [`Dataplane::reconcile_pipelined`]).
+    done: u64,
     /// Each update's number with the value of `taken` at which all its destinations are
     /// reconciled.
     ends: VecDeque<(u64, u64)>,
+}
+
+/// A chunk of a stream whose requests the kernel is working on while the next chunk is
+/// prepared ([`Dataplane::reconcile_pipelined`]).
+struct InFlight {
+    /// The chunk's destinations, sorted, each once.
+    dsts: Vec<IpNet>,
+    changes: Vec<Change>,
+    submitted: socket::Submitted,
+    /// What the chunk's preparation already reported (held back devices, foreign routes).
+    report: ApplyReport,
+    started: Instant,
+    /// Destinations the caller took from its queue for this chunk (duplicates included).
+    taken: u64,
 }
 
 /// The dataplane state: the request socket, the monitor, the desired routes and what the
@@ -748,6 +778,8 @@ pub struct Dataplane<S: RouteSocket = RequestSocket> {
     observer: Option<ReconcileObserver>,
     /// The number of the last [`PlanMessage`] [`run`](Self::run) applied.
     applied: Option<u64>,
+    /// The chunk of a stream the kernel is working on ([`Self::reconcile_pipelined`]).
+    inflight: Option<InFlight>,
     /// The tunnel devices; told of every desired route change.
     tunnels: Tunnels,
     /// Published after every link change.
@@ -855,9 +887,42 @@ pub trait RouteSocket: Send {
     fn get(&mut self, message: RouteNetlinkMessage) -> Result<RouteNetlinkMessage, NetlinkError>;
     /// Datagrams sent so far (for measurements).
     fn sends(&self) -> u64;
+    /// Starts `requests`; [`wait`](Self::wait) returns their results, and must be called
+    /// before the next `submit`. Other calls in between are allowed (they wait for the batch
+    /// first). This default runs them at once.
+    fn submit(&mut self, requests: Vec<socket::Request>) -> socket::Submitted {
+        let before = self.sends();
+        let results = self.execute(requests);
+        socket::Submitted::done(socket::BatchResults {
+            results,
+            sends: self.sends() - before,
+        })
+    }
+    /// Is the last submitted batch answered (never waits)? This default runs batches at once.
+    fn ready(&mut self) -> bool {
+        true
+    }
+    /// The results of the batch `submitted`, one per request in order.
+    fn wait(&mut self, submitted: socket::Submitted) -> socket::BatchResults {
+        // Only a socket that runs batches elsewhere returns one that is not done, and it
+        // overrides this.
+        submitted.into_done().unwrap_or_default()
+    }
 }
 
 impl RouteSocket for RequestSocket {
+    fn submit(&mut self, requests: Vec<socket::Request>) -> socket::Submitted {
+        RequestSocket::submit(self, requests)
+    }
+
+    fn wait(&mut self, submitted: socket::Submitted) -> socket::BatchResults {
+        RequestSocket::wait(self, submitted)
+    }
+
+    fn ready(&mut self) -> bool {
+        RequestSocket::ready(self)
+    }
+
     fn execute(
         &mut self,
         requests: impl IntoIterator<Item = socket::Request>,
@@ -878,7 +943,7 @@ impl RouteSocket for RequestSocket {
     }
 
     fn sends(&self) -> u64 {
-        self.sends
+        RequestSocket::sends(self)
     }
 }
 
@@ -938,6 +1003,7 @@ impl<S: RouteSocket> Dataplane<S> {
             last_resync: Instant::now(),
             observer: None,
             applied: None,
+            inflight: None,
             tunnels: Tunnels::new(config_tunnels),
             link_facts: watch::channel(LinkFacts::default()).0,
             recursive: BTreeMap::new(),
@@ -1370,6 +1436,8 @@ impl<S: RouteSocket> Dataplane<S> {
     }
 
     fn reconcile_scope(&mut self, scope: Scope<'_>) -> ApplyReport {
+        // Decided on the answers of a chunk in flight (none outside a stream).
+        self.settle();
         if !self.programmed {
             return ApplyReport::default();
         }
@@ -1397,9 +1465,13 @@ impl<S: RouteSocket> Dataplane<S> {
                 }
             }
         }
-        for (dev, count) in missing {
-            tracing::warn!(device = %dev, routes = count, "routes wait for a missing device");
-        }
+        warn_missing(missing);
+        self.finish_report(started, report);
+        report
+    }
+
+    /// Logs a reconcile that changed anything and tells the observer.
+    fn finish_report(&self, started: Instant, report: ApplyReport) {
         if report.changes() > 0 {
             tracing::info!(
                 added = report.added,
@@ -1413,7 +1485,90 @@ impl<S: RouteSocket> Dataplane<S> {
         if let Some(observer) = &self.observer {
             observer(started.elapsed(), report);
         }
-        report
+    }
+
+    /// Reconciles the destinations `dsts` (sorted, each once) of a stream, leaving their
+    /// requests with the kernel: the socket's sender thread sends them while the caller takes
+    /// the next updates and prepares the next chunk, and their answers are taken when the next
+    /// chunk is sent (or at [`settle`](Self::settle)). The kernel's work, most of a large
+    /// table's programming, thus overlaps ours. A destination of `dsts` still in flight is
+    /// settled first: each destination is decided on what the answers said. `taken`: what
+    /// the caller took from its queue for this chunk ([`Self::in_flight`] reports it).
+    fn reconcile_pipelined(&mut self, dsts: Vec<IpNet>, taken: u64) {
+        if !self.programmed {
+            return;
+        }
+        if self
+            .inflight
+            .as_ref()
+            .is_some_and(|f| overlaps(&f.dsts, &dsts))
+        {
+            self.settle();
+        }
+        self.counters.reconciles += 1;
+        let started = Instant::now();
+        let mut report = ApplyReport::default();
+        let mut missing = BTreeMap::new();
+        let changes = self.prepare_chunk(&dsts, &mut report, &mut missing);
+        warn_missing(missing);
+        // The kernel is done with the previous chunk once its answers are in; this chunk is
+        // sent before those answers are handled.
+        let previous = self.inflight.take().map(|f| {
+            let results = self.sock.wait(f.submitted);
+            (results, f.changes, f.report, f.started)
+        });
+        if changes.is_empty() {
+            self.finish_report(started, report);
+        } else {
+            let submitted = self
+                .sock
+                .submit(changes.iter().map(Change::request).collect());
+            self.inflight = Some(InFlight {
+                dsts,
+                changes,
+                submitted,
+                report,
+                started,
+                taken,
+            });
+        }
+        if let Some((results, changes, mut report, started)) = previous {
+            self.complete(changes, results, &mut report);
+            self.finish_report(started, report);
+        }
+    }
+
+    /// Takes the answers of the chunk in flight, if any.
+    fn settle(&mut self) {
+        let Some(f) = self.inflight.take() else {
+            return;
+        };
+        let results = self.sock.wait(f.submitted);
+        let mut report = f.report;
+        self.complete(f.changes, results, &mut report);
+        self.finish_report(f.started, report);
+    }
+
+    /// What the caller took for the chunk in flight (0 when none is).
+    fn in_flight(&self) -> u64 {
+        self.inflight.as_ref().map_or(0, |f| f.taken)
+    }
+
+    /// Does `update` change the wanted route of a destination in flight?
+    fn touches_in_flight(&self, update: &PlanUpdate) -> bool {
+        let Some(f) = &self.inflight else {
+            return false;
+        };
+        match update {
+            PlanUpdate::Delta(changes) => changes.iter().any(|c| {
+                let dst = match c {
+                    RouteChange::Upsert(route) => route.prefix.trunc(),
+                    RouteChange::Remove(prefix) => prefix.trunc(),
+                };
+                f.dsts.binary_search(&dst).is_ok()
+            }),
+            PlanUpdate::Full(_) | PlanUpdate::Tunnels(_) => true,
+        }
     }
 
     /// What destination `dst` needs: adds and replaces go to `upserts`, deletes to
@@ -1468,6 +1623,18 @@ impl<S: RouteSocket> Dataplane<S> {
         report: &mut ApplyReport,
         missing: &mut BTreeMap<Arc<str>, usize>,
     ) {
+        let changes = self.prepare_chunk(dsts, report, missing);
+        self.apply(changes, report);
+    }
+
+    /// Decides what the destinations `dsts` need: settles those that need no request and
+    /// returns the requests of the others (adds and replaces before deletes).
+    fn prepare_chunk(
+        &mut self,
+        dsts: &[IpNet],
+        report: &mut ApplyReport,
+        missing: &mut BTreeMap<Arc<str>, usize>,
+    ) -> Vec<Change> {
         let mut changes = Vec::new();
         let mut deletes = Vec::new();
         let mut other = Vec::new();
@@ -1501,7 +1668,7 @@ impl<S: RouteSocket> Dataplane<S> {
                 Step::Foreign => self.settle_foreign(dst, report),
             }
         }
-        self.apply(changes, report);
+        changes
     }
 
     /// Calls `observer` after every reconcile with its duration and result (metrics).
@@ -1513,13 +1680,29 @@ impl<S: RouteSocket> Dataplane<S> {
         if changes.is_empty() {
             return;
         }
-        let sends_before = self.sock.sends();
-        let results = self.sock.execute(changes.iter().map(Change::request));
-        self.counters.netlink_sends += self.sock.sends() - sends_before;
+        let submitted = self
+            .sock
+            .submit(changes.iter().map(Change::request).collect());
+        let results = self.sock.wait(submitted);
+        self.complete(changes, results, report);
+    }
+
+    /// Takes the answers to `changes` into the mirror, the failures and `report`.
+    fn complete(
+        &mut self,
+        changes: Vec<Change>,
+        batch: socket::BatchResults,
+        report: &mut ApplyReport,
+    ) {
+        self.counters.netlink_sends += batch.sends;
         self.counters.netlink_requests += changes.len() as u64;
         let mut lost_acks = false;
         // Adds refused because a route is at the key: whose, and what it is, decides.
         let mut taken = Vec::new();
+        // A request without an answer (a socket that lost the batch) failed.
+        let results = batch.results.into_iter().chain(std::iter::repeat_with(|| {
+            Err(NetlinkError::Io("no answer to the request".into()))
+        }));
         for (change, result) in changes.into_iter().zip(results) {
             let dst = change.route().key.dst;
             match (change, result) {
@@ -1968,6 +2151,10 @@ impl<S: RouteSocket> Dataplane<S> {
         let mut next = Some(first);
         loop {
             while let Some(PlanMessage { seq, update }) = next {
+                // A destination's answers are in before its wanted route changes.
+                if self.touches_in_flight(&update) {
+                    self.settle();
+                }
                 match update {
                     // The devices first: routes of later updates use them.
                     PlanUpdate::Tunnels(plan) => {
@@ -1988,12 +2175,17 @@ impl<S: RouteSocket> Dataplane<S> {
                 pending
                     .ends
                     .push_back((seq, pending.taken + pending.dsts.len() as u64));
+                // The kernel idle and routes to send: send them before taking more updates
+                // (those queued are taken while the kernel works).
+                if !pending.dsts.is_empty() && (self.inflight.is_none() || self.sock.ready()) {
+                    break;
+                }
                 next = plans.try_recv();
             }
             // The tunnels' tables before the routes that use them.
             self.tunnels.publish();
             if pending.full {
-                // Covers every destination queued so far.
+                // Covers every destination queued so far (and settles the chunk in flight).
                 self.reconcile();
                 pending.taken += pending.dsts.len() as u64;
                 pending.dsts.clear();
@@ -2004,24 +2196,30 @@ impl<S: RouteSocket> Dataplane<S> {
                 pending.taken += take as u64;
                 chunk.sort_unstable();
                 chunk.dedup();
-                self.reconcile_some(&chunk);
+                self.reconcile_pipelined(chunk, take as u64);
+            }
+            // Devices leave once no route needs them, which the answers tell.
+            if self.vxlan.pending_removal() || self.tunnels.ipip_pending_removal() {
+                self.settle();
             }
             self.finish_tunnel_removal();
             self.finish_ipip_removal().await;
+            next = plans.try_recv();
+            if next.is_none() && pending.dsts.is_empty() && self.inflight.is_some() {
+                // Nothing else to do: the last chunk completes (updates may come meanwhile).
+                self.settle();
+                next = plans.try_recv();
+            }
+            pending.done = pending.taken - self.in_flight();
             while let Some((seq, end)) = pending.ends.front().copied()
-                && end <= pending.taken
+                && end <= pending.done
             {
                 self.applied = Some(seq);
                 pending.ends.pop_front();
             }
             status.send_replace(self.status());
-            if pending.dsts.is_empty() {
-                match plans.try_recv() {
-                    Some(message) => next = Some(message),
-                    None => return,
-                }
-            } else {
-                next = plans.try_recv();
+            if next.is_none() && pending.dsts.is_empty() {
+                return;
             }
         }
     }

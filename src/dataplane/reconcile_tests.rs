@@ -29,6 +29,15 @@ struct SimState {
     routes: BTreeMap<RouteKey, KernelRoute>,
     /// Requests that changed the table: ("add" | "replace" | "delete", destination).
     log: Vec<(&'static str, String)>,
+    /// Submitted batches stay unanswered until waited for, or until the socket is used
+    /// otherwise (as with the real socket's sender thread); `ready` says no once per batch.
+    defer: bool,
+    /// The submitted batch, before the kernel took it.
+    submitted: Option<Vec<Request>>,
+    /// Its results, once taken (by another call before `wait`).
+    answered: Option<Vec<Result<(), NetlinkError>>>,
+    /// `ready` calls while a batch was submitted (every other one answers no).
+    not_ready: usize,
 }
 
 /// A routing table that answers like the kernel's rtnetlink for what the dataplane sends:
@@ -111,9 +120,55 @@ impl SimKernel {
     }
 }
 
+impl SimKernel {
+    /// The kernel takes the submitted batch (deferred mode) and keeps its results for `wait`.
+    fn take_submitted(&self) {
+        let batch = self.state().submitted.take();
+        if let Some(requests) = batch {
+            let results: Vec<_> = requests.into_iter().map(|r| self.apply(r)).collect();
+            self.state().answered = Some(results);
+        }
+    }
+}
+
 impl RouteSocket for SimKernel {
+    fn submit(&mut self, requests: Vec<Request>) -> socket::Submitted {
+        if !self.state().defer {
+            let results = self.execute(requests);
+            return socket::Submitted::done(socket::BatchResults { results, sends: 0 });
+        }
+        self.take_submitted();
+        let mut st = self.state();
+        assert!(
+            st.answered.is_none(),
+            "submit before the last batch was waited for"
+        );
+        st.submitted = Some(requests);
+        socket::Submitted::running()
+    }
+
+    fn ready(&mut self) -> bool {
+        let mut st = self.state();
+        if st.submitted.is_some() && st.not_ready % 2 == 0 {
+            st.not_ready += 1;
+            return false;
+        }
+        st.not_ready += usize::from(st.submitted.is_some());
+        true
+    }
+
+    fn wait(&mut self, submitted: socket::Submitted) -> socket::BatchResults {
+        if let Some(done) = submitted.into_done() {
+            return done;
+        }
+        self.take_submitted();
+        let results = self.state().answered.take().expect("a batch was submitted");
+        socket::BatchResults { results, sends: 0 }
+    }
+
     /// The simulated kernel has only connected subnets: no gateway needs a recursive look-up.
     fn get(&mut self, _message: RouteNetlinkMessage) -> Result<RouteNetlinkMessage, NetlinkError> {
+        self.take_submitted();
         Err(NetlinkError::Kernel {
             errno: libc::ENETUNREACH,
             message: None,
@@ -124,6 +179,8 @@ impl RouteSocket for SimKernel {
         &mut self,
         requests: impl IntoIterator<Item = Request>,
     ) -> Vec<Result<(), NetlinkError>> {
+        let requests: Vec<Request> = requests.into_iter().collect();
+        self.take_submitted();
         requests.into_iter().map(|r| self.apply(r)).collect()
     }
 
@@ -132,6 +189,7 @@ impl RouteSocket for SimKernel {
         message: RouteNetlinkMessage,
         mut each: impl FnMut(RouteNetlinkMessage),
     ) -> Result<(), NetlinkError> {
+        self.take_submitted();
         let st = self.state();
         match message {
             RouteNetlinkMessage::GetLink(_) => {
@@ -592,4 +650,114 @@ fn tunl0_is_needed_until_the_last_route_through_it_has_moved() {
     dp.reconcile();
     assert_eq!(k.log(), log(&[("delete", "172.16.20.0/26")]));
     assert!(!dp.device_needed("tunl0"));
+}
+
+/// `n` /26 blocks in 10.0.0.0/8 from block `from` on, direct through `node`.
+fn blocks(from: u32, n: u32, node: &str) -> Vec<DesiredRoute> {
+    (from..from + n)
+        .map(|i| {
+            let a = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 0, 0)) + i * 64);
+            direct(&format!("{a}/26"), node)
+        })
+        .collect()
+}
+
+/// A stream of deltas larger than a chunk, with later deltas changing and removing routes of
+/// chunks still in flight: with the kernel answering each batch only when the dataplane
+/// waits for it (or uses the socket otherwise), the table ends as the plan says, every
+/// destination decided on its answers (no failure, no refused add), and every update counted
+/// as applied.
+#[tokio::test]
+async fn a_stream_with_chunks_in_flight_ends_with_the_plan_in_the_kernel() {
+    let k = kernel(false);
+    k.state().defer = true;
+    let mut dp = open(&k);
+    let own = blackhole("172.16.241.64/26");
+    dp.set_desired([&own]);
+    dp.reconcile();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut seq = 0;
+    let mut send = |changes: Vec<RouteChange>| {
+        seq += 1;
+        tx.send(PlanMessage {
+            seq,
+            update: PlanUpdate::Delta(changes),
+        })
+        .unwrap();
+    };
+    let total = 3 * RECONCILE_CHUNK as u32 + 100;
+    let first = blocks(0, total, "192.168.92.129");
+    for part in first.chunks(1000) {
+        send(part.iter().cloned().map(RouteChange::Upsert).collect());
+    }
+    // Moved to another next hop: blocks of the first chunks, and of the last.
+    let moved = blocks(10, 500, "192.168.92.130").into_iter().chain(blocks(
+        total - 50,
+        50,
+        "192.168.92.130",
+    ));
+    send(moved.map(RouteChange::Upsert).collect());
+    // Removed, and some of them back.
+    let removed: Vec<IpNet> = blocks(2000, 300, "192.168.92.129")
+        .iter()
+        .map(|r| r.prefix)
+        .collect();
+    send(removed.iter().map(|p| RouteChange::Remove(*p)).collect());
+    send(
+        blocks(2000, 100, "192.168.92.131")
+            .into_iter()
+            .map(RouteChange::Upsert)
+            .collect(),
+    );
+    let last = seq;
+    let first_message = rx.recv().await.unwrap();
+    let (status_tx, _status_rx) = watch::channel(DataplaneStatus::default());
+    dp.stream(first_message, &mut rx, &status_tx).await;
+
+    // What the plan says now.
+    let mut want: BTreeMap<IpNet, IpAddr> = first
+        .iter()
+        .map(|r| (r.prefix, ip("192.168.92.129")))
+        .collect();
+    for r in blocks(10, 500, "192.168.92.130").into_iter().chain(blocks(
+        total - 50,
+        50,
+        "192.168.92.130",
+    )) {
+        want.insert(r.prefix, ip("192.168.92.130"));
+    }
+    for p in &removed {
+        want.remove(p);
+    }
+    for r in blocks(2000, 100, "192.168.92.131") {
+        want.insert(r.prefix, ip("192.168.92.131"));
+    }
+    let st = k.state();
+    let have: BTreeMap<IpNet, IpAddr> = st
+        .routes
+        .values()
+        .filter(|r| r.gateway.is_some())
+        .map(|r| (r.key.dst, r.gateway.unwrap()))
+        .collect();
+    assert_eq!(have.len(), want.len());
+    assert!(have == want, "the kernel table is the plan");
+    assert!(
+        st.submitted.is_none() && st.answered.is_none(),
+        "nothing left in flight"
+    );
+    assert!(
+        st.not_ready > 0,
+        "updates were taken while a batch was with the kernel"
+    );
+    drop(st);
+    assert!(dp.inflight.is_none());
+    assert!(
+        dp.failures.is_empty(),
+        "{:?}",
+        dp.failures.keys().take(5).collect::<Vec<_>>()
+    );
+    assert_eq!(dp.counters.route_errors, 0);
+    assert_eq!(dp.applied, Some(last));
+    let status = dp.status();
+    assert_eq!(status.installed_routes, want.len() + 1);
 }

@@ -21,6 +21,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::mpsc;
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkHeader, NetlinkMessage,
@@ -83,21 +84,318 @@ impl NetlinkError {
 
 /// One request of a batch: the message and its `NLM_F_*` flags (`NLM_F_REQUEST` is added, and
 /// `NLM_F_ACK` on a datagram's last request).
+#[derive(Debug)]
 pub struct Request {
     pub message: RouteNetlinkMessage,
     pub flags: u16,
 }
 
-/// A NETLINK_ROUTE socket for dumps and batched requests. Blocking, with a receive timeout:
-/// the kernel answers rtnetlink requests synchronously, so calls never wait on the network.
-pub struct RequestSocket {
+/// The socket itself and its buffers: what [`RequestSocket`] lends its sender thread.
+struct Core {
     socket: Socket,
     seq: u32,
     send_buf: Vec<u8>,
     recv_buf: Vec<u8>,
     batch: usize,
     /// `sendto` calls made (for measurements).
+    sends: u64,
+}
+
+/// A NETLINK_ROUTE socket for dumps and batched requests. Blocking, with a receive timeout:
+/// the kernel answers rtnetlink requests synchronously, so calls never wait on the network.
+///
+/// [`submit`](Self::submit) hands a batch to a sender thread of the socket's own (started at
+/// the first one, named `netlink`) and returns at once: the kernel does its work inside that
+/// thread's `sendto`, so the caller can prepare its next batch meanwhile. The socket and its
+/// buffers go to the thread with the batch and come back with the results, so there is never
+/// more than one user of the socket: any other call made before [`wait`](Self::wait) first
+/// takes the socket back (waiting for the batch to finish) and keeps the results for `wait`.
+pub struct RequestSocket {
+    /// `None` while the sender thread has it.
+    core: Option<Box<Core>>,
+    sender: Option<SenderThread>,
+    /// The submitted batch's results, read back before [`wait`](Self::wait) asked for them.
+    done: Option<BatchResults>,
+    /// Requests in the submitted batch (for the error results when it is lost).
+    in_flight: usize,
+    batch: usize,
+    /// `sendto` calls of the batches that went through the sender thread.
+    sends_sent: u64,
+}
+
+/// The results of a batch of requests, one per request in order, and the `sendto` calls it
+/// took.
+#[derive(Debug, Default)]
+pub struct BatchResults {
+    pub results: Vec<Result<(), NetlinkError>>,
     pub sends: u64,
+}
+
+impl BatchResults {
+    /// `count` requests that all failed with `error`.
+    fn failed(count: usize, error: NetlinkError) -> Self {
+        Self {
+            results: vec![Err(error); count],
+            sends: 0,
+        }
+    }
+}
+
+/// A batch handed to a socket ([`RequestSocket::submit`]): its results when the socket ran it
+/// at once, or a claim on the results of the batch its sender thread runs.
+#[derive(Debug)]
+pub struct Submitted {
+    done: Option<BatchResults>,
+}
+
+impl Submitted {
+    /// A batch that was run at once.
+    pub fn done(results: BatchResults) -> Self {
+        Self {
+            done: Some(results),
+        }
+    }
+
+    /// A batch the socket runs elsewhere; `wait` returns its results.
+    pub(crate) fn running() -> Self {
+        Self { done: None }
+    }
+
+    /// The results of a batch that was run at once; `None` for one a thread runs.
+    pub fn into_done(self) -> Option<BatchResults> {
+        self.done
+    }
+}
+
+/// The thread that runs submitted batches: the socket goes there with a batch and comes back
+/// with its results.
+struct SenderThread {
+    /// `None` once dropped (the thread then ends).
+    tx: Option<mpsc::Sender<(Box<Core>, Vec<Request>)>>,
+    rx: mpsc::Receiver<(Box<Core>, BatchResults)>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SenderThread {
+    fn start() -> io::Result<Self> {
+        let (tx, jobs) = mpsc::channel::<(Box<Core>, Vec<Request>)>();
+        let (done, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("netlink".into())
+            .spawn(move || {
+                while let Ok((mut core, requests)) = jobs.recv() {
+                    let before = core.sends;
+                    let results = core.execute(requests);
+                    let sends = core.sends - before;
+                    if done.send((core, BatchResults { results, sends })).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            rx,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for SenderThread {
+    fn drop(&mut self) {
+        // The thread ends once the batch it runs (if any) is answered.
+        self.tx = None;
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl RequestSocket {
+    /// Opens a socket in the calling thread's network namespace. `batch` is the maximum number
+    /// of messages per `sendto`.
+    pub fn open(batch: usize) -> Result<Self, NetlinkError> {
+        let core = Core::open(batch)?;
+        Ok(Self {
+            batch: core.batch,
+            core: Some(Box::new(core)),
+            sender: None,
+            done: None,
+            in_flight: 0,
+            sends_sent: 0,
+        })
+    }
+
+    /// Takes the socket back from the sender thread, keeping the batch's results for
+    /// [`wait`](Self::wait). Should the thread have ended, the socket is opened again.
+    fn reclaim(&mut self) {
+        if self.core.is_some() {
+            return;
+        }
+        let Some(sender) = &self.sender else {
+            return;
+        };
+        match sender.rx.recv() {
+            Ok((core, results)) => {
+                self.sends_sent += results.sends;
+                self.core = Some(core);
+                self.done = Some(results);
+            }
+            Err(_) => {
+                self.sender = None;
+                let error = NetlinkError::Io("the netlink sender thread ended".into());
+                tracing::error!("the netlink sender thread ended; opening the socket again");
+                self.done = Some(BatchResults::failed(self.in_flight, error));
+                match Core::open(self.batch) {
+                    Ok(core) => self.core = Some(Box::new(core)),
+                    Err(e) => tracing::error!(error = %e, "could not open a netlink socket"),
+                }
+            }
+        }
+    }
+
+    fn core(&mut self) -> Result<&mut Core, NetlinkError> {
+        self.reclaim();
+        self.core
+            .as_deref_mut()
+            .ok_or_else(|| NetlinkError::Io("no netlink socket".into()))
+    }
+
+    /// Starts `requests` on the sender thread and returns at once; [`wait`](Self::wait)
+    /// returns their results. Call `wait` before the next `submit`. Runs them at once when
+    /// the thread cannot be started.
+    pub fn submit(&mut self, requests: Vec<Request>) -> Submitted {
+        self.reclaim();
+        self.done = None;
+        if self.sender.is_none() {
+            match SenderThread::start() {
+                Ok(sender) => self.sender = Some(sender),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no netlink sender thread; sending inline");
+                }
+            }
+        }
+        let (Some(core), Some(tx)) = (
+            self.core.take(),
+            self.sender.as_ref().and_then(|s| s.tx.as_ref()),
+        ) else {
+            return self.run_inline(requests);
+        };
+        self.in_flight = requests.len();
+        match tx.send((core, requests)) {
+            Ok(()) => Submitted { done: None },
+            Err(mpsc::SendError((core, requests))) => {
+                self.core = Some(core);
+                self.sender = None;
+                self.run_inline(requests)
+            }
+        }
+    }
+
+    fn run_inline(&mut self, requests: Vec<Request>) -> Submitted {
+        let count = requests.len();
+        match self.core() {
+            Ok(core) => {
+                let before = core.sends;
+                let results = core.execute(requests);
+                let sends = core.sends - before;
+                Submitted::done(BatchResults { results, sends })
+            }
+            Err(e) => Submitted::done(BatchResults::failed(count, e)),
+        }
+    }
+
+    /// Has the submitted batch been answered (the socket is back, or nothing is submitted)?
+    /// Never waits.
+    pub fn ready(&mut self) -> bool {
+        if self.core.is_some() {
+            return true;
+        }
+        let Some(sender) = &self.sender else {
+            return true;
+        };
+        match sender.rx.try_recv() {
+            Ok((core, results)) => {
+                self.sends_sent += results.sends;
+                self.core = Some(core);
+                self.done = Some(results);
+                true
+            }
+            Err(mpsc::TryRecvError::Empty) => false,
+            // `reclaim` reopens the socket.
+            Err(mpsc::TryRecvError::Disconnected) => true,
+        }
+    }
+
+    /// The results of the batch `submitted` (waits for the sender thread to finish it).
+    pub fn wait(&mut self, submitted: Submitted) -> BatchResults {
+        if let Some(done) = submitted.done {
+            return done;
+        }
+        self.reclaim();
+        let count = self.in_flight;
+        self.done.take().unwrap_or_else(|| {
+            BatchResults::failed(count, NetlinkError::Io("batch results lost".into()))
+        })
+    }
+
+    /// The socket's netlink port id: the `nlmsg_pid` of the notifications its requests cause.
+    pub fn port(&self) -> Result<u32, NetlinkError> {
+        self.core
+            .as_ref()
+            .ok_or_else(|| NetlinkError::Io("the socket is with its sender thread".into()))?
+            .port()
+    }
+
+    /// Messages per `sendto` actually used (bounded by the receive buffer).
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// `sendto` calls made so far (for measurements).
+    pub fn sends(&self) -> u64 {
+        self.sends_sent + self.core.as_ref().map_or(0, |c| c.sends)
+    }
+
+    /// Sends `requests` in batches and returns one result per request, in order (only the
+    /// last request of each datagram asks for an ACK; see the module doc).
+    pub fn execute(
+        &mut self,
+        requests: impl IntoIterator<Item = Request>,
+    ) -> Vec<Result<(), NetlinkError>> {
+        match self.core() {
+            Ok(core) => core.execute(requests),
+            Err(e) => requests.into_iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    /// Sends one plain request (no dump, no ACK asked) and returns the kernel's one answer:
+    /// e.g. `RTM_GETROUTE` for an address, answered by the route the kernel would use.
+    pub fn get(
+        &mut self,
+        message: RouteNetlinkMessage,
+    ) -> Result<RouteNetlinkMessage, NetlinkError> {
+        self.core()?.get(message)
+    }
+
+    /// Runs a dump request and returns every message of the answer.
+    pub fn dump(
+        &mut self,
+        message: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        let mut out = Vec::new();
+        self.dump_each(message, |m| out.push(m))?;
+        Ok(out)
+    }
+
+    /// Runs a dump request and hands each message of the answer to `each` as it is read (a
+    /// table of 100,000 routes is never held as messages).
+    pub fn dump_each(
+        &mut self,
+        message: RouteNetlinkMessage,
+        each: impl FnMut(RouteNetlinkMessage),
+    ) -> Result<(), NetlinkError> {
+        self.core()?.dump_each(message, each)
+    }
 }
 
 fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
@@ -127,10 +425,8 @@ pub(crate) fn grow_buffer(fd: i32, force: i32, plain: i32, bytes: usize) {
     }
 }
 
-impl RequestSocket {
-    /// Opens a socket in the calling thread's network namespace. `batch` is the maximum number
-    /// of messages per `sendto`.
-    pub fn open(batch: usize) -> Result<Self, NetlinkError> {
+impl Core {
+    fn open(batch: usize) -> Result<Self, NetlinkError> {
         let mut socket =
             Socket::new(NETLINK_ROUTE).map_err(|e| NetlinkError::io("socket(NETLINK_ROUTE)", e))?;
         socket
@@ -184,18 +480,12 @@ impl RequestSocket {
         })
     }
 
-    /// The socket's netlink port id: the `nlmsg_pid` of the notifications its requests cause.
-    pub fn port(&self) -> Result<u32, NetlinkError> {
+    fn port(&self) -> Result<u32, NetlinkError> {
         let mut addr = netlink_sys::SocketAddr::new(0, 0);
         self.socket
             .get_address(&mut addr)
             .map_err(|e| NetlinkError::io("getsockname", e))?;
         Ok(addr.port_number())
-    }
-
-    /// Messages per `sendto` actually used (bounded by the receive buffer).
-    pub fn batch(&self) -> usize {
-        self.batch
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -247,7 +537,7 @@ impl RequestSocket {
     /// request without an error message is thus a success. When the answers cannot be read to
     /// the barrier (receive error, overrun), every request not known to have failed gets that
     /// error ([`NetlinkError::AckLost`] on overrun): its kernel state is unknown.
-    pub fn execute(
+    fn execute(
         &mut self,
         requests: impl IntoIterator<Item = Request>,
     ) -> Vec<Result<(), NetlinkError>> {
@@ -311,10 +601,7 @@ impl RequestSocket {
 
     /// Sends one plain request (no dump, no ACK asked) and returns the kernel's one answer:
     /// e.g. `RTM_GETROUTE` for an address, answered by the route the kernel would use.
-    pub fn get(
-        &mut self,
-        message: RouteNetlinkMessage,
-    ) -> Result<RouteNetlinkMessage, NetlinkError> {
+    fn get(&mut self, message: RouteNetlinkMessage) -> Result<RouteNetlinkMessage, NetlinkError> {
         let seq = self.send_one(message, NLM_F_REQUEST)?;
         self.read_answer(seq, |kind, flags, msg| {
             Some(if kind == NLMSG_ERROR {
@@ -334,19 +621,7 @@ impl RequestSocket {
         })
     }
 
-    /// Runs a dump request and returns every message of the answer.
-    pub fn dump(
-        &mut self,
-        message: RouteNetlinkMessage,
-    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
-        let mut out = Vec::new();
-        self.dump_each(message, |m| out.push(m))?;
-        Ok(out)
-    }
-
-    /// Runs a dump request and hands each message of the answer to `each` as it is read (a
-    /// table of 100,000 routes is never held as messages).
-    pub fn dump_each(
+    fn dump_each(
         &mut self,
         message: RouteNetlinkMessage,
         mut each: impl FnMut(RouteNetlinkMessage),
