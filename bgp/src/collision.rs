@@ -28,15 +28,22 @@
 //! decided as soon as one of the two is in OpenConfirm. Two connections both opened by the
 //! peer are no §6.8 collision: the peer gave up on the older one, which is closed.
 //!
+//! The OPEN that decides a pair against its own connection gets no KEEPALIVE in answer, only
+//! the Cease ([`withhold_from_loser`]): a KEEPALIVE would make the peer's end of that
+//! connection Established, and a peer that then gets our OPEN on the other connection may
+//! close that one as colliding with an Established session (§6.8; BIRD 2 does), leaving
+//! neither.
+//!
 //! Equal identifiers within one AS are not tie-broken: they are an OPEN error (RFC 6286 §2.2,
 //! Bad BGP Identifier). The FSM already refuses such an OPEN ([`crate::fsm::OpenError`]), so
 //! no connection reaches OpenConfirm with it; should one appear anyway the answer is
 //! [`Resolution::BadBgpId`], never a tie-break.
 
 use crate::fsm::{
-    CollisionCheck, ConnectionSide, Fsm, Negotiated, State, collision_check,
+    Action, CollisionCheck, ConnectionSide, Fsm, Negotiated, State, collision_check,
     collision_loser_with_as,
 };
+use crate::wire::Message;
 use std::net::Ipv4Addr;
 
 /// One of the two connections to a peer.
@@ -121,6 +128,31 @@ impl ConnView {
     }
 }
 
+/// The connection [`resolve`] closes, if it closes one now.
+pub fn loser(main: &Fsm, extra: &Fsm) -> Option<Conn> {
+    match resolve(main, extra) {
+        Resolution::CloseMain => Some(Conn::Main),
+        Resolution::CloseExtra => Some(Conn::Extra),
+        _ => None,
+    }
+}
+
+/// Of the actions an event on connection `conn` produced (its FSM already past the event),
+/// drop the KEEPALIVE if [`resolve`] now closes that connection.
+///
+/// An OPEN accepted in OpenSent answers with a KEEPALIVE; when that same OPEN decides the
+/// collision against its connection, the driver sends the Cease right after it. The
+/// KEEPALIVE would only make the peer's side of a connection we are closing Established,
+/// and a peer that checks collisions against an Established connection (BIRD 2 closes any
+/// new connection then, as §6.8 allows) closes the connection we keep when our OPEN on it
+/// arrives after that KEEPALIVE: both connections go. Without the KEEPALIVE the peer sees
+/// OPEN then Cease, as from a connection dumped in OpenSent.
+pub fn withhold_from_loser(main: &Fsm, extra: &Fsm, conn: Conn, actions: &mut Vec<Action>) {
+    if loser(main, extra) == Some(conn) {
+        actions.retain(|a| !matches!(a, Action::Send(Message::Keepalive)));
+    }
+}
+
 /// [`decide`] over the two FSMs of one peer; our identity is the main FSM's configuration.
 pub fn resolve(main: &Fsm, extra: &Fsm) -> Resolution {
     let cfg = main.config();
@@ -198,9 +230,9 @@ fn by_bgp_id(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fsm::{Action, DownReason, Event, FsmConfig};
+    use crate::fsm::{DownReason, Event, FsmConfig};
     use crate::wire::{
-        Capability, Family, GrFamily, GracefulRestartCap, Message, Notification, Open, cease,
+        Capability, Family, GrFamily, GracefulRestartCap, Notification, Open, cease,
     };
     use proptest::prelude::*;
 
@@ -436,6 +468,63 @@ mod tests {
         let _ = main.handle(msg(Message::Keepalive));
         assert_eq!(main.state(), State::Established);
         assert_eq!(main.side(), Some(Outbound));
+    }
+
+    /// Both connections in OpenSent, the peer's OPEN arrives on one: if it decides the
+    /// collision against that connection, the KEEPALIVE answering it is withheld (its Cease
+    /// follows); on the connection that survives it is sent. Whichever connection the first
+    /// OPEN arrives on, and whichever side's ID is higher.
+    #[test]
+    fn the_connection_an_open_decides_against_gets_no_keepalive() {
+        for (local_id, peer_id) in [(HIGH, LOW), (LOW, HIGH)] {
+            let cfg = FsmConfig::new(65001, 65002, local_id);
+            let peer = open(65002, peer_id, false);
+            // Our ID higher: the connection we opened (main) survives.
+            let want_loser = if local_id == HIGH {
+                Conn::Extra
+            } else {
+                Conn::Main
+            };
+            for first in [Conn::Main, Conn::Extra] {
+                let mut main = main_fsm(&cfg, State::OpenSent, &peer);
+                let mut extra = extra_fsm(&cfg, State::OpenSent, &peer);
+                let ev = msg(Message::Open(peer.clone()));
+                let mut out = match first {
+                    Conn::Main => main.handle(ev),
+                    Conn::Extra => extra.handle(ev),
+                };
+                assert!(out.contains(&Action::Send(Message::Keepalive)));
+                withhold_from_loser(&main, &extra, first, &mut out);
+                assert_eq!(loser(&main, &extra), Some(want_loser));
+                assert_eq!(
+                    out.contains(&Action::Send(Message::Keepalive)),
+                    first != want_loser,
+                    "our id {local_id}, OPEN first on {first:?}: {out:?}"
+                );
+                // Only the KEEPALIVE goes: the FSM's timers and state change stay.
+                assert!(out.iter().any(|a| matches!(a, Action::StateChanged(..))));
+            }
+        }
+    }
+
+    /// Nothing is withheld while the pair is undecided or without a second connection.
+    #[test]
+    fn keepalives_pass_while_nothing_is_decided() {
+        let cfg = FsmConfig::new(65001, 65002, HIGH);
+        let peer = open(65002, LOW, false);
+        // Established main, the peer's restarted OPEN on the extra: Wait, not a loser.
+        let restarted = open(65002, LOW, true);
+        let main = main_fsm(&cfg, State::Established, &peer);
+        let mut extra = extra_fsm(&cfg, State::OpenSent, &restarted);
+        let mut out = extra.handle(msg(Message::Open(restarted)));
+        assert_eq!(resolve(&main, &extra), Resolution::Wait);
+        withhold_from_loser(&main, &extra, Conn::Extra, &mut out);
+        assert!(out.contains(&Action::Send(Message::Keepalive)));
+        // The keepalive timer of the Established main session, with a closed extra.
+        let extra = extra_fsm(&cfg, State::Idle, &peer);
+        let mut out = vec![Action::Send(Message::Keepalive)];
+        withhold_from_loser(&main, &extra, Conn::Main, &mut out);
+        assert_eq!(out, vec![Action::Send(Message::Keepalive)]);
     }
 
     /// A promoted extra FSM takes the peer's mode: after its session fails it connects out

@@ -7,7 +7,8 @@
 //! decided sans-IO by [`collision::resolve`] after every event; this driver only carries the
 //! [`Resolution`] out: Cease / Connection Collision Resolution through
 //! [`Event::CollisionLost`], promotion of the extra connection, and a graceful `Down` for a
-//! replaced session.
+//! replaced session. The KEEPALIVE answering an OPEN that decides the collision against its
+//! own connection is not sent ([`collision::withhold_from_loser`]).
 //!
 //! Outbound connection attempts take a turn from the speaker-wide [`ConnectLimiter`] (peers
 //! wait by [`ConnectPriority`] while it is full) and are cut after the connect timeout; the FSM
@@ -758,7 +759,17 @@ impl Driver {
     /// Feed one event to a slot's FSM and carry out the actions.
     async fn handle(&mut self, main: bool, ev: Event) {
         let Some(s) = self.slot(main) else { return };
-        let actions = s.fsm.handle(ev);
+        let mut actions = s.fsm.handle(ev);
+        // A connection this event loses the collision for gets its Cease below, and no
+        // KEEPALIVE before it (see `collision::withhold_from_loser`).
+        if let (Some(m), Some(x)) = (self.main.as_ref(), self.extra.as_ref()) {
+            let conn = if main {
+                collision::Conn::Main
+            } else {
+                collision::Conn::Extra
+            };
+            collision::withhold_from_loser(&m.fsm, &x.fsm, conn, &mut actions);
+        }
         for a in actions {
             self.act(main, a).await;
         }

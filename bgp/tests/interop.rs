@@ -543,7 +543,13 @@ impl Ids {
 /// which both reconnect. Each round: exactly one connection stays open, podroute counts
 /// exactly one more Established session, and routes flow both ways on it. With BIRD, which
 /// resolves collisions as RFC 4271 §6.8 and RFC 6286 §2.3 say, the survivor must be the
-/// connection opened by the higher BGP ID (equal IDs: the larger AS). GoBGP 3.10 does not
+/// connection opened by the higher BGP ID (equal IDs: the larger AS). This caught a podroute
+/// bug, now and then and only where podroute's connection wins: podroute answered the
+/// daemon's OPEN on the connection it was about to close with a KEEPALIVE before the Cease;
+/// BIRD, in OpenConfirm there, went Established on it and closed podroute's connection when
+/// podroute's OPEN arrived next (BIRD's `bgp_rx_open` gives up any new connection against an
+/// Established one), and the Cease closed the other; the session then came up on BIRD's
+/// next connection alone (see tests/collision_wire.rs). GoBGP 3.10 does not
 /// resolve collisions by BGP ID: it closes (without a NOTIFICATION) any connection it
 /// accepts while its own is past Active, so which one survives depends on who acts first.
 fn collision_rounds(daemon: &str, daemon_as: u32, ids: Ids, rounds: u32) {
