@@ -2,7 +2,10 @@
 """Writes src/hot_text.ld, the linker script that puts the functions the agent runs first in
 `.text` (see build.rs and the README, "Code layout").
 
-Usage: benches/hot_text.py CALLGRIND_OUT... > src/hot_text.ld
+Usage: benches/hot_text.py [--keep OLD.ld] CALLGRIND_OUT... > src/hot_text.ld
+
+`--keep OLD.ld` also keeps every pattern of an earlier script (e.g. the idle agent's, when only
+the bench's receiver was run again); write to a new file, then move it over the old one.
 
 Each CALLGRIND_OUT is a `valgrind --tool=callgrind --demangle=no --compress-strings=no`
 output of `podroute agent` (an idle agent, and the bgp_to_kernel bench's receiver:
@@ -35,11 +38,18 @@ def pattern(name):
     return re.sub(r"Cs[0-9A-Za-z]+_", "Cs*_", name)
 
 
+args = sys.argv[1:]
+kept = set()
+if args[:1] == ["--keep"]:
+    text = open(args[1]).read()
+    kept = set(re.findall(r"^\s+\*\(\.text\.(\S+)\* \.text\.unlikely", text, re.M))
+    args = args[2:]
 names = set()
-for path in sys.argv[1:]:
+for path in args:
     names |= functions(path)
 patterns = sorted(
-    {
+    kept
+    | {
         pattern(n)
         for n in names
         if not n.startswith("0x") and re.fullmatch(r"[A-Za-z0-9_$.*]+", pattern(n))

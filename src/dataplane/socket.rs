@@ -282,7 +282,7 @@ impl RequestSocket {
         };
         self.in_flight = requests.len();
         match tx.send((core, requests)) {
-            Ok(()) => Submitted { done: None },
+            Ok(()) => Submitted::running(),
             Err(mpsc::SendError((core, requests))) => {
                 self.core = Some(core);
                 self.sender = None;
