@@ -149,7 +149,7 @@ impl RouteSocket for SimKernel {
 
     fn ready(&mut self) -> bool {
         let mut st = self.state();
-        if st.submitted.is_some() && st.not_ready % 2 == 0 {
+        if st.submitted.is_some() && st.not_ready.is_multiple_of(2) {
             st.not_ready += 1;
             return false;
         }
