@@ -119,8 +119,8 @@ pub struct RequestSocket {
     /// Requests in the submitted batch (for the error results when it is lost).
     in_flight: usize,
     batch: usize,
-    /// `sendto` calls of the batches that went through the sender thread.
-    sends_sent: u64,
+    /// `sendto` calls made, as of the last time the socket was here (it counts them itself).
+    sends_seen: u64,
 }
 
 /// The results of a batch of requests, one per request in order, and the `sendto` calls it
@@ -221,7 +221,7 @@ impl RequestSocket {
             sender: None,
             done: None,
             in_flight: 0,
-            sends_sent: 0,
+            sends_seen: 0,
         })
     }
 
@@ -236,7 +236,6 @@ impl RequestSocket {
         };
         match sender.rx.recv() {
             Ok((core, results)) => {
-                self.sends_sent += results.sends;
                 self.core = Some(core);
                 self.done = Some(results);
             }
@@ -246,7 +245,10 @@ impl RequestSocket {
                 tracing::error!("the netlink sender thread ended; opening the socket again");
                 self.done = Some(BatchResults::failed(self.in_flight, error));
                 match Core::open(self.batch) {
-                    Ok(core) => self.core = Some(Box::new(core)),
+                    Ok(mut core) => {
+                        core.sends = self.sends_seen;
+                        self.core = Some(Box::new(core));
+                    }
                     Err(e) => tracing::error!(error = %e, "could not open a netlink socket"),
                 }
             }
@@ -281,6 +283,7 @@ impl RequestSocket {
             return self.run_inline(requests);
         };
         self.in_flight = requests.len();
+        self.sends_seen = core.sends;
         match tx.send((core, requests)) {
             Ok(()) => Submitted::running(),
             Err(mpsc::SendError((core, requests))) => {
@@ -315,7 +318,6 @@ impl RequestSocket {
         };
         match sender.rx.try_recv() {
             Ok((core, results)) => {
-                self.sends_sent += results.sends;
                 self.core = Some(core);
                 self.done = Some(results);
                 true
@@ -353,7 +355,7 @@ impl RequestSocket {
 
     /// `sendto` calls made so far (for measurements).
     pub fn sends(&self) -> u64 {
-        self.sends_sent + self.core.as_ref().map_or(0, |c| c.sends)
+        self.core.as_ref().map_or(self.sends_seen, |c| c.sends)
     }
 
     /// Sends `requests` in batches and returns one result per request, in order (only the
