@@ -2182,8 +2182,10 @@ impl<S: RouteSocket> Dataplane<S> {
                 }
                 next = plans.try_recv();
             }
-            // The tunnels' tables before the routes that use them.
+            // The tunnels' tables before the routes that use them: the userspace forwarder
+            // confirms its table before they go in.
             self.tunnels.publish();
+            self.tunnels.delivered().await;
             if pending.full {
                 // Covers every destination queued so far (and settles the chunk in flight).
                 self.reconcile();

@@ -331,6 +331,8 @@ async fn serve_connection(
 pub struct RemoteForwarder {
     task: tokio::task::JoinHandle<()>,
     exit: watch::Receiver<Option<ForwarderExit>>,
+    /// The last table the forwarder confirmed (`None`: none sent yet, it has its initial one).
+    delivered: watch::Receiver<Option<Arc<TunnelTable>>>,
     /// The forwarder's process id (from its first reply).
     pub pid: u32,
     /// The forwarder's podroute version (from its first reply; empty when it is older than
@@ -399,8 +401,9 @@ impl RemoteForwarder {
         let pid = first.pid;
         let version = first.version.clone();
         let (exit_tx, exit) = watch::channel(None);
+        let (delivered_tx, delivered) = watch::channel(None);
         let task = tokio::spawn(async move {
-            let outcome = talk(write, lines, table, counters).await;
+            let outcome = talk(write, lines, table, counters, delivered_tx).await;
             let _ = exit_tx.send(Some(ForwarderExit::Failed(TunnelError::Io {
                 what: "the IPIP forwarder process's control connection".into(),
                 error: outcome,
@@ -409,6 +412,7 @@ impl RemoteForwarder {
         Ok(RemoteForwarder {
             task,
             exit,
+            delivered,
             pid,
             version,
             adopted,
@@ -418,6 +422,19 @@ impl RemoteForwarder {
     /// `None` while the forwarder answers.
     pub fn exit(&self) -> Option<ForwarderExit> {
         self.exit.borrow().clone()
+    }
+
+    /// Has the forwarder confirmed a table equal to `table` (or, before any was sent, is
+    /// `table` the empty one it starts with)?
+    pub fn holds(&self, table: &TunnelTable) -> bool {
+        match &*self.delivered.borrow() {
+            Some(have) => std::ptr::eq(&**have, table) || **have == *table,
+            None => {
+                table.remotes().is_empty()
+                    && table.known_nodes().is_empty()
+                    && table.pools().is_empty()
+            }
+        }
     }
 }
 
@@ -448,6 +465,7 @@ async fn talk(
     mut lines: Lines,
     mut table: watch::Receiver<Arc<TunnelTable>>,
     counters: Arc<IpipCounters>,
+    delivered: watch::Sender<Option<Arc<TunnelTable>>>,
 ) -> String {
     let initial_empty = {
         let t = table.borrow_and_update();
@@ -459,13 +477,16 @@ async fn talk(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let mut sent = None;
         let req = tokio::select! {
             changed = table.changed() => {
                 if changed.is_err() {
                     return "the agent's table channel closed".into();
                 }
                 let t = table.borrow_and_update().clone();
-                Request::Table(TableMessage::from(&*t))
+                let req = Request::Table(TableMessage::from(&*t));
+                sent = Some(t);
+                req
             }
             _ = tick.tick() => Request::Counters,
             // Between exchanges nothing is due from the forwarder: this ends at once when
@@ -483,7 +504,13 @@ async fn talk(
         }
         // A forwarder that stops answering counts as dead (its threads may be stuck).
         match tokio::time::timeout(REPLY_TIMEOUT, read_reply(&mut lines)).await {
-            Ok(Ok(r)) => counters.store(&r.snapshot()),
+            Ok(Ok(r)) => {
+                counters.store(&r.snapshot());
+                // The forwarder answers a table once it uses it.
+                if sent.is_some() {
+                    delivered.send_replace(sent);
+                }
+            }
             Ok(Err(e)) => return e.to_string(),
             Err(_) => return format!("no answer within {REPLY_TIMEOUT:?}"),
         }

@@ -46,6 +46,9 @@ use crate::dataplane::tunnel::{KernelIpip, TunnelDevice, TunnelError, TunnelSpec
 use crate::plan::RouteKind;
 use crate::plan::tunnels::IpipTunnel;
 
+/// Longest wait for the forwarder to confirm a new table before routes that need it go in.
+pub const DELIVERY_WAIT: Duration = Duration::from_secs(2);
+
 /// A failed set-up is tried again after this long.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -104,6 +107,12 @@ pub trait IpipKernel {
 
     /// Why the forwarder stopped; `None` while it runs.
     fn forwarder_exit(forwarder: &Self::Forwarder) -> Option<String>;
+
+    /// Does the forwarder use a table equal to `table` (it confirmed it)? `true` when it
+    /// cannot tell.
+    fn holds_table(_forwarder: &Self::Forwarder, _table: &TunnelTable) -> bool {
+        true
+    }
 
     /// Takes the device `spec` names out of service (see the module doc); the connection
     /// to its forwarder is already closed.
@@ -185,6 +194,10 @@ impl IpipKernel for NetlinkIpip {
 
     fn forwarder_exit(forwarder: &RemoteForwarder) -> Option<String> {
         forwarder.exit().map(|exit| format!("{exit:?}"))
+    }
+
+    fn holds_table(forwarder: &RemoteForwarder, table: &TunnelTable) -> bool {
+        forwarder.holds(table)
     }
 
     async fn remove_device(
@@ -358,6 +371,32 @@ impl<K: IpipKernel> Ipip<K> {
     pub fn publish(&mut self) {
         if self.table.dirty && self.forwarder.is_some() {
             self.send_table();
+        }
+    }
+
+    /// Waits until the forwarder uses the table last published, so that the routes the
+    /// dataplane installs next find their node there (the table goes to the forwarder process
+    /// over its control connection, from a task of this runtime). At most
+    /// [`DELIVERY_WAIT`]: a forwarder that has not answered by then is left to
+    /// [`maintain`](Self::maintain), and the routes go in anyway.
+    pub async fn delivered(&self) {
+        let Some(forwarder) = &self.forwarder else {
+            return;
+        };
+        let deadline = Instant::now() + DELIVERY_WAIT;
+        loop {
+            let current = self.table_tx.borrow().clone();
+            if K::holds_table(forwarder, &current) || K::forwarder_exit(forwarder).is_some() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    wait = ?DELIVERY_WAIT,
+                    "the userspace IPIP forwarder has not confirmed its new table; routes go in"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 

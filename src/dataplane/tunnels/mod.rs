@@ -112,6 +112,11 @@ impl Tunnels {
         self.ipip.publish();
     }
 
+    /// Waits (boundedly) until the userspace forwarder uses the table last published.
+    pub async fn delivered(&self) {
+        self.ipip.delivered().await;
+    }
+
     /// The userspace IPIP forwarder's counters.
     pub fn ipip_counters(&self) -> Arc<IpipCounters> {
         self.ipip.counters()
