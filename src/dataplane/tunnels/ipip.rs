@@ -21,7 +21,8 @@
 //!   upserted into or removed from the desired routes updates the remote-block table at once
 //!   ([`Ipip::route_upserted`], [`Ipip::route_removed`]); [`Ipip::publish`] hands the changed
 //!   table to the userspace forwarder before the dataplane installs the routes that use it,
-//!   so a packet of a new route finds its node. Until the first full plan the table is the
+//!   and the dataplane waits until the forwarder confirms it ([`Ipip::delivered`]), so a
+//!   packet of a new route finds its node. Until the first full plan the table is the
 //!   previous run's routes through `tunl0` found in the kernel ([`Ipip::adopt`]), so a
 //!   restarted agent does not empty the forwarder's table.
 //!
