@@ -739,6 +739,14 @@ struct InFlight {
     taken: u64,
 }
 
+/// A chunk taken out of flight with the kernel's answers ([`Dataplane::take_answered`]).
+struct Answered {
+    changes: Vec<Change>,
+    results: socket::BatchResults,
+    report: ApplyReport,
+    started: Instant,
+}
+
 /// The dataplane state: the request socket, the monitor, the desired routes and what the
 /// kernel holds of ours.
 ///
@@ -1513,10 +1521,7 @@ impl<S: RouteSocket> Dataplane<S> {
         warn_missing(missing);
         // The kernel is done with the previous chunk once its answers are in; this chunk is
         // sent before those answers are handled.
-        let previous = self.inflight.take().map(|f| {
-            let results = self.sock.wait(f.submitted);
-            (results, f.changes, f.report, f.started)
-        });
+        let previous = self.take_answered();
         if changes.is_empty() {
             self.finish_report(started, report);
         } else {
@@ -1532,21 +1537,41 @@ impl<S: RouteSocket> Dataplane<S> {
                 taken,
             });
         }
-        if let Some((results, changes, mut report, started)) = previous {
-            self.complete(changes, results, &mut report);
-            self.finish_report(started, report);
+        if let Some(answered) = previous {
+            self.finish_chunk(answered);
         }
     }
 
     /// Takes the answers of the chunk in flight, if any.
     fn settle(&mut self) {
-        let Some(f) = self.inflight.take() else {
-            return;
-        };
-        let results = self.sock.wait(f.submitted);
-        let mut report = f.report;
-        self.complete(f.changes, results, &mut report);
-        self.finish_report(f.started, report);
+        if let Some(answered) = self.take_answered() {
+            self.finish_chunk(answered);
+        }
+    }
+
+    /// The chunk in flight, with its answers (waits for them).
+    fn take_answered(&mut self) -> Option<Answered> {
+        let InFlight {
+            changes,
+            submitted,
+            report,
+            started,
+            ..
+        } = self.inflight.take()?;
+        let results = self.sock.wait(submitted);
+        Some(Answered {
+            changes,
+            results,
+            report,
+            started,
+        })
+    }
+
+    /// Takes a chunk's answers into the mirror and reports it.
+    fn finish_chunk(&mut self, answered: Answered) {
+        let mut report = answered.report;
+        self.complete(answered.changes, answered.results, &mut report);
+        self.finish_report(answered.started, report);
     }
 
     /// What the caller took for the chunk in flight (0 when none is).

@@ -184,10 +184,8 @@ impl SenderThread {
             .name("netlink".into())
             .spawn(move || {
                 while let Ok((mut core, requests)) = jobs.recv() {
-                    let before = core.sends;
-                    let results = core.execute(requests);
-                    let sends = core.sends - before;
-                    if done.send((core, BatchResults { results, sends })).is_err() {
+                    let results = core.run_batch(requests);
+                    if done.send((core, results)).is_err() {
                         break;
                     }
                 }
@@ -235,10 +233,7 @@ impl RequestSocket {
             return;
         };
         match sender.rx.recv() {
-            Ok((core, results)) => {
-                self.core = Some(core);
-                self.done = Some(results);
-            }
+            Ok((core, results)) => self.returned(core, results),
             Err(_) => {
                 self.sender = None;
                 let error = NetlinkError::Io("the netlink sender thread ended".into());
@@ -253,6 +248,12 @@ impl RequestSocket {
                 }
             }
         }
+    }
+
+    /// The sender thread gave the socket back with the submitted batch's results.
+    fn returned(&mut self, core: Box<Core>, results: BatchResults) {
+        self.core = Some(core);
+        self.done = Some(results);
     }
 
     fn core(&mut self) -> Result<&mut Core, NetlinkError> {
@@ -296,15 +297,10 @@ impl RequestSocket {
 
     fn run_inline(&mut self, requests: Vec<Request>) -> Submitted {
         let count = requests.len();
-        match self.core() {
-            Ok(core) => {
-                let before = core.sends;
-                let results = core.execute(requests);
-                let sends = core.sends - before;
-                Submitted::done(BatchResults { results, sends })
-            }
-            Err(e) => Submitted::done(BatchResults::failed(count, e)),
-        }
+        Submitted::done(match self.core() {
+            Ok(core) => core.run_batch(requests),
+            Err(e) => BatchResults::failed(count, e),
+        })
     }
 
     /// Has the submitted batch been answered (the socket is back, or nothing is submitted)?
@@ -318,8 +314,7 @@ impl RequestSocket {
         };
         match sender.rx.try_recv() {
             Ok((core, results)) => {
-                self.core = Some(core);
-                self.done = Some(results);
+                self.returned(core, results);
                 true
             }
             Err(mpsc::TryRecvError::Empty) => false,
@@ -480,6 +475,16 @@ impl Core {
             batch: batch.clamp(1, fits),
             sends: 0,
         })
+    }
+
+    /// [`execute`](Self::execute), with the `sendto` calls it took.
+    fn run_batch(&mut self, requests: Vec<Request>) -> BatchResults {
+        let before = self.sends;
+        let results = self.execute(requests);
+        BatchResults {
+            results,
+            sends: self.sends - before,
+        }
     }
 
     fn port(&self) -> Result<u32, NetlinkError> {
